@@ -1,0 +1,72 @@
+# acmoe: `make demo` runs the main job, `make test` the test suite.
+CC       ?= cc
+CXX      ?= c++
+CFLAGS   ?= -O2
+WARN     := -Wall -Wextra -Wpedantic -Werror
+CSTD     := -std=c99 -D_POSIX_C_SOURCE=200809L
+LDLIBS   := -lm -lpthread
+ARM_CC   ?= aarch64-linux-gnu-gcc
+QEMU_ARM ?= qemu-aarch64
+B        := build
+
+TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c
+TEST_HDR := acmoe.h tests/harness.h
+
+.PHONY: all test test-unit test-readme test-cpp test-sanitize test-arm bench examples demo clean
+
+all: $(B)/tests $(B)/bench examples
+
+$(B):
+	mkdir -p $(B)
+
+$(B)/tests: $(TEST_SRC) $(TEST_HDR) | $(B)
+	$(CC) $(CSTD) $(CFLAGS) $(WARN) $(TEST_SRC) -o $@ $(LDLIBS)
+
+# The suite, the README's usage example, and the header inside a C++ program.
+test: test-readme test-cpp test-unit
+
+test-unit: $(B)/tests
+	./$(B)/tests
+
+# The usage example is the code block of README.md that follows "<!-- usage -->".
+test-readme: | $(B)
+	awk '/<!-- usage -->/{f=1; next} f && /^```c/{p=1; next} p && /^```/{exit} p' README.md > $(B)/readme_example.c
+	$(CC) $(CSTD) $(CFLAGS) $(WARN) -I. $(B)/readme_example.c -o $(B)/readme_example $(LDLIBS)
+	./$(B)/readme_example
+
+# One C++ translation unit holds the implementation, another only includes the header.
+test-cpp: | $(B)
+	$(CXX) -std=c++11 $(CFLAGS) $(WARN) -x c++ -c tests/cpp_impl.c -o $(B)/cpp_impl.o
+	$(CXX) -std=c++11 $(CFLAGS) $(WARN) -x c++ -c tests/cpp_use.c -o $(B)/cpp_use.o
+	$(CXX) $(B)/cpp_impl.o $(B)/cpp_use.o -o $(B)/cpp_test $(LDLIBS)
+	./$(B)/cpp_test
+
+test-sanitize: | $(B)
+	$(CC) $(CSTD) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
+	    $(WARN) $(TEST_SRC) -o $(B)/tests-sanitize $(LDLIBS)
+	ACMOE_TEST_QUICK=1 ./$(B)/tests-sanitize
+
+test-arm: | $(B)
+	$(ARM_CC) $(CSTD) -O2 $(WARN) -static $(TEST_SRC) -o $(B)/tests-arm $(LDLIBS)
+	ACMOE_TEST_QUICK=1 $(QEMU_ARM) ./$(B)/tests-arm
+
+$(B)/bench: bench/bench.c acmoe.h | $(B)
+	$(CC) $(CSTD) $(CFLAGS) $(WARN) bench/bench.c -o $@ $(LDLIBS)
+
+bench: $(B)/bench
+	./$(B)/bench
+
+EXAMPLES := $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
+
+examples: $(EXAMPLES)
+
+$(B)/%: examples/%.c acmoe.h | $(B)
+	$(CC) $(CSTD) $(CFLAGS) $(WARN) $< -o $@ $(LDLIBS)
+
+demo: examples
+	@echo "The language-model demo (AC router vs SMoE on the fortunes corpus) is not built yet;"
+	@echo "see the status table in README.md. Running the linear-layer example instead."
+	./$(B)/linear_regression
+
+clean:
+	rm -rf $(B)

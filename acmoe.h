@@ -1,0 +1,1052 @@
+/* acmoe.h - v0.1.0 - Mixture-of-Experts on the CPU with the Adaptive Clustering router.
+   MIT licence (see the end of the file).
+
+   USAGE
+     In exactly one C or C++ file:
+         #define ACMOE_IMPLEMENTATION
+         #include "acmoe.h"
+     Everywhere else, include it without the define. Link with -lm -lpthread.
+
+         acmoe_ctx *ctx;
+         float a[2 * 3] = {1, 2, 3, 4, 5, 6}, b[3 * 2] = {1, 0, 0, 1, 1, 1}, c[2 * 2];
+         if (acmoe_ctx_create(&ctx, NULL) != ACMOE_OK) return 1;
+         acmoe_status s = acmoe_matmul(ctx, ACMOE_NN, 2, 2, 3, a, 3, b, 2, c, 2, 0);
+         printf("%s: %g %g / %g %g\n", acmoe_status_string(s), c[0], c[1], c[2], c[3]);
+         acmoe_ctx_destroy(ctx);
+
+   OPTIONS (define before the #include that has ACMOE_IMPLEMENTATION, unless noted)
+     ACMOE_IMPLEMENTATION   emit the implementation in this translation unit
+     ACMOE_STATIC           make every function static (define before every #include)
+     ACMOE_MALLOC(sz) ACMOE_REALLOC(p,sz) ACMOE_FREE(p)
+                            replace the allocator; define all three or none
+     ACMOE_ASSERT(x)        check for programmer errors (default: assert from <assert.h>)
+     ACMOE_NO_SIMD          portable scalar kernels only
+     ACMOE_NO_AVX512        never compile or choose the AVX-512 kernels
+     ACMOE_NO_THREADS       build without pthreads; every context runs on the calling thread
+
+   CONTENTS
+     Declarations (under the include guard)
+     1. Platform and CPU features   feature detection, kernel paths
+     2. Memory                      status strings, allocator, arena, tensors
+     3. Random numbers              xoshiro256** generator, uniform and normal draws
+     4. Threads and contexts        thread pool, per-thread workspace
+     5. Matrix multiplication       micro-kernels, packing, blocked driver
+     Licence
+
+   GUARANTEES
+     - No global mutable state: generators and thread pools belong to objects the caller owns.
+     - Determinism: a matmul result depends only on the kernel path, the operand values, the
+       layout and the sizes. Threads split the output into disjoint blocks and never split the
+       reduction dimension, so 1 and N threads give bit-identical results.
+     - Nothing allocates inside acmoe_matmul; workspace is made when the context is created.
+*/
+#ifndef ACMOE_H
+#define ACMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ACMOE_VERSION_MAJOR 0
+#define ACMOE_VERSION_MINOR 1
+#define ACMOE_VERSION_PATCH 0
+
+#ifndef ACMOE_API
+#ifdef ACMOE_STATIC
+#define ACMOE_API static
+#else
+#define ACMOE_API extern
+#endif
+#endif
+
+/* Alignment of arena allocations and workspace, in bytes (one cache line, one zmm register). */
+#define ACMOE_ALIGN 64
+#define ACMOE_MAX_DIMS 4
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum acmoe_status {
+    ACMOE_OK = 0,
+    ACMOE_ERR_NULL = -1,        /* a required pointer was NULL */
+    ACMOE_ERR_SHAPE = -2,       /* sizes or leading dimensions are negative or inconsistent */
+    ACMOE_ERR_ARG = -3,         /* an option is out of range */
+    ACMOE_ERR_NOMEM = -4,       /* an allocation failed or an arena is full */
+    ACMOE_ERR_UNSUPPORTED = -5, /* this CPU or build lacks the requested feature */
+    ACMOE_ERR_THREAD = -6       /* a worker thread could not be started */
+} acmoe_status;
+
+ACMOE_API const char *acmoe_status_string(acmoe_status status);
+
+/* ---- CPU features and kernel paths ---- */
+typedef enum acmoe_isa {
+    ACMOE_ISA_AUTO = 0, /* the best path this CPU and build support */
+    ACMOE_ISA_SCALAR,   /* portable C, any CPU */
+    ACMOE_ISA_AVX2,     /* x86-64 with AVX2 and FMA */
+    ACMOE_ISA_AVX512,   /* x86-64 with AVX-512F */
+    ACMOE_ISA_NEON,     /* aarch64 Advanced SIMD */
+    ACMOE_ISA_COUNT
+} acmoe_isa;
+
+ACMOE_API const char *acmoe_isa_name(acmoe_isa isa);
+ACMOE_API int acmoe_isa_supported(acmoe_isa isa);  /* by this CPU, OS and build */
+ACMOE_API acmoe_isa acmoe_cpu_isa(void);           /* the best supported path */
+
+/* ---- Arena and tensors ----
+   A tensor is a contiguous row-major float32 view: it owns nothing. An arena hands out
+   ACMOE_ALIGN-aligned blocks from one buffer, the caller's or its own. To preallocate, sum
+   acmoe_tensor_bytes() over the tensors and add ACMOE_ALIGN for the buffer's own alignment. */
+typedef struct acmoe_tensor {
+    float *data;
+    int ndim;
+    int shape[ACMOE_MAX_DIMS];
+} acmoe_tensor;
+
+typedef struct acmoe_arena {
+    unsigned char *base; /* first aligned byte */
+    void *owned;         /* what to free, or NULL for caller memory */
+    size_t size, used, peak;
+} acmoe_arena;
+
+ACMOE_API acmoe_status acmoe_tensor_view(acmoe_tensor *t, float *data, int ndim, const int *shape);
+ACMOE_API size_t acmoe_tensor_numel(const acmoe_tensor *t);
+ACMOE_API size_t acmoe_tensor_bytes(int ndim, const int *shape); /* 0 for a bad shape */
+
+ACMOE_API acmoe_status acmoe_arena_init(acmoe_arena *arena, void *memory, size_t size);
+ACMOE_API acmoe_status acmoe_arena_create(acmoe_arena *arena, size_t size);
+ACMOE_API void acmoe_arena_destroy(acmoe_arena *arena);
+ACMOE_API void *acmoe_arena_alloc(acmoe_arena *arena, size_t bytes); /* NULL when full */
+ACMOE_API acmoe_status acmoe_arena_tensor(acmoe_arena *arena, acmoe_tensor *t, int ndim,
+                                          const int *shape);
+ACMOE_API size_t acmoe_arena_mark(const acmoe_arena *arena);
+ACMOE_API void acmoe_arena_reset(acmoe_arena *arena, size_t mark);
+
+/* ---- Random numbers ----
+   xoshiro256** (Blackman and Vigna), seeded through splitmix64. Normal draws use the
+   Box-Muller transform and keep the second value of each pair, so the whole state is this
+   struct: copy it to save and restore a stream. */
+typedef struct acmoe_rng {
+    uint64_t s[4];
+    float spare;
+    int has_spare;
+} acmoe_rng;
+
+ACMOE_API void acmoe_rng_seed(acmoe_rng *rng, uint64_t seed);
+ACMOE_API uint64_t acmoe_rng_u64(acmoe_rng *rng);
+ACMOE_API uint32_t acmoe_rng_below(acmoe_rng *rng, uint32_t n); /* uniform in [0, n), n > 0 */
+ACMOE_API float acmoe_rng_uniform(acmoe_rng *rng);              /* uniform in [0, 1) */
+ACMOE_API float acmoe_rng_normal(acmoe_rng *rng);               /* mean 0, deviation 1 */
+
+/* ---- Contexts ----
+   A context owns the thread pool, the kernel path and the matmul workspace. Use one context
+   from one thread at a time; two contexts never interfere. Zero fields mean the defaults. */
+typedef struct acmoe_ctx_desc {
+    int n_threads; /* default: online CPUs (1 under ACMOE_NO_THREADS) */
+    acmoe_isa isa; /* default: acmoe_cpu_isa() */
+    int mc, kc, nc; /* cache blocking of the matmul (rows, depth, columns) */
+} acmoe_ctx_desc;
+
+typedef struct acmoe_ctx acmoe_ctx;
+
+ACMOE_API acmoe_ctx_desc acmoe_ctx_defaults(void);
+ACMOE_API acmoe_status acmoe_ctx_create(acmoe_ctx **ctx, const acmoe_ctx_desc *desc);
+ACMOE_API void acmoe_ctx_destroy(acmoe_ctx *ctx);
+ACMOE_API acmoe_status acmoe_ctx_set_isa(acmoe_ctx *ctx, acmoe_isa isa);
+ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx); /* resolved values */
+
+/* ---- Matrix multiplication ----
+   C[m][n] = op(A) op(B), or C += op(A) op(B) when accumulate is non-zero, all row-major with
+   leading dimensions (elements between rows). op(A) is m x k: A itself (m rows of lda) for
+   NN and NT, or A transposed (A has k rows of lda) for TN and TT. op(B) is k x n: B itself
+   (k rows of ldb) for NN and TN, or B transposed (n rows of ldb) for NT and TT. For a linear
+   layer Y = X W^T is NT, dX = dY W is NN and dW += dY^T X is TN. C must not overlap A or B.
+   k = 0 sets C to zero (or leaves it unchanged when accumulating). */
+typedef enum acmoe_layout { ACMOE_NN, ACMOE_NT, ACMOE_TN, ACMOE_TT } acmoe_layout;
+
+ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k,
+                                    const float *a, int lda, const float *b, int ldb, float *c,
+                                    int ldc, int accumulate);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ACMOE_H */
+
+/* ========================================================================================== */
+#if defined(ACMOE_IMPLEMENTATION) && !defined(ACMOE_IMPLEMENTATION_DONE)
+#define ACMOE_IMPLEMENTATION_DONE
+
+#include <math.h>
+#include <string.h>
+
+#ifndef ACMOE_ASSERT
+#include <assert.h>
+#define ACMOE_ASSERT(x) assert(x)
+#endif
+
+#if defined(ACMOE_MALLOC) && defined(ACMOE_REALLOC) && defined(ACMOE_FREE)
+#elif !defined(ACMOE_MALLOC) && !defined(ACMOE_REALLOC) && !defined(ACMOE_FREE)
+#include <stdlib.h>
+#define ACMOE_MALLOC(sz) malloc(sz)
+#define ACMOE_REALLOC(p, sz) realloc(p, sz)
+#define ACMOE_FREE(p) free(p)
+#else
+#error "acmoe.h: define all of ACMOE_MALLOC, ACMOE_REALLOC and ACMOE_FREE, or none"
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ========================================================================================== */
+/* 1. Platform and CPU features                                                               */
+/* ========================================================================================== */
+
+#if defined(__GNUC__)
+#define ACMOE__UNUSED __attribute__((unused))
+#define ACMOE__UNROLL _Pragma("GCC unroll 32")
+#else
+#define ACMOE__UNUSED
+#define ACMOE__UNROLL
+#endif
+
+#if !defined(ACMOE_NO_SIMD) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ACMOE__X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#define ACMOE__TARGET_AVX2 __attribute__((target("avx2,fma")))
+#ifndef ACMOE_NO_AVX512
+#define ACMOE__HAVE_AVX512 1
+#define ACMOE__TARGET_AVX512 __attribute__((target("avx512f")))
+#endif
+#endif
+
+#if !defined(ACMOE_NO_SIMD) && defined(__aarch64__)
+#define ACMOE__NEON 1
+#include <arm_neon.h>
+#endif
+
+#define ACMOE__MIN(a, b) ((a) < (b) ? (a) : (b))
+#define ACMOE__MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#ifdef ACMOE__X86
+/* The CPU must have the feature and the OS must save its registers (XCR0 via xgetbv). */
+static uint64_t acmoe__xcr0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static int acmoe__x86_has(acmoe_isa isa) {
+    unsigned a, b, c, d;
+    uint64_t xcr0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    if (!(c & (1u << 27)) || !(c & (1u << 12))) return 0; /* OSXSAVE, FMA */
+    xcr0 = acmoe__xcr0();
+    if ((xcr0 & 0x6) != 0x6) return 0; /* XMM and YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (isa == ACMOE_ISA_AVX2) return (b >> 5) & 1;
+    return ((b >> 16) & 1) && (xcr0 & 0xe0) == 0xe0; /* AVX-512F; opmask and ZMM state */
+}
+#endif
+
+ACMOE_API const char *acmoe_isa_name(acmoe_isa isa) {
+    switch (isa) {
+    case ACMOE_ISA_AUTO: return "auto";
+    case ACMOE_ISA_SCALAR: return "scalar";
+    case ACMOE_ISA_AVX2: return "avx2";
+    case ACMOE_ISA_AVX512: return "avx512";
+    case ACMOE_ISA_NEON: return "neon";
+    default: return "unknown";
+    }
+}
+
+ACMOE_API int acmoe_isa_supported(acmoe_isa isa) {
+    switch (isa) {
+    case ACMOE_ISA_SCALAR: return 1;
+#ifdef ACMOE__X86
+    case ACMOE_ISA_AVX2: return acmoe__x86_has(ACMOE_ISA_AVX2);
+#endif
+#ifdef ACMOE__HAVE_AVX512
+    case ACMOE_ISA_AVX512: return acmoe__x86_has(ACMOE_ISA_AVX512);
+#endif
+#ifdef ACMOE__NEON
+    case ACMOE_ISA_NEON: return 1;
+#endif
+    default: return 0;
+    }
+}
+
+ACMOE_API acmoe_isa acmoe_cpu_isa(void) {
+    static const acmoe_isa best_first[] = {ACMOE_ISA_AVX512, ACMOE_ISA_AVX2, ACMOE_ISA_NEON};
+    size_t i;
+    for (i = 0; i < sizeof best_first / sizeof best_first[0]; i++)
+        if (acmoe_isa_supported(best_first[i])) return best_first[i];
+    return ACMOE_ISA_SCALAR;
+}
+
+/* ========================================================================================== */
+/* 2. Memory                                                                                  */
+/* ========================================================================================== */
+
+ACMOE_API const char *acmoe_status_string(acmoe_status status) {
+    switch (status) {
+    case ACMOE_OK: return "ok";
+    case ACMOE_ERR_NULL: return "a required pointer was NULL";
+    case ACMOE_ERR_SHAPE: return "sizes or leading dimensions are negative or inconsistent";
+    case ACMOE_ERR_ARG: return "an option is out of range";
+    case ACMOE_ERR_NOMEM: return "out of memory (allocation failed or arena full)";
+    case ACMOE_ERR_UNSUPPORTED: return "not supported by this CPU or build";
+    case ACMOE_ERR_THREAD: return "a worker thread could not be started";
+    }
+    return "unknown status";
+}
+
+static size_t acmoe__align_up(size_t n) { return (n + (ACMOE_ALIGN - 1)) & ~(size_t)(ACMOE_ALIGN - 1); }
+
+/* ACMOE_MALLOC promises only malloc's alignment: over-allocate and keep the original pointer
+   just below the aligned block. */
+static void *acmoe__aligned_alloc(size_t bytes) {
+    unsigned char *raw, *p;
+    if (bytes > (size_t)-1 - ACMOE_ALIGN - sizeof(void *)) return NULL;
+    raw = (unsigned char *)ACMOE_MALLOC(bytes + ACMOE_ALIGN + sizeof(void *));
+    if (!raw) return NULL;
+    p = raw + sizeof(void *);
+    p += (ACMOE_ALIGN - (uintptr_t)p % ACMOE_ALIGN) % ACMOE_ALIGN;
+    memcpy(p - sizeof(void *), &raw, sizeof raw);
+    return p;
+}
+
+static void acmoe__aligned_free(void *p) {
+    void *raw;
+    if (!p) return;
+    memcpy(&raw, (unsigned char *)p - sizeof(void *), sizeof raw);
+    ACMOE_FREE(raw);
+}
+
+static int acmoe__shape_numel(int ndim, const int *shape, size_t *numel) {
+    size_t n = 1;
+    int i;
+    if (!shape || ndim < 1 || ndim > ACMOE_MAX_DIMS) return 0;
+    for (i = 0; i < ndim; i++) {
+        if (shape[i] < 0) return 0;
+        if (shape[i] && n > ((size_t)-1 / sizeof(float)) / (size_t)shape[i]) return 0;
+        n *= (size_t)shape[i];
+    }
+    *numel = n;
+    return 1;
+}
+
+ACMOE_API acmoe_status acmoe_tensor_view(acmoe_tensor *t, float *data, int ndim, const int *shape) {
+    size_t numel;
+    int i;
+    if (!t || !shape) return ACMOE_ERR_NULL;
+    if (!acmoe__shape_numel(ndim, shape, &numel)) return ACMOE_ERR_SHAPE;
+    if (!data && numel) return ACMOE_ERR_NULL;
+    memset(t, 0, sizeof *t);
+    t->data = data;
+    t->ndim = ndim;
+    for (i = 0; i < ndim; i++) t->shape[i] = shape[i];
+    return ACMOE_OK;
+}
+
+ACMOE_API size_t acmoe_tensor_numel(const acmoe_tensor *t) {
+    size_t numel = 0;
+    if (!t || !acmoe__shape_numel(t->ndim, t->shape, &numel)) return 0;
+    return numel;
+}
+
+ACMOE_API size_t acmoe_tensor_bytes(int ndim, const int *shape) {
+    size_t numel;
+    if (!acmoe__shape_numel(ndim, shape, &numel)) return 0;
+    return acmoe__align_up(numel * sizeof(float));
+}
+
+ACMOE_API acmoe_status acmoe_arena_init(acmoe_arena *arena, void *memory, size_t size) {
+    size_t skew;
+    if (!arena || (!memory && size)) return ACMOE_ERR_NULL;
+    memset(arena, 0, sizeof *arena);
+    skew = memory ? (ACMOE_ALIGN - (uintptr_t)memory % ACMOE_ALIGN) % ACMOE_ALIGN : 0;
+    if (skew > size) skew = size;
+    arena->base = (unsigned char *)memory + skew;
+    arena->size = size - skew;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_arena_create(acmoe_arena *arena, size_t size) {
+    void *memory;
+    if (!arena) return ACMOE_ERR_NULL;
+    memset(arena, 0, sizeof *arena);
+    memory = acmoe__aligned_alloc(size ? size : 1);
+    if (!memory) return ACMOE_ERR_NOMEM;
+    acmoe_arena_init(arena, memory, size);
+    arena->owned = memory;
+    return ACMOE_OK;
+}
+
+ACMOE_API void acmoe_arena_destroy(acmoe_arena *arena) {
+    if (!arena) return;
+    acmoe__aligned_free(arena->owned);
+    memset(arena, 0, sizeof *arena);
+}
+
+ACMOE_API void *acmoe_arena_alloc(acmoe_arena *arena, size_t bytes) {
+    void *p;
+    size_t need;
+    if (!arena || !arena->base) return NULL;
+    need = acmoe__align_up(bytes ? bytes : 1);
+    if (need < bytes || need > arena->size - arena->used) return NULL;
+    p = arena->base + arena->used;
+    arena->used += need;
+    arena->peak = ACMOE__MAX(arena->peak, arena->used);
+    return p;
+}
+
+ACMOE_API acmoe_status acmoe_arena_tensor(acmoe_arena *arena, acmoe_tensor *t, int ndim,
+                                          const int *shape) {
+    size_t bytes;
+    void *data;
+    if (!arena || !t || !shape) return ACMOE_ERR_NULL;
+    bytes = acmoe_tensor_bytes(ndim, shape);
+    if (!bytes) return ACMOE_ERR_SHAPE;
+    data = acmoe_arena_alloc(arena, bytes);
+    if (!data) return ACMOE_ERR_NOMEM;
+    return acmoe_tensor_view(t, (float *)data, ndim, shape);
+}
+
+ACMOE_API size_t acmoe_arena_mark(const acmoe_arena *arena) { return arena ? arena->used : 0; }
+
+ACMOE_API void acmoe_arena_reset(acmoe_arena *arena, size_t mark) {
+    if (arena && mark <= arena->used) arena->used = mark;
+}
+
+/* ========================================================================================== */
+/* 3. Random numbers                                                                          */
+/* ========================================================================================== */
+
+static uint64_t acmoe__splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t acmoe__rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+ACMOE_API void acmoe_rng_seed(acmoe_rng *rng, uint64_t seed) {
+    int i;
+    for (i = 0; i < 4; i++) rng->s[i] = acmoe__splitmix64(&seed);
+    rng->spare = 0.0f;
+    rng->has_spare = 0;
+}
+
+ACMOE_API uint64_t acmoe_rng_u64(acmoe_rng *rng) {
+    uint64_t *s = rng->s;
+    uint64_t out = acmoe__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = acmoe__rotl(s[3], 45);
+    return out;
+}
+
+/* Lemire's multiply-and-reject: unbiased for every n. */
+ACMOE_API uint32_t acmoe_rng_below(acmoe_rng *rng, uint32_t n) {
+    uint64_t prod = (acmoe_rng_u64(rng) >> 32) * n;
+    uint32_t threshold;
+    ACMOE_ASSERT(n > 0);
+    if ((uint32_t)prod < n) {
+        threshold = (uint32_t)(0u - n) % n;
+        while ((uint32_t)prod < threshold) prod = (acmoe_rng_u64(rng) >> 32) * n;
+    }
+    return (uint32_t)(prod >> 32);
+}
+
+ACMOE_API float acmoe_rng_uniform(acmoe_rng *rng) {
+    return (float)(acmoe_rng_u64(rng) >> 40) * (1.0f / 16777216.0f);
+}
+
+ACMOE_API float acmoe_rng_normal(acmoe_rng *rng) {
+    double u1, u2, radius;
+    if (rng->has_spare) {
+        rng->has_spare = 0;
+        return rng->spare;
+    }
+    u1 = (double)((acmoe_rng_u64(rng) >> 11) + 1) * (1.0 / 9007199254740992.0); /* (0, 1] */
+    u2 = (double)(acmoe_rng_u64(rng) >> 11) * (1.0 / 9007199254740992.0);
+    radius = sqrt(-2.0 * log(u1));
+    rng->spare = (float)(radius * sin(6.283185307179586 * u2));
+    rng->has_spare = 1;
+    return (float)(radius * cos(6.283185307179586 * u2));
+}
+
+/* ========================================================================================== */
+/* 4. Threads and contexts                                                                    */
+/* ========================================================================================== */
+
+/* A job runs fn(arg, tid, n) once on each of n threads; the caller is thread 0. */
+typedef void (*acmoe__job_fn)(void *arg, int tid, int n);
+
+#ifndef ACMOE_NO_THREADS
+#include <pthread.h>
+#include <unistd.h>
+
+typedef struct acmoe__pool {
+    int n; /* threads including the caller */
+    pthread_t *threads;
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    acmoe__job_fn fn;
+    void *arg;
+    unsigned long generation;
+    int pending, quit;
+} acmoe__pool;
+
+typedef struct acmoe__worker_arg {
+    acmoe__pool *pool;
+    int tid;
+} acmoe__worker_arg;
+
+static int acmoe__online_cpus(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > 1024 ? 1024 : (int)n);
+}
+#else
+typedef struct acmoe__pool {
+    int n;
+} acmoe__pool;
+
+static int acmoe__online_cpus(void) { return 1; }
+#endif
+
+/* Per-thread matmul workspace: packed blocks of A and B, a packed ragged B panel and one
+   output tile for edges and transposed outputs. */
+typedef struct acmoe__workspace {
+    float *pack_a, *pack_b, *panel, *tile;
+} acmoe__workspace;
+
+typedef void (*acmoe__kernel_fn)(int kc, const float *const *a_rows, ptrdiff_t a_step,
+                                 const float *b, ptrdiff_t b_step, float *c, ptrdiff_t c_step,
+                                 int accumulate);
+
+typedef struct acmoe__kernel {
+    acmoe_isa isa;
+    int mr, nr;
+    acmoe__kernel_fn fn;
+} acmoe__kernel;
+
+struct acmoe_ctx {
+    acmoe_ctx_desc desc;
+    acmoe__kernel kernel;
+    acmoe__pool pool;
+    acmoe__workspace *ws; /* one per thread */
+    void *ws_memory;
+};
+
+#ifndef ACMOE_NO_THREADS
+static void *acmoe__worker(void *p) {
+    acmoe__worker_arg w = *(acmoe__worker_arg *)p;
+    acmoe__pool *pool = w.pool;
+    unsigned long seen = 0;
+    ACMOE_FREE(p);
+    pthread_mutex_lock(&pool->mu);
+    for (;;) {
+        while (pool->generation == seen && !pool->quit) pthread_cond_wait(&pool->wake, &pool->mu);
+        if (pool->quit) break;
+        seen = pool->generation;
+        pthread_mutex_unlock(&pool->mu);
+        pool->fn(pool->arg, w.tid, pool->n);
+        pthread_mutex_lock(&pool->mu);
+        if (--pool->pending == 0) pthread_cond_signal(&pool->done);
+    }
+    pthread_mutex_unlock(&pool->mu);
+    return NULL;
+}
+#endif
+
+static void acmoe__pool_stop(acmoe__pool *pool) {
+#ifndef ACMOE_NO_THREADS
+    int i;
+    if (!pool->threads) return;
+    pthread_mutex_lock(&pool->mu);
+    pool->quit = 1;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+    for (i = 1; i < pool->n; i++) pthread_join(pool->threads[i], NULL);
+    pthread_mutex_destroy(&pool->mu);
+    pthread_cond_destroy(&pool->wake);
+    pthread_cond_destroy(&pool->done);
+    ACMOE_FREE(pool->threads);
+    pool->threads = NULL;
+#else
+    (void)pool;
+#endif
+}
+
+static acmoe_status acmoe__pool_start(acmoe__pool *pool, int n) {
+#ifndef ACMOE_NO_THREADS
+    int i;
+    memset(pool, 0, sizeof *pool);
+    pool->n = 1;
+    if (n == 1) return ACMOE_OK;
+    pool->threads = (pthread_t *)ACMOE_MALLOC(sizeof(pthread_t) * (size_t)n);
+    if (!pool->threads) return ACMOE_ERR_NOMEM;
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_cond_init(&pool->wake, NULL);
+    pthread_cond_init(&pool->done, NULL);
+    for (i = 1; i < n; i++) {
+        acmoe__worker_arg *w = (acmoe__worker_arg *)ACMOE_MALLOC(sizeof *w);
+        if (!w) break;
+        w->pool = pool;
+        w->tid = i;
+        if (pthread_create(&pool->threads[i], NULL, acmoe__worker, w) != 0) {
+            ACMOE_FREE(w);
+            break;
+        }
+        pool->n = i + 1;
+    }
+    if (pool->n == n) return ACMOE_OK;
+    acmoe__pool_stop(pool);
+    return ACMOE_ERR_THREAD;
+#else
+    (void)n;
+    pool->n = 1;
+    return ACMOE_OK;
+#endif
+}
+
+static void acmoe__pool_run(acmoe__pool *pool, int n, acmoe__job_fn fn, void *arg) {
+#ifndef ACMOE_NO_THREADS
+    if (n > 1) {
+        ACMOE_ASSERT(n == pool->n);
+        pthread_mutex_lock(&pool->mu);
+        pool->fn = fn;
+        pool->arg = arg;
+        pool->pending = n - 1;
+        pool->generation++;
+        pthread_cond_broadcast(&pool->wake);
+        pthread_mutex_unlock(&pool->mu);
+        fn(arg, 0, n);
+        pthread_mutex_lock(&pool->mu);
+        while (pool->pending > 0) pthread_cond_wait(&pool->done, &pool->mu);
+        pthread_mutex_unlock(&pool->mu);
+        return;
+    }
+#else
+    (void)pool;
+#endif
+    ACMOE_ASSERT(n == 1);
+    fn(arg, 0, 1);
+}
+
+static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out);
+
+/* Largest micro-tile over all kernels: workspace fits whichever path is chosen later. */
+#define ACMOE__MR_MAX 8
+#define ACMOE__NR_MAX 32
+
+ACMOE_API acmoe_ctx_desc acmoe_ctx_defaults(void) {
+    acmoe_ctx_desc d;
+    memset(&d, 0, sizeof d);
+    d.n_threads = acmoe__online_cpus();
+    d.isa = acmoe_cpu_isa();
+    d.mc = 192;
+    d.kc = 256;
+    d.nc = 4096;
+    return d;
+}
+
+static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc *out) {
+    acmoe_ctx_desc d = acmoe_ctx_defaults();
+    if (in) {
+        if (in->n_threads < 0 || in->mc < 0 || in->kc < 0 || in->nc < 0) return ACMOE_ERR_ARG;
+        if ((int)in->isa < 0 || (int)in->isa >= ACMOE_ISA_COUNT) return ACMOE_ERR_ARG;
+#ifdef ACMOE_NO_THREADS
+        if (in->n_threads > 1) return ACMOE_ERR_UNSUPPORTED;
+#endif
+        if (in->n_threads) d.n_threads = in->n_threads;
+        if (in->isa) d.isa = in->isa;
+        if (in->mc) d.mc = in->mc;
+        if (in->kc) d.kc = in->kc;
+        if (in->nc) d.nc = in->nc;
+    }
+    if (d.n_threads > 1024 || d.mc > 1 << 16 || d.kc > 1 << 16 || d.nc > 1 << 20) return ACMOE_ERR_ARG;
+    /* whole micro-panels for every kernel: mc a multiple of every mr, nc of every nr */
+    d.mc = (d.mc + 23) / 24 * 24;
+    d.nc = (d.nc + 95) / 96 * 96;
+    *out = d;
+    return ACMOE_OK;
+}
+
+static acmoe_status acmoe__workspace_create(acmoe_ctx *ctx) {
+    const acmoe_ctx_desc *d = &ctx->desc;
+    size_t a = (size_t)d->mc * d->kc, b = (size_t)d->nc * d->kc;
+    size_t panel = (size_t)ACMOE__NR_MAX * d->kc, tile = ACMOE__MR_MAX * ACMOE__NR_MAX;
+    size_t per_thread = acmoe__align_up((a + b + panel + tile) * sizeof(float) + 4 * ACMOE_ALIGN);
+    unsigned char *p;
+    int t;
+    ctx->ws = (acmoe__workspace *)ACMOE_MALLOC(sizeof(acmoe__workspace) * (size_t)d->n_threads);
+    ctx->ws_memory = acmoe__aligned_alloc(per_thread * (size_t)d->n_threads);
+    if (!ctx->ws || !ctx->ws_memory) return ACMOE_ERR_NOMEM;
+    p = (unsigned char *)ctx->ws_memory;
+    for (t = 0; t < d->n_threads; t++, p += per_thread) {
+        acmoe__workspace *w = &ctx->ws[t];
+        w->pack_a = (float *)p;
+        w->pack_b = (float *)(p + acmoe__align_up(a * sizeof(float)));
+        w->panel = w->pack_b + acmoe__align_up(b * sizeof(float)) / sizeof(float);
+        w->tile = w->panel + acmoe__align_up(panel * sizeof(float)) / sizeof(float);
+    }
+    return ACMOE_OK;
+}
+
+ACMOE_API void acmoe_ctx_destroy(acmoe_ctx *ctx) {
+    if (!ctx) return;
+    acmoe__pool_stop(&ctx->pool);
+    acmoe__aligned_free(ctx->ws_memory);
+    ACMOE_FREE(ctx->ws);
+    ACMOE_FREE(ctx);
+}
+
+ACMOE_API acmoe_status acmoe_ctx_create(acmoe_ctx **out, const acmoe_ctx_desc *desc) {
+    acmoe_ctx *ctx;
+    acmoe_status s;
+    if (!out) return ACMOE_ERR_NULL;
+    *out = NULL;
+    ctx = (acmoe_ctx *)ACMOE_MALLOC(sizeof *ctx);
+    if (!ctx) return ACMOE_ERR_NOMEM;
+    memset(ctx, 0, sizeof *ctx);
+    ctx->pool.n = 1;
+    s = acmoe__resolve_desc(desc, &ctx->desc);
+    if (s == ACMOE_OK) s = acmoe__kernel_for(ctx->desc.isa, &ctx->kernel);
+    if (s == ACMOE_OK) s = acmoe__workspace_create(ctx);
+    if (s == ACMOE_OK) s = acmoe__pool_start(&ctx->pool, ctx->desc.n_threads);
+    if (s != ACMOE_OK) {
+        acmoe_ctx_destroy(ctx);
+        return s;
+    }
+    *out = ctx;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_ctx_set_isa(acmoe_ctx *ctx, acmoe_isa isa) {
+    acmoe__kernel k;
+    acmoe_status s;
+    if (!ctx) return ACMOE_ERR_NULL;
+    if ((int)isa < 0 || (int)isa >= ACMOE_ISA_COUNT) return ACMOE_ERR_ARG;
+    s = acmoe__kernel_for(isa == ACMOE_ISA_AUTO ? acmoe_cpu_isa() : isa, &k);
+    if (s != ACMOE_OK) return s;
+    ctx->kernel = k;
+    ctx->desc.isa = k.isa;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
+    acmoe_ctx_desc none;
+    if (ctx) return ctx->desc;
+    memset(&none, 0, sizeof none);
+    return none;
+}
+
+/* ========================================================================================== */
+/* 5. Matrix multiplication                                                                   */
+/* ========================================================================================== */
+/* BLIS structure. The product is first oriented: C' = A' B' is either C = op(A) op(B) or
+   C^T = op(B)^T op(A)^T, whichever lets B' be read along its rows. The driver then walks
+   column blocks (nc) of B', depth blocks (kc) and row blocks (mc) of A', and calls a
+   micro-kernel for each mr x nr tile of C'. Large operands are packed into micro-panels;
+   small ones are read in place (an expert that got 20 tokens should not pay for packing).
+   Each micro-kernel is one template: mr rows broadcast from A' times nr/vlen vectors of B'. */
+
+/* Kernel template. a_rows holds mr row pointers of A' (element p of row i at a_rows[i][p *
+   a_step]); b advances b_step floats per depth step; c is an mr x nr tile of row stride
+   c_step, overwritten or accumulated. */
+#define ACMOE__DEFINE_KERNEL(NAME, TARGET, VEC, MR, NVEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO) \
+    TARGET static void NAME(int kc, const float *const *a_rows, ptrdiff_t a_step, const float *b, \
+                            ptrdiff_t b_step, float *c, ptrdiff_t c_step, int accumulate) {       \
+        VEC acc[MR][NVEC];                                                                          \
+        const float *ap[MR];                                                                        \
+        ptrdiff_t ka = 0;                                                                           \
+        int i, v, p;                                                                                \
+        ACMOE__UNROLL for (i = 0; i < MR; i++) {                                                   \
+            ap[i] = a_rows[i];                                                                      \
+            ACMOE__UNROLL for (v = 0; v < NVEC; v++) acc[i][v] = ZERO;                             \
+        }                                                                                           \
+        for (p = 0; p < kc; p++, ka += a_step, b += b_step) {                                      \
+            VEC bv[NVEC];                                                                           \
+            ACMOE__UNROLL for (v = 0; v < NVEC; v++) bv[v] = LOAD(b + v * VLEN);                   \
+            ACMOE__UNROLL for (i = 0; i < MR; i++) {                                               \
+                VEC av = SET1(ap[i][ka]);                                                           \
+                ACMOE__UNROLL for (v = 0; v < NVEC; v++) acc[i][v] = FMA(av, bv[v], acc[i][v]);    \
+            }                                                                                       \
+        }                                                                                           \
+        ACMOE__UNROLL for (i = 0; i < MR; i++) {                                                   \
+            ACMOE__UNROLL for (v = 0; v < NVEC; v++) {                                             \
+                float *cp = c + i * c_step + v * VLEN;                                              \
+                STORE(cp, accumulate ? ADD(LOAD(cp), acc[i][v]) : acc[i][v]);                       \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+#define ACMOE__S_LOAD(p) (*(p))
+#define ACMOE__S_STORE(p, x) (*(p) = (x))
+#define ACMOE__S_SET1(x) (x)
+#define ACMOE__S_FMA(a, b, c) ((a) * (b) + (c))
+#define ACMOE__S_ADD(a, b) ((a) + (b))
+ACMOE__DEFINE_KERNEL(acmoe__kernel_scalar, , float, 4, 8, 1, ACMOE__S_LOAD, ACMOE__S_STORE,
+                     ACMOE__S_SET1, ACMOE__S_FMA, ACMOE__S_ADD, 0.0f)
+
+#ifdef ACMOE__X86
+ACMOE__DEFINE_KERNEL(acmoe__kernel_avx2, ACMOE__TARGET_AVX2, __m256, 6, 2, 8, _mm256_loadu_ps,
+                     _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,
+                     _mm256_setzero_ps())
+#endif
+#ifdef ACMOE__HAVE_AVX512
+ACMOE__DEFINE_KERNEL(acmoe__kernel_avx512, ACMOE__TARGET_AVX512, __m512, 8, 2, 16,
+                     _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+                     _mm512_add_ps, _mm512_setzero_ps())
+#endif
+#ifdef ACMOE__NEON
+#define ACMOE__NEON_FMA(a, b, c) vfmaq_f32(c, a, b)
+ACMOE__DEFINE_KERNEL(acmoe__kernel_neon, , float32x4_t, 8, 3, 4, vld1q_f32, vst1q_f32,
+                     vdupq_n_f32, ACMOE__NEON_FMA, vaddq_f32, vdupq_n_f32(0.0f))
+#endif
+
+static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
+    static const acmoe__kernel table[] = {
+        {ACMOE_ISA_SCALAR, 4, 8, acmoe__kernel_scalar},
+#ifdef ACMOE__X86
+        {ACMOE_ISA_AVX2, 6, 16, acmoe__kernel_avx2},
+#endif
+#ifdef ACMOE__HAVE_AVX512
+        {ACMOE_ISA_AVX512, 8, 32, acmoe__kernel_avx512},
+#endif
+#ifdef ACMOE__NEON
+        {ACMOE_ISA_NEON, 8, 12, acmoe__kernel_neon},
+#endif
+    };
+    size_t i;
+    if (!acmoe_isa_supported(isa)) return ACMOE_ERR_UNSUPPORTED;
+    for (i = 0; i < sizeof table / sizeof table[0]; i++) {
+        if (table[i].isa == isa) {
+            *out = table[i];
+            return ACMOE_OK;
+        }
+    }
+    return ACMOE_ERR_UNSUPPORTED;
+}
+
+/* Copy an nx x nk block (element (x, p) at src[x * sx + p * sk]) into panels of w along x:
+   panel q holds rows q*w .. q*w+w-1 as dst[q*nk*w + p*w + x], zero-padded. */
+static void acmoe__pack(float *dst, const float *src, ptrdiff_t sx, ptrdiff_t sk, int nx, int nk,
+                        int w) {
+    int x0, x, p;
+    for (x0 = 0; x0 < nx; x0 += w, dst += (ptrdiff_t)nk * w) {
+        int wx = ACMOE__MIN(w, nx - x0);
+        const float *s = src + x0 * sx;
+        if (sk == 1) { /* rows run along the depth: read each one once */
+            for (x = 0; x < wx; x++)
+                for (p = 0; p < nk; p++) dst[p * w + x] = s[x * sx + p];
+        } else {
+            for (p = 0; p < nk; p++)
+                for (x = 0; x < wx; x++) dst[p * w + x] = s[x * sx + p * sk];
+        }
+        if (wx < w)
+            for (p = 0; p < nk; p++) memset(dst + p * w + wx, 0, sizeof(float) * (size_t)(w - wx));
+    }
+}
+
+/* One oriented product C' (+)= A' B' with element strides. */
+typedef struct acmoe__gemm {
+    int m, n, k;
+    const float *a;
+    ptrdiff_t a_rs, a_cs;
+    const float *b;
+    ptrdiff_t b_rs, b_cs;
+    float *c;
+    ptrdiff_t c_rs, c_cs;
+    int accumulate, pack_a, pack_b;
+    int tm, tn; /* thread grid */
+    acmoe_ctx *ctx;
+} acmoe__gemm;
+
+/* c (+)= tile for an mr x nr corner of the output with any strides. */
+static void acmoe__tile_store(float *c, ptrdiff_t rs, ptrdiff_t cs, const float *tile, int tile_rs,
+                              int mr, int nr, int accumulate) {
+    int i, j;
+    for (i = 0; i < mr; i++)
+        for (j = 0; j < nr; j++) {
+            float *cp = c + i * rs + j * cs;
+            *cp = accumulate ? *cp + tile[i * tile_rs + j] : tile[i * tile_rs + j];
+        }
+}
+
+/* Micro-tiles of one (mc x kc) by (kc x nc) block pair. */
+static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws, int ic, int mc,
+                               int pc, int kc, int jc, int nc) {
+    const acmoe__kernel *kern = &g->ctx->kernel;
+    const int mr = kern->mr, nr = kern->nr, accumulate = g->accumulate || pc > 0;
+    int ir, jr, i;
+    for (jr = 0; jr < nc; jr += nr) {
+        int nrr = ACMOE__MIN(nr, nc - jr);
+        const float *bp;
+        ptrdiff_t b_step;
+        if (g->pack_b) {
+            bp = ws->pack_b + (ptrdiff_t)jr * kc;
+            b_step = nr;
+        } else if (nrr == nr) {
+            bp = g->b + pc * g->b_rs + (jc + jr);
+            b_step = g->b_rs;
+        } else { /* ragged last panel: pack it so the kernel reads nr whole columns */
+            acmoe__pack(ws->panel, g->b + pc * g->b_rs + (jc + jr), 1, g->b_rs, nrr, kc, nr);
+            bp = ws->panel;
+            b_step = nr;
+        }
+        for (ir = 0; ir < mc; ir += mr) {
+            int mrr = ACMOE__MIN(mr, mc - ir);
+            const float *rows[ACMOE__MR_MAX];
+            ptrdiff_t a_step;
+            float *cp = g->c + (ic + ir) * g->c_rs + (jc + jr) * g->c_cs;
+            if (g->pack_a) {
+                for (i = 0; i < mr; i++) rows[i] = ws->pack_a + (ptrdiff_t)ir * kc + i;
+                a_step = mr;
+            } else { /* rows past the edge repeat the last one; their results are dropped */
+                for (i = 0; i < mr; i++)
+                    rows[i] = g->a + (ic + ir + ACMOE__MIN(i, mrr - 1)) * g->a_rs + pc * g->a_cs;
+                a_step = g->a_cs;
+            }
+            if (mrr == mr && nrr == nr && g->c_cs == 1) {
+                kern->fn(kc, rows, a_step, bp, b_step, cp, g->c_rs, accumulate);
+            } else {
+                kern->fn(kc, rows, a_step, bp, b_step, ws->tile, nr, 0);
+                acmoe__tile_store(cp, g->c_rs, g->c_cs, ws->tile, nr, mrr, nrr, accumulate);
+            }
+        }
+    }
+}
+
+/* The blocked loops over rows [m0, m1) and columns [n0, n1) of C'. */
+static void acmoe__gemm_region(const acmoe__gemm *g, const acmoe__workspace *ws, int m0, int m1,
+                               int n0, int n1) {
+    const acmoe_ctx_desc *d = &g->ctx->desc;
+    int jc, pc, ic;
+    for (jc = n0; jc < n1; jc += d->nc) {
+        int nc = ACMOE__MIN(d->nc, n1 - jc);
+        for (pc = 0; pc < g->k; pc += d->kc) {
+            int kc = ACMOE__MIN(d->kc, g->k - pc);
+            if (g->pack_b)
+                acmoe__pack(ws->pack_b, g->b + pc * g->b_rs + jc * g->b_cs, g->b_cs, g->b_rs, nc,
+                            kc, g->ctx->kernel.nr);
+            for (ic = m0; ic < m1; ic += d->mc) {
+                int mc = ACMOE__MIN(d->mc, m1 - ic);
+                if (g->pack_a)
+                    acmoe__pack(ws->pack_a, g->a + ic * g->a_rs + pc * g->a_cs, g->a_rs, g->a_cs,
+                                mc, kc, g->ctx->kernel.mr);
+                acmoe__macro_block(g, ws, ic, mc, pc, kc, jc, nc);
+            }
+        }
+    }
+}
+
+/* Thread tid of tm x tn owns a block of whole micro-tiles. */
+static void acmoe__gemm_job(void *arg, int tid, int n_threads) {
+    const acmoe__gemm *g = (const acmoe__gemm *)arg;
+    const int mr = g->ctx->kernel.mr, nr = g->ctx->kernel.nr;
+    int ti = tid / g->tn, tj = tid % g->tn;
+    int rows = ((g->m + mr - 1) / mr + g->tm - 1) / g->tm * mr;
+    int cols = ((g->n + nr - 1) / nr + g->tn - 1) / g->tn * nr;
+    int m0 = ACMOE__MIN(g->m, ti * rows), m1 = ACMOE__MIN(g->m, m0 + rows);
+    int n0 = ACMOE__MIN(g->n, tj * cols), n1 = ACMOE__MIN(g->n, n0 + cols);
+    (void)n_threads;
+    if (m0 < m1 && n0 < n1) acmoe__gemm_region(g, &g->ctx->ws[tid], m0, m1, n0, n1);
+}
+
+/* Pick the thread grid tm x tn = n_threads whose blocks have the smallest half-perimeter:
+   that is what each thread packs and reads. Small products run on one thread. */
+static void acmoe__choose_grid(acmoe__gemm *g, int n_threads) {
+    double flops = 2.0 * g->m * g->n * g->k, best = -1.0;
+    int tm;
+    g->tm = g->tn = 1;
+    if (flops < 1 << 18) return;
+    for (tm = 1; tm <= n_threads; tm++) {
+        double cost;
+        if (n_threads % tm) continue;
+        cost = (double)g->m / tm + (double)g->n / (n_threads / tm);
+        if (best < 0 || cost < best) {
+            best = cost;
+            g->tm = tm;
+            g->tn = n_threads / tm;
+        }
+    }
+}
+
+static int acmoe__check_ld(int rows, int cols, int ld) { return ld >= ACMOE__MAX(cols, 1) && rows >= 0; }
+
+ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k,
+                                    const float *a, int lda, const float *b, int ldb, float *c,
+                                    int ldc, int accumulate) {
+    const int ta = layout == ACMOE_TN || layout == ACMOE_TT;
+    const int tb = layout == ACMOE_NT || layout == ACMOE_TT;
+    ptrdiff_t a_rs = ta ? 1 : lda, a_cs = ta ? lda : 1, b_rs = tb ? 1 : ldb, b_cs = tb ? ldb : 1;
+    acmoe__gemm g;
+    int i;
+    if (!ctx) return ACMOE_ERR_NULL;
+    if ((int)layout < ACMOE_NN || (int)layout > ACMOE_TT) return ACMOE_ERR_ARG;
+    if (m < 0 || n < 0 || k < 0) return ACMOE_ERR_SHAPE;
+    if (!acmoe__check_ld(ta ? k : m, ta ? m : k, lda) || !acmoe__check_ld(tb ? n : k, tb ? k : n, ldb) ||
+        !acmoe__check_ld(m, n, ldc))
+        return ACMOE_ERR_SHAPE;
+    if (m == 0 || n == 0) return ACMOE_OK;
+    if (!c || (k > 0 && (!a || !b))) return ACMOE_ERR_NULL;
+    if (k == 0) {
+        if (!accumulate)
+            for (i = 0; i < m; i++) memset(c + (ptrdiff_t)i * ldc, 0, sizeof(float) * (size_t)n);
+        return ACMOE_OK;
+    }
+    memset(&g, 0, sizeof g);
+    g.ctx = ctx;
+    g.k = k;
+    g.accumulate = accumulate != 0;
+    /* Orient so that B' runs along its rows (unit column stride), or, when neither operand
+       does (NT), so that the smaller one becomes B' and is the one packed. */
+    if (b_cs == 1 || (a_rs != 1 && m >= n)) {
+        g.m = m, g.n = n, g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = b, g.b_rs = b_rs, g.b_cs = b_cs;
+        g.c = c, g.c_rs = ldc, g.c_cs = 1;
+    } else {
+        g.m = n, g.n = m, g.a = b, g.a_rs = b_cs, g.a_cs = b_rs, g.b = a, g.b_rs = a_cs, g.b_cs = a_rs;
+        g.c = c, g.c_rs = 1, g.c_cs = ldc;
+    }
+    /* Packing pays when the packed block is reused across many micro-tiles. */
+    g.pack_b = g.b_cs != 1 || g.m > 4 * ctx->kernel.mr * 4;
+    g.pack_a = g.n > 4 * ctx->kernel.nr;
+    acmoe__choose_grid(&g, ctx->desc.n_threads);
+    acmoe__pool_run(&ctx->pool, g.tm * g.tn, acmoe__gemm_job, &g);
+    return ACMOE_OK;
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ACMOE_IMPLEMENTATION */
+
+/*
+MIT License
+
+Copyright (c) 2026 the acmoe authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software and
+associated documentation files (the "Software"), to deal in the Software without restriction,
+including without limitation the rights to use, copy, modify, merge, publish, distribute,
+sublicense, and/or sell copies of the Software, and to permit persons to whom the Software is
+furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or
+substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT
+NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND
+NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM,
+DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT
+OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+*/

@@ -1,0 +1,444 @@
+/* bench.c - acmoe benchmarks.
+
+   Build and run from the repository root:
+       gcc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror -I. bench/bench.c -o build/bench -lm -lpthread
+       ./build/bench [--quick] [--section N]
+
+   Section 1 (matmul) measures the FP32 FMA peak of the kernel path's instruction set, then
+   the acmoe_matmul throughput of MoE-sized and square products on 1 and 2 threads, as a share
+   of that measured peak. Built without -march: SIMD code here is compiled per function and
+   only called when the CPU supports it. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread barriers */
+#define ACMOE_IMPLEMENTATION
+#include "../acmoe.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BENCH_X86 1
+#include <immintrin.h>
+#endif
+
+/* ---- Options and helpers ---- */
+
+typedef struct bench_options {
+    int quick;   /* fewer and shorter repetitions, for smoke tests */
+    int section; /* 0 runs every section */
+} bench_options;
+
+/* How long to measure each case. */
+typedef struct timing_plan {
+    int warmup, min_reps;
+    double min_seconds, peak_seconds;
+} timing_plan;
+
+static timing_plan timing_plan_for(const bench_options *opt) {
+    static const timing_plan full = {2, 5, 0.25, 0.2}, quick = {1, 3, 0.02, 0.05};
+    return opt->quick ? quick : full;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void *checked_malloc(size_t bytes) {
+    void *p = malloc(bytes);
+    if (!p) {
+        fprintf(stderr, "bench: out of memory allocating %lu bytes\n", (unsigned long)bytes);
+        exit(1);
+    }
+    return p;
+}
+
+static void check_status(acmoe_status status, const char *what) {
+    if (status == ACMOE_OK) return;
+    fprintf(stderr, "bench: %s failed: %s\n", what, acmoe_status_string(status));
+    exit(1);
+}
+
+static int compare_doubles(const void *x, const void *y) {
+    double a = *(const double *)x, b = *(const double *)y;
+    return (a > b) - (a < b);
+}
+
+/* Median rather than mean: one descheduled run should not move the result. */
+static double median(double *values, int n) {
+    qsort(values, (size_t)n, sizeof *values, compare_doubles);
+    return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+static void print_cpu_model(void) {
+    char line[512], *model = NULL;
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    while (f && !model && fgets(line, sizeof line, f)) {
+        char *colon = strchr(line, ':');
+        if (strncmp(line, "model name", 10) != 0 || !colon) continue;
+        model = colon + 1 + strspn(colon + 1, " \t");
+        model[strcspn(model, "\n")] = '\0';
+    }
+    printf("CPU:          %s\n", model && *model ? model : "unknown");
+    if (f) fclose(f);
+}
+
+/* ---- Section 1: FMA peak ---- */
+
+/* Independent accumulator chains: more than FMA latency times FMA ports (4 x 2 on current
+   x86 cores), so the loop is bound by throughput, not latency. 12 plus two constants also
+   fits the 16 ymm registers of AVX2 without spilling. */
+#define FMA_CHAINS 12
+#define PEAK_MAX_THREADS 2
+
+/* Runs iters rounds of FMA_CHAINS multiply-adds and returns a value that depends on all of
+   them. The multiplier and addend keep the accumulators near 1: no overflow, no denormals. */
+typedef float (*fma_loop_fn)(long iters);
+
+typedef struct fma_probe {
+    const char *name;
+    fma_loop_fn loop;
+    int lanes; /* floats per multiply-add */
+} fma_probe;
+
+static float fma_loop_portable(long iters) {
+    float acc[FMA_CHAINS], sum = 0.0f;
+    long it;
+    int i;
+    for (i = 0; i < FMA_CHAINS; i++) acc[i] = (float)i;
+    for (it = 0; it < iters; it++)
+        for (i = 0; i < FMA_CHAINS; i++) acc[i] = acc[i] * 0.999999f + 1e-6f;
+    for (i = 0; i < FMA_CHAINS; i++) sum += acc[i];
+    return sum;
+}
+
+#ifdef BENCH_X86
+__attribute__((target("avx2,fma"))) static float fma_loop_avx2(long iters) {
+    const __m256 mul = _mm256_set1_ps(0.999999f), add = _mm256_set1_ps(1e-6f);
+    __m256 acc[FMA_CHAINS];
+    float lanes[8], sum = 0.0f;
+    long it;
+    int i;
+    for (i = 0; i < FMA_CHAINS; i++) acc[i] = _mm256_set1_ps((float)i);
+    for (it = 0; it < iters; it++) {
+        _Pragma("GCC unroll 16") for (i = 0; i < FMA_CHAINS; i++)
+            acc[i] = _mm256_fmadd_ps(acc[i], mul, add);
+    }
+    for (i = 1; i < FMA_CHAINS; i++) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+    _mm256_storeu_ps(lanes, acc[0]);
+    for (i = 0; i < 8; i++) sum += lanes[i];
+    return sum;
+}
+
+__attribute__((target("avx512f"))) static float fma_loop_avx512(long iters) {
+    const __m512 mul = _mm512_set1_ps(0.999999f), add = _mm512_set1_ps(1e-6f);
+    __m512 acc[FMA_CHAINS];
+    float lanes[16], sum = 0.0f;
+    long it;
+    int i;
+    for (i = 0; i < FMA_CHAINS; i++) acc[i] = _mm512_set1_ps((float)i);
+    for (it = 0; it < iters; it++) {
+        _Pragma("GCC unroll 16") for (i = 0; i < FMA_CHAINS; i++)
+            acc[i] = _mm512_fmadd_ps(acc[i], mul, add);
+    }
+    for (i = 1; i < FMA_CHAINS; i++) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+    _mm512_storeu_ps(lanes, acc[0]);
+    for (i = 0; i < 16; i++) sum += lanes[i];
+    return sum;
+}
+#endif
+
+/* The FMA loop of the instruction set acmoe's kernels use on this CPU. Paths without one
+   here (scalar, NEON) fall back to portable C, which is a reference, not a SIMD peak. */
+static fma_probe fma_probe_for(acmoe_isa isa) {
+    fma_probe probe = {"portable C multiply-add (no SIMD peak measured)", fma_loop_portable, 1};
+#ifdef BENCH_X86
+    if (isa == ACMOE_ISA_AVX512 && acmoe_isa_supported(ACMOE_ISA_AVX512)) {
+        probe.name = "AVX-512 _mm512_fmadd_ps";
+        probe.loop = fma_loop_avx512;
+        probe.lanes = 16;
+    } else if (isa == ACMOE_ISA_AVX2 && acmoe_isa_supported(ACMOE_ISA_AVX2)) {
+        probe.name = "AVX2 _mm256_fmadd_ps";
+        probe.loop = fma_loop_avx2;
+        probe.lanes = 8;
+    }
+#else
+    (void)isa;
+#endif
+    return probe;
+}
+
+/* Stores the loop results so the compiler must compute them. */
+static volatile float fma_sink;
+
+typedef struct fma_job {
+    fma_loop_fn loop;
+    long iters;
+    pthread_barrier_t *start;
+    double seconds;
+    float result;
+} fma_job;
+
+static void *fma_job_run(void *arg) {
+    fma_job *job = (fma_job *)arg;
+    double t0;
+    pthread_barrier_wait(job->start);
+    t0 = now_seconds();
+    job->result = job->loop(job->iters);
+    job->seconds = now_seconds() - t0;
+    return NULL;
+}
+
+static double fma_loop_flops(const fma_probe *probe, long iters) {
+    return 2.0 * (double)iters * FMA_CHAINS * probe->lanes;
+}
+
+/* Doubles the iteration count until a run is long enough to time, then scales it to the
+   target. This also brings the core to its SIMD clock before the measured runs. */
+static long fma_iters_for(const fma_probe *probe, double seconds) {
+    long iters = 1 << 12;
+    for (;;) {
+        double t0 = now_seconds(), elapsed;
+        fma_sink = probe->loop(iters);
+        elapsed = now_seconds() - t0;
+        if (elapsed > seconds / 8) return (long)((double)iters * seconds / elapsed) + 1;
+        iters *= 2;
+    }
+}
+
+/* Runs the loop on n_threads threads at once; returns the sum of their GFLOP/s. */
+static double fma_gflops(const fma_probe *probe, long iters, int n_threads) {
+    pthread_t threads[PEAK_MAX_THREADS];
+    fma_job jobs[PEAK_MAX_THREADS];
+    pthread_barrier_t start;
+    double total = 0.0;
+    int t;
+    if (pthread_barrier_init(&start, NULL, (unsigned)n_threads) != 0) {
+        fprintf(stderr, "bench: pthread_barrier_init failed\n");
+        exit(1);
+    }
+    for (t = 0; t < n_threads; t++) {
+        jobs[t].loop = probe->loop;
+        jobs[t].iters = iters;
+        jobs[t].start = &start;
+        if (pthread_create(&threads[t], NULL, fma_job_run, &jobs[t]) != 0) {
+            fprintf(stderr, "bench: pthread_create failed\n");
+            exit(1);
+        }
+    }
+    for (t = 0; t < n_threads; t++) {
+        pthread_join(threads[t], NULL);
+        fma_sink = jobs[t].result;
+        total += fma_loop_flops(probe, iters) / jobs[t].seconds * 1e-9;
+    }
+    pthread_barrier_destroy(&start);
+    return total;
+}
+
+/* ---- Section 1: matmul throughput ---- */
+
+#define MATMUL_MAX_REPS 1000 /* bounds the time of the smallest shapes */
+
+static const int matmul_shapes[][3] = { /* M, N, K */
+    {64, 352, 352},   {256, 352, 352},   {512, 1408, 352}, {512, 352, 1408},
+    {1024, 1024, 1024}, {4096, 128, 128}, {128, 128, 4096}, {2048, 2048, 2048}};
+
+static const acmoe_layout matmul_layouts[] = {ACMOE_NN, ACMOE_NT, ACMOE_TN};
+
+static const char *layout_name(acmoe_layout layout) {
+    switch (layout) {
+    case ACMOE_NN: return "NN";
+    case ACMOE_NT: return "NT";
+    case ACMOE_TN: return "TN";
+    case ACMOE_TT: return "TT";
+    }
+    return "?";
+}
+
+/* A holds M*K floats and B K*N in every layout; only the leading dimensions differ. */
+typedef struct matmul_operands {
+    int m, n, k;
+    float *a, *b, *c;
+} matmul_operands;
+
+static float *random_floats(acmoe_rng *rng, size_t count) {
+    float *p = (float *)checked_malloc(count * sizeof *p);
+    size_t i;
+    for (i = 0; i < count; i++) p[i] = 2.0f * acmoe_rng_uniform(rng) - 1.0f;
+    return p;
+}
+
+static matmul_operands matmul_operands_create(acmoe_rng *rng, int m, int n, int k) {
+    matmul_operands op;
+    op.m = m;
+    op.n = n;
+    op.k = k;
+    op.a = random_floats(rng, (size_t)m * k);
+    op.b = random_floats(rng, (size_t)k * n);
+    op.c = (float *)checked_malloc((size_t)m * n * sizeof *op.c);
+    return op;
+}
+
+static void matmul_operands_destroy(matmul_operands *op) {
+    free(op->a);
+    free(op->b);
+    free(op->c);
+}
+
+static void run_matmul(acmoe_ctx *ctx, acmoe_layout layout, const matmul_operands *op) {
+    int lda = layout == ACMOE_TN ? op->m : op->k; /* A is K x M when transposed */
+    int ldb = layout == ACMOE_NT ? op->k : op->n; /* B is N x K when transposed */
+    check_status(acmoe_matmul(ctx, layout, op->m, op->n, op->k, op->a, lda, op->b, ldb, op->c,
+                              op->n, 0),
+                 "acmoe_matmul");
+}
+
+static double matmul_median_seconds(acmoe_ctx *ctx, acmoe_layout layout,
+                                    const matmul_operands *op, const timing_plan *plan) {
+    double times[MATMUL_MAX_REPS], start;
+    int reps, i;
+    for (i = 0; i < plan->warmup; i++) run_matmul(ctx, layout, op);
+    start = now_seconds();
+    for (reps = 0; reps < MATMUL_MAX_REPS; reps++) {
+        double t0 = now_seconds();
+        if (reps >= plan->min_reps && t0 - start >= plan->min_seconds) break;
+        run_matmul(ctx, layout, op);
+        times[reps] = now_seconds() - t0;
+    }
+    return median(times, reps);
+}
+
+static acmoe_ctx *context_with_threads(int n_threads) {
+    acmoe_ctx_desc desc;
+    acmoe_ctx *ctx;
+    memset(&desc, 0, sizeof desc);
+    desc.n_threads = n_threads;
+    check_status(acmoe_ctx_create(&ctx, &desc), "acmoe_ctx_create");
+    return ctx;
+}
+
+static void print_matmul_header(void) {
+    printf("%5s %5s %5s  %-6s  %10s %6s  %10s %6s  %6s\n", "M", "N", "K", "layout", "1T GFLOP/s",
+           "%peak", "2T GFLOP/s", "%peak", "2T/1T");
+}
+
+/* One table row: this layout of this shape on 1 and 2 threads. */
+static void bench_matmul_case(acmoe_ctx *ctx[2], const double peak[2], acmoe_layout layout,
+                              const matmul_operands *op, const timing_plan *plan) {
+    double flops = 2.0 * op->m * op->n * op->k, gflops[2];
+    int t;
+    for (t = 0; t < 2; t++) gflops[t] = flops / matmul_median_seconds(ctx[t], layout, op, plan) * 1e-9;
+    printf("%5d %5d %5d  %-6s  %10.1f %5.1f%%  %10.1f %5.1f%%  %5.2fx\n", op->m, op->n, op->k,
+           layout_name(layout), gflops[0], 100.0 * gflops[0] / peak[0], gflops[1],
+           100.0 * gflops[1] / peak[1], gflops[1] / gflops[0]);
+    fflush(stdout);
+}
+
+static void print_platform(acmoe_ctx *ctx[2]) {
+    acmoe_ctx_desc s1 = acmoe_ctx_settings(ctx[0]), s2 = acmoe_ctx_settings(ctx[1]);
+    print_cpu_model();
+    printf("Kernel path:  %s\n", acmoe_isa_name(acmoe_cpu_isa()));
+    printf("Threads:      %d online CPUs (default context); measuring contexts of %d and %d\n",
+           acmoe_ctx_defaults().n_threads, s1.n_threads, s2.n_threads);
+    printf("Blocking:     mc=%d kc=%d nc=%d\n", s1.mc, s1.kc, s1.nc);
+}
+
+/* Measured FMA peak on 1 thread and on 2 concurrent threads, in GFLOP/s. */
+static void measure_fma_peak(const timing_plan *plan, double peak[2]) {
+    fma_probe probe = fma_probe_for(acmoe_cpu_isa());
+    long iters = fma_iters_for(&probe, plan->peak_seconds);
+    peak[0] = fma_gflops(&probe, iters, 1);
+    peak[1] = fma_gflops(&probe, iters, 2);
+    printf("FMA peak:     %s, %d accumulators\n", probe.name, FMA_CHAINS);
+    printf("              1 thread %.1f GFLOP/s (per-core peak), 2 threads %.1f GFLOP/s (%.2fx)\n",
+           peak[0], peak[1], peak[1] / peak[0]);
+}
+
+static void run_section_matmul(const bench_options *opt) {
+    timing_plan plan = timing_plan_for(opt);
+    acmoe_ctx *ctx[2];
+    acmoe_rng rng;
+    double peak[2];
+    size_t s, l;
+    ctx[0] = context_with_threads(1);
+    ctx[1] = context_with_threads(2);
+    acmoe_rng_seed(&rng, 42);
+    print_platform(ctx);
+    measure_fma_peak(&plan, peak);
+    printf("\n%%peak: 1T against the 1-thread peak, 2T against the 2-thread peak; median of "
+           "at least %d runs\n",
+           plan.min_reps);
+    print_matmul_header();
+    for (s = 0; s < sizeof matmul_shapes / sizeof matmul_shapes[0]; s++) {
+        matmul_operands op =
+            matmul_operands_create(&rng, matmul_shapes[s][0], matmul_shapes[s][1], matmul_shapes[s][2]);
+        for (l = 0; l < sizeof matmul_layouts / sizeof matmul_layouts[0]; l++)
+            bench_matmul_case(ctx, peak, matmul_layouts[l], &op, &plan);
+        matmul_operands_destroy(&op);
+    }
+    acmoe_ctx_destroy(ctx[0]);
+    acmoe_ctx_destroy(ctx[1]);
+}
+
+/* ---- Driver ---- */
+
+typedef struct bench_section {
+    const char *name;
+    void (*run)(const bench_options *opt);
+} bench_section;
+
+/* Section N is entry N-1. */
+static const bench_section sections[] = {{"matmul", run_section_matmul}};
+
+#define SECTION_COUNT ((int)(sizeof sections / sizeof sections[0]))
+
+static void usage_and_exit(const char *program) {
+    int i;
+    fprintf(stderr, "usage: %s [--quick] [--section N]\n", program);
+    fprintf(stderr, "  --quick       fewer, shorter repetitions (smoke test)\n");
+    fprintf(stderr, "  --section N   run only section N:");
+    for (i = 0; i < SECTION_COUNT; i++) fprintf(stderr, " %d (%s)", i + 1, sections[i].name);
+    fprintf(stderr, "\n");
+    exit(2);
+}
+
+static bench_options parse_options(int argc, char **argv) {
+    bench_options opt = {0, 0};
+    int i;
+    for (i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--quick") == 0) {
+            opt.quick = 1;
+        } else if (strcmp(argv[i], "--section") == 0 && i + 1 < argc) {
+            char *end;
+            long n = strtol(argv[++i], &end, 10);
+            if (*argv[i] == '\0' || *end != '\0' || n < 1 || n > SECTION_COUNT) usage_and_exit(argv[0]);
+            opt.section = (int)n;
+        } else {
+            usage_and_exit(argv[0]);
+        }
+    }
+    return opt;
+}
+
+static void print_peak_memory(void) {
+    struct rusage usage;
+    if (getrusage(RUSAGE_SELF, &usage) != 0) return;
+    printf("\nPeak memory:  %.1f MiB (ru_maxrss)\n", (double)usage.ru_maxrss / 1024.0); /* KiB on Linux */
+}
+
+int main(int argc, char **argv) {
+    bench_options opt = parse_options(argc, argv);
+    int i;
+    for (i = 0; i < SECTION_COUNT; i++) {
+        if (opt.section && opt.section != i + 1) continue;
+        printf("Section %d: %s\n", i + 1, sections[i].name);
+        sections[i].run(&opt);
+        printf("\n");
+    }
+    print_peak_memory();
+    return 0;
+}

@@ -1,0 +1,38 @@
+/* A small test harness: each TEST is one case; a case passes when none of its CHECKs fail. */
+#ifndef ACMOE_TEST_HARNESS_H
+#define ACMOE_TEST_HARNESS_H
+
+#include <stdio.h>
+
+typedef struct test_case {
+    const char *name;
+    void (*fn)(void);
+} test_case;
+
+extern int test_case_failures; /* CHECK failures in the running case */
+
+#define CHECK(cond)                                                                      \
+    do {                                                                                 \
+        if (!(cond)) {                                                                   \
+            test_case_failures++;                                                        \
+            fprintf(stderr, "    %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
+        }                                                                                \
+    } while (0)
+
+/* CHECK with a printf-style explanation printed on failure. */
+#define CHECKF(cond, ...)                                                                \
+    do {                                                                                 \
+        if (!(cond)) {                                                                   \
+            test_case_failures++;                                                        \
+            fprintf(stderr, "    %s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                                \
+            fprintf(stderr, "\n");                                                       \
+        }                                                                                \
+    } while (0)
+
+#define CHECK_STATUS(expr, want) CHECKF((expr) == (want), "%s returned %d, expected %d", #expr, (int)(expr), (int)(want))
+
+/* Each test file exports one table, terminated by {0, 0}. */
+extern const test_case foundation_tests[];
+
+#endif
