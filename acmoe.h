@@ -141,7 +141,7 @@ ACMOE_API float acmoe_rng_normal(acmoe_rng *rng);               /* mean 0, devia
    A context owns the thread pool, the kernel path and the matmul workspace. Use one context
    from one thread at a time; two contexts never interfere. Zero fields mean the defaults. */
 typedef struct acmoe_ctx_desc {
-    int n_threads; /* default: online CPUs (1 under ACMOE_NO_THREADS) */
+    int n_threads; /* default: online CPUs; always 1 under ACMOE_NO_THREADS */
     acmoe_isa isa; /* default: acmoe_cpu_isa() */
     int mc, kc, nc; /* cache blocking of the matmul (rows, depth, columns) */
 } acmoe_ctx_desc;
@@ -663,9 +663,6 @@ static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc
     if (in) {
         if (in->n_threads < 0 || in->mc < 0 || in->kc < 0 || in->nc < 0) return ACMOE_ERR_ARG;
         if ((int)in->isa < 0 || (int)in->isa >= ACMOE_ISA_COUNT) return ACMOE_ERR_ARG;
-#ifdef ACMOE_NO_THREADS
-        if (in->n_threads > 1) return ACMOE_ERR_UNSUPPORTED;
-#endif
         if (in->n_threads) d.n_threads = in->n_threads;
         if (in->isa) d.isa = in->isa;
         if (in->mc) d.mc = in->mc;
@@ -673,6 +670,9 @@ static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc
         if (in->nc) d.nc = in->nc;
     }
     if (d.n_threads > 1024 || d.mc > 1 << 16 || d.kc > 1 << 16 || d.nc > 1 << 20) return ACMOE_ERR_ARG;
+#ifdef ACMOE_NO_THREADS
+    d.n_threads = 1;
+#endif
     /* whole micro-panels for every kernel: mc a multiple of every mr, nc of every nr */
     d.mc = (d.mc + 23) / 24 * 24;
     d.nc = (d.nc + 95) / 96 * 96;
