@@ -23,6 +23,7 @@
      ACMOE_NO_SIMD          portable scalar kernels only
      ACMOE_NO_AVX512        never compile or choose the AVX-512 kernels
      ACMOE_NO_THREADS       build without pthreads; every context runs on the calling thread
+                            (threads need pthreads and the GCC/Clang __atomic builtins)
 
    CONTENTS
      Declarations (under the include guard)
@@ -203,11 +204,11 @@ extern "C" {
 /* ========================================================================================== */
 
 #if defined(__GNUC__)
-#define ACMOE__UNUSED __attribute__((unused))
 #define ACMOE__UNROLL _Pragma("GCC unroll 32")
+#define ACMOE__PREFETCH_WRITE(p) __builtin_prefetch((p), 1, 3)
 #else
-#define ACMOE__UNUSED
 #define ACMOE__UNROLL
+#define ACMOE__PREFETCH_WRITE(p) ((void)(p))
 #endif
 
 #if !defined(ACMOE_NO_SIMD) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -493,16 +494,32 @@ typedef void (*acmoe__job_fn)(void *arg, int tid, int n);
 #include <pthread.h>
 #include <unistd.h>
 
+/* Workers spin a while after each job before they sleep on the condition variable, so the
+   back-to-back products of a training step hand over in about a microsecond. */
 typedef struct acmoe__pool {
     int n; /* threads including the caller */
     pthread_t *threads;
     pthread_mutex_t mu;
-    pthread_cond_t wake, done;
-    acmoe__job_fn fn;
+    pthread_cond_t wake;
+    acmoe__job_fn fn; /* fn and arg are published by the release of generation */
     void *arg;
-    unsigned long generation;
-    int pending, quit;
+    unsigned generation; /* atomic: one more per job */
+    int pending;         /* atomic: workers still inside the current job */
+    int quit;            /* atomic */
+    int sleepers;        /* guarded by mu */
 } acmoe__pool;
+
+#define ACMOE__SPIN_LIMIT 20000
+#define ACMOE__LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define ACMOE__STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+static void acmoe__cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 typedef struct acmoe__worker_arg {
     acmoe__pool *pool;
@@ -531,10 +548,11 @@ typedef void (*acmoe__kernel_fn)(int kc, const float *const *a_rows, ptrdiff_t a
                                  const float *b, ptrdiff_t b_step, float *c, ptrdiff_t c_step,
                                  int accumulate);
 
+/* A kernel path: an mr x nr micro-kernel and its mr x nr/2 twin for ragged last panels. */
 typedef struct acmoe__kernel {
     acmoe_isa isa;
     int mr, nr;
-    acmoe__kernel_fn fn;
+    acmoe__kernel_fn fn, fn_half;
 } acmoe__kernel;
 
 struct acmoe_ctx {
@@ -546,22 +564,43 @@ struct acmoe_ctx {
 };
 
 #ifndef ACMOE_NO_THREADS
+/* Returns the generation of the next job (or of the stop) after `seen`. */
+static unsigned acmoe__pool_wait(acmoe__pool *pool, unsigned seen) {
+    unsigned g;
+    int spin;
+    for (spin = 0; spin < ACMOE__SPIN_LIMIT; spin++) {
+        g = ACMOE__LOAD(&pool->generation);
+        if (g != seen || ACMOE__LOAD(&pool->quit)) return g;
+        acmoe__cpu_relax();
+    }
+    pthread_mutex_lock(&pool->mu);
+    pool->sleepers++;
+    while ((g = ACMOE__LOAD(&pool->generation)) == seen && !ACMOE__LOAD(&pool->quit))
+        pthread_cond_wait(&pool->wake, &pool->mu);
+    pool->sleepers--;
+    pthread_mutex_unlock(&pool->mu);
+    return g;
+}
+
+/* Wakes sleeping workers after generation or quit changed. Taking the mutex orders this with
+   a worker that is between counting itself a sleeper and waiting. */
+static void acmoe__pool_wake(acmoe__pool *pool) {
+    pthread_mutex_lock(&pool->mu);
+    if (pool->sleepers) pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+}
+
 static void *acmoe__worker(void *p) {
     acmoe__worker_arg w = *(acmoe__worker_arg *)p;
     acmoe__pool *pool = w.pool;
-    unsigned long seen = 0;
+    unsigned seen = 0;
     ACMOE_FREE(p);
-    pthread_mutex_lock(&pool->mu);
     for (;;) {
-        while (pool->generation == seen && !pool->quit) pthread_cond_wait(&pool->wake, &pool->mu);
-        if (pool->quit) break;
-        seen = pool->generation;
-        pthread_mutex_unlock(&pool->mu);
+        seen = acmoe__pool_wait(pool, seen);
+        if (ACMOE__LOAD(&pool->quit)) break;
         pool->fn(pool->arg, w.tid, pool->n);
-        pthread_mutex_lock(&pool->mu);
-        if (--pool->pending == 0) pthread_cond_signal(&pool->done);
+        __atomic_sub_fetch(&pool->pending, 1, __ATOMIC_ACQ_REL);
     }
-    pthread_mutex_unlock(&pool->mu);
     return NULL;
 }
 #endif
@@ -570,14 +609,11 @@ static void acmoe__pool_stop(acmoe__pool *pool) {
 #ifndef ACMOE_NO_THREADS
     int i;
     if (!pool->threads) return;
-    pthread_mutex_lock(&pool->mu);
-    pool->quit = 1;
-    pthread_cond_broadcast(&pool->wake);
-    pthread_mutex_unlock(&pool->mu);
+    ACMOE__STORE(&pool->quit, 1);
+    acmoe__pool_wake(pool);
     for (i = 1; i < pool->n; i++) pthread_join(pool->threads[i], NULL);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->wake);
-    pthread_cond_destroy(&pool->done);
     ACMOE_FREE(pool->threads);
     pool->threads = NULL;
 #else
@@ -595,7 +631,6 @@ static acmoe_status acmoe__pool_start(acmoe__pool *pool, int n) {
     if (!pool->threads) return ACMOE_ERR_NOMEM;
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->wake, NULL);
-    pthread_cond_init(&pool->done, NULL);
     for (i = 1; i < n; i++) {
         acmoe__worker_arg *w = (acmoe__worker_arg *)ACMOE_MALLOC(sizeof *w);
         if (!w) break;
@@ -621,17 +656,13 @@ static void acmoe__pool_run(acmoe__pool *pool, int n, acmoe__job_fn fn, void *ar
 #ifndef ACMOE_NO_THREADS
     if (n > 1) {
         ACMOE_ASSERT(n == pool->n);
-        pthread_mutex_lock(&pool->mu);
         pool->fn = fn;
         pool->arg = arg;
-        pool->pending = n - 1;
-        pool->generation++;
-        pthread_cond_broadcast(&pool->wake);
-        pthread_mutex_unlock(&pool->mu);
+        ACMOE__STORE(&pool->pending, n - 1);
+        __atomic_add_fetch(&pool->generation, 1, __ATOMIC_ACQ_REL);
+        acmoe__pool_wake(pool);
         fn(arg, 0, n);
-        pthread_mutex_lock(&pool->mu);
-        while (pool->pending > 0) pthread_cond_wait(&pool->done, &pool->mu);
-        pthread_mutex_unlock(&pool->mu);
+        while (ACMOE__LOAD(&pool->pending) > 0) acmoe__cpu_relax();
         return;
     }
 #else
@@ -643,9 +674,12 @@ static void acmoe__pool_run(acmoe__pool *pool, int n, acmoe__job_fn fn, void *ar
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out);
 
-/* Largest micro-tile over all kernels: workspace fits whichever path is chosen later. */
-#define ACMOE__MR_MAX 8
-#define ACMOE__NR_MAX 32
+/* Largest micro-tile over all kernels, so the workspace fits whichever path is chosen later,
+   and the units mc and nc are rounded to so that blocks hold whole micro-panels of any kernel. */
+#define ACMOE__MR_MAX 6
+#define ACMOE__NR_MAX 64
+#define ACMOE__MC_UNIT 12
+#define ACMOE__NC_UNIT 64
 
 ACMOE_API acmoe_ctx_desc acmoe_ctx_defaults(void) {
     acmoe_ctx_desc d;
@@ -653,7 +687,7 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_defaults(void) {
     d.n_threads = acmoe__online_cpus();
     d.isa = acmoe_cpu_isa();
     d.mc = 192;
-    d.kc = 256;
+    d.kc = 128;
     d.nc = 4096;
     return d;
 }
@@ -673,9 +707,8 @@ static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc
 #ifdef ACMOE_NO_THREADS
     d.n_threads = 1;
 #endif
-    /* whole micro-panels for every kernel: mc a multiple of every mr, nc of every nr */
-    d.mc = (d.mc + 23) / 24 * 24;
-    d.nc = (d.nc + 95) / 96 * 96;
+    d.mc = (d.mc + ACMOE__MC_UNIT - 1) / ACMOE__MC_UNIT * ACMOE__MC_UNIT;
+    d.nc = (d.nc + ACMOE__NC_UNIT - 1) / ACMOE__NC_UNIT * ACMOE__NC_UNIT;
     *out = d;
     return ACMOE_OK;
 }
@@ -771,7 +804,10 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
         int i, v, p;                                                                                \
         ACMOE__UNROLL for (i = 0; i < MR; i++) {                                                   \
             ap[i] = a_rows[i];                                                                      \
-            ACMOE__UNROLL for (v = 0; v < NVEC; v++) acc[i][v] = ZERO;                             \
+            ACMOE__UNROLL for (v = 0; v < NVEC; v++) {                                             \
+                acc[i][v] = ZERO;                                                                   \
+                ACMOE__PREFETCH_WRITE(c + i * c_step + v * VLEN);                                  \
+            }                                                                                       \
         }                                                                                           \
         for (p = 0; p < kc; p++, ka += a_step, b += b_step) {                                      \
             VEC bv[NVEC];                                                                           \
@@ -794,36 +830,54 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
 #define ACMOE__S_SET1(x) (x)
 #define ACMOE__S_FMA(a, b, c) ((a) * (b) + (c))
 #define ACMOE__S_ADD(a, b) ((a) + (b))
-ACMOE__DEFINE_KERNEL(acmoe__kernel_scalar, , float, 4, 8, 1, ACMOE__S_LOAD, ACMOE__S_STORE,
-                     ACMOE__S_SET1, ACMOE__S_FMA, ACMOE__S_ADD, 0.0f)
+#define ACMOE__S_KERNEL(NAME, NVEC) \
+    ACMOE__DEFINE_KERNEL(NAME, , float, 4, NVEC, 1, ACMOE__S_LOAD, ACMOE__S_STORE, ACMOE__S_SET1, \
+                         ACMOE__S_FMA, ACMOE__S_ADD, 0.0f)
+ACMOE__S_KERNEL(acmoe__kernel_scalar, 8)
+ACMOE__S_KERNEL(acmoe__kernel_scalar_half, 4)
 
+/* 6 x 16 uses 12 of the 16 ymm registers for accumulators (the BLIS Haswell shape). */
 #ifdef ACMOE__X86
-ACMOE__DEFINE_KERNEL(acmoe__kernel_avx2, ACMOE__TARGET_AVX2, __m256, 6, 2, 8, _mm256_loadu_ps,
-                     _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,
-                     _mm256_setzero_ps())
+#define ACMOE__AVX2_KERNEL(NAME, NVEC)                                                              \
+    ACMOE__DEFINE_KERNEL(NAME, ACMOE__TARGET_AVX2, __m256, 6, NVEC, 8, _mm256_loadu_ps,             \
+                         _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,        \
+                         _mm256_setzero_ps())
+ACMOE__AVX2_KERNEL(acmoe__kernel_avx2, 2)
+ACMOE__AVX2_KERNEL(acmoe__kernel_avx2_half, 1)
 #endif
+
+/* 6 x 64 uses 24 of the 32 zmm registers: 4 vector loads and 6 broadcasts feed 24 FMAs, which
+   measured faster than the 8x32, 12x32 and 14x32 shapes. */
 #ifdef ACMOE__HAVE_AVX512
-ACMOE__DEFINE_KERNEL(acmoe__kernel_avx512, ACMOE__TARGET_AVX512, __m512, 8, 2, 16,
-                     _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
-                     _mm512_add_ps, _mm512_setzero_ps())
+#define ACMOE__AVX512_KERNEL(NAME, NVEC)                                                            \
+    ACMOE__DEFINE_KERNEL(NAME, ACMOE__TARGET_AVX512, __m512, 6, NVEC, 16, _mm512_loadu_ps,          \
+                         _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps,        \
+                         _mm512_setzero_ps())
+ACMOE__AVX512_KERNEL(acmoe__kernel_avx512, 4)
+ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_half, 2)
 #endif
+
+/* 6 x 16 uses 24 of the 32 q registers. */
 #ifdef ACMOE__NEON
 #define ACMOE__NEON_FMA(a, b, c) vfmaq_f32(c, a, b)
-ACMOE__DEFINE_KERNEL(acmoe__kernel_neon, , float32x4_t, 8, 3, 4, vld1q_f32, vst1q_f32,
-                     vdupq_n_f32, ACMOE__NEON_FMA, vaddq_f32, vdupq_n_f32(0.0f))
+#define ACMOE__NEON_KERNEL(NAME, NVEC)                                                              \
+    ACMOE__DEFINE_KERNEL(NAME, , float32x4_t, 6, NVEC, 4, vld1q_f32, vst1q_f32, vdupq_n_f32,        \
+                         ACMOE__NEON_FMA, vaddq_f32, vdupq_n_f32(0.0f))
+ACMOE__NEON_KERNEL(acmoe__kernel_neon, 4)
+ACMOE__NEON_KERNEL(acmoe__kernel_neon_half, 2)
 #endif
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
-        {ACMOE_ISA_SCALAR, 4, 8, acmoe__kernel_scalar},
+        {ACMOE_ISA_SCALAR, 4, 8, acmoe__kernel_scalar, acmoe__kernel_scalar_half},
 #ifdef ACMOE__X86
-        {ACMOE_ISA_AVX2, 6, 16, acmoe__kernel_avx2},
+        {ACMOE_ISA_AVX2, 6, 16, acmoe__kernel_avx2, acmoe__kernel_avx2_half},
 #endif
 #ifdef ACMOE__HAVE_AVX512
-        {ACMOE_ISA_AVX512, 8, 32, acmoe__kernel_avx512},
+        {ACMOE_ISA_AVX512, 6, 64, acmoe__kernel_avx512, acmoe__kernel_avx512_half},
 #endif
 #ifdef ACMOE__NEON
-        {ACMOE_ISA_NEON, 8, 12, acmoe__kernel_neon},
+        {ACMOE_ISA_NEON, 6, 16, acmoe__kernel_neon, acmoe__kernel_neon_half},
 #endif
     };
     size_t i;
@@ -838,19 +892,22 @@ static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
 }
 
 /* Copy an nx x nk block (element (x, p) at src[x * sx + p * sk]) into panels of w along x:
-   panel q holds rows q*w .. q*w+w-1 as dst[q*nk*w + p*w + x], zero-padded. */
+   panel q holds rows q*w .. q*w+w-1 as dst[q*nk*w + p*w + x], zero-padded. With w = 1 each
+   row is copied whole, contiguous along the depth. */
 static void acmoe__pack(float *dst, const float *src, ptrdiff_t sx, ptrdiff_t sk, int nx, int nk,
                         int w) {
     int x0, x, p;
+    ACMOE_ASSERT(sx == 1 || sk == 1);
     for (x0 = 0; x0 < nx; x0 += w, dst += (ptrdiff_t)nk * w) {
         int wx = ACMOE__MIN(w, nx - x0);
         const float *s = src + x0 * sx;
-        if (sk == 1) { /* rows run along the depth: read each one once */
+        if (sx == 1) { /* panel rows are contiguous in the source */
+            for (p = 0; p < nk; p++) memcpy(dst + p * w, s + p * sk, sizeof(float) * (size_t)wx);
+        } else if (w == 1) {
+            memcpy(dst, s, sizeof(float) * (size_t)nk);
+        } else { /* a transpose: read each source row once */
             for (x = 0; x < wx; x++)
                 for (p = 0; p < nk; p++) dst[p * w + x] = s[x * sx + p];
-        } else {
-            for (p = 0; p < nk; p++)
-                for (x = 0; x < wx; x++) dst[p * w + x] = s[x * sx + p * sk];
         }
         if (wx < w)
             for (p = 0; p < nk; p++) memset(dst + p * w + wx, 0, sizeof(float) * (size_t)(w - wx));
@@ -882,14 +939,21 @@ static void acmoe__tile_store(float *c, ptrdiff_t rs, ptrdiff_t cs, const float 
         }
 }
 
+/* Packed A' keeps its rows whole when they run along the depth (a plain copy, and the rows
+   no longer alias in the cache the way rows of a power-of-two leading dimension do);
+   otherwise it interleaves mr rows per depth step. */
+static int acmoe__a_panel_width(const acmoe__gemm *g) { return g->a_cs == 1 ? 1 : g->ctx->kernel.mr; }
+
 /* Micro-tiles of one (mc x kc) by (kc x nc) block pair. */
 static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws, int ic, int mc,
                                int pc, int kc, int jc, int nc) {
     const acmoe__kernel *kern = &g->ctx->kernel;
     const int mr = kern->mr, nr = kern->nr, accumulate = g->accumulate || pc > 0;
+    const int aw = acmoe__a_panel_width(g);
     int ir, jr, i;
     for (jr = 0; jr < nc; jr += nr) {
-        int nrr = ACMOE__MIN(nr, nc - jr);
+        int nrr = ACMOE__MIN(nr, nc - jr), half = 2 * nrr <= nr, width = half ? nr / 2 : nr;
+        acmoe__kernel_fn fn = half ? kern->fn_half : kern->fn;
         const float *bp;
         ptrdiff_t b_step;
         if (g->pack_b) {
@@ -908,19 +972,18 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
             const float *rows[ACMOE__MR_MAX];
             ptrdiff_t a_step;
             float *cp = g->c + (ic + ir) * g->c_rs + (jc + jr) * g->c_cs;
-            if (g->pack_a) {
-                for (i = 0; i < mr; i++) rows[i] = ws->pack_a + (ptrdiff_t)ir * kc + i;
-                a_step = mr;
-            } else { /* rows past the edge repeat the last one; their results are dropped */
-                for (i = 0; i < mr; i++)
-                    rows[i] = g->a + (ic + ir + ACMOE__MIN(i, mrr - 1)) * g->a_rs + pc * g->a_cs;
-                a_step = g->a_cs;
+            /* rows past the edge repeat the last one; their results are dropped */
+            for (i = 0; i < mr; i++) {
+                int row = ir + ACMOE__MIN(i, mrr - 1);
+                rows[i] = g->pack_a ? ws->pack_a + (ptrdiff_t)(row / aw) * aw * kc + row % aw
+                                    : g->a + (ic + row) * g->a_rs + pc * g->a_cs;
             }
-            if (mrr == mr && nrr == nr && g->c_cs == 1) {
-                kern->fn(kc, rows, a_step, bp, b_step, cp, g->c_rs, accumulate);
+            a_step = g->pack_a ? aw : g->a_cs;
+            if (mrr == mr && nrr == width && g->c_cs == 1) {
+                fn(kc, rows, a_step, bp, b_step, cp, g->c_rs, accumulate);
             } else {
-                kern->fn(kc, rows, a_step, bp, b_step, ws->tile, nr, 0);
-                acmoe__tile_store(cp, g->c_rs, g->c_cs, ws->tile, nr, mrr, nrr, accumulate);
+                fn(kc, rows, a_step, bp, b_step, ws->tile, width, 0);
+                acmoe__tile_store(cp, g->c_rs, g->c_cs, ws->tile, width, mrr, nrr, accumulate);
             }
         }
     }
@@ -942,7 +1005,7 @@ static void acmoe__gemm_region(const acmoe__gemm *g, const acmoe__workspace *ws,
                 int mc = ACMOE__MIN(d->mc, m1 - ic);
                 if (g->pack_a)
                     acmoe__pack(ws->pack_a, g->a + ic * g->a_rs + pc * g->a_cs, g->a_rs, g->a_cs,
-                                mc, kc, g->ctx->kernel.mr);
+                                mc, kc, acmoe__a_panel_width(g));
                 acmoe__macro_block(g, ws, ic, mc, pc, kc, jc, nc);
             }
         }
