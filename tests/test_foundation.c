@@ -148,6 +148,18 @@ static int check_problem(acmoe_ctx *ctx, const problem *p, acmoe_rng *rng, int b
     return failures;
 }
 
+/* One shape in all four layouts; returns failures. */
+static int check_layouts(acmoe_ctx *ctx, acmoe_rng *rng, int m, int n, int k, int pad, int best_only) {
+    int layout, failures = 0;
+    for (layout = ACMOE_NN; layout <= ACMOE_TT; layout++) {
+        problem p;
+        problem_make(&p, rng, (acmoe_layout)layout, m, n, k, pad);
+        failures += check_problem(ctx, &p, rng, best_only);
+        problem_free(&p);
+    }
+    return failures;
+}
+
 /* ---- status and CPU ---- */
 
 static void test_status_strings(void) {
@@ -367,19 +379,14 @@ static void test_matmul_tiny_exact(void) {
 static void test_matmul_random_shapes(void) {
     acmoe_ctx *ctx = make_ctx(2, 0, 0, 0);
     acmoe_rng rng;
-    int trial, layout, failures = 0;
+    int trial, failures = 0;
     acmoe_rng_seed(&rng, 1234);
     for (trial = 0; trial < 36; trial++) {
         /* a third of the trials stay tiny: edges of every micro-tile */
         int span = trial % 3 == 0 ? 20 : 300;
         int m = 1 + (int)acmoe_rng_below(&rng, (uint32_t)span), n = 1 + (int)acmoe_rng_below(&rng, (uint32_t)span);
         int k = 1 + (int)acmoe_rng_below(&rng, (uint32_t)span), pad = (int)acmoe_rng_below(&rng, 3);
-        for (layout = ACMOE_NN; layout <= ACMOE_TT; layout++) {
-            problem p;
-            problem_make(&p, &rng, (acmoe_layout)layout, m, n, k, pad);
-            failures += check_problem(ctx, &p, &rng, 0);
-            problem_free(&p);
-        }
+        failures += check_layouts(ctx, &rng, m, n, k, pad, 0);
     }
     CHECKF(failures == 0, "%d failing runs", failures);
     acmoe_ctx_destroy(ctx);
@@ -393,18 +400,13 @@ static void test_matmul_model_shapes(void) {
     acmoe_ctx *ctx = make_ctx(2, 0, 0, 0);
     acmoe_rng rng;
     size_t s;
-    int layout, failures = 0;
+    int failures = 0;
     acmoe_rng_seed(&rng, 99);
     for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-        for (layout = ACMOE_NN; layout <= ACMOE_TT; layout++) {
-            problem p;
-            /* products of a GFLOP or more run on the best path only, and not in quick mode */
-            int big = (double)shapes[s][0] * shapes[s][1] * shapes[s][2] >= 5e8;
-            if (big && quick_mode()) continue;
-            problem_make(&p, &rng, (acmoe_layout)layout, shapes[s][0], shapes[s][1], shapes[s][2], 0);
-            failures += check_problem(ctx, &p, &rng, big);
-            problem_free(&p);
-        }
+        /* products of a GFLOP or more run on the best path only, and not in quick mode */
+        int big = (double)shapes[s][0] * shapes[s][1] * shapes[s][2] >= 5e8;
+        if (big && quick_mode()) continue;
+        failures += check_layouts(ctx, &rng, shapes[s][0], shapes[s][1], shapes[s][2], 0, big);
     }
     CHECKF(failures == 0, "%d failing runs", failures);
     acmoe_ctx_destroy(ctx);
@@ -414,17 +416,12 @@ static void test_matmul_model_shapes(void) {
 static void test_matmul_small_blocks(void) {
     acmoe_ctx *ctx = make_ctx(3, 24, 7, 96);
     acmoe_rng rng;
-    int trial, layout, failures = 0;
+    int trial, failures = 0;
     acmoe_rng_seed(&rng, 5);
     for (trial = 0; trial < 8; trial++) {
         int m = 1 + (int)acmoe_rng_below(&rng, 250), n = 1 + (int)acmoe_rng_below(&rng, 250);
         int k = 1 + (int)acmoe_rng_below(&rng, 60);
-        for (layout = ACMOE_NN; layout <= ACMOE_TT; layout++) {
-            problem p;
-            problem_make(&p, &rng, (acmoe_layout)layout, m, n, k, 1);
-            failures += check_problem(ctx, &p, &rng, 0);
-            problem_free(&p);
-        }
+        failures += check_layouts(ctx, &rng, m, n, k, 1, 0);
     }
     CHECKF(failures == 0, "%d failing runs", failures);
     acmoe_ctx_destroy(ctx);
