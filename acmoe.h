@@ -32,6 +32,7 @@
      3. Random numbers              xoshiro256** generator, uniform and normal draws
      4. Threads and contexts        thread pool, per-thread workspace
      5. Matrix multiplication       micro-kernels, packing, blocked driver
+     6. Routers                     top-k gating, the Adaptive Clustering router
      Licence
 
    GUARANTEES
@@ -74,7 +75,8 @@ typedef enum acmoe_status {
     ACMOE_ERR_ARG = -3,         /* an option is out of range */
     ACMOE_ERR_NOMEM = -4,       /* an allocation failed or an arena is full */
     ACMOE_ERR_UNSUPPORTED = -5, /* this CPU or build lacks the requested feature */
-    ACMOE_ERR_THREAD = -6       /* a worker thread could not be started */
+    ACMOE_ERR_THREAD = -6,      /* a worker thread could not be started */
+    ACMOE_ERR_NONFINITE = -7    /* NaN or infinity in the input */
 } acmoe_status;
 
 ACMOE_API const char *acmoe_status_string(acmoe_status status);
@@ -167,6 +169,55 @@ typedef enum acmoe_layout { ACMOE_NN, ACMOE_NT, ACMOE_TN, ACMOE_TT } acmoe_layou
 ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k,
                                     const float *a, int lda, const float *b, int ldb, float *c,
                                     int ldc, int accumulate);
+
+/* ---- The Adaptive Clustering router ----
+   "Tight Clusters Make Specialized Experts" (Nielsen et al., ICLR 2025), as its reference code
+   computes it. Each token's cluster is its best expert in the previous MoE layer. Per cluster c
+   and feature q the router measures how tightly the cluster's tokens sit (mean absolute
+   deviation by default), weights W[c][q] = 1 / (dispersion + eps), clips and rescales W, and
+   routes token i by logit[i][j] = sum_q x[i][q] W[c_i][q] Ehat[j][q] with Ehat the unit-norm
+   expert embeddings. The statistics come from exactly the tokens of the call, so the routing
+   of a token depends on the rest of the batch, in training and in evaluation alike. Zero
+   fields of the descriptor mean the language-model defaults. */
+typedef enum acmoe_ac_scaling {
+    ACMOE_AC_SCALE_DEFAULT = 0,
+    ACMOE_AC_SCALE_PER_FEATURE,  /* W[.][q] /= mean over clusters of W[.][q] (language models) */
+    ACMOE_AC_SCALE_PRECLIP_MEAN, /* W /= mean of W before clipping (Swin-MoE vision) */
+    ACMOE_AC_SCALE_POSTCLIP_MEAN /* W /= mean of W after clipping (Soft MoE vision) */
+} acmoe_ac_scaling;
+
+typedef enum acmoe_ac_dispersion {
+    ACMOE_AC_DISP_DEFAULT = 0,
+    ACMOE_AC_DISP_MAD,     /* mean absolute deviation (the paper) */
+    ACMOE_AC_DISP_VARIANCE /* variance; W = 1 / (var + eps), never clipped or rescaled */
+} acmoe_ac_dispersion;
+
+typedef struct acmoe_ac_desc {
+    float eps;  /* added to the dispersion: 1e-4 for MAD, 0.1 for variance */
+    float clip; /* W is clipped at clip x its mean: 10 */
+    acmoe_ac_scaling scaling;
+    acmoe_ac_dispersion dispersion;
+    /* The reference gives a cluster of 0 or 1 tokens a dispersion of 0, so weight 1/eps, which
+       drags both means up and flattens every other cluster's weights. Robust mode (a deviation
+       from the paper) leaves such clusters out of the means and gives them weight 1. */
+    int robust;
+} acmoe_ac_desc;
+
+ACMOE_API acmoe_ac_desc acmoe_ac_defaults(void);
+
+/* One routing decision on raw arrays, for users with their own framework. x is the router
+   input [n][d]; prev_idx the previous layer's top-k [n][prev_k], column 0 its best expert;
+   emb the expert embeddings [n_experts][d], used as given (no re-projection). Writes the
+   top-k experts per token, sorted by logit with ties to the lower index, and their gates
+   (softmax over the k logits). Optional outputs: logits [n][n_experts], and W [K][d] with
+   K = 1 + max(prev_idx) (*w_rows_out = K). Non-finite logits of finite inputs are replaced
+   by the smallest finite logit of the call, as in the reference; NaN or infinity in x or emb
+   is ACMOE_ERR_NONFINITE. Allocates scratch (K*d + n_experts*d floats, more without
+   logits_out); layers route through preallocated workspace instead. */
+ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x, int n, int d,
+                                      const int32_t *prev_idx, int prev_k, const float *emb,
+                                      int n_experts, int k, int32_t *idx_out, float *gate_out,
+                                      float *logits_out, float *w_out, int *w_rows_out);
 
 #ifdef __cplusplus
 }
@@ -299,6 +350,7 @@ ACMOE_API const char *acmoe_status_string(acmoe_status status) {
     case ACMOE_ERR_NOMEM: return "out of memory (allocation failed or arena full)";
     case ACMOE_ERR_UNSUPPORTED: return "not supported by this CPU or build";
     case ACMOE_ERR_THREAD: return "a worker thread could not be started";
+    case ACMOE_ERR_NONFINITE: return "NaN or infinity in the input";
     }
     return "unknown status";
 }
@@ -1146,6 +1198,224 @@ ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, 
     g.pack_a = g.n > 4 * ctx->kernel.nr;
     acmoe__choose_grid(&g, ctx->desc.n_threads);
     acmoe__pool_run(&ctx->pool, g.tm * g.tn, acmoe__gemm_job, &g);
+    return ACMOE_OK;
+}
+
+/* ========================================================================================== */
+/* 6. Routers                                                                                 */
+/* ========================================================================================== */
+
+static int acmoe__all_finite(const float *x, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* Top-k of each row of logits [n][e], sorted by value with ties to the lower index, and the
+   softmax over the k selected values. */
+static void acmoe__topk_softmax(const float *logits, int n, int e, int k, int32_t *idx, float *gate) {
+    int t, s, j;
+    for (t = 0; t < n; t++) {
+        const float *z = logits + (size_t)t * e;
+        int32_t *it = idx + (size_t)t * k;
+        float *gt = gate + (size_t)t * k, sum = 0.0f;
+        for (s = 0; s < k; s++) { /* selection: k passes, each the best not yet taken */
+            int best = -1, prev;
+            for (j = 0; j < e; j++) {
+                for (prev = 0; prev < s && it[prev] != j; prev++) continue;
+                if (prev == s && (best < 0 || z[j] > z[best])) best = j;
+            }
+            it[s] = best;
+        }
+        for (s = 0; s < k; s++) sum += gt[s] = expf(z[it[s]] - z[it[0]]);
+        for (s = 0; s < k; s++) gt[s] /= sum;
+    }
+}
+
+/* Replaces non-finite logits by the smallest finite one of the call (0 when none is). */
+static void acmoe__replace_nonfinite(float *logits, size_t n) {
+    float low = 0.0f;
+    int found = 0;
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (isfinite(logits[i]) && (!found || logits[i] < low)) low = logits[i], found = 1;
+    for (i = 0; i < n; i++)
+        if (!isfinite(logits[i])) logits[i] = low;
+}
+
+ACMOE_API acmoe_ac_desc acmoe_ac_defaults(void) {
+    acmoe_ac_desc d;
+    memset(&d, 0, sizeof d);
+    d.eps = 1e-4f;
+    d.clip = 10.0f;
+    d.scaling = ACMOE_AC_SCALE_PER_FEATURE;
+    d.dispersion = ACMOE_AC_DISP_MAD;
+    return d;
+}
+
+static acmoe_status acmoe__ac_resolve(const acmoe_ac_desc *in, acmoe_ac_desc *out) {
+    acmoe_ac_desc d = acmoe_ac_defaults();
+    if (in) {
+        if (!(in->eps >= 0.0f) || !(in->clip >= 0.0f) || !isfinite(in->eps) || !isfinite(in->clip))
+            return ACMOE_ERR_ARG;
+        if ((int)in->scaling < 0 || (int)in->scaling > ACMOE_AC_SCALE_POSTCLIP_MEAN) return ACMOE_ERR_ARG;
+        if ((int)in->dispersion < 0 || (int)in->dispersion > ACMOE_AC_DISP_VARIANCE) return ACMOE_ERR_ARG;
+        if (in->dispersion) d.dispersion = in->dispersion;
+        if (d.dispersion == ACMOE_AC_DISP_VARIANCE) d.eps = 0.1f;
+        if (in->eps > 0.0f) d.eps = in->eps;
+        if (in->clip > 0.0f) d.clip = in->clip;
+        if (in->scaling) d.scaling = in->scaling;
+        d.robust = in->robust != 0;
+    }
+    *out = d;
+    return ACMOE_OK;
+}
+
+/* Per-cluster feature dispersion into w [k_rows][d] (mean absolute deviation or variance, two
+   passes around the mean kept in mu), token counts into count. */
+static void acmoe__ac_dispersion(const acmoe_ac_desc *desc, const float *x, int n, int d,
+                                 const int32_t *labels, int label_stride, int k_rows, float *mu,
+                                 float *w, int *count) {
+    int t, c, q;
+    memset(mu, 0, sizeof(float) * (size_t)k_rows * d);
+    memset(w, 0, sizeof(float) * (size_t)k_rows * d);
+    memset(count, 0, sizeof(int) * (size_t)k_rows);
+    for (t = 0; t < n; t++) {
+        c = labels[(size_t)t * label_stride];
+        count[c]++;
+        for (q = 0; q < d; q++) mu[(size_t)c * d + q] += x[(size_t)t * d + q];
+    }
+    for (c = 0; c < k_rows; c++)
+        for (q = 0; q < d && count[c]; q++) mu[(size_t)c * d + q] /= (float)count[c];
+    for (t = 0; t < n; t++) {
+        c = labels[(size_t)t * label_stride];
+        for (q = 0; q < d; q++) {
+            float dev = x[(size_t)t * d + q] - mu[(size_t)c * d + q];
+            w[(size_t)c * d + q] += desc->dispersion == ACMOE_AC_DISP_VARIANCE ? dev * dev : fabsf(dev);
+        }
+    }
+    for (c = 0; c < k_rows; c++)
+        for (q = 0; q < d && count[c]; q++) w[(size_t)c * d + q] /= (float)count[c];
+}
+
+/* Mean of the rows of w [k_rows][d] that count (all rows, or in robust mode those of
+   clusters with at least 2 tokens), at column q, or over all columns when q < 0. */
+static float acmoe__ac_mean(const float *w, int k_rows, int d, const int *count, int robust, int q) {
+    double sum = 0.0;
+    long used = 0;
+    int c, j;
+    for (c = 0; c < k_rows; c++) {
+        if (robust && count[c] < 2) continue;
+        for (j = q < 0 ? 0 : q; j < (q < 0 ? d : q + 1); j++, used++) sum += w[(size_t)c * d + j];
+    }
+    return used ? (float)(sum / (double)used) : 1.0f;
+}
+
+/* The cluster weights W [k_rows][d] from the dispersion held in w, in place. */
+static void acmoe__ac_weights(const acmoe_ac_desc *desc, float *w, int k_rows, int d, const int *count) {
+    size_t i, total = (size_t)k_rows * d;
+    int c, q;
+    float mean, cap;
+    for (i = 0; i < total; i++) w[i] = 1.0f / (w[i] + desc->eps);
+    if (desc->dispersion == ACMOE_AC_DISP_MAD) {
+        mean = acmoe__ac_mean(w, k_rows, d, count, desc->robust, -1);
+        cap = desc->clip * mean;
+        for (i = 0; i < total; i++) w[i] = ACMOE__MIN(w[i], cap);
+        if (desc->scaling == ACMOE_AC_SCALE_PER_FEATURE) {
+            for (q = 0; q < d; q++) {
+                float fm = acmoe__ac_mean(w, k_rows, d, count, desc->robust, q);
+                for (c = 0; c < k_rows; c++) w[(size_t)c * d + q] /= fm;
+            }
+        } else {
+            float by = desc->scaling == ACMOE_AC_SCALE_PRECLIP_MEAN
+                           ? mean
+                           : acmoe__ac_mean(w, k_rows, d, count, desc->robust, -1);
+            for (i = 0; i < total; i++) w[i] /= by;
+        }
+    }
+    if (desc->robust)
+        for (c = 0; c < k_rows; c++)
+            for (q = 0; q < d && count[c] < 2; q++) w[(size_t)c * d + q] = 1.0f;
+}
+
+/* logits[t][j] = sum_q x[t][q] w[c_t][q] ehat[j][q], accumulated in float. */
+static void acmoe__ac_logits(const float *x, int n, int d, const int32_t *labels, int label_stride,
+                             const float *w, const float *ehat, int e, float *logits) {
+    int t, j, q;
+    for (t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * d, *wt = w + (size_t)labels[(size_t)t * label_stride] * d;
+        for (j = 0; j < e; j++) {
+            const float *ej = ehat + (size_t)j * d;
+            float z = 0.0f;
+            for (q = 0; q < d; q++) z += xt[q] * wt[q] * ej[q];
+            logits[(size_t)t * e + j] = z;
+        }
+    }
+}
+
+/* Rows of emb scaled to unit norm (norms below 1e-4 count as 1e-4). */
+static void acmoe__unit_rows(const float *emb, int rows, int d, float *out) {
+    int j, q;
+    for (j = 0; j < rows; j++) {
+        const float *ej = emb + (size_t)j * d;
+        double sq = 0.0;
+        float inv;
+        for (q = 0; q < d; q++) sq += (double)ej[q] * ej[q];
+        inv = 1.0f / (float)ACMOE__MAX(sqrt(sq), 1e-4);
+        for (q = 0; q < d; q++) out[(size_t)j * d + q] = ej[q] * inv;
+    }
+}
+
+/* The largest label, or -1 for a bad one (negative, or so large W could not be held). */
+#define ACMOE__AC_MAX_CLUSTERS (1 << 20)
+static int acmoe__max_label(const int32_t *idx, size_t count) {
+    int32_t top = 0;
+    size_t i;
+    for (i = 0; i < count; i++) {
+        if (idx[i] < 0 || idx[i] >= ACMOE__AC_MAX_CLUSTERS) return -1;
+        top = ACMOE__MAX(top, idx[i]);
+    }
+    return top;
+}
+
+ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x, int n, int d,
+                                      const int32_t *prev_idx, int prev_k, const float *emb,
+                                      int n_experts, int k, int32_t *idx_out, float *gate_out,
+                                      float *logits_out, float *w_out, int *w_rows_out) {
+    acmoe_ac_desc opt;
+    acmoe_status s = acmoe__ac_resolve(desc, &opt);
+    int k_rows, top;
+    size_t w_len, scratch_len;
+    float *scratch, *mu, *w, *ehat, *logits;
+    int *count;
+    if (s != ACMOE_OK) return s;
+    if (n < 0 || d < 1 || prev_k < 1 || n_experts < 1 || k < 1 || k > n_experts) return ACMOE_ERR_SHAPE;
+    if (!emb || (n > 0 && (!x || !prev_idx || !idx_out || !gate_out))) return ACMOE_ERR_NULL;
+    top = acmoe__max_label(prev_idx, (size_t)n * prev_k);
+    if (top < 0) return ACMOE_ERR_ARG;
+    if (!acmoe__all_finite(x, (size_t)n * d) || !acmoe__all_finite(emb, (size_t)n_experts * d))
+        return ACMOE_ERR_NONFINITE;
+    k_rows = n > 0 ? top + 1 : 0;
+    if (w_rows_out) *w_rows_out = k_rows;
+    if (n == 0) return ACMOE_OK;
+    w_len = (size_t)k_rows * d;
+    scratch_len = w_len * (w_out ? 1 : 2) + (size_t)n_experts * d + (logits_out ? 0 : (size_t)n * n_experts) +
+                  (size_t)k_rows;
+    scratch = (float *)ACMOE_MALLOC(sizeof(float) * scratch_len);
+    if (!scratch) return ACMOE_ERR_NOMEM;
+    mu = scratch;
+    w = w_out ? w_out : mu + w_len;
+    ehat = (w_out ? mu : w) + w_len;
+    logits = logits_out ? logits_out : ehat + (size_t)n_experts * d;
+    count = (int *)(logits_out ? ehat + (size_t)n_experts * d : logits + (size_t)n * n_experts);
+    acmoe__ac_dispersion(&opt, x, n, d, prev_idx, prev_k, k_rows, mu, w, count);
+    acmoe__ac_weights(&opt, w, k_rows, d, count);
+    acmoe__unit_rows(emb, n_experts, d, ehat);
+    acmoe__ac_logits(x, n, d, prev_idx, prev_k, w, ehat, n_experts, logits);
+    acmoe__replace_nonfinite(logits, (size_t)n * n_experts);
+    acmoe__topk_softmax(logits, n, n_experts, k, idx_out, gate_out);
+    ACMOE_FREE(scratch);
     return ACMOE_OK;
 }
 

@@ -34,5 +34,6 @@ extern int test_case_failures; /* CHECK failures in the running case */
 
 /* Each test file exports one table, terminated by {0, 0}. */
 extern const test_case foundation_tests[];
+extern const test_case router_tests[];
 
 #endif
