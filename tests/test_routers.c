@@ -125,7 +125,7 @@ static void test_ac_shapes(void) {
     int i;
     CHECK_STATUS(route_spec(NULL, 8, idx_a, gate_a, NULL, NULL, NULL), ACMOE_OK);
     CHECK_STATUS(route_spec(NULL, 8, idx_b, gate_b, NULL, NULL, NULL), ACMOE_OK);
-    CHECK(memcmp(idx_a, idx_b, sizeof idx_a) == 0 && memcmp(gate_a, gate_b, sizeof gate_a) == 0);
+    CHECK(memcmp(idx_a, idx_b, 16 * sizeof idx_a[0]) == 0 && memcmp(gate_a, gate_b, 16 * sizeof gate_a[0]) == 0);
     CHECK_STATUS(acmoe_ac_route(NULL, spec_x, 8, 3, spec_labels, 1, spec_emb, 4, 4, idx_a, gate_a, NULL, NULL, NULL),
                  ACMOE_OK);
     for (i = 0; i < 4; i++) sum += gate_a[i];
