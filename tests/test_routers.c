@@ -121,10 +121,10 @@ static void test_ac_two_previous_columns(void) {
 /* Optional outputs change nothing; k = E, one token, and ties to the lower index. */
 static void test_ac_shapes(void) {
     int32_t idx_a[32], idx_b[32], idx4[4], label0 = 0;
-    float gate_a[32], gate_b[32], gate4[4], sum = 0.0f, tie_emb[2 * 3] = {0, 0, 1, 0, 0, 1};
+    float gate_a[32], gate_b[32], gate4[4], logits[32], w[9], sum = 0.0f, tie_emb[2 * 3] = {0, 0, 1, 0, 0, 1};
     int i;
     CHECK_STATUS(route_spec(NULL, 8, idx_a, gate_a, NULL, NULL, NULL), ACMOE_OK);
-    CHECK_STATUS(route_spec(NULL, 8, idx_b, gate_b, NULL, NULL, NULL), ACMOE_OK);
+    CHECK_STATUS(route_spec(NULL, 8, idx_b, gate_b, logits, w, &i), ACMOE_OK);
     CHECK(memcmp(idx_a, idx_b, 16 * sizeof idx_a[0]) == 0 && memcmp(gate_a, gate_b, 16 * sizeof gate_a[0]) == 0);
     CHECK_STATUS(acmoe_ac_route(NULL, spec_x, 8, 3, spec_labels, 1, spec_emb, 4, 4, idx_a, gate_a, NULL, NULL, NULL),
                  ACMOE_OK);
