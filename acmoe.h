@@ -1400,22 +1400,21 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     if (w_rows_out) *w_rows_out = k_rows;
     if (n == 0) return ACMOE_OK;
     w_len = (size_t)k_rows * d;
-    scratch_len = w_len * (w_out ? 1 : 2) + (size_t)n_experts * d + (logits_out ? 0 : (size_t)n * n_experts) +
-                  (size_t)k_rows;
-    scratch = (float *)ACMOE_MALLOC(sizeof(float) * scratch_len);
-    if (!scratch) return ACMOE_ERR_NOMEM;
+    scratch_len = w_len * (w_out ? 1 : 2) + (size_t)n_experts * d + (logits_out ? 0 : (size_t)n * n_experts);
+    count = (int *)ACMOE_MALLOC(sizeof(int) * (size_t)k_rows + sizeof(float) * scratch_len);
+    if (!count) return ACMOE_ERR_NOMEM;
+    scratch = (float *)(count + k_rows);
     mu = scratch;
     w = w_out ? w_out : mu + w_len;
     ehat = (w_out ? mu : w) + w_len;
     logits = logits_out ? logits_out : ehat + (size_t)n_experts * d;
-    count = (int *)(logits_out ? ehat + (size_t)n_experts * d : logits + (size_t)n * n_experts);
     acmoe__ac_dispersion(&opt, x, n, d, prev_idx, prev_k, k_rows, mu, w, count);
     acmoe__ac_weights(&opt, w, k_rows, d, count);
     acmoe__unit_rows(emb, n_experts, d, ehat);
     acmoe__ac_logits(x, n, d, prev_idx, prev_k, w, ehat, n_experts, logits);
     acmoe__replace_nonfinite(logits, (size_t)n * n_experts);
     acmoe__topk_softmax(logits, n, n_experts, k, idx_out, gate_out);
-    ACMOE_FREE(scratch);
+    ACMOE_FREE(count);
     return ACMOE_OK;
 }
 
