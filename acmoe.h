@@ -33,6 +33,7 @@
      4. Threads and contexts        thread pool, per-thread workspace
      5. Matrix multiplication       micro-kernels, packing, blocked driver
      6. Routers                     top-k gating, the Adaptive Clustering router
+     7. MoE layer                   parameters, dispatch, experts, forward and backward
      Licence
 
    GUARANTEES
@@ -218,6 +219,69 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
                                       const int32_t *prev_idx, int prev_k, const float *emb,
                                       int n_experts, int k, int32_t *idx_out, float *gate_out,
                                       float *logits_out, float *w_out, int *w_rows_out);
+
+/* ---- MoE layer ----
+   out[t] = sum over the k experts j the router picks for token t of gate[t][j] expert_j(x[t]),
+   expert_j(x) = W2_j act(W1_j x + b1_j) + b2_j. Tokens are counted per expert, gathered into
+   one contiguous block per expert, run through one matmul per expert and combined in
+   (token, slot) order, so results are deterministic. Parameters live in a buffer the caller
+   owns (acmoe_moe_param_count floats, with a gradient buffer of the same size); the layer
+   keeps views into it and a workspace for max_tokens tokens, so forward and backward
+   allocate nothing. */
+typedef enum acmoe_router {
+    ACMOE_ROUTER_SMOE = 0, /* z = Wr x + b, top-k, softmax over the k (GShard's top-2 gate) */
+    ACMOE_ROUTER_SWITCH,   /* z = Wr x + b, top-k, gate = the full softmax probability */
+    ACMOE_ROUTER_COSINE,   /* z_j = x . e_j / |e_j|, e re-projected to norm 1.5 each forward */
+    ACMOE_ROUTER_XMOE,     /* the cosine router on x R, R a d -> xmoe_dim projection */
+    ACMOE_ROUTER_AC,       /* the cosine router on x * W[label] (Adaptive Clustering) */
+    ACMOE_ROUTER_COUNT
+} acmoe_router;
+
+typedef enum acmoe_activation { ACMOE_ACT_RELU = 0, ACMOE_ACT_GELU, ACMOE_ACT_COUNT } acmoe_activation;
+
+typedef struct acmoe_moe_desc {
+    int d_model, d_ff, n_experts; /* required */
+    int max_tokens;               /* required: the most tokens one forward call takes */
+    int top_k;                    /* default 2 */
+    acmoe_router router;          /* default SMoE */
+    acmoe_activation activation;  /* default ReLU, as in the paper's reference code */
+    int xmoe_dim;                 /* default 8 */
+    int ac_max_clusters;          /* AC labels must be below this; default n_experts */
+    acmoe_ac_desc ac;             /* AC options; zero fields: the language-model defaults */
+} acmoe_moe_desc;
+
+/* What the last forward call did, for inspection; arrays belong to the layer. */
+typedef struct acmoe_moe_stats {
+    int n_tokens, top_k, n_experts;
+    const int32_t *expert_index; /* [n_tokens][top_k], best first: the next layer's labels */
+    const float *gate;           /* [n_tokens][top_k] */
+    const int *tokens_per_expert;/* [n_experts] */
+    int nonfinite_logits;        /* replaced by the smallest finite logit of the call */
+    int ac_clusters;             /* AC: rows of W (1 + the largest previous index) */
+    float ac_w_min, ac_w_max, ac_w_mean;
+} acmoe_moe_stats;
+
+typedef struct acmoe_moe acmoe_moe;
+
+ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *desc, acmoe_moe_desc *out);
+ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc); /* 0 for a bad desc */
+ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *desc, float *params,
+                                        float *grads);
+ACMOE_API void acmoe_moe_destroy(acmoe_moe *layer);
+/* PyTorch's defaults for the linear layers; orthogonal rows of norm 0.32 for embeddings. */
+ACMOE_API void acmoe_moe_init_params(acmoe_moe *layer, acmoe_rng *rng);
+/* prev_idx [n][prev_k]: the previous MoE layer's experts (stats.expert_index), needed by the AC
+   router and ignored by the others. x must stay unchanged until the backward call. */
+ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n,
+                                         const int32_t *prev_idx, int prev_k, float *out);
+/* Adds the parameter gradients of the last forward call to the gradient buffer and writes
+   dx [n][d_model]. AC weights and labels are constants, as in the reference. One backward call
+   per forward call: it reuses the forward caches, so a second call is ACMOE_ERR_ARG. */
+ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, const float *dout, float *dx);
+ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *layer);
+/* Frozen, the AC router keeps the weights W of the last unfrozen forward call instead of
+   measuring the batch: for decoding a token at a time, where one token has no dispersion. */
+ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
 
 #ifdef __cplusplus
 }
@@ -1416,6 +1480,564 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     acmoe__topk_softmax(logits, n, n_experts, k, idx_out, gate_out);
     ACMOE_FREE(count);
     return ACMOE_OK;
+}
+
+/* ========================================================================================== */
+/* 7. MoE layer                                                                               */
+/* ========================================================================================== */
+
+struct acmoe_moe {
+    acmoe_moe_desc d;
+    int dr; /* width of the router input: d_model, or xmoe_dim for XMoE */
+    /* parameter views and their gradients */
+    float *wr, *br, *emb, *proj, *w1, *b1, *w2, *b2;
+    float *g_wr, *g_br, *g_emb, *g_proj, *g_w1, *g_b1, *g_w2, *g_b2;
+    /* workspace, sized for max_tokens */
+    void *memory;
+    float *xr, *dxr;           /* router input [T][dr] (XMoE: x R^T; AC: x * W[label]) */
+    float *ehat, *dehat;       /* unit expert embeddings [E][dr] */
+    float *emb_norm;           /* [E] */
+    float *logits, *probs, *dz; /* [T][E] */
+    float *gate, *dgate;       /* [T][k] */
+    int32_t *idx;              /* [T][k] */
+    int32_t *labels;           /* [T] AC cluster of each token */
+    float *ac_w, *ac_mu;       /* [ac_max_clusters][d] */
+    int *ac_count;             /* [ac_max_clusters] */
+    int *count, *offset, *cursor; /* per expert; offset has E + 1 entries */
+    int *slot_of, *slot_token; /* [T][k] gathered position; [T*k] its token */
+    float *xe, *h, *a, *ye;    /* gathered rows [S][d], hidden [S][d_ff] twice, outputs [S][d] */
+    /* the last forward call */
+    const float *x;
+    int n, cached; /* tokens of the last forward call; whether backward may use its caches */
+    int ac_rows, ac_frozen, ac_ready, nonfinite;
+};
+
+static int acmoe__router_uses_linear(acmoe_router r) { return r == ACMOE_ROUTER_SMOE || r == ACMOE_ROUTER_SWITCH; }
+
+ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_desc *out) {
+    acmoe_moe_desc d;
+    acmoe_status s;
+    if (!in || !out) return ACMOE_ERR_NULL;
+    d = *in;
+    if (!d.top_k) d.top_k = 2;
+    if (!d.xmoe_dim) d.xmoe_dim = 8;
+    if (!d.ac_max_clusters) d.ac_max_clusters = d.n_experts;
+    if (d.d_model < 1 || d.d_ff < 1 || d.n_experts < 1 || d.max_tokens < 1 || d.top_k < 1 ||
+        d.top_k > d.n_experts || d.xmoe_dim < 1 || d.ac_max_clusters < 1)
+        return ACMOE_ERR_SHAPE;
+    if ((int)d.router < 0 || d.router >= ACMOE_ROUTER_COUNT) return ACMOE_ERR_ARG;
+    if ((int)d.activation < 0 || d.activation >= ACMOE_ACT_COUNT) return ACMOE_ERR_ARG;
+    if (d.ac_max_clusters > ACMOE__AC_MAX_CLUSTERS) return ACMOE_ERR_ARG;
+    s = acmoe__ac_resolve(&in->ac, &d.ac);
+    if (s != ACMOE_OK) return s;
+    *out = d;
+    return ACMOE_OK;
+}
+
+/* Lays the parameters out in params (or only counts them when params is NULL). */
+static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads) {
+    const acmoe_moe_desc *d = &L->d;
+    size_t used = 0;
+    float **views[8][2];
+    size_t sizes[8];
+    int i, n = 0;
+#define ACMOE__VIEW(field, count) (views[n][0] = &L->field, views[n][1] = &L->g_##field, sizes[n++] = (count))
+    if (acmoe__router_uses_linear(d->router)) {
+        ACMOE__VIEW(wr, (size_t)d->n_experts * d->d_model);
+        ACMOE__VIEW(br, (size_t)d->n_experts);
+    } else {
+        if (d->router == ACMOE_ROUTER_XMOE) ACMOE__VIEW(proj, (size_t)d->xmoe_dim * d->d_model);
+        ACMOE__VIEW(emb, (size_t)d->n_experts * L->dr);
+    }
+    ACMOE__VIEW(w1, (size_t)d->n_experts * d->d_ff * d->d_model);
+    ACMOE__VIEW(b1, (size_t)d->n_experts * d->d_ff);
+    ACMOE__VIEW(w2, (size_t)d->n_experts * d->d_model * d->d_ff);
+    ACMOE__VIEW(b2, (size_t)d->n_experts * d->d_model);
+#undef ACMOE__VIEW
+    for (i = 0; i < n; i++) {
+        if (params) *views[i][0] = params + used, *views[i][1] = grads + used;
+        used += sizes[i];
+    }
+    return used;
+}
+
+ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc) {
+    acmoe_moe layer;
+    memset(&layer, 0, sizeof layer);
+    if (acmoe_moe_resolve(desc, &layer.d) != ACMOE_OK) return 0;
+    layer.dr = layer.d.router == ACMOE_ROUTER_XMOE ? layer.d.xmoe_dim : layer.d.d_model;
+    return acmoe__moe_params(&layer, NULL, NULL);
+}
+
+/* Next aligned block of bytes from *used; only counts while base is NULL. */
+static void *acmoe__carve(unsigned char *base, size_t *used, size_t bytes) {
+    void *p = base ? base + *used : NULL;
+    *used += acmoe__align_up(bytes);
+    return p;
+}
+
+/* Lays the workspace out in base (or only measures it when base is NULL). */
+static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
+    const acmoe_moe_desc *d = &L->d;
+    const size_t t = (size_t)d->max_tokens, e = (size_t)d->n_experts, k = (size_t)d->top_k, slots = t * k;
+    const size_t dm = (size_t)d->d_model, ff = (size_t)d->d_ff, dr = (size_t)L->dr, kc = (size_t)d->ac_max_clusters;
+    size_t used = 0;
+    const size_t f = sizeof(float), i = sizeof(int32_t);
+    L->xr = (float *)acmoe__carve(base, &used, t * dr * f);
+    L->dxr = (float *)acmoe__carve(base, &used, t * dr * f);
+    L->ehat = (float *)acmoe__carve(base, &used, e * dr * f);
+    L->dehat = (float *)acmoe__carve(base, &used, e * dr * f);
+    L->emb_norm = (float *)acmoe__carve(base, &used, e * f);
+    L->logits = (float *)acmoe__carve(base, &used, t * e * f);
+    L->probs = (float *)acmoe__carve(base, &used, t * e * f);
+    L->dz = (float *)acmoe__carve(base, &used, t * e * f);
+    L->gate = (float *)acmoe__carve(base, &used, t * k * f);
+    L->dgate = (float *)acmoe__carve(base, &used, t * k * f);
+    L->idx = (int32_t *)acmoe__carve(base, &used, t * k * i);
+    L->labels = (int32_t *)acmoe__carve(base, &used, t * i);
+    L->ac_w = (float *)acmoe__carve(base, &used, kc * dm * f);
+    L->ac_mu = (float *)acmoe__carve(base, &used, kc * dm * f);
+    L->ac_count = (int *)acmoe__carve(base, &used, kc * sizeof(int));
+    L->count = (int *)acmoe__carve(base, &used, e * sizeof(int));
+    L->offset = (int *)acmoe__carve(base, &used, (e + 1) * sizeof(int));
+    L->cursor = (int *)acmoe__carve(base, &used, e * sizeof(int));
+    L->slot_of = (int *)acmoe__carve(base, &used, slots * sizeof(int));
+    L->slot_token = (int *)acmoe__carve(base, &used, slots * sizeof(int));
+    L->xe = (float *)acmoe__carve(base, &used, slots * dm * f);
+    L->h = (float *)acmoe__carve(base, &used, slots * ff * f);
+    L->a = (float *)acmoe__carve(base, &used, slots * ff * f);
+    L->ye = (float *)acmoe__carve(base, &used, slots * dm * f);
+    return used;
+}
+
+ACMOE_API void acmoe_moe_destroy(acmoe_moe *layer) {
+    if (!layer) return;
+    acmoe__aligned_free(layer->memory);
+    ACMOE_FREE(layer);
+}
+
+ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *desc, float *params,
+                                        float *grads) {
+    acmoe_moe *L;
+    acmoe_status s;
+    size_t bytes;
+    if (!out || !desc || !params || !grads) return ACMOE_ERR_NULL;
+    *out = NULL;
+    L = (acmoe_moe *)ACMOE_MALLOC(sizeof *L);
+    if (!L) return ACMOE_ERR_NOMEM;
+    memset(L, 0, sizeof *L);
+    s = acmoe_moe_resolve(desc, &L->d);
+    if (s != ACMOE_OK) {
+        ACMOE_FREE(L);
+        return s;
+    }
+    L->dr = L->d.router == ACMOE_ROUTER_XMOE ? L->d.xmoe_dim : L->d.d_model;
+    acmoe__moe_params(L, params, grads);
+    bytes = acmoe__moe_workspace(L, NULL);
+    L->memory = acmoe__aligned_alloc(bytes);
+    if (!L->memory) {
+        ACMOE_FREE(L);
+        return ACMOE_ERR_NOMEM;
+    }
+    memset(L->memory, 0, bytes);
+    acmoe__moe_workspace(L, (unsigned char *)L->memory);
+    *out = L;
+    return ACMOE_OK;
+}
+
+/* U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for Linear weights and biases. */
+static void acmoe__init_uniform(acmoe_rng *rng, float *p, size_t n, int fan_in) {
+    float bound = 1.0f / sqrtf((float)fan_in);
+    size_t i;
+    for (i = 0; i < n; i++) p[i] = (2.0f * acmoe_rng_uniform(rng) - 1.0f) * bound;
+}
+
+/* Orthonormal rows (or columns, when there are more rows than columns) times gain. */
+static void acmoe__init_orthogonal(acmoe_rng *rng, float *p, int rows, int cols, float gain) {
+    int by_rows = rows <= cols, n = by_rows ? rows : cols, len = by_rows ? cols : rows;
+    ptrdiff_t stride = by_rows ? cols : 1, step = by_rows ? 1 : cols;
+    int i, j, q;
+    for (i = 0; i < rows * cols; i++) p[i] = acmoe_rng_normal(rng);
+    for (i = 0; i < n; i++) { /* modified Gram-Schmidt over vectors i of length len */
+        float *v = p + i * stride;
+        double norm = 0.0;
+        for (j = 0; j < i; j++) {
+            const float *u = p + j * stride;
+            double dot = 0.0;
+            for (q = 0; q < len; q++) dot += (double)v[q * step] * u[q * step];
+            for (q = 0; q < len; q++) v[q * step] -= (float)dot * u[q * step];
+        }
+        for (q = 0; q < len; q++) norm += (double)v[q * step] * v[q * step];
+        for (q = 0; q < len; q++) v[q * step] /= (float)sqrt(norm);
+    }
+    for (i = 0; i < rows * cols; i++) p[i] *= gain;
+}
+
+ACMOE_API void acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
+    const acmoe_moe_desc *d = &L->d;
+    size_t e = (size_t)d->n_experts;
+    if (L->wr) acmoe__init_uniform(rng, L->wr, e * d->d_model, d->d_model);
+    if (L->br) acmoe__init_uniform(rng, L->br, e, d->d_model);
+    if (L->proj) acmoe__init_uniform(rng, L->proj, (size_t)d->xmoe_dim * d->d_model, d->d_model);
+    if (L->emb) acmoe__init_orthogonal(rng, L->emb, d->n_experts, L->dr, 0.32f);
+    acmoe__init_uniform(rng, L->w1, e * d->d_ff * d->d_model, d->d_model);
+    acmoe__init_uniform(rng, L->b1, e * d->d_ff, d->d_model);
+    acmoe__init_uniform(rng, L->w2, e * d->d_model * d->d_ff, d->d_ff);
+    acmoe__init_uniform(rng, L->b2, e * d->d_model, d->d_ff);
+}
+
+ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen) {
+    if (layer) layer->ac_frozen = frozen != 0;
+}
+
+/* rows x cols += bias per column */
+static void acmoe__add_bias(float *x, int rows, int cols, const float *bias) {
+    int r, c;
+    for (r = 0; r < rows; r++)
+        for (c = 0; c < cols; c++) x[(size_t)r * cols + c] += bias[c];
+}
+
+/* bias_grad += column sums of rows x cols */
+static void acmoe__bias_grad(const float *dy, int rows, int cols, float *bias_grad) {
+    int r, c;
+    for (r = 0; r < rows; r++)
+        for (c = 0; c < cols; c++) bias_grad[c] += dy[(size_t)r * cols + c];
+}
+
+static float acmoe__gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678f)); }
+
+static float acmoe__gelu_grad(float x) {
+    return 0.5f * (1.0f + erff(x * 0.70710678f)) + x * 0.39894228f * expf(-0.5f * x * x);
+}
+
+static void acmoe__activate(acmoe_activation act, const float *h, float *a, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) a[i] = act == ACMOE_ACT_RELU ? (h[i] > 0.0f ? h[i] : 0.0f) : acmoe__gelu(h[i]);
+}
+
+/* dh = da * act'(h), written over h */
+static void acmoe__activate_backward(acmoe_activation act, float *h, const float *da, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) h[i] = da[i] * (act == ACMOE_ACT_RELU ? (float)(h[i] > 0.0f) : acmoe__gelu_grad(h[i]));
+}
+
+/* Re-projects the embedding rows to norm 1.5 (in place, no gradient, as the reference does
+   every forward call) and writes their unit rows. */
+static void acmoe__reproject_embeddings(acmoe_moe *L) {
+    int j, q, dr = L->dr;
+    for (j = 0; j < L->d.n_experts; j++) {
+        float *e = L->emb + (size_t)j * dr;
+        double sq = 0.0;
+        float norm, scale;
+        for (q = 0; q < dr; q++) sq += (double)e[q] * e[q];
+        norm = (float)ACMOE__MAX(sqrt(sq), 1e-4);
+        scale = 1.5f / norm;
+        for (q = 0; q < dr; q++) e[q] *= scale;
+        L->emb_norm[j] = 1.5f;
+        for (q = 0; q < dr; q++) L->ehat[(size_t)j * dr + q] = e[q] / 1.5f;
+    }
+}
+
+/* AC: cluster labels, the weights W (unless frozen) and the router input x * W[label]. */
+static acmoe_status acmoe__ac_router_input(acmoe_moe *L, const float *x, int n, const int32_t *prev_idx, int prev_k) {
+    const int dm = L->d.d_model;
+    int t, q, top;
+    if (!prev_idx) return ACMOE_ERR_NULL;
+    if (prev_k < 1) return ACMOE_ERR_SHAPE;
+    top = acmoe__max_label(prev_idx, (size_t)n * prev_k);
+    if (top < 0 || top >= L->d.ac_max_clusters) return ACMOE_ERR_ARG;
+    for (t = 0; t < n; t++) L->labels[t] = prev_idx[(size_t)t * prev_k];
+    if (!L->ac_frozen || !L->ac_ready) {
+        L->ac_rows = top + 1;
+        acmoe__ac_dispersion(&L->d.ac, x, n, dm, L->labels, 1, L->ac_rows, L->ac_mu, L->ac_w, L->ac_count);
+        acmoe__ac_weights(&L->d.ac, L->ac_w, L->ac_rows, dm, L->ac_count);
+        L->ac_ready = 1;
+    } else if (top >= L->ac_rows) {
+        return ACMOE_ERR_ARG; /* a frozen W has no row for this cluster */
+    }
+    for (t = 0; t < n; t++) {
+        const float *wt = L->ac_w + (size_t)L->labels[t] * dm;
+        for (q = 0; q < dm; q++) L->xr[(size_t)t * dm + q] = x[(size_t)t * dm + q] * wt[q];
+    }
+    return ACMOE_OK;
+}
+
+/* Router logits [n][E] of the router input. */
+static acmoe_status acmoe__router_logits(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n,
+                                         const int32_t *prev_idx, int prev_k) {
+    const acmoe_moe_desc *d = &L->d;
+    const float *input = x;
+    acmoe_status s = ACMOE_OK;
+    if (acmoe__router_uses_linear(d->router)) {
+        s = acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, d->d_model, x, d->d_model, L->wr, d->d_model, L->logits,
+                         d->n_experts, 0);
+        if (s == ACMOE_OK) acmoe__add_bias(L->logits, n, d->n_experts, L->br);
+        return s;
+    }
+    acmoe__reproject_embeddings(L);
+    if (d->router == ACMOE_ROUTER_XMOE) {
+        s = acmoe_matmul(ctx, ACMOE_NT, n, d->xmoe_dim, d->d_model, x, d->d_model, L->proj, d->d_model, L->xr,
+                         d->xmoe_dim, 0);
+        input = L->xr;
+    } else if (d->router == ACMOE_ROUTER_AC) {
+        s = acmoe__ac_router_input(L, x, n, prev_idx, prev_k);
+        input = L->xr;
+    }
+    if (s != ACMOE_OK) return s;
+    return acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, input, L->dr, L->ehat, L->dr, L->logits,
+                        d->n_experts, 0);
+}
+
+/* Switch gates: the full softmax probability of each selected expert. */
+static void acmoe__switch_gates(acmoe_moe *L, int n) {
+    const int e = L->d.n_experts, k = L->d.top_k;
+    int t, j;
+    for (t = 0; t < n; t++) {
+        const float *z = L->logits + (size_t)t * e;
+        float *p = L->probs + (size_t)t * e, top = z[L->idx[(size_t)t * k]], sum = 0.0f;
+        for (j = 0; j < e; j++) sum += p[j] = expf(z[j] - top);
+        for (j = 0; j < e; j++) p[j] /= sum;
+        for (j = 0; j < k; j++) L->gate[(size_t)t * k + j] = p[L->idx[(size_t)t * k + j]];
+    }
+}
+
+/* Counting sort of the (token, slot) pairs by expert, in token order within each expert. */
+static void acmoe__dispatch(acmoe_moe *L, int n) {
+    const int e = L->d.n_experts, k = L->d.top_k;
+    int t, s, j;
+    memset(L->count, 0, sizeof(int) * (size_t)e);
+    for (t = 0; t < n * k; t++) L->count[L->idx[t]]++;
+    L->offset[0] = 0;
+    for (j = 0; j < e; j++) L->offset[j + 1] = L->offset[j] + L->count[j], L->cursor[j] = L->offset[j];
+    for (t = 0; t < n; t++)
+        for (s = 0; s < k; s++) {
+            int pos = L->cursor[L->idx[(size_t)t * k + s]]++;
+            L->slot_of[(size_t)t * k + s] = pos;
+            L->slot_token[pos] = t;
+        }
+}
+
+/* The experts on their gathered rows: ye = W2 act(W1 xe + b1) + b2, one matmul pair each. */
+static acmoe_status acmoe__experts_forward(acmoe_moe *L, acmoe_ctx *ctx, const float *x) {
+    const acmoe_moe_desc *d = &L->d;
+    const int dm = d->d_model, ff = d->d_ff;
+    int j, p;
+    acmoe_status s = ACMOE_OK;
+    for (p = 0; p < L->offset[d->n_experts]; p++)
+        memcpy(L->xe + (size_t)p * dm, x + (size_t)L->slot_token[p] * dm, sizeof(float) * (size_t)dm);
+    for (j = 0; j < d->n_experts && s == ACMOE_OK; j++) {
+        int rows = L->count[j];
+        size_t at = (size_t)L->offset[j];
+        float *h = L->h + at * ff, *a = L->a + at * ff, *ye = L->ye + at * dm;
+        if (!rows) continue;
+        s = acmoe_matmul(ctx, ACMOE_NT, rows, ff, dm, L->xe + at * dm, dm, L->w1 + (size_t)j * ff * dm, dm, h, ff, 0);
+        if (s != ACMOE_OK) break;
+        acmoe__add_bias(h, rows, ff, L->b1 + (size_t)j * ff);
+        acmoe__activate(d->activation, h, a, (size_t)rows * ff);
+        s = acmoe_matmul(ctx, ACMOE_NT, rows, dm, ff, a, ff, L->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
+        if (s == ACMOE_OK) acmoe__add_bias(ye, rows, dm, L->b2 + (size_t)j * dm);
+    }
+    return s;
+}
+
+/* out[t] = sum over slots, in order, of gate * expert output. */
+static void acmoe__combine(const acmoe_moe *L, int n, float *out) {
+    const int dm = L->d.d_model, k = L->d.top_k;
+    int t, s, q;
+    for (t = 0; t < n; t++) {
+        float *o = out + (size_t)t * dm;
+        memset(o, 0, sizeof(float) * (size_t)dm);
+        for (s = 0; s < k; s++) {
+            float g = L->gate[(size_t)t * k + s];
+            const float *y = L->ye + (size_t)L->slot_of[(size_t)t * k + s] * dm;
+            for (q = 0; q < dm; q++) o[q] += g * y[q];
+        }
+    }
+}
+
+static int acmoe__count_nonfinite(const float *x, size_t n) {
+    size_t i;
+    int count = 0;
+    for (i = 0; i < n; i++) count += !isfinite(x[i]);
+    return count;
+}
+
+ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n,
+                                         const int32_t *prev_idx, int prev_k, float *out) {
+    const acmoe_moe_desc *d;
+    acmoe_status s;
+    if (!L || !ctx) return ACMOE_ERR_NULL;
+    d = &L->d;
+    if (n < 0 || n > d->max_tokens) return ACMOE_ERR_SHAPE;
+    if (n > 0 && (!x || !out)) return ACMOE_ERR_NULL;
+    if (!acmoe__all_finite(x, (size_t)n * d->d_model)) return ACMOE_ERR_NONFINITE;
+    L->x = x;
+    L->n = n;
+    L->cached = 0; /* no backward until this call succeeds */
+    if (n == 0) return ACMOE_OK;
+    s = acmoe__router_logits(L, ctx, x, n, prev_idx, prev_k);
+    if (s != ACMOE_OK) return s;
+    L->nonfinite = acmoe__count_nonfinite(L->logits, (size_t)n * d->n_experts);
+    if (L->nonfinite) acmoe__replace_nonfinite(L->logits, (size_t)n * d->n_experts);
+    acmoe__topk_softmax(L->logits, n, d->n_experts, d->top_k, L->idx, L->gate);
+    if (d->router == ACMOE_ROUTER_SWITCH) acmoe__switch_gates(L, n);
+    acmoe__dispatch(L, n);
+    s = acmoe__experts_forward(L, ctx, x);
+    if (s != ACMOE_OK) return s;
+    acmoe__combine(L, n, out);
+    L->cached = 1;
+    return ACMOE_OK;
+}
+
+/* dgate[t][s] = <dout[t], expert output>; then the expert outputs become their gradients,
+   gate * dout[t]. */
+static void acmoe__combine_backward(acmoe_moe *L, const float *dout) {
+    const int dm = L->d.d_model, k = L->d.top_k;
+    int t, s, q;
+    for (t = 0; t < L->n; t++) {
+        const float *g = dout + (size_t)t * dm;
+        for (s = 0; s < k; s++) {
+            float *y = L->ye + (size_t)L->slot_of[(size_t)t * k + s] * dm, gate = L->gate[(size_t)t * k + s];
+            float dot = 0.0f;
+            for (q = 0; q < dm; q++) dot += g[q] * y[q];
+            L->dgate[(size_t)t * k + s] = dot;
+            for (q = 0; q < dm; q++) y[q] = gate * g[q];
+        }
+    }
+}
+
+/* Expert backward on the gathered rows, then dx[t] += the rows' input gradients in
+   (token, slot) order. */
+static acmoe_status acmoe__experts_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
+    const acmoe_moe_desc *d = &L->d;
+    const int dm = d->d_model, ff = d->d_ff, k = d->top_k;
+    int j, t, s, q;
+    acmoe_status st = ACMOE_OK;
+    for (j = 0; j < d->n_experts && st == ACMOE_OK; j++) {
+        int rows = L->count[j];
+        size_t at = (size_t)L->offset[j];
+        float *dy = L->ye + at * dm, *a = L->a + at * ff, *h = L->h + at * ff, *xe = L->xe + at * dm;
+        const float *w1 = L->w1 + (size_t)j * ff * dm, *w2 = L->w2 + (size_t)j * dm * ff;
+        if (!rows) continue;
+        acmoe__bias_grad(dy, rows, dm, L->g_b2 + (size_t)j * dm);
+        st = acmoe_matmul(ctx, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, L->g_w2 + (size_t)j * dm * ff, ff, 1);
+        if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
+        if (st != ACMOE_OK) break;
+        acmoe__activate_backward(d->activation, h, a, (size_t)rows * ff); /* h becomes dh */
+        acmoe__bias_grad(h, rows, ff, L->g_b1 + (size_t)j * ff);
+        st = acmoe_matmul(ctx, ACMOE_TN, ff, dm, rows, h, ff, xe, dm, L->g_w1 + (size_t)j * ff * dm, dm, 1);
+        if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, dm, ff, h, ff, w1, dm, xe, dm, 0); /* dxe */
+    }
+    if (st != ACMOE_OK) return st;
+    for (t = 0; t < L->n; t++)
+        for (s = 0; s < k; s++) {
+            const float *g = L->xe + (size_t)L->slot_of[(size_t)t * k + s] * dm;
+            for (q = 0; q < dm; q++) dx[(size_t)t * dm + q] += g[q];
+        }
+    return ACMOE_OK;
+}
+
+/* dz [n][E] from the gate gradients: softmax over the k selected logits, or for Switch the
+   full softmax evaluated at the selected experts. */
+static void acmoe__gate_backward(acmoe_moe *L) {
+    const int e = L->d.n_experts, k = L->d.top_k;
+    int t, s, j;
+    memset(L->dz, 0, sizeof(float) * (size_t)L->n * e);
+    for (t = 0; t < L->n; t++) {
+        const float *g = L->gate + (size_t)t * k, *dg = L->dgate + (size_t)t * k;
+        const int32_t *it = L->idx + (size_t)t * k;
+        float *dz = L->dz + (size_t)t * e, mean = 0.0f;
+        if (L->d.router == ACMOE_ROUTER_SWITCH) {
+            const float *p = L->probs + (size_t)t * e;
+            for (s = 0; s < k; s++) mean += p[it[s]] * dg[s];
+            for (j = 0; j < e; j++) dz[j] = -p[j] * mean;
+            for (s = 0; s < k; s++) dz[it[s]] += p[it[s]] * dg[s];
+        } else {
+            for (s = 0; s < k; s++) mean += g[s] * dg[s];
+            for (s = 0; s < k; s++) dz[it[s]] = g[s] * (dg[s] - mean);
+        }
+    }
+}
+
+/* Gradients of the embeddings through the normalisation: (du - u (u . du)) / |e|. */
+static void acmoe__embedding_backward(acmoe_moe *L) {
+    int j, q, dr = L->dr;
+    for (j = 0; j < L->d.n_experts; j++) {
+        const float *u = L->ehat + (size_t)j * dr, *du = L->dehat + (size_t)j * dr;
+        float *g = L->g_emb + (size_t)j * dr, dot = 0.0f;
+        for (q = 0; q < dr; q++) dot += u[q] * du[q];
+        for (q = 0; q < dr; q++) g[q] += (du[q] - u[q] * dot) / L->emb_norm[j];
+    }
+}
+
+/* Router parameter gradients, and the router's part of dx (added to dx). */
+static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
+    const acmoe_moe_desc *d = &L->d;
+    const int n = L->n, e = d->n_experts, dm = d->d_model, dr = L->dr;
+    const float *input = d->router == ACMOE_ROUTER_COSINE ? L->x : L->xr;
+    acmoe_status s;
+    int t, q;
+    if (acmoe__router_uses_linear(d->router)) {
+        acmoe__bias_grad(L->dz, n, e, L->g_br);
+        s = acmoe_matmul(ctx, ACMOE_TN, e, dm, n, L->dz, e, L->x, dm, L->g_wr, dm, 1);
+        return s == ACMOE_OK ? acmoe_matmul(ctx, ACMOE_NN, n, dm, e, L->dz, e, L->wr, dm, dx, dm, 1) : s;
+    }
+    s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, input, dr, L->dehat, dr, 0);
+    if (s != ACMOE_OK) return s;
+    acmoe__embedding_backward(L);
+    if (d->router == ACMOE_ROUTER_COSINE) return acmoe_matmul(ctx, ACMOE_NN, n, dm, e, L->dz, e, L->ehat, dm, dx, dm, 1);
+    s = acmoe_matmul(ctx, ACMOE_NN, n, dr, e, L->dz, e, L->ehat, dr, L->dxr, dr, 0);
+    if (s != ACMOE_OK) return s;
+    if (d->router == ACMOE_ROUTER_XMOE) {
+        s = acmoe_matmul(ctx, ACMOE_TN, dr, dm, n, L->dxr, dr, L->x, dm, L->g_proj, dm, 1);
+        return s == ACMOE_OK ? acmoe_matmul(ctx, ACMOE_NN, n, dm, dr, L->dxr, dr, L->proj, dm, dx, dm, 1) : s;
+    }
+    for (t = 0; t < n; t++) { /* AC: W[label] is a constant */
+        const float *wt = L->ac_w + (size_t)L->labels[t] * dm;
+        for (q = 0; q < dm; q++) dx[(size_t)t * dm + q] += L->dxr[(size_t)t * dm + q] * wt[q];
+    }
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const float *dout, float *dx) {
+    acmoe_status s;
+    if (!L || !ctx) return ACMOE_ERR_NULL;
+    if (L->n == 0) return ACMOE_OK;
+    if (!L->cached) return ACMOE_ERR_ARG; /* no successful forward call since the last backward */
+    if (!dout || !dx) return ACMOE_ERR_NULL;
+    memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
+    acmoe__combine_backward(L, dout);
+    acmoe__gate_backward(L);
+    s = acmoe__router_backward(L, ctx, dx);
+    if (s == ACMOE_OK) s = acmoe__experts_backward(L, ctx, dx);
+    L->cached = 0; /* backward overwrote the cached activations */
+    return s;
+}
+
+ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
+    acmoe_moe_stats st;
+    memset(&st, 0, sizeof st);
+    if (!L) return st;
+    st.n_tokens = L->n;
+    st.top_k = L->d.top_k;
+    st.n_experts = L->d.n_experts;
+    st.expert_index = L->idx;
+    st.gate = L->gate;
+    st.tokens_per_expert = L->count;
+    st.nonfinite_logits = L->nonfinite;
+    if (L->d.router == ACMOE_ROUTER_AC && L->ac_ready) {
+        size_t i, total = (size_t)L->ac_rows * L->d.d_model;
+        double sum = 0.0;
+        st.ac_clusters = L->ac_rows;
+        st.ac_w_min = st.ac_w_max = L->ac_w[0];
+        for (i = 0; i < total; i++) {
+            st.ac_w_min = ACMOE__MIN(st.ac_w_min, L->ac_w[i]);
+            st.ac_w_max = ACMOE__MAX(st.ac_w_max, L->ac_w[i]);
+            sum += L->ac_w[i];
+        }
+        st.ac_w_mean = (float)(sum / (double)total);
+    }
+    return st;
 }
 
 #ifdef __cplusplus

@@ -10,6 +10,7 @@ typedef struct test_case {
 } test_case;
 
 extern int test_case_failures; /* CHECK failures in the running case */
+extern long test_allocations;   /* calls of the library's allocator so far */
 
 #define CHECK(cond)                                                                      \
     do {                                                                                 \
@@ -35,5 +36,6 @@ extern int test_case_failures; /* CHECK failures in the running case */
 /* Each test file exports one table, terminated by {0, 0}. */
 extern const test_case foundation_tests[];
 extern const test_case router_tests[];
+extern const test_case moe_tests[];
 
 #endif

@@ -1,3 +1,16 @@
-/* The one translation unit of the test suite that holds the implementation. */
+/* The one translation unit of the test suite that holds the implementation. Its allocator
+   counts calls, so tests can prove that a steady-state step allocates nothing. */
+#include <stdlib.h>
+
+long test_allocations;
+
+static void *counting_malloc(size_t bytes) {
+    test_allocations++;
+    return malloc(bytes);
+}
+
+#define ACMOE_MALLOC(sz) counting_malloc(sz)
+#define ACMOE_REALLOC(p, sz) (test_allocations++, realloc(p, sz))
+#define ACMOE_FREE(p) free(p)
 #define ACMOE_IMPLEMENTATION
 #include "../acmoe.h"

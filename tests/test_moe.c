@@ -1,0 +1,347 @@
+/* MoE layer: finite-difference gradient checks for every router and activation, routing
+   invariants, deterministic combine, and a steady-state step that allocates nothing. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../acmoe.h"
+#include "harness.h"
+
+/* A layer with its parameter and gradient buffers, an input batch and a loss direction. */
+typedef struct fixture {
+    acmoe_moe_desc desc;
+    acmoe_moe *layer;
+    acmoe_ctx *ctx;
+    float *params, *grads, *saved;
+    size_t n_params;
+    int n;
+    float *x, *out, *r, *dx;
+    int32_t *prev; /* previous-layer top-2, for the AC router */
+} fixture;
+
+static void fixture_make(fixture *f, acmoe_router router, acmoe_activation act, int n, uint64_t seed) {
+    acmoe_rng rng;
+    int i, dm;
+    memset(f, 0, sizeof *f);
+    f->desc.d_model = dm = 6;
+    f->desc.d_ff = 5;
+    f->desc.n_experts = 4;
+    f->desc.top_k = router == ACMOE_ROUTER_SWITCH ? 1 : 2;
+    f->desc.max_tokens = 32;
+    f->desc.router = router;
+    f->desc.activation = act;
+    f->desc.xmoe_dim = 3;
+    f->n = n;
+    f->n_params = acmoe_moe_param_count(&f->desc);
+    CHECK(f->n_params > 0);
+    f->params = (float *)calloc(f->n_params, sizeof(float));
+    f->grads = (float *)calloc(f->n_params, sizeof(float));
+    f->saved = (float *)calloc(f->n_params, sizeof(float));
+    f->x = (float *)calloc((size_t)n * dm, sizeof(float));
+    f->out = (float *)calloc((size_t)n * dm, sizeof(float));
+    f->r = (float *)calloc((size_t)n * dm, sizeof(float));
+    f->dx = (float *)calloc((size_t)n * dm, sizeof(float));
+    f->prev = (int32_t *)calloc((size_t)n * 2, sizeof(int32_t));
+    f->ctx = NULL;
+    {
+        acmoe_ctx_desc cd;
+        memset(&cd, 0, sizeof cd);
+        cd.n_threads = 1;
+        CHECK_STATUS(acmoe_ctx_create(&f->ctx, &cd), ACMOE_OK);
+    }
+    CHECK_STATUS(acmoe_moe_create(&f->layer, &f->desc, f->params, f->grads), ACMOE_OK);
+    acmoe_rng_seed(&rng, seed);
+    acmoe_moe_init_params(f->layer, &rng);
+    for (i = 0; i < n * dm; i++) f->x[i] = acmoe_rng_normal(&rng);
+    for (i = 0; i < n * dm; i++) f->r[i] = acmoe_rng_normal(&rng);
+    for (i = 0; i < n; i++) { /* clusters of 2 to 4 tokens: no degenerate cluster */
+        f->prev[2 * i] = i % 3;
+        f->prev[2 * i + 1] = (i + 1) % 3;
+    }
+}
+
+static void fixture_free(fixture *f) {
+    acmoe_moe_destroy(f->layer);
+    acmoe_ctx_destroy(f->ctx);
+    free(f->params), free(f->grads), free(f->saved), free(f->x), free(f->out), free(f->r), free(f->dx), free(f->prev);
+}
+
+/* sum(out * r) in double, or NAN when the forward call fails */
+static double fixture_loss(fixture *f) {
+    double loss = 0.0;
+    int i;
+    if (acmoe_moe_forward(f->layer, f->ctx, f->x, f->n, f->prev, 2, f->out) != ACMOE_OK) return NAN;
+    for (i = 0; i < f->n * f->desc.d_model; i++) loss += (double)f->out[i] * f->r[i];
+    return loss;
+}
+
+/* The routing of the last forward call, to notice a perturbation that changes it. */
+static void routing_copy(fixture *f, int32_t *idx) {
+    acmoe_moe_stats st = acmoe_moe_get_stats(f->layer);
+    memcpy(idx, st.expert_index, sizeof(int32_t) * (size_t)st.n_tokens * st.top_k);
+}
+
+/* Central difference of the loss along one float; NAN when the routing changes. */
+static double central_difference_at(fixture *f, float *value, float h, const int32_t *routing) {
+    int32_t now[64];
+    float keep = *value;
+    double up, down;
+    int same;
+    *value = keep + h;
+    up = fixture_loss(f);
+    routing_copy(f, now);
+    same = memcmp(now, routing, sizeof(int32_t) * (size_t)f->n * f->desc.top_k) == 0;
+    memcpy(f->params, f->saved, sizeof(float) * f->n_params); /* undo the re-projection too */
+    *value = keep - h;
+    down = fixture_loss(f);
+    routing_copy(f, now);
+    same &= memcmp(now, routing, sizeof(int32_t) * (size_t)f->n * f->desc.top_k) == 0;
+    memcpy(f->params, f->saved, sizeof(float) * f->n_params);
+    *value = keep;
+    return same ? (up - down) / (2.0 * h) : NAN;
+}
+
+/* The difference at h and at h/2 agree where the loss is smooth; where they do not, a ReLU
+   kink lies within h (NAN, like a routing change). */
+static double central_difference(fixture *f, float *value, float h, const int32_t *routing) {
+    double wide = central_difference_at(f, value, h, routing), narrow = central_difference_at(f, value, h / 2, routing);
+    if (isnan(wide) || isnan(narrow) || fabs(wide - narrow) > 1e-3 + 1e-2 * fabs(narrow)) return NAN;
+    return narrow;
+}
+
+static int gradient_matches(double numeric, double analytic, const char *what, size_t i) {
+    double err = fabs(numeric - analytic), scale = fmax(fabs(numeric), fabs(analytic));
+    if (err <= 2e-3 + 2e-2 * scale) return 1;
+    fprintf(stderr, "    %s[%zu]: numeric %.6g, analytic %.6g\n", what, i, numeric, analytic);
+    return 0;
+}
+
+/* Checks every parameter and every input gradient against central differences. */
+static void check_layer_gradients(acmoe_router router, acmoe_activation act) {
+    fixture f;
+    int32_t routing[64];
+    double base;
+    size_t i;
+    int bad = 0, skipped = 0, checked = 0;
+    const float h = 1e-2f;
+    fixture_make(&f, router, act, 12, 1000 + (uint64_t)router * 10 + (uint64_t)act);
+    base = fixture_loss(&f); /* the first call re-projects embeddings and measures AC weights */
+    CHECK(isfinite(base));
+    acmoe_moe_freeze_ac_weights(f.layer, 1); /* W is a constant of the backward pass */
+    base = fixture_loss(&f);
+    memcpy(f.saved, f.params, sizeof(float) * f.n_params);
+    routing_copy(&f, routing);
+    memset(f.grads, 0, sizeof(float) * f.n_params);
+    CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
+    for (i = 0; i < f.n_params; i++) {
+        double numeric = central_difference(&f, &f.params[i], h, routing);
+        if (isnan(numeric)) {
+            skipped++;
+            continue;
+        }
+        checked++;
+        bad += !gradient_matches(numeric, f.grads[i], "param", i);
+    }
+    for (i = 0; i < (size_t)f.n * f.desc.d_model; i++) {
+        double numeric = central_difference(&f, &f.x[i], h, routing);
+        if (isnan(numeric)) {
+            skipped++;
+            continue;
+        }
+        checked++;
+        bad += !gradient_matches(numeric, f.dx[i], "dx", i);
+    }
+    CHECKF(bad == 0, "%d of %d gradients wrong", bad, checked);
+    CHECKF(skipped * 10 < checked, "%d perturbations changed the routing", skipped);
+    fixture_free(&f);
+}
+
+static void test_grad_smoe_gelu(void) { check_layer_gradients(ACMOE_ROUTER_SMOE, ACMOE_ACT_GELU); }
+static void test_grad_smoe_relu(void) { check_layer_gradients(ACMOE_ROUTER_SMOE, ACMOE_ACT_RELU); }
+static void test_grad_switch(void) { check_layer_gradients(ACMOE_ROUTER_SWITCH, ACMOE_ACT_GELU); }
+static void test_grad_cosine(void) { check_layer_gradients(ACMOE_ROUTER_COSINE, ACMOE_ACT_GELU); }
+static void test_grad_xmoe(void) { check_layer_gradients(ACMOE_ROUTER_XMOE, ACMOE_ACT_GELU); }
+static void test_grad_ac(void) { check_layer_gradients(ACMOE_ROUTER_AC, ACMOE_ACT_GELU); }
+
+/* The forward pass against a plain evaluation of the formula, token by token. */
+static void test_moe_forward_reference(void) {
+    fixture f;
+    acmoe_moe_stats st;
+    const int dm = 6, ff = 5;
+    int t, s, q, j, bad = 0, load[4] = {0};
+    fixture_make(&f, ACMOE_ROUTER_SMOE, ACMOE_ACT_RELU, 12, 7);
+    CHECK(isfinite(fixture_loss(&f)));
+    st = acmoe_moe_get_stats(f.layer);
+    CHECK(st.n_tokens == 12 && st.top_k == 2 && st.n_experts == 4);
+    for (t = 0; t < 12; t++) {
+        /* parameters in layout order: router weights [4][6], bias [4], w1, b1, w2, b2 */
+        const float *wr = f.params, *br = wr + 24, *w1 = br + 4, *b1 = w1 + 4 * ff * dm, *w2 = b1 + 4 * ff;
+        const float *b2 = w2 + 4 * dm * ff, *x = f.x + t * dm;
+        double z[4], top1 = -1e30, gsum = 0.0, want[6] = {0};
+        int e0 = -1, e1 = -1;
+        for (j = 0; j < 4; j++) {
+            z[j] = br[j];
+            for (q = 0; q < dm; q++) z[j] += (double)wr[j * dm + q] * x[q];
+            if (z[j] > top1) top1 = z[j], e0 = j;
+        }
+        for (j = 0; j < 4; j++)
+            if (j != e0 && (e1 < 0 || z[j] > z[e1])) e1 = j;
+        CHECK(st.expert_index[2 * t] == e0 && st.expert_index[2 * t + 1] == e1);
+        load[e0]++, load[e1]++;
+        gsum = 1.0 + exp(z[e1] - z[e0]);
+        for (s = 0; s < 2; s++) {
+            int e = s ? e1 : e0, i;
+            double gate = (s ? exp(z[e1] - z[e0]) : 1.0) / gsum, hid[5];
+            CHECK(fabs(gate - st.gate[2 * t + s]) < 1e-5);
+            for (i = 0; i < ff; i++) {
+                hid[i] = b1[e * ff + i];
+                for (q = 0; q < dm; q++) hid[i] += (double)w1[(e * ff + i) * dm + q] * x[q];
+                if (hid[i] < 0) hid[i] = 0;
+            }
+            for (q = 0; q < dm; q++) {
+                double y = b2[e * dm + q];
+                for (i = 0; i < ff; i++) y += (double)w2[(e * dm + q) * ff + i] * hid[i];
+                want[q] += gate * y;
+            }
+        }
+        for (q = 0; q < dm; q++) bad += fabs(want[q] - f.out[t * dm + q]) > 1e-5 * (1 + fabs(want[q]));
+    }
+    CHECKF(bad == 0, "%d outputs differ", bad);
+    for (j = 0; j < 4; j++) CHECK(st.tokens_per_expert[j] == load[j]);
+    fixture_free(&f);
+}
+
+/* Top-k gates sum to 1; k = E routes every token to every expert; one token works. */
+static void test_moe_routing_invariants(void) {
+    acmoe_router routers[4] = {ACMOE_ROUTER_SMOE, ACMOE_ROUTER_COSINE, ACMOE_ROUTER_XMOE, ACMOE_ROUTER_AC};
+    int r, t, s, total;
+    for (r = 0; r < 4; r++) {
+        fixture f;
+        acmoe_moe_stats st;
+        fixture_make(&f, routers[r], ACMOE_ACT_RELU, 12, 11);
+        CHECK(isfinite(fixture_loss(&f)));
+        st = acmoe_moe_get_stats(f.layer);
+        for (t = 0, total = 0; t < 12; t++) {
+            float sum = 0.0f;
+            for (s = 0; s < 2; s++) sum += st.gate[2 * t + s];
+            CHECK(fabsf(sum - 1.0f) < 1e-5f && st.gate[2 * t] >= st.gate[2 * t + 1]);
+        }
+        for (s = 0; s < 4; s++) total += st.tokens_per_expert[s];
+        CHECK(total == 24);
+        if (routers[r] == ACMOE_ROUTER_AC) CHECK(st.ac_clusters == 3 && st.ac_w_min > 0 && st.ac_w_max >= st.ac_w_mean);
+        fixture_free(&f);
+    }
+    {
+        fixture f;
+        fixture_make(&f, ACMOE_ROUTER_SMOE, ACMOE_ACT_RELU, 1, 12);
+        CHECK(isfinite(fixture_loss(&f)));
+        CHECK(acmoe_moe_get_stats(f.layer).n_tokens == 1);
+        CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
+        fixture_free(&f);
+    }
+}
+
+/* Switch routes one expert with the full-softmax probability as its gate. */
+static void test_moe_switch_gate(void) {
+    fixture f;
+    acmoe_moe_stats st;
+    int t;
+    fixture_make(&f, ACMOE_ROUTER_SWITCH, ACMOE_ACT_RELU, 12, 13);
+    CHECK(isfinite(fixture_loss(&f)));
+    st = acmoe_moe_get_stats(f.layer);
+    for (t = 0; t < 12; t++) CHECK(st.gate[t] > 0.25f && st.gate[t] < 1.0f);
+    fixture_free(&f);
+}
+
+/* The same call twice, and on one thread or two, gives the same bits. */
+static void test_moe_deterministic(void) {
+    fixture f;
+    float *first;
+    acmoe_ctx *two;
+    acmoe_ctx_desc cd;
+    size_t len = 12 * 6;
+    fixture_make(&f, ACMOE_ROUTER_AC, ACMOE_ACT_GELU, 12, 17);
+    first = (float *)malloc(sizeof(float) * len);
+    CHECK(isfinite(fixture_loss(&f)));
+    memcpy(first, f.out, sizeof(float) * len);
+    CHECK(isfinite(fixture_loss(&f)));
+    CHECK(memcmp(first, f.out, sizeof(float) * len) == 0);
+    memset(&cd, 0, sizeof cd);
+    cd.n_threads = 2;
+    CHECK_STATUS(acmoe_ctx_create(&two, &cd), ACMOE_OK);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, two, f.x, 12, f.prev, 2, f.out), ACMOE_OK);
+    CHECK(memcmp(first, f.out, sizeof(float) * len) == 0);
+    acmoe_ctx_destroy(two);
+    free(first);
+    fixture_free(&f);
+}
+
+static void test_moe_bad_input(void) {
+    fixture f;
+    acmoe_moe_desc d;
+    acmoe_moe *layer = NULL;
+    int32_t bad_prev[24];
+    float grads[8];
+    fixture_make(&f, ACMOE_ROUTER_AC, ACMOE_ACT_RELU, 12, 19);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, NULL, 2, f.out), ACMOE_ERR_NULL); /* AC needs labels */
+    memcpy(bad_prev, f.prev, sizeof bad_prev);
+    bad_prev[4] = 4; /* at or past ac_max_clusters (= n_experts) */
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, bad_prev, 2, f.out), ACMOE_ERR_ARG);
+    bad_prev[4] = -1;
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, bad_prev, 2, f.out), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 33, f.prev, 2, f.out), ACMOE_ERR_SHAPE); /* > max_tokens */
+    CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_ERR_ARG); /* no good forward yet */
+    f.x[3] = NAN;
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, f.prev, 2, f.out), ACMOE_ERR_NONFINITE);
+    f.x[3] = 0.5f;
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, f.prev, 2, f.out), ACMOE_OK);
+    CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
+    CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_ERR_ARG); /* caches spent */
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 0, NULL, 2, NULL), ACMOE_OK);
+    d = f.desc;
+    d.top_k = 5;
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_SHAPE); /* k > E */
+    CHECK(acmoe_moe_param_count(&d) == 0);
+    d = f.desc;
+    d.router = ACMOE_ROUTER_COUNT;
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
+    d = f.desc;
+    d.max_tokens = 0;
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_moe_create(&layer, &f.desc, NULL, grads), ACMOE_ERR_NULL);
+    CHECK(layer == NULL);
+    fixture_free(&f);
+}
+
+/* After the first step, forward and backward allocate nothing. */
+static void test_moe_step_allocates_nothing(void) {
+    fixture f;
+    long before;
+    int step;
+    fixture_make(&f, ACMOE_ROUTER_AC, ACMOE_ACT_GELU, 32, 23);
+    CHECK(isfinite(fixture_loss(&f)));
+    CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
+    before = test_allocations;
+    for (step = 0; step < 3; step++) {
+        CHECK(isfinite(fixture_loss(&f)));
+        CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
+    }
+    CHECKF(test_allocations == before, "%ld allocations in 3 steps", test_allocations - before);
+    fixture_free(&f);
+}
+
+const test_case moe_tests[] = {
+    {"moe_forward_reference", test_moe_forward_reference},
+    {"moe_routing_invariants", test_moe_routing_invariants},
+    {"moe_switch_gate", test_moe_switch_gate},
+    {"moe_deterministic", test_moe_deterministic},
+    {"moe_bad_input", test_moe_bad_input},
+    {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
+    {"moe_grad_smoe_gelu", test_grad_smoe_gelu},
+    {"moe_grad_smoe_relu", test_grad_smoe_relu},
+    {"moe_grad_switch", test_grad_switch},
+    {"moe_grad_cosine", test_grad_cosine},
+    {"moe_grad_xmoe", test_grad_xmoe},
+    {"moe_grad_ac", test_grad_ac},
+    {0, 0},
+};
