@@ -148,6 +148,9 @@ typedef struct acmoe_ctx_desc {
     int n_threads; /* default: online CPUs; always 1 under ACMOE_NO_THREADS */
     acmoe_isa isa; /* default: acmoe_cpu_isa() */
     int mc, kc, nc; /* cache blocking of the matmul (rows, depth, columns) */
+    /* Optional monotonic clock in seconds. When set, layers time their phases (routing and
+       experts) into their stats; the library itself never reads a clock. */
+    double (*clock)(void);
 } acmoe_ctx_desc;
 
 typedef struct acmoe_ctx acmoe_ctx;
@@ -257,6 +260,8 @@ typedef struct acmoe_moe_stats {
     const float *gate;           /* [n_tokens][top_k] */
     const int *tokens_per_expert;/* [n_experts] */
     int nonfinite_logits;        /* replaced by the smallest finite logit of the call */
+    double seconds_routing;      /* last forward and backward, with a context clock */
+    double seconds_experts;
     int ac_clusters;             /* AC: rows of W (1 + the largest previous index) */
     float ac_w_min, ac_w_max, ac_w_mean;
 } acmoe_moe_stats;
@@ -818,6 +823,7 @@ static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc
         if (in->mc) d.mc = in->mc;
         if (in->kc) d.kc = in->kc;
         if (in->nc) d.nc = in->nc;
+        d.clock = in->clock;
     }
     if (d.n_threads > 1024 || d.mc > 1 << 16 || d.kc > 1 << 16 || d.nc > 1 << 20) return ACMOE_ERR_ARG;
 #ifdef ACMOE_NO_THREADS
@@ -1510,7 +1516,19 @@ struct acmoe_moe {
     const float *x;
     int n, cached; /* tokens of the last forward call; whether backward may use its caches */
     int ac_rows, ac_frozen, ac_ready, nonfinite;
+    double seconds_routing, seconds_experts;
 };
+
+/* Adds the time since *mark to *total and moves the mark (no-op without a context clock). */
+static void acmoe__lap(const acmoe_ctx *ctx, double *mark, double *total) {
+    double now;
+    if (!ctx->desc.clock) return;
+    now = ctx->desc.clock();
+    *total += now - *mark;
+    *mark = now;
+}
+
+static double acmoe__clock_start(const acmoe_ctx *ctx) { return ctx->desc.clock ? ctx->desc.clock() : 0.0; }
 
 static int acmoe__router_uses_linear(acmoe_router r) { return r == ACMOE_ROUTER_SMOE || r == ACMOE_ROUTER_SWITCH; }
 
@@ -1710,15 +1728,22 @@ static float acmoe__gelu_grad(float x) {
     return 0.5f * (1.0f + erff(x * 0.70710678f)) + x * 0.39894228f * expf(-0.5f * x * x);
 }
 
+/* One loop per activation, so the ReLU ones vectorise. */
 static void acmoe__activate(acmoe_activation act, const float *h, float *a, size_t n) {
     size_t i;
-    for (i = 0; i < n; i++) a[i] = act == ACMOE_ACT_RELU ? (h[i] > 0.0f ? h[i] : 0.0f) : acmoe__gelu(h[i]);
+    if (act == ACMOE_ACT_RELU)
+        for (i = 0; i < n; i++) a[i] = h[i] > 0.0f ? h[i] : 0.0f;
+    else
+        for (i = 0; i < n; i++) a[i] = acmoe__gelu(h[i]);
 }
 
 /* dh = da * act'(h), written over h */
 static void acmoe__activate_backward(acmoe_activation act, float *h, const float *da, size_t n) {
     size_t i;
-    for (i = 0; i < n; i++) h[i] = da[i] * (act == ACMOE_ACT_RELU ? (float)(h[i] > 0.0f) : acmoe__gelu_grad(h[i]));
+    if (act == ACMOE_ACT_RELU)
+        for (i = 0; i < n; i++) h[i] = h[i] > 0.0f ? da[i] : 0.0f;
+    else
+        for (i = 0; i < n; i++) h[i] = da[i] * acmoe__gelu_grad(h[i]);
 }
 
 /* Re-projects the embedding rows to norm 1.5 (in place, no gradient, as the reference does
@@ -1866,6 +1891,7 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
                                          const int32_t *prev_idx, int prev_k, float *out) {
     const acmoe_moe_desc *d;
     acmoe_status s;
+    double mark;
     if (!L || !ctx) return ACMOE_ERR_NULL;
     d = &L->d;
     if (n < 0 || n > d->max_tokens) return ACMOE_ERR_SHAPE;
@@ -1874,17 +1900,21 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     L->x = x;
     L->n = n;
     L->cached = 0; /* no backward until this call succeeds */
+    L->seconds_routing = L->seconds_experts = 0.0;
     if (n == 0) return ACMOE_OK;
+    mark = acmoe__clock_start(ctx);
     s = acmoe__router_logits(L, ctx, x, n, prev_idx, prev_k);
     if (s != ACMOE_OK) return s;
     L->nonfinite = acmoe__count_nonfinite(L->logits, (size_t)n * d->n_experts);
     if (L->nonfinite) acmoe__replace_nonfinite(L->logits, (size_t)n * d->n_experts);
     acmoe__topk_softmax(L->logits, n, d->n_experts, d->top_k, L->idx, L->gate);
     if (d->router == ACMOE_ROUTER_SWITCH) acmoe__switch_gates(L, n);
+    acmoe__lap(ctx, &mark, &L->seconds_routing);
     acmoe__dispatch(L, n);
     s = acmoe__experts_forward(L, ctx, x);
     if (s != ACMOE_OK) return s;
     acmoe__combine(L, n, out);
+    acmoe__lap(ctx, &mark, &L->seconds_experts);
     L->cached = 1;
     return ACMOE_OK;
 }
@@ -2001,15 +2031,20 @@ static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *
 
 ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const float *dout, float *dx) {
     acmoe_status s;
+    double mark;
     if (!L || !ctx) return ACMOE_ERR_NULL;
     if (L->n == 0) return ACMOE_OK;
     if (!L->cached) return ACMOE_ERR_ARG; /* no successful forward call since the last backward */
     if (!dout || !dx) return ACMOE_ERR_NULL;
+    mark = acmoe__clock_start(ctx);
     memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
     acmoe__combine_backward(L, dout);
+    acmoe__lap(ctx, &mark, &L->seconds_experts);
     acmoe__gate_backward(L);
     s = acmoe__router_backward(L, ctx, dx);
+    acmoe__lap(ctx, &mark, &L->seconds_routing);
     if (s == ACMOE_OK) s = acmoe__experts_backward(L, ctx, dx);
+    acmoe__lap(ctx, &mark, &L->seconds_experts);
     L->cached = 0; /* backward overwrote the cached activations */
     return s;
 }
@@ -2025,6 +2060,8 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
     st.gate = L->gate;
     st.tokens_per_expert = L->count;
     st.nonfinite_logits = L->nonfinite;
+    st.seconds_routing = L->seconds_routing;
+    st.seconds_experts = L->seconds_experts;
     if (L->d.router == ACMOE_ROUTER_AC && L->ac_ready) {
         size_t i, total = (size_t)L->ac_rows * L->d.d_model;
         double sum = 0.0;

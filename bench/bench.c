@@ -401,6 +401,133 @@ static void run_section_matmul(const bench_options *opt) {
     acmoe_ctx_destroy(ctx[1]);
 }
 
+/* ---- Section 2: MoE layer ---- */
+
+typedef struct moe_config {
+    int n_experts, top_k, d_model, d_ff, tokens;
+} moe_config;
+
+static const moe_config moe_configs[] = {
+    {16, 2, 128, 128, 4096}, {16, 2, 352, 352, 4096}, {8, 2, 256, 1024, 2048}};
+static const acmoe_router moe_routers[] = {ACMOE_ROUTER_SMOE, ACMOE_ROUTER_COSINE, ACMOE_ROUTER_AC};
+static const char *const moe_router_names[] = {"SMoE", "cosine", "AC"};
+
+#define MOE_MAX_STEPS 200
+
+/* One layer and its data, ready to step. */
+typedef struct moe_bench {
+    acmoe_moe *layer;
+    float *params, *grads, *x, *dout, *out, *dx;
+    int32_t *prev;
+    int tokens;
+} moe_bench;
+
+static moe_bench moe_bench_create(const moe_config *c, acmoe_router router, acmoe_rng *rng) {
+    acmoe_moe_desc desc;
+    moe_bench b;
+    size_t n_params, act = (size_t)c->tokens * c->d_model, i;
+    memset(&desc, 0, sizeof desc);
+    desc.d_model = c->d_model;
+    desc.d_ff = c->d_ff;
+    desc.n_experts = c->n_experts;
+    desc.top_k = c->top_k;
+    desc.max_tokens = c->tokens;
+    desc.router = router;
+    n_params = acmoe_moe_param_count(&desc);
+    b.tokens = c->tokens;
+    b.params = (float *)checked_malloc(sizeof(float) * n_params);
+    b.grads = (float *)checked_malloc(sizeof(float) * n_params);
+    memset(b.grads, 0, sizeof(float) * n_params);
+    check_status(acmoe_moe_create(&b.layer, &desc, b.params, b.grads), "acmoe_moe_create");
+    acmoe_moe_init_params(b.layer, rng);
+    b.x = random_floats(rng, act);
+    b.dout = random_floats(rng, act);
+    b.out = (float *)checked_malloc(sizeof(float) * act);
+    b.dx = (float *)checked_malloc(sizeof(float) * act);
+    b.prev = (int32_t *)checked_malloc(sizeof(int32_t) * (size_t)c->tokens * 2);
+    for (i = 0; i < (size_t)c->tokens; i++) { /* a previous layer's top-2: two distinct experts */
+        b.prev[2 * i] = (int32_t)acmoe_rng_below(rng, (uint32_t)c->n_experts);
+        b.prev[2 * i + 1] = (b.prev[2 * i] + 1 + (int32_t)acmoe_rng_below(rng, (uint32_t)c->n_experts - 1)) % c->n_experts;
+    }
+    return b;
+}
+
+static void moe_bench_destroy(moe_bench *b) {
+    acmoe_moe_destroy(b->layer);
+    free(b->params), free(b->grads), free(b->x), free(b->dout), free(b->out), free(b->dx), free(b->prev);
+}
+
+static void moe_step(acmoe_ctx *ctx, moe_bench *b) {
+    check_status(acmoe_moe_forward(b->layer, ctx, b->x, b->tokens, b->prev, 2, b->out), "acmoe_moe_forward");
+    check_status(acmoe_moe_backward(b->layer, ctx, b->dout, b->dx), "acmoe_moe_backward");
+}
+
+/* Median seconds of a forward + backward step, and the median share of it spent routing. */
+static double moe_median_step(acmoe_ctx *ctx, moe_bench *b, const timing_plan *plan, double *routing_share) {
+    double times[MOE_MAX_STEPS], shares[MOE_MAX_STEPS], start;
+    int reps, i;
+    for (i = 0; i < plan->warmup; i++) moe_step(ctx, b);
+    start = now_seconds();
+    for (reps = 0; reps < MOE_MAX_STEPS; reps++) {
+        double t0 = now_seconds();
+        acmoe_moe_stats st;
+        if (reps >= plan->min_reps && t0 - start >= plan->min_seconds) break;
+        moe_step(ctx, b);
+        times[reps] = now_seconds() - t0;
+        st = acmoe_moe_get_stats(b->layer);
+        shares[reps] = st.seconds_routing / times[reps];
+    }
+    *routing_share = median(shares, reps);
+    return median(times, reps);
+}
+
+static acmoe_ctx *timed_context(int n_threads) {
+    acmoe_ctx_desc desc;
+    acmoe_ctx *ctx;
+    memset(&desc, 0, sizeof desc);
+    desc.n_threads = n_threads;
+    desc.clock = now_seconds;
+    check_status(acmoe_ctx_create(&ctx, &desc), "acmoe_ctx_create");
+    return ctx;
+}
+
+static void run_section_moe(const bench_options *opt) {
+    timing_plan plan = timing_plan_for(opt);
+    acmoe_ctx *ctx[2];
+    acmoe_rng rng;
+    size_t c, r;
+    int t;
+    ctx[0] = timed_context(1);
+    ctx[1] = timed_context(2);
+    acmoe_rng_seed(&rng, 7);
+    printf("MoE layer forward + backward, tokens/s (median of at least %d steps); routing = router\n"
+           "forward and backward as a share of the step\n",
+           plan.min_reps);
+    printf("%-26s %-7s %11s %8s %11s %8s %6s\n", "config", "router", "1T tok/s", "routing", "2T tok/s",
+           "routing", "2T/1T");
+    for (c = 0; c < sizeof moe_configs / sizeof moe_configs[0]; c++) {
+        const moe_config *cfg = &moe_configs[c];
+        double step[3][2];
+        char name[64];
+        snprintf(name, sizeof name, "E%d k%d d%d ff%d T%d", cfg->n_experts, cfg->top_k, cfg->d_model, cfg->d_ff,
+                 cfg->tokens);
+        for (r = 0; r < sizeof moe_routers / sizeof moe_routers[0]; r++) {
+            moe_bench b = moe_bench_create(cfg, moe_routers[r], &rng);
+            double share[2];
+            for (t = 0; t < 2; t++) step[r][t] = moe_median_step(ctx[t], &b, &plan, &share[t]);
+            printf("%-26s %-7s %11.0f %7.1f%% %11.0f %7.1f%% %5.2fx\n", name, moe_router_names[r],
+                   cfg->tokens / step[r][0], 100.0 * share[0], cfg->tokens / step[r][1], 100.0 * share[1],
+                   step[r][0] / step[r][1]);
+            fflush(stdout);
+            moe_bench_destroy(&b);
+        }
+        printf("%-26s AC step over cosine step: %+.1f%% (1T), %+.1f%% (2T)\n", "",
+               100.0 * (step[2][0] / step[1][0] - 1.0), 100.0 * (step[2][1] / step[1][1] - 1.0));
+    }
+    acmoe_ctx_destroy(ctx[0]);
+    acmoe_ctx_destroy(ctx[1]);
+}
+
 /* ---- Driver ---- */
 
 typedef struct bench_section {
@@ -409,7 +536,7 @@ typedef struct bench_section {
 } bench_section;
 
 /* Section N is entry N-1. */
-static const bench_section sections[] = {{"matmul", run_section_matmul}};
+static const bench_section sections[] = {{"matmul", run_section_matmul}, {"MoE layer", run_section_moe}};
 
 #define SECTION_COUNT ((int)(sizeof sections / sizeof sections[0]))
 
