@@ -224,50 +224,112 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
                                       float *logits_out, float *w_out, int *w_rows_out);
 
 /* ---- MoE layer ----
-   out[t] = sum over the k experts j the router picks for token t of gate[t][j] expert_j(x[t]),
-   expert_j(x) = W2_j act(W1_j x + b1_j) + b2_j. Tokens are counted per expert, gathered into
-   one contiguous block per expert, run through one matmul per expert and combined in
-   (token, slot) order, so results are deterministic. Parameters live in a buffer the caller
-   owns (acmoe_moe_param_count floats, with a gradient buffer of the same size); the layer
-   keeps views into it and a workspace for max_tokens tokens, so forward and backward
-   allocate nothing. */
-typedef enum acmoe_router {
-    ACMOE_ROUTER_SMOE = 0, /* z = Wr x + b, top-k, softmax over the k (GShard's top-2 gate) */
-    ACMOE_ROUTER_SWITCH,   /* z = Wr x + b, top-k, gate = the full softmax probability */
-    ACMOE_ROUTER_COSINE,   /* z_j = x . e_j / |e_j|, e re-projected to norm 1.5 each forward */
-    ACMOE_ROUTER_XMOE,     /* the cosine router on x R, R a d -> xmoe_dim projection */
-    ACMOE_ROUTER_AC,       /* the cosine router on x * W[label] (Adaptive Clustering) */
-    ACMOE_ROUTER_COUNT
-} acmoe_router;
+   out[t] = sum over the experts j routed to token t of gate[t][j] expert_j(x[t]), with
+   expert_j(x) = W2_j act(W1_j x + b1_j) + b2_j. The (token, expert) pairs are counted per
+   expert, gathered into one contiguous block per expert, run through one matmul per expert
+   and combined in (token, rank) order, so results are deterministic. Parameters live in a
+   buffer the caller owns (acmoe_moe_param_count floats, with a gradient buffer of the same
+   size); the layer keeps views into it and a workspace for max_tokens tokens, so forward and
+   backward allocate nothing.
 
-typedef enum acmoe_activation { ACMOE_ACT_RELU = 0, ACMOE_ACT_GELU, ACMOE_ACT_COUNT } acmoe_activation;
+   A router is three independent choices: what it looks at (input), how it scores experts
+   (score) and how it turns scores into pairs and gates (select). The routers of the
+   literature are combinations, set by acmoe_moe_router_preset():
+     'g' SMoE        token,     linear, top-k with softmax over the k (GShard's top-2 gate)
+     's' Switch      token,     linear, top-1 with the full-softmax probability as gate
+     'o' cosine      token,     cosine, top-k
+     'x' XMoE        projected, cosine, top-k
+     'c' AC          AC,        cosine, top-k (Adaptive Clustering, the paper's router)
+     'u' USMoE       token,     linear, unified score, top pairs of each group
+     'e' expert      token,     linear, each expert takes its top tokens (non-causal)
+   Other combinations are allowed, e.g. AC input with USMoE or Switch selection. */
+typedef enum acmoe_router_input {
+    ACMOE_INPUT_TOKEN = 0, /* the token itself */
+    ACMOE_INPUT_PROJECTED, /* x R, R a learned d_model -> proj_dim projection (XMoE) */
+    ACMOE_INPUT_AC,        /* x * W[label]: the Adaptive Clustering feature weights */
+    ACMOE_INPUT_COUNT
+} acmoe_router_input;
+
+typedef enum acmoe_router_score {
+    ACMOE_SCORE_LINEAR = 0, /* z = Wr u + b */
+    ACMOE_SCORE_COSINE,     /* z_j = u . e_j / |e_j|, e re-projected to norm 1.5 each forward */
+    ACMOE_SCORE_COUNT
+} acmoe_router_score;
+
+typedef enum acmoe_router_select {
+    ACMOE_SELECT_TOPK = 0,       /* top-k per token, gates softmax over the k */
+    ACMOE_SELECT_SWITCH,         /* top-k per token, gates the full-softmax probabilities */
+    ACMOE_SELECT_USMOE,          /* w = (1-rho) softmax(z) + rho (2/E) sigmoid(z); the top
+                                    budget*|group| (token, expert) pairs of each group, gate w */
+    ACMOE_SELECT_EXPERT_CHOICE,  /* expert j takes its top ceil(capacity*T/E) tokens by softmax
+                                    probability, gate that probability; sees the whole call,
+                                    so not for causal models */
+    ACMOE_SELECT_COUNT
+} acmoe_router_select;
+
+typedef enum acmoe_group {
+    ACMOE_GROUP_BATCH = 0, /* all tokens of the call */
+    ACMOE_GROUP_SEQUENCE,  /* each run of seq_len tokens (not causal) */
+    ACMOE_GROUP_POSITION,  /* the tokens at one position across the sequences (causal) */
+    ACMOE_GROUP_COUNT
+} acmoe_group;
+
+typedef enum acmoe_activation {
+    ACMOE_ACT_RELU = 0, /* the paper's reference code */
+    ACMOE_ACT_GELU,     /* exact (erf) form */
+    ACMOE_ACT_SWIGLU,   /* W1 yields 2 d_ff: silu(gate half) * other half */
+    ACMOE_ACT_COUNT
+} acmoe_activation;
 
 typedef struct acmoe_moe_desc {
     int d_model, d_ff, n_experts; /* required */
     int max_tokens;               /* required: the most tokens one forward call takes */
     int top_k;                    /* default 2 */
-    acmoe_router router;          /* default SMoE */
-    acmoe_activation activation;  /* default ReLU, as in the paper's reference code */
-    int xmoe_dim;                 /* default 8 */
-    int ac_max_clusters;          /* AC labels must be below this; default n_experts */
-    acmoe_ac_desc ac;             /* AC options; zero fields: the language-model defaults */
+    acmoe_router_input router_input;
+    acmoe_router_score router_score;
+    acmoe_router_select router_select;
+    acmoe_activation activation;
+    int proj_dim;          /* projected input width, default 8 (XMoE) */
+    float capacity;        /* top-k, Switch: at most ceil(capacity * n * k / E) pairs per expert,
+                              later ranks and tokens dropped; 0 = no limit (the reference).
+                              Expert choice: tokens per expert ceil(capacity * n / E), default 2 */
+    float usmoe_budget;    /* USMoE pairs per token of a group, default top_k; fractional works */
+    float usmoe_rho;       /* default 0.5 */
+    acmoe_group usmoe_group;
+    int seq_len;           /* tokens per sequence, for sequence and position groups */
+    float balance_alpha;   /* Switch balance loss alpha E sum f_j P_j; 0 = off (default) */
+    float balance_temperature; /* P from softmax(z / T); default 1, the reference cosine runs 0.3 */
+    float z_loss;          /* beta mean(logsumexp(z)^2); 0 = off (default) */
+    int ac_max_clusters;   /* AC labels must be below this; default n_experts */
+    int ac_weight_experts; /* AC: the experts see x * W[label] too (the vision variants) */
+    int ac_mix_labels;     /* AC: a token's W row is the gate-weighted mix of its previous
+                              experts' rows (the Soft MoE variant); needs prev_gate */
+    acmoe_ac_desc ac;      /* AC options; zero fields: the language-model defaults */
 } acmoe_moe_desc;
 
 /* What the last forward call did, for inspection; arrays belong to the layer. */
 typedef struct acmoe_moe_stats {
     int n_tokens, top_k, n_experts;
-    const int32_t *expert_index; /* [n_tokens][top_k], best first: the next layer's labels */
-    const float *gate;           /* [n_tokens][top_k] */
-    const int *tokens_per_expert;/* [n_experts] */
-    int nonfinite_logits;        /* replaced by the smallest finite logit of the call */
-    double seconds_routing;      /* last forward and backward, with a context clock */
+    const int32_t *expert_index;  /* [n_tokens][top_k] experts by score, best first: the
+                                     next layer's labels (whatever the selection rule) */
+    const float *gate;            /* [n_tokens][top_k] their softmax over the k */
+    const int *tokens_per_expert; /* [n_experts] pairs each expert processed */
+    int pairs, dropped;           /* (token, expert) pairs processed; dropped by capacity */
+    const int *pair_token;        /* [pairs] the routing itself, in (token, rank) order */
+    const int *pair_expert;
+    const float *pair_gate;
+    float aux_loss;               /* balance and z losses, already scaled; 0 when off */
+    int nonfinite_logits;         /* replaced by the smallest finite logit of the call */
+    double seconds_routing;       /* last forward and backward, with a context clock */
     double seconds_experts;
-    int ac_clusters;             /* AC: rows of W (1 + the largest previous index) */
+    int ac_clusters;              /* AC: rows of W (1 + the largest previous index) */
     float ac_w_min, ac_w_max, ac_w_mean;
 } acmoe_moe_stats;
 
 typedef struct acmoe_moe acmoe_moe;
 
+/* Sets the router fields of desc for one of the letters above; ACMOE_ERR_ARG otherwise. */
+ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *desc, char letter);
 ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *desc, acmoe_moe_desc *out);
 ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc); /* 0 for a bad desc */
 ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *desc, float *params,
@@ -275,13 +337,16 @@ ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *d
 ACMOE_API void acmoe_moe_destroy(acmoe_moe *layer);
 /* PyTorch's defaults for the linear layers; orthogonal rows of norm 0.32 for embeddings. */
 ACMOE_API void acmoe_moe_init_params(acmoe_moe *layer, acmoe_rng *rng);
-/* prev_idx [n][prev_k]: the previous MoE layer's experts (stats.expert_index), needed by the AC
-   router and ignored by the others. x must stay unchanged until the backward call. */
+/* prev_idx, prev_gate [n][prev_k]: the previous MoE layer's stats.expert_index and .gate,
+   needed by AC input (prev_gate only when mixing labels) and ignored otherwise. x must stay
+   unchanged until the backward call. */
 ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n,
-                                         const int32_t *prev_idx, int prev_k, float *out);
-/* Adds the parameter gradients of the last forward call to the gradient buffer and writes
-   dx [n][d_model]. AC weights and labels are constants, as in the reference. One backward call
-   per forward call: it reuses the forward caches, so a second call is ACMOE_ERR_ARG. */
+                                         const int32_t *prev_idx, const float *prev_gate, int prev_k,
+                                         float *out);
+/* Adds the parameter gradients of the last forward call (and of its aux loss) to the gradient
+   buffer and writes dx [n][d_model]. AC weights and labels are constants, as in the
+   reference. One backward call per forward call: it reuses the forward caches, so a second
+   call is ACMOE_ERR_ARG. */
 ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, const float *dout, float *dx);
 ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *layer);
 /* Frozen, the AC router keeps the weights W of the last unfrozen forward call instead of
@@ -1492,45 +1557,74 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
 /* 7. MoE layer                                                                               */
 /* ========================================================================================== */
 
+/* A (token, expert) candidate of a selection rule: higher key first, then lower index. */
+typedef struct acmoe__candidate {
+    float key;
+    int index;
+} acmoe__candidate;
+
 struct acmoe_moe {
     acmoe_moe_desc d;
-    int dr; /* width of the router input: d_model, or xmoe_dim for XMoE */
+    int dr;        /* router input width: d_model, or proj_dim */
+    int h_width;   /* width of W1's output: d_ff, or 2 d_ff for SwiGLU */
+    int max_pairs; /* (token, expert) pairs one call can make */
     /* parameter views and their gradients */
     float *wr, *br, *emb, *proj, *w1, *b1, *w2, *b2;
     float *g_wr, *g_br, *g_emb, *g_proj, *g_w1, *g_b1, *g_w2, *g_b2;
     /* workspace, sized for max_tokens */
     void *memory;
-    float *xr, *dxr;           /* router input [T][dr] (XMoE: x R^T; AC: x * W[label]) */
-    float *ehat, *dehat;       /* unit expert embeddings [E][dr] */
-    float *emb_norm;           /* [E] */
-    float *logits, *probs, *dz; /* [T][E] */
-    float *gate, *dgate;       /* [T][k] */
-    int32_t *idx;              /* [T][k] */
+    float *xr, *dxr, *wtok;    /* router input, its gradient, AC weights per token [T][..] */
+    float *ehat, *dehat, *emb_norm; /* unit expert embeddings [E][dr], their norms [E] */
+    float *logits, *probs, *sig, *dz; /* [T][E] */
+    float *balance_q;          /* [T][E] softmax(z / T) of the balance loss */
+    int32_t *top_idx;          /* [T][k] experts by score, for the next layer */
+    float *top_gate;           /* [T][k] */
     int32_t *labels;           /* [T] AC cluster of each token */
     float *ac_w, *ac_mu;       /* [ac_max_clusters][d] */
     int *ac_count;             /* [ac_max_clusters] */
-    int *count, *offset, *cursor; /* per expert; offset has E + 1 entries */
-    int *slot_of, *slot_token; /* [T][k] gathered position; [T*k] its token */
-    float *xe, *h, *a, *ye;    /* gathered rows [S][d], hidden [S][d_ff] twice, outputs [S][d] */
+    int *mark;                 /* [T][E] selected pairs, for the group rules */
+    acmoe__candidate *cand;    /* [T][E] selection scratch */
+    int *pair_token, *pair_expert, *pair_rank, *pair_slot; /* [P], in (token, rank) order */
+    float *pair_gate, *pair_dgate;
+    int *count, *offset, *cursor, *slot_pair; /* per expert (offset: E + 1); [P] */
+    float *xe, *h, *a, *ye;    /* gathered rows [P][d], hidden [P][h_width], [P][d_ff], out [P][d] */
     /* the last forward call */
     const float *x;
-    int n, cached; /* tokens of the last forward call; whether backward may use its caches */
-    int ac_rows, ac_frozen, ac_ready, nonfinite;
+    int n, cached, n_pairs, dropped, nonfinite;
+    float aux_loss;
+    int ac_rows, ac_frozen, ac_ready;
     double seconds_routing, seconds_experts;
 };
 
-/* Adds the time since *mark to *total and moves the mark (no-op without a context clock). */
-static void acmoe__lap(const acmoe_ctx *ctx, double *mark, double *total) {
-    double now;
-    if (!ctx->desc.clock) return;
-    now = ctx->desc.clock();
-    *total += now - *mark;
-    *mark = now;
+ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
+    static const struct {
+        char letter;
+        acmoe_router_input input;
+        acmoe_router_score score;
+        acmoe_router_select select;
+    } presets[] = {
+        {'g', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_TOPK},
+        {'s', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_SWITCH},
+        {'o', ACMOE_INPUT_TOKEN, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
+        {'x', ACMOE_INPUT_PROJECTED, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
+        {'c', ACMOE_INPUT_AC, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
+        {'u', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_USMOE},
+        {'e', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_EXPERT_CHOICE},
+    };
+    size_t i;
+    if (!d) return ACMOE_ERR_NULL;
+    for (i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        if (presets[i].letter != letter) continue;
+        d->router_input = presets[i].input;
+        d->router_score = presets[i].score;
+        d->router_select = presets[i].select;
+        if (letter == 's') d->top_k = 1;
+        return ACMOE_OK;
+    }
+    return ACMOE_ERR_ARG;
 }
 
-static double acmoe__clock_start(const acmoe_ctx *ctx) { return ctx->desc.clock ? ctx->desc.clock() : 0.0; }
-
-static int acmoe__router_uses_linear(acmoe_router r) { return r == ACMOE_ROUTER_SMOE || r == ACMOE_ROUTER_SWITCH; }
+static int acmoe__valid_enum(int value, int count) { return value >= 0 && value < count; }
 
 ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_desc *out) {
     acmoe_moe_desc d;
@@ -1538,14 +1632,28 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (!in || !out) return ACMOE_ERR_NULL;
     d = *in;
     if (!d.top_k) d.top_k = 2;
-    if (!d.xmoe_dim) d.xmoe_dim = 8;
+    if (!d.proj_dim) d.proj_dim = 8;
     if (!d.ac_max_clusters) d.ac_max_clusters = d.n_experts;
+    if (d.capacity == 0.0f && d.router_select == ACMOE_SELECT_EXPERT_CHOICE) d.capacity = 2.0f;
+    if (d.usmoe_budget == 0.0f) d.usmoe_budget = (float)d.top_k;
+    if (d.usmoe_rho == 0.0f) d.usmoe_rho = 0.5f;
+    if (d.balance_temperature == 0.0f) d.balance_temperature = 1.0f;
     if (d.d_model < 1 || d.d_ff < 1 || d.n_experts < 1 || d.max_tokens < 1 || d.top_k < 1 ||
-        d.top_k > d.n_experts || d.xmoe_dim < 1 || d.ac_max_clusters < 1)
+        d.top_k > d.n_experts || d.proj_dim < 1 || d.ac_max_clusters < 1 || d.seq_len < 0)
         return ACMOE_ERR_SHAPE;
-    if ((int)d.router < 0 || d.router >= ACMOE_ROUTER_COUNT) return ACMOE_ERR_ARG;
-    if ((int)d.activation < 0 || d.activation >= ACMOE_ACT_COUNT) return ACMOE_ERR_ARG;
-    if (d.ac_max_clusters > ACMOE__AC_MAX_CLUSTERS) return ACMOE_ERR_ARG;
+    if (!acmoe__valid_enum((int)d.router_input, ACMOE_INPUT_COUNT) ||
+        !acmoe__valid_enum((int)d.router_score, ACMOE_SCORE_COUNT) ||
+        !acmoe__valid_enum((int)d.router_select, ACMOE_SELECT_COUNT) ||
+        !acmoe__valid_enum((int)d.usmoe_group, ACMOE_GROUP_COUNT) ||
+        !acmoe__valid_enum((int)d.activation, ACMOE_ACT_COUNT))
+        return ACMOE_ERR_ARG;
+    if (!(d.capacity >= 0.0f && d.capacity <= 1e4f) || !(d.usmoe_budget > 0.0f && d.usmoe_budget <= (float)d.n_experts) ||
+        !(d.usmoe_rho >= 0.0f && d.usmoe_rho <= 1.0f) || !(d.balance_alpha >= 0.0f && d.balance_alpha < 1e6f) ||
+        !(d.balance_temperature > 0.0f && d.balance_temperature < 1e6f) || !(d.z_loss >= 0.0f && d.z_loss < 1e6f) ||
+        d.ac_max_clusters > ACMOE__AC_MAX_CLUSTERS)
+        return ACMOE_ERR_ARG;
+    if (d.usmoe_group != ACMOE_GROUP_BATCH && d.router_select == ACMOE_SELECT_USMOE && d.seq_len < 1)
+        return ACMOE_ERR_ARG; /* sequence and position groups need seq_len */
     s = acmoe__ac_resolve(&in->ac, &d.ac);
     if (s != ACMOE_OK) return s;
     *out = d;
@@ -1555,22 +1663,22 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
 /* Lays the parameters out in params (or only counts them when params is NULL). */
 static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads) {
     const acmoe_moe_desc *d = &L->d;
-    size_t used = 0;
+    size_t used = 0, e = (size_t)d->n_experts;
     float **views[8][2];
     size_t sizes[8];
     int i, n = 0;
 #define ACMOE__VIEW(field, count) (views[n][0] = &L->field, views[n][1] = &L->g_##field, sizes[n++] = (count))
-    if (acmoe__router_uses_linear(d->router)) {
-        ACMOE__VIEW(wr, (size_t)d->n_experts * d->d_model);
-        ACMOE__VIEW(br, (size_t)d->n_experts);
+    if (d->router_input == ACMOE_INPUT_PROJECTED) ACMOE__VIEW(proj, (size_t)d->proj_dim * d->d_model);
+    if (d->router_score == ACMOE_SCORE_LINEAR) {
+        ACMOE__VIEW(wr, e * L->dr);
+        ACMOE__VIEW(br, e);
     } else {
-        if (d->router == ACMOE_ROUTER_XMOE) ACMOE__VIEW(proj, (size_t)d->xmoe_dim * d->d_model);
-        ACMOE__VIEW(emb, (size_t)d->n_experts * L->dr);
+        ACMOE__VIEW(emb, e * L->dr);
     }
-    ACMOE__VIEW(w1, (size_t)d->n_experts * d->d_ff * d->d_model);
-    ACMOE__VIEW(b1, (size_t)d->n_experts * d->d_ff);
-    ACMOE__VIEW(w2, (size_t)d->n_experts * d->d_model * d->d_ff);
-    ACMOE__VIEW(b2, (size_t)d->n_experts * d->d_model);
+    ACMOE__VIEW(w1, e * L->h_width * d->d_model);
+    ACMOE__VIEW(b1, e * L->h_width);
+    ACMOE__VIEW(w2, e * d->d_model * d->d_ff);
+    ACMOE__VIEW(b2, e * d->d_model);
 #undef ACMOE__VIEW
     for (i = 0; i < n; i++) {
         if (params) *views[i][0] = params + used, *views[i][1] = grads + used;
@@ -1579,11 +1687,24 @@ static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads) {
     return used;
 }
 
+/* Widths and the pair bound that follow from a resolved descriptor. */
+static void acmoe__moe_shape(acmoe_moe *L) {
+    const acmoe_moe_desc *d = &L->d;
+    double per_token = d->top_k;
+    L->dr = d->router_input == ACMOE_INPUT_PROJECTED ? d->proj_dim : d->d_model;
+    L->h_width = d->activation == ACMOE_ACT_SWIGLU ? 2 * d->d_ff : d->d_ff;
+    /* group budgets round up to one pair per group, capacities to one token per expert */
+    if (d->router_select == ACMOE_SELECT_USMOE) per_token = (double)d->usmoe_budget + 1.0;
+    if (d->router_select == ACMOE_SELECT_EXPERT_CHOICE) per_token = (double)d->capacity + 1.0;
+    per_token = ACMOE__MIN(per_token, (double)d->n_experts);
+    L->max_pairs = (int)ACMOE__MIN(ceil(per_token * d->max_tokens) + d->n_experts, (double)d->max_tokens * d->n_experts);
+}
+
 ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc) {
     acmoe_moe layer;
     memset(&layer, 0, sizeof layer);
     if (acmoe_moe_resolve(desc, &layer.d) != ACMOE_OK) return 0;
-    layer.dr = layer.d.router == ACMOE_ROUTER_XMOE ? layer.d.xmoe_dim : layer.d.d_model;
+    acmoe__moe_shape(&layer);
     return acmoe__moe_params(&layer, NULL, NULL);
 }
 
@@ -1597,34 +1718,43 @@ static void *acmoe__carve(unsigned char *base, size_t *used, size_t bytes) {
 /* Lays the workspace out in base (or only measures it when base is NULL). */
 static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     const acmoe_moe_desc *d = &L->d;
-    const size_t t = (size_t)d->max_tokens, e = (size_t)d->n_experts, k = (size_t)d->top_k, slots = t * k;
-    const size_t dm = (size_t)d->d_model, ff = (size_t)d->d_ff, dr = (size_t)L->dr, kc = (size_t)d->ac_max_clusters;
+    const size_t t = (size_t)d->max_tokens, e = (size_t)d->n_experts, k = (size_t)d->top_k, p = (size_t)L->max_pairs;
+    const size_t dm = (size_t)d->d_model, dr = (size_t)L->dr, kc = (size_t)d->ac_max_clusters;
+    const size_t f = sizeof(float), i = sizeof(int);
     size_t used = 0;
-    const size_t f = sizeof(float), i = sizeof(int32_t);
     L->xr = (float *)acmoe__carve(base, &used, t * dr * f);
     L->dxr = (float *)acmoe__carve(base, &used, t * dr * f);
+    L->wtok = (float *)acmoe__carve(base, &used, (d->router_input == ACMOE_INPUT_AC ? t * dm : 1) * f);
     L->ehat = (float *)acmoe__carve(base, &used, e * dr * f);
     L->dehat = (float *)acmoe__carve(base, &used, e * dr * f);
     L->emb_norm = (float *)acmoe__carve(base, &used, e * f);
     L->logits = (float *)acmoe__carve(base, &used, t * e * f);
     L->probs = (float *)acmoe__carve(base, &used, t * e * f);
+    L->sig = (float *)acmoe__carve(base, &used, t * e * f);
     L->dz = (float *)acmoe__carve(base, &used, t * e * f);
-    L->gate = (float *)acmoe__carve(base, &used, t * k * f);
-    L->dgate = (float *)acmoe__carve(base, &used, t * k * f);
-    L->idx = (int32_t *)acmoe__carve(base, &used, t * k * i);
-    L->labels = (int32_t *)acmoe__carve(base, &used, t * i);
-    L->ac_w = (float *)acmoe__carve(base, &used, kc * dm * f);
-    L->ac_mu = (float *)acmoe__carve(base, &used, kc * dm * f);
-    L->ac_count = (int *)acmoe__carve(base, &used, kc * sizeof(int));
-    L->count = (int *)acmoe__carve(base, &used, e * sizeof(int));
-    L->offset = (int *)acmoe__carve(base, &used, (e + 1) * sizeof(int));
-    L->cursor = (int *)acmoe__carve(base, &used, e * sizeof(int));
-    L->slot_of = (int *)acmoe__carve(base, &used, slots * sizeof(int));
-    L->slot_token = (int *)acmoe__carve(base, &used, slots * sizeof(int));
-    L->xe = (float *)acmoe__carve(base, &used, slots * dm * f);
-    L->h = (float *)acmoe__carve(base, &used, slots * ff * f);
-    L->a = (float *)acmoe__carve(base, &used, slots * ff * f);
-    L->ye = (float *)acmoe__carve(base, &used, slots * dm * f);
+    L->balance_q = (float *)acmoe__carve(base, &used, (d->balance_alpha > 0.0f ? t * e : 1) * f);
+    L->top_idx = (int32_t *)acmoe__carve(base, &used, t * k * sizeof(int32_t));
+    L->top_gate = (float *)acmoe__carve(base, &used, t * k * f);
+    L->labels = (int32_t *)acmoe__carve(base, &used, t * sizeof(int32_t));
+    L->ac_w = (float *)acmoe__carve(base, &used, (d->router_input == ACMOE_INPUT_AC ? kc * dm : 1) * f);
+    L->ac_mu = (float *)acmoe__carve(base, &used, (d->router_input == ACMOE_INPUT_AC ? kc * dm : 1) * f);
+    L->ac_count = (int *)acmoe__carve(base, &used, kc * i);
+    L->mark = (int *)acmoe__carve(base, &used, t * e * i);
+    L->cand = (acmoe__candidate *)acmoe__carve(base, &used, t * e * sizeof(acmoe__candidate));
+    L->pair_token = (int *)acmoe__carve(base, &used, p * i);
+    L->pair_expert = (int *)acmoe__carve(base, &used, p * i);
+    L->pair_rank = (int *)acmoe__carve(base, &used, p * i);
+    L->pair_slot = (int *)acmoe__carve(base, &used, p * i);
+    L->pair_gate = (float *)acmoe__carve(base, &used, p * f);
+    L->pair_dgate = (float *)acmoe__carve(base, &used, p * f);
+    L->count = (int *)acmoe__carve(base, &used, e * i);
+    L->offset = (int *)acmoe__carve(base, &used, (e + 1) * i);
+    L->cursor = (int *)acmoe__carve(base, &used, e * i);
+    L->slot_pair = (int *)acmoe__carve(base, &used, p * i);
+    L->xe = (float *)acmoe__carve(base, &used, p * dm * f);
+    L->h = (float *)acmoe__carve(base, &used, p * (size_t)L->h_width * f);
+    L->a = (float *)acmoe__carve(base, &used, p * (size_t)d->d_ff * f);
+    L->ye = (float *)acmoe__carve(base, &used, p * dm * f);
     return used;
 }
 
@@ -1649,7 +1779,7 @@ ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *d
         ACMOE_FREE(L);
         return s;
     }
-    L->dr = L->d.router == ACMOE_ROUTER_XMOE ? L->d.xmoe_dim : L->d.d_model;
+    acmoe__moe_shape(L);
     acmoe__moe_params(L, params, grads);
     bytes = acmoe__moe_workspace(L, NULL);
     L->memory = acmoe__aligned_alloc(bytes);
@@ -1694,12 +1824,12 @@ static void acmoe__init_orthogonal(acmoe_rng *rng, float *p, int rows, int cols,
 ACMOE_API void acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
     const acmoe_moe_desc *d = &L->d;
     size_t e = (size_t)d->n_experts;
-    if (L->wr) acmoe__init_uniform(rng, L->wr, e * d->d_model, d->d_model);
-    if (L->br) acmoe__init_uniform(rng, L->br, e, d->d_model);
-    if (L->proj) acmoe__init_uniform(rng, L->proj, (size_t)d->xmoe_dim * d->d_model, d->d_model);
+    if (L->proj) acmoe__init_uniform(rng, L->proj, (size_t)d->proj_dim * d->d_model, d->d_model);
+    if (L->wr) acmoe__init_uniform(rng, L->wr, e * L->dr, L->dr);
+    if (L->br) acmoe__init_uniform(rng, L->br, e, L->dr);
     if (L->emb) acmoe__init_orthogonal(rng, L->emb, d->n_experts, L->dr, 0.32f);
-    acmoe__init_uniform(rng, L->w1, e * d->d_ff * d->d_model, d->d_model);
-    acmoe__init_uniform(rng, L->b1, e * d->d_ff, d->d_model);
+    acmoe__init_uniform(rng, L->w1, e * L->h_width * d->d_model, d->d_model);
+    acmoe__init_uniform(rng, L->b1, e * L->h_width, d->d_model);
     acmoe__init_uniform(rng, L->w2, e * d->d_model * d->d_ff, d->d_ff);
     acmoe__init_uniform(rng, L->b2, e * d->d_model, d->d_ff);
 }
@@ -1707,6 +1837,19 @@ ACMOE_API void acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen) {
     if (layer) layer->ac_frozen = frozen != 0;
 }
+
+/* Adds the time since *mark to *total and moves the mark (no-op without a context clock). */
+static void acmoe__lap(const acmoe_ctx *ctx, double *mark, double *total) {
+    double now;
+    if (!ctx->desc.clock) return;
+    now = ctx->desc.clock();
+    *total += now - *mark;
+    *mark = now;
+}
+
+static double acmoe__clock_start(const acmoe_ctx *ctx) { return ctx->desc.clock ? ctx->desc.clock() : 0.0; }
+
+/* ---- elementwise pieces ---- */
 
 /* rows x cols += bias per column */
 static void acmoe__add_bias(float *x, int rows, int cols, const float *bias) {
@@ -1728,155 +1871,53 @@ static float acmoe__gelu_grad(float x) {
     return 0.5f * (1.0f + erff(x * 0.70710678f)) + x * 0.39894228f * expf(-0.5f * x * x);
 }
 
-/* One loop per activation, so the ReLU ones vectorise. */
-static void acmoe__activate(acmoe_activation act, const float *h, float *a, size_t n) {
-    size_t i;
-    if (act == ACMOE_ACT_RELU)
+static float acmoe__sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* a [rows][d_ff] = act(h [rows][h_width]); one loop per activation so ReLU vectorises. */
+static void acmoe__activate(acmoe_activation act, const float *h, float *a, int rows, int ff) {
+    size_t i, n = (size_t)rows * ff;
+    int r, c;
+    if (act == ACMOE_ACT_RELU) {
         for (i = 0; i < n; i++) a[i] = h[i] > 0.0f ? h[i] : 0.0f;
-    else
+    } else if (act == ACMOE_ACT_GELU) {
         for (i = 0; i < n; i++) a[i] = acmoe__gelu(h[i]);
+    } else { /* SwiGLU: the first half of each row gates the second */
+        for (r = 0; r < rows; r++) {
+            const float *g = h + (size_t)r * 2 * ff, *u = g + ff;
+            for (c = 0; c < ff; c++) a[(size_t)r * ff + c] = g[c] * acmoe__sigmoid(g[c]) * u[c];
+        }
+    }
 }
 
 /* dh = da * act'(h), written over h */
-static void acmoe__activate_backward(acmoe_activation act, float *h, const float *da, size_t n) {
-    size_t i;
-    if (act == ACMOE_ACT_RELU)
+static void acmoe__activate_backward(acmoe_activation act, float *h, const float *da, int rows, int ff) {
+    size_t i, n = (size_t)rows * ff;
+    int r, c;
+    if (act == ACMOE_ACT_RELU) {
         for (i = 0; i < n; i++) h[i] = h[i] > 0.0f ? da[i] : 0.0f;
-    else
+    } else if (act == ACMOE_ACT_GELU) {
         for (i = 0; i < n; i++) h[i] = da[i] * acmoe__gelu_grad(h[i]);
-}
-
-/* Re-projects the embedding rows to norm 1.5 (in place, no gradient, as the reference does
-   every forward call) and writes their unit rows. */
-static void acmoe__reproject_embeddings(acmoe_moe *L) {
-    int j, q, dr = L->dr;
-    for (j = 0; j < L->d.n_experts; j++) {
-        float *e = L->emb + (size_t)j * dr;
-        double sq = 0.0;
-        float norm, scale;
-        for (q = 0; q < dr; q++) sq += (double)e[q] * e[q];
-        norm = (float)ACMOE__MAX(sqrt(sq), 1e-4);
-        scale = 1.5f / norm;
-        for (q = 0; q < dr; q++) e[q] *= scale;
-        L->emb_norm[j] = 1.5f;
-        for (q = 0; q < dr; q++) L->ehat[(size_t)j * dr + q] = e[q] / 1.5f;
+    } else {
+        for (r = 0; r < rows; r++) {
+            float *g = h + (size_t)r * 2 * ff, *u = g + ff;
+            for (c = 0; c < ff; c++) {
+                float sg = acmoe__sigmoid(g[c]), silu = g[c] * sg, d = da[(size_t)r * ff + c];
+                g[c] = d * u[c] * sg * (1.0f + g[c] * (1.0f - sg));
+                u[c] = d * silu;
+            }
+        }
     }
 }
 
-/* AC: cluster labels, the weights W (unless frozen) and the router input x * W[label]. */
-static acmoe_status acmoe__ac_router_input(acmoe_moe *L, const float *x, int n, const int32_t *prev_idx, int prev_k) {
-    const int dm = L->d.d_model;
-    int t, q, top;
-    if (!prev_idx) return ACMOE_ERR_NULL;
-    if (prev_k < 1) return ACMOE_ERR_SHAPE;
-    top = acmoe__max_label(prev_idx, (size_t)n * prev_k);
-    if (top < 0 || top >= L->d.ac_max_clusters) return ACMOE_ERR_ARG;
-    for (t = 0; t < n; t++) L->labels[t] = prev_idx[(size_t)t * prev_k];
-    if (!L->ac_frozen || !L->ac_ready) {
-        L->ac_rows = top + 1;
-        acmoe__ac_dispersion(&L->d.ac, x, n, dm, L->labels, 1, L->ac_rows, L->ac_mu, L->ac_w, L->ac_count);
-        acmoe__ac_weights(&L->d.ac, L->ac_w, L->ac_rows, dm, L->ac_count);
-        L->ac_ready = 1;
-    } else if (top >= L->ac_rows) {
-        return ACMOE_ERR_ARG; /* a frozen W has no row for this cluster */
-    }
-    for (t = 0; t < n; t++) {
-        const float *wt = L->ac_w + (size_t)L->labels[t] * dm;
-        for (q = 0; q < dm; q++) L->xr[(size_t)t * dm + q] = x[(size_t)t * dm + q] * wt[q];
-    }
-    return ACMOE_OK;
-}
-
-/* Router logits [n][E] of the router input. */
-static acmoe_status acmoe__router_logits(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n,
-                                         const int32_t *prev_idx, int prev_k) {
-    const acmoe_moe_desc *d = &L->d;
-    const float *input = x;
-    acmoe_status s = ACMOE_OK;
-    if (acmoe__router_uses_linear(d->router)) {
-        s = acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, d->d_model, x, d->d_model, L->wr, d->d_model, L->logits,
-                         d->n_experts, 0);
-        if (s == ACMOE_OK) acmoe__add_bias(L->logits, n, d->n_experts, L->br);
-        return s;
-    }
-    acmoe__reproject_embeddings(L);
-    if (d->router == ACMOE_ROUTER_XMOE) {
-        s = acmoe_matmul(ctx, ACMOE_NT, n, d->xmoe_dim, d->d_model, x, d->d_model, L->proj, d->d_model, L->xr,
-                         d->xmoe_dim, 0);
-        input = L->xr;
-    } else if (d->router == ACMOE_ROUTER_AC) {
-        s = acmoe__ac_router_input(L, x, n, prev_idx, prev_k);
-        input = L->xr;
-    }
-    if (s != ACMOE_OK) return s;
-    return acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, input, L->dr, L->ehat, L->dr, L->logits,
-                        d->n_experts, 0);
-}
-
-/* Switch gates: the full softmax probability of each selected expert. */
-static void acmoe__switch_gates(acmoe_moe *L, int n) {
-    const int e = L->d.n_experts, k = L->d.top_k;
+/* Each row of z [rows][e] to its softmax over the row, scaled by 1 / temperature. */
+static void acmoe__softmax_rows(const float *z, float *p, int rows, int e, float temperature) {
     int t, j;
-    for (t = 0; t < n; t++) {
-        const float *z = L->logits + (size_t)t * e;
-        float *p = L->probs + (size_t)t * e, top = z[L->idx[(size_t)t * k]], sum = 0.0f;
-        for (j = 0; j < e; j++) sum += p[j] = expf(z[j] - top);
-        for (j = 0; j < e; j++) p[j] /= sum;
-        for (j = 0; j < k; j++) L->gate[(size_t)t * k + j] = p[L->idx[(size_t)t * k + j]];
-    }
-}
-
-/* Counting sort of the (token, slot) pairs by expert, in token order within each expert. */
-static void acmoe__dispatch(acmoe_moe *L, int n) {
-    const int e = L->d.n_experts, k = L->d.top_k;
-    int t, s, j;
-    memset(L->count, 0, sizeof(int) * (size_t)e);
-    for (t = 0; t < n * k; t++) L->count[L->idx[t]]++;
-    L->offset[0] = 0;
-    for (j = 0; j < e; j++) L->offset[j + 1] = L->offset[j] + L->count[j], L->cursor[j] = L->offset[j];
-    for (t = 0; t < n; t++)
-        for (s = 0; s < k; s++) {
-            int pos = L->cursor[L->idx[(size_t)t * k + s]]++;
-            L->slot_of[(size_t)t * k + s] = pos;
-            L->slot_token[pos] = t;
-        }
-}
-
-/* The experts on their gathered rows: ye = W2 act(W1 xe + b1) + b2, one matmul pair each. */
-static acmoe_status acmoe__experts_forward(acmoe_moe *L, acmoe_ctx *ctx, const float *x) {
-    const acmoe_moe_desc *d = &L->d;
-    const int dm = d->d_model, ff = d->d_ff;
-    int j, p;
-    acmoe_status s = ACMOE_OK;
-    for (p = 0; p < L->offset[d->n_experts]; p++)
-        memcpy(L->xe + (size_t)p * dm, x + (size_t)L->slot_token[p] * dm, sizeof(float) * (size_t)dm);
-    for (j = 0; j < d->n_experts && s == ACMOE_OK; j++) {
-        int rows = L->count[j];
-        size_t at = (size_t)L->offset[j];
-        float *h = L->h + at * ff, *a = L->a + at * ff, *ye = L->ye + at * dm;
-        if (!rows) continue;
-        s = acmoe_matmul(ctx, ACMOE_NT, rows, ff, dm, L->xe + at * dm, dm, L->w1 + (size_t)j * ff * dm, dm, h, ff, 0);
-        if (s != ACMOE_OK) break;
-        acmoe__add_bias(h, rows, ff, L->b1 + (size_t)j * ff);
-        acmoe__activate(d->activation, h, a, (size_t)rows * ff);
-        s = acmoe_matmul(ctx, ACMOE_NT, rows, dm, ff, a, ff, L->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
-        if (s == ACMOE_OK) acmoe__add_bias(ye, rows, dm, L->b2 + (size_t)j * dm);
-    }
-    return s;
-}
-
-/* out[t] = sum over slots, in order, of gate * expert output. */
-static void acmoe__combine(const acmoe_moe *L, int n, float *out) {
-    const int dm = L->d.d_model, k = L->d.top_k;
-    int t, s, q;
-    for (t = 0; t < n; t++) {
-        float *o = out + (size_t)t * dm;
-        memset(o, 0, sizeof(float) * (size_t)dm);
-        for (s = 0; s < k; s++) {
-            float g = L->gate[(size_t)t * k + s];
-            const float *y = L->ye + (size_t)L->slot_of[(size_t)t * k + s] * dm;
-            for (q = 0; q < dm; q++) o[q] += g * y[q];
-        }
+    for (t = 0; t < rows; t++) {
+        const float *zt = z + (size_t)t * e;
+        float *pt = p + (size_t)t * e, top = zt[0], sum = 0.0f;
+        for (j = 1; j < e; j++) top = ACMOE__MAX(top, zt[j]);
+        for (j = 0; j < e; j++) sum += pt[j] = expf((zt[j] - top) / temperature);
+        for (j = 0; j < e; j++) pt[j] /= sum;
     }
 }
 
@@ -1887,30 +1928,348 @@ static int acmoe__count_nonfinite(const float *x, size_t n) {
     return count;
 }
 
+/* ---- router input and score ---- */
+
+/* Re-projects the embedding rows to norm 1.5 (in place, no gradient, as the reference does
+   every forward call) and writes their unit rows. */
+static void acmoe__reproject_embeddings(acmoe_moe *L) {
+    int j, q, dr = L->dr;
+    for (j = 0; j < L->d.n_experts; j++) {
+        float *e = L->emb + (size_t)j * dr;
+        double sq = 0.0;
+        float scale;
+        for (q = 0; q < dr; q++) sq += (double)e[q] * e[q];
+        scale = 1.5f / (float)ACMOE__MAX(sqrt(sq), 1e-4);
+        for (q = 0; q < dr; q++) e[q] *= scale;
+        L->emb_norm[j] = 1.5f;
+        for (q = 0; q < dr; q++) L->ehat[(size_t)j * dr + q] = e[q] / 1.5f;
+    }
+}
+
+/* AC: labels, the weights W (unless frozen) and each token's row of W, mixed over the
+   previous experts by their gates when asked. */
+static acmoe_status acmoe__ac_token_weights(acmoe_moe *L, const float *x, int n, const int32_t *prev_idx,
+                                            const float *prev_gate, int prev_k) {
+    const int dm = L->d.d_model;
+    int t, s, q, top;
+    if (!prev_idx || (L->d.ac_mix_labels && !prev_gate)) return ACMOE_ERR_NULL;
+    if (prev_k < 1) return ACMOE_ERR_SHAPE;
+    top = acmoe__max_label(prev_idx, (size_t)n * prev_k);
+    if (top < 0 || top >= L->d.ac_max_clusters) return ACMOE_ERR_ARG;
+    if (L->d.ac_mix_labels && !acmoe__all_finite(prev_gate, (size_t)n * prev_k)) return ACMOE_ERR_NONFINITE;
+    for (t = 0; t < n; t++) L->labels[t] = prev_idx[(size_t)t * prev_k];
+    if (!L->ac_frozen || !L->ac_ready) {
+        L->ac_rows = top + 1;
+        acmoe__ac_dispersion(&L->d.ac, x, n, dm, L->labels, 1, L->ac_rows, L->ac_mu, L->ac_w, L->ac_count);
+        acmoe__ac_weights(&L->d.ac, L->ac_w, L->ac_rows, dm, L->ac_count);
+        L->ac_ready = 1;
+    } else if (top >= L->ac_rows) {
+        return ACMOE_ERR_ARG; /* a frozen W has no row for this cluster */
+    }
+    for (t = 0; t < n; t++) {
+        float *w = L->wtok + (size_t)t * dm;
+        if (!L->d.ac_mix_labels) {
+            memcpy(w, L->ac_w + (size_t)L->labels[t] * dm, sizeof(float) * (size_t)dm);
+            continue;
+        }
+        memset(w, 0, sizeof(float) * (size_t)dm);
+        for (s = 0; s < prev_k; s++) {
+            const float *row = L->ac_w + (size_t)prev_idx[(size_t)t * prev_k + s] * dm;
+            float g = prev_gate[(size_t)t * prev_k + s];
+            for (q = 0; q < dm; q++) w[q] += g * row[q];
+        }
+    }
+    return ACMOE_OK;
+}
+
+/* The router input u [n][dr]: x itself, x R^T, or x * W[label]. */
+static acmoe_status acmoe__router_input(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n, const int32_t *prev_idx,
+                                        const float *prev_gate, int prev_k, const float **u) {
+    const acmoe_moe_desc *d = &L->d;
+    acmoe_status s;
+    size_t i;
+    *u = x;
+    if (d->router_input == ACMOE_INPUT_PROJECTED) {
+        *u = L->xr;
+        return acmoe_matmul(ctx, ACMOE_NT, n, d->proj_dim, d->d_model, x, d->d_model, L->proj, d->d_model, L->xr,
+                            d->proj_dim, 0);
+    }
+    if (d->router_input != ACMOE_INPUT_AC) return ACMOE_OK;
+    s = acmoe__ac_token_weights(L, x, n, prev_idx, prev_gate, prev_k);
+    if (s != ACMOE_OK) return s;
+    for (i = 0; i < (size_t)n * d->d_model; i++) L->xr[i] = x[i] * L->wtok[i];
+    *u = L->xr;
+    return ACMOE_OK;
+}
+
+/* Logits [n][E] of the router input u. */
+static acmoe_status acmoe__router_score(acmoe_moe *L, acmoe_ctx *ctx, const float *u, int n) {
+    const acmoe_moe_desc *d = &L->d;
+    acmoe_status s;
+    if (d->router_score == ACMOE_SCORE_LINEAR) {
+        s = acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, u, L->dr, L->wr, L->dr, L->logits, d->n_experts, 0);
+        if (s == ACMOE_OK) acmoe__add_bias(L->logits, n, d->n_experts, L->br);
+        return s;
+    }
+    acmoe__reproject_embeddings(L);
+    return acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, u, L->dr, L->ehat, L->dr, L->logits, d->n_experts, 0);
+}
+
+/* ---- selection: (token, expert, gate) pairs in (token, rank) order ---- */
+
+static void acmoe__add_pair(acmoe_moe *L, int t, int j, int rank, float gate) {
+    int p = L->n_pairs++;
+    L->pair_token[p] = t;
+    L->pair_expert[p] = j;
+    L->pair_rank[p] = rank;
+    L->pair_gate[p] = gate;
+}
+
+/* Top-k and Switch: the k best experts of each token. With a capacity, each expert takes
+   pairs rank by rank, in token order, until it is full; the rest are dropped. */
+static void acmoe__select_per_token(acmoe_moe *L, int n) {
+    const int e = L->d.n_experts, k = L->d.top_k, switch_gate = L->d.router_select == ACMOE_SELECT_SWITCH;
+    int t, s, cap = L->d.capacity > 0.0f ? (int)ceil((double)L->d.capacity * n * k / e) : n * k;
+    int *keep = L->mark; /* [n][k] */
+    memset(L->count, 0, sizeof(int) * (size_t)e);
+    for (s = 0; s < k; s++)
+        for (t = 0; t < n; t++) {
+            int j = L->top_idx[(size_t)t * k + s];
+            keep[(size_t)t * k + s] = L->count[j] < cap;
+            L->count[j] += keep[(size_t)t * k + s];
+        }
+    L->n_pairs = L->dropped = 0;
+    for (t = 0; t < n; t++)
+        for (s = 0; s < k; s++) {
+            int j = L->top_idx[(size_t)t * k + s];
+            if (!keep[(size_t)t * k + s]) {
+                L->dropped++;
+                continue;
+            }
+            acmoe__add_pair(L, t, j, s, switch_gate ? L->probs[(size_t)t * e + j] : L->top_gate[(size_t)t * k + s]);
+        }
+}
+
+static int acmoe__candidate_order(const void *x, const void *y) {
+    const acmoe__candidate *a = (const acmoe__candidate *)x, *b = (const acmoe__candidate *)y;
+    if (a->key != b->key) return a->key > b->key ? -1 : 1;
+    return (a->index > b->index) - (a->index < b->index);
+}
+
+/* Marks the best `budget` of count candidates (indices into mark). */
+static void acmoe__mark_best(acmoe__candidate *cand, int count, int budget, int *mark) {
+    int i;
+    qsort(cand, (size_t)count, sizeof *cand, acmoe__candidate_order);
+    for (i = 0; i < budget && i < count; i++) mark[cand[i].index] = 1;
+}
+
+/* Pairs of the marked (token, expert) entries, each token's by descending gate. */
+static void acmoe__pairs_from_marks(acmoe_moe *L, int n, const float *gate_of) {
+    const int e = L->d.n_experts;
+    int t, j, c;
+    L->n_pairs = L->dropped = 0;
+    for (t = 0; t < n; t++) {
+        int chosen = 0;
+        for (j = 0; j < e; j++)
+            if (L->mark[(size_t)t * e + j]) {
+                L->cand[chosen].key = gate_of[(size_t)t * e + j];
+                L->cand[chosen++].index = j;
+            }
+        qsort(L->cand, (size_t)chosen, sizeof *L->cand, acmoe__candidate_order);
+        for (c = 0; c < chosen; c++) acmoe__add_pair(L, t, L->cand[c].index, c, gate_of[(size_t)t * e + L->cand[c].index]);
+    }
+}
+
+/* Tokens of group g: (first, stride, count) for the group rule. */
+static int acmoe__group(const acmoe_moe *L, int n, int g, int *first, int *stride) {
+    int len = L->d.seq_len;
+    switch (L->d.usmoe_group) {
+    case ACMOE_GROUP_SEQUENCE: *first = g * len, *stride = 1; return g * len < n ? len : 0;
+    case ACMOE_GROUP_POSITION: *first = g, *stride = len; return g < len ? n / len : 0;
+    default: *first = 0, *stride = 1; return g == 0 ? n : 0;
+    }
+}
+
+/* USMoE: w = (1 - rho) p + rho (2/E) sigmoid(z); the top round(budget |G|) pairs of each
+   group by w, gate w. */
+static void acmoe__select_usmoe(acmoe_moe *L, int n) {
+    const int e = L->d.n_experts;
+    const float rho = L->d.usmoe_rho;
+    float *w = L->dz; /* forward scratch: the unified scores */
+    int g, i, j, first, stride, size;
+    size_t x;
+    for (x = 0; x < (size_t)n * e; x++) {
+        L->sig[x] = acmoe__sigmoid(L->logits[x]);
+        w[x] = (1.0f - rho) * L->probs[x] + rho * (2.0f / (float)e) * L->sig[x];
+    }
+    memset(L->mark, 0, sizeof(int) * (size_t)n * e);
+    for (g = 0; (size = acmoe__group(L, n, g, &first, &stride)) > 0; g++) {
+        int count = 0, budget = (int)floor((double)L->d.usmoe_budget * size + 0.5);
+        for (i = 0; i < size; i++)
+            for (j = 0; j < e; j++) {
+                int index = (first + i * stride) * e + j;
+                L->cand[count].key = w[index];
+                L->cand[count++].index = index;
+            }
+        acmoe__mark_best(L->cand, count, budget, L->mark);
+    }
+    acmoe__pairs_from_marks(L, n, w);
+}
+
+/* Expert choice: expert j takes its ceil(capacity n / E) best tokens by probability. */
+static void acmoe__select_expert_choice(acmoe_moe *L, int n) {
+    const int e = L->d.n_experts;
+    int j, t, c = (int)ACMOE__MIN(ceil((double)L->d.capacity * n / e), (double)n);
+    memset(L->mark, 0, sizeof(int) * (size_t)n * e);
+    for (j = 0; j < e; j++) {
+        for (t = 0; t < n; t++) {
+            L->cand[t].key = L->probs[(size_t)t * e + j];
+            L->cand[t].index = t * e + j;
+        }
+        acmoe__mark_best(L->cand, n, c, L->mark);
+    }
+    acmoe__pairs_from_marks(L, n, L->probs);
+}
+
+/* Top-k by score for the next layer, then the pairs of the selection rule. */
+static void acmoe__select(acmoe_moe *L, int n) {
+    const acmoe_router_select rule = L->d.router_select;
+    acmoe__topk_softmax(L->logits, n, L->d.n_experts, L->d.top_k, L->top_idx, L->top_gate);
+    acmoe__softmax_rows(L->logits, L->probs, n, L->d.n_experts, 1.0f);
+    if (rule == ACMOE_SELECT_USMOE) acmoe__select_usmoe(L, n);
+    else if (rule == ACMOE_SELECT_EXPERT_CHOICE) acmoe__select_expert_choice(L, n);
+    else acmoe__select_per_token(L, n);
+}
+
+/* ---- auxiliary losses ---- */
+
+/* Balance loss alpha E sum_j f_j P_j, f_j the share of pairs expert j got (a constant) and
+   P_j the mean of softmax(z / T); and the z-loss beta mean_t logsumexp(z_t)^2. With grad,
+   adds their logit gradients to dz instead of returning the value. */
+static float acmoe__aux_loss(acmoe_moe *L, int n, int grad) {
+    const acmoe_moe_desc *d = &L->d;
+    const int e = d->n_experts;
+    float loss = 0.0f;
+    int t, j;
+    if (d->balance_alpha > 0.0f && L->n_pairs > 0) {
+        acmoe__softmax_rows(L->logits, L->balance_q, n, e, d->balance_temperature);
+        for (t = 0; t < n; t++) {
+            const float *qt = L->balance_q + (size_t)t * e;
+            float mean = 0.0f;
+            for (j = 0; j < e; j++) {
+                float c = d->balance_alpha * e * ((float)L->count[j] / (float)L->n_pairs) / (float)n;
+                loss += c * qt[j];
+                mean += qt[j] * c;
+            }
+            for (j = 0; grad && j < e; j++) {
+                float c = d->balance_alpha * e * ((float)L->count[j] / (float)L->n_pairs) / (float)n;
+                L->dz[(size_t)t * e + j] += qt[j] * (c - mean) / d->balance_temperature;
+            }
+        }
+    }
+    if (d->z_loss > 0.0f) {
+        for (t = 0; t < n; t++) {
+            const float *zt = L->logits + (size_t)t * e;
+            float top = zt[0], sum = 0.0f, lse;
+            for (j = 1; j < e; j++) top = ACMOE__MAX(top, zt[j]);
+            for (j = 0; j < e; j++) sum += expf(zt[j] - top);
+            lse = top + logf(sum);
+            loss += d->z_loss * lse * lse / (float)n;
+            for (j = 0; grad && j < e; j++) L->dz[(size_t)t * e + j] += 2.0f * d->z_loss / (float)n * lse * L->probs[(size_t)t * e + j];
+        }
+    }
+    return loss;
+}
+
+/* ---- experts ---- */
+
+/* Counting sort of the pairs by expert, in pair order within each expert. */
+static void acmoe__dispatch(acmoe_moe *L) {
+    const int e = L->d.n_experts;
+    int p, j;
+    memset(L->count, 0, sizeof(int) * (size_t)e);
+    for (p = 0; p < L->n_pairs; p++) L->count[L->pair_expert[p]]++;
+    L->offset[0] = 0;
+    for (j = 0; j < e; j++) L->offset[j + 1] = L->offset[j] + L->count[j], L->cursor[j] = L->offset[j];
+    for (p = 0; p < L->n_pairs; p++) {
+        int slot = L->cursor[L->pair_expert[p]]++;
+        L->pair_slot[p] = slot;
+        L->slot_pair[slot] = p;
+    }
+}
+
+/* The experts' input rows: x, or x * W[label] when the AC weights reach the experts. */
+static const float *acmoe__expert_input(const acmoe_moe *L, const float *x) {
+    return L->d.router_input == ACMOE_INPUT_AC && L->d.ac_weight_experts ? L->xr : x;
+}
+
+/* ye = W2 act(W1 xe + b1) + b2 on each expert's gathered rows, one matmul pair each. */
+static acmoe_status acmoe__experts_forward(acmoe_moe *L, acmoe_ctx *ctx, const float *x) {
+    const acmoe_moe_desc *d = &L->d;
+    const int dm = d->d_model, ff = d->d_ff, hw = L->h_width;
+    const float *in = acmoe__expert_input(L, x);
+    int j, slot;
+    acmoe_status s = ACMOE_OK;
+    for (slot = 0; slot < L->n_pairs; slot++)
+        memcpy(L->xe + (size_t)slot * dm, in + (size_t)L->pair_token[L->slot_pair[slot]] * dm, sizeof(float) * (size_t)dm);
+    for (j = 0; j < d->n_experts && s == ACMOE_OK; j++) {
+        int rows = L->count[j];
+        size_t at = (size_t)L->offset[j];
+        float *h = L->h + at * hw, *a = L->a + at * ff, *ye = L->ye + at * dm;
+        if (!rows) continue;
+        s = acmoe_matmul(ctx, ACMOE_NT, rows, hw, dm, L->xe + at * dm, dm, L->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
+        if (s != ACMOE_OK) break;
+        acmoe__add_bias(h, rows, hw, L->b1 + (size_t)j * hw);
+        acmoe__activate(d->activation, h, a, rows, ff);
+        s = acmoe_matmul(ctx, ACMOE_NT, rows, dm, ff, a, ff, L->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
+        if (s == ACMOE_OK) acmoe__add_bias(ye, rows, dm, L->b2 + (size_t)j * dm);
+    }
+    return s;
+}
+
+/* out[t] = sum of gate * expert output over t's pairs, in order. */
+static void acmoe__combine(const acmoe_moe *L, int n, float *out) {
+    const int dm = L->d.d_model;
+    int p, q;
+    memset(out, 0, sizeof(float) * (size_t)n * dm);
+    for (p = 0; p < L->n_pairs; p++) {
+        float *o = out + (size_t)L->pair_token[p] * dm, g = L->pair_gate[p];
+        const float *y = L->ye + (size_t)L->pair_slot[p] * dm;
+        for (q = 0; q < dm; q++) o[q] += g * y[q];
+    }
+}
+
 ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n,
-                                         const int32_t *prev_idx, int prev_k, float *out) {
+                                         const int32_t *prev_idx, const float *prev_gate, int prev_k,
+                                         float *out) {
     const acmoe_moe_desc *d;
+    const float *u;
     acmoe_status s;
     double mark;
     if (!L || !ctx) return ACMOE_ERR_NULL;
     d = &L->d;
     if (n < 0 || n > d->max_tokens) return ACMOE_ERR_SHAPE;
+    if (d->router_select == ACMOE_SELECT_USMOE && d->usmoe_group != ACMOE_GROUP_BATCH && n % d->seq_len)
+        return ACMOE_ERR_SHAPE; /* groups need whole sequences */
     if (n > 0 && (!x || !out)) return ACMOE_ERR_NULL;
     if (!acmoe__all_finite(x, (size_t)n * d->d_model)) return ACMOE_ERR_NONFINITE;
     L->x = x;
     L->n = n;
     L->cached = 0; /* no backward until this call succeeds */
+    L->n_pairs = L->dropped = 0;
+    L->aux_loss = 0.0f;
     L->seconds_routing = L->seconds_experts = 0.0;
     if (n == 0) return ACMOE_OK;
     mark = acmoe__clock_start(ctx);
-    s = acmoe__router_logits(L, ctx, x, n, prev_idx, prev_k);
+    s = acmoe__router_input(L, ctx, x, n, prev_idx, prev_gate, prev_k, &u);
+    if (s == ACMOE_OK) s = acmoe__router_score(L, ctx, u, n);
     if (s != ACMOE_OK) return s;
     L->nonfinite = acmoe__count_nonfinite(L->logits, (size_t)n * d->n_experts);
     if (L->nonfinite) acmoe__replace_nonfinite(L->logits, (size_t)n * d->n_experts);
-    acmoe__topk_softmax(L->logits, n, d->n_experts, d->top_k, L->idx, L->gate);
-    if (d->router == ACMOE_ROUTER_SWITCH) acmoe__switch_gates(L, n);
+    acmoe__select(L, n);
+    acmoe__dispatch(L);
+    L->aux_loss = acmoe__aux_loss(L, n, 0);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
-    acmoe__dispatch(L, n);
     s = acmoe__experts_forward(L, ctx, x);
     if (s != ACMOE_OK) return s;
     acmoe__combine(L, n, out);
@@ -1919,72 +2278,79 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     return ACMOE_OK;
 }
 
-/* dgate[t][s] = <dout[t], expert output>; then the expert outputs become their gradients,
+/* pair_dgate = <dout[t], expert output>; then the expert outputs become their gradients,
    gate * dout[t]. */
 static void acmoe__combine_backward(acmoe_moe *L, const float *dout) {
-    const int dm = L->d.d_model, k = L->d.top_k;
-    int t, s, q;
-    for (t = 0; t < L->n; t++) {
-        const float *g = dout + (size_t)t * dm;
-        for (s = 0; s < k; s++) {
-            float *y = L->ye + (size_t)L->slot_of[(size_t)t * k + s] * dm, gate = L->gate[(size_t)t * k + s];
-            float dot = 0.0f;
-            for (q = 0; q < dm; q++) dot += g[q] * y[q];
-            L->dgate[(size_t)t * k + s] = dot;
-            for (q = 0; q < dm; q++) y[q] = gate * g[q];
-        }
+    const int dm = L->d.d_model;
+    int p, q;
+    for (p = 0; p < L->n_pairs; p++) {
+        const float *g = dout + (size_t)L->pair_token[p] * dm;
+        float *y = L->ye + (size_t)L->pair_slot[p] * dm, gate = L->pair_gate[p], dot = 0.0f;
+        for (q = 0; q < dm; q++) dot += g[q] * y[q];
+        L->pair_dgate[p] = dot;
+        for (q = 0; q < dm; q++) y[q] = gate * g[q];
     }
 }
 
-/* Expert backward on the gathered rows, then dx[t] += the rows' input gradients in
-   (token, slot) order. */
+/* Expert backward on the gathered rows, then dx[t] += the rows' input gradients in pair
+   order (times W[label] when the AC weights reached the experts). */
 static acmoe_status acmoe__experts_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
     const acmoe_moe_desc *d = &L->d;
-    const int dm = d->d_model, ff = d->d_ff, k = d->top_k;
-    int j, t, s, q;
+    const int dm = d->d_model, ff = d->d_ff, hw = L->h_width;
+    const int weighted = acmoe__expert_input(L, L->x) != L->x;
+    int j, p, q;
     acmoe_status st = ACMOE_OK;
     for (j = 0; j < d->n_experts && st == ACMOE_OK; j++) {
         int rows = L->count[j];
         size_t at = (size_t)L->offset[j];
-        float *dy = L->ye + at * dm, *a = L->a + at * ff, *h = L->h + at * ff, *xe = L->xe + at * dm;
-        const float *w1 = L->w1 + (size_t)j * ff * dm, *w2 = L->w2 + (size_t)j * dm * ff;
+        float *dy = L->ye + at * dm, *a = L->a + at * ff, *h = L->h + at * hw, *xe = L->xe + at * dm;
+        const float *w1 = L->w1 + (size_t)j * hw * dm, *w2 = L->w2 + (size_t)j * dm * ff;
         if (!rows) continue;
         acmoe__bias_grad(dy, rows, dm, L->g_b2 + (size_t)j * dm);
         st = acmoe_matmul(ctx, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, L->g_w2 + (size_t)j * dm * ff, ff, 1);
         if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
         if (st != ACMOE_OK) break;
-        acmoe__activate_backward(d->activation, h, a, (size_t)rows * ff); /* h becomes dh */
-        acmoe__bias_grad(h, rows, ff, L->g_b1 + (size_t)j * ff);
-        st = acmoe_matmul(ctx, ACMOE_TN, ff, dm, rows, h, ff, xe, dm, L->g_w1 + (size_t)j * ff * dm, dm, 1);
-        if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, dm, ff, h, ff, w1, dm, xe, dm, 0); /* dxe */
+        acmoe__activate_backward(d->activation, h, a, rows, ff); /* h becomes dh */
+        acmoe__bias_grad(h, rows, hw, L->g_b1 + (size_t)j * hw);
+        st = acmoe_matmul(ctx, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, L->g_w1 + (size_t)j * hw * dm, dm, 1);
+        if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, dm, hw, h, hw, w1, dm, xe, dm, 0); /* dxe */
     }
     if (st != ACMOE_OK) return st;
-    for (t = 0; t < L->n; t++)
-        for (s = 0; s < k; s++) {
-            const float *g = L->xe + (size_t)L->slot_of[(size_t)t * k + s] * dm;
-            for (q = 0; q < dm; q++) dx[(size_t)t * dm + q] += g[q];
-        }
+    for (p = 0; p < L->n_pairs; p++) {
+        const float *g = L->xe + (size_t)L->pair_slot[p] * dm;
+        size_t row = (size_t)L->pair_token[p] * dm;
+        if (weighted)
+            for (q = 0; q < dm; q++) dx[row + q] += g[q] * L->wtok[row + q];
+        else
+            for (q = 0; q < dm; q++) dx[row + q] += g[q];
+    }
     return ACMOE_OK;
 }
 
-/* dz [n][E] from the gate gradients: softmax over the k selected logits, or for Switch the
-   full softmax evaluated at the selected experts. */
+/* dz [n][E] from the pair gate gradients, by the selection rule's gate function. */
 static void acmoe__gate_backward(acmoe_moe *L) {
-    const int e = L->d.n_experts, k = L->d.top_k;
-    int t, s, j;
-    memset(L->dz, 0, sizeof(float) * (size_t)L->n * e);
-    for (t = 0; t < L->n; t++) {
-        const float *g = L->gate + (size_t)t * k, *dg = L->dgate + (size_t)t * k;
-        const int32_t *it = L->idx + (size_t)t * k;
-        float *dz = L->dz + (size_t)t * e, mean = 0.0f;
-        if (L->d.router == ACMOE_ROUTER_SWITCH) {
-            const float *p = L->probs + (size_t)t * e;
-            for (s = 0; s < k; s++) mean += p[it[s]] * dg[s];
-            for (j = 0; j < e; j++) dz[j] = -p[j] * mean;
-            for (s = 0; s < k; s++) dz[it[s]] += p[it[s]] * dg[s];
-        } else {
-            for (s = 0; s < k; s++) mean += g[s] * dg[s];
-            for (s = 0; s < k; s++) dz[it[s]] = g[s] * (dg[s] - mean);
+    const int e = L->d.n_experts, k = L->d.top_k, n = L->n;
+    const acmoe_router_select rule = L->d.router_select;
+    float *G = L->dz; /* first the gate gradients, dense; then, row by row, the logit gradients */
+    int t, s, j, p;
+    memset(G, 0, sizeof(float) * (size_t)n * e);
+    for (p = 0; p < L->n_pairs; p++) G[(size_t)L->pair_token[p] * e + L->pair_expert[p]] = L->pair_dgate[p];
+    for (t = 0; t < n; t++) {
+        float *gt = G + (size_t)t * e, mean = 0.0f;
+        const float *pt = L->probs + (size_t)t * e, *st = L->sig + (size_t)t * e;
+        if (rule == ACMOE_SELECT_TOPK) { /* softmax over the k selected logits */
+            const int32_t *it = L->top_idx + (size_t)t * k;
+            const float *g = L->top_gate + (size_t)t * k;
+            for (s = 0; s < k; s++) mean += g[s] * gt[it[s]];
+            for (s = 0; s < k; s++) gt[it[s]] = g[s] * (gt[it[s]] - mean);
+            continue;
+        }
+        for (j = 0; j < e; j++) mean += pt[j] * gt[j];
+        for (j = 0; j < e; j++) {
+            float full = pt[j] * (gt[j] - mean); /* the full softmax */
+            gt[j] = rule == ACMOE_SELECT_USMOE
+                        ? (1.0f - L->d.usmoe_rho) * full + L->d.usmoe_rho * (2.0f / (float)e) * st[j] * (1.0f - st[j]) * gt[j]
+                        : full;
         }
     }
 }
@@ -2004,28 +2370,25 @@ static void acmoe__embedding_backward(acmoe_moe *L) {
 static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
     const acmoe_moe_desc *d = &L->d;
     const int n = L->n, e = d->n_experts, dm = d->d_model, dr = L->dr;
-    const float *input = d->router == ACMOE_ROUTER_COSINE ? L->x : L->xr;
+    const int direct = d->router_input == ACMOE_INPUT_TOKEN; /* du is dx's share itself */
+    const float *u = direct ? L->x : L->xr, *scorer = d->router_score == ACMOE_SCORE_LINEAR ? L->wr : L->ehat;
+    float *du = direct ? dx : L->dxr;
     acmoe_status s;
-    int t, q;
-    if (acmoe__router_uses_linear(d->router)) {
+    size_t i;
+    if (d->router_score == ACMOE_SCORE_LINEAR) {
         acmoe__bias_grad(L->dz, n, e, L->g_br);
-        s = acmoe_matmul(ctx, ACMOE_TN, e, dm, n, L->dz, e, L->x, dm, L->g_wr, dm, 1);
-        return s == ACMOE_OK ? acmoe_matmul(ctx, ACMOE_NN, n, dm, e, L->dz, e, L->wr, dm, dx, dm, 1) : s;
+        s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->g_wr, dr, 1);
+    } else {
+        s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->dehat, dr, 0);
+        if (s == ACMOE_OK) acmoe__embedding_backward(L);
     }
-    s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, input, dr, L->dehat, dr, 0);
-    if (s != ACMOE_OK) return s;
-    acmoe__embedding_backward(L);
-    if (d->router == ACMOE_ROUTER_COSINE) return acmoe_matmul(ctx, ACMOE_NN, n, dm, e, L->dz, e, L->ehat, dm, dx, dm, 1);
-    s = acmoe_matmul(ctx, ACMOE_NN, n, dr, e, L->dz, e, L->ehat, dr, L->dxr, dr, 0);
-    if (s != ACMOE_OK) return s;
-    if (d->router == ACMOE_ROUTER_XMOE) {
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, dr, e, L->dz, e, scorer, dr, du, dr, direct);
+    if (s != ACMOE_OK || direct) return s;
+    if (d->router_input == ACMOE_INPUT_PROJECTED) {
         s = acmoe_matmul(ctx, ACMOE_TN, dr, dm, n, L->dxr, dr, L->x, dm, L->g_proj, dm, 1);
         return s == ACMOE_OK ? acmoe_matmul(ctx, ACMOE_NN, n, dm, dr, L->dxr, dr, L->proj, dm, dx, dm, 1) : s;
     }
-    for (t = 0; t < n; t++) { /* AC: W[label] is a constant */
-        const float *wt = L->ac_w + (size_t)L->labels[t] * dm;
-        for (q = 0; q < dm; q++) dx[(size_t)t * dm + q] += L->dxr[(size_t)t * dm + q] * wt[q];
-    }
+    for (i = 0; i < (size_t)n * dm; i++) dx[i] += L->dxr[i] * L->wtok[i]; /* AC: W is a constant */
     return ACMOE_OK;
 }
 
@@ -2041,6 +2404,7 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const fl
     acmoe__combine_backward(L, dout);
     acmoe__lap(ctx, &mark, &L->seconds_experts);
     acmoe__gate_backward(L);
+    acmoe__aux_loss(L, L->n, 1);
     s = acmoe__router_backward(L, ctx, dx);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
     if (s == ACMOE_OK) s = acmoe__experts_backward(L, ctx, dx);
@@ -2056,13 +2420,19 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
     st.n_tokens = L->n;
     st.top_k = L->d.top_k;
     st.n_experts = L->d.n_experts;
-    st.expert_index = L->idx;
-    st.gate = L->gate;
+    st.expert_index = L->top_idx;
+    st.gate = L->top_gate;
     st.tokens_per_expert = L->count;
+    st.pairs = L->n_pairs;
+    st.dropped = L->dropped;
+    st.pair_token = L->pair_token;
+    st.pair_expert = L->pair_expert;
+    st.pair_gate = L->pair_gate;
+    st.aux_loss = L->aux_loss;
     st.nonfinite_logits = L->nonfinite;
     st.seconds_routing = L->seconds_routing;
     st.seconds_experts = L->seconds_experts;
-    if (L->d.router == ACMOE_ROUTER_AC && L->ac_ready) {
+    if (L->d.router_input == ACMOE_INPUT_AC && L->ac_ready) {
         size_t i, total = (size_t)L->ac_rows * L->d.d_model;
         double sum = 0.0;
         st.ac_clusters = L->ac_rows;

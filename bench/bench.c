@@ -409,7 +409,7 @@ typedef struct moe_config {
 
 static const moe_config moe_configs[] = {
     {16, 2, 128, 128, 4096}, {16, 2, 352, 352, 4096}, {8, 2, 256, 1024, 2048}};
-static const acmoe_router moe_routers[] = {ACMOE_ROUTER_SMOE, ACMOE_ROUTER_COSINE, ACMOE_ROUTER_AC};
+static const char moe_routers[] = {'g', 'o', 'c'}; /* acmoe_moe_router_preset letters */
 static const char *const moe_router_names[] = {"SMoE", "cosine", "AC"};
 
 #define MOE_MAX_STEPS 200
@@ -422,7 +422,7 @@ typedef struct moe_bench {
     int tokens;
 } moe_bench;
 
-static moe_bench moe_bench_create(const moe_config *c, acmoe_router router, acmoe_rng *rng) {
+static moe_bench moe_bench_create(const moe_config *c, char router, acmoe_rng *rng) {
     acmoe_moe_desc desc;
     moe_bench b;
     size_t n_params, act = (size_t)c->tokens * c->d_model, i;
@@ -432,7 +432,7 @@ static moe_bench moe_bench_create(const moe_config *c, acmoe_router router, acmo
     desc.n_experts = c->n_experts;
     desc.top_k = c->top_k;
     desc.max_tokens = c->tokens;
-    desc.router = router;
+    check_status(acmoe_moe_router_preset(&desc, router), "acmoe_moe_router_preset");
     n_params = acmoe_moe_param_count(&desc);
     b.tokens = c->tokens;
     b.params = (float *)checked_malloc(sizeof(float) * n_params);
@@ -458,7 +458,7 @@ static void moe_bench_destroy(moe_bench *b) {
 }
 
 static void moe_step(acmoe_ctx *ctx, moe_bench *b) {
-    check_status(acmoe_moe_forward(b->layer, ctx, b->x, b->tokens, b->prev, 2, b->out), "acmoe_moe_forward");
+    check_status(acmoe_moe_forward(b->layer, ctx, b->x, b->tokens, b->prev, NULL, 2, b->out), "acmoe_moe_forward");
     check_status(acmoe_moe_backward(b->layer, ctx, b->dout, b->dx), "acmoe_moe_backward");
 }
 

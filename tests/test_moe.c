@@ -1,5 +1,6 @@
-/* MoE layer: finite-difference gradient checks for every router and activation, routing
-   invariants, deterministic combine, and a steady-state step that allocates nothing. */
+/* MoE layer: finite-difference gradient checks for every router piece, activation and
+   auxiliary loss, the selection rules' invariants, deterministic combine, and a
+   steady-state step that allocates nothing. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,21 +17,31 @@ typedef struct fixture {
     size_t n_params;
     int n;
     float *x, *out, *r, *dx;
-    int32_t *prev; /* previous-layer top-2, for the AC router */
+    int32_t *prev;   /* previous-layer top-2, for the AC router */
+    float *prev_gate; /* and its gates, for label mixing */
 } fixture;
 
-static void fixture_make(fixture *f, acmoe_router router, acmoe_activation act, int n, uint64_t seed) {
+/* The small layer the tests share: d 6, d_ff 5, 4 experts, top-2, router by preset letter. */
+static acmoe_moe_desc small_desc(char router, acmoe_activation act) {
+    acmoe_moe_desc d;
+    memset(&d, 0, sizeof d);
+    d.d_model = 6;
+    d.d_ff = 5;
+    d.n_experts = 4;
+    d.top_k = 2;
+    d.max_tokens = 32;
+    d.activation = act;
+    d.proj_dim = 3;
+    CHECK_STATUS(acmoe_moe_router_preset(&d, router), ACMOE_OK);
+    return d;
+}
+
+static void fixture_make_desc(fixture *f, const acmoe_moe_desc *desc, int n, uint64_t seed) {
     acmoe_rng rng;
-    int i, dm;
+    acmoe_ctx_desc cd;
+    int i, dm = desc->d_model;
     memset(f, 0, sizeof *f);
-    f->desc.d_model = dm = 6;
-    f->desc.d_ff = 5;
-    f->desc.n_experts = 4;
-    f->desc.top_k = router == ACMOE_ROUTER_SWITCH ? 1 : 2;
-    f->desc.max_tokens = 32;
-    f->desc.router = router;
-    f->desc.activation = act;
-    f->desc.xmoe_dim = 3;
+    f->desc = *desc;
     f->n = n;
     f->n_params = acmoe_moe_param_count(&f->desc);
     CHECK(f->n_params > 0);
@@ -42,13 +53,10 @@ static void fixture_make(fixture *f, acmoe_router router, acmoe_activation act, 
     f->r = (float *)calloc((size_t)n * dm, sizeof(float));
     f->dx = (float *)calloc((size_t)n * dm, sizeof(float));
     f->prev = (int32_t *)calloc((size_t)n * 2, sizeof(int32_t));
-    f->ctx = NULL;
-    {
-        acmoe_ctx_desc cd;
-        memset(&cd, 0, sizeof cd);
-        cd.n_threads = 1;
-        CHECK_STATUS(acmoe_ctx_create(&f->ctx, &cd), ACMOE_OK);
-    }
+    f->prev_gate = (float *)calloc((size_t)n * 2, sizeof(float));
+    memset(&cd, 0, sizeof cd);
+    cd.n_threads = 1;
+    CHECK_STATUS(acmoe_ctx_create(&f->ctx, &cd), ACMOE_OK);
     CHECK_STATUS(acmoe_moe_create(&f->layer, &f->desc, f->params, f->grads), ACMOE_OK);
     acmoe_rng_seed(&rng, seed);
     acmoe_moe_init_params(f->layer, &rng);
@@ -57,45 +65,60 @@ static void fixture_make(fixture *f, acmoe_router router, acmoe_activation act, 
     for (i = 0; i < n; i++) { /* clusters of 2 to 4 tokens: no degenerate cluster */
         f->prev[2 * i] = i % 3;
         f->prev[2 * i + 1] = (i + 1) % 3;
+        f->prev_gate[2 * i] = 0.7f;
+        f->prev_gate[2 * i + 1] = 0.3f;
     }
+}
+
+static void fixture_make(fixture *f, char router, acmoe_activation act, int n, uint64_t seed) {
+    acmoe_moe_desc d = small_desc(router, act);
+    fixture_make_desc(f, &d, n, seed);
 }
 
 static void fixture_free(fixture *f) {
     acmoe_moe_destroy(f->layer);
     acmoe_ctx_destroy(f->ctx);
-    free(f->params), free(f->grads), free(f->saved), free(f->x), free(f->out), free(f->r), free(f->dx), free(f->prev);
+    free(f->params), free(f->grads), free(f->saved), free(f->x), free(f->out), free(f->r), free(f->dx);
+    free(f->prev), free(f->prev_gate);
 }
 
-/* sum(out * r) in double, or NAN when the forward call fails */
+/* sum(out * r) plus the layer's auxiliary loss, in double; NAN when the forward call fails */
 static double fixture_loss(fixture *f) {
-    double loss = 0.0;
+    double loss;
     int i;
-    if (acmoe_moe_forward(f->layer, f->ctx, f->x, f->n, f->prev, 2, f->out) != ACMOE_OK) return NAN;
+    if (acmoe_moe_forward(f->layer, f->ctx, f->x, f->n, f->prev, f->prev_gate, 2, f->out) != ACMOE_OK) return NAN;
+    loss = acmoe_moe_get_stats(f->layer).aux_loss;
     for (i = 0; i < f->n * f->desc.d_model; i++) loss += (double)f->out[i] * f->r[i];
     return loss;
 }
 
-/* The routing of the last forward call, to notice a perturbation that changes it. */
-static void routing_copy(fixture *f, int32_t *idx) {
+/* The routing of the last forward call (pair count, then the pairs), to notice a
+   perturbation that changes it. */
+#define ROUTING_MAX 256
+static void routing_copy(fixture *f, int *routing) {
     acmoe_moe_stats st = acmoe_moe_get_stats(f->layer);
-    memcpy(idx, st.expert_index, sizeof(int32_t) * (size_t)st.n_tokens * st.top_k);
+    int p;
+    memset(routing, 0, sizeof(int) * ROUTING_MAX);
+    routing[0] = st.pairs;
+    for (p = 0; p < st.pairs && 2 * p + 2 < ROUTING_MAX; p++)
+        routing[2 * p + 1] = st.pair_token[p], routing[2 * p + 2] = st.pair_expert[p];
 }
 
 /* Central difference of the loss along one float; NAN when the routing changes. */
-static double central_difference_at(fixture *f, float *value, float h, const int32_t *routing) {
-    int32_t now[64];
+static double central_difference_at(fixture *f, float *value, float h, const int *routing) {
+    int now[ROUTING_MAX];
     float keep = *value;
     double up, down;
     int same;
     *value = keep + h;
     up = fixture_loss(f);
     routing_copy(f, now);
-    same = memcmp(now, routing, sizeof(int32_t) * (size_t)f->n * f->desc.top_k) == 0;
+    same = memcmp(now, routing, sizeof now) == 0;
     memcpy(f->params, f->saved, sizeof(float) * f->n_params); /* undo the re-projection too */
     *value = keep - h;
     down = fixture_loss(f);
     routing_copy(f, now);
-    same &= memcmp(now, routing, sizeof(int32_t) * (size_t)f->n * f->desc.top_k) == 0;
+    same &= memcmp(now, routing, sizeof now) == 0;
     memcpy(f->params, f->saved, sizeof(float) * f->n_params);
     *value = keep;
     return same ? (up - down) / (2.0 * h) : NAN;
@@ -103,7 +126,7 @@ static double central_difference_at(fixture *f, float *value, float h, const int
 
 /* The difference at h and at h/2 agree where the loss is smooth; where they do not, a ReLU
    kink lies within h (NAN, like a routing change). */
-static double central_difference(fixture *f, float *value, float h, const int32_t *routing) {
+static double central_difference(fixture *f, float *value, float h, const int *routing) {
     double wide = central_difference_at(f, value, h, routing), narrow = central_difference_at(f, value, h / 2, routing);
     if (isnan(wide) || isnan(narrow) || fabs(wide - narrow) > 1e-3 + 1e-2 * fabs(narrow)) return NAN;
     return narrow;
@@ -117,14 +140,14 @@ static int gradient_matches(double numeric, double analytic, const char *what, s
 }
 
 /* Checks every parameter and every input gradient against central differences. */
-static void check_layer_gradients(acmoe_router router, acmoe_activation act) {
+static void check_gradients_desc(const acmoe_moe_desc *desc, uint64_t seed) {
     fixture f;
-    int32_t routing[64];
+    int routing[ROUTING_MAX];
     double base;
     size_t i;
     int bad = 0, skipped = 0, checked = 0;
     const float h = 1e-2f;
-    fixture_make(&f, router, act, 12, 1000 + (uint64_t)router * 10 + (uint64_t)act);
+    fixture_make_desc(&f, desc, 12, seed);
     base = fixture_loss(&f); /* the first call re-projects embeddings and measures AC weights */
     CHECK(isfinite(base));
     acmoe_moe_freeze_ac_weights(f.layer, 1); /* W is a constant of the backward pass */
@@ -156,12 +179,48 @@ static void check_layer_gradients(acmoe_router router, acmoe_activation act) {
     fixture_free(&f);
 }
 
-static void test_grad_smoe_gelu(void) { check_layer_gradients(ACMOE_ROUTER_SMOE, ACMOE_ACT_GELU); }
-static void test_grad_smoe_relu(void) { check_layer_gradients(ACMOE_ROUTER_SMOE, ACMOE_ACT_RELU); }
-static void test_grad_switch(void) { check_layer_gradients(ACMOE_ROUTER_SWITCH, ACMOE_ACT_GELU); }
-static void test_grad_cosine(void) { check_layer_gradients(ACMOE_ROUTER_COSINE, ACMOE_ACT_GELU); }
-static void test_grad_xmoe(void) { check_layer_gradients(ACMOE_ROUTER_XMOE, ACMOE_ACT_GELU); }
-static void test_grad_ac(void) { check_layer_gradients(ACMOE_ROUTER_AC, ACMOE_ACT_GELU); }
+static void check_layer_gradients(char router, acmoe_activation act) {
+    acmoe_moe_desc d = small_desc(router, act);
+    check_gradients_desc(&d, 1000 + (uint64_t)router * 10 + (uint64_t)act);
+}
+
+static void test_grad_smoe_gelu(void) { check_layer_gradients('g', ACMOE_ACT_GELU); }
+static void test_grad_smoe_relu(void) { check_layer_gradients('g', ACMOE_ACT_RELU); }
+static void test_grad_swiglu(void) { check_layer_gradients('g', ACMOE_ACT_SWIGLU); }
+static void test_grad_switch(void) { check_layer_gradients('s', ACMOE_ACT_GELU); }
+static void test_grad_cosine(void) { check_layer_gradients('o', ACMOE_ACT_GELU); }
+static void test_grad_xmoe(void) { check_layer_gradients('x', ACMOE_ACT_GELU); }
+static void test_grad_ac(void) { check_layer_gradients('c', ACMOE_ACT_GELU); }
+static void test_grad_usmoe(void) { check_layer_gradients('u', ACMOE_ACT_GELU); }
+static void test_grad_expert_choice(void) { check_layer_gradients('e', ACMOE_ACT_GELU); }
+
+/* The AC variants and the compositions no paper has: AC weights with Switch and USMoE
+   selection, the weights reaching the experts, mixed labels. */
+static void test_grad_ac_variants(void) {
+    acmoe_moe_desc d = small_desc('c', ACMOE_ACT_GELU);
+    d.router_select = ACMOE_SELECT_SWITCH;
+    d.top_k = 1;
+    check_gradients_desc(&d, 31);
+    d = small_desc('c', ACMOE_ACT_GELU);
+    d.router_select = ACMOE_SELECT_USMOE;
+    check_gradients_desc(&d, 32);
+    d = small_desc('c', ACMOE_ACT_GELU);
+    d.ac_weight_experts = 1;
+    d.ac_mix_labels = 1;
+    check_gradients_desc(&d, 33);
+}
+
+/* The balance loss (plain and at temperature 0.3) and the z-loss, through backward. */
+static void test_grad_aux_losses(void) {
+    acmoe_moe_desc d = small_desc('g', ACMOE_ACT_GELU);
+    d.balance_alpha = 0.5f;
+    d.z_loss = 0.1f;
+    check_gradients_desc(&d, 41);
+    d = small_desc('o', ACMOE_ACT_GELU);
+    d.balance_alpha = 0.5f;
+    d.balance_temperature = 0.3f;
+    check_gradients_desc(&d, 42);
+}
 
 /* The forward pass against a plain evaluation of the formula, token by token. */
 static void test_moe_forward_reference(void) {
@@ -169,7 +228,7 @@ static void test_moe_forward_reference(void) {
     acmoe_moe_stats st;
     const int dm = 6, ff = 5;
     int t, s, q, j, bad = 0, load[4] = {0};
-    fixture_make(&f, ACMOE_ROUTER_SMOE, ACMOE_ACT_RELU, 12, 7);
+    fixture_make(&f, 'g', ACMOE_ACT_RELU, 12, 7);
     CHECK(isfinite(fixture_loss(&f)));
     st = acmoe_moe_get_stats(f.layer);
     CHECK(st.n_tokens == 12 && st.top_k == 2 && st.n_experts == 4);
@@ -211,9 +270,9 @@ static void test_moe_forward_reference(void) {
     fixture_free(&f);
 }
 
-/* Top-k gates sum to 1; k = E routes every token to every expert; one token works. */
+/* Top-k gates sum to 1 and every token gets k pairs; one token works. */
 static void test_moe_routing_invariants(void) {
-    acmoe_router routers[4] = {ACMOE_ROUTER_SMOE, ACMOE_ROUTER_COSINE, ACMOE_ROUTER_XMOE, ACMOE_ROUTER_AC};
+    const char routers[4] = {'g', 'o', 'x', 'c'};
     int r, t, s, total;
     for (r = 0; r < 4; r++) {
         fixture f;
@@ -227,13 +286,14 @@ static void test_moe_routing_invariants(void) {
             CHECK(fabsf(sum - 1.0f) < 1e-5f && st.gate[2 * t] >= st.gate[2 * t + 1]);
         }
         for (s = 0; s < 4; s++) total += st.tokens_per_expert[s];
-        CHECK(total == 24);
-        if (routers[r] == ACMOE_ROUTER_AC) CHECK(st.ac_clusters == 3 && st.ac_w_min > 0 && st.ac_w_max >= st.ac_w_mean);
+        CHECK(total == 24 && st.pairs == 24 && st.dropped == 0 && st.aux_loss == 0.0f);
+        for (t = 0; t < 24; t++) CHECK(st.pair_token[t] == t / 2 && st.pair_expert[t] == st.expert_index[t]);
+        if (routers[r] == 'c') CHECK(st.ac_clusters == 3 && st.ac_w_min > 0 && st.ac_w_max >= st.ac_w_mean);
         fixture_free(&f);
     }
     {
         fixture f;
-        fixture_make(&f, ACMOE_ROUTER_SMOE, ACMOE_ACT_RELU, 1, 12);
+        fixture_make(&f, 'g', ACMOE_ACT_RELU, 1, 12);
         CHECK(isfinite(fixture_loss(&f)));
         CHECK(acmoe_moe_get_stats(f.layer).n_tokens == 1);
         CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
@@ -241,15 +301,89 @@ static void test_moe_routing_invariants(void) {
     }
 }
 
+/* USMoE: exactly round(budget |G|) pairs in every group, for each grouping, fractional
+   budgets included; a token may get any number of experts. */
+static void test_moe_usmoe_budget(void) {
+    static const acmoe_group groups[3] = {ACMOE_GROUP_BATCH, ACMOE_GROUP_SEQUENCE, ACMOE_GROUP_POSITION};
+    static const float budgets[2] = {2.0f, 1.25f};
+    int g, b, p;
+    for (g = 0; g < 3; g++)
+        for (b = 0; b < 2; b++) {
+            acmoe_moe_desc d = small_desc('u', ACMOE_ACT_RELU);
+            acmoe_moe_stats st;
+            fixture f;
+            int per_group[12] = {0}, n_groups = groups[g] == ACMOE_GROUP_BATCH ? 1 : (groups[g] == ACMOE_GROUP_SEQUENCE ? 3 : 4);
+            int size = 12 / n_groups, want = (int)floor(budgets[b] * size + 0.5);
+            d.usmoe_group = groups[g];
+            d.usmoe_budget = budgets[b];
+            d.seq_len = 4; /* 3 sequences of 4 tokens */
+            fixture_make_desc(&f, &d, 12, 50 + (uint64_t)(g * 2 + b));
+            CHECK(isfinite(fixture_loss(&f)));
+            st = acmoe_moe_get_stats(f.layer);
+            for (p = 0; p < st.pairs; p++) {
+                int t = st.pair_token[p];
+                per_group[groups[g] == ACMOE_GROUP_BATCH ? 0 : (groups[g] == ACMOE_GROUP_SEQUENCE ? t / 4 : t % 4)]++;
+                CHECK(st.pair_gate[p] > 0.0f && st.pair_gate[p] < 1.0f);
+            }
+            for (p = 0; p < n_groups; p++) CHECKF(per_group[p] == want, "group %d: %d pairs, want %d", p, per_group[p], want);
+            fixture_free(&f);
+        }
+    {
+        acmoe_moe_desc d = small_desc('u', ACMOE_ACT_RELU);
+        fixture f;
+        d.usmoe_group = ACMOE_GROUP_SEQUENCE;
+        d.seq_len = 5;
+        fixture_make_desc(&f, &d, 12, 59);
+        CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, NULL, NULL, 0, f.out), ACMOE_ERR_SHAPE);
+        fixture_free(&f);
+    }
+}
+
+/* Expert choice: every expert takes exactly ceil(capacity n / E) tokens. */
+static void test_moe_expert_choice_capacity(void) {
+    fixture f;
+    acmoe_moe_stats st;
+    int j, p, seen[4][12] = {{0}};
+    fixture_make(&f, 'e', ACMOE_ACT_RELU, 12, 61); /* capacity 2: 6 tokens per expert */
+    CHECK(isfinite(fixture_loss(&f)));
+    st = acmoe_moe_get_stats(f.layer);
+    CHECK(st.pairs == 24);
+    for (j = 0; j < 4; j++) CHECK(st.tokens_per_expert[j] == 6);
+    for (p = 0; p < st.pairs; p++) seen[st.pair_expert[p]][st.pair_token[p]]++;
+    for (j = 0; j < 4; j++)
+        for (p = 0; p < 12; p++) CHECK(seen[j][p] <= 1);
+    fixture_free(&f);
+}
+
+/* A capacity drops the pairs past it, later ranks first, and no expert exceeds it. */
+static void test_moe_capacity_drops(void) {
+    acmoe_moe_desc d = small_desc('g', ACMOE_ACT_RELU);
+    fixture f;
+    acmoe_moe_stats st;
+    int j;
+    d.capacity = 0.5f; /* ceil(0.5 * 12 * 2 / 4) = 3 pairs per expert */
+    fixture_make_desc(&f, &d, 12, 71);
+    CHECK(isfinite(fixture_loss(&f)));
+    st = acmoe_moe_get_stats(f.layer);
+    for (j = 0; j < 4; j++) CHECK(st.tokens_per_expert[j] <= 3);
+    CHECK(st.dropped > 0 && st.pairs + st.dropped == 24);
+    CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
+    fixture_free(&f);
+}
+
 /* Switch routes one expert with the full-softmax probability as its gate. */
 static void test_moe_switch_gate(void) {
     fixture f;
     acmoe_moe_stats st;
     int t;
-    fixture_make(&f, ACMOE_ROUTER_SWITCH, ACMOE_ACT_RELU, 12, 13);
+    fixture_make(&f, 's', ACMOE_ACT_RELU, 12, 13);
     CHECK(isfinite(fixture_loss(&f)));
     st = acmoe_moe_get_stats(f.layer);
-    for (t = 0; t < 12; t++) CHECK(st.gate[t] > 0.25f && st.gate[t] < 1.0f);
+    CHECK(st.pairs == 12);
+    for (t = 0; t < 12; t++) { /* the pair's gate is p; the hand-off gate, softmax over k = 1, is 1 */
+        CHECK(st.pair_token[t] == t && st.pair_expert[t] == st.expert_index[t]);
+        CHECK(st.pair_gate[t] > 0.25f && st.pair_gate[t] < 1.0f && st.gate[t] == 1.0f);
+    }
     fixture_free(&f);
 }
 
@@ -260,7 +394,7 @@ static void test_moe_deterministic(void) {
     acmoe_ctx *two;
     acmoe_ctx_desc cd;
     size_t len = 12 * 6;
-    fixture_make(&f, ACMOE_ROUTER_AC, ACMOE_ACT_GELU, 12, 17);
+    fixture_make(&f, 'c', ACMOE_ACT_GELU, 12, 17);
     first = (float *)malloc(sizeof(float) * len);
     CHECK(isfinite(fixture_loss(&f)));
     memcpy(first, f.out, sizeof(float) * len);
@@ -269,7 +403,7 @@ static void test_moe_deterministic(void) {
     memset(&cd, 0, sizeof cd);
     cd.n_threads = 2;
     CHECK_STATUS(acmoe_ctx_create(&two, &cd), ACMOE_OK);
-    CHECK_STATUS(acmoe_moe_forward(f.layer, two, f.x, 12, f.prev, 2, f.out), ACMOE_OK);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, two, f.x, 12, f.prev, NULL, 2, f.out), ACMOE_OK);
     CHECK(memcmp(first, f.out, sizeof(float) * len) == 0);
     acmoe_ctx_destroy(two);
     free(first);
@@ -282,28 +416,42 @@ static void test_moe_bad_input(void) {
     acmoe_moe *layer = NULL;
     int32_t bad_prev[24];
     float grads[8];
-    fixture_make(&f, ACMOE_ROUTER_AC, ACMOE_ACT_RELU, 12, 19);
-    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, NULL, 2, f.out), ACMOE_ERR_NULL); /* AC needs labels */
+    fixture_make(&f, 'c', ACMOE_ACT_RELU, 12, 19);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, NULL, NULL, 2, f.out), ACMOE_ERR_NULL); /* AC needs labels */
     memcpy(bad_prev, f.prev, sizeof bad_prev);
     bad_prev[4] = 4; /* at or past ac_max_clusters (= n_experts) */
-    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, bad_prev, 2, f.out), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, bad_prev, NULL, 2, f.out), ACMOE_ERR_ARG);
     bad_prev[4] = -1;
-    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, bad_prev, 2, f.out), ACMOE_ERR_ARG);
-    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 33, f.prev, 2, f.out), ACMOE_ERR_SHAPE); /* > max_tokens */
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, bad_prev, NULL, 2, f.out), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 33, f.prev, NULL, 2, f.out), ACMOE_ERR_SHAPE); /* > max_tokens */
     CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_ERR_ARG); /* no good forward yet */
     f.x[3] = NAN;
-    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, f.prev, 2, f.out), ACMOE_ERR_NONFINITE);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, f.prev, NULL, 2, f.out), ACMOE_ERR_NONFINITE);
     f.x[3] = 0.5f;
-    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, f.prev, 2, f.out), ACMOE_OK);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, f.prev, NULL, 2, f.out), ACMOE_OK);
     CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
     CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_ERR_ARG); /* caches spent */
-    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 0, NULL, 2, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 0, NULL, NULL, 2, NULL), ACMOE_OK);
+    d = f.desc;
+    d.ac_mix_labels = 1;
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_OK);
+    CHECK_STATUS(acmoe_moe_forward(layer, f.ctx, f.x, 12, f.prev, NULL, 2, f.out), ACMOE_ERR_NULL); /* mixing needs gates */
+    acmoe_moe_destroy(layer);
+    layer = NULL;
+    CHECK_STATUS(acmoe_moe_router_preset(&d, 'q'), ACMOE_ERR_ARG);
     d = f.desc;
     d.top_k = 5;
     CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_SHAPE); /* k > E */
     CHECK(acmoe_moe_param_count(&d) == 0);
     d = f.desc;
-    d.router = ACMOE_ROUTER_COUNT;
+    d.router_select = ACMOE_SELECT_COUNT;
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
+    d = f.desc;
+    d.usmoe_budget = -1.0f;
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
+    d = f.desc;
+    d.router_select = ACMOE_SELECT_USMOE;
+    d.usmoe_group = ACMOE_GROUP_POSITION; /* without seq_len */
     CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
     d = f.desc;
     d.max_tokens = 0;
@@ -318,7 +466,7 @@ static void test_moe_step_allocates_nothing(void) {
     fixture f;
     long before;
     int step;
-    fixture_make(&f, ACMOE_ROUTER_AC, ACMOE_ACT_GELU, 32, 23);
+    fixture_make(&f, 'c', ACMOE_ACT_GELU, 32, 23);
     CHECK(isfinite(fixture_loss(&f)));
     CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
     before = test_allocations;
@@ -333,15 +481,23 @@ static void test_moe_step_allocates_nothing(void) {
 const test_case moe_tests[] = {
     {"moe_forward_reference", test_moe_forward_reference},
     {"moe_routing_invariants", test_moe_routing_invariants},
+    {"moe_usmoe_budget", test_moe_usmoe_budget},
+    {"moe_expert_choice_capacity", test_moe_expert_choice_capacity},
+    {"moe_capacity_drops", test_moe_capacity_drops},
     {"moe_switch_gate", test_moe_switch_gate},
     {"moe_deterministic", test_moe_deterministic},
     {"moe_bad_input", test_moe_bad_input},
     {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
     {"moe_grad_smoe_gelu", test_grad_smoe_gelu},
     {"moe_grad_smoe_relu", test_grad_smoe_relu},
+    {"moe_grad_swiglu", test_grad_swiglu},
     {"moe_grad_switch", test_grad_switch},
     {"moe_grad_cosine", test_grad_cosine},
     {"moe_grad_xmoe", test_grad_xmoe},
     {"moe_grad_ac", test_grad_ac},
+    {"moe_grad_usmoe", test_grad_usmoe},
+    {"moe_grad_expert_choice", test_grad_expert_choice},
+    {"moe_grad_ac_variants", test_grad_ac_variants},
+    {"moe_grad_aux_losses", test_grad_aux_losses},
     {0, 0},
 };
