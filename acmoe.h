@@ -855,6 +855,7 @@ static void acmoe__pool_run(acmoe__pool *pool, int n, acmoe__job_fn fn, void *ar
     (void)pool;
 #endif
     ACMOE_ASSERT(n == 1);
+    (void)n;
     fn(arg, 0, 1);
 }
 
@@ -1296,14 +1297,16 @@ static int acmoe__transpose_output(int m, int n, int k, ptrdiff_t a_rs, ptrdiff_
 
 static int acmoe__check_ld(int rows, int cols, int ld) { return ld >= ACMOE__MAX(cols, 1) && rows >= 0; }
 
-ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k,
-                                    const float *a, int lda, const float *b, int ldb, float *c,
-                                    int ldc, int accumulate) {
+/* Checks the arguments and plans the product: orientation and packing. Returns ACMOE_OK with
+   *empty set when there is nothing left to multiply (empty output, or k = 0 handled). */
+static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k, const float *a,
+                                     int lda, const float *b, int ldb, float *c, int ldc, int accumulate,
+                                     acmoe__gemm *g, int *empty) {
     const int ta = layout == ACMOE_TN || layout == ACMOE_TT;
     const int tb = layout == ACMOE_NT || layout == ACMOE_TT;
     ptrdiff_t a_rs = ta ? 1 : lda, a_cs = ta ? lda : 1, b_rs = tb ? 1 : ldb, b_cs = tb ? ldb : 1;
-    acmoe__gemm g;
     int i;
+    *empty = 1;
     if (!ctx) return ACMOE_ERR_NULL;
     if ((int)layout < ACMOE_NN || (int)layout > ACMOE_TT) return ACMOE_ERR_ARG;
     if (m < 0 || n < 0 || k < 0) return ACMOE_ERR_SHAPE;
@@ -1317,23 +1320,47 @@ ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, 
             for (i = 0; i < m; i++) memset(c + (ptrdiff_t)i * ldc, 0, sizeof(float) * (size_t)n);
         return ACMOE_OK;
     }
-    memset(&g, 0, sizeof g);
-    g.ctx = ctx;
-    g.k = k;
-    g.accumulate = accumulate != 0;
+    *empty = 0;
+    memset(g, 0, sizeof *g);
+    g->ctx = ctx;
+    g->k = k;
+    g->accumulate = accumulate != 0;
     if (!acmoe__transpose_output(m, n, k, a_rs, b_cs)) {
-        g.m = m, g.n = n, g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = b, g.b_rs = b_rs, g.b_cs = b_cs;
-        g.c = c, g.c_rs = ldc, g.c_cs = 1;
+        g->m = m, g->n = n, g->a = a, g->a_rs = a_rs, g->a_cs = a_cs, g->b = b, g->b_rs = b_rs, g->b_cs = b_cs;
+        g->c = c, g->c_rs = ldc, g->c_cs = 1;
     } else {
-        g.m = n, g.n = m, g.a = b, g.a_rs = b_cs, g.a_cs = b_rs, g.b = a, g.b_rs = a_cs, g.b_cs = a_rs;
-        g.c = c, g.c_rs = 1, g.c_cs = ldc;
+        g->m = n, g->n = m, g->a = b, g->a_rs = b_cs, g->a_cs = b_rs, g->b = a, g->b_rs = a_cs, g->b_cs = a_rs;
+        g->c = c, g->c_rs = 1, g->c_cs = ldc;
     }
     /* Packing pays when the packed block is reused across many micro-tiles. */
-    g.pack_b = g.b_cs != 1 || g.m > 4 * ctx->kernel.mr * 4;
-    g.pack_a = g.n > 4 * ctx->kernel.nr;
+    g->pack_b = g->b_cs != 1 || g->m > 4 * ctx->kernel.mr * 4;
+    g->pack_a = g->n > 4 * ctx->kernel.nr;
+    g->tm = g->tn = 1;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k,
+                                    const float *a, int lda, const float *b, int ldb, float *c,
+                                    int ldc, int accumulate) {
+    acmoe__gemm g;
+    int empty;
+    acmoe_status s = acmoe__gemm_plan(ctx, layout, m, n, k, a, lda, b, ldb, c, ldc, accumulate, &g, &empty);
+    if (s != ACMOE_OK || empty) return s;
     acmoe__choose_grid(&g, ctx->desc.n_threads);
     acmoe__pool_run(&ctx->pool, g.tm * g.tn, acmoe__gemm_job, &g);
     return ACMOE_OK;
+}
+
+/* The same product on the calling thread, with pool thread tid's workspace: for work that
+   is already split across the pool (one expert per thread). Same bits as acmoe_matmul. */
+static acmoe_status acmoe__matmul_on_thread(acmoe_ctx *ctx, int tid, acmoe_layout layout, int m, int n, int k,
+                                            const float *a, int lda, const float *b, int ldb, float *c, int ldc,
+                                            int accumulate) {
+    acmoe__gemm g;
+    int empty;
+    acmoe_status s = acmoe__gemm_plan(ctx, layout, m, n, k, a, lda, b, ldb, c, ldc, accumulate, &g, &empty);
+    if (s == ACMOE_OK && !empty) acmoe__gemm_region(&g, &ctx->ws[tid], 0, g.m, 0, g.n);
+    return s;
 }
 
 /* ========================================================================================== */
@@ -1587,6 +1614,7 @@ struct acmoe_moe {
     int *pair_token, *pair_expert, *pair_rank, *pair_slot; /* [P], in (token, rank) order */
     float *pair_gate, *pair_dgate;
     int *count, *offset, *cursor, *slot_pair; /* per expert (offset: E + 1); [P] */
+    int *token_start;          /* [T + 1] first pair of each token */
     float *xe, *h, *a, *ye;    /* gathered rows [P][d], hidden [P][h_width], [P][d_ff], out [P][d] */
     /* the last forward call */
     const float *x;
@@ -1751,6 +1779,7 @@ static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     L->offset = (int *)acmoe__carve(base, &used, (e + 1) * i);
     L->cursor = (int *)acmoe__carve(base, &used, e * i);
     L->slot_pair = (int *)acmoe__carve(base, &used, p * i);
+    L->token_start = (int *)acmoe__carve(base, &used, (t + 1) * i);
     L->xe = (float *)acmoe__carve(base, &used, p * dm * f);
     L->h = (float *)acmoe__carve(base, &used, p * (size_t)L->h_width * f);
     L->a = (float *)acmoe__carve(base, &used, p * (size_t)d->d_ff * f);
@@ -2193,10 +2222,14 @@ static float acmoe__aux_loss(acmoe_moe *L, int n, int grad) {
 
 /* ---- experts ---- */
 
-/* Counting sort of the pairs by expert, in pair order within each expert. */
+/* Counting sort of the pairs by expert, in pair order within each expert; and where each
+   token's pairs start (pairs come in token order). */
 static void acmoe__dispatch(acmoe_moe *L) {
     const int e = L->d.n_experts;
-    int p, j;
+    int p, j, t = 0;
+    for (p = 0; p < L->n_pairs; p++)
+        while (t <= L->pair_token[p]) L->token_start[t++] = p;
+    while (t <= L->n) L->token_start[t++] = L->n_pairs;
     memset(L->count, 0, sizeof(int) * (size_t)e);
     for (p = 0; p < L->n_pairs; p++) L->count[L->pair_expert[p]]++;
     L->offset[0] = 0;
@@ -2208,44 +2241,80 @@ static void acmoe__dispatch(acmoe_moe *L) {
     }
 }
 
+/* The work of one forward or backward call, split across the context's threads: experts
+   in contiguous ranges of about equal rows, tokens in equal ranges. Each expert runs on one
+   thread with that thread's matmul workspace, so results do not depend on the split. */
+typedef struct acmoe__moe_job {
+    acmoe_moe *L;
+    acmoe_ctx *ctx;
+    const float *x, *dout;
+    float *out, *dx;
+} acmoe__moe_job;
+
+/* The thread of n that runs expert j: where the middle of its rows falls. */
+static int acmoe__expert_owner(const acmoe_moe *L, int j, int n_threads) {
+    long mid = 2L * L->offset[j] + L->count[j], total = 2L * ACMOE__MAX(L->n_pairs, 1);
+    return (int)ACMOE__MIN(mid * n_threads / total, (long)n_threads - 1);
+}
+
+static void acmoe__token_range(const acmoe_moe *L, int tid, int n_threads, int *t0, int *t1) {
+    *t0 = (int)((long)L->n * tid / n_threads);
+    *t1 = (int)((long)L->n * (tid + 1) / n_threads);
+}
+
+/* Shapes the layer guarantees cannot fail, so a failure here is a programmer error. */
+#define ACMOE__EXPERT_MATMUL(...)                                                                   \
+    do {                                                                                            \
+        acmoe_status expert_status_ = acmoe__matmul_on_thread(__VA_ARGS__);                        \
+        ACMOE_ASSERT(expert_status_ == ACMOE_OK);                                                   \
+        (void)expert_status_;                                                                       \
+    } while (0)
+
 /* The experts' input rows: x, or x * W[label] when the AC weights reach the experts. */
 static const float *acmoe__expert_input(const acmoe_moe *L, const float *x) {
     return L->d.router_input == ACMOE_INPUT_AC && L->d.ac_weight_experts ? L->xr : x;
 }
 
-/* ye = W2 act(W1 xe + b1) + b2 on each expert's gathered rows, one matmul pair each. */
-static acmoe_status acmoe__experts_forward(acmoe_moe *L, acmoe_ctx *ctx, const float *x) {
+/* ye = W2 act(W1 xe + b1) + b2 on expert j's gathered rows. */
+static void acmoe__expert_forward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j, const float *in) {
     const acmoe_moe_desc *d = &L->d;
-    const int dm = d->d_model, ff = d->d_ff, hw = L->h_width;
-    const float *in = acmoe__expert_input(L, x);
-    int j, slot;
-    acmoe_status s = ACMOE_OK;
-    for (slot = 0; slot < L->n_pairs; slot++)
-        memcpy(L->xe + (size_t)slot * dm, in + (size_t)L->pair_token[L->slot_pair[slot]] * dm, sizeof(float) * (size_t)dm);
-    for (j = 0; j < d->n_experts && s == ACMOE_OK; j++) {
-        int rows = L->count[j];
-        size_t at = (size_t)L->offset[j];
-        float *h = L->h + at * hw, *a = L->a + at * ff, *ye = L->ye + at * dm;
-        if (!rows) continue;
-        s = acmoe_matmul(ctx, ACMOE_NT, rows, hw, dm, L->xe + at * dm, dm, L->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
-        if (s != ACMOE_OK) break;
-        acmoe__add_bias(h, rows, hw, L->b1 + (size_t)j * hw);
-        acmoe__activate(d->activation, h, a, rows, ff);
-        s = acmoe_matmul(ctx, ACMOE_NT, rows, dm, ff, a, ff, L->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
-        if (s == ACMOE_OK) acmoe__add_bias(ye, rows, dm, L->b2 + (size_t)j * dm);
-    }
-    return s;
+    const int dm = d->d_model, ff = d->d_ff, hw = L->h_width, rows = L->count[j];
+    const size_t at = (size_t)L->offset[j];
+    float *xe = L->xe + at * dm, *h = L->h + at * hw, *a = L->a + at * ff, *ye = L->ye + at * dm;
+    int r;
+    for (r = 0; r < rows; r++)
+        memcpy(xe + (size_t)r * dm, in + (size_t)L->pair_token[L->slot_pair[at + r]] * dm, sizeof(float) * (size_t)dm);
+    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, L->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
+    acmoe__add_bias(h, rows, hw, L->b1 + (size_t)j * hw);
+    acmoe__activate(d->activation, h, a, rows, ff);
+    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, L->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
+    acmoe__add_bias(ye, rows, dm, L->b2 + (size_t)j * dm);
+}
+
+static void acmoe__experts_forward_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    acmoe_moe *L = job->L;
+    int j;
+    for (j = 0; j < L->d.n_experts; j++)
+        if (L->count[j] && acmoe__expert_owner(L, j, n_threads) == tid)
+            acmoe__expert_forward(L, job->ctx, tid, j, acmoe__expert_input(L, job->x));
 }
 
 /* out[t] = sum of gate * expert output over t's pairs, in order. */
-static void acmoe__combine(const acmoe_moe *L, int n, float *out) {
+static void acmoe__combine_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    const acmoe_moe *L = job->L;
     const int dm = L->d.d_model;
-    int p, q;
-    memset(out, 0, sizeof(float) * (size_t)n * dm);
-    for (p = 0; p < L->n_pairs; p++) {
-        float *o = out + (size_t)L->pair_token[p] * dm, g = L->pair_gate[p];
-        const float *y = L->ye + (size_t)L->pair_slot[p] * dm;
-        for (q = 0; q < dm; q++) o[q] += g * y[q];
+    int t, t0, t1, p, q;
+    acmoe__token_range(L, tid, n_threads, &t0, &t1);
+    for (t = t0; t < t1; t++) {
+        float *o = job->out + (size_t)t * dm;
+        memset(o, 0, sizeof(float) * (size_t)dm);
+        for (p = L->token_start[t]; p < L->token_start[t + 1]; p++) {
+            const float *y = L->ye + (size_t)L->pair_slot[p] * dm;
+            float g = L->pair_gate[p];
+            for (q = 0; q < dm; q++) o[q] += g * y[q];
+        }
     }
 }
 
@@ -2255,6 +2324,7 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     const acmoe_moe_desc *d;
     const float *u;
     acmoe_status s;
+    acmoe__moe_job job;
     double mark;
     if (!L || !ctx) return ACMOE_ERR_NULL;
     d = &L->d;
@@ -2280,9 +2350,9 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     acmoe__dispatch(L);
     L->aux_loss = acmoe__aux_loss(L, n, 0);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
-    s = acmoe__experts_forward(L, ctx, x);
-    if (s != ACMOE_OK) return s;
-    acmoe__combine(L, n, out);
+    job.L = L, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, &job);
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__combine_job, &job);
     acmoe__lap(ctx, &mark, &L->seconds_experts);
     L->cached = 1;
     return ACMOE_OK;
@@ -2290,11 +2360,14 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
 
 /* pair_dgate = <dout[t], expert output>; then the expert outputs become their gradients,
    gate * dout[t]. */
-static void acmoe__combine_backward(acmoe_moe *L, const float *dout) {
+static void acmoe__combine_backward_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    acmoe_moe *L = job->L;
     const int dm = L->d.d_model;
-    int p, q;
-    for (p = 0; p < L->n_pairs; p++) {
-        const float *g = dout + (size_t)L->pair_token[p] * dm;
+    int t0, t1, p, q;
+    acmoe__token_range(L, tid, n_threads, &t0, &t1);
+    for (p = L->token_start[t0]; p < L->token_start[t1]; p++) {
+        const float *g = job->dout + (size_t)L->pair_token[p] * dm;
         float *y = L->ye + (size_t)L->pair_slot[p] * dm, gate = L->pair_gate[p], dot = 0.0f;
         for (q = 0; q < dm; q++) dot += g[q] * y[q];
         L->pair_dgate[p] = dot;
@@ -2302,39 +2375,47 @@ static void acmoe__combine_backward(acmoe_moe *L, const float *dout) {
     }
 }
 
-/* Expert backward on the gathered rows, then dx[t] += the rows' input gradients in pair
-   order (times W[label] when the AC weights reached the experts). */
-static acmoe_status acmoe__experts_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
+/* Expert j's backward on its gathered rows: parameter gradients, and the rows' input
+   gradients written over xe. */
+static void acmoe__expert_backward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j) {
     const acmoe_moe_desc *d = &L->d;
-    const int dm = d->d_model, ff = d->d_ff, hw = L->h_width;
-    const int weighted = acmoe__expert_input(L, L->x) != L->x;
-    int j, p, q;
-    acmoe_status st = ACMOE_OK;
-    for (j = 0; j < d->n_experts && st == ACMOE_OK; j++) {
-        int rows = L->count[j];
-        size_t at = (size_t)L->offset[j];
-        float *dy = L->ye + at * dm, *a = L->a + at * ff, *h = L->h + at * hw, *xe = L->xe + at * dm;
-        const float *w1 = L->w1 + (size_t)j * hw * dm, *w2 = L->w2 + (size_t)j * dm * ff;
-        if (!rows) continue;
-        acmoe__bias_grad(dy, rows, dm, L->g_b2 + (size_t)j * dm);
-        st = acmoe_matmul(ctx, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, L->g_w2 + (size_t)j * dm * ff, ff, 1);
-        if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
-        if (st != ACMOE_OK) break;
-        acmoe__activate_backward(d->activation, h, a, rows, ff); /* h becomes dh */
-        acmoe__bias_grad(h, rows, hw, L->g_b1 + (size_t)j * hw);
-        st = acmoe_matmul(ctx, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, L->g_w1 + (size_t)j * hw * dm, dm, 1);
-        if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, dm, hw, h, hw, w1, dm, xe, dm, 0); /* dxe */
-    }
-    if (st != ACMOE_OK) return st;
-    for (p = 0; p < L->n_pairs; p++) {
+    const int dm = d->d_model, ff = d->d_ff, hw = L->h_width, rows = L->count[j];
+    const size_t at = (size_t)L->offset[j];
+    float *dy = L->ye + at * dm, *a = L->a + at * ff, *h = L->h + at * hw, *xe = L->xe + at * dm;
+    const float *w1 = L->w1 + (size_t)j * hw * dm, *w2 = L->w2 + (size_t)j * dm * ff;
+    acmoe__bias_grad(dy, rows, dm, L->g_b2 + (size_t)j * dm);
+    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, L->g_w2 + (size_t)j * dm * ff, ff, 1);
+    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
+    acmoe__activate_backward(d->activation, h, a, rows, ff);                           /* h becomes dh */
+    acmoe__bias_grad(h, rows, hw, L->g_b1 + (size_t)j * hw);
+    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, L->g_w1 + (size_t)j * hw * dm, dm, 1);
+    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_NN, rows, dm, hw, h, hw, w1, dm, xe, dm, 0); /* dxe */
+}
+
+static void acmoe__experts_backward_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    acmoe_moe *L = job->L;
+    int j;
+    for (j = 0; j < L->d.n_experts; j++)
+        if (L->count[j] && acmoe__expert_owner(L, j, n_threads) == tid) acmoe__expert_backward(L, job->ctx, tid, j);
+}
+
+/* dx[t] += the input gradients of t's rows, in pair order (times W[label] when the AC
+   weights reached the experts). */
+static void acmoe__scatter_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    const acmoe_moe *L = job->L;
+    const int dm = L->d.d_model, weighted = acmoe__expert_input(L, L->x) != L->x;
+    int t0, t1, p, q;
+    acmoe__token_range(L, tid, n_threads, &t0, &t1);
+    for (p = L->token_start[t0]; p < L->token_start[t1]; p++) {
         const float *g = L->xe + (size_t)L->pair_slot[p] * dm;
         size_t row = (size_t)L->pair_token[p] * dm;
         if (weighted)
-            for (q = 0; q < dm; q++) dx[row + q] += g[q] * L->wtok[row + q];
+            for (q = 0; q < dm; q++) job->dx[row + q] += g[q] * L->wtok[row + q];
         else
-            for (q = 0; q < dm; q++) dx[row + q] += g[q];
+            for (q = 0; q < dm; q++) job->dx[row + q] += g[q];
     }
-    return ACMOE_OK;
 }
 
 /* dz [n][E] from the pair gate gradients, by the selection rule's gate function. */
@@ -2403,6 +2484,7 @@ static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *
 }
 
 ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const float *dout, float *dx) {
+    acmoe__moe_job job;
     acmoe_status s;
     double mark;
     if (!L || !ctx) return ACMOE_ERR_NULL;
@@ -2410,14 +2492,18 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const fl
     if (!L->cached) return ACMOE_ERR_ARG; /* no successful forward call since the last backward */
     if (!dout || !dx) return ACMOE_ERR_NULL;
     mark = acmoe__clock_start(ctx);
+    job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx;
     memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
-    acmoe__combine_backward(L, dout);
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__combine_backward_job, &job);
     acmoe__lap(ctx, &mark, &L->seconds_experts);
     acmoe__gate_backward(L);
     acmoe__aux_loss(L, L->n, 1);
     s = acmoe__router_backward(L, ctx, dx);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
-    if (s == ACMOE_OK) s = acmoe__experts_backward(L, ctx, dx);
+    if (s == ACMOE_OK) {
+        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
+        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__scatter_job, &job);
+    }
     acmoe__lap(ctx, &mark, &L->seconds_experts);
     L->cached = 0; /* backward overwrote the cached activations */
     return s;
