@@ -1434,31 +1434,42 @@ static acmoe_status acmoe__ac_resolve(const acmoe_ac_desc *in, acmoe_ac_desc *ou
     return ACMOE_OK;
 }
 
-/* Per-cluster feature dispersion into w [k_rows][d] (mean absolute deviation or variance, two
-   passes around the mean kept in mu), token counts into count. */
-static void acmoe__ac_dispersion(const acmoe_ac_desc *desc, const float *x, int n, int d,
-                                 const int32_t *labels, int label_stride, int k_rows, float *mu,
-                                 float *w, int *count) {
-    int t, c, q;
-    memset(mu, 0, sizeof(float) * (size_t)k_rows * d);
-    memset(w, 0, sizeof(float) * (size_t)k_rows * d);
+/* Tokens per cluster. */
+static void acmoe__ac_counts(const int32_t *labels, int label_stride, int n, int k_rows, int *count) {
+    int t;
     memset(count, 0, sizeof(int) * (size_t)k_rows);
+    for (t = 0; t < n; t++) count[labels[(size_t)t * label_stride]]++;
+}
+
+/* Per-cluster dispersion of features [q0, q1) into w [k_rows][d] (mean absolute deviation or
+   variance, two passes around the mean kept in mu). Column ranges are independent, so
+   threads can split them. */
+static void acmoe__ac_dispersion(const acmoe_ac_desc *desc, const float *x, int n, int d,
+                                 const int32_t *labels, int label_stride, int k_rows, const int *count,
+                                 float *mu, float *w, int q0, int q1) {
+    const int variance = desc->dispersion == ACMOE_AC_DISP_VARIANCE, width = q1 - q0;
+    int t, c, q;
+    for (c = 0; c < k_rows; c++) {
+        memset(mu + (size_t)c * d + q0, 0, sizeof(float) * (size_t)width);
+        memset(w + (size_t)c * d + q0, 0, sizeof(float) * (size_t)width);
+    }
     for (t = 0; t < n; t++) {
-        c = labels[(size_t)t * label_stride];
-        count[c]++;
-        for (q = 0; q < d; q++) mu[(size_t)c * d + q] += x[(size_t)t * d + q];
+        float *m = mu + (size_t)labels[(size_t)t * label_stride] * d;
+        const float *xt = x + (size_t)t * d;
+        for (q = q0; q < q1; q++) m[q] += xt[q];
     }
     for (c = 0; c < k_rows; c++)
-        for (q = 0; q < d && count[c]; q++) mu[(size_t)c * d + q] /= (float)count[c];
+        for (q = q0; q < q1 && count[c]; q++) mu[(size_t)c * d + q] /= (float)count[c];
     for (t = 0; t < n; t++) {
-        c = labels[(size_t)t * label_stride];
-        for (q = 0; q < d; q++) {
-            float dev = x[(size_t)t * d + q] - mu[(size_t)c * d + q];
-            w[(size_t)c * d + q] += desc->dispersion == ACMOE_AC_DISP_VARIANCE ? dev * dev : fabsf(dev);
+        size_t row = (size_t)labels[(size_t)t * label_stride] * d;
+        const float *xt = x + (size_t)t * d;
+        for (q = q0; q < q1; q++) {
+            float dev = xt[q] - mu[row + q];
+            w[row + q] += variance ? dev * dev : fabsf(dev);
         }
     }
     for (c = 0; c < k_rows; c++)
-        for (q = 0; q < d && count[c]; q++) w[(size_t)c * d + q] /= (float)count[c];
+        for (q = q0; q < q1 && count[c]; q++) w[(size_t)c * d + q] /= (float)count[c];
 }
 
 /* Mean of the rows of w [k_rows][d] that count (all rows, or in robust mode those of
@@ -1570,7 +1581,8 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     w = w_out ? w_out : mu + w_len;
     ehat = (w_out ? mu : w) + w_len;
     logits = logits_out ? logits_out : ehat + (size_t)n_experts * d;
-    acmoe__ac_dispersion(&opt, x, n, d, prev_idx, prev_k, k_rows, mu, w, count);
+    acmoe__ac_counts(prev_idx, prev_k, n, k_rows, count);
+    acmoe__ac_dispersion(&opt, x, n, d, prev_idx, prev_k, k_rows, count, mu, w, 0, d);
     acmoe__ac_weights(&opt, w, k_rows, d, count);
     acmoe__unit_rows(emb, n_experts, d, ehat);
     acmoe__ac_logits(x, n, d, prev_idx, prev_k, w, ehat, n_experts, logits);
@@ -1600,7 +1612,7 @@ struct acmoe_moe {
     float *g_wr, *g_br, *g_emb, *g_proj, *g_w1, *g_b1, *g_w2, *g_b2;
     /* workspace, sized for max_tokens */
     void *memory;
-    float *xr, *dxr, *wtok;    /* router input, its gradient, AC weights per token [T][..] */
+    float *xr, *dxr, *wmix;    /* router input, its gradient [T][dr]; mixed AC weights [T][d] */
     float *ehat, *dehat, *emb_norm; /* unit expert embeddings [E][dr], their norms [E] */
     float *logits, *probs, *sig, *dz; /* [T][E] */
     float *balance_q;          /* [T][E] softmax(z / T) of the balance loss */
@@ -1752,7 +1764,7 @@ static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     size_t used = 0;
     L->xr = (float *)acmoe__carve(base, &used, t * dr * f);
     L->dxr = (float *)acmoe__carve(base, &used, t * dr * f);
-    L->wtok = (float *)acmoe__carve(base, &used, (d->router_input == ACMOE_INPUT_AC ? t * dm : 1) * f);
+    L->wmix = (float *)acmoe__carve(base, &used, (d->ac_mix_labels ? t * dm : 1) * f);
     L->ehat = (float *)acmoe__carve(base, &used, e * dr * f);
     L->dehat = (float *)acmoe__carve(base, &used, e * dr * f);
     L->emb_norm = (float *)acmoe__carve(base, &used, e * f);
@@ -1985,10 +1997,24 @@ static void acmoe__reproject_embeddings(acmoe_moe *L) {
     }
 }
 
-/* AC: labels, the weights W (unless frozen) and each token's row of W, mixed over the
-   previous experts by their gates when asked. */
-static acmoe_status acmoe__ac_token_weights(acmoe_moe *L, const float *x, int n, const int32_t *prev_idx,
-                                            const float *prev_gate, int prev_k) {
+typedef struct acmoe__ac_job {
+    acmoe_moe *L;
+    const float *x;
+    int n;
+} acmoe__ac_job;
+
+/* The dispersion, features split across threads. */
+static void acmoe__ac_dispersion_job(void *arg, int tid, int n_threads) {
+    const acmoe__ac_job *job = (const acmoe__ac_job *)arg;
+    acmoe_moe *L = job->L;
+    const int d = L->d.d_model, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
+    acmoe__ac_dispersion(&L->d.ac, job->x, job->n, d, L->labels, 1, L->ac_rows, L->ac_count, L->ac_mu, L->ac_w, q0, q1);
+}
+
+/* AC: labels, the weights W (unless frozen) and, when mixing, each token's mix of its
+   previous experts' rows by their gates. */
+static acmoe_status acmoe__ac_token_weights(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n,
+                                            const int32_t *prev_idx, const float *prev_gate, int prev_k) {
     const int dm = L->d.d_model;
     int t, s, q, top;
     if (!prev_idx || (L->d.ac_mix_labels && !prev_gate)) return ACMOE_ERR_NULL;
@@ -1998,19 +2024,18 @@ static acmoe_status acmoe__ac_token_weights(acmoe_moe *L, const float *x, int n,
     if (L->d.ac_mix_labels && !acmoe__all_finite(prev_gate, (size_t)n * prev_k)) return ACMOE_ERR_NONFINITE;
     for (t = 0; t < n; t++) L->labels[t] = prev_idx[(size_t)t * prev_k];
     if (!L->ac_frozen || !L->ac_ready) {
+        acmoe__ac_job job;
+        job.L = L, job.x = x, job.n = n;
         L->ac_rows = top + 1;
-        acmoe__ac_dispersion(&L->d.ac, x, n, dm, L->labels, 1, L->ac_rows, L->ac_mu, L->ac_w, L->ac_count);
+        acmoe__ac_counts(L->labels, 1, n, L->ac_rows, L->ac_count);
+        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__ac_dispersion_job, &job);
         acmoe__ac_weights(&L->d.ac, L->ac_w, L->ac_rows, dm, L->ac_count);
         L->ac_ready = 1;
     } else if (top >= L->ac_rows) {
         return ACMOE_ERR_ARG; /* a frozen W has no row for this cluster */
     }
-    for (t = 0; t < n; t++) {
-        float *w = L->wtok + (size_t)t * dm;
-        if (!L->d.ac_mix_labels) {
-            memcpy(w, L->ac_w + (size_t)L->labels[t] * dm, sizeof(float) * (size_t)dm);
-            continue;
-        }
+    for (t = 0; t < n && L->d.ac_mix_labels; t++) {
+        float *w = L->wmix + (size_t)t * dm;
         memset(w, 0, sizeof(float) * (size_t)dm);
         for (s = 0; s < prev_k; s++) {
             const float *row = L->ac_w + (size_t)prev_idx[(size_t)t * prev_k + s] * dm;
@@ -2021,12 +2046,51 @@ static acmoe_status acmoe__ac_token_weights(acmoe_moe *L, const float *x, int n,
     return ACMOE_OK;
 }
 
+/* Token t's AC feature weights: its cluster's row of W, or the mix of its previous experts'
+   rows. */
+static const float *acmoe__token_weights(const acmoe_moe *L, int t) {
+    const size_t dm = (size_t)L->d.d_model;
+    return L->d.ac_mix_labels ? L->wmix + (size_t)t * dm : L->ac_w + (size_t)L->labels[t] * dm;
+}
+
+typedef struct acmoe__weights_job {
+    const acmoe_moe *L;
+    const float *x;
+    float *out;
+    int n, accumulate;
+} acmoe__weights_job;
+
+/* x [n][d] times each token's AC weights, added to out or written over it; tokens split
+   across threads. */
+static void acmoe__times_token_weights_job(void *arg, int tid, int n_threads) {
+    const acmoe__weights_job *job = (const acmoe__weights_job *)arg;
+    const acmoe_moe *L = job->L;
+    const float *x = job->x;
+    float *out = job->out;
+    const int dm = L->d.d_model, accumulate = job->accumulate;
+    int t, q, t1 = (int)((long)job->n * (tid + 1) / n_threads);
+    for (t = (int)((long)job->n * tid / n_threads); t < t1; t++) {
+        const float *w = acmoe__token_weights(L, t), *xt = x + (size_t)t * dm;
+        float *o = out + (size_t)t * dm;
+        if (accumulate)
+            for (q = 0; q < dm; q++) o[q] += xt[q] * w[q];
+        else
+            for (q = 0; q < dm; q++) o[q] = xt[q] * w[q];
+    }
+}
+
+static void acmoe__times_token_weights(const acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n, float *out,
+                                       int accumulate) {
+    acmoe__weights_job job;
+    job.L = L, job.x = x, job.out = out, job.n = n, job.accumulate = accumulate;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__times_token_weights_job, &job);
+}
+
 /* The router input u [n][dr]: x itself, x R^T, or x * W[label]. */
 static acmoe_status acmoe__router_input(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n, const int32_t *prev_idx,
                                         const float *prev_gate, int prev_k, const float **u) {
     const acmoe_moe_desc *d = &L->d;
     acmoe_status s;
-    size_t i;
     *u = x;
     if (d->router_input == ACMOE_INPUT_PROJECTED) {
         *u = L->xr;
@@ -2034,9 +2098,9 @@ static acmoe_status acmoe__router_input(acmoe_moe *L, acmoe_ctx *ctx, const floa
                             d->proj_dim, 0);
     }
     if (d->router_input != ACMOE_INPUT_AC) return ACMOE_OK;
-    s = acmoe__ac_token_weights(L, x, n, prev_idx, prev_gate, prev_k);
+    s = acmoe__ac_token_weights(L, ctx, x, n, prev_idx, prev_gate, prev_k);
     if (s != ACMOE_OK) return s;
-    for (i = 0; i < (size_t)n * d->d_model; i++) L->xr[i] = x[i] * L->wtok[i];
+    acmoe__times_token_weights(L, ctx, x, n, L->xr, 0);
     *u = L->xr;
     return ACMOE_OK;
 }
@@ -2411,8 +2475,9 @@ static void acmoe__scatter_job(void *arg, int tid, int n_threads) {
     for (p = L->token_start[t0]; p < L->token_start[t1]; p++) {
         const float *g = L->xe + (size_t)L->pair_slot[p] * dm;
         size_t row = (size_t)L->pair_token[p] * dm;
-        if (weighted)
-            for (q = 0; q < dm; q++) job->dx[row + q] += g[q] * L->wtok[row + q];
+        const float *w = weighted ? acmoe__token_weights(L, L->pair_token[p]) : NULL;
+        if (w)
+            for (q = 0; q < dm; q++) job->dx[row + q] += g[q] * w[q];
         else
             for (q = 0; q < dm; q++) job->dx[row + q] += g[q];
     }
@@ -2465,7 +2530,6 @@ static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *
     const float *u = direct ? L->x : L->xr, *scorer = d->router_score == ACMOE_SCORE_LINEAR ? L->wr : L->ehat;
     float *du = direct ? dx : L->dxr;
     acmoe_status s;
-    size_t i;
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         acmoe__bias_grad(L->dz, n, e, L->g_br);
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->g_wr, dr, 1);
@@ -2479,7 +2543,7 @@ static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *
         s = acmoe_matmul(ctx, ACMOE_TN, dr, dm, n, L->dxr, dr, L->x, dm, L->g_proj, dm, 1);
         return s == ACMOE_OK ? acmoe_matmul(ctx, ACMOE_NN, n, dm, dr, L->dxr, dr, L->proj, dm, dx, dm, 1) : s;
     }
-    for (i = 0; i < (size_t)n * dm; i++) dx[i] += L->dxr[i] * L->wtok[i]; /* AC: W is a constant */
+    acmoe__times_token_weights(L, ctx, L->dxr, n, dx, 1); /* AC: W is a constant */
     return ACMOE_OK;
 }
 
