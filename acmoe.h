@@ -34,6 +34,9 @@
      5. Matrix multiplication       micro-kernels, packing, blocked driver
      6. Routers                     top-k gating, the Adaptive Clustering router
      7. MoE layer                   parameters, dispatch, experts, forward and backward
+     8. Transformer pieces          layer norm, causal self-attention, cross-entropy
+     9. Language model              decoder-only MoE transformer, forward and backward
+    10. Optimizer                   AdamW, learning-rate schedules, gradient clipping
      Licence
 
    GUARANTEES
@@ -352,6 +355,82 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *layer);
 /* Frozen, the AC router keeps the weights W of the last unfrozen forward call instead of
    measuring the batch: for decoding a token at a time, where one token has no dispersion. */
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
+
+/* ---- Language model ----
+   A decoder-only transformer: token and learned absolute position embeddings, then per
+   layer causal multi-head self-attention and an MoE feed-forward block, each with a residual
+   connection and layer norm (post-LN as in the reference's Switch models, or pre-LN with a
+   final norm), and an output head tied to the token embedding (or not). The pattern gives
+   each layer's FFN by router letter (see acmoe_moe_router_preset) or 'f' for a dense FFN, so
+   "ggc" is the paper's 3-layer AC model and "gfcfcf" a GLaM-style one. AC layers take their
+   labels from the MoE layer before them (dense layers pass them through); the first MoE layer
+   cannot be AC. The model owns one parameter buffer with mirrored gradient and Adam moment
+   buffers, and activations for batch x seq_len tokens: steps allocate nothing. */
+typedef struct acmoe_lm_desc {
+    int vocab;            /* default 256 (bytes) */
+    int d_model, n_heads; /* required; n_heads divides d_model */
+    int seq_len;          /* required: the context length */
+    int batch;            /* sequences per step the workspace holds; default 1 */
+    const char *pattern;  /* default "ggc" */
+    int d_ff;             /* default d_model */
+    int n_experts, top_k; /* defaults 16 and 2 */
+    acmoe_activation activation;
+    int pre_ln;           /* default post-LN */
+    int untied_head;      /* default: the head is the token embedding */
+    float dropout;        /* on the attention and FFN outputs in training; default 0 */
+    uint64_t seed;        /* initialisation and dropout; default 1 */
+    acmoe_moe_desc moe;   /* MoE options (capacity, losses, AC options); sizes and router
+                             pieces come from the fields above and the pattern */
+} acmoe_lm_desc;
+
+typedef struct acmoe_lm acmoe_lm;
+
+ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc);
+ACMOE_API void acmoe_lm_destroy(acmoe_lm *lm);
+ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *lm); /* with defaults resolved */
+ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *lm);
+ACMOE_API float *acmoe_lm_params(acmoe_lm *lm);
+ACMOE_API float *acmoe_lm_grads(acmoe_lm *lm);
+/* Bytes of parameters, gradients, Adam moments and activations. */
+ACMOE_API void acmoe_lm_memory(const acmoe_lm *lm, size_t *params, size_t *grads, size_t *optimizer,
+                               size_t *activations);
+/* tokens [batch][seq]; with targets (same shape), *loss is the mean cross-entropy plus the
+   MoE layers' auxiliary losses. train turns dropout on. Logits stay for acmoe_lm_logits. */
+ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens,
+                                        const int32_t *targets, int batch, int seq, int train,
+                                        float *loss);
+/* Adds the gradients of the last forward call's loss to the gradient buffer. */
+ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *lm, acmoe_ctx *ctx);
+ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *lm);
+ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *lm); /* [batch * seq][vocab] */
+ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *lm);
+/* The MoE layer of layer i (its stats, its options); NULL for a bad index. */
+ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *lm, int layer);
+ACMOE_API void acmoe_lm_freeze_ac_weights(acmoe_lm *lm, int frozen);
+
+/* ---- Optimizer ----
+   AdamW with bias correction; no decay on biases and layer norms. The learning rate warms up
+   linearly for warmup_steps, then stays constant (the reference) or follows a cosine to
+   min_lr at total_steps. Gradients are clipped to a global norm of clip_norm first. */
+typedef enum acmoe_schedule { ACMOE_SCHEDULE_CONSTANT = 0, ACMOE_SCHEDULE_COSINE, ACMOE_SCHEDULE_COUNT } acmoe_schedule;
+
+typedef struct acmoe_optim_desc {
+    float lr;           /* default 7e-4 */
+    float beta1, beta2; /* defaults 0.9, 0.999 */
+    float eps;          /* default 1e-8 */
+    float weight_decay; /* default 0 */
+    float clip_norm;    /* default 0: no clipping */
+    int warmup_steps;   /* default 0 */
+    acmoe_schedule schedule;
+    int total_steps;    /* for the cosine schedule */
+    float min_lr;
+    int sgd;            /* plain SGD (lr, weight decay) instead of AdamW */
+} acmoe_optim_desc;
+
+ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *opt, long step);
+/* One update from the gradient buffer; returns the gradient norm before clipping in *norm. */
+ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *lm, const acmoe_optim_desc *opt, float *norm);
+ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
 
 #ifdef __cplusplus
 }
@@ -1612,6 +1691,7 @@ struct acmoe_moe {
     float *g_wr, *g_br, *g_emb, *g_proj, *g_w1, *g_b1, *g_w2, *g_b2;
     /* workspace, sized for max_tokens */
     void *memory;
+    size_t memory_bytes;
     float *xr, *dxr, *wmix;    /* router input, its gradient [T][dr]; mixed AC weights [T][d] */
     float *ehat, *dehat, *emb_norm; /* unit expert embeddings [E][dr], their norms [E] */
     float *logits, *probs, *sig, *dz; /* [T][E] */
@@ -1700,8 +1780,9 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     return ACMOE_OK;
 }
 
-/* Lays the parameters out in params (or only counts them when params is NULL). */
-static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads) {
+/* Lays the parameters out in params (or only counts them when params is NULL); with decay,
+   also marks which are weights (1) and which biases (0), for AdamW. */
+static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads, unsigned char *decay) {
     const acmoe_moe_desc *d = &L->d;
     size_t used = 0, e = (size_t)d->n_experts;
     float **views[8][2];
@@ -1722,6 +1803,7 @@ static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads) {
 #undef ACMOE__VIEW
     for (i = 0; i < n; i++) {
         if (params) *views[i][0] = params + used, *views[i][1] = grads + used;
+        if (decay) memset(decay + used, !(views[i][0] == &L->br || views[i][0] == &L->b1 || views[i][0] == &L->b2), sizes[i]);
         used += sizes[i];
     }
     return used;
@@ -1745,7 +1827,7 @@ ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc) {
     memset(&layer, 0, sizeof layer);
     if (acmoe_moe_resolve(desc, &layer.d) != ACMOE_OK) return 0;
     acmoe__moe_shape(&layer);
-    return acmoe__moe_params(&layer, NULL, NULL);
+    return acmoe__moe_params(&layer, NULL, NULL, NULL);
 }
 
 /* Next aligned block of bytes from *used; only counts while base is NULL. */
@@ -1821,8 +1903,8 @@ ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *d
         return s;
     }
     acmoe__moe_shape(L);
-    acmoe__moe_params(L, params, grads);
-    bytes = acmoe__moe_workspace(L, NULL);
+    acmoe__moe_params(L, params, grads, NULL);
+    L->memory_bytes = bytes = acmoe__moe_workspace(L, NULL);
     L->memory = acmoe__aligned_alloc(bytes);
     if (!L->memory) {
         ACMOE_FREE(L);
@@ -2606,6 +2688,637 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
     }
     return st;
 }
+
+/* ========================================================================================== */
+/* 8. Transformer pieces                                                                      */
+/* ========================================================================================== */
+
+#define ACMOE__LN_EPS 1e-5f
+
+/* y = (x - mean) / sqrt(var + eps) * g + b per row, keeping xhat and 1/sqrt(var + eps). */
+static void acmoe__layernorm(const float *x, int rows, int d, const float *g, const float *b, float *xhat,
+                             float *rstd, float *y) {
+    int r, q;
+    for (r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * d;
+        float *xh = xhat + (size_t)r * d, *yr = y + (size_t)r * d, mean = 0.0f, var = 0.0f, rs;
+        for (q = 0; q < d; q++) mean += xr[q];
+        mean /= (float)d;
+        for (q = 0; q < d; q++) var += (xr[q] - mean) * (xr[q] - mean);
+        rs = 1.0f / sqrtf(var / (float)d + ACMOE__LN_EPS);
+        rstd[r] = rs;
+        for (q = 0; q < d; q++) {
+            xh[q] = (xr[q] - mean) * rs;
+            yr[q] = xh[q] * g[q] + b[q];
+        }
+    }
+}
+
+/* dx (written, or added when accumulate) from dy; dg and db accumulate. */
+static void acmoe__layernorm_backward(const float *dy, const float *xhat, const float *rstd, int rows, int d,
+                                      const float *g, float *dg, float *db, float *dx, int accumulate) {
+    int r, q;
+    for (r = 0; r < rows; r++) {
+        const float *dyr = dy + (size_t)r * d, *xh = xhat + (size_t)r * d;
+        float *dxr = dx + (size_t)r * d, mean_d = 0.0f, mean_dx = 0.0f;
+        for (q = 0; q < d; q++) {
+            float dxhat = dyr[q] * g[q];
+            mean_d += dxhat;
+            mean_dx += dxhat * xh[q];
+            dg[q] += dyr[q] * xh[q];
+            db[q] += dyr[q];
+        }
+        mean_d /= (float)d;
+        mean_dx /= (float)d;
+        for (q = 0; q < d; q++) {
+            float v = rstd[r] * (dyr[q] * g[q] - mean_d - xh[q] * mean_dx);
+            dxr[q] = accumulate ? dxr[q] + v : v;
+        }
+    }
+}
+
+/* Causal softmax of each row of s [seq][seq] in place, scaled: row i sees columns 0..i. */
+static void acmoe__causal_softmax(float *s, int seq, float scale) {
+    int i, j;
+    for (i = 0; i < seq; i++) {
+        float *row = s + (size_t)i * seq, top = row[0] * scale, sum = 0.0f;
+        for (j = 1; j <= i; j++) top = ACMOE__MAX(top, row[j] * scale);
+        for (j = 0; j <= i; j++) sum += row[j] = expf(row[j] * scale - top);
+        for (j = 0; j <= i; j++) row[j] /= sum;
+        for (j = i + 1; j < seq; j++) row[j] = 0.0f;
+    }
+}
+
+/* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to
+   out [n][d]; keeps the probabilities p [batch][heads][seq][seq]. */
+static acmoe_status acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int d, int heads,
+                                             float *p, float *out) {
+    const int dh = d / heads, ld = 3 * d;
+    int b, h;
+    acmoe_status s = ACMOE_OK;
+    for (b = 0; b < batch && s == ACMOE_OK; b++)
+        for (h = 0; h < heads && s == ACMOE_OK; h++) {
+            const float *q = qkv + (size_t)b * seq * ld + h * dh, *k = q + d, *v = q + 2 * d;
+            float *pb = p + ((size_t)b * heads + h) * seq * seq;
+            s = acmoe_matmul(ctx, ACMOE_NT, seq, seq, dh, q, ld, k, ld, pb, seq, 0);
+            if (s != ACMOE_OK) break;
+            acmoe__causal_softmax(pb, seq, 1.0f / sqrtf((float)dh));
+            s = acmoe_matmul(ctx, ACMOE_NN, seq, dh, seq, pb, seq, v, ld, out + (size_t)b * seq * d + h * dh, d, 0);
+        }
+    return s;
+}
+
+/* dqkv [n][3d] from dout [n][d]; dp is a [seq][seq] scratch. */
+static acmoe_status acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, const float *p, const float *dout,
+                                              int batch, int seq, int d, int heads, float *dp, float *dqkv) {
+    const int dh = d / heads, ld = 3 * d;
+    const float scale = 1.0f / sqrtf((float)dh);
+    int b, h, i, j;
+    acmoe_status s = ACMOE_OK;
+    for (b = 0; b < batch && s == ACMOE_OK; b++)
+        for (h = 0; h < heads && s == ACMOE_OK; h++) {
+            const size_t base = (size_t)b * seq * ld + h * dh;
+            const float *q = qkv + base, *k = q + d, *v = q + 2 * d, *pb = p + ((size_t)b * heads + h) * seq * seq;
+            const float *go = dout + (size_t)b * seq * d + h * dh;
+            float *dq = dqkv + base, *dk = dq + d, *dv = dq + 2 * d;
+            s = acmoe_matmul(ctx, ACMOE_NT, seq, seq, dh, go, d, v, ld, dp, seq, 0);          /* dP = dO V^T */
+            if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, seq, dh, seq, pb, seq, go, d, dv, ld, 0); /* P^T dO */
+            if (s != ACMOE_OK) break;
+            for (i = 0; i < seq; i++) { /* through the softmax and the scale */
+                const float *pr = pb + (size_t)i * seq;
+                float *dr = dp + (size_t)i * seq, dot = 0.0f;
+                for (j = 0; j <= i; j++) dot += pr[j] * dr[j];
+                for (j = 0; j < seq; j++) dr[j] = j <= i ? pr[j] * (dr[j] - dot) * scale : 0.0f;
+            }
+            s = acmoe_matmul(ctx, ACMOE_NN, seq, dh, seq, dp, seq, k, ld, dq, ld, 0);
+            if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, seq, dh, seq, dp, seq, q, ld, dk, ld, 0);
+        }
+    return s;
+}
+
+/* Mean cross-entropy of logits [n][vocab] against targets; with grad, the logits become
+   their gradient (softmax - one-hot) / n. */
+static float acmoe__cross_entropy(float *logits, const int32_t *targets, int n, int vocab, int grad) {
+    double total = 0.0;
+    int t, j;
+    for (t = 0; t < n; t++) {
+        float *z = logits + (size_t)t * vocab, top = z[0], sum = 0.0f;
+        for (j = 1; j < vocab; j++) top = ACMOE__MAX(top, z[j]);
+        for (j = 0; j < vocab; j++) sum += expf(z[j] - top);
+        total += (double)(logf(sum) + top - z[targets[t]]);
+        if (!grad) continue;
+        for (j = 0; j < vocab; j++) z[j] = expf(z[j] - top) / sum / (float)n;
+        z[targets[t]] -= 1.0f / (float)n;
+    }
+    return (float)(total / n);
+}
+
+/* ========================================================================================== */
+/* 9. Language model                                                                          */
+/* ========================================================================================== */
+
+typedef struct acmoe__block {
+    char letter; /* router preset, or 'f' for a dense FFN */
+    float *w_qkv, *b_qkv, *w_o, *b_o, *ln1_g, *ln1_b, *ln2_g, *ln2_b;
+    float *g_w_qkv, *g_b_qkv, *g_w_o, *g_b_o, *g_ln1_g, *g_ln1_b, *g_ln2_g, *g_ln2_b;
+    acmoe_moe *moe;
+    /* activations [n][..] of the last forward call */
+    const float *x_in;
+    float *attn_in, *qkv, *p, *att, *a, *xhat1, *rstd1, *h, *moe_in, *m, *xhat2, *rstd2, *y;
+    unsigned char *keep_a, *keep_m; /* dropout masks */
+} acmoe__block;
+
+struct acmoe_lm {
+    acmoe_lm_desc d;
+    char pattern[64];
+    int n_layers;
+    acmoe__block blocks[63];
+    size_t n_params, activation_bytes;
+    float *params, *grads, *adam_m, *adam_v;
+    unsigned char *decay;
+    void *memory;
+    float *tok_emb, *pos_emb, *head, *lnf_g, *lnf_b;
+    float *g_tok_emb, *g_pos_emb, *g_head, *g_lnf_g, *g_lnf_b;
+    float *x0, *yf, *xhatf, *rstdf, *logits;
+    float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *dp;
+    int32_t *tokens, *targets;
+    acmoe_rng rng;
+    int batch, seq, n, dropped, cached;
+    long steps;
+};
+
+/* A view of count floats at *used in params and grads, weight-decayed or not. */
+static void acmoe__lm_view(acmoe_lm *L, size_t *used, size_t count, int decay, float **p, float **g) {
+    if (L->params) {
+        *p = L->params + *used;
+        *g = L->grads + *used;
+        memset(L->decay + *used, decay, count);
+    }
+    *used += count;
+}
+
+static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
+    acmoe_moe_desc m = L->d.moe;
+    m.d_model = L->d.d_model;
+    m.d_ff = L->d.d_ff;
+    m.activation = L->d.activation;
+    m.max_tokens = L->d.batch * L->d.seq_len;
+    m.n_experts = letter == 'f' ? 1 : L->d.n_experts;
+    m.top_k = letter == 'f' ? 1 : L->d.top_k;
+    acmoe_moe_router_preset(&m, letter == 'f' ? 'g' : letter);
+    return m;
+}
+
+/* Lays the parameters out (or counts them while L->params is NULL). */
+static size_t acmoe__lm_params(acmoe_lm *L) {
+    const size_t d = (size_t)L->d.d_model, v = (size_t)L->d.vocab;
+    size_t used = 0;
+    int i;
+    acmoe__lm_view(L, &used, v * d, 1, &L->tok_emb, &L->g_tok_emb);
+    acmoe__lm_view(L, &used, (size_t)L->d.seq_len * d, 1, &L->pos_emb, &L->g_pos_emb);
+    for (i = 0; i < L->n_layers; i++) {
+        acmoe__block *B = &L->blocks[i];
+        acmoe_moe_desc md = acmoe__lm_moe_desc(L, B->letter);
+        size_t moe_count = acmoe_moe_param_count(&md);
+        acmoe__lm_view(L, &used, 3 * d * d, 1, &B->w_qkv, &B->g_w_qkv);
+        acmoe__lm_view(L, &used, 3 * d, 0, &B->b_qkv, &B->g_b_qkv);
+        acmoe__lm_view(L, &used, d * d, 1, &B->w_o, &B->g_w_o);
+        acmoe__lm_view(L, &used, d, 0, &B->b_o, &B->g_b_o);
+        acmoe__lm_view(L, &used, d, 0, &B->ln1_g, &B->g_ln1_g);
+        acmoe__lm_view(L, &used, d, 0, &B->ln1_b, &B->g_ln1_b);
+        acmoe__lm_view(L, &used, d, 0, &B->ln2_g, &B->g_ln2_g);
+        acmoe__lm_view(L, &used, d, 0, &B->ln2_b, &B->g_ln2_b);
+        if (L->params && acmoe_moe_create(&B->moe, &md, L->params + used, L->grads + used) == ACMOE_OK)
+            acmoe__moe_params(B->moe, L->params + used, L->grads + used, L->decay + used);
+        used += moe_count;
+    }
+    if (L->d.pre_ln) {
+        acmoe__lm_view(L, &used, d, 0, &L->lnf_g, &L->g_lnf_g);
+        acmoe__lm_view(L, &used, d, 0, &L->lnf_b, &L->g_lnf_b);
+    }
+    if (L->d.untied_head) acmoe__lm_view(L, &used, v * d, 1, &L->head, &L->g_head);
+    else if (L->params) L->head = L->tok_emb, L->g_head = L->g_tok_emb;
+    return used;
+}
+
+/* Lays the activations out in base (or only measures them when base is NULL). */
+static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
+    const size_t d = (size_t)L->d.d_model, n = (size_t)L->d.batch * L->d.seq_len, f = sizeof(float);
+    const size_t att = (size_t)L->d.batch * L->d.n_heads * L->d.seq_len * L->d.seq_len;
+    const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln;
+    size_t used = 0;
+    int i;
+    for (i = 0; i < L->n_layers; i++) {
+        acmoe__block *B = &L->blocks[i];
+        B->attn_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
+        B->qkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
+        B->p = (float *)acmoe__carve(base, &used, att * f);
+        B->att = (float *)acmoe__carve(base, &used, n * d * f);
+        B->a = (float *)acmoe__carve(base, &used, n * d * f);
+        B->xhat1 = (float *)acmoe__carve(base, &used, n * d * f);
+        B->rstd1 = (float *)acmoe__carve(base, &used, n * f);
+        B->h = (float *)acmoe__carve(base, &used, n * d * f);
+        B->moe_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
+        B->m = (float *)acmoe__carve(base, &used, n * d * f);
+        B->xhat2 = (float *)acmoe__carve(base, &used, n * d * f);
+        B->rstd2 = (float *)acmoe__carve(base, &used, n * f);
+        B->y = (float *)acmoe__carve(base, &used, n * d * f);
+        B->keep_a = drop ? (unsigned char *)acmoe__carve(base, &used, n * d) : NULL;
+        B->keep_m = drop ? (unsigned char *)acmoe__carve(base, &used, n * d) : NULL;
+    }
+    L->x0 = (float *)acmoe__carve(base, &used, n * d * f);
+    L->yf = (float *)acmoe__carve(base, &used, n * d * f);
+    L->xhatf = (float *)acmoe__carve(base, &used, n * d * f);
+    L->rstdf = (float *)acmoe__carve(base, &used, n * f);
+    L->logits = (float *)acmoe__carve(base, &used, n * (size_t)L->d.vocab * f);
+    L->dy = (float *)acmoe__carve(base, &used, n * d * f);
+    L->dx = (float *)acmoe__carve(base, &used, n * d * f);
+    L->t1 = (float *)acmoe__carve(base, &used, n * d * f);
+    L->t2 = (float *)acmoe__carve(base, &used, n * d * f);
+    L->t3 = (float *)acmoe__carve(base, &used, n * d * f);
+    L->datt = (float *)acmoe__carve(base, &used, n * d * f);
+    L->dqkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
+    L->dp = (float *)acmoe__carve(base, &used, (size_t)L->d.seq_len * L->d.seq_len * f);
+    L->tokens = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
+    L->targets = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
+    return used;
+}
+
+/* Defaults, and the checks a pattern must pass. */
+static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *out, char *pattern) {
+    acmoe_lm_desc d = *in;
+    int i, seen_moe = 0;
+    if (!d.vocab) d.vocab = 256;
+    if (!d.batch) d.batch = 1;
+    if (!d.pattern) d.pattern = "ggc";
+    if (!d.d_ff) d.d_ff = d.d_model;
+    if (!d.n_experts) d.n_experts = 16;
+    if (!d.top_k) d.top_k = 2;
+    if (!d.seed) d.seed = 1;
+    if (d.vocab < 2 || d.d_model < 1 || d.n_heads < 1 || d.d_model % d.n_heads || d.seq_len < 1 || d.batch < 1 ||
+        d.d_ff < 1 || d.n_experts < 1 || d.top_k < 1 || d.top_k > d.n_experts)
+        return ACMOE_ERR_SHAPE;
+    if (!(d.dropout >= 0.0f && d.dropout < 1.0f)) return ACMOE_ERR_ARG;
+    if (strlen(d.pattern) < 1 || strlen(d.pattern) > 63) return ACMOE_ERR_ARG;
+    for (i = 0; d.pattern[i]; i++) {
+        acmoe_moe_desc probe;
+        char c = d.pattern[i];
+        memset(&probe, 0, sizeof probe);
+        if (c == 'f') continue;
+        if (acmoe_moe_router_preset(&probe, c) != ACMOE_OK) return ACMOE_ERR_ARG;
+        if (!seen_moe && probe.router_input == ACMOE_INPUT_AC) return ACMOE_ERR_ARG; /* no labels yet */
+        seen_moe = 1;
+    }
+    strcpy(pattern, d.pattern);
+    d.pattern = pattern;
+    *out = d;
+    return ACMOE_OK;
+}
+
+ACMOE_API void acmoe_lm_destroy(acmoe_lm *L) {
+    int i;
+    if (!L) return;
+    for (i = 0; i < L->n_layers; i++) acmoe_moe_destroy(L->blocks[i].moe);
+    acmoe__aligned_free(L->params);
+    acmoe__aligned_free(L->memory);
+    ACMOE_FREE(L->decay);
+    ACMOE_FREE(L);
+}
+
+static void acmoe__lm_init(acmoe_lm *L) {
+    const size_t d = (size_t)L->d.d_model;
+    acmoe_rng *rng = &L->rng;
+    size_t i;
+    int l;
+    for (i = 0; i < (size_t)L->d.vocab * d; i++) L->tok_emb[i] = 0.02f * acmoe_rng_normal(rng);
+    for (i = 0; i < (size_t)L->d.seq_len * d; i++) L->pos_emb[i] = 0.02f * acmoe_rng_normal(rng);
+    for (l = 0; l < L->n_layers; l++) {
+        acmoe__block *B = &L->blocks[l];
+        acmoe__init_uniform(rng, B->w_qkv, 3 * d * d, (int)d);
+        acmoe__init_uniform(rng, B->w_o, d * d, (int)d);
+        for (i = 0; i < d; i++) B->ln1_g[i] = B->ln2_g[i] = 1.0f;
+        acmoe_moe_init_params(B->moe, rng);
+    }
+    for (i = 0; L->lnf_g && i < d; i++) L->lnf_g[i] = 1.0f;
+    if (L->d.untied_head)
+        for (i = 0; i < (size_t)L->d.vocab * d; i++) L->head[i] = 0.02f * acmoe_rng_normal(rng);
+}
+
+ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc) {
+    acmoe_lm *L;
+    acmoe_status s;
+    size_t bytes;
+    int i;
+    if (!out || !desc) return ACMOE_ERR_NULL;
+    *out = NULL;
+    L = (acmoe_lm *)ACMOE_MALLOC(sizeof *L);
+    if (!L) return ACMOE_ERR_NOMEM;
+    memset(L, 0, sizeof *L);
+    s = acmoe__lm_resolve(desc, &L->d, L->pattern);
+    if (s != ACMOE_OK) {
+        ACMOE_FREE(L);
+        return s;
+    }
+    L->n_layers = (int)strlen(L->pattern);
+    for (i = 0; i < L->n_layers; i++) {
+        acmoe_moe_desc md;
+        L->blocks[i].letter = L->pattern[i];
+        md = acmoe__lm_moe_desc(L, L->pattern[i]);
+        if (!acmoe_moe_param_count(&md)) {
+            ACMOE_FREE(L);
+            return ACMOE_ERR_ARG; /* the MoE options do not fit these sizes */
+        }
+    }
+    L->n_params = acmoe__lm_params(L);
+    L->params = (float *)acmoe__aligned_alloc(4 * L->n_params * sizeof(float));
+    L->decay = (unsigned char *)ACMOE_MALLOC(L->n_params);
+    L->activation_bytes = bytes = acmoe__lm_activations(L, NULL);
+    L->memory = acmoe__aligned_alloc(bytes);
+    if (!L->params || !L->decay || !L->memory) {
+        acmoe_lm_destroy(L);
+        return ACMOE_ERR_NOMEM;
+    }
+    memset(L->params, 0, 4 * L->n_params * sizeof(float));
+    L->grads = L->params + L->n_params;
+    L->adam_m = L->grads + L->n_params;
+    L->adam_v = L->adam_m + L->n_params;
+    acmoe__lm_params(L);
+    for (i = 0; i < L->n_layers; i++)
+        if (!L->blocks[i].moe) {
+            acmoe_lm_destroy(L);
+            return ACMOE_ERR_NOMEM;
+        }
+    memset(L->memory, 0, bytes);
+    acmoe__lm_activations(L, (unsigned char *)L->memory);
+    acmoe_rng_seed(&L->rng, L->d.seed);
+    acmoe__lm_init(L);
+    *out = L;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *L) { return L->d; }
+ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *L) { return L ? L->n_params : 0; }
+ACMOE_API float *acmoe_lm_params(acmoe_lm *L) { return L ? L->params : NULL; }
+ACMOE_API float *acmoe_lm_grads(acmoe_lm *L) { return L ? L->grads : NULL; }
+ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *L) { return L ? L->logits : NULL; }
+ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *L) { return L ? L->n_layers : 0; }
+
+ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *L, int layer) {
+    return L && layer >= 0 && layer < L->n_layers ? L->blocks[layer].moe : NULL;
+}
+
+ACMOE_API void acmoe_lm_freeze_ac_weights(acmoe_lm *L, int frozen) {
+    int i;
+    for (i = 0; L && i < L->n_layers; i++) acmoe_moe_freeze_ac_weights(L->blocks[i].moe, frozen);
+}
+
+ACMOE_API void acmoe_lm_memory(const acmoe_lm *L, size_t *params, size_t *grads, size_t *optimizer,
+                               size_t *activations) {
+    size_t bytes = L ? L->n_params * sizeof(float) : 0, moe = 0;
+    int i;
+    for (i = 0; L && i < L->n_layers; i++) moe += L->blocks[i].moe->memory_bytes;
+    if (params) *params = bytes;
+    if (grads) *grads = bytes;
+    if (optimizer) *optimizer = 2 * bytes;
+    if (activations) *activations = L ? L->activation_bytes + moe : 0;
+}
+
+ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *L) {
+    if (L) memset(L->grads, 0, L->n_params * sizeof(float));
+}
+
+/* Dropout on x [count] in training: keep with probability 1 - p, scaled by 1 / (1 - p). */
+static void acmoe__dropout(acmoe_lm *L, float *x, unsigned char *keep, size_t count) {
+    const float p = L->d.dropout, scale = 1.0f / (1.0f - p);
+    size_t i;
+    for (i = 0; i < count; i++) {
+        keep[i] = acmoe_rng_uniform(&L->rng) >= p;
+        x[i] = keep[i] ? x[i] * scale : 0.0f;
+    }
+}
+
+static void acmoe__dropout_backward(const acmoe_lm *L, const float *dy, const unsigned char *keep, float *dx,
+                                    size_t count) {
+    const float scale = 1.0f / (1.0f - L->d.dropout);
+    size_t i;
+    for (i = 0; i < count; i++) dx[i] = L->dropped && !keep[i] ? 0.0f : (L->dropped ? dy[i] * scale : dy[i]);
+}
+
+static void acmoe__add(float *y, const float *a, const float *b, size_t count) {
+    size_t i;
+    for (i = 0; i < count; i++) y[i] = a[i] + b[i];
+}
+
+/* One block forward; prev carries the last MoE layer's routing to the next. */
+static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, const float *x,
+                                         acmoe_moe_stats *prev, int *have_prev) {
+    const int d = L->d.d_model, n = L->n;
+    const size_t count = (size_t)n * d;
+    acmoe_status s;
+    B->x_in = x;
+    if (L->d.pre_ln) acmoe__layernorm(x, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->attn_in);
+    s = acmoe_matmul(ctx, ACMOE_NT, n, 3 * d, d, L->d.pre_ln ? B->attn_in : x, d, B->w_qkv, d, B->qkv, 3 * d, 0);
+    if (s != ACMOE_OK) return s;
+    acmoe__add_bias(B->qkv, n, 3 * d, B->b_qkv);
+    s = acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, d, L->d.n_heads, B->p, B->att);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NT, n, d, d, B->att, d, B->w_o, d, B->a, d, 0);
+    if (s != ACMOE_OK) return s;
+    acmoe__add_bias(B->a, n, d, B->b_o);
+    if (L->dropped) acmoe__dropout(L, B->a, B->keep_a, count);
+    if (L->d.pre_ln) {
+        acmoe__add(B->h, x, B->a, count);
+        acmoe__layernorm(B->h, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->moe_in);
+    } else {
+        acmoe__add(B->y, x, B->a, count); /* y as scratch for the residual sum */
+        acmoe__layernorm(B->y, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->h);
+    }
+    s = acmoe_moe_forward(B->moe, ctx, L->d.pre_ln ? B->moe_in : B->h, n, *have_prev ? prev->expert_index : NULL,
+                          *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m);
+    if (s != ACMOE_OK) return s;
+    if (B->letter != 'f') *prev = acmoe_moe_get_stats(B->moe), *have_prev = 1;
+    if (L->dropped) acmoe__dropout(L, B->m, B->keep_m, count);
+    if (L->d.pre_ln) {
+        acmoe__add(B->y, B->h, B->m, count);
+    } else {
+        acmoe__add(B->y, B->h, B->m, count);
+        acmoe__layernorm(B->y, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->y);
+    }
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens,
+                                        const int32_t *targets, int batch, int seq, int train,
+                                        float *loss) {
+    acmoe_moe_stats prev;
+    const float *x;
+    int i, q, have_prev = 0, d;
+    float aux = 0.0f;
+    acmoe_status s = ACMOE_OK;
+    if (!L || !ctx || !tokens) return ACMOE_ERR_NULL;
+    if (batch < 1 || seq < 1 || batch > L->d.batch || seq > L->d.seq_len) return ACMOE_ERR_SHAPE;
+    if (targets && !loss) return ACMOE_ERR_NULL;
+    d = L->d.d_model;
+    L->batch = batch, L->seq = seq, L->n = batch * seq;
+    L->cached = 0;
+    for (i = 0; i < L->n; i++)
+        if (tokens[i] < 0 || tokens[i] >= L->d.vocab || (targets && (targets[i] < 0 || targets[i] >= L->d.vocab)))
+            return ACMOE_ERR_ARG;
+    memcpy(L->tokens, tokens, sizeof(int32_t) * (size_t)L->n);
+    if (targets) memcpy(L->targets, targets, sizeof(int32_t) * (size_t)L->n);
+    L->dropped = train && L->d.dropout > 0.0f;
+    memset(&prev, 0, sizeof prev);
+    for (i = 0; i < L->n; i++) {
+        const float *te = L->tok_emb + (size_t)tokens[i] * d, *pe = L->pos_emb + (size_t)(i % seq) * d;
+        for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] = te[q] + pe[q];
+    }
+    x = L->x0;
+    for (i = 0; i < L->n_layers && s == ACMOE_OK; i++) {
+        s = acmoe__block_forward(L, ctx, &L->blocks[i], x, &prev, &have_prev);
+        x = L->blocks[i].y;
+        aux += acmoe_moe_get_stats(L->blocks[i].moe).aux_loss;
+    }
+    if (s != ACMOE_OK) return s;
+    if (L->d.pre_ln) {
+        acmoe__layernorm(x, L->n, d, L->lnf_g, L->lnf_b, L->xhatf, L->rstdf, L->yf);
+        x = L->yf;
+    }
+    s = acmoe_matmul(ctx, ACMOE_NT, L->n, L->d.vocab, d, x, d, L->head, d, L->logits, L->d.vocab, 0);
+    if (s != ACMOE_OK) return s;
+    if (targets) {
+        *loss = acmoe__cross_entropy(L->logits, L->targets, L->n, L->d.vocab, 0) + aux;
+        L->cached = 1;
+    }
+    return ACMOE_OK;
+}
+
+/* One block backward: dy (gradient of its output) to dx (of its input). */
+static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, const float *dy, float *dx) {
+    const int d = L->d.d_model, n = L->n, pre = L->d.pre_ln;
+    const size_t count = (size_t)n * d;
+    float *dres = L->t1, *tmp = L->t2, *dmoe = L->t3;
+    acmoe_status s;
+    size_t i;
+    /* the FFN half: dres is the gradient of the residual stream between the halves */
+    if (pre) memcpy(dres, dy, sizeof(float) * count);
+    else acmoe__layernorm_backward(dy, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 0);
+    acmoe__dropout_backward(L, dres, B->keep_m, tmp, count);
+    s = acmoe_moe_backward(B->moe, ctx, tmp, dmoe);
+    if (s != ACMOE_OK) return s;
+    if (pre) acmoe__layernorm_backward(dmoe, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 1);
+    else for (i = 0; i < count; i++) dres[i] += dmoe[i];
+    /* the attention half */
+    if (!pre) { /* through LN1: dres becomes the gradient of x + a */
+        acmoe__layernorm_backward(dres, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, tmp, 0);
+        memcpy(dres, tmp, sizeof(float) * count);
+    }
+    acmoe__dropout_backward(L, dres, B->keep_a, tmp, count);
+    acmoe__bias_grad(tmp, n, d, B->g_b_o);
+    s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, tmp, d, B->att, d, B->g_w_o, d, 1);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, tmp, d, B->w_o, d, L->datt, d, 0);
+    if (s == ACMOE_OK)
+        s = acmoe__attention_backward(ctx, B->qkv, B->p, L->datt, L->batch, L->seq, d, L->d.n_heads, L->dp, L->dqkv);
+    if (s != ACMOE_OK) return s;
+    acmoe__bias_grad(L->dqkv, n, 3 * d, B->g_b_qkv);
+    s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
+    if (s != ACMOE_OK) return s;
+    if (pre) {
+        s = acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, L->dqkv, 3 * d, B->w_qkv, d, tmp, d, 0);
+        if (s != ACMOE_OK) return s;
+        memcpy(dx, dres, sizeof(float) * count);
+        acmoe__layernorm_backward(tmp, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, dx, 1);
+        return ACMOE_OK;
+    }
+    memcpy(dx, dres, sizeof(float) * count);
+    return acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, L->dqkv, 3 * d, B->w_qkv, d, dx, d, 1);
+}
+
+ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
+    const int d = L ? L->d.d_model : 0;
+    const float *top;
+    float *dy, *dx, *swap;
+    int i, q;
+    acmoe_status s;
+    if (!L || !ctx) return ACMOE_ERR_NULL;
+    if (!L->cached) return ACMOE_ERR_ARG; /* needs a forward call with targets first */
+    L->cached = 0;
+    acmoe__cross_entropy(L->logits, L->targets, L->n, L->d.vocab, 1);
+    top = L->d.pre_ln ? L->yf : L->blocks[L->n_layers - 1].y;
+    s = acmoe_matmul(ctx, ACMOE_TN, L->d.vocab, d, L->n, L->logits, L->d.vocab, top, d, L->g_head, d, 1);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, L->n, d, L->d.vocab, L->logits, L->d.vocab, L->head, d, L->dy, d, 0);
+    if (s != ACMOE_OK) return s;
+    dy = L->dy, dx = L->dx;
+    if (L->d.pre_ln) {
+        acmoe__layernorm_backward(dy, L->xhatf, L->rstdf, L->n, d, L->lnf_g, L->g_lnf_g, L->g_lnf_b, dx, 0);
+        swap = dy, dy = dx, dx = swap;
+    }
+    for (i = L->n_layers - 1; i >= 0 && s == ACMOE_OK; i--) {
+        s = acmoe__block_backward(L, ctx, &L->blocks[i], dy, dx);
+        swap = dy, dy = dx, dx = swap;
+    }
+    if (s != ACMOE_OK) return s;
+    for (i = 0; i < L->n; i++) { /* into the embeddings */
+        float *gt = L->g_tok_emb + (size_t)L->tokens[i] * d, *gp = L->g_pos_emb + (size_t)(i % L->seq) * d;
+        for (q = 0; q < d; q++) gt[q] += dy[(size_t)i * d + q], gp[q] += dy[(size_t)i * d + q];
+    }
+    return ACMOE_OK;
+}
+
+/* ========================================================================================== */
+/* 10. Optimizer                                                                              */
+/* ========================================================================================== */
+
+static acmoe_optim_desc acmoe__optim_resolve(const acmoe_optim_desc *in) {
+    acmoe_optim_desc o;
+    memset(&o, 0, sizeof o);
+    if (in) o = *in;
+    if (o.lr == 0.0f) o.lr = 7e-4f;
+    if (o.beta1 == 0.0f) o.beta1 = 0.9f;
+    if (o.beta2 == 0.0f) o.beta2 = 0.999f;
+    if (o.eps == 0.0f) o.eps = 1e-8f;
+    return o;
+}
+
+ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
+    acmoe_optim_desc o = acmoe__optim_resolve(in);
+    double progress;
+    if (step < o.warmup_steps) return o.lr * (float)(step + 1) / (float)o.warmup_steps;
+    if (o.schedule != ACMOE_SCHEDULE_COSINE || o.total_steps <= o.warmup_steps) return o.lr;
+    progress = ACMOE__MIN(1.0, (double)(step - o.warmup_steps) / (double)(o.total_steps - o.warmup_steps));
+    return o.min_lr + 0.5f * (o.lr - o.min_lr) * (float)(1.0 + cos(3.141592653589793 * progress));
+}
+
+ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, const acmoe_optim_desc *desc, float *norm) {
+    acmoe_optim_desc o = acmoe__optim_resolve(desc);
+    double sq = 0.0;
+    float lr, scale = 1.0f, c1, c2;
+    size_t i;
+    if (!L) return ACMOE_ERR_NULL;
+    if (!(o.lr > 0.0f) || !(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f) ||
+        !(o.eps > 0.0f) || !(o.weight_decay >= 0.0f) || !(o.clip_norm >= 0.0f) || o.warmup_steps < 0 ||
+        (int)o.schedule < 0 || o.schedule >= ACMOE_SCHEDULE_COUNT)
+        return ACMOE_ERR_ARG;
+    for (i = 0; i < L->n_params; i++) sq += (double)L->grads[i] * L->grads[i];
+    if (norm) *norm = (float)sqrt(sq);
+    if (!isfinite(sq)) return ACMOE_ERR_NONFINITE; /* nothing is updated */
+    if (o.clip_norm > 0.0f && sqrt(sq) > o.clip_norm) scale = o.clip_norm / (float)sqrt(sq);
+    lr = acmoe_lr_at(&o, L->steps);
+    L->steps++;
+    c1 = 1.0f / (1.0f - powf(o.beta1, (float)L->steps));
+    c2 = 1.0f / (1.0f - powf(o.beta2, (float)L->steps));
+    for (i = 0; i < L->n_params; i++) {
+        float g = L->grads[i] * scale, decay = L->decay[i] ? o.weight_decay : 0.0f;
+        if (o.sgd) {
+            L->params[i] -= lr * (g + decay * L->params[i]);
+            continue;
+        }
+        L->adam_m[i] = o.beta1 * L->adam_m[i] + (1.0f - o.beta1) * g;
+        L->adam_v[i] = o.beta2 * L->adam_v[i] + (1.0f - o.beta2) * g * g;
+        L->params[i] -= lr * (L->adam_m[i] * c1 / (sqrtf(L->adam_v[i] * c2) + o.eps) + decay * L->params[i]);
+    }
+    return ACMOE_OK;
+}
+
+ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *L) { return L ? L->steps : 0; }
 
 #ifdef __cplusplus
 }

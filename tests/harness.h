@@ -37,5 +37,6 @@ extern long test_allocations;   /* calls of the library's allocator so far */
 extern const test_case foundation_tests[];
 extern const test_case router_tests[];
 extern const test_case moe_tests[];
+extern const test_case lm_tests[];
 
 #endif

@@ -1,0 +1,299 @@
+/* Language model: whole-model gradient checks (random direction and single coordinates) for
+   post-LN and pre-LN, tied and untied heads; pattern rules; learning; determinism; the
+   optimizer and schedules. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../acmoe.h"
+#include "harness.h"
+
+static acmoe_lm_desc tiny_desc(const char *pattern, int pre_ln, int untied) {
+    acmoe_lm_desc d;
+    memset(&d, 0, sizeof d);
+    d.vocab = 11;
+    d.d_model = 8;
+    d.n_heads = 2;
+    d.seq_len = 5;
+    d.batch = 2;
+    d.pattern = pattern;
+    d.d_ff = 6;
+    d.n_experts = 4;
+    d.top_k = 2;
+    d.activation = ACMOE_ACT_GELU; /* smooth, for finite differences */
+    d.pre_ln = pre_ln;
+    d.untied_head = untied;
+    d.seed = 3;
+    return d;
+}
+
+static acmoe_ctx *one_thread(void) {
+    acmoe_ctx_desc cd;
+    acmoe_ctx *ctx = NULL;
+    memset(&cd, 0, sizeof cd);
+    cd.n_threads = 1;
+    CHECK_STATUS(acmoe_ctx_create(&ctx, &cd), ACMOE_OK);
+    return ctx;
+}
+
+static void tiny_batch(int32_t *tokens, int32_t *targets, int n, uint64_t seed) {
+    acmoe_rng rng;
+    int i;
+    acmoe_rng_seed(&rng, seed);
+    for (i = 0; i < n; i++) tokens[i] = (int32_t)acmoe_rng_below(&rng, 11), targets[i] = (int32_t)acmoe_rng_below(&rng, 11);
+}
+
+/* The routing of every MoE layer, to skip perturbations that change it. */
+static void lm_routing(acmoe_lm *lm, int *out, int max) {
+    int l, p, at = 0;
+    memset(out, 0, sizeof(int) * (size_t)max);
+    for (l = 0; l < acmoe_lm_n_layers(lm); l++) {
+        acmoe_moe_stats st = acmoe_moe_get_stats(acmoe_lm_moe(lm, l));
+        for (p = 0; p < st.pairs && at + 2 <= max; p++) out[at++] = st.pair_token[p], out[at++] = st.pair_expert[p];
+    }
+}
+
+static double lm_loss(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tok, const int32_t *tgt, int *routing) {
+    float loss = NAN;
+    if (acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 0, &loss) != ACMOE_OK) return NAN;
+    if (routing) lm_routing(lm, routing, 512);
+    return loss;
+}
+
+/* Central differences along a random direction of all parameters, and along single ones. */
+static void check_lm_gradients(const char *pattern, int pre_ln, int untied) {
+    acmoe_lm_desc d = tiny_desc(pattern, pre_ln, untied);
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = one_thread();
+    int32_t tok[10], tgt[10];
+    int base_routing[512], routing[512], i, bad = 0, checked = 0;
+    float *params, *grads, *saved, *dir;
+    size_t n, c;
+    double dot = 0.0;
+    const float h = 1e-2f;
+    acmoe_rng rng;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    if (!lm) return;
+    n = acmoe_lm_param_count(lm);
+    params = acmoe_lm_params(lm);
+    grads = acmoe_lm_grads(lm);
+    saved = (float *)malloc(sizeof(float) * n);
+    dir = (float *)malloc(sizeof(float) * n);
+    tiny_batch(tok, tgt, 10, 5);
+    CHECK(isfinite(lm_loss(lm, ctx, tok, tgt, NULL))); /* re-projects embeddings, measures AC */
+    acmoe_lm_freeze_ac_weights(lm, 1);
+    CHECK(isfinite(lm_loss(lm, ctx, tok, tgt, base_routing)));
+    memcpy(saved, params, sizeof(float) * n);
+    acmoe_lm_zero_grad(lm);
+    CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+    acmoe_rng_seed(&rng, 9);
+    for (c = 0; c < n; c++) dir[c] = acmoe_rng_normal(&rng), dot += (double)dir[c] * grads[c];
+    { /* the largest step along dir that leaves every routing decision as it was */
+        static const float steps[4] = {1e-3f, 3e-4f, 1e-4f, 3e-5f};
+        double numeric = NAN;
+        int k;
+        for (k = 0; k < 4 && isnan(numeric); k++) {
+            double up, down;
+            int same;
+            for (c = 0; c < n; c++) params[c] = saved[c] + steps[k] * dir[c];
+            up = lm_loss(lm, ctx, tok, tgt, routing);
+            same = memcmp(routing, base_routing, sizeof routing) == 0;
+            for (c = 0; c < n; c++) params[c] = saved[c] - steps[k] * dir[c];
+            down = lm_loss(lm, ctx, tok, tgt, routing);
+            same &= memcmp(routing, base_routing, sizeof routing) == 0;
+            if (same) numeric = (up - down) / (2.0 * steps[k]);
+        }
+        memcpy(params, saved, sizeof(float) * n);
+        CHECKF(fabs(numeric - dot) <= 2e-2 * fabs(dot) + 2e-3, "direction: numeric %.6g, analytic %.6g", numeric, dot);
+    }
+    for (i = 0; i < 300; i++) { /* single coordinates spread over the whole buffer */
+        double up, down, numeric;
+        c = (size_t)acmoe_rng_below(&rng, (uint32_t)n);
+        params[c] = saved[c] + h;
+        up = lm_loss(lm, ctx, tok, tgt, routing);
+        memcpy(params, saved, sizeof(float) * n);
+        if (memcmp(routing, base_routing, sizeof routing) != 0) continue;
+        params[c] = saved[c] - h;
+        down = lm_loss(lm, ctx, tok, tgt, routing);
+        memcpy(params, saved, sizeof(float) * n);
+        if (memcmp(routing, base_routing, sizeof routing) != 0) continue;
+        numeric = (up - down) / (2.0 * h);
+        checked++;
+        if (fabs(numeric - grads[c]) > 2e-3 + 3e-2 * fmax(fabs(numeric), fabs(grads[c]))) {
+            fprintf(stderr, "    param[%zu]: numeric %.6g, analytic %.6g\n", c, numeric, grads[c]);
+            bad++;
+        }
+    }
+    CHECKF(bad == 0 && checked > 250, "%d of %d coordinates wrong", bad, checked);
+    free(saved), free(dir);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
+static void test_lm_grad_post_ln(void) { check_lm_gradients("gfc", 0, 0); }
+static void test_lm_grad_pre_ln_untied(void) { check_lm_gradients("gcc", 1, 1); }
+
+static void test_lm_patterns(void) {
+    acmoe_lm_desc d = tiny_desc("cgg", 0, 0);
+    acmoe_lm *lm = NULL;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_ERR_ARG); /* the first MoE layer cannot be AC */
+    d.pattern = "fcg";
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_ERR_ARG); /* a dense layer gives no labels */
+    d.pattern = "gqz";
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_ERR_ARG);
+    d.pattern = "";
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_ERR_ARG);
+    d.pattern = "gfcfcf";
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK(acmoe_lm_n_layers(lm) == 6 && acmoe_lm_moe(lm, 6) == NULL && acmoe_lm_moe(lm, 5) != NULL);
+    acmoe_lm_destroy(lm);
+    d = tiny_desc("ggc", 0, 0);
+    d.n_heads = 3; /* does not divide d_model */
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_ERR_SHAPE);
+    d = tiny_desc("ggc", 0, 0);
+    d.dropout = 1.0f;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_ERR_ARG);
+    CHECK(lm == NULL);
+}
+
+/* Bad calls are refused and change nothing. */
+static void test_lm_bad_calls(void) {
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = one_thread();
+    int32_t tok[10], tgt[10];
+    float loss = 0.0f;
+    tiny_batch(tok, tgt, 10, 1);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_ERR_ARG); /* no forward yet */
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 3, 5, 1, &loss), ACMOE_ERR_SHAPE); /* batch > 2 */
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 6, 1, &loss), ACMOE_ERR_SHAPE); /* seq > 5 */
+    tok[3] = 11;
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_ERR_ARG); /* token out of range */
+    tok[3] = 1;
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, NULL), ACMOE_ERR_NULL);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 1, 3, 0, NULL), ACMOE_OK); /* inference only */
+    CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_ERR_ARG);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
+/* A few hundred AdamW steps learn a fixed batch: the loss falls far below log(vocab). */
+static void test_lm_learns(void) {
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_optim_desc opt;
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = one_thread();
+    int32_t tok[10], tgt[10];
+    float loss = 0.0f, first = 0.0f, norm;
+    int step;
+    d.activation = ACMOE_ACT_RELU;
+    memset(&opt, 0, sizeof opt);
+    opt.lr = 1e-2f;
+    opt.clip_norm = 1.0f;
+    tiny_batch(tok, tgt, 10, 2);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    for (step = 0; step < 300; step++) {
+        CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+        if (step == 0) first = loss;
+        acmoe_lm_zero_grad(lm);
+        CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(lm, &opt, &norm), ACMOE_OK);
+    }
+    CHECKF(fabsf(first - logf(11.0f)) < 0.5f && loss < 0.2f, "loss %g -> %g", first, loss);
+    CHECK(acmoe_lm_steps_taken(lm) == 300);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
+/* Same seed, same bits; one thread or two, same bits. */
+static void test_lm_deterministic(void) {
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_lm *a = NULL, *b = NULL;
+    acmoe_ctx *ctx1 = one_thread(), *ctx2 = NULL;
+    acmoe_ctx_desc cd;
+    int32_t tok[10], tgt[10];
+    float la, lb;
+    int step;
+    memset(&cd, 0, sizeof cd);
+    cd.n_threads = 2;
+    CHECK_STATUS(acmoe_ctx_create(&ctx2, &cd), ACMOE_OK);
+    d.dropout = 0.1f;
+    tiny_batch(tok, tgt, 10, 4);
+    CHECK_STATUS(acmoe_lm_create(&a, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_create(&b, &d), ACMOE_OK);
+    for (step = 0; step < 5; step++) {
+        CHECK_STATUS(acmoe_lm_forward(a, ctx1, tok, tgt, 2, 5, 1, &la), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_forward(b, ctx2, tok, tgt, 2, 5, 1, &lb), ACMOE_OK);
+        CHECK(memcmp(&la, &lb, sizeof la) == 0);
+        acmoe_lm_zero_grad(a), acmoe_lm_zero_grad(b);
+        CHECK_STATUS(acmoe_lm_backward(a, ctx1), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_backward(b, ctx2), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(a, NULL, NULL), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(b, NULL, NULL), ACMOE_OK);
+    }
+    CHECK(memcmp(acmoe_lm_params(a), acmoe_lm_params(b), sizeof(float) * acmoe_lm_param_count(a)) == 0);
+    acmoe_lm_destroy(a), acmoe_lm_destroy(b);
+    acmoe_ctx_destroy(ctx1), acmoe_ctx_destroy(ctx2);
+}
+
+static void test_optimizer_schedules(void) {
+    acmoe_optim_desc o;
+    memset(&o, 0, sizeof o);
+    o.lr = 1.0f;
+    o.warmup_steps = 4;
+    CHECK(acmoe_lr_at(&o, 0) == 0.25f && acmoe_lr_at(&o, 3) == 1.0f && acmoe_lr_at(&o, 100) == 1.0f);
+    o.schedule = ACMOE_SCHEDULE_COSINE;
+    o.total_steps = 14;
+    o.min_lr = 0.1f;
+    CHECK(fabsf(acmoe_lr_at(&o, 4) - 1.0f) < 1e-6f && fabsf(acmoe_lr_at(&o, 9) - 0.55f) < 1e-6f);
+    CHECK(fabsf(acmoe_lr_at(&o, 14) - 0.1f) < 1e-6f && fabsf(acmoe_lr_at(&o, 50) - 0.1f) < 1e-6f);
+    CHECK(fabsf(acmoe_lr_at(NULL, 0) - 7e-4f) < 1e-9f);
+}
+
+/* One AdamW step against the formula, decay on weights only, and clipping. */
+static void test_optimizer_adamw(void) {
+    acmoe_lm_desc d = tiny_desc("g", 0, 0);
+    acmoe_optim_desc o;
+    acmoe_lm *lm = NULL;
+    float *p, *g, before_w, before_ln, norm;
+    size_t n, i, ln_index = 0;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    n = acmoe_lm_param_count(lm);
+    p = acmoe_lm_params(lm);
+    g = acmoe_lm_grads(lm);
+    for (i = 0; i < n; i++) g[i] = 0.0f;
+    /* layout: token embedding [11][8], positions [5][8], w_qkv [24][8], b_qkv [24], w_o [8][8],
+       b_o [8], ln1 gain [8] ... */
+    ln_index = 11 * 8 + 5 * 8 + 24 * 8 + 24 + 64 + 8;
+    g[0] = 3.0f, g[ln_index] = 4.0f; /* norm 5 */
+    before_w = p[0], before_ln = p[ln_index];
+    memset(&o, 0, sizeof o);
+    o.lr = 0.1f;
+    o.weight_decay = 0.5f;
+    o.clip_norm = 1.0f;
+    CHECK_STATUS(acmoe_lm_step(lm, &o, &norm), ACMOE_OK);
+    CHECK(fabsf(norm - 5.0f) < 1e-5f);
+    /* first Adam step moves by lr * sign(g); decay adds lr * wd * p on weights only */
+    CHECK(fabsf(p[0] - (before_w - 0.1f * (1.0f + 0.5f * before_w))) < 1e-5f);
+    CHECK(fabsf(p[ln_index] - (before_ln - 0.1f)) < 1e-5f);
+    g[1] = NAN;
+    before_w = p[1];
+    CHECK_STATUS(acmoe_lm_step(lm, &o, &norm), ACMOE_ERR_NONFINITE);
+    CHECK(p[1] == before_w && acmoe_lm_steps_taken(lm) == 1);
+    o.lr = -1.0f;
+    CHECK_STATUS(acmoe_lm_step(lm, &o, NULL), ACMOE_ERR_ARG);
+    acmoe_lm_destroy(lm);
+}
+
+const test_case lm_tests[] = {
+    {"lm_patterns", test_lm_patterns},
+    {"lm_bad_calls", test_lm_bad_calls},
+    {"lm_grad_post_ln", test_lm_grad_post_ln},
+    {"lm_grad_pre_ln_untied", test_lm_grad_pre_ln_untied},
+    {"lm_learns", test_lm_learns},
+    {"lm_deterministic", test_lm_deterministic},
+    {"optimizer_schedules", test_optimizer_schedules},
+    {"optimizer_adamw", test_optimizer_adamw},
+    {0, 0},
+};
