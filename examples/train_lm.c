@@ -1,0 +1,389 @@
+/* Trains byte-level MoE language models on a text file and compares routers.
+
+     train_lm --data data/fortunes.txt --compare ggc,ggg      the paper's AC layout against SMoE
+     train_lm --data FILE --pattern gcc --steps 2000          one model
+     train_lm --help                                          every flag and its default
+
+   Each model sees the same batches (same seed) and is evaluated on the same held-out 10 % of
+   the text, so the comparison isolates the routers. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define ACMOE_IMPLEMENTATION
+#include "../acmoe.h"
+
+/* ---- options ---- */
+
+typedef struct options {
+    const char *data, *pattern, *compare, *prompt;
+    int steps, batch, seq, d_model, heads, experts, top_k, d_ff, warmup, threads;
+    int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln;
+    long seed;
+    float lr, dropout, clip, target_bpc, temperature;
+} options;
+
+typedef enum { OPT_STR, OPT_INT, OPT_LONG, OPT_FLOAT } opt_type;
+
+typedef struct flag {
+    const char *name;
+    opt_type type;
+    size_t offset;
+    const char *help;
+} flag;
+
+#define FLAG(name, type, field, help) {name, type, offsetof(options, field), help}
+static const flag flags[] = {
+    FLAG("--data", OPT_STR, data, "text file to train on (bytes are tokens)"),
+    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, s Switch, o cosine, x XMoE, u USMoE, f dense"),
+    FLAG("--compare", OPT_STR, compare, "comma-separated patterns to train in turn and compare (overrides --pattern)"),
+    FLAG("--steps", OPT_INT, steps, "training steps per model"),
+    FLAG("--batch", OPT_INT, batch, "sequences per step"),
+    FLAG("--seq", OPT_INT, seq, "context length"),
+    FLAG("--d-model", OPT_INT, d_model, "model width"),
+    FLAG("--heads", OPT_INT, heads, "attention heads"),
+    FLAG("--experts", OPT_INT, experts, "experts per MoE layer"),
+    FLAG("--top-k", OPT_INT, top_k, "experts per token"),
+    FLAG("--d-ff", OPT_INT, d_ff, "expert hidden width"),
+    FLAG("--pre-ln", OPT_INT, pre_ln, "1: pre-LN blocks; 0: post-LN as in the paper"),
+    FLAG("--lr", OPT_FLOAT, lr, "peak learning rate (AdamW)"),
+    FLAG("--warmup", OPT_INT, warmup, "linear warmup steps, then constant"),
+    FLAG("--dropout", OPT_FLOAT, dropout, "dropout on attention and FFN outputs"),
+    FLAG("--clip", OPT_FLOAT, clip, "gradient clipping by global norm (0: off)"),
+    FLAG("--seed", OPT_LONG, seed, "initialisation, dropout and batch order"),
+    FLAG("--threads", OPT_INT, threads, "threads (0: online CPUs)"),
+    FLAG("--eval-every", OPT_INT, eval_every, "steps between evaluations"),
+    FLAG("--eval-batches", OPT_INT, eval_batches, "held-out batches per evaluation"),
+    FLAG("--target-bpc", OPT_FLOAT, target_bpc, "report the first evaluation at or below this"),
+    FLAG("--log-every", OPT_INT, log_every, "steps between progress lines"),
+    FLAG("--sample", OPT_INT, sample, "characters to generate after training (0: none)"),
+    FLAG("--temperature", OPT_FLOAT, temperature, "sampling temperature"),
+    FLAG("--sample-top-k", OPT_INT, sample_top_k, "sample among the k likeliest bytes"),
+    FLAG("--prompt", OPT_STR, prompt, "text the sample starts from"),
+};
+
+static options default_options(void) {
+    options o;
+    memset(&o, 0, sizeof o);
+    o.data = "data/fortunes.txt";
+    o.pattern = "ggc";
+    o.steps = 600, o.batch = 8, o.seq = 128, o.d_model = 128, o.heads = 8, o.experts = 16, o.top_k = 2;
+    o.d_ff = 128, o.warmup = 100, o.eval_every = 100, o.eval_batches = 8, o.log_every = 20, o.sample = 300;
+    o.sample_top_k = 20, o.seed = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 3.0f, o.temperature = 0.8f;
+    o.prompt = "The ";
+    return o;
+}
+
+static void print_flag_default(const flag *f, const options *o) {
+    const char *p = (const char *)o + f->offset;
+    switch (f->type) {
+    case OPT_STR: printf("%s", *(const char *const *)p ? *(const char *const *)p : "(none)"); break;
+    case OPT_INT: printf("%d", *(const int *)p); break;
+    case OPT_LONG: printf("%ld", *(const long *)p); break;
+    case OPT_FLOAT: printf("%g", *(const float *)p); break;
+    }
+}
+
+static void usage(FILE *out) {
+    options d = default_options();
+    size_t i;
+    fprintf(out, "usage: train_lm [flags]\n");
+    for (i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        if (out == stdout) {
+            printf("  %-15s %s (default: ", flags[i].name, flags[i].help);
+            print_flag_default(&flags[i], &d);
+            printf(")\n");
+        }
+    }
+}
+
+static int set_flag(options *o, const flag *f, const char *value) {
+    char *end = NULL, *p = (char *)o + f->offset;
+    switch (f->type) {
+    case OPT_STR: *(const char **)p = value; return 1;
+    case OPT_INT: *(int *)p = (int)strtol(value, &end, 10); break;
+    case OPT_LONG: *(long *)p = strtol(value, &end, 10); break;
+    case OPT_FLOAT: *(float *)p = strtof(value, &end); break;
+    }
+    return end && *end == '\0' && end != value;
+}
+
+static options parse_options(int argc, char **argv) {
+    options o = default_options();
+    int i;
+    size_t f;
+    for (i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            exit(0);
+        }
+        for (f = 0; f < sizeof flags / sizeof flags[0]; f++)
+            if (!strcmp(argv[i], flags[f].name)) break;
+        if (f == sizeof flags / sizeof flags[0] || i + 1 >= argc || !set_flag(&o, &flags[f], argv[i + 1])) {
+            fprintf(stderr, "train_lm: bad flag or value at '%s' (see --help)\n", argv[i]);
+            exit(2);
+        }
+        i++;
+    }
+    return o;
+}
+
+/* ---- corpus ---- */
+
+/* Used when the corpus file is missing, so the pipeline still runs end to end. */
+static const char fallback_text[] =
+    "A mixture of experts splits a layer into many small networks and lets a router send each "
+    "token to a few of them. The router is a clustering: tokens that look alike go to the same "
+    "expert, and the expert learns what those tokens need. When the clusters are loose the "
+    "experts learn the same things twice; when they are tight each expert specialises. The "
+    "adaptive clustering router measures how tightly each cluster sits along every feature and "
+    "routes in a space where the tight features count for more.\n";
+
+typedef struct corpus {
+    unsigned char *bytes;
+    long size, train_size; /* the first train_size bytes train, the rest evaluate */
+} corpus;
+
+static corpus load_corpus(const char *path) {
+    corpus c;
+    FILE *f = fopen(path, "rb");
+    memset(&c, 0, sizeof c);
+    if (f && fseek(f, 0, SEEK_END) == 0 && (c.size = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0) {
+        c.bytes = (unsigned char *)malloc((size_t)c.size);
+        if (!c.bytes || fread(c.bytes, 1, (size_t)c.size, f) != (size_t)c.size) free(c.bytes), c.bytes = NULL;
+    }
+    if (f) fclose(f);
+    if (!c.bytes) {
+        printf("corpus %s not available: training on the embedded %lu-byte text instead\n", path,
+               (unsigned long)(sizeof fallback_text - 1));
+        c.size = (long)sizeof fallback_text - 1;
+        c.bytes = (unsigned char *)malloc((size_t)c.size);
+        memcpy(c.bytes, fallback_text, (size_t)c.size);
+    } else {
+        printf("corpus %s: %ld bytes\n", path, c.size);
+    }
+    c.train_size = c.size * 9 / 10;
+    return c;
+}
+
+/* batch windows of seq + 1 bytes starting at random offsets of [from, to) */
+static void fill_batch(const corpus *c, long from, long to, acmoe_rng *rng, int batch, int seq, int32_t *tokens,
+                       int32_t *targets) {
+    int b, t;
+    for (b = 0; b < batch; b++) {
+        long span = to - from - seq - 1, start = from + (span > 0 ? (long)acmoe_rng_below(rng, (uint32_t)span) : 0);
+        for (t = 0; t < seq; t++) {
+            long at = start + t < to - 1 ? start + t : to - 2;
+            tokens[b * seq + t] = c->bytes[at];
+            targets[b * seq + t] = c->bytes[at + 1];
+        }
+    }
+}
+
+/* ---- training ---- */
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void check(acmoe_status s, const char *what) {
+    if (s == ACMOE_OK) return;
+    fprintf(stderr, "train_lm: %s: %s\n", what, acmoe_status_string(s));
+    exit(1);
+}
+
+typedef struct result {
+    char pattern[64];
+    double val_loss, seconds, tokens_per_second, imbalance;
+    int steps_to_target;
+} result;
+
+/* Mean held-out loss over the same batches every time (a fixed generator). */
+static double evaluate(acmoe_lm *lm, acmoe_ctx *ctx, const corpus *c, const options *o, int32_t *tok, int32_t *tgt) {
+    acmoe_rng rng;
+    double total = 0.0;
+    int i;
+    acmoe_rng_seed(&rng, 12345);
+    for (i = 0; i < o->eval_batches; i++) {
+        float loss;
+        fill_batch(c, c->train_size, c->size, &rng, o->batch, o->seq, tok, tgt);
+        check(acmoe_lm_forward(lm, ctx, tok, tgt, o->batch, o->seq, 0, &loss), "evaluation");
+        total += loss;
+    }
+    return total / o->eval_batches;
+}
+
+static void print_progress(int interactive, int step, int steps, float loss, float lr, double tps, double eta) {
+    if (interactive) {
+        int filled = 30 * step / steps, i;
+        printf("\r[");
+        for (i = 0; i < 30; i++) putchar(i < filled ? '#' : '.');
+        printf("] %d/%d loss %.3f lr %.1e %.1fk tok/s ETA %dm%02ds ", step, steps, loss, lr, tps / 1000.0,
+               (int)eta / 60, (int)eta % 60);
+    } else {
+        printf("step %5d/%d  loss %.4f  lr %.2e  %.1fk tok/s  ETA %dm%02ds\n", step, steps, loss, lr, tps / 1000.0,
+               (int)eta / 60, (int)eta % 60);
+    }
+    fflush(stdout);
+}
+
+/* Largest expert share over the mean share, worst MoE layer of the last step. */
+static double load_imbalance(acmoe_lm *lm, int print) {
+    double worst = 1.0;
+    int l, j;
+    for (l = 0; l < acmoe_lm_n_layers(lm); l++) {
+        acmoe_moe_stats st = acmoe_moe_get_stats(acmoe_lm_moe(lm, l));
+        int top = 0;
+        if (st.n_experts < 2 || st.pairs == 0) continue;
+        for (j = 0; j < st.n_experts; j++) top = st.tokens_per_expert[j] > top ? st.tokens_per_expert[j] : top;
+        worst = fmax(worst, (double)top * st.n_experts / st.pairs);
+        if (!print) continue;
+        printf("  layer %d load (%% of pairs):", l);
+        for (j = 0; j < st.n_experts; j++) printf(" %.0f", 100.0 * st.tokens_per_expert[j] / st.pairs);
+        printf("\n");
+    }
+    return worst;
+}
+
+static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
+    const int vocab = 256;
+    int32_t *context = (int32_t *)calloc((size_t)o->seq, sizeof(int32_t));
+    float probs[256];
+    acmoe_rng rng;
+    int len = 0, i, n;
+    acmoe_rng_seed(&rng, (uint64_t)o->seed + 7);
+    for (i = 0; o->prompt[i] && len < o->seq; i++) context[len++] = (unsigned char)o->prompt[i];
+    printf("%s", o->prompt);
+    for (n = 0; n < o->sample && len > 0; n++) {
+        const float *z;
+        float top, sum = 0.0f, kth, r;
+        int j, count;
+        check(acmoe_lm_forward(lm, ctx, context, NULL, 1, len, 0, NULL), "sampling");
+        z = acmoe_lm_logits(lm) + (size_t)(len - 1) * vocab;
+        for (top = z[0], j = 1; j < vocab; j++) top = z[j] > top ? z[j] : top;
+        for (kth = top, count = 0; count < o->sample_top_k; count++) { /* the k-th largest logit */
+            float next = -INFINITY;
+            for (j = 0; j < vocab; j++)
+                if (z[j] < kth && z[j] > next) next = z[j];
+            if (next == -INFINITY) break;
+            kth = count + 1 < o->sample_top_k ? next : kth;
+        }
+        for (j = 0; j < vocab; j++) sum += probs[j] = z[j] >= kth ? expf((z[j] - top) / o->temperature) : 0.0f;
+        r = acmoe_rng_uniform(&rng) * sum;
+        for (j = 0; j < vocab - 1 && r >= probs[j]; j++) r -= probs[j];
+        putchar(j);
+        if (len == o->seq) memmove(context, context + 1, sizeof(int32_t) * (size_t)(--len));
+        context[len++] = j;
+    }
+    printf("\n");
+    free(context);
+}
+
+static result train(const char *pattern, const options *o, const corpus *c, acmoe_ctx *ctx, int show_sample) {
+    acmoe_lm_desc d;
+    acmoe_optim_desc opt;
+    acmoe_lm *lm = NULL;
+    acmoe_rng rng;
+    result r;
+    int32_t *tok = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch * o->seq);
+    int32_t *tgt = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch * o->seq);
+    int step, interactive = isatty(STDOUT_FILENO);
+    double start = now_seconds(), train_seconds = 0.0;
+    size_t mem[4];
+    memset(&r, 0, sizeof r);
+    snprintf(r.pattern, sizeof r.pattern, "%s", pattern);
+    r.steps_to_target = -1;
+    memset(&d, 0, sizeof d);
+    d.d_model = o->d_model, d.n_heads = o->heads, d.seq_len = o->seq, d.batch = o->batch, d.pattern = pattern;
+    d.d_ff = o->d_ff, d.n_experts = o->experts, d.top_k = o->top_k, d.dropout = o->dropout, d.pre_ln = o->pre_ln;
+    d.seed = (uint64_t)o->seed;
+    memset(&opt, 0, sizeof opt);
+    opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.clip_norm = o->clip;
+    check(acmoe_lm_create(&lm, &d), "model");
+    acmoe_lm_memory(lm, &mem[0], &mem[1], &mem[2], &mem[3]);
+    printf("\n== pattern %s: %lu parameters; memory MiB: params %.1f, grads %.1f, Adam %.1f, activations %.1f\n",
+           pattern, (unsigned long)acmoe_lm_param_count(lm), mem[0] / 1048576.0, mem[1] / 1048576.0,
+           mem[2] / 1048576.0, mem[3] / 1048576.0);
+    acmoe_rng_seed(&rng, (uint64_t)o->seed);
+    for (step = 1; step <= o->steps; step++) {
+        float loss, norm;
+        double t0 = now_seconds();
+        fill_batch(c, 0, c->train_size, &rng, o->batch, o->seq, tok, tgt);
+        check(acmoe_lm_forward(lm, ctx, tok, tgt, o->batch, o->seq, 1, &loss), "forward");
+        acmoe_lm_zero_grad(lm);
+        check(acmoe_lm_backward(lm, ctx), "backward");
+        check(acmoe_lm_step(lm, &opt, &norm), "optimizer step");
+        train_seconds += now_seconds() - t0;
+        if (step % o->log_every == 0 || step == o->steps) {
+            double tps = (double)step * o->batch * o->seq / train_seconds;
+            print_progress(interactive, step, o->steps, loss, acmoe_lr_at(&opt, step - 1), tps,
+                           train_seconds / step * (o->steps - step));
+        }
+        if (step % o->eval_every == 0 || step == o->steps) {
+            double val = evaluate(lm, ctx, c, o, tok, tgt);
+            if (interactive) printf("\n");
+            printf("  eval step %d: val loss %.4f  bpc %.3f  perplexity %.2f\n", step, val, val / log(2.0), exp(val));
+            if (r.steps_to_target < 0 && val / log(2.0) <= o->target_bpc) r.steps_to_target = step;
+            r.val_loss = val;
+        }
+    }
+    r.tokens_per_second = (double)o->steps * o->batch * o->seq / train_seconds;
+    r.imbalance = load_imbalance(lm, 1);
+    r.seconds = now_seconds() - start;
+    if (show_sample && o->sample > 0) {
+        printf("  sample (temperature %.2f, top-%d):\n", o->temperature, o->sample_top_k);
+        sample_text(lm, ctx, o);
+    }
+    acmoe_lm_destroy(lm);
+    free(tok), free(tgt);
+    return r;
+}
+
+static void print_comparison(const result *r, int n, const options *o) {
+    int i;
+    printf("\n== comparison (%d steps, batch %d x %d bytes, same seed and batches)\n", o->steps, o->batch, o->seq);
+    printf("%-10s %10s %8s %14s %10s %12s\n", "pattern", "val loss", "val bpc", "steps to bpc", "tok/s", "max/mean load");
+    for (i = 0; i < n; i++) {
+        char target[32];
+        if (r[i].steps_to_target >= 0) snprintf(target, sizeof target, "%d", r[i].steps_to_target);
+        else snprintf(target, sizeof target, "not reached");
+        printf("%-10s %10.4f %8.3f %14s %10.0f %12.2f\n", r[i].pattern, r[i].val_loss, r[i].val_loss / log(2.0),
+               target, r[i].tokens_per_second, r[i].imbalance);
+    }
+    printf("(steps to bpc: first evaluation at or below %.2f bits per character)\n", o->target_bpc);
+}
+
+int main(int argc, char **argv) {
+    options o = parse_options(argc, argv);
+    corpus c = load_corpus(o.data);
+    acmoe_ctx_desc cd;
+    acmoe_ctx *ctx;
+    result results[8];
+    char patterns[8][64];
+    int n = 0, i;
+    memset(&cd, 0, sizeof cd);
+    cd.n_threads = o.threads;
+    check(acmoe_ctx_create(&ctx, &cd), "context");
+    printf("kernel path %s, %d threads\n", acmoe_isa_name(acmoe_ctx_settings(ctx).isa), acmoe_ctx_settings(ctx).n_threads);
+    if (o.compare) { /* split the comma-separated list */
+        const char *p = o.compare;
+        while (*p && n < 8) {
+            size_t len = strcspn(p, ",");
+            snprintf(patterns[n++], sizeof patterns[0], "%.*s", (int)(len < 63 ? len : 63), p);
+            p += len + (p[len] == ',');
+        }
+    } else {
+        snprintf(patterns[n++], sizeof patterns[0], "%s", o.pattern);
+    }
+    for (i = 0; i < n; i++) results[i] = train(patterns[i], &o, &c, ctx, i == 0);
+    if (n > 1) print_comparison(results, n, &o);
+    acmoe_ctx_destroy(ctx);
+    free(c.bytes);
+    return 0;
+}
