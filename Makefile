@@ -12,7 +12,7 @@ B        := build
 TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-sanitize test-dispatch test-arm bench examples demo clean
+.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm bench examples demo clean
 
 all: $(B)/tests $(B)/bench examples
 
@@ -22,8 +22,13 @@ $(B):
 $(B)/tests: $(TEST_SRC) $(TEST_HDR) | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) $(TEST_SRC) -o $@ $(LDLIBS)
 
-# The suite, the README's usage example, and the header inside a C++ program.
-test: test-readme test-cpp test-unit
+# The suite, the README's usage example, the header inside a C++ program, and a smoke run of
+# the training example (tiny model, embedded text, both router patterns).
+test: test-readme test-cpp test-examples test-unit
+
+test-examples: $(B)/train_lm
+	./$(B)/train_lm --data /nonexistent --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
+	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg
 
 test-unit: $(B)/tests
 	./$(B)/tests
@@ -93,7 +98,6 @@ DEMO_FLAGS ?=
 demo: $(B)/train_lm data/fortunes.txt
 	./$(B)/train_lm --data data/fortunes.txt --compare ggc,ggg $(DEMO_FLAGS)
 
-.PHONY: data/fortunes.txt
 
 clean:
 	rm -rf $(B)
