@@ -237,6 +237,43 @@ static void test_lm_deterministic(void) {
     acmoe_ctx_destroy(ctx1), acmoe_ctx_destroy(ctx2);
 }
 
+/* The first eight AdamW steps of a tiny model follow the recorded losses on every kernel
+   path (they agree to about 1e-6; the tolerance leaves room for other compilers). */
+static void test_lm_loss_trajectory(void) {
+    static const float recorded[8] = {2.356224f, 2.321651f, 2.252711f, 2.181030f,
+                                      2.125951f, 2.053988f, 1.985966f, 1.914469f};
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_isa isas[ACMOE_ISA_COUNT];
+    acmoe_optim_desc opt;
+    acmoe_rng rng;
+    int32_t tok[10], tgt[10];
+    int n_isa = 0, v, i, step;
+    for (i = ACMOE_ISA_SCALAR; i < ACMOE_ISA_COUNT; i++)
+        if (acmoe_isa_supported((acmoe_isa)i)) isas[n_isa++] = (acmoe_isa)i;
+    d.activation = ACMOE_ACT_RELU;
+    memset(&opt, 0, sizeof opt);
+    opt.lr = 1e-2f;
+    acmoe_rng_seed(&rng, 8);
+    for (i = 0; i < 10; i++) tok[i] = (int32_t)acmoe_rng_below(&rng, 11), tgt[i] = (int32_t)acmoe_rng_below(&rng, 11);
+    for (v = 0; v < n_isa; v++) {
+        acmoe_lm *lm = NULL;
+        acmoe_ctx *ctx = one_thread();
+        CHECK_STATUS(acmoe_ctx_set_isa(ctx, isas[v]), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+        for (step = 0; step < 8; step++) {
+            float loss = 0.0f;
+            CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+            CHECKF(fabsf(loss - recorded[step]) < 1e-4f, "%s step %d: loss %.6f, recorded %.6f",
+                   acmoe_isa_name(isas[v]), step, loss, recorded[step]);
+            acmoe_lm_zero_grad(lm);
+            CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+            CHECK_STATUS(acmoe_lm_step(lm, &opt, NULL), ACMOE_OK);
+        }
+        acmoe_lm_destroy(lm);
+        acmoe_ctx_destroy(ctx);
+    }
+}
+
 static void test_optimizer_schedules(void) {
     acmoe_optim_desc o;
     memset(&o, 0, sizeof o);
@@ -293,6 +330,7 @@ const test_case lm_tests[] = {
     {"lm_grad_pre_ln_untied", test_lm_grad_pre_ln_untied},
     {"lm_learns", test_lm_learns},
     {"lm_deterministic", test_lm_deterministic},
+    {"lm_loss_trajectory", test_lm_loss_trajectory},
     {"optimizer_schedules", test_optimizer_schedules},
     {"optimizer_adamw", test_optimizer_adamw},
     {0, 0},
