@@ -442,6 +442,7 @@ ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
 #define ACMOE_IMPLEMENTATION_DONE
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #ifndef ACMOE_ASSERT
@@ -1780,32 +1781,61 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     return ACMOE_OK;
 }
 
-/* Lays the parameters out in params (or only counts them when params is NULL); with decay,
-   also marks which are weights (1) and which biases (0), for AdamW. */
-static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads, unsigned char *decay) {
+/* A named parameter tensor: where it sits in a parameter buffer, its shape, and whether
+   AdamW decays it (weights yes, biases and norms no). Layers and models list theirs in a
+   directory, which the optimizer and checkpoints read. */
+typedef struct acmoe__tensor_info {
+    char name[64];
+    size_t offset, count;
+    int ndim, shape[3];
+    unsigned char decay;
+} acmoe__tensor_info;
+
+typedef struct acmoe__directory {
+    acmoe__tensor_info *entries; /* NULL while only counting */
+    int count;
+    char prefix[32];
+    size_t base; /* where the listing layer starts in the model's buffer */
+} acmoe__directory;
+
+/* Places a tensor of shape s0 x s1 x s2 (ndim of them) at *used: views into params and
+   grads when they exist, an entry in dir when it has room. */
+static void acmoe__param_view(size_t *used, float *params, float *grads, float **p, float **g, acmoe__directory *dir,
+                              const char *name, int decay, int ndim, int s0, int s1, int s2) {
+    size_t count = (size_t)s0 * (size_t)(ndim > 1 ? s1 : 1) * (size_t)(ndim > 2 ? s2 : 1);
+    if (params) *p = params + *used, *g = grads + *used;
+    if (dir && dir->entries) {
+        acmoe__tensor_info *t = &dir->entries[dir->count];
+        snprintf(t->name, sizeof t->name, "%s%s", dir->prefix, name);
+        t->offset = dir->base + *used;
+        t->count = count;
+        t->ndim = ndim;
+        t->shape[0] = s0, t->shape[1] = s1, t->shape[2] = s2;
+        t->decay = (unsigned char)decay;
+    }
+    if (dir) dir->count++;
+    *used += count;
+}
+
+/* Lays the parameters out in params (or only counts them when params is NULL). */
+static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads, acmoe__directory *dir) {
     const acmoe_moe_desc *d = &L->d;
-    size_t used = 0, e = (size_t)d->n_experts;
-    float **views[8][2];
-    size_t sizes[8];
-    int i, n = 0;
-#define ACMOE__VIEW(field, count) (views[n][0] = &L->field, views[n][1] = &L->g_##field, sizes[n++] = (count))
-    if (d->router_input == ACMOE_INPUT_PROJECTED) ACMOE__VIEW(proj, (size_t)d->proj_dim * d->d_model);
+    const int e = d->n_experts, dm = d->d_model;
+    size_t used = 0;
+#define ACMOE__VIEW(field, name, decay, ndim, s0, s1, s2) \
+    acmoe__param_view(&used, params, grads, &L->field, &L->g_##field, dir, name, decay, ndim, s0, s1, s2)
+    if (d->router_input == ACMOE_INPUT_PROJECTED) ACMOE__VIEW(proj, "router.proj", 1, 2, d->proj_dim, dm, 0);
     if (d->router_score == ACMOE_SCORE_LINEAR) {
-        ACMOE__VIEW(wr, e * L->dr);
-        ACMOE__VIEW(br, e);
+        ACMOE__VIEW(wr, "router.weight", 1, 2, e, L->dr, 0);
+        ACMOE__VIEW(br, "router.bias", 0, 1, e, 0, 0);
     } else {
-        ACMOE__VIEW(emb, e * L->dr);
+        ACMOE__VIEW(emb, "router.embedding", 1, 2, e, L->dr, 0);
     }
-    ACMOE__VIEW(w1, e * L->h_width * d->d_model);
-    ACMOE__VIEW(b1, e * L->h_width);
-    ACMOE__VIEW(w2, e * d->d_model * d->d_ff);
-    ACMOE__VIEW(b2, e * d->d_model);
+    ACMOE__VIEW(w1, "experts.w1", 1, 3, e, L->h_width, dm);
+    ACMOE__VIEW(b1, "experts.b1", 0, 2, e, L->h_width, 0);
+    ACMOE__VIEW(w2, "experts.w2", 1, 3, e, dm, d->d_ff);
+    ACMOE__VIEW(b2, "experts.b2", 0, 2, e, dm, 0);
 #undef ACMOE__VIEW
-    for (i = 0; i < n; i++) {
-        if (params) *views[i][0] = params + used, *views[i][1] = grads + used;
-        if (decay) memset(decay + used, !(views[i][0] == &L->br || views[i][0] == &L->b1 || views[i][0] == &L->b2), sizes[i]);
-        used += sizes[i];
-    }
     return used;
 }
 
@@ -1822,13 +1852,17 @@ static void acmoe__moe_shape(acmoe_moe *L) {
     L->max_pairs = (int)ACMOE__MIN(ceil(per_token * d->max_tokens) + d->n_experts, (double)d->max_tokens * d->n_experts);
 }
 
-ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc) {
+/* The parameter count of a layer with this descriptor (0 for a bad one), listing its
+   tensors in dir when given. */
+static size_t acmoe__moe_directory(const acmoe_moe_desc *desc, acmoe__directory *dir) {
     acmoe_moe layer;
     memset(&layer, 0, sizeof layer);
     if (acmoe_moe_resolve(desc, &layer.d) != ACMOE_OK) return 0;
     acmoe__moe_shape(&layer);
-    return acmoe__moe_params(&layer, NULL, NULL, NULL);
+    return acmoe__moe_params(&layer, NULL, NULL, dir);
 }
+
+ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc) { return acmoe__moe_directory(desc, NULL); }
 
 /* Next aligned block of bytes from *used; only counts while base is NULL. */
 static void *acmoe__carve(unsigned char *base, size_t *used, size_t bytes) {
@@ -2835,7 +2869,7 @@ struct acmoe_lm {
     acmoe__block blocks[63];
     size_t n_params, activation_bytes;
     float *params, *grads, *adam_m, *adam_v;
-    unsigned char *decay;
+    acmoe__directory dir; /* every parameter tensor, by name */
     void *memory;
     float *tok_emb, *pos_emb, *head, *lnf_g, *lnf_b;
     float *g_tok_emb, *g_pos_emb, *g_head, *g_lnf_g, *g_lnf_b;
@@ -2847,14 +2881,10 @@ struct acmoe_lm {
     long steps;
 };
 
-/* A view of count floats at *used in params and grads, weight-decayed or not. */
-static void acmoe__lm_view(acmoe_lm *L, size_t *used, size_t count, int decay, float **p, float **g) {
-    if (L->params) {
-        *p = L->params + *used;
-        *g = L->grads + *used;
-        memset(L->decay + *used, decay, count);
-    }
-    *used += count;
+/* A model tensor: a view into the buffers and an entry in the directory. */
+static void acmoe__lm_view(acmoe_lm *L, size_t *used, const char *name, int decay, int ndim, int s0, int s1,
+                           float **p, float **g) {
+    acmoe__param_view(used, L->params, L->grads, p, g, &L->dir, name, decay, ndim, s0, s1, 0);
 }
 
 static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
@@ -2869,34 +2899,40 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
     return m;
 }
 
-/* Lays the parameters out (or counts them while L->params is NULL). */
+/* Lays the parameters out and lists them in the directory (or only counts both while
+   L->params is NULL). */
 static size_t acmoe__lm_params(acmoe_lm *L) {
-    const size_t d = (size_t)L->d.d_model, v = (size_t)L->d.vocab;
+    const int d = L->d.d_model, v = L->d.vocab;
     size_t used = 0;
     int i;
-    acmoe__lm_view(L, &used, v * d, 1, &L->tok_emb, &L->g_tok_emb);
-    acmoe__lm_view(L, &used, (size_t)L->d.seq_len * d, 1, &L->pos_emb, &L->g_pos_emb);
+    L->dir.count = 0;
+    L->dir.prefix[0] = '\0';
+    acmoe__lm_view(L, &used, "tok_emb.weight", 1, 2, v, d, &L->tok_emb, &L->g_tok_emb);
+    acmoe__lm_view(L, &used, "pos_emb.weight", 1, 2, L->d.seq_len, d, &L->pos_emb, &L->g_pos_emb);
     for (i = 0; i < L->n_layers; i++) {
         acmoe__block *B = &L->blocks[i];
         acmoe_moe_desc md = acmoe__lm_moe_desc(L, B->letter);
-        size_t moe_count = acmoe_moe_param_count(&md);
-        acmoe__lm_view(L, &used, 3 * d * d, 1, &B->w_qkv, &B->g_w_qkv);
-        acmoe__lm_view(L, &used, 3 * d, 0, &B->b_qkv, &B->g_b_qkv);
-        acmoe__lm_view(L, &used, d * d, 1, &B->w_o, &B->g_w_o);
-        acmoe__lm_view(L, &used, d, 0, &B->b_o, &B->g_b_o);
-        acmoe__lm_view(L, &used, d, 0, &B->ln1_g, &B->g_ln1_g);
-        acmoe__lm_view(L, &used, d, 0, &B->ln1_b, &B->g_ln1_b);
-        acmoe__lm_view(L, &used, d, 0, &B->ln2_g, &B->g_ln2_g);
-        acmoe__lm_view(L, &used, d, 0, &B->ln2_b, &B->g_ln2_b);
-        if (L->params && acmoe_moe_create(&B->moe, &md, L->params + used, L->grads + used) == ACMOE_OK)
-            acmoe__moe_params(B->moe, L->params + used, L->grads + used, L->decay + used);
-        used += moe_count;
+        snprintf(L->dir.prefix, sizeof L->dir.prefix, "layers.%d.", i);
+        acmoe__lm_view(L, &used, "attn.qkv.weight", 1, 2, 3 * d, d, &B->w_qkv, &B->g_w_qkv);
+        acmoe__lm_view(L, &used, "attn.qkv.bias", 0, 1, 3 * d, 0, &B->b_qkv, &B->g_b_qkv);
+        acmoe__lm_view(L, &used, "attn.out.weight", 1, 2, d, d, &B->w_o, &B->g_w_o);
+        acmoe__lm_view(L, &used, "attn.out.bias", 0, 1, d, 0, &B->b_o, &B->g_b_o);
+        acmoe__lm_view(L, &used, "ln1.weight", 0, 1, d, 0, &B->ln1_g, &B->g_ln1_g);
+        acmoe__lm_view(L, &used, "ln1.bias", 0, 1, d, 0, &B->ln1_b, &B->g_ln1_b);
+        acmoe__lm_view(L, &used, "ln2.weight", 0, 1, d, 0, &B->ln2_g, &B->g_ln2_g);
+        acmoe__lm_view(L, &used, "ln2.bias", 0, 1, d, 0, &B->ln2_b, &B->g_ln2_b);
+        snprintf(L->dir.prefix, sizeof L->dir.prefix, "layers.%d.moe.", i);
+        L->dir.base = used;
+        if (L->params && acmoe_moe_create(&B->moe, &md, L->params + used, L->grads + used) != ACMOE_OK) B->moe = NULL;
+        used += acmoe__moe_directory(&md, &L->dir);
+        L->dir.base = 0;
+        L->dir.prefix[0] = '\0';
     }
     if (L->d.pre_ln) {
-        acmoe__lm_view(L, &used, d, 0, &L->lnf_g, &L->g_lnf_g);
-        acmoe__lm_view(L, &used, d, 0, &L->lnf_b, &L->g_lnf_b);
+        acmoe__lm_view(L, &used, "ln_f.weight", 0, 1, d, 0, &L->lnf_g, &L->g_lnf_g);
+        acmoe__lm_view(L, &used, "ln_f.bias", 0, 1, d, 0, &L->lnf_b, &L->g_lnf_b);
     }
-    if (L->d.untied_head) acmoe__lm_view(L, &used, v * d, 1, &L->head, &L->g_head);
+    if (L->d.untied_head) acmoe__lm_view(L, &used, "head.weight", 1, 2, v, d, &L->head, &L->g_head);
     else if (L->params) L->head = L->tok_emb, L->g_head = L->g_tok_emb;
     return used;
 }
@@ -2981,7 +3017,7 @@ ACMOE_API void acmoe_lm_destroy(acmoe_lm *L) {
     for (i = 0; i < L->n_layers; i++) acmoe_moe_destroy(L->blocks[i].moe);
     acmoe__aligned_free(L->params);
     acmoe__aligned_free(L->memory);
-    ACMOE_FREE(L->decay);
+    ACMOE_FREE(L->dir.entries);
     ACMOE_FREE(L);
 }
 
@@ -3029,12 +3065,12 @@ ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc
             return ACMOE_ERR_ARG; /* the MoE options do not fit these sizes */
         }
     }
-    L->n_params = acmoe__lm_params(L);
+    L->n_params = acmoe__lm_params(L); /* counts parameters and directory entries */
     L->params = (float *)acmoe__aligned_alloc(4 * L->n_params * sizeof(float));
-    L->decay = (unsigned char *)ACMOE_MALLOC(L->n_params);
+    L->dir.entries = (acmoe__tensor_info *)ACMOE_MALLOC(sizeof(acmoe__tensor_info) * (size_t)L->dir.count);
     L->activation_bytes = bytes = acmoe__lm_activations(L, NULL);
     L->memory = acmoe__aligned_alloc(bytes);
-    if (!L->params || !L->decay || !L->memory) {
+    if (!L->params || !L->dir.entries || !L->memory) {
         acmoe_lm_destroy(L);
         return ACMOE_ERR_NOMEM;
     }
@@ -3292,6 +3328,7 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, const acmoe_optim_desc *desc, 
     double sq = 0.0;
     float lr, scale = 1.0f, c1, c2;
     size_t i;
+    int t;
     if (!L) return ACMOE_ERR_NULL;
     if (!(o.lr > 0.0f) || !(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f) ||
         !(o.eps > 0.0f) || !(o.weight_decay >= 0.0f) || !(o.clip_norm >= 0.0f) || o.warmup_steps < 0 ||
@@ -3305,15 +3342,19 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, const acmoe_optim_desc *desc, 
     L->steps++;
     c1 = 1.0f / (1.0f - powf(o.beta1, (float)L->steps));
     c2 = 1.0f / (1.0f - powf(o.beta2, (float)L->steps));
-    for (i = 0; i < L->n_params; i++) {
-        float g = L->grads[i] * scale, decay = L->decay[i] ? o.weight_decay : 0.0f;
-        if (o.sgd) {
-            L->params[i] -= lr * (g + decay * L->params[i]);
-            continue;
+    for (t = 0; t < L->dir.count; t++) {
+        const acmoe__tensor_info *info = &L->dir.entries[t];
+        const float decay = info->decay ? o.weight_decay : 0.0f;
+        for (i = info->offset; i < info->offset + info->count; i++) {
+            float g = L->grads[i] * scale;
+            if (o.sgd) {
+                L->params[i] -= lr * (g + decay * L->params[i]);
+                continue;
+            }
+            L->adam_m[i] = o.beta1 * L->adam_m[i] + (1.0f - o.beta1) * g;
+            L->adam_v[i] = o.beta2 * L->adam_v[i] + (1.0f - o.beta2) * g * g;
+            L->params[i] -= lr * (L->adam_m[i] * c1 / (sqrtf(L->adam_v[i] * c2) + o.eps) + decay * L->params[i]);
         }
-        L->adam_m[i] = o.beta1 * L->adam_m[i] + (1.0f - o.beta1) * g;
-        L->adam_v[i] = o.beta2 * L->adam_v[i] + (1.0f - o.beta2) * g * g;
-        L->params[i] -= lr * (L->adam_m[i] * c1 / (sqrtf(L->adam_v[i] * c2) + o.eps) + decay * L->params[i]);
     }
     return ACMOE_OK;
 }
