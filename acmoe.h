@@ -37,6 +37,7 @@
      8. Transformer pieces          layer norm, causal self-attention, cross-entropy
      9. Language model              decoder-only MoE transformer, forward and backward
     10. Optimizer                   AdamW, learning-rate schedules, gradient clipping
+    11. Checkpoints                 safetensors writer and validating reader
      Licence
 
    GUARANTEES
@@ -80,7 +81,9 @@ typedef enum acmoe_status {
     ACMOE_ERR_NOMEM = -4,       /* an allocation failed or an arena is full */
     ACMOE_ERR_UNSUPPORTED = -5, /* this CPU or build lacks the requested feature */
     ACMOE_ERR_THREAD = -6,      /* a worker thread could not be started */
-    ACMOE_ERR_NONFINITE = -7    /* NaN or infinity in the input */
+    ACMOE_ERR_NONFINITE = -7,   /* NaN or infinity in the input */
+    ACMOE_ERR_IO = -8,          /* a file could not be opened, read or written */
+    ACMOE_ERR_FORMAT = -9       /* a file is truncated, corrupt or of another model */
 } acmoe_status;
 
 ACMOE_API const char *acmoe_status_string(acmoe_status status);
@@ -432,6 +435,17 @@ ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *opt, long step);
 ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *lm, const acmoe_optim_desc *opt, float *norm);
 ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
 
+/* ---- Checkpoints ----
+   safetensors: an 8-byte little-endian header length, a JSON header naming each tensor
+   (dtype F32, shape, data_offsets) with the model configuration, the step and the dropout
+   generator in __metadata__, then the raw data. Weights keep their names and shapes, so
+   other tools read them; the Adam moments are two more tensors (optimizer.adam_m and
+   optimizer.adam_v), so a resumed run continues bit for bit. Saving writes path.tmp and
+   renames it over path: a crash leaves the old file. Loading checks every size, offset,
+   shape and name, and creates the model from the stored configuration. */
+ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path);
+ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path);
+
 #ifdef __cplusplus
 }
 #endif
@@ -442,6 +456,7 @@ ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
 #define ACMOE_IMPLEMENTATION_DONE
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -469,9 +484,11 @@ extern "C" {
 /* ========================================================================================== */
 
 #if defined(__GNUC__)
+#define ACMOE__PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
 #define ACMOE__UNROLL _Pragma("GCC unroll 32")
 #define ACMOE__PREFETCH_WRITE(p) __builtin_prefetch((p), 1, 3)
 #else
+#define ACMOE__PRINTF(fmt, args)
 #define ACMOE__UNROLL
 #define ACMOE__PREFETCH_WRITE(p) ((void)(p))
 #endif
@@ -565,6 +582,8 @@ ACMOE_API const char *acmoe_status_string(acmoe_status status) {
     case ACMOE_ERR_UNSUPPORTED: return "not supported by this CPU or build";
     case ACMOE_ERR_THREAD: return "a worker thread could not be started";
     case ACMOE_ERR_NONFINITE: return "NaN or infinity in the input";
+    case ACMOE_ERR_IO: return "a file could not be opened, read or written";
+    case ACMOE_ERR_FORMAT: return "the file is truncated, corrupt or of another model";
     }
     return "unknown status";
 }
@@ -3360,6 +3379,477 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, const acmoe_optim_desc *desc, 
 }
 
 ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *L) { return L ? L->steps : 0; }
+
+/* ========================================================================================== */
+/* 11. Checkpoints                                                                            */
+/* ========================================================================================== */
+
+#define ACMOE__HEADER_MAX (64u << 20) /* a header larger than this is not one of ours */
+
+/* The configuration fields a checkpoint stores, by name and place. */
+typedef enum { ACMOE__FIELD_INT, ACMOE__FIELD_FLOAT } acmoe__field_type;
+
+typedef struct acmoe__config_field {
+    const char *name;
+    acmoe__field_type type;
+    size_t offset;
+} acmoe__config_field;
+
+#define ACMOE__INT_FIELD(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_lm_desc, member)}
+#define ACMOE__FLOAT_FIELD(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_lm_desc, member)}
+static const acmoe__config_field acmoe__config_fields[] = {
+    ACMOE__INT_FIELD("vocab", vocab), ACMOE__INT_FIELD("d_model", d_model), ACMOE__INT_FIELD("n_heads", n_heads),
+    ACMOE__INT_FIELD("seq_len", seq_len), ACMOE__INT_FIELD("batch", batch), ACMOE__INT_FIELD("d_ff", d_ff),
+    ACMOE__INT_FIELD("n_experts", n_experts), ACMOE__INT_FIELD("top_k", top_k),
+    ACMOE__INT_FIELD("activation", activation), ACMOE__INT_FIELD("pre_ln", pre_ln),
+    ACMOE__INT_FIELD("untied_head", untied_head), ACMOE__FLOAT_FIELD("dropout", dropout),
+    ACMOE__INT_FIELD("moe.proj_dim", moe.proj_dim), ACMOE__FLOAT_FIELD("moe.capacity", moe.capacity),
+    ACMOE__FLOAT_FIELD("moe.usmoe_budget", moe.usmoe_budget), ACMOE__FLOAT_FIELD("moe.usmoe_rho", moe.usmoe_rho),
+    ACMOE__INT_FIELD("moe.usmoe_group", moe.usmoe_group), ACMOE__INT_FIELD("moe.seq_len", moe.seq_len),
+    ACMOE__FLOAT_FIELD("moe.balance_alpha", moe.balance_alpha),
+    ACMOE__FLOAT_FIELD("moe.balance_temperature", moe.balance_temperature), ACMOE__FLOAT_FIELD("moe.z_loss", moe.z_loss),
+    ACMOE__INT_FIELD("moe.ac_max_clusters", moe.ac_max_clusters),
+    ACMOE__INT_FIELD("moe.ac_weight_experts", moe.ac_weight_experts),
+    ACMOE__INT_FIELD("moe.ac_mix_labels", moe.ac_mix_labels), ACMOE__FLOAT_FIELD("moe.ac.eps", moe.ac.eps),
+    ACMOE__FLOAT_FIELD("moe.ac.clip", moe.ac.clip), ACMOE__INT_FIELD("moe.ac.scaling", moe.ac.scaling),
+    ACMOE__INT_FIELD("moe.ac.dispersion", moe.ac.dispersion), ACMOE__INT_FIELD("moe.ac.robust", moe.ac.robust),
+};
+#define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
+
+static int acmoe__little_endian(void) {
+    const uint32_t probe = 1;
+    unsigned char first;
+    memcpy(&first, &probe, 1);
+    return first == 1;
+}
+
+/* ---- writer ---- */
+
+/* A growing text buffer; a failed allocation is remembered and reported at the end. */
+typedef struct acmoe__text {
+    char *data;
+    size_t len, cap;
+    int failed;
+} acmoe__text;
+
+static void acmoe__text_add(acmoe__text *t, const char *fmt, ...) ACMOE__PRINTF(2, 3);
+
+static void acmoe__text_add(acmoe__text *t, const char *fmt, ...) {
+    va_list args;
+    int n;
+    if (t->failed) return;
+    for (;;) {
+        va_start(args, fmt);
+        n = vsnprintf(t->data ? t->data + t->len : NULL, t->data ? t->cap - t->len : 0, fmt, args);
+        va_end(args);
+        if (n < 0) {
+            t->failed = 1;
+            return;
+        }
+        if (t->data && t->len + (size_t)n < t->cap) break;
+        {
+            size_t cap = (t->cap + (size_t)n + 1) * 2;
+            char *grown = (char *)ACMOE_REALLOC(t->data, cap);
+            if (!grown) {
+                t->failed = 1;
+                return;
+            }
+            t->data = grown;
+            t->cap = cap;
+        }
+    }
+    t->len += (size_t)n;
+}
+
+static void acmoe__header_tensor(acmoe__text *t, const char *name, int ndim, const int *shape, size_t begin,
+                                 size_t count) {
+    int i;
+    acmoe__text_add(t, ",\"%s\":{\"dtype\":\"F32\",\"shape\":[", name);
+    for (i = 0; i < ndim; i++) acmoe__text_add(t, "%s%d", i ? "," : "", shape[i]);
+    acmoe__text_add(t, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)begin,
+                    (unsigned long long)(begin + count * 4));
+}
+
+/* The JSON header, padded with spaces to a multiple of 8 bytes as safetensors does. */
+static void acmoe__header(const acmoe_lm *L, acmoe__text *t) {
+    const acmoe_rng *r = &L->rng;
+    uint32_t spare;
+    size_t at = 0;
+    int i, n_params = (int)L->n_params;
+    memcpy(&spare, &r->spare, sizeof spare);
+    acmoe__text_add(t, "{\"__metadata__\":{\"format\":\"acmoe-lm-1\",\"pattern\":\"%s\",\"seed\":\"%llu\",\"step\":\"%ld\","
+                       "\"rng\":\"",
+                    L->pattern, (unsigned long long)L->d.seed, L->steps);
+    for (i = 0; i < 4; i++) acmoe__text_add(t, "%016llx", (unsigned long long)r->s[i]);
+    acmoe__text_add(t, " %08lx %d\"", (unsigned long)spare, r->has_spare);
+    for (i = 0; i < ACMOE__N_CONFIG_FIELDS; i++) {
+        const acmoe__config_field *f = &acmoe__config_fields[i];
+        const char *p = (const char *)&L->d + f->offset;
+        if (f->type == ACMOE__FIELD_INT) acmoe__text_add(t, ",\"%s\":\"%d\"", f->name, *(const int *)p);
+        else acmoe__text_add(t, ",\"%s\":\"%.9g\"", f->name, (double)*(const float *)p);
+    }
+    acmoe__text_add(t, "}");
+    for (i = 0; i < L->dir.count; i++, at += L->dir.entries[i - 1].count * 4) {
+        const acmoe__tensor_info *e = &L->dir.entries[i];
+        acmoe__header_tensor(t, e->name, e->ndim, e->shape, at, e->count);
+    }
+    acmoe__header_tensor(t, "optimizer.adam_m", 1, &n_params, at, L->n_params);
+    acmoe__header_tensor(t, "optimizer.adam_v", 1, &n_params, at + L->n_params * 4, L->n_params);
+    acmoe__text_add(t, "}");
+    while (!t->failed && (8 + t->len) % 8) acmoe__text_add(t, " ");
+}
+
+static int acmoe__write_floats(FILE *f, const float *x, size_t count) {
+    return fwrite(x, sizeof(float), count, f) == count;
+}
+
+ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *L, const char *path) {
+    acmoe__text header;
+    unsigned char len[8];
+    char *tmp;
+    FILE *f;
+    int i, ok;
+    if (!L || !path) return ACMOE_ERR_NULL;
+    if (!acmoe__little_endian()) return ACMOE_ERR_UNSUPPORTED;
+    memset(&header, 0, sizeof header);
+    acmoe__header(L, &header);
+    tmp = (char *)ACMOE_MALLOC(strlen(path) + 5);
+    if (header.failed || !tmp) {
+        ACMOE_FREE(header.data);
+        ACMOE_FREE(tmp);
+        return ACMOE_ERR_NOMEM;
+    }
+    strcpy(tmp, path);
+    strcat(tmp, ".tmp");
+    for (i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)header.len >> (8 * i));
+    f = fopen(tmp, "wb");
+    ok = f && fwrite(len, 1, 8, f) == 8 && fwrite(header.data, 1, header.len, f) == header.len;
+    for (i = 0; ok && i < L->dir.count; i++)
+        ok = acmoe__write_floats(f, L->params + L->dir.entries[i].offset, L->dir.entries[i].count);
+    ok = ok && acmoe__write_floats(f, L->adam_m, L->n_params) && acmoe__write_floats(f, L->adam_v, L->n_params);
+    ok = ok && fflush(f) == 0 && !ferror(f);
+    if (f && fclose(f) != 0) ok = 0;
+    ok = ok && rename(tmp, path) == 0;
+    if (!ok) remove(tmp);
+    ACMOE_FREE(header.data);
+    ACMOE_FREE(tmp);
+    return ok ? ACMOE_OK : ACMOE_ERR_IO;
+}
+
+/* ---- reader ---- */
+
+#define ACMOE__MAX_META 64
+
+typedef struct acmoe__stored_tensor {
+    char name[64];
+    int ndim, shape[3];
+    uint64_t begin, end;
+    int used;
+} acmoe__stored_tensor;
+
+typedef struct acmoe__parsed {
+    char keys[ACMOE__MAX_META][48], values[ACMOE__MAX_META][160];
+    int n_meta, n_tensors, cap_tensors;
+    acmoe__stored_tensor *tensors;
+} acmoe__parsed;
+
+typedef struct acmoe__json {
+    const char *p, *end;
+} acmoe__json;
+
+static void acmoe__json_space(acmoe__json *j) {
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r')) j->p++;
+}
+
+static int acmoe__json_take(acmoe__json *j, char c) {
+    acmoe__json_space(j);
+    if (j->p >= j->end || *j->p != c) return 0;
+    j->p++;
+    return 1;
+}
+
+/* A string of printable ASCII without escapes other than \" and \\ (all ours are), into
+   out of cap bytes. */
+static int acmoe__json_string(acmoe__json *j, char *out, size_t cap) {
+    size_t n = 0;
+    if (!acmoe__json_take(j, '"')) return 0;
+    while (j->p < j->end && *j->p != '"') {
+        char c = *j->p++;
+        if (c == '\\') {
+            if (j->p >= j->end || (*j->p != '"' && *j->p != '\\')) return 0;
+            c = *j->p++;
+        }
+        if ((unsigned char)c < 0x20 || n + 1 >= cap) return 0;
+        out[n++] = c;
+    }
+    if (j->p >= j->end) return 0;
+    j->p++;
+    out[n] = '\0';
+    return 1;
+}
+
+static int acmoe__json_uint(acmoe__json *j, uint64_t *v) {
+    int digits = 0;
+    *v = 0;
+    acmoe__json_space(j);
+    while (j->p < j->end && *j->p >= '0' && *j->p <= '9') {
+        if (*v > (UINT64_MAX - 9) / 10 || ++digits > 19) return 0;
+        *v = *v * 10 + (uint64_t)(*j->p++ - '0');
+    }
+    return digits > 0;
+}
+
+/* [u, u, ...] with at most max entries. */
+static int acmoe__json_uints(acmoe__json *j, uint64_t *v, int max, int *count) {
+    *count = 0;
+    if (!acmoe__json_take(j, '[')) return 0;
+    if (acmoe__json_take(j, ']')) return 1;
+    do {
+        if (*count >= max || !acmoe__json_uint(j, &v[(*count)++])) return 0;
+    } while (acmoe__json_take(j, ','));
+    return acmoe__json_take(j, ']');
+}
+
+static int acmoe__parse_metadata(acmoe__json *j, acmoe__parsed *out) {
+    if (!acmoe__json_take(j, '{')) return 0;
+    if (acmoe__json_take(j, '}')) return 1;
+    do {
+        if (out->n_meta >= ACMOE__MAX_META) return 0;
+        if (!acmoe__json_string(j, out->keys[out->n_meta], sizeof out->keys[0]) || !acmoe__json_take(j, ':') ||
+            !acmoe__json_string(j, out->values[out->n_meta], sizeof out->values[0]))
+            return 0;
+        out->n_meta++;
+    } while (acmoe__json_take(j, ','));
+    return acmoe__json_take(j, '}');
+}
+
+static int acmoe__parse_tensor(acmoe__json *j, acmoe__stored_tensor *t) {
+    char key[32], dtype[16];
+    uint64_t v[3];
+    int n, seen = 0, i;
+    if (!acmoe__json_take(j, '{')) return 0;
+    do {
+        if (!acmoe__json_string(j, key, sizeof key) || !acmoe__json_take(j, ':')) return 0;
+        if (!strcmp(key, "dtype")) {
+            if (!acmoe__json_string(j, dtype, sizeof dtype) || strcmp(dtype, "F32")) return 0;
+            seen |= 1;
+        } else if (!strcmp(key, "shape")) {
+            if (!acmoe__json_uints(j, v, 3, &n) || n < 1) return 0;
+            for (i = 0; i < n; i++) {
+                if (v[i] > (uint64_t)INT32_MAX) return 0;
+                t->shape[i] = (int)v[i];
+            }
+            t->ndim = n;
+            seen |= 2;
+        } else if (!strcmp(key, "data_offsets")) {
+            if (!acmoe__json_uints(j, v, 2, &n) || n != 2 || v[1] < v[0]) return 0;
+            t->begin = v[0], t->end = v[1];
+            seen |= 4;
+        } else {
+            return 0;
+        }
+    } while (acmoe__json_take(j, ','));
+    return acmoe__json_take(j, '}') && seen == 7;
+}
+
+/* The whole header: metadata and tensors, nothing else. */
+static int acmoe__parse_header(const char *text, size_t len, acmoe__parsed *out) {
+    acmoe__json j;
+    char name[64];
+    j.p = text, j.end = text + len;
+    if (!acmoe__json_take(&j, '{')) return 0;
+    do {
+        if (!acmoe__json_string(&j, name, sizeof name) || !acmoe__json_take(&j, ':')) return 0;
+        if (!strcmp(name, "__metadata__")) {
+            if (!acmoe__parse_metadata(&j, out)) return 0;
+            continue;
+        }
+        if (out->n_tensors == out->cap_tensors) {
+            int cap = out->cap_tensors ? 2 * out->cap_tensors : 64;
+            acmoe__stored_tensor *grown;
+            if (cap > 1000000) return 0;
+            grown = (acmoe__stored_tensor *)ACMOE_REALLOC(out->tensors, sizeof *grown * (size_t)cap);
+            if (!grown) return 0;
+            out->tensors = grown, out->cap_tensors = cap;
+        }
+        memset(&out->tensors[out->n_tensors], 0, sizeof out->tensors[0]);
+        strcpy(out->tensors[out->n_tensors].name, name);
+        if (!acmoe__parse_tensor(&j, &out->tensors[out->n_tensors++])) return 0;
+    } while (acmoe__json_take(&j, ','));
+    if (!acmoe__json_take(&j, '}')) return 0;
+    acmoe__json_space(&j);
+    return j.p == j.end;
+}
+
+static const char *acmoe__meta(const acmoe__parsed *m, const char *key) {
+    int i;
+    for (i = 0; i < m->n_meta; i++)
+        if (!strcmp(m->keys[i], key)) return m->values[i];
+    return NULL;
+}
+
+/* The whole of text as a number, or 0. */
+static int acmoe__parse_long(const char *text, long *v) {
+    char *end;
+    if (!text || !*text) return 0;
+    *v = strtol(text, &end, 10);
+    return *end == '\0';
+}
+
+static int acmoe__parse_float(const char *text, float *v) {
+    char *end;
+    if (!text || !*text) return 0;
+    *v = strtof(text, &end);
+    return *end == '\0' && isfinite(*v);
+}
+
+/* The model configuration from the metadata; pattern points into m. */
+static int acmoe__config_from_metadata(const acmoe__parsed *m, acmoe_lm_desc *d) {
+    unsigned long long seed;
+    char *end;
+    const char *text;
+    int i;
+    memset(d, 0, sizeof *d);
+    if (!acmoe__meta(m, "format") || strcmp(acmoe__meta(m, "format"), "acmoe-lm-1")) return 0;
+    for (i = 0; i < ACMOE__N_CONFIG_FIELDS; i++) {
+        const acmoe__config_field *f = &acmoe__config_fields[i];
+        char *p = (char *)d + f->offset;
+        long v;
+        if (f->type == ACMOE__FIELD_FLOAT) {
+            if (!acmoe__parse_float(acmoe__meta(m, f->name), (float *)p)) return 0;
+        } else {
+            if (!acmoe__parse_long(acmoe__meta(m, f->name), &v) || v < INT32_MIN || v > INT32_MAX) return 0;
+            *(int *)p = (int)v;
+        }
+    }
+    d->pattern = acmoe__meta(m, "pattern");
+    text = acmoe__meta(m, "seed");
+    if (!d->pattern || !text || !*text) return 0;
+    seed = strtoull(text, &end, 10);
+    d->seed = (uint64_t)seed;
+    return *end == '\0';
+}
+
+/* width hex digits at text as a number, or -1 for anything else. */
+static int acmoe__parse_hex(const char *text, int width, uint64_t *v) {
+    int i;
+    *v = 0;
+    for (i = 0; i < width; i++) {
+        char c = text[i];
+        int digit = c >= '0' && c <= '9' ? c - '0' : (c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1);
+        if (digit < 0) return 0;
+        *v = (*v << 4) | (uint64_t)digit;
+    }
+    return 1;
+}
+
+/* The step and the dropout generator: "s0s1s2s3 spare has_spare", 16, 8 and 1 digits. */
+static int acmoe__state_from_metadata(const acmoe__parsed *m, acmoe_lm *L) {
+    const char *text = acmoe__meta(m, "rng");
+    uint64_t spare;
+    uint32_t bits;
+    int i;
+    if (!acmoe__parse_long(acmoe__meta(m, "step"), &L->steps) || L->steps < 0 || !text || strlen(text) != 75) return 0;
+    for (i = 0; i < 4; i++)
+        if (!acmoe__parse_hex(text + 16 * i, 16, &L->rng.s[i])) return 0;
+    if (text[64] != ' ' || !acmoe__parse_hex(text + 65, 8, &spare) || text[73] != ' ') return 0;
+    if (text[74] != '0' && text[74] != '1') return 0;
+    bits = (uint32_t)spare;
+    memcpy(&L->rng.spare, &bits, sizeof bits);
+    L->rng.has_spare = text[74] - '0';
+    return 1;
+}
+
+static acmoe__stored_tensor *acmoe__find_tensor(acmoe__parsed *m, const char *name) {
+    int i;
+    for (i = 0; i < m->n_tensors; i++)
+        if (!strcmp(m->tensors[i].name, name) && !m->tensors[i].used) return &m->tensors[i];
+    return NULL;
+}
+
+/* Reads tensor `name` of shape (ndim, shape) into dst, checking everything first. */
+static acmoe_status acmoe__read_tensor(FILE *f, long data_start, uint64_t data_size, acmoe__parsed *m, const char *name,
+                                       int ndim, const int *shape, size_t count, float *dst) {
+    acmoe__stored_tensor *t = acmoe__find_tensor(m, name);
+    int i;
+    if (!t || t->ndim != ndim) return ACMOE_ERR_FORMAT;
+    for (i = 0; i < ndim; i++)
+        if (t->shape[i] != shape[i]) return ACMOE_ERR_FORMAT;
+    if (t->end - t->begin != (uint64_t)count * 4 || t->end > data_size) return ACMOE_ERR_FORMAT;
+    t->used = 1;
+    if (fseek(f, data_start + (long)t->begin, SEEK_SET) != 0) return ACMOE_ERR_IO;
+    return fread(dst, sizeof(float), count, f) == count ? ACMOE_OK : ACMOE_ERR_FORMAT;
+}
+
+/* Reads the header of an open file into m; *data_start and *data_size locate the data. */
+static acmoe_status acmoe__read_header(FILE *f, acmoe__parsed *m, long *data_start, uint64_t *data_size) {
+    unsigned char len[8];
+    uint64_t header_len = 0;
+    long size;
+    char *text;
+    int i, ok;
+    if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) return ACMOE_ERR_IO;
+    if (size < 8 || fread(len, 1, 8, f) != 8) return ACMOE_ERR_FORMAT;
+    for (i = 0; i < 8; i++) header_len |= (uint64_t)len[i] << (8 * i);
+    if (header_len < 2 || header_len > ACMOE__HEADER_MAX || header_len > (uint64_t)size - 8) return ACMOE_ERR_FORMAT;
+    text = (char *)ACMOE_MALLOC((size_t)header_len);
+    if (!text) return ACMOE_ERR_NOMEM;
+    ok = fread(text, 1, (size_t)header_len, f) == header_len && acmoe__parse_header(text, (size_t)header_len, m);
+    ACMOE_FREE(text);
+    *data_start = 8 + (long)header_len;
+    *data_size = (uint64_t)size - 8 - header_len;
+    return ok ? ACMOE_OK : ACMOE_ERR_FORMAT;
+}
+
+/* The model of the parsed header, its weights and optimizer state read from f. */
+static acmoe_status acmoe__load_model(FILE *f, long data_start, uint64_t data_size, acmoe__parsed *m, acmoe_lm **out) {
+    acmoe_lm_desc d;
+    acmoe_lm *L = NULL;
+    acmoe_status s;
+    int i, n_params;
+    if (!acmoe__config_from_metadata(m, &d)) return ACMOE_ERR_FORMAT;
+    s = acmoe_lm_create(&L, &d);
+    if (s == ACMOE_ERR_NOMEM) return s;
+    if (s != ACMOE_OK) return ACMOE_ERR_FORMAT;
+    n_params = (int)L->n_params;
+    s = acmoe__state_from_metadata(m, L) ? ACMOE_OK : ACMOE_ERR_FORMAT;
+    for (i = 0; s == ACMOE_OK && i < L->dir.count; i++) {
+        const acmoe__tensor_info *e = &L->dir.entries[i];
+        s = acmoe__read_tensor(f, data_start, data_size, m, e->name, e->ndim, e->shape, e->count, L->params + e->offset);
+    }
+    if (s == ACMOE_OK)
+        s = acmoe__read_tensor(f, data_start, data_size, m, "optimizer.adam_m", 1, &n_params, L->n_params, L->adam_m);
+    if (s == ACMOE_OK)
+        s = acmoe__read_tensor(f, data_start, data_size, m, "optimizer.adam_v", 1, &n_params, L->n_params, L->adam_v);
+    if (s == ACMOE_OK && m->n_tensors != L->dir.count + 2) s = ACMOE_ERR_FORMAT; /* nothing unexpected */
+    if (s == ACMOE_OK && (!acmoe__all_finite(L->params, L->n_params) || !acmoe__all_finite(L->adam_m, 2 * L->n_params)))
+        s = ACMOE_ERR_FORMAT;
+    if (s != ACMOE_OK) {
+        acmoe_lm_destroy(L);
+        return s;
+    }
+    *out = L;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path) {
+    acmoe__parsed m;
+    FILE *f;
+    long data_start = 0;
+    uint64_t data_size = 0;
+    acmoe_status s;
+    if (!out || !path) return ACMOE_ERR_NULL;
+    *out = NULL;
+    if (!acmoe__little_endian()) return ACMOE_ERR_UNSUPPORTED;
+    f = fopen(path, "rb");
+    if (!f) return ACMOE_ERR_IO;
+    memset(&m, 0, sizeof m);
+    s = acmoe__read_header(f, &m, &data_start, &data_size);
+    if (s == ACMOE_OK) s = acmoe__load_model(f, data_start, data_size, &m, out);
+    ACMOE_FREE(m.tensors);
+    fclose(f);
+    return s;
+}
 
 #ifdef __cplusplus
 }

@@ -2,6 +2,7 @@
    post-LN and pre-LN, tied and untied heads; pattern rules; learning; determinism; the
    optimizer and schedules. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -323,6 +324,152 @@ static void test_optimizer_adamw(void) {
     acmoe_lm_destroy(lm);
 }
 
+/* ---- checkpoints ---- */
+
+#define CKPT_PATH "build/test_checkpoint.safetensors"
+
+/* steps AdamW steps of lm on the fixed batch */
+static void train_steps(acmoe_lm *lm, acmoe_ctx *ctx, int steps, float *last_loss) {
+    int32_t tok[10], tgt[10];
+    acmoe_optim_desc o;
+    int s;
+    memset(&o, 0, sizeof o);
+    o.lr = 1e-2f;
+    tiny_batch(tok, tgt, 10, 6);
+    for (s = 0; s < steps; s++) {
+        CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, last_loss), ACMOE_OK);
+        acmoe_lm_zero_grad(lm);
+        CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(lm, &o, NULL), ACMOE_OK);
+    }
+}
+
+static unsigned char *read_file(const char *path, long *size) {
+    FILE *f = fopen(path, "rb");
+    unsigned char *data = NULL;
+    *size = 0;
+    if (f && fseek(f, 0, SEEK_END) == 0 && (*size = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0) {
+        data = (unsigned char *)malloc((size_t)*size);
+        if (fread(data, 1, (size_t)*size, f) != (size_t)*size) free(data), data = NULL;
+    }
+    if (f) fclose(f);
+    return data;
+}
+
+static void write_file(const char *path, const unsigned char *data, long size) {
+    FILE *f = fopen(path, "wb");
+    CHECK(f && fwrite(data, 1, (size_t)size, f) == (size_t)size);
+    if (f) fclose(f);
+}
+
+/* Save and load: the same configuration, weights, moments, step and generator. */
+static void test_checkpoint_round_trip(void) {
+    acmoe_lm_desc d = tiny_desc("gfc", 1, 1);
+    acmoe_lm *a = NULL, *b = NULL;
+    acmoe_ctx *ctx = one_thread();
+    float loss;
+    size_t n;
+    d.dropout = 0.1f;
+    d.moe.balance_alpha = 0.01f;
+    CHECK_STATUS(acmoe_lm_create(&a, &d), ACMOE_OK);
+    train_steps(a, ctx, 2, &loss);
+    CHECK_STATUS(acmoe_lm_save(a, CKPT_PATH), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_load(&b, CKPT_PATH), ACMOE_OK);
+    if (b) {
+        acmoe_lm_desc da = acmoe_lm_settings(a), db = acmoe_lm_settings(b);
+        n = acmoe_lm_param_count(a);
+        CHECK(acmoe_lm_param_count(b) == n && acmoe_lm_steps_taken(b) == 2);
+        CHECK(memcmp(acmoe_lm_params(a), acmoe_lm_params(b), sizeof(float) * n) == 0);
+        CHECK(strcmp(da.pattern, db.pattern) == 0 && da.dropout == db.dropout && da.pre_ln == db.pre_ln &&
+              da.untied_head == db.untied_head && da.moe.balance_alpha == db.moe.balance_alpha && da.seed == db.seed);
+    }
+    acmoe_lm_destroy(a), acmoe_lm_destroy(b);
+    acmoe_ctx_destroy(ctx);
+}
+
+/* Training 3 steps, saving, loading and training 3 more gives the bits of 6 straight steps,
+   dropout included (the generator is part of the checkpoint). */
+static void test_checkpoint_resume_is_exact(void) {
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_lm *straight = NULL, *first = NULL, *resumed = NULL;
+    acmoe_ctx *ctx = one_thread();
+    float loss_straight = 0.0f, loss_resumed = 0.0f;
+    d.dropout = 0.2f;
+    CHECK_STATUS(acmoe_lm_create(&straight, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_create(&first, &d), ACMOE_OK);
+    train_steps(straight, ctx, 6, &loss_straight);
+    train_steps(first, ctx, 3, &loss_resumed);
+    CHECK_STATUS(acmoe_lm_save(first, CKPT_PATH), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_load(&resumed, CKPT_PATH), ACMOE_OK);
+    if (resumed) {
+        train_steps(resumed, ctx, 3, &loss_resumed);
+        CHECK(memcmp(&loss_straight, &loss_resumed, sizeof loss_straight) == 0);
+        CHECK(memcmp(acmoe_lm_params(straight), acmoe_lm_params(resumed),
+                     sizeof(float) * acmoe_lm_param_count(straight)) == 0);
+    }
+    acmoe_lm_destroy(straight), acmoe_lm_destroy(first), acmoe_lm_destroy(resumed);
+    acmoe_ctx_destroy(ctx);
+}
+
+/* Every truncation, and random damage to the header, gives a status and no model; damage
+   to the data may load (it is only numbers) but never crashes. */
+static void test_checkpoint_rejects_damage(void) {
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_lm *lm = NULL, *loaded = NULL;
+    unsigned char *good, *bad;
+    long size, len, header;
+    acmoe_rng rng;
+    int trial, refused = 0;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_save(lm, CKPT_PATH), ACMOE_OK);
+    good = read_file(CKPT_PATH, &size);
+    CHECK(good && size > 8);
+    if (!good) return;
+    header = 8 + (long)(good[0] | good[1] << 8 | good[2] << 16);
+    bad = (unsigned char *)malloc((size_t)size);
+    for (len = 0; len < size; len += len < header + 64 ? 1 : 97) { /* every cut in the header */
+        write_file(CKPT_PATH, good, len);
+        CHECK_STATUS(acmoe_lm_load(&loaded, CKPT_PATH), ACMOE_ERR_FORMAT);
+        CHECK(loaded == NULL);
+    }
+    acmoe_rng_seed(&rng, 77);
+    for (trial = 0; trial < 300; trial++) {
+        acmoe_status s;
+        memcpy(bad, good, (size_t)size);
+        bad[acmoe_rng_below(&rng, (uint32_t)header)] ^= (unsigned char)(1 + acmoe_rng_below(&rng, 255));
+        write_file(CKPT_PATH, bad, size);
+        s = acmoe_lm_load(&loaded, CKPT_PATH);
+        refused += s != ACMOE_OK;
+        CHECK(s == ACMOE_OK || s == ACMOE_ERR_FORMAT);
+        CHECK((s == ACMOE_OK) == (loaded != NULL));
+        acmoe_lm_destroy(loaded);
+        loaded = NULL;
+    }
+    CHECKF(refused > 250, "only %d of 300 damaged headers refused", refused);
+    CHECK_STATUS(acmoe_lm_load(&loaded, "build/no/such/file"), ACMOE_ERR_IO);
+    CHECK_STATUS(acmoe_lm_save(lm, "build/no/such/dir/x.safetensors"), ACMOE_ERR_IO);
+    free(good), free(bad);
+    acmoe_lm_destroy(lm);
+}
+
+/* A file of another shape of model: same format, different configuration. */
+static void test_checkpoint_rejects_other_model(void) {
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_lm *lm = NULL, *loaded = NULL;
+    unsigned char *data;
+    long size, i;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_save(lm, CKPT_PATH), ACMOE_OK);
+    data = read_file(CKPT_PATH, &size);
+    for (i = 0; data && i + 12 < size; i++) /* claim 9 experts: the stored tensors no longer fit */
+        if (!memcmp(data + i, "\"n_experts\":\"4\"", 15)) data[i + 13] = '9';
+    if (data) write_file(CKPT_PATH, data, size);
+    CHECK_STATUS(acmoe_lm_load(&loaded, CKPT_PATH), ACMOE_ERR_FORMAT);
+    free(data);
+    acmoe_lm_destroy(lm);
+    remove(CKPT_PATH);
+}
+
 const test_case lm_tests[] = {
     {"lm_patterns", test_lm_patterns},
     {"lm_bad_calls", test_lm_bad_calls},
@@ -333,5 +480,9 @@ const test_case lm_tests[] = {
     {"lm_loss_trajectory", test_lm_loss_trajectory},
     {"optimizer_schedules", test_optimizer_schedules},
     {"optimizer_adamw", test_optimizer_adamw},
+    {"checkpoint_round_trip", test_checkpoint_round_trip},
+    {"checkpoint_resume_is_exact", test_checkpoint_resume_is_exact},
+    {"checkpoint_rejects_damage", test_checkpoint_rejects_damage},
+    {"checkpoint_rejects_other_model", test_checkpoint_rejects_other_model},
     {0, 0},
 };
