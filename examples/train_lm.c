@@ -2,6 +2,8 @@
 
      train_lm --data data/fortunes.txt --compare ggc,ggg      the paper's AC layout against SMoE
      train_lm --data FILE --pattern gcc --steps 2000          one model
+     train_lm --save run.safetensors --steps 1000             ... then continue it exactly:
+     train_lm --resume run.safetensors --steps 2000
      train_lm --help                                          every flag and its default
 
    Each model sees the same batches (same seed) and is evaluated on the same held-out 10 % of
@@ -20,7 +22,7 @@
 /* ---- options ---- */
 
 typedef struct options {
-    const char *data, *pattern, *compare, *prompt;
+    const char *data, *pattern, *compare, *prompt, *save, *resume;
     int steps, batch, seq, d_model, heads, experts, top_k, d_ff, warmup, threads;
     int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln;
     long seed;
@@ -64,6 +66,8 @@ static const flag flags[] = {
     FLAG("--temperature", OPT_FLOAT, temperature, "sampling temperature"),
     FLAG("--sample-top-k", OPT_INT, sample_top_k, "sample among the k likeliest bytes"),
     FLAG("--prompt", OPT_STR, prompt, "text the sample starts from"),
+    FLAG("--save", OPT_STR, save, "checkpoint after each evaluation (with --compare: one file per pattern)"),
+    FLAG("--resume", OPT_STR, resume, "continue from this checkpoint up to --steps (model flags come from it)"),
 };
 
 static options default_options(void) {
@@ -71,9 +75,9 @@ static options default_options(void) {
     memset(&o, 0, sizeof o);
     o.data = "data/fortunes.txt";
     o.pattern = "ggc";
-    o.steps = 600, o.batch = 8, o.seq = 128, o.d_model = 128, o.heads = 8, o.experts = 16, o.top_k = 2;
-    o.d_ff = 128, o.warmup = 100, o.eval_every = 100, o.eval_batches = 8, o.log_every = 20, o.sample = 300;
-    o.sample_top_k = 20, o.seed = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 3.0f, o.temperature = 0.8f;
+    o.steps = 2500, o.batch = 8, o.seq = 128, o.d_model = 128, o.heads = 8, o.experts = 16, o.top_k = 2;
+    o.d_ff = 128, o.warmup = 100, o.eval_every = 250, o.eval_batches = 8, o.log_every = 50, o.sample = 300;
+    o.sample_top_k = 20, o.seed = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 2.9f, o.temperature = 0.8f;
     o.prompt = "The ";
     return o;
 }
@@ -170,7 +174,8 @@ static corpus load_corpus(const char *path) {
     return c;
 }
 
-/* batch windows of seq + 1 bytes starting at random offsets of [from, to) */
+/* batch windows of seq + 1 bytes starting at random offsets of [from, to). Training batches
+   draw from a generator seeded by (seed, step), so a resumed run sees the same batches. */
 static void fill_batch(const corpus *c, long from, long to, acmoe_rng *rng, int batch, int seq, int32_t *tokens,
                        int32_t *targets) {
     int b, t;
@@ -285,6 +290,12 @@ static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
     free(context);
 }
 
+/* The checkpoint path of this pattern: --save itself, or with --compare, pattern-suffixed. */
+static void checkpoint_path(const options *o, const char *pattern, char *path, size_t cap) {
+    if (o->compare) snprintf(path, cap, "%s.%s", o->save, pattern);
+    else snprintf(path, cap, "%s", o->save);
+}
+
 static result train(const char *pattern, const options *o, const corpus *c, acmoe_ctx *ctx, int show_sample) {
     acmoe_lm_desc d;
     acmoe_optim_desc opt;
@@ -293,7 +304,7 @@ static result train(const char *pattern, const options *o, const corpus *c, acmo
     result r;
     int32_t *tok = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch * o->seq);
     int32_t *tgt = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch * o->seq);
-    int step, interactive = isatty(STDOUT_FILENO);
+    int step, trained = 0, interactive = isatty(STDOUT_FILENO);
     double start = now_seconds(), train_seconds = 0.0;
     size_t mem[4];
     memset(&r, 0, sizeof r);
@@ -305,15 +316,25 @@ static result train(const char *pattern, const options *o, const corpus *c, acmo
     d.seed = (uint64_t)o->seed;
     memset(&opt, 0, sizeof opt);
     opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.clip_norm = o->clip;
-    check(acmoe_lm_create(&lm, &d), "model");
+    if (o->resume) {
+        check(acmoe_lm_load(&lm, o->resume), o->resume);
+        d = acmoe_lm_settings(lm);
+        if (d.batch != o->batch || d.seq_len != o->seq) {
+            fprintf(stderr, "train_lm: %s was trained with --batch %d --seq %d\n", o->resume, d.batch, d.seq_len);
+            exit(2);
+        }
+        printf("resuming %s at step %ld\n", o->resume, acmoe_lm_steps_taken(lm));
+    } else {
+        check(acmoe_lm_create(&lm, &d), "model");
+    }
     acmoe_lm_memory(lm, &mem[0], &mem[1], &mem[2], &mem[3]);
     printf("\n== pattern %s: %lu parameters; memory MiB: params %.1f, grads %.1f, Adam %.1f, activations %.1f\n",
            pattern, (unsigned long)acmoe_lm_param_count(lm), mem[0] / 1048576.0, mem[1] / 1048576.0,
            mem[2] / 1048576.0, mem[3] / 1048576.0);
-    acmoe_rng_seed(&rng, (uint64_t)o->seed);
-    for (step = 1; step <= o->steps; step++) {
+    for (step = (int)acmoe_lm_steps_taken(lm) + 1; step <= o->steps; step++) {
         float loss, norm;
         double t0 = now_seconds();
+        acmoe_rng_seed(&rng, (uint64_t)o->seed * 1000003u + (uint64_t)step);
         fill_batch(c, 0, c->train_size, &rng, o->batch, o->seq, tok, tgt);
         check(acmoe_lm_forward(lm, ctx, tok, tgt, o->batch, o->seq, 1, &loss), "forward");
         acmoe_lm_zero_grad(lm);
@@ -321,9 +342,9 @@ static result train(const char *pattern, const options *o, const corpus *c, acmo
         check(acmoe_lm_step(lm, &opt, &norm), "optimizer step");
         train_seconds += now_seconds() - t0;
         if (step % o->log_every == 0 || step == o->steps) {
-            double tps = (double)step * o->batch * o->seq / train_seconds;
+            double tps = (double)(trained + 1) * o->batch * o->seq / train_seconds;
             print_progress(interactive, step, o->steps, loss, acmoe_lr_at(&opt, step - 1), tps,
-                           train_seconds / step * (o->steps - step));
+                           train_seconds / (trained + 1) * (o->steps - step));
         }
         if (step % o->eval_every == 0 || step == o->steps) {
             double val = evaluate(lm, ctx, c, o, tok, tgt);
@@ -331,9 +352,15 @@ static result train(const char *pattern, const options *o, const corpus *c, acmo
             printf("  eval step %d: val loss %.4f  bpc %.3f  perplexity %.2f\n", step, val, val / log(2.0), exp(val));
             if (r.steps_to_target < 0 && val / log(2.0) <= o->target_bpc) r.steps_to_target = step;
             r.val_loss = val;
+            if (o->save) {
+                char path[512];
+                checkpoint_path(o, pattern, path, sizeof path);
+                check(acmoe_lm_save(lm, path), path);
+            }
         }
+        trained++;
     }
-    r.tokens_per_second = (double)o->steps * o->batch * o->seq / train_seconds;
+    r.tokens_per_second = trained ? (double)trained * o->batch * o->seq / train_seconds : 0.0;
     r.imbalance = load_imbalance(lm, 1);
     r.seconds = now_seconds() - start;
     if (show_sample && o->sample > 0) {
@@ -361,7 +388,12 @@ static void print_comparison(const result *r, int n, const options *o) {
 
 int main(int argc, char **argv) {
     options o = parse_options(argc, argv);
-    corpus c = load_corpus(o.data);
+    corpus c;
+    if (o.resume && o.compare) {
+        fprintf(stderr, "train_lm: --resume continues one model; it does not combine with --compare\n");
+        return 2;
+    }
+    c = load_corpus(o.data);
     acmoe_ctx_desc cd;
     acmoe_ctx *ctx;
     result results[8];
