@@ -2794,59 +2794,92 @@ static void acmoe__layernorm_backward(const float *dy, const float *xhat, const 
 static void acmoe__causal_softmax(float *s, int seq, float scale) {
     int i, j;
     for (i = 0; i < seq; i++) {
-        float *row = s + (size_t)i * seq, top = row[0] * scale, sum = 0.0f;
-        for (j = 1; j <= i; j++) top = ACMOE__MAX(top, row[j] * scale);
-        for (j = 0; j <= i; j++) sum += row[j] = expf(row[j] * scale - top);
-        for (j = 0; j <= i; j++) row[j] /= sum;
-        for (j = i + 1; j < seq; j++) row[j] = 0.0f;
+        float *row = s + (size_t)i * seq, top = row[0], sum = 0.0f, inv;
+        for (j = 1; j <= i; j++) top = fmaxf(top, row[j]);
+        for (j = 0; j <= i; j++) sum += row[j] = expf((row[j] - top) * scale);
+        inv = 1.0f / sum;
+        for (j = 0; j <= i; j++) row[j] *= inv;
+        memset(row + i + 1, 0, sizeof(float) * (size_t)(seq - i - 1));
+    }
+}
+
+/* Attention runs one (sequence, head) pair per thread at a time, each with single-thread
+   matmuls, so results do not depend on the thread count. */
+typedef struct acmoe__attention_job {
+    acmoe_ctx *ctx;
+    const float *qkv, *p_in, *dout;
+    float *p, *out, *dp, *dqkv; /* dp: one [seq][seq] scratch per pair */
+    int batch, seq, d, heads;
+} acmoe__attention_job;
+
+#define ACMOE__ATTENTION_MATMUL(...)                                                                \
+    do {                                                                                            \
+        acmoe_status attention_status_ = acmoe__matmul_on_thread(__VA_ARGS__);                     \
+        ACMOE_ASSERT(attention_status_ == ACMOE_OK);                                                \
+        (void)attention_status_;                                                                    \
+    } while (0)
+
+/* softmax(q k^T / sqrt(dh)) v per pair; keeps the probabilities p [batch][heads][seq][seq]. */
+static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
+    const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
+    const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq;
+    int pair;
+    for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
+        const int b = pair / j->heads, h = pair % j->heads;
+        const float *q = j->qkv + (size_t)b * seq * ld + h * dh, *k = q + j->d, *v = q + 2 * j->d;
+        float *pb = j->p + (size_t)pair * seq * seq;
+        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_NT, seq, seq, dh, q, ld, k, ld, pb, seq, 0);
+        acmoe__causal_softmax(pb, seq, 1.0f / sqrtf((float)dh));
+        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_NN, seq, dh, seq, pb, seq, v, ld,
+                                j->out + (size_t)b * seq * j->d + h * dh, j->d, 0);
+    }
+}
+
+/* dqkv from dout, pair by pair. */
+static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
+    const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
+    const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq;
+    const float scale = 1.0f / sqrtf((float)dh);
+    int pair, i, c;
+    for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
+        const int b = pair / j->heads, h = pair % j->heads;
+        float *dp = j->dp + (size_t)pair * seq * seq;
+        const size_t base = (size_t)b * seq * ld + h * dh;
+        const float *q = j->qkv + base, *k = q + j->d, *v = q + 2 * j->d, *pb = j->p_in + (size_t)pair * seq * seq;
+        const float *go = j->dout + (size_t)b * seq * j->d + h * dh;
+        float *dq = j->dqkv + base, *dk = dq + j->d, *dv = dq + 2 * j->d;
+        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_NT, seq, seq, dh, go, j->d, v, ld, dp, seq, 0); /* dO V^T */
+        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_TN, seq, dh, seq, pb, seq, go, j->d, dv, ld, 0); /* P^T dO */
+        for (i = 0; i < seq; i++) { /* through the softmax and the scale */
+            const float *pr = pb + (size_t)i * seq;
+            float *dr = dp + (size_t)i * seq, dot = 0.0f;
+            for (c = 0; c <= i; c++) dot += pr[c] * dr[c];
+            for (c = 0; c <= i; c++) dr[c] = pr[c] * (dr[c] - dot) * scale;
+            memset(dr + i + 1, 0, sizeof(float) * (size_t)(seq - i - 1));
+        }
+        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_NN, seq, dh, seq, dp, seq, k, ld, dq, ld, 0);
+        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_TN, seq, dh, seq, dp, seq, q, ld, dk, ld, 0);
     }
 }
 
 /* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to
-   out [n][d]; keeps the probabilities p [batch][heads][seq][seq]. */
-static acmoe_status acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int d, int heads,
-                                             float *p, float *out) {
-    const int dh = d / heads, ld = 3 * d;
-    int b, h;
-    acmoe_status s = ACMOE_OK;
-    for (b = 0; b < batch && s == ACMOE_OK; b++)
-        for (h = 0; h < heads && s == ACMOE_OK; h++) {
-            const float *q = qkv + (size_t)b * seq * ld + h * dh, *k = q + d, *v = q + 2 * d;
-            float *pb = p + ((size_t)b * heads + h) * seq * seq;
-            s = acmoe_matmul(ctx, ACMOE_NT, seq, seq, dh, q, ld, k, ld, pb, seq, 0);
-            if (s != ACMOE_OK) break;
-            acmoe__causal_softmax(pb, seq, 1.0f / sqrtf((float)dh));
-            s = acmoe_matmul(ctx, ACMOE_NN, seq, dh, seq, pb, seq, v, ld, out + (size_t)b * seq * d + h * dh, d, 0);
-        }
-    return s;
+   out [n][d]. */
+static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int d, int heads,
+                                     float *p, float *out) {
+    acmoe__attention_job j;
+    memset(&j, 0, sizeof j);
+    j.ctx = ctx, j.qkv = qkv, j.p = p, j.out = out, j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_forward_job, &j);
 }
 
-/* dqkv [n][3d] from dout [n][d]; dp is a [seq][seq] scratch. */
-static acmoe_status acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, const float *p, const float *dout,
-                                              int batch, int seq, int d, int heads, float *dp, float *dqkv) {
-    const int dh = d / heads, ld = 3 * d;
-    const float scale = 1.0f / sqrtf((float)dh);
-    int b, h, i, j;
-    acmoe_status s = ACMOE_OK;
-    for (b = 0; b < batch && s == ACMOE_OK; b++)
-        for (h = 0; h < heads && s == ACMOE_OK; h++) {
-            const size_t base = (size_t)b * seq * ld + h * dh;
-            const float *q = qkv + base, *k = q + d, *v = q + 2 * d, *pb = p + ((size_t)b * heads + h) * seq * seq;
-            const float *go = dout + (size_t)b * seq * d + h * dh;
-            float *dq = dqkv + base, *dk = dq + d, *dv = dq + 2 * d;
-            s = acmoe_matmul(ctx, ACMOE_NT, seq, seq, dh, go, d, v, ld, dp, seq, 0);          /* dP = dO V^T */
-            if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, seq, dh, seq, pb, seq, go, d, dv, ld, 0); /* P^T dO */
-            if (s != ACMOE_OK) break;
-            for (i = 0; i < seq; i++) { /* through the softmax and the scale */
-                const float *pr = pb + (size_t)i * seq;
-                float *dr = dp + (size_t)i * seq, dot = 0.0f;
-                for (j = 0; j <= i; j++) dot += pr[j] * dr[j];
-                for (j = 0; j < seq; j++) dr[j] = j <= i ? pr[j] * (dr[j] - dot) * scale : 0.0f;
-            }
-            s = acmoe_matmul(ctx, ACMOE_NN, seq, dh, seq, dp, seq, k, ld, dq, ld, 0);
-            if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, seq, dh, seq, dp, seq, q, ld, dk, ld, 0);
-        }
-    return s;
+/* dqkv [n][3d] from dout [n][d]; dp holds a [seq][seq] scratch per (sequence, head). */
+static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, const float *p, const float *dout, int batch,
+                                      int seq, int d, int heads, float *dp, float *dqkv) {
+    acmoe__attention_job j;
+    memset(&j, 0, sizeof j);
+    j.ctx = ctx, j.qkv = qkv, j.p_in = p, j.dout = dout, j.dp = dp, j.dqkv = dqkv;
+    j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_backward_job, &j);
 }
 
 /* Mean cross-entropy of logits [n][vocab] against targets; with grad, the logits become
@@ -2993,7 +3026,7 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     L->t3 = (float *)acmoe__carve(base, &used, n * d * f);
     L->datt = (float *)acmoe__carve(base, &used, n * d * f);
     L->dqkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
-    L->dp = (float *)acmoe__carve(base, &used, (size_t)L->d.seq_len * L->d.seq_len * f);
+    L->dp = (float *)acmoe__carve(base, &used, att * f);
     L->tokens = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
     L->targets = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
     return used;
@@ -3175,8 +3208,8 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     s = acmoe_matmul(ctx, ACMOE_NT, n, 3 * d, d, L->d.pre_ln ? B->attn_in : x, d, B->w_qkv, d, B->qkv, 3 * d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__add_bias(B->qkv, n, 3 * d, B->b_qkv);
-    s = acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, d, L->d.n_heads, B->p, B->att);
-    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NT, n, d, d, B->att, d, B->w_o, d, B->a, d, 0);
+    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, d, L->d.n_heads, B->p, B->att);
+    s = acmoe_matmul(ctx, ACMOE_NT, n, d, d, B->att, d, B->w_o, d, B->a, d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__add_bias(B->a, n, d, B->b_o);
     if (L->dropped) acmoe__dropout(L, B->a, B->keep_a, count);
@@ -3270,9 +3303,8 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     acmoe__bias_grad(tmp, n, d, B->g_b_o);
     s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, tmp, d, B->att, d, B->g_w_o, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, tmp, d, B->w_o, d, L->datt, d, 0);
-    if (s == ACMOE_OK)
-        s = acmoe__attention_backward(ctx, B->qkv, B->p, L->datt, L->batch, L->seq, d, L->d.n_heads, L->dp, L->dqkv);
     if (s != ACMOE_OK) return s;
+    acmoe__attention_backward(ctx, B->qkv, B->p, L->datt, L->batch, L->seq, d, L->d.n_heads, L->dp, L->dqkv);
     acmoe__bias_grad(L->dqkv, n, 3 * d, B->g_b_qkv);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;

@@ -92,16 +92,14 @@ static void print_flag_default(const flag *f, const options *o) {
     }
 }
 
-static void usage(FILE *out) {
+static void usage(void) {
     options d = default_options();
     size_t i;
-    fprintf(out, "usage: train_lm [flags]\n");
+    printf("usage: train_lm [flags]\n");
     for (i = 0; i < sizeof flags / sizeof flags[0]; i++) {
-        if (out == stdout) {
-            printf("  %-15s %s (default: ", flags[i].name, flags[i].help);
-            print_flag_default(&flags[i], &d);
-            printf(")\n");
-        }
+        printf("  %-15s %s (default: ", flags[i].name, flags[i].help);
+        print_flag_default(&flags[i], &d);
+        printf(")\n");
     }
 }
 
@@ -120,9 +118,9 @@ static options parse_options(int argc, char **argv) {
     options o = default_options();
     int i;
     size_t f;
-    for (i = 1; i < argc; i++) {
+    for (i = 1; i < argc; i += 2) { /* flag, value */
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
+            usage();
             exit(0);
         }
         for (f = 0; f < sizeof flags / sizeof flags[0]; f++)
@@ -131,7 +129,6 @@ static options parse_options(int argc, char **argv) {
             fprintf(stderr, "train_lm: bad flag or value at '%s' (see --help)\n", argv[i]);
             exit(2);
         }
-        i++;
     }
     return o;
 }
