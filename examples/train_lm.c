@@ -22,11 +22,11 @@
 /* ---- options ---- */
 
 typedef struct options {
-    const char *data, *pattern, *compare, *prompt, *save, *resume;
+    const char *data, *pattern, *compare, *prompt, *save, *resume, *activation, *schedule;
     int steps, batch, seq, d_model, heads, experts, top_k, d_ff, warmup, threads;
-    int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln;
+    int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head;
     long seed;
-    float lr, dropout, clip, target_bpc, temperature;
+    float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, capacity, balance_alpha, z_loss;
 } options;
 
 typedef enum { OPT_STR, OPT_INT, OPT_LONG, OPT_FLOAT } opt_type;
@@ -51,9 +51,17 @@ static const flag flags[] = {
     FLAG("--experts", OPT_INT, experts, "experts per MoE layer"),
     FLAG("--top-k", OPT_INT, top_k, "experts per token"),
     FLAG("--d-ff", OPT_INT, d_ff, "expert hidden width"),
+    FLAG("--activation", OPT_STR, activation, "expert activation: relu (the paper), gelu or swiglu"),
     FLAG("--pre-ln", OPT_INT, pre_ln, "1: pre-LN blocks; 0: post-LN as in the paper"),
+    FLAG("--untied-head", OPT_INT, untied_head, "1: an output head of its own; 0: the token embedding"),
+    FLAG("--capacity", OPT_FLOAT, capacity, "expert capacity factor with token dropping (0: no limit)"),
+    FLAG("--balance-alpha", OPT_FLOAT, balance_alpha, "Switch load-balancing loss weight (0: off, as in the paper)"),
+    FLAG("--z-loss", OPT_FLOAT, z_loss, "router z-loss weight (0: off)"),
     FLAG("--lr", OPT_FLOAT, lr, "peak learning rate (AdamW)"),
-    FLAG("--warmup", OPT_INT, warmup, "linear warmup steps, then constant"),
+    FLAG("--warmup", OPT_INT, warmup, "linear warmup steps"),
+    FLAG("--schedule", OPT_STR, schedule, "after warmup: constant (the reference) or cosine to --min-lr at --steps"),
+    FLAG("--min-lr", OPT_FLOAT, min_lr, "final learning rate of the cosine schedule"),
+    FLAG("--weight-decay", OPT_FLOAT, weight_decay, "AdamW decay of weights (not biases or norms)"),
     FLAG("--dropout", OPT_FLOAT, dropout, "dropout on attention and FFN outputs"),
     FLAG("--clip", OPT_FLOAT, clip, "gradient clipping by global norm (0: off)"),
     FLAG("--seed", OPT_LONG, seed, "initialisation, dropout and batch order"),
@@ -79,6 +87,8 @@ static options default_options(void) {
     o.d_ff = 128, o.warmup = 100, o.eval_every = 250, o.eval_batches = 8, o.log_every = 50, o.sample = 300;
     o.sample_top_k = 20, o.seed = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 2.9f, o.temperature = 0.8f;
     o.prompt = "The ";
+    o.activation = "relu";
+    o.schedule = "constant";
     return o;
 }
 
@@ -310,9 +320,13 @@ static result train(const char *pattern, const options *o, const corpus *c, acmo
     memset(&d, 0, sizeof d);
     d.d_model = o->d_model, d.n_heads = o->heads, d.seq_len = o->seq, d.batch = o->batch, d.pattern = pattern;
     d.d_ff = o->d_ff, d.n_experts = o->experts, d.top_k = o->top_k, d.dropout = o->dropout, d.pre_ln = o->pre_ln;
-    d.seed = (uint64_t)o->seed;
+    d.seed = (uint64_t)o->seed, d.untied_head = o->untied_head;
+    d.activation = !strcmp(o->activation, "gelu") ? ACMOE_ACT_GELU : !strcmp(o->activation, "swiglu") ? ACMOE_ACT_SWIGLU : ACMOE_ACT_RELU;
+    d.moe.capacity = o->capacity, d.moe.balance_alpha = o->balance_alpha, d.moe.z_loss = o->z_loss;
     memset(&opt, 0, sizeof opt);
-    opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.clip_norm = o->clip;
+    opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.clip_norm = o->clip, opt.weight_decay = o->weight_decay;
+    opt.schedule = !strcmp(o->schedule, "cosine") ? ACMOE_SCHEDULE_COSINE : ACMOE_SCHEDULE_CONSTANT;
+    opt.total_steps = o->steps, opt.min_lr = o->min_lr;
     if (o->resume) {
         check(acmoe_lm_load(&lm, o->resume), o->resume);
         d = acmoe_lm_settings(lm);
@@ -386,6 +400,14 @@ static void print_comparison(const result *r, int n, const options *o) {
 int main(int argc, char **argv) {
     options o = parse_options(argc, argv);
     corpus c;
+    if (strcmp(o.activation, "relu") && strcmp(o.activation, "gelu") && strcmp(o.activation, "swiglu")) {
+        fprintf(stderr, "train_lm: --activation is relu, gelu or swiglu\n");
+        return 2;
+    }
+    if (strcmp(o.schedule, "constant") && strcmp(o.schedule, "cosine")) {
+        fprintf(stderr, "train_lm: --schedule is constant or cosine\n");
+        return 2;
+    }
     if (o.resume && o.compare) {
         fprintf(stderr, "train_lm: --resume continues one model; it does not combine with --compare\n");
         return 2;
