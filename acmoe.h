@@ -38,6 +38,7 @@
      9. Language model              decoder-only MoE transformer, forward and backward
     10. Optimizer                   AdamW, learning-rate schedules, gradient clipping
     11. Checkpoints                 safetensors writer and validating reader
+    12. Data and training loop      byte corpora, batches, evaluation, the training loop
      Licence
 
    GUARANTEES
@@ -74,6 +75,7 @@ extern "C" {
 #endif
 
 typedef enum acmoe_status {
+    ACMOE_STOPPED = 1,          /* not an error: a callback asked to stop */
     ACMOE_OK = 0,
     ACMOE_ERR_NULL = -1,        /* a required pointer was NULL */
     ACMOE_ERR_SHAPE = -2,       /* sizes or leading dimensions are negative or inconsistent */
@@ -446,6 +448,58 @@ ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
 ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path);
 ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path);
 
+/* ---- Data and training loop ----
+   A byte corpus: the first part trains, the last val_fraction evaluates. Batches are windows
+   of seq + 1 bytes at random offsets (targets are the inputs shifted by one). */
+typedef struct acmoe_corpus {
+    const unsigned char *bytes;
+    size_t size, train_size;
+    void *owned; /* set by acmoe_corpus_load */
+} acmoe_corpus;
+
+typedef enum acmoe_split { ACMOE_SPLIT_TRAIN = 0, ACMOE_SPLIT_VAL } acmoe_split;
+
+ACMOE_API acmoe_status acmoe_corpus_view(acmoe_corpus *c, const unsigned char *bytes, size_t size, float val_fraction);
+ACMOE_API acmoe_status acmoe_corpus_load(acmoe_corpus *c, const char *path, float val_fraction);
+ACMOE_API void acmoe_corpus_free(acmoe_corpus *c);
+/* tokens, targets [batch][seq]; a split shorter than seq + 1 bytes repeats its last bytes. */
+ACMOE_API void acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmoe_rng *rng, int batch, int seq,
+                                  int32_t *tokens, int32_t *targets);
+
+/* Mean held-out loss over `batches` batches drawn from a generator seeded by seed, so two
+   models evaluated with the same seed see the same text. */
+ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+                                         uint64_t seed, double *loss);
+
+typedef enum acmoe_event_kind { ACMOE_EVENT_STEP = 0, ACMOE_EVENT_EVAL } acmoe_event_kind;
+
+/* What the training loop reports. Times need a context clock (acmoe_ctx_desc.clock). */
+typedef struct acmoe_train_event {
+    acmoe_event_kind kind;
+    long step, steps;
+    float loss, lr, grad_norm;      /* the step's */
+    double val_loss;                /* ACMOE_EVENT_EVAL */
+    double tokens_per_second, eta_seconds;
+} acmoe_train_event;
+
+typedef struct acmoe_train_desc {
+    long steps;           /* train until the model has taken this many steps (resumes count) */
+    int eval_every;       /* default 250; an evaluation also follows the last step */
+    int eval_batches;     /* default 8 */
+    int log_every;        /* default 50; a step event also follows the last step */
+    uint64_t seed;        /* batches of step s come from a generator seeded by (seed, s) */
+    uint64_t eval_seed;   /* default 12345 */
+    acmoe_optim_desc optim;
+    /* Called for every event; a non-zero return stops the loop with ACMOE_STOPPED. */
+    int (*on_event)(const acmoe_train_event *event, acmoe_lm *lm, void *user);
+    void *user;
+} acmoe_train_desc;
+
+/* Trains on the corpus with the model's batch and seq_len. Allocates only its two token
+   buffers, before the first step. */
+ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_corpus *c,
+                                      const acmoe_train_desc *desc);
+
 #ifdef __cplusplus
 }
 #endif
@@ -574,6 +628,7 @@ ACMOE_API acmoe_isa acmoe_cpu_isa(void) {
 
 ACMOE_API const char *acmoe_status_string(acmoe_status status) {
     switch (status) {
+    case ACMOE_STOPPED: return "stopped by the caller";
     case ACMOE_OK: return "ok";
     case ACMOE_ERR_NULL: return "a required pointer was NULL";
     case ACMOE_ERR_SHAPE: return "sizes or leading dimensions are negative or inconsistent";
@@ -3880,6 +3935,158 @@ ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path) {
     if (s == ACMOE_OK) s = acmoe__load_model(f, data_start, data_size, &m, out);
     ACMOE_FREE(m.tensors);
     fclose(f);
+    return s;
+}
+
+/* ========================================================================================== */
+/* 12. Data and training loop                                                                 */
+/* ========================================================================================== */
+
+ACMOE_API acmoe_status acmoe_corpus_view(acmoe_corpus *c, const unsigned char *bytes, size_t size, float val_fraction) {
+    if (!c || !bytes) return ACMOE_ERR_NULL;
+    if (!(val_fraction > 0.0f && val_fraction < 1.0f)) return ACMOE_ERR_ARG;
+    memset(c, 0, sizeof *c);
+    c->bytes = bytes;
+    c->size = size;
+    c->train_size = size - (size_t)((double)size * val_fraction);
+    /* each split needs two bytes: one token and its target */
+    return c->train_size >= 2 && size - c->train_size >= 2 ? ACMOE_OK : ACMOE_ERR_SHAPE;
+}
+
+ACMOE_API acmoe_status acmoe_corpus_load(acmoe_corpus *c, const char *path, float val_fraction) {
+    FILE *f;
+    long size = -1;
+    unsigned char *bytes = NULL;
+    acmoe_status s = ACMOE_ERR_IO;
+    if (!c || !path) return ACMOE_ERR_NULL;
+    memset(c, 0, sizeof *c);
+    f = fopen(path, "rb");
+    if (!f) return ACMOE_ERR_IO;
+    if (fseek(f, 0, SEEK_END) == 0 && (size = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0) {
+        bytes = (unsigned char *)ACMOE_MALLOC((size_t)size);
+        s = !bytes ? ACMOE_ERR_NOMEM : fread(bytes, 1, (size_t)size, f) == (size_t)size ? ACMOE_OK : ACMOE_ERR_IO;
+    } else if (size == 0) {
+        s = ACMOE_ERR_SHAPE; /* an empty file */
+    }
+    fclose(f);
+    if (s == ACMOE_OK) s = acmoe_corpus_view(c, bytes, (size_t)size, val_fraction);
+    if (s != ACMOE_OK) {
+        ACMOE_FREE(bytes);
+        memset(c, 0, sizeof *c);
+        return s;
+    }
+    c->owned = bytes;
+    return ACMOE_OK;
+}
+
+ACMOE_API void acmoe_corpus_free(acmoe_corpus *c) {
+    if (!c) return;
+    ACMOE_FREE(c->owned);
+    memset(c, 0, sizeof *c);
+}
+
+ACMOE_API void acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmoe_rng *rng, int batch, int seq,
+                                  int32_t *tokens, int32_t *targets) {
+    const size_t from = split == ACMOE_SPLIT_VAL ? c->train_size : 0, to = split == ACMOE_SPLIT_VAL ? c->size : c->train_size;
+    const size_t len = to - from, span = len > (size_t)seq + 1 ? len - (size_t)seq - 1 : 0;
+    int b, t;
+    for (b = 0; b < batch; b++) {
+        size_t start = span ? (size_t)acmoe_rng_below(rng, (uint32_t)ACMOE__MIN(span, (size_t)UINT32_MAX)) : 0;
+        for (t = 0; t < seq; t++) {
+            size_t at = ACMOE__MIN(start + (size_t)t, len - 2);
+            tokens[b * seq + t] = c->bytes[from + at];
+            targets[b * seq + t] = c->bytes[from + at + 1];
+        }
+    }
+}
+
+/* The two token buffers of a batch of the model's size. */
+static acmoe_status acmoe__batch_buffers(const acmoe_lm *L, int32_t **tokens, int32_t **targets) {
+    size_t n = (size_t)L->d.batch * L->d.seq_len;
+    *tokens = (int32_t *)ACMOE_MALLOC(sizeof(int32_t) * n * 2);
+    *targets = *tokens ? *tokens + n : NULL;
+    return *tokens ? ACMOE_OK : ACMOE_ERR_NOMEM;
+}
+
+/* Mean loss over batches from the validation split; tokens and targets are scratch. */
+static acmoe_status acmoe__evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches, uint64_t seed,
+                                    int32_t *tokens, int32_t *targets, double *loss) {
+    acmoe_rng rng;
+    double total = 0.0;
+    int i;
+    acmoe_rng_seed(&rng, seed);
+    for (i = 0; i < batches; i++) {
+        float l;
+        acmoe_status s;
+        acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, L->d.batch, L->d.seq_len, tokens, targets);
+        s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 0, &l);
+        if (s != ACMOE_OK) return s;
+        total += l;
+    }
+    *loss = total / batches;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+                                         uint64_t seed, double *loss) {
+    int32_t *tokens, *targets;
+    acmoe_status s;
+    if (!L || !ctx || !c || !c->bytes || !loss) return ACMOE_ERR_NULL;
+    if (batches < 1) return ACMOE_ERR_ARG;
+    s = acmoe__batch_buffers(L, &tokens, &targets);
+    if (s == ACMOE_OK) s = acmoe__evaluate(L, ctx, c, batches, seed, tokens, targets, loss);
+    ACMOE_FREE(tokens);
+    return s;
+}
+
+/* Fills the timing fields of an event from the context clock. */
+static void acmoe__event_times(const acmoe_ctx *ctx, acmoe_train_event *e, double seconds, long trained, size_t tokens) {
+    if (!ctx->desc.clock || trained == 0 || seconds <= 0.0) return;
+    e->tokens_per_second = (double)trained * (double)tokens / seconds;
+    e->eta_seconds = seconds / (double)trained * (double)(e->steps - e->step);
+}
+
+ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c,
+                                      const acmoe_train_desc *desc) {
+    acmoe_train_desc d;
+    int32_t *tokens, *targets;
+    acmoe_status s;
+    double seconds = 0.0;
+    long trained = 0;
+    const size_t batch_tokens = L ? (size_t)L->d.batch * L->d.seq_len : 0;
+    if (!L || !ctx || !c || !c->bytes || !desc) return ACMOE_ERR_NULL;
+    d = *desc;
+    if (!d.eval_every) d.eval_every = 250;
+    if (!d.eval_batches) d.eval_batches = 8;
+    if (!d.log_every) d.log_every = 50;
+    if (!d.eval_seed) d.eval_seed = 12345;
+    if (d.steps < 0 || d.eval_every < 1 || d.eval_batches < 1 || d.log_every < 1) return ACMOE_ERR_ARG;
+    s = acmoe__batch_buffers(L, &tokens, &targets);
+    while (s == ACMOE_OK && L->steps < d.steps) {
+        acmoe_train_event e;
+        acmoe_rng rng;
+        double start = acmoe__clock_start(ctx);
+        memset(&e, 0, sizeof e);
+        e.step = L->steps + 1, e.steps = d.steps;
+        acmoe_rng_seed(&rng, d.seed * 1000003u + (uint64_t)e.step);
+        acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, L->d.batch, L->d.seq_len, tokens, targets);
+        e.lr = acmoe_lr_at(&d.optim, L->steps);
+        s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 1, &e.loss);
+        if (s == ACMOE_OK) acmoe_lm_zero_grad(L), s = acmoe_lm_backward(L, ctx);
+        if (s == ACMOE_OK) s = acmoe_lm_step(L, &d.optim, &e.grad_norm);
+        if (s != ACMOE_OK) break;
+        acmoe__lap(ctx, &start, &seconds);
+        trained++;
+        acmoe__event_times(ctx, &e, seconds, trained, batch_tokens);
+        if ((e.step % d.log_every == 0 || e.step == d.steps) && d.on_event && d.on_event(&e, L, d.user))
+            s = ACMOE_STOPPED;
+        if (s == ACMOE_OK && (e.step % d.eval_every == 0 || e.step == d.steps)) {
+            e.kind = ACMOE_EVENT_EVAL;
+            s = acmoe__evaluate(L, ctx, c, d.eval_batches, d.eval_seed, tokens, targets, &e.val_loss);
+            if (s == ACMOE_OK && d.on_event && d.on_event(&e, L, d.user)) s = ACMOE_STOPPED;
+        }
+    }
+    ACMOE_FREE(tokens);
     return s;
 }
 

@@ -154,46 +154,18 @@ static const char fallback_text[] =
     "adaptive clustering router measures how tightly each cluster sits along every feature and "
     "routes in a space where the tight features count for more.\n";
 
-typedef struct corpus {
-    unsigned char *bytes;
-    long size, train_size; /* the first train_size bytes train, the rest evaluate */
-} corpus;
-
-static corpus load_corpus(const char *path) {
-    corpus c;
-    FILE *f = fopen(path, "rb");
-    memset(&c, 0, sizeof c);
-    if (f && fseek(f, 0, SEEK_END) == 0 && (c.size = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0) {
-        c.bytes = (unsigned char *)malloc((size_t)c.size);
-        if (!c.bytes || fread(c.bytes, 1, (size_t)c.size, f) != (size_t)c.size) free(c.bytes), c.bytes = NULL;
+/* The corpus file, or the embedded text when it cannot be read. */
+static acmoe_corpus load_corpus(const char *path) {
+    acmoe_corpus c;
+    acmoe_status s = acmoe_corpus_load(&c, path, 0.1f);
+    if (s == ACMOE_OK) {
+        printf("corpus %s: %lu bytes\n", path, (unsigned long)c.size);
+        return c;
     }
-    if (f) fclose(f);
-    if (!c.bytes) {
-        printf("corpus %s not available: training on the embedded %lu-byte text instead\n", path,
-               (unsigned long)(sizeof fallback_text - 1));
-        c.size = (long)sizeof fallback_text - 1;
-        c.bytes = (unsigned char *)malloc((size_t)c.size);
-        memcpy(c.bytes, fallback_text, (size_t)c.size);
-    } else {
-        printf("corpus %s: %ld bytes\n", path, c.size);
-    }
-    c.train_size = c.size * 9 / 10;
+    printf("corpus %s not available (%s): training on the embedded %lu-byte text instead\n", path,
+           acmoe_status_string(s), (unsigned long)(sizeof fallback_text - 1));
+    if (acmoe_corpus_view(&c, (const unsigned char *)fallback_text, sizeof fallback_text - 1, 0.1f) != ACMOE_OK) exit(1);
     return c;
-}
-
-/* batch windows of seq + 1 bytes starting at random offsets of [from, to). Training batches
-   draw from a generator seeded by (seed, step), so a resumed run sees the same batches. */
-static void fill_batch(const corpus *c, long from, long to, acmoe_rng *rng, int batch, int seq, int32_t *tokens,
-                       int32_t *targets) {
-    int b, t;
-    for (b = 0; b < batch; b++) {
-        long span = to - from - seq - 1, start = from + (span > 0 ? (long)acmoe_rng_below(rng, (uint32_t)span) : 0);
-        for (t = 0; t < seq; t++) {
-            long at = start + t < to - 1 ? start + t : to - 2;
-            tokens[b * seq + t] = c->bytes[at];
-            targets[b * seq + t] = c->bytes[at + 1];
-        }
-    }
 }
 
 /* ---- training ---- */
@@ -215,21 +187,6 @@ typedef struct result {
     double val_loss, seconds, tokens_per_second, imbalance;
     int steps_to_target;
 } result;
-
-/* Mean held-out loss over the same batches every time (a fixed generator). */
-static double evaluate(acmoe_lm *lm, acmoe_ctx *ctx, const corpus *c, const options *o, int32_t *tok, int32_t *tgt) {
-    acmoe_rng rng;
-    double total = 0.0;
-    int i;
-    acmoe_rng_seed(&rng, 12345);
-    for (i = 0; i < o->eval_batches; i++) {
-        float loss;
-        fill_batch(c, c->train_size, c->size, &rng, o->batch, o->seq, tok, tgt);
-        check(acmoe_lm_forward(lm, ctx, tok, tgt, o->batch, o->seq, 0, &loss), "evaluation");
-        total += loss;
-    }
-    return total / o->eval_batches;
-}
 
 static void print_progress(int interactive, int step, int steps, float loss, float lr, double tps, double eta) {
     if (interactive) {
@@ -303,75 +260,76 @@ static void checkpoint_path(const options *o, const char *pattern, char *path, s
     else snprintf(path, cap, "%s", o->save);
 }
 
-static result train(const char *pattern, const options *o, const corpus *c, acmoe_ctx *ctx, int show_sample) {
+/* What the training loop's events update: the progress display and the result. */
+typedef struct run {
+    const options *o;
+    const char *pattern;
+    result *r;
+    int interactive;
+} run;
+
+static int on_event(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
+    run *u = (run *)user;
+    const options *o = u->o;
+    if (e->kind == ACMOE_EVENT_STEP) {
+        print_progress(u->interactive, (int)e->step, (int)e->steps, e->loss, e->lr, e->tokens_per_second, e->eta_seconds);
+        u->r->tokens_per_second = e->tokens_per_second;
+        return 0;
+    }
+    if (u->interactive) printf("\n");
+    printf("  eval step %ld: val loss %.4f  bpc %.3f  perplexity %.2f\n", e->step, e->val_loss, e->val_loss / log(2.0),
+           exp(e->val_loss));
+    if (u->r->steps_to_target < 0 && e->val_loss / log(2.0) <= o->target_bpc) u->r->steps_to_target = (int)e->step;
+    u->r->val_loss = e->val_loss;
+    if (o->save) {
+        char path[512];
+        checkpoint_path(o, u->pattern, path, sizeof path);
+        check(acmoe_lm_save(lm, path), path);
+    }
+    return 0;
+}
+
+static acmoe_lm *create_or_resume(const char *pattern, const options *o) {
     acmoe_lm_desc d;
-    acmoe_optim_desc opt;
     acmoe_lm *lm = NULL;
-    acmoe_rng rng;
-    result r;
-    int32_t *tok = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch * o->seq);
-    int32_t *tgt = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch * o->seq);
-    int step, trained = 0, interactive = isatty(STDOUT_FILENO);
-    double start = now_seconds(), train_seconds = 0.0;
-    size_t mem[4];
-    memset(&r, 0, sizeof r);
-    snprintf(r.pattern, sizeof r.pattern, "%s", pattern);
-    r.steps_to_target = -1;
+    if (o->resume) {
+        check(acmoe_lm_load(&lm, o->resume), o->resume);
+        printf("resuming %s at step %ld (model flags come from the checkpoint)\n", o->resume, acmoe_lm_steps_taken(lm));
+        return lm;
+    }
     memset(&d, 0, sizeof d);
     d.d_model = o->d_model, d.n_heads = o->heads, d.seq_len = o->seq, d.batch = o->batch, d.pattern = pattern;
     d.d_ff = o->d_ff, d.n_experts = o->experts, d.top_k = o->top_k, d.dropout = o->dropout, d.pre_ln = o->pre_ln;
     d.seed = (uint64_t)o->seed, d.untied_head = o->untied_head;
     d.activation = !strcmp(o->activation, "gelu") ? ACMOE_ACT_GELU : !strcmp(o->activation, "swiglu") ? ACMOE_ACT_SWIGLU : ACMOE_ACT_RELU;
     d.moe.capacity = o->capacity, d.moe.balance_alpha = o->balance_alpha, d.moe.z_loss = o->z_loss;
-    memset(&opt, 0, sizeof opt);
-    opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.clip_norm = o->clip, opt.weight_decay = o->weight_decay;
-    opt.schedule = !strcmp(o->schedule, "cosine") ? ACMOE_SCHEDULE_COSINE : ACMOE_SCHEDULE_CONSTANT;
-    opt.total_steps = o->steps, opt.min_lr = o->min_lr;
-    if (o->resume) {
-        check(acmoe_lm_load(&lm, o->resume), o->resume);
-        d = acmoe_lm_settings(lm);
-        if (d.batch != o->batch || d.seq_len != o->seq) {
-            fprintf(stderr, "train_lm: %s was trained with --batch %d --seq %d\n", o->resume, d.batch, d.seq_len);
-            exit(2);
-        }
-        printf("resuming %s at step %ld\n", o->resume, acmoe_lm_steps_taken(lm));
-    } else {
-        check(acmoe_lm_create(&lm, &d), "model");
-    }
+    check(acmoe_lm_create(&lm, &d), "model");
+    return lm;
+}
+
+static result train(const char *pattern, const options *o, const acmoe_corpus *c, acmoe_ctx *ctx, int show_sample) {
+    acmoe_train_desc t;
+    acmoe_lm *lm = create_or_resume(pattern, o);
+    result r;
+    run u;
+    size_t mem[4];
+    double start = now_seconds();
+    memset(&r, 0, sizeof r);
+    snprintf(r.pattern, sizeof r.pattern, "%s", acmoe_lm_settings(lm).pattern);
+    r.steps_to_target = -1;
     acmoe_lm_memory(lm, &mem[0], &mem[1], &mem[2], &mem[3]);
     printf("\n== pattern %s: %lu parameters; memory MiB: params %.1f, grads %.1f, Adam %.1f, activations %.1f\n",
-           pattern, (unsigned long)acmoe_lm_param_count(lm), mem[0] / 1048576.0, mem[1] / 1048576.0,
+           r.pattern, (unsigned long)acmoe_lm_param_count(lm), mem[0] / 1048576.0, mem[1] / 1048576.0,
            mem[2] / 1048576.0, mem[3] / 1048576.0);
-    for (step = (int)acmoe_lm_steps_taken(lm) + 1; step <= o->steps; step++) {
-        float loss, norm;
-        double t0 = now_seconds();
-        acmoe_rng_seed(&rng, (uint64_t)o->seed * 1000003u + (uint64_t)step);
-        fill_batch(c, 0, c->train_size, &rng, o->batch, o->seq, tok, tgt);
-        check(acmoe_lm_forward(lm, ctx, tok, tgt, o->batch, o->seq, 1, &loss), "forward");
-        acmoe_lm_zero_grad(lm);
-        check(acmoe_lm_backward(lm, ctx), "backward");
-        check(acmoe_lm_step(lm, &opt, &norm), "optimizer step");
-        train_seconds += now_seconds() - t0;
-        if (step % o->log_every == 0 || step == o->steps) {
-            double tps = (double)(trained + 1) * o->batch * o->seq / train_seconds;
-            print_progress(interactive, step, o->steps, loss, acmoe_lr_at(&opt, step - 1), tps,
-                           train_seconds / (trained + 1) * (o->steps - step));
-        }
-        if (step % o->eval_every == 0 || step == o->steps) {
-            double val = evaluate(lm, ctx, c, o, tok, tgt);
-            if (interactive) printf("\n");
-            printf("  eval step %d: val loss %.4f  bpc %.3f  perplexity %.2f\n", step, val, val / log(2.0), exp(val));
-            if (r.steps_to_target < 0 && val / log(2.0) <= o->target_bpc) r.steps_to_target = step;
-            r.val_loss = val;
-            if (o->save) {
-                char path[512];
-                checkpoint_path(o, pattern, path, sizeof path);
-                check(acmoe_lm_save(lm, path), path);
-            }
-        }
-        trained++;
-    }
-    r.tokens_per_second = trained ? (double)trained * o->batch * o->seq / train_seconds : 0.0;
+    memset(&t, 0, sizeof t);
+    t.steps = o->steps, t.eval_every = o->eval_every, t.eval_batches = o->eval_batches, t.log_every = o->log_every;
+    t.seed = (uint64_t)o->seed;
+    t.optim.lr = o->lr, t.optim.warmup_steps = o->warmup, t.optim.clip_norm = o->clip;
+    t.optim.weight_decay = o->weight_decay, t.optim.total_steps = o->steps, t.optim.min_lr = o->min_lr;
+    t.optim.schedule = !strcmp(o->schedule, "cosine") ? ACMOE_SCHEDULE_COSINE : ACMOE_SCHEDULE_CONSTANT;
+    u.o = o, u.pattern = r.pattern, u.r = &r, u.interactive = isatty(STDOUT_FILENO);
+    t.on_event = on_event, t.user = &u;
+    check(acmoe_lm_train(lm, ctx, c, &t), "training");
     r.imbalance = load_imbalance(lm, 1);
     r.seconds = now_seconds() - start;
     if (show_sample && o->sample > 0) {
@@ -379,7 +337,6 @@ static result train(const char *pattern, const options *o, const corpus *c, acmo
         sample_text(lm, ctx, o);
     }
     acmoe_lm_destroy(lm);
-    free(tok), free(tgt);
     return r;
 }
 
@@ -399,7 +356,7 @@ static void print_comparison(const result *r, int n, const options *o) {
 
 int main(int argc, char **argv) {
     options o = parse_options(argc, argv);
-    corpus c;
+    acmoe_corpus c;
     if (strcmp(o.activation, "relu") && strcmp(o.activation, "gelu") && strcmp(o.activation, "swiglu")) {
         fprintf(stderr, "train_lm: --activation is relu, gelu or swiglu\n");
         return 2;
@@ -420,6 +377,7 @@ int main(int argc, char **argv) {
     int n = 0, i;
     memset(&cd, 0, sizeof cd);
     cd.n_threads = o.threads;
+    cd.clock = now_seconds;
     check(acmoe_ctx_create(&ctx, &cd), "context");
     printf("kernel path %s, %d threads\n", acmoe_isa_name(acmoe_ctx_settings(ctx).isa), acmoe_ctx_settings(ctx).n_threads);
     if (o.compare) { /* split the comma-separated list */
@@ -435,6 +393,6 @@ int main(int argc, char **argv) {
     for (i = 0; i < n; i++) results[i] = train(patterns[i], &o, &c, ctx, i == 0);
     if (n > 1) print_comparison(results, n, &o);
     acmoe_ctx_destroy(ctx);
-    free(c.bytes);
+    acmoe_corpus_free(&c);
     return 0;
 }

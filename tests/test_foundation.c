@@ -163,13 +163,14 @@ static int check_layouts(acmoe_ctx *ctx, acmoe_rng *rng, int m, int n, int k, in
 /* ---- status and CPU ---- */
 
 static void test_status_strings(void) {
-    static const acmoe_status all[] = {ACMOE_OK, ACMOE_ERR_NULL, ACMOE_ERR_SHAPE, ACMOE_ERR_ARG,
-                                       ACMOE_ERR_NOMEM, ACMOE_ERR_UNSUPPORTED, ACMOE_ERR_THREAD};
+    static const acmoe_status all[] = {ACMOE_STOPPED, ACMOE_OK, ACMOE_ERR_NULL, ACMOE_ERR_SHAPE, ACMOE_ERR_ARG,
+                                       ACMOE_ERR_NOMEM, ACMOE_ERR_UNSUPPORTED, ACMOE_ERR_THREAD, ACMOE_ERR_NONFINITE,
+                                       ACMOE_ERR_IO, ACMOE_ERR_FORMAT};
     size_t i, j, n = sizeof all / sizeof all[0];
     for (i = 0; i < n; i++) {
         CHECK(acmoe_status_string(all[i]) && strlen(acmoe_status_string(all[i])) > 1);
         for (j = 0; j < i; j++) CHECK(strcmp(acmoe_status_string(all[i]), acmoe_status_string(all[j])) != 0);
-        CHECK(all[i] == ACMOE_OK || all[i] < 0);
+        CHECK(all[i] == ACMOE_OK || all[i] == ACMOE_STOPPED || all[i] < 0);
     }
     CHECK(strcmp(acmoe_status_string((acmoe_status)-999), "unknown status") == 0);
 }

@@ -470,6 +470,69 @@ static void test_checkpoint_rejects_other_model(void) {
     remove(CKPT_PATH);
 }
 
+/* ---- data and training loop ---- */
+
+static void test_corpus_batches(void) {
+    unsigned char text[36];
+    acmoe_corpus c;
+    acmoe_rng rng;
+    int32_t tok[20], tgt[20];
+    int i;
+    for (i = 0; i < 36; i++) text[i] = (unsigned char)(10 + i); /* each byte one more than the last */
+    CHECK_STATUS(acmoe_corpus_view(&c, text, 36, 0.25f), ACMOE_OK);
+    CHECK(c.train_size == 27 && c.size == 36);
+    acmoe_rng_seed(&rng, 1);
+    acmoe_corpus_batch(&c, ACMOE_SPLIT_TRAIN, &rng, 2, 5, tok, tgt);
+    for (i = 0; i < 10; i++) CHECK(tgt[i] == tok[i] + 1 && tok[i] >= text[0] && tgt[i] <= text[26]);
+    acmoe_corpus_batch(&c, ACMOE_SPLIT_VAL, &rng, 2, 5, tok, tgt);
+    for (i = 0; i < 10; i++) CHECK(tgt[i] == tok[i] + 1 && tok[i] >= text[27]); /* only held-out bytes */
+    acmoe_corpus_batch(&c, ACMOE_SPLIT_VAL, &rng, 1, 20, tok, tgt);         /* longer than the split */
+    CHECK(tok[0] == text[27] && tok[19] == text[34] && tgt[19] == text[35]);
+    CHECK_STATUS(acmoe_corpus_view(&c, text, 3, 0.5f), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_corpus_view(&c, text, 36, 1.0f), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_corpus_load(&c, "build/no/such/corpus", 0.1f), ACMOE_ERR_IO);
+    CHECK(c.bytes == NULL);
+}
+
+static int count_events(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
+    int *counts = (int *)user;
+    (void)lm;
+    counts[e->kind]++;
+    return e->kind == ACMOE_EVENT_EVAL && e->step >= 8; /* stop at the second evaluation */
+}
+
+/* The loop trains, reports, evaluates the same text for every model, and stops on request. */
+static void test_train_loop(void) {
+    static unsigned char text[600];
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_train_desc t;
+    acmoe_corpus c;
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = one_thread();
+    double before, after, again;
+    int counts[2] = {0, 0}, i;
+    for (i = 0; i < 600; i++) text[i] = (unsigned char)("abcab"[i % 5] - 'a' + (i % 7 == 0)); /* tokens 0..3 */
+    CHECK_STATUS(acmoe_corpus_view(&c, text, sizeof text, 0.2f), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_evaluate(lm, ctx, &c, 2, 5, &before), ACMOE_OK);
+    memset(&t, 0, sizeof t);
+    t.steps = 20, t.eval_every = 4, t.eval_batches = 2, t.log_every = 2, t.seed = 1;
+    t.optim.lr = 1e-2f;
+    t.on_event = count_events, t.user = counts;
+    CHECK_STATUS(acmoe_lm_train(lm, ctx, &c, &t), ACMOE_STOPPED);
+    CHECK(acmoe_lm_steps_taken(lm) == 8 && counts[ACMOE_EVENT_STEP] == 4 && counts[ACMOE_EVENT_EVAL] == 2);
+    t.on_event = NULL;
+    CHECK_STATUS(acmoe_lm_train(lm, ctx, &c, &t), ACMOE_OK); /* continues to 20 */
+    CHECK(acmoe_lm_steps_taken(lm) == 20);
+    CHECK_STATUS(acmoe_lm_evaluate(lm, ctx, &c, 2, 5, &after), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_evaluate(lm, ctx, &c, 2, 5, &again), ACMOE_OK);
+    CHECKF(after < before - 0.5 && after == again, "held-out loss %g -> %g (%g)", before, after, again);
+    t.eval_batches = -1;
+    CHECK_STATUS(acmoe_lm_train(lm, ctx, &c, &t), ACMOE_ERR_ARG);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
 const test_case lm_tests[] = {
     {"lm_patterns", test_lm_patterns},
     {"lm_bad_calls", test_lm_bad_calls},
@@ -480,6 +543,8 @@ const test_case lm_tests[] = {
     {"lm_loss_trajectory", test_lm_loss_trajectory},
     {"optimizer_schedules", test_optimizer_schedules},
     {"optimizer_adamw", test_optimizer_adamw},
+    {"corpus_batches", test_corpus_batches},
+    {"train_loop", test_train_loop},
     {"checkpoint_round_trip", test_checkpoint_round_trip},
     {"checkpoint_resume_is_exact", test_checkpoint_resume_is_exact},
     {"checkpoint_rejects_damage", test_checkpoint_rejects_damage},
