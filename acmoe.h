@@ -1517,6 +1517,14 @@ static acmoe_status acmoe__matmul_on_thread(acmoe_ctx *ctx, int tid, acmoe_layou
     return s;
 }
 
+/* For products whose shapes the caller guarantees, where a failure is a programmer error. */
+#define ACMOE__MATMUL_ON_THREAD(...)                                                                \
+    do {                                                                                            \
+        acmoe_status matmul_status_ = acmoe__matmul_on_thread(__VA_ARGS__);                        \
+        ACMOE_ASSERT(matmul_status_ == ACMOE_OK);                                                   \
+        (void)matmul_status_;                                                                       \
+    } while (0)
+
 /* ========================================================================================== */
 /* 6. Routers                                                                                 */
 /* ========================================================================================== */
@@ -2516,14 +2524,6 @@ static void acmoe__token_range(const acmoe_moe *L, int tid, int n_threads, int *
     *t1 = (int)((long)L->n * (tid + 1) / n_threads);
 }
 
-/* Shapes the layer guarantees cannot fail, so a failure here is a programmer error. */
-#define ACMOE__EXPERT_MATMUL(...)                                                                   \
-    do {                                                                                            \
-        acmoe_status expert_status_ = acmoe__matmul_on_thread(__VA_ARGS__);                        \
-        ACMOE_ASSERT(expert_status_ == ACMOE_OK);                                                   \
-        (void)expert_status_;                                                                       \
-    } while (0)
-
 /* The experts' input rows: x, or x * W[label] when the AC weights reach the experts. */
 static const float *acmoe__expert_input(const acmoe_moe *L, const float *x) {
     return L->d.router_input == ACMOE_INPUT_AC && L->d.ac_weight_experts ? L->xr : x;
@@ -2538,10 +2538,10 @@ static void acmoe__expert_forward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j, 
     int r;
     for (r = 0; r < rows; r++)
         memcpy(xe + (size_t)r * dm, in + (size_t)L->pair_token[L->slot_pair[at + r]] * dm, sizeof(float) * (size_t)dm);
-    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, L->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, L->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
     acmoe__add_bias(h, rows, hw, L->b1 + (size_t)j * hw);
     acmoe__activate(d->activation, h, a, rows, ff);
-    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, L->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, L->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
     acmoe__add_bias(ye, rows, dm, L->b2 + (size_t)j * dm);
 }
 
@@ -2638,12 +2638,12 @@ static void acmoe__expert_backward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j)
     float *dy = L->ye + at * dm, *a = L->a + at * ff, *h = L->h + at * hw, *xe = L->xe + at * dm;
     const float *w1 = L->w1 + (size_t)j * hw * dm, *w2 = L->w2 + (size_t)j * dm * ff;
     acmoe__bias_grad(dy, rows, dm, L->g_b2 + (size_t)j * dm);
-    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, L->g_w2 + (size_t)j * dm * ff, ff, 1);
-    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, L->g_w2 + (size_t)j * dm * ff, ff, 1);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
     acmoe__activate_backward(d->activation, h, a, rows, ff);                           /* h becomes dh */
     acmoe__bias_grad(h, rows, hw, L->g_b1 + (size_t)j * hw);
-    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, L->g_w1 + (size_t)j * hw * dm, dm, 1);
-    ACMOE__EXPERT_MATMUL(ctx, tid, ACMOE_NN, rows, dm, hw, h, hw, w1, dm, xe, dm, 0); /* dxe */
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, L->g_w1 + (size_t)j * hw * dm, dm, 1);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, dm, hw, h, hw, w1, dm, xe, dm, 0); /* dxe */
 }
 
 static void acmoe__experts_backward_job(void *arg, int tid, int n_threads) {
@@ -2867,13 +2867,6 @@ typedef struct acmoe__attention_job {
     int batch, seq, d, heads;
 } acmoe__attention_job;
 
-#define ACMOE__ATTENTION_MATMUL(...)                                                                \
-    do {                                                                                            \
-        acmoe_status attention_status_ = acmoe__matmul_on_thread(__VA_ARGS__);                     \
-        ACMOE_ASSERT(attention_status_ == ACMOE_OK);                                                \
-        (void)attention_status_;                                                                    \
-    } while (0)
-
 /* softmax(q k^T / sqrt(dh)) v per pair; keeps the probabilities p [batch][heads][seq][seq]. */
 static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
@@ -2883,9 +2876,9 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
         const int b = pair / j->heads, h = pair % j->heads;
         const float *q = j->qkv + (size_t)b * seq * ld + h * dh, *k = q + j->d, *v = q + 2 * j->d;
         float *pb = j->p + (size_t)pair * seq * seq;
-        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_NT, seq, seq, dh, q, ld, k, ld, pb, seq, 0);
+        ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, seq, seq, dh, q, ld, k, ld, pb, seq, 0);
         acmoe__causal_softmax(pb, seq, 1.0f / sqrtf((float)dh));
-        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_NN, seq, dh, seq, pb, seq, v, ld,
+        ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, seq, dh, seq, pb, seq, v, ld,
                                 j->out + (size_t)b * seq * j->d + h * dh, j->d, 0);
     }
 }
@@ -2903,8 +2896,8 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
         const float *q = j->qkv + base, *k = q + j->d, *v = q + 2 * j->d, *pb = j->p_in + (size_t)pair * seq * seq;
         const float *go = j->dout + (size_t)b * seq * j->d + h * dh;
         float *dq = j->dqkv + base, *dk = dq + j->d, *dv = dq + 2 * j->d;
-        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_NT, seq, seq, dh, go, j->d, v, ld, dp, seq, 0); /* dO V^T */
-        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_TN, seq, dh, seq, pb, seq, go, j->d, dv, ld, 0); /* P^T dO */
+        ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, seq, seq, dh, go, j->d, v, ld, dp, seq, 0); /* dO V^T */
+        ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, seq, dh, seq, pb, seq, go, j->d, dv, ld, 0); /* P^T dO */
         for (i = 0; i < seq; i++) { /* through the softmax and the scale */
             const float *pr = pb + (size_t)i * seq;
             float *dr = dp + (size_t)i * seq, dot = 0.0f;
@@ -2912,8 +2905,8 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
             for (c = 0; c <= i; c++) dr[c] = pr[c] * (dr[c] - dot) * scale;
             memset(dr + i + 1, 0, sizeof(float) * (size_t)(seq - i - 1));
         }
-        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_NN, seq, dh, seq, dp, seq, k, ld, dq, ld, 0);
-        ACMOE__ATTENTION_MATMUL(j->ctx, tid, ACMOE_TN, seq, dh, seq, dp, seq, q, ld, dk, ld, 0);
+        ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, seq, dh, seq, dp, seq, k, ld, dq, ld, 0);
+        ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, seq, dh, seq, dp, seq, q, ld, dk, ld, 0);
     }
 }
 
