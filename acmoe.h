@@ -45,8 +45,12 @@
      - No global mutable state: generators and thread pools belong to objects the caller owns.
      - Determinism: a matmul result depends only on the kernel path, the operand values, the
        layout and the sizes. Threads split the output into disjoint blocks and never split the
-       reduction dimension, so 1 and N threads give bit-identical results.
-     - Nothing allocates inside acmoe_matmul; workspace is made when the context is created.
+       reduction dimension, so 1 and N threads give bit-identical results. MoE layers and
+       attention give each expert or head to one thread, so whole training steps keep this:
+       same seed, same kernel path, same bits, whatever the thread count.
+     - No allocation inside a step: contexts, layers and models make their workspace when
+       they are created (the training loop adds two token buffers before its first step).
+     - Bad input returns a status and changes nothing; ACMOE_ASSERT is for programmer errors.
 */
 #ifndef ACMOE_H
 #define ACMOE_H
