@@ -3298,11 +3298,11 @@ ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *L, acmoe_ctx *ctx, const int32
     if (batch < 1 || seq < 1 || batch > L->d.batch || seq > L->d.seq_len) return ACMOE_ERR_SHAPE;
     if (targets && !loss) return ACMOE_ERR_NULL;
     d = L->d.d_model;
-    L->batch = batch, L->seq = seq, L->n = batch * seq;
-    L->cached = 0;
-    for (i = 0; i < L->n; i++)
+    for (i = 0; i < batch * seq; i++)
         if (tokens[i] < 0 || tokens[i] >= L->d.vocab || (targets && (targets[i] < 0 || targets[i] >= L->d.vocab)))
             return ACMOE_ERR_ARG;
+    L->batch = batch, L->seq = seq, L->n = batch * seq;
+    L->cached = 0;
     memcpy(L->tokens, tokens, sizeof(int32_t) * (size_t)L->n);
     if (targets) memcpy(L->targets, targets, sizeof(int32_t) * (size_t)L->n);
     L->dropped = train && L->d.dropout > 0.0f;
