@@ -175,6 +175,10 @@ static void test_lm_bad_calls(void) {
     CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, NULL), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 1, 3, 0, NULL), ACMOE_OK); /* inference only */
     CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+    tgt[9] = -1;
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_ERR_ARG); /* refused ... */
+    CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK); /* ... and the previous call still stands */
     acmoe_lm_destroy(lm);
     acmoe_ctx_destroy(ctx);
 }
