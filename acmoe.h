@@ -892,11 +892,14 @@ typedef void (*acmoe__kernel_fn)(int kc, const float *const *a_rows, ptrdiff_t a
                                  const float *b, ptrdiff_t b_step, float *c, ptrdiff_t c_step,
                                  int accumulate);
 
-/* A kernel path: an mr x nr micro-kernel and its mr x nr/2 twin for ragged last panels. */
+/* A kernel path: mr x width micro-kernels, widest (nr) first; ragged last panels take the
+   narrowest that covers them (an attention head of 16 should not pay for 64 columns). */
+#define ACMOE__WIDTHS 3
 typedef struct acmoe__kernel {
     acmoe_isa isa;
     int mr, nr;
-    acmoe__kernel_fn fn, fn_half;
+    acmoe__kernel_fn fn[ACMOE__WIDTHS];
+    int width[ACMOE__WIDTHS];
 } acmoe__kernel;
 
 struct acmoe_ctx {
@@ -1181,6 +1184,7 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
                          ACMOE__S_FMA, ACMOE__S_ADD, 0.0f)
 ACMOE__S_KERNEL(acmoe__kernel_scalar, 8)
 ACMOE__S_KERNEL(acmoe__kernel_scalar_half, 4)
+ACMOE__S_KERNEL(acmoe__kernel_scalar_quarter, 2)
 
 /* 6 x 16 uses 12 of the 16 ymm registers for accumulators (the BLIS Haswell shape). */
 #ifdef ACMOE__X86
@@ -1201,6 +1205,7 @@ ACMOE__AVX2_KERNEL(acmoe__kernel_avx2_half, 1)
                          _mm512_setzero_ps())
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512, 4)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_half, 2)
+ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_quarter, 1)
 #endif
 
 /* 6 x 16 uses 24 of the 32 q registers. */
@@ -1211,19 +1216,21 @@ ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_half, 2)
                          ACMOE__NEON_FMA, vaddq_f32, vdupq_n_f32(0.0f))
 ACMOE__NEON_KERNEL(acmoe__kernel_neon, 4)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon_half, 2)
+ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
 #endif
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
-        {ACMOE_ISA_SCALAR, 4, 8, acmoe__kernel_scalar, acmoe__kernel_scalar_half},
-#ifdef ACMOE__X86
-        {ACMOE_ISA_AVX2, 6, 16, acmoe__kernel_avx2, acmoe__kernel_avx2_half},
+        {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter}, {8, 4, 2}},
+#ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
+        {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8}},
 #endif
 #ifdef ACMOE__HAVE_AVX512
-        {ACMOE_ISA_AVX512, 6, 64, acmoe__kernel_avx512, acmoe__kernel_avx512_half},
+        {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
+         {64, 32, 16}},
 #endif
 #ifdef ACMOE__NEON
-        {ACMOE_ISA_NEON, 6, 16, acmoe__kernel_neon, acmoe__kernel_neon_half},
+        {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter}, {16, 8, 4}},
 #endif
     };
     size_t i;
@@ -1352,8 +1359,11 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
     const int aw = acmoe__a_panel_width(g);
     int ir, jr, i;
     for (jr = 0; jr < nc; jr += nr) {
-        int nrr = ACMOE__MIN(nr, nc - jr), half = 2 * nrr <= nr, width = half ? nr / 2 : nr;
-        acmoe__kernel_fn fn = half ? kern->fn_half : kern->fn;
+        int nrr = ACMOE__MIN(nr, nc - jr), w = ACMOE__WIDTHS - 1, width;
+        acmoe__kernel_fn fn;
+        while (kern->width[w] < nrr) w--;
+        fn = kern->fn[w];
+        width = kern->width[w];
         const float *bp;
         ptrdiff_t b_step;
         if (g->pack_b) {
