@@ -437,8 +437,9 @@ typedef struct acmoe_optim_desc {
 } acmoe_optim_desc;
 
 ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *opt, long step);
-/* One update from the gradient buffer; returns the gradient norm before clipping in *norm. */
-ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *lm, const acmoe_optim_desc *opt, float *norm);
+/* One update from the gradient buffer, split over the context's threads (same bits for any
+   count); returns the gradient norm before clipping in *norm. */
+ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_optim_desc *opt, float *norm);
 ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
 
 /* ---- Checkpoints ----
@@ -2817,46 +2818,87 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
 
 #define ACMOE__LN_EPS 1e-5f
 
-/* y = (x - mean) / sqrt(var + eps) * g + b per row, keeping xhat and 1/sqrt(var + eps). */
-static void acmoe__layernorm(const float *x, int rows, int d, const float *g, const float *b, float *xhat,
-                             float *rstd, float *y) {
+/* Layer norm over rows split across threads; the gain and bias gradients, sums over rows,
+   split by columns instead, so every sum runs over the rows in order whatever the count. */
+typedef struct acmoe__ln_job {
+    const float *x, *dy, *g, *b, *rstd_in, *xhat_in;
+    float *xhat, *rstd, *y, *dg, *db, *dx;
+    int rows, d, accumulate;
+} acmoe__ln_job;
+
+/* y = (x - mean) / sqrt(var + eps) * g + b, keeping xhat and 1 / sqrt(var + eps). */
+static void acmoe__layernorm_rows(void *arg, int tid, int n_threads) {
+    const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
+    const int d = j->d, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
     int r, q;
-    for (r = 0; r < rows; r++) {
-        const float *xr = x + (size_t)r * d;
-        float *xh = xhat + (size_t)r * d, *yr = y + (size_t)r * d, mean = 0.0f, var = 0.0f, rs;
+    for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++) {
+        const float *xr = j->x + (size_t)r * d;
+        float *xh = j->xhat + (size_t)r * d, *yr = j->y + (size_t)r * d, mean = 0.0f, var = 0.0f, rs;
         for (q = 0; q < d; q++) mean += xr[q];
         mean /= (float)d;
         for (q = 0; q < d; q++) var += (xr[q] - mean) * (xr[q] - mean);
         rs = 1.0f / sqrtf(var / (float)d + ACMOE__LN_EPS);
-        rstd[r] = rs;
+        j->rstd[r] = rs;
         for (q = 0; q < d; q++) {
             xh[q] = (xr[q] - mean) * rs;
-            yr[q] = xh[q] * g[q] + b[q];
+            yr[q] = xh[q] * j->g[q] + j->b[q];
         }
     }
 }
 
-/* dx (written, or added when accumulate) from dy; dg and db accumulate. */
-static void acmoe__layernorm_backward(const float *dy, const float *xhat, const float *rstd, int rows, int d,
-                                      const float *g, float *dg, float *db, float *dx, int accumulate) {
+/* dx (written, or added when accumulate) of each row. */
+static void acmoe__layernorm_backward_rows(void *arg, int tid, int n_threads) {
+    const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
+    const int d = j->d, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
     int r, q;
-    for (r = 0; r < rows; r++) {
-        const float *dyr = dy + (size_t)r * d, *xh = xhat + (size_t)r * d;
-        float *dxr = dx + (size_t)r * d, mean_d = 0.0f, mean_dx = 0.0f;
+    for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++) {
+        const float *dyr = j->dy + (size_t)r * d, *xh = j->xhat_in + (size_t)r * d;
+        float *dxr = j->dx + (size_t)r * d, mean_d = 0.0f, mean_dx = 0.0f;
         for (q = 0; q < d; q++) {
-            float dxhat = dyr[q] * g[q];
+            float dxhat = dyr[q] * j->g[q];
             mean_d += dxhat;
             mean_dx += dxhat * xh[q];
-            dg[q] += dyr[q] * xh[q];
-            db[q] += dyr[q];
         }
         mean_d /= (float)d;
         mean_dx /= (float)d;
         for (q = 0; q < d; q++) {
-            float v = rstd[r] * (dyr[q] * g[q] - mean_d - xh[q] * mean_dx);
-            dxr[q] = accumulate ? dxr[q] + v : v;
+            float v = j->rstd_in[r] * (dyr[q] * j->g[q] - mean_d - xh[q] * mean_dx);
+            dxr[q] = j->accumulate ? dxr[q] + v : v;
         }
     }
+}
+
+/* dg and db accumulate, columns split across threads. */
+static void acmoe__layernorm_backward_columns(void *arg, int tid, int n_threads) {
+    const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
+    const int d = j->d, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
+    int r, q;
+    for (r = 0; r < j->rows; r++) {
+        const float *dyr = j->dy + (size_t)r * d, *xh = j->xhat_in + (size_t)r * d;
+        for (q = q0; q < q1; q++) {
+            j->dg[q] += dyr[q] * xh[q];
+            j->db[q] += dyr[q];
+        }
+    }
+}
+
+static void acmoe__layernorm(acmoe_ctx *ctx, const float *x, int rows, int d, const float *g, const float *b,
+                             float *xhat, float *rstd, float *y) {
+    acmoe__ln_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x, j.g = g, j.b = b, j.xhat = xhat, j.rstd = rstd, j.y = y, j.rows = rows, j.d = d;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_rows, &j);
+}
+
+/* dx (written, or added when accumulate) from dy; dg and db accumulate. */
+static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const float *xhat, const float *rstd, int rows,
+                                      int d, const float *g, float *dg, float *db, float *dx, int accumulate) {
+    acmoe__ln_job j;
+    memset(&j, 0, sizeof j);
+    j.dy = dy, j.xhat_in = xhat, j.rstd_in = rstd, j.g = g, j.dg = dg, j.db = db, j.dx = dx;
+    j.rows = rows, j.d = d, j.accumulate = accumulate;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_backward_rows, &j);
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_backward_columns, &j);
 }
 
 /* Causal softmax of each row of s [seq][seq] in place, scaled: row i sees columns 0..i. */
@@ -2944,20 +2986,40 @@ static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, const fl
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_backward_job, &j);
 }
 
-/* Mean cross-entropy of logits [n][vocab] against targets; with grad, the logits become
-   their gradient (softmax - one-hot) / n. */
-static float acmoe__cross_entropy(float *logits, const int32_t *targets, int n, int vocab, int grad) {
-    double total = 0.0;
-    int t, j;
-    for (t = 0; t < n; t++) {
-        float *z = logits + (size_t)t * vocab, top = z[0], sum = 0.0f;
-        for (j = 1; j < vocab; j++) top = ACMOE__MAX(top, z[j]);
-        for (j = 0; j < vocab; j++) sum += expf(z[j] - top);
-        total += (double)(logf(sum) + top - z[targets[t]]);
-        if (!grad) continue;
-        for (j = 0; j < vocab; j++) z[j] = expf(z[j] - top) / sum / (float)n;
-        z[targets[t]] -= 1.0f / (float)n;
+typedef struct acmoe__ce_job {
+    float *logits, *row_loss;
+    const int32_t *targets;
+    int n, vocab, grad;
+} acmoe__ce_job;
+
+/* Rows split over threads: each row's loss, and with grad its logits become their gradient
+   (softmax - one-hot) / n. */
+static void acmoe__cross_entropy_job(void *arg, int tid, int n_threads) {
+    const acmoe__ce_job *j = (const acmoe__ce_job *)arg;
+    const int vocab = j->vocab, t1 = (int)((long)j->n * (tid + 1) / n_threads);
+    int t, c;
+    for (t = (int)((long)j->n * tid / n_threads); t < t1; t++) {
+        float *z = j->logits + (size_t)t * vocab, top = z[0], sum = 0.0f, inv;
+        for (c = 1; c < vocab; c++) top = z[c] > top ? z[c] : top;
+        for (c = 0; c < vocab; c++) sum += expf(z[c] - top);
+        j->row_loss[t] = logf(sum) + top - z[j->targets[t]];
+        if (!j->grad) continue;
+        inv = 1.0f / (sum * (float)j->n);
+        for (c = 0; c < vocab; c++) z[c] = expf(z[c] - top) * inv;
+        z[j->targets[t]] -= 1.0f / (float)j->n;
     }
+}
+
+/* Mean cross-entropy of logits [n][vocab] against targets, summed row by row in order so the
+   value does not depend on the thread count. */
+static float acmoe__cross_entropy(acmoe_ctx *ctx, float *logits, const int32_t *targets, int n, int vocab, int grad,
+                                  float *row_loss) {
+    acmoe__ce_job j;
+    double total = 0.0;
+    int t;
+    j.logits = logits, j.row_loss = row_loss, j.targets = targets, j.n = n, j.vocab = vocab, j.grad = grad;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__cross_entropy_job, &j);
+    for (t = 0; t < n; t++) total += row_loss[t];
     return (float)(total / n);
 }
 
@@ -2987,7 +3049,7 @@ struct acmoe_lm {
     void *memory;
     float *tok_emb, *pos_emb, *head, *lnf_g, *lnf_b;
     float *g_tok_emb, *g_pos_emb, *g_head, *g_lnf_g, *g_lnf_b;
-    float *x0, *yf, *xhatf, *rstdf, *logits;
+    float *x0, *yf, *xhatf, *rstdf, *logits, *row_loss;
     float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *dp;
     int32_t *tokens, *targets;
     acmoe_rng rng;
@@ -3081,6 +3143,7 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     L->xhatf = (float *)acmoe__carve(base, &used, n * d * f);
     L->rstdf = (float *)acmoe__carve(base, &used, n * f);
     L->logits = (float *)acmoe__carve(base, &used, n * (size_t)L->d.vocab * f);
+    L->row_loss = (float *)acmoe__carve(base, &used, n * f);
     L->dy = (float *)acmoe__carve(base, &used, n * d * f);
     L->dx = (float *)acmoe__carve(base, &used, n * d * f);
     L->t1 = (float *)acmoe__carve(base, &used, n * d * f);
@@ -3266,7 +3329,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     const size_t count = (size_t)n * d;
     acmoe_status s;
     B->x_in = x;
-    if (L->d.pre_ln) acmoe__layernorm(x, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->attn_in);
+    if (L->d.pre_ln) acmoe__layernorm(ctx, x, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->attn_in);
     s = acmoe_matmul(ctx, ACMOE_NT, n, 3 * d, d, L->d.pre_ln ? B->attn_in : x, d, B->w_qkv, d, B->qkv, 3 * d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__add_bias(B->qkv, n, 3 * d, B->b_qkv);
@@ -3277,10 +3340,10 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     if (L->dropped) acmoe__dropout(L, B->a, B->keep_a, count);
     if (L->d.pre_ln) {
         acmoe__add(B->h, x, B->a, count);
-        acmoe__layernorm(B->h, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->moe_in);
+        acmoe__layernorm(ctx, B->h, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->moe_in);
     } else {
         acmoe__add(B->y, x, B->a, count); /* y as scratch for the residual sum */
-        acmoe__layernorm(B->y, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->h);
+        acmoe__layernorm(ctx, B->y, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->h);
     }
     s = acmoe_moe_forward(B->moe, ctx, L->d.pre_ln ? B->moe_in : B->h, n, *have_prev ? prev->expert_index : NULL,
                           *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m);
@@ -3291,7 +3354,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
         acmoe__add(B->y, B->h, B->m, count);
     } else {
         acmoe__add(B->y, B->h, B->m, count);
-        acmoe__layernorm(B->y, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->y);
+        acmoe__layernorm(ctx, B->y, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->y);
     }
     return ACMOE_OK;
 }
@@ -3329,13 +3392,13 @@ ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *L, acmoe_ctx *ctx, const int32
     }
     if (s != ACMOE_OK) return s;
     if (L->d.pre_ln) {
-        acmoe__layernorm(x, L->n, d, L->lnf_g, L->lnf_b, L->xhatf, L->rstdf, L->yf);
+        acmoe__layernorm(ctx, x, L->n, d, L->lnf_g, L->lnf_b, L->xhatf, L->rstdf, L->yf);
         x = L->yf;
     }
     s = acmoe_matmul(ctx, ACMOE_NT, L->n, L->d.vocab, d, x, d, L->head, d, L->logits, L->d.vocab, 0);
     if (s != ACMOE_OK) return s;
     if (targets) {
-        *loss = acmoe__cross_entropy(L->logits, L->targets, L->n, L->d.vocab, 0) + aux;
+        *loss = acmoe__cross_entropy(ctx, L->logits, L->targets, L->n, L->d.vocab, 0, L->row_loss) + aux;
         L->cached = 1;
     }
     return ACMOE_OK;
@@ -3350,15 +3413,15 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     size_t i;
     /* the FFN half: dres is the gradient of the residual stream between the halves */
     if (pre) memcpy(dres, dy, sizeof(float) * count);
-    else acmoe__layernorm_backward(dy, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 0);
+    else acmoe__layernorm_backward(ctx, dy, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 0);
     acmoe__dropout_backward(L, dres, B->keep_m, tmp, count);
     s = acmoe_moe_backward(B->moe, ctx, tmp, dmoe);
     if (s != ACMOE_OK) return s;
-    if (pre) acmoe__layernorm_backward(dmoe, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 1);
+    if (pre) acmoe__layernorm_backward(ctx, dmoe, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 1);
     else for (i = 0; i < count; i++) dres[i] += dmoe[i];
     /* the attention half */
     if (!pre) { /* through LN1: dres becomes the gradient of x + a */
-        acmoe__layernorm_backward(dres, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, tmp, 0);
+        acmoe__layernorm_backward(ctx, dres, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, tmp, 0);
         memcpy(dres, tmp, sizeof(float) * count);
     }
     acmoe__dropout_backward(L, dres, B->keep_a, tmp, count);
@@ -3374,7 +3437,7 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
         s = acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, L->dqkv, 3 * d, B->w_qkv, d, tmp, d, 0);
         if (s != ACMOE_OK) return s;
         memcpy(dx, dres, sizeof(float) * count);
-        acmoe__layernorm_backward(tmp, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, dx, 1);
+        acmoe__layernorm_backward(ctx, tmp, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, dx, 1);
         return ACMOE_OK;
     }
     memcpy(dx, dres, sizeof(float) * count);
@@ -3390,14 +3453,14 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
     if (!L || !ctx) return ACMOE_ERR_NULL;
     if (!L->cached) return ACMOE_ERR_ARG; /* needs a forward call with targets first */
     L->cached = 0;
-    acmoe__cross_entropy(L->logits, L->targets, L->n, L->d.vocab, 1);
+    acmoe__cross_entropy(ctx, L->logits, L->targets, L->n, L->d.vocab, 1, L->row_loss);
     top = L->d.pre_ln ? L->yf : L->blocks[L->n_layers - 1].y;
     s = acmoe_matmul(ctx, ACMOE_TN, L->d.vocab, d, L->n, L->logits, L->d.vocab, top, d, L->g_head, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, L->n, d, L->d.vocab, L->logits, L->d.vocab, L->head, d, L->dy, d, 0);
     if (s != ACMOE_OK) return s;
     dy = L->dy, dx = L->dx;
     if (L->d.pre_ln) {
-        acmoe__layernorm_backward(dy, L->xhatf, L->rstdf, L->n, d, L->lnf_g, L->g_lnf_g, L->g_lnf_b, dx, 0);
+        acmoe__layernorm_backward(ctx, dy, L->xhatf, L->rstdf, L->n, d, L->lnf_g, L->g_lnf_g, L->g_lnf_b, dx, 0);
         swap = dy, dy = dx, dx = swap;
     }
     for (i = L->n_layers - 1; i >= 0 && s == ACMOE_OK; i--) {
@@ -3436,13 +3499,42 @@ ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
     return o.min_lr + 0.5f * (o.lr - o.min_lr) * (float)(1.0 + cos(3.141592653589793 * progress));
 }
 
-ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, const acmoe_optim_desc *desc, float *norm) {
-    acmoe_optim_desc o = acmoe__optim_resolve(desc);
-    double sq = 0.0;
-    float lr, scale = 1.0f, c1, c2;
-    size_t i;
+typedef struct acmoe__update_job {
+    acmoe_lm *L;
+    const acmoe_optim_desc *o;
+    float lr, scale, c1, c2;
+} acmoe__update_job;
+
+/* The update of parameters [i0, i1) of each thread's share, tensor by tensor (for the decay). */
+static void acmoe__update_job_run(void *arg, int tid, int n_threads) {
+    const acmoe__update_job *job = (const acmoe__update_job *)arg;
+    acmoe_lm *L = job->L;
+    const acmoe_optim_desc *o = job->o;
+    const size_t i0 = L->n_params * (size_t)tid / (size_t)n_threads, i1 = L->n_params * (size_t)(tid + 1) / (size_t)n_threads;
     int t;
-    if (!L) return ACMOE_ERR_NULL;
+    for (t = 0; t < L->dir.count; t++) {
+        const acmoe__tensor_info *info = &L->dir.entries[t];
+        const float decay = info->decay ? o->weight_decay : 0.0f, lr = job->lr;
+        size_t i, end = ACMOE__MIN(info->offset + info->count, i1);
+        for (i = ACMOE__MAX(info->offset, i0); i < end; i++) {
+            float g = L->grads[i] * job->scale;
+            if (o->sgd) {
+                L->params[i] -= lr * (g + decay * L->params[i]);
+                continue;
+            }
+            L->adam_m[i] = o->beta1 * L->adam_m[i] + (1.0f - o->beta1) * g;
+            L->adam_v[i] = o->beta2 * L->adam_v[i] + (1.0f - o->beta2) * g * g;
+            L->params[i] -= lr * (L->adam_m[i] * job->c1 / (sqrtf(L->adam_v[i] * job->c2) + o->eps) + decay * L->params[i]);
+        }
+    }
+}
+
+ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_optim_desc *desc, float *norm) {
+    acmoe_optim_desc o = acmoe__optim_resolve(desc);
+    acmoe__update_job job;
+    double sq = 0.0;
+    size_t i;
+    if (!L || !ctx) return ACMOE_ERR_NULL;
     if (!(o.lr > 0.0f) || !(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f) ||
         !(o.eps > 0.0f) || !(o.weight_decay >= 0.0f) || !(o.clip_norm >= 0.0f) || o.warmup_steps < 0 ||
         (int)o.schedule < 0 || o.schedule >= ACMOE_SCHEDULE_COUNT)
@@ -3450,25 +3542,13 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, const acmoe_optim_desc *desc, 
     for (i = 0; i < L->n_params; i++) sq += (double)L->grads[i] * L->grads[i];
     if (norm) *norm = (float)sqrt(sq);
     if (!isfinite(sq)) return ACMOE_ERR_NONFINITE; /* nothing is updated */
-    if (o.clip_norm > 0.0f && sqrt(sq) > o.clip_norm) scale = o.clip_norm / (float)sqrt(sq);
-    lr = acmoe_lr_at(&o, L->steps);
+    job.L = L, job.o = &o;
+    job.scale = o.clip_norm > 0.0f && sqrt(sq) > o.clip_norm ? o.clip_norm / (float)sqrt(sq) : 1.0f;
+    job.lr = acmoe_lr_at(&o, L->steps);
     L->steps++;
-    c1 = 1.0f / (1.0f - powf(o.beta1, (float)L->steps));
-    c2 = 1.0f / (1.0f - powf(o.beta2, (float)L->steps));
-    for (t = 0; t < L->dir.count; t++) {
-        const acmoe__tensor_info *info = &L->dir.entries[t];
-        const float decay = info->decay ? o.weight_decay : 0.0f;
-        for (i = info->offset; i < info->offset + info->count; i++) {
-            float g = L->grads[i] * scale;
-            if (o.sgd) {
-                L->params[i] -= lr * (g + decay * L->params[i]);
-                continue;
-            }
-            L->adam_m[i] = o.beta1 * L->adam_m[i] + (1.0f - o.beta1) * g;
-            L->adam_v[i] = o.beta2 * L->adam_v[i] + (1.0f - o.beta2) * g * g;
-            L->params[i] -= lr * (L->adam_m[i] * c1 / (sqrtf(L->adam_v[i] * c2) + o.eps) + decay * L->params[i]);
-        }
-    }
+    job.c1 = 1.0f / (1.0f - powf(o.beta1, (float)L->steps));
+    job.c2 = 1.0f / (1.0f - powf(o.beta2, (float)L->steps));
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__update_job_run, &job);
     return ACMOE_OK;
 }
 
@@ -4080,7 +4160,7 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_c
         e.lr = acmoe_lr_at(&d.optim, L->steps);
         s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 1, &e.loss);
         if (s == ACMOE_OK) acmoe_lm_zero_grad(L), s = acmoe_lm_backward(L, ctx);
-        if (s == ACMOE_OK) s = acmoe_lm_step(L, &d.optim, &e.grad_norm);
+        if (s == ACMOE_OK) s = acmoe_lm_step(L, ctx, &d.optim, &e.grad_norm);
         if (s != ACMOE_OK) break;
         acmoe__lap(ctx, &start, &seconds);
         trained++;

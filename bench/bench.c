@@ -569,7 +569,7 @@ static void run_section_training(const bench_options *opt) {
             check_status(acmoe_lm_forward(lm, ctx, tok, tgt, 8, 256, 1, &loss), "acmoe_lm_forward");
             acmoe_lm_zero_grad(lm);
             check_status(acmoe_lm_backward(lm, ctx), "acmoe_lm_backward");
-            check_status(acmoe_lm_step(lm, NULL, NULL), "acmoe_lm_step");
+            check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");
             times[reps] = now_seconds() - t0;
         }
         acmoe_lm_memory(lm, &mem[0], &mem[1], &mem[2], &mem[3]);

@@ -203,7 +203,7 @@ static void test_lm_learns(void) {
         if (step == 0) first = loss;
         acmoe_lm_zero_grad(lm);
         CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
-        CHECK_STATUS(acmoe_lm_step(lm, &opt, &norm), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(lm, ctx, &opt, &norm), ACMOE_OK);
     }
     CHECKF(fabsf(first - logf(11.0f)) < 0.5f && loss < 0.2f, "loss %g -> %g", first, loss);
     CHECK(acmoe_lm_steps_taken(lm) == 300);
@@ -234,8 +234,8 @@ static void test_lm_deterministic(void) {
         acmoe_lm_zero_grad(a), acmoe_lm_zero_grad(b);
         CHECK_STATUS(acmoe_lm_backward(a, ctx1), ACMOE_OK);
         CHECK_STATUS(acmoe_lm_backward(b, ctx2), ACMOE_OK);
-        CHECK_STATUS(acmoe_lm_step(a, NULL, NULL), ACMOE_OK);
-        CHECK_STATUS(acmoe_lm_step(b, NULL, NULL), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(a, ctx1, NULL, NULL), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(b, ctx2, NULL, NULL), ACMOE_OK);
     }
     CHECK(memcmp(acmoe_lm_params(a), acmoe_lm_params(b), sizeof(float) * acmoe_lm_param_count(a)) == 0);
     acmoe_lm_destroy(a), acmoe_lm_destroy(b);
@@ -272,7 +272,7 @@ static void test_lm_loss_trajectory(void) {
                    acmoe_isa_name(isas[v]), step, loss, recorded[step]);
             acmoe_lm_zero_grad(lm);
             CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
-            CHECK_STATUS(acmoe_lm_step(lm, &opt, NULL), ACMOE_OK);
+            CHECK_STATUS(acmoe_lm_step(lm, ctx, &opt, NULL), ACMOE_OK);
         }
         acmoe_lm_destroy(lm);
         acmoe_ctx_destroy(ctx);
@@ -298,6 +298,7 @@ static void test_optimizer_adamw(void) {
     acmoe_lm_desc d = tiny_desc("g", 0, 0);
     acmoe_optim_desc o;
     acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = one_thread();
     float *p, *g, before_w, before_ln, norm;
     size_t n, i, ln_index = 0;
     CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
@@ -314,18 +315,19 @@ static void test_optimizer_adamw(void) {
     o.lr = 0.1f;
     o.weight_decay = 0.5f;
     o.clip_norm = 1.0f;
-    CHECK_STATUS(acmoe_lm_step(lm, &o, &norm), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_step(lm, ctx, &o, &norm), ACMOE_OK);
     CHECK(fabsf(norm - 5.0f) < 1e-5f);
     /* first Adam step moves by lr * sign(g); decay adds lr * wd * p on weights only */
     CHECK(fabsf(p[0] - (before_w - 0.1f * (1.0f + 0.5f * before_w))) < 1e-5f);
     CHECK(fabsf(p[ln_index] - (before_ln - 0.1f)) < 1e-5f);
     g[1] = NAN;
     before_w = p[1];
-    CHECK_STATUS(acmoe_lm_step(lm, &o, &norm), ACMOE_ERR_NONFINITE);
+    CHECK_STATUS(acmoe_lm_step(lm, ctx, &o, &norm), ACMOE_ERR_NONFINITE);
     CHECK(p[1] == before_w && acmoe_lm_steps_taken(lm) == 1);
     o.lr = -1.0f;
-    CHECK_STATUS(acmoe_lm_step(lm, &o, NULL), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_step(lm, ctx, &o, NULL), ACMOE_ERR_ARG);
     acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
 }
 
 /* ---- checkpoints ---- */
@@ -344,7 +346,7 @@ static void train_steps(acmoe_lm *lm, acmoe_ctx *ctx, int steps, float *last_los
         CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, last_loss), ACMOE_OK);
         acmoe_lm_zero_grad(lm);
         CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
-        CHECK_STATUS(acmoe_lm_step(lm, &o, NULL), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(lm, ctx, &o, NULL), ACMOE_OK);
     }
 }
 
