@@ -1,7 +1,7 @@
 # acmoe: `make demo` runs the main job, `make test` the test suite.
 CC       ?= cc
 CXX      ?= c++
-CFLAGS   ?= -O2
+CFLAGS   ?= -O3
 WARN     := -Wall -Wextra -Wpedantic -Werror
 CSTD     := -std=c99 -D_POSIX_C_SOURCE=200809L
 LDLIBS   := -lm -lpthread
