@@ -328,11 +328,13 @@ static double matmul_median_seconds(acmoe_ctx *ctx, acmoe_layout layout,
     return median(times, reps);
 }
 
+/* A context of n_threads with the clock, so layers time their phases. */
 static acmoe_ctx *context_with_threads(int n_threads) {
     acmoe_ctx_desc desc;
     acmoe_ctx *ctx;
     memset(&desc, 0, sizeof desc);
     desc.n_threads = n_threads;
+    desc.clock = now_seconds;
     check_status(acmoe_ctx_create(&ctx, &desc), "acmoe_ctx_create");
     return ctx;
 }
@@ -481,24 +483,14 @@ static double moe_median_step(acmoe_ctx *ctx, moe_bench *b, const timing_plan *p
     return median(times, reps);
 }
 
-static acmoe_ctx *timed_context(int n_threads) {
-    acmoe_ctx_desc desc;
-    acmoe_ctx *ctx;
-    memset(&desc, 0, sizeof desc);
-    desc.n_threads = n_threads;
-    desc.clock = now_seconds;
-    check_status(acmoe_ctx_create(&ctx, &desc), "acmoe_ctx_create");
-    return ctx;
-}
-
 static void run_section_moe(const bench_options *opt) {
     timing_plan plan = timing_plan_for(opt);
     acmoe_ctx *ctx[2];
     acmoe_rng rng;
     size_t c, r;
     int t;
-    ctx[0] = timed_context(1);
-    ctx[1] = timed_context(2);
+    ctx[0] = context_with_threads(1);
+    ctx[1] = context_with_threads(2);
     acmoe_rng_seed(&rng, 7);
     printf("MoE layer forward + backward, tokens/s (median of at least %d steps); routing = router\n"
            "forward and backward as a share of the step\n",
