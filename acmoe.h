@@ -1304,6 +1304,10 @@ static void acmoe__pack(acmoe_isa isa, float *dst, const float *src, ptrdiff_t s
                         int nx, int nk, int w) {
     int x0, p;
     ACMOE_ASSERT(sx == 1 || sk == 1);
+    if (w == 1 && sk != 1) { /* whole rows from a source that runs across them: one transpose */
+        acmoe__transpose(isa, dst, nk, src, sk, nk, nx);
+        return;
+    }
     for (x0 = 0; x0 < nx; x0 += w, dst += (ptrdiff_t)nk * w) {
         int wx = ACMOE__MIN(w, nx - x0);
         const float *s = src + x0 * sx;
@@ -1350,7 +1354,7 @@ static void acmoe__tile_store(float *c, ptrdiff_t rs, ptrdiff_t cs, const float 
 /* Packed A' keeps its rows whole when they run along the depth (a plain copy, and the rows
    no longer alias in the cache the way rows of a power-of-two leading dimension do);
    otherwise it interleaves mr rows per depth step. */
-static int acmoe__a_panel_width(const acmoe__gemm *g) { return g->a_cs == 1 ? 1 : g->ctx->kernel.mr; }
+static int acmoe__a_panel_width(const acmoe__gemm *g) { (void)g; return 1; }
 
 /* Micro-tiles of one (mc x kc) by (kc x nc) block pair. */
 static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws, int ic, int mc,
@@ -1501,9 +1505,10 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
         g->m = n, g->n = m, g->a = b, g->a_rs = b_cs, g->a_cs = b_rs, g->b = a, g->b_rs = a_cs, g->b_cs = a_rs;
         g->c = c, g->c_rs = 1, g->c_cs = ldc;
     }
-    /* Packing pays when the packed block is reused across many micro-tiles. */
+    /* Packing pays when the packed block is reused across many micro-tiles, or when A' runs
+       across its rows with a stride of a page or more (a TLB miss every depth step). */
     g->pack_b = g->b_cs != 1 || g->m > 4 * ctx->kernel.mr * 4;
-    g->pack_a = g->n > 4 * ctx->kernel.nr;
+    g->pack_a = g->n > 4 * ctx->kernel.nr || g->a_cs >= 1024;
     g->tm = g->tn = 1;
     return ACMOE_OK;
 }
