@@ -9,6 +9,7 @@
    Each model sees the same batches (same seed) and is evaluated on the same held-out 10 % of
    the text, so the comparison isolates the routers. */
 #define _POSIX_C_SOURCE 200809L
+#include <ctype.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -246,7 +247,7 @@ static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
         for (j = 0; j < vocab; j++) sum += probs[j] = z[j] >= kth ? expf((z[j] - top) / o->temperature) : 0.0f;
         r = acmoe_rng_uniform(&rng) * sum;
         for (j = 0; j < vocab - 1 && r >= probs[j]; j++) r -= probs[j];
-        putchar(j);
+        putchar(isprint(j) || j == '\n' || j == '\t' ? j : '?'); /* keep the terminal sane */
         if (len == o->seq) memmove(context, context + 1, sizeof(int32_t) * (size_t)(--len));
         context[len++] = j;
     }
