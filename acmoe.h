@@ -2454,7 +2454,8 @@ static void acmoe__select_expert_choice(acmoe_moe *L, int n) {
 static void acmoe__select(acmoe_moe *L, int n) {
     const acmoe_router_select rule = L->d.router_select;
     acmoe__topk_softmax(L->logits, n, L->d.n_experts, L->d.top_k, L->top_idx, L->top_gate);
-    acmoe__softmax_rows(L->logits, L->probs, n, L->d.n_experts, 1.0f);
+    /* full softmax: the gates of the other rules, and the z-loss */
+    if (rule != ACMOE_SELECT_TOPK || L->d.z_loss > 0.0f) acmoe__softmax_rows(L->logits, L->probs, n, L->d.n_experts, 1.0f);
     if (rule == ACMOE_SELECT_USMOE) acmoe__select_usmoe(L, n);
     else if (rule == ACMOE_SELECT_EXPERT_CHOICE) acmoe__select_expert_choice(L, n);
     else acmoe__select_per_token(L, n);
@@ -3317,7 +3318,11 @@ static void acmoe__dropout_backward(const acmoe_lm *L, const float *dy, const un
                                     size_t count) {
     const float scale = 1.0f / (1.0f - L->d.dropout);
     size_t i;
-    for (i = 0; i < count; i++) dx[i] = L->dropped && !keep[i] ? 0.0f : (L->dropped ? dy[i] * scale : dy[i]);
+    if (!L->dropped) {
+        memcpy(dx, dy, sizeof(float) * count);
+        return;
+    }
+    for (i = 0; i < count; i++) dx[i] = keep[i] ? dy[i] * scale : 0.0f;
 }
 
 static void acmoe__add(float *y, const float *a, const float *b, size_t count) {
@@ -3353,12 +3358,8 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     if (s != ACMOE_OK) return s;
     if (B->letter != 'f') *prev = acmoe_moe_get_stats(B->moe), *have_prev = 1;
     if (L->dropped) acmoe__dropout(L, B->m, B->keep_m, count);
-    if (L->d.pre_ln) {
-        acmoe__add(B->y, B->h, B->m, count);
-    } else {
-        acmoe__add(B->y, B->h, B->m, count);
-        acmoe__layernorm(ctx, B->y, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->y);
-    }
+    acmoe__add(B->y, B->h, B->m, count);
+    if (!L->d.pre_ln) acmoe__layernorm(ctx, B->y, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->y);
     return ACMOE_OK;
 }
 

@@ -185,7 +185,7 @@ static void check(acmoe_status s, const char *what) {
 
 typedef struct result {
     char pattern[64];
-    double val_loss, seconds, tokens_per_second, imbalance;
+    double val_loss, tokens_per_second, imbalance;
     int steps_to_target;
 } result;
 
@@ -314,7 +314,6 @@ static result train(const char *pattern, const options *o, const acmoe_corpus *c
     result r;
     run u;
     size_t mem[4];
-    double start = now_seconds();
     memset(&r, 0, sizeof r);
     snprintf(r.pattern, sizeof r.pattern, "%s", acmoe_lm_settings(lm).pattern);
     r.steps_to_target = -1;
@@ -332,7 +331,6 @@ static result train(const char *pattern, const options *o, const acmoe_corpus *c
     t.on_event = on_event, t.user = &u;
     check(acmoe_lm_train(lm, ctx, c, &t), "training");
     r.imbalance = load_imbalance(lm, 1);
-    r.seconds = now_seconds() - start;
     if (show_sample && o->sample > 0) {
         printf("  sample (temperature %.2f, top-%d):\n", o->temperature, o->sample_top_k);
         sample_text(lm, ctx, o);

@@ -33,6 +33,10 @@ extern long test_allocations;   /* calls of the library's allocator so far */
 
 #define CHECK_STATUS(expr, want) CHECKF((expr) == (want), "%s returned %d, expected %d", #expr, (int)(expr), (int)(want))
 
+/* A context of n_threads (0: online CPUs) with cache blocks mc, kc, nc (0: defaults);
+   checks that it was made. Defined with the implementation, in impl.c. */
+struct acmoe_ctx *test_context(int n_threads, int mc, int kc, int nc);
+
 /* Each test file exports one table, terminated by {0, 0}. */
 extern const test_case foundation_tests[];
 extern const test_case router_tests[];

@@ -13,18 +13,6 @@ static void fill_uniform(acmoe_rng *rng, float *x, size_t n) {
     for (i = 0; i < n; i++) x[i] = 2.0f * acmoe_rng_uniform(rng) - 1.0f;
 }
 
-static acmoe_ctx *make_ctx(int n_threads, int mc, int kc, int nc) {
-    acmoe_ctx_desc d;
-    acmoe_ctx *ctx = NULL;
-    memset(&d, 0, sizeof d);
-    d.n_threads = n_threads;
-    d.mc = mc;
-    d.kc = kc;
-    d.nc = nc;
-    CHECK_STATUS(acmoe_ctx_create(&ctx, &d), ACMOE_OK);
-    return ctx;
-}
-
 /* The ISA paths this CPU can run, scalar first. */
 static int supported_isas(acmoe_isa *out) {
     int n = 0, i;
@@ -367,7 +355,7 @@ static void test_matmul_tiny_exact(void) {
     /* small integers: every path must give the exact answer */
     float a[2 * 3] = {1, 2, 3, 4, 5, 6}, b[3 * 2] = {1, 0, 0, 1, 1, 1}, c[4];
     float want_nn[4] = {4, 5, 10, 11}, bt[2 * 3] = {1, 0, 1, 0, 1, 1};
-    acmoe_ctx *ctx = make_ctx(1, 0, 0, 0);
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     acmoe_isa isas[ACMOE_ISA_COUNT];
     int n = supported_isas(isas), v;
     for (v = 0; v < n; v++) {
@@ -381,7 +369,7 @@ static void test_matmul_tiny_exact(void) {
 }
 
 static void test_matmul_random_shapes(void) {
-    acmoe_ctx *ctx = make_ctx(2, 0, 0, 0);
+    acmoe_ctx *ctx = test_context(2, 0, 0, 0);
     acmoe_rng rng;
     int trial, failures = 0;
     acmoe_rng_seed(&rng, 1234);
@@ -401,7 +389,7 @@ static void test_matmul_model_shapes(void) {
     static const int shapes[][3] = {{64, 352, 352},   {256, 352, 352},   {512, 1408, 352}, {512, 352, 1408},
                                     {1024, 1024, 1024}, {4096, 128, 128}, {128, 128, 4096}, {2048, 2048, 2048},
                                     {20, 352, 352},   {352, 20, 352},    {352, 352, 20},   {1, 1024, 1}};
-    acmoe_ctx *ctx = make_ctx(2, 0, 0, 0);
+    acmoe_ctx *ctx = test_context(2, 0, 0, 0);
     acmoe_rng rng;
     size_t s;
     int failures = 0;
@@ -418,7 +406,7 @@ static void test_matmul_model_shapes(void) {
 
 /* Tiny cache blocks: many column, depth and row blocks even for small products. */
 static void test_matmul_small_blocks(void) {
-    acmoe_ctx *ctx = make_ctx(3, 24, 7, 96);
+    acmoe_ctx *ctx = test_context(3, 24, 7, 96);
     acmoe_rng rng;
     int trial, failures = 0;
     acmoe_rng_seed(&rng, 5);
@@ -439,7 +427,7 @@ static void test_matmul_thread_determinism(void) {
     acmoe_rng rng;
     int n_isa = supported_isas(isas), t, v, layout, same = 1;
     size_t s;
-    for (t = 0; t < 3; t++) ctx[t] = make_ctx(t + 1, 0, 0, 0);
+    for (t = 0; t < 3; t++) ctx[t] = test_context(t + 1, 0, 0, 0);
     acmoe_rng_seed(&rng, 3);
     for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         for (layout = ACMOE_NN; layout <= ACMOE_TT; layout++) {
@@ -474,7 +462,7 @@ static void test_matmul_thread_determinism(void) {
 
 static void test_matmul_bad_input(void) {
     float a[12] = {0}, b[12] = {0}, c[12];
-    acmoe_ctx *ctx = make_ctx(1, 0, 0, 0);
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     size_t i;
     CHECK_STATUS(acmoe_matmul(NULL, ACMOE_NN, 2, 2, 2, a, 2, b, 2, c, 2, 0), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_matmul(ctx, (acmoe_layout)7, 2, 2, 2, a, 2, b, 2, c, 2, 0), ACMOE_ERR_ARG);

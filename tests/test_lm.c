@@ -28,15 +28,6 @@ static acmoe_lm_desc tiny_desc(const char *pattern, int pre_ln, int untied) {
     return d;
 }
 
-static acmoe_ctx *one_thread(void) {
-    acmoe_ctx_desc cd;
-    acmoe_ctx *ctx = NULL;
-    memset(&cd, 0, sizeof cd);
-    cd.n_threads = 1;
-    CHECK_STATUS(acmoe_ctx_create(&ctx, &cd), ACMOE_OK);
-    return ctx;
-}
-
 static void tiny_batch(int32_t *tokens, int32_t *targets, int n, uint64_t seed) {
     acmoe_rng rng;
     int i;
@@ -65,7 +56,7 @@ static double lm_loss(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tok, const in
 static void check_lm_gradients(const char *pattern, int pre_ln, int untied) {
     acmoe_lm_desc d = tiny_desc(pattern, pre_ln, untied);
     acmoe_lm *lm = NULL;
-    acmoe_ctx *ctx = one_thread();
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     int32_t tok[10], tgt[10];
     int base_routing[512], routing[512], i, bad = 0, checked = 0;
     float *params, *grads, *saved, *dir;
@@ -161,7 +152,7 @@ static void test_lm_patterns(void) {
 static void test_lm_bad_calls(void) {
     acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
     acmoe_lm *lm = NULL;
-    acmoe_ctx *ctx = one_thread();
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     int32_t tok[10], tgt[10];
     float loss = 0.0f;
     tiny_batch(tok, tgt, 10, 1);
@@ -188,7 +179,7 @@ static void test_lm_learns(void) {
     acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
     acmoe_optim_desc opt;
     acmoe_lm *lm = NULL;
-    acmoe_ctx *ctx = one_thread();
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     int32_t tok[10], tgt[10];
     float loss = 0.0f, first = 0.0f, norm;
     int step;
@@ -215,14 +206,10 @@ static void test_lm_learns(void) {
 static void test_lm_deterministic(void) {
     acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
     acmoe_lm *a = NULL, *b = NULL;
-    acmoe_ctx *ctx1 = one_thread(), *ctx2 = NULL;
-    acmoe_ctx_desc cd;
+    acmoe_ctx *ctx1 = test_context(1, 0, 0, 0), *ctx2 = test_context(2, 0, 0, 0);
     int32_t tok[10], tgt[10];
     float la, lb;
     int step;
-    memset(&cd, 0, sizeof cd);
-    cd.n_threads = 2;
-    CHECK_STATUS(acmoe_ctx_create(&ctx2, &cd), ACMOE_OK);
     d.dropout = 0.1f;
     tiny_batch(tok, tgt, 10, 4);
     CHECK_STATUS(acmoe_lm_create(&a, &d), ACMOE_OK);
@@ -262,7 +249,7 @@ static void test_lm_loss_trajectory(void) {
     for (i = 0; i < 10; i++) tok[i] = (int32_t)acmoe_rng_below(&rng, 11), tgt[i] = (int32_t)acmoe_rng_below(&rng, 11);
     for (v = 0; v < n_isa; v++) {
         acmoe_lm *lm = NULL;
-        acmoe_ctx *ctx = one_thread();
+        acmoe_ctx *ctx = test_context(1, 0, 0, 0);
         CHECK_STATUS(acmoe_ctx_set_isa(ctx, isas[v]), ACMOE_OK);
         CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
         for (step = 0; step < 8; step++) {
@@ -298,7 +285,7 @@ static void test_optimizer_adamw(void) {
     acmoe_lm_desc d = tiny_desc("g", 0, 0);
     acmoe_optim_desc o;
     acmoe_lm *lm = NULL;
-    acmoe_ctx *ctx = one_thread();
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     float *p, *g, before_w, before_ln, norm;
     size_t n, i, ln_index = 0;
     CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
@@ -372,7 +359,7 @@ static void write_file(const char *path, const unsigned char *data, long size) {
 static void test_checkpoint_round_trip(void) {
     acmoe_lm_desc d = tiny_desc("gfc", 1, 1);
     acmoe_lm *a = NULL, *b = NULL;
-    acmoe_ctx *ctx = one_thread();
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     float loss;
     size_t n;
     d.dropout = 0.1f;
@@ -398,7 +385,7 @@ static void test_checkpoint_round_trip(void) {
 static void test_checkpoint_resume_is_exact(void) {
     acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
     acmoe_lm *straight = NULL, *first = NULL, *resumed = NULL;
-    acmoe_ctx *ctx = one_thread();
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     float loss_straight = 0.0f, loss_resumed = 0.0f;
     d.dropout = 0.2f;
     CHECK_STATUS(acmoe_lm_create(&straight, &d), ACMOE_OK);
@@ -514,7 +501,7 @@ static void test_train_loop(void) {
     acmoe_train_desc t;
     acmoe_corpus c;
     acmoe_lm *lm = NULL;
-    acmoe_ctx *ctx = one_thread();
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     double before, after, again;
     int counts[2] = {0, 0}, i;
     for (i = 0; i < 600; i++) text[i] = (unsigned char)("abcab"[i % 5] - 'a' + (i % 7 == 0)); /* tokens 0..3 */

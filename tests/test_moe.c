@@ -38,7 +38,6 @@ static acmoe_moe_desc small_desc(char router, acmoe_activation act) {
 
 static void fixture_make_desc(fixture *f, const acmoe_moe_desc *desc, int n, uint64_t seed) {
     acmoe_rng rng;
-    acmoe_ctx_desc cd;
     int i, dm = desc->d_model;
     memset(f, 0, sizeof *f);
     f->desc = *desc;
@@ -54,9 +53,7 @@ static void fixture_make_desc(fixture *f, const acmoe_moe_desc *desc, int n, uin
     f->dx = (float *)calloc((size_t)n * dm, sizeof(float));
     f->prev = (int32_t *)calloc((size_t)n * 2, sizeof(int32_t));
     f->prev_gate = (float *)calloc((size_t)n * 2, sizeof(float));
-    memset(&cd, 0, sizeof cd);
-    cd.n_threads = 1;
-    CHECK_STATUS(acmoe_ctx_create(&f->ctx, &cd), ACMOE_OK);
+    f->ctx = test_context(1, 0, 0, 0);
     CHECK_STATUS(acmoe_moe_create(&f->layer, &f->desc, f->params, f->grads), ACMOE_OK);
     acmoe_rng_seed(&rng, seed);
     acmoe_moe_init_params(f->layer, &rng);
@@ -392,7 +389,6 @@ static void test_moe_deterministic(void) {
     fixture f;
     float *first;
     acmoe_ctx *two;
-    acmoe_ctx_desc cd;
     size_t len = 12 * 6;
     fixture_make(&f, 'c', ACMOE_ACT_GELU, 12, 17);
     first = (float *)malloc(sizeof(float) * len);
@@ -400,9 +396,7 @@ static void test_moe_deterministic(void) {
     memcpy(first, f.out, sizeof(float) * len);
     CHECK(isfinite(fixture_loss(&f)));
     CHECK(memcmp(first, f.out, sizeof(float) * len) == 0);
-    memset(&cd, 0, sizeof cd);
-    cd.n_threads = 2;
-    CHECK_STATUS(acmoe_ctx_create(&two, &cd), ACMOE_OK);
+    two = test_context(2, 0, 0, 0);
     CHECK_STATUS(acmoe_moe_forward(f.layer, two, f.x, 12, f.prev, NULL, 2, f.out), ACMOE_OK);
     CHECK(memcmp(first, f.out, sizeof(float) * len) == 0);
     acmoe_ctx_destroy(two);
