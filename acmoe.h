@@ -545,10 +545,12 @@ extern "C" {
 #if defined(__GNUC__)
 #define ACMOE__PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
 #define ACMOE__UNROLL _Pragma("GCC unroll 32")
+#define ACMOE__UNROLL_DEPTH _Pragma("GCC unroll 4") /* amortises the loop's own instructions */
 #define ACMOE__PREFETCH_WRITE(p) __builtin_prefetch((p), 1, 3)
 #else
 #define ACMOE__PRINTF(fmt, args)
 #define ACMOE__UNROLL
+#define ACMOE__UNROLL_DEPTH
 #define ACMOE__PREFETCH_WRITE(p) ((void)(p))
 #endif
 
@@ -1036,7 +1038,7 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_defaults(void) {
     d.n_threads = acmoe__online_cpus();
     d.isa = acmoe_cpu_isa();
     d.mc = 192;
-    d.kc = 128;
+    d.kc = 384; /* one depth block for the 352-wide model layers; C is read once per block */
     d.nc = 4096;
     return d;
 }
@@ -1159,7 +1161,7 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
                 ACMOE__PREFETCH_WRITE(c + i * c_step + v * VLEN);                                  \
             }                                                                                       \
         }                                                                                           \
-        for (p = 0; p < kc; p++, ka += a_step, b += b_step) {                                      \
+        ACMOE__UNROLL_DEPTH for (p = 0; p < kc; p++, ka += a_step, b += b_step) {                  \
             VEC bv[NVEC];                                                                           \
             ACMOE__UNROLL for (v = 0; v < NVEC; v++) bv[v] = LOAD(b + v * VLEN);                   \
             ACMOE__UNROLL for (i = 0; i < MR; i++) {                                               \
