@@ -903,6 +903,9 @@ typedef struct acmoe__kernel {
     int mr, nr;
     acmoe__kernel_fn fn[ACMOE__WIDTHS];
     int width[ACMOE__WIDTHS];
+    float (*row_max)(const float *x, int n); /* the row kernels of the same path */
+    float (*row_exp)(float *y, const float *x, int n, float shift, float scale);
+    float (*row_dot)(const float *a, const float *b, int n);
 } acmoe__kernel;
 
 struct acmoe_ctx {
@@ -1222,18 +1225,139 @@ ACMOE__NEON_KERNEL(acmoe__kernel_neon_half, 2)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
 #endif
 
+/* Row kernels: the loops attention and the losses spend their time in. A row's maximum;
+   y = exp((x - shift) * scale) with its sum (y may be x, or NULL for the sum alone); a dot
+   product. Vector paths keep one partial sum per lane and add the lanes in order, so a path's
+   results are fixed. Their exp is 2^n e^r with |r| <= ln2 / 2 and a degree-6 Taylor
+   polynomial (relative error about 2e-7), for arguments at most 0: every caller subtracts
+   the row's maximum. */
+#define ACMOE__EXP_LO -87.0f /* keeps 2^n a normal number; e^-87 is far below float epsilon */
+
+static float acmoe__row_max_scalar(const float *x, int n) {
+    float top = x[0];
+    int i;
+    for (i = 1; i < n; i++) top = x[i] > top ? x[i] : top; /* fmaxf is a libm call */
+    return top;
+}
+
+static float acmoe__row_exp_scalar(float *y, const float *x, int n, float shift, float scale) {
+    float sum = 0.0f, e;
+    int i;
+    for (i = 0; i < n; i++) {
+        e = expf((x[i] - shift) * scale);
+        sum += e;
+        if (y) y[i] = e;
+    }
+    return sum;
+}
+
+static float acmoe__row_dot_scalar(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+    int i;
+    for (i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+#define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, FMA, MAX, ROUND, \
+                                  POW2)                                                                 \
+    TARGET static VEC acmoe__exp_##SFX(VEC x) {                                                          \
+        VEC n, r, p;                                                                                     \
+        x = MAX(x, SET1(ACMOE__EXP_LO));                                                                 \
+        n = ROUND(MUL(x, SET1(1.44269504f)));                                                            \
+        r = FMA(n, SET1(-0.693359375f), x); /* x - n ln2, ln2 in two parts */                           \
+        r = FMA(n, SET1(2.12194440e-4f), r);                                                             \
+        p = FMA(SET1(1.0f / 720.0f), r, SET1(1.0f / 120.0f));                                            \
+        p = FMA(p, r, SET1(1.0f / 24.0f));                                                               \
+        p = FMA(p, r, SET1(1.0f / 6.0f));                                                                \
+        p = FMA(p, r, SET1(0.5f));                                                                       \
+        p = FMA(p, r, SET1(1.0f));                                                                       \
+        p = FMA(p, r, SET1(1.0f));                                                                       \
+        return MUL(p, POW2(n));                                                                          \
+    }                                                                                                    \
+    TARGET static float acmoe__row_max_##SFX(const float *x, int n) {                                   \
+        float lanes[VLEN], top = x[0];                                                                   \
+        int i = 0, l;                                                                                    \
+        if (n >= VLEN) {                                                                                 \
+            VEC m = LOAD(x);                                                                             \
+            for (i = VLEN; i + VLEN <= n; i += VLEN) m = MAX(m, LOAD(x + i));                            \
+            STORE(lanes, m);                                                                             \
+            for (l = 0; l < VLEN; l++) top = lanes[l] > top ? lanes[l] : top;                            \
+        }                                                                                                \
+        for (; i < n; i++) top = x[i] > top ? x[i] : top;                                                \
+        return top;                                                                                      \
+    }                                                                                                    \
+    TARGET static float acmoe__row_exp_##SFX(float *y, const float *x, int n, float shift, float scale) { \
+        float lanes[VLEN], sum = 0.0f;                                                                   \
+        VEC acc = SET1(0.0f);                                                                            \
+        int i, l;                                                                                        \
+        for (i = 0; i + VLEN <= n; i += VLEN) {                                                          \
+            VEC e = acmoe__exp_##SFX(MUL(SUB(LOAD(x + i), SET1(shift)), SET1(scale)));                   \
+            acc = ADD(acc, e);                                                                           \
+            if (y) STORE(y + i, e);                                                                      \
+        }                                                                                                \
+        STORE(lanes, acc);                                                                               \
+        for (l = 0; l < VLEN; l++) sum += lanes[l];                                                      \
+        if (i < n) { /* the ragged end through one padded vector */                                      \
+            for (l = 0; l < VLEN; l++) lanes[l] = i + l < n ? x[i + l] : shift;                          \
+            STORE(lanes, acmoe__exp_##SFX(MUL(SUB(LOAD(lanes), SET1(shift)), SET1(scale))));             \
+            for (l = 0; i + l < n; l++) {                                                                \
+                sum += lanes[l];                                                                         \
+                if (y) y[i + l] = lanes[l];                                                              \
+            }                                                                                            \
+        }                                                                                                \
+        return sum;                                                                                      \
+    }                                                                                                    \
+    TARGET static float acmoe__row_dot_##SFX(const float *a, const float *b, int n) {                   \
+        float lanes[VLEN], sum = 0.0f;                                                                   \
+        VEC acc = SET1(0.0f);                                                                            \
+        int i, l;                                                                                        \
+        for (i = 0; i + VLEN <= n; i += VLEN) acc = FMA(LOAD(a + i), LOAD(b + i), acc);                 \
+        STORE(lanes, acc);                                                                               \
+        for (l = 0; l < VLEN; l++) sum += lanes[l];                                                      \
+        for (; i < n; i++) sum += a[i] * b[i];                                                           \
+        return sum;                                                                                      \
+    }
+
+#ifdef ACMOE__X86
+#define ACMOE__AVX2_ROUND(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define ACMOE__AVX2_POW2(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+ACMOE__DEFINE_ROW_KERNELS(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
+                          _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_max_ps,
+                          ACMOE__AVX2_ROUND, ACMOE__AVX2_POW2)
+#endif
+
+#ifdef ACMOE__HAVE_AVX512
+/* The zero-masked forms: g++ 12 warns about the unmasked ones' undefined pass-through. */
+#define ACMOE__AVX512_ROUND(x) \
+    _mm512_maskz_roundscale_ps((__mmask16)-1, (x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define ACMOE__AVX512_POW2(n) _mm512_maskz_scalef_ps((__mmask16)-1, _mm512_set1_ps(1.0f), (n))
+#define ACMOE__AVX512_MAX(a, b) _mm512_maskz_max_ps((__mmask16)-1, (a), (b))
+ACMOE__DEFINE_ROW_KERNELS(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps,
+                          _mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_fmadd_ps,
+                          ACMOE__AVX512_MAX, ACMOE__AVX512_ROUND, ACMOE__AVX512_POW2)
+#endif
+
+#ifdef ACMOE__NEON
+#define ACMOE__NEON_POW2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
+ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, vaddq_f32, vsubq_f32,
+                          vmulq_f32, ACMOE__NEON_FMA, vmaxq_f32, vrndnq_f32, ACMOE__NEON_POW2)
+#endif
+
+#define ACMOE__ROW_KERNELS(SFX) acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_dot_##SFX
+
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
-        {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter}, {8, 4, 2}},
+        {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter}, {8, 4, 2}, ACMOE__ROW_KERNELS(scalar)},
 #ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
-        {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8}},
+        {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8}, ACMOE__ROW_KERNELS(avx2)},
 #endif
 #ifdef ACMOE__HAVE_AVX512
         {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
-         {64, 32, 16}},
+         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512)},
 #endif
 #ifdef ACMOE__NEON
-        {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter}, {16, 8, 4}},
+        {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter}, {16, 8, 4}, ACMOE__ROW_KERNELS(neon)},
 #endif
     };
     size_t i;
@@ -2908,13 +3032,11 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
 }
 
 /* Causal softmax of each row of s [seq][seq] in place, scaled: row i sees columns 0..i. */
-static void acmoe__causal_softmax(float *s, int seq, float scale) {
+static void acmoe__causal_softmax(const acmoe__kernel *kern, float *s, int seq, float scale) {
     int i, j;
     for (i = 0; i < seq; i++) {
-        float *row = s + (size_t)i * seq, top = row[0], sum = 0.0f, inv;
-        for (j = 1; j <= i; j++) top = row[j] > top ? row[j] : top; /* fmaxf is a libm call */
-        for (j = 0; j <= i; j++) sum += row[j] = expf((row[j] - top) * scale);
-        inv = 1.0f / sum;
+        float *row = s + (size_t)i * seq, inv;
+        inv = 1.0f / kern->row_exp(row, row, i + 1, kern->row_max(row, i + 1), scale);
         for (j = 0; j <= i; j++) row[j] *= inv;
         memset(row + i + 1, 0, sizeof(float) * (size_t)(seq - i - 1));
     }
@@ -2939,7 +3061,7 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
         const float *q = j->qkv + (size_t)b * seq * ld + h * dh, *k = q + j->d, *v = q + 2 * j->d;
         float *pb = j->p + (size_t)pair * seq * seq;
         ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, seq, seq, dh, q, ld, k, ld, pb, seq, 0);
-        acmoe__causal_softmax(pb, seq, 1.0f / sqrtf((float)dh));
+        acmoe__causal_softmax(&j->ctx->kernel, pb, seq, 1.0f / sqrtf((float)dh));
         ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, seq, dh, seq, pb, seq, v, ld,
                                 j->out + (size_t)b * seq * j->d + h * dh, j->d, 0);
     }
@@ -2962,8 +3084,7 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
         ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, seq, dh, seq, pb, seq, go, j->d, dv, ld, 0); /* P^T dO */
         for (i = 0; i < seq; i++) { /* through the softmax and the scale */
             const float *pr = pb + (size_t)i * seq;
-            float *dr = dp + (size_t)i * seq, dot = 0.0f;
-            for (c = 0; c <= i; c++) dot += pr[c] * dr[c];
+            float *dr = dp + (size_t)i * seq, dot = j->ctx->kernel.row_dot(pr, dr, i + 1);
             for (c = 0; c <= i; c++) dr[c] = pr[c] * (dr[c] - dot) * scale;
             memset(dr + i + 1, 0, sizeof(float) * (size_t)(seq - i - 1));
         }
@@ -2993,6 +3114,7 @@ static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, const fl
 }
 
 typedef struct acmoe__ce_job {
+    const acmoe__kernel *kern;
     float *logits, *row_loss;
     const int32_t *targets;
     int n, vocab, grad;
@@ -3005,13 +3127,12 @@ static void acmoe__cross_entropy_job(void *arg, int tid, int n_threads) {
     const int vocab = j->vocab, t1 = (int)((long)j->n * (tid + 1) / n_threads);
     int t, c;
     for (t = (int)((long)j->n * tid / n_threads); t < t1; t++) {
-        float *z = j->logits + (size_t)t * vocab, top = z[0], sum = 0.0f, inv;
-        for (c = 1; c < vocab; c++) top = z[c] > top ? z[c] : top;
-        for (c = 0; c < vocab; c++) sum += expf(z[c] - top);
-        j->row_loss[t] = logf(sum) + top - z[j->targets[t]];
+        float *z = j->logits + (size_t)t * vocab, top = j->kern->row_max(z, vocab), target = z[j->targets[t]];
+        float sum = j->kern->row_exp(j->grad ? z : NULL, z, vocab, top, 1.0f), inv; /* z: exp, in place */
+        j->row_loss[t] = logf(sum) + top - target;
         if (!j->grad) continue;
         inv = 1.0f / (sum * (float)j->n);
-        for (c = 0; c < vocab; c++) z[c] = expf(z[c] - top) * inv;
+        for (c = 0; c < vocab; c++) z[c] *= inv;
         z[j->targets[t]] -= 1.0f / (float)j->n;
     }
 }
@@ -3023,7 +3144,8 @@ static float acmoe__cross_entropy(acmoe_ctx *ctx, float *logits, const int32_t *
     acmoe__ce_job j;
     double total = 0.0;
     int t;
-    j.logits = logits, j.row_loss = row_loss, j.targets = targets, j.n = n, j.vocab = vocab, j.grad = grad;
+    j.kern = &ctx->kernel, j.logits = logits, j.row_loss = row_loss, j.targets = targets;
+    j.n = n, j.vocab = vocab, j.grad = grad;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__cross_entropy_job, &j);
     for (t = 0; t < n; t++) total += row_loss[t];
     return (float)(total / n);

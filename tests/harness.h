@@ -42,5 +42,6 @@ extern const test_case foundation_tests[];
 extern const test_case router_tests[];
 extern const test_case moe_tests[];
 extern const test_case lm_tests[];
+extern const test_case internal_tests[]; /* in impl.c, beside the implementation */
 
 #endif
