@@ -31,7 +31,7 @@
      2. Memory                      status strings, allocator, arena, tensors
      3. Random numbers              xoshiro256** generator, uniform and normal draws
      4. Threads and contexts        thread pool, per-thread workspace
-     5. Matrix multiplication       micro-kernels, packing, blocked driver
+     5. Matrix multiplication       micro-kernels, row kernels (max, exp, dot), packing, driver
      6. Routers                     top-k gating, the Adaptive Clustering router
      7. MoE layer                   parameters, dispatch, experts, forward and backward
      8. Transformer pieces          layer norm, causal self-attention, cross-entropy
