@@ -3032,29 +3032,35 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
 }
 
 /* Causal attention works in blocks of query rows: the block ending at row i1 needs keys
-   0 .. i1-1 only, which spares about 40% of the products at seq 256. Entries of a row past
-   its block's end are never written nor read. */
+   0 .. i1-1 only, which spares about 40% of the products at seq 256. The probabilities live
+   one block at a time in a small per-pair scratch and are recomputed, with the same bits, in
+   the backward pass: storing them all would cost batch x heads x seq^2 floats per layer and
+   as much memory traffic as the products themselves. */
 #define ACMOE__ATTENTION_BLOCK 64
 
-/* Softmax of rows [i0, i1) of s (row stride seq) in place, scaled: row i sees columns 0..i,
-   and its columns up to i1 are zeroed for the block's products. */
+/* Scratch floats for one (sequence, head) pair: a block of probabilities and its gradient. */
+static size_t acmoe__attention_work(int seq) { return 2 * (size_t)ACMOE__MIN(seq, ACMOE__ATTENTION_BLOCK) * seq; }
+
+/* Softmax of the rows of block s (stride seq; its row r is sequence row i0 + r, with i1 - i0
+   rows) in place, scaled: row i sees columns 0..i, and its columns up to i1 are zeroed for
+   the block's products. */
 static void acmoe__causal_softmax(const acmoe__kernel *kern, float *s, int seq, int i0, int i1, float scale) {
     int i, c;
     for (i = i0; i < i1; i++) {
-        float *row = s + (size_t)i * seq, inv;
+        float *row = s + (size_t)(i - i0) * seq, inv;
         inv = 1.0f / kern->row_exp(row, row, i + 1, kern->row_max(row, i + 1), scale);
         for (c = 0; c <= i; c++) row[c] *= inv;
         memset(row + i + 1, 0, sizeof(float) * (size_t)(i1 - i - 1));
     }
 }
 
-/* The softmax backward of rows [i0, i1): dp becomes the gradient of the scaled scores. */
+/* The softmax backward of the same block: dp becomes the gradient of the scaled scores. */
 static void acmoe__causal_softmax_backward(const acmoe__kernel *kern, const float *p, float *dp, int seq, int i0,
                                            int i1, float scale) {
     int i, c;
     for (i = i0; i < i1; i++) {
-        const float *pr = p + (size_t)i * seq;
-        float *dr = dp + (size_t)i * seq, dot = kern->row_dot(pr, dr, i + 1);
+        const float *pr = p + (size_t)(i - i0) * seq;
+        float *dr = dp + (size_t)(i - i0) * seq, dot = kern->row_dot(pr, dr, i + 1);
         for (c = 0; c <= i; c++) dr[c] = pr[c] * (dr[c] - dot) * scale;
         memset(dr + i + 1, 0, sizeof(float) * (size_t)(i1 - i - 1));
     }
@@ -3064,80 +3070,98 @@ static void acmoe__causal_softmax_backward(const acmoe__kernel *kern, const floa
    matmuls, so results do not depend on the thread count. */
 typedef struct acmoe__attention_job {
     acmoe_ctx *ctx;
-    const float *qkv, *p_in, *dout;
-    float *p, *out, *dp, *dqkv; /* dp: one [seq][seq] scratch per pair */
+    const float *qkv, *dout;
+    float *work, *out, *dqkv; /* work: acmoe__attention_work(seq) floats per pair */
     int batch, seq, d, heads;
 } acmoe__attention_job;
 
-/* softmax(q k^T / sqrt(dh)) v per pair; keeps the probabilities p [batch][heads][seq][seq]. */
+/* One pair's operands: q, k, v (row stride 3d) and their gradients, the output or its
+   gradient (row stride d), and the pair's scratch. */
+typedef struct acmoe__attention_pair {
+    const float *q, *k, *v;
+    float *dq, *dk, *dv, *p, *dp;
+    size_t out; /* offset of the pair's first output row in out or dout */
+} acmoe__attention_pair;
+
+static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job *j, int pair) {
+    const int b = pair / j->heads, h = pair % j->heads, dh = j->d / j->heads;
+    const size_t base = (size_t)b * j->seq * 3 * j->d + (size_t)h * dh;
+    acmoe__attention_pair P;
+    P.q = j->qkv + base, P.k = P.q + j->d, P.v = P.q + 2 * j->d;
+    P.dq = j->dqkv ? j->dqkv + base : NULL, P.dk = P.dq ? P.dq + j->d : NULL, P.dv = P.dq ? P.dq + 2 * j->d : NULL;
+    P.p = j->work + (size_t)pair * acmoe__attention_work(j->seq);
+    P.dp = P.p + acmoe__attention_work(j->seq) / 2;
+    P.out = (size_t)b * j->seq * j->d + (size_t)h * dh;
+    return P;
+}
+
+/* The probabilities of query rows [i0, i1) into P->p: scores against keys 0..i1-1, then
+   the causal softmax. */
+static void acmoe__attention_probs(const acmoe__attention_job *j, int tid, const acmoe__attention_pair *P, int i0,
+                                   int i1) {
+    const int dh = j->d / j->heads, ld = 3 * j->d;
+    ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, i1 - i0, i1, dh, P->q + (size_t)i0 * ld, ld, P->k, ld, P->p,
+                            j->seq, 0);
+    acmoe__causal_softmax(&j->ctx->kernel, P->p, j->seq, i0, i1, 1.0f / sqrtf((float)dh));
+}
+
+/* softmax(q k^T / sqrt(dh)) v per pair, block by block. */
 static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
-    const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq;
+    const int dh = j->d / j->heads, ld = 3 * j->d;
     int pair, i0, i1;
     for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
-        const int b = pair / j->heads, h = pair % j->heads;
-        const float *q = j->qkv + (size_t)b * seq * ld + h * dh, *k = q + j->d, *v = q + 2 * j->d;
-        float *pb = j->p + (size_t)pair * seq * seq, *out = j->out + (size_t)b * seq * j->d + h * dh;
-        for (i0 = 0; i0 < seq; i0 = i1) {
-            i1 = ACMOE__MIN(seq, i0 + ACMOE__ATTENTION_BLOCK);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, i1 - i0, i1, dh, q + (size_t)i0 * ld, ld, k, ld,
-                                    pb + (size_t)i0 * seq, seq, 0);
-            acmoe__causal_softmax(&j->ctx->kernel, pb, seq, i0, i1, 1.0f / sqrtf((float)dh));
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, i1 - i0, dh, i1, pb + (size_t)i0 * seq, seq, v, ld,
-                                    out + (size_t)i0 * j->d, j->d, 0);
+        acmoe__attention_pair P = acmoe__attention_pair_at(j, pair);
+        for (i0 = 0; i0 < j->seq; i0 = i1) {
+            i1 = ACMOE__MIN(j->seq, i0 + ACMOE__ATTENTION_BLOCK);
+            acmoe__attention_probs(j, tid, &P, i0, i1);
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, i1 - i0, dh, i1, P.p, j->seq, P.v, ld,
+                                    j->out + P.out + (size_t)i0 * j->d, j->d, 0);
         }
     }
 }
 
-/* dqkv from dout, pair by pair: dq by blocks of query rows, then dk and dv by blocks of
-   keys, each from the rows at or below it. */
+/* dqkv from dout, pair by pair. Blocks run last first: the last block sees every key, so it
+   writes all of dk and dv and the blocks before it add to their keys. */
 static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
     const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq;
     const float scale = 1.0f / sqrtf((float)dh);
     int pair, i0, i1;
     for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
-        const int b = pair / j->heads, h = pair % j->heads;
-        float *dp = j->dp + (size_t)pair * seq * seq;
-        const size_t base = (size_t)b * seq * ld + h * dh;
-        const float *q = j->qkv + base, *k = q + j->d, *v = q + 2 * j->d, *pb = j->p_in + (size_t)pair * seq * seq;
-        const float *go = j->dout + (size_t)b * seq * j->d + h * dh;
-        float *dq = j->dqkv + base, *dk = dq + j->d, *dv = dq + 2 * j->d;
-        for (i0 = 0; i0 < seq; i0 = i1) {
-            i1 = ACMOE__MIN(seq, i0 + ACMOE__ATTENTION_BLOCK);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, i1 - i0, i1, dh, go + (size_t)i0 * j->d, j->d, v, ld,
-                                    dp + (size_t)i0 * seq, seq, 0); /* dO V^T */
-            acmoe__causal_softmax_backward(&j->ctx->kernel, pb, dp, seq, i0, i1, scale);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, i1 - i0, dh, i1, dp + (size_t)i0 * seq, seq, k, ld,
-                                    dq + (size_t)i0 * ld, ld, 0);
-        }
-        for (i0 = 0; i0 < seq; i0 = i1) { /* keys [i0, i1) */
-            const size_t corner = (size_t)i0 * seq + i0;
-            i1 = ACMOE__MIN(seq, i0 + ACMOE__ATTENTION_BLOCK);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1 - i0, dh, seq - i0, pb + corner, seq,
-                                    go + (size_t)i0 * j->d, j->d, dv + (size_t)i0 * ld, ld, 0); /* P^T dO */
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1 - i0, dh, seq - i0, dp + corner, seq,
-                                    q + (size_t)i0 * ld, ld, dk + (size_t)i0 * ld, ld, 0);
+        acmoe__attention_pair P = acmoe__attention_pair_at(j, pair);
+        for (i0 = (seq - 1) / ACMOE__ATTENTION_BLOCK * ACMOE__ATTENTION_BLOCK; i0 >= 0; i0 -= ACMOE__ATTENTION_BLOCK) {
+            const float *go = j->dout + P.out + (size_t)i0 * j->d;
+            const int rows = ACMOE__MIN(seq, i0 + ACMOE__ATTENTION_BLOCK) - i0, add = i0 + rows < seq;
+            i1 = i0 + rows;
+            acmoe__attention_probs(j, tid, &P, i0, i1);
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, rows, i1, dh, go, j->d, P.v, ld, P.dp, seq, 0); /* dO V^T */
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.p, seq, go, j->d, P.dv, ld, add); /* P^T dO */
+            acmoe__causal_softmax_backward(&j->ctx->kernel, P.p, P.dp, seq, i0, i1, scale);
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, rows, dh, i1, P.dp, seq, P.k, ld, P.dq + (size_t)i0 * ld, ld,
+                                    0);
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.dp, seq, P.q + (size_t)i0 * ld, ld, P.dk, ld,
+                                    add);
         }
     }
 }
 
 /* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to
-   out [n][d]. */
+   out [n][d]; work holds acmoe__attention_work(seq) floats per (sequence, head). */
 static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int d, int heads,
-                                     float *p, float *out) {
+                                     float *work, float *out) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
-    j.ctx = ctx, j.qkv = qkv, j.p = p, j.out = out, j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
+    j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out, j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_forward_job, &j);
 }
 
-/* dqkv [n][3d] from dout [n][d]; dp holds a [seq][seq] scratch per (sequence, head). */
-static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, const float *p, const float *dout, int batch,
-                                      int seq, int d, int heads, float *dp, float *dqkv) {
+/* dqkv [n][3d] from dout [n][d]. */
+static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, const float *dout, int batch, int seq, int d,
+                                      int heads, float *work, float *dqkv) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
-    j.ctx = ctx, j.qkv = qkv, j.p_in = p, j.dout = dout, j.dp = dp, j.dqkv = dqkv;
+    j.ctx = ctx, j.qkv = qkv, j.dout = dout, j.work = work, j.dqkv = dqkv;
     j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_backward_job, &j);
 }
@@ -3191,7 +3215,7 @@ typedef struct acmoe__block {
     acmoe_moe *moe;
     /* activations [n][..] of the last forward call */
     const float *x_in;
-    float *attn_in, *qkv, *p, *att, *a, *xhat1, *rstd1, *h, *moe_in, *m, *xhat2, *rstd2, *y;
+    float *attn_in, *qkv, *att, *a, *xhat1, *rstd1, *h, *moe_in, *m, *xhat2, *rstd2, *y;
     unsigned char *keep_a, *keep_m; /* dropout masks */
 } acmoe__block;
 
@@ -3207,7 +3231,7 @@ struct acmoe_lm {
     float *tok_emb, *pos_emb, *head, *lnf_g, *lnf_b;
     float *g_tok_emb, *g_pos_emb, *g_head, *g_lnf_g, *g_lnf_b;
     float *x0, *yf, *xhatf, *rstdf, *logits, *row_loss;
-    float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *dp;
+    float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *att_work;
     int32_t *tokens, *targets;
     acmoe_rng rng;
     int batch, seq, n, dropped, cached;
@@ -3273,7 +3297,7 @@ static size_t acmoe__lm_params(acmoe_lm *L) {
 /* Lays the activations out in base (or only measures them when base is NULL). */
 static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     const size_t d = (size_t)L->d.d_model, n = (size_t)L->d.batch * L->d.seq_len, f = sizeof(float);
-    const size_t att = (size_t)L->d.batch * L->d.n_heads * L->d.seq_len * L->d.seq_len;
+    const size_t att_work = (size_t)L->d.batch * L->d.n_heads * acmoe__attention_work(L->d.seq_len);
     const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln;
     size_t used = 0;
     int i;
@@ -3281,7 +3305,6 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
         acmoe__block *B = &L->blocks[i];
         B->attn_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
         B->qkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
-        B->p = (float *)acmoe__carve(base, &used, att * f);
         B->att = (float *)acmoe__carve(base, &used, n * d * f);
         B->a = (float *)acmoe__carve(base, &used, n * d * f);
         B->xhat1 = (float *)acmoe__carve(base, &used, n * d * f);
@@ -3308,7 +3331,7 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     L->t3 = (float *)acmoe__carve(base, &used, n * d * f);
     L->datt = (float *)acmoe__carve(base, &used, n * d * f);
     L->dqkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
-    L->dp = (float *)acmoe__carve(base, &used, att * f);
+    L->att_work = (float *)acmoe__carve(base, &used, att_work * f);
     L->tokens = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
     L->targets = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
     return used;
@@ -3494,7 +3517,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     s = acmoe_matmul(ctx, ACMOE_NT, n, 3 * d, d, L->d.pre_ln ? B->attn_in : x, d, B->w_qkv, d, B->qkv, 3 * d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__add_bias(B->qkv, n, 3 * d, B->b_qkv);
-    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, d, L->d.n_heads, B->p, B->att);
+    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, d, L->d.n_heads, L->att_work, B->att);
     s = acmoe_matmul(ctx, ACMOE_NT, n, d, d, B->att, d, B->w_o, d, B->a, d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__add_bias(B->a, n, d, B->b_o);
@@ -3586,7 +3609,7 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, tmp, d, B->att, d, B->g_w_o, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, tmp, d, B->w_o, d, L->datt, d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__attention_backward(ctx, B->qkv, B->p, L->datt, L->batch, L->seq, d, L->d.n_heads, L->dp, L->dqkv);
+    acmoe__attention_backward(ctx, B->qkv, L->datt, L->batch, L->seq, d, L->d.n_heads, L->att_work, L->dqkv);
     acmoe__bias_grad(L->dqkv, n, 3 * d, B->g_b_qkv);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;

@@ -127,9 +127,9 @@ static int close_to(float got, double want) { return fabs(got - want) <= 1e-4 * 
    end, on every kernel path, with the same bits on 1 and 2 threads. */
 static void test_attention_blocks(void) {
     enum { batch = 2, seq = ACMOE__ATTENTION_BLOCK * 2 + 23, d = 32, heads = 2, dh = d / heads, n = batch * seq };
-    const size_t scores = (size_t)batch * heads * seq * seq;
+    const size_t work = (size_t)batch * heads * acmoe__attention_work(seq);
     float *qkv = (float *)malloc(sizeof(float) * n * 3 * d), *dout = (float *)malloc(sizeof(float) * n * d);
-    float *out[2], *dqkv[2], *p = (float *)malloc(sizeof(float) * scores), *dp = (float *)malloc(sizeof(float) * scores);
+    float *out[2], *dqkv[2], *scratch = (float *)malloc(sizeof(float) * work);
     double *ref = (double *)malloc(sizeof(double) * 4 * seq * dh);
     acmoe_ctx *ctx[2];
     acmoe_rng rng;
@@ -147,8 +147,8 @@ static void test_attention_blocks(void) {
         bad = 0;
         for (t = 0; t < 2; t++) {
             CHECK_STATUS(acmoe_ctx_set_isa(ctx[t], (acmoe_isa)isa), ACMOE_OK);
-            acmoe__attention_forward(ctx[t], qkv, batch, seq, d, heads, p, out[t]);
-            acmoe__attention_backward(ctx[t], qkv, p, dout, batch, seq, d, heads, dp, dqkv[t]);
+            acmoe__attention_forward(ctx[t], qkv, batch, seq, d, heads, scratch, out[t]);
+            acmoe__attention_backward(ctx[t], qkv, dout, batch, seq, d, heads, scratch, dqkv[t]);
         }
         CHECK(memcmp(out[0], out[1], sizeof(float) * n * d) == 0);
         CHECK(memcmp(dqkv[0], dqkv[1], sizeof(float) * n * 3 * d) == 0);
@@ -173,7 +173,7 @@ static void test_attention_blocks(void) {
         CHECKF(bad == 0, "%s path: %d values off", acmoe_isa_name((acmoe_isa)isa), bad);
     }
     for (t = 0; t < 2; t++) acmoe_ctx_destroy(ctx[t]), free(out[t]), free(dqkv[t]);
-    free(qkv), free(dout), free(p), free(dp), free(ref);
+    free(qkv), free(dout), free(scratch), free(ref);
 }
 
 const test_case internal_tests[] = {
