@@ -895,6 +895,8 @@ typedef void (*acmoe__kernel_fn)(int kc, const float *const *a_rows, ptrdiff_t a
                                  const float *b, ptrdiff_t b_step, float *c, ptrdiff_t c_step,
                                  int accumulate);
 
+typedef struct acmoe__adam acmoe__adam; /* AdamW coefficients, with the row kernels */
+
 /* A kernel path: mr x width micro-kernels, widest (nr) first; ragged last panels take the
    narrowest that covers them (an attention head of 16 should not pay for 64 columns). */
 #define ACMOE__WIDTHS 3
@@ -906,6 +908,7 @@ typedef struct acmoe__kernel {
     float (*row_max)(const float *x, int n); /* the row kernels of the same path */
     float (*row_exp)(float *y, const float *x, int n, float shift, float scale);
     float (*row_dot)(const float *a, const float *b, int n);
+    void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
 } acmoe__kernel;
 
 struct acmoe_ctx {
@@ -1225,9 +1228,9 @@ ACMOE__NEON_KERNEL(acmoe__kernel_neon_half, 2)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
 #endif
 
-/* Row kernels: the loops attention and the losses spend their time in. A row's maximum;
-   y = exp((x - shift) * scale) with its sum (y may be x, or NULL for the sum alone); a dot
-   product. Vector paths keep one partial sum per lane and add the lanes in order, so a path's
+/* Row kernels: the loops attention, the losses and the optimizer spend their time in. A
+   row's maximum; y = exp((x - shift) * scale) with its sum (y may be x, or NULL for the sum
+   alone); a dot product; an AdamW update. Vector paths keep one partial sum per lane and add the lanes in order, so a path's
    results are fixed. Their exp is 2^n e^r with |r| <= ln2 / 2 and a degree-6 Taylor
    polynomial (relative error about 2e-7), for arguments at most 0: every caller subtracts
    the row's maximum. */
@@ -1258,8 +1261,26 @@ static float acmoe__row_dot_scalar(const float *a, const float *b, int n) {
     return sum;
 }
 
-#define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, FMA, MAX, ROUND, \
-                                  POW2)                                                                 \
+/* One AdamW step (see acmoe_lm_step) for n parameters p with gradients g and moments m, v:
+   the gradient scaled by the clip factor, the moments, then the decoupled decay. */
+struct acmoe__adam {
+    float scale, beta1, beta2, lr, c1, c2, eps, decay;
+};
+
+static void acmoe__adam_one(float *p, float g, float *m, float *v, const acmoe__adam *a) {
+    g *= a->scale;
+    *m = a->beta1 * *m + (1.0f - a->beta1) * g;
+    *v = a->beta2 * *v + (1.0f - a->beta2) * g * g;
+    *p -= a->lr * (*m * a->c1 / (sqrtf(*v * a->c2) + a->eps) + a->decay * *p);
+}
+
+static void acmoe__row_adam_scalar(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a) {
+    size_t i;
+    for (i = 0; i < n; i++) acmoe__adam_one(p + i, g[i], m + i, v + i, a);
+}
+
+#define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, DIV, SQRT, FMA, MAX,  \
+                                  ROUND, POW2)                                                          \
     TARGET static VEC acmoe__exp_##SFX(VEC x) {                                                          \
         VEC n, r, p;                                                                                     \
         x = MAX(x, SET1(ACMOE__EXP_LO));                                                                 \
@@ -1316,6 +1337,21 @@ static float acmoe__row_dot_scalar(const float *a, const float *b, int n) {
         for (l = 0; l < VLEN; l++) sum += lanes[l];                                                      \
         for (; i < n; i++) sum += a[i] * b[i];                                                           \
         return sum;                                                                                      \
+    }                                                                                                    \
+    TARGET static void acmoe__row_adam_##SFX(float *p, const float *g, float *m, float *v, size_t n,      \
+                                             const acmoe__adam *a) {                                     \
+        size_t i;                                                                                        \
+        for (i = 0; i + VLEN <= n; i += VLEN) { /* the operations of acmoe__adam_one, in its order */   \
+            VEC gv = MUL(LOAD(g + i), SET1(a->scale)), pv = LOAD(p + i), mv, vv, step;                   \
+            mv = ADD(MUL(SET1(a->beta1), LOAD(m + i)), MUL(SET1(1.0f - a->beta1), gv));                  \
+            vv = ADD(MUL(SET1(a->beta2), LOAD(v + i)), MUL(MUL(SET1(1.0f - a->beta2), gv), gv));         \
+            step = DIV(MUL(mv, SET1(a->c1)), ADD(SQRT(MUL(vv, SET1(a->c2))), SET1(a->eps)));             \
+            step = ADD(step, MUL(SET1(a->decay), pv));                                                   \
+            STORE(m + i, mv);                                                                            \
+            STORE(v + i, vv);                                                                            \
+            STORE(p + i, SUB(pv, MUL(SET1(a->lr), step)));                                               \
+        }                                                                                                \
+        for (; i < n; i++) acmoe__adam_one(p + i, g[i], m + i, v + i, a);                               \
     }
 
 #ifdef ACMOE__X86
@@ -1323,8 +1359,8 @@ static float acmoe__row_dot_scalar(const float *a, const float *b, int n) {
 #define ACMOE__AVX2_POW2(n) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 ACMOE__DEFINE_ROW_KERNELS(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
-                          _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_max_ps,
-                          ACMOE__AVX2_ROUND, ACMOE__AVX2_POW2)
+                          _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_sqrt_ps,
+                          _mm256_fmadd_ps, _mm256_max_ps, ACMOE__AVX2_ROUND, ACMOE__AVX2_POW2)
 #endif
 
 #ifdef ACMOE__HAVE_AVX512
@@ -1333,18 +1369,22 @@ ACMOE__DEFINE_ROW_KERNELS(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, 
     _mm512_maskz_roundscale_ps((__mmask16)-1, (x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define ACMOE__AVX512_POW2(n) _mm512_maskz_scalef_ps((__mmask16)-1, _mm512_set1_ps(1.0f), (n))
 #define ACMOE__AVX512_MAX(a, b) _mm512_maskz_max_ps((__mmask16)-1, (a), (b))
+#define ACMOE__AVX512_SQRT(x) _mm512_maskz_sqrt_ps((__mmask16)-1, (x))
 ACMOE__DEFINE_ROW_KERNELS(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps,
-                          _mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_fmadd_ps,
-                          ACMOE__AVX512_MAX, ACMOE__AVX512_ROUND, ACMOE__AVX512_POW2)
+                          _mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_div_ps,
+                          ACMOE__AVX512_SQRT, _mm512_fmadd_ps, ACMOE__AVX512_MAX, ACMOE__AVX512_ROUND,
+                          ACMOE__AVX512_POW2)
 #endif
 
 #ifdef ACMOE__NEON
 #define ACMOE__NEON_POW2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
 ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, vaddq_f32, vsubq_f32,
-                          vmulq_f32, ACMOE__NEON_FMA, vmaxq_f32, vrndnq_f32, ACMOE__NEON_POW2)
+                          vmulq_f32, vdivq_f32, vsqrtq_f32, ACMOE__NEON_FMA, vmaxq_f32, vrndnq_f32,
+                          ACMOE__NEON_POW2)
 #endif
 
-#define ACMOE__ROW_KERNELS(SFX) acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_dot_##SFX
+#define ACMOE__ROW_KERNELS(SFX) \
+    acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_dot_##SFX, acmoe__row_adam_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
@@ -3681,6 +3721,7 @@ ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
 
 typedef struct acmoe__update_job {
     acmoe_lm *L;
+    const acmoe__kernel *kern;
     const acmoe_optim_desc *o;
     float lr, scale, c1, c2;
 } acmoe__update_job;
@@ -3695,17 +3736,16 @@ static void acmoe__update_job_run(void *arg, int tid, int n_threads) {
     for (t = 0; t < L->dir.count; t++) {
         const acmoe__tensor_info *info = &L->dir.entries[t];
         const float decay = info->decay ? o->weight_decay : 0.0f, lr = job->lr;
-        size_t i, end = ACMOE__MIN(info->offset + info->count, i1);
-        for (i = ACMOE__MAX(info->offset, i0); i < end; i++) {
-            float g = L->grads[i] * job->scale;
-            if (o->sgd) {
-                L->params[i] -= lr * (g + decay * L->params[i]);
-                continue;
-            }
-            L->adam_m[i] = o->beta1 * L->adam_m[i] + (1.0f - o->beta1) * g;
-            L->adam_v[i] = o->beta2 * L->adam_v[i] + (1.0f - o->beta2) * g * g;
-            L->params[i] -= lr * (L->adam_m[i] * job->c1 / (sqrtf(L->adam_v[i] * job->c2) + o->eps) + decay * L->params[i]);
+        size_t i, start = ACMOE__MAX(info->offset, i0), end = ACMOE__MIN(info->offset + info->count, i1);
+        acmoe__adam a;
+        if (start >= end) continue;
+        if (o->sgd) {
+            for (i = start; i < end; i++) L->params[i] -= lr * (L->grads[i] * job->scale + decay * L->params[i]);
+            continue;
         }
+        a.scale = job->scale, a.beta1 = o->beta1, a.beta2 = o->beta2, a.lr = lr, a.c1 = job->c1, a.c2 = job->c2;
+        a.eps = o->eps, a.decay = decay;
+        job->kern->row_adam(L->params + start, L->grads + start, L->adam_m + start, L->adam_v + start, end - start, &a);
     }
 }
 
@@ -3722,7 +3762,7 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_op
     for (i = 0; i < L->n_params; i++) sq += (double)L->grads[i] * L->grads[i];
     if (norm) *norm = (float)sqrt(sq);
     if (!isfinite(sq)) return ACMOE_ERR_NONFINITE; /* nothing is updated */
-    job.L = L, job.o = &o;
+    job.L = L, job.kern = &ctx->kernel, job.o = &o;
     job.scale = o.clip_norm > 0.0f && sqrt(sq) > o.clip_norm ? o.clip_norm / (float)sqrt(sq) : 1.0f;
     job.lr = acmoe_lr_at(&o, L->steps);
     L->steps++;

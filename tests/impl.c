@@ -176,8 +176,45 @@ static void test_attention_blocks(void) {
     free(qkv), free(dout), free(scratch), free(ref);
 }
 
+/* The AdamW row kernel of every path against the plain formula in double precision, on
+   runs of every length from 0 to 24 (vector bodies and tails). */
+static void test_row_adam(void) {
+    enum { runs = 40, n = runs * 25 };
+    static float p[n], g[n], m[n], v[n];
+    acmoe__adam a;
+    acmoe_rng rng;
+    int isa, i, bad;
+    a.scale = 0.8f, a.beta1 = 0.9f, a.beta2 = 0.99f, a.lr = 1e-2f, a.c1 = 2.5f, a.c2 = 7.0f, a.eps = 1e-8f, a.decay = 0.1f;
+    for (isa = 0; isa < ACMOE_ISA_COUNT; isa++) {
+        acmoe__kernel k;
+        if (acmoe__kernel_for((acmoe_isa)isa, &k) != ACMOE_OK) continue;
+        acmoe_rng_seed(&rng, 13);
+        for (i = 0; i < n; i++) {
+            p[i] = acmoe_rng_normal(&rng), g[i] = acmoe_rng_normal(&rng);
+            m[i] = 0.1f * acmoe_rng_normal(&rng), v[i] = 0.01f * acmoe_rng_uniform(&rng);
+        }
+        bad = 0;
+        for (i = 0; i < runs; i++)
+            k.row_adam(p + i * 25, g + i * 25, m + i * 25, v + i * 25, (size_t)i % 25, &a);
+        acmoe_rng_seed(&rng, 13);
+        for (i = 0; i < n; i++) {
+            double pi = acmoe_rng_normal(&rng), gi = a.scale * acmoe_rng_normal(&rng);
+            double mi = 0.1f * acmoe_rng_normal(&rng), vi = 0.01f * acmoe_rng_uniform(&rng);
+            if (i % 25 < i / 25 % 25) { /* updated: the first i % 25 of each run of 25 */
+                mi = a.beta1 * mi + (1.0 - a.beta1) * gi;
+                vi = a.beta2 * vi + (1.0 - a.beta2) * gi * gi;
+                pi -= a.lr * (mi * a.c1 / (sqrt(vi * a.c2) + a.eps) + a.decay * pi);
+            }
+            bad += !(fabs(p[i] - pi) <= 1e-5 * fabs(pi) + 1e-6 && fabs(m[i] - mi) <= 1e-5 * fabs(mi) + 1e-7 &&
+                     fabs(v[i] - vi) <= 1e-5 * vi + 1e-10);
+        }
+        CHECKF(bad == 0, "%s path: %d parameters off", acmoe_isa_name((acmoe_isa)isa), bad);
+    }
+}
+
 const test_case internal_tests[] = {
     {"row_kernels", test_row_kernels},
     {"attention_blocks", test_attention_blocks},
+    {"row_adam", test_row_adam},
     {0, 0},
 };
