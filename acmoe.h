@@ -3272,6 +3272,7 @@ struct acmoe_lm {
     float *g_tok_emb, *g_pos_emb, *g_head, *g_lnf_g, *g_lnf_b;
     float *x0, *yf, *xhatf, *rstdf, *logits, *row_loss;
     float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *att_work;
+    double *grad_sq; /* the squared gradient norm by chunk */
     int32_t *tokens, *targets;
     acmoe_rng rng;
     int batch, seq, n, dropped, cached;
@@ -3334,6 +3335,11 @@ static size_t acmoe__lm_params(acmoe_lm *L) {
     return used;
 }
 
+/* The gradient norm sums fixed chunks in parallel and adds the chunk sums in order, so it
+   does not depend on the thread count. */
+#define ACMOE__NORM_CHUNK 16384
+static size_t acmoe__chunks(size_t n) { return (n + ACMOE__NORM_CHUNK - 1) / ACMOE__NORM_CHUNK; }
+
 /* Lays the activations out in base (or only measures them when base is NULL). */
 static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     const size_t d = (size_t)L->d.d_model, n = (size_t)L->d.batch * L->d.seq_len, f = sizeof(float);
@@ -3364,6 +3370,7 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     L->rstdf = (float *)acmoe__carve(base, &used, n * f);
     L->logits = (float *)acmoe__carve(base, &used, n * (size_t)L->d.vocab * f);
     L->row_loss = (float *)acmoe__carve(base, &used, n * f);
+    L->grad_sq = (double *)acmoe__carve(base, &used, acmoe__chunks(L->n_params) * sizeof(double));
     L->dy = (float *)acmoe__carve(base, &used, n * d * f);
     L->dx = (float *)acmoe__carve(base, &used, n * d * f);
     L->t1 = (float *)acmoe__carve(base, &used, n * d * f);
@@ -3719,6 +3726,19 @@ ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
     return o.min_lr + 0.5f * (o.lr - o.min_lr) * (float)(1.0 + cos(3.141592653589793 * progress));
 }
 
+/* The gradient norm: chunk sums in parallel, added in order. */
+static void acmoe__grad_sq_job(void *arg, int tid, int n_threads) {
+    acmoe_lm *L = (acmoe_lm *)arg;
+    size_t c, i;
+    for (c = (size_t)tid; c < acmoe__chunks(L->n_params); c += (size_t)n_threads) {
+        const float *g = L->grads + c * ACMOE__NORM_CHUNK;
+        const size_t len = ACMOE__MIN(ACMOE__NORM_CHUNK, L->n_params - c * ACMOE__NORM_CHUNK);
+        double part[4] = {0.0, 0.0, 0.0, 0.0}; /* four chains: an add's latency does not bound the loop */
+        for (i = 0; i < len; i++) part[i % 4] += (double)g[i] * g[i];
+        L->grad_sq[c] = (part[0] + part[1]) + (part[2] + part[3]);
+    }
+}
+
 typedef struct acmoe__update_job {
     acmoe_lm *L;
     const acmoe__kernel *kern;
@@ -3759,7 +3779,8 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_op
         !(o.eps > 0.0f) || !(o.weight_decay >= 0.0f) || !(o.clip_norm >= 0.0f) || o.warmup_steps < 0 ||
         (int)o.schedule < 0 || o.schedule >= ACMOE_SCHEDULE_COUNT)
         return ACMOE_ERR_ARG;
-    for (i = 0; i < L->n_params; i++) sq += (double)L->grads[i] * L->grads[i];
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__grad_sq_job, L);
+    for (i = 0; i < acmoe__chunks(L->n_params); i++) sq += L->grad_sq[i];
     if (norm) *norm = (float)sqrt(sq);
     if (!isfinite(sq)) return ACMOE_ERR_NONFINITE; /* nothing is updated */
     job.L = L, job.kern = &ctx->kernel, job.o = &o;
