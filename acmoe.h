@@ -3733,9 +3733,13 @@ static void acmoe__grad_sq_job(void *arg, int tid, int n_threads) {
     for (c = (size_t)tid; c < acmoe__chunks(L->n_params); c += (size_t)n_threads) {
         const float *g = L->grads + c * ACMOE__NORM_CHUNK;
         const size_t len = ACMOE__MIN(ACMOE__NORM_CHUNK, L->n_params - c * ACMOE__NORM_CHUNK);
-        double part[4] = {0.0, 0.0, 0.0, 0.0}; /* four chains: an add's latency does not bound the loop */
-        for (i = 0; i < len; i++) part[i % 4] += (double)g[i] * g[i];
-        L->grad_sq[c] = (part[0] + part[1]) + (part[2] + part[3]);
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0; /* four chains: an add's latency does not bound the loop */
+        for (i = 0; i + 4 <= len; i += 4) {
+            s0 += (double)g[i] * g[i], s1 += (double)g[i + 1] * g[i + 1];
+            s2 += (double)g[i + 2] * g[i + 2], s3 += (double)g[i + 3] * g[i + 3];
+        }
+        for (; i < len; i++) s0 += (double)g[i] * g[i];
+        L->grad_sq[c] = (s0 + s1) + (s2 + s3);
     }
 }
 
