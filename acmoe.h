@@ -1279,6 +1279,22 @@ static void acmoe__row_adam_scalar(float *p, const float *g, float *m, float *v,
     for (i = 0; i < n; i++) acmoe__adam_one(p + i, g[i], m + i, v + i, a);
 }
 
+/* The lanes of a vector accumulator added as a tree: the same fixed order every time, and a
+   chain of log2(n) additions rather than n. */
+static float acmoe__lanes_sum(float *lanes, int n) {
+    int w, l;
+    for (w = n / 2; w > 0; w /= 2)
+        for (l = 0; l < w; l++) lanes[l] += lanes[l + w];
+    return lanes[0];
+}
+
+static float acmoe__lanes_max(float *lanes, int n) {
+    int w, l;
+    for (w = n / 2; w > 0; w /= 2)
+        for (l = 0; l < w; l++) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
+    return lanes[0];
+}
+
 #define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, DIV, SQRT, FMA, MAX,  \
                                   ROUND, POW2)                                                          \
     TARGET static VEC acmoe__exp_##SFX(VEC x) {                                                          \
@@ -1296,47 +1312,41 @@ static void acmoe__row_adam_scalar(float *p, const float *g, float *m, float *v,
         return MUL(p, POW2(n));                                                                          \
     }                                                                                                    \
     TARGET static float acmoe__row_max_##SFX(const float *x, int n) {                                   \
-        float lanes[VLEN], top = x[0];                                                                   \
-        int i = 0, l;                                                                                    \
-        if (n >= VLEN) {                                                                                 \
-            VEC m = LOAD(x);                                                                             \
-            for (i = VLEN; i + VLEN <= n; i += VLEN) m = MAX(m, LOAD(x + i));                            \
-            STORE(lanes, m);                                                                             \
-            for (l = 0; l < VLEN; l++) top = lanes[l] > top ? lanes[l] : top;                            \
-        }                                                                                                \
-        for (; i < n; i++) top = x[i] > top ? x[i] : top;                                                \
-        return top;                                                                                      \
+        float lanes[VLEN];                                                                               \
+        VEC m = SET1(x[0]);                                                                              \
+        int i;                                                                                           \
+        for (i = 0; i + VLEN <= n; i += VLEN) m = MAX(m, LOAD(x + i));                                   \
+        if (i < n) m = MAX(m, acmoe__tail_load_##SFX(x + i, n - i, x[0]));                               \
+        STORE(lanes, m);                                                                                 \
+        return acmoe__lanes_max(lanes, VLEN);                                                            \
     }                                                                                                    \
     TARGET static float acmoe__row_exp_##SFX(float *y, const float *x, int n, float shift, float scale) { \
-        float lanes[VLEN], sum = 0.0f;                                                                   \
-        VEC acc = SET1(0.0f);                                                                            \
-        int i, l;                                                                                        \
+        float lanes[VLEN];                                                                               \
+        VEC acc = SET1(0.0f), e;                                                                         \
+        int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) {                                                          \
-            VEC e = acmoe__exp_##SFX(MUL(SUB(LOAD(x + i), SET1(shift)), SET1(scale)));                   \
+            e = acmoe__exp_##SFX(MUL(SUB(LOAD(x + i), SET1(shift)), SET1(scale)));                       \
             acc = ADD(acc, e);                                                                           \
             if (y) STORE(y + i, e);                                                                      \
         }                                                                                                \
-        STORE(lanes, acc);                                                                               \
-        for (l = 0; l < VLEN; l++) sum += lanes[l];                                                      \
-        if (i < n) { /* the ragged end through one padded vector */                                      \
-            for (l = 0; l < VLEN; l++) lanes[l] = i + l < n ? x[i + l] : shift;                          \
-            STORE(lanes, acmoe__exp_##SFX(MUL(SUB(LOAD(lanes), SET1(shift)), SET1(scale))));             \
-            for (l = 0; i + l < n; l++) {                                                                \
-                sum += lanes[l];                                                                         \
-                if (y) y[i + l] = lanes[l];                                                              \
-            }                                                                                            \
+        if (i < n) {                                                                                     \
+            e = MUL(SUB(acmoe__tail_load_##SFX(x + i, n - i, shift), SET1(shift)), SET1(scale));         \
+            e = acmoe__tail_keep_##SFX(acmoe__exp_##SFX(e), n - i);                                      \
+            acc = ADD(acc, e);                                                                           \
+            if (y) acmoe__tail_store_##SFX(y + i, e, n - i);                                             \
         }                                                                                                \
-        return sum;                                                                                      \
+        STORE(lanes, acc);                                                                               \
+        return acmoe__lanes_sum(lanes, VLEN);                                                            \
     }                                                                                                    \
     TARGET static float acmoe__row_dot_##SFX(const float *a, const float *b, int n) {                   \
-        float lanes[VLEN], sum = 0.0f;                                                                   \
+        float lanes[VLEN];                                                                               \
         VEC acc = SET1(0.0f);                                                                            \
-        int i, l;                                                                                        \
+        int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) acc = FMA(LOAD(a + i), LOAD(b + i), acc);                 \
+        if (i < n)                                                                                       \
+            acc = FMA(acmoe__tail_load_##SFX(a + i, n - i, 0.0f), acmoe__tail_load_##SFX(b + i, n - i, 0.0f), acc); \
         STORE(lanes, acc);                                                                               \
-        for (l = 0; l < VLEN; l++) sum += lanes[l];                                                      \
-        for (; i < n; i++) sum += a[i] * b[i];                                                           \
-        return sum;                                                                                      \
+        return acmoe__lanes_sum(lanes, VLEN);                                                            \
     }                                                                                                    \
     TARGET static void acmoe__row_adam_##SFX(float *p, const float *g, float *m, float *v, size_t n,      \
                                              const acmoe__adam *a) {                                     \
@@ -1354,7 +1364,22 @@ static void acmoe__row_adam_scalar(float *p, const float *g, float *m, float *v,
         for (; i < n; i++) acmoe__adam_one(p + i, g[i], m + i, v + i, a);                               \
     }
 
+/* Ragged row ends: the first n < VLEN lanes loaded (the rest set to fill), stored, or kept
+   (the rest zeroed), with masks where the instruction set has them. */
 #ifdef ACMOE__X86
+ACMOE__TARGET_AVX2 static __m256i acmoe__tail_mask_avx2(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+ACMOE__TARGET_AVX2 static __m256 acmoe__tail_load_avx2(const float *x, int n, float fill) {
+    __m256i mask = acmoe__tail_mask_avx2(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(x, mask), _mm256_castsi256_ps(mask));
+}
+ACMOE__TARGET_AVX2 static void acmoe__tail_store_avx2(float *y, __m256 v, int n) {
+    _mm256_maskstore_ps(y, acmoe__tail_mask_avx2(n), v);
+}
+ACMOE__TARGET_AVX2 static __m256 acmoe__tail_keep_avx2(__m256 v, int n) {
+    return _mm256_and_ps(v, _mm256_castsi256_ps(acmoe__tail_mask_avx2(n)));
+}
 #define ACMOE__AVX2_ROUND(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define ACMOE__AVX2_POW2(n) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
@@ -1364,6 +1389,16 @@ ACMOE__DEFINE_ROW_KERNELS(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, 
 #endif
 
 #ifdef ACMOE__HAVE_AVX512
+#define ACMOE__TAIL_MASK(n) ((__mmask16)((1u << (n)) - 1u))
+ACMOE__TARGET_AVX512 static __m512 acmoe__tail_load_avx512(const float *x, int n, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), ACMOE__TAIL_MASK(n), x);
+}
+ACMOE__TARGET_AVX512 static void acmoe__tail_store_avx512(float *y, __m512 v, int n) {
+    _mm512_mask_storeu_ps(y, ACMOE__TAIL_MASK(n), v);
+}
+ACMOE__TARGET_AVX512 static __m512 acmoe__tail_keep_avx512(__m512 v, int n) {
+    return _mm512_maskz_mov_ps(ACMOE__TAIL_MASK(n), v);
+}
 /* The zero-masked forms: g++ 12 warns about the unmasked ones' undefined pass-through. */
 #define ACMOE__AVX512_ROUND(x) \
     _mm512_maskz_roundscale_ps((__mmask16)-1, (x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -1377,6 +1412,23 @@ ACMOE__DEFINE_ROW_KERNELS(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu
 #endif
 
 #ifdef ACMOE__NEON
+static float32x4_t acmoe__tail_load_neon(const float *x, int n, float fill) {
+    float lanes[4];
+    int l;
+    for (l = 0; l < 4; l++) lanes[l] = l < n ? x[l] : fill;
+    return vld1q_f32(lanes);
+}
+static void acmoe__tail_store_neon(float *y, float32x4_t v, int n) {
+    float lanes[4];
+    vst1q_f32(lanes, v);
+    memcpy(y, lanes, sizeof(float) * (size_t)n);
+}
+static float32x4_t acmoe__tail_keep_neon(float32x4_t v, int n) {
+    float lanes[4];
+    vst1q_f32(lanes, v);
+    memset(lanes + n, 0, sizeof(float) * (size_t)(4 - n));
+    return vld1q_f32(lanes);
+}
 #define ACMOE__NEON_POW2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
 ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, vaddq_f32, vsubq_f32,
                           vmulq_f32, vdivq_f32, vsqrtq_f32, ACMOE__NEON_FMA, vmaxq_f32, vrndnq_f32,
@@ -1388,16 +1440,19 @@ ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
-        {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter}, {8, 4, 2}, ACMOE__ROW_KERNELS(scalar)},
+        {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter},
+         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar)},
 #ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
-        {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8}, ACMOE__ROW_KERNELS(avx2)},
+        {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8},
+         ACMOE__ROW_KERNELS(avx2)},
 #endif
 #ifdef ACMOE__HAVE_AVX512
         {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
          {64, 32, 16}, ACMOE__ROW_KERNELS(avx512)},
 #endif
 #ifdef ACMOE__NEON
-        {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter}, {16, 8, 4}, ACMOE__ROW_KERNELS(neon)},
+        {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter},
+         {16, 8, 4}, ACMOE__ROW_KERNELS(neon)},
 #endif
     };
     size_t i;
