@@ -3608,9 +3608,52 @@ static void acmoe__dropout_backward(const acmoe_lm *L, const float *dy, const un
     for (i = 0; i < count; i++) dx[i] = keep[i] ? dy[i] * scale : 0.0f;
 }
 
-static void acmoe__add(float *y, const float *a, const float *b, size_t count) {
+/* Element-wise passes over a [rows][cols] array split across threads: by rows, or by columns
+   for the bias gradient (a sum over rows, in order). Every element gets the same arithmetic
+   whatever the thread count. */
+typedef enum {
+    ACMOE__ROWS_ADD,        /* y = a + b */
+    ACMOE__ROWS_ACCUMULATE, /* y += a */
+    ACMOE__ROWS_ADD_BIAS,   /* y[r] += a, a bias of cols */
+    ACMOE__ROWS_BIAS_GRAD   /* y += the sum of the rows of a; y has cols */
+} acmoe__rows_op;
+
+typedef struct acmoe__rows_job {
+    acmoe__rows_op op;
+    float *y;
+    const float *a, *b;
+    int rows, cols;
+} acmoe__rows_job;
+
+static void acmoe__rows_job_run(void *arg, int tid, int n_threads) {
+    const acmoe__rows_job *j = (const acmoe__rows_job *)arg;
+    const int split = j->op == ACMOE__ROWS_BIAS_GRAD ? j->cols : j->rows;
+    const int k0 = (int)((long)split * tid / n_threads), k1 = (int)((long)split * (tid + 1) / n_threads);
+    const size_t i0 = (size_t)k0 * j->cols, i1 = (size_t)k1 * j->cols;
     size_t i;
-    for (i = 0; i < count; i++) y[i] = a[i] + b[i];
+    int r, c;
+    switch (j->op) {
+    case ACMOE__ROWS_ADD:
+        for (i = i0; i < i1; i++) j->y[i] = j->a[i] + j->b[i];
+        break;
+    case ACMOE__ROWS_ACCUMULATE:
+        for (i = i0; i < i1; i++) j->y[i] += j->a[i];
+        break;
+    case ACMOE__ROWS_ADD_BIAS:
+        acmoe__add_bias(j->y + i0, k1 - k0, j->cols, j->a);
+        break;
+    case ACMOE__ROWS_BIAS_GRAD:
+        for (r = 0; r < j->rows; r++)
+            for (c = k0; c < k1; c++) j->y[c] += j->a[(size_t)r * j->cols + c];
+        break;
+    }
+}
+
+static void acmoe__rows(acmoe_ctx *ctx, acmoe__rows_op op, float *y, const float *a, const float *b, int rows,
+                        int cols) {
+    acmoe__rows_job j;
+    j.op = op, j.y = y, j.a = a, j.b = b, j.rows = rows, j.cols = cols;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__rows_job_run, &j);
 }
 
 /* One block forward; prev carries the last MoE layer's routing to the next. */
@@ -3623,17 +3666,17 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     if (L->d.pre_ln) acmoe__layernorm(ctx, x, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->attn_in);
     s = acmoe_matmul(ctx, ACMOE_NT, n, 3 * d, d, L->d.pre_ln ? B->attn_in : x, d, B->w_qkv, d, B->qkv, 3 * d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__add_bias(B->qkv, n, 3 * d, B->b_qkv);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->qkv, B->b_qkv, NULL, n, 3 * d);
     acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, d, L->d.n_heads, L->att_work, B->att);
     s = acmoe_matmul(ctx, ACMOE_NT, n, d, d, B->att, d, B->w_o, d, B->a, d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__add_bias(B->a, n, d, B->b_o);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->a, B->b_o, NULL, n, d);
     if (L->dropped) acmoe__dropout(L, B->a, B->keep_a, count);
     if (L->d.pre_ln) {
-        acmoe__add(B->h, x, B->a, count);
+        acmoe__rows(ctx, ACMOE__ROWS_ADD, B->h, x, B->a, n, d);
         acmoe__layernorm(ctx, B->h, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->moe_in);
     } else {
-        acmoe__add(B->y, x, B->a, count); /* y as scratch for the residual sum */
+        acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y, x, B->a, n, d); /* y as scratch for the residual sum */
         acmoe__layernorm(ctx, B->y, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->h);
     }
     s = acmoe_moe_forward(B->moe, ctx, L->d.pre_ln ? B->moe_in : B->h, n, *have_prev ? prev->expert_index : NULL,
@@ -3641,7 +3684,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     if (s != ACMOE_OK) return s;
     if (B->letter != 'f') *prev = acmoe_moe_get_stats(B->moe), *have_prev = 1;
     if (L->dropped) acmoe__dropout(L, B->m, B->keep_m, count);
-    acmoe__add(B->y, B->h, B->m, count);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y, B->h, B->m, n, d);
     if (!L->d.pre_ln) acmoe__layernorm(ctx, B->y, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->y);
     return ACMOE_OK;
 }
@@ -3697,7 +3740,6 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     const size_t count = (size_t)n * d;
     float *dres = L->t1, *tmp = L->t2, *dmoe = L->t3;
     acmoe_status s;
-    size_t i;
     /* the FFN half: dres is the gradient of the residual stream between the halves */
     if (pre) memcpy(dres, dy, sizeof(float) * count);
     else acmoe__layernorm_backward(ctx, dy, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 0);
@@ -3705,19 +3747,19 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     s = acmoe_moe_backward(B->moe, ctx, tmp, dmoe);
     if (s != ACMOE_OK) return s;
     if (pre) acmoe__layernorm_backward(ctx, dmoe, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 1);
-    else for (i = 0; i < count; i++) dres[i] += dmoe[i];
+    else acmoe__rows(ctx, ACMOE__ROWS_ACCUMULATE, dres, dmoe, NULL, n, d);
     /* the attention half */
     if (!pre) { /* through LN1: dres becomes the gradient of x + a */
         acmoe__layernorm_backward(ctx, dres, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, tmp, 0);
         memcpy(dres, tmp, sizeof(float) * count);
     }
     acmoe__dropout_backward(L, dres, B->keep_a, tmp, count);
-    acmoe__bias_grad(tmp, n, d, B->g_b_o);
+    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_o, tmp, NULL, n, d);
     s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, tmp, d, B->att, d, B->g_w_o, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, tmp, d, B->w_o, d, L->datt, d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__attention_backward(ctx, B->qkv, L->datt, L->batch, L->seq, d, L->d.n_heads, L->att_work, L->dqkv);
-    acmoe__bias_grad(L->dqkv, n, 3 * d, B->g_b_qkv);
+    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_qkv, L->dqkv, NULL, n, 3 * d);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;
     if (pre) {
