@@ -28,7 +28,7 @@ test: test-readme test-cpp test-examples test-unit
 
 test-examples: $(B)/train_lm
 	./$(B)/train_lm --data /nonexistent --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
-	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg
+	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg --seeds 2
 
 test-unit: $(B)/tests
 	./$(B)/tests
@@ -96,7 +96,7 @@ DEMO_FLAGS ?=
 # Trains the paper's 3-layer AC model ("ggc") and the same model with SMoE routers only
 # ("ggg") for the same steps and seed, and compares them.
 demo: $(B)/train_lm data/fortunes.txt
-	./$(B)/train_lm --data data/fortunes.txt --compare ggc,ggg $(DEMO_FLAGS)
+	./$(B)/train_lm --data data/fortunes.txt --compare ggc,ggg --seeds 3 $(DEMO_FLAGS)
 
 
 clean:

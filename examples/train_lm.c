@@ -1,13 +1,15 @@
 /* Trains byte-level MoE language models on a text file and compares routers.
 
      train_lm --data data/fortunes.txt --compare ggc,ggg      the paper's AC layout against SMoE
+     train_lm --compare ggc,ggg --seeds 3                     ... over three seeds, with the spread
      train_lm --data FILE --pattern gcc --steps 2000          one model
      train_lm --save run.safetensors --steps 1000             ... then continue it exactly:
      train_lm --resume run.safetensors --steps 2000
      train_lm --help                                          every flag and its default
 
    Each model sees the same batches (same seed) and is evaluated on the same held-out 10 % of
-   the text, so the comparison isolates the routers. */
+   the text, so the comparison isolates the routers; with --seeds, every seed is such a
+   pairing, and the differences are reported seed by seed. */
 #define _POSIX_C_SOURCE 200809L
 #include <ctype.h>
 #include <math.h>
@@ -24,7 +26,7 @@
 
 typedef struct options {
     const char *data, *pattern, *compare, *prompt, *save, *resume, *activation, *schedule;
-    int steps, batch, seq, d_model, heads, experts, top_k, d_ff, warmup, threads;
+    int steps, batch, seq, d_model, heads, experts, top_k, d_ff, warmup, threads, seeds;
     int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head;
     long seed;
     float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, capacity, balance_alpha, z_loss;
@@ -66,6 +68,7 @@ static const flag flags[] = {
     FLAG("--dropout", OPT_FLOAT, dropout, "dropout on attention and FFN outputs"),
     FLAG("--clip", OPT_FLOAT, clip, "gradient clipping by global norm (0: off)"),
     FLAG("--seed", OPT_LONG, seed, "initialisation, dropout and batch order"),
+    FLAG("--seeds", OPT_INT, seeds, "with --compare: train every pattern with seeds --seed, --seed + 1, ... (at most 16)"),
     FLAG("--threads", OPT_INT, threads, "threads (0: online CPUs)"),
     FLAG("--eval-every", OPT_INT, eval_every, "steps between evaluations"),
     FLAG("--eval-batches", OPT_INT, eval_batches, "held-out batches per evaluation"),
@@ -86,7 +89,7 @@ static options default_options(void) {
     o.pattern = "ggc";
     o.steps = 2500, o.batch = 8, o.seq = 128, o.d_model = 128, o.heads = 8, o.experts = 16, o.top_k = 2;
     o.d_ff = 128, o.warmup = 100, o.eval_every = 250, o.eval_batches = 8, o.log_every = 50, o.sample = 300;
-    o.sample_top_k = 20, o.seed = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 2.9f, o.temperature = 0.8f;
+    o.sample_top_k = 20, o.seed = 1, o.seeds = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 2.9f, o.temperature = 0.8f;
     o.prompt = "The ";
     o.activation = "relu";
     o.schedule = "constant";
@@ -255,9 +258,11 @@ static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
     free(context);
 }
 
-/* The checkpoint path of this pattern: --save itself, or with --compare, pattern-suffixed. */
-static void checkpoint_path(const options *o, const char *pattern, char *path, size_t cap) {
-    if (o->compare) snprintf(path, cap, "%s.%s", o->save, pattern);
+/* The checkpoint path of this run: --save itself, or with --compare, pattern-suffixed (and
+   seed-suffixed with --seeds). */
+static void checkpoint_path(const options *o, const char *pattern, long seed, char *path, size_t cap) {
+    if (o->compare && o->seeds > 1) snprintf(path, cap, "%s.%s.s%ld", o->save, pattern, seed);
+    else if (o->compare) snprintf(path, cap, "%s.%s", o->save, pattern);
     else snprintf(path, cap, "%s", o->save);
 }
 
@@ -265,6 +270,7 @@ static void checkpoint_path(const options *o, const char *pattern, char *path, s
 typedef struct run {
     const options *o;
     const char *pattern;
+    long seed;
     result *r;
     int interactive;
 } run;
@@ -284,13 +290,13 @@ static int on_event(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
     u->r->val_loss = e->val_loss;
     if (o->save) {
         char path[512];
-        checkpoint_path(o, u->pattern, path, sizeof path);
+        checkpoint_path(o, u->pattern, u->seed, path, sizeof path);
         check(acmoe_lm_save(lm, path), path);
     }
     return 0;
 }
 
-static acmoe_lm *create_or_resume(const char *pattern, const options *o) {
+static acmoe_lm *create_or_resume(const char *pattern, long seed, const options *o) {
     acmoe_lm_desc d;
     acmoe_lm *lm = NULL;
     if (o->resume) {
@@ -301,16 +307,17 @@ static acmoe_lm *create_or_resume(const char *pattern, const options *o) {
     memset(&d, 0, sizeof d);
     d.d_model = o->d_model, d.n_heads = o->heads, d.seq_len = o->seq, d.batch = o->batch, d.pattern = pattern;
     d.d_ff = o->d_ff, d.n_experts = o->experts, d.top_k = o->top_k, d.dropout = o->dropout, d.pre_ln = o->pre_ln;
-    d.seed = (uint64_t)o->seed, d.untied_head = o->untied_head;
+    d.seed = (uint64_t)seed, d.untied_head = o->untied_head;
     d.activation = !strcmp(o->activation, "gelu") ? ACMOE_ACT_GELU : !strcmp(o->activation, "swiglu") ? ACMOE_ACT_SWIGLU : ACMOE_ACT_RELU;
     d.moe.capacity = o->capacity, d.moe.balance_alpha = o->balance_alpha, d.moe.z_loss = o->z_loss;
     check(acmoe_lm_create(&lm, &d), "model");
     return lm;
 }
 
-static result train(const char *pattern, const options *o, const acmoe_corpus *c, acmoe_ctx *ctx, int show_sample) {
+static result train(const char *pattern, long seed, const options *o, const acmoe_corpus *c, acmoe_ctx *ctx,
+                    int show_sample) {
     acmoe_train_desc t;
-    acmoe_lm *lm = create_or_resume(pattern, o);
+    acmoe_lm *lm = create_or_resume(pattern, seed, o);
     result r;
     run u;
     size_t mem[4];
@@ -318,16 +325,18 @@ static result train(const char *pattern, const options *o, const acmoe_corpus *c
     snprintf(r.pattern, sizeof r.pattern, "%s", acmoe_lm_settings(lm).pattern);
     r.steps_to_target = -1;
     acmoe_lm_memory(lm, &mem[0], &mem[1], &mem[2], &mem[3]);
-    printf("\n== pattern %s: %lu parameters; memory MiB: params %.1f, grads %.1f, Adam %.1f, activations %.1f\n",
-           r.pattern, (unsigned long)acmoe_lm_param_count(lm), mem[0] / 1048576.0, mem[1] / 1048576.0,
-           mem[2] / 1048576.0, mem[3] / 1048576.0);
+    printf("\n== pattern %s", r.pattern);
+    if (o->seeds > 1) printf(", seed %ld", seed);
+    printf(": %lu parameters; memory MiB: params %.1f, grads %.1f, Adam %.1f, activations %.1f\n",
+           (unsigned long)acmoe_lm_param_count(lm), mem[0] / 1048576.0, mem[1] / 1048576.0, mem[2] / 1048576.0,
+           mem[3] / 1048576.0);
     memset(&t, 0, sizeof t);
     t.steps = o->steps, t.eval_every = o->eval_every, t.eval_batches = o->eval_batches, t.log_every = o->log_every;
-    t.seed = (uint64_t)o->seed;
+    t.seed = (uint64_t)seed;
     t.optim.lr = o->lr, t.optim.warmup_steps = o->warmup, t.optim.clip_norm = o->clip;
     t.optim.weight_decay = o->weight_decay, t.optim.total_steps = o->steps, t.optim.min_lr = o->min_lr;
     t.optim.schedule = !strcmp(o->schedule, "cosine") ? ACMOE_SCHEDULE_COSINE : ACMOE_SCHEDULE_CONSTANT;
-    u.o = o, u.pattern = r.pattern, u.r = &r, u.interactive = isatty(STDOUT_FILENO);
+    u.o = o, u.pattern = r.pattern, u.seed = seed, u.r = &r, u.interactive = isatty(STDOUT_FILENO);
     t.on_event = on_event, t.user = &u;
     check(acmoe_lm_train(lm, ctx, c, &t), "training");
     r.imbalance = load_imbalance(lm, 1);
@@ -339,18 +348,69 @@ static result train(const char *pattern, const options *o, const acmoe_corpus *c
     return r;
 }
 
-static void print_comparison(const result *r, int n, const options *o) {
+#define MAX_PATTERNS 8
+#define MAX_SEEDS 16
+
+static double bpc(double loss) { return loss / log(2.0); }
+
+/* Mean and sample standard deviation of n values. */
+static void mean_sd(const double *v, int n, double *mean, double *sd) {
+    double sum = 0.0, sq = 0.0;
     int i;
-    printf("\n== comparison (%d steps, batch %d x %d bytes, same seed and batches)\n", o->steps, o->batch, o->seq);
-    printf("%-10s %10s %8s %14s %10s %12s\n", "pattern", "val loss", "val bpc", "steps to bpc", "tok/s", "max/mean load");
+    for (i = 0; i < n; i++) sum += v[i];
+    *mean = sum / n;
+    for (i = 0; i < n; i++) sq += (v[i] - *mean) * (v[i] - *mean);
+    *sd = n > 1 ? sqrt(sq / (n - 1)) : 0.0;
+}
+
+/* One row per pattern: held-out bits per character (with several seeds, their mean and spread
+   and each seed's value), steps to the target, speed and the worst expert imbalance. */
+static void print_comparison(result r[][MAX_SEEDS], int n, const options *o) {
+    int i, s;
+    printf("\n== comparison (%d steps, batch %d x %d bytes, ", o->steps, o->batch, o->seq);
+    if (o->seeds > 1) printf("seeds %ld-%ld; each seed's batches shared by every pattern)\n", o->seed, o->seed + o->seeds - 1);
+    else printf("same seed and batches)\n");
+    printf("%-10s %16s %12s %10s %12s", "pattern", o->seeds > 1 ? "val bpc (sd)" : "val bpc", "steps to bpc", "tok/s",
+           "max/mean load");
+    if (o->seeds > 1) printf("  val bpc by seed");
+    printf("\n");
     for (i = 0; i < n; i++) {
+        double v[MAX_SEEDS], tps[MAX_SEEDS], load[MAX_SEEDS], mean, sd, tps_mean, load_mean, unused;
         char target[32];
-        if (r[i].steps_to_target >= 0) snprintf(target, sizeof target, "%d", r[i].steps_to_target);
+        int reached = 0, steps_sum = 0;
+        for (s = 0; s < o->seeds; s++) {
+            v[s] = bpc(r[i][s].val_loss), tps[s] = r[i][s].tokens_per_second, load[s] = r[i][s].imbalance;
+            if (r[i][s].steps_to_target >= 0) reached++, steps_sum += r[i][s].steps_to_target;
+        }
+        mean_sd(v, o->seeds, &mean, &sd);
+        mean_sd(tps, o->seeds, &tps_mean, &unused);
+        mean_sd(load, o->seeds, &load_mean, &unused);
+        if (reached == o->seeds) snprintf(target, sizeof target, "%d", steps_sum / reached);
+        else if (reached) snprintf(target, sizeof target, "%d (%d of %d)", steps_sum / reached, reached, o->seeds);
         else snprintf(target, sizeof target, "not reached");
-        printf("%-10s %10.4f %8.3f %14s %10.0f %12.2f\n", r[i].pattern, r[i].val_loss, r[i].val_loss / log(2.0),
-               target, r[i].tokens_per_second, r[i].imbalance);
+        if (o->seeds > 1) {
+            char stat[32];
+            snprintf(stat, sizeof stat, "%.3f (%.3f)", mean, sd);
+            printf("%-10s %16s %12s %10.0f %12.2f ", r[i][0].pattern, stat, target, tps_mean, load_mean);
+            for (s = 0; s < o->seeds; s++) printf(" %.3f", v[s]);
+        } else {
+            printf("%-10s %16.3f %12s %10.0f %12.2f", r[i][0].pattern, mean, target, tps_mean, load_mean);
+        }
+        printf("\n");
     }
-    printf("(steps to bpc: first evaluation at or below %.2f bits per character)\n", o->target_bpc);
+    printf("(steps to bpc: first evaluation at or below %.2f bits per character", o->target_bpc);
+    printf(o->seeds > 1 ? ", mean over the seeds that reached it)\n" : ")\n");
+    for (i = 1; i < n && o->seeds > 1; i++) { /* paired by seed: same batches, same held-out text */
+        double diff[MAX_SEEDS], mean, sd;
+        int lower = 0;
+        for (s = 0; s < o->seeds; s++) {
+            diff[s] = bpc(r[0][s].val_loss) - bpc(r[i][s].val_loss);
+            lower += diff[s] < 0.0;
+        }
+        mean_sd(diff, o->seeds, &mean, &sd);
+        printf("%s - %s: %+.3f bpc (sd %.3f over %d seeds); %s lower on %d of %d\n", r[0][0].pattern,
+               r[i][0].pattern, mean, sd, o->seeds, r[0][0].pattern, lower, o->seeds);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -368,12 +428,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "train_lm: --resume continues one model; it does not combine with --compare\n");
         return 2;
     }
+    if (o.seeds < 1 || o.seeds > MAX_SEEDS || (o.seeds > 1 && !o.compare)) {
+        fprintf(stderr, "train_lm: --seeds is 1 to %d, and more than 1 only with --compare\n", MAX_SEEDS);
+        return 2;
+    }
     c = load_corpus(o.data);
     acmoe_ctx_desc cd;
     acmoe_ctx *ctx;
-    result results[8];
-    char patterns[8][64];
-    int n = 0, i;
+    static result results[MAX_PATTERNS][MAX_SEEDS];
+    char patterns[MAX_PATTERNS][64];
+    int n = 0, i, s;
     memset(&cd, 0, sizeof cd);
     cd.n_threads = o.threads;
     cd.clock = now_seconds;
@@ -381,7 +445,7 @@ int main(int argc, char **argv) {
     printf("kernel path %s, %d threads\n", acmoe_isa_name(acmoe_ctx_settings(ctx).isa), acmoe_ctx_settings(ctx).n_threads);
     if (o.compare) { /* split the comma-separated list */
         const char *p = o.compare;
-        while (*p && n < 8) {
+        while (*p && n < MAX_PATTERNS) {
             size_t len = strcspn(p, ",");
             snprintf(patterns[n++], sizeof patterns[0], "%.*s", (int)(len < 63 ? len : 63), p);
             p += len + (p[len] == ',');
@@ -389,7 +453,8 @@ int main(int argc, char **argv) {
     } else {
         snprintf(patterns[n++], sizeof patterns[0], "%s", o.pattern);
     }
-    for (i = 0; i < n; i++) results[i] = train(patterns[i], &o, &c, ctx, i == 0);
+    for (s = 0; s < o.seeds; s++) /* seed by seed, so an interrupted run has whole pairings */
+        for (i = 0; i < n; i++) results[i][s] = train(patterns[i], o.seed + s, &o, &c, ctx, i == 0 && s == 0);
     if (n > 1) print_comparison(results, n, &o);
     acmoe_ctx_destroy(ctx);
     acmoe_corpus_free(&c);
