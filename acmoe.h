@@ -1279,6 +1279,7 @@ static void acmoe__row_adam_scalar(float *p, const float *g, float *m, float *v,
     for (i = 0; i < n; i++) acmoe__adam_one(p + i, g[i], m + i, v + i, a);
 }
 
+#if defined(ACMOE__X86) || defined(ACMOE__NEON) /* the vector paths' helpers */
 /* The lanes of a vector accumulator added as a tree: the same fixed order every time, and a
    chain of log2(n) additions rather than n. */
 static float acmoe__lanes_sum(float *lanes, int n) {
@@ -1294,6 +1295,7 @@ static float acmoe__lanes_max(float *lanes, int n) {
         for (l = 0; l < w; l++) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
     return lanes[0];
 }
+#endif
 
 #define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, DIV, SQRT, FMA, MAX,  \
                                   ROUND, POW2)                                                          \
