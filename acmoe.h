@@ -35,7 +35,7 @@
      6. Routers                     top-k gating, the Adaptive Clustering router
      7. MoE layer                   parameters, dispatch, experts, forward and backward
      8. Transformer pieces          layer norm, causal self-attention, cross-entropy
-     9. Language model              decoder-only MoE transformer, forward and backward
+     9. Language model              decoder-only MoE transformer, forward, backward, decoding
     10. Optimizer                   AdamW, learning-rate schedules, gradient clipping
     11. Checkpoints                 safetensors writer and validating reader
     12. Data and training loop      byte corpora, batches, evaluation, the training loop
@@ -412,6 +412,15 @@ ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *lm, acmoe_ctx *ctx, const int3
 ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *lm, acmoe_ctx *ctx);
 ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *lm);
 ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *lm); /* [batch * seq][vocab] */
+/* Incremental decoding of one sequence: the logits of positions [start, len) of tokens
+   (in acmoe_lm_logits), reusing what the last call computed for positions before start, so
+   each generated token costs one position rather than the whole context. tokens[0..start)
+   must be the tokens of that call (checked), with no optimizer step in between; start = 0
+   starts afresh. The logits equal those of acmoe_lm_forward on the same tokens, bit for
+   bit. Every MoE layer must route each token on its own: ACMOE_ERR_ARG for USMoE, expert
+   choice, a capacity limit, or AC weights not frozen (acmoe_lm_freeze_ac_weights after a
+   forward pass that measured them). */
+ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens, int len, int start);
 ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *lm);
 /* The MoE layer of layer i (its stats, its options); NULL for a bad index. */
 ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *lm, int layer);
@@ -2426,16 +2435,19 @@ static int acmoe__count_nonfinite(const float *x, size_t n) {
 /* ---- router input and score ---- */
 
 /* Re-projects the embedding rows to norm 1.5 (in place, no gradient, as the reference does
-   every forward call) and writes their unit rows. */
+   every forward call) and writes their unit rows. A row already at norm 1.5 up to rounding
+   is left alone, so repeated calls on unchanged parameters give the same bits. */
 static void acmoe__reproject_embeddings(acmoe_moe *L) {
     int j, q, dr = L->dr;
     for (j = 0; j < L->d.n_experts; j++) {
         float *e = L->emb + (size_t)j * dr;
-        double sq = 0.0;
-        float scale;
+        double sq = 0.0, norm;
         for (q = 0; q < dr; q++) sq += (double)e[q] * e[q];
-        scale = 1.5f / (float)ACMOE__MAX(sqrt(sq), 1e-4);
-        for (q = 0; q < dr; q++) e[q] *= scale;
+        norm = sqrt(sq);
+        if (fabs(norm - 1.5) > 1e-6) {
+            const float scale = 1.5f / (float)ACMOE__MAX(norm, 1e-4);
+            for (q = 0; q < dr; q++) e[q] *= scale;
+        }
         L->emb_norm[j] = 1.5f;
         for (q = 0; q < dr; q++) L->ehat[(size_t)j * dr + q] = e[q] / 1.5f;
     }
@@ -3175,6 +3187,7 @@ typedef struct acmoe__attention_job {
     const float *qkv, *dout;
     float *work, *out, *dqkv; /* work: acmoe__attention_work(seq) floats per pair */
     int batch, seq, d, heads;
+    int start; /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
 } acmoe__attention_job;
 
 /* One pair's operands: q, k, v (row stride 3d) and their gradients, the output or its
@@ -3214,7 +3227,7 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     int pair, i0, i1;
     for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
         acmoe__attention_pair P = acmoe__attention_pair_at(j, pair);
-        for (i0 = 0; i0 < j->seq; i0 = i1) {
+        for (i0 = j->start; i0 < j->seq; i0 = i1) {
             i1 = ACMOE__MIN(j->seq, i0 + ACMOE__ATTENTION_BLOCK);
             acmoe__attention_probs(j, tid, &P, i0, i1);
             ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, i1 - i0, dh, i1, P.p, j->seq, P.v, ld,
@@ -3248,13 +3261,15 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     }
 }
 
-/* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to
-   out [n][d]; work holds acmoe__attention_work(seq) floats per (sequence, head). */
-static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int d, int heads,
-                                     float *work, float *out) {
+/* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to the rows
+   [start, seq) of each sequence of out [n][d]; work holds acmoe__attention_work(seq) floats
+   per (sequence, head). */
+static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int start, int d,
+                                     int heads, float *work, float *out) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
     j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out, j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
+    j.start = start;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_forward_job, &j);
 }
 
@@ -3338,7 +3353,9 @@ struct acmoe_lm {
     int32_t *tokens, *targets;
     acmoe_rng rng;
     int batch, seq, n, dropped, cached;
+    int start;       /* the first position the last forward computed (decoding) */
     long steps;
+    long cache_step; /* the optimizer step the activations were computed at */
 };
 
 /* A model tensor: a view into the buffers and an entry in the directory. */
@@ -3658,61 +3675,62 @@ static void acmoe__rows(acmoe_ctx *ctx, acmoe__rows_op op, float *y, const float
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__rows_job_run, &j);
 }
 
-/* One block forward; prev carries the last MoE layer's routing to the next. */
+/* One block forward over rows [L->start, L->n) (rows before it are kept from the last call);
+   prev carries the last MoE layer's routing to the next. */
 static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, const float *x,
                                          acmoe_moe_stats *prev, int *have_prev) {
-    const int d = L->d.d_model, n = L->n;
-    const size_t count = (size_t)n * d;
+    const int d = L->d.d_model, r0 = L->start, rows = L->n - r0, pre = L->d.pre_ln;
+    const size_t o = (size_t)r0 * d, count = (size_t)rows * d;
     acmoe_status s;
     B->x_in = x;
-    if (L->d.pre_ln) acmoe__layernorm(ctx, x, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->attn_in);
-    s = acmoe_matmul(ctx, ACMOE_NT, n, 3 * d, d, L->d.pre_ln ? B->attn_in : x, d, B->w_qkv, d, B->qkv, 3 * d, 0);
+    if (pre) acmoe__layernorm(ctx, x + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->attn_in + o);
+    s = acmoe_matmul(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? B->attn_in : x) + o, d, B->w_qkv, d, B->qkv + 3 * o,
+                     3 * d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->qkv, B->b_qkv, NULL, n, 3 * d);
-    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, d, L->d.n_heads, L->att_work, B->att);
-    s = acmoe_matmul(ctx, ACMOE_NT, n, d, d, B->att, d, B->w_o, d, B->a, d, 0);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->qkv + 3 * o, B->b_qkv, NULL, rows, 3 * d);
+    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, r0, d, L->d.n_heads, L->att_work, B->att);
+    s = acmoe_matmul(ctx, ACMOE_NT, rows, d, d, B->att + o, d, B->w_o, d, B->a + o, d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->a, B->b_o, NULL, n, d);
-    if (L->dropped) acmoe__dropout(L, B->a, B->keep_a, count);
-    if (L->d.pre_ln) {
-        acmoe__rows(ctx, ACMOE__ROWS_ADD, B->h, x, B->a, n, d);
-        acmoe__layernorm(ctx, B->h, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->moe_in);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->a + o, B->b_o, NULL, rows, d);
+    if (L->dropped) acmoe__dropout(L, B->a + o, B->keep_a + o, count);
+    if (pre) {
+        acmoe__rows(ctx, ACMOE__ROWS_ADD, B->h + o, x + o, B->a + o, rows, d);
+        acmoe__layernorm(ctx, B->h + o, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->moe_in + o);
     } else {
-        acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y, x, B->a, n, d); /* y as scratch for the residual sum */
-        acmoe__layernorm(ctx, B->y, n, d, B->ln1_g, B->ln1_b, B->xhat1, B->rstd1, B->h);
+        acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y + o, x + o, B->a + o, rows, d); /* y as scratch for the residual sum */
+        acmoe__layernorm(ctx, B->y + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->h + o);
     }
-    s = acmoe_moe_forward(B->moe, ctx, L->d.pre_ln ? B->moe_in : B->h, n, *have_prev ? prev->expert_index : NULL,
-                          *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m);
+    s = acmoe_moe_forward(B->moe, ctx, (pre ? B->moe_in : B->h) + o, rows, *have_prev ? prev->expert_index : NULL,
+                          *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m + o);
     if (s != ACMOE_OK) return s;
     if (B->letter != 'f') *prev = acmoe_moe_get_stats(B->moe), *have_prev = 1;
-    if (L->dropped) acmoe__dropout(L, B->m, B->keep_m, count);
-    acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y, B->h, B->m, n, d);
-    if (!L->d.pre_ln) acmoe__layernorm(ctx, B->y, n, d, B->ln2_g, B->ln2_b, B->xhat2, B->rstd2, B->y);
+    if (L->dropped) acmoe__dropout(L, B->m + o, B->keep_m + o, count);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y + o, B->h + o, B->m + o, rows, d);
+    if (!pre) acmoe__layernorm(ctx, B->y + o, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->y + o);
     return ACMOE_OK;
 }
 
-ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens,
-                                        const int32_t *targets, int batch, int seq, int train,
-                                        float *loss) {
+/* The forward pass over positions [start, seq) of each sequence; start > 0 (one sequence,
+   decoding) keeps the activations of earlier positions from the last call. */
+static acmoe_status acmoe__lm_run(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens, const int32_t *targets,
+                                  int batch, int seq, int start, int train, float *loss) {
+    const int d = L->d.d_model;
     acmoe_moe_stats prev;
     const float *x;
-    int i, q, have_prev = 0, d;
+    int i, q, have_prev = 0;
     float aux = 0.0f;
     acmoe_status s = ACMOE_OK;
-    if (!L || !ctx || !tokens) return ACMOE_ERR_NULL;
-    if (batch < 1 || seq < 1 || batch > L->d.batch || seq > L->d.seq_len) return ACMOE_ERR_SHAPE;
-    if (targets && !loss) return ACMOE_ERR_NULL;
-    d = L->d.d_model;
     for (i = 0; i < batch * seq; i++)
         if (tokens[i] < 0 || tokens[i] >= L->d.vocab || (targets && (targets[i] < 0 || targets[i] >= L->d.vocab)))
             return ACMOE_ERR_ARG;
-    L->batch = batch, L->seq = seq, L->n = batch * seq;
+    L->batch = batch, L->seq = seq, L->n = batch * seq, L->start = start;
     L->cached = 0;
+    L->cache_step = -1; /* no decoding from these activations unless this call succeeds */
     memcpy(L->tokens, tokens, sizeof(int32_t) * (size_t)L->n);
     if (targets) memcpy(L->targets, targets, sizeof(int32_t) * (size_t)L->n);
     L->dropped = train && L->d.dropout > 0.0f;
     memset(&prev, 0, sizeof prev);
-    for (i = 0; i < L->n; i++) {
+    for (i = start; i < L->n; i++) {
         const float *te = L->tok_emb + (size_t)tokens[i] * d, *pe = L->pos_emb + (size_t)(i % seq) * d;
         for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] = te[q] + pe[q];
     }
@@ -3724,16 +3742,51 @@ ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *L, acmoe_ctx *ctx, const int32
     }
     if (s != ACMOE_OK) return s;
     if (L->d.pre_ln) {
-        acmoe__layernorm(ctx, x, L->n, d, L->lnf_g, L->lnf_b, L->xhatf, L->rstdf, L->yf);
+        acmoe__layernorm(ctx, x + (size_t)start * d, L->n - start, d, L->lnf_g, L->lnf_b, L->xhatf + (size_t)start * d,
+                         L->rstdf + start, L->yf + (size_t)start * d);
         x = L->yf;
     }
-    s = acmoe_matmul(ctx, ACMOE_NT, L->n, L->d.vocab, d, x, d, L->head, d, L->logits, L->d.vocab, 0);
+    s = acmoe_matmul(ctx, ACMOE_NT, L->n - start, L->d.vocab, d, x + (size_t)start * d, d, L->head, d,
+                     L->logits + (size_t)start * L->d.vocab, L->d.vocab, 0);
     if (s != ACMOE_OK) return s;
+    L->cache_step = L->steps;
     if (targets) {
         *loss = acmoe__cross_entropy(ctx, L->logits, L->targets, L->n, L->d.vocab, 0, L->row_loss) + aux;
         L->cached = 1;
     }
     return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens,
+                                        const int32_t *targets, int batch, int seq, int train,
+                                        float *loss) {
+    if (!L || !ctx || !tokens) return ACMOE_ERR_NULL;
+    if (batch < 1 || seq < 1 || batch > L->d.batch || seq > L->d.seq_len) return ACMOE_ERR_SHAPE;
+    if (targets && !loss) return ACMOE_ERR_NULL;
+    return acmoe__lm_run(L, ctx, tokens, targets, batch, seq, 0, train, loss);
+}
+
+/* Whether every MoE layer routes each token on its own, so that a token's route does not
+   depend on the others in the call. */
+static int acmoe__lm_routes_per_token(const acmoe_lm *L) {
+    int i;
+    for (i = 0; i < L->n_layers; i++) {
+        const acmoe_moe *m = L->blocks[i].moe;
+        if (m->d.router_select == ACMOE_SELECT_USMOE || m->d.router_select == ACMOE_SELECT_EXPERT_CHOICE ||
+            m->d.capacity > 0.0f || (m->d.router_input == ACMOE_INPUT_AC && !(m->ac_frozen && m->ac_ready)))
+            return 0;
+    }
+    return 1;
+}
+
+ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens, int len, int start) {
+    if (!L || !ctx || !tokens) return ACMOE_ERR_NULL;
+    if (len < 1 || len > L->d.seq_len || start < 0 || start >= len) return ACMOE_ERR_SHAPE;
+    if (start > 0 && (L->cache_step != L->steps || L->batch != 1 || L->n < start ||
+                      memcmp(L->tokens, tokens, sizeof(int32_t) * (size_t)start) != 0))
+        return ACMOE_ERR_ARG; /* nothing kept for these positions */
+    if (!acmoe__lm_routes_per_token(L)) return ACMOE_ERR_ARG;
+    return acmoe__lm_run(L, ctx, tokens, NULL, 1, len, start, 0, NULL);
 }
 
 /* One block backward: dy (gradient of its output) to dx (of its input). */

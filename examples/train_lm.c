@@ -224,20 +224,29 @@ static double load_imbalance(acmoe_lm *lm, int print) {
     return worst;
 }
 
+/* The logits of the context's last position: decoding one new position at a time where
+   every router allows it, else a forward pass over the whole context. */
+static void predict(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *context, int len, int fresh) {
+    if (acmoe_lm_decode(lm, ctx, context, len, fresh ? 0 : len - 1) == ACMOE_OK) return;
+    check(acmoe_lm_forward(lm, ctx, context, NULL, 1, len, 0, NULL), "sampling");
+}
+
+/* Generates text from the prompt. AC weights stay as the last evaluation measured them. */
 static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
     const int vocab = 256;
     int32_t *context = (int32_t *)calloc((size_t)o->seq, sizeof(int32_t));
     float probs[256];
     acmoe_rng rng;
-    int len = 0, i, n;
+    int len = 0, i, n, fresh = 1;
     acmoe_rng_seed(&rng, (uint64_t)o->seed + 7);
+    acmoe_lm_freeze_ac_weights(lm, 1);
     for (i = 0; o->prompt[i] && len < o->seq; i++) context[len++] = (unsigned char)o->prompt[i];
     printf("%s", o->prompt);
     for (n = 0; n < o->sample && len > 0; n++) {
         const float *z;
         float top, sum = 0.0f, kth, r;
         int j, count;
-        check(acmoe_lm_forward(lm, ctx, context, NULL, 1, len, 0, NULL), "sampling");
+        predict(lm, ctx, context, len, fresh);
         z = acmoe_lm_logits(lm) + (size_t)(len - 1) * vocab;
         for (top = z[0], j = 1; j < vocab; j++) top = z[j] > top ? z[j] : top;
         for (kth = top, count = 0; count < o->sample_top_k; count++) { /* the k-th largest logit */
@@ -251,7 +260,8 @@ static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
         r = acmoe_rng_uniform(&rng) * sum;
         for (j = 0; j < vocab - 1 && r >= probs[j]; j++) r -= probs[j];
         putchar(isprint(j) || j == '\n' || j == '\t' ? j : '?'); /* keep the terminal sane */
-        if (len == o->seq) memmove(context, context + 1, sizeof(int32_t) * (size_t)(--len));
+        fresh = len == o->seq; /* a full context slides, and every position moves */
+        if (fresh) memmove(context, context + 1, sizeof(int32_t) * (size_t)(--len));
         context[len++] = j;
     }
     printf("\n");

@@ -124,7 +124,8 @@ static void reference_attention(const float *q, const float *k, const float *v, 
 static int close_to(float got, double want) { return fabs(got - want) <= 1e-4 * fabs(want) + 1e-5; }
 
 /* The blocked attention against the reference at a length of several blocks with a ragged
-   end, on every kernel path, with the same bits on 1 and 2 threads. */
+   end, on every kernel path, with the same bits on 1 and 2 threads and when the forward pass
+   starts at a later row (decoding). */
 static void test_attention_blocks(void) {
     enum { batch = 2, seq = ACMOE__ATTENTION_BLOCK * 2 + 23, d = 32, heads = 2, dh = d / heads, n = batch * seq };
     const size_t work = (size_t)batch * heads * acmoe__attention_work(seq);
@@ -147,9 +148,14 @@ static void test_attention_blocks(void) {
         bad = 0;
         for (t = 0; t < 2; t++) {
             CHECK_STATUS(acmoe_ctx_set_isa(ctx[t], (acmoe_isa)isa), ACMOE_OK);
-            acmoe__attention_forward(ctx[t], qkv, batch, seq, d, heads, scratch, out[t]);
+            acmoe__attention_forward(ctx[t], qkv, batch, seq, 0, d, heads, scratch, out[t]);
             acmoe__attention_backward(ctx[t], qkv, dout, batch, seq, d, heads, scratch, dqkv[t]);
         }
+        CHECK(memcmp(out[0], out[1], sizeof(float) * n * d) == 0);
+        /* from row 100 on, the rest kept: the same bits as the whole pass */
+        memcpy(out[1], out[0], sizeof(float) * n * d);
+        for (b = 0; b < batch; b++) memset(out[1] + ((size_t)b * seq + 100) * d, 0, sizeof(float) * (seq - 100) * d);
+        acmoe__attention_forward(ctx[1], qkv, batch, seq, 100, d, heads, scratch, out[1]);
         CHECK(memcmp(out[0], out[1], sizeof(float) * n * d) == 0);
         CHECK(memcmp(dqkv[0], dqkv[1], sizeof(float) * n * 3 * d) == 0);
         for (b = 0; b < batch; b++) {

@@ -526,6 +526,60 @@ static void test_train_loop(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+/* Incremental decoding gives the full forward pass's logits bit for bit, position by
+   position and from a later start, pre-LN and post-LN, with frozen AC weights; calls it
+   cannot serve are refused. */
+static void check_decode(int pre_ln) {
+    enum { len = 70 }; /* more than one attention block */
+    acmoe_lm_desc d = tiny_desc("gfc", pre_ln, 0);
+    acmoe_ctx *ctx = test_context(2, 0, 0, 0);
+    acmoe_lm *lm = NULL;
+    int32_t tok[len], tgt[len];
+    static float full[len * 11];
+    float loss;
+    int t, same = 1;
+    d.seq_len = len;
+    d.batch = 2;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    if (!lm) return;
+    tiny_batch(tok, tgt, len, 21);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, len, 0), ACMOE_ERR_ARG); /* AC weights not measured, not frozen */
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 1, len, 0, NULL), ACMOE_OK);
+    acmoe_lm_freeze_ac_weights(lm, 1);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 1, len, 0, NULL), ACMOE_OK);
+    memcpy(full, acmoe_lm_logits(lm), sizeof full);
+    for (t = 0; t < len; t++) {
+        CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, t + 1, t), ACMOE_OK);
+        same &= memcmp(acmoe_lm_logits(lm) + t * 11, full + t * 11, sizeof(float) * 11) == 0;
+    }
+    CHECK(same);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, 9, 0), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, len, 9), ACMOE_OK); /* the rest in one call */
+    CHECK(memcmp(acmoe_lm_logits(lm) + 9 * 11, full + 9 * 11, sizeof(float) * 11 * (len - 9)) == 0);
+    /* refused: bad ranges, a different prefix, a batch of two, a step since, a batch-wide router */
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, 5, 5), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, len + 1, 0), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_lm_decode(NULL, ctx, tok, 5, 0), ACMOE_ERR_NULL);
+    tok[3] = (tok[3] + 1) % 11;
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, len, 9), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 2, 5, 0, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, 6, 5), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 1, len, 1, &loss), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_step(lm, ctx, NULL, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, len, 9), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, len, 0), ACMOE_OK);
+    acmoe_lm_destroy(lm);
+    d.pattern = "gu";
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, 4, 0), ACMOE_ERR_ARG);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
+static void test_lm_decode_post_ln(void) { check_decode(0); }
+static void test_lm_decode_pre_ln(void) { check_decode(1); }
+
 const test_case lm_tests[] = {
     {"lm_patterns", test_lm_patterns},
     {"lm_bad_calls", test_lm_bad_calls},
@@ -534,6 +588,8 @@ const test_case lm_tests[] = {
     {"lm_learns", test_lm_learns},
     {"lm_deterministic", test_lm_deterministic},
     {"lm_loss_trajectory", test_lm_loss_trajectory},
+    {"lm_decode_post_ln", test_lm_decode_post_ln},
+    {"lm_decode_pre_ln", test_lm_decode_pre_ln},
     {"optimizer_schedules", test_optimizer_schedules},
     {"optimizer_adamw", test_optimizer_adamw},
     {"corpus_batches", test_corpus_batches},
