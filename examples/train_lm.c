@@ -27,7 +27,7 @@
 typedef struct options {
     const char *data, *pattern, *compare, *prompt, *save, *resume, *activation, *schedule;
     int steps, batch, seq, d_model, heads, experts, top_k, d_ff, warmup, threads, seeds;
-    int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head;
+    int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head, ac_robust;
     long seed;
     float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, capacity, balance_alpha, z_loss;
 } options;
@@ -60,6 +60,7 @@ static const flag flags[] = {
     FLAG("--capacity", OPT_FLOAT, capacity, "expert capacity factor with token dropping (0: no limit)"),
     FLAG("--balance-alpha", OPT_FLOAT, balance_alpha, "Switch load-balancing loss weight (0: off, as in the paper)"),
     FLAG("--z-loss", OPT_FLOAT, z_loss, "router z-loss weight (0: off)"),
+    FLAG("--ac-robust", OPT_INT, ac_robust, "1: AC weights leave out clusters of 0 or 1 tokens (not the paper's); 0: as the paper"),
     FLAG("--lr", OPT_FLOAT, lr, "peak learning rate (AdamW)"),
     FLAG("--warmup", OPT_INT, warmup, "linear warmup steps"),
     FLAG("--schedule", OPT_STR, schedule, "after warmup: constant (the reference) or cosine to --min-lr at --steps"),
@@ -206,20 +207,42 @@ static void print_progress(int interactive, int step, int steps, float loss, flo
     fflush(stdout);
 }
 
+/* An AC layer's weights in the last call: its clusters (the previous MoE layer's best
+   experts), how many of them got fewer than two tokens (each flattens the other clusters'
+   weights unless --ac-robust is on), and the mean gate of its top choice (1/k when the
+   weights are flat and the router no longer discriminates). */
+static void print_ac_summary(int layer, const acmoe_moe_stats *st, const acmoe_moe_stats *prev) {
+    int count[256] = {0}, sparse = 0, c, t;
+    double top_gate = 0.0;
+    for (t = 0; t < prev->n_tokens; t++) {
+        int label = prev->expert_index[(size_t)t * prev->top_k];
+        if (label < 256) count[label]++;
+    }
+    for (c = 0; c < st->ac_clusters && c < 256; c++) sparse += count[c] < 2;
+    for (t = 0; t < st->n_tokens; t++) top_gate += st->gate[(size_t)t * st->top_k];
+    printf("  layer %d AC: %d clusters, %d with fewer than 2 tokens; W from %.3g to %.3g; mean top gate %.2f\n", layer,
+           st->ac_clusters, sparse, st->ac_w_min, st->ac_w_max, st->n_tokens ? top_gate / st->n_tokens : 0.0);
+}
+
 /* Largest expert share over the mean share, worst MoE layer of the last step. */
 static double load_imbalance(acmoe_lm *lm, int print) {
     double worst = 1.0;
-    int l, j;
+    acmoe_moe_stats prev;
+    int l, j, have_prev = 0;
+    memset(&prev, 0, sizeof prev);
     for (l = 0; l < acmoe_lm_n_layers(lm); l++) {
         acmoe_moe_stats st = acmoe_moe_get_stats(acmoe_lm_moe(lm, l));
         int top = 0;
         if (st.n_experts < 2 || st.pairs == 0) continue;
         for (j = 0; j < st.n_experts; j++) top = st.tokens_per_expert[j] > top ? st.tokens_per_expert[j] : top;
         worst = fmax(worst, (double)top * st.n_experts / st.pairs);
-        if (!print) continue;
-        printf("  layer %d load (%% of pairs):", l);
-        for (j = 0; j < st.n_experts; j++) printf(" %.0f", 100.0 * st.tokens_per_expert[j] / st.pairs);
-        printf("\n");
+        if (print) {
+            printf("  layer %d load (%% of pairs):", l);
+            for (j = 0; j < st.n_experts; j++) printf(" %.0f", 100.0 * st.tokens_per_expert[j] / st.pairs);
+            printf("\n");
+            if (st.ac_clusters > 0 && have_prev) print_ac_summary(l, &st, &prev);
+        }
+        prev = st, have_prev = 1;
     }
     return worst;
 }
@@ -320,6 +343,7 @@ static acmoe_lm *create_or_resume(const char *pattern, long seed, const options 
     d.seed = (uint64_t)seed, d.untied_head = o->untied_head;
     d.activation = !strcmp(o->activation, "gelu") ? ACMOE_ACT_GELU : !strcmp(o->activation, "swiglu") ? ACMOE_ACT_SWIGLU : ACMOE_ACT_RELU;
     d.moe.capacity = o->capacity, d.moe.balance_alpha = o->balance_alpha, d.moe.z_loss = o->z_loss;
+    d.moe.ac.robust = o->ac_robust;
     check(acmoe_lm_create(&lm, &d), "model");
     return lm;
 }
