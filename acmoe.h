@@ -1239,10 +1239,10 @@ ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
 
 /* Row kernels: the loops attention, the losses and the optimizer spend their time in. A
    row's maximum; y = exp((x - shift) * scale) with its sum (y may be x, or NULL for the sum
-   alone); a dot product; an AdamW update. Vector paths keep one partial sum per lane and add the lanes in order, so a path's
-   results are fixed. Their exp is 2^n e^r with |r| <= ln2 / 2 and a degree-6 Taylor
-   polynomial (relative error about 2e-7), for arguments at most 0: every caller subtracts
-   the row's maximum. */
+   alone); a dot product; an AdamW update. Vector paths keep one partial sum per lane and add
+   the lanes in a fixed tree, so a path's results are fixed. Their exp is 2^n e^r with
+   |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error about 2e-7), for arguments
+   at most 0: every caller subtracts the row's maximum. */
 #define ACMOE__EXP_LO -87.0f /* keeps 2^n a normal number; e^-87 is far below float epsilon */
 
 static float acmoe__row_max_scalar(const float *x, int n) {
@@ -3251,7 +3251,8 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
             i1 = i0 + rows;
             acmoe__attention_probs(j, tid, &P, i0, i1);
             ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, rows, i1, dh, go, j->d, P.v, ld, P.dp, seq, 0); /* dO V^T */
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.p, seq, go, j->d, P.dv, ld, add); /* P^T dO */
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.p, seq, go, j->d, P.dv, ld,
+                                    add); /* P^T dO */
             acmoe__causal_softmax_backward(&j->ctx->kernel, P.p, P.dp, seq, i0, i1, scale);
             ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, rows, dh, i1, P.dp, seq, P.k, ld, P.dq + (size_t)i0 * ld, ld,
                                     0);
