@@ -916,6 +916,7 @@ typedef struct acmoe__kernel {
     int width[ACMOE__WIDTHS];
     float (*row_max)(const float *x, int n); /* the row kernels of the same path */
     float (*row_exp)(float *y, const float *x, int n, float shift, float scale);
+    float (*row_sum)(const float *x, int n);
     float (*row_dot)(const float *a, const float *b, int n);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
 } acmoe__kernel;
@@ -1239,7 +1240,7 @@ ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
 
 /* Row kernels: the loops attention, the losses and the optimizer spend their time in. A
    row's maximum; y = exp((x - shift) * scale) with its sum (y may be x, or NULL for the sum
-   alone); a dot product; an AdamW update. Vector paths keep one partial sum per lane and add
+   alone); a sum and a dot product; an AdamW update. Vector paths keep one partial sum per lane and add
    the lanes in a fixed tree, so a path's results are fixed. Their exp is 2^n e^r with
    |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error about 2e-7), for arguments
    at most 0: every caller subtracts the row's maximum. */
@@ -1260,6 +1261,13 @@ static float acmoe__row_exp_scalar(float *y, const float *x, int n, float shift,
         sum += e;
         if (y) y[i] = e;
     }
+    return sum;
+}
+
+static float acmoe__row_sum_scalar(const float *x, int n) {
+    float sum = 0.0f;
+    int i;
+    for (i = 0; i < n; i++) sum += x[i];
     return sum;
 }
 
@@ -1288,9 +1296,9 @@ static void acmoe__row_adam_scalar(float *p, const float *g, float *m, float *v,
     for (i = 0; i < n; i++) acmoe__adam_one(p + i, g[i], m + i, v + i, a);
 }
 
-#if defined(ACMOE__X86) || defined(ACMOE__NEON) /* the vector paths' helpers */
-/* The lanes of a vector accumulator added as a tree: the same fixed order every time, and a
-   chain of log2(n) additions rather than n. */
+/* The lanes of a vector accumulator (or of partial sums kept apart so that additions do not
+   wait on each other) added as a tree: the same fixed order every time, and a chain of
+   log2(n) additions rather than n. */
 static float acmoe__lanes_sum(float *lanes, int n) {
     int w, l;
     for (w = n / 2; w > 0; w /= 2)
@@ -1298,6 +1306,7 @@ static float acmoe__lanes_sum(float *lanes, int n) {
     return lanes[0];
 }
 
+#if defined(ACMOE__X86) || defined(ACMOE__NEON) /* the vector paths' helper */
 static float acmoe__lanes_max(float *lanes, int n) {
     int w, l;
     for (w = n / 2; w > 0; w /= 2)
@@ -1346,6 +1355,15 @@ static float acmoe__lanes_max(float *lanes, int n) {
             acc = ADD(acc, e);                                                                           \
             if (y) acmoe__tail_store_##SFX(y + i, e, n - i);                                             \
         }                                                                                                \
+        STORE(lanes, acc);                                                                               \
+        return acmoe__lanes_sum(lanes, VLEN);                                                            \
+    }                                                                                                    \
+    TARGET static float acmoe__row_sum_##SFX(const float *x, int n) {                                   \
+        float lanes[VLEN];                                                                               \
+        VEC acc = SET1(0.0f);                                                                            \
+        int i;                                                                                           \
+        for (i = 0; i + VLEN <= n; i += VLEN) acc = ADD(acc, LOAD(x + i));                               \
+        if (i < n) acc = ADD(acc, acmoe__tail_load_##SFX(x + i, n - i, 0.0f));                           \
         STORE(lanes, acc);                                                                               \
         return acmoe__lanes_sum(lanes, VLEN);                                                            \
     }                                                                                                    \
@@ -1447,7 +1465,7 @@ ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_
 #endif
 
 #define ACMOE__ROW_KERNELS(SFX) \
-    acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_dot_##SFX, acmoe__row_adam_##SFX
+    acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX, acmoe__row_adam_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
@@ -3065,6 +3083,7 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
 /* Layer norm over rows split across threads; the gain and bias gradients, sums over rows,
    split by columns instead, so every sum runs over the rows in order whatever the count. */
 typedef struct acmoe__ln_job {
+    const acmoe__kernel *kern;
     const float *x, *dy, *g, *b, *rstd_in, *xhat_in;
     float *xhat, *rstd, *y, *dg, *db, *dx;
     int rows, d, accumulate;
@@ -3076,15 +3095,13 @@ static void acmoe__layernorm_rows(void *arg, int tid, int n_threads) {
     const int d = j->d, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
     int r, q;
     for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++) {
-        const float *xr = j->x + (size_t)r * d;
-        float *xh = j->xhat + (size_t)r * d, *yr = j->y + (size_t)r * d, mean = 0.0f, var = 0.0f, rs;
-        for (q = 0; q < d; q++) mean += xr[q];
-        mean /= (float)d;
-        for (q = 0; q < d; q++) var += (xr[q] - mean) * (xr[q] - mean);
-        rs = 1.0f / sqrtf(var / (float)d + ACMOE__LN_EPS);
+        const float *xr = j->x + (size_t)r * d, mean = j->kern->row_sum(xr, d) / (float)d;
+        float *xh = j->xhat + (size_t)r * d, *yr = j->y + (size_t)r * d, rs;
+        for (q = 0; q < d; q++) xh[q] = xr[q] - mean; /* centred, then scaled */
+        rs = 1.0f / sqrtf(j->kern->row_dot(xh, xh, d) / (float)d + ACMOE__LN_EPS);
         j->rstd[r] = rs;
         for (q = 0; q < d; q++) {
-            xh[q] = (xr[q] - mean) * rs;
+            xh[q] *= rs;
             yr[q] = xh[q] * j->g[q] + j->b[q];
         }
     }
@@ -3097,14 +3114,17 @@ static void acmoe__layernorm_backward_rows(void *arg, int tid, int n_threads) {
     int r, q;
     for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++) {
         const float *dyr = j->dy + (size_t)r * d, *xh = j->xhat_in + (size_t)r * d;
-        float *dxr = j->dx + (size_t)r * d, mean_d = 0.0f, mean_dx = 0.0f;
-        for (q = 0; q < d; q++) {
-            float dxhat = dyr[q] * j->g[q];
-            mean_d += dxhat;
-            mean_dx += dxhat * xh[q];
-        }
-        mean_d /= (float)d;
-        mean_dx /= (float)d;
+        float *dxr = j->dx + (size_t)r * d, part_d[8] = {0}, part_dx[8] = {0}, mean_d, mean_dx;
+        int l;
+        for (q = 0; q + 8 <= d; q += 8) /* eight partial sums of each: no chain of dependent adds */
+            for (l = 0; l < 8; l++) {
+                float dxhat = dyr[q + l] * j->g[q + l];
+                part_d[l] += dxhat;
+                part_dx[l] += dxhat * xh[q + l];
+            }
+        for (; q < d; q++) part_d[0] += dyr[q] * j->g[q], part_dx[0] += dyr[q] * j->g[q] * xh[q];
+        mean_d = acmoe__lanes_sum(part_d, 8) / (float)d;
+        mean_dx = acmoe__lanes_sum(part_dx, 8) / (float)d;
         for (q = 0; q < d; q++) {
             float v = j->rstd_in[r] * (dyr[q] * j->g[q] - mean_d - xh[q] * mean_dx);
             dxr[q] = j->accumulate ? dxr[q] + v : v;
@@ -3130,7 +3150,7 @@ static void acmoe__layernorm(acmoe_ctx *ctx, const float *x, int rows, int d, co
                              float *xhat, float *rstd, float *y) {
     acmoe__ln_job j;
     memset(&j, 0, sizeof j);
-    j.x = x, j.g = g, j.b = b, j.xhat = xhat, j.rstd = rstd, j.y = y, j.rows = rows, j.d = d;
+    j.kern = &ctx->kernel, j.x = x, j.g = g, j.b = b, j.xhat = xhat, j.rstd = rstd, j.y = y, j.rows = rows, j.d = d;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_rows, &j);
 }
 

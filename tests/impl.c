@@ -31,11 +31,11 @@ struct acmoe_ctx *test_context(int n_threads, int mc, int kc, int nc) {
 #include <math.h>
 
 /* One path's row kernels on n values against plain double-precision loops: the maximum
-   exactly, each exp of a float argument to 1e-6 relative, sums and dot products to 1e-5 of
-   their magnitude. */
+   exactly, each exp of a float argument to 1e-6 relative, sums, exp sums and dot products to
+   1e-5 of their magnitude. */
 static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     float x[1000], y[1000], b[1000], top = -1e30f, got;
-    double sum = 0.0, dot = 0.0, magnitude = 0.0;
+    double sum = 0.0, dot = 0.0, magnitude = 0.0, total = 0.0, total_magnitude = 0.0;
     const float scale = 0.7f;
     const char *path = acmoe_isa_name(k->isa);
     int i, exp_failures = 0;
@@ -45,7 +45,11 @@ static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
         top = x[i] > top ? x[i] : top;
         dot += (double)x[i] * b[i];
         magnitude += fabs((double)x[i] * b[i]);
+        total += b[i];
+        total_magnitude += fabs(b[i]);
     }
+    got = k->row_sum(b, n);
+    CHECKF(fabs(got - total) <= 1e-5 * total_magnitude, "%s, n %d: sum %g, want %g", path, n, got, total);
     CHECKF(k->row_max(x, n) == top, "%s, n %d", path, n);
     got = k->row_dot(x, b, n);
     CHECKF(fabs(got - dot) <= 1e-5 * magnitude, "%s, n %d: dot %g, want %g", path, n, got, dot);
