@@ -2899,9 +2899,8 @@ static void acmoe__combine_backward_job(void *arg, int tid, int n_threads) {
     acmoe__token_range(L, tid, n_threads, &t0, &t1);
     for (p = L->token_start[t0]; p < L->token_start[t1]; p++) {
         const float *g = job->dout + (size_t)L->pair_token[p] * dm;
-        float *y = L->ye + (size_t)L->pair_slot[p] * dm, gate = L->pair_gate[p], dot = 0.0f;
-        for (q = 0; q < dm; q++) dot += g[q] * y[q];
-        L->pair_dgate[p] = dot;
+        float *y = L->ye + (size_t)L->pair_slot[p] * dm, gate = L->pair_gate[p];
+        L->pair_dgate[p] = job->ctx->kernel.row_dot(g, y, dm);
         for (q = 0; q < dm; q++) y[q] = gate * g[q];
     }
 }
