@@ -580,6 +580,32 @@ static void check_decode(int pre_ln) {
 static void test_lm_decode_post_ln(void) { check_decode(0); }
 static void test_lm_decode_pre_ln(void) { check_decode(1); }
 
+/* After the first step, training steps and decoding allocate nothing. */
+static void test_lm_steady_state_allocates_nothing(void) {
+    acmoe_lm_desc d = tiny_desc("gfc", 0, 0);
+    acmoe_ctx *ctx = test_context(2, 0, 0, 0);
+    acmoe_lm *lm = NULL;
+    int32_t tok[10], tgt[10];
+    float loss;
+    long before = 0;
+    int step, len;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    if (!lm) return;
+    tiny_batch(tok, tgt, 10, 31);
+    for (step = 0; step < 4; step++) {
+        if (step == 1) before = test_allocations;
+        CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+        acmoe_lm_zero_grad(lm);
+        CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(lm, ctx, NULL, NULL), ACMOE_OK);
+    }
+    acmoe_lm_freeze_ac_weights(lm, 1);
+    for (len = 1; len <= 5; len++) CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, len, len - 1), ACMOE_OK);
+    CHECKF(test_allocations == before, "%ld allocations in 3 steps and 5 decoded positions", test_allocations - before);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
 const test_case lm_tests[] = {
     {"lm_patterns", test_lm_patterns},
     {"lm_bad_calls", test_lm_bad_calls},
@@ -590,6 +616,7 @@ const test_case lm_tests[] = {
     {"lm_loss_trajectory", test_lm_loss_trajectory},
     {"lm_decode_post_ln", test_lm_decode_post_ln},
     {"lm_decode_pre_ln", test_lm_decode_pre_ln},
+    {"lm_steady_state_allocates_nothing", test_lm_steady_state_allocates_nothing},
     {"optimizer_schedules", test_optimizer_schedules},
     {"optimizer_adamw", test_optimizer_adamw},
     {"corpus_batches", test_corpus_batches},
