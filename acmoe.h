@@ -902,7 +902,7 @@ typedef struct acmoe__workspace {
 
 typedef void (*acmoe__kernel_fn)(int kc, const float *const *a_rows, ptrdiff_t a_step,
                                  const float *b, ptrdiff_t b_step, float *c, ptrdiff_t c_step,
-                                 int accumulate);
+                                 int rows, int accumulate);
 
 typedef struct acmoe__adam acmoe__adam; /* AdamW coefficients, with the row kernels */
 
@@ -1161,11 +1161,11 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
    Each micro-kernel is one template: mr rows broadcast from A' times nr/vlen vectors of B'. */
 
 /* Kernel template. a_rows holds mr row pointers of A' (element p of row i at a_rows[i][p *
-   a_step]); b advances b_step floats per depth step; c is an mr x nr tile of row stride
-   c_step, overwritten or accumulated. */
+   a_step]); b advances b_step floats per depth step; the first rows rows of the mr x nr tile
+   c (row stride c_step) are overwritten or accumulated. */
 #define ACMOE__DEFINE_KERNEL(NAME, TARGET, VEC, MR, NVEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO) \
     TARGET static void NAME(int kc, const float *const *a_rows, ptrdiff_t a_step, const float *b, \
-                            ptrdiff_t b_step, float *c, ptrdiff_t c_step, int accumulate) {       \
+                            ptrdiff_t b_step, float *c, ptrdiff_t c_step, int rows, int accumulate) { \
         VEC acc[MR][NVEC];                                                                          \
         const float *ap[MR];                                                                        \
         ptrdiff_t ka = 0;                                                                           \
@@ -1174,7 +1174,7 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
             ap[i] = a_rows[i];                                                                      \
             ACMOE__UNROLL for (v = 0; v < NVEC; v++) {                                             \
                 acc[i][v] = ZERO;                                                                   \
-                ACMOE__PREFETCH_WRITE(c + i * c_step + v * VLEN);                                  \
+                if (i < rows) ACMOE__PREFETCH_WRITE(c + i * c_step + v * VLEN);                    \
             }                                                                                       \
         }                                                                                           \
         ACMOE__UNROLL_DEPTH for (p = 0; p < kc; p++, ka += a_step, b += b_step) {                  \
@@ -1186,7 +1186,7 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
             }                                                                                       \
         }                                                                                           \
         ACMOE__UNROLL for (i = 0; i < MR; i++) {                                                   \
-            ACMOE__UNROLL for (v = 0; v < NVEC; v++) {                                             \
+            ACMOE__UNROLL for (v = 0; v < NVEC && i < rows; v++) {                                 \
                 float *cp = c + i * c_step + v * VLEN;                                              \
                 STORE(cp, accumulate ? ADD(LOAD(cp), acc[i][v]) : acc[i][v]);                       \
             }                                                                                       \
@@ -1642,10 +1642,10 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
                                     : g->a + (ic + row) * g->a_rs + pc * g->a_cs;
             }
             a_step = g->pack_a ? 1 : g->a_cs;
-            if (mrr == mr && nrr == width && g->c_cs == 1) {
-                fn(kc, rows, a_step, bp, b_step, cp, g->c_rs, accumulate);
+            if (nrr == width && g->c_cs == 1) { /* whole columns: straight into C */
+                fn(kc, rows, a_step, bp, b_step, cp, g->c_rs, mrr, accumulate);
             } else {
-                fn(kc, rows, a_step, bp, b_step, ws->tile, width, 0);
+                fn(kc, rows, a_step, bp, b_step, ws->tile, width, mr, 0);
                 acmoe__tile_store(cp, g->c_rs, g->c_cs, ws->tile, width, mrr, nrr, accumulate);
             }
         }
