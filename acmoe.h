@@ -1186,7 +1186,8 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
             }                                                                                       \
         }                                                                                           \
         ACMOE__UNROLL for (i = 0; i < MR; i++) {                                                   \
-            ACMOE__UNROLL for (v = 0; v < NVEC && i < rows; v++) {                                 \
+            if (i == rows) break;                                                                   \
+            ACMOE__UNROLL for (v = 0; v < NVEC; v++) {                                             \
                 float *cp = c + i * c_step + v * VLEN;                                              \
                 STORE(cp, accumulate ? ADD(LOAD(cp), acc[i][v]) : acc[i][v]);                       \
             }                                                                                       \
