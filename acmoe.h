@@ -3954,7 +3954,7 @@ static void acmoe__update_job_run(void *arg, int tid, int n_threads) {
 ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_optim_desc *desc, float *norm) {
     acmoe_optim_desc o = acmoe__optim_resolve(desc);
     acmoe__update_job job;
-    double sq = 0.0;
+    double sq = 0.0, global_norm;
     size_t i;
     if (!L || !ctx) return ACMOE_ERR_NULL;
     if (!(o.lr > 0.0f) || !(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f) ||
@@ -3963,10 +3963,11 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_op
         return ACMOE_ERR_ARG;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__grad_sq_job, L);
     for (i = 0; i < acmoe__chunks(L->n_params); i++) sq += L->grad_sq[i];
-    if (norm) *norm = (float)sqrt(sq);
+    global_norm = sqrt(sq);
+    if (norm) *norm = (float)global_norm;
     if (!isfinite(sq)) return ACMOE_ERR_NONFINITE; /* nothing is updated */
     job.L = L, job.kern = &ctx->kernel, job.o = &o;
-    job.scale = o.clip_norm > 0.0f && sqrt(sq) > o.clip_norm ? o.clip_norm / (float)sqrt(sq) : 1.0f;
+    job.scale = o.clip_norm > 0.0f && global_norm > o.clip_norm ? o.clip_norm / (float)global_norm : 1.0f;
     job.lr = acmoe_lr_at(&o, L->steps);
     L->steps++;
     job.c1 = 1.0f / (1.0f - powf(o.beta1, (float)L->steps));

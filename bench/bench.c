@@ -544,10 +544,11 @@ static double decode_seconds(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens
     check_status(acmoe_lm_forward(lm, ctx, tokens, NULL, 1, 256, 0, NULL), "acmoe_lm_forward");
     acmoe_lm_freeze_ac_weights(lm, 1); /* measured by that pass */
     for (pass = 0; pass < 3; pass++) {
-        double t0 = now_seconds();
+        double t0 = now_seconds(), seconds;
         for (len = 1; len <= 256; len++)
             check_status(acmoe_lm_decode(lm, ctx, tokens, len, len - 1), "acmoe_lm_decode");
-        if (pass == 0 || now_seconds() - t0 < best) best = now_seconds() - t0;
+        seconds = now_seconds() - t0;
+        if (pass == 0 || seconds < best) best = seconds;
     }
     return best;
 }

@@ -308,6 +308,8 @@ typedef struct run {
     int interactive;
 } run;
 
+static double bpc(double loss) { return loss / log(2.0); }
+
 static int on_event(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
     run *u = (run *)user;
     const options *o = u->o;
@@ -317,9 +319,9 @@ static int on_event(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
         return 0;
     }
     if (u->interactive) printf("\n");
-    printf("  eval step %ld: val loss %.4f  bpc %.3f  perplexity %.2f\n", e->step, e->val_loss, e->val_loss / log(2.0),
+    printf("  eval step %ld: val loss %.4f  bpc %.3f  perplexity %.2f\n", e->step, e->val_loss, bpc(e->val_loss),
            exp(e->val_loss));
-    if (u->r->steps_to_target < 0 && e->val_loss / log(2.0) <= o->target_bpc) u->r->steps_to_target = (int)e->step;
+    if (u->r->steps_to_target < 0 && bpc(e->val_loss) <= o->target_bpc) u->r->steps_to_target = (int)e->step;
     u->r->val_loss = e->val_loss;
     if (o->save) {
         char path[512];
@@ -384,8 +386,6 @@ static result train(const char *pattern, long seed, const options *o, const acmo
 
 #define MAX_PATTERNS 8
 #define MAX_SEEDS 16
-
-static double bpc(double loss) { return loss / log(2.0); }
 
 /* Mean and sample standard deviation of n values. */
 static void mean_sd(const double *v, int n, double *mean, double *sd) {
