@@ -1606,6 +1606,25 @@ static void acmoe__tile_store(float *c, ptrdiff_t rs, ptrdiff_t cs, const float 
    its rows no longer alias in the cache the way rows of a power-of-two leading dimension do
    (measured faster than mr-row interleaved panels). */
 
+/* The narrowest kernel of the path that covers a panel of n <= nr columns. */
+static int acmoe__kernel_index(const acmoe__kernel *kern, int n) {
+    int w = ACMOE__WIDTHS - 1;
+    while (kern->width[w] < n) w--;
+    return w;
+}
+
+/* A (kc x nc) block of B' in panels of nr columns, and a ragged last panel as wide as the
+   kernel that will read it. */
+static void acmoe__pack_b(const acmoe__gemm *g, const acmoe__workspace *ws, int pc, int kc, int jc, int nc) {
+    const acmoe__kernel *kern = &g->ctx->kernel;
+    const int whole = nc / kern->nr * kern->nr;
+    const float *src = g->b + pc * g->b_rs + jc * g->b_cs;
+    acmoe__pack(kern->isa, ws->pack_b, src, g->b_cs, g->b_rs, whole, kc, kern->nr);
+    if (whole < nc)
+        acmoe__pack(kern->isa, ws->pack_b + (ptrdiff_t)whole * kc, src + whole * g->b_cs, g->b_cs, g->b_rs,
+                    nc - whole, kc, kern->width[acmoe__kernel_index(kern, nc - whole)]);
+}
+
 /* Micro-tiles of one (mc x kc) by (kc x nc) block pair. */
 static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws, int ic, int mc,
                                int pc, int kc, int jc, int nc) {
@@ -1613,23 +1632,20 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
     const int mr = kern->mr, nr = kern->nr, accumulate = g->accumulate || pc > 0;
     int ir, jr, i;
     for (jr = 0; jr < nc; jr += nr) {
-        int nrr = ACMOE__MIN(nr, nc - jr), w = ACMOE__WIDTHS - 1, width;
-        acmoe__kernel_fn fn;
-        while (kern->width[w] < nrr) w--;
-        fn = kern->fn[w];
-        width = kern->width[w];
+        const int nrr = ACMOE__MIN(nr, nc - jr), w = acmoe__kernel_index(kern, nrr), width = kern->width[w];
+        const acmoe__kernel_fn fn = kern->fn[w];
         const float *bp;
         ptrdiff_t b_step;
         if (g->pack_b) {
             bp = ws->pack_b + (ptrdiff_t)jr * kc;
-            b_step = nr;
+            b_step = width;
         } else if (nrr == nr) {
             bp = g->b + pc * g->b_rs + (jc + jr);
             b_step = g->b_rs;
-        } else { /* ragged last panel: pack it so the kernel reads nr whole columns */
-            acmoe__pack(kern->isa, ws->panel, g->b + pc * g->b_rs + (jc + jr), 1, g->b_rs, nrr, kc, nr);
+        } else { /* a ragged last panel, packed for the narrowest kernel that covers it */
+            acmoe__pack(kern->isa, ws->panel, g->b + pc * g->b_rs + (jc + jr), 1, g->b_rs, nrr, kc, width);
             bp = ws->panel;
-            b_step = nr;
+            b_step = width;
         }
         for (ir = 0; ir < mc; ir += mr) {
             int mrr = ACMOE__MIN(mr, mc - ir);
@@ -1662,9 +1678,7 @@ static void acmoe__gemm_region(const acmoe__gemm *g, const acmoe__workspace *ws,
         int nc = ACMOE__MIN(d->nc, n1 - jc);
         for (pc = 0; pc < g->k; pc += d->kc) {
             int kc = ACMOE__MIN(d->kc, g->k - pc);
-            if (g->pack_b)
-                acmoe__pack(g->ctx->kernel.isa, ws->pack_b, g->b + pc * g->b_rs + jc * g->b_cs, g->b_cs,
-                            g->b_rs, nc, kc, g->ctx->kernel.nr);
+            if (g->pack_b) acmoe__pack_b(g, ws, pc, kc, jc, nc);
             for (ic = m0; ic < m1; ic += d->mc) {
                 int mc = ACMOE__MIN(d->mc, m1 - ic);
                 if (g->pack_a)
