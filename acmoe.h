@@ -3186,30 +3186,44 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
    as much memory traffic as the products themselves. */
 #define ACMOE__ATTENTION_BLOCK 64
 
-/* Scratch floats for one (sequence, head) pair: a block of probabilities and its gradient. */
-static size_t acmoe__attention_work(int seq) { return 2 * (size_t)ACMOE__MIN(seq, ACMOE__ATTENTION_BLOCK) * seq; }
+/* Scratch floats for one (sequence, head) pair: a block of probabilities, its gradient, and
+   the block's output gradient rows divided by their sums. */
+static size_t acmoe__attention_work(int seq, int dh) {
+    return (size_t)ACMOE__MIN(seq, ACMOE__ATTENTION_BLOCK) * (2 * (size_t)seq + (size_t)dh);
+}
 
-/* Softmax of the rows of block s (stride seq; its row r is sequence row i0 + r, with i1 - i0
-   rows) in place, scaled: row i sees columns 0..i, and its columns up to i1 are zeroed for
-   the block's products. */
-static void acmoe__causal_softmax(const acmoe__kernel *kern, float *s, int seq, int i0, int i1, float scale) {
-    int i, c;
+/* The exponentials of the rows of block s (stride seq; its row r is sequence row i0 + r,
+   with i1 - i0 rows) in place, scaled and less the row's maximum: row i sees columns 0..i,
+   and its columns up to i1 are zeroed for the block's products. inv[r] is the inverse of row
+   r's sum, so the softmax is the row times it. */
+static void acmoe__causal_exp(const acmoe__kernel *kern, float *s, int seq, int i0, int i1, float scale,
+                              float *inv) {
+    int i;
     for (i = i0; i < i1; i++) {
-        float *row = s + (size_t)(i - i0) * seq, inv;
-        inv = 1.0f / kern->row_exp(row, row, i + 1, kern->row_max(row, i + 1), scale);
-        for (c = 0; c <= i; c++) row[c] *= inv;
+        float *row = s + (size_t)(i - i0) * seq;
+        inv[i - i0] = 1.0f / kern->row_exp(row, row, i + 1, kern->row_max(row, i + 1), scale);
         memset(row + i + 1, 0, sizeof(float) * (size_t)(i1 - i - 1));
     }
 }
 
-/* The softmax backward of the same block: dp becomes the gradient of the scaled scores. */
-static void acmoe__causal_softmax_backward(const acmoe__kernel *kern, const float *p, float *dp, int seq, int i0,
-                                           int i1, float scale) {
+/* y = x times its row's factor, for n rows of dh floats (row strides ldy and ldx). */
+static void acmoe__scale_rows(float *y, size_t ldy, const float *x, size_t ldx, int n, int dh, const float *factor) {
+    int r, c;
+    for (r = 0; r < n; r++)
+        for (c = 0; c < dh; c++) y[(size_t)r * ldy + c] = x[(size_t)r * ldx + c] * factor[r];
+}
+
+/* The softmax backward of the same block, from its exponentials e and dp, the gradient of
+   its probabilities divided by the row sums: dp becomes the gradient of the scaled scores.
+   dot[r] is row r's sum of e dp, which equals its output row times its divided output
+   gradient row (dh products rather than a row of seq). */
+static void acmoe__causal_softmax_backward(const float *e, float *dp, int seq, int i0, int i1, const float *dot,
+                                           float scale) {
     int i, c;
     for (i = i0; i < i1; i++) {
-        const float *pr = p + (size_t)(i - i0) * seq;
-        float *dr = dp + (size_t)(i - i0) * seq, dot = kern->row_dot(pr, dr, i + 1);
-        for (c = 0; c <= i; c++) dr[c] = pr[c] * (dr[c] - dot) * scale;
+        const float *er = e + (size_t)(i - i0) * seq;
+        float *dr = dp + (size_t)(i - i0) * seq;
+        for (c = 0; c <= i; c++) dr[c] = er[c] * (dr[c] - dot[i - i0]) * scale;
         memset(dr + i + 1, 0, sizeof(float) * (size_t)(i1 - i - 1));
     }
 }
@@ -3219,16 +3233,18 @@ static void acmoe__causal_softmax_backward(const acmoe__kernel *kern, const floa
 typedef struct acmoe__attention_job {
     acmoe_ctx *ctx;
     const float *qkv, *dout;
-    float *work, *out, *dqkv; /* work: acmoe__attention_work(seq) floats per pair */
+    float *work, *out, *dqkv; /* work: acmoe__attention_work(seq) floats per pair; out is read
+                                 in the backward pass */
     int batch, seq, d, heads;
     int start; /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
 } acmoe__attention_job;
 
 /* One pair's operands: q, k, v (row stride 3d) and their gradients, the output or its
-   gradient (row stride d), and the pair's scratch. */
+   gradient (row stride d), and the pair's scratch (g: a block of divided output gradients,
+   row stride dh). */
 typedef struct acmoe__attention_pair {
     const float *q, *k, *v;
-    float *dq, *dk, *dv, *p, *dp;
+    float *dq, *dk, *dv, *p, *dp, *g;
     size_t out; /* offset of the pair's first output row in out or dout */
 } acmoe__attention_pair;
 
@@ -3238,56 +3254,64 @@ static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job
     acmoe__attention_pair P;
     P.q = j->qkv + base, P.k = P.q + j->d, P.v = P.q + 2 * j->d;
     P.dq = j->dqkv ? j->dqkv + base : NULL, P.dk = P.dq ? P.dq + j->d : NULL, P.dv = P.dq ? P.dq + 2 * j->d : NULL;
-    P.p = j->work + (size_t)pair * acmoe__attention_work(j->seq);
-    P.dp = P.p + acmoe__attention_work(j->seq) / 2;
+    P.p = j->work + (size_t)pair * acmoe__attention_work(j->seq, dh);
+    P.dp = P.p + (size_t)ACMOE__MIN(j->seq, ACMOE__ATTENTION_BLOCK) * j->seq;
+    P.g = P.dp + (size_t)ACMOE__MIN(j->seq, ACMOE__ATTENTION_BLOCK) * j->seq;
     P.out = (size_t)b * j->seq * j->d + (size_t)h * dh;
     return P;
 }
 
-/* The probabilities of query rows [i0, i1) into P->p: scores against keys 0..i1-1, then
-   the causal softmax. */
-static void acmoe__attention_probs(const acmoe__attention_job *j, int tid, const acmoe__attention_pair *P, int i0,
-                                   int i1) {
+/* The unnormalised probabilities of query rows [i0, i1) into P->p and the inverses of their
+   sums (see acmoe__causal_exp): scores against keys 0..i1-1, then their exponentials. */
+static void acmoe__attention_exp(const acmoe__attention_job *j, int tid, const acmoe__attention_pair *P, int i0,
+                                 int i1, float *inv) {
     const int dh = j->d / j->heads, ld = 3 * j->d;
     ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, i1 - i0, i1, dh, P->q + (size_t)i0 * ld, ld, P->k, ld, P->p,
                             j->seq, 0);
-    acmoe__causal_softmax(&j->ctx->kernel, P->p, j->seq, i0, i1, 1.0f / sqrtf((float)dh));
+    acmoe__causal_exp(&j->ctx->kernel, P->p, j->seq, i0, i1, 1.0f / sqrtf((float)dh), inv);
 }
 
-/* softmax(q k^T / sqrt(dh)) v per pair, block by block. */
+/* softmax(q k^T / sqrt(dh)) v per pair, block by block: the exponentials times v, then each
+   output row divided by its sum (dh products rather than a row of probabilities). */
 static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
     const int dh = j->d / j->heads, ld = 3 * j->d;
+    float inv[ACMOE__ATTENTION_BLOCK];
     int pair, i0, i1;
     for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
         acmoe__attention_pair P = acmoe__attention_pair_at(j, pair);
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
+            float *out = j->out + P.out + (size_t)i0 * j->d;
             i1 = ACMOE__MIN(j->seq, i0 + ACMOE__ATTENTION_BLOCK);
-            acmoe__attention_probs(j, tid, &P, i0, i1);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, i1 - i0, dh, i1, P.p, j->seq, P.v, ld,
-                                    j->out + P.out + (size_t)i0 * j->d, j->d, 0);
+            acmoe__attention_exp(j, tid, &P, i0, i1, inv);
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, i1 - i0, dh, i1, P.p, j->seq, P.v, ld, out, j->d, 0);
+            acmoe__scale_rows(out, (size_t)j->d, out, (size_t)j->d, i1 - i0, dh, inv);
         }
     }
 }
 
 /* dqkv from dout, pair by pair. Blocks run last first: the last block sees every key, so it
-   writes all of dk and dv and the blocks before it add to their keys. */
+   writes all of dk and dv and the blocks before it add to their keys. The exponentials stand
+   in for the probabilities, with the output gradient rows divided by the sums instead. */
 static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
     const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq;
     const float scale = 1.0f / sqrtf((float)dh);
-    int pair, i0, i1;
+    float inv[ACMOE__ATTENTION_BLOCK], dot[ACMOE__ATTENTION_BLOCK];
+    int pair, i0, i1, r;
     for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
         acmoe__attention_pair P = acmoe__attention_pair_at(j, pair);
         for (i0 = (seq - 1) / ACMOE__ATTENTION_BLOCK * ACMOE__ATTENTION_BLOCK; i0 >= 0; i0 -= ACMOE__ATTENTION_BLOCK) {
-            const float *go = j->dout + P.out + (size_t)i0 * j->d;
+            const float *go = j->dout + P.out + (size_t)i0 * j->d, *o = j->out + P.out + (size_t)i0 * j->d;
             const int rows = ACMOE__MIN(seq, i0 + ACMOE__ATTENTION_BLOCK) - i0, add = i0 + rows < seq;
             i1 = i0 + rows;
-            acmoe__attention_probs(j, tid, &P, i0, i1);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, rows, i1, dh, go, j->d, P.v, ld, P.dp, seq, 0); /* dO V^T */
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.p, seq, go, j->d, P.dv, ld,
-                                    add); /* P^T dO */
-            acmoe__causal_softmax_backward(&j->ctx->kernel, P.p, P.dp, seq, i0, i1, scale);
+            acmoe__attention_exp(j, tid, &P, i0, i1, inv);
+            acmoe__scale_rows(P.g, (size_t)dh, go, (size_t)j->d, rows, dh, inv);
+            for (r = 0; r < rows; r++) dot[r] = j->ctx->kernel.row_dot(o + (size_t)r * j->d, P.g + (size_t)r * dh, dh);
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, rows, i1, dh, P.g, dh, P.v, ld, P.dp, seq, 0); /* G V^T */
+            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.p, seq, P.g, dh, P.dv, ld,
+                                    add); /* E^T G = P^T dO */
+            acmoe__causal_softmax_backward(P.p, P.dp, seq, i0, i1, dot, scale);
             ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, rows, dh, i1, P.dp, seq, P.k, ld, P.dq + (size_t)i0 * ld, ld,
                                     0);
             ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.dp, seq, P.q + (size_t)i0 * ld, ld, P.dk, ld,
@@ -3308,12 +3332,12 @@ static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_forward_job, &j);
 }
 
-/* dqkv [n][3d] from dout [n][d]. */
-static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, const float *dout, int batch, int seq, int d,
-                                      int heads, float *work, float *dqkv) {
+/* dqkv [n][3d] from dout [n][d] and the forward call's out. */
+static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, float *out, const float *dout, int batch,
+                                      int seq, int d, int heads, float *work, float *dqkv) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
-    j.ctx = ctx, j.qkv = qkv, j.dout = dout, j.work = work, j.dqkv = dqkv;
+    j.ctx = ctx, j.qkv = qkv, j.out = out, j.dout = dout, j.work = work, j.dqkv = dqkv;
     j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_backward_job, &j);
 }
@@ -3457,7 +3481,8 @@ static size_t acmoe__chunks(size_t n) { return (n + ACMOE__NORM_CHUNK - 1) / ACM
 /* Lays the activations out in base (or only measures them when base is NULL). */
 static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     const size_t d = (size_t)L->d.d_model, n = (size_t)L->d.batch * L->d.seq_len, f = sizeof(float);
-    const size_t att_work = (size_t)L->d.batch * L->d.n_heads * acmoe__attention_work(L->d.seq_len);
+    const size_t att_work =
+        (size_t)L->d.batch * L->d.n_heads * acmoe__attention_work(L->d.seq_len, L->d.d_model / L->d.n_heads);
     const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln;
     size_t used = 0;
     int i;
@@ -3848,7 +3873,7 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, tmp, d, B->att, d, B->g_w_o, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, tmp, d, B->w_o, d, L->datt, d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__attention_backward(ctx, B->qkv, L->datt, L->batch, L->seq, d, L->d.n_heads, L->att_work, L->dqkv);
+    acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, d, L->d.n_heads, L->att_work, L->dqkv);
     acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_qkv, L->dqkv, NULL, n, 3 * d);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;

@@ -132,7 +132,7 @@ static int close_to(float got, double want) { return fabs(got - want) <= 1e-4 * 
    starts at a later row (decoding). */
 static void test_attention_blocks(void) {
     enum { batch = 2, seq = ACMOE__ATTENTION_BLOCK * 2 + 23, d = 32, heads = 2, dh = d / heads, n = batch * seq };
-    const size_t work = (size_t)batch * heads * acmoe__attention_work(seq);
+    const size_t work = (size_t)batch * heads * acmoe__attention_work(seq, dh);
     float *qkv = (float *)malloc(sizeof(float) * n * 3 * d), *dout = (float *)malloc(sizeof(float) * n * d);
     float *out[2], *dqkv[2], *scratch = (float *)malloc(sizeof(float) * work);
     double *ref = (double *)malloc(sizeof(double) * 4 * seq * dh);
@@ -153,7 +153,7 @@ static void test_attention_blocks(void) {
         for (t = 0; t < 2; t++) {
             CHECK_STATUS(acmoe_ctx_set_isa(ctx[t], (acmoe_isa)isa), ACMOE_OK);
             acmoe__attention_forward(ctx[t], qkv, batch, seq, 0, d, heads, scratch, out[t]);
-            acmoe__attention_backward(ctx[t], qkv, dout, batch, seq, d, heads, scratch, dqkv[t]);
+            acmoe__attention_backward(ctx[t], qkv, out[t], dout, batch, seq, d, heads, scratch, dqkv[t]);
         }
         CHECK(memcmp(out[0], out[1], sizeof(float) * n * d) == 0);
         /* from row 100 on, the rest kept: the same bits as the whole pass */
