@@ -906,6 +906,9 @@ typedef void (*acmoe__kernel_fn)(int kc, const float *const *a_rows, ptrdiff_t a
 
 typedef struct acmoe__adam acmoe__adam; /* AdamW coefficients, with the row kernels */
 
+typedef void (*acmoe__gemv_fn)(int kc, const float *a, ptrdiff_t a_step, const float *b, ptrdiff_t b_step, float *c,
+                               ptrdiff_t c_step, int rows, int accumulate);
+
 /* A kernel path: mr x width micro-kernels, widest (nr) first; ragged last panels take the
    narrowest that covers them (an attention head of 16 should not pay for 64 columns). */
 #define ACMOE__WIDTHS 3
@@ -919,6 +922,7 @@ typedef struct acmoe__kernel {
     float (*row_sum)(const float *x, int n);
     float (*row_dot)(const float *a, const float *b, int n);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
+    acmoe__gemv_fn gemv; /* one output column, up to 16 rows; NULL: the micro-kernels do it */
 } acmoe__kernel;
 
 struct acmoe_ctx {
@@ -1226,6 +1230,62 @@ ACMOE__AVX2_KERNEL(acmoe__kernel_avx2_half, 1)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512, 4)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_half, 2)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_quarter, 1)
+
+/* Whole-register masks: the unmasked forms of these intrinsics start from an undefined
+   value that g++ warns about. */
+#define ACMOE__ALL16 ((__mmask16)0xFFFF)
+#define ACMOE__ALL8 ((__mmask8)0xFF)
+#define ACMOE__LANES(a, b, imm) _mm512_maskz_shuffle_f32x4(ACMOE__ALL16, (a), (b), (imm))
+
+/* r[i] holds row i of a 16 x 16 block on entry and column i on return: pairs, then quads
+   within 128-bit lanes, then the lanes across registers. */
+ACMOE__TARGET_AVX512 static void acmoe__transpose16_avx512(__m512 r[16]) {
+    __m512 t[16], u[16];
+    int i, q;
+    for (i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_maskz_unpacklo_ps(ACMOE__ALL16, r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_maskz_unpackhi_ps(ACMOE__ALL16, r[2 * i], r[2 * i + 1]);
+    }
+    for (i = 0; i < 4; i++) { /* u[4i + q], lane l: column 4l + q of rows 4i .. 4i+3 */
+        __m512d lo = _mm512_castps_pd(t[4 * i]), lo2 = _mm512_castps_pd(t[4 * i + 2]);
+        __m512d hi = _mm512_castps_pd(t[4 * i + 1]), hi2 = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(ACMOE__ALL8, lo, lo2));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(ACMOE__ALL8, lo, lo2));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(ACMOE__ALL8, hi, hi2));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(ACMOE__ALL8, hi, hi2));
+    }
+    for (q = 0; q < 4; q++) { /* 128-bit lanes: even and odd ones of groups 0-1, then 2-3 */
+        __m512 even = ACMOE__LANES(u[q], u[4 + q], 0x88), odd = ACMOE__LANES(u[q], u[4 + q], 0xDD);
+        __m512 even2 = ACMOE__LANES(u[8 + q], u[12 + q], 0x88), odd2 = ACMOE__LANES(u[8 + q], u[12 + q], 0xDD);
+        r[q] = ACMOE__LANES(even, even2, 0x88);
+        r[4 + q] = ACMOE__LANES(odd, odd2, 0x88);
+        r[8 + q] = ACMOE__LANES(even, even2, 0xDD);
+        r[12 + q] = ACMOE__LANES(odd, odd2, 0xDD);
+    }
+}
+
+/* A product with one output column, c (+)= A' b, for rows <= 16 rows of A' that run along
+   the depth (row stride a_step; b and c at strides b_step and c_step). The micro-kernels
+   would fill 1 of 16 lanes; here 16 rows are transposed in registers and each lane runs the
+   micro-kernels' chain of one multiply-add per depth step, in order, so the bits equal those
+   of the same rows in a product of many columns (decoding one token matches the full pass). */
+ACMOE__TARGET_AVX512 static void acmoe__gemv_avx512(int kc, const float *a, ptrdiff_t a_step, const float *b,
+                                                    ptrdiff_t b_step, float *c, ptrdiff_t c_step, int rows,
+                                                    int accumulate) {
+    __m512 acc = _mm512_setzero_ps(), r[16];
+    float lanes[16];
+    int i, p, q;
+    for (p = 0; p < kc; p += 16) {
+        const int n = ACMOE__MIN(16, kc - p);
+        const __mmask16 mask = (__mmask16)((1u << n) - 1);
+        for (i = 0; i < 16; i++) /* rows past the last repeat it; their lanes are dropped */
+            r[i] = _mm512_maskz_loadu_ps(mask, a + ACMOE__MIN(i, rows - 1) * a_step + p);
+        acmoe__transpose16_avx512(r);
+        for (q = 0; q < n; q++) acc = _mm512_fmadd_ps(r[q], _mm512_set1_ps(b[(p + q) * b_step]), acc);
+    }
+    _mm512_storeu_ps(lanes, acc);
+    for (i = 0; i < rows; i++) c[i * c_step] = accumulate ? c[i * c_step] + lanes[i] : lanes[i];
+}
 #endif
 
 /* 6 x 16 uses 24 of the 32 q registers. */
@@ -1471,18 +1531,18 @@ ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
         {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter},
-         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar)},
+         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL},
 #ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
         {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8},
-         ACMOE__ROW_KERNELS(avx2)},
+         ACMOE__ROW_KERNELS(avx2), NULL},
 #endif
 #ifdef ACMOE__HAVE_AVX512
         {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
-         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512)},
+         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512},
 #endif
 #ifdef ACMOE__NEON
         {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter},
-         {16, 8, 4}, ACMOE__ROW_KERNELS(neon)},
+         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), NULL},
 #endif
     };
     size_t i;
@@ -1669,11 +1729,27 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
     }
 }
 
+/* Rows [m0, m1) of a one-column C' with the path's column kernel, in the depth blocks of the
+   blocked loops (a fresh chain per block, added to C after the first), so the bits match. */
+static void acmoe__gemv_region(const acmoe__gemm *g, int m0, int m1) {
+    const int kc = g->ctx->desc.kc;
+    int i, pc;
+    for (pc = 0; pc < g->k; pc += kc)
+        for (i = m0; i < m1; i += 16)
+            g->ctx->kernel.gemv(ACMOE__MIN(kc, g->k - pc), g->a + i * g->a_rs + pc, g->a_rs, g->b + pc * g->b_rs,
+                                g->b_rs, g->c + i * g->c_rs, g->c_rs, ACMOE__MIN(16, m1 - i),
+                                g->accumulate || pc > 0);
+}
+
 /* The blocked loops over rows [m0, m1) and columns [n0, n1) of C'. */
 static void acmoe__gemm_region(const acmoe__gemm *g, const acmoe__workspace *ws, int m0, int m1,
                                int n0, int n1) {
     const acmoe_ctx_desc *d = &g->ctx->desc;
     int jc, pc, ic;
+    if (g->n == 1 && g->a_cs == 1 && g->ctx->kernel.gemv) {
+        acmoe__gemv_region(g, m0, m1);
+        return;
+    }
     for (jc = n0; jc < n1; jc += d->nc) {
         int nc = ACMOE__MIN(d->nc, n1 - jc);
         for (pc = 0; pc < g->k; pc += d->kc) {

@@ -460,6 +460,63 @@ static void test_matmul_thread_determinism(void) {
     for (t = 0; t < 3; t++) acmoe_ctx_destroy(ctx[t]);
 }
 
+/* One output row (or column) alone gets the bits it gets among many: decoding one token at a
+   time relies on it. Depth blocks of 96 make the depth of 500 span several. */
+static int rows_alone_match(acmoe_ctx *ctx, const problem *p, const float *c, int accumulate) {
+    const int ta = p->layout == ACMOE_TN || p->layout == ACMOE_TT, tb = p->layout == ACMOE_NT || p->layout == ACMOE_TT;
+    float *one = (float *)malloc(sizeof(float) * (size_t)(p->m > p->n ? p->m : p->n));
+    int i, j, x, ok = 1;
+    for (i = 0; i < p->m; i += 7) { /* row i: A's row i with all of B */
+        memcpy(one, p->c0 + (size_t)i * p->ldc, sizeof(float) * (size_t)p->n);
+        CHECK_STATUS(acmoe_matmul(ctx, p->layout, 1, p->n, p->k, p->a + (ta ? (size_t)i : (size_t)i * p->lda), p->lda,
+                                  p->b, p->ldb, one, p->n, accumulate), ACMOE_OK);
+        ok &= memcmp(one, c + (size_t)i * p->ldc, sizeof(float) * (size_t)p->n) == 0;
+    }
+    for (j = 0; j < p->n; j += 11) { /* column j: all of A with B's column j */
+        for (x = 0; x < p->m; x++) one[x] = p->c0[(size_t)x * p->ldc + j];
+        CHECK_STATUS(acmoe_matmul(ctx, p->layout, p->m, 1, p->k, p->a, p->lda,
+                                  p->b + (tb ? (size_t)j * p->ldb : (size_t)j), p->ldb, one, 1, accumulate), ACMOE_OK);
+        for (x = 0; x < p->m; x++) ok &= memcmp(&one[x], c + (size_t)x * p->ldc + j, sizeof(float)) == 0;
+    }
+    free(one);
+    return ok;
+}
+
+static void test_matmul_rows_alone(void) {
+    static const int shapes[][3] = {{40, 70, 500}, {20, 384, 128}, {300, 17, 33}};
+    acmoe_ctx *ctx = test_context(1, 0, 96, 0);
+    acmoe_isa isas[ACMOE_ISA_COUNT];
+    acmoe_rng rng;
+    int n_isa = supported_isas(isas), v, layout, accumulate, failures = 0;
+    size_t s;
+    acmoe_rng_seed(&rng, 8);
+    for (s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        for (layout = ACMOE_NN; layout <= ACMOE_TT; layout++) {
+            problem p;
+            float *c;
+            problem_make(&p, &rng, (acmoe_layout)layout, shapes[s][0], shapes[s][1], shapes[s][2], 3);
+            c = (float *)malloc(sizeof(float) * (size_t)p.m * p.ldc);
+            for (v = 0; v < n_isa; v++) {
+                CHECK_STATUS(acmoe_ctx_set_isa(ctx, isas[v]), ACMOE_OK);
+                for (accumulate = 0; accumulate < 2; accumulate++) {
+                    memcpy(c, p.c0, sizeof(float) * (size_t)p.m * p.ldc);
+                    CHECK_STATUS(acmoe_matmul(ctx, p.layout, p.m, p.n, p.k, p.a, p.lda, p.b, p.ldb, c, p.ldc, accumulate),
+                                 ACMOE_OK);
+                    if (!rows_alone_match(ctx, &p, c, accumulate)) {
+                        fprintf(stderr, "    %s %dx%dx%d on %s: a row or column alone differs\n", layout_name(p.layout),
+                                p.m, p.n, p.k, acmoe_isa_name(isas[v]));
+                        failures++;
+                    }
+                }
+            }
+            free(c);
+            problem_free(&p);
+        }
+    }
+    CHECKF(failures == 0, "%d failing runs", failures);
+    acmoe_ctx_destroy(ctx);
+}
+
 static void test_matmul_bad_input(void) {
     float a[12] = {0}, b[12] = {0}, c[12];
     acmoe_ctx *ctx = test_context(1, 0, 0, 0);
@@ -502,6 +559,7 @@ const test_case foundation_tests[] = {
     {"matmul_model_shapes", test_matmul_model_shapes},
     {"matmul_small_blocks", test_matmul_small_blocks},
     {"matmul_thread_determinism", test_matmul_thread_determinism},
+    {"matmul_rows_alone", test_matmul_rows_alone},
     {"matmul_bad_input", test_matmul_bad_input},
     {0, 0},
 };
