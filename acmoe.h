@@ -922,7 +922,8 @@ typedef struct acmoe__kernel {
     float (*row_sum)(const float *x, int n);
     float (*row_dot)(const float *a, const float *b, int n);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
-    acmoe__gemv_fn gemv; /* one output column, up to 16 rows; NULL: the micro-kernels do it */
+    acmoe__gemv_fn gemv; /* one output column, gemv_rows rows at a time; NULL: the micro-kernels */
+    int gemv_rows;
 } acmoe__kernel;
 
 struct acmoe_ctx {
@@ -1231,61 +1232,6 @@ ACMOE__AVX512_KERNEL(acmoe__kernel_avx512, 4)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_half, 2)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_quarter, 1)
 
-/* Whole-register masks: the unmasked forms of these intrinsics start from an undefined
-   value that g++ warns about. */
-#define ACMOE__ALL16 ((__mmask16)0xFFFF)
-#define ACMOE__ALL8 ((__mmask8)0xFF)
-#define ACMOE__LANES(a, b, imm) _mm512_maskz_shuffle_f32x4(ACMOE__ALL16, (a), (b), (imm))
-
-/* r[i] holds row i of a 16 x 16 block on entry and column i on return: pairs, then quads
-   within 128-bit lanes, then the lanes across registers. */
-ACMOE__TARGET_AVX512 static void acmoe__transpose16_avx512(__m512 r[16]) {
-    __m512 t[16], u[16];
-    int i, q;
-    for (i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_maskz_unpacklo_ps(ACMOE__ALL16, r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_maskz_unpackhi_ps(ACMOE__ALL16, r[2 * i], r[2 * i + 1]);
-    }
-    for (i = 0; i < 4; i++) { /* u[4i + q], lane l: column 4l + q of rows 4i .. 4i+3 */
-        __m512d lo = _mm512_castps_pd(t[4 * i]), lo2 = _mm512_castps_pd(t[4 * i + 2]);
-        __m512d hi = _mm512_castps_pd(t[4 * i + 1]), hi2 = _mm512_castps_pd(t[4 * i + 3]);
-        u[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(ACMOE__ALL8, lo, lo2));
-        u[4 * i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(ACMOE__ALL8, lo, lo2));
-        u[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(ACMOE__ALL8, hi, hi2));
-        u[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(ACMOE__ALL8, hi, hi2));
-    }
-    for (q = 0; q < 4; q++) { /* 128-bit lanes: even and odd ones of groups 0-1, then 2-3 */
-        __m512 even = ACMOE__LANES(u[q], u[4 + q], 0x88), odd = ACMOE__LANES(u[q], u[4 + q], 0xDD);
-        __m512 even2 = ACMOE__LANES(u[8 + q], u[12 + q], 0x88), odd2 = ACMOE__LANES(u[8 + q], u[12 + q], 0xDD);
-        r[q] = ACMOE__LANES(even, even2, 0x88);
-        r[4 + q] = ACMOE__LANES(odd, odd2, 0x88);
-        r[8 + q] = ACMOE__LANES(even, even2, 0xDD);
-        r[12 + q] = ACMOE__LANES(odd, odd2, 0xDD);
-    }
-}
-
-/* A product with one output column, c (+)= A' b, for rows <= 16 rows of A' that run along
-   the depth (row stride a_step; b and c at strides b_step and c_step). The micro-kernels
-   would fill 1 of 16 lanes; here 16 rows are transposed in registers and each lane runs the
-   micro-kernels' chain of one multiply-add per depth step, in order, so the bits equal those
-   of the same rows in a product of many columns (decoding one token matches the full pass). */
-ACMOE__TARGET_AVX512 static void acmoe__gemv_avx512(int kc, const float *a, ptrdiff_t a_step, const float *b,
-                                                    ptrdiff_t b_step, float *c, ptrdiff_t c_step, int rows,
-                                                    int accumulate) {
-    __m512 acc = _mm512_setzero_ps(), r[16];
-    float lanes[16];
-    int i, p, q;
-    for (p = 0; p < kc; p += 16) {
-        const int n = ACMOE__MIN(16, kc - p);
-        const __mmask16 mask = (__mmask16)((1u << n) - 1);
-        for (i = 0; i < 16; i++) /* rows past the last repeat it; their lanes are dropped */
-            r[i] = _mm512_maskz_loadu_ps(mask, a + ACMOE__MIN(i, rows - 1) * a_step + p);
-        acmoe__transpose16_avx512(r);
-        for (q = 0; q < n; q++) acc = _mm512_fmadd_ps(r[q], _mm512_set1_ps(b[(p + q) * b_step]), acc);
-    }
-    _mm512_storeu_ps(lanes, acc);
-    for (i = 0; i < rows; i++) c[i * c_step] = accumulate ? c[i * c_step] + lanes[i] : lanes[i];
-}
 #endif
 
 /* 6 x 16 uses 24 of the 32 q registers. */
@@ -1525,24 +1471,124 @@ ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_
                           ACMOE__NEON_POW2)
 #endif
 
+/* Column kernels: products with one output column (decoding a token), c (+)= A' b for up
+   to VLEN rows of A' that run along the depth (row stride a_step; b and c at strides b_step
+   and c_step). The micro-kernels would fill one lane of each vector; here VLEN rows are
+   transposed in registers, VLEN depth steps at a time, and each lane runs the micro-kernels'
+   chain of one multiply-add per depth step, in order: the bits equal those of the same rows
+   in a product of many columns. */
+#define ACMOE__DEFINE_GEMV(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, FMA, ZERO)                       \
+    TARGET static void acmoe__gemv_##SFX(int kc, const float *a, ptrdiff_t a_step, const float *b,       \
+                                         ptrdiff_t b_step, float *c, ptrdiff_t c_step, int rows,        \
+                                         int accumulate) {                                              \
+        VEC acc = ZERO, r[VLEN];                                                                        \
+        float lanes[VLEN];                                                                              \
+        int i, p, q;                                                                                    \
+        for (p = 0; p < kc; p += VLEN) {                                                                \
+            const int n = ACMOE__MIN(VLEN, kc - p);                                                     \
+            for (i = 0; i < VLEN; i++) { /* rows past the last repeat it; their lanes are dropped */   \
+                const float *row = a + ACMOE__MIN(i, rows - 1) * a_step + p;                            \
+                r[i] = n == VLEN ? LOAD(row) : acmoe__tail_load_##SFX(row, n, 0.0f);                    \
+            }                                                                                           \
+            acmoe__transpose_regs_##SFX(r);                                                             \
+            for (q = 0; q < n; q++) acc = FMA(r[q], SET1(b[(p + q) * b_step]), acc);                    \
+        }                                                                                               \
+        STORE(lanes, acc);                                                                              \
+        for (i = 0; i < rows; i++) c[i * c_step] = accumulate ? c[i * c_step] + lanes[i] : lanes[i];    \
+    }
+
+#ifdef ACMOE__X86
+/* r[i] holds row i of an 8 x 8 block on entry and column i on return. */
+ACMOE__TARGET_AVX2 static void acmoe__transpose_regs_avx2(__m256 r[8]) {
+    __m256 t[8], u[8];
+    int i;
+    for (i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+ACMOE__DEFINE_GEMV(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
+                   _mm256_fmadd_ps, _mm256_setzero_ps())
+#endif
+
+#ifdef ACMOE__HAVE_AVX512
+/* Whole-register masks: the unmasked forms of these intrinsics start from an undefined
+   value that g++ warns about. */
+#define ACMOE__ALL16 ((__mmask16)0xFFFF)
+#define ACMOE__ALL8 ((__mmask8)0xFF)
+#define ACMOE__LANES(a, b, imm) _mm512_maskz_shuffle_f32x4(ACMOE__ALL16, (a), (b), (imm))
+
+/* r[i] holds row i of a 16 x 16 block on entry and column i on return: pairs, then quads
+   within 128-bit lanes, then the lanes across registers. */
+ACMOE__TARGET_AVX512 static void acmoe__transpose_regs_avx512(__m512 r[16]) {
+    __m512 t[16], u[16];
+    int i, q;
+    for (i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_maskz_unpacklo_ps(ACMOE__ALL16, r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_maskz_unpackhi_ps(ACMOE__ALL16, r[2 * i], r[2 * i + 1]);
+    }
+    for (i = 0; i < 4; i++) { /* u[4i + q], lane l: column 4l + q of rows 4i .. 4i+3 */
+        __m512d lo = _mm512_castps_pd(t[4 * i]), lo2 = _mm512_castps_pd(t[4 * i + 2]);
+        __m512d hi = _mm512_castps_pd(t[4 * i + 1]), hi2 = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(ACMOE__ALL8, lo, lo2));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(ACMOE__ALL8, lo, lo2));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(ACMOE__ALL8, hi, hi2));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(ACMOE__ALL8, hi, hi2));
+    }
+    for (q = 0; q < 4; q++) { /* 128-bit lanes: even and odd ones of groups 0-1, then 2-3 */
+        __m512 even = ACMOE__LANES(u[q], u[4 + q], 0x88), odd = ACMOE__LANES(u[q], u[4 + q], 0xDD);
+        __m512 even2 = ACMOE__LANES(u[8 + q], u[12 + q], 0x88), odd2 = ACMOE__LANES(u[8 + q], u[12 + q], 0xDD);
+        r[q] = ACMOE__LANES(even, even2, 0x88);
+        r[4 + q] = ACMOE__LANES(odd, odd2, 0x88);
+        r[8 + q] = ACMOE__LANES(even, even2, 0xDD);
+        r[12 + q] = ACMOE__LANES(odd, odd2, 0xDD);
+    }
+}
+
+ACMOE__DEFINE_GEMV(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps,
+                   _mm512_fmadd_ps, _mm512_setzero_ps())
+#endif
+
+#ifdef ACMOE__NEON
+/* r[i] holds row i of a 4 x 4 block on entry and column i on return. */
+static void acmoe__transpose_regs_neon(float32x4_t r[4]) {
+    float32x4x2_t ab = vtrnq_f32(r[0], r[1]), cd = vtrnq_f32(r[2], r[3]); /* a0 b0 a2 b2 | a1 b1 a3 b3 */
+    r[0] = vcombine_f32(vget_low_f32(ab.val[0]), vget_low_f32(cd.val[0]));
+    r[1] = vcombine_f32(vget_low_f32(ab.val[1]), vget_low_f32(cd.val[1]));
+    r[2] = vcombine_f32(vget_high_f32(ab.val[0]), vget_high_f32(cd.val[0]));
+    r[3] = vcombine_f32(vget_high_f32(ab.val[1]), vget_high_f32(cd.val[1]));
+}
+ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, ACMOE__NEON_FMA, vdupq_n_f32(0.0f))
+#endif
+
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX, acmoe__row_adam_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
         {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter},
-         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL},
+         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0},
 #ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
         {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8},
-         ACMOE__ROW_KERNELS(avx2), NULL},
+         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8},
 #endif
 #ifdef ACMOE__HAVE_AVX512
         {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
-         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512},
+         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512, 16},
 #endif
 #ifdef ACMOE__NEON
         {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter},
-         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), NULL},
+         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4},
 #endif
     };
     size_t i;
@@ -1571,23 +1617,11 @@ static void acmoe__transpose_scalar(float *dst, ptrdiff_t ld_dst, const float *s
 /* One 8 x 8 block of the transpose above, in registers. */
 ACMOE__TARGET_AVX2 static void acmoe__transpose8x8_avx2(float *dst, ptrdiff_t ld_dst, const float *src,
                                                      ptrdiff_t ld_src) {
-    __m256 r[8], t[8], u[8];
+    __m256 r[8];
     int i;
     for (i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ld_src);
-    for (i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (i = 0; i < 8; i += 4) {
-        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
-        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
-    }
-    for (i = 0; i < 4; i++) {
-        _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
-        _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
-    }
+    acmoe__transpose_regs_avx2(r);
+    for (i = 0; i < 8; i++) _mm256_storeu_ps(dst + i * ld_dst, r[i]);
 }
 #endif
 
@@ -1732,13 +1766,13 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
 /* Rows [m0, m1) of a one-column C' with the path's column kernel, in the depth blocks of the
    blocked loops (a fresh chain per block, added to C after the first), so the bits match. */
 static void acmoe__gemv_region(const acmoe__gemm *g, int m0, int m1) {
+    const acmoe__kernel *kern = &g->ctx->kernel;
     const int kc = g->ctx->desc.kc;
     int i, pc;
     for (pc = 0; pc < g->k; pc += kc)
-        for (i = m0; i < m1; i += 16)
-            g->ctx->kernel.gemv(ACMOE__MIN(kc, g->k - pc), g->a + i * g->a_rs + pc, g->a_rs, g->b + pc * g->b_rs,
-                                g->b_rs, g->c + i * g->c_rs, g->c_rs, ACMOE__MIN(16, m1 - i),
-                                g->accumulate || pc > 0);
+        for (i = m0; i < m1; i += kern->gemv_rows)
+            kern->gemv(ACMOE__MIN(kc, g->k - pc), g->a + i * g->a_rs + pc, g->a_rs, g->b + pc * g->b_rs, g->b_rs,
+                       g->c + i * g->c_rs, g->c_rs, ACMOE__MIN(kern->gemv_rows, m1 - i), g->accumulate || pc > 0);
 }
 
 /* The blocked loops over rows [m0, m1) and columns [n0, n1) of C'. */
