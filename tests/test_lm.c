@@ -540,6 +540,7 @@ static void check_decode(int pre_ln) {
     int t, same = 1;
     d.seq_len = len;
     d.batch = 2;
+    d.d_model = d.d_ff = 32; /* wide enough that one token's products take the column kernels */
     CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
     if (!lm) return;
     tiny_batch(tok, tgt, len, 21);
