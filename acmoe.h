@@ -2187,6 +2187,8 @@ struct acmoe_moe {
     int *pair_token, *pair_expert, *pair_rank, *pair_slot; /* [P], in (token, rank) order */
     float *pair_gate, *pair_dgate;
     int *count, *offset, *cursor, *slot_pair; /* per expert (offset: E + 1); [P] */
+    int *owner;                /* [E] the thread that runs each expert */
+    long *thread_rows;         /* [E] rows given to each thread while assigning */
     int *token_start;          /* [T + 1] first pair of each token */
     float *xe, *h, *a, *ye;    /* gathered rows [P][d], hidden [P][h_width], [P][d_ff], out [P][d] */
     /* the last forward call */
@@ -2386,6 +2388,8 @@ static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     L->count = (int *)acmoe__carve(base, &used, e * i);
     L->offset = (int *)acmoe__carve(base, &used, (e + 1) * i);
     L->cursor = (int *)acmoe__carve(base, &used, e * i);
+    L->owner = (int *)acmoe__carve(base, &used, e * i);
+    L->thread_rows = (long *)acmoe__carve(base, &used, e * sizeof(long));
     L->slot_pair = (int *)acmoe__carve(base, &used, p * i);
     L->token_start = (int *)acmoe__carve(base, &used, (t + 1) * i);
     L->xe = (float *)acmoe__carve(base, &used, p * dm * f);
@@ -2906,8 +2910,8 @@ static void acmoe__dispatch(acmoe_moe *L) {
 }
 
 /* The work of one forward or backward call, split across the context's threads: experts
-   in contiguous ranges of about equal rows, tokens in equal ranges. Each expert runs on one
-   thread with that thread's matmul workspace, so results do not depend on the split. */
+   by acmoe__assign_experts, tokens in equal ranges. Each expert runs on one thread with that
+   thread's matmul workspace, so results do not depend on the split. */
 typedef struct acmoe__moe_job {
     acmoe_moe *L;
     acmoe_ctx *ctx;
@@ -2915,10 +2919,23 @@ typedef struct acmoe__moe_job {
     float *out, *dx;
 } acmoe__moe_job;
 
-/* The thread of n that runs expert j: where the middle of its rows falls. */
-static int acmoe__expert_owner(const acmoe_moe *L, int j, int n_threads) {
-    long mid = 2L * L->offset[j] + L->count[j], total = 2L * ACMOE__MAX(L->n_pairs, 1);
-    return (int)ACMOE__MIN(mid * n_threads / total, (long)n_threads - 1);
+/* Experts to threads, largest first, each to the thread with the fewest rows so far (ties:
+   the lower index): balanced however skewed the routing (one expert with a third of the rows
+   left a contiguous split 57/43 on two threads). Only the first E threads can get work. */
+static void acmoe__assign_experts(acmoe_moe *L, int n_threads) {
+    const int E = L->d.n_experts, threads = ACMOE__MIN(n_threads, E);
+    int j, t, step;
+    for (j = 0; j < E; j++) L->owner[j] = -1;
+    for (t = 0; t < threads; t++) L->thread_rows[t] = 0;
+    for (step = 0; step < E; step++) {
+        int big = -1, least = 0;
+        for (j = 0; j < E; j++)
+            if (L->owner[j] < 0 && (big < 0 || L->count[j] > L->count[big])) big = j;
+        for (t = 1; t < threads; t++)
+            if (L->thread_rows[t] < L->thread_rows[least]) least = t;
+        L->owner[big] = least;
+        L->thread_rows[least] += L->count[big];
+    }
 }
 
 static void acmoe__token_range(const acmoe_moe *L, int tid, int n_threads, int *t0, int *t1) {
@@ -2951,8 +2968,9 @@ static void acmoe__experts_forward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
     acmoe_moe *L = job->L;
     int j;
+    (void)n_threads; /* the owners were assigned for it */
     for (j = 0; j < L->d.n_experts; j++)
-        if (L->count[j] && acmoe__expert_owner(L, j, n_threads) == tid)
+        if (L->count[j] && L->owner[j] == tid)
             acmoe__expert_forward(L, job->ctx, tid, j, acmoe__expert_input(L, job->x));
 }
 
@@ -3007,6 +3025,7 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     L->aux_loss = acmoe__aux_loss(L, n, 0);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
     job.L = L, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL;
+    acmoe__assign_experts(L, ctx->desc.n_threads);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__combine_job, &job);
     acmoe__lap(ctx, &mark, &L->seconds_experts);
@@ -3051,8 +3070,9 @@ static void acmoe__experts_backward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
     acmoe_moe *L = job->L;
     int j;
+    (void)n_threads; /* the owners were assigned for it */
     for (j = 0; j < L->d.n_experts; j++)
-        if (L->count[j] && acmoe__expert_owner(L, j, n_threads) == tid) acmoe__expert_backward(L, job->ctx, tid, j);
+        if (L->count[j] && L->owner[j] == tid) acmoe__expert_backward(L, job->ctx, tid, j);
 }
 
 /* dx[t] += the input gradients of t's rows, in pair order (times W[label] when the AC
@@ -3156,6 +3176,7 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const fl
     s = acmoe__router_backward(L, ctx, dx);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
     if (s == ACMOE_OK) {
+        acmoe__assign_experts(L, ctx->desc.n_threads);
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__scatter_job, &job);
     }
