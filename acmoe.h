@@ -1231,7 +1231,6 @@ ACMOE__AVX2_KERNEL(acmoe__kernel_avx2_half, 1)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512, 4)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_half, 2)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_quarter, 1)
-
 #endif
 
 /* 6 x 16 uses 24 of the 32 q registers. */
