@@ -1850,7 +1850,7 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
     const int ta = layout == ACMOE_TN || layout == ACMOE_TT;
     const int tb = layout == ACMOE_NT || layout == ACMOE_TT;
     ptrdiff_t a_rs = ta ? 1 : lda, a_cs = ta ? lda : 1, b_rs = tb ? 1 : ldb, b_cs = tb ? ldb : 1;
-    int i;
+    int i, column;
     *empty = 1;
     if (!ctx) return ACMOE_ERR_NULL;
     if ((int)layout < ACMOE_NN || (int)layout > ACMOE_TT) return ACMOE_ERR_ARG;
@@ -1870,7 +1870,9 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
     g->ctx = ctx;
     g->k = k;
     g->accumulate = accumulate != 0;
-    if (!acmoe__transpose_output(m, n, k, a_rs, b_cs)) {
+    /* one row of C whose transpose the column kernel reads in place (a query against its keys) */
+    column = m == 1 && b_rs == 1 && ctx->kernel.gemv;
+    if (!column && !acmoe__transpose_output(m, n, k, a_rs, b_cs)) {
         g->m = m, g->n = n, g->a = a, g->a_rs = a_rs, g->a_cs = a_cs, g->b = b, g->b_rs = b_rs, g->b_cs = b_cs;
         g->c = c, g->c_rs = ldc, g->c_cs = 1;
     } else {
