@@ -31,7 +31,7 @@
      2. Memory                      status strings, allocator, arena, tensors
      3. Random numbers              xoshiro256** generator, uniform and normal draws
      4. Threads and contexts        thread pool, per-thread workspace
-     5. Matrix multiplication       micro-kernels, row kernels (max, exp, dot), packing, driver
+     5. Matrix multiplication       micro-kernels, column kernels, row kernels, packing, driver
      6. Routers                     top-k gating, the Adaptive Clustering router
      7. MoE layer                   parameters, dispatch, experts, forward and backward
      8. Transformer pieces          layer norm, causal self-attention, cross-entropy
@@ -43,9 +43,11 @@
 
    GUARANTEES
      - No global mutable state: generators and thread pools belong to objects the caller owns.
-     - Determinism: a matmul result depends only on the kernel path, the operand values, the
-       layout and the sizes. Threads split the output into disjoint blocks and never split the
-       reduction dimension, so 1 and N threads give bit-identical results. MoE layers and
+     - Determinism: a matmul result depends only on the kernel path, the depth blocking (kc),
+       the operand values, the layout and the sizes. Threads split the output into disjoint blocks and never split the
+       reduction dimension, so 1 and N threads give bit-identical results, and a row or column
+       of the output computed alone equals the same row or column of a larger product (so
+       decoding one token at a time matches the full forward pass). MoE layers and
        attention give each expert or head to one thread, so whole training steps keep this:
        same seed, same kernel path, same bits, whatever the thread count.
      - No allocation inside a step: contexts, layers and models make their workspace when
