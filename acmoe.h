@@ -3188,10 +3188,11 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const fl
     return s;
 }
 
-ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
+/* The stats without the AC weight summary, which reads all of W: what the next layer needs
+   on every forward call. */
+static acmoe_moe_stats acmoe__moe_routing_stats(const acmoe_moe *L) {
     acmoe_moe_stats st;
     memset(&st, 0, sizeof st);
-    if (!L) return st;
     st.n_tokens = L->n;
     st.top_k = L->d.top_k;
     st.n_experts = L->d.n_experts;
@@ -3207,6 +3208,16 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
     st.nonfinite_logits = L->nonfinite;
     st.seconds_routing = L->seconds_routing;
     st.seconds_experts = L->seconds_experts;
+    return st;
+}
+
+ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
+    acmoe_moe_stats st;
+    if (!L) {
+        memset(&st, 0, sizeof st);
+        return st;
+    }
+    st = acmoe__moe_routing_stats(L);
     if (L->d.router_input == ACMOE_INPUT_AC && L->ac_ready) {
         size_t i, total = (size_t)L->ac_rows * L->d.d_model;
         double sum = 0.0;
@@ -3897,7 +3908,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     s = acmoe_moe_forward(B->moe, ctx, (pre ? B->moe_in : B->h) + o, rows, *have_prev ? prev->expert_index : NULL,
                           *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m + o);
     if (s != ACMOE_OK) return s;
-    if (B->letter != 'f') *prev = acmoe_moe_get_stats(B->moe), *have_prev = 1;
+    if (B->letter != 'f') *prev = acmoe__moe_routing_stats(B->moe), *have_prev = 1;
     if (L->dropped) acmoe__dropout(L, B->m + o, B->keep_m + o, count);
     acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y + o, B->h + o, B->m + o, rows, d);
     if (!pre) acmoe__layernorm(ctx, B->y + o, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->y + o);
@@ -3932,7 +3943,7 @@ static acmoe_status acmoe__lm_run(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *to
     for (i = 0; i < L->n_layers && s == ACMOE_OK; i++) {
         s = acmoe__block_forward(L, ctx, &L->blocks[i], x, &prev, &have_prev);
         x = L->blocks[i].y;
-        aux += acmoe_moe_get_stats(L->blocks[i].moe).aux_loss;
+        aux += L->blocks[i].moe->aux_loss;
     }
     if (s != ACMOE_OK) return s;
     if (L->d.pre_ln) {
