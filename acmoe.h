@@ -1734,7 +1734,7 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
         if (g->pack_b) {
             bp = ws->pack_b + (ptrdiff_t)jr * kc;
             b_step = width;
-        } else if (nrr == nr) {
+        } else if (nrr == nr || (nrr == width && mc <= mr)) { /* whole, or read by one tile only */
             bp = g->b + pc * g->b_rs + (jc + jr);
             b_step = g->b_rs;
         } else { /* a ragged last panel, packed for the narrowest kernel that covers it */
