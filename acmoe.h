@@ -44,12 +44,13 @@
    GUARANTEES
      - No global mutable state: generators and thread pools belong to objects the caller owns.
      - Determinism: a matmul result depends only on the kernel path, the depth blocking (kc),
-       the operand values, the layout and the sizes. Threads split the output into disjoint blocks and never split the
-       reduction dimension, so 1 and N threads give bit-identical results, and a row or column
-       of the output computed alone equals the same row or column of a larger product (so
-       decoding one token at a time matches the full forward pass). MoE layers and
-       attention give each expert or head to one thread, so whole training steps keep this:
-       same seed, same kernel path, same bits, whatever the thread count.
+       the operand values, the layout and the sizes. Threads split the output into disjoint
+       blocks and never split the reduction dimension, so 1 and N threads give bit-identical
+       results, and a row or column of the output computed alone equals the same row or
+       column of a larger product (so decoding one token at a time matches the full forward
+       pass). MoE layers and attention give each expert or head to one thread, so whole
+       training steps keep this: same seed, same kernel path, same bits, whatever the thread
+       count.
      - No allocation inside a step: contexts, layers and models make their workspace when
        they are created (the training loop adds two token buffers before its first step).
      - Bad input returns a status and changes nothing; ACMOE_ASSERT is for programmer errors.
@@ -1248,8 +1249,8 @@ ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
 
 /* Row kernels: the loops attention, the losses and the optimizer spend their time in. A
    row's maximum; y = exp((x - shift) * scale) with its sum (y may be x, or NULL for the sum
-   alone); a sum and a dot product; an AdamW update. Vector paths keep one partial sum per lane and add
-   the lanes in a fixed tree, so a path's results are fixed. Their exp is 2^n e^r with
+   alone); a sum and a dot product; an AdamW update. Vector paths keep one partial sum per
+   lane and add the lanes in a fixed tree, so a path's results are fixed. Their exp is 2^n e^r with
    |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error about 2e-7), for arguments
    at most 0: every caller subtracts the row's maximum. */
 #define ACMOE__EXP_LO -87.0f /* keeps 2^n a normal number; e^-87 is far below float epsilon */
@@ -1436,12 +1437,15 @@ ACMOE__TARGET_AVX512 static void acmoe__tail_store_avx512(float *y, __m512 v, in
 ACMOE__TARGET_AVX512 static __m512 acmoe__tail_keep_avx512(__m512 v, int n) {
     return _mm512_maskz_mov_ps(ACMOE__TAIL_MASK(n), v);
 }
-/* The zero-masked forms: g++ 12 warns about the unmasked ones' undefined pass-through. */
+/* The zero-masked forms with every lane set: g++ 12 warns about the unmasked ones'
+   undefined pass-through. */
+#define ACMOE__ALL16 ((__mmask16)0xFFFF)
+#define ACMOE__ALL8 ((__mmask8)0xFF)
 #define ACMOE__AVX512_ROUND(x) \
-    _mm512_maskz_roundscale_ps((__mmask16)-1, (x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define ACMOE__AVX512_POW2(n) _mm512_maskz_scalef_ps((__mmask16)-1, _mm512_set1_ps(1.0f), (n))
-#define ACMOE__AVX512_MAX(a, b) _mm512_maskz_max_ps((__mmask16)-1, (a), (b))
-#define ACMOE__AVX512_SQRT(x) _mm512_maskz_sqrt_ps((__mmask16)-1, (x))
+    _mm512_maskz_roundscale_ps(ACMOE__ALL16, (x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define ACMOE__AVX512_POW2(n) _mm512_maskz_scalef_ps(ACMOE__ALL16, _mm512_set1_ps(1.0f), (n))
+#define ACMOE__AVX512_MAX(a, b) _mm512_maskz_max_ps(ACMOE__ALL16, (a), (b))
+#define ACMOE__AVX512_SQRT(x) _mm512_maskz_sqrt_ps(ACMOE__ALL16, (x))
 ACMOE__DEFINE_ROW_KERNELS(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps,
                           _mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_div_ps,
                           ACMOE__AVX512_SQRT, _mm512_fmadd_ps, ACMOE__AVX512_MAX, ACMOE__AVX512_ROUND,
@@ -1523,10 +1527,7 @@ ACMOE__DEFINE_GEMV(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, _mm256_
 #endif
 
 #ifdef ACMOE__HAVE_AVX512
-/* Whole-register masks: the unmasked forms of these intrinsics start from an undefined
-   value that g++ warns about. */
-#define ACMOE__ALL16 ((__mmask16)0xFFFF)
-#define ACMOE__ALL8 ((__mmask8)0xFF)
+/* 128-bit lanes of two registers, in the zero-masked form (see ACMOE__ALL16) */
 #define ACMOE__LANES(a, b, imm) _mm512_maskz_shuffle_f32x4(ACMOE__ALL16, (a), (b), (imm))
 
 /* r[i] holds row i of a 16 x 16 block on entry and column i on return: pairs, then quads

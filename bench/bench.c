@@ -10,8 +10,9 @@
    of that measured peak. Section 2 times the MoE layer's forward and backward pass for three
    configurations and three routers; section 3 a language-model training step, its memory,
    and decoding one sequence position by position. Sections 2 and 3 also give each rate as a
-   share of the measured peak, which carries across machines where the rate does not. Built without -march: SIMD code here is
-   compiled per function and only called when the CPU supports it. */
+   share of the measured peak, which carries across machines where the rate does not. Built
+   without -march: SIMD code here is compiled per function and only called when the CPU
+   supports it. */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread barriers */
 #endif
