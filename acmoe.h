@@ -3379,7 +3379,7 @@ static void acmoe__causal_softmax_backward(const float *e, float *dp, int seq, i
 typedef struct acmoe__attention_job {
     acmoe_ctx *ctx;
     const float *qkv, *dout;
-    float *work, *out, *dqkv; /* work: acmoe__attention_work(seq) floats per pair; out is read
+    float *work, *out, *dqkv; /* work: acmoe__attention_work floats per pair; out is read
                                  in the backward pass */
     int batch, seq, d, heads;
     int start; /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
@@ -3467,7 +3467,7 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
 }
 
 /* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to the rows
-   [start, seq) of each sequence of out [n][d]; work holds acmoe__attention_work(seq) floats
+   [start, seq) of each sequence of out [n][d]; work holds acmoe__attention_work floats
    per (sequence, head). */
 static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int start, int d,
                                      int heads, float *work, float *out) {
