@@ -1606,9 +1606,6 @@ static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     return ACMOE_ERR_UNSUPPORTED;
 }
 
-/* Copy an nx x nk block (element (x, p) at src[x * sx + p * sk]) into panels of w along x:
-   panel q holds rows q*w .. q*w+w-1 as dst[q*nk*w + p*w + x], zero-padded. With w = 1 each
-   row is copied whole, contiguous along the depth. */
 /* dst[p * ld_dst + x] = src[x * ld_src + p] for x in [x0, x1), p in [p0, p1). */
 static void acmoe__transpose_scalar(float *dst, ptrdiff_t ld_dst, const float *src, ptrdiff_t ld_src,
                                     int x0, int x1, int p0, int p1) {
@@ -1655,6 +1652,9 @@ static void acmoe__transpose(acmoe_isa isa, float *dst, ptrdiff_t ld_dst, const 
     acmoe__transpose_scalar(dst, ld_dst, src, ld_src, xb, nx, 0, pb);
 }
 
+/* Copy an nx x nk block (element (x, p) at src[x * sx + p * sk]) into panels of w along x:
+   panel q holds rows q*w .. q*w+w-1 as dst[q*nk*w + p*w + x], zero-padded. With w = 1 each
+   row is copied whole, contiguous along the depth. */
 static void acmoe__pack(acmoe_isa isa, float *dst, const float *src, ptrdiff_t sx, ptrdiff_t sk,
                         int nx, int nk, int w) {
     int x0, p;
@@ -1663,18 +1663,26 @@ static void acmoe__pack(acmoe_isa isa, float *dst, const float *src, ptrdiff_t s
         acmoe__transpose(isa, dst, nk, src, sk, nk, nx);
         return;
     }
+    if (sx == 1) { /* panel rows are contiguous in the source: read it in order, row by row
+                      (panel by panel was 2-2.5x slower on weights coming from memory) */
+        for (p = 0; p < nk; p++)
+            for (x0 = 0; x0 < nx; x0 += w) {
+                int wx = ACMOE__MIN(w, nx - x0);
+                float *d = dst + (ptrdiff_t)x0 * nk + (ptrdiff_t)p * w;
+                memcpy(d, src + p * sk + x0, sizeof(float) * (size_t)wx);
+                if (wx < w) memset(d + wx, 0, sizeof(float) * (size_t)(w - wx));
+            }
+        return;
+    }
     for (x0 = 0; x0 < nx; x0 += w, dst += (ptrdiff_t)nk * w) {
         int wx = ACMOE__MIN(w, nx - x0);
         const float *s = src + x0 * sx;
-        if (sx == 1) { /* panel rows are contiguous in the source */
-            for (p = 0; p < nk; p++) memcpy(dst + p * w, s + p * sk, sizeof(float) * (size_t)wx);
-        } else if (w == 1) {
+        if (w == 1) {
             memcpy(dst, s, sizeof(float) * (size_t)nk);
         } else {
             acmoe__transpose(isa, dst, w, s, sx, wx, nk);
+            for (p = 0; wx < w && p < nk; p++) memset(dst + p * w + wx, 0, sizeof(float) * (size_t)(w - wx));
         }
-        if (wx < w)
-            for (p = 0; p < nk; p++) memset(dst + p * w + wx, 0, sizeof(float) * (size_t)(w - wx));
     }
 }
 
