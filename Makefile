@@ -12,7 +12,7 @@ B        := build
 TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm bench examples demo clean
+.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm bench bench-pytorch examples demo clean
 
 all: $(B)/tests $(B)/bench examples
 
@@ -72,6 +72,13 @@ $(B)/bench: bench/bench.c acmoe.h | $(B)
 
 bench: $(B)/bench
 	./$(B)/bench
+
+# The PyTorch peer of bench sections 2 and 3 on this machine (Debian: python3-torch, libopenblas0-pthread).
+PYTHON ?= /usr/bin/python3
+bench-pytorch:
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "bench-pytorch needs PyTorch: apt-get install python3-torch libopenblas0-pthread"; exit 1; }
+	$(PYTHON) bench/pytorch_peer.py --threads 1
+	$(PYTHON) bench/pytorch_peer.py --threads 2
 
 EXAMPLES := $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 
