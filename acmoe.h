@@ -1681,7 +1681,8 @@ static void acmoe__pack(acmoe_isa isa, float *dst, const float *src, ptrdiff_t s
             memcpy(dst, s, sizeof(float) * (size_t)nk);
         } else {
             acmoe__transpose(isa, dst, w, s, sx, wx, nk);
-            for (p = 0; wx < w && p < nk; p++) memset(dst + p * w + wx, 0, sizeof(float) * (size_t)(w - wx));
+            if (wx < w)
+                for (p = 0; p < nk; p++) memset(dst + p * w + wx, 0, sizeof(float) * (size_t)(w - wx));
         }
     }
 }
