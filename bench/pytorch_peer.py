@@ -153,7 +153,7 @@ def section_moe():
 
 def section_training():
     model = LM()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)  # one kernel per step, not per tensor
     tokens = torch.randint(0, 256, (8, 256))
     targets = torch.randint(0, 256, (8, 256))
 
