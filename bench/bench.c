@@ -8,9 +8,12 @@
    Section 1 (matmul) measures the FP32 FMA peak of the kernel path's instruction set, then
    the acmoe_matmul throughput of MoE-sized and square products on 1 and 2 threads, as a share
    of that measured peak. Section 2 times the MoE layer's forward and backward pass for three
-   configurations and three routers; section 3 a language-model training step, its memory,
-   and decoding one sequence position by position. Sections 2 and 3 also give each rate as a
-   share of the measured peak, which carries across machines where the rate does not. Built
+   configurations and three routers, the routers taking turns step by step so that drifts in
+   the host's speed reach all three alike; section 3 a language-model training step, its
+   memory, and decoding one sequence position by position. Sections 2 and 3 also give each
+   rate as a share of the measured peak, which carries across machines where the rate does
+   not. Each section ends with its own resident peak. `make bench-pytorch` runs the PyTorch
+   peer of sections 2 and 3 (bench/pytorch_peer.py). Built
    without -march: SIMD code here is compiled per function and only called when the CPU
    supports it. */
 #ifndef _POSIX_C_SOURCE
@@ -24,6 +27,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#ifdef __GLIBC__
+#include <malloc.h> /* malloc_trim */
+#endif
 #include <time.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -499,23 +505,40 @@ static void moe_step(acmoe_ctx *ctx, moe_bench *b) {
     check_status(acmoe_moe_backward(b->layer, ctx, b->dout, b->dx), "acmoe_moe_backward");
 }
 
-/* Median seconds of a forward + backward step, and the median share of it spent routing. */
-static double moe_median_step(acmoe_ctx *ctx, moe_bench *b, const timing_plan *plan, double *routing_share) {
-    double times[MOE_MAX_STEPS], shares[MOE_MAX_STEPS], start;
-    int reps, i;
-    for (i = 0; i < plan->warmup; i++) moe_step(ctx, b);
+#define MOE_ROUTERS ((int)(sizeof moe_routers / sizeof moe_routers[0]))
+
+/* One config's routers measured in rounds of one step each, so that drifts in the host's
+   speed (which move whole runs by 10 % and more) reach every router alike. Medians of the
+   step seconds and of the share of each step spent routing, and the median of the rounds'
+   AC over cosine step ratios. */
+typedef struct moe_timing {
+    double step[MOE_ROUTERS], routing_share[MOE_ROUTERS], ac_over_cosine;
+} moe_timing;
+
+static moe_timing moe_time_routers(acmoe_ctx *ctx, moe_bench *b, const timing_plan *plan) {
+    static double times[MOE_ROUTERS][MOE_MAX_STEPS], shares[MOE_ROUTERS][MOE_MAX_STEPS], ratios[MOE_MAX_STEPS];
+    moe_timing m;
+    double start;
+    int reps, r, i;
+    for (r = 0; r < MOE_ROUTERS; r++)
+        for (i = 0; i < plan->warmup; i++) moe_step(ctx, &b[r]);
     start = now_seconds();
     for (reps = 0; reps < MOE_MAX_STEPS; reps++) {
-        double t0 = now_seconds();
-        acmoe_moe_stats st;
-        if (reps >= plan->min_reps && t0 - start >= plan->min_seconds) break;
-        moe_step(ctx, b);
-        times[reps] = now_seconds() - t0;
-        st = acmoe_moe_get_stats(b->layer);
-        shares[reps] = st.seconds_routing / times[reps];
+        if (reps >= plan->min_reps && now_seconds() - start >= MOE_ROUTERS * plan->min_seconds) break;
+        for (r = 0; r < MOE_ROUTERS; r++) {
+            double t0 = now_seconds();
+            moe_step(ctx, &b[r]);
+            times[r][reps] = now_seconds() - t0;
+            shares[r][reps] = acmoe_moe_get_stats(b[r].layer).seconds_routing / times[r][reps];
+        }
+        ratios[reps] = times[2][reps] / times[1][reps]; /* AC, cosine: see moe_routers */
     }
-    *routing_share = median(shares, reps);
-    return median(times, reps);
+    for (r = 0; r < MOE_ROUTERS; r++) {
+        m.routing_share[r] = median(shares[r], reps);
+        m.step[r] = median(times[r], reps);
+    }
+    m.ac_over_cosine = median(ratios, reps);
+    return m;
 }
 
 static void run_section_moe(const bench_options *opt) {
@@ -523,41 +546,43 @@ static void run_section_moe(const bench_options *opt) {
     acmoe_ctx *ctx[2];
     acmoe_rng rng;
     const double *peak;
-    size_t c, r;
-    int t;
+    size_t c;
+    int t, r;
     ctx[0] = context_with_threads(1);
     ctx[1] = context_with_threads(2);
     acmoe_rng_seed(&rng, 7);
     peak = fma_peak(&plan);
-    printf("\nMoE layer forward + backward, tokens/s (median of at least %d steps); %%peak = the share of\n"
-           "the measured peak the experts' and router's products use at that rate; routing = router\n"
-           "forward and backward as a share of the step\n",
+    printf("\nMoE layer forward + backward, tokens/s (median of at least %d steps; the routers of a config\n"
+           "take turns, one step each); %%peak = the share of the measured peak the experts' and router's\n"
+           "products use at that rate; routing = router forward and backward as a share of the step\n",
            plan.min_reps);
     printf("%-26s %-7s %11s %6s %8s %11s %6s %8s %6s\n", "config", "router", "1T tok/s", "%peak", "routing",
            "2T tok/s", "%peak", "routing", "2T/1T");
     for (c = 0; c < sizeof moe_configs / sizeof moe_configs[0]; c++) {
         const moe_config *cfg = &moe_configs[c];
-        double step[3][2], share[3][2];
+        moe_bench b[MOE_ROUTERS];
+        moe_timing m[2];
         char name[64];
         snprintf(name, sizeof name, "E%d k%d d%d ff%d T%d", cfg->n_experts, cfg->top_k, cfg->d_model, cfg->d_ff,
                  cfg->tokens);
-        for (r = 0; r < sizeof moe_routers / sizeof moe_routers[0]; r++) {
-            moe_bench b = moe_bench_create(cfg, moe_routers[r], &rng);
-            for (t = 0; t < 2; t++) step[r][t] = moe_median_step(ctx[t], &b, &plan, &share[r][t]);
-            printf("%-26s %-7s %11.0f %5.1f%% %7.1f%% %11.0f %5.1f%% %7.1f%% %5.2fx\n", name,
-                   moe_router_names[r], cfg->tokens / step[r][0],
-                   100.0 * share_of_peak(cfg->tokens / step[r][0], moe_flops_per_token(cfg), peak[0]),
-                   100.0 * share[r][0], cfg->tokens / step[r][1],
-                   100.0 * share_of_peak(cfg->tokens / step[r][1], moe_flops_per_token(cfg), peak[1]),
-                   100.0 * share[r][1], step[r][0] / step[r][1]);
-            fflush(stdout);
-            moe_bench_destroy(&b);
+        for (r = 0; r < MOE_ROUTERS; r++) b[r] = moe_bench_create(cfg, moe_routers[r], &rng);
+        for (t = 0; t < 2; t++) m[t] = moe_time_routers(ctx[t], b, &plan);
+        for (r = 0; r < MOE_ROUTERS; r++) {
+            printf("%-26s %-7s %11.0f %5.1f%% %7.1f%% %11.0f %5.1f%% %7.1f%% %5.2fx\n", name, moe_router_names[r],
+                   cfg->tokens / m[0].step[r],
+                   100.0 * share_of_peak(cfg->tokens / m[0].step[r], moe_flops_per_token(cfg), peak[0]),
+                   100.0 * m[0].routing_share[r], cfg->tokens / m[1].step[r],
+                   100.0 * share_of_peak(cfg->tokens / m[1].step[r], moe_flops_per_token(cfg), peak[1]),
+                   100.0 * m[1].routing_share[r], m[0].step[r] / m[1].step[r]);
+            moe_bench_destroy(&b[r]);
         }
-        /* The step ratio carries the run-to-run noise of two whole steps; the routing shares
-           come from one clock inside each step and isolate the AC router's own work. */
+        /* The routing shares come from one clock inside each step and isolate the AC router's
+           own work; the step ratio pairs steps taken one after the other. */
         printf("%-26s AC over cosine: step %+.1f%% (1T) %+.1f%% (2T); routing share %+.1f (1T) %+.1f (2T) points\n",
-               "", 100.0 * (step[2][0] / step[1][0] - 1.0), 100.0 * (step[2][1] / step[1][1] - 1.0),
-               100.0 * (share[2][0] - share[1][0]), 100.0 * (share[2][1] - share[1][1]));
+               "", 100.0 * (m[0].ac_over_cosine - 1.0), 100.0 * (m[1].ac_over_cosine - 1.0),
+               100.0 * (m[0].routing_share[2] - m[0].routing_share[1]),
+               100.0 * (m[1].routing_share[2] - m[1].routing_share[1]));
+        fflush(stdout);
     }
     acmoe_ctx_destroy(ctx[0]);
     acmoe_ctx_destroy(ctx[1]);
@@ -701,11 +726,34 @@ static bench_options parse_options(int argc, char **argv) {
     return opt;
 }
 
-static void print_peak_memory(void) {
+/* Each section's own resident peak: Linux resets the high-water mark (VmHWM) on writing 5 to
+   /proc/self/clear_refs, after glibc has handed back the heap the sections before freed.
+   Elsewhere the process's peak so far (ru_maxrss) stands in for it. */
+static int reset_peak_memory(void) {
+    FILE *f;
+    int ok;
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+    f = fopen("/proc/self/clear_refs", "w");
+    ok = f && fputs("5", f) >= 0;
+    if (f) ok = fclose(f) == 0 && ok;
+    return ok;
+}
+
+static void print_peak_memory(int section_only) {
     struct rusage usage;
-    if (getrusage(RUSAGE_SELF, &usage) != 0) return;
-    /* ru_maxrss is in KiB on Linux */
-    printf("Peak memory:  %.1f MiB (ru_maxrss)\n", (double)usage.ru_maxrss / 1024.0);
+    char line[128];
+    FILE *f = section_only ? fopen("/proc/self/status", "r") : NULL;
+    double kib = -1.0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %lf", &kib) == 1) break;
+    if (f) fclose(f);
+    if (kib >= 0.0) {
+        printf("Peak memory:  %.1f MiB (resident high-water mark of this section)\n", kib / 1024.0);
+    } else if (getrusage(RUSAGE_SELF, &usage) == 0) { /* ru_maxrss is in KiB on Linux */
+        printf("Peak memory:  %.1f MiB (ru_maxrss, the process so far)\n", (double)usage.ru_maxrss / 1024.0);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -713,10 +761,11 @@ int main(int argc, char **argv) {
     int i;
     for (i = 0; i < SECTION_COUNT; i++) {
         if (opt.section && opt.section != i + 1) continue;
+        int reset = reset_peak_memory();
         printf("Section %d: %s\n", i + 1, sections[i].name);
         sections[i].run(&opt);
+        print_peak_memory(reset);
         printf("\n");
     }
-    print_peak_memory();
     return 0;
 }
