@@ -4,11 +4,12 @@
 
 Debian: apt-get install python3-torch libopenblas0-pthread (Debian's PyTorch 1.13 calls the
 system BLAS, the reference one unless OpenBLAS is installed). The script sets the thread
-count of PyTorch and of OpenBLAS itself (the environment variables OPENBLAS_NUM_THREADS,
-OMP_NUM_THREADS and OMP_WAIT_POLICY override it). It builds the same layer and the same model as the
-bench (E experts, top-2, ReLU experts with biases; 3 layers "ggc", post-LN, learned positions,
-tied head, AdamW) the way a tuned PyTorch CPU implementation does it: tokens sorted by expert,
-one addmm per expert, index_add_ to combine; autograd for the backward pass.
+count of PyTorch and of OpenBLAS itself; the environment variables OPENBLAS_NUM_THREADS,
+OMP_NUM_THREADS and OMP_WAIT_POLICY override it. It builds the same layers and the same
+model as the bench (E experts, top-2, ReLU experts with biases; 3 layers "ggc", post-LN,
+learned positions, tied head, AdamW) the way a tuned PyTorch CPU implementation does:
+tokens sorted by expert, one addmm per expert, index_add_ to combine, autograd for the
+backward pass.
 """
 import argparse
 import os
