@@ -516,7 +516,7 @@ typedef struct moe_timing {
 } moe_timing;
 
 static moe_timing moe_time_routers(acmoe_ctx *ctx, moe_bench *b, const timing_plan *plan) {
-    static double times[MOE_ROUTERS][MOE_MAX_STEPS], shares[MOE_ROUTERS][MOE_MAX_STEPS], ratios[MOE_MAX_STEPS];
+    double times[MOE_ROUTERS][MOE_MAX_STEPS], shares[MOE_ROUTERS][MOE_MAX_STEPS], ratios[MOE_MAX_STEPS];
     moe_timing m;
     double start;
     int reps, r, i;
@@ -741,10 +741,10 @@ static int reset_peak_memory(void) {
     return ok;
 }
 
-static void print_peak_memory(int section_only) {
+static void print_peak_memory(int was_reset) {
     struct rusage usage;
     char line[128];
-    FILE *f = section_only ? fopen("/proc/self/status", "r") : NULL;
+    FILE *f = was_reset ? fopen("/proc/self/status", "r") : NULL;
     double kib = -1.0;
     while (f && fgets(line, sizeof line, f))
         if (sscanf(line, "VmHWM: %lf", &kib) == 1) break;
