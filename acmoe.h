@@ -1317,17 +1317,8 @@ static float acmoe__lanes_sum(float *lanes, int n) {
     return lanes[0];
 }
 
-#if defined(ACMOE__X86) || defined(ACMOE__NEON) /* the vector paths' helper */
-static float acmoe__lanes_max(float *lanes, int n) {
-    int w, l;
-    for (w = n / 2; w > 0; w /= 2)
-        for (l = 0; l < w; l++) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
-    return lanes[0];
-}
-#endif
-
 #define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, DIV, SQRT, FMA, MAX,  \
-                                  ROUND, POW2)                                                          \
+                                  ROUND, LDEXP, HSUM, HMAX)                                             \
     TARGET static VEC acmoe__exp_##SFX(VEC x) {                                                          \
         VEC n, r, p;                                                                                     \
         x = MAX(x, SET1(ACMOE__EXP_LO));                                                                 \
@@ -1340,19 +1331,16 @@ static float acmoe__lanes_max(float *lanes, int n) {
         p = FMA(p, r, SET1(0.5f));                                                                       \
         p = FMA(p, r, SET1(1.0f));                                                                       \
         p = FMA(p, r, SET1(1.0f));                                                                       \
-        return MUL(p, POW2(n));                                                                          \
+        return LDEXP(p, n);                                                                              \
     }                                                                                                    \
     TARGET static float acmoe__row_max_##SFX(const float *x, int n) {                                   \
-        float lanes[VLEN];                                                                               \
         VEC m = SET1(x[0]);                                                                              \
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) m = MAX(m, LOAD(x + i));                                   \
         if (i < n) m = MAX(m, acmoe__tail_load_##SFX(x + i, n - i, x[0]));                               \
-        STORE(lanes, m);                                                                                 \
-        return acmoe__lanes_max(lanes, VLEN);                                                            \
+        return HMAX(m);                                                                                  \
     }                                                                                                    \
     TARGET static float acmoe__row_exp_##SFX(float *y, const float *x, int n, float shift, float scale) { \
-        float lanes[VLEN];                                                                               \
         VEC acc = SET1(0.0f), e;                                                                         \
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) {                                                          \
@@ -1366,27 +1354,22 @@ static float acmoe__lanes_max(float *lanes, int n) {
             acc = ADD(acc, e);                                                                           \
             if (y) acmoe__tail_store_##SFX(y + i, e, n - i);                                             \
         }                                                                                                \
-        STORE(lanes, acc);                                                                               \
-        return acmoe__lanes_sum(lanes, VLEN);                                                            \
+        return HSUM(acc);                                                                                \
     }                                                                                                    \
     TARGET static float acmoe__row_sum_##SFX(const float *x, int n) {                                   \
-        float lanes[VLEN];                                                                               \
         VEC acc = SET1(0.0f);                                                                            \
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) acc = ADD(acc, LOAD(x + i));                               \
         if (i < n) acc = ADD(acc, acmoe__tail_load_##SFX(x + i, n - i, 0.0f));                           \
-        STORE(lanes, acc);                                                                               \
-        return acmoe__lanes_sum(lanes, VLEN);                                                            \
+        return HSUM(acc);                                                                                \
     }                                                                                                    \
     TARGET static float acmoe__row_dot_##SFX(const float *a, const float *b, int n) {                   \
-        float lanes[VLEN];                                                                               \
         VEC acc = SET1(0.0f);                                                                            \
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) acc = FMA(LOAD(a + i), LOAD(b + i), acc);                 \
         if (i < n)                                                                                       \
             acc = FMA(acmoe__tail_load_##SFX(a + i, n - i, 0.0f), acmoe__tail_load_##SFX(b + i, n - i, 0.0f), acc); \
-        STORE(lanes, acc);                                                                               \
-        return acmoe__lanes_sum(lanes, VLEN);                                                            \
+        return HSUM(acc);                                                                                \
     }                                                                                                    \
     TARGET static void acmoe__row_adam_##SFX(float *p, const float *g, float *m, float *v, size_t n,      \
                                              const acmoe__adam *a) {                                     \
@@ -1421,11 +1404,24 @@ ACMOE__TARGET_AVX2 static __m256 acmoe__tail_keep_avx2(__m256 v, int n) {
     return _mm256_and_ps(v, _mm256_castsi256_ps(acmoe__tail_mask_avx2(n)));
 }
 #define ACMOE__AVX2_ROUND(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define ACMOE__AVX2_POW2(n) \
-    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define ACMOE__AVX2_LDEXP(p, n) \
+    _mm256_mul_ps((p), _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)))
+/* A register's lanes added in the order of acmoe__lanes_sum (halves, then quarters, ...), or
+   their maximum, without a trip through memory. */
+ACMOE__TARGET_AVX2 static float acmoe__hsum_avx2(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+ACMOE__TARGET_AVX2 static float acmoe__hmax_avx2(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
 ACMOE__DEFINE_ROW_KERNELS(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
                           _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_sqrt_ps,
-                          _mm256_fmadd_ps, _mm256_max_ps, ACMOE__AVX2_ROUND, ACMOE__AVX2_POW2)
+                          _mm256_fmadd_ps, _mm256_max_ps, ACMOE__AVX2_ROUND, ACMOE__AVX2_LDEXP, acmoe__hsum_avx2,
+                          acmoe__hmax_avx2)
 #endif
 
 #ifdef ACMOE__HAVE_AVX512
@@ -1445,13 +1441,26 @@ ACMOE__TARGET_AVX512 static __m512 acmoe__tail_keep_avx512(__m512 v, int n) {
 #define ACMOE__ALL8 ((__mmask8)0xFF)
 #define ACMOE__AVX512_ROUND(x) \
     _mm512_maskz_roundscale_ps(ACMOE__ALL16, (x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define ACMOE__AVX512_POW2(n) _mm512_maskz_scalef_ps(ACMOE__ALL16, _mm512_set1_ps(1.0f), (n))
+#define ACMOE__AVX512_LDEXP(p, n) _mm512_maskz_scalef_ps(ACMOE__ALL16, (p), (n))
+#define ACMOE__AVX512_HALF(v, i) _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(ACMOE__ALL8, _mm512_castps_pd(v), (i)))
+ACMOE__TARGET_AVX512 static float acmoe__hsum_avx512(__m512 v) {
+    __m256 h = _mm256_add_ps(ACMOE__AVX512_HALF(v, 0), ACMOE__AVX512_HALF(v, 1));
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+ACMOE__TARGET_AVX512 static float acmoe__hmax_avx512(__m512 v) {
+    __m256 h = _mm256_max_ps(ACMOE__AVX512_HALF(v, 0), ACMOE__AVX512_HALF(v, 1));
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
 #define ACMOE__AVX512_MAX(a, b) _mm512_maskz_max_ps(ACMOE__ALL16, (a), (b))
 #define ACMOE__AVX512_SQRT(x) _mm512_maskz_sqrt_ps(ACMOE__ALL16, (x))
 ACMOE__DEFINE_ROW_KERNELS(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps,
                           _mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_div_ps,
                           ACMOE__AVX512_SQRT, _mm512_fmadd_ps, ACMOE__AVX512_MAX, ACMOE__AVX512_ROUND,
-                          ACMOE__AVX512_POW2)
+                          ACMOE__AVX512_LDEXP, acmoe__hsum_avx512, acmoe__hmax_avx512)
 #endif
 
 #ifdef ACMOE__NEON
@@ -1472,10 +1481,12 @@ static float32x4_t acmoe__tail_keep_neon(float32x4_t v, int n) {
     memset(lanes + n, 0, sizeof(float) * (size_t)(4 - n));
     return vld1q_f32(lanes);
 }
-#define ACMOE__NEON_POW2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
+#define ACMOE__NEON_LDEXP(p, n) \
+    vmulq_f32((p), vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23)))
+static float acmoe__hsum_neon(float32x4_t v) { return vpadds_f32(vadd_f32(vget_low_f32(v), vget_high_f32(v))); }
 ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, vaddq_f32, vsubq_f32,
                           vmulq_f32, vdivq_f32, vsqrtq_f32, ACMOE__NEON_FMA, vmaxq_f32, vrndnq_f32,
-                          ACMOE__NEON_POW2)
+                          ACMOE__NEON_LDEXP, acmoe__hsum_neon, vmaxvq_f32)
 #endif
 
 /* Column kernels: products with one output column (decoding a token), c (+)= A' b for up
@@ -3343,151 +3354,262 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_backward_columns, &j);
 }
 
-/* Causal attention works in blocks of query rows: the block ending at row i1 needs keys
-   0 .. i1-1 only, which spares about 40% of the products at seq 256. The probabilities live
-   one block at a time in a small per-pair scratch and are recomputed, with the same bits, in
-   the backward pass: storing them all would save about 5% of a training step at seq 256 but
-   cost about batch x heads x seq^2 / 2 floats per layer (10 MB at seq 256, batch 8 and 8
-   heads; 0.5 GB at seq 2048). */
+/* Causal attention runs one (sequence, head) pair per thread at a time, in strips of mr
+   query rows: a strip's scores against its keys, their exponentials, and the products with
+   the values, all in a per-pair scratch that stays in cache. A head is a few columns (16 at
+   d 128 and 8 heads), too narrow for packing to pay: the micro-kernels read every operand in
+   place, from copies of the pair's keys and values made once (rows padded to a multiple of
+   ACMOE__ATTENTION_PAD, and transposed where the keys run along a row). The strip's row
+   reaches only as far as the strip's last key, so no product is spent above the diagonal
+   but the strip's own corner. The probabilities are recomputed, with the same bits, in the
+   backward pass: storing them would save about 5% of a training step at seq 256 but cost
+   batch x heads x seq^2 / 2 floats per layer (10 MB at seq 256, batch 8 and 8 heads; 0.5 GB
+   at seq 2048). The backward pass takes query rows a block at a time, so that each block's
+   key and value gradients are one product per strip of keys. */
 #define ACMOE__ATTENTION_BLOCK 64
+#define ACMOE__ATTENTION_PAD 16 /* every path's kernel widths divide it or are multiples of it */
 
-/* Scratch floats for one (sequence, head) pair: a block of probabilities, its gradient, and
-   the block's output gradient rows divided by their sums. */
-static size_t acmoe__attention_work(int seq, int dh) {
-    return (size_t)ACMOE__MIN(seq, ACMOE__ATTENTION_BLOCK) * (2 * (size_t)seq + (size_t)dh);
+static int acmoe__pad_up(int n) { return (n + ACMOE__ATTENTION_PAD - 1) / ACMOE__ATTENTION_PAD * ACMOE__ATTENTION_PAD; }
+
+/* One pair's scratch: the keys transposed (kt, dh rows of sp) and as padded rows (kr, sp rows
+   of hp); the values transposed (vt) for the backward pass; xr: the values' rows in the forward
+   pass, the queries' rows in the backward; p and dp: a block of probabilities and their
+   gradients (row stride sp); g: the block's output gradient rows divided by their sums;
+   dk, dv: the key and value gradients; tile: a strip's output rows. */
+typedef struct acmoe__attention_scratch {
+    float *kt, *vt, *kr, *xr, *p, *dp, *g, *dk, *dv, *tile;
+    int sp, hp; /* padded sequence length and head width */
+} acmoe__attention_scratch;
+
+static size_t acmoe__attention_layout(int seq, int dh, float *base, acmoe__attention_scratch *s) {
+    const size_t sp = (size_t)acmoe__pad_up(seq), hp = (size_t)acmoe__pad_up(dh);
+    const size_t block = (size_t)ACMOE__MIN(seq, ACMOE__ATTENTION_BLOCK) * sp;
+    const size_t sizes[10] = {dh * sp, dh * sp, sp * hp, sp * hp, block, block,
+                              (size_t)ACMOE__ATTENTION_BLOCK * hp, sp * hp, sp * hp, ACMOE__MR_MAX * hp};
+    float **parts[10];
+    size_t used = 0;
+    int i;
+    parts[0] = &s->kt, parts[1] = &s->vt, parts[2] = &s->kr, parts[3] = &s->xr, parts[4] = &s->p;
+    parts[5] = &s->dp, parts[6] = &s->g, parts[7] = &s->dk, parts[8] = &s->dv, parts[9] = &s->tile;
+    for (i = 0; i < 10; i++) {
+        if (base) *parts[i] = base + used;
+        used += sizes[i];
+    }
+    s->sp = (int)sp, s->hp = (int)hp;
+    return used;
 }
 
-/* The exponentials of the rows of block s (stride seq; its row r is sequence row i0 + r,
-   with i1 - i0 rows) in place, scaled and less the row's maximum: row i sees columns 0..i,
-   and its columns up to i1 are zeroed for the block's products. inv[r] is the inverse of row
-   r's sum, so the softmax is the row times it. */
-static void acmoe__causal_exp(const acmoe__kernel *kern, float *s, int seq, int i0, int i1, float scale,
+/* Scratch floats for one (sequence, head) pair. */
+static size_t acmoe__attention_work(int seq, int dh) {
+    acmoe__attention_scratch s;
+    return acmoe__attention_layout(seq, dh, NULL, &s);
+}
+
+/* c (+)= a b for m rows of a (element (i, p) at a[i * a_rs + p * a_cs]), depth k, b's rows of
+   n floats at stride b_rs, n a multiple of ACMOE__ATTENTION_PAD: the micro-kernels read the
+   operands in place, the widest kernel that fits at each column. Each element is one chain of
+   k multiply-adds, as in acmoe_matmul with k within one depth block. */
+static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k, const float *a, ptrdiff_t a_rs,
+                                 ptrdiff_t a_cs, const float *b, ptrdiff_t b_rs, float *c, ptrdiff_t c_rs,
+                                 int accumulate) {
+    const float *rows[ACMOE__MR_MAX];
+    int i0, j0, i, w;
+    for (i0 = 0; i0 < m; i0 += kern->mr) {
+        const int mrr = ACMOE__MIN(kern->mr, m - i0);
+        for (i = 0; i < kern->mr; i++) rows[i] = a + (i0 + ACMOE__MIN(i, mrr - 1)) * a_rs;
+        for (j0 = 0; j0 < n; j0 += kern->width[w]) {
+            for (w = 0; kern->width[w] > n - j0; w++) continue;
+            kern->fn[w](k, rows, a_cs, b + j0, b_rs, c + i0 * c_rs + j0, c_rs, mrr, accumulate);
+        }
+    }
+}
+
+/* y = x times its row's factor (1 without factors) for n rows of dh floats, and zeros up to
+   width (row strides ldy and ldx). */
+static void acmoe__scale_rows(float *y, size_t ldy, const float *x, size_t ldx, int n, int dh, int width,
+                              const float *factor) {
+    int r, c;
+    for (r = 0; r < n; r++) {
+        float *yr = y + (size_t)r * ldy;
+        for (c = 0; c < dh; c++) yr[c] = factor ? x[(size_t)r * ldx + c] * factor[r] : x[(size_t)r * ldx + c];
+        for (; c < width; c++) yr[c] = 0.0f;
+    }
+}
+
+/* t = x^T for n rows of dh floats (row stride ldx), zero-padded to sp columns. */
+static void acmoe__transpose_padded(acmoe_isa isa, float *t, int sp, const float *x, size_t ldx, int n, int dh) {
+    int c;
+    acmoe__transpose(isa, t, sp, x, (ptrdiff_t)ldx, n, dh);
+    for (c = 0; c < dh; c++) memset(t + (size_t)c * sp + n, 0, sizeof(float) * (size_t)(sp - n));
+}
+
+/* The exponentials of rows [i0, i1) of the scores s (row stride ld, first row i0) in place,
+   scaled and less the row's maximum: row i sees keys 0..i, and its columns from i + 1 up to
+   zero_end are zeroed for the products that read past its diagonal. inv[r] is the inverse of
+   row i0 + r's sum, so the softmax is the row times it. */
+static void acmoe__causal_exp(const acmoe__kernel *kern, float *s, int ld, int i0, int i1, int zero_end, float scale,
                               float *inv) {
     int i;
     for (i = i0; i < i1; i++) {
-        float *row = s + (size_t)(i - i0) * seq;
+        float *row = s + (size_t)(i - i0) * ld;
         inv[i - i0] = 1.0f / kern->row_exp(row, row, i + 1, kern->row_max(row, i + 1), scale);
-        memset(row + i + 1, 0, sizeof(float) * (size_t)(i1 - i - 1));
+        memset(row + i + 1, 0, sizeof(float) * (size_t)(zero_end - i - 1));
     }
 }
 
-/* y = x times its row's factor, for n rows of dh floats (row strides ldy and ldx). */
-static void acmoe__scale_rows(float *y, size_t ldy, const float *x, size_t ldx, int n, int dh, const float *factor) {
-    int r, c;
-    for (r = 0; r < n; r++)
-        for (c = 0; c < dh; c++) y[(size_t)r * ldy + c] = x[(size_t)r * ldx + c] * factor[r];
-}
-
-/* The softmax backward of the same block, from its exponentials e and dp, the gradient of
-   its probabilities divided by the row sums: dp becomes the gradient of the scaled scores.
-   dot[r] is row r's sum of e dp, which equals its output row times its divided output
-   gradient row (dh products rather than a row of seq). */
-static void acmoe__causal_softmax_backward(const float *e, float *dp, int seq, int i0, int i1, const float *dot,
-                                           float scale) {
+/* The softmax backward of the same rows, from their exponentials e and dp, the gradient of
+   their probabilities divided by the row sums: dp becomes the gradient of the scaled scores,
+   zeroed past the diagonal up to zero_end. dot[r] is row r's sum of e dp, which equals its
+   output row times its divided output gradient row (dh products rather than a row of keys). */
+static void acmoe__causal_softmax_backward(const float *e, float *dp, int ld, int i0, int i1, int zero_end,
+                                           const float *dot, float scale) {
     int i, c;
     for (i = i0; i < i1; i++) {
-        const float *er = e + (size_t)(i - i0) * seq;
-        float *dr = dp + (size_t)(i - i0) * seq;
+        const float *er = e + (size_t)(i - i0) * ld;
+        float *dr = dp + (size_t)(i - i0) * ld;
         for (c = 0; c <= i; c++) dr[c] = er[c] * (dr[c] - dot[i - i0]) * scale;
-        memset(dr + i + 1, 0, sizeof(float) * (size_t)(i1 - i - 1));
+        memset(dr + i + 1, 0, sizeof(float) * (size_t)(zero_end - i - 1));
     }
 }
 
-/* Attention runs one (sequence, head) pair per thread at a time, each with single-thread
-   matmuls, so results do not depend on the thread count. */
+/* Attention runs one (sequence, head) pair per thread at a time, so results do not depend on
+   the thread count. */
 typedef struct acmoe__attention_job {
     acmoe_ctx *ctx;
     const float *qkv, *dout;
-    float *work, *out, *dqkv; /* work: acmoe__attention_work floats per pair; out is read
+    float *work, *out, *dqkv; /* work: acmoe__attention_work floats per thread; out is read
                                  in the backward pass */
     int batch, seq, d, heads;
     int start; /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
 } acmoe__attention_job;
 
-/* One pair's operands: q, k, v (row stride 3d) and their gradients, the output or its
-   gradient (row stride d), and the pair's scratch (g: a block of divided output gradients,
-   row stride dh). */
+/* One pair's operands: q, k, v (row stride 3d) and their gradients, its output or output
+   gradient rows (row stride d), and its scratch. */
 typedef struct acmoe__attention_pair {
     const float *q, *k, *v;
-    float *dq, *dk, *dv, *p, *dp, *g;
+    float *dq, *dk, *dv;
     size_t out; /* offset of the pair's first output row in out or dout */
+    acmoe__attention_scratch s;
 } acmoe__attention_pair;
 
-static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job *j, int pair) {
+static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job *j, int pair, int tid) {
     const int b = pair / j->heads, h = pair % j->heads, dh = j->d / j->heads;
     const size_t base = (size_t)b * j->seq * 3 * j->d + (size_t)h * dh;
     acmoe__attention_pair P;
     P.q = j->qkv + base, P.k = P.q + j->d, P.v = P.q + 2 * j->d;
     P.dq = j->dqkv ? j->dqkv + base : NULL, P.dk = P.dq ? P.dq + j->d : NULL, P.dv = P.dq ? P.dq + 2 * j->d : NULL;
-    P.p = j->work + (size_t)pair * acmoe__attention_work(j->seq, dh);
-    P.dp = P.p + (size_t)ACMOE__MIN(j->seq, ACMOE__ATTENTION_BLOCK) * j->seq;
-    P.g = P.dp + (size_t)ACMOE__MIN(j->seq, ACMOE__ATTENTION_BLOCK) * j->seq;
     P.out = (size_t)b * j->seq * j->d + (size_t)h * dh;
+    acmoe__attention_layout(j->seq, dh, j->work + (size_t)tid * acmoe__attention_work(j->seq, dh), &P.s);
     return P;
 }
 
-/* The unnormalised probabilities of query rows [i0, i1) into P->p and the inverses of their
-   sums (see acmoe__causal_exp): scores against keys 0..i1-1, then their exponentials. */
-static void acmoe__attention_exp(const acmoe__attention_job *j, int tid, const acmoe__attention_pair *P, int i0,
-                                 int i1, float *inv) {
+/* The exponentials of query rows [i0, i1) (keys 0..i1-1) into p, zeroed past the diagonal
+   up to zero_end, and the inverses of their sums. */
+static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__attention_pair *P, int i0, int i1,
+                                 int zero_end, float *p, float *inv) {
+    const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = 3 * j->d;
-    ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, i1 - i0, i1, dh, P->q + (size_t)i0 * ld, ld, P->k, ld, P->p,
-                            j->seq, 0);
-    acmoe__causal_exp(&j->ctx->kernel, P->p, j->seq, i0, i1, 1.0f / sqrtf((float)dh), inv);
+    acmoe__small_product(kern, i1 - i0, acmoe__pad_up(i1), dh, P->q + (size_t)i0 * ld, ld, 1, P->s.kt, P->s.sp, p,
+                         P->s.sp, 0);
+    acmoe__causal_exp(kern, p, P->s.sp, i0, i1, zero_end, 1.0f / sqrtf((float)dh), inv);
 }
 
-/* softmax(q k^T / sqrt(dh)) v per pair, block by block: the exponentials times v, then each
+/* softmax(q k^T / sqrt(dh)) v per pair, strip by strip: the exponentials times v, then each
    output row divided by its sum (dh products rather than a row of probabilities). */
 static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
+    const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = 3 * j->d;
-    float inv[ACMOE__ATTENTION_BLOCK];
+    float inv[ACMOE__MR_MAX];
     int pair, i0, i1;
     for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
-        acmoe__attention_pair P = acmoe__attention_pair_at(j, pair);
+        const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
+        const acmoe__attention_scratch *s = &P.s;
+        acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
+        acmoe__scale_rows(s->xr, (size_t)s->hp, P.v, (size_t)ld, j->seq, dh, s->hp, NULL);
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
-            float *out = j->out + P.out + (size_t)i0 * j->d;
-            i1 = ACMOE__MIN(j->seq, i0 + ACMOE__ATTENTION_BLOCK);
-            acmoe__attention_exp(j, tid, &P, i0, i1, inv);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, i1 - i0, dh, i1, P.p, j->seq, P.v, ld, out, j->d, 0);
-            acmoe__scale_rows(out, (size_t)j->d, out, (size_t)j->d, i1 - i0, dh, inv);
+            i1 = ACMOE__MIN(j->seq, i0 + kern->mr);
+            acmoe__attention_exp(j, &P, i0, i1, i1, s->p, inv);
+            acmoe__small_product(kern, i1 - i0, s->hp, i1, s->p, s->sp, 1, s->xr, s->hp, s->tile, s->hp, 0);
+            acmoe__scale_rows(j->out + P.out + (size_t)i0 * j->d, (size_t)j->d, s->tile, (size_t)s->hp, i1 - i0, dh, dh,
+                              inv);
         }
     }
 }
 
-/* dqkv from dout, pair by pair. Blocks run last first: the last block sees every key, so it
-   writes all of dk and dv and the blocks before it add to their keys. The exponentials stand
-   in for the probabilities, with the output gradient rows divided by the sums instead. */
+/* One block's strips of the backward pass: the exponentials, the divided output gradients
+   g, the probability gradients G V^T turned into score gradients, and dq = dS k. */
+static void acmoe__attention_backward_strips(const acmoe__attention_job *j, const acmoe__attention_pair *P, int b0,
+                                             int b1) {
+    const acmoe__kernel *kern = &j->ctx->kernel;
+    const acmoe__attention_scratch *s = &P->s;
+    const int dh = j->d / j->heads, ld = 3 * j->d;
+    const float scale = 1.0f / sqrtf((float)dh);
+    float inv[ACMOE__MR_MAX], dot[ACMOE__MR_MAX];
+    int i0, i1, r;
+    for (i0 = b0; i0 < b1; i0 = i1) {
+        float *p = s->p + (size_t)(i0 - b0) * s->sp, *dp = s->dp + (size_t)(i0 - b0) * s->sp;
+        float *g = s->g + (size_t)(i0 - b0) * s->hp;
+        const float *o = j->out + P->out + (size_t)i0 * j->d;
+        i1 = ACMOE__MIN(b1, i0 + kern->mr);
+        acmoe__attention_exp(j, P, i0, i1, b1, p, inv);
+        acmoe__scale_rows(g, (size_t)s->hp, j->dout + P->out + (size_t)i0 * j->d, (size_t)j->d, i1 - i0, dh, s->hp,
+                          inv);
+        for (r = 0; r < i1 - i0; r++) dot[r] = kern->row_dot(o + (size_t)r * j->d, g + (size_t)r * s->hp, dh);
+        acmoe__small_product(kern, i1 - i0, acmoe__pad_up(i1), dh, g, s->hp, 1, s->vt, s->sp, dp, s->sp, 0);
+        acmoe__causal_softmax_backward(p, dp, s->sp, i0, i1, b1, dot, scale);
+        acmoe__small_product(kern, i1 - i0, s->hp, i1, dp, s->sp, 1, s->kr, s->hp, s->tile, s->hp, 0);
+        acmoe__scale_rows(P->dq + (size_t)i0 * ld, (size_t)ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh, NULL);
+    }
+}
+
+/* The key and value gradients' share of query rows [b0, b1): dv += P^T g and dk += dS^T q
+   over keys 0..b1-1, each strip of keys from its first row on (rows above it are zero). */
+static void acmoe__attention_backward_keys(const acmoe__attention_job *j, const acmoe__attention_pair *P, int b0,
+                                           int b1) {
+    const acmoe__kernel *kern = &j->ctx->kernel;
+    const acmoe__attention_scratch *s = &P->s;
+    int k0, k1;
+    for (k0 = 0; k0 < b1; k0 = k1) {
+        const int first = ACMOE__MAX(b0, k0) - b0, depth = b1 - b0 - first;
+        const size_t at = (size_t)first * s->sp + (size_t)k0;
+        k1 = k0 < b0 ? b0 : ACMOE__MIN(b1, k0 + kern->mr); /* keys before the block take every row */
+        acmoe__small_product(kern, k1 - k0, s->hp, depth, s->p + at, 1, s->sp, s->g + (size_t)first * s->hp, s->hp,
+                             s->dv + (size_t)k0 * s->hp, s->hp, 1);
+        acmoe__small_product(kern, k1 - k0, s->hp, depth, s->dp + at, 1, s->sp, s->xr + (size_t)(b0 + first) * s->hp,
+                             s->hp, s->dk + (size_t)k0 * s->hp, s->hp, 1);
+    }
+}
+
+/* dqkv from dout, pair by pair, block by block. Blocks run last first and add to zeroed key
+   and value gradients, so every sum has the order it had when the last block wrote them. */
 static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
+    const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq;
-    const float scale = 1.0f / sqrtf((float)dh);
-    float inv[ACMOE__ATTENTION_BLOCK], dot[ACMOE__ATTENTION_BLOCK];
-    int pair, i0, i1, r;
+    int pair, b0;
     for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
-        acmoe__attention_pair P = acmoe__attention_pair_at(j, pair);
-        for (i0 = (seq - 1) / ACMOE__ATTENTION_BLOCK * ACMOE__ATTENTION_BLOCK; i0 >= 0; i0 -= ACMOE__ATTENTION_BLOCK) {
-            const float *go = j->dout + P.out + (size_t)i0 * j->d, *o = j->out + P.out + (size_t)i0 * j->d;
-            const int rows = ACMOE__MIN(seq, i0 + ACMOE__ATTENTION_BLOCK) - i0, add = i0 + rows < seq;
-            i1 = i0 + rows;
-            acmoe__attention_exp(j, tid, &P, i0, i1, inv);
-            acmoe__scale_rows(P.g, (size_t)dh, go, (size_t)j->d, rows, dh, inv);
-            for (r = 0; r < rows; r++) dot[r] = j->ctx->kernel.row_dot(o + (size_t)r * j->d, P.g + (size_t)r * dh, dh);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NT, rows, i1, dh, P.g, dh, P.v, ld, P.dp, seq, 0); /* G V^T */
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.p, seq, P.g, dh, P.dv, ld,
-                                    add); /* E^T G = P^T dO */
-            acmoe__causal_softmax_backward(P.p, P.dp, seq, i0, i1, dot, scale);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_NN, rows, dh, i1, P.dp, seq, P.k, ld, P.dq + (size_t)i0 * ld, ld,
-                                    0);
-            ACMOE__MATMUL_ON_THREAD(j->ctx, tid, ACMOE_TN, i1, dh, rows, P.dp, seq, P.q + (size_t)i0 * ld, ld, P.dk, ld,
-                                    add);
+        const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
+        const acmoe__attention_scratch *s = &P.s;
+        acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, seq, dh);
+        acmoe__transpose_padded(kern->isa, s->vt, s->sp, P.v, (size_t)ld, seq, dh);
+        acmoe__scale_rows(s->kr, (size_t)s->hp, P.k, (size_t)ld, seq, dh, s->hp, NULL);
+        acmoe__scale_rows(s->xr, (size_t)s->hp, P.q, (size_t)ld, seq, dh, s->hp, NULL);
+        memset(s->dk, 0, sizeof(float) * (size_t)seq * s->hp);
+        memset(s->dv, 0, sizeof(float) * (size_t)seq * s->hp);
+        for (b0 = (seq - 1) / ACMOE__ATTENTION_BLOCK * ACMOE__ATTENTION_BLOCK; b0 >= 0; b0 -= ACMOE__ATTENTION_BLOCK) {
+            const int b1 = ACMOE__MIN(seq, b0 + ACMOE__ATTENTION_BLOCK);
+            acmoe__attention_backward_strips(j, &P, b0, b1);
+            acmoe__attention_backward_keys(j, &P, b0, b1);
         }
+        acmoe__scale_rows(P.dk, (size_t)ld, s->dk, (size_t)s->hp, seq, dh, dh, NULL);
+        acmoe__scale_rows(P.dv, (size_t)ld, s->dv, (size_t)s->hp, seq, dh, dh, NULL);
     }
 }
 
 /* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to the rows
-   [start, seq) of each sequence of out [n][d]; work holds acmoe__attention_work floats
-   per (sequence, head). */
+   [start, seq) of each sequence of out [n][d]; work holds acmoe__attention_work floats for
+   each thread that gets a (sequence, head) pair: at most batch x heads. */
 static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int start, int d,
                                      int heads, float *work, float *out) {
     acmoe__attention_job j;
@@ -3646,7 +3768,7 @@ static size_t acmoe__chunks(size_t n) { return (n + ACMOE__NORM_CHUNK - 1) / ACM
 /* Lays the activations out in base (or only measures them when base is NULL). */
 static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     const size_t d = (size_t)L->d.d_model, n = (size_t)L->d.batch * L->d.seq_len, f = sizeof(float);
-    const size_t att_work =
+    const size_t att_work = /* one scratch per (sequence, head) pair, the most threads that get one */
         (size_t)L->d.batch * L->d.n_heads * acmoe__attention_work(L->d.seq_len, L->d.d_model / L->d.n_heads);
     const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln;
     size_t used = 0;

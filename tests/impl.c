@@ -127,14 +127,16 @@ static void reference_attention(const float *q, const float *k, const float *v, 
 
 static int close_to(float got, double want) { return fabs(got - want) <= 1e-4 * fabs(want) + 1e-5; }
 
-/* The blocked attention against the reference at a length of several blocks with a ragged
-   end, on every kernel path, with the same bits on 1 and 2 threads and when the forward pass
-   starts at a later row (decoding). */
-static void test_attention_blocks(void) {
-    enum { batch = 2, seq = ACMOE__ATTENTION_BLOCK * 2 + 23, d = 32, heads = 2, dh = d / heads, n = batch * seq };
+/* Attention against the reference at a length of several blocks with a ragged end, for a
+   head of width d / heads, on every kernel path, with the same bits on 1 and 2 threads and
+   when the forward pass starts at a later row (decoding). */
+static void check_attention(int d, int heads) {
+    enum { batch = 2, seq = ACMOE__ATTENTION_BLOCK * 2 + 23, n = batch * seq };
+    const int dh = d / heads;
     const size_t work = (size_t)batch * heads * acmoe__attention_work(seq, dh);
     float *qkv = (float *)malloc(sizeof(float) * n * 3 * d), *dout = (float *)malloc(sizeof(float) * n * d);
     float *out[2], *dqkv[2], *scratch = (float *)malloc(sizeof(float) * work);
+    float *dout_pair = (float *)malloc(sizeof(float) * seq * dh);
     double *ref = (double *)malloc(sizeof(double) * 4 * seq * dh);
     acmoe_ctx *ctx[2];
     acmoe_rng rng;
@@ -166,7 +168,6 @@ static void test_attention_blocks(void) {
             for (h = 0; h < heads; h++) {
                 const float *q = qkv + (size_t)b * seq * 3 * d + h * dh, *got = dqkv[0] + (size_t)b * seq * 3 * d + h * dh;
                 double *o = ref, *dq = ref + seq * dh, *dk = dq + seq * dh, *dv = dk + seq * dh;
-                float dout_pair[seq * dh];
                 for (i = 0; i < seq; i++)
                     for (x = 0; x < dh; x++) dout_pair[i * dh + x] = dout[((size_t)b * seq + i) * d + h * dh + x];
                 reference_attention(q, q + d, q + 2 * d, dout_pair, 3 * d, seq, dh, o, dq, dk, dv);
@@ -180,10 +181,17 @@ static void test_attention_blocks(void) {
                 }
             }
         }
-        CHECKF(bad == 0, "%s path: %d values off", acmoe_isa_name((acmoe_isa)isa), bad);
+        CHECKF(bad == 0, "%s path, head width %d: %d values off", acmoe_isa_name((acmoe_isa)isa), dh, bad);
     }
     for (t = 0; t < 2; t++) acmoe_ctx_destroy(ctx[t]), free(out[t]), free(dqkv[t]);
-    free(qkv), free(dout), free(scratch), free(ref);
+    free(qkv), free(dout), free(scratch), free(ref), free(dout_pair);
+}
+
+/* Heads of one padded width, of a ragged one, and wider than the widest micro-kernel. */
+static void test_attention_blocks(void) {
+    check_attention(32, 2);
+    check_attention(40, 2);
+    check_attention(72, 1);
 }
 
 /* The AdamW row kernel of every path against the plain formula in double precision, on
