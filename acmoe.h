@@ -926,6 +926,7 @@ typedef struct acmoe__kernel {
     float (*row_exp)(float *y, const float *x, int n, float shift, float scale);
     float (*row_sum)(const float *x, int n);
     float (*row_dot)(const float *a, const float *b, int n);
+    void (*row_softmax_grad)(float *d, const float *e, int n, float dot, float scale);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
     acmoe__gemv_fn gemv; /* one output column, gemv_rows rows at a time; NULL: the micro-kernels */
     int gemv_rows;
@@ -1289,6 +1290,11 @@ static float acmoe__row_dot_scalar(const float *a, const float *b, int n) {
     return sum;
 }
 
+static void acmoe__row_softmax_grad_scalar(float *d, const float *e, int n, float dot, float scale) {
+    int i;
+    for (i = 0; i < n; i++) d[i] = e[i] * (d[i] - dot) * scale;
+}
+
 /* One AdamW step (see acmoe_lm_step) for n parameters p with gradients g and moments m, v:
    the gradient scaled by the clip factor, the moments, then the decoupled decay. */
 struct acmoe__adam {
@@ -1370,6 +1376,15 @@ static float acmoe__lanes_sum(float *lanes, int n) {
         if (i < n)                                                                                       \
             acc = FMA(acmoe__tail_load_##SFX(a + i, n - i, 0.0f), acmoe__tail_load_##SFX(b + i, n - i, 0.0f), acc); \
         return HSUM(acc);                                                                                \
+    }                                                                                                    \
+    TARGET static void acmoe__row_softmax_grad_##SFX(float *d, const float *e, int n, float dot, float scale) { \
+        int i;                                                                                           \
+        for (i = 0; i + VLEN <= n; i += VLEN)                                                            \
+            STORE(d + i, MUL(MUL(LOAD(e + i), SUB(LOAD(d + i), SET1(dot))), SET1(scale)));               \
+        if (i < n)                                                                                       \
+            acmoe__tail_store_##SFX(d + i, MUL(MUL(acmoe__tail_load_##SFX(e + i, n - i, 0.0f),             \
+                                                  SUB(acmoe__tail_load_##SFX(d + i, n - i, 0.0f), SET1(dot))), \
+                                              SET1(scale)), n - i);                                      \
     }                                                                                                    \
     TARGET static void acmoe__row_adam_##SFX(float *p, const float *g, float *m, float *v, size_t n,      \
                                              const acmoe__adam *a) {                                     \
@@ -1587,7 +1602,8 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 #endif
 
 #define ACMOE__ROW_KERNELS(SFX) \
-    acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX, acmoe__row_adam_##SFX
+    acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
+        acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
@@ -3461,13 +3477,12 @@ static void acmoe__causal_exp(const acmoe__kernel *kern, float *s, int ld, int i
    their probabilities divided by the row sums: dp becomes the gradient of the scaled scores,
    zeroed past the diagonal up to zero_end. dot[r] is row r's sum of e dp, which equals its
    output row times its divided output gradient row (dh products rather than a row of keys). */
-static void acmoe__causal_softmax_backward(const float *e, float *dp, int ld, int i0, int i1, int zero_end,
-                                           const float *dot, float scale) {
-    int i, c;
+static void acmoe__causal_softmax_backward(const acmoe__kernel *kern, const float *e, float *dp, int ld, int i0,
+                                           int i1, int zero_end, const float *dot, float scale) {
+    int i;
     for (i = i0; i < i1; i++) {
-        const float *er = e + (size_t)(i - i0) * ld;
         float *dr = dp + (size_t)(i - i0) * ld;
-        for (c = 0; c <= i; c++) dr[c] = er[c] * (dr[c] - dot[i - i0]) * scale;
+        kern->row_softmax_grad(dr, e + (size_t)(i - i0) * ld, i + 1, dot[i - i0], scale);
         memset(dr + i + 1, 0, sizeof(float) * (size_t)(zero_end - i - 1));
     }
 }
@@ -3557,7 +3572,7 @@ static void acmoe__attention_backward_strips(const acmoe__attention_job *j, cons
                           inv);
         for (r = 0; r < i1 - i0; r++) dot[r] = kern->row_dot(o + (size_t)r * j->d, g + (size_t)r * s->hp, dh);
         acmoe__small_product(kern, i1 - i0, acmoe__pad_up(i1), dh, g, s->hp, 1, s->vt, s->sp, dp, s->sp, 0);
-        acmoe__causal_softmax_backward(p, dp, s->sp, i0, i1, b1, dot, scale);
+        acmoe__causal_softmax_backward(kern, p, dp, s->sp, i0, i1, b1, dot, scale);
         acmoe__small_product(kern, i1 - i0, s->hp, i1, dp, s->sp, 1, s->kr, s->hp, s->tile, s->hp, 0);
         acmoe__scale_rows(P->dq + (size_t)i0 * ld, (size_t)ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh, NULL);
     }

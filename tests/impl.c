@@ -32,7 +32,7 @@ struct acmoe_ctx *test_context(int n_threads, int mc, int kc, int nc) {
 
 /* One path's row kernels on n values against plain double-precision loops: the maximum
    exactly, each exp of a float argument to 1e-6 relative, sums, exp sums and dot products to
-   1e-5 of their magnitude. */
+   1e-5 of their magnitude; the softmax gradient against the plain float formula, exactly. */
 static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     float x[1000], y[1000], b[1000], top = -1e30f, got;
     double sum = 0.0, dot = 0.0, magnitude = 0.0, total = 0.0, total_magnitude = 0.0;
@@ -65,6 +65,11 @@ static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     CHECK(k->row_exp(NULL, x, n, top, scale) == got); /* the sum alone: the same bits */
     CHECK(k->row_exp(x, x, n, top, scale) == got);    /* in place */
     for (i = 0; i < n; i++) CHECK(x[i] == y[i]);
+    /* the softmax gradient: the same operations in the same order, so exactly the formula */
+    memcpy(y, b, sizeof(float) * (size_t)n);
+    k->row_softmax_grad(y, x, n, 0.3f, scale);
+    for (i = 0; i < n; i++) exp_failures += y[i] != x[i] * (b[i] - 0.3f) * scale;
+    CHECKF(exp_failures == 0, "%s, n %d: %d softmax gradients off", path, n, exp_failures);
 }
 
 static void test_row_kernels(void) {
