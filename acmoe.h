@@ -3499,11 +3499,13 @@ typedef struct acmoe__attention_job {
 } acmoe__attention_job;
 
 /* One pair's operands: q, k, v (row stride 3d) and their gradients, its output or output
-   gradient rows (row stride d), and its scratch. */
+   gradient rows (row stride d), and its scratch. Where a head is as wide as its padding, the
+   kernels read q, k and v rows in place (qr, kr, vr at row stride ld); otherwise they read
+   padded copies in the scratch. */
 typedef struct acmoe__attention_pair {
-    const float *q, *k, *v;
+    const float *q, *k, *v, *qr, *kr, *vr;
     float *dq, *dk, *dv;
-    size_t out; /* offset of the pair's first output row in out or dout */
+    size_t out, ld; /* offset of the pair's first output row in out or dout; row stride of qr, kr, vr */
     acmoe__attention_scratch s;
 } acmoe__attention_pair;
 
@@ -3515,17 +3517,30 @@ static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job
     P.dq = j->dqkv ? j->dqkv + base : NULL, P.dk = P.dq ? P.dq + j->d : NULL, P.dv = P.dq ? P.dq + 2 * j->d : NULL;
     P.out = (size_t)b * j->seq * j->d + (size_t)h * dh;
     acmoe__attention_layout(j->seq, dh, j->work + (size_t)tid * acmoe__attention_work(j->seq, dh), &P.s);
+    if (P.s.hp == dh) {
+        P.qr = P.q, P.kr = P.k, P.vr = P.v, P.ld = (size_t)3 * j->d;
+    } else { /* the backward pass copies q into xr; the forward pass, v */
+        P.qr = P.vr = P.s.xr, P.kr = P.s.kr, P.ld = (size_t)P.s.hp;
+    }
     return P;
 }
 
 /* The exponentials of query rows [i0, i1) (keys 0..i1-1) into p, zeroed past the diagonal
-   up to zero_end, and the inverses of their sums. */
+   up to zero_end, and the inverses of their sums. The scores come from the transposed keys
+   kt, or, for one query (decoding a token), from the column kernel reading the key rows in
+   place, with the same bits and without the transpose. */
 static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__attention_pair *P, int i0, int i1,
                                  int zero_end, float *p, float *inv) {
     const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = 3 * j->d;
-    acmoe__small_product(kern, i1 - i0, acmoe__pad_up(i1), dh, P->q + (size_t)i0 * ld, ld, 1, P->s.kt, P->s.sp, p,
-                         P->s.sp, 0);
+    int k0;
+    if (!P->s.kt)
+        for (k0 = 0; k0 < i1; k0 += kern->gemv_rows)
+            kern->gemv(dh, P->k + (size_t)k0 * ld, ld, P->q + (size_t)i0 * ld, 1, p + k0, 1,
+                       ACMOE__MIN(kern->gemv_rows, i1 - k0), 0);
+    else
+        acmoe__small_product(kern, i1 - i0, acmoe__pad_up(i1), dh, P->q + (size_t)i0 * ld, ld, 1, P->s.kt, P->s.sp,
+                             p, P->s.sp, 0);
     acmoe__causal_exp(kern, p, P->s.sp, i0, i1, zero_end, 1.0f / sqrtf((float)dh), inv);
 }
 
@@ -3538,14 +3553,17 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     float inv[ACMOE__MR_MAX];
     int pair, i0, i1;
     for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
-        const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
+        acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
-        acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
-        acmoe__scale_rows(s->xr, (size_t)s->hp, P.v, (size_t)ld, j->seq, dh, s->hp, NULL);
+        if (kern->gemv && j->start == j->seq - 1)
+            P.s.kt = NULL; /* one query: scores by the column kernel */
+        else
+            acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
+        if (P.vr == s->xr) acmoe__scale_rows(s->xr, (size_t)s->hp, P.v, (size_t)ld, j->seq, dh, s->hp, NULL);
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
             i1 = ACMOE__MIN(j->seq, i0 + kern->mr);
             acmoe__attention_exp(j, &P, i0, i1, i1, s->p, inv);
-            acmoe__small_product(kern, i1 - i0, s->hp, i1, s->p, s->sp, 1, s->xr, s->hp, s->tile, s->hp, 0);
+            acmoe__small_product(kern, i1 - i0, s->hp, i1, s->p, s->sp, 1, P.vr, (ptrdiff_t)P.ld, s->tile, s->hp, 0);
             acmoe__scale_rows(j->out + P.out + (size_t)i0 * j->d, (size_t)j->d, s->tile, (size_t)s->hp, i1 - i0, dh, dh,
                               inv);
         }
@@ -3573,7 +3591,7 @@ static void acmoe__attention_backward_strips(const acmoe__attention_job *j, cons
         for (r = 0; r < i1 - i0; r++) dot[r] = kern->row_dot(o + (size_t)r * j->d, g + (size_t)r * s->hp, dh);
         acmoe__small_product(kern, i1 - i0, acmoe__pad_up(i1), dh, g, s->hp, 1, s->vt, s->sp, dp, s->sp, 0);
         acmoe__causal_softmax_backward(kern, p, dp, s->sp, i0, i1, b1, dot, scale);
-        acmoe__small_product(kern, i1 - i0, s->hp, i1, dp, s->sp, 1, s->kr, s->hp, s->tile, s->hp, 0);
+        acmoe__small_product(kern, i1 - i0, s->hp, i1, dp, s->sp, 1, P->kr, (ptrdiff_t)P->ld, s->tile, s->hp, 0);
         acmoe__scale_rows(P->dq + (size_t)i0 * ld, (size_t)ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh, NULL);
     }
 }
@@ -3591,8 +3609,8 @@ static void acmoe__attention_backward_keys(const acmoe__attention_job *j, const 
         k1 = k0 < b0 ? b0 : ACMOE__MIN(b1, k0 + kern->mr); /* keys before the block take every row */
         acmoe__small_product(kern, k1 - k0, s->hp, depth, s->p + at, 1, s->sp, s->g + (size_t)first * s->hp, s->hp,
                              s->dv + (size_t)k0 * s->hp, s->hp, 1);
-        acmoe__small_product(kern, k1 - k0, s->hp, depth, s->dp + at, 1, s->sp, s->xr + (size_t)(b0 + first) * s->hp,
-                             s->hp, s->dk + (size_t)k0 * s->hp, s->hp, 1);
+        acmoe__small_product(kern, k1 - k0, s->hp, depth, s->dp + at, 1, s->sp, P->qr + (size_t)(b0 + first) * P->ld,
+                             (ptrdiff_t)P->ld, s->dk + (size_t)k0 * s->hp, s->hp, 1);
     }
 }
 
@@ -3608,8 +3626,10 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
         const acmoe__attention_scratch *s = &P.s;
         acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, seq, dh);
         acmoe__transpose_padded(kern->isa, s->vt, s->sp, P.v, (size_t)ld, seq, dh);
-        acmoe__scale_rows(s->kr, (size_t)s->hp, P.k, (size_t)ld, seq, dh, s->hp, NULL);
-        acmoe__scale_rows(s->xr, (size_t)s->hp, P.q, (size_t)ld, seq, dh, s->hp, NULL);
+        if (P.kr == s->kr) {
+            acmoe__scale_rows(s->kr, (size_t)s->hp, P.k, (size_t)ld, seq, dh, s->hp, NULL);
+            acmoe__scale_rows(s->xr, (size_t)s->hp, P.q, (size_t)ld, seq, dh, s->hp, NULL);
+        }
         memset(s->dk, 0, sizeof(float) * (size_t)seq * s->hp);
         memset(s->dv, 0, sizeof(float) * (size_t)seq * s->hp);
         for (b0 = (seq - 1) / ACMOE__ATTENTION_BLOCK * ACMOE__ATTENTION_BLOCK; b0 >= 0; b0 -= ACMOE__ATTENTION_BLOCK) {
