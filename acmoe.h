@@ -3998,15 +3998,14 @@ static void acmoe__dropout(acmoe_lm *L, float *x, unsigned char *keep, size_t co
     }
 }
 
-static void acmoe__dropout_backward(const acmoe_lm *L, const float *dy, const unsigned char *keep, float *dx,
-                                    size_t count) {
+/* The gradient through dropout: dy itself when nothing was dropped, else written to dx. */
+static const float *acmoe__dropout_backward(const acmoe_lm *L, const float *dy, const unsigned char *keep, float *dx,
+                                           size_t count) {
     const float scale = 1.0f / (1.0f - L->d.dropout);
     size_t i;
-    if (!L->dropped) {
-        memcpy(dx, dy, sizeof(float) * count);
-        return;
-    }
+    if (!L->dropped) return dy;
     for (i = 0; i < count; i++) dx[i] = keep[i] ? dy[i] * scale : 0.0f;
+    return dx;
 }
 
 /* Element-wise passes over a [rows][cols] array split across threads: by rows, or by columns
@@ -4171,29 +4170,29 @@ ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *L, acmoe_ctx *ctx, const int32_
     return acmoe__lm_run(L, ctx, tokens, NULL, 1, len, start, 0, NULL);
 }
 
-/* One block backward: dy (gradient of its output) to dx (of its input). */
-static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, const float *dy, float *dx) {
+/* One block backward: dy (gradient of its output, used up as scratch) to dx (of its input). */
+static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, float *dy, float *dx) {
     const int d = L->d.d_model, n = L->n, pre = L->d.pre_ln;
     const size_t count = (size_t)n * d;
-    float *dres = L->t1, *tmp = L->t2, *dmoe = L->t3;
+    float *tmp = L->t2, *dmoe = L->t3;
+    float *dres = pre ? dy : L->t1; /* the gradient of the residual stream between the halves */
+    const float *g;
     acmoe_status s;
-    /* the FFN half: dres is the gradient of the residual stream between the halves */
-    if (pre) memcpy(dres, dy, sizeof(float) * count);
-    else acmoe__layernorm_backward(ctx, dy, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 0);
-    acmoe__dropout_backward(L, dres, B->keep_m, tmp, count);
-    s = acmoe_moe_backward(B->moe, ctx, tmp, dmoe);
+    /* the FFN half */
+    if (!pre) acmoe__layernorm_backward(ctx, dy, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 0);
+    s = acmoe_moe_backward(B->moe, ctx, acmoe__dropout_backward(L, dres, B->keep_m, tmp, count), dmoe);
     if (s != ACMOE_OK) return s;
     if (pre) acmoe__layernorm_backward(ctx, dmoe, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 1);
     else acmoe__rows(ctx, ACMOE__ROWS_ACCUMULATE, dres, dmoe, NULL, n, d);
-    /* the attention half */
-    if (!pre) { /* through LN1: dres becomes the gradient of x + a */
-        acmoe__layernorm_backward(ctx, dres, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, tmp, 0);
-        memcpy(dres, tmp, sizeof(float) * count);
+    /* the attention half; post-LN goes through LN1 first, into dx: the gradient of x + a */
+    if (!pre) {
+        acmoe__layernorm_backward(ctx, dres, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, dx, 0);
+        dres = dx;
     }
-    acmoe__dropout_backward(L, dres, B->keep_a, tmp, count);
-    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_o, tmp, NULL, n, d);
-    s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, tmp, d, B->att, d, B->g_w_o, d, 1);
-    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, tmp, d, B->w_o, d, L->datt, d, 0);
+    g = acmoe__dropout_backward(L, dres, B->keep_a, tmp, count);
+    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_o, g, NULL, n, d);
+    s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, g, d, B->att, d, B->g_w_o, d, 1);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, g, d, B->w_o, d, L->datt, d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, d, L->d.n_heads, L->att_work, L->dqkv);
     acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_qkv, L->dqkv, NULL, n, 3 * d);
@@ -4206,8 +4205,7 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
         acmoe__layernorm_backward(ctx, tmp, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, dx, 1);
         return ACMOE_OK;
     }
-    memcpy(dx, dres, sizeof(float) * count);
-    return acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, L->dqkv, 3 * d, B->w_qkv, d, dx, d, 1);
+    return acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, L->dqkv, 3 * d, B->w_qkv, d, dx, d, 1); /* dx holds dres */
 }
 
 ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {

@@ -239,9 +239,58 @@ static void test_row_adam(void) {
     }
 }
 
+/* Dropout's backward pass against finite differences along a random direction: dense
+   layers (no routing decision to hold still), with the model's generator rewound before
+   every forward pass so each one drops the same units; post-LN and pre-LN. */
+static void test_lm_dropout_gradient(void) {
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    int32_t tok[10], tgt[10];
+    int pre, i;
+    for (i = 0; i < 10; i++) tok[i] = (i * 7) % 11, tgt[i] = (i * 5 + 3) % 11;
+    for (pre = 0; pre < 2; pre++) {
+        acmoe_lm_desc d;
+        acmoe_lm *lm = NULL;
+        acmoe_rng start, rng;
+        float loss = 0.0f, *params, *saved, *dir;
+        double dot = 0.0, up, down, numeric;
+        const float h = 2e-4f; /* small: the direction moves every parameter at once */
+        size_t n, c;
+        memset(&d, 0, sizeof d);
+        d.vocab = 11, d.d_model = 8, d.n_heads = 2, d.seq_len = 5, d.batch = 2, d.pattern = "ff", d.d_ff = 6;
+        d.activation = ACMOE_ACT_GELU, d.pre_ln = pre, d.dropout = 0.3f, d.seed = 3;
+        CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+        if (!lm) continue;
+        n = acmoe_lm_param_count(lm), params = acmoe_lm_params(lm);
+        saved = (float *)malloc(sizeof(float) * n), dir = (float *)malloc(sizeof(float) * n);
+        CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 0, &loss), ACMOE_OK); /* first-call setup */
+        memcpy(saved, params, sizeof(float) * n);
+        start = lm->rng;
+        CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+        acmoe_lm_zero_grad(lm);
+        CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+        acmoe_rng_seed(&rng, 4);
+        for (c = 0; c < n; c++) dir[c] = acmoe_rng_normal(&rng), dot += (double)dir[c] * acmoe_lm_grads(lm)[c];
+        for (c = 0; c < n; c++) params[c] = saved[c] + h * dir[c];
+        lm->rng = start;
+        CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+        up = loss;
+        for (c = 0; c < n; c++) params[c] = saved[c] - h * dir[c];
+        lm->rng = start;
+        CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+        down = loss;
+        numeric = (up - down) / (2.0 * h);
+        CHECKF(fabs(numeric - dot) <= 1e-2 * fabs(dot) + 1e-3, "pre-LN %d: numeric %.6g, analytic %.6g", pre, numeric,
+               dot);
+        free(saved), free(dir);
+        acmoe_lm_destroy(lm);
+    }
+    acmoe_ctx_destroy(ctx);
+}
+
 const test_case internal_tests[] = {
     {"row_kernels", test_row_kernels},
     {"attention_blocks", test_attention_blocks},
     {"row_adam", test_row_adam},
+    {"lm_dropout_gradient", test_lm_dropout_gradient},
     {0, 0},
 };
