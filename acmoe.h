@@ -1419,8 +1419,9 @@ ACMOE__TARGET_AVX2 static __m256 acmoe__tail_keep_avx2(__m256 v, int n) {
     return _mm256_and_ps(v, _mm256_castsi256_ps(acmoe__tail_mask_avx2(n)));
 }
 #define ACMOE__AVX2_ROUND(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define ACMOE__AVX2_LDEXP(p, n) \
-    _mm256_mul_ps((p), _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)))
+#define ACMOE__AVX2_POW2(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define ACMOE__AVX2_LDEXP(p, n) _mm256_mul_ps((p), ACMOE__AVX2_POW2(n))
 /* A register's lanes added in the order of acmoe__lanes_sum (halves, then quarters, ...), or
    their maximum, without a trip through memory. */
 ACMOE__TARGET_AVX2 static float acmoe__hsum_avx2(__m256 v) {
@@ -3289,19 +3290,25 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
    split by columns instead, so every sum runs over the rows in order whatever the count. */
 typedef struct acmoe__ln_job {
     const acmoe__kernel *kern;
-    const float *x, *dy, *g, *b, *rstd_in, *xhat_in;
+    const float *x, *add, *dy, *g, *b, *rstd_in, *xhat_in;
     float *xhat, *rstd, *y, *dg, *db, *dx;
     int rows, d, accumulate;
 } acmoe__ln_job;
 
-/* y = (x - mean) / sqrt(var + eps) * g + b, keeping xhat and 1 / sqrt(var + eps). */
+/* y = (x - mean) / sqrt(var + eps) * g + b, keeping xhat and 1 / sqrt(var + eps); x is the
+   sum x + add when add is given (a residual sum that is needed only here). */
 static void acmoe__layernorm_rows(void *arg, int tid, int n_threads) {
     const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
     const int d = j->d, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
     int r, q;
     for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++) {
-        const float *xr = j->x + (size_t)r * d, mean = j->kern->row_sum(xr, d) / (float)d;
-        float *xh = j->xhat + (size_t)r * d, *yr = j->y + (size_t)r * d, rs;
+        const float *xr = j->x + (size_t)r * d;
+        float *xh = j->xhat + (size_t)r * d, *yr = j->y + (size_t)r * d, rs, mean;
+        if (j->add) {
+            for (q = 0; q < d; q++) xh[q] = xr[q] + j->add[(size_t)r * d + q];
+            xr = xh;
+        }
+        mean = j->kern->row_sum(xr, d) / (float)d;
         for (q = 0; q < d; q++) xh[q] = xr[q] - mean; /* centred, then scaled */
         rs = 1.0f / sqrtf(j->kern->row_dot(xh, xh, d) / (float)d + ACMOE__LN_EPS);
         j->rstd[r] = rs;
@@ -3351,11 +3358,12 @@ static void acmoe__layernorm_backward_columns(void *arg, int tid, int n_threads)
     }
 }
 
-static void acmoe__layernorm(acmoe_ctx *ctx, const float *x, int rows, int d, const float *g, const float *b,
-                             float *xhat, float *rstd, float *y) {
+static void acmoe__layernorm(acmoe_ctx *ctx, const float *x, const float *add, int rows, int d, const float *g,
+                             const float *b, float *xhat, float *rstd, float *y) {
     acmoe__ln_job j;
     memset(&j, 0, sizeof j);
-    j.kern = &ctx->kernel, j.x = x, j.g = g, j.b = b, j.xhat = xhat, j.rstd = rstd, j.y = y, j.rows = rows, j.d = d;
+    j.kern = &ctx->kernel, j.x = x, j.add = add, j.g = g, j.b = b, j.xhat = xhat, j.rstd = rstd, j.y = y;
+    j.rows = rows, j.d = d;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_rows, &j);
 }
 
@@ -4064,7 +4072,8 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     const size_t o = (size_t)r0 * d, count = (size_t)rows * d;
     acmoe_status s;
     B->x_in = x;
-    if (pre) acmoe__layernorm(ctx, x + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->attn_in + o);
+    if (pre)
+        acmoe__layernorm(ctx, x + o, NULL, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->attn_in + o);
     s = acmoe_matmul(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? B->attn_in : x) + o, d, B->w_qkv, d, B->qkv + 3 * o,
                      3 * d, 0);
     if (s != ACMOE_OK) return s;
@@ -4076,18 +4085,17 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     if (L->dropped) acmoe__dropout(L, B->a + o, B->keep_a + o, count);
     if (pre) {
         acmoe__rows(ctx, ACMOE__ROWS_ADD, B->h + o, x + o, B->a + o, rows, d);
-        acmoe__layernorm(ctx, B->h + o, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->moe_in + o);
+        acmoe__layernorm(ctx, B->h + o, NULL, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->moe_in + o);
     } else {
-        acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y + o, x + o, B->a + o, rows, d); /* y as scratch for the residual sum */
-        acmoe__layernorm(ctx, B->y + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->h + o);
+        acmoe__layernorm(ctx, x + o, B->a + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->h + o);
     }
     s = acmoe_moe_forward(B->moe, ctx, (pre ? B->moe_in : B->h) + o, rows, *have_prev ? prev->expert_index : NULL,
                           *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m + o);
     if (s != ACMOE_OK) return s;
     if (B->letter != 'f') *prev = acmoe__moe_routing_stats(B->moe), *have_prev = 1;
     if (L->dropped) acmoe__dropout(L, B->m + o, B->keep_m + o, count);
-    acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y + o, B->h + o, B->m + o, rows, d);
-    if (!pre) acmoe__layernorm(ctx, B->y + o, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->y + o);
+    if (pre) acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y + o, B->h + o, B->m + o, rows, d);
+    else acmoe__layernorm(ctx, B->h + o, B->m + o, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->y + o);
     return ACMOE_OK;
 }
 
@@ -4123,8 +4131,8 @@ static acmoe_status acmoe__lm_run(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *to
     }
     if (s != ACMOE_OK) return s;
     if (L->d.pre_ln) {
-        acmoe__layernorm(ctx, x + (size_t)start * d, L->n - start, d, L->lnf_g, L->lnf_b, L->xhatf + (size_t)start * d,
-                         L->rstdf + start, L->yf + (size_t)start * d);
+        acmoe__layernorm(ctx, x + (size_t)start * d, NULL, L->n - start, d, L->lnf_g, L->lnf_b,
+                         L->xhatf + (size_t)start * d, L->rstdf + start, L->yf + (size_t)start * d);
         x = L->yf;
     }
     s = acmoe_matmul(ctx, ACMOE_NT, L->n - start, L->d.vocab, d, x + (size_t)start * d, d, L->head, d,
