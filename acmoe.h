@@ -3496,13 +3496,13 @@ static void acmoe__causal_softmax_backward(const acmoe__kernel *kern, const floa
 }
 
 /* Attention runs one (sequence, head) pair per thread at a time, so results do not depend on
-   the thread count. */
+   the thread count; as many threads take part as there are scratch slots. */
 typedef struct acmoe__attention_job {
     acmoe_ctx *ctx;
     const float *qkv, *dout;
-    float *work, *out, *dqkv; /* work: acmoe__attention_work floats per thread; out is read
+    float *work, *out, *dqkv; /* work: acmoe__attention_work floats per slot; out is read
                                  in the backward pass */
-    int batch, seq, d, heads;
+    int batch, seq, d, heads, slots;
     int start; /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
 } acmoe__attention_job;
 
@@ -3557,10 +3557,10 @@ static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__att
 static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
     const acmoe__kernel *kern = &j->ctx->kernel;
-    const int dh = j->d / j->heads, ld = 3 * j->d;
+    const int dh = j->d / j->heads, ld = 3 * j->d, workers = ACMOE__MIN(n_threads, j->slots);
     float inv[ACMOE__MR_MAX];
     int pair, i0, i1;
-    for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
+    for (pair = tid; tid < workers && pair < j->batch * j->heads; pair += workers) {
         acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         if (kern->gemv && j->start == j->seq - 1)
@@ -3627,9 +3627,9 @@ static void acmoe__attention_backward_keys(const acmoe__attention_job *j, const 
 static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
     const acmoe__kernel *kern = &j->ctx->kernel;
-    const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq;
+    const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq, workers = ACMOE__MIN(n_threads, j->slots);
     int pair, b0;
-    for (pair = tid; pair < j->batch * j->heads; pair += n_threads) {
+    for (pair = tid; tid < workers && pair < j->batch * j->heads; pair += workers) {
         const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, seq, dh);
@@ -3651,24 +3651,24 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
 }
 
 /* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to the rows
-   [start, seq) of each sequence of out [n][d]; work holds acmoe__attention_work floats for
-   each thread that gets a (sequence, head) pair: at most batch x heads. */
+   [start, seq) of each sequence of out [n][d]; work holds slots times acmoe__attention_work
+   floats, one scratch for each thread that takes part. */
 static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int start, int d,
-                                     int heads, float *work, float *out) {
+                                     int heads, float *work, int slots, float *out) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
     j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out, j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
-    j.start = start;
+    j.start = start, j.slots = slots;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_forward_job, &j);
 }
 
 /* dqkv [n][3d] from dout [n][d] and the forward call's out. */
 static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, float *out, const float *dout, int batch,
-                                      int seq, int d, int heads, float *work, float *dqkv) {
+                                      int seq, int d, int heads, float *work, int slots, float *dqkv) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
     j.ctx = ctx, j.qkv = qkv, j.out = out, j.dout = dout, j.work = work, j.dqkv = dqkv;
-    j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
+    j.batch = batch, j.seq = seq, j.d = d, j.heads = heads, j.slots = slots;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_backward_job, &j);
 }
 
@@ -3738,6 +3738,7 @@ struct acmoe_lm {
     float *g_tok_emb, *g_pos_emb, *g_head, *g_lnf_g, *g_lnf_b;
     float *x0, *yf, *xhatf, *rstdf, *logits, *row_loss;
     float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *att_work;
+    int att_slots; /* attention scratch slots in att_work */
     double *grad_sq; /* the squared gradient norm by chunk */
     int32_t *tokens, *targets;
     acmoe_rng rng;
@@ -3811,8 +3812,7 @@ static size_t acmoe__chunks(size_t n) { return (n + ACMOE__NORM_CHUNK - 1) / ACM
 /* Lays the activations out in base (or only measures them when base is NULL). */
 static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     const size_t d = (size_t)L->d.d_model, n = (size_t)L->d.batch * L->d.seq_len, f = sizeof(float);
-    const size_t att_work = /* one scratch per (sequence, head) pair, the most threads that get one */
-        (size_t)L->d.batch * L->d.n_heads * acmoe__attention_work(L->d.seq_len, L->d.d_model / L->d.n_heads);
+    const size_t att_work = (size_t)L->att_slots * acmoe__attention_work(L->d.seq_len, L->d.d_model / L->d.n_heads);
     const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln;
     size_t used = 0;
     int i;
@@ -3941,6 +3941,8 @@ ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc
     L->n_params = acmoe__lm_params(L); /* counts parameters and directory entries */
     L->params = (float *)acmoe__aligned_alloc(4 * L->n_params * sizeof(float));
     L->dir.entries = (acmoe__tensor_info *)ACMOE_MALLOC(sizeof(acmoe__tensor_info) * (size_t)L->dir.count);
+    /* attention scratch for each CPU, or each (sequence, head) pair if there are fewer */
+    L->att_slots = ACMOE__MIN(L->d.batch * L->d.n_heads, acmoe__online_cpus());
     L->activation_bytes = bytes = acmoe__lm_activations(L, NULL);
     L->memory = acmoe__aligned_alloc(bytes);
     if (!L->params || !L->dir.entries || !L->memory) {
@@ -4078,7 +4080,8 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
                      3 * d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->qkv + 3 * o, B->b_qkv, NULL, rows, 3 * d);
-    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, r0, d, L->d.n_heads, L->att_work, B->att);
+    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, r0, d, L->d.n_heads, L->att_work, L->att_slots,
+                            B->att);
     s = acmoe_matmul(ctx, ACMOE_NT, rows, d, d, B->att + o, d, B->w_o, d, B->a + o, d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->a + o, B->b_o, NULL, rows, d);
@@ -4202,7 +4205,8 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, g, d, B->att, d, B->g_w_o, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, g, d, B->w_o, d, L->datt, d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, d, L->d.n_heads, L->att_work, L->dqkv);
+    acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, d, L->d.n_heads, L->att_work,
+                              L->att_slots, L->dqkv);
     acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_qkv, L->dqkv, NULL, n, 3 * d);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;
