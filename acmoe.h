@@ -4181,6 +4181,25 @@ ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *L, acmoe_ctx *ctx, const int32_
     return acmoe__lm_run(L, ctx, tokens, NULL, 1, len, start, 0, NULL);
 }
 
+/* The embeddings' gradients from the first layer's input gradient dx, columns split across
+   threads so that every element adds the tokens in order, whatever the thread count. */
+typedef struct acmoe__embedding_job {
+    acmoe_lm *L;
+    const float *dx;
+} acmoe__embedding_job;
+
+static void acmoe__embedding_grad_job(void *arg, int tid, int n_threads) {
+    const acmoe__embedding_job *j = (const acmoe__embedding_job *)arg;
+    acmoe_lm *L = j->L;
+    const int d = L->d.d_model, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
+    int i, q;
+    for (i = 0; i < L->n; i++) {
+        const float *g = j->dx + (size_t)i * d;
+        float *gt = L->g_tok_emb + (size_t)L->tokens[i] * d, *gp = L->g_pos_emb + (size_t)(i % L->seq) * d;
+        for (q = q0; q < q1; q++) gt[q] += g[q], gp[q] += g[q];
+    }
+}
+
 /* One block backward: dy (gradient of its output, used up as scratch) to dx (of its input). */
 static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, float *dy, float *dx) {
     const int d = L->d.d_model, n = L->n, pre = L->d.pre_ln;
@@ -4224,7 +4243,8 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
     const int d = L ? L->d.d_model : 0;
     const float *top;
     float *dy, *dx, *swap;
-    int i, q;
+    acmoe__embedding_job job;
+    int i;
     acmoe_status s;
     if (!L || !ctx) return ACMOE_ERR_NULL;
     if (!L->cached) return ACMOE_ERR_ARG; /* needs a forward call with targets first */
@@ -4244,10 +4264,8 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
         swap = dy, dy = dx, dx = swap;
     }
     if (s != ACMOE_OK) return s;
-    for (i = 0; i < L->n; i++) { /* into the embeddings */
-        float *gt = L->g_tok_emb + (size_t)L->tokens[i] * d, *gp = L->g_pos_emb + (size_t)(i % L->seq) * d;
-        for (q = 0; q < d; q++) gt[q] += dy[(size_t)i * d + q], gp[q] += dy[(size_t)i * d + q];
-    }
+    job.L = L, job.dx = dy;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__embedding_grad_job, &job);
     return ACMOE_OK;
 }
 
