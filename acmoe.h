@@ -3380,16 +3380,16 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
 
 /* Causal attention runs one (sequence, head) pair per thread at a time, in strips of mr
    query rows: a strip's scores against its keys, their exponentials, and the products with
-   the values, all in a per-pair scratch that stays in cache. A head is a few columns (16 at
+   the values, all in a per-thread scratch that stays in cache. A head is a few columns (16 at
    d 128 and 8 heads), too narrow for packing to pay: the micro-kernels read every operand in
-   place, from copies of the pair's keys and values made once (rows padded to a multiple of
-   ACMOE__ATTENTION_PAD, and transposed where the keys run along a row). The strip's row
-   reaches only as far as the strip's last key, so no product is spent above the diagonal
-   but the strip's own corner. The probabilities are recomputed, with the same bits, in the
-   backward pass: storing them would save about 5% of a training step at seq 256 but cost
-   batch x heads x seq^2 / 2 floats per layer (10 MB at seq 256, batch 8 and 8 heads; 0.5 GB
-   at seq 2048). The backward pass takes query rows a block at a time, so that each block's
-   key and value gradients are one product per strip of keys. */
+   place, from the q, k, v rows themselves or from copies made once per pair (rows padded to
+   a multiple of ACMOE__ATTENTION_PAD, and keys and values transposed where a product runs
+   along them). A strip's scores reach only its last row's keys, so no product is spent above
+   the diagonal but the strip's own corner. The probabilities are recomputed, with the same
+   bits, in the backward pass: storing them would save a few percent of a training step at
+   seq 256 but cost batch x heads x seq^2 / 2 floats per layer (10 MB at seq 256, batch 8 and
+   8 heads; 0.5 GB at seq 2048). The backward pass takes query rows a block at a time, so that
+   each block's key and value gradients are one product per strip of keys. */
 #define ACMOE__ATTENTION_BLOCK 64
 #define ACMOE__ATTENTION_PAD 16 /* every path's kernel widths divide it or are multiples of it */
 
@@ -3423,7 +3423,7 @@ static size_t acmoe__attention_layout(int seq, int dh, float *base, acmoe__atten
     return used;
 }
 
-/* Scratch floats for one (sequence, head) pair. */
+/* Scratch floats for one thread (one (sequence, head) pair at a time). */
 static size_t acmoe__attention_work(int seq, int dh) {
     acmoe__attention_scratch s;
     return acmoe__attention_layout(seq, dh, NULL, &s);
