@@ -3393,7 +3393,9 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
 #define ACMOE__ATTENTION_BLOCK 64
 #define ACMOE__ATTENTION_PAD 16 /* every path's kernel widths divide it or are multiples of it */
 
-static int acmoe__pad_up(int n) { return (n + ACMOE__ATTENTION_PAD - 1) / ACMOE__ATTENTION_PAD * ACMOE__ATTENTION_PAD; }
+static int acmoe__pad_up(int n) {
+    return (n + ACMOE__ATTENTION_PAD - 1) / ACMOE__ATTENTION_PAD * ACMOE__ATTENTION_PAD;
+}
 
 /* One pair's scratch: the keys transposed (kt, dh rows of sp) and as padded rows (kr, sp rows
    of hp); the values transposed (vt) for the backward pass; xr: the values' rows in the forward
@@ -3514,6 +3516,7 @@ typedef struct acmoe__attention_pair {
     const float *q, *k, *v, *qr, *kr, *vr;
     float *dq, *dk, *dv;
     size_t out, ld; /* offset of the pair's first output row in out or dout; row stride of qr, kr, vr */
+    int by_column;  /* scores by the column kernel on the key rows, not from the transposed keys */
     acmoe__attention_scratch s;
 } acmoe__attention_pair;
 
@@ -3524,6 +3527,7 @@ static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job
     P.q = j->qkv + base, P.k = P.q + j->d, P.v = P.q + 2 * j->d;
     P.dq = j->dqkv ? j->dqkv + base : NULL, P.dk = P.dq ? P.dq + j->d : NULL, P.dv = P.dq ? P.dq + 2 * j->d : NULL;
     P.out = (size_t)b * j->seq * j->d + (size_t)h * dh;
+    P.by_column = 0;
     acmoe__attention_layout(j->seq, dh, j->work + (size_t)tid * acmoe__attention_work(j->seq, dh), &P.s);
     if (P.s.hp == dh) {
         P.qr = P.q, P.kr = P.k, P.vr = P.v, P.ld = (size_t)3 * j->d;
@@ -3542,7 +3546,7 @@ static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__att
     const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = 3 * j->d;
     int k0;
-    if (!P->s.kt)
+    if (P->by_column)
         for (k0 = 0; k0 < i1; k0 += kern->gemv_rows)
             kern->gemv(dh, P->k + (size_t)k0 * ld, ld, P->q + (size_t)i0 * ld, 1, p + k0, 1,
                        ACMOE__MIN(kern->gemv_rows, i1 - k0), 0);
@@ -3560,13 +3564,12 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     const int dh = j->d / j->heads, ld = 3 * j->d, workers = ACMOE__MIN(n_threads, j->slots);
     float inv[ACMOE__MR_MAX];
     int pair, i0, i1;
-    for (pair = tid; tid < workers && pair < j->batch * j->heads; pair += workers) {
+    if (tid >= workers) return;
+    for (pair = tid; pair < j->batch * j->heads; pair += workers) {
         acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
-        if (kern->gemv && j->start == j->seq - 1)
-            P.s.kt = NULL; /* one query: scores by the column kernel */
-        else
-            acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
+        P.by_column = kern->gemv && j->start == j->seq - 1; /* one query: no transpose */
+        if (!P.by_column) acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
         if (P.vr == s->xr) acmoe__scale_rows(s->xr, (size_t)s->hp, P.v, (size_t)ld, j->seq, dh, s->hp, NULL);
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
             i1 = ACMOE__MIN(j->seq, i0 + kern->mr);
@@ -3629,7 +3632,8 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq, workers = ACMOE__MIN(n_threads, j->slots);
     int pair, b0;
-    for (pair = tid; tid < workers && pair < j->batch * j->heads; pair += workers) {
+    if (tid >= workers) return;
+    for (pair = tid; pair < j->batch * j->heads; pair += workers) {
         const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, seq, dh);

@@ -13,9 +13,8 @@
    memory, and decoding one sequence position by position. Sections 2 and 3 also give each
    rate as a share of the measured peak, which carries across machines where the rate does
    not. Each section ends with its own resident peak. `make bench-pytorch` runs the PyTorch
-   peer of sections 2 and 3 (bench/pytorch_peer.py). Built
-   without -march: SIMD code here is compiled per function and only called when the CPU
-   supports it. */
+   peer of sections 2 and 3 (bench/pytorch_peer.py). Built without -march: SIMD code here is
+   compiled per function and only called when the CPU supports it. */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread barriers */
 #endif
