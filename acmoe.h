@@ -257,7 +257,15 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
      'c' AC          AC,        cosine, top-k (Adaptive Clustering, the paper's router)
      'u' USMoE       token,     linear, unified score, top pairs of each group
      'e' expert      token,     linear, each expert takes its top tokens (non-causal)
-   Other combinations are allowed, e.g. AC input with USMoE or Switch selection. */
+     'm' Soft MoE    token,     slot,   every token reaches every expert through slots
+   Other combinations are allowed, e.g. AC input with USMoE, Switch or Soft MoE selection.
+
+   Soft MoE (Puigcerver et al. 2024) has no pairs: each expert owns soft_slots slots per
+   group, a slot's input is a mix of the group's tokens (dispatch: for each slot, a softmax
+   over the group's tokens), and each token's output a mix of all slot outputs (combine: for
+   each token, a softmax over the slots). Both softmaxes share the logits of the slot score.
+   A token's output depends on its whole group, so Soft MoE is causal only with position
+   groups. */
 typedef enum acmoe_router_input {
     ACMOE_INPUT_TOKEN = 0, /* the token itself */
     ACMOE_INPUT_PROJECTED, /* x R, R a learned d_model -> proj_dim projection (XMoE) */
@@ -268,6 +276,8 @@ typedef enum acmoe_router_input {
 typedef enum acmoe_router_score {
     ACMOE_SCORE_LINEAR = 0, /* z = Wr u + b */
     ACMOE_SCORE_COSINE,     /* z_j = u . e_j / |e_j|, e re-projected to norm 1.5 each forward */
+    ACMOE_SCORE_SLOT,       /* z_s = scale (u / |u|) . (phi_s / |phi_s|), a learned vector
+                               phi_s per slot and one learned scale: Soft MoE's score */
     ACMOE_SCORE_COUNT
 } acmoe_router_score;
 
@@ -279,9 +289,12 @@ typedef enum acmoe_router_select {
     ACMOE_SELECT_EXPERT_CHOICE,  /* expert j takes its top ceil(capacity*T/E) tokens by softmax
                                     probability, gate that probability; sees the whole call,
                                     so not for causal models */
+    ACMOE_SELECT_SOFT,           /* Soft MoE over each group (see above); needs the slot
+                                    score, and the slot score needs it */
     ACMOE_SELECT_COUNT
 } acmoe_router_select;
 
+/* The tokens that USMoE's pair budget and Soft MoE's slots are shared by. */
 typedef enum acmoe_group {
     ACMOE_GROUP_BATCH = 0, /* all tokens of the call */
     ACMOE_GROUP_SEQUENCE,  /* each run of seq_len tokens (not causal) */
@@ -310,9 +323,11 @@ typedef struct acmoe_moe_desc {
                               Expert choice: tokens per expert ceil(capacity * n / E), default 2 */
     float usmoe_budget;    /* USMoE pairs per token of a group, default top_k; fractional works */
     float usmoe_rho;       /* default 0.5 */
-    acmoe_group usmoe_group;
+    acmoe_group group;     /* USMoE and Soft MoE */
     int seq_len;           /* tokens per sequence, for sequence and position groups */
-    float balance_alpha;   /* Switch balance loss alpha E sum f_j P_j; 0 = off (default) */
+    int soft_slots;        /* Soft MoE: slots per expert and group, default 1 */
+    float balance_alpha;   /* Switch balance loss alpha E sum f_j P_j; 0 = off (default);
+                              the auxiliary losses and capacity do not apply to Soft MoE */
     float balance_temperature; /* P from softmax(z / T); default 1, the reference cosine runs 0.3 */
     float z_loss;          /* beta mean(logsumexp(z)^2); 0 = off (default) */
     int ac_max_clusters;   /* AC labels must be below this; default n_experts */
@@ -339,6 +354,12 @@ typedef struct acmoe_moe_stats {
     double seconds_experts;
     int ac_clusters;              /* AC: rows of W (1 + the largest previous index) */
     float ac_w_min, ac_w_max, ac_w_mean;
+    /* Soft MoE: there are no pairs; tokens_per_expert counts slots, expert_index ranks the
+       experts by the combine weight of their slots, and gate is that weight renormalised
+       over the k */
+    int n_slots;                  /* n_experts * soft_slots */
+    const float *slot_dispatch;   /* [n_tokens][n_slots] each slot's softmax over its group */
+    const float *slot_combine;    /* [n_tokens][n_slots] each token's softmax over the slots */
 } acmoe_moe_stats;
 
 typedef struct acmoe_moe acmoe_moe;
@@ -376,7 +397,9 @@ ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
    each layer's FFN by router letter (see acmoe_moe_router_preset) or 'f' for a dense FFN, so
    "ggc" is the paper's 3-layer AC model and "gfcfcf" a GLaM-style one. AC layers take their
    labels from the MoE layer before them (dense layers pass them through); the first MoE layer
-   cannot be AC. The model owns one parameter buffer with mirrored gradient and Adam moment
+   cannot be AC. Soft MoE layers ('m') group the tokens at each position across the batch,
+   the one grouping that keeps the model causal (a position's slots see no later position);
+   USMoE and Soft MoE groups follow each call's sequence length. The model owns one parameter buffer with mirrored gradient and Adam moment
    buffers, and activations for batch x seq_len tokens: steps allocate nothing. */
 typedef struct acmoe_lm_desc {
     int vocab;            /* default 256 (bytes) */
@@ -2137,16 +2160,19 @@ static void acmoe__ac_logits(const float *x, int n, int d, const int32_t *labels
     }
 }
 
-/* Rows of emb scaled to unit norm (norms below 1e-4 count as 1e-4). */
-static void acmoe__unit_rows(const float *emb, int rows, int d, float *out) {
+/* Rows of emb scaled to unit norm (norms below 1e-4 count as 1e-4), and the norms when
+   norms is not NULL. */
+static void acmoe__unit_rows(const float *emb, int rows, int d, float *out, float *norms) {
     int j, q;
     for (j = 0; j < rows; j++) {
         const float *ej = emb + (size_t)j * d;
         double sq = 0.0;
-        float inv;
+        float norm, inv;
         for (q = 0; q < d; q++) sq += (double)ej[q] * ej[q];
-        inv = 1.0f / (float)ACMOE__MAX(sqrt(sq), 1e-4);
+        norm = (float)ACMOE__MAX(sqrt(sq), 1e-4);
+        inv = 1.0f / norm;
         for (q = 0; q < d; q++) out[(size_t)j * d + q] = ej[q] * inv;
+        if (norms) norms[j] = norm;
     }
 }
 
@@ -2194,7 +2220,7 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     acmoe__ac_counts(prev_idx, prev_k, n, k_rows, count);
     acmoe__ac_dispersion(&opt, x, n, d, prev_idx, prev_k, k_rows, count, mu, w, 0, d);
     acmoe__ac_weights(&opt, w, k_rows, d, count);
-    acmoe__unit_rows(emb, n_experts, d, ehat);
+    acmoe__unit_rows(emb, n_experts, d, ehat, NULL);
     acmoe__ac_logits(x, n, d, prev_idx, prev_k, w, ehat, n_experts, logits);
     acmoe__replace_nonfinite(logits, (size_t)n * n_experts);
     acmoe__topk_softmax(logits, n, n_experts, k, idx_out, gate_out);
@@ -2216,16 +2242,20 @@ struct acmoe_moe {
     acmoe_moe_desc d;
     int dr;        /* router input width: d_model, or proj_dim */
     int h_width;   /* width of W1's output: d_ff, or 2 d_ff for SwiGLU */
-    int max_pairs; /* (token, expert) pairs one call can make */
+    int max_pairs; /* (token, expert) pairs one call can make; Soft MoE: slot rows */
+    int lw;        /* logits per token: n_experts, or Soft MoE's slots */
     /* parameter views and their gradients */
-    float *wr, *br, *emb, *proj, *w1, *b1, *w2, *b2;
-    float *g_wr, *g_br, *g_emb, *g_proj, *g_w1, *g_b1, *g_w2, *g_b2;
+    float *wr, *br, *emb, *phi, *phi_scale, *proj, *w1, *b1, *w2, *b2;
+    float *g_wr, *g_br, *g_emb, *g_phi, *g_phi_scale, *g_proj, *g_w1, *g_b1, *g_w2, *g_b2;
     /* workspace, sized for max_tokens */
     void *memory;
     size_t memory_bytes;
     float *xr, *dxr, *wmix;    /* router input, its gradient [T][dr]; mixed AC weights [T][d] */
-    float *ehat, *dehat, *emb_norm; /* unit expert embeddings [E][dr], their norms [E] */
-    float *logits, *probs, *sig, *dz; /* [T][E] */
+    float *ehat, *dehat, *emb_norm; /* unit expert embeddings or slot vectors [lw][dr], norms */
+    float *logits, *probs, *sig, *dz; /* [T][lw]; Soft MoE: probs are the combine weights */
+    float *uhat, *u_norm;      /* Soft MoE: unit router inputs [T][dr] and their norms */
+    float *dispatch, *ddispatch; /* Soft MoE: dispatch weights and their gradients [T][lw] */
+    float *slots;              /* Soft MoE: slot rows of each group in turn [max_pairs][d] */
     float *balance_q;          /* [T][E] softmax(z / T) of the balance loss */
     int32_t *top_idx;          /* [T][k] experts by score, for the next layer */
     float *top_gate;           /* [T][k] */
@@ -2243,7 +2273,7 @@ struct acmoe_moe {
     float *xe, *h, *a, *ye;    /* gathered rows [P][d], hidden [P][h_width], [P][d_ff], out [P][d] */
     /* the last forward call */
     const float *x;
-    int n, cached, n_pairs, dropped, nonfinite;
+    int n, cached, n_pairs, dropped, nonfinite, n_groups;
     float aux_loss;
     int ac_rows, ac_frozen, ac_ready;
     double seconds_routing, seconds_experts;
@@ -2263,6 +2293,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         {'c', ACMOE_INPUT_AC, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
         {'u', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_USMOE},
         {'e', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_EXPERT_CHOICE},
+        {'m', ACMOE_INPUT_TOKEN, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
     };
     size_t i;
     if (!d) return ACMOE_ERR_NULL;
@@ -2279,6 +2310,11 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
 
 static int acmoe__valid_enum(int value, int count) { return value >= 0 && value < count; }
 
+/* Whether the selection rule shares its tokens by groups. */
+static int acmoe__grouped(const acmoe_moe_desc *d) {
+    return d->router_select == ACMOE_SELECT_USMOE || d->router_select == ACMOE_SELECT_SOFT;
+}
+
 ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_desc *out) {
     acmoe_moe_desc d;
     acmoe_status s;
@@ -2291,13 +2327,15 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (d.usmoe_budget == 0.0f) d.usmoe_budget = (float)d.top_k;
     if (d.usmoe_rho == 0.0f) d.usmoe_rho = 0.5f;
     if (d.balance_temperature == 0.0f) d.balance_temperature = 1.0f;
+    if (!d.soft_slots) d.soft_slots = 1;
     if (d.d_model < 1 || d.d_ff < 1 || d.n_experts < 1 || d.max_tokens < 1 || d.top_k < 1 ||
-        d.top_k > d.n_experts || d.proj_dim < 1 || d.ac_max_clusters < 1 || d.seq_len < 0)
+        d.top_k > d.n_experts || d.proj_dim < 1 || d.ac_max_clusters < 1 || d.seq_len < 0 || d.soft_slots < 1 ||
+        (double)d.n_experts * d.soft_slots > 1e6)
         return ACMOE_ERR_SHAPE;
     if (!acmoe__valid_enum((int)d.router_input, ACMOE_INPUT_COUNT) ||
         !acmoe__valid_enum((int)d.router_score, ACMOE_SCORE_COUNT) ||
         !acmoe__valid_enum((int)d.router_select, ACMOE_SELECT_COUNT) ||
-        !acmoe__valid_enum((int)d.usmoe_group, ACMOE_GROUP_COUNT) ||
+        !acmoe__valid_enum((int)d.group, ACMOE_GROUP_COUNT) ||
         !acmoe__valid_enum((int)d.activation, ACMOE_ACT_COUNT))
         return ACMOE_ERR_ARG;
     if (!(d.capacity >= 0.0f && d.capacity <= 1e4f) || !(d.usmoe_budget > 0.0f && d.usmoe_budget <= (float)d.n_experts) ||
@@ -2305,8 +2343,11 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
         !(d.balance_temperature > 0.0f && d.balance_temperature < 1e6f) || !(d.z_loss >= 0.0f && d.z_loss < 1e6f) ||
         d.ac_max_clusters > ACMOE__AC_MAX_CLUSTERS)
         return ACMOE_ERR_ARG;
-    if (d.usmoe_group != ACMOE_GROUP_BATCH && d.router_select == ACMOE_SELECT_USMOE && d.seq_len < 1)
+    if (d.group != ACMOE_GROUP_BATCH && acmoe__grouped(&d) && d.seq_len < 1)
         return ACMOE_ERR_ARG; /* sequence and position groups need seq_len */
+    if ((d.router_select == ACMOE_SELECT_SOFT) != (d.router_score == ACMOE_SCORE_SLOT) ||
+        (d.router_select == ACMOE_SELECT_SOFT && (d.capacity > 0.0f || d.balance_alpha > 0.0f || d.z_loss > 0.0f)))
+        return ACMOE_ERR_ARG;
     s = acmoe__ac_resolve(&in->ac, &d.ac);
     if (s != ACMOE_OK) return s;
     *out = d;
@@ -2360,6 +2401,9 @@ static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads, acmoe
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         ACMOE__VIEW(wr, "router.weight", 1, 2, e, L->dr, 0);
         ACMOE__VIEW(br, "router.bias", 0, 1, e, 0, 0);
+    } else if (d->router_score == ACMOE_SCORE_SLOT) {
+        ACMOE__VIEW(phi, "router.slots", 1, 2, L->lw, L->dr, 0);
+        ACMOE__VIEW(phi_scale, "router.scale", 0, 1, 1, 0, 0);
     } else {
         ACMOE__VIEW(emb, "router.embedding", 1, 2, e, L->dr, 0);
     }
@@ -2377,6 +2421,13 @@ static void acmoe__moe_shape(acmoe_moe *L) {
     double per_token = d->top_k;
     L->dr = d->router_input == ACMOE_INPUT_PROJECTED ? d->proj_dim : d->d_model;
     L->h_width = d->activation == ACMOE_ACT_SWIGLU ? 2 * d->d_ff : d->d_ff;
+    L->lw = d->router_select == ACMOE_SELECT_SOFT ? d->n_experts * d->soft_slots : d->n_experts;
+    if (d->router_select == ACMOE_SELECT_SOFT) { /* every group's slots */
+        int groups = d->group == ACMOE_GROUP_BATCH ? 1
+                     : d->group == ACMOE_GROUP_POSITION ? d->seq_len : (d->max_tokens + d->seq_len - 1) / d->seq_len;
+        L->max_pairs = groups * L->lw;
+        return;
+    }
     /* group budgets round up to one pair per group, capacities to one token per expert */
     if (d->router_select == ACMOE_SELECT_USMOE) per_token = (double)d->usmoe_budget + 1.0;
     if (d->router_select == ACMOE_SELECT_EXPERT_CHOICE) per_token = (double)d->capacity + 1.0;
@@ -2407,19 +2458,25 @@ static void *acmoe__carve(unsigned char *base, size_t *used, size_t bytes) {
 static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     const acmoe_moe_desc *d = &L->d;
     const size_t t = (size_t)d->max_tokens, e = (size_t)d->n_experts, k = (size_t)d->top_k, p = (size_t)L->max_pairs;
+    const size_t lw = (size_t)L->lw, soft = d->router_select == ACMOE_SELECT_SOFT;
     const size_t dm = (size_t)d->d_model, dr = (size_t)L->dr, kc = (size_t)d->ac_max_clusters;
     const size_t f = sizeof(float), i = sizeof(int);
     size_t used = 0;
     L->xr = (float *)acmoe__carve(base, &used, t * dr * f);
     L->dxr = (float *)acmoe__carve(base, &used, t * dr * f);
     L->wmix = (float *)acmoe__carve(base, &used, (d->ac_mix_labels ? t * dm : 1) * f);
-    L->ehat = (float *)acmoe__carve(base, &used, e * dr * f);
-    L->dehat = (float *)acmoe__carve(base, &used, e * dr * f);
-    L->emb_norm = (float *)acmoe__carve(base, &used, e * f);
-    L->logits = (float *)acmoe__carve(base, &used, t * e * f);
-    L->probs = (float *)acmoe__carve(base, &used, t * e * f);
-    L->sig = (float *)acmoe__carve(base, &used, t * e * f);
-    L->dz = (float *)acmoe__carve(base, &used, t * e * f);
+    L->ehat = (float *)acmoe__carve(base, &used, lw * dr * f);
+    L->dehat = (float *)acmoe__carve(base, &used, lw * dr * f);
+    L->emb_norm = (float *)acmoe__carve(base, &used, lw * f);
+    L->logits = (float *)acmoe__carve(base, &used, t * lw * f);
+    L->probs = (float *)acmoe__carve(base, &used, t * lw * f);
+    L->sig = (float *)acmoe__carve(base, &used, t * lw * f);
+    L->dz = (float *)acmoe__carve(base, &used, t * lw * f);
+    L->uhat = (float *)acmoe__carve(base, &used, (soft ? t * dr : 1) * f);
+    L->u_norm = (float *)acmoe__carve(base, &used, (soft ? t : 1) * f);
+    L->dispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
+    L->ddispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
+    L->slots = (float *)acmoe__carve(base, &used, (soft ? p * dm : 1) * f);
     L->balance_q = (float *)acmoe__carve(base, &used, (d->balance_alpha > 0.0f ? t * e : 1) * f);
     L->top_idx = (int32_t *)acmoe__carve(base, &used, t * k * sizeof(int32_t));
     L->top_gate = (float *)acmoe__carve(base, &used, t * k * f);
@@ -2519,6 +2576,8 @@ ACMOE_API void acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
     if (L->wr) acmoe__init_uniform(rng, L->wr, e * L->dr, L->dr);
     if (L->br) acmoe__init_uniform(rng, L->br, e, L->dr);
     if (L->emb) acmoe__init_orthogonal(rng, L->emb, d->n_experts, L->dr, 0.32f);
+    if (L->phi) acmoe__init_uniform(rng, L->phi, (size_t)L->lw * L->dr, L->dr);
+    if (L->phi_scale) *L->phi_scale = 1.0f;
     acmoe__init_uniform(rng, L->w1, e * L->h_width * d->d_model, d->d_model);
     acmoe__init_uniform(rng, L->b1, e * L->h_width, d->d_model);
     acmoe__init_uniform(rng, L->w2, e * d->d_model * d->d_ff, d->d_ff);
@@ -2758,10 +2817,31 @@ static acmoe_status acmoe__router_input(acmoe_moe *L, acmoe_ctx *ctx, const floa
     return ACMOE_OK;
 }
 
-/* Logits [n][E] of the router input u. */
+/* Gradients through u = x / |x|: (du - u (u . du)) / |x|, added to g or written over it
+   (g may be du). */
+static void acmoe__unit_rows_backward(const float *unit, const float *norm, const float *du, int rows, int w,
+                                      float *g, int accumulate) {
+    int r, q;
+    for (r = 0; r < rows; r++) {
+        const float *u = unit + (size_t)r * w, *dr = du + (size_t)r * w;
+        float *gr = g + (size_t)r * w, dot = 0.0f;
+        for (q = 0; q < w; q++) dot += u[q] * dr[q];
+        for (q = 0; q < w; q++) gr[q] = (accumulate ? gr[q] : 0.0f) + (dr[q] - u[q] * dot) / norm[r];
+    }
+}
+
+/* Logits [n][lw] of the router input u. */
 static acmoe_status acmoe__router_score(acmoe_moe *L, acmoe_ctx *ctx, const float *u, int n) {
     const acmoe_moe_desc *d = &L->d;
     acmoe_status s;
+    if (d->router_score == ACMOE_SCORE_SLOT) {
+        size_t i;
+        acmoe__unit_rows(u, n, L->dr, L->uhat, L->u_norm);
+        acmoe__unit_rows(L->phi, L->lw, L->dr, L->ehat, L->emb_norm);
+        s = acmoe_matmul(ctx, ACMOE_NT, n, L->lw, L->dr, L->uhat, L->dr, L->ehat, L->dr, L->logits, L->lw, 0);
+        for (i = 0; i < (size_t)n * L->lw; i++) L->logits[i] *= *L->phi_scale;
+        return s;
+    }
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         s = acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, u, L->dr, L->wr, L->dr, L->logits, d->n_experts, 0);
         if (s == ACMOE_OK) acmoe__add_bias(L->logits, n, d->n_experts, L->br);
@@ -2839,7 +2919,7 @@ static void acmoe__pairs_from_marks(acmoe_moe *L, int n, const float *gate_of) {
 /* Tokens of group g: (first, stride, count) for the group rule. */
 static int acmoe__group(const acmoe_moe *L, int n, int g, int *first, int *stride) {
     int len = L->d.seq_len;
-    switch (L->d.usmoe_group) {
+    switch (L->d.group) {
     case ACMOE_GROUP_SEQUENCE: *first = g * len, *stride = 1; return g * len < n ? len : 0;
     case ACMOE_GROUP_POSITION: *first = g, *stride = len; return g < len ? n / len : 0;
     default: *first = 0, *stride = 1; return g == 0 ? n : 0;
@@ -2887,9 +2967,43 @@ static void acmoe__select_expert_choice(acmoe_moe *L, int n) {
     acmoe__pairs_from_marks(L, n, L->probs);
 }
 
+/* Soft MoE: the combine weights (each token's softmax over the slots), the dispatch weights
+   (each slot's softmax over its group's tokens), and for the next layer each token's top-k
+   experts by the combine weight of their slots: the softmax over the k of the weights' logs
+   renormalises the weights over the k. */
+static void acmoe__select_soft(acmoe_moe *L, int n) {
+    const int S = L->lw, e = L->d.n_experts, per = L->d.soft_slots;
+    float *mass_log = L->dz; /* forward scratch [n][E] */
+    int g, i, t, j, c, first, stride, size;
+    acmoe__softmax_rows(L->logits, L->probs, n, S, 1.0f);
+    for (g = 0; (size = acmoe__group(L, n, g, &first, &stride)) > 0; g++)
+        for (c = 0; c < S; c++) {
+            float top = -INFINITY, sum = 0.0f;
+            for (i = 0; i < size; i++) top = ACMOE__MAX(top, L->logits[(size_t)(first + i * stride) * S + c]);
+            for (i = 0; i < size; i++) {
+                size_t at = (size_t)(first + i * stride) * S + c;
+                sum += L->dispatch[at] = expf(L->logits[at] - top);
+            }
+            for (i = 0; i < size; i++) L->dispatch[(size_t)(first + i * stride) * S + c] /= sum;
+        }
+    L->n_groups = g;
+    for (t = 0; t < n; t++)
+        for (j = 0; j < e; j++) {
+            float mass = 0.0f;
+            for (c = 0; c < per; c++) mass += L->probs[(size_t)t * S + j * per + c];
+            mass_log[(size_t)t * e + j] = logf(ACMOE__MAX(mass, 1e-30f));
+        }
+    acmoe__topk_softmax(mass_log, n, e, L->d.top_k, L->top_idx, L->top_gate);
+    L->n_pairs = L->dropped = 0;
+}
+
 /* Top-k by score for the next layer, then the pairs of the selection rule. */
 static void acmoe__select(acmoe_moe *L, int n) {
     const acmoe_router_select rule = L->d.router_select;
+    if (rule == ACMOE_SELECT_SOFT) {
+        acmoe__select_soft(L, n);
+        return;
+    }
     acmoe__topk_softmax(L->logits, n, L->d.n_experts, L->d.top_k, L->top_idx, L->top_gate);
     /* full softmax: the gates of the other rules, and the z-loss */
     if (rule != ACMOE_SELECT_TOPK || L->d.z_loss > 0.0f) acmoe__softmax_rows(L->logits, L->probs, n, L->d.n_experts, 1.0f);
@@ -2941,10 +3055,16 @@ static float acmoe__aux_loss(acmoe_moe *L, int n, int grad) {
 /* ---- experts ---- */
 
 /* Counting sort of the pairs by expert, in pair order within each expert; and where each
-   token's pairs start (pairs come in token order). */
+   token's pairs start (pairs come in token order). Soft MoE: each expert's rows are its
+   slots of each group in turn. */
 static void acmoe__dispatch(acmoe_moe *L) {
     const int e = L->d.n_experts;
     int p, j, t = 0;
+    if (L->d.router_select == ACMOE_SELECT_SOFT) {
+        for (j = 0; j <= e; j++) L->offset[j] = j * L->n_groups * L->d.soft_slots;
+        for (j = 0; j < e; j++) L->count[j] = L->n_groups * L->d.soft_slots;
+        return;
+    }
     for (p = 0; p < L->n_pairs; p++)
         while (t <= L->pair_token[p]) L->token_start[t++] = p;
     while (t <= L->n) L->token_start[t++] = L->n_pairs;
@@ -2998,6 +3118,14 @@ static const float *acmoe__expert_input(const acmoe_moe *L, const float *x) {
     return L->d.router_input == ACMOE_INPUT_AC && L->d.ac_weight_experts ? L->xr : x;
 }
 
+/* Row r of expert j's input: its pair's token, or (Soft MoE) its slot's row. */
+static const float *acmoe__expert_row(const acmoe_moe *L, const float *in, int j, int r) {
+    const size_t dm = (size_t)L->d.d_model;
+    const int per = L->d.soft_slots;
+    if (L->d.router_select == ACMOE_SELECT_SOFT) return L->slots + ((size_t)(r / per) * L->lw + (size_t)j * per + r % per) * dm;
+    return in + (size_t)L->pair_token[L->slot_pair[L->offset[j] + r]] * dm;
+}
+
 /* ye = W2 act(W1 xe + b1) + b2 on expert j's gathered rows. */
 static void acmoe__expert_forward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j, const float *in) {
     const acmoe_moe_desc *d = &L->d;
@@ -3005,8 +3133,7 @@ static void acmoe__expert_forward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j, 
     const size_t at = (size_t)L->offset[j];
     float *xe = L->xe + at * dm, *h = L->h + at * hw, *a = L->a + at * ff, *ye = L->ye + at * dm;
     int r;
-    for (r = 0; r < rows; r++)
-        memcpy(xe + (size_t)r * dm, in + (size_t)L->pair_token[L->slot_pair[at + r]] * dm, sizeof(float) * (size_t)dm);
+    for (r = 0; r < rows; r++) memcpy(xe + (size_t)r * dm, acmoe__expert_row(L, in, j, r), sizeof(float) * (size_t)dm);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, L->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
     acmoe__add_bias(h, rows, hw, L->b1 + (size_t)j * hw);
     acmoe__activate(d->activation, h, a, rows, ff);
@@ -3042,6 +3169,105 @@ static void acmoe__combine_job(void *arg, int tid, int n_threads) {
     }
 }
 
+/* ---- Soft MoE: each group's products run on one thread, groups split across threads ---- */
+
+/* Copies group g's slot rows from the experts' blocks into the group's block of slots (rows
+   in slot order), or back. */
+static void acmoe__soft_copy(const acmoe_moe *L, int g, float *expert_rows, int to_slots) {
+    const size_t dm = (size_t)L->d.d_model, bytes = sizeof(float) * dm * (size_t)L->d.soft_slots;
+    const int per = L->d.soft_slots;
+    int j;
+    for (j = 0; j < L->d.n_experts; j++) {
+        float *e = expert_rows + (size_t)(L->offset[j] + g * per) * dm, *s = L->slots + ((size_t)g * L->lw + (size_t)j * per) * dm;
+        memcpy(to_slots ? s : e, to_slots ? e : s, bytes);
+    }
+}
+
+/* Each group's slots: dispatch weights^T times the experts' input rows. */
+static void acmoe__soft_dispatch_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    const acmoe_moe *L = job->L;
+    const int S = L->lw, dm = L->d.d_model;
+    const float *in = acmoe__expert_input(L, job->x);
+    int g, first, stride, size;
+    for (g = tid; g < L->n_groups; g += n_threads) {
+        size = acmoe__group(L, L->n, g, &first, &stride);
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_TN, S, dm, size, L->dispatch + (size_t)first * S, stride * S,
+                                in + (size_t)first * dm, stride * dm, L->slots + (size_t)g * S * dm, dm, 0);
+    }
+}
+
+/* Each group's output: combine weights times the slot outputs. */
+static void acmoe__soft_combine_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    const acmoe_moe *L = job->L;
+    const int S = L->lw, dm = L->d.d_model;
+    int g, first, stride, size;
+    for (g = tid; g < L->n_groups; g += n_threads) {
+        size = acmoe__group(L, L->n, g, &first, &stride);
+        acmoe__soft_copy(L, g, L->ye, 1);
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NN, size, dm, S, L->probs + (size_t)first * S, stride * S,
+                                L->slots + (size_t)g * S * dm, dm, job->out + (size_t)first * dm, stride * dm, 0);
+    }
+}
+
+/* dz = the combine weights' logit gradients (each row a softmax backward of dout . slot
+   outputs); then the slot outputs' gradients, combine^T dout, into the experts' rows. */
+static void acmoe__soft_combine_backward_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    acmoe_moe *L = job->L;
+    const int S = L->lw, dm = L->d.d_model;
+    int g, i, c, first, stride, size;
+    for (g = tid; g < L->n_groups; g += n_threads) {
+        float *slots = L->slots + (size_t)g * S * dm;
+        size = acmoe__group(L, L->n, g, &first, &stride);
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NT, size, S, dm, job->dout + (size_t)first * dm, stride * dm,
+                                slots, dm, L->dz + (size_t)first * S, stride * S, 0);
+        for (i = 0; i < size; i++) {
+            const float *p = L->probs + (size_t)(first + i * stride) * S;
+            float *dz = L->dz + (size_t)(first + i * stride) * S, dot = 0.0f;
+            for (c = 0; c < S; c++) dot += p[c] * dz[c];
+            for (c = 0; c < S; c++) dz[c] = p[c] * (dz[c] - dot);
+        }
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_TN, S, dm, size, L->probs + (size_t)first * S, stride * S,
+                                job->dout + (size_t)first * dm, stride * dm, slots, dm, 0);
+        acmoe__soft_copy(L, g, L->ye, 0);
+    }
+}
+
+/* From the slots' input gradients: dz += the dispatch weights' logit gradients (each slot a
+   softmax backward over its group of x . slot gradient), and the experts' input gradients,
+   dispatch times the slot gradients, added to dx (or written to dxr, to go through the AC
+   weights). */
+static void acmoe__soft_dispatch_backward_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    acmoe_moe *L = job->L;
+    const int S = L->lw, dm = L->d.d_model;
+    const float *in = acmoe__expert_input(L, L->x);
+    float *din = in == L->x ? job->dx : L->dxr;
+    int g, i, c, first, stride, size;
+    for (g = tid; g < L->n_groups; g += n_threads) {
+        float *slots = L->slots + (size_t)g * S * dm;
+        size = acmoe__group(L, L->n, g, &first, &stride);
+        acmoe__soft_copy(L, g, L->xe, 1);
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NT, size, S, dm, in + (size_t)first * dm, stride * dm, slots, dm,
+                                L->ddispatch + (size_t)first * S, stride * S, 0);
+        for (c = 0; c < S; c++) {
+            float dot = 0.0f;
+            for (i = 0; i < size; i++) {
+                size_t at = (size_t)(first + i * stride) * S + c;
+                dot += L->dispatch[at] * L->ddispatch[at];
+            }
+            for (i = 0; i < size; i++) {
+                size_t at = (size_t)(first + i * stride) * S + c;
+                L->dz[at] += L->dispatch[at] * (L->ddispatch[at] - dot);
+            }
+        }
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NN, size, dm, S, L->dispatch + (size_t)first * S, stride * S, slots,
+                                dm, din + (size_t)first * dm, stride * dm, din == job->dx);
+    }
+}
+
 ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n,
                                          const int32_t *prev_idx, const float *prev_gate, int prev_k,
                                          float *out) {
@@ -3050,10 +3276,12 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     acmoe_status s;
     acmoe__moe_job job;
     double mark;
+    int soft;
     if (!L || !ctx) return ACMOE_ERR_NULL;
     d = &L->d;
+    soft = d->router_select == ACMOE_SELECT_SOFT;
     if (n < 0 || n > d->max_tokens) return ACMOE_ERR_SHAPE;
-    if (d->router_select == ACMOE_SELECT_USMOE && d->usmoe_group != ACMOE_GROUP_BATCH && n % d->seq_len)
+    if (acmoe__grouped(d) && d->group != ACMOE_GROUP_BATCH && n % d->seq_len)
         return ACMOE_ERR_SHAPE; /* groups need whole sequences */
     if (n > 0 && (!x || !out)) return ACMOE_ERR_NULL;
     if (!acmoe__all_finite(x, (size_t)n * d->d_model)) return ACMOE_ERR_NONFINITE;
@@ -3068,16 +3296,17 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     s = acmoe__router_input(L, ctx, x, n, prev_idx, prev_gate, prev_k, &u);
     if (s == ACMOE_OK) s = acmoe__router_score(L, ctx, u, n);
     if (s != ACMOE_OK) return s;
-    L->nonfinite = acmoe__count_nonfinite(L->logits, (size_t)n * d->n_experts);
-    if (L->nonfinite) acmoe__replace_nonfinite(L->logits, (size_t)n * d->n_experts);
+    L->nonfinite = acmoe__count_nonfinite(L->logits, (size_t)n * L->lw);
+    if (L->nonfinite) acmoe__replace_nonfinite(L->logits, (size_t)n * L->lw);
     acmoe__select(L, n);
     acmoe__dispatch(L);
     L->aux_loss = acmoe__aux_loss(L, n, 0);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
     job.L = L, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL;
     acmoe__assign_experts(L, ctx->desc.n_threads);
+    if (soft) acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, &job);
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__combine_job, &job);
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, soft ? acmoe__soft_combine_job : acmoe__combine_job, &job);
     acmoe__lap(ctx, &mark, &L->seconds_experts);
     L->cached = 1;
     return ACMOE_OK;
@@ -3172,15 +3401,33 @@ static void acmoe__gate_backward(acmoe_moe *L) {
     }
 }
 
-/* Gradients of the embeddings through the normalisation: (du - u (u . du)) / |e|. */
-static void acmoe__embedding_backward(acmoe_moe *L) {
-    int j, q, dr = L->dr;
-    for (j = 0; j < L->d.n_experts; j++) {
-        const float *u = L->ehat + (size_t)j * dr, *du = L->dehat + (size_t)j * dr;
-        float *g = L->g_emb + (size_t)j * dr, dot = 0.0f;
-        for (q = 0; q < dr; q++) dot += u[q] * du[q];
-        for (q = 0; q < dr; q++) g[q] += (du[q] - u[q] * dot) / L->emb_norm[j];
+
+static acmoe_status acmoe__router_input_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx);
+
+static void acmoe__add(float *y, const float *x, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) y[i] += x[i];
+}
+
+/* The slot score's gradients from dz [n][lw]: the scale's, the slot vectors' (through their
+   normalisation), and the router input's, written to dxr. */
+static acmoe_status acmoe__slot_score_backward(acmoe_moe *L, acmoe_ctx *ctx) {
+    const int n = L->n, S = L->lw, dr = L->dr;
+    const float scale = *L->phi_scale;
+    float dscale = 0.0f;
+    size_t i;
+    acmoe_status s = acmoe_matmul(ctx, ACMOE_NN, n, dr, S, L->dz, S, L->ehat, dr, L->dxr, dr, 0);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, S, dr, n, L->dz, S, L->uhat, dr, L->dehat, dr, 0);
+    if (s != ACMOE_OK) return s;
+    for (i = 0; i < (size_t)n * dr; i++) { /* sum of dz * cosine = sum over tokens of (dz ehat) . uhat */
+        dscale += L->dxr[i] * L->uhat[i];
+        L->dxr[i] *= scale;
     }
+    *L->g_phi_scale += dscale;
+    for (i = 0; i < (size_t)S * dr; i++) L->dehat[i] *= scale;
+    acmoe__unit_rows_backward(L->ehat, L->emb_norm, L->dehat, S, dr, L->g_phi, 1);
+    acmoe__unit_rows_backward(L->uhat, L->u_norm, L->dxr, n, dr, L->dxr, 0);
+    return ACMOE_OK;
 }
 
 /* Router parameter gradients, and the router's part of dx (added to dx). */
@@ -3191,21 +3438,56 @@ static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *
     const float *u = direct ? L->x : L->xr, *scorer = d->router_score == ACMOE_SCORE_LINEAR ? L->wr : L->ehat;
     float *du = direct ? dx : L->dxr;
     acmoe_status s;
+    if (d->router_score == ACMOE_SCORE_SLOT) {
+        s = acmoe__slot_score_backward(L, ctx);
+        if (s != ACMOE_OK || !direct) return s == ACMOE_OK ? acmoe__router_input_backward(L, ctx, dx) : s;
+        acmoe__add(dx, L->dxr, (size_t)n * dm);
+        return ACMOE_OK;
+    }
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         acmoe__bias_grad(L->dz, n, e, L->g_br);
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->g_wr, dr, 1);
     } else {
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->dehat, dr, 0);
-        if (s == ACMOE_OK) acmoe__embedding_backward(L);
+        if (s == ACMOE_OK) acmoe__unit_rows_backward(L->ehat, L->emb_norm, L->dehat, e, dr, L->g_emb, 1);
     }
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, dr, e, L->dz, e, scorer, dr, du, dr, direct);
     if (s != ACMOE_OK || direct) return s;
+    return acmoe__router_input_backward(L, ctx, dx);
+}
+
+/* dx += the gradient of the router input u (in dxr) through the projection or the AC
+   weights (a constant). */
+static acmoe_status acmoe__router_input_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
+    const acmoe_moe_desc *d = &L->d;
+    const int n = L->n, dm = d->d_model, dr = L->dr;
+    acmoe_status s;
     if (d->router_input == ACMOE_INPUT_PROJECTED) {
         s = acmoe_matmul(ctx, ACMOE_TN, dr, dm, n, L->dxr, dr, L->x, dm, L->g_proj, dm, 1);
         return s == ACMOE_OK ? acmoe_matmul(ctx, ACMOE_NN, n, dm, dr, L->dxr, dr, L->proj, dm, dx, dm, 1) : s;
     }
     acmoe__times_token_weights(L, ctx, L->dxr, n, dx, 1); /* AC: W is a constant */
     return ACMOE_OK;
+}
+
+/* Soft MoE's backward pass: the combine weights and the slot outputs' gradients, the
+   experts, the dispatch weights and the input's gradients, then the router with both
+   softmaxes' logit gradients. */
+static acmoe_status acmoe__soft_backward(acmoe_moe *L, acmoe_ctx *ctx, const float *dout, float *dx) {
+    acmoe__moe_job job;
+    acmoe_status s;
+    double mark = acmoe__clock_start(ctx);
+    job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx;
+    memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_combine_backward_job, &job);
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_backward_job, &job);
+    if (acmoe__expert_input(L, L->x) != L->x) acmoe__times_token_weights(L, ctx, L->dxr, L->n, dx, 1);
+    acmoe__lap(ctx, &mark, &L->seconds_experts);
+    s = acmoe__router_backward(L, ctx, dx);
+    acmoe__lap(ctx, &mark, &L->seconds_routing);
+    L->cached = 0;
+    return s;
 }
 
 ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const float *dout, float *dx) {
@@ -3216,6 +3498,7 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const fl
     if (L->n == 0) return ACMOE_OK;
     if (!L->cached) return ACMOE_ERR_ARG; /* no successful forward call since the last backward */
     if (!dout || !dx) return ACMOE_ERR_NULL;
+    if (L->d.router_select == ACMOE_SELECT_SOFT) return acmoe__soft_backward(L, ctx, dout, dx);
     mark = acmoe__clock_start(ctx);
     job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx;
     memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
@@ -3255,6 +3538,11 @@ static acmoe_moe_stats acmoe__moe_routing_stats(const acmoe_moe *L) {
     st.nonfinite_logits = L->nonfinite;
     st.seconds_routing = L->seconds_routing;
     st.seconds_experts = L->seconds_experts;
+    if (L->d.router_select == ACMOE_SELECT_SOFT) {
+        st.n_slots = L->lw;
+        st.slot_dispatch = L->dispatch;
+        st.slot_combine = L->probs;
+    }
     return st;
 }
 
@@ -3766,6 +4054,8 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
     m.max_tokens = L->d.batch * L->d.seq_len;
     m.n_experts = letter == 'f' ? 1 : L->d.n_experts;
     m.top_k = letter == 'f' ? 1 : L->d.top_k;
+    if (!m.seq_len) m.seq_len = L->d.seq_len;
+    if (letter == 'm') m.group = ACMOE_GROUP_POSITION; /* the one causal grouping */
     acmoe_moe_router_preset(&m, letter == 'f' ? 'g' : letter);
     return m;
 }
@@ -4096,6 +4386,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     } else {
         acmoe__layernorm(ctx, x + o, B->a + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->h + o);
     }
+    B->moe->d.seq_len = L->seq; /* groups follow this call's sequences, which may be shorter */
     s = acmoe_moe_forward(B->moe, ctx, (pre ? B->moe_in : B->h) + o, rows, *have_prev ? prev->expert_index : NULL,
                           *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m + o);
     if (s != ACMOE_OK) return s;
@@ -4168,7 +4459,7 @@ static int acmoe__lm_routes_per_token(const acmoe_lm *L) {
     int i;
     for (i = 0; i < L->n_layers; i++) {
         const acmoe_moe *m = L->blocks[i].moe;
-        if (m->d.router_select == ACMOE_SELECT_USMOE || m->d.router_select == ACMOE_SELECT_EXPERT_CHOICE ||
+        if (acmoe__grouped(&m->d) || m->d.router_select == ACMOE_SELECT_EXPERT_CHOICE ||
             m->d.capacity > 0.0f || (m->d.router_input == ACMOE_INPUT_AC && !(m->ac_frozen && m->ac_ready)))
             return 0;
     }
@@ -4396,7 +4687,8 @@ static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__INT_FIELD("untied_head", untied_head), ACMOE__FLOAT_FIELD("dropout", dropout),
     ACMOE__INT_FIELD("moe.proj_dim", moe.proj_dim), ACMOE__FLOAT_FIELD("moe.capacity", moe.capacity),
     ACMOE__FLOAT_FIELD("moe.usmoe_budget", moe.usmoe_budget), ACMOE__FLOAT_FIELD("moe.usmoe_rho", moe.usmoe_rho),
-    ACMOE__INT_FIELD("moe.usmoe_group", moe.usmoe_group), ACMOE__INT_FIELD("moe.seq_len", moe.seq_len),
+    ACMOE__INT_FIELD("moe.group", moe.group), ACMOE__INT_FIELD("moe.seq_len", moe.seq_len),
+    ACMOE__INT_FIELD("moe.soft_slots", moe.soft_slots),
     ACMOE__FLOAT_FIELD("moe.balance_alpha", moe.balance_alpha),
     ACMOE__FLOAT_FIELD("moe.balance_temperature", moe.balance_temperature), ACMOE__FLOAT_FIELD("moe.z_loss", moe.z_loss),
     ACMOE__INT_FIELD("moe.ac_max_clusters", moe.ac_max_clusters),
@@ -4468,7 +4760,7 @@ static void acmoe__header(const acmoe_lm *L, acmoe__text *t) {
     size_t at = 0;
     int i, n_params = (int)L->n_params;
     memcpy(&spare, &r->spare, sizeof spare);
-    acmoe__text_add(t, "{\"__metadata__\":{\"format\":\"acmoe-lm-1\",\"pattern\":\"%s\",\"seed\":\"%llu\",\"step\":\"%ld\","
+    acmoe__text_add(t, "{\"__metadata__\":{\"format\":\"acmoe-lm-2\",\"pattern\":\"%s\",\"seed\":\"%llu\",\"step\":\"%ld\","
                        "\"rng\":\"",
                     L->pattern, (unsigned long long)L->d.seed, L->steps);
     for (i = 0; i < 4; i++) acmoe__text_add(t, "%016llx", (unsigned long long)r->s[i]);
@@ -4701,7 +4993,7 @@ static int acmoe__config_from_metadata(const acmoe__parsed *m, acmoe_lm_desc *d)
     const char *text;
     int i;
     memset(d, 0, sizeof *d);
-    if (!acmoe__meta(m, "format") || strcmp(acmoe__meta(m, "format"), "acmoe-lm-1")) return 0;
+    if (!acmoe__meta(m, "format") || strcmp(acmoe__meta(m, "format"), "acmoe-lm-2")) return 0;
     for (i = 0; i < ACMOE__N_CONFIG_FIELDS; i++) {
         const acmoe__config_field *f = &acmoe__config_fields[i];
         char *p = (char *)d + f->offset;

@@ -44,7 +44,7 @@ typedef struct flag {
 #define FLAG(name, type, field, help) {name, type, offsetof(options, field), help}
 static const flag flags[] = {
     FLAG("--data", OPT_STR, data, "text file to train on (bytes are tokens)"),
-    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, s Switch, o cosine, x XMoE, u USMoE, f dense"),
+    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, s Switch, o cosine, x XMoE, u USMoE, m Soft MoE, f dense"),
     FLAG("--compare", OPT_STR, compare, "comma-separated patterns to train in turn and compare (overrides --pattern)"),
     FLAG("--steps", OPT_INT, steps, "training steps per model"),
     FLAG("--batch", OPT_INT, batch, "sequences per step"),

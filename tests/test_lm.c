@@ -124,6 +124,39 @@ static void check_lm_gradients(const char *pattern, int pre_ln, int untied) {
 
 static void test_lm_grad_post_ln(void) { check_lm_gradients("gfc", 0, 0); }
 static void test_lm_grad_pre_ln_untied(void) { check_lm_gradients("gcc", 1, 1); }
+static void test_lm_grad_soft_moe(void) { check_lm_gradients("gmc", 0, 0); }
+
+/* With a Soft MoE layer a position's logits depend on no later token: changing the last
+   two positions, or running only the first three, leaves the first three positions' logits
+   as they were, bit for bit. (Not with AC layers: their weights are statistics of the whole
+   call.) */
+static void test_lm_soft_moe_is_causal(void) {
+    acmoe_lm_desc d = tiny_desc("gmg", 0, 0);
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    int32_t tok[10], short_tok[6];
+    float first[10 * 11];
+    int b, t, same_prefix = 1, later_changed = 0;
+    tiny_batch(tok, tok, 10, 12);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 2, 5, 0, NULL), ACMOE_OK);
+    memcpy(first, acmoe_lm_logits(lm), sizeof first);
+    for (b = 0; b < 2; b++) tok[b * 5 + 3] = (tok[b * 5 + 3] + 1) % 11, tok[b * 5 + 4] = (tok[b * 5 + 4] + 5) % 11;
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 2, 5, 0, NULL), ACMOE_OK);
+    for (b = 0; b < 2; b++)
+        for (t = 0; t < 5; t++) {
+            int same = memcmp(first + (b * 5 + t) * 11, acmoe_lm_logits(lm) + (b * 5 + t) * 11, sizeof(float) * 11) == 0;
+            if (t < 3) same_prefix &= same;
+            else later_changed += !same;
+        }
+    CHECK(same_prefix && later_changed == 4);
+    for (b = 0; b < 2; b++) memcpy(short_tok + b * 3, tok + b * 5, sizeof(int32_t) * 3);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, short_tok, NULL, 2, 3, 0, NULL), ACMOE_OK);
+    for (b = 0; b < 2; b++)
+        CHECK(memcmp(first + b * 5 * 11, acmoe_lm_logits(lm) + b * 3 * 11, sizeof(float) * 3 * 11) == 0);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
 
 static void test_lm_patterns(void) {
     acmoe_lm_desc d = tiny_desc("cgg", 0, 0);
@@ -609,6 +642,8 @@ static void test_lm_steady_state_allocates_nothing(void) {
 
 const test_case lm_tests[] = {
     {"lm_patterns", test_lm_patterns},
+    {"lm_grad_soft_moe", test_lm_grad_soft_moe},
+    {"lm_soft_moe_is_causal", test_lm_soft_moe_is_causal},
     {"lm_bad_calls", test_lm_bad_calls},
     {"lm_grad_post_ln", test_lm_grad_post_ln},
     {"lm_grad_pre_ln_untied", test_lm_grad_pre_ln_untied},

@@ -207,6 +207,28 @@ static void test_grad_ac_variants(void) {
     check_gradients_desc(&d, 33);
 }
 
+/* Soft MoE over the whole call, over sequences with two slots per expert, over positions,
+   on projected input, and with the AC weights reaching the experts and mixed labels (the
+   paper's Soft MoE variant). */
+static void test_grad_soft(void) {
+    acmoe_moe_desc d = small_desc('m', ACMOE_ACT_GELU);
+    check_gradients_desc(&d, 81);
+    d.group = ACMOE_GROUP_SEQUENCE;
+    d.seq_len = 4;
+    d.soft_slots = 2;
+    check_gradients_desc(&d, 82);
+    d.group = ACMOE_GROUP_POSITION;
+    d.seq_len = 3;
+    d.router_input = ACMOE_INPUT_PROJECTED;
+    check_gradients_desc(&d, 83);
+    d = small_desc('c', ACMOE_ACT_GELU);
+    d.router_score = ACMOE_SCORE_SLOT;
+    d.router_select = ACMOE_SELECT_SOFT;
+    d.ac_weight_experts = 1;
+    d.ac_mix_labels = 1;
+    check_gradients_desc(&d, 84);
+}
+
 /* The balance loss (plain and at temperature 0.3) and the z-loss, through backward. */
 static void test_grad_aux_losses(void) {
     acmoe_moe_desc d = small_desc('g', ACMOE_ACT_GELU);
@@ -267,6 +289,118 @@ static void test_moe_forward_reference(void) {
     fixture_free(&f);
 }
 
+/* Soft MoE against a plain evaluation of its formula: 3 sequences of 4 tokens, 2 slots
+   per expert; and the weights' invariants. */
+static void test_moe_soft_reference(void) {
+    enum { N = 12, DM = 6, FF = 5, E = 4, P = 2, S = E * P, LEN = 4 };
+    acmoe_moe_desc d = small_desc('m', ACMOE_ACT_RELU);
+    fixture f;
+    acmoe_moe_stats st;
+    const float *phi, *w1, *b1, *w2, *b2;
+    double scale, xhat[N][DM], phat[S][DM], z[N][S], comb[N][S], disp[N][S], slot_in[3][S][DM], slot_out[3][S][DM];
+    int t, c, q, i, g, j, bad = 0;
+    d.group = ACMOE_GROUP_SEQUENCE;
+    d.seq_len = LEN;
+    d.soft_slots = P;
+    fixture_make_desc(&f, &d, N, 91);
+    /* parameters in layout order: slot vectors [S][6], scale, w1, b1, w2, b2 */
+    phi = f.params, w1 = phi + S * DM + 1, b1 = w1 + E * FF * DM, w2 = b1 + E * FF, b2 = w2 + E * DM * FF;
+    f.params[S * DM] = 2.5f; /* a scale other than its initial 1 */
+    scale = f.params[S * DM];
+    CHECK(isfinite(fixture_loss(&f)));
+    st = acmoe_moe_get_stats(f.layer);
+    for (t = 0; t < N; t++) { /* unit rows, logits, the combine softmax over the slots */
+        double norm = 0.0, top = -1e30, sum = 0.0;
+        for (q = 0; q < DM; q++) norm += (double)f.x[t * DM + q] * f.x[t * DM + q];
+        for (q = 0; q < DM; q++) xhat[t][q] = f.x[t * DM + q] / sqrt(norm);
+        for (c = 0; c < S; c++) {
+            double pn = 0.0;
+            for (q = 0; q < DM; q++) pn += (double)phi[c * DM + q] * phi[c * DM + q];
+            for (q = 0; q < DM; q++) phat[c][q] = phi[c * DM + q] / sqrt(pn);
+            z[t][c] = 0.0;
+            for (q = 0; q < DM; q++) z[t][c] += scale * xhat[t][q] * phat[c][q];
+            top = fmax(top, z[t][c]);
+        }
+        for (c = 0; c < S; c++) sum += comb[t][c] = exp(z[t][c] - top);
+        for (c = 0; c < S; c++) comb[t][c] /= sum;
+    }
+    for (g = 0; g < 3; g++)
+        for (c = 0; c < S; c++) { /* the dispatch softmax over the sequence, the slot's input */
+            double sum = 0.0;
+            for (i = 0; i < LEN; i++) sum += disp[g * LEN + i][c] = exp(z[g * LEN + i][c]);
+            for (q = 0; q < DM; q++) slot_in[g][c][q] = 0.0;
+            for (i = 0; i < LEN; i++) {
+                disp[g * LEN + i][c] /= sum;
+                for (q = 0; q < DM; q++) slot_in[g][c][q] += disp[g * LEN + i][c] * f.x[(g * LEN + i) * DM + q];
+            }
+            j = c / P; /* the slot's expert */
+            for (q = 0; q < DM; q++) slot_out[g][c][q] = b2[j * DM + q];
+            for (i = 0; i < FF; i++) {
+                double h = b1[j * FF + i];
+                for (q = 0; q < DM; q++) h += (double)w1[(j * FF + i) * DM + q] * slot_in[g][c][q];
+                for (q = 0; q < DM && h > 0.0; q++) slot_out[g][c][q] += (double)w2[(j * DM + q) * FF + i] * h;
+            }
+        }
+    for (t = 0; t < N; t++) {
+        double col_sum = 0.0, row_sum = 0.0;
+        for (q = 0; q < DM; q++) {
+            double want = 0.0;
+            for (c = 0; c < S; c++) want += comb[t][c] * slot_out[t / LEN][c][q];
+            bad += fabs(want - f.out[t * DM + q]) > 1e-5 * (1.0 + fabs(want));
+        }
+        for (c = 0; c < S; c++) {
+            bad += fabs(comb[t][c] - st.slot_combine[t * S + c]) > 1e-6 || fabs(disp[t][c] - st.slot_dispatch[t * S + c]) > 1e-6;
+            row_sum += st.slot_combine[t * S + c];
+            if (t % LEN == 0)
+                for (i = 0, col_sum = 0.0; i < LEN; i++) col_sum += st.slot_dispatch[(t + i) * S + c];
+            CHECK(t % LEN != 0 || fabs(col_sum - 1.0) < 1e-5);
+        }
+        CHECK(fabs(row_sum - 1.0) < 1e-5);
+        { /* the next layer's labels: experts by the combine weight of their slots */
+            double mass[E], m0, m1;
+            for (j = 0; j < E; j++) mass[j] = comb[t][j * P] + comb[t][j * P + 1];
+            m0 = mass[st.expert_index[2 * t]], m1 = mass[st.expert_index[2 * t + 1]];
+            for (j = 0; j < E; j++) CHECK(j == st.expert_index[2 * t] || j == st.expert_index[2 * t + 1] || mass[j] <= m1);
+            CHECK(m0 >= m1 && fabs(st.gate[2 * t] - m0 / (m0 + m1)) < 1e-5);
+        }
+    }
+    CHECKF(bad == 0, "%d outputs or weights differ", bad);
+    CHECK(st.n_slots == S && st.pairs == 0 && st.dropped == 0);
+    for (j = 0; j < E; j++) CHECK(st.tokens_per_expert[j] == 3 * P);
+    CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
+    fixture_free(&f);
+}
+
+/* A Soft MoE token's output depends only on its group: with position groups, only on the
+   tokens at its position (so causal models may use it), with sequence groups only on its
+   sequence. */
+static void test_moe_soft_groups(void) {
+    static const acmoe_group groups[2] = {ACMOE_GROUP_POSITION, ACMOE_GROUP_SEQUENCE};
+    int g, t, q;
+    for (g = 0; g < 2; g++) {
+        acmoe_moe_desc d = small_desc('m', ACMOE_ACT_RELU);
+        fixture f;
+        float before[12 * 6];
+        int changed = 0, leaked = 0;
+        d.group = groups[g];
+        d.seq_len = 4; /* 3 sequences of 4 tokens */
+        fixture_make_desc(&f, &d, 12, 95 + (uint64_t)g);
+        CHECK(isfinite(fixture_loss(&f)));
+        memcpy(before, f.out, sizeof before);
+        for (q = 0; q < 6; q++) f.x[5 * 6 + q] += 1.0f; /* token 5: position 1 of sequence 1 */
+        CHECK(isfinite(fixture_loss(&f)));
+        for (t = 0; t < 12; t++) {
+            int same_group = groups[g] == ACMOE_GROUP_POSITION ? t % 4 == 1 : t / 4 == 1;
+            int differs = memcmp(before + t * 6, f.out + t * 6, sizeof(float) * 6) != 0;
+            changed += same_group && differs;
+            leaked += !same_group && differs;
+        }
+        CHECKF(leaked == 0 && changed == 3 + (groups[g] == ACMOE_GROUP_SEQUENCE),
+               "group rule %d: %d tokens of other groups changed, %d of its own", g, leaked, changed);
+        fixture_free(&f);
+    }
+}
+
 /* Top-k gates sum to 1 and every token gets k pairs; one token works. */
 static void test_moe_routing_invariants(void) {
     const char routers[4] = {'g', 'o', 'x', 'c'};
@@ -311,7 +445,7 @@ static void test_moe_usmoe_budget(void) {
             fixture f;
             int per_group[12] = {0}, n_groups = groups[g] == ACMOE_GROUP_BATCH ? 1 : (groups[g] == ACMOE_GROUP_SEQUENCE ? 3 : 4);
             int size = 12 / n_groups, want = (int)floor(budgets[b] * size + 0.5);
-            d.usmoe_group = groups[g];
+            d.group = groups[g];
             d.usmoe_budget = budgets[b];
             d.seq_len = 4; /* 3 sequences of 4 tokens */
             fixture_make_desc(&f, &d, 12, 50 + (uint64_t)(g * 2 + b));
@@ -328,7 +462,7 @@ static void test_moe_usmoe_budget(void) {
     {
         acmoe_moe_desc d = small_desc('u', ACMOE_ACT_RELU);
         fixture f;
-        d.usmoe_group = ACMOE_GROUP_SEQUENCE;
+        d.group = ACMOE_GROUP_SEQUENCE;
         d.seq_len = 5;
         fixture_make_desc(&f, &d, 12, 59);
         CHECK_STATUS(acmoe_moe_forward(f.layer, f.ctx, f.x, 12, NULL, NULL, 0, f.out), ACMOE_ERR_SHAPE);
@@ -384,24 +518,38 @@ static void test_moe_switch_gate(void) {
     fixture_free(&f);
 }
 
-/* The same call twice, and on one thread or two, gives the same bits. */
+/* The same call twice, and on one thread or two, gives the same bits, backward included
+   (AC, and Soft MoE over sequences). */
 static void test_moe_deterministic(void) {
-    fixture f;
-    float *first;
-    acmoe_ctx *two;
-    size_t len = 12 * 6;
-    fixture_make(&f, 'c', ACMOE_ACT_GELU, 12, 17);
-    first = (float *)malloc(sizeof(float) * len);
-    CHECK(isfinite(fixture_loss(&f)));
-    memcpy(first, f.out, sizeof(float) * len);
-    CHECK(isfinite(fixture_loss(&f)));
-    CHECK(memcmp(first, f.out, sizeof(float) * len) == 0);
-    two = test_context(2, 0, 0, 0);
-    CHECK_STATUS(acmoe_moe_forward(f.layer, two, f.x, 12, f.prev, NULL, 2, f.out), ACMOE_OK);
-    CHECK(memcmp(first, f.out, sizeof(float) * len) == 0);
-    acmoe_ctx_destroy(two);
-    free(first);
-    fixture_free(&f);
+    const char routers[2] = {'c', 'm'};
+    int r;
+    for (r = 0; r < 2; r++) {
+        acmoe_moe_desc d = small_desc(routers[r], ACMOE_ACT_GELU);
+        fixture f;
+        float first[12 * 6], first_dx[12 * 6], *first_grads;
+        acmoe_ctx *two;
+        d.group = ACMOE_GROUP_SEQUENCE;
+        d.seq_len = 4;
+        fixture_make_desc(&f, &d, 12, 17);
+        first_grads = (float *)calloc(f.n_params, sizeof(float));
+        CHECK(isfinite(fixture_loss(&f)));
+        memcpy(first, f.out, sizeof first);
+        CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
+        memcpy(first_dx, f.dx, sizeof first_dx);
+        memcpy(first_grads, f.grads, sizeof(float) * f.n_params);
+        CHECK(isfinite(fixture_loss(&f)));
+        CHECK(memcmp(first, f.out, sizeof first) == 0);
+        two = test_context(2, 0, 0, 0);
+        memset(f.grads, 0, sizeof(float) * f.n_params);
+        CHECK_STATUS(acmoe_moe_forward(f.layer, two, f.x, 12, f.prev, NULL, 2, f.out), ACMOE_OK);
+        CHECK_STATUS(acmoe_moe_backward(f.layer, two, f.r, f.dx), ACMOE_OK);
+        CHECK(memcmp(first, f.out, sizeof first) == 0);
+        CHECK(memcmp(first_dx, f.dx, sizeof first_dx) == 0);
+        CHECK(memcmp(first_grads, f.grads, sizeof(float) * f.n_params) == 0);
+        acmoe_ctx_destroy(two);
+        free(first_grads);
+        fixture_free(&f);
+    }
 }
 
 static void test_moe_bad_input(void) {
@@ -445,10 +593,22 @@ static void test_moe_bad_input(void) {
     CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
     d = f.desc;
     d.router_select = ACMOE_SELECT_USMOE;
-    d.usmoe_group = ACMOE_GROUP_POSITION; /* without seq_len */
+    d.group = ACMOE_GROUP_POSITION; /* without seq_len */
     CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
     d = f.desc;
     d.max_tokens = 0;
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_SHAPE);
+    d = small_desc('m', ACMOE_ACT_RELU);
+    d.router_score = ACMOE_SCORE_COSINE; /* Soft MoE needs the slot score */
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
+    d = small_desc('g', ACMOE_ACT_RELU);
+    d.router_score = ACMOE_SCORE_SLOT; /* and the slot score needs Soft MoE */
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
+    d = small_desc('m', ACMOE_ACT_RELU);
+    d.balance_alpha = 0.1f; /* no pairs to balance */
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_ARG);
+    d = small_desc('m', ACMOE_ACT_RELU);
+    d.soft_slots = -2;
     CHECK_STATUS(acmoe_moe_create(&layer, &d, f.params, f.grads), ACMOE_ERR_SHAPE);
     CHECK_STATUS(acmoe_moe_create(&layer, &f.desc, NULL, grads), ACMOE_ERR_NULL);
     CHECK(layer == NULL);
@@ -479,6 +639,8 @@ const test_case moe_tests[] = {
     {"moe_expert_choice_capacity", test_moe_expert_choice_capacity},
     {"moe_capacity_drops", test_moe_capacity_drops},
     {"moe_switch_gate", test_moe_switch_gate},
+    {"moe_soft_reference", test_moe_soft_reference},
+    {"moe_soft_groups", test_moe_soft_groups},
     {"moe_deterministic", test_moe_deterministic},
     {"moe_bad_input", test_moe_bad_input},
     {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
@@ -492,6 +654,7 @@ const test_case moe_tests[] = {
     {"moe_grad_usmoe", test_grad_usmoe},
     {"moe_grad_expert_choice", test_grad_expert_choice},
     {"moe_grad_ac_variants", test_grad_ac_variants},
+    {"moe_grad_soft", test_grad_soft},
     {"moe_grad_aux_losses", test_grad_aux_losses},
     {0, 0},
 };
