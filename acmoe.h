@@ -399,8 +399,17 @@ ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
    labels from the MoE layer before them (dense layers pass them through); the first MoE layer
    cannot be AC. Soft MoE layers ('m') group the tokens at each position across the batch,
    the one grouping that keeps the model causal (a position's slots see no later position);
-   USMoE and Soft MoE groups follow each call's sequence length. The model owns one parameter buffer with mirrored gradient and Adam moment
-   buffers, and activations for batch x seq_len tokens: steps allocate nothing. */
+   USMoE and Soft MoE groups follow each call's sequence length. The model owns one parameter
+   buffer with mirrored gradient and Adam moment buffers, and activations for batch x seq_len
+   tokens: steps allocate nothing.
+
+   Vision encoder: with n_classes > 0 the same transformer classifies images. Each sequence
+   is one image's seq_len patches of patch_dim floats (acmoe_image_patches cuts them),
+   embedded by a linear layer plus learned positions; attention sees every patch (no causal
+   mask); the head classifies the mean of the last layer's rows (after the final norm, with
+   pre-LN) into n_classes. vocab and untied_head do not apply. It trains with
+   acmoe_lm_forward_patches, acmoe_lm_backward and acmoe_lm_step, and saves and loads like a
+   language model; the token calls, decoding and the corpus loop refuse it (ACMOE_ERR_ARG). */
 typedef struct acmoe_lm_desc {
     int vocab;            /* default 256 (bytes) */
     int d_model, n_heads; /* required; n_heads divides d_model */
@@ -416,6 +425,8 @@ typedef struct acmoe_lm_desc {
     uint64_t seed;        /* initialisation and dropout; default 1 */
     acmoe_moe_desc moe;   /* MoE options (capacity, losses, AC options); sizes and router
                              pieces come from the fields above and the pattern */
+    int n_classes;        /* vision encoder: the classes; 0 (default): a language model */
+    int patch_dim;        /* vision encoder: floats per patch */
 } acmoe_lm_desc;
 
 typedef struct acmoe_lm acmoe_lm;
@@ -434,10 +445,19 @@ ACMOE_API void acmoe_lm_memory(const acmoe_lm *lm, size_t *params, size_t *grads
 ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens,
                                         const int32_t *targets, int batch, int seq, int train,
                                         float *loss);
+/* Vision encoder: patches [batch][seq_len][patch_dim]; with labels [batch], *loss is the mean
+   cross-entropy plus the auxiliary losses. Logits [batch][n_classes] in acmoe_lm_logits. */
+ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *lm, acmoe_ctx *ctx, const float *patches,
+                                                const int32_t *labels, int batch, int train, float *loss);
+/* An image [height][width][channels] cut into (height / patch) x (width / patch) patches, row
+   by row, each patch x patch x channels floats in the image's order: patches [count][patch *
+   patch * channels]. ACMOE_ERR_SHAPE unless patch divides both sides. */
+ACMOE_API acmoe_status acmoe_image_patches(const float *image, int height, int width, int channels, int patch,
+                                           float *patches);
 /* Adds the gradients of the last forward call's loss to the gradient buffer. */
 ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *lm, acmoe_ctx *ctx);
 ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *lm);
-ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *lm); /* [batch * seq][vocab] */
+ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *lm); /* [batch * seq][vocab], or [batch][n_classes] */
 /* Incremental decoding of one sequence: the logits of positions [start, len) of tokens
    (in acmoe_lm_logits), reusing what the last call computed for positions before start, so
    each generated token costs one position rather than the whole context. tokens[0..start)
@@ -3666,14 +3686,15 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_backward_columns, &j);
 }
 
-/* Causal attention runs one (sequence, head) pair per thread at a time, in strips of mr
+/* Attention runs one (sequence, head) pair per thread at a time, in strips of mr
    query rows: a strip's scores against its keys, their exponentials, and the products with
    the values, all in a per-thread scratch that stays in cache. A head is a few columns (16 at
    d 128 and 8 heads), too narrow for packing to pay: the micro-kernels read every operand in
    place, from the q, k, v rows themselves or from copies made once per pair (rows padded to
    a multiple of ACMOE__ATTENTION_PAD, and keys and values transposed where a product runs
-   along them). A strip's scores reach only its last row's keys, so no product is spent above
-   the diagonal but the strip's own corner. The probabilities are recomputed, with the same
+   along them). Causal, a strip's scores reach only its last row's keys, so no product is
+   spent above the diagonal but the strip's own corner; without the mask (an encoder) every
+   row sees every key. The probabilities are recomputed, with the same
    bits, in the backward pass: storing them would save a few percent of a training step at
    seq 256 but cost batch x heads x seq^2 / 2 floats per layer (10 MB at seq 256, batch 8 and
    8 heads; 0.5 GB at seq 2048). The backward pass takes query rows a block at a time, so that
@@ -3757,17 +3778,21 @@ static void acmoe__transpose_padded(acmoe_isa isa, float *t, int sp, const float
     for (c = 0; c < dh; c++) memset(t + (size_t)c * sp + n, 0, sizeof(float) * (size_t)(sp - n));
 }
 
+/* Keys query row i sees: 0..i when causal, else all seq. */
+static int acmoe__row_keys(int causal, int seq, int i) { return causal ? i + 1 : seq; }
+
 /* The exponentials of rows [i0, i1) of the scores s (row stride ld, first row i0) in place,
-   scaled and less the row's maximum: row i sees keys 0..i, and its columns from i + 1 up to
-   zero_end are zeroed for the products that read past its diagonal. inv[r] is the inverse of
-   row i0 + r's sum, so the softmax is the row times it. */
-static void acmoe__causal_exp(const acmoe__kernel *kern, float *s, int ld, int i0, int i1, int zero_end, float scale,
-                              float *inv) {
+   scaled and less the row's maximum, over the keys each row sees; a causal row's columns
+   from i + 1 up to zero_end are zeroed for the products that read past its diagonal. inv[r]
+   is the inverse of row i0 + r's sum, so the softmax is the row times it. */
+static void acmoe__attention_softmax(const acmoe__kernel *kern, float *s, int ld, int i0, int i1, int zero_end,
+                                     int causal, int seq, float scale, float *inv) {
     int i;
     for (i = i0; i < i1; i++) {
         float *row = s + (size_t)(i - i0) * ld;
-        inv[i - i0] = 1.0f / kern->row_exp(row, row, i + 1, kern->row_max(row, i + 1), scale);
-        memset(row + i + 1, 0, sizeof(float) * (size_t)(zero_end - i - 1));
+        const int keys = acmoe__row_keys(causal, seq, i);
+        inv[i - i0] = 1.0f / kern->row_exp(row, row, keys, kern->row_max(row, keys), scale);
+        if (zero_end > keys) memset(row + keys, 0, sizeof(float) * (size_t)(zero_end - keys));
     }
 }
 
@@ -3775,13 +3800,15 @@ static void acmoe__causal_exp(const acmoe__kernel *kern, float *s, int ld, int i
    their probabilities divided by the row sums: dp becomes the gradient of the scaled scores,
    zeroed past the diagonal up to zero_end. dot[r] is row r's sum of e dp, which equals its
    output row times its divided output gradient row (dh products rather than a row of keys). */
-static void acmoe__causal_softmax_backward(const acmoe__kernel *kern, const float *e, float *dp, int ld, int i0,
-                                           int i1, int zero_end, const float *dot, float scale) {
+static void acmoe__attention_softmax_backward(const acmoe__kernel *kern, const float *e, float *dp, int ld, int i0,
+                                              int i1, int zero_end, int causal, int seq, const float *dot,
+                                              float scale) {
     int i;
     for (i = i0; i < i1; i++) {
         float *dr = dp + (size_t)(i - i0) * ld;
-        kern->row_softmax_grad(dr, e + (size_t)(i - i0) * ld, i + 1, dot[i - i0], scale);
-        memset(dr + i + 1, 0, sizeof(float) * (size_t)(zero_end - i - 1));
+        const int keys = acmoe__row_keys(causal, seq, i);
+        kern->row_softmax_grad(dr, e + (size_t)(i - i0) * ld, keys, dot[i - i0], scale);
+        if (zero_end > keys) memset(dr + keys, 0, sizeof(float) * (size_t)(zero_end - keys));
     }
 }
 
@@ -3793,8 +3820,12 @@ typedef struct acmoe__attention_job {
     float *work, *out, *dqkv; /* work: acmoe__attention_work floats per slot; out is read
                                  in the backward pass */
     int batch, seq, d, heads, slots;
-    int start; /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
+    int start;  /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
+    int causal; /* a row sees only the keys up to its own */
 } acmoe__attention_job;
+
+/* The keys a strip of query rows below i1 reaches. */
+static int acmoe__strip_keys(const acmoe__attention_job *j, int i1) { return j->causal ? i1 : j->seq; }
 
 /* One pair's operands: q, k, v (row stride 3d) and their gradients, its output or output
    gradient rows (row stride d), and its scratch. Where a head is as wide as its padding, the
@@ -3825,23 +3856,23 @@ static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job
     return P;
 }
 
-/* The exponentials of query rows [i0, i1) (keys 0..i1-1) into p, zeroed past the diagonal
-   up to zero_end, and the inverses of their sums. The scores come from the transposed keys
+/* The exponentials of query rows [i0, i1) (the keys the strip reaches) into p, zeroed past
+   the diagonal up to zero_end, and the inverses of their sums. The scores come from the transposed keys
    kt, or, for one query (decoding a token), from the column kernel reading the key rows in
    place, with the same bits and without the transpose. */
 static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__attention_pair *P, int i0, int i1,
                                  int zero_end, float *p, float *inv) {
     const acmoe__kernel *kern = &j->ctx->kernel;
-    const int dh = j->d / j->heads, ld = 3 * j->d;
+    const int dh = j->d / j->heads, ld = 3 * j->d, keys = acmoe__strip_keys(j, i1);
     int k0;
     if (P->by_column)
-        for (k0 = 0; k0 < i1; k0 += kern->gemv_rows)
+        for (k0 = 0; k0 < keys; k0 += kern->gemv_rows)
             kern->gemv(dh, P->k + (size_t)k0 * ld, ld, P->q + (size_t)i0 * ld, 1, p + k0, 1,
-                       ACMOE__MIN(kern->gemv_rows, i1 - k0), 0);
+                       ACMOE__MIN(kern->gemv_rows, keys - k0), 0);
     else
-        acmoe__small_product(kern, i1 - i0, acmoe__pad_up(i1), dh, P->q + (size_t)i0 * ld, ld, 1, P->s.kt, P->s.sp,
-                             p, P->s.sp, 0);
-    acmoe__causal_exp(kern, p, P->s.sp, i0, i1, zero_end, 1.0f / sqrtf((float)dh), inv);
+        acmoe__small_product(kern, i1 - i0, acmoe__pad_up(keys), dh, P->q + (size_t)i0 * ld, ld, 1, P->s.kt,
+                             P->s.sp, p, P->s.sp, 0);
+    acmoe__attention_softmax(kern, p, P->s.sp, i0, i1, zero_end, j->causal, j->seq, 1.0f / sqrtf((float)dh), inv);
 }
 
 /* softmax(q k^T / sqrt(dh)) v per pair, strip by strip: the exponentials times v, then each
@@ -3862,7 +3893,8 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
             i1 = ACMOE__MIN(j->seq, i0 + kern->mr);
             acmoe__attention_exp(j, &P, i0, i1, i1, s->p, inv);
-            acmoe__small_product(kern, i1 - i0, s->hp, i1, s->p, s->sp, 1, P.vr, (ptrdiff_t)P.ld, s->tile, s->hp, 0);
+            acmoe__small_product(kern, i1 - i0, s->hp, acmoe__strip_keys(j, i1), s->p, s->sp, 1, P.vr, (ptrdiff_t)P.ld,
+                                 s->tile, s->hp, 0);
             acmoe__scale_rows(j->out + P.out + (size_t)i0 * j->d, (size_t)j->d, s->tile, (size_t)s->hp, i1 - i0, dh, dh,
                               inv);
         }
@@ -3878,34 +3910,38 @@ static void acmoe__attention_backward_strips(const acmoe__attention_job *j, cons
     const int dh = j->d / j->heads, ld = 3 * j->d;
     const float scale = 1.0f / sqrtf((float)dh);
     float inv[ACMOE__MR_MAX], dot[ACMOE__MR_MAX];
-    int i0, i1, r;
+    int i0, i1, r, keys;
     for (i0 = b0; i0 < b1; i0 = i1) {
         float *p = s->p + (size_t)(i0 - b0) * s->sp, *dp = s->dp + (size_t)(i0 - b0) * s->sp;
         float *g = s->g + (size_t)(i0 - b0) * s->hp;
         const float *o = j->out + P->out + (size_t)i0 * j->d;
         i1 = ACMOE__MIN(b1, i0 + kern->mr);
+        keys = acmoe__strip_keys(j, i1);
         acmoe__attention_exp(j, P, i0, i1, b1, p, inv);
         acmoe__scale_rows(g, (size_t)s->hp, j->dout + P->out + (size_t)i0 * j->d, (size_t)j->d, i1 - i0, dh, s->hp,
                           inv);
         for (r = 0; r < i1 - i0; r++) dot[r] = kern->row_dot(o + (size_t)r * j->d, g + (size_t)r * s->hp, dh);
-        acmoe__small_product(kern, i1 - i0, acmoe__pad_up(i1), dh, g, s->hp, 1, s->vt, s->sp, dp, s->sp, 0);
-        acmoe__causal_softmax_backward(kern, p, dp, s->sp, i0, i1, b1, dot, scale);
-        acmoe__small_product(kern, i1 - i0, s->hp, i1, dp, s->sp, 1, P->kr, (ptrdiff_t)P->ld, s->tile, s->hp, 0);
+        acmoe__small_product(kern, i1 - i0, acmoe__pad_up(keys), dh, g, s->hp, 1, s->vt, s->sp, dp, s->sp, 0);
+        acmoe__attention_softmax_backward(kern, p, dp, s->sp, i0, i1, b1, j->causal, j->seq, dot, scale);
+        acmoe__small_product(kern, i1 - i0, s->hp, keys, dp, s->sp, 1, P->kr, (ptrdiff_t)P->ld, s->tile, s->hp, 0);
         acmoe__scale_rows(P->dq + (size_t)i0 * ld, (size_t)ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh, NULL);
     }
 }
 
 /* The key and value gradients' share of query rows [b0, b1): dv += P^T g and dk += dS^T q
-   over keys 0..b1-1, each strip of keys from its first row on (rows above it are zero). */
+   over the keys the block reaches; causal, each strip of keys from its first row on (rows
+   above it are zero). */
 static void acmoe__attention_backward_keys(const acmoe__attention_job *j, const acmoe__attention_pair *P, int b0,
                                            int b1) {
     const acmoe__kernel *kern = &j->ctx->kernel;
     const acmoe__attention_scratch *s = &P->s;
+    const int keys = acmoe__strip_keys(j, b1);
     int k0, k1;
-    for (k0 = 0; k0 < b1; k0 = k1) {
-        const int first = ACMOE__MAX(b0, k0) - b0, depth = b1 - b0 - first;
+    for (k0 = 0; k0 < keys; k0 = k1) {
+        const int first = j->causal ? ACMOE__MAX(b0, k0) - b0 : 0, depth = b1 - b0 - first;
         const size_t at = (size_t)first * s->sp + (size_t)k0;
-        k1 = k0 < b0 ? b0 : ACMOE__MIN(b1, k0 + kern->mr); /* keys before the block take every row */
+        /* keys before the block (every key, without the mask) take every row */
+        k1 = !j->causal ? keys : k0 < b0 ? b0 : ACMOE__MIN(b1, k0 + kern->mr);
         acmoe__small_product(kern, k1 - k0, s->hp, depth, s->p + at, 1, s->sp, s->g + (size_t)first * s->hp, s->hp,
                              s->dv + (size_t)k0 * s->hp, s->hp, 1);
         acmoe__small_product(kern, k1 - k0, s->hp, depth, s->dp + at, 1, s->sp, P->qr + (size_t)(b0 + first) * P->ld,
@@ -3942,25 +3978,25 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     }
 }
 
-/* Multi-head causal attention: qkv [n][3d] (queries, keys, values of each token) to the rows
-   [start, seq) of each sequence of out [n][d]; work holds slots times acmoe__attention_work
-   floats, one scratch for each thread that takes part. */
-static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int start, int d,
-                                     int heads, float *work, int slots, float *out) {
+/* Multi-head attention, causal or not: qkv [n][3d] (queries, keys, values of each token) to
+   the rows [start, seq) of each sequence of out [n][d]; work holds slots times
+   acmoe__attention_work floats, one scratch for each thread that takes part. */
+static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int start, int causal,
+                                     int d, int heads, float *work, int slots, float *out) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
     j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out, j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
-    j.start = start, j.slots = slots;
+    j.start = start, j.causal = causal, j.slots = slots;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_forward_job, &j);
 }
 
 /* dqkv [n][3d] from dout [n][d] and the forward call's out. */
 static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, float *out, const float *dout, int batch,
-                                      int seq, int d, int heads, float *work, int slots, float *dqkv) {
+                                      int seq, int causal, int d, int heads, float *work, int slots, float *dqkv) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
     j.ctx = ctx, j.qkv = qkv, j.out = out, j.dout = dout, j.work = work, j.dqkv = dqkv;
-    j.batch = batch, j.seq = seq, j.d = d, j.heads = heads, j.slots = slots;
+    j.batch = batch, j.seq = seq, j.causal = causal, j.d = d, j.heads = heads, j.slots = slots;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_backward_job, &j);
 }
 
@@ -4028,6 +4064,8 @@ struct acmoe_lm {
     void *memory;
     float *tok_emb, *pos_emb, *head, *lnf_g, *lnf_b;
     float *g_tok_emb, *g_pos_emb, *g_head, *g_lnf_g, *g_lnf_b;
+    float *patch_w, *patch_b, *head_b, *g_patch_w, *g_patch_b, *g_head_b; /* vision encoder */
+    float *patches, *pooled; /* vision encoder: the last call's patches, the pooled rows */
     float *x0, *yf, *xhatf, *rstdf, *logits, *row_loss;
     float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *att_work;
     int att_slots; /* attention scratch slots in att_work */
@@ -4068,7 +4106,12 @@ static size_t acmoe__lm_params(acmoe_lm *L) {
     int i;
     L->dir.count = 0;
     L->dir.prefix[0] = '\0';
-    acmoe__lm_view(L, &used, "tok_emb.weight", 1, 2, v, d, &L->tok_emb, &L->g_tok_emb);
+    if (L->d.n_classes) {
+        acmoe__lm_view(L, &used, "patch_emb.weight", 1, 2, d, L->d.patch_dim, &L->patch_w, &L->g_patch_w);
+        acmoe__lm_view(L, &used, "patch_emb.bias", 0, 1, d, 0, &L->patch_b, &L->g_patch_b);
+    } else {
+        acmoe__lm_view(L, &used, "tok_emb.weight", 1, 2, v, d, &L->tok_emb, &L->g_tok_emb);
+    }
     acmoe__lm_view(L, &used, "pos_emb.weight", 1, 2, L->d.seq_len, d, &L->pos_emb, &L->g_pos_emb);
     for (i = 0; i < L->n_layers; i++) {
         acmoe__block *B = &L->blocks[i];
@@ -4093,8 +4136,14 @@ static size_t acmoe__lm_params(acmoe_lm *L) {
         acmoe__lm_view(L, &used, "ln_f.weight", 0, 1, d, 0, &L->lnf_g, &L->g_lnf_g);
         acmoe__lm_view(L, &used, "ln_f.bias", 0, 1, d, 0, &L->lnf_b, &L->g_lnf_b);
     }
-    if (L->d.untied_head) acmoe__lm_view(L, &used, "head.weight", 1, 2, v, d, &L->head, &L->g_head);
-    else if (L->params) L->head = L->tok_emb, L->g_head = L->g_tok_emb;
+    if (L->d.n_classes) {
+        acmoe__lm_view(L, &used, "head.weight", 1, 2, L->d.n_classes, d, &L->head, &L->g_head);
+        acmoe__lm_view(L, &used, "head.bias", 0, 1, L->d.n_classes, 0, &L->head_b, &L->g_head_b);
+    } else if (L->d.untied_head) {
+        acmoe__lm_view(L, &used, "head.weight", 1, 2, v, d, &L->head, &L->g_head);
+    } else if (L->params) {
+        L->head = L->tok_emb, L->g_head = L->g_tok_emb;
+    }
     return used;
 }
 
@@ -4107,7 +4156,7 @@ static size_t acmoe__chunks(size_t n) { return (n + ACMOE__NORM_CHUNK - 1) / ACM
 static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     const size_t d = (size_t)L->d.d_model, n = (size_t)L->d.batch * L->d.seq_len, f = sizeof(float);
     const size_t att_work = (size_t)L->att_slots * acmoe__attention_work(L->d.seq_len, L->d.d_model / L->d.n_heads);
-    const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln;
+    const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln, vision = L->d.n_classes > 0;
     size_t used = 0;
     int i;
     for (i = 0; i < L->n_layers; i++) {
@@ -4131,7 +4180,9 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     L->yf = (float *)acmoe__carve(base, &used, n * d * f);
     L->xhatf = (float *)acmoe__carve(base, &used, n * d * f);
     L->rstdf = (float *)acmoe__carve(base, &used, n * f);
-    L->logits = (float *)acmoe__carve(base, &used, n * (size_t)L->d.vocab * f);
+    L->logits = (float *)acmoe__carve(base, &used, (vision ? (size_t)L->d.batch * L->d.n_classes : n * (size_t)L->d.vocab) * f);
+    L->patches = (float *)acmoe__carve(base, &used, (vision ? n * (size_t)L->d.patch_dim : 1) * f);
+    L->pooled = (float *)acmoe__carve(base, &used, (vision ? (size_t)L->d.batch * d : 1) * f);
     L->row_loss = (float *)acmoe__carve(base, &used, n * f);
     L->grad_sq = (double *)acmoe__carve(base, &used, acmoe__chunks(L->n_params) * sizeof(double));
     L->dy = (float *)acmoe__carve(base, &used, n * d * f);
@@ -4158,7 +4209,10 @@ static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *ou
     if (!d.n_experts) d.n_experts = 16;
     if (!d.top_k) d.top_k = 2;
     if (!d.seed) d.seed = 1;
-    if (d.vocab < 2 || d.d_model < 1 || d.n_heads < 1 || d.d_model % d.n_heads || d.seq_len < 1 || d.batch < 1 ||
+    if (d.n_classes < 0 || (d.n_classes > 0 && d.patch_dim < 1)) return ACMOE_ERR_SHAPE;
+    if (d.n_classes) d.vocab = 0, d.untied_head = 0;
+    else d.patch_dim = 0;
+    if ((!d.n_classes && d.vocab < 2) || d.d_model < 1 || d.n_heads < 1 || d.d_model % d.n_heads || d.seq_len < 1 || d.batch < 1 ||
         d.d_ff < 1 || d.n_experts < 1 || d.top_k < 1 || d.top_k > d.n_experts)
         return ACMOE_ERR_SHAPE;
     if (!(d.dropout >= 0.0f && d.dropout < 1.0f)) return ACMOE_ERR_ARG;
@@ -4193,7 +4247,13 @@ static void acmoe__lm_init(acmoe_lm *L) {
     acmoe_rng *rng = &L->rng;
     size_t i;
     int l;
-    for (i = 0; i < (size_t)L->d.vocab * d; i++) L->tok_emb[i] = 0.02f * acmoe_rng_normal(rng);
+    if (L->d.n_classes) {
+        acmoe__init_uniform(rng, L->patch_w, d * L->d.patch_dim, L->d.patch_dim);
+        acmoe__init_uniform(rng, L->patch_b, d, L->d.patch_dim);
+        for (i = 0; i < (size_t)L->d.n_classes * d; i++) L->head[i] = 0.02f * acmoe_rng_normal(rng);
+    } else {
+        for (i = 0; i < (size_t)L->d.vocab * d; i++) L->tok_emb[i] = 0.02f * acmoe_rng_normal(rng);
+    }
     for (i = 0; i < (size_t)L->d.seq_len * d; i++) L->pos_emb[i] = 0.02f * acmoe_rng_normal(rng);
     for (l = 0; l < L->n_layers; l++) {
         acmoe__block *B = &L->blocks[l];
@@ -4374,8 +4434,8 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
                      3 * d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->qkv + 3 * o, B->b_qkv, NULL, rows, 3 * d);
-    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, r0, d, L->d.n_heads, L->att_work, L->att_slots,
-                            B->att);
+    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, r0, !L->d.n_classes, d, L->d.n_heads, L->att_work,
+                            L->att_slots, B->att);
     s = acmoe_matmul(ctx, ACMOE_NT, rows, d, d, B->att + o, d, B->w_o, d, B->a + o, d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->a + o, B->b_o, NULL, rows, d);
@@ -4399,33 +4459,28 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
 
 /* The forward pass over positions [start, seq) of each sequence; start > 0 (one sequence,
    decoding) keeps the activations of earlier positions from the last call. */
-static acmoe_status acmoe__lm_run(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens, const int32_t *targets,
-                                  int batch, int seq, int start, int train, float *loss) {
-    const int d = L->d.d_model;
-    acmoe_moe_stats prev;
-    const float *x;
-    int i, q, have_prev = 0;
-    float aux = 0.0f;
-    acmoe_status s = ACMOE_OK;
-    for (i = 0; i < batch * seq; i++)
-        if (tokens[i] < 0 || tokens[i] >= L->d.vocab || (targets && (targets[i] < 0 || targets[i] >= L->d.vocab)))
-            return ACMOE_ERR_ARG;
+/* A forward call over batch sequences of seq rows, from row start of each. */
+static void acmoe__lm_begin(acmoe_lm *L, int batch, int seq, int start, int train) {
     L->batch = batch, L->seq = seq, L->n = batch * seq, L->start = start;
     L->cached = 0;
     L->cache_step = -1; /* no decoding from these activations unless this call succeeds */
-    memcpy(L->tokens, tokens, sizeof(int32_t) * (size_t)L->n);
-    if (targets) memcpy(L->targets, targets, sizeof(int32_t) * (size_t)L->n);
     L->dropped = train && L->d.dropout > 0.0f;
+}
+
+/* The blocks from the embedded rows x0, and the final norm with pre-LN: *top is the last
+   rows, *aux the MoE layers' auxiliary losses. */
+static acmoe_status acmoe__lm_trunk(acmoe_lm *L, acmoe_ctx *ctx, const float **top, float *aux) {
+    const int d = L->d.d_model, start = L->start;
+    acmoe_moe_stats prev;
+    const float *x = L->x0;
+    int i, have_prev = 0;
+    acmoe_status s = ACMOE_OK;
     memset(&prev, 0, sizeof prev);
-    for (i = start; i < L->n; i++) {
-        const float *te = L->tok_emb + (size_t)tokens[i] * d, *pe = L->pos_emb + (size_t)(i % seq) * d;
-        for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] = te[q] + pe[q];
-    }
-    x = L->x0;
+    *aux = 0.0f;
     for (i = 0; i < L->n_layers && s == ACMOE_OK; i++) {
         s = acmoe__block_forward(L, ctx, &L->blocks[i], x, &prev, &have_prev);
         x = L->blocks[i].y;
-        aux += L->blocks[i].moe->aux_loss;
+        *aux += L->blocks[i].moe->aux_loss;
     }
     if (s != ACMOE_OK) return s;
     if (L->d.pre_ln) {
@@ -4433,6 +4488,29 @@ static acmoe_status acmoe__lm_run(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *to
                          L->xhatf + (size_t)start * d, L->rstdf + start, L->yf + (size_t)start * d);
         x = L->yf;
     }
+    *top = x;
+    return ACMOE_OK;
+}
+
+static acmoe_status acmoe__lm_run(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens, const int32_t *targets,
+                                  int batch, int seq, int start, int train, float *loss) {
+    const int d = L->d.d_model;
+    const float *x;
+    int i, q;
+    float aux;
+    acmoe_status s;
+    for (i = 0; i < batch * seq; i++)
+        if (tokens[i] < 0 || tokens[i] >= L->d.vocab || (targets && (targets[i] < 0 || targets[i] >= L->d.vocab)))
+            return ACMOE_ERR_ARG;
+    acmoe__lm_begin(L, batch, seq, start, train);
+    memcpy(L->tokens, tokens, sizeof(int32_t) * (size_t)L->n);
+    if (targets) memcpy(L->targets, targets, sizeof(int32_t) * (size_t)L->n);
+    for (i = start; i < L->n; i++) {
+        const float *te = L->tok_emb + (size_t)tokens[i] * d, *pe = L->pos_emb + (size_t)(i % seq) * d;
+        for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] = te[q] + pe[q];
+    }
+    s = acmoe__lm_trunk(L, ctx, &x, &aux);
+    if (s != ACMOE_OK) return s;
     s = acmoe_matmul(ctx, ACMOE_NT, L->n - start, L->d.vocab, d, x + (size_t)start * d, d, L->head, d,
                      L->logits + (size_t)start * L->d.vocab, L->d.vocab, 0);
     if (s != ACMOE_OK) return s;
@@ -4448,9 +4526,71 @@ ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *L, acmoe_ctx *ctx, const int32
                                         const int32_t *targets, int batch, int seq, int train,
                                         float *loss) {
     if (!L || !ctx || !tokens) return ACMOE_ERR_NULL;
+    if (L->d.n_classes) return ACMOE_ERR_ARG; /* a vision encoder takes patches */
     if (batch < 1 || seq < 1 || batch > L->d.batch || seq > L->d.seq_len) return ACMOE_ERR_SHAPE;
     if (targets && !loss) return ACMOE_ERR_NULL;
     return acmoe__lm_run(L, ctx, tokens, targets, batch, seq, 0, train, loss);
+}
+
+ACMOE_API acmoe_status acmoe_image_patches(const float *image, int height, int width, int channels, int patch,
+                                           float *patches) {
+    int py, px, r;
+    size_t row;
+    if (!image || !patches) return ACMOE_ERR_NULL;
+    if (height < 1 || width < 1 || channels < 1 || patch < 1 || height % patch || width % patch) return ACMOE_ERR_SHAPE;
+    row = (size_t)patch * channels; /* one patch row is contiguous in the image */
+    for (py = 0; py < height / patch; py++)
+        for (px = 0; px < width / patch; px++)
+            for (r = 0; r < patch; r++, patches += row)
+                memcpy(patches, image + (((size_t)py * patch + r) * width + (size_t)px * patch) * channels,
+                       sizeof(float) * row);
+    return ACMOE_OK;
+}
+
+/* Each sequence's mean row of x into pooled [batch][d], adding its rows in order. */
+static void acmoe__mean_rows(const float *x, int batch, int seq, int d, float *pooled) {
+    int b, i, q;
+    for (b = 0; b < batch; b++) {
+        float *p = pooled + (size_t)b * d;
+        memset(p, 0, sizeof(float) * (size_t)d);
+        for (i = 0; i < seq; i++)
+            for (q = 0; q < d; q++) p[q] += x[((size_t)b * seq + i) * d + q];
+        for (q = 0; q < d; q++) p[q] /= (float)seq;
+    }
+}
+
+ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *L, acmoe_ctx *ctx, const float *patches,
+                                                const int32_t *labels, int batch, int train, float *loss) {
+    int d, seq, pd, i, q;
+    const float *top;
+    float aux;
+    acmoe_status s;
+    if (!L || !ctx || !patches) return ACMOE_ERR_NULL;
+    if (!L->d.n_classes) return ACMOE_ERR_ARG; /* a language model takes tokens */
+    if (batch < 1 || batch > L->d.batch) return ACMOE_ERR_SHAPE;
+    if (labels && !loss) return ACMOE_ERR_NULL;
+    d = L->d.d_model, seq = L->d.seq_len, pd = L->d.patch_dim;
+    for (i = 0; labels && i < batch; i++)
+        if (labels[i] < 0 || labels[i] >= L->d.n_classes) return ACMOE_ERR_ARG;
+    if (!acmoe__all_finite(patches, (size_t)batch * seq * pd)) return ACMOE_ERR_NONFINITE;
+    acmoe__lm_begin(L, batch, seq, 0, train);
+    memcpy(L->patches, patches, sizeof(float) * (size_t)L->n * pd);
+    if (labels) memcpy(L->targets, labels, sizeof(int32_t) * (size_t)batch);
+    s = acmoe_matmul(ctx, ACMOE_NT, L->n, d, pd, L->patches, pd, L->patch_w, pd, L->x0, d, 0);
+    if (s != ACMOE_OK) return s;
+    for (i = 0; i < L->n; i++)
+        for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] += L->patch_b[q] + L->pos_emb[(size_t)(i % seq) * d + q];
+    s = acmoe__lm_trunk(L, ctx, &top, &aux);
+    if (s != ACMOE_OK) return s;
+    acmoe__mean_rows(top, batch, seq, d, L->pooled);
+    s = acmoe_matmul(ctx, ACMOE_NT, batch, L->d.n_classes, d, L->pooled, d, L->head, d, L->logits, L->d.n_classes, 0);
+    if (s != ACMOE_OK) return s;
+    acmoe__add_bias(L->logits, batch, L->d.n_classes, L->head_b);
+    if (labels) {
+        *loss = acmoe__cross_entropy(ctx, L->logits, L->targets, batch, L->d.n_classes, 0, L->row_loss) + aux;
+        L->cached = 1;
+    }
+    return ACMOE_OK;
 }
 
 /* Whether every MoE layer routes each token on its own, so that a token's route does not
@@ -4468,6 +4608,7 @@ static int acmoe__lm_routes_per_token(const acmoe_lm *L) {
 
 ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens, int len, int start) {
     if (!L || !ctx || !tokens) return ACMOE_ERR_NULL;
+    if (L->d.n_classes) return ACMOE_ERR_ARG;
     if (len < 1 || len > L->d.seq_len || start < 0 || start >= len) return ACMOE_ERR_SHAPE;
     if (start > 0 && (L->cache_step != L->steps || L->batch != 1 || L->n < start ||
                       memcmp(L->tokens, tokens, sizeof(int32_t) * (size_t)start) != 0))
@@ -4490,7 +4631,12 @@ static void acmoe__embedding_grad_job(void *arg, int tid, int n_threads) {
     int i, q;
     for (i = 0; i < L->n; i++) {
         const float *g = j->dx + (size_t)i * d;
-        float *gt = L->g_tok_emb + (size_t)L->tokens[i] * d, *gp = L->g_pos_emb + (size_t)(i % L->seq) * d;
+        float *gp = L->g_pos_emb + (size_t)(i % L->seq) * d, *gt;
+        if (L->d.n_classes) {
+            for (q = q0; q < q1; q++) gp[q] += g[q];
+            continue;
+        }
+        gt = L->g_tok_emb + (size_t)L->tokens[i] * d;
         for (q = q0; q < q1; q++) gt[q] += g[q], gp[q] += g[q];
     }
 }
@@ -4519,8 +4665,8 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, g, d, B->att, d, B->g_w_o, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, g, d, B->w_o, d, L->datt, d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, d, L->d.n_heads, L->att_work,
-                              L->att_slots, L->dqkv);
+    acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, !L->d.n_classes, d, L->d.n_heads,
+                              L->att_work, L->att_slots, L->dqkv);
     acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_qkv, L->dqkv, NULL, n, 3 * d);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;
@@ -4534,9 +4680,36 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     return acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, L->dqkv, 3 * d, B->w_qkv, d, dx, d, 1); /* dx holds dres */
 }
 
+/* The language model's head: the logits' gradients, the head's, and dy. */
+static acmoe_status acmoe__lm_head_backward(acmoe_lm *L, acmoe_ctx *ctx) {
+    const int d = L->d.d_model;
+    const float *top = L->d.pre_ln ? L->yf : L->blocks[L->n_layers - 1].y;
+    acmoe_status s;
+    acmoe__cross_entropy(ctx, L->logits, L->targets, L->n, L->d.vocab, 1, L->row_loss);
+    s = acmoe_matmul(ctx, ACMOE_TN, L->d.vocab, d, L->n, L->logits, L->d.vocab, top, d, L->g_head, d, 1);
+    if (s != ACMOE_OK) return s;
+    return acmoe_matmul(ctx, ACMOE_NN, L->n, d, L->d.vocab, L->logits, L->d.vocab, L->head, d, L->dy, d, 0);
+}
+
+/* The vision head: the logits' gradients, the head's, and dy, each sequence's pooled
+   gradient spread over its rows. */
+static acmoe_status acmoe__vision_head_backward(acmoe_lm *L, acmoe_ctx *ctx) {
+    const int d = L->d.d_model, classes = L->d.n_classes;
+    float *dpooled = L->t1;
+    acmoe_status s;
+    int i, q;
+    acmoe__cross_entropy(ctx, L->logits, L->targets, L->batch, classes, 1, L->row_loss);
+    acmoe__bias_grad(L->logits, L->batch, classes, L->g_head_b);
+    s = acmoe_matmul(ctx, ACMOE_TN, classes, d, L->batch, L->logits, classes, L->pooled, d, L->g_head, d, 1);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, L->batch, d, classes, L->logits, classes, L->head, d, dpooled, d, 0);
+    if (s != ACMOE_OK) return s;
+    for (i = 0; i < L->n; i++)
+        for (q = 0; q < d; q++) L->dy[(size_t)i * d + q] = dpooled[(size_t)(i / L->seq) * d + q] / (float)L->seq;
+    return ACMOE_OK;
+}
+
 ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
     const int d = L ? L->d.d_model : 0;
-    const float *top;
     float *dy, *dx, *swap;
     acmoe__embedding_job job;
     int i;
@@ -4544,10 +4717,7 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
     if (!L || !ctx) return ACMOE_ERR_NULL;
     if (!L->cached) return ACMOE_ERR_ARG; /* needs a forward call with targets first */
     L->cached = 0;
-    acmoe__cross_entropy(ctx, L->logits, L->targets, L->n, L->d.vocab, 1, L->row_loss);
-    top = L->d.pre_ln ? L->yf : L->blocks[L->n_layers - 1].y;
-    s = acmoe_matmul(ctx, ACMOE_TN, L->d.vocab, d, L->n, L->logits, L->d.vocab, top, d, L->g_head, d, 1);
-    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, L->n, d, L->d.vocab, L->logits, L->d.vocab, L->head, d, L->dy, d, 0);
+    s = L->d.n_classes ? acmoe__vision_head_backward(L, ctx) : acmoe__lm_head_backward(L, ctx);
     if (s != ACMOE_OK) return s;
     dy = L->dy, dx = L->dx;
     if (L->d.pre_ln) {
@@ -4561,7 +4731,10 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
     if (s != ACMOE_OK) return s;
     job.L = L, job.dx = dy;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__embedding_grad_job, &job);
-    return ACMOE_OK;
+    if (!L->d.n_classes) return ACMOE_OK;
+    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, L->g_patch_b, dy, NULL, L->n, d);
+    return acmoe_matmul(ctx, ACMOE_TN, d, L->d.patch_dim, L->n, dy, d, L->patches, L->d.patch_dim, L->g_patch_w,
+                        L->d.patch_dim, 1);
 }
 
 /* ========================================================================================== */
@@ -4696,6 +4869,7 @@ static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__INT_FIELD("moe.ac_mix_labels", moe.ac_mix_labels), ACMOE__FLOAT_FIELD("moe.ac.eps", moe.ac.eps),
     ACMOE__FLOAT_FIELD("moe.ac.clip", moe.ac.clip), ACMOE__INT_FIELD("moe.ac.scaling", moe.ac.scaling),
     ACMOE__INT_FIELD("moe.ac.dispersion", moe.ac.dispersion), ACMOE__INT_FIELD("moe.ac.robust", moe.ac.robust),
+    ACMOE__INT_FIELD("n_classes", n_classes), ACMOE__INT_FIELD("patch_dim", patch_dim),
 };
 #define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
 
@@ -5228,7 +5402,7 @@ ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmo
     int32_t *tokens, *targets;
     acmoe_status s;
     if (!L || !ctx || !c || !c->bytes || !loss) return ACMOE_ERR_NULL;
-    if (batches < 1) return ACMOE_ERR_ARG;
+    if (batches < 1 || L->d.n_classes) return ACMOE_ERR_ARG;
     s = acmoe__batch_buffers(L, &tokens, &targets);
     if (s == ACMOE_OK) s = acmoe__evaluate(L, ctx, c, batches, seed, tokens, targets, loss);
     ACMOE_FREE(tokens);
@@ -5251,6 +5425,7 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_c
     long trained = 0;
     const size_t batch_tokens = L ? (size_t)L->d.batch * L->d.seq_len : 0;
     if (!L || !ctx || !c || !c->bytes || !desc) return ACMOE_ERR_NULL;
+    if (L->d.n_classes) return ACMOE_ERR_ARG;
     d = *desc;
     if (!d.eval_every) d.eval_every = 250;
     if (!d.eval_batches) d.eval_batches = 8;

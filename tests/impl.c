@@ -90,35 +90,36 @@ static void test_row_kernels(void) {
     }
 }
 
-/* Causal attention of one (sequence, head) pair in double precision: out, and the gradients
-   dq, dk, dv (row stride ld) from dout. */
+/* Attention of one (sequence, head) pair in double precision, causal or not: out, and the
+   gradients dq, dk, dv (row stride ld) from dout. */
 static void reference_attention(const float *q, const float *k, const float *v, const float *dout, int ld, int seq,
-                                int dh, double *out, double *dq, double *dk, double *dv) {
+                                int dh, int causal, double *out, double *dq, double *dk, double *dv) {
     double *p = (double *)malloc(sizeof(double) * (size_t)seq * seq), *dp = (double *)malloc(sizeof(double) * (size_t)seq);
     const double scale = 1.0 / sqrt((double)dh);
     int i, c, x;
     memset(dq, 0, sizeof(double) * (size_t)seq * dh), memset(dk, 0, sizeof(double) * (size_t)seq * dh);
     memset(dv, 0, sizeof(double) * (size_t)seq * dh);
     for (i = 0; i < seq; i++) {
+        const int keys = causal ? i + 1 : seq;
         double top = -1e300, sum = 0.0, dot = 0.0;
-        for (c = 0; c <= i; c++) {
+        for (c = 0; c < keys; c++) {
             double sc = 0.0;
             for (x = 0; x < dh; x++) sc += (double)q[i * ld + x] * k[c * ld + x];
             p[i * seq + c] = sc * scale;
             top = fmax(top, sc * scale);
         }
-        for (c = 0; c <= i; c++) sum += p[i * seq + c] = exp(p[i * seq + c] - top);
+        for (c = 0; c < keys; c++) sum += p[i * seq + c] = exp(p[i * seq + c] - top);
         for (x = 0; x < dh; x++) out[i * dh + x] = 0.0;
-        for (c = 0; c <= i; c++) {
+        for (c = 0; c < keys; c++) {
             p[i * seq + c] /= sum;
             for (x = 0; x < dh; x++) out[i * dh + x] += p[i * seq + c] * v[c * ld + x];
         }
-        for (c = 0; c <= i; c++) { /* dP, then through the softmax */
+        for (c = 0; c < keys; c++) { /* dP, then through the softmax */
             dp[c] = 0.0;
             for (x = 0; x < dh; x++) dp[c] += (double)dout[i * dh + x] * v[c * ld + x];
             dot += p[i * seq + c] * dp[c];
         }
-        for (c = 0; c <= i; c++) {
+        for (c = 0; c < keys; c++) {
             double ds = p[i * seq + c] * (dp[c] - dot) * scale;
             for (x = 0; x < dh; x++) {
                 dv[c * dh + x] += p[i * seq + c] * dout[i * dh + x];
@@ -134,8 +135,8 @@ static int close_to(float got, double want) { return fabs(got - want) <= 1e-4 * 
 
 /* Attention against the reference at a length of several blocks with a ragged end, for a
    head of width d / heads, on every kernel path, with the same bits on 1 and 2 threads and
-   when the forward pass starts at a later row (decoding). */
-static void check_attention(int d, int heads) {
+   (causal) when the forward pass starts at a later row (decoding). */
+static void check_attention(int d, int heads, int causal) {
     enum { batch = 2, seq = ACMOE__ATTENTION_BLOCK * 2 + 23, n = batch * seq };
     const int dh = d / heads;
     const size_t work = 2 * acmoe__attention_work(seq, dh); /* a scratch slot for each of 2 threads */
@@ -159,16 +160,16 @@ static void check_attention(int d, int heads) {
         bad = 0;
         for (t = 0; t < 2; t++) {
             CHECK_STATUS(acmoe_ctx_set_isa(ctx[t], (acmoe_isa)isa), ACMOE_OK);
-            acmoe__attention_forward(ctx[t], qkv, batch, seq, 0, d, heads, scratch, 2, out[t]);
-            acmoe__attention_backward(ctx[t], qkv, out[t], dout, batch, seq, d, heads, scratch, 2, dqkv[t]);
+            acmoe__attention_forward(ctx[t], qkv, batch, seq, 0, causal, d, heads, scratch, 2, out[t]);
+            acmoe__attention_backward(ctx[t], qkv, out[t], dout, batch, seq, causal, d, heads, scratch, 2, dqkv[t]);
         }
         CHECK(memcmp(out[0], out[1], sizeof(float) * n * d) == 0);
         /* from row 100 on, or the last row alone (decoding), the rest kept, on 2 threads with one
            scratch slot (so one thread takes every pair): the same bits as the whole pass */
-        for (i = 100; i < seq; i += seq - 1 - 100) {
+        for (i = 100; causal && i < seq; i += seq - 1 - 100) {
             memcpy(out[1], out[0], sizeof(float) * n * d);
             for (b = 0; b < batch; b++) memset(out[1] + ((size_t)b * seq + i) * d, 0, sizeof(float) * (seq - i) * d);
-            acmoe__attention_forward(ctx[1], qkv, batch, seq, i, d, heads, scratch, 1, out[1]);
+            acmoe__attention_forward(ctx[1], qkv, batch, seq, i, causal, d, heads, scratch, 1, out[1]);
             CHECKF(memcmp(out[0], out[1], sizeof(float) * n * d) == 0, "%s path, from row %d",
                    acmoe_isa_name((acmoe_isa)isa), i);
         }
@@ -179,7 +180,7 @@ static void check_attention(int d, int heads) {
                 double *o = ref, *dq = ref + seq * dh, *dk = dq + seq * dh, *dv = dk + seq * dh;
                 for (i = 0; i < seq; i++)
                     for (x = 0; x < dh; x++) dout_pair[i * dh + x] = dout[((size_t)b * seq + i) * d + h * dh + x];
-                reference_attention(q, q + d, q + 2 * d, dout_pair, 3 * d, seq, dh, o, dq, dk, dv);
+                reference_attention(q, q + d, q + 2 * d, dout_pair, 3 * d, seq, dh, causal, o, dq, dk, dv);
                 for (i = 0; i < seq; i++) {
                     for (x = 0; x < dh; x++) {
                         bad += !close_to(out[0][((size_t)b * seq + i) * d + h * dh + x], o[i * dh + x]);
@@ -190,17 +191,21 @@ static void check_attention(int d, int heads) {
                 }
             }
         }
-        CHECKF(bad == 0, "%s path, head width %d: %d values off", acmoe_isa_name((acmoe_isa)isa), dh, bad);
+        CHECKF(bad == 0, "%s path, head width %d%s: %d values off", acmoe_isa_name((acmoe_isa)isa), dh,
+               causal ? "" : " without the mask", bad);
     }
     for (t = 0; t < 2; t++) acmoe_ctx_destroy(ctx[t]), free(out[t]), free(dqkv[t]);
     free(qkv), free(dout), free(scratch), free(ref), free(dout_pair);
 }
 
-/* Heads of one padded width, of a ragged one, and wider than the widest micro-kernel. */
+/* Heads of one padded width, of a ragged one, and wider than the widest micro-kernel; and
+   attention without the causal mask (an encoder's). */
 static void test_attention_blocks(void) {
-    check_attention(32, 2);
-    check_attention(40, 2);
-    check_attention(72, 1);
+    check_attention(32, 2, 1);
+    check_attention(40, 2, 1);
+    check_attention(72, 1, 1);
+    check_attention(32, 2, 0);
+    check_attention(40, 2, 0);
 }
 
 /* The AdamW row kernel of every path against the plain formula in double precision, on
