@@ -398,8 +398,9 @@ ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
    "ggc" is the paper's 3-layer AC model and "gfcfcf" a GLaM-style one. AC layers take their
    labels from the MoE layer before them (dense layers pass them through); the first MoE layer
    cannot be AC. Soft MoE layers ('m') group the tokens at each position across the batch,
-   the one grouping that keeps the model causal (a position's slots see no later position);
-   USMoE and Soft MoE groups follow each call's sequence length. The model owns one parameter
+   the one grouping that keeps the model causal (a position's slots see no later position),
+   and in a vision encoder each image's patches; USMoE and Soft MoE groups follow each call's
+   sequence length. The model owns one parameter
    buffer with mirrored gradient and Adam moment buffers, and activations for batch x seq_len
    tokens: steps allocate nothing.
 
@@ -4093,7 +4094,8 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
     m.n_experts = letter == 'f' ? 1 : L->d.n_experts;
     m.top_k = letter == 'f' ? 1 : L->d.top_k;
     if (!m.seq_len) m.seq_len = L->d.seq_len;
-    if (letter == 'm') m.group = ACMOE_GROUP_POSITION; /* the one causal grouping */
+    /* Soft MoE: the one causal grouping for text, each image by itself for vision */
+    if (letter == 'm') m.group = L->d.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
     acmoe_moe_router_preset(&m, letter == 'f' ? 'g' : letter);
     return m;
 }

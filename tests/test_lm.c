@@ -45,16 +45,41 @@ static void lm_routing(acmoe_lm *lm, int *out, int max) {
     }
 }
 
+/* The tiny vision encoder: 2 images of 5 patches of 3 floats, 4 classes. */
+static acmoe_lm_desc tiny_vision_desc(const char *pattern, int pre_ln) {
+    acmoe_lm_desc d = tiny_desc(pattern, pre_ln, 0);
+    d.n_classes = 4;
+    d.patch_dim = 3;
+    return d;
+}
+
+/* A vision batch made from a token batch: patch i from token i, image b's label from its
+   first target. */
+static void tiny_images(const int32_t *tok, const int32_t *tgt, float *patches, int32_t *labels) {
+    int i, c;
+    for (i = 0; i < 10; i++)
+        for (c = 0; c < 3; c++) patches[i * 3 + c] = sinf((float)(tok[i] * (c + 1) + c));
+    labels[0] = tgt[0] % 4, labels[1] = tgt[5] % 4;
+}
+
+/* The loss of a token batch, or of the images made from it for a vision encoder. */
 static double lm_loss(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tok, const int32_t *tgt, int *routing) {
-    float loss = NAN;
-    if (acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 0, &loss) != ACMOE_OK) return NAN;
+    float loss = NAN, patches[30];
+    int32_t labels[2];
+    acmoe_status s;
+    if (acmoe_lm_settings(lm).n_classes) {
+        tiny_images(tok, tgt, patches, labels);
+        s = acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss);
+    } else {
+        s = acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 0, &loss);
+    }
+    if (s != ACMOE_OK) return NAN;
     if (routing) lm_routing(lm, routing, 512);
     return loss;
 }
 
 /* Central differences along a random direction of all parameters, and along single ones. */
-static void check_lm_gradients(const char *pattern, int pre_ln, int untied) {
-    acmoe_lm_desc d = tiny_desc(pattern, pre_ln, untied);
+static void check_gradients(const acmoe_lm_desc *d) {
     acmoe_lm *lm = NULL;
     acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     int32_t tok[10], tgt[10];
@@ -64,7 +89,7 @@ static void check_lm_gradients(const char *pattern, int pre_ln, int untied) {
     double dot = 0.0;
     const float h = 1e-2f;
     acmoe_rng rng;
-    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_create(&lm, d), ACMOE_OK);
     if (!lm) return;
     n = acmoe_lm_param_count(lm);
     params = acmoe_lm_params(lm);
@@ -122,9 +147,112 @@ static void check_lm_gradients(const char *pattern, int pre_ln, int untied) {
     acmoe_ctx_destroy(ctx);
 }
 
+static void check_lm_gradients(const char *pattern, int pre_ln, int untied) {
+    acmoe_lm_desc d = tiny_desc(pattern, pre_ln, untied);
+    check_gradients(&d);
+}
+
 static void test_lm_grad_post_ln(void) { check_lm_gradients("gfc", 0, 0); }
 static void test_lm_grad_pre_ln_untied(void) { check_lm_gradients("gcc", 1, 1); }
 static void test_lm_grad_soft_moe(void) { check_lm_gradients("gmc", 0, 0); }
+
+/* The vision encoder, post-LN with AC, and pre-LN with Soft MoE over each image (the
+   paper's vision setting). */
+static void test_vision_gradients(void) {
+    acmoe_lm_desc d = tiny_vision_desc("gfc", 0);
+    check_gradients(&d);
+    d = tiny_vision_desc("gmc", 1);
+    check_gradients(&d);
+}
+
+/* Patches come out row by row, each in the image's order; sides the patch does not divide
+   are refused. */
+static void test_image_patches(void) {
+    float image[4 * 6 * 2], patches[6 * 8];
+    int i, p, r, x, c, bad = 0;
+    for (i = 0; i < 4 * 6 * 2; i++) image[i] = (float)i;
+    CHECK_STATUS(acmoe_image_patches(image, 4, 6, 2, 2, patches), ACMOE_OK);
+    for (p = 0; p < 6; p++) /* patch p: grid row p / 3, column p % 3 */
+        for (r = 0; r < 2; r++)
+            for (x = 0; x < 2; x++)
+                for (c = 0; c < 2; c++)
+                    bad += patches[p * 8 + (r * 2 + x) * 2 + c] != image[((p / 3 * 2 + r) * 6 + p % 3 * 2 + x) * 2 + c];
+    CHECK(bad == 0);
+    CHECK_STATUS(acmoe_image_patches(image, 4, 6, 2, 4, patches), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_image_patches(NULL, 4, 6, 2, 2, patches), ACMOE_ERR_NULL);
+}
+
+/* Two images of noise with one patch, anywhere, carrying its class's mark: 3 in the class's
+   channel, or -2 in every channel for class 3. */
+static void marked_images(acmoe_rng *rng, float *patches, int32_t *labels) {
+    int b, i, at;
+    for (b = 0; b < 2; b++) {
+        labels[b] = (int32_t)acmoe_rng_below(rng, 4);
+        for (i = 0; i < 15; i++) patches[b * 15 + i] = 0.3f * acmoe_rng_normal(rng);
+        at = (int)acmoe_rng_below(rng, 5);
+        for (i = 0; i < 3; i++) patches[b * 15 + at * 3 + i] += labels[b] == 3 ? -2.0f : i == labels[b] ? 3.0f : 0.0f;
+    }
+}
+
+/* Each image's class is the mark of one of its patches; the encoder learns it, an image's
+   logits do not depend on the other image of the batch (Soft MoE groups each image by
+   itself), and the calls meant for language models refuse it. */
+static void test_vision_learns(void) {
+    acmoe_lm_desc d = tiny_vision_desc("gm", 1);
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = test_context(2, 0, 0, 0);
+    acmoe_optim_desc o;
+    acmoe_rng rng;
+    float patches[30], first[4], loss = 0.0f, start_loss = 0.0f;
+    int32_t labels[2], tok[10];
+    int step, b, i, correct = 0;
+    memset(&o, 0, sizeof o);
+    o.lr = 1e-2f;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    if (!lm) return;
+    acmoe_rng_seed(&rng, 21);
+    for (step = 0; step < 300; step++) {
+        marked_images(&rng, patches, labels);
+        CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
+        if (step == 0) start_loss = loss;
+        acmoe_lm_zero_grad(lm);
+        CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_step(lm, ctx, &o, NULL), ACMOE_OK);
+    }
+    for (step = 0; step < 50; step++) { /* 100 new images */
+        marked_images(&rng, patches, labels);
+        CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+        for (b = 0; b < 2; b++) {
+            const float *z = acmoe_lm_logits(lm) + b * 4;
+            int best = 0;
+            for (i = 1; i < 4; i++) best = z[i] > z[best] ? i : best;
+            correct += best == labels[b];
+        }
+    }
+    CHECKF(correct >= 90 && loss < 0.5f * start_loss, "%d of 100 right, loss %g from %g", correct, loss, start_loss);
+    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+    memcpy(first, acmoe_lm_logits(lm), sizeof first);
+    for (i = 15; i < 30; i++) patches[i] += 1.0f;
+    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+    CHECK(memcmp(first, acmoe_lm_logits(lm), sizeof first) == 0);
+    tiny_batch(tok, tok, 10, 3);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 2, 5, 0, NULL), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, 5, 0), ACMOE_ERR_ARG);
+    labels[0] = 4;
+    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_ARG);
+    labels[0] = 0, patches[7] = NAN;
+    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_NONFINITE);
+    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 3, 0, &loss), ACMOE_ERR_SHAPE);
+    acmoe_lm_destroy(lm);
+    d = tiny_desc("gm", 0, 0);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_ARG);
+    acmoe_lm_destroy(lm);
+    d = tiny_vision_desc("gm", 0);
+    d.patch_dim = 0;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_ERR_SHAPE);
+    acmoe_ctx_destroy(ctx);
+}
 
 /* With a Soft MoE layer a position's logits depend on no later token: changing the last
    two positions, or running only the first three, leaves the first three positions' logits
@@ -413,6 +541,36 @@ static void test_checkpoint_round_trip(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+/* A vision encoder saves and loads: the same settings, and the same logits to the bit. */
+static void test_checkpoint_vision(void) {
+    acmoe_lm_desc d = tiny_vision_desc("gmc", 1);
+    acmoe_lm *a = NULL, *b = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    acmoe_optim_desc o;
+    float patches[30], logits[8], loss;
+    int32_t tok[10], tgt[10], labels[2];
+    memset(&o, 0, sizeof o);
+    tiny_batch(tok, tgt, 10, 8);
+    tiny_images(tok, tgt, patches, labels);
+    CHECK_STATUS(acmoe_lm_create(&a, &d), ACMOE_OK);
+    if (!a) return;
+    CHECK_STATUS(acmoe_lm_forward_patches(a, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_backward(a, ctx), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_step(a, ctx, &o, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_forward_patches(a, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+    memcpy(logits, acmoe_lm_logits(a), sizeof logits);
+    CHECK_STATUS(acmoe_lm_save(a, CKPT_PATH), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_load(&b, CKPT_PATH), ACMOE_OK);
+    if (b) {
+        acmoe_lm_desc db = acmoe_lm_settings(b);
+        CHECK(db.n_classes == 4 && db.patch_dim == 3 && db.pre_ln == 1 && strcmp(db.pattern, "gmc") == 0);
+        CHECK_STATUS(acmoe_lm_forward_patches(b, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+        CHECK(memcmp(logits, acmoe_lm_logits(b), sizeof logits) == 0);
+    }
+    acmoe_lm_destroy(a), acmoe_lm_destroy(b);
+    acmoe_ctx_destroy(ctx);
+}
+
 /* Training 3 steps, saving, loading and training 3 more gives the bits of 6 straight steps,
    dropout included (the generator is part of the checkpoint). */
 static void test_checkpoint_resume_is_exact(void) {
@@ -643,6 +801,10 @@ static void test_lm_steady_state_allocates_nothing(void) {
 const test_case lm_tests[] = {
     {"lm_patterns", test_lm_patterns},
     {"lm_grad_soft_moe", test_lm_grad_soft_moe},
+    {"vision_gradients", test_vision_gradients},
+    {"image_patches", test_image_patches},
+    {"vision_learns", test_vision_learns},
+    {"checkpoint_vision", test_checkpoint_vision},
     {"lm_soft_moe_is_causal", test_lm_soft_moe_is_causal},
     {"lm_bad_calls", test_lm_bad_calls},
     {"lm_grad_post_ln", test_lm_grad_post_ln},
