@@ -12,7 +12,7 @@ B        := build
 TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm bench bench-pytorch examples demo clean
+.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm bench bench-pytorch examples demo demo-vision clean
 
 all: $(B)/tests $(B)/bench examples
 
@@ -22,13 +22,15 @@ $(B):
 $(B)/tests: $(TEST_SRC) $(TEST_HDR) | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) $(TEST_SRC) -o $@ $(LDLIBS)
 
-# The suite, the README's usage example, the header inside a C++ program, and a smoke run of
-# the training example (tiny model, embedded text, both router patterns).
+# The suite, the README's usage example, the header inside a C++ program, and smoke runs of
+# the training examples (tiny models, embedded text and drawn digits, the demos' patterns).
 test: test-readme test-cpp test-examples test-unit
 
-test-examples: $(B)/train_lm
+test-examples: $(B)/train_lm $(B)/train_vit
 	./$(B)/train_lm --data /nonexistent --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg --seeds 2
+	./$(B)/train_vit --data /nonexistent --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
+	    --warmup 2 --log-every 2 --compare ggc,gmg --seeds 2
 
 test-unit: $(B)/tests
 	./$(B)/tests
@@ -84,7 +86,7 @@ EXAMPLES := $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 
 examples: $(EXAMPLES)
 
-$(B)/%: examples/%.c acmoe.h | $(B)
+$(B)/%: examples/%.c examples/cli.h acmoe.h | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) $< -o $@ $(LDLIBS)
 
 # The fortunes corpus from Debian's package, unpacked without root. Where the package cannot
@@ -98,12 +100,29 @@ data/fortunes.txt:
 	    mv $@.tmp $@ && echo "fortunes corpus: $$(wc -c < $@) bytes"; \
 	else echo "fortunes package unavailable (apt-get download fortunes failed)"; fi
 
+# The UCI handwritten digits (8 x 8, 1797 images) from Debian's scikit-learn package, unpacked
+# without root. Where the package cannot be had, no file is made and the vision demo draws its
+# own digits, saying so.
+data/digits.csv:
+	@mkdir -p data/deb
+	@cd data/deb && (ls python3-sklearn_*.deb >/dev/null 2>&1 || apt-get download python3-sklearn >/dev/null 2>&1 || true)
+	@if ls data/deb/python3-sklearn_*.deb >/dev/null 2>&1; then \
+	    dpkg -x data/deb/python3-sklearn_*.deb data/pkgroot && \
+	    gzip -dc data/pkgroot/usr/lib/python3/dist-packages/sklearn/datasets/data/digits.csv.gz > $@.tmp && \
+	    mv $@.tmp $@ && echo "digits: $$(wc -l < $@) images"; \
+	else echo "scikit-learn package unavailable (apt-get download python3-sklearn failed)"; fi
+
 DEMO_FLAGS ?=
 
 # Trains the paper's 3-layer AC model ("ggc") and the same model with SMoE routers only
 # ("ggg") for the same steps and seed, and compares them.
 demo: $(B)/train_lm data/fortunes.txt
 	./$(B)/train_lm --data data/fortunes.txt --compare ggc,ggg --seeds 3 $(DEMO_FLAGS)
+
+# Vision encoders on the digits: the AC layout, SMoE, and Soft MoE in the middle layer, tested
+# clean and on corrupted images.
+demo-vision: $(B)/train_vit data/digits.csv
+	./$(B)/train_vit --data data/digits.csv --compare ggc,ggg,gmg --seeds 3 $(DEMO_FLAGS)
 
 
 clean:

@@ -21,6 +21,7 @@
 
 #define ACMOE_IMPLEMENTATION
 #include "../acmoe.h"
+#include "cli.h"
 
 /* ---- options ---- */
 
@@ -32,16 +33,6 @@ typedef struct options {
     float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, capacity, balance_alpha, z_loss;
 } options;
 
-typedef enum { OPT_STR, OPT_INT, OPT_LONG, OPT_FLOAT } opt_type;
-
-typedef struct flag {
-    const char *name;
-    opt_type type;
-    size_t offset;
-    const char *help;
-} flag;
-
-#define FLAG(name, type, field, help) {name, type, offsetof(options, field), help}
 static const flag flags[] = {
     FLAG("--data", OPT_STR, data, "text file to train on (bytes are tokens)"),
     FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, s Switch, o cosine, x XMoE, u USMoE, m Soft MoE, f dense"),
@@ -97,54 +88,9 @@ static options default_options(void) {
     return o;
 }
 
-static void print_flag_default(const flag *f, const options *o) {
-    const char *p = (const char *)o + f->offset;
-    switch (f->type) {
-    case OPT_STR: printf("%s", *(const char *const *)p ? *(const char *const *)p : "(none)"); break;
-    case OPT_INT: printf("%d", *(const int *)p); break;
-    case OPT_LONG: printf("%ld", *(const long *)p); break;
-    case OPT_FLOAT: printf("%g", *(const float *)p); break;
-    }
-}
-
-static void usage(void) {
-    options d = default_options();
-    size_t i;
-    printf("usage: train_lm [flags]\n");
-    for (i = 0; i < sizeof flags / sizeof flags[0]; i++) {
-        printf("  %-15s %s (default: ", flags[i].name, flags[i].help);
-        print_flag_default(&flags[i], &d);
-        printf(")\n");
-    }
-}
-
-static int set_flag(options *o, const flag *f, const char *value) {
-    char *end = NULL, *p = (char *)o + f->offset;
-    switch (f->type) {
-    case OPT_STR: *(const char **)p = value; return 1;
-    case OPT_INT: *(int *)p = (int)strtol(value, &end, 10); break;
-    case OPT_LONG: *(long *)p = strtol(value, &end, 10); break;
-    case OPT_FLOAT: *(float *)p = strtof(value, &end); break;
-    }
-    return end && *end == '\0' && end != value;
-}
-
 static options parse_options(int argc, char **argv) {
     options o = default_options();
-    int i;
-    size_t f;
-    for (i = 1; i < argc; i += 2) { /* flag, value */
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage();
-            exit(0);
-        }
-        for (f = 0; f < sizeof flags / sizeof flags[0]; f++)
-            if (!strcmp(argv[i], flags[f].name)) break;
-        if (f == sizeof flags / sizeof flags[0] || i + 1 >= argc || !set_flag(&o, &flags[f], argv[i + 1])) {
-            fprintf(stderr, "train_lm: bad flag or value at '%s' (see --help)\n", argv[i]);
-            exit(2);
-        }
-    }
+    cli_parse("train_lm", argc, argv, flags, sizeof flags / sizeof flags[0], &o);
     return o;
 }
 
