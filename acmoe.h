@@ -34,8 +34,8 @@
      5. Matrix multiplication       micro-kernels, column kernels, row kernels, packing, driver
      6. Routers                     top-k gating, the Adaptive Clustering router
      7. MoE layer                   parameters, dispatch, experts, forward and backward
-     8. Transformer pieces          layer norm, causal self-attention, cross-entropy
-     9. Language model              decoder-only MoE transformer, forward, backward, decoding
+     8. Transformer pieces          layer norm, self-attention (causal or not), cross-entropy
+     9. Transformer models          decoder-only language model, vision encoder, decoding
     10. Optimizer                   AdamW, learning-rate schedules, gradient clipping
     11. Checkpoints                 safetensors writer and validating reader
     12. Data and training loop      byte corpora, batches, evaluation, the training loop
@@ -389,7 +389,7 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *layer);
    measuring the batch: for decoding a token at a time, where one token has no dispersion. */
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
 
-/* ---- Language model ----
+/* ---- Transformer models: a language model, or a vision encoder ----
    A decoder-only transformer: token and learned absolute position embeddings, then per
    layer causal multi-head self-attention and an MoE feed-forward block, each with a residual
    connection and layer norm (post-LN as in the reference's Switch models, or pre-LN with a
@@ -400,9 +400,8 @@ ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
    cannot be AC. Soft MoE layers ('m') group the tokens at each position across the batch,
    the one grouping that keeps the model causal (a position's slots see no later position),
    and in a vision encoder each image's patches; USMoE and Soft MoE groups follow each call's
-   sequence length. The model owns one parameter
-   buffer with mirrored gradient and Adam moment buffers, and activations for batch x seq_len
-   tokens: steps allocate nothing.
+   sequence length. The model owns one parameter buffer with mirrored gradient and Adam moment
+   buffers, and activations for batch x seq_len tokens: steps allocate nothing.
 
    Vision encoder: with n_classes > 0 the same transformer classifies images. Each sequence
    is one image's seq_len patches of patch_dim floats (acmoe_image_patches cuts them),
@@ -4040,7 +4039,7 @@ static float acmoe__cross_entropy(acmoe_ctx *ctx, float *logits, const int32_t *
 }
 
 /* ========================================================================================== */
-/* 9. Language model                                                                          */
+/* 9. Transformer models                                                                      */
 /* ========================================================================================== */
 
 typedef struct acmoe__block {
