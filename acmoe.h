@@ -2987,33 +2987,11 @@ static void acmoe__select_expert_choice(acmoe_moe *L, int n) {
     acmoe__pairs_from_marks(L, n, L->probs);
 }
 
-/* Soft MoE: the combine weights (each token's softmax over the slots), the dispatch weights
-   (each slot's softmax over its group's tokens), and for the next layer each token's top-k
-   experts by the combine weight of their slots: the softmax over the k of the weights' logs
-   renormalises the weights over the k. */
+/* Soft MoE has no pairs; its weights are made group by group, across threads, by
+   acmoe__soft_dispatch_job. */
 static void acmoe__select_soft(acmoe_moe *L, int n) {
-    const int S = L->lw, e = L->d.n_experts, per = L->d.soft_slots;
-    float *mass_log = L->dz; /* forward scratch [n][E] */
-    int g, i, t, j, c, first, stride, size;
-    acmoe__softmax_rows(L->logits, L->probs, n, S, 1.0f);
-    for (g = 0; (size = acmoe__group(L, n, g, &first, &stride)) > 0; g++)
-        for (c = 0; c < S; c++) {
-            float top = -INFINITY, sum = 0.0f;
-            for (i = 0; i < size; i++) top = ACMOE__MAX(top, L->logits[(size_t)(first + i * stride) * S + c]);
-            for (i = 0; i < size; i++) {
-                size_t at = (size_t)(first + i * stride) * S + c;
-                sum += L->dispatch[at] = expf(L->logits[at] - top);
-            }
-            for (i = 0; i < size; i++) L->dispatch[(size_t)(first + i * stride) * S + c] /= sum;
-        }
-    L->n_groups = g;
-    for (t = 0; t < n; t++)
-        for (j = 0; j < e; j++) {
-            float mass = 0.0f;
-            for (c = 0; c < per; c++) mass += L->probs[(size_t)t * S + j * per + c];
-            mass_log[(size_t)t * e + j] = logf(ACMOE__MAX(mass, 1e-30f));
-        }
-    acmoe__topk_softmax(mass_log, n, e, L->d.top_k, L->top_idx, L->top_gate);
+    int first, stride;
+    for (L->n_groups = 0; acmoe__group(L, n, L->n_groups, &first, &stride) > 0; L->n_groups++) continue;
     L->n_pairs = L->dropped = 0;
 }
 
@@ -3203,15 +3181,45 @@ static void acmoe__soft_copy(const acmoe_moe *L, int g, float *expert_rows, int 
     }
 }
 
-/* Each group's slots: dispatch weights^T times the experts' input rows. */
+/* One group's weights from the logits: the combine weights (each token's softmax over the
+   slots), the dispatch weights (each slot's softmax over the group's tokens), and for the
+   next layer each token's top-k experts by the combine weight of their slots (the softmax
+   over the k of the weights' logs renormalises the weights over the k). */
+static void acmoe__soft_weights(acmoe_moe *L, int first, int stride, int size) {
+    const int S = L->lw, e = L->d.n_experts, per = L->d.soft_slots, k = L->d.top_k;
+    int i, j, c;
+    for (c = 0; c < S; c++) {
+        float top = -INFINITY, sum = 0.0f;
+        for (i = 0; i < size; i++) top = ACMOE__MAX(top, L->logits[(size_t)(first + i * stride) * S + c]);
+        for (i = 0; i < size; i++) {
+            size_t at = (size_t)(first + i * stride) * S + c;
+            sum += L->dispatch[at] = expf(L->logits[at] - top);
+        }
+        for (i = 0; i < size; i++) L->dispatch[(size_t)(first + i * stride) * S + c] /= sum;
+    }
+    for (i = 0; i < size; i++) {
+        const size_t t = (size_t)(first + i * stride);
+        float *mass_log = L->dz + t * S; /* forward scratch: the token's row of dz */
+        acmoe__softmax_rows(L->logits + t * S, L->probs + t * S, 1, S, 1.0f);
+        for (j = 0; j < e; j++) {
+            float mass = 0.0f;
+            for (c = 0; c < per; c++) mass += L->probs[t * S + (size_t)(j * per + c)];
+            mass_log[j] = logf(ACMOE__MAX(mass, 1e-30f));
+        }
+        acmoe__topk_softmax(mass_log, 1, e, k, L->top_idx + t * k, L->top_gate + t * k);
+    }
+}
+
+/* Each group's weights, then its slots: dispatch weights^T times the experts' input rows. */
 static void acmoe__soft_dispatch_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    const acmoe_moe *L = job->L;
+    acmoe_moe *L = job->L;
     const int S = L->lw, dm = L->d.d_model;
     const float *in = acmoe__expert_input(L, job->x);
     int g, first, stride, size;
     for (g = tid; g < L->n_groups; g += n_threads) {
         size = acmoe__group(L, L->n, g, &first, &stride);
+        acmoe__soft_weights(L, first, stride, size);
         ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_TN, S, dm, size, L->dispatch + (size_t)first * S, stride * S,
                                 in + (size_t)first * dm, stride * dm, L->slots + (size_t)g * S * dm, dm, 0);
     }

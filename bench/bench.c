@@ -10,7 +10,8 @@
    of that measured peak. Section 2 times the MoE layer's forward and backward pass for three
    configurations and three routers, the routers taking turns step by step so that drifts in
    the host's speed reach all three alike; section 3 a language-model training step, its
-   memory, and decoding one sequence position by position. Sections 2 and 3 also give each
+   memory, and decoding one sequence position by position; section 4 a vision-encoder training
+   step with top-2 and with Soft MoE layers. Sections 2 to 4 also give each
    rate as a share of the measured peak, which carries across machines where the rate does
    not. Each section ends with its own resident peak. `make bench-pytorch` runs the PyTorch
    peer of sections 2 and 3 (bench/pytorch_peer.py). Built without -march: SIMD code here is
@@ -630,6 +631,37 @@ static double lm_flops_per_token(const acmoe_lm_desc *d) {
     return step_flops(macs);
 }
 
+/* One training step (forward, backward, AdamW) of a model on a batch it knows. */
+typedef void (*train_step_fn)(acmoe_lm *lm, acmoe_ctx *ctx, const void *batch);
+
+/* The median seconds of a step after warm-up, over at least plan.min_reps steps and
+   plan.min_seconds. */
+static double median_step_seconds(acmoe_lm *lm, acmoe_ctx *ctx, const timing_plan *plan, train_step_fn step,
+                                  const void *batch) {
+    double times[MOE_MAX_STEPS], start;
+    int reps;
+    for (reps = 0, start = now_seconds(); reps < MOE_MAX_STEPS; reps++) {
+        double t0 = now_seconds();
+        if (reps >= plan->warmup + plan->min_reps && t0 - start >= plan->min_seconds) break;
+        step(lm, ctx, batch);
+        times[reps] = now_seconds() - t0;
+    }
+    return median(times + plan->warmup, reps - plan->warmup);
+}
+
+typedef struct token_batch {
+    const int32_t *tokens, *targets;
+} token_batch;
+
+static void lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const void *batch) {
+    const token_batch *b = (const token_batch *)batch;
+    float loss;
+    check_status(acmoe_lm_forward(lm, ctx, b->tokens, b->targets, 8, 256, 1, &loss), "acmoe_lm_forward");
+    acmoe_lm_zero_grad(lm);
+    check_status(acmoe_lm_backward(lm, ctx), "acmoe_lm_backward");
+    check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");
+}
+
 static void run_section_training(const bench_options *opt) {
     timing_plan plan = timing_plan_for(opt);
     const double *peak = fma_peak(&plan);
@@ -645,27 +677,19 @@ static void run_section_training(const bench_options *opt) {
         acmoe_rng rng;
         int32_t *tok = (int32_t *)checked_malloc(sizeof(int32_t) * 2048), *tgt = (int32_t *)checked_malloc(sizeof(int32_t) * 2048);
         acmoe_lm_desc resolved;
-        double times[MOE_MAX_STEPS], start, step, flops, rss_before = resident_bytes();
+        token_batch batch;
+        double step, flops, rss_before = resident_bytes();
         size_t mem[4];
         double rss_grown;
-        int reps, i;
+        int i;
         check_status(acmoe_lm_create(&lm, &d), "acmoe_lm_create");
         resolved = acmoe_lm_settings(lm);
         acmoe_rng_seed(&rng, 5);
         for (i = 0; i < 2048; i++) tok[i] = (int32_t)acmoe_rng_below(&rng, 256), tgt[i] = (int32_t)acmoe_rng_below(&rng, 256);
-        for (reps = 0, start = now_seconds(); reps < MOE_MAX_STEPS; reps++) {
-            double t0 = now_seconds();
-            float loss;
-            if (reps >= plan.warmup + plan.min_reps && t0 - start >= plan.min_seconds) break;
-            check_status(acmoe_lm_forward(lm, ctx, tok, tgt, 8, 256, 1, &loss), "acmoe_lm_forward");
-            acmoe_lm_zero_grad(lm);
-            check_status(acmoe_lm_backward(lm, ctx), "acmoe_lm_backward");
-            check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");
-            times[reps] = now_seconds() - t0;
-        }
+        batch.tokens = tok, batch.targets = tgt;
+        step = median_step_seconds(lm, ctx, &plan, lm_step, &batch);
         acmoe_lm_memory(lm, &mem[0], &mem[1], &mem[2], &mem[3]);
         rss_grown = resident_bytes() - rss_before;
-        step = median(times + plan.warmup, reps - plan.warmup);
         flops = lm_flops_per_token(&resolved);
         printf("%d thread%s: %.0f tokens/s (%.1f ms a step; %.1f MFLOP a token, %.1f%% of the measured peak)\n",
                t, t > 1 ? "s" : "", 2048.0 / step, 1e3 * step, flops * 1e-6,
@@ -683,6 +707,83 @@ static void run_section_training(const bench_options *opt) {
     }
 }
 
+/* ---- Section 4: vision-encoder training ---- */
+
+enum { VISION_BATCH = 32, VISION_PATCHES = 64, VISION_PATCH_DIM = 48 }; /* 32 x 32 x 3 images, 4 x 4 patches */
+
+typedef struct image_batch {
+    const float *patches;
+    const int32_t *labels;
+} image_batch;
+
+static void vision_step(acmoe_lm *lm, acmoe_ctx *ctx, const void *batch) {
+    const image_batch *b = (const image_batch *)batch;
+    float loss;
+    check_status(acmoe_lm_forward_patches(lm, ctx, b->patches, b->labels, VISION_BATCH, 1, &loss),
+                 "acmoe_lm_forward_patches");
+    acmoe_lm_zero_grad(lm);
+    check_status(acmoe_lm_backward(lm, ctx), "acmoe_lm_backward");
+    check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");
+}
+
+/* Per patch: the patch embedding; per layer the projections, every query against every key
+   for the scores and the weighted values, and the feed-forward block: top_k experts and the
+   router, or for Soft MoE the slot logits, dispatch and combine (slots x d each) and the
+   experts' share of the slots (slots / patches of a whole expert pass). Then the head's
+   share. */
+static double vision_flops_per_patch(const acmoe_lm_desc *d) {
+    const double dm = d->d_model, seq = d->seq_len, ffn = 2.0 * dm * d->d_ff, slots = d->n_experts;
+    double macs = (double)d->patch_dim * dm + dm * d->n_classes / seq;
+    const char *layer;
+    for (layer = d->pattern; *layer; layer++) {
+        macs += 4.0 * dm * dm + 2.0 * seq * dm;
+        if (*layer == 'm') macs += 3.0 * slots * dm + slots / seq * ffn;
+        else macs += *layer == 'f' ? ffn : d->top_k * ffn + d->n_experts * dm;
+    }
+    return step_flops(macs);
+}
+
+static void run_section_vision(const bench_options *opt) {
+    static const char *const patterns[2] = {"ggc", "gmg"};
+    timing_plan plan = timing_plan_for(opt);
+    const double *peak = fma_peak(&plan);
+    const size_t floats = (size_t)VISION_BATCH * VISION_PATCHES * VISION_PATCH_DIM;
+    float *patches = (float *)checked_malloc(sizeof(float) * floats);
+    int32_t labels[VISION_BATCH];
+    image_batch batch;
+    acmoe_rng rng;
+    size_t i;
+    int p, t;
+    acmoe_rng_seed(&rng, 6);
+    for (i = 0; i < floats; i++) patches[i] = acmoe_rng_uniform(&rng);
+    for (i = 0; i < VISION_BATCH; i++) labels[i] = (int32_t)acmoe_rng_below(&rng, 10);
+    batch.patches = patches, batch.labels = labels;
+    printf("\nVision-encoder training step (forward + backward + AdamW), 3 layers, d 128, 8 heads, E16 (top-2,\n"
+           "or one Soft MoE slot each), 32 x 32 x 3 images in 64 patches of 4 x 4, batch 32 = 2048 patches;\n"
+           "median of at least %d steps\n", plan.min_reps);
+    for (p = 0; p < 2; p++)
+        for (t = 1; t <= 2; t++) {
+            acmoe_ctx *ctx = context_with_threads(t);
+            acmoe_lm_desc d;
+            acmoe_lm *lm;
+            double step, flops;
+            memset(&d, 0, sizeof d);
+            d.n_classes = 10, d.patch_dim = VISION_PATCH_DIM, d.seq_len = VISION_PATCHES, d.batch = VISION_BATCH;
+            d.d_model = 128, d.n_heads = 8, d.pattern = patterns[p], d.n_experts = 16, d.top_k = 2, d.pre_ln = 1;
+            check_status(acmoe_lm_create(&lm, &d), "acmoe_lm_create");
+            d = acmoe_lm_settings(lm);
+            step = median_step_seconds(lm, ctx, &plan, vision_step, &batch);
+            flops = vision_flops_per_patch(&d);
+            printf("\"%s\", %d thread%s: %.0f images/s, %.0f patches/s (%.1f ms a step; %.1f MFLOP a patch, "
+                   "%.1f%% of the measured peak)\n",
+                   patterns[p], t, t > 1 ? "s" : "", VISION_BATCH / step, VISION_BATCH * VISION_PATCHES / step,
+                   1e3 * step, flops * 1e-6, 100.0 * share_of_peak(VISION_BATCH * VISION_PATCHES / step, flops, peak[t - 1]));
+            acmoe_lm_destroy(lm);
+            acmoe_ctx_destroy(ctx);
+        }
+    free(patches);
+}
+
 /* ---- Driver ---- */
 
 typedef struct bench_section {
@@ -692,7 +793,10 @@ typedef struct bench_section {
 
 /* Section N is entry N-1. */
 static const bench_section sections[] = {
-    {"matmul", run_section_matmul}, {"MoE layer", run_section_moe}, {"language-model training", run_section_training}};
+    {"matmul", run_section_matmul},
+    {"MoE layer", run_section_moe},
+    {"language-model training", run_section_training},
+    {"vision-encoder training", run_section_vision}};
 
 #define SECTION_COUNT ((int)(sizeof sections / sizeof sections[0]))
 

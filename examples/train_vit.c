@@ -99,8 +99,8 @@ static void dataset_add(dataset *ds, const float *pixels, int label) {
     ds->labels[ds->count++] = label;
 }
 
-/* The CSV's images; 0 for a missing file or any line that is not 64 pixels of 0..16 and a
-   class. */
+/* The CSV's images; 0 for a missing file or any line that is neither blank nor 64 pixels of
+   0..16 and a class. */
 static int load_csv(const char *path, dataset *ds) {
     FILE *f = fopen(path, "r");
     char line[1024];
@@ -110,6 +110,7 @@ static int load_csv(const char *path, dataset *ds) {
         char *p = line, *end;
         long v;
         int i;
+        if (strspn(line, " \t\r\n") == strlen(line)) continue;
         for (i = 0; i <= PIXELS; i++, p = end + 1) {
             v = strtol(p, &end, 10);
             if (end == p || v < 0 || v > (i < PIXELS ? 16 : CLASSES - 1) || (i < PIXELS && *end != ',')) break;
@@ -152,7 +153,7 @@ static void load_images(const char *path, dataset *ds) {
     }
     free(ds->pixels), free(ds->labels);
     memset(ds, 0, sizeof *ds);
-    printf("images %s not available: drawing 1800 seven-segment digits instead\n", path);
+    printf("images %s missing or not 8 x 8 digits: drawing 1800 seven-segment digits instead\n", path);
     acmoe_rng_seed(&rng, 7);
     for (i = 0; i < 1800; i++) {
         draw_digit(&rng, i % CLASSES, pixels);
