@@ -30,7 +30,7 @@ test-examples: $(B)/train_lm $(B)/train_vit
 	./$(B)/train_lm --data /nonexistent --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg --seeds 2
 	./$(B)/train_vit --data /nonexistent --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
-	    --warmup 2 --log-every 2 --compare ggc,gmg --seeds 2
+	    --warmup 2 --log-every 2 --compare ggc,gma --seeds 2
 
 test-unit: $(B)/tests
 	./$(B)/tests
@@ -119,10 +119,10 @@ DEMO_FLAGS ?=
 demo: $(B)/train_lm data/fortunes.txt
 	./$(B)/train_lm --data data/fortunes.txt --compare ggc,ggg --seeds 3 $(DEMO_FLAGS)
 
-# Vision encoders on the digits: the AC layout, SMoE, and Soft MoE in the middle layer, tested
-# clean and on corrupted images.
+# Vision encoders on the digits: SMoE and AC after it, Soft MoE and the AC variant of it,
+# tested clean and on corrupted images.
 demo-vision: $(B)/train_vit data/digits.csv
-	./$(B)/train_vit --data data/digits.csv --compare ggc,ggg,gmg --seeds 3 $(DEMO_FLAGS)
+	./$(B)/train_vit --data data/digits.csv --compare ggg,ggc,gmm,gma --seeds 3 $(DEMO_FLAGS)
 
 
 clean:

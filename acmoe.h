@@ -258,7 +258,10 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
      'u' USMoE       token,     linear, unified score, top pairs of each group
      'e' expert      token,     linear, each expert takes its top tokens (non-causal)
      'm' Soft MoE    token,     slot,   every token reaches every expert through slots
-   Other combinations are allowed, e.g. AC input with USMoE, Switch or Soft MoE selection.
+     'a' AC Soft MoE AC,        slot,   Soft MoE with the paper's AC options for it: the
+                                        weights reach the experts, labels mixed by the
+                                        previous gates, eps 0.35, clip 5, post-clip scaling
+   Other combinations are allowed, e.g. AC input with USMoE or Switch selection.
 
    Soft MoE (Puigcerver et al. 2024) has no pairs: each expert owns soft_slots slots per
    group, a slot's input is a mix of the group's tokens (dispatch: for each slot, a softmax
@@ -2314,6 +2317,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         {'u', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_USMOE},
         {'e', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_EXPERT_CHOICE},
         {'m', ACMOE_INPUT_TOKEN, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
+        {'a', ACMOE_INPUT_AC, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
     };
     size_t i;
     if (!d) return ACMOE_ERR_NULL;
@@ -2323,6 +2327,11 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         d->router_score = presets[i].score;
         d->router_select = presets[i].select;
         if (letter == 's') d->top_k = 1;
+        if (letter == 'a') { /* the specification's Soft MoE vision column */
+            d->ac_weight_experts = d->ac_mix_labels = 1;
+            d->ac.eps = 0.35f, d->ac.clip = 5.0f, d->ac.scaling = ACMOE_AC_SCALE_POSTCLIP_MEAN;
+            d->ac.dispersion = ACMOE_AC_DISP_MAD;
+        }
         return ACMOE_OK;
     }
     return ACMOE_ERR_ARG;

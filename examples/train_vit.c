@@ -1,9 +1,14 @@
 /* Trains MoE vision encoders on small images and compares routers, on clean and on
    corrupted test images.
 
-     train_vit --data data/digits.csv --compare ggc,ggg --seeds 3   the AC layout against SMoE
+     train_vit --data data/digits.csv --compare ggg,ggc --seeds 3   the AC layout against SMoE
+     train_vit --compare gmm,gma --seeds 3                          AC on Soft MoE against Soft MoE
      train_vit --pattern gmg --steps 2000                           one model, Soft MoE in layer 2
      train_vit --help                                               every flag and its default
+
+   AC layers take the paper's vision options: 'c' layers (top-k) those of its Swin-MoE models
+   (clip at 1.5 x the mean, scaling by the pre-clip mean, the weights reaching the experts),
+   'a' layers (Soft MoE) those of its Soft MoE models (see acmoe_moe_router_preset).
 
    The data are the UCI handwritten digits as scikit-learn ships them: one image per CSV line,
    8 x 8 pixels of 0..16, then the digit (`make data/digits.csv` fetches Debian's copy).
@@ -34,7 +39,7 @@ typedef struct options {
 
 static const flag flags[] = {
     FLAG("--data", OPT_STR, data, "CSV of images: 64 pixels of 0..16 and the class per line"),
-    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, o cosine, m Soft MoE, e expert choice, f dense"),
+    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, o cosine, m Soft MoE, a AC Soft MoE, f dense"),
     FLAG("--compare", OPT_STR, compare, "comma-separated patterns to train in turn and compare (overrides --pattern)"),
     FLAG("--steps", OPT_INT, steps, "training steps per model"),
     FLAG("--batch", OPT_INT, batch, "images per step (and per test call)"),
@@ -243,6 +248,7 @@ static result train_one(const options *o, const char *pattern, long seed, const 
     d.n_classes = CLASSES, d.patch_dim = o->patch * o->patch, d.seq_len = PIXELS / d.patch_dim;
     d.d_model = o->d_model, d.n_heads = o->heads, d.batch = o->batch, d.pattern = pattern, d.d_ff = o->d_ff;
     d.n_experts = o->experts, d.top_k = o->top_k, d.pre_ln = o->pre_ln, d.seed = (uint64_t)seed;
+    d.moe.ac.clip = 1.5f, d.moe.ac.scaling = ACMOE_AC_SCALE_PRECLIP_MEAN, d.moe.ac_weight_experts = 1;
     check(acmoe_lm_create(&lm, &d), "model");
     memset(&opt, 0, sizeof opt);
     opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.schedule = ACMOE_SCHEDULE_COSINE, opt.total_steps = o->steps;

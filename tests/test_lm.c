@@ -156,13 +156,20 @@ static void test_lm_grad_post_ln(void) { check_lm_gradients("gfc", 0, 0); }
 static void test_lm_grad_pre_ln_untied(void) { check_lm_gradients("gcc", 1, 1); }
 static void test_lm_grad_soft_moe(void) { check_lm_gradients("gmc", 0, 0); }
 
-/* The vision encoder, post-LN with AC, and pre-LN with Soft MoE over each image (the
-   paper's vision setting). */
+/* The vision encoder: post-LN with AC; pre-LN with Soft MoE over each image, then AC; and
+   Soft MoE followed by the paper's AC variant of it. */
 static void test_vision_gradients(void) {
     acmoe_lm_desc d = tiny_vision_desc("gfc", 0);
+    acmoe_moe_desc m;
     check_gradients(&d);
     d = tiny_vision_desc("gmc", 1);
     check_gradients(&d);
+    d = tiny_vision_desc("gma", 1);
+    check_gradients(&d);
+    memset(&m, 0, sizeof m);
+    CHECK_STATUS(acmoe_moe_router_preset(&m, 'a'), ACMOE_OK);
+    CHECK(m.router_input == ACMOE_INPUT_AC && m.router_select == ACMOE_SELECT_SOFT && m.ac_weight_experts &&
+          m.ac_mix_labels && m.ac.eps == 0.35f && m.ac.clip == 5.0f && m.ac.scaling == ACMOE_AC_SCALE_POSTCLIP_MEAN);
 }
 
 /* Patches come out row by row, each in the image's order; sides the patch does not divide
