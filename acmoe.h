@@ -507,7 +507,9 @@ ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
    other tools read them; the Adam moments are two more tensors (optimizer.adam_m and
    optimizer.adam_v), so a resumed run continues bit for bit. Saving writes path.tmp and
    renames it over path: a crash leaves the old file. Loading checks every size, offset,
-   shape and name, and creates the model from the stored configuration. */
+   shape and name, and creates the model from the stored configuration. The metadata's
+   format is "acmoe-lm-2"; files of the earlier format (without Soft MoE and vision fields)
+   are refused as ACMOE_ERR_FORMAT. */
 ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path);
 ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path);
 

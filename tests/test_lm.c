@@ -637,6 +637,15 @@ static void test_checkpoint_rejects_damage(void) {
         loaded = NULL;
     }
     CHECKF(refused > 250, "only %d of 300 damaged headers refused", refused);
+    { /* a file of the earlier format */
+        long at = 8;
+        memcpy(bad, good, (size_t)size);
+        while (at + 10 <= header && memcmp(bad + at, "acmoe-lm-2", 10)) at++;
+        CHECK(at + 10 <= header);
+        bad[at + 9] = '1';
+        write_file(CKPT_PATH, bad, size);
+        CHECK_STATUS(acmoe_lm_load(&loaded, CKPT_PATH), ACMOE_ERR_FORMAT);
+    }
     CHECK_STATUS(acmoe_lm_load(&loaded, "build/no/such/file"), ACMOE_ERR_IO);
     CHECK_STATUS(acmoe_lm_save(lm, "build/no/such/dir/x.safetensors"), ACMOE_ERR_IO);
     free(good), free(bad);
