@@ -75,7 +75,7 @@ $(B)/bench: bench/bench.c acmoe.h | $(B)
 bench: $(B)/bench
 	./$(B)/bench
 
-# The PyTorch peer of bench sections 2 and 3 on this machine (Debian: python3-torch, libopenblas0-pthread).
+# The PyTorch peer of bench sections 2 to 4 on this machine (Debian: python3-torch, libopenblas0-pthread).
 PYTHON ?= /usr/bin/python3
 bench-pytorch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "bench-pytorch needs PyTorch: apt-get install python3-torch libopenblas0-pthread"; exit 1; }

@@ -14,7 +14,7 @@
    step with top-2 and with Soft MoE layers. Sections 2 to 4 also give each
    rate as a share of the measured peak, which carries across machines where the rate does
    not. Each section ends with its own resident peak. `make bench-pytorch` runs the PyTorch
-   peer of sections 2 and 3 (bench/pytorch_peer.py). Built without -march: SIMD code here is
+   peer of sections 2 to 4 (bench/pytorch_peer.py). Built without -march: SIMD code here is
    compiled per function and only called when the CPU supports it. */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread barriers */

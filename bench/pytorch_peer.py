@@ -1,15 +1,15 @@
-"""The peer of `make bench` sections 2 and 3 in PyTorch, for measuring it on the same machine.
+"""The peer of `make bench` sections 2 to 4 in PyTorch, for measuring it on the same machine.
 
-    python3 bench/pytorch_peer.py [--threads N] [--section 2|3]
+    python3 bench/pytorch_peer.py [--threads N] [--section 2|3|4]
 
 Debian: apt-get install python3-torch libopenblas0-pthread (Debian's PyTorch 1.13 calls the
 system BLAS, the reference one unless OpenBLAS is installed). The script sets the thread
 count of PyTorch and of OpenBLAS itself; the environment variables OPENBLAS_NUM_THREADS,
 OMP_NUM_THREADS and OMP_WAIT_POLICY override it. It builds the same layers and the same
 model as the bench (E experts, top-2, ReLU experts with biases; 3 layers "ggc", post-LN,
-learned positions, tied head, AdamW) the way a tuned PyTorch CPU implementation does:
-tokens sorted by expert, one addmm per expert, index_add_ to combine, autograd for the
-backward pass.
+learned positions, tied head, AdamW; and the vision encoder of section 4, pre-LN, with top-2
+or Soft MoE layers) the way a tuned PyTorch CPU implementation does: tokens sorted by expert,
+one addmm per expert, index_add_ to combine, autograd for the backward pass.
 """
 import argparse
 import os
@@ -21,7 +21,8 @@ import time
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--section", type=int, default=0, help="2 (MoE layer), 3 (training step) or 0 (both)")
+    p.add_argument("--section", type=int, default=0,
+                   help="2 (MoE layer), 3 (training step), 4 (vision training step) or 0 (all)")
     p.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
     return p.parse_args()
 
@@ -87,6 +88,30 @@ class MoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, y), idx
 
 
+class SoftMoE(nn.Module):
+    """Soft MoE over each image: one slot per expert, unit inputs and slot vectors times a
+    learned scale; dispatch is each slot's softmax over the image's patches, combine each
+    patch's softmax over the slots."""
+
+    def __init__(self, d, ff, experts):
+        super().__init__()
+        self.experts = experts
+        self.phi = nn.Parameter(torch.randn(experts, d) / d ** 0.5)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.w1 = nn.ParameterList(nn.Parameter(torch.randn(ff, d) / d ** 0.5) for _ in range(experts))
+        self.b1 = nn.ParameterList(nn.Parameter(torch.zeros(ff)) for _ in range(experts))
+        self.w2 = nn.ParameterList(nn.Parameter(torch.randn(d, ff) / ff ** 0.5) for _ in range(experts))
+        self.b2 = nn.ParameterList(nn.Parameter(torch.zeros(d)) for _ in range(experts))
+
+    def forward(self, x, batch, seq):
+        xs = x.view(batch, seq, -1)
+        logits = self.scale * F.normalize(xs, dim=2) @ F.normalize(self.phi, dim=1).t()  # [B, seq, S]
+        slots = logits.softmax(dim=1).transpose(1, 2) @ xs  # [B, S, d]
+        outs = [torch.addmm(self.b2[j], F.relu(torch.addmm(self.b1[j], slots[:, j], self.w1[j].t())), self.w2[j].t())
+                for j in range(self.experts)]
+        return (logits.softmax(dim=2) @ torch.stack(outs, dim=1)).reshape(batch * seq, -1)
+
+
 class Block(nn.Module):
     def __init__(self, d, heads, experts, k, router):
         super().__init__()
@@ -107,6 +132,45 @@ class Block(nn.Module):
         x = self.ln1(x + self.out(att))
         m, idx = self.moe(x, prev)
         return self.ln2(x + m), idx
+
+
+class VisionBlock(nn.Module):
+    """Pre-LN encoder block: attention over every patch, then a top-2 ('g', 'c') or Soft MoE
+    ('m') feed-forward block."""
+
+    def __init__(self, d, heads, experts, k, router):
+        super().__init__()
+        self.heads, self.router = heads, router
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.moe = SoftMoE(d, d, experts) if router == "m" else MoE(d, d, experts, k, router)
+
+    def forward(self, x, batch, seq, prev):
+        d = x.shape[1]
+        dh = d // self.heads
+        q, k, v = self.qkv(self.ln1(x)).view(batch, seq, 3, self.heads, dh).permute(2, 0, 3, 1, 4).reshape(3, -1, seq, dh)
+        att = (torch.bmm(q, k.transpose(1, 2)) * dh ** -0.5).softmax(dim=-1) @ v
+        x = x + self.out(att.view(batch, self.heads, seq, dh).transpose(1, 2).reshape(batch * seq, d))
+        if self.router == "m":
+            return x + self.moe(self.ln2(x), batch, seq), prev
+        m, idx = self.moe(self.ln2(x), prev)
+        return x + m, idx
+
+
+class Vision(nn.Module):
+    def __init__(self, pattern, patch_dim=48, patches=64, d=128, heads=8, experts=16, k=2, classes=10):
+        super().__init__()
+        self.embed, self.pos = nn.Linear(patch_dim, d), nn.Parameter(torch.randn(patches, d) * 0.02)
+        self.blocks = nn.ModuleList(VisionBlock(d, heads, experts, k, r) for r in pattern)
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, patches, labels):
+        batch, seq, _ = patches.shape
+        x = (self.embed(patches) + self.pos).reshape(batch * seq, -1)
+        prev = None
+        for b in self.blocks:
+            x, prev = b(x, batch, seq, prev)
+        return F.cross_entropy(self.head(self.ln(x).view(batch, seq, -1).mean(dim=1)), labels)
 
 
 class LM(nn.Module):
@@ -168,10 +232,29 @@ def section_training():
           % (2048 / s, ARGS.threads))
 
 
+def section_vision():
+    patches = torch.rand(32, 64, 48)
+    labels = torch.randint(0, 10, (32,))
+    for pattern in ("ggc", "gmg"):
+        model = Vision(pattern)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(patches, labels).backward()
+            opt.step()
+
+        s = median_seconds(step, ARGS.steps)
+        print("Vision training step \"%s\", d 128, 8 heads, E16, 32 images of 64 patches: %.0f images/s on %d thread(s)"
+              % (pattern, 32 / s, ARGS.threads))
+
+
 if __name__ == "__main__":
     print("PyTorch %s, BLAS %s" % (torch.__version__, os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")))
     if ARGS.section in (0, 2):
         section_moe()
     if ARGS.section in (0, 3):
         section_training()
+    if ARGS.section in (0, 4):
+        section_vision()
     sys.stdout.flush()
