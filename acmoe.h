@@ -2351,6 +2351,12 @@ static int acmoe__grouped(const acmoe_moe_desc *d) {
     return d->router_select == ACMOE_SELECT_USMOE || d->router_select == ACMOE_SELECT_SOFT;
 }
 
+/* The groups of n tokens (at most, when n is not whole sequences). */
+static int acmoe__group_count(const acmoe_moe_desc *d, int n) {
+    if (d->group == ACMOE_GROUP_BATCH) return 1;
+    return d->group == ACMOE_GROUP_POSITION ? d->seq_len : (n + d->seq_len - 1) / d->seq_len;
+}
+
 ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_desc *out) {
     acmoe_moe_desc d;
     acmoe_status s;
@@ -2459,9 +2465,7 @@ static void acmoe__moe_shape(acmoe_moe *L) {
     L->h_width = d->activation == ACMOE_ACT_SWIGLU ? 2 * d->d_ff : d->d_ff;
     L->lw = d->router_select == ACMOE_SELECT_SOFT ? d->n_experts * d->soft_slots : d->n_experts;
     if (d->router_select == ACMOE_SELECT_SOFT) { /* every group's slots */
-        int groups = d->group == ACMOE_GROUP_BATCH ? 1
-                     : d->group == ACMOE_GROUP_POSITION ? d->seq_len : (d->max_tokens + d->seq_len - 1) / d->seq_len;
-        L->max_pairs = groups * L->lw;
+        L->max_pairs = acmoe__group_count(d, d->max_tokens) * L->lw;
         return;
     }
     /* group budgets round up to one pair per group, capacities to one token per expert */
@@ -3003,19 +3007,12 @@ static void acmoe__select_expert_choice(acmoe_moe *L, int n) {
     acmoe__pairs_from_marks(L, n, L->probs);
 }
 
-/* Soft MoE has no pairs; its weights are made group by group, across threads, by
-   acmoe__soft_dispatch_job. */
-static void acmoe__select_soft(acmoe_moe *L, int n) {
-    int first, stride;
-    for (L->n_groups = 0; acmoe__group(L, n, L->n_groups, &first, &stride) > 0; L->n_groups++) continue;
-    L->n_pairs = L->dropped = 0;
-}
-
 /* Top-k by score for the next layer, then the pairs of the selection rule. */
 static void acmoe__select(acmoe_moe *L, int n) {
     const acmoe_router_select rule = L->d.router_select;
-    if (rule == ACMOE_SELECT_SOFT) {
-        acmoe__select_soft(L, n);
+    if (rule == ACMOE_SELECT_SOFT) { /* no pairs; acmoe__soft_dispatch_job makes the weights */
+        L->n_groups = acmoe__group_count(&L->d, n);
+        L->n_pairs = L->dropped = 0;
         return;
     }
     acmoe__topk_softmax(L->logits, n, L->d.n_experts, L->d.top_k, L->top_idx, L->top_gate);
@@ -3136,7 +3133,8 @@ static const float *acmoe__expert_input(const acmoe_moe *L, const float *x) {
 static const float *acmoe__expert_row(const acmoe_moe *L, const float *in, int j, int r) {
     const size_t dm = (size_t)L->d.d_model;
     const int per = L->d.soft_slots;
-    if (L->d.router_select == ACMOE_SELECT_SOFT) return L->slots + ((size_t)(r / per) * L->lw + (size_t)j * per + r % per) * dm;
+    if (L->d.router_select == ACMOE_SELECT_SOFT) /* group r / per, slot r % per */
+        return L->slots + ((size_t)(r / per) * L->lw + (size_t)j * per + r % per) * dm;
     return in + (size_t)L->pair_token[L->slot_pair[L->offset[j] + r]] * dm;
 }
 
@@ -3192,7 +3190,8 @@ static void acmoe__soft_copy(const acmoe_moe *L, int g, float *expert_rows, int 
     const int per = L->d.soft_slots;
     int j;
     for (j = 0; j < L->d.n_experts; j++) {
-        float *e = expert_rows + (size_t)(L->offset[j] + g * per) * dm, *s = L->slots + ((size_t)g * L->lw + (size_t)j * per) * dm;
+        float *e = expert_rows + (size_t)(L->offset[j] + g * per) * dm;
+        float *s = L->slots + ((size_t)g * L->lw + (size_t)j * per) * dm;
         memcpy(to_slots ? s : e, to_slots ? e : s, bytes);
     }
 }
@@ -3260,8 +3259,9 @@ static void acmoe__soft_combine_job(void *arg, int tid, int n_threads) {
 static void acmoe__soft_combine_backward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
     acmoe_moe *L = job->L;
+    const acmoe__kernel *kern = &job->ctx->kernel;
     const int S = L->lw, dm = L->d.d_model;
-    int g, i, c, first, stride, size;
+    int g, i, first, stride, size;
     for (g = tid; g < L->n_groups; g += n_threads) {
         float *slots = L->slots + (size_t)g * S * dm;
         size = acmoe__group(L, L->n, g, &first, &stride);
@@ -3269,9 +3269,8 @@ static void acmoe__soft_combine_backward_job(void *arg, int tid, int n_threads) 
                                 slots, dm, L->dz + (size_t)first * S, stride * S, 0);
         for (i = 0; i < size; i++) {
             const float *p = L->probs + (size_t)(first + i * stride) * S;
-            float *dz = L->dz + (size_t)(first + i * stride) * S, dot = 0.0f;
-            for (c = 0; c < S; c++) dot += p[c] * dz[c];
-            for (c = 0; c < S; c++) dz[c] = p[c] * (dz[c] - dot);
+            float *dz = L->dz + (size_t)(first + i * stride) * S;
+            kern->row_softmax_grad(dz, p, S, kern->row_dot(p, dz, S), 1.0f);
         }
         ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_TN, S, dm, size, L->probs + (size_t)first * S, stride * S,
                                 job->dout + (size_t)first * dm, stride * dm, slots, dm, 0);
@@ -3448,14 +3447,10 @@ static void acmoe__gate_backward(acmoe_moe *L) {
 
 static acmoe_status acmoe__router_input_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx);
 
-static void acmoe__add(float *y, const float *x, size_t n) {
-    size_t i;
-    for (i = 0; i < n; i++) y[i] += x[i];
-}
-
 /* The slot score's gradients from dz [n][lw]: the scale's, the slot vectors' (through their
-   normalisation), and the router input's, written to dxr. */
-static acmoe_status acmoe__slot_score_backward(acmoe_moe *L, acmoe_ctx *ctx) {
+   normalisation), and the router input's, added to du or written over it (du may be dxr,
+   the scratch that holds it before the normalisation). */
+static acmoe_status acmoe__slot_score_backward(acmoe_moe *L, acmoe_ctx *ctx, float *du, int accumulate) {
     const int n = L->n, S = L->lw, dr = L->dr;
     const float scale = *L->phi_scale;
     float dscale = 0.0f;
@@ -3470,23 +3465,21 @@ static acmoe_status acmoe__slot_score_backward(acmoe_moe *L, acmoe_ctx *ctx) {
     *L->g_phi_scale += dscale;
     for (i = 0; i < (size_t)S * dr; i++) L->dehat[i] *= scale;
     acmoe__unit_rows_backward(L->ehat, L->emb_norm, L->dehat, S, dr, L->g_phi, 1);
-    acmoe__unit_rows_backward(L->uhat, L->u_norm, L->dxr, n, dr, L->dxr, 0);
+    acmoe__unit_rows_backward(L->uhat, L->u_norm, L->dxr, n, dr, du, accumulate);
     return ACMOE_OK;
 }
 
 /* Router parameter gradients, and the router's part of dx (added to dx). */
 static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
     const acmoe_moe_desc *d = &L->d;
-    const int n = L->n, e = d->n_experts, dm = d->d_model, dr = L->dr;
+    const int n = L->n, e = d->n_experts, dr = L->dr;
     const int direct = d->router_input == ACMOE_INPUT_TOKEN; /* du is dx's share itself */
     const float *u = direct ? L->x : L->xr, *scorer = d->router_score == ACMOE_SCORE_LINEAR ? L->wr : L->ehat;
     float *du = direct ? dx : L->dxr;
     acmoe_status s;
     if (d->router_score == ACMOE_SCORE_SLOT) {
-        s = acmoe__slot_score_backward(L, ctx);
-        if (s != ACMOE_OK || !direct) return s == ACMOE_OK ? acmoe__router_input_backward(L, ctx, dx) : s;
-        acmoe__add(dx, L->dxr, (size_t)n * dm);
-        return ACMOE_OK;
+        s = acmoe__slot_score_backward(L, ctx, du, direct);
+        return s != ACMOE_OK || direct ? s : acmoe__router_input_backward(L, ctx, dx);
     }
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         acmoe__bias_grad(L->dz, n, e, L->g_br);
@@ -3718,11 +3711,11 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
    a multiple of ACMOE__ATTENTION_PAD, and keys and values transposed where a product runs
    along them). Causal, a strip's scores reach only its last row's keys, so no product is
    spent above the diagonal but the strip's own corner; without the mask (an encoder) every
-   row sees every key. The probabilities are recomputed, with the same
-   bits, in the backward pass: storing them would save a few percent of a training step at
-   seq 256 but cost batch x heads x seq^2 / 2 floats per layer (10 MB at seq 256, batch 8 and
-   8 heads; 0.5 GB at seq 2048). The backward pass takes query rows a block at a time, so that
-   each block's key and value gradients are one product per strip of keys. */
+   row sees every key. The probabilities are recomputed, with the same bits, in the backward
+   pass: storing them would save a few percent of a training step at seq 256 but cost batch x
+   heads x seq^2 / 2 floats per layer (10 MB at seq 256, batch 8 and 8 heads; 0.5 GB at seq
+   2048). The backward pass takes query rows a block at a time, so that each block's key and
+   value gradients are one product per strip of keys. */
 #define ACMOE__ATTENTION_BLOCK 64
 #define ACMOE__ATTENTION_PAD 16 /* every path's kernel widths divide it or are multiples of it */
 
@@ -3881,9 +3874,9 @@ static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job
 }
 
 /* The exponentials of query rows [i0, i1) (the keys the strip reaches) into p, zeroed past
-   the diagonal up to zero_end, and the inverses of their sums. The scores come from the transposed keys
-   kt, or, for one query (decoding a token), from the column kernel reading the key rows in
-   place, with the same bits and without the transpose. */
+   the diagonal up to zero_end, and the inverses of their sums. The scores come from the
+   transposed keys kt, or, for one query (decoding a token), from the column kernel reading
+   the key rows in place, with the same bits and without the transpose. */
 static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__attention_pair *P, int i0, int i1,
                                  int zero_end, float *p, float *inv) {
     const acmoe__kernel *kern = &j->ctx->kernel;
@@ -4205,7 +4198,8 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     L->yf = (float *)acmoe__carve(base, &used, n * d * f);
     L->xhatf = (float *)acmoe__carve(base, &used, n * d * f);
     L->rstdf = (float *)acmoe__carve(base, &used, n * f);
-    L->logits = (float *)acmoe__carve(base, &used, (vision ? (size_t)L->d.batch * L->d.n_classes : n * (size_t)L->d.vocab) * f);
+    L->logits = (float *)acmoe__carve(base, &used,
+                                      (vision ? (size_t)L->d.batch * L->d.n_classes : n * (size_t)L->d.vocab) * f);
     L->patches = (float *)acmoe__carve(base, &used, (vision ? n * (size_t)L->d.patch_dim : 1) * f);
     L->pooled = (float *)acmoe__carve(base, &used, (vision ? (size_t)L->d.batch * d : 1) * f);
     L->row_loss = (float *)acmoe__carve(base, &used, n * f);
@@ -4237,8 +4231,8 @@ static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *ou
     if (d.n_classes < 0 || (d.n_classes > 0 && d.patch_dim < 1)) return ACMOE_ERR_SHAPE;
     if (d.n_classes) d.vocab = 0, d.untied_head = 0;
     else d.patch_dim = 0;
-    if ((!d.n_classes && d.vocab < 2) || d.d_model < 1 || d.n_heads < 1 || d.d_model % d.n_heads || d.seq_len < 1 || d.batch < 1 ||
-        d.d_ff < 1 || d.n_experts < 1 || d.top_k < 1 || d.top_k > d.n_experts)
+    if ((!d.n_classes && d.vocab < 2) || d.d_model < 1 || d.n_heads < 1 || d.d_model % d.n_heads || d.seq_len < 1 ||
+        d.batch < 1 || d.d_ff < 1 || d.n_experts < 1 || d.top_k < 1 || d.top_k > d.n_experts)
         return ACMOE_ERR_SHAPE;
     if (!(d.dropout >= 0.0f && d.dropout < 1.0f)) return ACMOE_ERR_ARG;
     if (strlen(d.pattern) < 1 || strlen(d.pattern) > 63) return ACMOE_ERR_ARG;
@@ -4482,8 +4476,6 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     return ACMOE_OK;
 }
 
-/* The forward pass over positions [start, seq) of each sequence; start > 0 (one sequence,
-   decoding) keeps the activations of earlier positions from the last call. */
 /* A forward call over batch sequences of seq rows, from row start of each. */
 static void acmoe__lm_begin(acmoe_lm *L, int batch, int seq, int start, int train) {
     L->batch = batch, L->seq = seq, L->n = batch * seq, L->start = start;
@@ -4517,6 +4509,8 @@ static acmoe_status acmoe__lm_trunk(acmoe_lm *L, acmoe_ctx *ctx, const float **t
     return ACMOE_OK;
 }
 
+/* The forward pass over positions [start, seq) of each sequence; start > 0 (one sequence,
+   decoding) keeps the activations of earlier positions from the last call. */
 static acmoe_status acmoe__lm_run(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens, const int32_t *targets,
                                   int batch, int seq, int start, int train, float *loss) {
     const int d = L->d.d_model;
@@ -4726,7 +4720,8 @@ static acmoe_status acmoe__vision_head_backward(acmoe_lm *L, acmoe_ctx *ctx) {
     acmoe__cross_entropy(ctx, L->logits, L->targets, L->batch, classes, 1, L->row_loss);
     acmoe__bias_grad(L->logits, L->batch, classes, L->g_head_b);
     s = acmoe_matmul(ctx, ACMOE_TN, classes, d, L->batch, L->logits, classes, L->pooled, d, L->g_head, d, 1);
-    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, L->batch, d, classes, L->logits, classes, L->head, d, dpooled, d, 0);
+    if (s == ACMOE_OK)
+        s = acmoe_matmul(ctx, ACMOE_NN, L->batch, d, classes, L->logits, classes, L->head, d, dpooled, d, 0);
     if (s != ACMOE_OK) return s;
     for (i = 0; i < L->n; i++)
         for (q = 0; q < d; q++) L->dy[(size_t)i * d + q] = dpooled[(size_t)(i / L->seq) * d + q] / (float)L->seq;

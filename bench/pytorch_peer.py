@@ -216,18 +216,22 @@ def section_moe():
         print("E%d k2 d%d ff%d T%d  %9.0f tokens/s" % (experts, d, ff, tokens, tokens / s))
 
 
-def section_training():
-    model = LM()
+def training_step_seconds(model, *batch):
+    """Median seconds of a training step (forward, backward, AdamW) of model on batch."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)  # one kernel per step, not per tensor
-    tokens = torch.randint(0, 256, (8, 256))
-    targets = torch.randint(0, 256, (8, 256))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(tokens, targets).backward()
+        model(*batch).backward()
         opt.step()
 
-    s = median_seconds(step, ARGS.steps)
+    return median_seconds(step, ARGS.steps)
+
+
+def section_training():
+    tokens = torch.randint(0, 256, (8, 256))
+    targets = torch.randint(0, 256, (8, 256))
+    s = training_step_seconds(LM(), tokens, targets)
     print("Training step, 3 layers \"ggc\", d 128, 8 heads, E16 top-2, 8 x 256 tokens: %.0f tokens/s on %d thread(s)"
           % (2048 / s, ARGS.threads))
 
@@ -236,15 +240,7 @@ def section_vision():
     patches = torch.rand(32, 64, 48)
     labels = torch.randint(0, 10, (32,))
     for pattern in ("ggc", "gmg"):
-        model = Vision(pattern)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            model(patches, labels).backward()
-            opt.step()
-
-        s = median_seconds(step, ARGS.steps)
+        s = training_step_seconds(Vision(pattern), patches, labels)
         print("Vision training step \"%s\", d 128, 8 heads, E16, 32 images of 64 patches: %.0f images/s on %d thread(s)"
               % (pattern, 32 / s, ARGS.threads))
 
