@@ -976,6 +976,10 @@ typedef struct acmoe__kernel {
     float (*row_dot)(const float *a, const float *b, int n);
     void (*row_softmax_grad)(float *d, const float *e, int n, float dot, float scale);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
+    float (*row_layernorm)(float *xhat, float *y, const float *x, const float *add, const float *g,
+                           const float *b, int n);
+    void (*row_layernorm_backward)(float *dx, const float *dy, const float *xhat, const float *g, float rstd, int n,
+                                   int accumulate);
     acmoe__gemv_fn gemv; /* one output column, gemv_rows rows at a time; NULL: the micro-kernels */
     int gemv_rows;
 } acmoe__kernel;
@@ -1298,13 +1302,15 @@ ACMOE__NEON_KERNEL(acmoe__kernel_neon_half, 2)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
 #endif
 
-/* Row kernels: the loops attention, the losses and the optimizer spend their time in. A
-   row's maximum; y = exp((x - shift) * scale) with its sum (y may be x, or NULL for the sum
-   alone); a sum and a dot product; an AdamW update. Vector paths keep one partial sum per
+/* Row kernels: the loops attention, the losses, the layer norms and the optimizer spend
+   their time in. A row's maximum; y = exp((x - shift) * scale) with its sum (y may be x, or
+   NULL for the sum alone); a sum and a dot product; an AdamW update; a layer norm's row
+   forward and backward (see acmoe__layernorm). Vector paths keep one partial sum per
    lane and add the lanes in a fixed tree, so a path's results are fixed. Their exp is 2^n e^r with
    |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error about 2e-7), for arguments
    at most 0: every caller subtracts the row's maximum. */
-#define ACMOE__EXP_LO -87.0f /* keeps 2^n a normal number; e^-87 is far below float epsilon */
+#define ACMOE__EXP_LO -87.0f
+#define ACMOE__LN_EPS 1e-5f /* keeps 2^n a normal number; e^-87 is far below float epsilon */
 
 static float acmoe__row_max_scalar(const float *x, int n) {
     float top = x[0];
@@ -1369,6 +1375,45 @@ static float acmoe__lanes_sum(float *lanes, int n) {
     for (w = n / 2; w > 0; w /= 2)
         for (l = 0; l < w; l++) lanes[l] += lanes[l + w];
     return lanes[0];
+}
+
+/* xhat = (x + add - mean) / sqrt(var + eps) (add may be NULL) and y = xhat g + b; returns
+   1 / sqrt(var + eps). */
+static float acmoe__row_layernorm_scalar(float *xhat, float *y, const float *x, const float *add, const float *g,
+                                         const float *b, int n) {
+    float mean, rs;
+    int i;
+    if (add) {
+        for (i = 0; i < n; i++) xhat[i] = x[i] + add[i];
+        x = xhat;
+    }
+    mean = acmoe__row_sum_scalar(x, n) / (float)n;
+    for (i = 0; i < n; i++) xhat[i] = x[i] - mean; /* centred, then scaled */
+    rs = 1.0f / sqrtf(acmoe__row_dot_scalar(xhat, xhat, n) / (float)n + ACMOE__LN_EPS);
+    for (i = 0; i < n; i++) {
+        xhat[i] *= rs;
+        y[i] = xhat[i] * g[i] + b[i];
+    }
+    return rs;
+}
+
+/* dx (written, or added to when accumulate) = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
+   with dxhat = dy g; eight partial sums of each mean, as the AVX2 path keeps. */
+static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, const float *xhat, const float *g,
+                                                 float rstd, int n, int accumulate) {
+    float part_d[8] = {0}, part_dx[8] = {0}, mean_d, mean_dx;
+    int i;
+    for (i = 0; i < n; i++) {
+        float dxhat = dy[i] * g[i];
+        part_d[i % 8] += dxhat;
+        part_dx[i % 8] += dxhat * xhat[i];
+    }
+    mean_d = acmoe__lanes_sum(part_d, 8) / (float)n;
+    mean_dx = acmoe__lanes_sum(part_dx, 8) / (float)n;
+    for (i = 0; i < n; i++) {
+        float v = rstd * (dy[i] * g[i] - mean_d - xhat[i] * mean_dx);
+        dx[i] = accumulate ? dx[i] + v : v;
+    }
 }
 
 #define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, DIV, SQRT, FMA, MAX,  \
@@ -1447,7 +1492,61 @@ static float acmoe__lanes_sum(float *lanes, int n) {
             STORE(v + i, vv);                                                                            \
             STORE(p + i, SUB(pv, MUL(SET1(a->lr), step)));                                               \
         }                                                                                                \
-        for (; i < n; i++) acmoe__adam_one(p + i, g[i], m + i, v + i, a);                               \
+        for (; i < n; i++) acmoe__adam_one(p + i, g[i], m + i, v + i, a);                                \
+    }                                                                                                    \
+    /* The vector at x of a row with m floats left: whole, or its tail with zeros after it. */           \
+    TARGET static VEC acmoe__part_load_##SFX(const float *x, int m) {                                    \
+        return m >= VLEN ? LOAD(x) : acmoe__tail_load_##SFX(x, m, 0.0f);                                 \
+    }                                                                                                    \
+    TARGET static void acmoe__part_store_##SFX(float *y, VEC v, int m) {                                 \
+        if (m >= VLEN) STORE(y, v);                                                                      \
+        else acmoe__tail_store_##SFX(y, v, m);                                                           \
+    }                                                                                                    \
+    /* The scalar path's operations; the sums as row_sum and row_dot make them. */                       \
+    TARGET static float acmoe__row_layernorm_##SFX(float *xhat, float *y, const float *x, const float *add, \
+                                                   const float *g, const float *b, int n) {              \
+        const float *in = add ? xhat : x;                                                                \
+        VEC sum = SET1(0.0f), sq = SET1(0.0f), mean, c;                                                  \
+        float rs;                                                                                        \
+        int i;                                                                                           \
+        for (i = 0; i < n; i += VLEN) {                                                                  \
+            c = acmoe__part_load_##SFX(x + i, n - i);                                                    \
+            if (add) acmoe__part_store_##SFX(xhat + i, c = ADD(c, acmoe__part_load_##SFX(add + i, n - i)), n - i); \
+            sum = ADD(sum, c);                                                                           \
+        }                                                                                                \
+        mean = SET1(HSUM(sum) / (float)n);                                                               \
+        for (i = 0; i < n; i += VLEN) {                                                                  \
+            c = SUB(acmoe__part_load_##SFX(in + i, n - i), mean);                                        \
+            if (n - i < VLEN) c = acmoe__tail_keep_##SFX(c, n - i);                                      \
+            sq = FMA(c, c, sq);                                                                          \
+            acmoe__part_store_##SFX(xhat + i, c, n - i);                                                 \
+        }                                                                                                \
+        rs = 1.0f / sqrtf(HSUM(sq) / (float)n + ACMOE__LN_EPS);                                          \
+        for (i = 0; i < n; i += VLEN) {                                                                  \
+            c = MUL(acmoe__part_load_##SFX(xhat + i, n - i), SET1(rs));                                  \
+            acmoe__part_store_##SFX(xhat + i, c, n - i);                                                 \
+            c = ADD(MUL(c, acmoe__part_load_##SFX(g + i, n - i)), acmoe__part_load_##SFX(b + i, n - i)); \
+            acmoe__part_store_##SFX(y + i, c, n - i);                                                    \
+        }                                                                                                \
+        return rs;                                                                                       \
+    }                                                                                                    \
+    TARGET static void acmoe__row_layernorm_backward_##SFX(float *dx, const float *dy, const float *xhat, \
+                                                           const float *g, float rstd, int n, int accumulate) { \
+        VEC sum_d = SET1(0.0f), sum_dx = SET1(0.0f), dxhat, mean_d, mean_dx, v;                          \
+        int i;                                                                                           \
+        for (i = 0; i < n; i += VLEN) {                                                                  \
+            dxhat = MUL(acmoe__part_load_##SFX(dy + i, n - i), acmoe__part_load_##SFX(g + i, n - i));    \
+            sum_d = ADD(sum_d, dxhat);                                                                   \
+            sum_dx = ADD(sum_dx, MUL(dxhat, acmoe__part_load_##SFX(xhat + i, n - i)));                   \
+        }                                                                                                \
+        mean_d = SET1(HSUM(sum_d) / (float)n);                                                           \
+        mean_dx = SET1(HSUM(sum_dx) / (float)n);                                                         \
+        for (i = 0; i < n; i += VLEN) {                                                                  \
+            dxhat = MUL(acmoe__part_load_##SFX(dy + i, n - i), acmoe__part_load_##SFX(g + i, n - i));    \
+            v = MUL(SET1(rstd), SUB(SUB(dxhat, mean_d), MUL(acmoe__part_load_##SFX(xhat + i, n - i), mean_dx))); \
+            if (accumulate) v = ADD(acmoe__part_load_##SFX(dx + i, n - i), v);                           \
+            acmoe__part_store_##SFX(dx + i, v, n - i);                                                   \
+        }                                                                                                \
     }
 
 /* Ragged row ends: the first n < VLEN lanes loaded (the rest set to fill), stored, or kept
@@ -1652,7 +1751,8 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
-        acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX
+        acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                    \
+        acmoe__row_layernorm_backward_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
@@ -1705,7 +1805,8 @@ ACMOE__TARGET_AVX2 static void acmoe__transpose8x8_avx2(float *dst, ptrdiff_t ld
 /* The transpose in 8 x 8 register blocks where the CPU has AVX2, scalar at the ragged edges.
    Eight source rows are read side by side, too many streams for the hardware prefetcher when
    they come from memory (an expert's weights): each row is prefetched four lines ahead
-   (transposes from memory ran 1.4-1.7x faster). */
+   (transposes from memory ran 1.4-1.7x faster), and the start of the rows 32 below, for
+   narrow blocks of many rows (an attention head's keys, 1.4x faster from L3). */
 static void acmoe__transpose(acmoe_isa isa, float *dst, ptrdiff_t ld_dst, const float *src,
                              ptrdiff_t ld_src, int nx, int np) {
     int xb = 0, pb = 0;
@@ -1718,6 +1819,8 @@ static void acmoe__transpose(acmoe_isa isa, float *dst, ptrdiff_t ld_dst, const 
             for (p = 0; p < pb; p += 8) {
                 if (p % 16 == 0 && p + 64 < np)
                     for (i = 0; i < 8; i++) ACMOE__PREFETCH_READ(src + (x + i) * ld_src + p + 64);
+                if (p == 0 && x + 40 <= nx)
+                    for (i = 32; i < 40; i++) ACMOE__PREFETCH_READ(src + (x + i) * ld_src);
                 acmoe__transpose8x8_avx2(dst + p * ld_dst + x, ld_dst, src + x * ld_src + p, ld_src);
             }
     }
@@ -3609,8 +3712,6 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
 /* 8. Transformer pieces                                                                      */
 /* ========================================================================================== */
 
-#define ACMOE__LN_EPS 1e-5f
-
 /* Layer norm over rows split across threads; the gain and bias gradients, sums over rows,
    split by columns instead, so every sum runs over the rows in order whatever the count. */
 typedef struct acmoe__ln_job {
@@ -3624,49 +3725,21 @@ typedef struct acmoe__ln_job {
    sum x + add when add is given (a residual sum that is needed only here). */
 static void acmoe__layernorm_rows(void *arg, int tid, int n_threads) {
     const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
-    const int d = j->d, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
-    int r, q;
-    for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++) {
-        const float *xr = j->x + (size_t)r * d;
-        float *xh = j->xhat + (size_t)r * d, *yr = j->y + (size_t)r * d, rs, mean;
-        if (j->add) {
-            for (q = 0; q < d; q++) xh[q] = xr[q] + j->add[(size_t)r * d + q];
-            xr = xh;
-        }
-        mean = j->kern->row_sum(xr, d) / (float)d;
-        for (q = 0; q < d; q++) xh[q] = xr[q] - mean; /* centred, then scaled */
-        rs = 1.0f / sqrtf(j->kern->row_dot(xh, xh, d) / (float)d + ACMOE__LN_EPS);
-        j->rstd[r] = rs;
-        for (q = 0; q < d; q++) {
-            xh[q] *= rs;
-            yr[q] = xh[q] * j->g[q] + j->b[q];
-        }
-    }
+    const size_t d = (size_t)j->d;
+    int r, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
+    for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++)
+        j->rstd[r] = j->kern->row_layernorm(j->xhat + r * d, j->y + r * d, j->x + r * d, j->add ? j->add + r * d : NULL,
+                                            j->g, j->b, j->d);
 }
 
 /* dx (written, or added when accumulate) of each row. */
 static void acmoe__layernorm_backward_rows(void *arg, int tid, int n_threads) {
     const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
-    const int d = j->d, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
-    int r, q;
-    for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++) {
-        const float *dyr = j->dy + (size_t)r * d, *xh = j->xhat_in + (size_t)r * d;
-        float *dxr = j->dx + (size_t)r * d, part_d[8] = {0}, part_dx[8] = {0}, mean_d, mean_dx;
-        int l;
-        for (q = 0; q + 8 <= d; q += 8) /* eight partial sums of each: no chain of dependent adds */
-            for (l = 0; l < 8; l++) {
-                float dxhat = dyr[q + l] * j->g[q + l];
-                part_d[l] += dxhat;
-                part_dx[l] += dxhat * xh[q + l];
-            }
-        for (; q < d; q++) part_d[0] += dyr[q] * j->g[q], part_dx[0] += dyr[q] * j->g[q] * xh[q];
-        mean_d = acmoe__lanes_sum(part_d, 8) / (float)d;
-        mean_dx = acmoe__lanes_sum(part_dx, 8) / (float)d;
-        for (q = 0; q < d; q++) {
-            float v = j->rstd_in[r] * (dyr[q] * j->g[q] - mean_d - xh[q] * mean_dx);
-            dxr[q] = j->accumulate ? dxr[q] + v : v;
-        }
-    }
+    const size_t d = (size_t)j->d;
+    int r, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
+    for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++)
+        j->kern->row_layernorm_backward(j->dx + r * d, j->dy + r * d, j->xhat_in + r * d, j->g, j->rstd_in[r], j->d,
+                                        j->accumulate);
 }
 
 /* dg and db accumulate, columns split across threads. */
@@ -3697,7 +3770,7 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
                                       int d, const float *g, float *dg, float *db, float *dx, int accumulate) {
     acmoe__ln_job j;
     memset(&j, 0, sizeof j);
-    j.dy = dy, j.xhat_in = xhat, j.rstd_in = rstd, j.g = g, j.dg = dg, j.db = db, j.dx = dx;
+    j.kern = &ctx->kernel, j.dy = dy, j.xhat_in = xhat, j.rstd_in = rstd, j.g = g, j.dg = dg, j.db = db, j.dx = dx;
     j.rows = rows, j.d = d, j.accumulate = accumulate;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_backward_rows, &j);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_backward_columns, &j);
@@ -3777,12 +3850,17 @@ static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k,
 }
 
 /* y = x times its row's factor (1 without factors) for n rows of dh floats, and zeros up to
-   width (row strides ldy and ldx). */
+   width (row strides ldy and ldx). Rows far apart defeat the hardware prefetcher, so the
+   rows 32 below are fetched ahead. */
 static void acmoe__scale_rows(float *y, size_t ldy, const float *x, size_t ldx, int n, int dh, int width,
                               const float *factor) {
     int r, c;
     for (r = 0; r < n; r++) {
         float *yr = y + (size_t)r * ldy;
+        if (r + 32 < n) {
+            ACMOE__PREFETCH_READ(x + (size_t)(r + 32) * ldx);
+            ACMOE__PREFETCH_WRITE(y + (size_t)(r + 32) * ldy);
+        }
         for (c = 0; c < dh; c++) yr[c] = factor ? x[(size_t)r * ldx + c] * factor[r] : x[(size_t)r * ldx + c];
         for (; c < width; c++) yr[c] = 0.0f;
     }

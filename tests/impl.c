@@ -244,6 +244,56 @@ static void test_row_adam(void) {
     }
 }
 
+/* One layer-norm row of n values in double precision: xhat, y and 1 / sqrt(var + eps) of
+   x + add, and dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dy g. */
+static double reference_layernorm_row(const float *x, const float *add, const float *g, const float *b,
+                                      const float *dy, int n, double *xhat, double *y, double *dx) {
+    double mean = 0.0, var = 0.0, rstd, mean_d = 0.0, mean_dx = 0.0;
+    int i;
+    for (i = 0; i < n; i++) mean += (double)x[i] + (add ? add[i] : 0.0f);
+    mean /= n;
+    for (i = 0; i < n; i++) xhat[i] = (double)x[i] + (add ? add[i] : 0.0f) - mean, var += xhat[i] * xhat[i];
+    rstd = 1.0 / sqrt(var / n + 1e-5);
+    for (i = 0; i < n; i++) {
+        xhat[i] *= rstd, y[i] = xhat[i] * g[i] + b[i];
+        mean_d += (double)dy[i] * g[i], mean_dx += (double)dy[i] * g[i] * xhat[i];
+    }
+    for (i = 0; i < n; i++) dx[i] = rstd * ((double)dy[i] * g[i] - mean_d / n - xhat[i] * mean_dx / n);
+    return rstd;
+}
+
+/* The layer-norm row kernels of every path against the reference: rows of every length from
+   1 to 40 and of 128, with and without a residual input, the gradient written and added to. */
+static void test_row_layernorm(void) {
+    enum { max_n = 128 };
+    float x[max_n], add[max_n], g[max_n], b[max_n], dy[max_n], xhat[max_n], y[max_n], dx[max_n], rstd;
+    double want_xhat[max_n], want_y[max_n], want_dx[max_n], want_rstd;
+    acmoe_rng rng;
+    int isa, n, i, with_add, bad;
+    acmoe_rng_seed(&rng, 17);
+    for (isa = 0; isa < ACMOE_ISA_COUNT; isa++) {
+        acmoe__kernel k;
+        if (acmoe__kernel_for((acmoe_isa)isa, &k) != ACMOE_OK) continue;
+        for (n = 1; n <= max_n; n = n == 40 ? max_n : n + 1) {
+            for (with_add = 0; with_add < 2; with_add++) {
+                for (i = 0; i < n; i++) {
+                    x[i] = 3.0f * acmoe_rng_normal(&rng) + 1.0f, add[i] = acmoe_rng_normal(&rng);
+                    g[i] = 1.0f + 0.5f * acmoe_rng_normal(&rng), b[i] = 0.5f * acmoe_rng_normal(&rng);
+                    dy[i] = acmoe_rng_normal(&rng), dx[i] = 1.0f;
+                }
+                want_rstd = reference_layernorm_row(x, with_add ? add : NULL, g, b, dy, n, want_xhat, want_y, want_dx);
+                rstd = k.row_layernorm(xhat, y, x, with_add ? add : NULL, g, b, n);
+                k.row_layernorm_backward(dx, dy, xhat, g, rstd, n, with_add); /* added to ones, or written */
+                bad = !(fabs(rstd - want_rstd) <= 1e-5 * want_rstd);
+                for (i = 0; i < n; i++)
+                    bad += !(fabs(xhat[i] - want_xhat[i]) <= 1e-5 && fabs(y[i] - want_y[i]) <= 1e-5 * (1.0 + fabs(want_y[i])) &&
+                             fabs(dx[i] - with_add - want_dx[i]) <= 1e-4 * (1.0 + fabs(want_dx[i])));
+                CHECKF(bad == 0, "%s path, n %d, residual %d: %d values off", acmoe_isa_name(k.isa), n, with_add, bad);
+            }
+        }
+    }
+}
+
 /* Dropout's backward pass against finite differences along a random direction: dense
    layers (no routing decision to hold still), with the model's generator rewound before
    every forward pass so each one drops the same units; post-LN and pre-LN. */
@@ -295,6 +345,7 @@ const test_case internal_tests[] = {
     {"row_kernels", test_row_kernels},
     {"attention_blocks", test_attention_blocks},
     {"row_adam", test_row_adam},
+    {"row_layernorm", test_row_layernorm},
     {"lm_dropout_gradient", test_lm_dropout_gradient},
     {0, 0},
 };
