@@ -2079,11 +2079,14 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
         g->m = n, g->n = m, g->a = b, g->a_rs = b_cs, g->a_cs = b_rs, g->b = a, g->b_rs = a_cs, g->b_cs = a_rs;
         g->c = c, g->c_rs = 1, g->c_cs = ldc;
     }
-    /* Packing pays when the packed block is reused across many micro-tiles. A' rows that run
-       along the depth are already what the kernel reads, unless their stride is a multiple
-       of 1 KiB and rows alias in the cache; A' that runs across its rows is packed too when
-       its stride is a page or more (a TLB miss every depth step). */
-    g->pack_b = g->b_cs != 1 || g->m > 4 * ctx->kernel.mr * 4;
+    /* Packing pays when the packed block is reused across many micro-tiles. B' rows that run
+       along the output's rows are what the kernel reads; they are packed only for many
+       micro-tiles and a stride of a page or more (a TLB miss every depth step): at strides of
+       128 to 512 floats the copy cost more than it saved (1.5 % of a training step). A' rows
+       that run along the depth are already what the kernel reads, unless their stride is a
+       multiple of 1 KiB and rows alias in the cache; A' that runs across its rows is packed
+       too when its stride is a page or more. */
+    g->pack_b = g->b_cs != 1 || (g->m > 4 * ctx->kernel.mr * 4 && g->b_rs >= 1024);
     if (g->a_cs == 1)
         g->pack_a = g->n > 4 * ctx->kernel.nr && g->a_rs % 256 == 0;
     else
