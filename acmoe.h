@@ -1305,12 +1305,13 @@ ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
 /* Row kernels: the loops attention, the losses, the layer norms and the optimizer spend
    their time in. A row's maximum; y = exp((x - shift) * scale) with its sum (y may be x, or
    NULL for the sum alone); a sum and a dot product; an AdamW update; a layer norm's row
-   forward and backward (see acmoe__layernorm). Vector paths keep one partial sum per
-   lane and add the lanes in a fixed tree, so a path's results are fixed. Their exp is 2^n e^r with
-   |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error about 2e-7), for arguments
-   at most 0: every caller subtracts the row's maximum. */
-#define ACMOE__EXP_LO -87.0f
-#define ACMOE__LN_EPS 1e-5f /* keeps 2^n a normal number; e^-87 is far below float epsilon */
+   forward and backward (see acmoe__layernorm). Vector paths keep one partial sum per lane
+   and add the lanes in a fixed tree, so a path's results are fixed. Their exp of a is 2^t
+   with t = a log2(e) folded into the scale: 2^n 2^f with |f| <= 1/2 and a degree-5 minimax
+   polynomial (relative error about 2e-7, plus about 2e-7 |a| from rounding t), for
+   arguments at most 0: every caller subtracts the row's maximum. */
+#define ACMOE__EXP2_LO -125.0f /* keeps 2^n a normal number; 2^-125 is far below float epsilon */
+#define ACMOE__LN_EPS 1e-5f
 
 static float acmoe__row_max_scalar(const float *x, int n) {
     float top = x[0];
@@ -1418,18 +1419,16 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
 
 #define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, DIV, SQRT, FMA, MAX,  \
                                   ROUND, LDEXP, HSUM, HMAX)                                             \
-    TARGET static VEC acmoe__exp_##SFX(VEC x) {                                                          \
-        VEC n, r, p;                                                                                     \
-        x = MAX(x, SET1(ACMOE__EXP_LO));                                                                 \
-        n = ROUND(MUL(x, SET1(1.44269504f)));                                                            \
-        r = FMA(n, SET1(-0.693359375f), x); /* x - n ln2, ln2 in two parts */                           \
-        r = FMA(n, SET1(2.12194440e-4f), r);                                                             \
-        p = FMA(SET1(1.0f / 720.0f), r, SET1(1.0f / 120.0f));                                            \
-        p = FMA(p, r, SET1(1.0f / 24.0f));                                                               \
-        p = FMA(p, r, SET1(1.0f / 6.0f));                                                                \
-        p = FMA(p, r, SET1(0.5f));                                                                       \
-        p = FMA(p, r, SET1(1.0f));                                                                       \
-        p = FMA(p, r, SET1(1.0f));                                                                       \
+    TARGET static VEC acmoe__exp2_##SFX(VEC t) {                                                         \
+        VEC n, f, p;                                                                                     \
+        t = MAX(t, SET1(ACMOE__EXP2_LO));                                                                \
+        n = ROUND(t);                                                                                    \
+        f = SUB(t, n); /* |f| <= 1/2 */                                                                  \
+        p = FMA(SET1(1.3264727e-3f), f, SET1(9.6715127e-3f));                                            \
+        p = FMA(p, f, SET1(5.5507337e-2f));                                                              \
+        p = FMA(p, f, SET1(0.24022242f));                                                                \
+        p = FMA(p, f, SET1(0.69314698f));                                                                \
+        p = FMA(p, f, SET1(1.0f));                                                                       \
         return LDEXP(p, n);                                                                              \
     }                                                                                                    \
     TARGET static float acmoe__row_max_##SFX(const float *x, int n) {                                   \
@@ -1440,16 +1439,17 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
         return HMAX(m);                                                                                  \
     }                                                                                                    \
     TARGET static float acmoe__row_exp_##SFX(float *y, const float *x, int n, float shift, float scale) { \
+        const float to_base2 = (float)(scale * 1.4426950408889634); /* e^a = 2^(a log2 e) */             \
         VEC acc = SET1(0.0f), e;                                                                         \
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) {                                                          \
-            e = acmoe__exp_##SFX(MUL(SUB(LOAD(x + i), SET1(shift)), SET1(scale)));                       \
+            e = acmoe__exp2_##SFX(MUL(SUB(LOAD(x + i), SET1(shift)), SET1(to_base2)));                   \
             acc = ADD(acc, e);                                                                           \
             if (y) STORE(y + i, e);                                                                      \
         }                                                                                                \
         if (i < n) {                                                                                     \
-            e = MUL(SUB(acmoe__tail_load_##SFX(x + i, n - i, shift), SET1(shift)), SET1(scale));         \
-            e = acmoe__tail_keep_##SFX(acmoe__exp_##SFX(e), n - i);                                      \
+            e = MUL(SUB(acmoe__tail_load_##SFX(x + i, n - i, shift), SET1(shift)), SET1(to_base2));      \
+            e = acmoe__tail_keep_##SFX(acmoe__exp2_##SFX(e), n - i);                                     \
             acc = ADD(acc, e);                                                                           \
             if (y) acmoe__tail_store_##SFX(y + i, e, n - i);                                             \
         }                                                                                                \
