@@ -1503,15 +1503,19 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
         else acmoe__tail_store_##SFX(y, v, m);                                                           \
     }                                                                                                    \
     /* The scalar path's operations; the sums as row_sum and row_dot make them. */                       \
-    TARGET static float acmoe__row_layernorm_##SFX(float *xhat, float *y, const float *x, const float *add, \
-                                                   const float *g, const float *b, int n) {              \
+    TARGET static float acmoe__row_layernorm_##SFX(float *xhat, float *y, const float *x,                \
+                                                   const float *add, const float *g, const float *b,     \
+                                                   int n) {                                              \
         const float *in = add ? xhat : x;                                                                \
         VEC sum = SET1(0.0f), sq = SET1(0.0f), mean, c;                                                  \
         float rs;                                                                                        \
         int i;                                                                                           \
         for (i = 0; i < n; i += VLEN) {                                                                  \
             c = acmoe__part_load_##SFX(x + i, n - i);                                                    \
-            if (add) acmoe__part_store_##SFX(xhat + i, c = ADD(c, acmoe__part_load_##SFX(add + i, n - i)), n - i); \
+            if (add) {                                                                                   \
+                c = ADD(c, acmoe__part_load_##SFX(add + i, n - i));                                      \
+                acmoe__part_store_##SFX(xhat + i, c, n - i);                                             \
+            }                                                                                            \
             sum = ADD(sum, c);                                                                           \
         }                                                                                                \
         mean = SET1(HSUM(sum) / (float)n);                                                               \
@@ -1525,13 +1529,14 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
         for (i = 0; i < n; i += VLEN) {                                                                  \
             c = MUL(acmoe__part_load_##SFX(xhat + i, n - i), SET1(rs));                                  \
             acmoe__part_store_##SFX(xhat + i, c, n - i);                                                 \
-            c = ADD(MUL(c, acmoe__part_load_##SFX(g + i, n - i)), acmoe__part_load_##SFX(b + i, n - i)); \
-            acmoe__part_store_##SFX(y + i, c, n - i);                                                    \
+            c = MUL(c, acmoe__part_load_##SFX(g + i, n - i));                                            \
+            acmoe__part_store_##SFX(y + i, ADD(c, acmoe__part_load_##SFX(b + i, n - i)), n - i);         \
         }                                                                                                \
         return rs;                                                                                       \
     }                                                                                                    \
-    TARGET static void acmoe__row_layernorm_backward_##SFX(float *dx, const float *dy, const float *xhat, \
-                                                           const float *g, float rstd, int n, int accumulate) { \
+    TARGET static void acmoe__row_layernorm_backward_##SFX(float *dx, const float *dy,                   \
+                                                           const float *xhat, const float *g, float rstd, \
+                                                           int n, int accumulate) {                      \
         VEC sum_d = SET1(0.0f), sum_dx = SET1(0.0f), dxhat, mean_d, mean_dx, v;                          \
         int i;                                                                                           \
         for (i = 0; i < n; i += VLEN) {                                                                  \
@@ -1543,7 +1548,8 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
         mean_dx = SET1(HSUM(sum_dx) / (float)n);                                                         \
         for (i = 0; i < n; i += VLEN) {                                                                  \
             dxhat = MUL(acmoe__part_load_##SFX(dy + i, n - i), acmoe__part_load_##SFX(g + i, n - i));    \
-            v = MUL(SET1(rstd), SUB(SUB(dxhat, mean_d), MUL(acmoe__part_load_##SFX(xhat + i, n - i), mean_dx))); \
+            v = SUB(SUB(dxhat, mean_d), MUL(acmoe__part_load_##SFX(xhat + i, n - i), mean_dx));          \
+            v = MUL(SET1(rstd), v);                                                                      \
             if (accumulate) v = ADD(acmoe__part_load_##SFX(dx + i, n - i), v);                           \
             acmoe__part_store_##SFX(dx + i, v, n - i);                                                   \
         }                                                                                                \
