@@ -2394,7 +2394,7 @@ struct acmoe_moe {
     size_t memory_bytes;
     float *xr, *dxr, *wmix;    /* router input, its gradient [T][dr]; mixed AC weights [T][d] */
     float *ehat, *dehat, *emb_norm; /* unit expert embeddings or slot vectors [lw][dr], norms */
-    float *logits, *probs, *sig, *dz; /* [T][lw]; Soft MoE: probs are the combine weights */
+    float *logits, *probs, *sig, *dz; /* [T][lw] (sig: USMoE only); Soft MoE: probs are the combine weights */
     float *uhat, *u_norm;      /* Soft MoE: unit router inputs [T][dr] and their norms */
     float *dispatch, *ddispatch; /* Soft MoE: dispatch weights and their gradients [T][lw] */
     float *slots;              /* Soft MoE: slot rows of each group in turn [max_pairs][d] */
@@ -2622,7 +2622,7 @@ static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     L->emb_norm = (float *)acmoe__carve(base, &used, lw * f);
     L->logits = (float *)acmoe__carve(base, &used, t * lw * f);
     L->probs = (float *)acmoe__carve(base, &used, t * lw * f);
-    L->sig = (float *)acmoe__carve(base, &used, t * lw * f);
+    L->sig = (float *)acmoe__carve(base, &used, (d->router_select == ACMOE_SELECT_USMOE ? t * lw : 1) * f);
     L->dz = (float *)acmoe__carve(base, &used, t * lw * f);
     L->uhat = (float *)acmoe__carve(base, &used, (soft ? t * dr : 1) * f);
     L->u_norm = (float *)acmoe__carve(base, &used, (soft ? t : 1) * f);
@@ -3538,7 +3538,7 @@ static void acmoe__gate_backward(acmoe_moe *L) {
     for (p = 0; p < L->n_pairs; p++) G[(size_t)L->pair_token[p] * e + L->pair_expert[p]] = L->pair_dgate[p];
     for (t = 0; t < n; t++) {
         float *gt = G + (size_t)t * e, mean = 0.0f;
-        const float *pt = L->probs + (size_t)t * e, *st = L->sig + (size_t)t * e;
+        const float *pt = L->probs + (size_t)t * e;
         if (rule == ACMOE_SELECT_TOPK) { /* softmax over the k selected logits */
             const int32_t *it = L->top_idx + (size_t)t * k;
             const float *g = L->top_gate + (size_t)t * k;
@@ -3548,10 +3548,13 @@ static void acmoe__gate_backward(acmoe_moe *L) {
         }
         for (j = 0; j < e; j++) mean += pt[j] * gt[j];
         for (j = 0; j < e; j++) {
-            float full = pt[j] * (gt[j] - mean); /* the full softmax */
-            gt[j] = rule == ACMOE_SELECT_USMOE
-                        ? (1.0f - L->d.usmoe_rho) * full + L->d.usmoe_rho * (2.0f / (float)e) * st[j] * (1.0f - st[j]) * gt[j]
-                        : full;
+            float full = pt[j] * (gt[j] - mean), sig; /* the full softmax */
+            if (rule != ACMOE_SELECT_USMOE) {
+                gt[j] = full;
+                continue;
+            }
+            sig = L->sig[(size_t)t * e + j];
+            gt[j] = (1.0f - L->d.usmoe_rho) * full + L->d.usmoe_rho * (2.0f / (float)e) * sig * (1.0f - sig) * gt[j];
         }
     }
 }
