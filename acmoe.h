@@ -535,6 +535,13 @@ ACMOE_API void acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmo
    models evaluated with the same seed see the same text. */
 ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
                                          uint64_t seed, double *loss);
+/* The same held-out text with damaged input: each input token is replaced, with probability
+   corrupt (0 to 1), by one drawn uniformly from the vocabulary, while the targets stay the
+   true next bytes, so the loss measures how well a model reads corrupted text. The damage
+   comes from its own generator, also seeded by seed: two models see the same damaged text,
+   and corrupt 0 gives acmoe_lm_evaluate's loss. */
+ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+                                                   uint64_t seed, float corrupt, double *loss);
 
 typedef enum acmoe_event_kind { ACMOE_EVENT_STEP = 0, ACMOE_EVENT_EVAL } acmoe_event_kind;
 
@@ -544,6 +551,7 @@ typedef struct acmoe_train_event {
     long step, steps;
     float loss, lr, grad_norm;      /* the step's */
     double val_loss;                /* ACMOE_EVENT_EVAL */
+    double val_loss_corrupted;      /* ACMOE_EVENT_EVAL with eval_corrupt > 0 */
     double tokens_per_second, eta_seconds;
 } acmoe_train_event;
 
@@ -554,6 +562,8 @@ typedef struct acmoe_train_desc {
     int log_every;        /* default 50; a step event also follows the last step */
     uint64_t seed;        /* batches of step s come from a generator seeded by (seed, s) */
     uint64_t eval_seed;   /* default 12345 */
+    float eval_corrupt;   /* > 0: each evaluation also takes the loss with this share of the input
+                             tokens damaged (acmoe_lm_evaluate_corrupted); 0 to 1, default 0 */
     acmoe_optim_desc optim;
     /* Called for every event; a non-zero return stops the loop with ACMOE_STOPPED. */
     int (*on_event)(const acmoe_train_event *event, acmoe_lm *lm, void *user);
@@ -5488,17 +5498,28 @@ static acmoe_status acmoe__batch_buffers(const acmoe_lm *L, int32_t **tokens, in
     return *tokens ? ACMOE_OK : ACMOE_ERR_NOMEM;
 }
 
-/* Mean loss over batches from the validation split; tokens and targets are scratch. */
+/* Each of n tokens replaced, with probability corrupt, by one uniform in [0, vocab). */
+static void acmoe__corrupt_tokens(int32_t *tokens, size_t n, float corrupt, int vocab, acmoe_rng *rng) {
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (acmoe_rng_uniform(rng) < corrupt) tokens[i] = (int32_t)acmoe_rng_below(rng, (uint32_t)vocab);
+}
+
+/* Mean loss over batches from the validation split, with inputs damaged as
+   acmoe_lm_evaluate_corrupted describes; tokens and targets are scratch. */
 static acmoe_status acmoe__evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches, uint64_t seed,
-                                    int32_t *tokens, int32_t *targets, double *loss) {
-    acmoe_rng rng;
+                                    float corrupt, int32_t *tokens, int32_t *targets, double *loss) {
+    const size_t n = (size_t)L->d.batch * L->d.seq_len;
+    acmoe_rng rng, damage;
     double total = 0.0;
     int i;
     acmoe_rng_seed(&rng, seed);
+    acmoe_rng_seed(&damage, ~seed); /* a stream of its own: the batches stay those of the clean text */
     for (i = 0; i < batches; i++) {
         float l;
         acmoe_status s;
         acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, L->d.batch, L->d.seq_len, tokens, targets);
+        if (corrupt > 0.0f) acmoe__corrupt_tokens(tokens, n, corrupt, L->d.vocab, &damage);
         s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 0, &l);
         if (s != ACMOE_OK) return s;
         total += l;
@@ -5507,16 +5528,21 @@ static acmoe_status acmoe__evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_cor
     return ACMOE_OK;
 }
 
-ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
-                                         uint64_t seed, double *loss) {
+ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+                                                   uint64_t seed, float corrupt, double *loss) {
     int32_t *tokens, *targets;
     acmoe_status s;
     if (!L || !ctx || !c || !c->bytes || !loss) return ACMOE_ERR_NULL;
-    if (batches < 1 || L->d.n_classes) return ACMOE_ERR_ARG;
+    if (batches < 1 || L->d.n_classes || !(corrupt >= 0.0f && corrupt <= 1.0f)) return ACMOE_ERR_ARG;
     s = acmoe__batch_buffers(L, &tokens, &targets);
-    if (s == ACMOE_OK) s = acmoe__evaluate(L, ctx, c, batches, seed, tokens, targets, loss);
+    if (s == ACMOE_OK) s = acmoe__evaluate(L, ctx, c, batches, seed, corrupt, tokens, targets, loss);
     ACMOE_FREE(tokens);
     return s;
+}
+
+ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+                                         uint64_t seed, double *loss) {
+    return acmoe_lm_evaluate_corrupted(L, ctx, c, batches, seed, 0.0f, loss);
 }
 
 /* Fills the timing fields of an event from the context clock. */
@@ -5542,6 +5568,7 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_c
     if (!d.log_every) d.log_every = 50;
     if (!d.eval_seed) d.eval_seed = 12345;
     if (d.steps < 0 || d.eval_every < 1 || d.eval_batches < 1 || d.log_every < 1) return ACMOE_ERR_ARG;
+    if (!(d.eval_corrupt >= 0.0f && d.eval_corrupt <= 1.0f)) return ACMOE_ERR_ARG;
     s = acmoe__batch_buffers(L, &tokens, &targets);
     while (s == ACMOE_OK && L->steps < d.steps) {
         acmoe_train_event e;
@@ -5563,7 +5590,10 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_c
             s = ACMOE_STOPPED;
         if (s == ACMOE_OK && (e.step % d.eval_every == 0 || e.step == d.steps)) {
             e.kind = ACMOE_EVENT_EVAL;
-            s = acmoe__evaluate(L, ctx, c, d.eval_batches, d.eval_seed, tokens, targets, &e.val_loss);
+            s = acmoe__evaluate(L, ctx, c, d.eval_batches, d.eval_seed, 0.0f, tokens, targets, &e.val_loss);
+            if (s == ACMOE_OK && d.eval_corrupt > 0.0f)
+                s = acmoe__evaluate(L, ctx, c, d.eval_batches, d.eval_seed, d.eval_corrupt, tokens, targets,
+                                    &e.val_loss_corrupted);
             if (s == ACMOE_OK && d.on_event && d.on_event(&e, L, d.user)) s = ACMOE_STOPPED;
         }
     }

@@ -31,6 +31,7 @@ typedef struct options {
     int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head, ac_robust;
     long seed;
     float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, capacity, balance_alpha, z_loss;
+    float eval_corrupt;
 } options;
 
 static const flag flags[] = {
@@ -64,6 +65,8 @@ static const flag flags[] = {
     FLAG("--threads", OPT_INT, threads, "threads (0: online CPUs)"),
     FLAG("--eval-every", OPT_INT, eval_every, "steps between evaluations"),
     FLAG("--eval-batches", OPT_INT, eval_batches, "held-out batches per evaluation"),
+    FLAG("--eval-corrupt", OPT_FLOAT, eval_corrupt,
+         "evaluate also with this share of input bytes replaced by random ones, targets kept (0: off)"),
     FLAG("--target-bpc", OPT_FLOAT, target_bpc, "report the first evaluation at or below this"),
     FLAG("--log-every", OPT_INT, log_every, "steps between progress lines"),
     FLAG("--sample", OPT_INT, sample, "characters to generate after training (0: none)"),
@@ -82,6 +85,7 @@ static options default_options(void) {
     o.steps = 2500, o.batch = 8, o.seq = 128, o.d_model = 128, o.heads = 8, o.experts = 16, o.top_k = 2;
     o.d_ff = 128, o.warmup = 100, o.eval_every = 250, o.eval_batches = 8, o.log_every = 50, o.sample = 300;
     o.sample_top_k = 20, o.seed = 1, o.seeds = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 2.9f, o.temperature = 0.8f;
+    o.eval_corrupt = 0.1f;
     o.prompt = "The ";
     o.activation = "relu";
     o.schedule = "constant";
@@ -135,7 +139,7 @@ static void check(acmoe_status s, const char *what) {
 
 typedef struct result {
     char pattern[64];
-    double val_loss, tokens_per_second, imbalance;
+    double val_loss, val_loss_corrupted, tokens_per_second, imbalance;
     int steps_to_target;
 } result;
 
@@ -265,10 +269,14 @@ static int on_event(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
         return 0;
     }
     if (u->interactive) printf("\n");
-    printf("  eval step %ld: val loss %.4f  bpc %.3f  perplexity %.2f\n", e->step, e->val_loss, bpc(e->val_loss),
+    printf("  eval step %ld: val loss %.4f  bpc %.3f  perplexity %.2f", e->step, e->val_loss, bpc(e->val_loss),
            exp(e->val_loss));
+    if (o->eval_corrupt > 0.0f)
+        printf("  (%.0f%% of input damaged: bpc %.3f)", 100.0 * o->eval_corrupt, bpc(e->val_loss_corrupted));
+    printf("\n");
     if (u->r->steps_to_target < 0 && bpc(e->val_loss) <= o->target_bpc) u->r->steps_to_target = (int)e->step;
     u->r->val_loss = e->val_loss;
+    u->r->val_loss_corrupted = e->val_loss_corrupted;
     if (o->save) {
         char path[512];
         checkpoint_path(o, u->pattern, u->seed, path, sizeof path);
@@ -314,7 +322,7 @@ static result train(const char *pattern, long seed, const options *o, const acmo
            mem[3] / 1048576.0);
     memset(&t, 0, sizeof t);
     t.steps = o->steps, t.eval_every = o->eval_every, t.eval_batches = o->eval_batches, t.log_every = o->log_every;
-    t.seed = (uint64_t)seed;
+    t.seed = (uint64_t)seed, t.eval_corrupt = o->eval_corrupt;
     t.optim.lr = o->lr, t.optim.warmup_steps = o->warmup, t.optim.clip_norm = o->clip;
     t.optim.weight_decay = o->weight_decay, t.optim.total_steps = o->steps, t.optim.min_lr = o->min_lr;
     t.optim.schedule = !strcmp(o->schedule, "cosine") ? ACMOE_SCHEDULE_COSINE : ACMOE_SCHEDULE_CONSTANT;
@@ -343,53 +351,69 @@ static void mean_sd(const double *v, int n, double *mean, double *sd) {
     *sd = n > 1 ? sqrt(sq / (n - 1)) : 0.0;
 }
 
+/* "mean (sd)" of n values, or the value alone. */
+static void format_stat(char *out, size_t cap, const double *v, int n) {
+    double mean, sd;
+    mean_sd(v, n, &mean, &sd);
+    if (n > 1) snprintf(out, cap, "%.3f (%.3f)", mean, sd);
+    else snprintf(out, cap, "%.3f", mean);
+}
+
+/* Seed by seed, a's value less b's: their mean, spread and signs. */
+static void print_paired(const char *a, const char *b, const char *what, const double *va, const double *vb,
+                         int seeds) {
+    double diff[MAX_SEEDS], mean, sd;
+    int s, lower = 0;
+    for (s = 0; s < seeds; s++) diff[s] = va[s] - vb[s], lower += diff[s] < 0.0;
+    mean_sd(diff, seeds, &mean, &sd);
+    printf("%s - %s, %s: %+.3f bpc (sd %.3f over %d seeds); %s lower on %d of %d\n", a, b, what, mean, sd, seeds, a,
+           lower, seeds);
+}
+
 /* One row per pattern: held-out bits per character (with several seeds, their mean and spread
-   and each seed's value), steps to the target, speed and the worst expert imbalance. */
+   and each seed's value), the same with damaged input, steps to the target, speed and the
+   worst expert imbalance; then, with several seeds, the differences paired by seed (same
+   batches, same held-out text, same damage). */
 static void print_comparison(result r[][MAX_SEEDS], int n, const options *o) {
+    static double clean[MAX_PATTERNS][MAX_SEEDS], damaged[MAX_PATTERNS][MAX_SEEDS];
+    char head[32];
     int i, s;
     printf("\n== comparison (%d steps, batch %d x %d bytes, ", o->steps, o->batch, o->seq);
     if (o->seeds > 1) printf("seeds %ld-%ld; each seed's batches shared by every pattern)\n", o->seed, o->seed + o->seeds - 1);
     else printf("same seed and batches)\n");
-    printf("%-10s %16s %12s %10s %12s", "pattern", o->seeds > 1 ? "val bpc (sd)" : "val bpc", "steps to bpc", "tok/s",
-           "max/mean load");
+    snprintf(head, sizeof head, "%.0f%% damaged", 100.0 * o->eval_corrupt);
+    printf("%-10s %16s", "pattern", o->seeds > 1 ? "val bpc (sd)" : "val bpc");
+    if (o->eval_corrupt > 0.0f) printf(" %16s", head);
+    printf(" %12s %10s %12s", "steps to bpc", "tok/s", "max/mean load");
     if (o->seeds > 1) printf("  val bpc by seed");
     printf("\n");
     for (i = 0; i < n; i++) {
-        double v[MAX_SEEDS], tps[MAX_SEEDS], load[MAX_SEEDS], mean, sd, tps_mean, load_mean, unused;
-        char target[32];
+        double tps[MAX_SEEDS], load[MAX_SEEDS], tps_mean, load_mean, unused;
+        char target[32], stat[32];
         int reached = 0, steps_sum = 0;
         for (s = 0; s < o->seeds; s++) {
-            v[s] = bpc(r[i][s].val_loss), tps[s] = r[i][s].tokens_per_second, load[s] = r[i][s].imbalance;
+            clean[i][s] = bpc(r[i][s].val_loss), damaged[i][s] = bpc(r[i][s].val_loss_corrupted);
+            tps[s] = r[i][s].tokens_per_second, load[s] = r[i][s].imbalance;
             if (r[i][s].steps_to_target >= 0) reached++, steps_sum += r[i][s].steps_to_target;
         }
-        mean_sd(v, o->seeds, &mean, &sd);
         mean_sd(tps, o->seeds, &tps_mean, &unused);
         mean_sd(load, o->seeds, &load_mean, &unused);
         if (reached == o->seeds) snprintf(target, sizeof target, "%d", steps_sum / reached);
         else if (reached) snprintf(target, sizeof target, "%d (%d of %d)", steps_sum / reached, reached, o->seeds);
         else snprintf(target, sizeof target, "not reached");
-        if (o->seeds > 1) {
-            char stat[32];
-            snprintf(stat, sizeof stat, "%.3f (%.3f)", mean, sd);
-            printf("%-10s %16s %12s %10.0f %12.2f ", r[i][0].pattern, stat, target, tps_mean, load_mean);
-            for (s = 0; s < o->seeds; s++) printf(" %.3f", v[s]);
-        } else {
-            printf("%-10s %16.3f %12s %10.0f %12.2f", r[i][0].pattern, mean, target, tps_mean, load_mean);
-        }
+        format_stat(stat, sizeof stat, clean[i], o->seeds);
+        printf("%-10s %16s", r[i][0].pattern, stat);
+        if (o->eval_corrupt > 0.0f) format_stat(stat, sizeof stat, damaged[i], o->seeds), printf(" %16s", stat);
+        printf(" %12s %10.0f %12.2f", target, tps_mean, load_mean);
+        if (o->seeds > 1) printf(" ");
+        for (s = 0; s < o->seeds && o->seeds > 1; s++) printf(" %.3f", clean[i][s]);
         printf("\n");
     }
     printf("(steps to bpc: first evaluation at or below %.2f bits per character", o->target_bpc);
     printf(o->seeds > 1 ? ", mean over the seeds that reached it)\n" : ")\n");
-    for (i = 1; i < n && o->seeds > 1; i++) { /* paired by seed: same batches, same held-out text */
-        double diff[MAX_SEEDS], mean, sd;
-        int lower = 0;
-        for (s = 0; s < o->seeds; s++) {
-            diff[s] = bpc(r[0][s].val_loss) - bpc(r[i][s].val_loss);
-            lower += diff[s] < 0.0;
-        }
-        mean_sd(diff, o->seeds, &mean, &sd);
-        printf("%s - %s: %+.3f bpc (sd %.3f over %d seeds); %s lower on %d of %d\n", r[0][0].pattern,
-               r[i][0].pattern, mean, sd, o->seeds, r[0][0].pattern, lower, o->seeds);
+    for (i = 1; i < n && o->seeds > 1; i++) {
+        print_paired(r[0][0].pattern, r[i][0].pattern, "clean", clean[0], clean[i], o->seeds);
+        if (o->eval_corrupt > 0.0f) print_paired(r[0][0].pattern, r[i][0].pattern, head, damaged[0], damaged[i], o->seeds);
     }
 }
 
@@ -406,6 +430,10 @@ int main(int argc, char **argv) {
     }
     if (o.resume && o.compare) {
         fprintf(stderr, "train_lm: --resume continues one model; it does not combine with --compare\n");
+        return 2;
+    }
+    if (!(o.eval_corrupt >= 0.0f && o.eval_corrupt <= 1.0f)) {
+        fprintf(stderr, "train_lm: --eval-corrupt is a share from 0 to 1\n");
         return 2;
     }
     if (o.seeds < 1 || o.seeds > MAX_SEEDS || (o.seeds > 1 && !o.compare)) {

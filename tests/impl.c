@@ -343,11 +343,33 @@ static void test_lm_dropout_gradient(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+/* Damaged tokens: none at share 0, about the share times (vocab - 1) / vocab changed
+   otherwise (within four standard deviations), every new token inside the vocabulary. */
+static void test_corrupt_tokens(void) {
+    enum { n = 100000, vocab = 10 };
+    static int32_t tok[n];
+    const float shares[3] = {0.0f, 0.3f, 1.0f};
+    acmoe_rng rng;
+    int s, i;
+    acmoe_rng_seed(&rng, 17);
+    for (s = 0; s < 3; s++) {
+        const double expect = n * shares[s] * (vocab - 1) / vocab;
+        const double sd = sqrt(n * shares[s] * (vocab - 1) / vocab * (1.0 - shares[s] * (vocab - 1) / vocab));
+        int changed = 0, inside = 1;
+        memset(tok, 0, sizeof tok);
+        acmoe__corrupt_tokens(tok, n, shares[s], vocab, &rng);
+        for (i = 0; i < n; i++) changed += tok[i] != 0, inside &= tok[i] >= 0 && tok[i] < vocab;
+        CHECKF(inside && fabs(changed - expect) <= 4.0 * sd, "share %g: %d changed, %g expected", shares[s], changed,
+               expect);
+    }
+}
+
 const test_case internal_tests[] = {
     {"row_kernels", test_row_kernels},
     {"attention_blocks", test_attention_blocks},
     {"row_adam", test_row_adam},
     {"row_layernorm", test_row_layernorm},
     {"lm_dropout_gradient", test_lm_dropout_gradient},
+    {"corrupt_tokens", test_corrupt_tokens},
     {0, 0},
 };

@@ -733,6 +733,55 @@ static void test_train_loop(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+static int keep_last_eval(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
+    (void)lm;
+    if (e->kind == ACMOE_EVENT_EVAL) *(acmoe_train_event *)user = *e;
+    return 0;
+}
+
+/* Damaged input: no damage gives acmoe_lm_evaluate's loss bit for bit, the same seed the same
+   damage, and a model that has learned to read its context loses more with half its input
+   replaced; the training loop reports both losses; shares outside 0 to 1 are refused. */
+static void test_evaluate_corrupted(void) {
+    static unsigned char text[600];
+    acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
+    acmoe_train_desc t;
+    acmoe_train_event last;
+    acmoe_corpus c;
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    double clean, none, half, again, loop_clean, loop_half;
+    int i;
+    for (i = 0; i < 600; i++) text[i] = (unsigned char)(i % 10); /* each token tells the next */
+    CHECK_STATUS(acmoe_corpus_view(&c, text, sizeof text, 0.2f), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    memset(&t, 0, sizeof t);
+    memset(&last, 0, sizeof last);
+    t.steps = 100, t.eval_every = 50, t.eval_batches = 2, t.seed = 1, t.eval_seed = 9, t.eval_corrupt = 0.5f;
+    t.optim.lr = 1e-2f;
+    t.on_event = keep_last_eval, t.user = &last;
+    CHECK_STATUS(acmoe_lm_train(lm, ctx, &c, &t), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_evaluate(lm, ctx, &c, 4, 5, &clean), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_evaluate_corrupted(lm, ctx, &c, 4, 5, 0.0f, &none), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_evaluate_corrupted(lm, ctx, &c, 4, 5, 0.5f, &half), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_evaluate_corrupted(lm, ctx, &c, 4, 5, 0.5f, &again), ACMOE_OK);
+    CHECKF(none == clean && half == again && half > clean + 1.0, "clean %g, none %g, half %g, again %g", clean, none,
+           half, again);
+    CHECK_STATUS(acmoe_lm_evaluate(lm, ctx, &c, 2, 9, &loop_clean), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_evaluate_corrupted(lm, ctx, &c, 2, 9, 0.5f, &loop_half), ACMOE_OK);
+    CHECKF(last.step == 100 && last.val_loss == loop_clean && last.val_loss_corrupted == loop_half,
+           "step %ld: loop %g / %g, calls %g / %g", last.step, last.val_loss, last.val_loss_corrupted, loop_clean,
+           loop_half);
+    CHECK_STATUS(acmoe_lm_evaluate_corrupted(lm, ctx, &c, 4, 5, -0.1f, &half), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_evaluate_corrupted(lm, ctx, &c, 4, 5, 1.5f, &half), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_evaluate_corrupted(lm, ctx, &c, 4, 5, (float)NAN, &half), ACMOE_ERR_ARG);
+    t.steps = 101, t.eval_corrupt = 2.0f;
+    CHECK_STATUS(acmoe_lm_train(lm, ctx, &c, &t), ACMOE_ERR_ARG);
+    CHECK(acmoe_lm_steps_taken(lm) == 100);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
 /* Incremental decoding gives the full forward pass's logits bit for bit, position by
    position and from a later start, pre-LN and post-LN, with frozen AC weights; calls it
    cannot serve are refused. */
@@ -835,6 +884,7 @@ const test_case lm_tests[] = {
     {"optimizer_adamw", test_optimizer_adamw},
     {"corpus_batches", test_corpus_batches},
     {"train_loop", test_train_loop},
+    {"evaluate_corrupted", test_evaluate_corrupted},
     {"checkpoint_round_trip", test_checkpoint_round_trip},
     {"checkpoint_resume_is_exact", test_checkpoint_resume_is_exact},
     {"checkpoint_rejects_damage", test_checkpoint_rejects_damage},
