@@ -470,6 +470,14 @@ ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *lm); /* [batch * seq][voc
    choice, a capacity limit, or AC weights not frozen (acmoe_lm_freeze_ac_weights after a
    forward pass that measured them). */
 ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens, int len, int start);
+/* Draws *token from logits [vocab] with rng: softmax(logits / temperature) over the top_k
+   largest logits (0: all), then over the smallest set of the likeliest of those whose
+   probabilities add up to top_p or more (1: all); ties at either cut are kept. Temperature 0
+   takes the largest logit (the first of equal ones). work: vocab floats of scratch.
+   ACMOE_ERR_ARG for vocab < 1, temperature < 0, top_k < 0 or top_p outside (0, 1];
+   ACMOE_ERR_NONFINITE for a logit that is not finite. */
+ACMOE_API acmoe_status acmoe_sample(const float *logits, int vocab, float temperature, int top_k, float top_p,
+                                    float *work, acmoe_rng *rng, int32_t *token);
 ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *lm);
 /* The MoE layer of layer i (its stats, its options); NULL for a bad index. */
 ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *lm, int layer);
@@ -4734,6 +4742,75 @@ ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *L, acmoe_ctx *ctx, const int32_
         return ACMOE_ERR_ARG; /* nothing kept for these positions */
     if (!acmoe__lm_routes_per_token(L)) return ACMOE_ERR_ARG;
     return acmoe__lm_run(L, ctx, tokens, NULL, 1, len, start, 0, NULL);
+}
+
+/* Floats as unsigned integers in the same order (the negative ones reversed below the rest). */
+static uint32_t acmoe__float_order(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+/* The largest key (acmoe__float_order) among v's n values such that the values at or above
+   it weigh at least need, each weighing 1, or its value with by_value: the k-th largest for
+   need k, the nucleus of top-p for need p times the sum. Bisection on the keys, 32 passes at
+   most, so any vocabulary takes no scratch. */
+static uint32_t acmoe__cut_key(const float *v, int n, double need, int by_value) {
+    uint32_t lo = UINT32_MAX, hi = 0;
+    int j;
+    for (j = 0; j < n; j++) {
+        const uint32_t key = acmoe__float_order(v[j]);
+        lo = ACMOE__MIN(lo, key), hi = ACMOE__MAX(hi, key);
+    }
+    while (lo < hi) { /* every value weighs at least need at or above lo */
+        const uint32_t mid = lo + (hi - lo) / 2 + 1;
+        double weight = 0.0;
+        for (j = 0; j < n; j++)
+            if (acmoe__float_order(v[j]) >= mid) weight += by_value ? (double)v[j] : 1.0;
+        if (weight >= need) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* work[j] = e^((logits[j] - top) / temperature) where logits[j]'s key is at least cut, else
+   0; returns their sum. */
+static double acmoe__sample_weights(const float *logits, int vocab, float top, float temperature, uint32_t cut,
+                                    float *work) {
+    double total = 0.0;
+    int j;
+    for (j = 0; j < vocab; j++) {
+        work[j] = acmoe__float_order(logits[j]) >= cut ? expf((logits[j] - top) / temperature) : 0.0f;
+        total += work[j];
+    }
+    return total;
+}
+
+ACMOE_API acmoe_status acmoe_sample(const float *logits, int vocab, float temperature, int top_k, float top_p,
+                                    float *work, acmoe_rng *rng, int32_t *token) {
+    uint32_t cut = 0;
+    double total, r;
+    int j, best = 0, last = 0;
+    if (!logits || !work || !rng || !token) return ACMOE_ERR_NULL;
+    if (vocab < 1 || !(temperature >= 0.0f) || top_k < 0 || !(top_p > 0.0f && top_p <= 1.0f)) return ACMOE_ERR_ARG;
+    if (!acmoe__all_finite(logits, (size_t)vocab)) return ACMOE_ERR_NONFINITE;
+    for (j = 1; j < vocab; j++) best = logits[j] > logits[best] ? j : best;
+    *token = best;
+    if (temperature == 0.0f) return ACMOE_OK;
+    if (top_k > 0 && top_k < vocab) cut = acmoe__cut_key(logits, vocab, top_k, 0);
+    total = acmoe__sample_weights(logits, vocab, logits[best], temperature, cut, work);
+    if (top_p < 1.0f) {
+        cut = acmoe__cut_key(work, vocab, top_p * total, 1);
+        for (j = 0, total = 0.0; j < vocab; j++) {
+            if (acmoe__float_order(work[j]) < cut) work[j] = 0.0f;
+            total += work[j];
+        }
+    }
+    for (j = 0; j < vocab; j++) last = work[j] > 0.0f ? j : last;
+    r = (double)acmoe_rng_uniform(rng) * total;
+    for (j = 0; j < last && r >= work[j]; j++) r -= work[j];
+    *token = (int32_t)j;
+    return ACMOE_OK;
 }
 
 /* The embeddings' gradients from the first layer's input gradient dx, columns split across

@@ -31,7 +31,7 @@ typedef struct options {
     int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head, ac_robust;
     long seed;
     float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, capacity, balance_alpha, z_loss;
-    float eval_corrupt;
+    float eval_corrupt, sample_top_p;
 } options;
 
 static const flag flags[] = {
@@ -71,7 +71,8 @@ static const flag flags[] = {
     FLAG("--log-every", OPT_INT, log_every, "steps between progress lines"),
     FLAG("--sample", OPT_INT, sample, "characters to generate after training (0: none)"),
     FLAG("--temperature", OPT_FLOAT, temperature, "sampling temperature"),
-    FLAG("--sample-top-k", OPT_INT, sample_top_k, "sample among the k likeliest bytes"),
+    FLAG("--sample-top-k", OPT_INT, sample_top_k, "sample among the k likeliest bytes (0: all)"),
+    FLAG("--sample-top-p", OPT_FLOAT, sample_top_p, "then among the fewest likeliest holding this probability (1: all)"),
     FLAG("--prompt", OPT_STR, prompt, "text the sample starts from"),
     FLAG("--save", OPT_STR, save, "checkpoint after each evaluation (with --compare: one file per pattern)"),
     FLAG("--resume", OPT_STR, resume, "continue from this checkpoint up to --steps (model flags come from it)"),
@@ -85,7 +86,7 @@ static options default_options(void) {
     o.steps = 2500, o.batch = 8, o.seq = 128, o.d_model = 128, o.heads = 8, o.experts = 16, o.top_k = 2;
     o.d_ff = 128, o.warmup = 100, o.eval_every = 250, o.eval_batches = 8, o.log_every = 50, o.sample = 300;
     o.sample_top_k = 20, o.seed = 1, o.seeds = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 2.9f, o.temperature = 0.8f;
-    o.eval_corrupt = 0.1f;
+    o.eval_corrupt = 0.1f, o.sample_top_p = 1.0f;
     o.prompt = "The ";
     o.activation = "relu";
     o.schedule = "constant";
@@ -207,8 +208,8 @@ static void predict(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *context, int le
 /* Generates text from the prompt. AC weights stay as the last evaluation measured them. */
 static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
     const int vocab = 256;
-    int32_t *context = (int32_t *)calloc((size_t)o->seq, sizeof(int32_t));
-    float probs[256];
+    int32_t *context = (int32_t *)calloc((size_t)o->seq, sizeof(int32_t)), next;
+    float work[256];
     acmoe_rng rng;
     int len = 0, i, n, fresh = 1;
     acmoe_rng_seed(&rng, (uint64_t)o->seed + 7);
@@ -216,26 +217,14 @@ static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
     for (i = 0; o->prompt[i] && len < o->seq; i++) context[len++] = (unsigned char)o->prompt[i];
     printf("%s", o->prompt);
     for (n = 0; n < o->sample && len > 0; n++) {
-        const float *z;
-        float top, sum = 0.0f, kth, r;
-        int j, count;
         predict(lm, ctx, context, len, fresh);
-        z = acmoe_lm_logits(lm) + (size_t)(len - 1) * vocab;
-        for (top = z[0], j = 1; j < vocab; j++) top = z[j] > top ? z[j] : top;
-        for (kth = top, count = 0; count < o->sample_top_k; count++) { /* the k-th largest logit */
-            float next = -INFINITY;
-            for (j = 0; j < vocab; j++)
-                if (z[j] < kth && z[j] > next) next = z[j];
-            if (next == -INFINITY) break;
-            kth = count + 1 < o->sample_top_k ? next : kth;
-        }
-        for (j = 0; j < vocab; j++) sum += probs[j] = z[j] >= kth ? expf((z[j] - top) / o->temperature) : 0.0f;
-        r = acmoe_rng_uniform(&rng) * sum;
-        for (j = 0; j < vocab - 1 && r >= probs[j]; j++) r -= probs[j];
-        putchar(isprint(j) || j == '\n' || j == '\t' ? j : '?'); /* keep the terminal sane */
+        check(acmoe_sample(acmoe_lm_logits(lm) + (size_t)(len - 1) * vocab, vocab, o->temperature, o->sample_top_k,
+                           o->sample_top_p, work, &rng, &next),
+              "sampling");
+        putchar(isprint(next) || next == '\n' || next == '\t' ? next : '?'); /* keep the terminal sane */
         fresh = len == o->seq; /* a full context slides, and every position moves */
         if (fresh) memmove(context, context + 1, sizeof(int32_t) * (size_t)(--len));
-        context[len++] = j;
+        context[len++] = next;
     }
     printf("\n");
     free(context);
@@ -331,7 +320,7 @@ static result train(const char *pattern, long seed, const options *o, const acmo
     check(acmoe_lm_train(lm, ctx, c, &t), "training");
     r.imbalance = load_imbalance(lm, 1);
     if (show_sample && o->sample > 0) {
-        printf("  sample (temperature %.2f, top-%d):\n", o->temperature, o->sample_top_k);
+        printf("  sample (temperature %.2f, top-k %d, top-p %.2f):\n", o->temperature, o->sample_top_k, o->sample_top_p);
         sample_text(lm, ctx, o);
     }
     acmoe_lm_destroy(lm);
@@ -430,6 +419,10 @@ int main(int argc, char **argv) {
     }
     if (o.resume && o.compare) {
         fprintf(stderr, "train_lm: --resume continues one model; it does not combine with --compare\n");
+        return 2;
+    }
+    if (!(o.temperature >= 0.0f) || o.sample_top_k < 0 || !(o.sample_top_p > 0.0f && o.sample_top_p <= 1.0f)) {
+        fprintf(stderr, "train_lm: --temperature is at least 0, --sample-top-k at least 0, --sample-top-p in (0, 1]\n");
         return 2;
     }
     if (!(o.eval_corrupt >= 0.0f && o.eval_corrupt <= 1.0f)) {

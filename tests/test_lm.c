@@ -782,6 +782,71 @@ static void test_evaluate_corrupted(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+/* Draws n tokens and counts them. */
+static void sample_counts(const float *logits, int vocab, float temperature, int top_k, float top_p, int n,
+                          int *counts) {
+    float work[8];
+    acmoe_rng rng;
+    int i;
+    acmoe_rng_seed(&rng, 23);
+    memset(counts, 0, sizeof(int) * (size_t)vocab);
+    for (i = 0; i < n; i++) {
+        int32_t token = -1;
+        CHECK_STATUS(acmoe_sample(logits, vocab, temperature, top_k, top_p, work, &rng, &token), ACMOE_OK);
+        if (token >= 0 && token < vocab) counts[token]++;
+    }
+}
+
+/* Sampling: each token as often as its softmax probability says (within four standard
+   deviations), after the temperature; the top-k and top-p cuts leave out exactly the tokens
+   they should, ties at the cut kept; temperature 0 is the first largest logit; bad calls are
+   refused. */
+static void test_sample(void) {
+    enum { n = 40000 };
+    const float logits[5] = {0.5f, 3.0f, -1.0f, 2.0f, 1.0f}, ties[3] = {1.0f, 0.0f, 1.0f};
+    const float temperatures[2] = {1.0f, 0.5f};
+    float work[8], bad[2] = {0.0f, 0.0f};
+    int counts[5], t, j;
+    int32_t token = -1;
+    acmoe_rng rng;
+    for (t = 0; t < 2; t++) {
+        double p[5], sum = 0.0;
+        sample_counts(logits, 5, temperatures[t], 0, 1.0f, n, counts);
+        for (j = 0; j < 5; j++) sum += p[j] = exp(logits[j] / temperatures[t]);
+        for (j = 0; j < 5; j++) {
+            const double expect = n * p[j] / sum, sd = sqrt(expect * (1.0 - p[j] / sum));
+            CHECKF(fabs(counts[j] - expect) <= 4.0 * sd + 1.0, "T %g token %d: %d, expected %g", temperatures[t], j,
+                   counts[j], expect);
+        }
+    }
+    sample_counts(logits, 5, 1.0f, 2, 1.0f, n, counts); /* tokens 1 and 3, e to 1 */
+    CHECKF(counts[0] + counts[2] + counts[4] == 0 && fabs(counts[1] / (double)counts[3] - exp(1.0)) < 0.15,
+           "top-2: %d %d %d %d %d", counts[0], counts[1], counts[2], counts[3], counts[4]);
+    /* probabilities 0.624, 0.229, 0.084, 0.051, 0.011 (tokens 1, 3, 4, 0, 2) */
+    sample_counts(logits, 5, 1.0f, 0, 0.6f, 1000, counts);
+    CHECKF(counts[1] == 1000, "top-p 0.6: %d", counts[1]);
+    sample_counts(logits, 5, 1.0f, 0, 0.9f, n, counts);
+    CHECKF(counts[0] + counts[2] == 0 && counts[1] > 0 && counts[3] > 0 && counts[4] > 0, "top-p 0.9: %d %d %d %d %d",
+           counts[0], counts[1], counts[2], counts[3], counts[4]);
+    sample_counts(logits, 5, 1.0f, 3, 0.9f, n, counts); /* within the top 3, tokens 1 and 3 hold 0.910 */
+    CHECKF(counts[0] + counts[2] + counts[4] == 0 && counts[3] > 0, "top-3, top-p 0.9: %d %d %d %d", counts[0],
+           counts[2], counts[3], counts[4]);
+    sample_counts(ties, 3, 1.0f, 1, 1.0f, 1000, counts);
+    CHECKF(counts[1] == 0 && counts[0] > 400 && counts[2] > 400, "ties at the top-1 cut: %d %d %d", counts[0],
+           counts[1], counts[2]);
+    sample_counts(ties, 3, 0.0f, 0, 1.0f, 10, counts);
+    CHECK(counts[0] == 10);
+    acmoe_rng_seed(&rng, 1);
+    CHECK_STATUS(acmoe_sample(logits, 0, 1.0f, 0, 1.0f, work, &rng, &token), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_sample(logits, 5, -1.0f, 0, 1.0f, work, &rng, &token), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_sample(logits, 5, 1.0f, -1, 1.0f, work, &rng, &token), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_sample(logits, 5, 1.0f, 0, 0.0f, work, &rng, &token), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_sample(logits, 5, 1.0f, 0, 1.5f, work, &rng, &token), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_sample(logits, 5, 1.0f, 0, 1.0f, NULL, &rng, &token), ACMOE_ERR_NULL);
+    bad[1] = (float)NAN;
+    CHECK_STATUS(acmoe_sample(bad, 2, 1.0f, 0, 1.0f, work, &rng, &token), ACMOE_ERR_NONFINITE);
+}
+
 /* Incremental decoding gives the full forward pass's logits bit for bit, position by
    position and from a later start, pre-LN and post-LN, with frozen AC weights; calls it
    cannot serve are refused. */
@@ -885,6 +950,7 @@ const test_case lm_tests[] = {
     {"corpus_batches", test_corpus_batches},
     {"train_loop", test_train_loop},
     {"evaluate_corrupted", test_evaluate_corrupted},
+    {"sample", test_sample},
     {"checkpoint_round_trip", test_checkpoint_round_trip},
     {"checkpoint_resume_is_exact", test_checkpoint_resume_is_exact},
     {"checkpoint_rejects_damage", test_checkpoint_rejects_damage},
