@@ -35,10 +35,10 @@
      6. Routers                     top-k gating, the Adaptive Clustering router
      7. MoE layer                   parameters, dispatch, experts, forward and backward
      8. Transformer pieces          layer norm, self-attention (causal or not), cross-entropy
-     9. Transformer models          decoder-only language model, vision encoder, decoding
+     9. Transformer models          decoder-only language model, vision encoder, decoding, sampling
     10. Optimizer                   AdamW, learning-rate schedules, gradient clipping
     11. Checkpoints                 safetensors writer and validating reader
-    12. Data and training loop      byte corpora, batches, evaluation, the training loop
+    12. Data and training loop      byte corpora, batches, evaluation (clean or damaged), the loop
      Licence
 
    GUARANTEES
