@@ -12,7 +12,7 @@ B        := build
 TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm bench bench-pytorch examples demo demo-vision clean
+.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm fuzz bench bench-pytorch examples demo demo-vision clean
 
 all: $(B)/tests $(B)/bench examples
 
@@ -55,6 +55,18 @@ test-sanitize: | $(B)
 	$(CC) $(CSTD) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
 	    $(WARN) $(TEST_SRC) -o $(B)/tests-sanitize $(LDLIBS)
 	ACMOE_TEST_QUICK=1 ./$(B)/tests-sanitize
+
+# The checkpoint reader under libFuzzer for FUZZ_SECONDS, from valid checkpoints of several
+# kinds of model. Needs clang (Debian's clang package has libFuzzer); inputs that crash are
+# left in build/ as crash-* files.
+FUZZ_SECONDS ?= 60
+fuzz: | $(B)
+	clang $(CSTD) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(WARN) \
+	    tests/fuzz_checkpoint.c -o $(B)/fuzz_checkpoint $(LDLIBS)
+	$(CC) $(CSTD) -O1 $(WARN) -DFUZZ_SEEDS tests/fuzz_checkpoint.c -o $(B)/fuzz_seeds $(LDLIBS)
+	rm -rf $(B)/fuzz-corpus && mkdir -p $(B)/fuzz-corpus && ./$(B)/fuzz_seeds $(B)/fuzz-corpus
+	./$(B)/fuzz_checkpoint $(B)/fuzz-corpus -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=10 \
+	    -artifact_prefix=$(B)/ -print_final_stats=1
 
 # Run-time dispatch on emulated x86-64 CPUs without AVX-512 (Haswell) and without AVX
 # (qemu64): the same binary must pick the right path and never fault. Needs qemu-user.
