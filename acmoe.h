@@ -1120,6 +1120,17 @@ static void acmoe__pool_run(acmoe__pool *pool, int n, acmoe__job_fn fn, void *ar
     fn(arg, 0, 1);
 }
 
+/* Work items handed out in turn to whichever thread asks next, so that a thread on a busy
+   core takes fewer; each item is computed whole by one thread, so results do not depend on
+   which thread takes it. */
+static int acmoe__next_item(int *cursor) {
+#ifdef ACMOE_NO_THREADS
+    return (*cursor)++;
+#else
+    return __atomic_fetch_add(cursor, 1, __ATOMIC_RELAXED);
+#endif
+}
+
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out);
 
 /* Largest micro-tile over all kernels, so the workspace fits whichever path is chosen later,
@@ -2427,8 +2438,7 @@ struct acmoe_moe {
     int *pair_token, *pair_expert, *pair_rank, *pair_slot; /* [P], in (token, rank) order */
     float *pair_gate, *pair_dgate;
     int *count, *offset, *cursor, *slot_pair; /* per expert (offset: E + 1); [P] */
-    int *owner;                /* [E] the thread that runs each expert */
-    long *thread_rows;         /* [E] rows given to each thread while assigning */
+    int *order;                /* [E] the experts by decreasing row count */
     int *token_start;          /* [T + 1] first pair of each token */
     float *xe, *h, *a, *ye;    /* gathered rows [P][d], hidden [P][h_width], [P][d_ff], out [P][d] */
     /* the last forward call */
@@ -2665,8 +2675,7 @@ static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     L->count = (int *)acmoe__carve(base, &used, e * i);
     L->offset = (int *)acmoe__carve(base, &used, (e + 1) * i);
     L->cursor = (int *)acmoe__carve(base, &used, e * i);
-    L->owner = (int *)acmoe__carve(base, &used, e * i);
-    L->thread_rows = (long *)acmoe__carve(base, &used, e * sizeof(long));
+    L->order = (int *)acmoe__carve(base, &used, e * i);
     L->slot_pair = (int *)acmoe__carve(base, &used, p * i);
     L->token_start = (int *)acmoe__carve(base, &used, (t + 1) * i);
     L->xe = (float *)acmoe__carve(base, &used, p * dm * f);
@@ -3221,31 +3230,24 @@ static void acmoe__dispatch(acmoe_moe *L) {
 }
 
 /* The work of one forward or backward call, split across the context's threads: experts
-   by acmoe__assign_experts, tokens in equal ranges. Each expert runs on one thread with that
-   thread's matmul workspace, so results do not depend on the split. */
+   taken in turn (acmoe__order_experts), tokens in equal ranges. Each expert runs on one
+   thread with that thread's matmul workspace, so results do not depend on the split. */
 typedef struct acmoe__moe_job {
     acmoe_moe *L;
     acmoe_ctx *ctx;
     const float *x, *dout;
     float *out, *dx;
+    int next; /* the next expert of L->order for the experts' jobs */
 } acmoe__moe_job;
 
-/* Experts to threads, largest first, each to the thread with the fewest rows so far (ties:
-   the lower index): balanced however skewed the routing (one expert with a third of the rows
-   left a contiguous split 57/43 on two threads). Only the first E threads can get work. */
-static void acmoe__assign_experts(acmoe_moe *L, int n_threads) {
-    const int E = L->d.n_experts, threads = ACMOE__MIN(n_threads, E);
-    int j, t, step;
-    for (j = 0; j < E; j++) L->owner[j] = -1;
-    for (t = 0; t < threads; t++) L->thread_rows[t] = 0;
-    for (step = 0; step < E; step++) {
-        int big = -1, least = 0;
-        for (j = 0; j < E; j++)
-            if (L->owner[j] < 0 && (big < 0 || L->count[j] > L->count[big])) big = j;
-        for (t = 1; t < threads; t++)
-            if (L->thread_rows[t] < L->thread_rows[least]) least = t;
-        L->owner[big] = least;
-        L->thread_rows[least] += L->count[big];
+/* The experts by decreasing row count (ties: the lower index): threads take them in this
+   order, so the largest start first and the small ones fill the gaps. */
+static void acmoe__order_experts(acmoe_moe *L) {
+    const int E = L->d.n_experts;
+    int i, j;
+    for (i = 0; i < E; i++) {
+        for (j = i; j > 0 && L->count[L->order[j - 1]] < L->count[i]; j--) L->order[j] = L->order[j - 1];
+        L->order[j] = i;
     }
 }
 
@@ -3286,11 +3288,12 @@ static void acmoe__expert_forward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j, 
 static void acmoe__experts_forward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
     acmoe_moe *L = job->L;
-    int j;
-    (void)n_threads; /* the owners were assigned for it */
-    for (j = 0; j < L->d.n_experts; j++)
-        if (L->count[j] && L->owner[j] == tid)
-            acmoe__expert_forward(L, job->ctx, tid, j, acmoe__expert_input(L, job->x));
+    int i;
+    (void)n_threads;
+    while ((i = acmoe__next_item(&job->next)) < L->d.n_experts) {
+        const int j = L->order[i];
+        if (L->count[j]) acmoe__expert_forward(L, job->ctx, tid, j, acmoe__expert_input(L, job->x));
+    }
 }
 
 /* out[t] = sum of gate * expert output over t's pairs, in order. */
@@ -3475,8 +3478,8 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     acmoe__dispatch(L);
     L->aux_loss = acmoe__aux_loss(L, n, 0);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
-    job.L = L, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL;
-    acmoe__assign_experts(L, ctx->desc.n_threads);
+    job.L = L, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL, job.next = 0;
+    acmoe__order_experts(L);
     if (soft) acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, soft ? acmoe__soft_combine_job : acmoe__combine_job, &job);
@@ -3521,10 +3524,12 @@ static void acmoe__expert_backward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j)
 static void acmoe__experts_backward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
     acmoe_moe *L = job->L;
-    int j;
-    (void)n_threads; /* the owners were assigned for it */
-    for (j = 0; j < L->d.n_experts; j++)
-        if (L->count[j] && L->owner[j] == tid) acmoe__expert_backward(L, job->ctx, tid, j);
+    int i;
+    (void)n_threads;
+    while ((i = acmoe__next_item(&job->next)) < L->d.n_experts) {
+        const int j = L->order[i];
+        if (L->count[j]) acmoe__expert_backward(L, job->ctx, tid, j);
+    }
 }
 
 /* dx[t] += the input gradients of t's rows, in pair order (times W[label] when the AC
@@ -3647,7 +3652,7 @@ static acmoe_status acmoe__soft_backward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     acmoe__moe_job job;
     acmoe_status s;
     double mark = acmoe__clock_start(ctx);
-    job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx;
+    job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx, job.next = 0;
     memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_combine_backward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
@@ -3670,7 +3675,7 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const fl
     if (!dout || !dx) return ACMOE_ERR_NULL;
     if (L->d.router_select == ACMOE_SELECT_SOFT) return acmoe__soft_backward(L, ctx, dout, dx);
     mark = acmoe__clock_start(ctx);
-    job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx;
+    job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx, job.next = 0;
     memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__combine_backward_job, &job);
     acmoe__lap(ctx, &mark, &L->seconds_experts);
@@ -3679,7 +3684,6 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const fl
     s = acmoe__router_backward(L, ctx, dx);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
     if (s == ACMOE_OK) {
-        acmoe__assign_experts(L, ctx->desc.n_threads);
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__scatter_job, &job);
     }
@@ -3937,8 +3941,9 @@ static void acmoe__attention_softmax_backward(const acmoe__kernel *kern, const f
     }
 }
 
-/* Attention runs one (sequence, head) pair per thread at a time, so results do not depend on
-   the thread count; as many threads take part as there are scratch slots. */
+/* Attention runs one (sequence, head) pair per thread at a time, the threads taking pairs in
+   turn, so results do not depend on the thread count; as many threads take part as there
+   are scratch slots. */
 typedef struct acmoe__attention_job {
     acmoe_ctx *ctx;
     const float *qkv, *dout;
@@ -3947,6 +3952,7 @@ typedef struct acmoe__attention_job {
     int batch, seq, d, heads, slots;
     int start;  /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
     int causal; /* a row sees only the keys up to its own */
+    int next;   /* the next (sequence, head) pair to take */
 } acmoe__attention_job;
 
 /* The keys a strip of query rows below i1 reaches. */
@@ -4003,13 +4009,13 @@ static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__att
 /* softmax(q k^T / sqrt(dh)) v per pair, strip by strip: the exponentials times v, then each
    output row divided by its sum (dh products rather than a row of probabilities). */
 static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
-    const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
+    acmoe__attention_job *j = (acmoe__attention_job *)arg;
     const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = 3 * j->d, workers = ACMOE__MIN(n_threads, j->slots);
     float inv[ACMOE__MR_MAX];
     int pair, i0, i1;
     if (tid >= workers) return;
-    for (pair = tid; pair < j->batch * j->heads; pair += workers) {
+    while ((pair = acmoe__next_item(&j->next)) < j->batch * j->heads) {
         acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         P.by_column = kern->gemv && j->start == j->seq - 1; /* one query: no transpose */
@@ -4077,12 +4083,12 @@ static void acmoe__attention_backward_keys(const acmoe__attention_job *j, const 
 /* dqkv from dout, pair by pair, block by block. Blocks run last first and add to zeroed key
    and value gradients, so every sum has the order it had when the last block wrote them. */
 static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
-    const acmoe__attention_job *j = (const acmoe__attention_job *)arg;
+    acmoe__attention_job *j = (acmoe__attention_job *)arg;
     const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq, workers = ACMOE__MIN(n_threads, j->slots);
     int pair, b0;
     if (tid >= workers) return;
-    for (pair = tid; pair < j->batch * j->heads; pair += workers) {
+    while ((pair = acmoe__next_item(&j->next)) < j->batch * j->heads) {
         const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, seq, dh);
