@@ -4796,7 +4796,7 @@ ACMOE_API acmoe_status acmoe_sample(const float *logits, int vocab, float temper
                                     float *work, acmoe_rng *rng, int32_t *token) {
     uint32_t cut = 0;
     double total, r;
-    int j, best = 0, last = 0;
+    int j, best = 0;
     if (!logits || !work || !rng || !token) return ACMOE_ERR_NULL;
     if (vocab < 1 || !(temperature >= 0.0f) || top_k < 0 || !(top_p > 0.0f && top_p <= 1.0f)) return ACMOE_ERR_ARG;
     if (!acmoe__all_finite(logits, (size_t)vocab)) return ACMOE_ERR_NONFINITE;
@@ -4812,10 +4812,13 @@ ACMOE_API acmoe_status acmoe_sample(const float *logits, int vocab, float temper
             total += work[j];
         }
     }
-    for (j = 0; j < vocab; j++) last = work[j] > 0.0f ? j : last;
     r = (double)acmoe_rng_uniform(rng) * total;
-    for (j = 0; j < last && r >= work[j]; j++) r -= work[j];
-    *token = (int32_t)j;
+    for (j = 0; j < vocab; j++) { /* the last kept token takes what rounding leaves of r */
+        if (work[j] == 0.0f) continue;
+        *token = (int32_t)j;
+        if (r < work[j]) break;
+        r -= work[j];
+    }
     return ACMOE_OK;
 }
 

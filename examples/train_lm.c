@@ -394,8 +394,10 @@ static void print_comparison(result r[][MAX_SEEDS], int n, const options *o) {
         printf("%-10s %16s", r[i][0].pattern, stat);
         if (o->eval_corrupt > 0.0f) format_stat(stat, sizeof stat, damaged[i], o->seeds), printf(" %16s", stat);
         printf(" %12s %10.0f %12.2f", target, tps_mean, load_mean);
-        if (o->seeds > 1) printf(" ");
-        for (s = 0; s < o->seeds && o->seeds > 1; s++) printf(" %.3f", clean[i][s]);
+        if (o->seeds > 1) {
+            printf(" ");
+            for (s = 0; s < o->seeds; s++) printf(" %.3f", clean[i][s]);
+        }
         printf("\n");
     }
     printf("(steps to bpc: first evaluation at or below %.2f bits per character", o->target_bpc);

@@ -353,8 +353,8 @@ static void test_corrupt_tokens(void) {
     int s, i;
     acmoe_rng_seed(&rng, 17);
     for (s = 0; s < 3; s++) {
-        const double expect = n * shares[s] * (vocab - 1) / vocab;
-        const double sd = sqrt(n * shares[s] * (vocab - 1) / vocab * (1.0 - shares[s] * (vocab - 1) / vocab));
+        const double changes = shares[s] * (vocab - 1) / vocab; /* a drawn token can equal the old one */
+        const double expect = n * changes, sd = sqrt(n * changes * (1.0 - changes));
         int changed = 0, inside = 1;
         memset(tok, 0, sizeof tok);
         acmoe__corrupt_tokens(tok, n, shares[s], vocab, &rng);
