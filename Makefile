@@ -23,14 +23,27 @@ $(B)/tests: $(TEST_SRC) $(TEST_HDR) | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) $(TEST_SRC) -o $@ $(LDLIBS)
 
 # The suite, the README's usage example, the header inside a C++ program, and smoke runs of
-# the training examples (tiny models, embedded text and drawn digits, the demos' patterns).
+# the training examples (tiny models, embedded text and drawn digits, the demos' patterns;
+# then every router's flags, checked in the options each layer reports (the runs' output is
+# in build/*-flags.log), and a bad value).
 test: test-readme test-cpp test-examples test-unit
 
 test-examples: $(B)/train_lm $(B)/train_vit
 	./$(B)/train_lm --data /nonexistent --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg --seeds 2
 	./$(B)/train_vit --data /nonexistent --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
-	    --warmup 2 --log-every 2 --compare ggc,gma --seeds 2
+	    --warmup 2 --log-every 2 --compare ggc,gma --seeds 2 > $(B)/vit-flags.log
+	grep -q "layer 2 AC options: eps 0.0001, clip 1.5, preclip scaling, mad dispersion, weighted" $(B)/vit-flags.log
+	grep -q "layer 2 Soft MoE: 1 slot(s) per expert for each image" $(B)/vit-flags.log
+	./$(B)/train_lm --data /nonexistent --steps 2 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
+	    --d-ff 16 --eval-every 2 --eval-batches 1 --sample 0 --pattern gcxum --activation gelu --ac-eps 0.001 \
+	    --ac-clip 8 --ac-dispersion variance --usmoe-budget 1.5 --usmoe-rho 0.3 --soft-slots 2 --proj-dim 4 \
+	    > $(B)/lm-flags.log
+	grep -q "layer 1 AC options: eps 0.001, clip 8, per-feature scaling, variance dispersion$$" $(B)/lm-flags.log
+	grep -q "layer 2 XMoE projection: 4 wide" $(B)/lm-flags.log
+	grep -q "layer 3 USMoE: budget 1.5 pairs per token, rho 0.3" $(B)/lm-flags.log
+	grep -q "layer 4 Soft MoE: 2 slot(s) per expert for each position" $(B)/lm-flags.log
+	./$(B)/train_lm --ac-scaling none 2>/dev/null; test $$? -eq 2
 
 test-unit: $(B)/tests
 	./$(B)/tests

@@ -388,6 +388,8 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
    call is ACMOE_ERR_ARG. */
 ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, const float *dout, float *dx);
 ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *layer);
+/* The options the layer runs with, defaults resolved (all zero for NULL). */
+ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer);
 /* Frozen, the AC router keeps the weights W of the last unfrozen forward call instead of
    measuring the batch: for decoding a token at a time, where one token has no dispersion. */
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
@@ -400,10 +402,10 @@ ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
    each layer's FFN by router letter (see acmoe_moe_router_preset) or 'f' for a dense FFN, so
    "ggc" is the paper's 3-layer AC model and "gfcfcf" a GLaM-style one. AC layers take their
    labels from the MoE layer before them (dense layers pass them through); the first MoE layer
-   cannot be AC. Soft MoE layers ('m') group the tokens at each position across the batch,
-   the one grouping that keeps the model causal (a position's slots see no later position),
-   and in a vision encoder each image's patches; USMoE and Soft MoE groups follow each call's
-   sequence length. The model owns one parameter buffer with mirrored gradient and Adam moment
+   cannot be AC. Soft MoE layers ('m' and 'a') group the tokens at each position across the
+   batch, the one grouping that keeps the model causal (a position's slots see no later
+   position), and in a vision encoder each image's patches; USMoE and Soft MoE groups follow
+   each call's sequence length. The model owns one parameter buffer with mirrored gradient and Adam moment
    buffers, and activations for batch x seq_len tokens: steps allocate nothing.
 
    Vision encoder: with n_classes > 0 the same transformer classifies images. Each sequence
@@ -426,8 +428,10 @@ typedef struct acmoe_lm_desc {
     int untied_head;      /* default: the head is the token embedding */
     float dropout;        /* on the attention and FFN outputs in training; default 0 */
     uint64_t seed;        /* initialisation and dropout; default 1 */
-    acmoe_moe_desc moe;   /* MoE options (capacity, losses, AC options); sizes and router
-                             pieces come from the fields above and the pattern */
+    acmoe_moe_desc moe;   /* MoE options, each for the layers it applies to (AC options for
+                             AC layers, capacity and auxiliary losses for all but Soft MoE);
+                             sizes and router pieces come from the fields above and the
+                             pattern */
     int n_classes;        /* vision encoder: the classes; 0 (default): a language model */
     int patch_dim;        /* vision encoder: floats per patch */
 } acmoe_lm_desc;
@@ -2763,6 +2767,13 @@ ACMOE_API void acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
     acmoe__init_uniform(rng, L->b2, e * d->d_model, d->d_ff);
 }
 
+ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer) {
+    acmoe_moe_desc none;
+    if (layer) return layer->d;
+    memset(&none, 0, sizeof none);
+    return none;
+}
+
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen) {
     if (layer) layer->ac_frozen = frozen != 0;
 }
@@ -4224,9 +4235,11 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
     m.n_experts = letter == 'f' ? 1 : L->d.n_experts;
     m.top_k = letter == 'f' ? 1 : L->d.top_k;
     if (!m.seq_len) m.seq_len = L->d.seq_len;
-    /* Soft MoE: the one causal grouping for text, each image by itself for vision */
-    if (letter == 'm') m.group = L->d.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
     acmoe_moe_router_preset(&m, letter == 'f' ? 'g' : letter);
+    if (m.router_select == ACMOE_SELECT_SOFT) { /* the one causal grouping for text, each image by itself */
+        m.group = L->d.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
+        m.capacity = m.balance_alpha = m.z_loss = 0.0f; /* no pairs to limit or balance */
+    }
     return m;
 }
 

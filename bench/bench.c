@@ -737,7 +737,7 @@ static double vision_flops_per_patch(const acmoe_lm_desc *d) {
     const char *layer;
     for (layer = d->pattern; *layer; layer++) {
         macs += 4.0 * dm * dm + 2.0 * seq * dm;
-        if (*layer == 'm') macs += 3.0 * slots * dm + slots / seq * ffn;
+        if (*layer == 'm' || *layer == 'a') macs += 3.0 * slots * dm + slots / seq * ffn;
         else macs += *layer == 'f' ? ffn : d->top_k * ffn + d->n_experts * dm;
     }
     return step_flops(macs);

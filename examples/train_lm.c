@@ -22,16 +22,17 @@
 #define ACMOE_IMPLEMENTATION
 #include "../acmoe.h"
 #include "cli.h"
+#include "moe_flags.h"
 
 /* ---- options ---- */
 
 typedef struct options {
-    const char *data, *pattern, *compare, *prompt, *save, *resume, *activation, *schedule;
+    const char *data, *pattern, *compare, *prompt, *save, *resume, *schedule;
     int steps, batch, seq, d_model, heads, experts, top_k, d_ff, warmup, threads, seeds;
-    int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head, ac_robust;
+    int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head;
     long seed;
-    float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, capacity, balance_alpha, z_loss;
-    float eval_corrupt, sample_top_p;
+    float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, eval_corrupt, sample_top_p;
+    moe_flags moe;
 } options;
 
 static const flag flags[] = {
@@ -46,13 +47,9 @@ static const flag flags[] = {
     FLAG("--experts", OPT_INT, experts, "experts per MoE layer"),
     FLAG("--top-k", OPT_INT, top_k, "experts per token"),
     FLAG("--d-ff", OPT_INT, d_ff, "expert hidden width"),
-    FLAG("--activation", OPT_STR, activation, "expert activation: relu (the paper), gelu or swiglu"),
+    MOE_FLAGS,
     FLAG("--pre-ln", OPT_INT, pre_ln, "1: pre-LN blocks; 0: post-LN as in the paper"),
     FLAG("--untied-head", OPT_INT, untied_head, "1: an output head of its own; 0: the token embedding"),
-    FLAG("--capacity", OPT_FLOAT, capacity, "expert capacity factor with token dropping (0: no limit)"),
-    FLAG("--balance-alpha", OPT_FLOAT, balance_alpha, "Switch load-balancing loss weight (0: off, as in the paper)"),
-    FLAG("--z-loss", OPT_FLOAT, z_loss, "router z-loss weight (0: off)"),
-    FLAG("--ac-robust", OPT_INT, ac_robust, "1: AC weights leave out clusters of 0 or 1 tokens (not the paper's); 0: as the paper"),
     FLAG("--lr", OPT_FLOAT, lr, "peak learning rate (AdamW)"),
     FLAG("--warmup", OPT_INT, warmup, "linear warmup steps"),
     FLAG("--schedule", OPT_STR, schedule, "after warmup: constant (the reference) or cosine to --min-lr at --steps"),
@@ -88,7 +85,7 @@ static options default_options(void) {
     o.sample_top_k = 20, o.seed = 1, o.seeds = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 2.9f, o.temperature = 0.8f;
     o.eval_corrupt = 0.1f, o.sample_top_p = 1.0f;
     o.prompt = "The ";
-    o.activation = "relu";
+    o.moe = moe_flags_defaults();
     o.schedule = "constant";
     return o;
 }
@@ -286,9 +283,7 @@ static acmoe_lm *create_or_resume(const char *pattern, long seed, const options 
     d.d_model = o->d_model, d.n_heads = o->heads, d.seq_len = o->seq, d.batch = o->batch, d.pattern = pattern;
     d.d_ff = o->d_ff, d.n_experts = o->experts, d.top_k = o->top_k, d.dropout = o->dropout, d.pre_ln = o->pre_ln;
     d.seed = (uint64_t)seed, d.untied_head = o->untied_head;
-    d.activation = !strcmp(o->activation, "gelu") ? ACMOE_ACT_GELU : !strcmp(o->activation, "swiglu") ? ACMOE_ACT_SWIGLU : ACMOE_ACT_RELU;
-    d.moe.capacity = o->capacity, d.moe.balance_alpha = o->balance_alpha, d.moe.z_loss = o->z_loss;
-    d.moe.ac.robust = o->ac_robust;
+    moe_flags_apply(&o->moe, &d);
     check(acmoe_lm_create(&lm, &d), "model");
     return lm;
 }
@@ -309,6 +304,7 @@ static result train(const char *pattern, long seed, const options *o, const acmo
     printf(": %lu parameters; memory MiB: params %.1f, grads %.1f, Adam %.1f, activations %.1f\n",
            (unsigned long)acmoe_lm_param_count(lm), mem[0] / 1048576.0, mem[1] / 1048576.0, mem[2] / 1048576.0,
            mem[3] / 1048576.0);
+    moe_print_settings(lm);
     memset(&t, 0, sizeof t);
     t.steps = o->steps, t.eval_every = o->eval_every, t.eval_batches = o->eval_batches, t.log_every = o->log_every;
     t.seed = (uint64_t)seed, t.eval_corrupt = o->eval_corrupt;
@@ -411,10 +407,7 @@ static void print_comparison(result r[][MAX_SEEDS], int n, const options *o) {
 int main(int argc, char **argv) {
     options o = parse_options(argc, argv);
     acmoe_corpus c;
-    if (strcmp(o.activation, "relu") && strcmp(o.activation, "gelu") && strcmp(o.activation, "swiglu")) {
-        fprintf(stderr, "train_lm: --activation is relu, gelu or swiglu\n");
-        return 2;
-    }
+    moe_flags_check(&o.moe, "train_lm");
     if (strcmp(o.schedule, "constant") && strcmp(o.schedule, "cosine")) {
         fprintf(stderr, "train_lm: --schedule is constant or cosine\n");
         return 2;

@@ -28,18 +28,20 @@
 #define ACMOE_IMPLEMENTATION
 #include "../acmoe.h"
 
+#include "cli.h"
+#include "moe_flags.h"
+
 typedef struct options {
     const char *data, *pattern, *compare;
     int steps, batch, patch, d_model, heads, experts, top_k, d_ff, warmup, threads, seeds, pre_ln, log_every;
     long seed;
-    float lr, weight_decay, clip;
+    float lr, weight_decay, clip, dropout;
+    moe_flags moe;
 } options;
-
-#include "cli.h"
 
 static const flag flags[] = {
     FLAG("--data", OPT_STR, data, "CSV of images: 64 pixels of 0..16 and the class per line"),
-    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, o cosine, m Soft MoE, a AC Soft MoE, f dense"),
+    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, s Switch, o cosine, x XMoE, u USMoE, e expert choice, m Soft MoE, a AC Soft MoE, f dense"),
     FLAG("--compare", OPT_STR, compare, "comma-separated patterns to train in turn and compare (overrides --pattern)"),
     FLAG("--steps", OPT_INT, steps, "training steps per model"),
     FLAG("--batch", OPT_INT, batch, "images per step (and per test call)"),
@@ -49,7 +51,9 @@ static const flag flags[] = {
     FLAG("--experts", OPT_INT, experts, "experts per MoE layer"),
     FLAG("--top-k", OPT_INT, top_k, "experts per patch"),
     FLAG("--d-ff", OPT_INT, d_ff, "expert hidden width"),
+    MOE_FLAGS,
     FLAG("--pre-ln", OPT_INT, pre_ln, "1: pre-LN blocks (ViT); 0: post-LN"),
+    FLAG("--dropout", OPT_FLOAT, dropout, "dropout on attention and FFN outputs"),
     FLAG("--lr", OPT_FLOAT, lr, "peak learning rate (AdamW)"),
     FLAG("--warmup", OPT_INT, warmup, "linear warmup steps, then cosine to zero"),
     FLAG("--weight-decay", OPT_FLOAT, weight_decay, "AdamW decay of weights"),
@@ -68,7 +72,10 @@ static options parse_options(int argc, char **argv) {
     o.steps = 1500, o.batch = 64, o.patch = 2, o.d_model = 64, o.heads = 4, o.experts = 8, o.top_k = 2;
     o.d_ff = 128, o.warmup = 100, o.seeds = 1, o.pre_ln = 1, o.log_every = 500, o.seed = 1;
     o.lr = 2e-3f, o.weight_decay = 0.05f, o.clip = 1.0f;
+    o.moe = moe_flags_defaults(); /* with the AC options of the paper's Swin-MoE models */
+    o.moe.ac_clip = 1.5f, o.moe.ac_scaling = "preclip", o.moe.ac_experts = 1;
     cli_parse("train_vit", argc, argv, flags, sizeof flags / sizeof flags[0], &o);
+    moe_flags_check(&o.moe, "train_vit");
     if (o.steps < 1 || o.batch < 1 || o.patch < 1 || 8 % o.patch || o.seeds < 1 || o.seeds > 16 || o.log_every < 1) {
         fprintf(stderr, "train_vit: steps, batch, log-every and seeds (1-16) must be positive, patch divide 8\n");
         exit(2);
@@ -248,13 +255,15 @@ static result train_one(const options *o, const char *pattern, long seed, const 
     d.n_classes = CLASSES, d.patch_dim = o->patch * o->patch, d.seq_len = PIXELS / d.patch_dim;
     d.d_model = o->d_model, d.n_heads = o->heads, d.batch = o->batch, d.pattern = pattern, d.d_ff = o->d_ff;
     d.n_experts = o->experts, d.top_k = o->top_k, d.pre_ln = o->pre_ln, d.seed = (uint64_t)seed;
-    d.moe.ac.clip = 1.5f, d.moe.ac.scaling = ACMOE_AC_SCALE_PRECLIP_MEAN, d.moe.ac_weight_experts = 1;
+    d.dropout = o->dropout;
+    moe_flags_apply(&o->moe, &d);
     check(acmoe_lm_create(&lm, &d), "model");
     memset(&opt, 0, sizeof opt);
     opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.schedule = ACMOE_SCHEDULE_COSINE, opt.total_steps = o->steps;
     opt.weight_decay = o->weight_decay, opt.clip_norm = o->clip;
     printf("\n== pattern %s, seed %ld: %lu parameters, %d patches of %d pixels per image\n", pattern, seed,
            (unsigned long)acmoe_lm_param_count(lm), d.seq_len, d.patch_dim);
+    moe_print_settings(lm);
     acmoe_rng_seed(&rng, (uint64_t)seed * 7919u); /* the batch order: the same for every pattern */
     start = now_seconds();
     for (step = 1; step <= o->steps; step++) {

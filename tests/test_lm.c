@@ -316,6 +316,57 @@ static void test_lm_patterns(void) {
     CHECK(lm == NULL);
 }
 
+/* The model's MoE options reach its layers, defaults resolved: AC layers ('c') take the
+   model's AC options, AC Soft MoE layers ('a') the preset's own, and Soft MoE layers leave
+   out capacity and the auxiliary losses; both kinds of Soft MoE layer group by position in a
+   language model and by image in a vision encoder, so that every image gets its own slots. */
+static void test_lm_moe_settings(void) {
+    acmoe_lm_desc d = tiny_vision_desc("gma", 1);
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    acmoe_moe_desc g, c, a, none = acmoe_moe_settings(NULL);
+    int32_t tok[10], tgt[10], labels[2];
+    float patches[10 * 3], loss;
+    int l;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    tiny_batch(tok, tgt, 10, 5);
+    tiny_images(tok, tgt, patches, labels);
+    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
+    for (l = 1; l < 3; l++) {
+        const acmoe_moe *layer = acmoe_lm_moe(lm, l);
+        CHECK(acmoe_moe_settings(layer).group == ACMOE_GROUP_SEQUENCE);
+        CHECK(acmoe_moe_get_stats(layer).tokens_per_expert[0] == 2); /* a slot for each image */
+    }
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+    d = tiny_desc("gca", 0, 0);
+    CHECK(none.d_model == 0 && none.n_experts == 0);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    if (!lm) return;
+    g = acmoe_moe_settings(acmoe_lm_moe(lm, 0)), c = acmoe_moe_settings(acmoe_lm_moe(lm, 1));
+    CHECK(g.router_select == ACMOE_SELECT_TOPK && g.d_model == 8 && g.d_ff == 6 && g.n_experts == 4 && g.top_k == 2);
+    CHECK(g.activation == ACMOE_ACT_GELU && g.usmoe_rho == 0.5f && g.proj_dim == 8 && g.soft_slots == 1 &&
+          g.balance_temperature == 1.0f && g.max_tokens == 10);
+    CHECK(c.router_input == ACMOE_INPUT_AC && c.ac.eps == 1e-4f && c.ac.clip == 10.0f &&
+          c.ac.scaling == ACMOE_AC_SCALE_PER_FEATURE && c.ac.dispersion == ACMOE_AC_DISP_MAD && !c.ac_weight_experts);
+    acmoe_lm_destroy(lm);
+    d.moe.ac.eps = 0.2f, d.moe.ac.clip = 3.0f, d.moe.ac.scaling = ACMOE_AC_SCALE_PRECLIP_MEAN, d.moe.ac.robust = 1;
+    d.moe.ac_weight_experts = 1, d.moe.usmoe_rho = 0.25f, d.moe.balance_temperature = 0.3f;
+    d.moe.balance_alpha = 0.01f, d.moe.z_loss = 0.001f, d.moe.capacity = 1.5f;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    if (!lm) return;
+    g = acmoe_moe_settings(acmoe_lm_moe(lm, 0)), c = acmoe_moe_settings(acmoe_lm_moe(lm, 1));
+    a = acmoe_moe_settings(acmoe_lm_moe(lm, 2));
+    CHECK(g.usmoe_rho == 0.25f && g.balance_temperature == 0.3f && g.balance_alpha == 0.01f && g.z_loss == 0.001f &&
+          g.capacity == 1.5f);
+    CHECK(a.balance_alpha == 0.0f && a.z_loss == 0.0f && a.capacity == 0.0f); /* Soft MoE has no pairs */
+    CHECK(c.ac.eps == 0.2f && c.ac.clip == 3.0f && c.ac.scaling == ACMOE_AC_SCALE_PRECLIP_MEAN && c.ac.robust &&
+          c.ac_weight_experts && !c.ac_mix_labels);
+    CHECK(a.router_select == ACMOE_SELECT_SOFT && a.group == ACMOE_GROUP_POSITION && a.ac.eps == 0.35f &&
+          a.ac.clip == 5.0f && a.ac.scaling == ACMOE_AC_SCALE_POSTCLIP_MEAN && a.ac.robust && a.ac_mix_labels);
+    acmoe_lm_destroy(lm);
+}
+
 /* Bad calls are refused and change nothing. */
 static void test_lm_bad_calls(void) {
     acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
@@ -930,6 +981,7 @@ static void test_lm_steady_state_allocates_nothing(void) {
 
 const test_case lm_tests[] = {
     {"lm_patterns", test_lm_patterns},
+    {"lm_moe_settings", test_lm_moe_settings},
     {"lm_grad_soft_moe", test_lm_grad_soft_moe},
     {"vision_gradients", test_vision_gradients},
     {"image_patches", test_image_patches},
