@@ -7,8 +7,9 @@
      train_vit --help                                               every flag and its default
 
    AC layers take the paper's vision options: 'c' layers (top-k) those of its Swin-MoE models
-   (clip at 1.5 x the mean, scaling by the pre-clip mean, the weights reaching the experts),
-   'a' layers (Soft MoE) those of its Soft MoE models (see acmoe_moe_router_preset).
+   by default (clip at 1.5 x the mean, scaling by the pre-clip mean, the weights reaching the
+   experts; the --ac-* flags change them), 'a' layers (Soft MoE) those of its Soft MoE models
+   (see acmoe_moe_router_preset). Soft MoE layers give each image its own slots.
 
    The data are the UCI handwritten digits as scikit-learn ships them: one image per CSV line,
    8 x 8 pixels of 0..16, then the digit (`make data/digits.csv` fetches Debian's copy).
