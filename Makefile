@@ -37,11 +37,11 @@ test-examples: $(B)/train_lm $(B)/train_vit
 	grep -q "layer 2 Soft MoE: 1 slot(s) per expert for each image" $(B)/vit-flags.log
 	./$(B)/train_lm --data /nonexistent --steps 2 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --eval-every 2 --eval-batches 1 --sample 0 --pattern gcxum --activation gelu --ac-eps 0.001 \
-	    --ac-clip 8 --ac-dispersion variance --usmoe-budget 1.5 --usmoe-rho 0.3 --soft-slots 2 --proj-dim 4 \
-	    > $(B)/lm-flags.log
+	    --ac-clip 8 --ac-dispersion variance --usmoe-budget 1.5 --usmoe-rho 0.3 --usmoe-group position \
+	    --soft-slots 2 --proj-dim 4 > $(B)/lm-flags.log
 	grep -q "layer 1 AC options: eps 0.001, clip 8, per-feature scaling, variance dispersion$$" $(B)/lm-flags.log
 	grep -q "layer 2 XMoE projection: 4 wide" $(B)/lm-flags.log
-	grep -q "layer 3 USMoE: budget 1.5 pairs per token, rho 0.3" $(B)/lm-flags.log
+	grep -q "layer 3 USMoE: budget 1.5 pairs per token of each position, rho 0.3" $(B)/lm-flags.log
 	grep -q "layer 4 Soft MoE: 2 slot(s) per expert for each position" $(B)/lm-flags.log
 	./$(B)/train_lm --ac-scaling none 2>/dev/null; test $$? -eq 2
 
@@ -111,7 +111,7 @@ EXAMPLES := $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 
 examples: $(EXAMPLES)
 
-$(B)/%: examples/%.c examples/cli.h acmoe.h | $(B)
+$(B)/%: examples/%.c examples/cli.h examples/moe_flags.h acmoe.h | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) $< -o $@ $(LDLIBS)
 
 # The fortunes corpus from Debian's package, unpacked without root. Where the package cannot

@@ -6,7 +6,7 @@
 #define ACMOE_EXAMPLES_MOE_FLAGS_H
 
 typedef struct moe_flags {
-    const char *activation, *ac_scaling, *ac_dispersion;
+    const char *activation, *ac_scaling, *ac_dispersion, *usmoe_group;
     float capacity, balance_alpha, balance_temp, z_loss, ac_eps, ac_clip, usmoe_budget, usmoe_rho;
     int ac_robust, ac_experts, soft_slots, proj_dim;
 } moe_flags;
@@ -15,6 +15,7 @@ typedef struct moe_flags {
 static const char *const moe_activations[] = {"relu", "gelu", "swiglu"}; /* from ACMOE_ACT_RELU */
 static const char *const moe_scalings[] = {"per-feature", "preclip", "postclip"}; /* from ..._PER_FEATURE */
 static const char *const moe_dispersions[] = {"mad", "variance"}; /* from ACMOE_AC_DISP_MAD */
+static const char *const moe_groups[] = {"batch", "sequence", "position"}; /* from ACMOE_GROUP_BATCH */
 #define MOE_CHOICES(names) (int)(sizeof names / sizeof names[0])
 
 #define MOE_FLAGS                                                                                                \
@@ -35,6 +36,8 @@ static const char *const moe_dispersions[] = {"mad", "variance"}; /* from ACMOE_
          "1: AC weights leave out clusters of 0 or 1 tokens (not the paper's); 0: as the paper"),                 \
     FLAG("--usmoe-budget", OPT_FLOAT, moe.usmoe_budget, "USMoE: (token, expert) pairs per token of a group (0: --top-k)"), \
     FLAG("--usmoe-rho", OPT_FLOAT, moe.usmoe_rho, "USMoE: share of the sigmoid score, in (0, 1]"),                \
+    FLAG("--usmoe-group", OPT_STR, moe.usmoe_group,                                                               \
+         "USMoE: the tokens sharing a budget: the call (batch), each sequence, or each position (causal)"),       \
     FLAG("--soft-slots", OPT_INT, moe.soft_slots, "Soft MoE: slots per expert and group"),                        \
     FLAG("--proj-dim", OPT_INT, moe.proj_dim, "XMoE: width of the router's projection")
 
@@ -43,7 +46,7 @@ static const char *const moe_dispersions[] = {"mad", "variance"}; /* from ACMOE_
 static moe_flags moe_flags_defaults(void) {
     moe_flags f;
     memset(&f, 0, sizeof f);
-    f.activation = "relu", f.ac_scaling = "per-feature", f.ac_dispersion = "mad";
+    f.activation = "relu", f.ac_scaling = "per-feature", f.ac_dispersion = "mad", f.usmoe_group = "batch";
     f.balance_temp = 1.0f, f.ac_clip = 10.0f, f.usmoe_rho = 0.5f, f.soft_slots = 1, f.proj_dim = 8;
     return f;
 }
@@ -71,6 +74,8 @@ static void moe_flags_check(const moe_flags *f, const char *program) {
                 "--ac-scaling is per-feature, preclip or postclip");
     moe_require(moe_choice(f->ac_dispersion, moe_dispersions, MOE_CHOICES(moe_dispersions)) >= 0, program,
                 "--ac-dispersion is mad or variance");
+    moe_require(moe_choice(f->usmoe_group, moe_groups, MOE_CHOICES(moe_groups)) >= 0, program,
+                "--usmoe-group is batch, sequence or position");
     moe_require(f->capacity >= 0.0f && f->balance_alpha >= 0.0f && f->z_loss >= 0.0f && f->ac_eps >= 0.0f &&
                     f->usmoe_budget >= 0.0f,
                 program, "--capacity, --balance-alpha, --z-loss, --ac-eps and --usmoe-budget are at least 0");
@@ -84,6 +89,7 @@ static void moe_flags_apply(const moe_flags *f, acmoe_lm_desc *d) {
     d->activation = (acmoe_activation)moe_choice(f->activation, moe_activations, MOE_CHOICES(moe_activations));
     m->capacity = f->capacity, m->balance_alpha = f->balance_alpha, m->balance_temperature = f->balance_temp;
     m->z_loss = f->z_loss, m->usmoe_budget = f->usmoe_budget, m->usmoe_rho = f->usmoe_rho;
+    m->group = (acmoe_group)moe_choice(f->usmoe_group, moe_groups, MOE_CHOICES(moe_groups));
     m->soft_slots = f->soft_slots, m->proj_dim = f->proj_dim, m->ac_weight_experts = f->ac_experts;
     m->ac.eps = f->ac_eps, m->ac.clip = f->ac_clip, m->ac.robust = f->ac_robust;
     m->ac.scaling = (acmoe_ac_scaling)(ACMOE_AC_SCALE_PER_FEATURE +
@@ -105,7 +111,8 @@ static void moe_print_settings(acmoe_lm *lm) {
                    m.ac_mix_labels ? ", labels mixed by gate" : "");
         if (m.router_input == ACMOE_INPUT_PROJECTED) printf("  layer %d XMoE projection: %d wide\n", l, m.proj_dim);
         if (m.router_select == ACMOE_SELECT_USMOE)
-            printf("  layer %d USMoE: budget %g pairs per token, rho %g\n", l, m.usmoe_budget, m.usmoe_rho);
+            printf("  layer %d USMoE: budget %g pairs per token of each %s, rho %g\n", l, m.usmoe_budget,
+                   m.group == ACMOE_GROUP_BATCH ? "call" : moe_groups[m.group], m.usmoe_rho);
         if (m.router_select == ACMOE_SELECT_SOFT)
             printf("  layer %d Soft MoE: %d slot(s) per expert for each %s\n", l, m.soft_slots,
                    m.group == ACMOE_GROUP_SEQUENCE ? "image" : "position");
