@@ -405,8 +405,9 @@ ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
    cannot be AC. Soft MoE layers ('m' and 'a') group the tokens at each position across the
    batch, the one grouping that keeps the model causal (a position's slots see no later
    position), and in a vision encoder each image's patches; USMoE and Soft MoE groups follow
-   each call's sequence length. The model owns one parameter buffer with mirrored gradient and Adam moment
-   buffers, and activations for batch x seq_len tokens: steps allocate nothing.
+   each call's sequence length. The model owns one parameter buffer with mirrored gradient
+   and Adam moment buffers, and activations for batch x seq_len tokens: steps allocate
+   nothing.
 
    Vision encoder: with n_classes > 0 the same transformer classifies images. Each sequence
    is one image's seq_len patches of patch_dim floats (acmoe_image_patches cuts them),
