@@ -92,7 +92,8 @@ typedef enum acmoe_status {
     ACMOE_ERR_THREAD = -6,      /* a worker thread could not be started */
     ACMOE_ERR_NONFINITE = -7,   /* NaN or infinity in the input */
     ACMOE_ERR_IO = -8,          /* a file could not be opened, read or written */
-    ACMOE_ERR_FORMAT = -9       /* a file is truncated, corrupt or of another model */
+    ACMOE_ERR_FORMAT = -9,      /* a file is truncated, corrupt or of another model */
+    ACMOE_ERR_EMPTY = -10       /* a file or an input holds no data */
 } acmoe_status;
 
 ACMOE_API const char *acmoe_status_string(acmoe_status status);
@@ -731,9 +732,14 @@ ACMOE_API const char *acmoe_status_string(acmoe_status status) {
     case ACMOE_ERR_NONFINITE: return "NaN or infinity in the input";
     case ACMOE_ERR_IO: return "a file could not be opened, read or written";
     case ACMOE_ERR_FORMAT: return "the file is truncated, corrupt or of another model";
+    case ACMOE_ERR_EMPTY: return "the file or input is empty";
     }
     return "unknown status";
 }
+
+/* No buffer the library sizes may come near the address space: sizes are checked against
+   this in double before any size_t product is formed. */
+#define ACMOE__MAX_BYTES ((double)((size_t)-1 / 4))
 
 static size_t acmoe__align_up(size_t n) { return (n + (ACMOE_ALIGN - 1)) & ~(size_t)(ACMOE_ALIGN - 1); }
 
@@ -2502,6 +2508,20 @@ static int acmoe__group_count(const acmoe_moe_desc *d, int n) {
     return d->group == ACMOE_GROUP_POSITION ? d->seq_len : (n + d->seq_len - 1) / d->seq_len;
 }
 
+/* Whether every count the layer indexes by int fits one, and its buffers fit in memory:
+   widths up to ACMOE__MAX_WIDTH, tokens times logits (which bounds the pairs and the slot
+   rows) within an int. */
+#define ACMOE__MAX_WIDTH (1 << 20)
+static int acmoe__moe_sizes_fit(const acmoe_moe_desc *d) {
+    const double lw = (double)d->n_experts * d->soft_slots, widths = (double)d->d_model + 2.0 * d->d_ff + d->proj_dim;
+    if (d->d_model > ACMOE__MAX_WIDTH || d->d_ff > ACMOE__MAX_WIDTH || d->proj_dim > ACMOE__MAX_WIDTH ||
+        d->n_experts > ACMOE__MAX_WIDTH || lw > 1e6 || (double)d->max_tokens * lw > (double)INT32_MAX)
+        return 0;
+    /* the largest buffers: rows of every width for each (token, logit) pair, the parameters */
+    return (double)d->max_tokens * (lw + 4.0) * (widths + lw) < ACMOE__MAX_BYTES / 8.0 &&
+           (double)d->n_experts * (3.0 * d->d_ff + 2.0) * d->d_model + lw * widths < (double)INT32_MAX;
+}
+
 ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_desc *out) {
     acmoe_moe_desc d;
     acmoe_status s;
@@ -2517,7 +2537,7 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (!d.soft_slots) d.soft_slots = 1;
     if (d.d_model < 1 || d.d_ff < 1 || d.n_experts < 1 || d.max_tokens < 1 || d.top_k < 1 ||
         d.top_k > d.n_experts || d.proj_dim < 1 || d.ac_max_clusters < 1 || d.seq_len < 0 || d.soft_slots < 1 ||
-        (double)d.n_experts * d.soft_slots > 1e6)
+        !acmoe__moe_sizes_fit(&d))
         return ACMOE_ERR_SHAPE;
     if (!acmoe__valid_enum((int)d.router_input, ACMOE_INPUT_COUNT) ||
         !acmoe__valid_enum((int)d.router_score, ACMOE_SCORE_COUNT) ||
@@ -3469,8 +3489,10 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     d = &L->d;
     soft = d->router_select == ACMOE_SELECT_SOFT;
     if (n < 0 || n > d->max_tokens) return ACMOE_ERR_SHAPE;
-    if (acmoe__grouped(d) && d->group != ACMOE_GROUP_BATCH && n % d->seq_len)
+    if (acmoe__grouped(d) && d->group != ACMOE_GROUP_BATCH && (d->seq_len < 1 || n % d->seq_len))
         return ACMOE_ERR_SHAPE; /* groups need whole sequences */
+    if (soft && (double)acmoe__group_count(d, n) * L->lw > L->max_pairs)
+        return ACMOE_ERR_SHAPE; /* more slot rows than the workspace made at creation holds */
     if (n > 0 && (!x || !out)) return ACMOE_ERR_NULL;
     if (!acmoe__all_finite(x, (size_t)n * d->d_model)) return ACMOE_ERR_NONFINITE;
     L->x = x;
@@ -4235,7 +4257,7 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
     m.max_tokens = L->d.batch * L->d.seq_len;
     m.n_experts = letter == 'f' ? 1 : L->d.n_experts;
     m.top_k = letter == 'f' ? 1 : L->d.top_k;
-    if (!m.seq_len) m.seq_len = L->d.seq_len;
+    m.seq_len = L->d.seq_len;
     acmoe_moe_router_preset(&m, letter == 'f' ? 'g' : letter);
     if (m.router_select == ACMOE_SELECT_SOFT) { /* the one causal grouping for text, each image by itself */
         m.group = L->d.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
@@ -4345,6 +4367,31 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     return used;
 }
 
+/* Whether every size product of the model fits the types that hold it: token counts and
+   widths within an int, the parameters within a checkpoint's int shapes, every buffer far
+   from the address space. Computed in double, before any of it is formed in an integer. */
+static int acmoe__lm_sizes_fit(const acmoe_lm_desc *d) {
+    const double width = d->d_model, tokens = (double)d->batch * d->seq_len, layers = (double)strlen(d->pattern);
+    const double rows = (double)d->vocab + d->n_classes + d->patch_dim + d->seq_len;
+    const double per_layer = 4.0 * width * width + 9.0 * width + (double)d->n_experts * (3.0 * d->d_ff + 2.0) * width;
+    const double params = rows * width * 2.0 + layers * per_layer;
+    const double activations = tokens * (layers * 20.0 * width + (double)d->vocab + d->patch_dim + 20.0 * width);
+    if (d->d_model > ACMOE__MAX_WIDTH || d->d_ff > ACMOE__MAX_WIDTH || d->vocab > (1 << 24) ||
+        d->n_classes > (1 << 24) || d->patch_dim > ACMOE__MAX_WIDTH || d->n_experts > ACMOE__MAX_WIDTH ||
+        tokens > (double)(1 << 24) || 3.0 * width * tokens > (double)INT32_MAX)
+        return 0;
+    return params < (double)INT32_MAX && 4.0 * (params + activations) < ACMOE__MAX_BYTES;
+}
+
+/* The MoE fields that the model sets from its own are unset or equal to them: the layers'
+   sizes, and the sequence length that their groups follow. */
+static int acmoe__lm_moe_sizes_agree(const acmoe_lm_desc *d) {
+    const acmoe_moe_desc *m = &d->moe;
+    return (!m->d_model || m->d_model == d->d_model) && (!m->d_ff || m->d_ff == d->d_ff) &&
+           (!m->n_experts || m->n_experts == d->n_experts) && (!m->top_k || m->top_k == d->top_k) &&
+           (!m->max_tokens || m->max_tokens == d->batch * d->seq_len) && (!m->seq_len || m->seq_len == d->seq_len);
+}
+
 /* Defaults, and the checks a pattern must pass. */
 static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *out, char *pattern) {
     acmoe_lm_desc d = *in;
@@ -4362,8 +4409,11 @@ static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *ou
     if ((!d.n_classes && d.vocab < 2) || d.d_model < 1 || d.n_heads < 1 || d.d_model % d.n_heads || d.seq_len < 1 ||
         d.batch < 1 || d.d_ff < 1 || d.n_experts < 1 || d.top_k < 1 || d.top_k > d.n_experts)
         return ACMOE_ERR_SHAPE;
+    if (!acmoe__lm_sizes_fit(&d)) return ACMOE_ERR_SHAPE;
     if (!(d.dropout >= 0.0f && d.dropout < 1.0f)) return ACMOE_ERR_ARG;
     if (strlen(d.pattern) < 1 || strlen(d.pattern) > 63) return ACMOE_ERR_ARG;
+    if (!acmoe__lm_moe_sizes_agree(&d)) return ACMOE_ERR_ARG;
+    d.moe.seq_len = d.seq_len;
     for (i = 0; d.pattern[i]; i++) {
         acmoe_moe_desc probe;
         char c = d.pattern[i];
