@@ -4373,8 +4373,9 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
 static int acmoe__lm_sizes_fit(const acmoe_lm_desc *d) {
     const double width = d->d_model, tokens = (double)d->batch * d->seq_len, layers = (double)strlen(d->pattern);
     const double rows = (double)d->vocab + d->n_classes + d->patch_dim + d->seq_len;
-    const double per_layer = 4.0 * width * width + 9.0 * width + (double)d->n_experts * (3.0 * d->d_ff + 2.0) * width;
-    const double params = rows * width * 2.0 + layers * per_layer;
+    const double experts = (double)d->n_experts * (3.0 * d->d_ff + 3.0) * (width + 1.0);
+    const double router = ((double)d->n_experts * ACMOE__MAX(d->moe.soft_slots, 1) + d->moe.proj_dim + 1.0) * (width + 1.0);
+    const double params = rows * (width + 1.0) * 2.0 + layers * (4.0 * width * width + 9.0 * width + experts + router);
     const double activations = tokens * (layers * 20.0 * width + (double)d->vocab + d->patch_dim + 20.0 * width);
     if (d->d_model > ACMOE__MAX_WIDTH || d->d_ff > ACMOE__MAX_WIDTH || d->vocab > (1 << 24) ||
         d->n_classes > (1 << 24) || d->patch_dim > ACMOE__MAX_WIDTH || d->n_experts > ACMOE__MAX_WIDTH ||
@@ -4464,57 +4465,77 @@ static void acmoe__lm_init(acmoe_lm *L) {
         for (i = 0; i < (size_t)L->d.vocab * d; i++) L->head[i] = 0.02f * acmoe_rng_normal(rng);
 }
 
-ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc) {
-    acmoe_lm *L;
+/* The model's resolved options, layers and parameter directory, without parameters or
+   activations: all a checkpoint is checked against before anything large is allocated. */
+static acmoe_status acmoe__lm_plan(acmoe_lm **out, const acmoe_lm_desc *desc) {
+    acmoe_lm *L = (acmoe_lm *)ACMOE_MALLOC(sizeof *L);
     acmoe_status s;
-    size_t bytes;
     int i;
-    if (!out || !desc) return ACMOE_ERR_NULL;
     *out = NULL;
-    L = (acmoe_lm *)ACMOE_MALLOC(sizeof *L);
     if (!L) return ACMOE_ERR_NOMEM;
     memset(L, 0, sizeof *L);
     s = acmoe__lm_resolve(desc, &L->d, L->pattern);
-    if (s != ACMOE_OK) {
-        ACMOE_FREE(L);
-        return s;
-    }
     L->n_layers = (int)strlen(L->pattern);
-    for (i = 0; i < L->n_layers; i++) {
+    for (i = 0; s == ACMOE_OK && i < L->n_layers; i++) {
         acmoe_moe_desc md;
         L->blocks[i].letter = L->pattern[i];
         md = acmoe__lm_moe_desc(L, L->pattern[i]);
-        if (!acmoe_moe_param_count(&md)) {
-            ACMOE_FREE(L);
-            return ACMOE_ERR_ARG; /* the MoE options do not fit these sizes */
-        }
+        if (!acmoe_moe_param_count(&md)) s = ACMOE_ERR_ARG; /* the MoE options do not fit these sizes */
     }
-    L->n_params = acmoe__lm_params(L); /* counts parameters and directory entries */
+    if (s == ACMOE_OK) {
+        L->n_params = acmoe__lm_params(L); /* counts parameters and directory entries */
+        if (L->n_params > (size_t)INT32_MAX) s = ACMOE_ERR_SHAPE; /* a checkpoint's shapes are int */
+    }
+    if (s == ACMOE_OK) {
+        L->dir.entries = (acmoe__tensor_info *)ACMOE_MALLOC(sizeof(acmoe__tensor_info) * (size_t)L->dir.count);
+        s = L->dir.entries ? ACMOE_OK : ACMOE_ERR_NOMEM;
+    }
+    if (s != ACMOE_OK) {
+        acmoe_lm_destroy(L);
+        return s;
+    }
+    acmoe__lm_params(L); /* names and shapes only: no parameters yet */
+    *out = L;
+    return ACMOE_OK;
+}
+
+/* Parameters, layers and activations for a planned model, all zero. */
+static acmoe_status acmoe__lm_build(acmoe_lm *L) {
+    size_t bytes;
+    int i;
     L->params = (float *)acmoe__aligned_alloc(4 * L->n_params * sizeof(float));
-    L->dir.entries = (acmoe__tensor_info *)ACMOE_MALLOC(sizeof(acmoe__tensor_info) * (size_t)L->dir.count);
     /* attention scratch for each CPU, or each (sequence, head) pair if there are fewer */
     L->att_slots = ACMOE__MIN(L->d.batch * L->d.n_heads, acmoe__online_cpus());
     L->activation_bytes = bytes = acmoe__lm_activations(L, NULL);
     L->memory = acmoe__aligned_alloc(bytes);
-    if (!L->params || !L->dir.entries || !L->memory) {
-        acmoe_lm_destroy(L);
-        return ACMOE_ERR_NOMEM;
-    }
+    if (!L->params || !L->memory) return ACMOE_ERR_NOMEM;
     memset(L->params, 0, 4 * L->n_params * sizeof(float));
     L->grads = L->params + L->n_params;
     L->adam_m = L->grads + L->n_params;
     L->adam_v = L->adam_m + L->n_params;
     acmoe__lm_params(L);
     for (i = 0; i < L->n_layers; i++)
-        if (!L->blocks[i].moe) {
-            acmoe_lm_destroy(L);
-            return ACMOE_ERR_NOMEM;
-        }
+        if (!L->blocks[i].moe) return ACMOE_ERR_NOMEM;
     memset(L->memory, 0, bytes);
     acmoe__lm_activations(L, (unsigned char *)L->memory);
     acmoe_rng_seed(&L->rng, L->d.seed);
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc) {
+    acmoe_lm *L;
+    acmoe_status s;
+    if (!out || !desc) return ACMOE_ERR_NULL;
+    s = acmoe__lm_plan(out, desc);
+    if (s != ACMOE_OK) return s;
+    L = *out;
+    s = acmoe__lm_build(L);
+    if (s != ACMOE_OK) {
+        acmoe_lm_destroy(L);
+        *out = NULL;
+        return s;
+    }
     acmoe__lm_init(L);
-    *out = L;
     return ACMOE_OK;
 }
 
