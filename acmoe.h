@@ -588,6 +588,11 @@ typedef struct acmoe_train_desc {
    buffers, before the first step. */
 ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_corpus *c,
                                       const acmoe_train_desc *desc);
+/* The options that shaped the model's training: optim as the last acmoe_lm_step resolved it,
+   seed as the last acmoe_lm_train used it. Checkpoints keep them, so a resumed run can be the
+   run it continues. All zero for a model that has not trained (or one loaded from a file of
+   format acmoe-lm-2). */
+ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *lm);
 
 #ifdef __cplusplus
 }
@@ -598,6 +603,7 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_
 #if defined(ACMOE_IMPLEMENTATION) && !defined(ACMOE_IMPLEMENTATION_DONE)
 #define ACMOE_IMPLEMENTATION_DONE
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -4241,6 +4247,8 @@ struct acmoe_lm {
     int start;       /* the first position the last forward computed (decoding) */
     long steps;
     long cache_step; /* the optimizer step the activations were computed at */
+    acmoe_optim_desc optim; /* as the last step resolved it, for acmoe_lm_train_settings */
+    uint64_t train_seed;    /* of the last acmoe_lm_train call */
 };
 
 /* A model tensor: a view into the buffers and an entry in the directory. */
@@ -5043,12 +5051,21 @@ static acmoe_optim_desc acmoe__optim_resolve(const acmoe_optim_desc *in) {
     return o;
 }
 
+/* Every option finite and in range: a step with any other would fill the model with NaN. */
+static int acmoe__optim_valid(const acmoe_optim_desc *o) {
+    const float huge = 1e30f; /* finite, and far above any useful rate or decay */
+    return o->lr > 0.0f && o->lr < huge && o->beta1 >= 0.0f && o->beta1 < 1.0f && o->beta2 >= 0.0f &&
+           o->beta2 < 1.0f && o->eps > 0.0f && o->eps < huge && o->weight_decay >= 0.0f && o->weight_decay < huge &&
+           o->clip_norm >= 0.0f && o->clip_norm < huge && o->min_lr >= 0.0f && o->min_lr < huge &&
+           o->warmup_steps >= 0 && o->total_steps >= 0 && (int)o->schedule >= 0 && o->schedule < ACMOE_SCHEDULE_COUNT;
+}
+
 ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
     acmoe_optim_desc o = acmoe__optim_resolve(in);
     double progress;
-    if (step < o.warmup_steps) return o.lr * (float)(step + 1) / (float)o.warmup_steps;
+    if (step < o.warmup_steps) return (float)((double)o.lr * ((double)step + 1.0) / (double)o.warmup_steps);
     if (o.schedule != ACMOE_SCHEDULE_COSINE || o.total_steps <= o.warmup_steps) return o.lr;
-    progress = ACMOE__MIN(1.0, (double)(step - o.warmup_steps) / (double)(o.total_steps - o.warmup_steps));
+    progress = ACMOE__MIN(1.0, ((double)step - o.warmup_steps) / ((double)o.total_steps - o.warmup_steps));
     return o.min_lr + 0.5f * (o.lr - o.min_lr) * (float)(1.0 + cos(3.141592653589793 * progress));
 }
 
@@ -5105,10 +5122,8 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_op
     double sq = 0.0, global_norm;
     size_t i;
     if (!L || !ctx) return ACMOE_ERR_NULL;
-    if (!(o.lr > 0.0f) || !(o.beta1 >= 0.0f && o.beta1 < 1.0f) || !(o.beta2 >= 0.0f && o.beta2 < 1.0f) ||
-        !(o.eps > 0.0f) || !(o.weight_decay >= 0.0f) || !(o.clip_norm >= 0.0f) || o.warmup_steps < 0 ||
-        (int)o.schedule < 0 || o.schedule >= ACMOE_SCHEDULE_COUNT)
-        return ACMOE_ERR_ARG;
+    if (!acmoe__optim_valid(&o)) return ACMOE_ERR_ARG;
+    if (L->steps == LONG_MAX) return ACMOE_ERR_ARG; /* the step counter is full */
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__grad_sq_job, L);
     for (i = 0; i < acmoe__chunks(L->n_params); i++) sq += L->grad_sq[i];
     global_norm = sqrt(sq);
@@ -5118,6 +5133,7 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_op
     job.scale = o.clip_norm > 0.0f && global_norm > o.clip_norm ? o.clip_norm / (float)global_norm : 1.0f;
     job.lr = acmoe_lr_at(&o, L->steps);
     L->steps++;
+    L->optim = o;
     job.c1 = 1.0f / (1.0f - powf(o.beta1, (float)L->steps));
     job.c2 = 1.0f / (1.0f - powf(o.beta2, (float)L->steps));
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__update_job_run, &job);
@@ -5125,6 +5141,15 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_op
 }
 
 ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *L) { return L ? L->steps : 0; }
+
+ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *L) {
+    acmoe_train_desc d;
+    memset(&d, 0, sizeof d);
+    if (!L) return d;
+    d.seed = L->train_seed;
+    d.optim = L->optim;
+    return d;
+}
 
 /* ========================================================================================== */
 /* 11. Checkpoints                                                                            */
@@ -5740,6 +5765,9 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_c
     if (!d.eval_seed) d.eval_seed = 12345;
     if (d.steps < 0 || d.eval_every < 1 || d.eval_batches < 1 || d.log_every < 1) return ACMOE_ERR_ARG;
     if (!(d.eval_corrupt >= 0.0f && d.eval_corrupt <= 1.0f)) return ACMOE_ERR_ARG;
+    d.optim = acmoe__optim_resolve(&desc->optim);
+    if (!acmoe__optim_valid(&d.optim)) return ACMOE_ERR_ARG;
+    L->train_seed = d.seed;
     s = acmoe__batch_buffers(L, &tokens, &targets);
     while (s == ACMOE_OK && L->steps < d.steps) {
         acmoe_train_event e;
