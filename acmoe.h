@@ -609,6 +609,14 @@ ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *lm);
 #include <stdio.h>
 #include <string.h>
 
+#if defined(__unix__) || defined(__APPLE__)
+#define ACMOE__POSIX_FILES /* checkpoints replace files atomically and durably */
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
+
 #ifndef ACMOE_ASSERT
 #include <assert.h>
 #define ACMOE_ASSERT(x) assert(x)
@@ -5155,9 +5163,11 @@ ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *L) {
 /* 11. Checkpoints                                                                            */
 /* ========================================================================================== */
 
-#define ACMOE__HEADER_MAX (64u << 20) /* a header larger than this is not one of ours */
+#define ACMOE__HEADER_MAX (1u << 20) /* a header larger than this is not one of ours */
+#define ACMOE__MAX_TENSORS 4096      /* more than any model has */
+#define ACMOE__MAX_META 64
 
-/* The configuration fields a checkpoint stores, by name and place. */
+/* The configuration fields a checkpoint stores, by name and place in their struct. */
 typedef enum { ACMOE__FIELD_INT, ACMOE__FIELD_FLOAT } acmoe__field_type;
 
 typedef struct acmoe__config_field {
@@ -5189,11 +5199,166 @@ static const acmoe__config_field acmoe__config_fields[] = {
 };
 #define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
 
+/* The optimizer options of the last step (format 3 on). */
+#define ACMOE__OPTIM_INT(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_optim_desc, member)}
+#define ACMOE__OPTIM_FLOAT(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_optim_desc, member)}
+static const acmoe__config_field acmoe__optim_fields[] = {
+    ACMOE__OPTIM_FLOAT("optim.lr", lr), ACMOE__OPTIM_FLOAT("optim.beta1", beta1),
+    ACMOE__OPTIM_FLOAT("optim.beta2", beta2), ACMOE__OPTIM_FLOAT("optim.eps", eps),
+    ACMOE__OPTIM_FLOAT("optim.weight_decay", weight_decay), ACMOE__OPTIM_FLOAT("optim.clip_norm", clip_norm),
+    ACMOE__OPTIM_INT("optim.warmup_steps", warmup_steps), ACMOE__OPTIM_INT("optim.schedule", schedule),
+    ACMOE__OPTIM_INT("optim.total_steps", total_steps), ACMOE__OPTIM_FLOAT("optim.min_lr", min_lr),
+    ACMOE__OPTIM_INT("optim.sgd", sgd),
+};
+#define ACMOE__N_OPTIM_FIELDS ((int)(sizeof acmoe__optim_fields / sizeof acmoe__optim_fields[0]))
+
+/* The other metadata keys; the last two only from format 3 on. */
+static const char *const acmoe__state_keys[] = {"format", "pattern", "seed", "step", "rng", "data_crc32c", "train.seed"};
+
 static int acmoe__little_endian(void) {
     const uint32_t probe = 1;
     unsigned char first;
     memcpy(&first, &probe, 1);
     return first == 1;
+}
+
+/* CRC-32C (Castagnoli, reflected): the checksum of a checkpoint's data section. The table
+   is built for each use, so no state outlives a call. */
+typedef struct acmoe__crc32c {
+    uint32_t table[256], value;
+} acmoe__crc32c;
+
+static void acmoe__crc_begin(acmoe__crc32c *crc) {
+    uint32_t i, r;
+    int bit;
+    for (i = 0; i < 256; i++) {
+        for (r = i, bit = 0; bit < 8; bit++) r = r & 1u ? (r >> 1) ^ 0x82F63B78u : r >> 1;
+        crc->table[i] = r;
+    }
+    crc->value = 0xFFFFFFFFu;
+}
+
+static void acmoe__crc_add(acmoe__crc32c *crc, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    uint32_t v = crc->value;
+    size_t i;
+    for (i = 0; i < n; i++) v = crc->table[(v ^ p[i]) & 0xFFu] ^ (v >> 8);
+    crc->value = v;
+}
+
+static uint32_t acmoe__crc_value(const acmoe__crc32c *crc) { return crc->value ^ 0xFFFFFFFFu; }
+
+/* The checksum of the data section a save writes: the tensors in directory order, then the
+   Adam moments. */
+static uint32_t acmoe__data_crc(const acmoe_lm *L) {
+    acmoe__crc32c crc;
+    int i;
+    acmoe__crc_begin(&crc);
+    for (i = 0; i < L->dir.count; i++)
+        acmoe__crc_add(&crc, L->params + L->dir.entries[i].offset, L->dir.entries[i].count * sizeof(float));
+    acmoe__crc_add(&crc, L->adam_m, 2 * L->n_params * sizeof(float)); /* adam_v follows adam_m */
+    return acmoe__crc_value(&crc);
+}
+
+/* ---- files: regular ones only, and replaced whole ---- */
+
+/* Opens path for reading if it is a regular file, *size its length. A FIFO, a device or a
+   directory is ACMOE_ERR_IO at once (opening a FIFO would wait for a writer). */
+static acmoe_status acmoe__open_regular(const char *path, FILE **f, uint64_t *size) {
+#ifdef ACMOE__POSIX_FILES
+    struct stat info;
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return ACMOE_ERR_IO;
+    if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || info.st_size < 0 ||
+        (uint64_t)info.st_size > (uint64_t)LONG_MAX || !(*f = fdopen(fd, "rb"))) {
+        close(fd);
+        return ACMOE_ERR_IO;
+    }
+    *size = (uint64_t)info.st_size;
+    return ACMOE_OK;
+#else
+    long n;
+    *f = fopen(path, "rb");
+    if (!*f) return ACMOE_ERR_IO;
+    if (fseek(*f, 0, SEEK_END) != 0 || (n = ftell(*f)) < 0 || fseek(*f, 0, SEEK_SET) != 0) {
+        fclose(*f);
+        return ACMOE_ERR_IO;
+    }
+    *size = (uint64_t)n;
+    return ACMOE_OK;
+#endif
+}
+
+/* A new file beside path, named path.tmp-PID-N with the first N no one holds, created
+   exclusively: a file or a link already there is never opened or followed. */
+static acmoe_status acmoe__create_temp(const char *path, char *tmp, size_t cap, FILE **f) {
+#ifdef ACMOE__POSIX_FILES
+    int attempt, fd;
+    for (attempt = 0; attempt < 1000; attempt++) {
+        snprintf(tmp, cap, "%s.tmp-%ld-%d", path, (long)getpid(), attempt);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+        if (fd < 0 && errno == EEXIST) continue;
+        if (fd < 0) return ACMOE_ERR_IO;
+        if ((*f = fdopen(fd, "wb")) != NULL) return ACMOE_OK;
+        close(fd);
+        remove(tmp);
+        return ACMOE_ERR_IO;
+    }
+    return ACMOE_ERR_IO;
+#else
+    snprintf(tmp, cap, "%s.tmp", path);
+    *f = fopen(tmp, "wb");
+    return *f ? ACMOE_OK : ACMOE_ERR_IO;
+#endif
+}
+
+/* Flushes f to the disk and closes it; ok is whether every write before succeeded. */
+static acmoe_status acmoe__close_durably(FILE *f, int ok) {
+    ok = ok && fflush(f) == 0 && !ferror(f);
+#ifdef ACMOE__POSIX_FILES
+    ok = ok && fsync(fileno(f)) == 0;
+#endif
+    if (fclose(f) != 0) ok = 0;
+    return ok ? ACMOE_OK : ACMOE_ERR_IO;
+}
+
+/* Makes a rename in path's directory durable. A file system that cannot sync directories
+   (EINVAL) has nothing to flush. */
+static acmoe_status acmoe__sync_directory(const char *path, char *scratch) {
+#ifdef ACMOE__POSIX_FILES
+    char *slash;
+    int fd, ok;
+    strcpy(scratch, path);
+    slash = strrchr(scratch, '/');
+    if (!slash) strcpy(scratch, ".");
+    else slash[slash == scratch] = '\0'; /* keep the root's own slash */
+    fd = open(scratch, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return ACMOE_ERR_IO;
+    ok = fsync(fd) == 0 || errno == EINVAL;
+    close(fd);
+    return ok ? ACMOE_OK : ACMOE_ERR_IO;
+#else
+    (void)path, (void)scratch;
+    return ACMOE_OK;
+#endif
+}
+
+/* Replaces path with what write puts into a new file, or leaves path as it was: the file is
+   written beside it under a name of its own, synced, renamed over path, and the directory
+   synced; on any failure the new file is removed. */
+static acmoe_status acmoe__replace_file(const char *path, int (*write)(FILE *f, const void *arg), const void *arg) {
+    const size_t cap = strlen(path) + 48;
+    char *tmp = (char *)ACMOE_MALLOC(cap);
+    FILE *f = NULL;
+    acmoe_status s;
+    if (!tmp) return ACMOE_ERR_NOMEM;
+    s = acmoe__create_temp(path, tmp, cap, &f);
+    if (s == ACMOE_OK) s = acmoe__close_durably(f, write(f, arg));
+    if (s == ACMOE_OK && rename(tmp, path) != 0) s = ACMOE_ERR_IO;
+    if (s == ACMOE_OK) s = acmoe__sync_directory(path, tmp);
+    else if (f) remove(tmp);
+    ACMOE_FREE(tmp);
+    return s;
 }
 
 /* ---- writer ---- */
@@ -5243,24 +5408,32 @@ static void acmoe__header_tensor(acmoe__text *t, const char *name, int ndim, con
                     (unsigned long long)(begin + count * 4));
 }
 
+/* Each field of base as "name":"value", ints in decimal, floats with the digits that give
+   the same float back. */
+static void acmoe__header_fields(acmoe__text *t, const acmoe__config_field *fields, int count, const void *base) {
+    int i;
+    for (i = 0; i < count; i++) {
+        const char *p = (const char *)base + fields[i].offset;
+        if (fields[i].type == ACMOE__FIELD_INT) acmoe__text_add(t, ",\"%s\":\"%d\"", fields[i].name, *(const int *)p);
+        else acmoe__text_add(t, ",\"%s\":\"%.9g\"", fields[i].name, (double)*(const float *)p);
+    }
+}
+
 /* The JSON header, padded with spaces to a multiple of 8 bytes as safetensors does. */
-static void acmoe__header(const acmoe_lm *L, acmoe__text *t) {
+static void acmoe__header(const acmoe_lm *L, uint32_t crc, acmoe__text *t) {
     const acmoe_rng *r = &L->rng;
     uint32_t spare;
     size_t at = 0;
     int i, n_params = (int)L->n_params;
     memcpy(&spare, &r->spare, sizeof spare);
-    acmoe__text_add(t, "{\"__metadata__\":{\"format\":\"acmoe-lm-2\",\"pattern\":\"%s\",\"seed\":\"%llu\",\"step\":\"%ld\","
+    acmoe__text_add(t, "{\"__metadata__\":{\"format\":\"acmoe-lm-3\",\"pattern\":\"%s\",\"seed\":\"%llu\",\"step\":\"%ld\","
                        "\"rng\":\"",
                     L->pattern, (unsigned long long)L->d.seed, L->steps);
     for (i = 0; i < 4; i++) acmoe__text_add(t, "%016llx", (unsigned long long)r->s[i]);
-    acmoe__text_add(t, " %08lx %d\"", (unsigned long)spare, r->has_spare);
-    for (i = 0; i < ACMOE__N_CONFIG_FIELDS; i++) {
-        const acmoe__config_field *f = &acmoe__config_fields[i];
-        const char *p = (const char *)&L->d + f->offset;
-        if (f->type == ACMOE__FIELD_INT) acmoe__text_add(t, ",\"%s\":\"%d\"", f->name, *(const int *)p);
-        else acmoe__text_add(t, ",\"%s\":\"%.9g\"", f->name, (double)*(const float *)p);
-    }
+    acmoe__text_add(t, " %08lx %d\",\"data_crc32c\":\"%08lx\",\"train.seed\":\"%llu\"", (unsigned long)spare,
+                    r->has_spare, (unsigned long)crc, (unsigned long long)L->train_seed);
+    acmoe__header_fields(t, acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, &L->d);
+    acmoe__header_fields(t, acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, &L->optim);
     acmoe__text_add(t, "}");
     for (i = 0; i < L->dir.count; i++, at += L->dir.entries[i - 1].count * 4) {
         const acmoe__tensor_info *e = &L->dir.entries[i];
@@ -5272,57 +5445,55 @@ static void acmoe__header(const acmoe_lm *L, acmoe__text *t) {
     while (!t->failed && (8 + t->len) % 8) acmoe__text_add(t, " ");
 }
 
-static int acmoe__write_floats(FILE *f, const float *x, size_t count) {
-    return fwrite(x, sizeof(float), count, f) == count;
+typedef struct acmoe__checkpoint_out {
+    const acmoe_lm *L;
+    const acmoe__text *header;
+} acmoe__checkpoint_out;
+
+/* The length, the header and the data; whether every write succeeded. */
+static int acmoe__write_checkpoint(FILE *f, const void *arg) {
+    const acmoe__checkpoint_out *out = (const acmoe__checkpoint_out *)arg;
+    const acmoe_lm *L = out->L;
+    unsigned char len[8];
+    int i, ok;
+    for (i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)out->header->len >> (8 * i));
+    ok = fwrite(len, 1, 8, f) == 8 && fwrite(out->header->data, 1, out->header->len, f) == out->header->len;
+    for (i = 0; ok && i < L->dir.count; i++) {
+        const acmoe__tensor_info *e = &L->dir.entries[i];
+        ok = fwrite(L->params + e->offset, sizeof(float), e->count, f) == e->count;
+    }
+    return ok && fwrite(L->adam_m, sizeof(float), 2 * L->n_params, f) == 2 * L->n_params;
 }
 
 ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *L, const char *path) {
     acmoe__text header;
-    unsigned char len[8];
-    char *tmp;
-    FILE *f;
-    int i, ok;
+    acmoe__checkpoint_out out;
+    acmoe_status s;
     if (!L || !path) return ACMOE_ERR_NULL;
+    if (!*path) return ACMOE_ERR_IO;
     if (!acmoe__little_endian()) return ACMOE_ERR_UNSUPPORTED;
+    if (!acmoe__all_finite(L->params, L->n_params) || !acmoe__all_finite(L->adam_m, 2 * L->n_params))
+        return ACMOE_ERR_NONFINITE; /* a file load would refuse must not replace a good one */
     memset(&header, 0, sizeof header);
-    acmoe__header(L, &header);
-    tmp = (char *)ACMOE_MALLOC(strlen(path) + 5);
-    if (header.failed || !tmp) {
-        ACMOE_FREE(header.data);
-        ACMOE_FREE(tmp);
-        return ACMOE_ERR_NOMEM;
-    }
-    strcpy(tmp, path);
-    strcat(tmp, ".tmp");
-    for (i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)header.len >> (8 * i));
-    f = fopen(tmp, "wb");
-    ok = f && fwrite(len, 1, 8, f) == 8 && fwrite(header.data, 1, header.len, f) == header.len;
-    for (i = 0; ok && i < L->dir.count; i++)
-        ok = acmoe__write_floats(f, L->params + L->dir.entries[i].offset, L->dir.entries[i].count);
-    ok = ok && acmoe__write_floats(f, L->adam_m, L->n_params) && acmoe__write_floats(f, L->adam_v, L->n_params);
-    ok = ok && fflush(f) == 0 && !ferror(f);
-    if (f && fclose(f) != 0) ok = 0;
-    ok = ok && rename(tmp, path) == 0;
-    if (!ok) remove(tmp);
+    acmoe__header(L, acmoe__data_crc(L), &header);
+    out.L = L, out.header = &header;
+    s = header.failed ? ACMOE_ERR_NOMEM : acmoe__replace_file(path, acmoe__write_checkpoint, &out);
     ACMOE_FREE(header.data);
-    ACMOE_FREE(tmp);
-    return ok ? ACMOE_OK : ACMOE_ERR_IO;
+    return s;
 }
 
 /* ---- reader ---- */
-
-#define ACMOE__MAX_META 64
 
 typedef struct acmoe__stored_tensor {
     char name[64];
     int ndim, shape[3];
     uint64_t begin, end;
-    int used;
 } acmoe__stored_tensor;
 
 typedef struct acmoe__parsed {
     char keys[ACMOE__MAX_META][48], values[ACMOE__MAX_META][160];
     int n_meta, n_tensors, cap_tensors;
+    int nomem; /* parsing stopped for want of memory, not for the file */
     acmoe__stored_tensor *tensors;
 } acmoe__parsed;
 
@@ -5361,12 +5532,13 @@ static int acmoe__json_string(acmoe__json *j, char *out, size_t cap) {
     return 1;
 }
 
+/* A decimal without sign or leading zeros (as written), below 10^19. */
 static int acmoe__json_uint(acmoe__json *j, uint64_t *v) {
     int digits = 0;
     *v = 0;
     acmoe__json_space(j);
     while (j->p < j->end && *j->p >= '0' && *j->p <= '9') {
-        if (*v > (UINT64_MAX - 9) / 10 || ++digits > 19) return 0;
+        if (++digits > 19 || (digits == 2 && *v == 0)) return 0;
         *v = *v * 10 + (uint64_t)(*j->p++ - '0');
     }
     return digits > 0;
@@ -5383,12 +5555,21 @@ static int acmoe__json_uints(acmoe__json *j, uint64_t *v, int max, int *count) {
     return acmoe__json_take(j, ']');
 }
 
+static const char *acmoe__meta(const acmoe__parsed *m, const char *key) {
+    int i;
+    for (i = 0; i < m->n_meta; i++)
+        if (!strcmp(m->keys[i], key)) return m->values[i];
+    return NULL;
+}
+
+/* String pairs, each key once. */
 static int acmoe__parse_metadata(acmoe__json *j, acmoe__parsed *out) {
     if (!acmoe__json_take(j, '{')) return 0;
     if (acmoe__json_take(j, '}')) return 1;
     do {
+        char *key = out->keys[out->n_meta];
         if (out->n_meta >= ACMOE__MAX_META) return 0;
-        if (!acmoe__json_string(j, out->keys[out->n_meta], sizeof out->keys[0]) || !acmoe__json_take(j, ':') ||
+        if (!acmoe__json_string(j, key, sizeof out->keys[0]) || acmoe__meta(out, key) || !acmoe__json_take(j, ':') ||
             !acmoe__json_string(j, out->values[out->n_meta], sizeof out->values[0]))
             return 0;
         out->n_meta++;
@@ -5399,52 +5580,64 @@ static int acmoe__parse_metadata(acmoe__json *j, acmoe__parsed *out) {
 static int acmoe__parse_tensor(acmoe__json *j, acmoe__stored_tensor *t) {
     char key[32], dtype[16];
     uint64_t v[3];
-    int n, seen = 0, i;
+    int n, seen = 0, i, bit;
     if (!acmoe__json_take(j, '{')) return 0;
     do {
         if (!acmoe__json_string(j, key, sizeof key) || !acmoe__json_take(j, ':')) return 0;
-        if (!strcmp(key, "dtype")) {
+        bit = !strcmp(key, "dtype") ? 1 : !strcmp(key, "shape") ? 2 : !strcmp(key, "data_offsets") ? 4 : 0;
+        if (!bit || (seen & bit)) return 0; /* unknown or repeated */
+        seen |= bit;
+        if (bit == 1) {
             if (!acmoe__json_string(j, dtype, sizeof dtype) || strcmp(dtype, "F32")) return 0;
-            seen |= 1;
-        } else if (!strcmp(key, "shape")) {
+        } else if (bit == 2) {
             if (!acmoe__json_uints(j, v, 3, &n) || n < 1) return 0;
             for (i = 0; i < n; i++) {
                 if (v[i] > (uint64_t)INT32_MAX) return 0;
                 t->shape[i] = (int)v[i];
             }
             t->ndim = n;
-            seen |= 2;
-        } else if (!strcmp(key, "data_offsets")) {
+        } else {
             if (!acmoe__json_uints(j, v, 2, &n) || n != 2 || v[1] < v[0]) return 0;
             t->begin = v[0], t->end = v[1];
-            seen |= 4;
-        } else {
-            return 0;
         }
     } while (acmoe__json_take(j, ','));
     return acmoe__json_take(j, '}') && seen == 7;
 }
 
-/* The whole header: metadata and tensors, nothing else. */
+static acmoe__stored_tensor *acmoe__find_tensor(acmoe__parsed *m, const char *name) {
+    int i;
+    for (i = 0; i < m->n_tensors; i++)
+        if (!strcmp(m->tensors[i].name, name)) return &m->tensors[i];
+    return NULL;
+}
+
+/* Room for one more tensor; 0 past ACMOE__MAX_TENSORS or without memory (out->nomem). */
+static int acmoe__tensor_room(acmoe__parsed *out) {
+    acmoe__stored_tensor *grown;
+    int cap;
+    if (out->n_tensors < out->cap_tensors) return 1;
+    cap = out->cap_tensors ? 2 * out->cap_tensors : 64;
+    if (cap > ACMOE__MAX_TENSORS) return 0;
+    grown = (acmoe__stored_tensor *)ACMOE_REALLOC(out->tensors, sizeof *grown * (size_t)cap);
+    if (!grown) return !(out->nomem = 1);
+    out->tensors = grown, out->cap_tensors = cap;
+    return 1;
+}
+
+/* The whole header: metadata and tensors, each name once, nothing else. */
 static int acmoe__parse_header(const char *text, size_t len, acmoe__parsed *out) {
     acmoe__json j;
     char name[64];
+    int seen_metadata = 0;
     j.p = text, j.end = text + len;
     if (!acmoe__json_take(&j, '{')) return 0;
     do {
         if (!acmoe__json_string(&j, name, sizeof name) || !acmoe__json_take(&j, ':')) return 0;
         if (!strcmp(name, "__metadata__")) {
-            if (!acmoe__parse_metadata(&j, out)) return 0;
+            if (seen_metadata++ || !acmoe__parse_metadata(&j, out)) return 0;
             continue;
         }
-        if (out->n_tensors == out->cap_tensors) {
-            int cap = out->cap_tensors ? 2 * out->cap_tensors : 64;
-            acmoe__stored_tensor *grown;
-            if (cap > 1000000) return 0;
-            grown = (acmoe__stored_tensor *)ACMOE_REALLOC(out->tensors, sizeof *grown * (size_t)cap);
-            if (!grown) return 0;
-            out->tensors = grown, out->cap_tensors = cap;
-        }
+        if (acmoe__find_tensor(out, name) || !acmoe__tensor_room(out)) return 0;
         memset(&out->tensors[out->n_tensors], 0, sizeof out->tensors[0]);
         strcpy(out->tensors[out->n_tensors].name, name);
         if (!acmoe__parse_tensor(&j, &out->tensors[out->n_tensors++])) return 0;
@@ -5454,56 +5647,68 @@ static int acmoe__parse_header(const char *text, size_t len, acmoe__parsed *out)
     return j.p == j.end;
 }
 
-static const char *acmoe__meta(const acmoe__parsed *m, const char *key) {
-    int i;
-    for (i = 0; i < m->n_meta; i++)
-        if (!strcmp(m->keys[i], key)) return m->values[i];
-    return NULL;
+static int acmoe__begin_order(const void *a, const void *b) {
+    const acmoe__stored_tensor *x = (const acmoe__stored_tensor *)a, *y = (const acmoe__stored_tensor *)b;
+    return x->begin < y->begin ? -1 : x->begin > y->begin;
 }
 
-/* The whole of text as a number, or 0. */
-static int acmoe__parse_long(const char *text, long *v) {
-    char *end;
-    if (!text || !*text) return 0;
-    *v = strtol(text, &end, 10);
-    return *end == '\0';
-}
-
-static int acmoe__parse_float(const char *text, float *v) {
-    char *end;
-    if (!text || !*text) return 0;
-    *v = strtof(text, &end);
-    return *end == '\0' && isfinite(*v);
-}
-
-/* The model configuration from the metadata; pattern points into m. */
-static int acmoe__config_from_metadata(const acmoe__parsed *m, acmoe_lm_desc *d) {
-    unsigned long long seed;
-    char *end;
-    const char *text;
-    int i;
-    memset(d, 0, sizeof *d);
-    if (!acmoe__meta(m, "format") || strcmp(acmoe__meta(m, "format"), "acmoe-lm-2")) return 0;
-    for (i = 0; i < ACMOE__N_CONFIG_FIELDS; i++) {
-        const acmoe__config_field *f = &acmoe__config_fields[i];
-        char *p = (char *)d + f->offset;
-        long v;
-        if (f->type == ACMOE__FIELD_FLOAT) {
-            if (!acmoe__parse_float(acmoe__meta(m, f->name), (float *)p)) return 0;
-        } else {
-            if (!acmoe__parse_long(acmoe__meta(m, f->name), &v) || v < INT32_MIN || v > INT32_MAX) return 0;
-            *(int *)p = (int)v;
+/* Whether the tensors tile the data section exactly, as safetensors requires: in the order
+   of their offsets each starts where the one before ends, the first at 0, the last at the
+   end of the file, each as long as its shape says. No overlap, gap or trailing byte. */
+static int acmoe__layout_exact(acmoe__parsed *m, uint64_t data_size) {
+    uint64_t at = 0;
+    int i, q;
+    qsort(m->tensors, (size_t)m->n_tensors, sizeof m->tensors[0], acmoe__begin_order);
+    for (i = 0; i < m->n_tensors; i++) {
+        const acmoe__stored_tensor *t = &m->tensors[i];
+        uint64_t floats = 1;
+        for (q = 0; q < t->ndim; q++) {
+            if (t->shape[q] && floats > data_size / 4 / (uint64_t)t->shape[q]) return 0;
+            floats *= (uint64_t)t->shape[q];
         }
+        if (t->begin != at || t->end - t->begin != floats * 4) return 0;
+        at = t->end;
     }
-    d->pattern = acmoe__meta(m, "pattern");
-    text = acmoe__meta(m, "seed");
-    if (!d->pattern || !text || !*text) return 0;
-    seed = strtoull(text, &end, 10);
-    d->seed = (uint64_t)seed;
-    return *end == '\0';
+    return at == data_size;
 }
 
-/* width hex digits at text as a number, or -1 for anything else. */
+/* ---- metadata: every value as the writer prints it, or the file is refused ---- */
+
+static int acmoe__canonical_long(const char *text, long low, long high, long *v) {
+    char back[32], *end;
+    long x;
+    if (!text || !*text) return 0;
+    x = strtol(text, &end, 10);
+    snprintf(back, sizeof back, "%ld", x);
+    if (*end || strcmp(back, text) || x < low || x > high) return 0;
+    *v = x;
+    return 1;
+}
+
+static int acmoe__canonical_u64(const char *text, uint64_t *v) {
+    char back[32], *end;
+    unsigned long long x;
+    if (!text || !*text) return 0;
+    x = strtoull(text, &end, 10);
+    snprintf(back, sizeof back, "%llu", x);
+    if (*end || strcmp(back, text)) return 0;
+    *v = (uint64_t)x;
+    return 1;
+}
+
+static int acmoe__canonical_float(const char *text, float *v) {
+    char back[32], *end;
+    float x;
+    if (!text || !*text) return 0;
+    x = strtof(text, &end);
+    if (*end || !isfinite(x)) return 0;
+    snprintf(back, sizeof back, "%.9g", (double)x);
+    if (strcmp(back, text)) return 0;
+    *v = x;
+    return 1;
+}
+
+/* width lowercase hex digits at text as a number. */
 static int acmoe__parse_hex(const char *text, int width, uint64_t *v) {
     int i;
     *v = 0;
@@ -5516,13 +5721,77 @@ static int acmoe__parse_hex(const char *text, int width, uint64_t *v) {
     return 1;
 }
 
+static int acmoe__fields_from_metadata(const acmoe__parsed *m, const acmoe__config_field *fields, int count,
+                                       void *base) {
+    int i;
+    for (i = 0; i < count; i++) {
+        char *p = (char *)base + fields[i].offset;
+        long v;
+        if (fields[i].type == ACMOE__FIELD_FLOAT) {
+            if (!acmoe__canonical_float(acmoe__meta(m, fields[i].name), (float *)p)) return 0;
+        } else {
+            if (!acmoe__canonical_long(acmoe__meta(m, fields[i].name), INT32_MIN, INT32_MAX, &v)) return 0;
+            *(int *)p = (int)v;
+        }
+    }
+    return 1;
+}
+
+static int acmoe__field_named(const acmoe__config_field *fields, int count, const char *key) {
+    int i;
+    for (i = 0; i < count; i++)
+        if (!strcmp(fields[i].name, key)) return 1;
+    return 0;
+}
+
+/* Whether key belongs to the metadata of this format version. */
+static int acmoe__known_key(const char *key, int version) {
+    const int n_state = version >= 3 ? 7 : 5;
+    int i;
+    for (i = 0; i < n_state; i++)
+        if (!strcmp(acmoe__state_keys[i], key)) return 1;
+    return acmoe__field_named(acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, key) ||
+           (version >= 3 && acmoe__field_named(acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, key));
+}
+
+/* What the metadata says besides the step and the generator. */
+typedef struct acmoe__checkpoint_meta {
+    int version;
+    acmoe_lm_desc desc; /* pattern points into the parsed metadata */
+    uint64_t train_seed;
+    acmoe_optim_desc optim;
+    uint32_t crc;
+} acmoe__checkpoint_meta;
+
+static int acmoe__meta_from_parsed(const acmoe__parsed *m, acmoe__checkpoint_meta *out) {
+    const char *format = acmoe__meta(m, "format"), *crc = acmoe__meta(m, "data_crc32c");
+    uint64_t v;
+    int i;
+    memset(out, 0, sizeof *out);
+    if (!format) return 0;
+    out->version = !strcmp(format, "acmoe-lm-3") ? 3 : !strcmp(format, "acmoe-lm-2") ? 2 : 0;
+    if (!out->version) return 0;
+    for (i = 0; i < m->n_meta; i++)
+        if (!acmoe__known_key(m->keys[i], out->version)) return 0;
+    if (!acmoe__fields_from_metadata(m, acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, &out->desc) ||
+        !acmoe__canonical_u64(acmoe__meta(m, "seed"), &out->desc.seed) || !acmoe__meta(m, "pattern"))
+        return 0;
+    out->desc.pattern = acmoe__meta(m, "pattern");
+    if (out->version < 3) return 1;
+    if (!crc || strlen(crc) != 8 || !acmoe__parse_hex(crc, 8, &v)) return 0;
+    out->crc = (uint32_t)v;
+    return acmoe__canonical_u64(acmoe__meta(m, "train.seed"), &out->train_seed) &&
+           acmoe__fields_from_metadata(m, acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, &out->optim);
+}
+
 /* The step and the dropout generator: "s0s1s2s3 spare has_spare", 16, 8 and 1 digits. */
 static int acmoe__state_from_metadata(const acmoe__parsed *m, acmoe_lm *L) {
     const char *text = acmoe__meta(m, "rng");
     uint64_t spare;
     uint32_t bits;
     int i;
-    if (!acmoe__parse_long(acmoe__meta(m, "step"), &L->steps) || L->steps < 0 || !text || strlen(text) != 75) return 0;
+    if (!acmoe__canonical_long(acmoe__meta(m, "step"), 0, LONG_MAX, &L->steps) || !text || strlen(text) != 75)
+        return 0;
     for (i = 0; i < 4; i++)
         if (!acmoe__parse_hex(text + 16 * i, 16, &L->rng.s[i])) return 0;
     if (text[64] != ' ' || !acmoe__parse_hex(text + 65, 8, &spare) || text[73] != ' ') return 0;
@@ -5533,74 +5802,110 @@ static int acmoe__state_from_metadata(const acmoe__parsed *m, acmoe_lm *L) {
     return 1;
 }
 
-static acmoe__stored_tensor *acmoe__find_tensor(acmoe__parsed *m, const char *name) {
+/* ---- checks against the planned model, then the data ---- */
+
+static int acmoe__stored_is(const acmoe__stored_tensor *t, int ndim, const int *shape) {
     int i;
-    for (i = 0; i < m->n_tensors; i++)
-        if (!strcmp(m->tensors[i].name, name) && !m->tensors[i].used) return &m->tensors[i];
-    return NULL;
+    if (!t || t->ndim != ndim) return 0;
+    for (i = 0; i < ndim; i++)
+        if (t->shape[i] != shape[i]) return 0;
+    return 1;
 }
 
-/* Reads tensor `name` of shape (ndim, shape) into dst, checking everything first. */
-static acmoe_status acmoe__read_tensor(FILE *f, long data_start, uint64_t data_size, acmoe__parsed *m, const char *name,
-                                       int ndim, const int *shape, size_t count, float *dst) {
-    acmoe__stored_tensor *t = acmoe__find_tensor(m, name);
+/* Whether the file holds exactly the planned model's tensors and the Adam moments, each of
+   its planned shape (the layout check already tied shapes to sizes). */
+static int acmoe__tensors_match_plan(acmoe__parsed *m, const acmoe_lm *L) {
+    const int n_params = (int)L->n_params;
     int i;
-    if (!t || t->ndim != ndim) return ACMOE_ERR_FORMAT;
-    for (i = 0; i < ndim; i++)
-        if (t->shape[i] != shape[i]) return ACMOE_ERR_FORMAT;
-    if (t->end - t->begin != (uint64_t)count * 4 || t->end > data_size) return ACMOE_ERR_FORMAT;
-    t->used = 1;
+    for (i = 0; i < L->dir.count; i++) {
+        const acmoe__tensor_info *e = &L->dir.entries[i];
+        if (!acmoe__stored_is(acmoe__find_tensor(m, e->name), e->ndim, e->shape)) return 0;
+    }
+    return acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_m"), 1, &n_params) &&
+           acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_v"), 1, &n_params) &&
+           m->n_tensors == L->dir.count + 2;
+}
+
+/* The checksum of the data section, read in blocks. */
+static acmoe_status acmoe__check_crc(FILE *f, long data_start, uint64_t data_size, uint32_t want) {
+    const size_t block = 1 << 16;
+    unsigned char *buffer = (unsigned char *)ACMOE_MALLOC(block);
+    acmoe__crc32c crc;
+    acmoe_status s = ACMOE_OK;
+    if (!buffer) return ACMOE_ERR_NOMEM;
+    acmoe__crc_begin(&crc);
+    if (fseek(f, data_start, SEEK_SET) != 0) s = ACMOE_ERR_IO;
+    while (s == ACMOE_OK && data_size > 0) {
+        size_t n = (size_t)ACMOE__MIN((uint64_t)block, data_size);
+        if (fread(buffer, 1, n, f) != n) s = ACMOE_ERR_FORMAT;
+        acmoe__crc_add(&crc, buffer, n);
+        data_size -= n;
+    }
+    ACMOE_FREE(buffer);
+    if (s == ACMOE_OK && acmoe__crc_value(&crc) != want) s = ACMOE_ERR_FORMAT;
+    return s;
+}
+
+static acmoe_status acmoe__read_floats(FILE *f, long data_start, const acmoe__stored_tensor *t, float *dst,
+                                       size_t count) {
     if (fseek(f, data_start + (long)t->begin, SEEK_SET) != 0) return ACMOE_ERR_IO;
     return fread(dst, sizeof(float), count, f) == count ? ACMOE_OK : ACMOE_ERR_FORMAT;
 }
 
-/* Reads the header of an open file into m; *data_start and *data_size locate the data. */
-static acmoe_status acmoe__read_header(FILE *f, acmoe__parsed *m, long *data_start, uint64_t *data_size) {
+static acmoe_status acmoe__read_tensors(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *L) {
+    acmoe_status s = ACMOE_OK;
+    int i;
+    for (i = 0; s == ACMOE_OK && i < L->dir.count; i++) {
+        const acmoe__tensor_info *e = &L->dir.entries[i];
+        s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, e->name), L->params + e->offset, e->count);
+    }
+    if (s == ACMOE_OK) s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_m"), L->adam_m, L->n_params);
+    if (s == ACMOE_OK) s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_v"), L->adam_v, L->n_params);
+    if (s == ACMOE_OK && (!acmoe__all_finite(L->params, L->n_params) || !acmoe__all_finite(L->adam_m, 2 * L->n_params)))
+        s = ACMOE_ERR_FORMAT;
+    return s;
+}
+
+/* Reads the header of a file of size bytes into m; *data_start and *data_size locate the data. */
+static acmoe_status acmoe__read_header(FILE *f, uint64_t size, acmoe__parsed *m, long *data_start,
+                                       uint64_t *data_size) {
     unsigned char len[8];
     uint64_t header_len = 0;
-    long size;
     char *text;
     int i, ok;
-    if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) return ACMOE_ERR_IO;
     if (size < 8 || fread(len, 1, 8, f) != 8) return ACMOE_ERR_FORMAT;
     for (i = 0; i < 8; i++) header_len |= (uint64_t)len[i] << (8 * i);
-    if (header_len < 2 || header_len > ACMOE__HEADER_MAX || header_len > (uint64_t)size - 8) return ACMOE_ERR_FORMAT;
+    if (header_len < 2 || header_len > ACMOE__HEADER_MAX || header_len > size - 8) return ACMOE_ERR_FORMAT;
     text = (char *)ACMOE_MALLOC((size_t)header_len);
     if (!text) return ACMOE_ERR_NOMEM;
     ok = fread(text, 1, (size_t)header_len, f) == header_len && acmoe__parse_header(text, (size_t)header_len, m);
     ACMOE_FREE(text);
     *data_start = 8 + (long)header_len;
-    *data_size = (uint64_t)size - 8 - header_len;
-    return ok ? ACMOE_OK : ACMOE_ERR_FORMAT;
+    *data_size = size - 8 - header_len;
+    return ok ? ACMOE_OK : m->nomem ? ACMOE_ERR_NOMEM : ACMOE_ERR_FORMAT;
 }
 
-/* The model of the parsed header, its weights and optimizer state read from f. */
+/* The model of a parsed header. Everything the header says is checked against the file and
+   against the model it describes before the model's parameters are allocated; the data's
+   checksum before they are read. */
 static acmoe_status acmoe__load_model(FILE *f, long data_start, uint64_t data_size, acmoe__parsed *m, acmoe_lm **out) {
-    acmoe_lm_desc d;
+    acmoe__checkpoint_meta meta;
     acmoe_lm *L = NULL;
     acmoe_status s;
-    int i, n_params;
-    if (!acmoe__config_from_metadata(m, &d)) return ACMOE_ERR_FORMAT;
-    s = acmoe_lm_create(&L, &d);
-    if (s == ACMOE_ERR_NOMEM) return s;
-    if (s != ACMOE_OK) return ACMOE_ERR_FORMAT;
-    n_params = (int)L->n_params;
-    s = acmoe__state_from_metadata(m, L) ? ACMOE_OK : ACMOE_ERR_FORMAT;
-    for (i = 0; s == ACMOE_OK && i < L->dir.count; i++) {
-        const acmoe__tensor_info *e = &L->dir.entries[i];
-        s = acmoe__read_tensor(f, data_start, data_size, m, e->name, e->ndim, e->shape, e->count, L->params + e->offset);
-    }
-    if (s == ACMOE_OK)
-        s = acmoe__read_tensor(f, data_start, data_size, m, "optimizer.adam_m", 1, &n_params, L->n_params, L->adam_m);
-    if (s == ACMOE_OK)
-        s = acmoe__read_tensor(f, data_start, data_size, m, "optimizer.adam_v", 1, &n_params, L->n_params, L->adam_v);
-    if (s == ACMOE_OK && m->n_tensors != L->dir.count + 2) s = ACMOE_ERR_FORMAT; /* nothing unexpected */
-    if (s == ACMOE_OK && (!acmoe__all_finite(L->params, L->n_params) || !acmoe__all_finite(L->adam_m, 2 * L->n_params)))
-        s = ACMOE_ERR_FORMAT;
+    if (!acmoe__layout_exact(m, data_size) || !acmoe__meta_from_parsed(m, &meta)) return ACMOE_ERR_FORMAT;
+    s = acmoe__lm_plan(&L, &meta.desc);
+    if (s != ACMOE_OK) return s == ACMOE_ERR_NOMEM ? s : ACMOE_ERR_FORMAT;
+    if (!acmoe__tensors_match_plan(m, L)) s = ACMOE_ERR_FORMAT;
+    if (s == ACMOE_OK && meta.version >= 3) s = acmoe__check_crc(f, data_start, data_size, meta.crc);
+    if (s == ACMOE_OK) s = acmoe__lm_build(L);
+    if (s == ACMOE_OK && !acmoe__state_from_metadata(m, L)) s = ACMOE_ERR_FORMAT;
+    if (s == ACMOE_OK) s = acmoe__read_tensors(f, data_start, m, L);
     if (s != ACMOE_OK) {
         acmoe_lm_destroy(L);
         return s;
     }
+    L->train_seed = meta.train_seed;
+    L->optim = meta.optim;
     *out = L;
     return ACMOE_OK;
 }
@@ -5609,15 +5914,15 @@ ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path) {
     acmoe__parsed m;
     FILE *f;
     long data_start = 0;
-    uint64_t data_size = 0;
+    uint64_t size = 0, data_size = 0;
     acmoe_status s;
     if (!out || !path) return ACMOE_ERR_NULL;
     *out = NULL;
     if (!acmoe__little_endian()) return ACMOE_ERR_UNSUPPORTED;
-    f = fopen(path, "rb");
-    if (!f) return ACMOE_ERR_IO;
+    s = acmoe__open_regular(path, &f, &size);
+    if (s != ACMOE_OK) return s;
     memset(&m, 0, sizeof m);
-    s = acmoe__read_header(f, &m, &data_start, &data_size);
+    s = acmoe__read_header(f, size, &m, &data_start, &data_size);
     if (s == ACMOE_OK) s = acmoe__load_model(f, data_start, data_size, &m, out);
     ACMOE_FREE(m.tensors);
     fclose(f);

@@ -653,8 +653,8 @@ static void test_checkpoint_resume_is_exact(void) {
     acmoe_ctx_destroy(ctx);
 }
 
-/* Every truncation, and random damage to the header, gives a status and no model; damage
-   to the data may load (it is only numbers) but never crashes. */
+/* Every truncation, random damage to the header and a flipped bit of the data give a status
+   and no model (a damaged header may still load when it says the same thing). */
 static void test_checkpoint_rejects_damage(void) {
     acmoe_lm_desc d = tiny_desc("ggc", 0, 0);
     acmoe_lm *lm = NULL, *loaded = NULL;
@@ -688,10 +688,17 @@ static void test_checkpoint_rejects_damage(void) {
         loaded = NULL;
     }
     CHECKF(refused > 250, "only %d of 300 damaged headers refused", refused);
-    { /* a file of the earlier format */
+    for (trial = 0; trial < 20; trial++) { /* one flipped bit of the data: the checksum */
+        memcpy(bad, good, (size_t)size);
+        bad[header + (long)acmoe_rng_below(&rng, (uint32_t)(size - header))] ^= (unsigned char)(1u << (trial % 8));
+        write_file(CKPT_PATH, bad, size);
+        CHECK_STATUS(acmoe_lm_load(&loaded, CKPT_PATH), ACMOE_ERR_FORMAT);
+        CHECK(loaded == NULL);
+    }
+    { /* a file of a format before the earlier one */
         long at = 8;
         memcpy(bad, good, (size_t)size);
-        while (at + 10 <= header && memcmp(bad + at, "acmoe-lm-2", 10)) at++;
+        while (at + 10 <= header && memcmp(bad + at, "acmoe-lm-3", 10)) at++;
         CHECK(at + 10 <= header);
         bad[at + 9] = '1';
         write_file(CKPT_PATH, bad, size);
