@@ -151,7 +151,7 @@ typedef struct acmoe_rng {
     int has_spare;
 } acmoe_rng;
 
-ACMOE_API void acmoe_rng_seed(acmoe_rng *rng, uint64_t seed);
+ACMOE_API acmoe_status acmoe_rng_seed(acmoe_rng *rng, uint64_t seed);
 ACMOE_API uint64_t acmoe_rng_u64(acmoe_rng *rng);
 ACMOE_API uint32_t acmoe_rng_below(acmoe_rng *rng, uint32_t n); /* uniform in [0, n), n > 0 */
 ACMOE_API float acmoe_rng_uniform(acmoe_rng *rng);              /* uniform in [0, 1) */
@@ -376,7 +376,7 @@ ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *d
                                         float *grads);
 ACMOE_API void acmoe_moe_destroy(acmoe_moe *layer);
 /* PyTorch's defaults for the linear layers; orthogonal rows of norm 0.32 for embeddings. */
-ACMOE_API void acmoe_moe_init_params(acmoe_moe *layer, acmoe_rng *rng);
+ACMOE_API acmoe_status acmoe_moe_init_params(acmoe_moe *layer, acmoe_rng *rng);
 /* prev_idx, prev_gate [n][prev_k]: the previous MoE layer's stats.expert_index and .gate,
    needed by AC input (prev_gate only when mixing labels) and ignored otherwise. x must stay
    unchanged until the backward call. */
@@ -516,14 +516,21 @@ ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
 
 /* ---- Checkpoints ----
    safetensors: an 8-byte little-endian header length, a JSON header naming each tensor
-   (dtype F32, shape, data_offsets) with the model configuration, the step and the dropout
-   generator in __metadata__, then the raw data. Weights keep their names and shapes, so
-   other tools read them; the Adam moments are two more tensors (optimizer.adam_m and
-   optimizer.adam_v), so a resumed run continues bit for bit. Saving writes path.tmp and
-   renames it over path: a crash leaves the old file. Loading checks every size, offset,
-   shape and name, and creates the model from the stored configuration. The metadata's
-   format is "acmoe-lm-2"; files of the earlier format (without Soft MoE and vision fields)
-   are refused as ACMOE_ERR_FORMAT. */
+   (dtype F32, shape, data_offsets) with the model configuration, the step, the dropout
+   generator, the training options (acmoe_lm_train_settings) and a CRC-32C of the data in
+   __metadata__, then the raw data. Weights keep their names and shapes, so other tools read
+   them; the Adam moments are two more tensors (optimizer.adam_m and optimizer.adam_v), so a
+   resumed run continues bit for bit.
+   Saving never loses the last good file: it writes a new file beside path under a name of
+   its own (created exclusively, never through a link), syncs it, renames it over path and
+   syncs the directory; on any failure path is untouched and the new file removed. A model
+   with a non-finite parameter or moment is ACMOE_ERR_NONFINITE, and nothing is written.
+   Loading takes regular files only (ACMOE_ERR_IO for a directory or a FIFO) and checks the
+   whole header before it allocates the model: every value as the writer prints it, no
+   unknown, repeated or missing entry, tensors that tile the data exactly and are those of the
+   model the configuration describes; then the checksum, then the data. Anything else is
+   ACMOE_ERR_FORMAT. The metadata's format is "acmoe-lm-3"; files of format "acmoe-lm-2"
+   (no checksum or training options) still load, earlier ones are refused. */
 ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path);
 ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path);
 
@@ -538,12 +545,15 @@ typedef struct acmoe_corpus {
 
 typedef enum acmoe_split { ACMOE_SPLIT_TRAIN = 0, ACMOE_SPLIT_VAL } acmoe_split;
 
+/* ACMOE_ERR_EMPTY for no bytes, ACMOE_ERR_SHAPE when a split would hold fewer than two. */
 ACMOE_API acmoe_status acmoe_corpus_view(acmoe_corpus *c, const unsigned char *bytes, size_t size, float val_fraction);
+/* A regular file's bytes (ACMOE_ERR_IO for a directory or a FIFO, ACMOE_ERR_EMPTY for an
+   empty file). */
 ACMOE_API acmoe_status acmoe_corpus_load(acmoe_corpus *c, const char *path, float val_fraction);
 ACMOE_API void acmoe_corpus_free(acmoe_corpus *c);
 /* tokens, targets [batch][seq]; a split shorter than seq + 1 bytes repeats its last bytes. */
-ACMOE_API void acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmoe_rng *rng, int batch, int seq,
-                                  int32_t *tokens, int32_t *targets);
+ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmoe_rng *rng, int batch,
+                                          int seq, int32_t *tokens, int32_t *targets);
 
 /* Mean held-out loss over `batches` batches drawn from a generator seeded by seed, so two
    models evaluated with the same seed see the same text. */
@@ -886,16 +896,20 @@ static uint64_t acmoe__splitmix64(uint64_t *x) {
 
 static uint64_t acmoe__rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
-ACMOE_API void acmoe_rng_seed(acmoe_rng *rng, uint64_t seed) {
+ACMOE_API acmoe_status acmoe_rng_seed(acmoe_rng *rng, uint64_t seed) {
     int i;
+    if (!rng) return ACMOE_ERR_NULL;
     for (i = 0; i < 4; i++) rng->s[i] = acmoe__splitmix64(&seed);
     rng->spare = 0.0f;
     rng->has_spare = 0;
+    return ACMOE_OK;
 }
 
 ACMOE_API uint64_t acmoe_rng_u64(acmoe_rng *rng) {
-    uint64_t *s = rng->s;
-    uint64_t out = acmoe__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    uint64_t *s, out, t;
+    if (!rng) return 0;
+    s = rng->s;
+    out = acmoe__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
     s[2] ^= s[0];
     s[3] ^= s[1];
     s[1] ^= s[2];
@@ -923,6 +937,7 @@ ACMOE_API float acmoe_rng_uniform(acmoe_rng *rng) {
 
 ACMOE_API float acmoe_rng_normal(acmoe_rng *rng) {
     double u1, u2, radius;
+    if (!rng) return 0.0f;
     if (rng->has_spare) {
         rng->has_spare = 0;
         return rng->spare;
@@ -1105,7 +1120,10 @@ static acmoe_status acmoe__pool_start(acmoe__pool *pool, int n) {
     pthread_cond_init(&pool->wake, NULL);
     for (i = 1; i < n; i++) {
         acmoe__worker_arg *w = (acmoe__worker_arg *)ACMOE_MALLOC(sizeof *w);
-        if (!w) break;
+        if (!w) {
+            acmoe__pool_stop(pool);
+            return ACMOE_ERR_NOMEM;
+        }
         w->pool = pool;
         w->tid = i;
         if (pthread_create(&pool->threads[i], NULL, acmoe__worker, w) != 0) {
@@ -2787,9 +2805,12 @@ static void acmoe__init_orthogonal(acmoe_rng *rng, float *p, int rows, int cols,
     for (i = 0; i < rows * cols; i++) p[i] *= gain;
 }
 
-ACMOE_API void acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
-    const acmoe_moe_desc *d = &L->d;
-    size_t e = (size_t)d->n_experts;
+ACMOE_API acmoe_status acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
+    const acmoe_moe_desc *d;
+    size_t e;
+    if (!L || !rng) return ACMOE_ERR_NULL;
+    d = &L->d;
+    e = (size_t)d->n_experts;
     if (L->proj) acmoe__init_uniform(rng, L->proj, (size_t)d->proj_dim * d->d_model, d->d_model);
     if (L->wr) acmoe__init_uniform(rng, L->wr, e * L->dr, L->dr);
     if (L->br) acmoe__init_uniform(rng, L->br, e, L->dr);
@@ -2800,6 +2821,7 @@ ACMOE_API void acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
     acmoe__init_uniform(rng, L->b1, e * L->h_width, d->d_model);
     acmoe__init_uniform(rng, L->w2, e * d->d_model * d->d_ff, d->d_ff);
     acmoe__init_uniform(rng, L->b2, e * d->d_model, d->d_ff);
+    return ACMOE_OK;
 }
 
 ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer) {
@@ -4555,7 +4577,12 @@ ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc
     return ACMOE_OK;
 }
 
-ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *L) { return L->d; }
+ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *L) {
+    acmoe_lm_desc none;
+    if (L) return L->d;
+    memset(&none, 0, sizeof none);
+    return none;
+}
 ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *L) { return L ? L->n_params : 0; }
 ACMOE_API float *acmoe_lm_params(acmoe_lm *L) { return L ? L->params : NULL; }
 ACMOE_API float *acmoe_lm_grads(acmoe_lm *L) { return L ? L->grads : NULL; }
@@ -5936,6 +5963,7 @@ ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path) {
 ACMOE_API acmoe_status acmoe_corpus_view(acmoe_corpus *c, const unsigned char *bytes, size_t size, float val_fraction) {
     if (!c || !bytes) return ACMOE_ERR_NULL;
     if (!(val_fraction > 0.0f && val_fraction < 1.0f)) return ACMOE_ERR_ARG;
+    if (size == 0) return ACMOE_ERR_EMPTY;
     memset(c, 0, sizeof *c);
     c->bytes = bytes;
     c->size = size;
@@ -5946,19 +5974,18 @@ ACMOE_API acmoe_status acmoe_corpus_view(acmoe_corpus *c, const unsigned char *b
 
 ACMOE_API acmoe_status acmoe_corpus_load(acmoe_corpus *c, const char *path, float val_fraction) {
     FILE *f;
-    long size = -1;
+    uint64_t size = 0;
     unsigned char *bytes = NULL;
-    acmoe_status s = ACMOE_ERR_IO;
+    acmoe_status s;
     if (!c || !path) return ACMOE_ERR_NULL;
     memset(c, 0, sizeof *c);
-    f = fopen(path, "rb");
-    if (!f) return ACMOE_ERR_IO;
-    if (fseek(f, 0, SEEK_END) == 0 && (size = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0) {
-        bytes = (unsigned char *)ACMOE_MALLOC((size_t)size);
-        s = !bytes ? ACMOE_ERR_NOMEM : fread(bytes, 1, (size_t)size, f) == (size_t)size ? ACMOE_OK : ACMOE_ERR_IO;
-    } else if (size == 0) {
-        s = ACMOE_ERR_SHAPE; /* an empty file */
-    }
+    if (!(val_fraction > 0.0f && val_fraction < 1.0f)) return ACMOE_ERR_ARG;
+    s = acmoe__open_regular(path, &f, &size);
+    if (s != ACMOE_OK) return s;
+    if (size == 0) s = ACMOE_ERR_EMPTY;
+    else if (size > (uint64_t)ACMOE__MAX_BYTES) s = ACMOE_ERR_NOMEM;
+    else if (!(bytes = (unsigned char *)ACMOE_MALLOC((size_t)size))) s = ACMOE_ERR_NOMEM;
+    else if (fread(bytes, 1, (size_t)size, f) != (size_t)size) s = ACMOE_ERR_IO;
     fclose(f);
     if (s == ACMOE_OK) s = acmoe_corpus_view(c, bytes, (size_t)size, val_fraction);
     if (s != ACMOE_OK) {
@@ -5976,19 +6003,25 @@ ACMOE_API void acmoe_corpus_free(acmoe_corpus *c) {
     memset(c, 0, sizeof *c);
 }
 
-ACMOE_API void acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmoe_rng *rng, int batch, int seq,
-                                  int32_t *tokens, int32_t *targets) {
-    const size_t from = split == ACMOE_SPLIT_VAL ? c->train_size : 0, to = split == ACMOE_SPLIT_VAL ? c->size : c->train_size;
-    const size_t len = to - from, span = len > (size_t)seq + 1 ? len - (size_t)seq - 1 : 0;
+ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmoe_rng *rng, int batch,
+                                          int seq, int32_t *tokens, int32_t *targets) {
+    size_t from, to, len, span;
     int b, t;
+    if (!c || !c->bytes || !rng || !tokens || !targets) return ACMOE_ERR_NULL;
+    if (split != ACMOE_SPLIT_TRAIN && split != ACMOE_SPLIT_VAL) return ACMOE_ERR_ARG;
+    if (batch < 1 || seq < 1 || c->train_size > c->size) return ACMOE_ERR_SHAPE;
+    from = split == ACMOE_SPLIT_VAL ? c->train_size : 0, to = split == ACMOE_SPLIT_VAL ? c->size : c->train_size;
+    len = to - from, span = len > (size_t)seq + 1 ? len - (size_t)seq - 1 : 0;
+    if (len < 2) return ACMOE_ERR_SHAPE; /* a token and its target */
     for (b = 0; b < batch; b++) {
         size_t start = span ? (size_t)acmoe_rng_below(rng, (uint32_t)ACMOE__MIN(span, (size_t)UINT32_MAX)) : 0;
         for (t = 0; t < seq; t++) {
             size_t at = ACMOE__MIN(start + (size_t)t, len - 2);
-            tokens[b * seq + t] = c->bytes[from + at];
-            targets[b * seq + t] = c->bytes[from + at + 1];
+            tokens[(size_t)b * seq + t] = c->bytes[from + at];
+            targets[(size_t)b * seq + t] = c->bytes[from + at + 1];
         }
     }
+    return ACMOE_OK;
 }
 
 /* The two token buffers of a batch of the model's size. */
@@ -6019,7 +6052,8 @@ static acmoe_status acmoe__evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_cor
     for (i = 0; i < batches; i++) {
         float l;
         acmoe_status s;
-        acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, L->d.batch, L->d.seq_len, tokens, targets);
+        s = acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, L->d.batch, L->d.seq_len, tokens, targets);
+        if (s != ACMOE_OK) return s;
         if (corrupt > 0.0f) acmoe__corrupt_tokens(tokens, n, corrupt, L->d.vocab, &damage);
         s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 0, &l);
         if (s != ACMOE_OK) return s;
@@ -6081,9 +6115,9 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_c
         memset(&e, 0, sizeof e);
         e.step = L->steps + 1, e.steps = d.steps;
         acmoe_rng_seed(&rng, d.seed * 1000003u + (uint64_t)e.step);
-        acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, L->d.batch, L->d.seq_len, tokens, targets);
+        s = acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, L->d.batch, L->d.seq_len, tokens, targets);
         e.lr = acmoe_lr_at(&d.optim, L->steps);
-        s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 1, &e.loss);
+        if (s == ACMOE_OK) s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 1, &e.loss);
         if (s == ACMOE_OK) acmoe_lm_zero_grad(L), s = acmoe_lm_backward(L, ctx);
         if (s == ACMOE_OK) s = acmoe_lm_step(L, ctx, &d.optim, &e.grad_norm);
         if (s != ACMOE_OK) break;
