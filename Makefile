@@ -29,13 +29,13 @@ $(B)/tests: $(TEST_SRC) $(TEST_HDR) | $(B)
 test: test-readme test-cpp test-examples test-unit
 
 test-examples: $(B)/train_lm $(B)/train_vit
-	./$(B)/train_lm --data /nonexistent --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
+	./$(B)/train_lm --data builtin --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg --seeds 2
-	./$(B)/train_vit --data /nonexistent --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
+	./$(B)/train_vit --data builtin --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
 	    --warmup 2 --log-every 2 --compare ggc,gma --seeds 2 > $(B)/vit-flags.log
 	grep -q "layer 2 AC options: eps 0.0001, clip 1.5, preclip scaling, mad dispersion, weighted" $(B)/vit-flags.log
 	grep -q "layer 2 Soft MoE: 1 slot(s) per expert for each image" $(B)/vit-flags.log
-	./$(B)/train_lm --data /nonexistent --steps 2 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
+	./$(B)/train_lm --data builtin --steps 2 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --eval-every 2 --eval-batches 1 --sample 0 --pattern gcxum --activation gelu --ac-eps 0.001 \
 	    --ac-clip 8 --ac-dispersion variance --usmoe-budget 1.5 --usmoe-rho 0.3 --usmoe-group position \
 	    --soft-slots 2 --proj-dim 4 > $(B)/lm-flags.log
@@ -44,6 +44,35 @@ test-examples: $(B)/train_lm $(B)/train_vit
 	grep -q "layer 3 USMoE: budget 1.5 pairs per token of each position, rho 0.3" $(B)/lm-flags.log
 	grep -q "layer 4 Soft MoE: 2 slot(s) per expert for each position" $(B)/lm-flags.log
 	./$(B)/train_lm --ac-scaling none 2>/dev/null; test $$? -eq 2
+	@echo "data that cannot be used is an error (status 2, naming the path), never a switch to the builtin data"
+	: > $(B)/empty.csv; printf '1,2,3\n' > $(B)/malformed.csv; printf 'too short' > $(B)/short.txt
+	(for i in $$(seq 64); do printf '0,'; done; echo 3) > $(B)/one-image.csv
+	for program in train_lm train_vit; do for data in /nonexistent $(B)/empty.csv $(B); do \
+	    ./$(B)/$$program --data $$data 2> $(B)/data-error.log; test $$? -eq 2 || exit 1; \
+	    grep -q "\-\-data $$data: " $(B)/data-error.log || exit 1; done; done
+	./$(B)/train_vit --data $(B)/malformed.csv 2> $(B)/data-error.log; test $$? -eq 2
+	grep -q "malformed.csv: line 1: 3 values" $(B)/data-error.log
+	./$(B)/train_vit --data $(B)/one-image.csv 2>/dev/null; test $$? -eq 2
+	./$(B)/train_lm --data $(B)/short.txt 2>/dev/null; test $$? -eq 2
+	@echo "numbers out of range are refused by flag name, before any data is read"
+	./$(B)/train_lm --steps 4294967297 2> $(B)/flag-error.log; test $$? -eq 2
+	grep -q "\-\-steps 4294967297 is out of range" $(B)/flag-error.log
+	./$(B)/train_lm --pattern $$(printf 'g%.0s' $$(seq 64)) 2>/dev/null; test $$? -eq 2
+	./$(B)/train_vit --lr nan 2>/dev/null; test $$? -eq 2
+	./$(B)/train_vit --seed 0 2>/dev/null; test $$? -eq 2
+	@echo "a resumed run keeps its checkpoint's flags (sampling in its --seq) and refuses others"
+	./$(B)/train_lm --data builtin --steps 2 --batch 2 --seq 64 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
+	    --eval-every 2 --eval-batches 1 --sample 0 --lr 0.003 --save $(B)/resume-lm.safetensors > /dev/null
+	./$(B)/train_lm --data builtin --resume $(B)/resume-lm.safetensors --steps 4 --eval-batches 1 --sample 80 \
+	    > $(B)/resume-lm.log
+	grep -q "at step 2 of 4: pattern ggc, seq 64, batch 2, seed 1, lr 0.003" $(B)/resume-lm.log
+	./$(B)/train_lm --data builtin --resume $(B)/resume-lm.safetensors --seq 32 2> $(B)/flag-error.log; test $$? -eq 2
+	grep -q "\-\-seq 32 conflicts with the checkpoint's 64" $(B)/flag-error.log
+	./$(B)/train_vit --data builtin --steps 2 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 --log-every 1 \
+	    --save $(B)/resume-vit.safetensors > /dev/null
+	./$(B)/train_vit --data builtin --resume $(B)/resume-vit.safetensors > $(B)/resume-vit.log
+	grep -q "already at step 2" $(B)/resume-vit.log
+	./$(B)/train_vit --data builtin --resume $(B)/resume-vit.safetensors --patch 4 2>/dev/null; test $$? -eq 2
 
 test-unit: $(B)/tests
 	./$(B)/tests
@@ -140,14 +169,20 @@ data/digits.csv:
 DEMO_FLAGS ?=
 
 # Trains the paper's 3-layer AC model ("ggc") and the same model with SMoE routers only
-# ("ggg") for the same steps and seed, and compares them.
+# ("ggg") for the same steps and seed, and compares them. Without data/fortunes.txt (the
+# package could not be had) it says so and trains on the embedded text, by name.
 demo: $(B)/train_lm data/fortunes.txt
-	./$(B)/train_lm --data data/fortunes.txt --compare ggc,ggg --seeds 3 $(DEMO_FLAGS)
+	@data=data/fortunes.txt; if [ ! -f $$data ]; then \
+	    echo "demo: no $$data; training on the builtin text instead (--data builtin)"; data=builtin; fi; \
+	    set -x; ./$(B)/train_lm --data $$data --compare ggc,ggg --seeds 3 $(DEMO_FLAGS)
 
 # Vision encoders on the digits: SMoE and AC after it, Soft MoE and the AC variant of it,
-# tested clean and on corrupted images.
+# tested clean and on corrupted images. Without data/digits.csv (the package could not be
+# had) it says so and trains on drawn seven-segment digits, by name.
 demo-vision: $(B)/train_vit data/digits.csv
-	./$(B)/train_vit --data data/digits.csv --compare ggg,ggc,gmm,gma --seeds 3 $(DEMO_FLAGS)
+	@data=data/digits.csv; if [ ! -f $$data ]; then \
+	    echo "demo-vision: no $$data; training on drawn digits instead (--data builtin)"; data=builtin; fi; \
+	    set -x; ./$(B)/train_vit --data $$data --compare ggg,ggc,gmm,gma --seeds 3 $(DEMO_FLAGS)
 
 
 clean:

@@ -3,8 +3,10 @@
      train_lm --data data/fortunes.txt --compare ggc,ggg      the paper's AC layout against SMoE
      train_lm --compare ggc,ggg --seeds 3                     ... over three seeds, with the spread
      train_lm --data FILE --pattern gcc --steps 2000          one model
+     train_lm --data builtin --steps 200                      a short embedded text, no file needed
      train_lm --save run.safetensors --steps 1000             ... then continue it exactly:
-     train_lm --resume run.safetensors --steps 2000
+     train_lm --resume run.safetensors --steps 2000         (the model and training flags come
+                                                              from the checkpoint)
      train_lm --help                                          every flag and its default
 
    Each model sees the same batches (same seed) and is evaluated on the same held-out 10 % of
@@ -21,85 +23,27 @@
 
 #define ACMOE_IMPLEMENTATION
 #include "../acmoe.h"
-#include "cli.h"
-#include "moe_flags.h"
+#include "lm_options.h"
 
-/* ---- options ---- */
+typedef lm_options options;
 
-typedef struct options {
-    const char *data, *pattern, *compare, *prompt, *save, *resume, *schedule;
-    int steps, batch, seq, d_model, heads, experts, top_k, d_ff, warmup, threads, seeds;
-    int eval_every, eval_batches, log_every, sample, sample_top_k, pre_ln, untied_head;
-    long seed;
-    float lr, min_lr, weight_decay, dropout, clip, target_bpc, temperature, eval_corrupt, sample_top_p;
-    moe_flags moe;
-} options;
+#define PROGRAM "train_lm"
 
-static const flag flags[] = {
-    FLAG("--data", OPT_STR, data, "text file to train on (bytes are tokens)"),
-    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, s Switch, o cosine, x XMoE, u USMoE, m Soft MoE, f dense"),
-    FLAG("--compare", OPT_STR, compare, "comma-separated patterns to train in turn and compare (overrides --pattern)"),
-    FLAG("--steps", OPT_INT, steps, "training steps per model"),
-    FLAG("--batch", OPT_INT, batch, "sequences per step"),
-    FLAG("--seq", OPT_INT, seq, "context length"),
-    FLAG("--d-model", OPT_INT, d_model, "model width"),
-    FLAG("--heads", OPT_INT, heads, "attention heads"),
-    FLAG("--experts", OPT_INT, experts, "experts per MoE layer"),
-    FLAG("--top-k", OPT_INT, top_k, "experts per token"),
-    FLAG("--d-ff", OPT_INT, d_ff, "expert hidden width"),
-    MOE_FLAGS,
-    FLAG("--pre-ln", OPT_INT, pre_ln, "1: pre-LN blocks; 0: post-LN as in the paper"),
-    FLAG("--untied-head", OPT_INT, untied_head, "1: an output head of its own; 0: the token embedding"),
-    FLAG("--lr", OPT_FLOAT, lr, "peak learning rate (AdamW)"),
-    FLAG("--warmup", OPT_INT, warmup, "linear warmup steps"),
-    FLAG("--schedule", OPT_STR, schedule, "after warmup: constant (the reference) or cosine to --min-lr at --steps"),
-    FLAG("--min-lr", OPT_FLOAT, min_lr, "final learning rate of the cosine schedule"),
-    FLAG("--weight-decay", OPT_FLOAT, weight_decay, "AdamW decay of weights (not biases or norms)"),
-    FLAG("--dropout", OPT_FLOAT, dropout, "dropout on attention and FFN outputs"),
-    FLAG("--clip", OPT_FLOAT, clip, "gradient clipping by global norm (0: off)"),
-    FLAG("--seed", OPT_LONG, seed, "initialisation, dropout and batch order"),
-    FLAG("--seeds", OPT_INT, seeds, "with --compare: train every pattern with seeds --seed, --seed + 1, ... (at most 16)"),
-    FLAG("--threads", OPT_INT, threads, "threads (0: online CPUs)"),
-    FLAG("--eval-every", OPT_INT, eval_every, "steps between evaluations"),
-    FLAG("--eval-batches", OPT_INT, eval_batches, "held-out batches per evaluation"),
-    FLAG("--eval-corrupt", OPT_FLOAT, eval_corrupt,
-         "evaluate also with this share of input bytes replaced by random ones, targets kept (0: off)"),
-    FLAG("--target-bpc", OPT_FLOAT, target_bpc, "report the first evaluation at or below this"),
-    FLAG("--log-every", OPT_INT, log_every, "steps between progress lines"),
-    FLAG("--sample", OPT_INT, sample, "characters to generate after training (0: none)"),
-    FLAG("--temperature", OPT_FLOAT, temperature, "sampling temperature"),
-    FLAG("--sample-top-k", OPT_INT, sample_top_k, "sample among the k likeliest bytes (0: all)"),
-    FLAG("--sample-top-p", OPT_FLOAT, sample_top_p, "then among the fewest likeliest holding this probability (1: all)"),
-    FLAG("--prompt", OPT_STR, prompt, "text the sample starts from"),
-    FLAG("--save", OPT_STR, save, "checkpoint after each evaluation (with --compare: one file per pattern)"),
-    FLAG("--resume", OPT_STR, resume, "continue from this checkpoint up to --steps (model flags come from it)"),
-};
-
-static options default_options(void) {
-    options o;
-    memset(&o, 0, sizeof o);
-    o.data = "data/fortunes.txt";
-    o.pattern = "ggc";
-    o.steps = 2500, o.batch = 8, o.seq = 128, o.d_model = 128, o.heads = 8, o.experts = 16, o.top_k = 2;
-    o.d_ff = 128, o.warmup = 100, o.eval_every = 250, o.eval_batches = 8, o.log_every = 50, o.sample = 300;
-    o.sample_top_k = 20, o.seed = 1, o.seeds = 1, o.lr = 2e-3f, o.clip = 1.0f, o.target_bpc = 2.9f, o.temperature = 0.8f;
-    o.eval_corrupt = 0.1f, o.sample_top_p = 1.0f;
-    o.prompt = "The ";
-    o.moe = moe_flags_defaults();
-    o.schedule = "constant";
-    return o;
-}
-
-static options parse_options(int argc, char **argv) {
-    options o = default_options();
-    cli_parse("train_lm", argc, argv, flags, sizeof flags / sizeof flags[0], &o);
+/* The options from the command line, each flag in its range and the flags agreeing;
+   anything else exits with status 2 before any data is read. */
+static options parse_options(int argc, char **argv, cli *c) {
+    options o = lm_options_defaults();
+    char why[256];
+    cli_init(c, PROGRAM, lm_flags, sizeof lm_flags / sizeof lm_flags[0]);
+    cli_parse(c, argc, argv, &o);
+    if (!lm_options_valid(&o, why, sizeof why)) cli_fail(PROGRAM, "%s", why);
     return o;
 }
 
 /* ---- corpus ---- */
 
-/* Used when the corpus file is missing, so the pipeline still runs end to end. */
-static const char fallback_text[] =
+/* --data builtin: a text to try the pipeline end to end without a corpus file. */
+static const char builtin_text[] =
     "A mixture of experts splits a layer into many small networks and lets a router send each "
     "token to a few of them. The router is a clustering: tokens that look alike go to the same "
     "expert, and the expert learns what those tokens need. When the clusters are loose the "
@@ -107,17 +51,28 @@ static const char fallback_text[] =
     "adaptive clustering router measures how tightly each cluster sits along every feature and "
     "routes in a space where the tight features count for more.\n";
 
-/* The corpus file, or the embedded text when it cannot be read. */
-static acmoe_corpus load_corpus(const char *path) {
+#define VAL_FRACTION 0.1f
+#define MIN_CORPUS 20 /* bytes: two for each split of 90 / 10 */
+
+/* The corpus --data names: the builtin text, or a file read whole into *owned. A file
+   that cannot be read or is too short exits with status 2. */
+static acmoe_corpus load_corpus(const char *path, unsigned char **owned) {
     acmoe_corpus c;
-    acmoe_status s = acmoe_corpus_load(&c, path, 0.1f);
-    if (s == ACMOE_OK) {
-        printf("corpus %s: %lu bytes\n", path, (unsigned long)c.size);
+    char why[256];
+    size_t size = 0;
+    *owned = NULL;
+    if (data_is_builtin(path)) {
+        printf("corpus: the builtin %lu-byte text (--data builtin)\n", (unsigned long)(sizeof builtin_text - 1));
+        if (acmoe_corpus_view(&c, (const unsigned char *)builtin_text, sizeof builtin_text - 1, VAL_FRACTION) != ACMOE_OK)
+            exit(1);
         return c;
     }
-    printf("corpus %s not available (%s): training on the embedded %lu-byte text instead\n", path,
-           acmoe_status_string(s), (unsigned long)(sizeof fallback_text - 1));
-    if (acmoe_corpus_view(&c, (const unsigned char *)fallback_text, sizeof fallback_text - 1, 0.1f) != ACMOE_OK) exit(1);
+    *owned = data_read_file(path, &size, why, sizeof why);
+    if (!*owned) cli_fail(PROGRAM, "--data %s: %s (--data " DATA_BUILTIN " trains on a short embedded text)", path, why);
+    if (acmoe_corpus_view(&c, *owned, size, VAL_FRACTION) != ACMOE_OK)
+        cli_fail(PROGRAM, "--data %s: %lu bytes, fewer than the %d a training and a held-out part need", path,
+                 (unsigned long)size, MIN_CORPUS);
+    printf("corpus %s: %lu bytes\n", path, (unsigned long)size);
     return c;
 }
 
@@ -202,24 +157,28 @@ static void predict(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *context, int le
     check(acmoe_lm_forward(lm, ctx, context, NULL, 1, len, 0, NULL), "sampling");
 }
 
-/* Generates text from the prompt. AC weights stay as the last evaluation measured them. */
+/* Generates text from the prompt, in the model's context length (a resumed model's may
+   differ from --seq's default). AC weights stay as the last evaluation measured them. */
 static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
-    const int vocab = 256;
-    int32_t *context = (int32_t *)calloc((size_t)o->seq, sizeof(int32_t)), next;
+    const int vocab = 256, seq = acmoe_lm_settings(lm).seq_len;
+    const size_t prompt_length = strlen(o->prompt);
+    const char *context_start = o->prompt + (prompt_length > (size_t)seq ? prompt_length - (size_t)seq : 0);
+    int32_t *context = (int32_t *)calloc((size_t)seq, sizeof(int32_t)), next;
     float work[256];
     acmoe_rng rng;
-    int len = 0, i, n, fresh = 1;
+    int len = 0, n, fresh = 1;
+    if (!context) exit(1);
     acmoe_rng_seed(&rng, (uint64_t)o->seed + 7);
     acmoe_lm_freeze_ac_weights(lm, 1);
-    for (i = 0; o->prompt[i] && len < o->seq; i++) context[len++] = (unsigned char)o->prompt[i];
+    for (; *context_start; context_start++) context[len++] = (unsigned char)*context_start;
     printf("%s", o->prompt);
-    for (n = 0; n < o->sample && len > 0; n++) {
+    for (n = 0; n < o->sample; n++) {
         predict(lm, ctx, context, len, fresh);
         check(acmoe_sample(acmoe_lm_logits(lm) + (size_t)(len - 1) * vocab, vocab, o->temperature, o->sample_top_k,
                            o->sample_top_p, work, &rng, &next),
               "sampling");
         putchar(isprint(next) || next == '\n' || next == '\t' ? next : '?'); /* keep the terminal sane */
-        fresh = len == o->seq; /* a full context slides, and every position moves */
+        fresh = len == seq; /* a full context slides, and every position moves */
         if (fresh) memmove(context, context + 1, sizeof(int32_t) * (size_t)(--len));
         context[len++] = next;
     }
@@ -228,11 +187,15 @@ static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
 }
 
 /* The checkpoint path of this run: --save itself, or with --compare, pattern-suffixed (and
-   seed-suffixed with --seeds). */
+   seed-suffixed with --seeds). The flag table bounds --save so that the path fits
+   CHECKPOINT_PATH. */
+#define CHECKPOINT_PATH 4096
 static void checkpoint_path(const options *o, const char *pattern, long seed, char *path, size_t cap) {
-    if (o->compare && o->seeds > 1) snprintf(path, cap, "%s.%s.s%ld", o->save, pattern, seed);
-    else if (o->compare) snprintf(path, cap, "%s.%s", o->save, pattern);
-    else snprintf(path, cap, "%s", o->save);
+    int length;
+    if (o->compare && o->seeds > 1) length = snprintf(path, cap, "%s.%s.s%ld", o->save, pattern, seed);
+    else if (o->compare) length = snprintf(path, cap, "%s.%s", o->save, pattern);
+    else length = snprintf(path, cap, "%s", o->save);
+    if (length < 0 || (size_t)length >= cap) cli_fail(PROGRAM, "--save %.40s...: too long a path", o->save);
 }
 
 /* What the training loop's events update: the progress display and the result. */
@@ -264,39 +227,94 @@ static int on_event(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
     u->r->val_loss = e->val_loss;
     u->r->val_loss_corrupted = e->val_loss_corrupted;
     if (o->save) {
-        char path[512];
+        char path[CHECKPOINT_PATH];
         checkpoint_path(o, u->pattern, u->seed, path, sizeof path);
         check(acmoe_lm_save(lm, path), path);
     }
     return 0;
 }
 
-static acmoe_lm *create_or_resume(const char *pattern, long seed, const options *o) {
+/* Exits with status 2 when the flags describe no model the library makes (status 1 for
+   other failures, such as memory). */
+static acmoe_lm *create_model(const char *pattern, long seed, const options *o) {
     acmoe_lm_desc d;
     acmoe_lm *lm = NULL;
-    if (o->resume) {
-        check(acmoe_lm_load(&lm, o->resume), o->resume);
-        printf("resuming %s at step %ld (model flags come from the checkpoint)\n", o->resume, acmoe_lm_steps_taken(lm));
-        return lm;
-    }
+    acmoe_status s;
     memset(&d, 0, sizeof d);
     d.d_model = o->d_model, d.n_heads = o->heads, d.seq_len = o->seq, d.batch = o->batch, d.pattern = pattern;
     d.d_ff = o->d_ff, d.n_experts = o->experts, d.top_k = o->top_k, d.dropout = o->dropout, d.pre_ln = o->pre_ln;
     d.seed = (uint64_t)seed, d.untied_head = o->untied_head;
     moe_flags_apply(&o->moe, &d);
-    check(acmoe_lm_create(&lm, &d), "model");
+    s = acmoe_lm_create(&lm, &d);
+    if (s == ACMOE_ERR_SHAPE || s == ACMOE_ERR_ARG) cli_fail(PROGRAM, "pattern %s with these flags: %s", pattern, acmoe_status_string(s));
+    check(s, "model");
     return lm;
 }
 
-static result train(const char *pattern, long seed, const options *o, const acmoe_corpus *c, acmoe_ctx *ctx,
-                    int show_sample) {
+/* ---- resuming ---- */
+
+/* The options of the checkpoint's run: its model's flags, and its training's where the
+   checkpoint keeps them; the rest as o has them. */
+static options options_of_checkpoint(acmoe_lm *lm, const options *o, int *has_training) {
+    const acmoe_lm_desc d = acmoe_lm_settings(lm);
+    const acmoe_train_desc t = acmoe_lm_train_settings(lm);
+    options k = *o;
+    k.pattern = d.pattern, k.batch = d.batch, k.seq = d.seq_len, k.d_model = d.d_model, k.heads = d.n_heads;
+    k.experts = d.n_experts, k.top_k = d.top_k, k.d_ff = d.d_ff, k.pre_ln = d.pre_ln, k.untied_head = d.untied_head;
+    k.dropout = d.dropout, k.moe = moe_flags_of_model(&d), k.seed = (long)d.seed;
+    *has_training = t.optim.lr > 0.0f; /* all zero for a checkpoint that keeps no training options */
+    if (!*has_training) return k;
+    k.seed = (long)t.seed, k.lr = t.optim.lr, k.min_lr = t.optim.min_lr, k.weight_decay = t.optim.weight_decay;
+    k.clip = t.optim.clip_norm, k.warmup = t.optim.warmup_steps;
+    k.schedule = t.optim.schedule == ACMOE_SCHEDULE_COSINE ? "cosine" : "constant";
+    return k;
+}
+
+/* The end of the run: the checkpoint's unless --steps says otherwise, which it may not
+   under a cosine schedule, whose rate falls to --min-lr at that end. */
+static int resumed_steps(const cli *c, const options *given, const acmoe_train_desc *t) {
+    if (t->optim.total_steps < 1) return given->steps;
+    if (!cli_given(c, "--steps")) return t->optim.total_steps;
+    if (t->optim.schedule == ACMOE_SCHEDULE_COSINE && given->steps != t->optim.total_steps)
+        cli_fail(PROGRAM, "--steps %d conflicts with the checkpoint's %d, where its cosine schedule ends", given->steps,
+                 t->optim.total_steps);
+    return given->steps;
+}
+
+/* The checkpoint's model, with o set to the checkpoint's run: the same model and training
+   flags, so the resumed run is the run it continues. A flag given with another value, or a
+   checkpoint that is not a byte-level language model, exits with status 2. */
+static acmoe_lm *resume_run(options *o, const cli *c) {
+    acmoe_lm *lm = NULL;
+    acmoe_lm_desc d;
     acmoe_train_desc t;
-    acmoe_lm *lm = create_or_resume(pattern, seed, o);
+    options k;
+    int has_training;
+    const acmoe_status s = acmoe_lm_load(&lm, o->resume);
+    if (s != ACMOE_OK) cli_fail(PROGRAM, "--resume %s: %s", o->resume, acmoe_status_string(s));
+    d = acmoe_lm_settings(lm), t = acmoe_lm_train_settings(lm);
+    if (d.n_classes > 0 || d.vocab != 256) cli_fail(PROGRAM, "--resume %s: not a byte-level language model", o->resume);
+    k = options_of_checkpoint(lm, o, &has_training);
+    cli_refuse_conflicts(c, o, &k);
+    k.steps = has_training ? resumed_steps(c, o, &t) : o->steps;
+    *o = k;
+    printf("resuming %s at step %ld of %d: pattern %s, seq %d, batch %d, seed %ld", o->resume, acmoe_lm_steps_taken(lm),
+           o->steps, o->pattern, o->seq, o->batch, o->seed);
+    if (has_training) printf(", lr %g, %s schedule, warmup %d from the checkpoint\n", o->lr, o->schedule, o->warmup);
+    else printf(" from the checkpoint, which keeps no training flags: those given or their defaults\n");
+    return lm;
+}
+/* Trains the resumed model, or a new one of the pattern and seed. */
+static result train(const char *pattern, long seed, const options *o, const acmoe_corpus *c, acmoe_ctx *ctx,
+                    int show_sample, acmoe_lm *resumed) {
+    acmoe_train_desc t;
+    acmoe_lm *lm = resumed ? resumed : create_model(pattern, seed, o);
+    const char *model_pattern = acmoe_lm_settings(lm).pattern;
     result r;
     run u;
     size_t mem[4];
     memset(&r, 0, sizeof r);
-    snprintf(r.pattern, sizeof r.pattern, "%s", acmoe_lm_settings(lm).pattern);
+    snprintf(r.pattern, sizeof r.pattern, "%.*s", MOE_PATTERN_MAX, model_pattern ? model_pattern : pattern);
     r.steps_to_target = -1;
     acmoe_lm_memory(lm, &mem[0], &mem[1], &mem[2], &mem[3]);
     printf("\n== pattern %s", r.pattern);
@@ -313,6 +331,7 @@ static result train(const char *pattern, long seed, const options *o, const acmo
     t.optim.schedule = !strcmp(o->schedule, "cosine") ? ACMOE_SCHEDULE_COSINE : ACMOE_SCHEDULE_CONSTANT;
     u.o = o, u.pattern = r.pattern, u.seed = seed, u.r = &r, u.interactive = isatty(STDOUT_FILENO);
     t.on_event = on_event, t.user = &u;
+    if (acmoe_lm_steps_taken(lm) >= o->steps) printf("  already at step %ld: nothing to train\n", acmoe_lm_steps_taken(lm));
     check(acmoe_lm_train(lm, ctx, c, &t), "training");
     r.imbalance = load_imbalance(lm, 1);
     if (show_sample && o->sample > 0) {
@@ -322,9 +341,6 @@ static result train(const char *pattern, long seed, const options *o, const acmo
     acmoe_lm_destroy(lm);
     return r;
 }
-
-#define MAX_PATTERNS 8
-#define MAX_SEEDS 16
 
 /* Mean and sample standard deviation of n values. */
 static void mean_sd(const double *v, int n, double *mean, double *sd) {
@@ -347,7 +363,7 @@ static void format_stat(char *out, size_t cap, const double *v, int n) {
 /* Seed by seed, a's value less b's: their mean, spread and signs. */
 static void print_paired(const char *a, const char *b, const char *what, const double *va, const double *vb,
                          int seeds) {
-    double diff[MAX_SEEDS], mean, sd;
+    double diff[LM_MAX_SEEDS], mean, sd;
     int s, lower = 0;
     for (s = 0; s < seeds; s++) diff[s] = va[s] - vb[s], lower += diff[s] < 0.0;
     mean_sd(diff, seeds, &mean, &sd);
@@ -359,8 +375,8 @@ static void print_paired(const char *a, const char *b, const char *what, const d
    and each seed's value), the same with damaged input, steps to the target, speed and the
    worst expert imbalance; then, with several seeds, the differences paired by seed (same
    batches, same held-out text, same damage). */
-static void print_comparison(result r[][MAX_SEEDS], int n, const options *o) {
-    static double clean[MAX_PATTERNS][MAX_SEEDS], damaged[MAX_PATTERNS][MAX_SEEDS];
+static void print_comparison(result r[][LM_MAX_SEEDS], int n, const options *o) {
+    static double clean[LM_MAX_PATTERNS][LM_MAX_SEEDS], damaged[LM_MAX_PATTERNS][LM_MAX_SEEDS];
     char head[32];
     int i, s;
     printf("\n== comparison (%d steps, batch %d x %d bytes, ", o->steps, o->batch, o->seq);
@@ -373,8 +389,8 @@ static void print_comparison(result r[][MAX_SEEDS], int n, const options *o) {
     if (o->seeds > 1) printf("  val bpc by seed");
     printf("\n");
     for (i = 0; i < n; i++) {
-        double tps[MAX_SEEDS], load[MAX_SEEDS], tps_mean, load_mean, unused;
-        char target[32], stat[32];
+        double tps[LM_MAX_SEEDS], load[LM_MAX_SEEDS], tps_mean, load_mean, unused;
+        char target[48], stat[32];
         int reached = 0, steps_sum = 0;
         for (s = 0; s < o->seeds; s++) {
             clean[i][s] = bpc(r[i][s].val_loss), damaged[i][s] = bpc(r[i][s].val_loss_corrupted);
@@ -405,54 +421,31 @@ static void print_comparison(result r[][MAX_SEEDS], int n, const options *o) {
 }
 
 int main(int argc, char **argv) {
-    options o = parse_options(argc, argv);
+    static result results[LM_MAX_PATTERNS][LM_MAX_SEEDS];
+    char patterns[LM_MAX_PATTERNS][MOE_PATTERN_MAX + 1], why[256];
+    unsigned char *corpus_bytes;
     acmoe_corpus c;
-    moe_flags_check(&o.moe, "train_lm");
-    if (strcmp(o.schedule, "constant") && strcmp(o.schedule, "cosine")) {
-        fprintf(stderr, "train_lm: --schedule is constant or cosine\n");
-        return 2;
-    }
-    if (o.resume && o.compare) {
-        fprintf(stderr, "train_lm: --resume continues one model; it does not combine with --compare\n");
-        return 2;
-    }
-    if (!(o.temperature >= 0.0f) || o.sample_top_k < 0 || !(o.sample_top_p > 0.0f && o.sample_top_p <= 1.0f)) {
-        fprintf(stderr, "train_lm: --temperature is at least 0, --sample-top-k at least 0, --sample-top-p in (0, 1]\n");
-        return 2;
-    }
-    if (!(o.eval_corrupt >= 0.0f && o.eval_corrupt <= 1.0f)) {
-        fprintf(stderr, "train_lm: --eval-corrupt is a share from 0 to 1\n");
-        return 2;
-    }
-    if (o.seeds < 1 || o.seeds > MAX_SEEDS || (o.seeds > 1 && !o.compare)) {
-        fprintf(stderr, "train_lm: --seeds is 1 to %d, and more than 1 only with --compare\n", MAX_SEEDS);
-        return 2;
-    }
-    c = load_corpus(o.data);
     acmoe_ctx_desc cd;
     acmoe_ctx *ctx;
-    static result results[MAX_PATTERNS][MAX_SEEDS];
-    char patterns[MAX_PATTERNS][64];
-    int n = 0, i, s;
+    acmoe_lm *resumed = NULL;
+    cli flags_given;
+    options o = parse_options(argc, argv, &flags_given);
+    int n, i, s;
+    if (o.resume) resumed = resume_run(&o, &flags_given);
+    n = moe_split_patterns(o.compare ? o.compare : o.pattern, patterns, LM_MAX_PATTERNS, why, sizeof why);
+    if (n == 0) cli_fail(PROGRAM, "%s", why); /* checked with the options; kept for a resumed pattern */
+    c = load_corpus(o.data, &corpus_bytes);
     memset(&cd, 0, sizeof cd);
     cd.n_threads = o.threads;
     cd.clock = now_seconds;
     check(acmoe_ctx_create(&ctx, &cd), "context");
     printf("kernel path %s, %d threads\n", acmoe_isa_name(acmoe_ctx_settings(ctx).isa), acmoe_ctx_settings(ctx).n_threads);
-    if (o.compare) { /* split the comma-separated list */
-        const char *p = o.compare;
-        while (*p && n < MAX_PATTERNS) {
-            size_t len = strcspn(p, ",");
-            snprintf(patterns[n++], sizeof patterns[0], "%.*s", (int)(len < 63 ? len : 63), p);
-            p += len + (p[len] == ',');
-        }
-    } else {
-        snprintf(patterns[n++], sizeof patterns[0], "%s", o.pattern);
-    }
     for (s = 0; s < o.seeds; s++) /* seed by seed, so an interrupted run has whole pairings */
-        for (i = 0; i < n; i++) results[i][s] = train(patterns[i], o.seed + s, &o, &c, ctx, i == 0 && s == 0);
+        for (i = 0; i < n; i++)
+            results[i][s] = train(patterns[i], o.seed + s, &o, &c, ctx, i == 0 && s == 0, i == 0 ? resumed : NULL);
     if (n > 1) print_comparison(results, n, &o);
     acmoe_ctx_destroy(ctx);
     acmoe_corpus_free(&c);
+    free(corpus_bytes);
     return 0;
 }

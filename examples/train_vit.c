@@ -4,6 +4,10 @@
      train_vit --data data/digits.csv --compare ggg,ggc --seeds 3   the AC layout against SMoE
      train_vit --compare gmm,gma --seeds 3                          AC on Soft MoE against Soft MoE
      train_vit --pattern gmg --steps 2000                           one model, Soft MoE in layer 2
+     train_vit --data builtin --pattern ggc                         drawn digits, no file needed
+     train_vit --save vit.safetensors --steps 1000                  ... then continue it exactly:
+     train_vit --resume vit.safetensors                             (the model and training flags
+                                                                    come from the checkpoint)
      train_vit --help                                               every flag and its default
 
    AC layers take the paper's vision options: 'c' layers (top-k) those of its Swin-MoE models
@@ -13,7 +17,8 @@
 
    The data are the UCI handwritten digits as scikit-learn ships them: one image per CSV line,
    8 x 8 pixels of 0..16, then the digit (`make data/digits.csv` fetches Debian's copy).
-   Without the file the program draws seven-segment digits, shifted and noisy, and says so.
+   `--data builtin` draws seven-segment digits instead, shifted and noisy; a file that is
+   missing or malformed is an error.
    Every model trains on the same batches and is tested on the same held-out 20 %, clean,
    under Gaussian noise of two strengths, and with a blanked square (the same corrupted
    images for every model), so the comparison
@@ -28,59 +33,23 @@
 
 #define ACMOE_IMPLEMENTATION
 #include "../acmoe.h"
+#include "vit_options.h"
 
-#include "cli.h"
-#include "moe_flags.h"
+typedef vit_options options;
 
-typedef struct options {
-    const char *data, *pattern, *compare;
-    int steps, batch, patch, d_model, heads, experts, top_k, d_ff, warmup, threads, seeds, pre_ln, log_every;
-    long seed;
-    float lr, weight_decay, clip, dropout;
-    moe_flags moe;
-} options;
+#define PROGRAM "train_vit"
+#define SIDE DIGITS_SIDE
+#define PIXELS DIGITS_PIXELS
+#define CLASSES DIGITS_CLASSES
 
-static const flag flags[] = {
-    FLAG("--data", OPT_STR, data, "CSV of images: 64 pixels of 0..16 and the class per line"),
-    FLAG("--pattern", OPT_STR, pattern, "router per layer: g SMoE, c AC, s Switch, o cosine, x XMoE, u USMoE, e expert choice, m Soft MoE, a AC Soft MoE, f dense"),
-    FLAG("--compare", OPT_STR, compare, "comma-separated patterns to train in turn and compare (overrides --pattern)"),
-    FLAG("--steps", OPT_INT, steps, "training steps per model"),
-    FLAG("--batch", OPT_INT, batch, "images per step (and per test call)"),
-    FLAG("--patch", OPT_INT, patch, "patch side in pixels"),
-    FLAG("--d-model", OPT_INT, d_model, "model width"),
-    FLAG("--heads", OPT_INT, heads, "attention heads"),
-    FLAG("--experts", OPT_INT, experts, "experts per MoE layer"),
-    FLAG("--top-k", OPT_INT, top_k, "experts per patch"),
-    FLAG("--d-ff", OPT_INT, d_ff, "expert hidden width"),
-    MOE_FLAGS,
-    FLAG("--pre-ln", OPT_INT, pre_ln, "1: pre-LN blocks (ViT); 0: post-LN"),
-    FLAG("--dropout", OPT_FLOAT, dropout, "dropout on attention and FFN outputs"),
-    FLAG("--lr", OPT_FLOAT, lr, "peak learning rate (AdamW)"),
-    FLAG("--warmup", OPT_INT, warmup, "linear warmup steps, then cosine to zero"),
-    FLAG("--weight-decay", OPT_FLOAT, weight_decay, "AdamW decay of weights"),
-    FLAG("--clip", OPT_FLOAT, clip, "gradient clipping by global norm (0: off)"),
-    FLAG("--seed", OPT_LONG, seed, "initialisation and batch order"),
-    FLAG("--seeds", OPT_INT, seeds, "with --compare: seeds --seed, --seed + 1, ... (at most 16)"),
-    FLAG("--threads", OPT_INT, threads, "threads (0: online CPUs)"),
-    FLAG("--log-every", OPT_INT, log_every, "steps between progress lines"),
-};
-
-static options parse_options(int argc, char **argv) {
-    options o;
-    memset(&o, 0, sizeof o);
-    o.data = "data/digits.csv";
-    o.pattern = "ggc";
-    o.steps = 1500, o.batch = 64, o.patch = 2, o.d_model = 64, o.heads = 4, o.experts = 8, o.top_k = 2;
-    o.d_ff = 128, o.warmup = 100, o.seeds = 1, o.pre_ln = 1, o.log_every = 500, o.seed = 1;
-    o.lr = 2e-3f, o.weight_decay = 0.05f, o.clip = 1.0f;
-    o.moe = moe_flags_defaults(); /* with the AC options of the paper's Swin-MoE models */
-    o.moe.ac_clip = 1.5f, o.moe.ac_scaling = "preclip", o.moe.ac_experts = 1;
-    cli_parse("train_vit", argc, argv, flags, sizeof flags / sizeof flags[0], &o);
-    moe_flags_check(&o.moe, "train_vit");
-    if (o.steps < 1 || o.batch < 1 || o.patch < 1 || 8 % o.patch || o.seeds < 1 || o.seeds > 16 || o.log_every < 1) {
-        fprintf(stderr, "train_vit: steps, batch, log-every and seeds (1-16) must be positive, patch divide 8\n");
-        exit(2);
-    }
+/* The options from the command line, each flag in its range and the flags agreeing;
+   anything else exits with status 2 before any data is read. */
+static options parse_options(int argc, char **argv, cli *c) {
+    options o = vit_options_defaults();
+    char why[256];
+    cli_init(c, PROGRAM, vit_flags, sizeof vit_flags / sizeof vit_flags[0]);
+    cli_parse(c, argc, argv, &o);
+    if (!vit_options_valid(&o, why, sizeof why)) cli_fail(PROGRAM, "%s", why);
     return o;
 }
 
@@ -92,51 +61,8 @@ static void check(acmoe_status s, const char *what) {
 
 /* ---- images ---- */
 
-#define SIDE 8
-#define PIXELS (SIDE * SIDE)
-#define CLASSES 10
-
-typedef struct dataset {
-    float *pixels; /* [count][PIXELS] in 0..1 */
-    int32_t *labels;
-    int count;
-} dataset;
-
-static void dataset_add(dataset *ds, const float *pixels, int label) {
-    if (ds->count % 256 == 0) {
-        ds->pixels = (float *)realloc(ds->pixels, sizeof(float) * PIXELS * (size_t)(ds->count + 256));
-        ds->labels = (int32_t *)realloc(ds->labels, sizeof(int32_t) * (size_t)(ds->count + 256));
-        if (!ds->pixels || !ds->labels) exit(1);
-    }
-    memcpy(ds->pixels + (size_t)ds->count * PIXELS, pixels, sizeof(float) * PIXELS);
-    ds->labels[ds->count++] = label;
-}
-
-/* The CSV's images; 0 for a missing file or any line that is neither blank nor 64 pixels of
-   0..16 and a class. */
-static int load_csv(const char *path, dataset *ds) {
-    FILE *f = fopen(path, "r");
-    char line[1024];
-    if (!f) return 0;
-    while (fgets(line, sizeof line, f)) {
-        float pixels[PIXELS];
-        char *p = line, *end;
-        long v;
-        int i;
-        if (strspn(line, " \t\r\n") == strlen(line)) continue;
-        for (i = 0; i <= PIXELS; i++, p = end + 1) {
-            v = strtol(p, &end, 10);
-            if (end == p || v < 0 || v > (i < PIXELS ? 16 : CLASSES - 1) || (i < PIXELS && *end != ',')) break;
-            if (i < PIXELS) pixels[i] = (float)v / 16.0f;
-        }
-        if (i <= PIXELS) {
-            fclose(f);
-            return 0;
-        }
-        dataset_add(ds, pixels, (int)v);
-    }
-    fclose(f);
-    return ds->count > 0;
+static void add_image(dataset *ds, const float *pixels, int label) {
+    if (!dataset_add(ds, pixels, label)) check(ACMOE_ERR_NOMEM, "images");
 }
 
 /* Seven-segment digits: segments a-g as bits of each digit, drawn as strokes on the grid. */
@@ -155,23 +81,28 @@ static void draw_digit(acmoe_rng *rng, int digit, float *pixels) {
     }
 }
 
+/* The images --data names: drawn digits, or a CSV's; one that cannot be read, is malformed
+   or holds too few images for the split exits with status 2. */
 static void load_images(const char *path, dataset *ds) {
     acmoe_rng rng;
     float pixels[PIXELS];
+    char why[256];
     int i;
     memset(ds, 0, sizeof *ds);
-    if (load_csv(path, ds)) {
-        printf("images %s: %d\n", path, ds->count);
+    if (data_is_builtin(path)) {
+        printf("images: 1800 drawn seven-segment digits (--data builtin)\n");
+        acmoe_rng_seed(&rng, 7);
+        for (i = 0; i < 1800; i++) {
+            draw_digit(&rng, i % CLASSES, pixels);
+            add_image(ds, pixels, i % CLASSES);
+        }
         return;
     }
-    free(ds->pixels), free(ds->labels);
-    memset(ds, 0, sizeof *ds);
-    printf("images %s missing or not 8 x 8 digits: drawing 1800 seven-segment digits instead\n", path);
-    acmoe_rng_seed(&rng, 7);
-    for (i = 0; i < 1800; i++) {
-        draw_digit(&rng, i % CLASSES, pixels);
-        dataset_add(ds, pixels, i % CLASSES);
-    }
+    if (!digits_load(path, ds, why, sizeof why))
+        cli_fail(PROGRAM, "--data %s: %s (--data " DATA_BUILTIN " draws seven-segment digits)", path, why);
+    if (ds->count < 2)
+        cli_fail(PROGRAM, "--data %s: %d image; the split into training and test images needs at least 2", path, ds->count);
+    printf("images %s: %d\n", path, ds->count);
 }
 
 /* The test images' corruptions: none, Gaussian noise of deviation 0.1 and 0.3 (pixels run
@@ -238,36 +169,53 @@ static double test_accuracy(acmoe_lm *lm, acmoe_ctx *ctx, const dataset *test, c
     return (double)right / test->count;
 }
 
-static result train_one(const options *o, const char *pattern, long seed, const dataset *train, const dataset *test,
-                        acmoe_ctx *ctx) {
+/* Exits with status 2 when the flags describe no model the library makes (status 1 for
+   other failures, such as memory). */
+static acmoe_lm *create_model(const options *o, const char *pattern, long seed) {
     acmoe_lm_desc d;
-    acmoe_optim_desc opt;
     acmoe_lm *lm = NULL;
-    acmoe_rng rng;
-    result r;
-    float *patches = (float *)malloc(sizeof(float) * PIXELS * (size_t)o->batch), loss = 0.0f;
-    int32_t *labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch);
-    int *index = (int *)malloc(sizeof(int) * (size_t)o->batch), step, b, k;
-    double start;
-    if (!patches || !labels || !index) exit(1);
-    memset(&r, 0, sizeof r);
-    snprintf(r.pattern, sizeof r.pattern, "%s", pattern);
+    acmoe_status s;
     memset(&d, 0, sizeof d);
     d.n_classes = CLASSES, d.patch_dim = o->patch * o->patch, d.seq_len = PIXELS / d.patch_dim;
     d.d_model = o->d_model, d.n_heads = o->heads, d.batch = o->batch, d.pattern = pattern, d.d_ff = o->d_ff;
     d.n_experts = o->experts, d.top_k = o->top_k, d.pre_ln = o->pre_ln, d.seed = (uint64_t)seed;
     d.dropout = o->dropout;
     moe_flags_apply(&o->moe, &d);
-    check(acmoe_lm_create(&lm, &d), "model");
+    s = acmoe_lm_create(&lm, &d);
+    if (s == ACMOE_ERR_SHAPE || s == ACMOE_ERR_ARG) cli_fail(PROGRAM, "pattern %s with these flags: %s", pattern, acmoe_status_string(s));
+    check(s, "model");
+    return lm;
+}
+
+/* The checkpoint path of a model: --save itself, or with --compare, pattern- and
+   seed-suffixed. The flag table bounds --save so that the path fits CHECKPOINT_PATH. */
+#define CHECKPOINT_PATH 4096
+static void checkpoint_path(const options *o, const char *pattern, long seed, char *path, size_t cap) {
+    const int length = o->compare ? snprintf(path, cap, "%s.%s.s%ld", o->save, pattern, seed)
+                                  : snprintf(path, cap, "%s", o->save);
+    if (length < 0 || (size_t)length >= cap) cli_fail(PROGRAM, "--save %.40s...: too long a path", o->save);
+}
+
+/* Trains the model up to --steps from the step it has taken; its batches come from a
+   generator seeded by the seed, the same for every pattern (and for a resumed run, which
+   draws the batches of the steps taken again). Images per second. */
+static double train_steps(acmoe_lm *lm, acmoe_ctx *ctx, const options *o, const char *pattern, long seed,
+                          const dataset *train, float *patches, int32_t *labels, int *index) {
+    const long first = acmoe_lm_steps_taken(lm) + 1;
+    acmoe_optim_desc opt;
+    acmoe_rng rng;
+    char path[CHECKPOINT_PATH];
+    float loss = 0.0f;
+    long step, draw;
+    int b;
+    double start;
     memset(&opt, 0, sizeof opt);
     opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.schedule = ACMOE_SCHEDULE_COSINE, opt.total_steps = o->steps;
     opt.weight_decay = o->weight_decay, opt.clip_norm = o->clip;
-    printf("\n== pattern %s, seed %ld: %lu parameters, %d patches of %d pixels per image\n", pattern, seed,
-           (unsigned long)acmoe_lm_param_count(lm), d.seq_len, d.patch_dim);
-    moe_print_settings(lm);
-    acmoe_rng_seed(&rng, (uint64_t)seed * 7919u); /* the batch order: the same for every pattern */
+    acmoe_rng_seed(&rng, (uint64_t)seed * 7919u);
+    for (draw = 0; draw < (first - 1) * o->batch; draw++) acmoe_rng_below(&rng, (uint32_t)train->count);
     start = now_seconds();
-    for (step = 1; step <= o->steps; step++) {
+    for (step = first; step <= o->steps; step++) {
         for (b = 0; b < o->batch; b++) index[b] = (int)acmoe_rng_below(&rng, (uint32_t)train->count);
         for (b = 0; b < o->batch; b++) labels[b] = train->labels[index[b]];
         to_patches(train, index, o->batch, o->patch, patches);
@@ -275,10 +223,32 @@ static result train_one(const options *o, const char *pattern, long seed, const 
         acmoe_lm_zero_grad(lm);
         check(acmoe_lm_backward(lm, ctx), "backward");
         check(acmoe_lm_step(lm, ctx, &opt, NULL), "step");
-        if (step % o->log_every == 0 || step == o->steps)
-            printf("step %5d/%d  loss %.4f  lr %.2e\n", step, o->steps, loss, acmoe_lr_at(&opt, step));
+        if (step % o->log_every && step != o->steps) continue;
+        printf("step %5ld/%d  loss %.4f  lr %.2e\n", step, o->steps, loss, acmoe_lr_at(&opt, step));
+        if (!o->save) continue;
+        checkpoint_path(o, pattern, seed, path, sizeof path);
+        check(acmoe_lm_save(lm, path), path);
     }
-    r.images_per_second = (double)o->steps * o->batch / (now_seconds() - start);
+    if (first > o->steps) printf("  already at step %ld: nothing to train\n", first - 1);
+    return first > o->steps ? 0.0 : (double)(o->steps - first + 1) * o->batch / (now_seconds() - start);
+}
+
+/* Trains the resumed model, or a new one of the pattern and seed, and tests it. */
+static result train_one(const options *o, const char *pattern, long seed, const dataset *train, const dataset *test,
+                        acmoe_ctx *ctx, acmoe_lm *resumed) {
+    acmoe_lm *lm = resumed ? resumed : create_model(o, pattern, seed);
+    const acmoe_lm_desc d = acmoe_lm_settings(lm);
+    result r;
+    float *patches = (float *)malloc(sizeof(float) * PIXELS * (size_t)o->batch);
+    int32_t *labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch);
+    int *index = (int *)malloc(sizeof(int) * (size_t)o->batch), k;
+    if (!patches || !labels || !index) check(ACMOE_ERR_NOMEM, "batch");
+    memset(&r, 0, sizeof r);
+    snprintf(r.pattern, sizeof r.pattern, "%.*s", MOE_PATTERN_MAX, pattern);
+    printf("\n== pattern %s, seed %ld: %lu parameters, %d patches of %d pixels per image\n", pattern, seed,
+           (unsigned long)acmoe_lm_param_count(lm), d.seq_len, d.patch_dim);
+    moe_print_settings(lm);
+    r.images_per_second = train_steps(lm, ctx, o, pattern, seed, train, patches, labels, index);
     printf("  test accuracy:");
     for (k = 0; k < CORRUPTIONS; k++) {
         r.accuracy[k] = test_accuracy(lm, ctx, test, o, k, patches, index);
@@ -288,6 +258,47 @@ static result train_one(const options *o, const char *pattern, long seed, const 
     acmoe_lm_destroy(lm);
     free(patches), free(labels), free(index);
     return r;
+}
+
+/* ---- resuming ---- */
+
+/* The options of the checkpoint's run: its model's flags, and its training's where the
+   checkpoint keeps them (the seed is the model's: it also orders the batches); the rest as
+   o has them. */
+static options options_of_checkpoint(const acmoe_lm_desc *d, const acmoe_train_desc *t, const options *o) {
+    options k = *o;
+    k.pattern = d->pattern, k.batch = d->batch, k.patch = (int)sqrt((double)d->patch_dim), k.d_model = d->d_model;
+    k.heads = d->n_heads, k.experts = d->n_experts, k.top_k = d->top_k, k.d_ff = d->d_ff, k.pre_ln = d->pre_ln;
+    k.dropout = d->dropout, k.moe = moe_flags_of_model(d), k.seed = (long)d->seed;
+    if (!(t->optim.lr > 0.0f)) return k; /* all zero for a checkpoint that keeps no training options */
+    k.lr = t->optim.lr, k.warmup = t->optim.warmup_steps, k.weight_decay = t->optim.weight_decay;
+    k.clip = t->optim.clip_norm, k.steps = t->optim.total_steps;
+    return k;
+}
+
+/* The checkpoint's model, with o set to the checkpoint's run, so that the resumed run is
+   the run it continues. A flag given with another value, or a checkpoint of another kind
+   of model, exits with status 2. */
+static acmoe_lm *resume_run(options *o, const cli *c) {
+    acmoe_lm *lm = NULL;
+    acmoe_lm_desc d;
+    acmoe_train_desc t;
+    options k;
+    const acmoe_status s = acmoe_lm_load(&lm, o->resume);
+    int patch;
+    if (s != ACMOE_OK) cli_fail(PROGRAM, "--resume %s: %s", o->resume, acmoe_status_string(s));
+    d = acmoe_lm_settings(lm), t = acmoe_lm_train_settings(lm);
+    patch = (int)sqrt((double)d.patch_dim);
+    if (d.n_classes != CLASSES || patch * patch != d.patch_dim || SIDE % patch || d.seq_len * d.patch_dim != PIXELS)
+        cli_fail(PROGRAM, "--resume %s: not a classifier of 8 x 8 images into 10 classes", o->resume);
+    k = options_of_checkpoint(&d, &t, o);
+    cli_refuse_conflicts(c, o, &k);
+    *o = k;
+    printf("resuming %s at step %ld of %d: pattern %s, batch %d, patch %d, seed %ld", o->resume,
+           acmoe_lm_steps_taken(lm), o->steps, o->pattern, o->batch, o->patch, o->seed);
+    if (t.optim.lr > 0.0f) printf(", lr %g, warmup %d from the checkpoint\n", o->lr, o->warmup);
+    else printf(" from the checkpoint, which keeps no training flags: those given or their defaults\n");
+    return lm;
 }
 
 /* A fixed shuffle splits the images 80 / 20, the same for every run. */
@@ -303,7 +314,7 @@ static void split(const dataset *all, dataset *train, dataset *test) {
     }
     memset(train, 0, sizeof *train), memset(test, 0, sizeof *test);
     for (i = 0; i < all->count; i++)
-        dataset_add(i < all->count * 4 / 5 ? train : test, all->pixels + (size_t)order[i] * PIXELS, all->labels[order[i]]);
+        add_image(i < all->count * 4 / 5 ? train : test, all->pixels + (size_t)order[i] * PIXELS, all->labels[order[i]]);
     free(order);
 }
 
@@ -329,25 +340,30 @@ static void print_comparison(const result *r, int patterns, int seeds, const opt
 }
 
 int main(int argc, char **argv) {
-    options o = parse_options(argc, argv);
+    static result results[VIT_MAX_PATTERNS * VIT_MAX_SEEDS];
+    char patterns[VIT_MAX_PATTERNS][MOE_PATTERN_MAX + 1], why[256];
     acmoe_ctx_desc cd = acmoe_ctx_defaults();
     acmoe_ctx *ctx;
+    acmoe_lm *resumed = NULL;
     dataset all, train, test;
-    result results[16 * 16];
-    char list[256], *name, *rest;
-    int patterns = 0, seeds = o.compare ? o.seeds : 1, s;
+    cli flags_given;
+    options o = parse_options(argc, argv, &flags_given);
+    int n, p, s;
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress as it comes, through pipes too */
+    if (o.resume) resumed = resume_run(&o, &flags_given);
+    n = moe_split_patterns(o.compare ? o.compare : o.pattern, patterns, VIT_MAX_PATTERNS, why, sizeof why);
+    if (n == 0) cli_fail(PROGRAM, "%s", why); /* checked with the options; kept for a resumed pattern */
+    load_images(o.data, &all);
+    split(&all, &train, &test);
     cd.n_threads = o.threads;
     check(acmoe_ctx_create(&ctx, &cd), "context");
     printf("kernel path %s, %d threads\n", acmoe_isa_name(acmoe_ctx_settings(ctx).isa), acmoe_ctx_settings(ctx).n_threads);
-    load_images(o.data, &all);
-    split(&all, &train, &test);
     printf("%d training and %d test images\n", train.count, test.count);
-    snprintf(list, sizeof list, "%s", o.compare ? o.compare : o.pattern);
-    for (name = strtok_r(list, ",", &rest); name && patterns < 16; name = strtok_r(NULL, ",", &rest), patterns++)
-        for (s = 0; s < seeds; s++) results[patterns * seeds + s] = train_one(&o, name, o.seed + s, &train, &test, ctx);
-    if (patterns > 1 || seeds > 1) print_comparison(results, patterns, seeds, &o);
-    free(all.pixels), free(all.labels), free(train.pixels), free(train.labels), free(test.pixels), free(test.labels);
+    for (p = 0; p < n; p++)
+        for (s = 0; s < o.seeds; s++)
+            results[p * o.seeds + s] = train_one(&o, patterns[p], o.seed + s, &train, &test, ctx, p == 0 ? resumed : NULL);
+    if (n > 1 || o.seeds > 1) print_comparison(results, n, o.seeds, &o);
+    dataset_free(&all), dataset_free(&train), dataset_free(&test);
     acmoe_ctx_destroy(ctx);
     return 0;
 }
