@@ -1,0 +1,255 @@
+/* reference_dump: small acmoe models, each trained a few steps and then run forward and
+   backward on one fixed batch, saved for tools/reference_check.py to rebuild in PyTorch.
+
+   usage: reference_dump OUTDIR
+
+   For each case NAME it writes three safetensors files into OUTDIR:
+     NAME.safetensors        the checkpoint (acmoe_lm_save)
+     NAME.grads.safetensors  the checkpoint's own header with the gradient buffer in place of
+                             the parameters (the data of a checkpoint is the parameter buffer in
+                             order, checked here byte for byte), so each gradient sits under its
+                             parameter's name; the moments are zeros, the CRC is not the data's,
+                             and acmoe_lm_load refuses it
+     NAME.batch.safetensors  the batch (tokens and targets, or patches and labels, as I32 and
+                             F32), the logits and the loss of the forward call, and in
+                             __metadata__ the case's name and routers
+   Build: cc -std=c99 -D_POSIX_C_SOURCE=200809L -O2 -Wall -Wextra -Wpedantic -Werror -I. \
+          tools/reference_dump.c -o build/reference_dump -lm -lpthread */
+#define ACMOE_IMPLEMENTATION
+#include "acmoe.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct ref_case {
+    const char *name, *pattern, *routers;
+    int vision, pre_ln, untied_head;
+    acmoe_activation activation;
+    acmoe_group group; /* USMoE */
+    int check_batch;   /* sequences of the checked batch (0: batch) */
+    int experts, batch, seq; /* 0: EXPERTS, BATCH, SEQ */
+} ref_case;
+
+/* Every pattern that exists today but the vision AC variants ('a', the Swin backbone). */
+static const ref_case cases[] = {
+    {.name = "lm_ggc", .pattern = "ggc", .routers = "SMoE, SMoE, AC"},
+    {.name = "lm_gcc", .pattern = "gcc", .routers = "SMoE, AC, AC"},
+    {.name = "lm_ggu", .pattern = "ggu", .routers = "SMoE, SMoE, USMoE by position", .group = ACMOE_GROUP_POSITION},
+    {.name = "lm_ggu_batch", .pattern = "ggu", .routers = "SMoE, SMoE, USMoE by batch", .group = ACMOE_GROUP_BATCH},
+    {.name = "lm_gmg", .pattern = "gmg", .routers = "SMoE, Soft MoE by position, SMoE"},
+    {.name = "lm_ggc_preln_untied", .pattern = "ggc", .routers = "SMoE, SMoE, AC; pre-LN, untied head, GELU",
+     .pre_ln = 1, .untied_head = 1, .activation = ACMOE_ACT_GELU},
+    {.name = "lm_gfcc_preln", .pattern = "gfcc", .routers = "SMoE, dense, AC, AC; pre-LN", .pre_ln = 1},
+    /* one sequence of 8 tokens over 4 clusters: clusters of 0 or 1 token */
+    {.name = "lm_gcc_one_sequence", .pattern = "gcc", .routers = "SMoE, AC, AC; one sequence", .check_batch = 1},
+    {.name = "vit_ggg", .pattern = "ggg", .routers = "SMoE, SMoE, SMoE; vision", .vision = 1, .pre_ln = 1,
+     .activation = ACMOE_ACT_GELU},
+    {.name = "vit_gmg", .pattern = "gmg", .routers = "SMoE, Soft MoE by image, SMoE; vision", .vision = 1,
+     .pre_ln = 1, .activation = ACMOE_ACT_GELU},
+    {.name = "vit_ggc", .pattern = "ggc", .routers = "SMoE, SMoE, AC; vision", .vision = 1, .pre_ln = 1,
+     .activation = ACMOE_ACT_GELU},
+    {.name = "vit_ggc_postln", .pattern = "ggc", .routers = "SMoE, SMoE, AC; vision, post-LN", .vision = 1},
+    /* 12 clusters over 512 patches: with at most one cluster of fewer than 2 tokens, some W
+       reaches 10 x its mean and the clip binds (with 4 it never can: W <= 4 x its mean) */
+    {.name = "vit_gcc_12_experts", .pattern = "gcc", .routers = "SMoE, AC, AC; vision, 12 experts", .vision = 1,
+     .pre_ln = 1, .experts = 12, .batch = 16, .seq = 32},
+};
+
+enum { BATCH = 3, SEQ = 8, VOCAB = 32, D_MODEL = 16, HEADS = 2, D_FF = 24, EXPERTS = 4, TOP_K = 2 };
+enum { PATCH_DIM = 12, CLASSES = 5, TRAIN_STEPS = 3, MAX_TOKENS = 512 };
+
+static int fail(const char *what, const char *name, acmoe_status s) {
+    fprintf(stderr, "reference_dump: %s: %s: %s\n", name, what, acmoe_status_string(s));
+    return 1;
+}
+
+/* A safetensors file of a few tensors, written in the order given. */
+typedef struct st_tensor {
+    const char *name, *dtype;
+    int ndim, shape[3];
+    const void *data;
+} st_tensor;
+
+static size_t st_bytes(const st_tensor *t) {
+    size_t n = 4;
+    int i;
+    for (i = 0; i < t->ndim; i++) n *= (size_t)t->shape[i];
+    return n;
+}
+
+static int st_write(const char *path, const st_tensor *t, int count, const char *metadata) {
+    char header[4096];
+    size_t len, at = 0;
+    unsigned char len8[8];
+    int i, j, ok;
+    FILE *f;
+    len = (size_t)snprintf(header, sizeof header, "{\"__metadata__\":{%s}", metadata);
+    for (i = 0; i < count && len < sizeof header; i++) {
+        len += (size_t)snprintf(header + len, sizeof header - len, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[", t[i].name,
+                                t[i].dtype);
+        for (j = 0; j < t[i].ndim && len < sizeof header; j++)
+            len += (size_t)snprintf(header + len, sizeof header - len, "%s%d", j ? "," : "", t[i].shape[j]);
+        if (len < sizeof header)
+            len += (size_t)snprintf(header + len, sizeof header - len, "],\"data_offsets\":[%lu,%lu]}",
+                                    (unsigned long)at, (unsigned long)(at + st_bytes(&t[i])));
+        at += st_bytes(&t[i]);
+    }
+    if (len < sizeof header) len += (size_t)snprintf(header + len, sizeof header - len, "}");
+    while (len < sizeof header - 1 && (8 + len) % 8) header[len++] = ' ';
+    if (len >= sizeof header - 1) return 0;
+    f = fopen(path, "wb");
+    if (!f) return 0;
+    for (i = 0; i < 8; i++) len8[i] = (unsigned char)((unsigned long long)len >> (8 * i));
+    ok = fwrite(len8, 1, 8, f) == 8 && fwrite(header, 1, len, f) == len;
+    for (i = 0; ok && i < count; i++) ok = fwrite(t[i].data, 1, st_bytes(&t[i]), f) == st_bytes(&t[i]);
+    return fclose(f) == 0 && ok;
+}
+
+static unsigned char *read_file(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    unsigned char *data = NULL;
+    long n;
+    if (!f) return NULL;
+    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0) {
+        data = (unsigned char *)malloc((size_t)n);
+        if (data && fread(data, 1, (size_t)n, f) != (size_t)n) free(data), data = NULL;
+        *size = (size_t)n;
+    }
+    fclose(f);
+    return data;
+}
+
+/* The gradient file: the checkpoint with the gradient buffer over the parameter data, after
+   checking that the data is the parameter buffer as it was saved (params), in order. */
+static int write_grads(const char *checkpoint, const char *path, const float *params, const float *grads, size_t n) {
+    size_t size = 0, header_len = 0, start;
+    unsigned char *data = read_file(checkpoint, &size);
+    int i, ok;
+    FILE *f;
+    if (!data || size < 8) return free(data), 0;
+    for (i = 0; i < 8; i++) header_len |= (size_t)data[i] << (8 * i);
+    start = 8 + header_len;
+    ok = size == start + 3 * n * sizeof(float) && !memcmp(data + start, params, n * sizeof(float));
+    if (!ok) {
+        fprintf(stderr, "reference_dump: %s: the data is not the parameter buffer in order\n", checkpoint);
+        return free(data), 0;
+    }
+    memcpy(data + start, grads, n * sizeof(float));
+    memset(data + start + n * sizeof(float), 0, 2 * n * sizeof(float));
+    f = fopen(path, "wb");
+    ok = f && fwrite(data, 1, size, f) == size;
+    if (f && fclose(f) != 0) ok = 0;
+    free(data);
+    return ok;
+}
+
+/* Creates the case's model, trains it TRAIN_STEPS steps on random batches (so that no parameter
+   is at its initial value), saves it, then runs forward and backward on one more batch and saves
+   the gradients and the batch. */
+static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
+    static int32_t tokens[MAX_TOKENS], targets[MAX_TOKENS], labels[MAX_TOKENS];
+    static float patches[MAX_TOKENS * PATCH_DIM], logits[MAX_TOKENS * VOCAB];
+    const int seq = c->seq ? c->seq : SEQ, max_batch = c->batch ? c->batch : BATCH;
+    acmoe_lm_desc d;
+    acmoe_lm *lm;
+    acmoe_optim_desc opt;
+    acmoe_rng rng;
+    acmoe_status s;
+    char path[1024], grads[1024], meta[512];
+    float loss = 0.0f, norm, *saved;
+    int step, i, batch = max_batch, n_logits;
+    st_tensor t[4];
+
+    if (max_batch * seq > MAX_TOKENS) return fail("size", c->name, ACMOE_ERR_SHAPE);
+    memset(&d, 0, sizeof d);
+    d.vocab = VOCAB, d.d_model = D_MODEL, d.n_heads = HEADS, d.seq_len = seq, d.batch = max_batch;
+    d.pattern = c->pattern, d.d_ff = D_FF, d.n_experts = c->experts ? c->experts : EXPERTS, d.top_k = TOP_K;
+    d.activation = c->activation, d.pre_ln = c->pre_ln, d.untied_head = c->untied_head;
+    d.seed = 7;
+    d.moe.group = c->group;
+    if (c->vision) d.n_classes = CLASSES, d.patch_dim = PATCH_DIM;
+    s = acmoe_lm_create(&lm, &d);
+    if (s != ACMOE_OK) return fail("create", c->name, s);
+    memset(&opt, 0, sizeof opt);
+    opt.lr = 1e-2f;
+    acmoe_rng_seed(&rng, 2024);
+    snprintf(path, sizeof path, "%s/%s.safetensors", dir, c->name);
+    snprintf(grads, sizeof grads, "%s/%s.grads.safetensors", dir, c->name);
+    saved = (float *)malloc(sizeof(float) * acmoe_lm_param_count(lm));
+    for (step = 0; step <= TRAIN_STEPS && saved; step++) {
+        if (step == TRAIN_STEPS) {
+            /* the checkpoint holds the parameters as the checked forward call finds them, before
+               it re-projects the cosine routers' embeddings (the reference does that itself) */
+            s = acmoe_lm_save(lm, path);
+            if (s != ACMOE_OK) break;
+            memcpy(saved, acmoe_lm_params(lm), sizeof(float) * acmoe_lm_param_count(lm));
+            if (c->check_batch) batch = c->check_batch;
+        }
+        for (i = 0; i < batch * seq; i++) {
+            tokens[i] = (int32_t)acmoe_rng_below(&rng, VOCAB);
+            targets[i] = (int32_t)acmoe_rng_below(&rng, VOCAB);
+        }
+        for (i = 0; i < batch * seq * PATCH_DIM; i++) patches[i] = acmoe_rng_normal(&rng);
+        for (i = 0; i < batch; i++) labels[i] = (int32_t)acmoe_rng_below(&rng, CLASSES);
+        acmoe_lm_zero_grad(lm);
+        s = c->vision ? acmoe_lm_forward_patches(lm, ctx, patches, labels, batch, 1, &loss)
+                      : acmoe_lm_forward(lm, ctx, tokens, targets, batch, seq, 1, &loss);
+        n_logits = c->vision ? batch * CLASSES : batch * seq * VOCAB;
+        /* the backward pass turns the logits into their gradients, in place */
+        if (s == ACMOE_OK) memcpy(logits, acmoe_lm_logits(lm), sizeof(float) * (size_t)n_logits);
+        if (s == ACMOE_OK) s = acmoe_lm_backward(lm, ctx);
+        if (s == ACMOE_OK && step < TRAIN_STEPS) s = acmoe_lm_step(lm, ctx, &opt, &norm);
+        if (s != ACMOE_OK) break;
+    }
+    if (!saved) s = ACMOE_ERR_NOMEM;
+    if (s == ACMOE_OK && !write_grads(path, grads, saved, acmoe_lm_grads(lm), acmoe_lm_param_count(lm)))
+        s = ACMOE_ERR_IO;
+    free(saved);
+    if (s != ACMOE_OK) {
+        acmoe_lm_destroy(lm);
+        return fail("training, checkpoint or gradient file", c->name, s);
+    }
+    memset(t, 0, sizeof t);
+    if (c->vision) {
+        t[0].name = "patches", t[0].dtype = "F32", t[0].ndim = 3, t[0].data = patches;
+        t[0].shape[0] = batch, t[0].shape[1] = seq, t[0].shape[2] = PATCH_DIM;
+        t[1].name = "labels", t[1].dtype = "I32", t[1].ndim = 1, t[1].shape[0] = batch, t[1].data = labels;
+        t[2].shape[0] = batch, t[2].shape[1] = CLASSES;
+    } else {
+        t[0].name = "tokens", t[0].dtype = "I32", t[0].ndim = 2, t[0].data = tokens;
+        t[0].shape[0] = batch, t[0].shape[1] = seq;
+        t[1].name = "targets", t[1].dtype = "I32", t[1].ndim = 2, t[1].data = targets;
+        t[1].shape[0] = batch, t[1].shape[1] = seq;
+        t[2].shape[0] = batch * seq, t[2].shape[1] = VOCAB;
+    }
+    t[2].name = "logits", t[2].dtype = "F32", t[2].ndim = 2, t[2].data = logits;
+    t[3].name = "loss", t[3].dtype = "F32", t[3].ndim = 1, t[3].shape[0] = 1, t[3].data = &loss;
+    snprintf(meta, sizeof meta, "\"case\":\"%s\",\"pattern\":\"%s\",\"routers\":\"%s\"", c->name, c->pattern,
+             c->routers);
+    snprintf(path, sizeof path, "%s/%s.batch.safetensors", dir, c->name);
+    if (!st_write(path, t, 4, meta)) {
+        acmoe_lm_destroy(lm);
+        return fail("batch file", c->name, ACMOE_ERR_IO);
+    }
+    printf("%-22s %-5s loss %.6f, %lu parameters\n", c->name, c->pattern, (double)loss,
+           (unsigned long)acmoe_lm_param_count(lm));
+    acmoe_lm_destroy(lm);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    acmoe_ctx *ctx;
+    acmoe_status s;
+    size_t i;
+    int failed = 0;
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s OUTDIR\n", argv[0]);
+        return 2;
+    }
+    s = acmoe_ctx_create(&ctx, NULL);
+    if (s != ACMOE_OK) return fail("context", "-", s);
+    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) failed |= run_case(&cases[i], ctx, argv[1]);
+    acmoe_ctx_destroy(ctx);
+    return failed;
+}
