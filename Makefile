@@ -12,7 +12,7 @@ B        := build
 TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm fuzz bench bench-pytorch examples demo demo-vision clean
+.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm fuzz bench bench-pytorch test-reference examples demo demo-vision clean
 
 all: $(B)/tests $(B)/bench examples
 
@@ -135,6 +135,16 @@ bench-pytorch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "bench-pytorch needs PyTorch: apt-get install python3-torch libopenblas0-pthread"; exit 1; }
 	$(PYTHON) bench/pytorch_peer.py --threads 1
 	$(PYTHON) bench/pytorch_peer.py --threads 2
+
+# The whole model against PyTorch: tools/reference_dump.c saves small models of each router
+# pattern with a batch, its logits, loss and gradients; tools/reference_check.py rebuilds them
+# in float64 with the routers of the authors' code and wants every tensor within 1e-4
+# (relative). The check is skipped, saying so, where PyTorch is not installed.
+test-reference: | $(B)
+	$(CC) $(CSTD) -O2 $(WARN) -I. tools/reference_dump.c -o $(B)/reference_dump $(LDLIBS)
+	rm -rf $(B)/reference && mkdir -p $(B)/reference && ./$(B)/reference_dump $(B)/reference
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) tools/reference_check.py $(B)/reference; \
+	else echo "test-reference skipped: PyTorch not installed (apt-get install python3-torch)"; fi
 
 EXAMPLES := $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 
