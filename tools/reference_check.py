@@ -24,18 +24,22 @@ unmasked for a vision encoder; layer norm with eps 1e-5, post-LN (h = LN1(x + at
 y = LN2(h + moe(h))) or pre-LN with a final norm; the head tied to the token embedding or
 not; a vision encoder classifies the mean of its last rows. Experts are
 W2 act(W1 x + b1) + b2 as in the AC reference's _Expert (language-modeling/custom_transformer.py
-lines 17-31 of Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts).
+lines 11-33 of Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts). The authors' language-model
+block is not acmoe's (their MoE wrapper adds its own residual and LayerNorm, models.py:663,
+inside the block's, :1156, and attention has relative position keys and a cache): this checks
+acmoe's backbone around the authors' routers.
 
 The routers are written from the authors' code paths, not from acmoe.h (one function each,
 registered in GATES by router letter; a backbone is one function in BACKBONES):
   g  SMoE      language-modeling/custom_gates.py:783-833 (CustomNaiveGate_Balance_SMoE) and
                the gate-weighted sum of custom_layers.py:348-356
   c  AC        custom_gates.py:1007-1335 (COSAGate_Balance, use_var=True, mad=True as the
-               language-model runs set them: scripts/pretraining/*/acmoe*.sh pass --use-var --mad)
+               language-model runs set them: the scripts/pretraining acmoe and cosa scripts pass
+               --use-var --mad, all but wikitext-103/glam/small/acmoe-s.sh)
   u  USMoE     USMoE/Training_scratch/custom_transformer.py:41-91 of giangdip2410/USMoE
   m  Soft MoE  softmoe-image-classification/softmoe.py:92-180 (SoftMoELayerWrapper, normalize,
                no AC), Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts
-  f  dense FFN (acmoe's one-expert layer; passes the labels on, as models.py:1146-1163 do)
+  f  dense FFN (acmoe's one-expert layer; the labels pass it, as past models.py:1168-1171)
 Where acmoe.h disagrees with those (DISAGREEMENTS below), the case fails, and the script also
 prints the error of acmoe.h's reading, so that the rest of the model is still checked.
 
@@ -119,14 +123,14 @@ class Routing:
 def activate(ctx, h):
     if ctx.activation == 0:  # ReLU: the LM reference, models.py:584 (nn.ReLU then dropout)
         return torch.relu(h)
-    if ctx.activation == 1:  # exact GELU: softmoe.py:357 Mlp's act_layer nn.GELU
+    if ctx.activation == 1:  # exact GELU: softmoe.py:359, the experts' act_layer nn.GELU
         return F.gelu(h)
     g, u = h.chunk(2, dim=-1)  # SwiGLU (acmoe's option): silu of the first half times the second
     return F.silu(g) * u
 
 
 def expert(P, j, rows, ctx):
-    """_Expert of custom_transformer.py:17-31: htoh4 (with bias), activation, h4toh (with bias)."""
+    """_Expert of custom_transformer.py:11-33: htoh4 (with bias), activation, h4toh (with bias)."""
     h = rows @ P["experts.w1"][j].T + P["experts.b1"][j]
     return activate(ctx, h) @ P["experts.w2"][j].T + P["experts.b2"][j]
 
@@ -187,8 +191,8 @@ DISAGREEMENTS = {
 
 @gate("g", "SMoE")
 def gate_smoe(P, x, prev, ctx):
-    # custom_gates.py:812 gate = self.gate(inp), a Linear with bias (:786); :822-825 top-k;
-    # :831 softmax over the k selected logits; no balance loss (g_blance False in the LM runs)
+    # custom_gates.py:812 gate = self.gate(inp), a Linear with bias (:786); :821-823 top-k;
+    # :826 softmax over the k selected logits; no balance loss (g_blance False in the LM runs)
     z = x @ P["router.weight"].T + P["router.bias"]
     val, idx = topk_best_first(ctx, z, ctx.top_k)
     score = F.softmax(val, dim=-1)
@@ -198,7 +202,7 @@ def gate_smoe(P, x, prev, ctx):
 @gate("f", "dense")
 def gate_dense(P, x, prev, ctx):
     # acmoe's dense FFN is a one-expert layer with gate 1; the authors' dense layers
-    # (models.py:1160-1163) leave gate_top_k_idx to the next MoE layer untouched
+    # (models.py:1168-1171) leave gate_top_k_idx to the next MoE layer untouched
     return expert(P, 0, x, ctx), None
 
 
@@ -224,7 +228,7 @@ def ac_weights_lm(ctx, tokens, labels, k_rows):
 
 @gate("c", "AC")
 def gate_ac(P, x, prev, ctx):
-    # COSAGate_Balance.forward, the "xmoe base" branch (custom_gates.py:1090-1120)
+    # COSAGate_Balance.forward, the "xmoe base" branch (custom_gates.py:1090-1120), use_var=True
     emb = P["router.embedding"]
     with torch.no_grad():  # :1093-1097 re-projection to norm 1.5, in place, no gradient
         emb.mul_(1.5 / emb.norm(p=2.0, dim=1, keepdim=True))
@@ -232,8 +236,8 @@ def gate_ac(P, x, prev, ctx):
         labels = prev.idx[:, 0]
         w = ac_weights_lm(ctx, x.detach(), labels, int(prev.idx.max().item()) + 1)[labels]  # :1322
     ehat = F.normalize(emb, p=2.0, dim=1, eps=1e-4)  # _cosa_dot :1131
-    z = (x * w) @ ehat.T  # :1132-1134
-    z = make_finite(z)  # :1327-1332
+    z = (x * w) @ ehat.T  # :1124 W from compute_W_var, :1132-1134
+    z = make_finite(z)  # :1100
     val, idx = topk_best_first(ctx, z, ctx.top_k)  # :1109-1112
     score = F.softmax(val, dim=-1)  # :1114
     return combine_topk(P, x, idx, score, ctx), Routing(idx, score)
@@ -508,7 +512,7 @@ def main(argv):
     for name in names:
         try:
             failed += not check_case(directory, name)
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, ValueError, struct.error) as e:
             print("%s: cannot read the case: %s" % (name, e))
             return 2
     print("%d case(s), %d passed, %d failed" % (len(names), len(names) - failed, failed))
