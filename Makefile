@@ -12,7 +12,7 @@ B        := build
 TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm fuzz bench bench-pytorch test-reference examples demo demo-vision clean
+.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean
 
 all: $(B)/tests $(B)/bench examples
 
@@ -109,6 +109,18 @@ fuzz: | $(B)
 	rm -rf $(B)/fuzz-corpus && mkdir -p $(B)/fuzz-corpus && ./$(B)/fuzz_seeds $(B)/fuzz-corpus
 	./$(B)/fuzz_checkpoint $(B)/fuzz-corpus -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=10 \
 	    -artifact_prefix=$(B)/ -print_final_stats=1
+
+# The examples' flag parser (argv from NUL-separated bytes, both programs' flag tables) and
+# the digits CSV reader under libFuzzer, FUZZ_SECONDS each, from valid command lines (every
+# router letter in --pattern and --compare) and CSVs. Needs clang; crash-* files in build/.
+fuzz-cli: | $(B)
+	for t in cli csv; do \
+	    clang $(CSTD) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(WARN) \
+	        tests/fuzz_$$t.c -o $(B)/fuzz_$$t $(LDLIBS) || exit 1; \
+	    $(CC) $(CSTD) -O1 $(WARN) -DFUZZ_SEEDS tests/fuzz_$$t.c -o $(B)/fuzz_$$t-seeds $(LDLIBS) || exit 1; \
+	    rm -rf $(B)/fuzz-$$t-corpus && mkdir -p $(B)/fuzz-$$t-corpus && ./$(B)/fuzz_$$t-seeds $(B)/fuzz-$$t-corpus || exit 1; \
+	    ./$(B)/fuzz_$$t $(B)/fuzz-$$t-corpus -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=10 \
+	        -artifact_prefix=$(B)/ -print_final_stats=1 || exit 1; done
 
 # Run-time dispatch on emulated x86-64 CPUs without AVX-512 (Haswell) and without AVX
 # (qemu64): the same binary must pick the right path and never fault. Needs qemu-user.

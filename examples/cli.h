@@ -209,20 +209,24 @@ static inline void cli_fail(const char *program, const char *format, ...) {
     exit(2);
 }
 
-/* Exits with status 2 naming the first CLI_KEPT flag given on the command line (whose
-   options are given) with another value than kept has: the options of the run that a
-   checkpoint continues. */
+/* The first CLI_KEPT flag given on the command line (whose options are given) with another
+   value than kept has, the options of the run that a checkpoint continues; -1 for none. */
+static inline int cli_first_conflict(const cli *c, const void *given, const void *kept) {
+    int f;
+    for (f = 0; f < c->count; f++)
+        if (c->flags[f].attrs & CLI_KEPT && c->given[f] && !cli_same_value(&c->flags[f], given, kept)) return f;
+    return -1;
+}
+
+/* Exits with status 2 naming that flag and both values, if there is one. */
 static inline void cli_refuse_conflicts(const cli *c, const void *given, const void *kept) {
     char ours[64], theirs[64];
-    int f;
-    for (f = 0; f < c->count; f++) {
-        const flag *fl = &c->flags[f];
-        if (!(fl->attrs & CLI_KEPT) || !c->given[f] || cli_same_value(fl, given, kept)) continue;
-        cli_format_value(fl, given, ours, sizeof ours);
-        cli_format_value(fl, kept, theirs, sizeof theirs);
-        cli_fail(c->program, "%s %s conflicts with the checkpoint's %s (a resumed run keeps the flags it was trained with)",
-                 fl->name, ours, theirs);
-    }
+    const int f = cli_first_conflict(c, given, kept);
+    if (f < 0) return;
+    cli_format_value(&c->flags[f], given, ours, sizeof ours);
+    cli_format_value(&c->flags[f], kept, theirs, sizeof theirs);
+    cli_fail(c->program, "%s %s conflicts with the checkpoint's %s (a resumed run keeps the flags it was trained with)",
+             c->flags[f].name, ours, theirs);
 }
 
 /* cli_parse_args for a program: --help prints the flags and exits; a bad command line
