@@ -9,7 +9,8 @@ ARM_CC   ?= aarch64-linux-gnu-gcc
 QEMU_ARM ?= qemu-aarch64
 B        := build
 
-TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c
+TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c \
+            tests/test_hardening.c
 TEST_HDR := acmoe.h tests/harness.h
 
 .PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean

@@ -11,6 +11,11 @@ typedef struct test_case {
 
 extern int test_case_failures; /* CHECK failures in the running case */
 extern long test_allocations;   /* calls of the library's allocator so far */
+/* The library's allocator (impl.c): the call whose number (test_allocations before it) is
+   test_fail_allocation returns NULL (-1: none); blocks now held; bytes ever requested. */
+extern long test_fail_allocation;
+extern long test_live_allocations;
+extern unsigned long test_allocated_bytes;
 
 #define CHECK(cond)                                                                      \
     do {                                                                                 \
@@ -42,6 +47,7 @@ extern const test_case foundation_tests[];
 extern const test_case router_tests[];
 extern const test_case moe_tests[];
 extern const test_case lm_tests[];
+extern const test_case hardening_tests[];
 extern const test_case internal_tests[]; /* in impl.c, beside the implementation */
 
 #endif

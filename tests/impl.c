@@ -1,17 +1,46 @@
 /* The one translation unit of the test suite that holds the implementation. Its allocator
-   counts calls, so tests can prove that a steady-state step allocates nothing. */
+   counts calls, bytes and live blocks, so tests can prove that a steady-state step allocates
+   nothing and that every object gives back what it took; and it can fail one chosen call, so
+   tests can walk an entry point through each of its allocations failing. The counters are
+   atomic: worker threads free their start-up arguments. */
 #include <stdlib.h>
 
 long test_allocations;
+long test_fail_allocation = -1;
+long test_live_allocations;
+unsigned long test_allocated_bytes;
+
+/* Counts a request of bytes; whether it is the one chosen to fail. */
+static int allocation_fails(size_t bytes) {
+    const long call = __atomic_fetch_add(&test_allocations, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&test_allocated_bytes, (unsigned long)bytes, __ATOMIC_RELAXED);
+    return call == __atomic_load_n(&test_fail_allocation, __ATOMIC_RELAXED);
+}
 
 static void *counting_malloc(size_t bytes) {
-    test_allocations++;
-    return malloc(bytes);
+    void *p;
+    if (allocation_fails(bytes)) return NULL;
+    p = malloc(bytes);
+    if (p) __atomic_add_fetch(&test_live_allocations, 1, __ATOMIC_RELAXED);
+    return p;
+}
+
+static void *counting_realloc(void *old, size_t bytes) {
+    void *p;
+    if (allocation_fails(bytes)) return NULL;
+    p = realloc(old, bytes);
+    if (p && !old) __atomic_add_fetch(&test_live_allocations, 1, __ATOMIC_RELAXED);
+    return p;
+}
+
+static void counting_free(void *p) {
+    if (p) __atomic_sub_fetch(&test_live_allocations, 1, __ATOMIC_RELAXED);
+    free(p);
 }
 
 #define ACMOE_MALLOC(sz) counting_malloc(sz)
-#define ACMOE_REALLOC(p, sz) (test_allocations++, realloc(p, sz))
-#define ACMOE_FREE(p) free(p)
+#define ACMOE_REALLOC(p, sz) counting_realloc(p, sz)
+#define ACMOE_FREE(p) counting_free(p)
 #define ACMOE_IMPLEMENTATION
 #include "../acmoe.h"
 
