@@ -258,10 +258,15 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
      'c' AC          AC,        cosine, top-k (Adaptive Clustering, the paper's router)
      'u' USMoE       token,     linear, unified score, top pairs of each group
      'e' expert      token,     linear, each expert takes its top tokens (non-causal)
-     'm' Soft MoE    token,     slot,   every token reaches every expert through slots
-     'a' AC Soft MoE AC,        slot,   Soft MoE with the paper's AC options for it: the
-                                        weights reach the experts, labels mixed by the
-                                        previous gates, eps 0.35, clip 5, post-clip scaling
+     'm' Soft MoE    token,     slot,   every token reaches every expert through slots; the
+                                        slots mix the raw tokens (vmoe)
+     'n' Soft MoE    token,     slot,   as the paper's code runs it: normalised tokens feed
+                                        the score and the slots
+     'a' AC Soft MoE AC,        slot,   'n' with the paper's AC options for it: statistics of
+                                        the normalised tokens, weights that reach the
+                                        slots, each token's W the mix of its previous top
+                                        mix_k slots' rows, eps 0.35, clip 5, post-clip
+                                        scaling
    Other combinations are allowed, e.g. AC input with USMoE or Switch selection.
 
    Soft MoE (Puigcerver et al. 2024) has no pairs: each expert owns soft_slots slots per
@@ -269,7 +274,9 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
    over the group's tokens), and each token's output a mix of all slot outputs (combine: for
    each token, a softmax over the slots). Both softmaxes share the logits of the slot score.
    A token's output depends on its whole group, so Soft MoE is causal only with position
-   groups. */
+   groups. For the next layer's AC labels a Soft MoE layer reports each token's mix_k best
+   slots by logit: their experts, and the softmax over their logits (its combine weights
+   renormalised over them). */
 typedef enum acmoe_router_input {
     ACMOE_INPUT_TOKEN = 0, /* the token itself */
     ACMOE_INPUT_PROJECTED, /* x R, R a learned d_model -> proj_dim projection (XMoE) */
@@ -297,6 +304,17 @@ typedef enum acmoe_router_select {
                                     score, and the slot score needs it */
     ACMOE_SELECT_COUNT
 } acmoe_router_select;
+
+/* What a Soft MoE layer's slots mix and its score reads. */
+typedef enum acmoe_soft_input {
+    ACMOE_SOFT_RAW = 0,    /* slots mix the tokens as they come, the score reads them L2-normalised
+                              (Puigcerver et al. 2024, vmoe) */
+    ACMOE_SOFT_NORMALIZED, /* the tokens are L2-normalised first and feed both the score and the
+                              slots; with AC input the AC statistics are taken on the normalised
+                              tokens and the weighted tokens feed both, not renormalised (the
+                              paper's Soft MoE code, softmoe.py) */
+    ACMOE_SOFT_INPUT_COUNT
+} acmoe_soft_input;
 
 /* The tokens that USMoE's pair budget and Soft MoE's slots are shared by. */
 typedef enum acmoe_group {
@@ -330,6 +348,9 @@ typedef struct acmoe_moe_desc {
     acmoe_group group;     /* USMoE and Soft MoE */
     int seq_len;           /* tokens per sequence, for sequence and position groups */
     int soft_slots;        /* Soft MoE: slots per expert and group, default 1 */
+    acmoe_soft_input soft_input; /* Soft MoE: what the slots mix (see acmoe_soft_input) */
+    int mix_k;             /* Soft MoE: the slots each token reports to the next layer, default 8
+                              (at most the slot count) */
     float balance_alpha;   /* Switch balance loss alpha E sum f_j P_j; 0 = off (default);
                               the auxiliary losses and capacity do not apply to Soft MoE */
     float balance_temperature; /* P from softmax(z / T); default 1, the reference cosine runs 0.3 */
@@ -347,6 +368,7 @@ typedef struct acmoe_moe_stats {
     const int32_t *expert_index;  /* [n_tokens][top_k] experts by score, best first: the
                                      next layer's labels (whatever the selection rule) */
     const float *gate;            /* [n_tokens][top_k] their softmax over the k */
+                                  /* Soft MoE: top_k is the layer's resolved mix_k */
     const int *tokens_per_expert; /* [n_experts] pairs each expert processed */
     int pairs, dropped;           /* (token, expert) pairs processed; dropped by capacity */
     const int *pair_token;        /* [pairs] the routing itself, in (token, rank) order */
@@ -358,9 +380,9 @@ typedef struct acmoe_moe_stats {
     double seconds_experts;
     int ac_clusters;              /* AC: rows of W (1 + the largest previous index) */
     float ac_w_min, ac_w_max, ac_w_mean;
-    /* Soft MoE: there are no pairs; tokens_per_expert counts slots, expert_index ranks the
-       experts by the combine weight of their slots, and gate is that weight renormalised
-       over the k */
+    /* Soft MoE: there are no pairs; tokens_per_expert counts slots, expert_index holds the
+       experts of each token's mix_k best slots by logit (an expert may come twice with
+       several slots each), and gate is their combine weight renormalised over the mix_k */
     int n_slots;                  /* n_experts * soft_slots */
     const float *slot_dispatch;   /* [n_tokens][n_slots] each slot's softmax over its group */
     const float *slot_combine;    /* [n_tokens][n_slots] each token's softmax over the slots */
@@ -2458,6 +2480,7 @@ struct acmoe_moe {
     int h_width;   /* width of W1's output: d_ff, or 2 d_ff for SwiGLU */
     int max_pairs; /* (token, expert) pairs one call can make; Soft MoE: slot rows */
     int lw;        /* logits per token: n_experts, or Soft MoE's slots */
+    int label_k;   /* experts each token reports to the next layer: top_k, or Soft MoE's mix_k */
     /* parameter views and their gradients */
     float *wr, *br, *emb, *phi, *phi_scale, *proj, *w1, *b1, *w2, *b2;
     float *g_wr, *g_br, *g_emb, *g_phi, *g_phi_scale, *g_proj, *g_w1, *g_b1, *g_w2, *g_b2;
@@ -2468,6 +2491,8 @@ struct acmoe_moe {
     float *ehat, *dehat, *emb_norm; /* unit expert embeddings or slot vectors [lw][dr], norms */
     float *logits, *probs, *sig, *dz; /* [T][lw] (sig: USMoE only); Soft MoE: probs are the combine weights */
     float *uhat, *u_norm;      /* Soft MoE: unit router inputs [T][dr] and their norms */
+    const float *score_in;     /* Soft MoE: the rows the slot score read (uhat, or xr) */
+    float *du;                 /* Soft MoE, normalised input: the gradient of those rows [T][dm] */
     float *dispatch, *ddispatch; /* Soft MoE: dispatch weights and their gradients [T][lw] */
     float *slots;              /* Soft MoE: slot rows of each group in turn [max_pairs][d] */
     float *balance_q;          /* [T][E] softmax(z / T) of the balance loss */
@@ -2507,6 +2532,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         {'u', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_USMOE},
         {'e', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_EXPERT_CHOICE},
         {'m', ACMOE_INPUT_TOKEN, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
+        {'n', ACMOE_INPUT_TOKEN, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
         {'a', ACMOE_INPUT_AC, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
     };
     size_t i;
@@ -2517,8 +2543,11 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         d->router_score = presets[i].score;
         d->router_select = presets[i].select;
         if (letter == 's') d->top_k = 1;
-        if (letter == 'a') { /* the specification's Soft MoE vision column */
-            d->ac_weight_experts = d->ac_mix_labels = 1;
+        if (letter == 'm') d->soft_input = ACMOE_SOFT_RAW;
+        if (letter == 'n' || letter == 'a') d->soft_input = ACMOE_SOFT_NORMALIZED;
+        if (letter == 'a') { /* softmoe.py's AC layers: mad, mix_weights, eps 0.35, 5 x mean clip */
+            d->ac_weight_experts = 0; /* the weighted tokens reach the slots anyway */
+            d->ac_mix_labels = 1;
             d->ac.eps = 0.35f, d->ac.clip = 5.0f, d->ac.scaling = ACMOE_AC_SCALE_POSTCLIP_MEAN;
             d->ac.dispersion = ACMOE_AC_DISP_MAD;
         }
@@ -2567,6 +2596,7 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (d.usmoe_rho == 0.0f) d.usmoe_rho = 0.5f;
     if (d.balance_temperature == 0.0f) d.balance_temperature = 1.0f;
     if (!d.soft_slots) d.soft_slots = 1;
+    if (!d.mix_k) d.mix_k = 8;
     if (d.d_model < 1 || d.d_ff < 1 || d.n_experts < 1 || d.max_tokens < 1 || d.top_k < 1 ||
         d.top_k > d.n_experts || d.proj_dim < 1 || d.ac_max_clusters < 1 || d.seq_len < 0 || d.soft_slots < 1 ||
         !acmoe__moe_sizes_fit(&d))
@@ -2575,6 +2605,7 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
         !acmoe__valid_enum((int)d.router_score, ACMOE_SCORE_COUNT) ||
         !acmoe__valid_enum((int)d.router_select, ACMOE_SELECT_COUNT) ||
         !acmoe__valid_enum((int)d.group, ACMOE_GROUP_COUNT) ||
+        !acmoe__valid_enum((int)d.soft_input, ACMOE_SOFT_INPUT_COUNT) || d.mix_k < 1 ||
         !acmoe__valid_enum((int)d.activation, ACMOE_ACT_COUNT))
         return ACMOE_ERR_ARG;
     if (!(d.capacity >= 0.0f && d.capacity <= 1e4f) || !(d.usmoe_budget > 0.0f && d.usmoe_budget <= (float)d.n_experts) ||
@@ -2584,6 +2615,8 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
         return ACMOE_ERR_ARG;
     if (d.group != ACMOE_GROUP_BATCH && acmoe__grouped(&d) && d.seq_len < 1)
         return ACMOE_ERR_ARG; /* sequence and position groups need seq_len */
+    if (d.soft_input == ACMOE_SOFT_NORMALIZED && d.router_input == ACMOE_INPUT_PROJECTED)
+        return ACMOE_ERR_ARG; /* the slots take the score's input, so it must be d_model wide */
     if ((d.router_select == ACMOE_SELECT_SOFT) != (d.router_score == ACMOE_SCORE_SLOT) ||
         (d.router_select == ACMOE_SELECT_SOFT && (d.capacity > 0.0f || d.balance_alpha > 0.0f || d.z_loss > 0.0f)))
         return ACMOE_ERR_ARG;
@@ -2661,6 +2694,7 @@ static void acmoe__moe_shape(acmoe_moe *L) {
     L->dr = d->router_input == ACMOE_INPUT_PROJECTED ? d->proj_dim : d->d_model;
     L->h_width = d->activation == ACMOE_ACT_SWIGLU ? 2 * d->d_ff : d->d_ff;
     L->lw = d->router_select == ACMOE_SELECT_SOFT ? d->n_experts * d->soft_slots : d->n_experts;
+    L->label_k = d->router_select == ACMOE_SELECT_SOFT ? ACMOE__MIN(d->mix_k, L->lw) : d->top_k;
     if (d->router_select == ACMOE_SELECT_SOFT) { /* every group's slots */
         L->max_pairs = acmoe__group_count(d, d->max_tokens) * L->lw;
         return;
@@ -2694,7 +2728,8 @@ static void *acmoe__carve(unsigned char *base, size_t *used, size_t bytes) {
 /* Lays the workspace out in base (or only measures it when base is NULL). */
 static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     const acmoe_moe_desc *d = &L->d;
-    const size_t t = (size_t)d->max_tokens, e = (size_t)d->n_experts, k = (size_t)d->top_k, p = (size_t)L->max_pairs;
+    const size_t t = (size_t)d->max_tokens, e = (size_t)d->n_experts, p = (size_t)L->max_pairs;
+    const size_t k = (size_t)ACMOE__MAX(d->top_k, L->label_k);
     const size_t lw = (size_t)L->lw, soft = d->router_select == ACMOE_SELECT_SOFT;
     const size_t dm = (size_t)d->d_model, dr = (size_t)L->dr, kc = (size_t)d->ac_max_clusters;
     const size_t f = sizeof(float), i = sizeof(int);
@@ -2711,6 +2746,7 @@ static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     L->dz = (float *)acmoe__carve(base, &used, t * lw * f);
     L->uhat = (float *)acmoe__carve(base, &used, (soft ? t * dr : 1) * f);
     L->u_norm = (float *)acmoe__carve(base, &used, (soft ? t : 1) * f);
+    L->du = (float *)acmoe__carve(base, &used, (soft && d->soft_input == ACMOE_SOFT_NORMALIZED ? t * dm : 1) * f);
     L->dispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
     L->ddispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
     L->slots = (float *)acmoe__carve(base, &used, (soft ? p * dm : 1) * f);
@@ -3045,11 +3081,21 @@ static void acmoe__times_token_weights(const acmoe_moe *L, acmoe_ctx *ctx, const
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__times_token_weights_job, &job);
 }
 
-/* The router input u [n][dr]: x itself, x R^T, or x * W[label]. */
+/* Whether the tokens are normalised before anything else reads them (see acmoe_soft_input). */
+static int acmoe__normalized_soft(const acmoe_moe *L) {
+    return L->d.router_select == ACMOE_SELECT_SOFT && L->d.soft_input == ACMOE_SOFT_NORMALIZED;
+}
+
+/* The router input u [n][dr]: x itself, x R^T, or x * W[label]; for normalised Soft MoE the
+   same of x / |x|. */
 static acmoe_status acmoe__router_input(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n, const int32_t *prev_idx,
                                         const float *prev_gate, int prev_k, const float **u) {
     const acmoe_moe_desc *d = &L->d;
     acmoe_status s;
+    if (acmoe__normalized_soft(L)) {
+        acmoe__unit_rows(x, n, d->d_model, L->uhat, L->u_norm);
+        x = L->uhat;
+    }
     *u = x;
     if (d->router_input == ACMOE_INPUT_PROJECTED) {
         *u = L->xr;
@@ -3083,9 +3129,10 @@ static acmoe_status acmoe__router_score(acmoe_moe *L, acmoe_ctx *ctx, const floa
     acmoe_status s;
     if (d->router_score == ACMOE_SCORE_SLOT) {
         size_t i;
-        acmoe__unit_rows(u, n, L->dr, L->uhat, L->u_norm);
+        if (!acmoe__normalized_soft(L)) acmoe__unit_rows(u, n, L->dr, L->uhat, L->u_norm);
+        L->score_in = acmoe__normalized_soft(L) ? u : L->uhat; /* weighted rows stay as they are */
         acmoe__unit_rows(L->phi, L->lw, L->dr, L->ehat, L->emb_norm);
-        s = acmoe_matmul(ctx, ACMOE_NT, n, L->lw, L->dr, L->uhat, L->dr, L->ehat, L->dr, L->logits, L->lw, 0);
+        s = acmoe_matmul(ctx, ACMOE_NT, n, L->lw, L->dr, L->score_in, L->dr, L->ehat, L->dr, L->logits, L->lw, 0);
         for (i = 0; i < (size_t)n * L->lw; i++) L->logits[i] *= *L->phi_scale;
         return s;
     }
@@ -3324,8 +3371,10 @@ static void acmoe__token_range(const acmoe_moe *L, int tid, int n_threads, int *
     *t1 = (int)((long)L->n * (tid + 1) / n_threads);
 }
 
-/* The experts' input rows: x, or x * W[label] when the AC weights reach the experts. */
+/* The experts' input rows: x, or x * W[label] when the AC weights reach the experts; for
+   normalised Soft MoE the rows the score read. */
 static const float *acmoe__expert_input(const acmoe_moe *L, const float *x) {
+    if (acmoe__normalized_soft(L)) return L->score_in;
     return L->d.router_input == ACMOE_INPUT_AC && L->d.ac_weight_experts ? L->xr : x;
 }
 
@@ -3399,10 +3448,10 @@ static void acmoe__soft_copy(const acmoe_moe *L, int g, float *expert_rows, int 
 
 /* One group's weights from the logits: the combine weights (each token's softmax over the
    slots), the dispatch weights (each slot's softmax over the group's tokens), and for the
-   next layer each token's top-k experts by the combine weight of their slots (the softmax
-   over the k of the weights' logs renormalises the weights over the k). */
+   next layer each token's label_k best slots by logit, as their experts and the softmax
+   over their logits. */
 static void acmoe__soft_weights(acmoe_moe *L, int first, int stride, int size) {
-    const int S = L->lw, e = L->d.n_experts, per = L->d.soft_slots, k = L->d.top_k;
+    const int S = L->lw, per = L->d.soft_slots, k = L->label_k;
     int i, j, c;
     for (c = 0; c < S; c++) {
         float top = -INFINITY, sum = 0.0f;
@@ -3415,14 +3464,9 @@ static void acmoe__soft_weights(acmoe_moe *L, int first, int stride, int size) {
     }
     for (i = 0; i < size; i++) {
         const size_t t = (size_t)(first + i * stride);
-        float *mass_log = L->dz + t * S; /* forward scratch: the token's row of dz */
         acmoe__softmax_rows(L->logits + t * S, L->probs + t * S, 1, S, 1.0f);
-        for (j = 0; j < e; j++) {
-            float mass = 0.0f;
-            for (c = 0; c < per; c++) mass += L->probs[t * S + (size_t)(j * per + c)];
-            mass_log[j] = logf(ACMOE__MAX(mass, 1e-30f));
-        }
-        acmoe__topk_softmax(mass_log, 1, e, k, L->top_idx + t * k, L->top_gate + t * k);
+        acmoe__topk_softmax(L->logits + t * S, 1, S, k, L->top_idx + t * k, L->top_gate + t * k);
+        for (j = 0; j < k; j++) L->top_idx[t * k + (size_t)j] /= per; /* a slot's label is its expert */
     }
 }
 
@@ -3488,7 +3532,7 @@ static void acmoe__soft_dispatch_backward_job(void *arg, int tid, int n_threads)
     acmoe_moe *L = job->L;
     const int S = L->lw, dm = L->d.d_model;
     const float *in = acmoe__expert_input(L, L->x);
-    float *din = in == L->x ? job->dx : L->dxr;
+    float *din = in == L->x ? job->dx : acmoe__normalized_soft(L) ? L->du : L->dxr;
     int g, i, c, first, stride, size;
     for (g = tid; g < L->n_groups; g += n_threads) {
         float *slots = L->slots + (size_t)g * S * dm;
@@ -3655,26 +3699,36 @@ static void acmoe__gate_backward(acmoe_moe *L) {
 
 static acmoe_status acmoe__router_input_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx);
 
-/* The slot score's gradients from dz [n][lw]: the scale's, the slot vectors' (through their
-   normalisation), and the router input's, added to du or written over it (du may be dxr,
-   the scratch that holds it before the normalisation). */
-static acmoe_status acmoe__slot_score_backward(acmoe_moe *L, acmoe_ctx *ctx, float *du, int accumulate) {
+/* The slot score's gradients from dz [n][lw]: the scale's and the slot vectors' (through
+   their normalisation), and in dxr the gradient of the rows it read. */
+static acmoe_status acmoe__slot_score_backward(acmoe_moe *L, acmoe_ctx *ctx) {
     const int n = L->n, S = L->lw, dr = L->dr;
     const float scale = *L->phi_scale;
     float dscale = 0.0f;
     size_t i;
     acmoe_status s = acmoe_matmul(ctx, ACMOE_NN, n, dr, S, L->dz, S, L->ehat, dr, L->dxr, dr, 0);
-    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, S, dr, n, L->dz, S, L->uhat, dr, L->dehat, dr, 0);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, S, dr, n, L->dz, S, L->score_in, dr, L->dehat, dr, 0);
     if (s != ACMOE_OK) return s;
-    for (i = 0; i < (size_t)n * dr; i++) { /* sum of dz * cosine = sum over tokens of (dz ehat) . uhat */
-        dscale += L->dxr[i] * L->uhat[i];
+    for (i = 0; i < (size_t)n * dr; i++) { /* sum of dz * (score / scale) = sum over tokens of (dz ehat) . row */
+        dscale += L->dxr[i] * L->score_in[i];
         L->dxr[i] *= scale;
     }
     *L->g_phi_scale += dscale;
     for (i = 0; i < (size_t)S * dr; i++) L->dehat[i] *= scale;
     acmoe__unit_rows_backward(L->ehat, L->emb_norm, L->dehat, S, dr, L->g_phi, 1);
-    acmoe__unit_rows_backward(L->uhat, L->u_norm, L->dxr, n, dr, du, accumulate);
     return ACMOE_OK;
+}
+
+/* Normalised Soft MoE: the gradients of the rows the score read (dxr) and the slots mixed
+   (du) are one gradient, which goes back through the AC weights (constants) and the
+   normalisation into dx. */
+static void acmoe__normalized_input_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
+    const int n = L->n, dm = L->d.d_model;
+    const size_t count = (size_t)n * dm;
+    size_t i;
+    for (i = 0; i < count; i++) L->du[i] += L->dxr[i];
+    if (L->d.router_input == ACMOE_INPUT_AC) acmoe__times_token_weights(L, ctx, L->du, n, L->dxr, 0);
+    acmoe__unit_rows_backward(L->uhat, L->u_norm, L->d.router_input == ACMOE_INPUT_AC ? L->dxr : L->du, n, dm, dx, 1);
 }
 
 /* Router parameter gradients, and the router's part of dx (added to dx). */
@@ -3686,8 +3740,14 @@ static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *
     float *du = direct ? dx : L->dxr;
     acmoe_status s;
     if (d->router_score == ACMOE_SCORE_SLOT) {
-        s = acmoe__slot_score_backward(L, ctx, du, direct);
-        return s != ACMOE_OK || direct ? s : acmoe__router_input_backward(L, ctx, dx);
+        s = acmoe__slot_score_backward(L, ctx);
+        if (s != ACMOE_OK) return s;
+        if (acmoe__normalized_soft(L)) {
+            acmoe__normalized_input_backward(L, ctx, dx);
+            return ACMOE_OK;
+        }
+        acmoe__unit_rows_backward(L->uhat, L->u_norm, L->dxr, n, dr, du, direct);
+        return direct ? ACMOE_OK : acmoe__router_input_backward(L, ctx, dx);
     }
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         acmoe__bias_grad(L->dz, n, e, L->g_br);
@@ -3727,7 +3787,8 @@ static acmoe_status acmoe__soft_backward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_combine_backward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_backward_job, &job);
-    if (acmoe__expert_input(L, L->x) != L->x) acmoe__times_token_weights(L, ctx, L->dxr, L->n, dx, 1);
+    if (!acmoe__normalized_soft(L) && acmoe__expert_input(L, L->x) != L->x)
+        acmoe__times_token_weights(L, ctx, L->dxr, L->n, dx, 1);
     acmoe__lap(ctx, &mark, &L->seconds_experts);
     s = acmoe__router_backward(L, ctx, dx);
     acmoe__lap(ctx, &mark, &L->seconds_routing);
@@ -3768,7 +3829,7 @@ static acmoe_moe_stats acmoe__moe_routing_stats(const acmoe_moe *L) {
     acmoe_moe_stats st;
     memset(&st, 0, sizeof st);
     st.n_tokens = L->n;
-    st.top_k = L->d.top_k;
+    st.top_k = L->label_k;
     st.n_experts = L->d.n_experts;
     st.expert_index = L->top_idx;
     st.gate = L->top_gate;
@@ -5201,10 +5262,12 @@ typedef struct acmoe__config_field {
     const char *name;
     acmoe__field_type type;
     size_t offset;
+    int since; /* the first format version that stores it */
 } acmoe__config_field;
 
-#define ACMOE__INT_FIELD(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_lm_desc, member)}
-#define ACMOE__FLOAT_FIELD(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_lm_desc, member)}
+#define ACMOE__INT_FIELD(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_lm_desc, member), 2}
+#define ACMOE__FLOAT_FIELD(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_lm_desc, member), 2}
+#define ACMOE__INT_FIELD_3(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_lm_desc, member), 3}
 static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__INT_FIELD("vocab", vocab), ACMOE__INT_FIELD("d_model", d_model), ACMOE__INT_FIELD("n_heads", n_heads),
     ACMOE__INT_FIELD("seq_len", seq_len), ACMOE__INT_FIELD("batch", batch), ACMOE__INT_FIELD("d_ff", d_ff),
@@ -5223,12 +5286,13 @@ static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__FLOAT_FIELD("moe.ac.clip", moe.ac.clip), ACMOE__INT_FIELD("moe.ac.scaling", moe.ac.scaling),
     ACMOE__INT_FIELD("moe.ac.dispersion", moe.ac.dispersion), ACMOE__INT_FIELD("moe.ac.robust", moe.ac.robust),
     ACMOE__INT_FIELD("n_classes", n_classes), ACMOE__INT_FIELD("patch_dim", patch_dim),
+    ACMOE__INT_FIELD_3("moe.soft_input", moe.soft_input), ACMOE__INT_FIELD_3("moe.mix_k", moe.mix_k),
 };
 #define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
 
 /* The optimizer options of the last step (format 3 on). */
-#define ACMOE__OPTIM_INT(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_optim_desc, member)}
-#define ACMOE__OPTIM_FLOAT(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_optim_desc, member)}
+#define ACMOE__OPTIM_INT(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_optim_desc, member), 3}
+#define ACMOE__OPTIM_FLOAT(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_optim_desc, member), 3}
 static const acmoe__config_field acmoe__optim_fields[] = {
     ACMOE__OPTIM_FLOAT("optim.lr", lr), ACMOE__OPTIM_FLOAT("optim.beta1", beta1),
     ACMOE__OPTIM_FLOAT("optim.beta2", beta2), ACMOE__OPTIM_FLOAT("optim.eps", eps),
@@ -5748,12 +5812,14 @@ static int acmoe__parse_hex(const char *text, int width, uint64_t *v) {
     return 1;
 }
 
+/* The fields of this format version from the metadata; the others stay zero. */
 static int acmoe__fields_from_metadata(const acmoe__parsed *m, const acmoe__config_field *fields, int count,
-                                       void *base) {
+                                       int version, void *base) {
     int i;
     for (i = 0; i < count; i++) {
         char *p = (char *)base + fields[i].offset;
         long v;
+        if (fields[i].since > version) continue;
         if (fields[i].type == ACMOE__FIELD_FLOAT) {
             if (!acmoe__canonical_float(acmoe__meta(m, fields[i].name), (float *)p)) return 0;
         } else {
@@ -5764,10 +5830,10 @@ static int acmoe__fields_from_metadata(const acmoe__parsed *m, const acmoe__conf
     return 1;
 }
 
-static int acmoe__field_named(const acmoe__config_field *fields, int count, const char *key) {
+static int acmoe__field_named(const acmoe__config_field *fields, int count, int version, const char *key) {
     int i;
     for (i = 0; i < count; i++)
-        if (!strcmp(fields[i].name, key)) return 1;
+        if (fields[i].since <= version && !strcmp(fields[i].name, key)) return 1;
     return 0;
 }
 
@@ -5777,8 +5843,8 @@ static int acmoe__known_key(const char *key, int version) {
     int i;
     for (i = 0; i < n_state; i++)
         if (!strcmp(acmoe__state_keys[i], key)) return 1;
-    return acmoe__field_named(acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, key) ||
-           (version >= 3 && acmoe__field_named(acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, key));
+    return acmoe__field_named(acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, version, key) ||
+           acmoe__field_named(acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, version, key);
 }
 
 /* What the metadata says besides the step and the generator. */
@@ -5800,7 +5866,7 @@ static int acmoe__meta_from_parsed(const acmoe__parsed *m, acmoe__checkpoint_met
     if (!out->version) return 0;
     for (i = 0; i < m->n_meta; i++)
         if (!acmoe__known_key(m->keys[i], out->version)) return 0;
-    if (!acmoe__fields_from_metadata(m, acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, &out->desc) ||
+    if (!acmoe__fields_from_metadata(m, acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, out->version, &out->desc) ||
         !acmoe__canonical_u64(acmoe__meta(m, "seed"), &out->desc.seed) || !acmoe__meta(m, "pattern"))
         return 0;
     out->desc.pattern = acmoe__meta(m, "pattern");
@@ -5808,7 +5874,7 @@ static int acmoe__meta_from_parsed(const acmoe__parsed *m, acmoe__checkpoint_met
     if (!crc || strlen(crc) != 8 || !acmoe__parse_hex(crc, 8, &v)) return 0;
     out->crc = (uint32_t)v;
     return acmoe__canonical_u64(acmoe__meta(m, "train.seed"), &out->train_seed) &&
-           acmoe__fields_from_metadata(m, acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, &out->optim);
+           acmoe__fields_from_metadata(m, acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, out->version, &out->optim);
 }
 
 /* The step and the dropout generator: "s0s1s2s3 spare has_spare", 16, 8 and 1 digits. */

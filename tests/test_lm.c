@@ -168,8 +168,11 @@ static void test_vision_gradients(void) {
     check_gradients(&d);
     memset(&m, 0, sizeof m);
     CHECK_STATUS(acmoe_moe_router_preset(&m, 'a'), ACMOE_OK);
-    CHECK(m.router_input == ACMOE_INPUT_AC && m.router_select == ACMOE_SELECT_SOFT && m.ac_weight_experts &&
-          m.ac_mix_labels && m.ac.eps == 0.35f && m.ac.clip == 5.0f && m.ac.scaling == ACMOE_AC_SCALE_POSTCLIP_MEAN);
+    CHECK(m.router_input == ACMOE_INPUT_AC && m.router_select == ACMOE_SELECT_SOFT &&
+          m.soft_input == ACMOE_SOFT_NORMALIZED && m.ac_mix_labels && m.ac.eps == 0.35f && m.ac.clip == 5.0f &&
+          m.ac.scaling == ACMOE_AC_SCALE_POSTCLIP_MEAN);
+    d = tiny_vision_desc("gna", 1);
+    check_gradients(&d);
 }
 
 /* Patches come out row by row, each in the image's order; sides the patch does not divide

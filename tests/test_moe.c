@@ -227,6 +227,87 @@ static void test_grad_soft(void) {
     d.ac_weight_experts = 1;
     d.ac_mix_labels = 1;
     check_gradients_desc(&d, 84);
+    d = small_desc('n', ACMOE_ACT_GELU); /* normalised tokens feed the score and the slots */
+    d.group = ACMOE_GROUP_SEQUENCE;
+    d.seq_len = 4;
+    check_gradients_desc(&d, 85);
+    d = small_desc('a', ACMOE_ACT_GELU); /* and their AC-weighted form */
+    d.group = ACMOE_GROUP_SEQUENCE;
+    d.seq_len = 4;
+    d.soft_slots = 2;
+    check_gradients_desc(&d, 86);
+    d.ac_mix_labels = 0;
+    check_gradients_desc(&d, 87);
+}
+
+/* The paper's Soft MoE layers (softmoe.py) on vectors worked out by hand from its formulas:
+   one image of 4 tokens, d 3, 2 experts of one slot, mix_k 2, AC with and without label
+   mixing and the baseline without AC. Expert e is made to compute (e + 1) v (ReLU experts
+   shifted into their linear range), so the outputs are the combine-weighted slot inputs. */
+static void check_soft_vectors(char router, int mix_labels, const double want[4][3], const int want_labels[4][2],
+                               const double want_logits[4][2]) {
+    static const float x[4 * 3] = {1, 2, 2, 2, 1, -2, -1, 0.5f, 1, 0, -3, 4};
+    static const int32_t prev_idx[4 * 2] = {0, 1, 1, 0, 0, 1, 1, 0};
+    static const float prev_logits[4][2] = {{0.9f, 0.1f}, {0.7f, 0.2f}, {1.5f, -0.5f}, {0.4f, -0.3f}};
+    acmoe_moe_desc d;
+    acmoe_moe *layer = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    acmoe_moe_stats st;
+    float params[64], grads[64], prev_gate[4 * 2], out[4 * 3], *w1, *b1, *w2, *b2;
+    int t, q, e;
+    memset(&d, 0, sizeof d);
+    CHECK_STATUS(acmoe_moe_router_preset(&d, router), ACMOE_OK);
+    d.d_model = 3, d.d_ff = 3, d.n_experts = 2, d.max_tokens = 4, d.mix_k = 2;
+    d.group = ACMOE_GROUP_SEQUENCE, d.seq_len = 4, d.ac_mix_labels = mix_labels;
+    CHECK(acmoe_moe_param_count(&d) == 2 * 3 + 1 + 2 * (9 + 3 + 9 + 3));
+    memset(params, 0, sizeof params);
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, params, grads), ACMOE_OK);
+    if (!layer) return;
+    params[0] = 1, params[2] = 1, params[4] = 1, params[5] = -1; /* slot vectors (1,0,1), (0,1,-1) */
+    params[6] = 1;                                              /* scale */
+    w1 = params + 7, b1 = w1 + 18, w2 = b1 + 6, b2 = w2 + 18;
+    for (e = 0; e < 2; e++)
+        for (q = 0; q < 3; q++) {
+            w1[e * 9 + q * 3 + q] = 1.0f, b1[e * 3 + q] = 10.0f;
+            w2[e * 9 + q * 3 + q] = (float)(e + 1), b2[e * 3 + q] = -10.0f * (float)(e + 1);
+        }
+    for (t = 0; t < 4; t++) { /* the previous layer's gates: the softmax of its top slot logits */
+        double a = exp(prev_logits[t][0]), b = exp(prev_logits[t][1]);
+        prev_gate[2 * t] = (float)(a / (a + b)), prev_gate[2 * t + 1] = (float)(b / (a + b));
+    }
+    CHECK_STATUS(acmoe_moe_forward(layer, ctx, x, 4, prev_idx, prev_gate, 2, out), ACMOE_OK);
+    st = acmoe_moe_get_stats(layer);
+    CHECK(st.top_k == 2);
+    for (t = 0; t < 4; t++) {
+        double a = exp(want_logits[t][0]), b = exp(want_logits[t][1]);
+        for (q = 0; q < 3; q++)
+            CHECKF(fabs(out[t * 3 + q] - want[t][q]) < 2e-6, "%c, token %d: %g, want %g", router, t, out[t * 3 + q],
+                   want[t][q]);
+        CHECK(st.expert_index[2 * t] == want_labels[t][0] && st.expert_index[2 * t + 1] == want_labels[t][1]);
+        CHECKF(fabs(st.gate[2 * t] - a / (a + b)) < 1e-6, "%c, token %d: gate %g", router, t, st.gate[2 * t]);
+    }
+    acmoe_moe_destroy(layer);
+    acmoe_ctx_destroy(ctx);
+}
+
+static void test_moe_soft_paper_vectors(void) {
+    static const double mixed[4][3] = {{.188386, .353206, .569541}, {.397393, .525119, .351340},
+                                       {.197576, .360764, .559947}, {.147170, .319304, .612571}};
+    static const double mixed_logits[4][2] = {{.853318, -.160161}, {.708496, -.088036}, {.418037, -.502272},
+                                              {.554399, -.942453}};
+    static const int mixed_labels[4][2] = {{0, 1}, {1, 0}, {0, 1}, {0, 1}};
+    static const double own[4][3] = {{.175559, .415267, .767471}, {.325980, .494315, .743688},
+                                     {.193463, .424675, .764640}, {.199595, .427898, .763670}};
+    static const double own_logits[4][2] = {{1.017215, -.272111}, {.453289, .159530}, {.496203, -.557828},
+                                            {.327036, -.652403}};
+    static const int own_labels[4][2] = {{0, 1}, {1, 0}, {0, 1}, {0, 1}};
+    static const double plain[4][3] = {{.260883, .329377, .341242}, {.409032, .497095, .201782},
+                                       {.309364, .384262, .295604}, {.192828, .252333, .405305}};
+    static const double plain_logits[4][2] = {{.707107, 0}, {.707107, 0}, {0, -.235702}, {.565685, -.989949}};
+    static const int plain_labels[4][2] = {{0, 1}, {1, 0}, {0, 1}, {0, 1}};
+    check_soft_vectors('a', 1, mixed, mixed_labels, mixed_logits);
+    check_soft_vectors('a', 0, own, own_labels, own_logits);
+    check_soft_vectors('n', 0, plain, plain_labels, plain_logits);
 }
 
 /* The balance loss (plain and at temperature 0.3) and the z-loss, through backward. */
@@ -356,12 +437,18 @@ static void test_moe_soft_reference(void) {
             CHECK(t % LEN != 0 || fabs(col_sum - 1.0) < 1e-5);
         }
         CHECK(fabs(row_sum - 1.0) < 1e-5);
-        { /* the next layer's labels: experts by the combine weight of their slots */
-            double mass[E], m0, m1;
-            for (j = 0; j < E; j++) mass[j] = comb[t][j * P] + comb[t][j * P + 1];
-            m0 = mass[st.expert_index[2 * t]], m1 = mass[st.expert_index[2 * t + 1]];
-            for (j = 0; j < E; j++) CHECK(j == st.expert_index[2 * t] || j == st.expert_index[2 * t + 1] || mass[j] <= m1);
-            CHECK(m0 >= m1 && fabs(st.gate[2 * t] - m0 / (m0 + m1)) < 1e-5);
+        { /* the next layer's labels: the experts of all S slots (mix_k 8) by logit, their
+             combine weights renormalised over them */
+            int taken[S] = {0}, r;
+            CHECK(st.top_k == S);
+            for (r = 0; r < S; r++) {
+                int best = -1;
+                for (c = 0; c < S; c++)
+                    if (!taken[c] && (best < 0 || z[t][c] > z[t][best])) best = c;
+                taken[best] = 1;
+                CHECK(st.expert_index[t * S + r] == best / P);
+                bad += fabs(st.gate[t * S + r] - comb[t][best]) > 1e-5;
+            }
         }
     }
     CHECKF(bad == 0, "%d outputs or weights differ", bad);
@@ -641,6 +728,7 @@ const test_case moe_tests[] = {
     {"moe_switch_gate", test_moe_switch_gate},
     {"moe_soft_reference", test_moe_soft_reference},
     {"moe_soft_groups", test_moe_soft_groups},
+    {"moe_soft_paper_vectors", test_moe_soft_paper_vectors},
     {"moe_deterministic", test_moe_deterministic},
     {"moe_bad_input", test_moe_bad_input},
     {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
