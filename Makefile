@@ -163,7 +163,7 @@ EXAMPLES := $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 
 examples: $(EXAMPLES)
 
-$(B)/%: examples/%.c examples/cli.h examples/moe_flags.h acmoe.h | $(B)
+$(B)/%: examples/%.c $(wildcard examples/*.h) acmoe.h | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) $< -o $@ $(LDLIBS)
 
 # The fortunes corpus from Debian's package, unpacked without root. Where the package cannot

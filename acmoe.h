@@ -256,7 +256,8 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
      'o' cosine      token,     cosine, top-k
      'x' XMoE        projected, cosine, top-k
      'c' AC          AC,        cosine, top-k (Adaptive Clustering, the paper's router)
-     'u' USMoE       token,     linear, unified score, top pairs of each group
+     'u' USMoE       token,     linear, unified score, top pairs of each group; no router
+                                        bias, position groups (the USMoE code)
      'e' expert      token,     linear, each expert takes its top tokens (non-causal)
      'm' Soft MoE    token,     slot,   every token reaches every expert through slots; the
                                         slots mix the raw tokens (vmoe)
@@ -318,9 +319,11 @@ typedef enum acmoe_soft_input {
 
 /* The tokens that USMoE's pair budget and Soft MoE's slots are shared by. */
 typedef enum acmoe_group {
-    ACMOE_GROUP_BATCH = 0, /* all tokens of the call */
-    ACMOE_GROUP_SEQUENCE,  /* each run of seq_len tokens (not causal) */
-    ACMOE_GROUP_POSITION,  /* the tokens at one position across the sequences (causal) */
+    ACMOE_GROUP_DEFAULT = 0, /* position when seq_len is set (USMoE's language models group each
+                                position across the batch), else the whole call */
+    ACMOE_GROUP_BATCH,       /* all tokens of the call */
+    ACMOE_GROUP_SEQUENCE,    /* each run of seq_len tokens (not causal) */
+    ACMOE_GROUP_POSITION,    /* the tokens at one position across the sequences (causal) */
     ACMOE_GROUP_COUNT
 } acmoe_group;
 
@@ -346,6 +349,7 @@ typedef struct acmoe_moe_desc {
     float usmoe_budget;    /* USMoE pairs per token of a group, default top_k; fractional works */
     float usmoe_rho;       /* default 0.5 */
     acmoe_group group;     /* USMoE and Soft MoE */
+    int no_router_bias;    /* linear score: z = Wr u without the bias (USMoE's gate) */
     int seq_len;           /* tokens per sequence, for sequence and position groups */
     int soft_slots;        /* Soft MoE: slots per expert and group, default 1 */
     acmoe_soft_input soft_input; /* Soft MoE: what the slots mix (see acmoe_soft_input) */
@@ -943,9 +947,11 @@ ACMOE_API uint64_t acmoe_rng_u64(acmoe_rng *rng) {
 
 /* Lemire's multiply-and-reject: unbiased for every n. */
 ACMOE_API uint32_t acmoe_rng_below(acmoe_rng *rng, uint32_t n) {
-    uint64_t prod = (acmoe_rng_u64(rng) >> 32) * n;
+    uint64_t prod;
     uint32_t threshold;
     ACMOE_ASSERT(n > 0);
+    if (!rng || n == 0) return 0;
+    prod = (acmoe_rng_u64(rng) >> 32) * n;
     if ((uint32_t)prod < n) {
         threshold = (uint32_t)(0u - n) % n;
         while ((uint32_t)prod < threshold) prod = (acmoe_rng_u64(rng) >> 32) * n;
@@ -2543,6 +2549,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         d->router_score = presets[i].score;
         d->router_select = presets[i].select;
         if (letter == 's') d->top_k = 1;
+        if (letter == 'u') d->no_router_bias = 1;
         if (letter == 'm') d->soft_input = ACMOE_SOFT_RAW;
         if (letter == 'n' || letter == 'a') d->soft_input = ACMOE_SOFT_NORMALIZED;
         if (letter == 'a') { /* softmoe.py's AC layers: mad, mix_weights, eps 0.35, 5 x mean clip */
@@ -2597,6 +2604,7 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (d.balance_temperature == 0.0f) d.balance_temperature = 1.0f;
     if (!d.soft_slots) d.soft_slots = 1;
     if (!d.mix_k) d.mix_k = 8;
+    if (d.group == ACMOE_GROUP_DEFAULT) d.group = d.seq_len > 0 ? ACMOE_GROUP_POSITION : ACMOE_GROUP_BATCH;
     if (d.d_model < 1 || d.d_ff < 1 || d.n_experts < 1 || d.max_tokens < 1 || d.top_k < 1 ||
         d.top_k > d.n_experts || d.proj_dim < 1 || d.ac_max_clusters < 1 || d.seq_len < 0 || d.soft_slots < 1 ||
         !acmoe__moe_sizes_fit(&d))
@@ -2672,7 +2680,7 @@ static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads, acmoe
     if (d->router_input == ACMOE_INPUT_PROJECTED) ACMOE__VIEW(proj, "router.proj", 1, 2, d->proj_dim, dm, 0);
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         ACMOE__VIEW(wr, "router.weight", 1, 2, e, L->dr, 0);
-        ACMOE__VIEW(br, "router.bias", 0, 1, e, 0, 0);
+        if (!d->no_router_bias) ACMOE__VIEW(br, "router.bias", 0, 1, e, 0, 0);
     } else if (d->router_score == ACMOE_SCORE_SLOT) {
         ACMOE__VIEW(phi, "router.slots", 1, 2, L->lw, L->dr, 0);
         ACMOE__VIEW(phi_scale, "router.scale", 0, 1, 1, 0, 0);
@@ -3138,7 +3146,7 @@ static acmoe_status acmoe__router_score(acmoe_moe *L, acmoe_ctx *ctx, const floa
     }
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         s = acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, u, L->dr, L->wr, L->dr, L->logits, d->n_experts, 0);
-        if (s == ACMOE_OK) acmoe__add_bias(L->logits, n, d->n_experts, L->br);
+        if (s == ACMOE_OK && L->br) acmoe__add_bias(L->logits, n, d->n_experts, L->br);
         return s;
     }
     acmoe__reproject_embeddings(L);
@@ -3750,7 +3758,7 @@ static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *
         return direct ? ACMOE_OK : acmoe__router_input_backward(L, ctx, dx);
     }
     if (d->router_score == ACMOE_SCORE_LINEAR) {
-        acmoe__bias_grad(L->dz, n, e, L->g_br);
+        if (L->br) acmoe__bias_grad(L->dz, n, e, L->g_br);
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->g_wr, dr, 1);
     } else {
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->dehat, dr, 0);
@@ -5287,6 +5295,7 @@ static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__INT_FIELD("moe.ac.dispersion", moe.ac.dispersion), ACMOE__INT_FIELD("moe.ac.robust", moe.ac.robust),
     ACMOE__INT_FIELD("n_classes", n_classes), ACMOE__INT_FIELD("patch_dim", patch_dim),
     ACMOE__INT_FIELD_3("moe.soft_input", moe.soft_input), ACMOE__INT_FIELD_3("moe.mix_k", moe.mix_k),
+    ACMOE__INT_FIELD_3("moe.no_router_bias", moe.no_router_bias),
 };
 #define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
 
@@ -5870,7 +5879,10 @@ static int acmoe__meta_from_parsed(const acmoe__parsed *m, acmoe__checkpoint_met
         !acmoe__canonical_u64(acmoe__meta(m, "seed"), &out->desc.seed) || !acmoe__meta(m, "pattern"))
         return 0;
     out->desc.pattern = acmoe__meta(m, "pattern");
-    if (out->version < 3) return 1;
+    if (out->version < 3) { /* its groups counted from the whole call, before the default */
+        if (out->desc.moe.group >= 0 && out->desc.moe.group < ACMOE_GROUP_POSITION) out->desc.moe.group++;
+        return 1;
+    }
     if (!crc || strlen(crc) != 8 || !acmoe__parse_hex(crc, 8, &v)) return 0;
     out->crc = (uint32_t)v;
     return acmoe__canonical_u64(acmoe__meta(m, "train.seed"), &out->train_seed) &&

@@ -17,7 +17,7 @@ typedef struct moe_flags {
 static const char *const moe_activations[] = {"relu", "gelu", "swiglu"}; /* from ACMOE_ACT_RELU */
 static const char *const moe_scalings[] = {"per-feature", "preclip", "postclip"}; /* from ..._PER_FEATURE */
 static const char *const moe_dispersions[] = {"mad", "variance"}; /* from ACMOE_AC_DISP_MAD */
-static const char *const moe_groups[] = {"batch", "sequence", "position"}; /* from ACMOE_GROUP_BATCH */
+static const char *const moe_groups[] = {"default", "batch", "sequence", "position"}; /* from ACMOE_GROUP_DEFAULT */
 #define MOE_CHOICES(names) (int)(sizeof names / sizeof names[0])
 
 #define MOE_WIDTH_MAX 1048576 /* the library's widest layer */
@@ -50,7 +50,8 @@ static const char *const moe_groups[] = {"batch", "sequence", "position"}; /* fr
          "USMoE: (token, expert) pairs per token of a group, at most --experts (0: --top-k)"),                    \
     FLAG("--usmoe-rho", OPT_FLOAT, moe.usmoe_rho, 0, 1, CLI_ABOVE_MIN | CLI_KEPT, "USMoE: share of the sigmoid score"), \
     FLAG("--usmoe-group", OPT_STR, moe.usmoe_group, 1, 0, CLI_KEPT,                                               \
-         "USMoE: the tokens sharing a budget: the call (batch), each sequence, or each position (causal)"),       \
+         "USMoE: the tokens sharing a budget: the call (batch), each sequence, or each position (causal; "       \
+         "the default)"),       \
     FLAG("--soft-slots", OPT_INT, moe.soft_slots, 1, MOE_WIDTH_MAX, CLI_KEPT, "Soft MoE: slots per expert and group"), \
     FLAG("--proj-dim", OPT_INT, moe.proj_dim, 1, MOE_WIDTH_MAX, CLI_KEPT, "XMoE: width of the router's projection")
 
@@ -59,7 +60,7 @@ static const char *const moe_groups[] = {"batch", "sequence", "position"}; /* fr
 static inline moe_flags moe_flags_defaults(void) {
     moe_flags f;
     memset(&f, 0, sizeof f);
-    f.activation = "relu", f.ac_scaling = "per-feature", f.ac_dispersion = "mad", f.usmoe_group = "batch";
+    f.activation = "relu", f.ac_scaling = "per-feature", f.ac_dispersion = "mad", f.usmoe_group = "default";
     f.balance_temp = 1.0f, f.ac_clip = 10.0f, f.usmoe_rho = 0.5f, f.soft_slots = 1, f.proj_dim = 8;
     return f;
 }
@@ -88,7 +89,7 @@ static inline int moe_flags_valid(const moe_flags *f, char *why, size_t cap) {
     else if (moe_choice(f->ac_dispersion, moe_dispersions, MOE_CHOICES(moe_dispersions)) < 0)
         broken = "--ac-dispersion is mad or variance";
     else if (moe_choice(f->usmoe_group, moe_groups, MOE_CHOICES(moe_groups)) < 0)
-        broken = "--usmoe-group is batch, sequence or position";
+        broken = "--usmoe-group is default, batch, sequence or position";
     if (broken) snprintf(why, cap, "%s", broken);
     return broken == NULL;
 }
@@ -104,8 +105,8 @@ static inline int moe_pattern_valid(const char *pattern, size_t length, char *wh
     }
     for (i = 0; i < length; i++) {
         const char letter = pattern[i];
-        if (!letter || !strchr("gsoxcuemaf", letter)) {
-            snprintf(why, cap, "pattern '%.*s': '%c' is no router (g s o x c u e m a f)", (int)length, pattern,
+        if (!letter || !strchr("gsoxcuemnaf", letter)) {
+            snprintf(why, cap, "pattern '%.*s': '%c' is no router (g s o x c u e m n a f)", (int)length, pattern,
                      letter ? letter : '?');
             return 0;
         }
