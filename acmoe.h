@@ -253,9 +253,13 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
    literature are combinations, set by acmoe_moe_router_preset():
      'g' SMoE        token,     linear, top-k with softmax over the k (GShard's top-2 gate)
      's' Switch      token,     linear, top-1 with the full-softmax probability as gate
-     'o' cosine      token,     cosine, top-k
+     'o' cosine      token,     cosine, top-k: the AC router without W (re-projected like AC)
+     'b' StableMoE   token,     cosine, top-k, the embeddings not re-projected (the reference's
+                                        StableMoE gate)
      'x' XMoE        projected, cosine, top-k
      'c' AC          AC,        cosine, top-k (Adaptive Clustering, the paper's router)
+   ("cosine" is the literature's name: the score is a dot product of the router input with
+   unit-norm expert embeddings, the input itself not normalised.)
      'u' USMoE       token,     linear, unified score, top pairs of each group; no router
                                         bias, position groups (the USMoE code)
      'e' expert      token,     linear, each expert takes its top tokens (non-causal)
@@ -287,7 +291,9 @@ typedef enum acmoe_router_input {
 
 typedef enum acmoe_router_score {
     ACMOE_SCORE_LINEAR = 0, /* z = Wr u + b */
-    ACMOE_SCORE_COSINE,     /* z_j = u . e_j / |e_j|, e re-projected to norm 1.5 each forward */
+    ACMOE_SCORE_COSINE,     /* z_j = u . e_j / |e_j|: a dot product with unit-norm expert embeddings
+                               (u is not normalised, so not a cosine similarity); e re-projected to
+                               norm 1.5 each forward (XMoE and AC) unless no_reprojection */
     ACMOE_SCORE_SLOT,       /* z_s = scale (u / |u|) . (phi_s / |phi_s|), a learned vector
                                phi_s per slot and one learned scale: Soft MoE's score */
     ACMOE_SCORE_COUNT
@@ -350,6 +356,7 @@ typedef struct acmoe_moe_desc {
     float usmoe_rho;       /* default 0.5 */
     acmoe_group group;     /* USMoE and Soft MoE */
     int no_router_bias;    /* linear score: z = Wr u without the bias (USMoE's gate) */
+    int no_reprojection;   /* cosine score: embeddings keep their norm (StableMoE's gate) */
     int seq_len;           /* tokens per sequence, for sequence and position groups */
     int soft_slots;        /* Soft MoE: slots per expert and group, default 1 */
     acmoe_soft_input soft_input; /* Soft MoE: what the slots mix (see acmoe_soft_input) */
@@ -382,6 +389,12 @@ typedef struct acmoe_moe_stats {
     int nonfinite_logits;         /* replaced by the smallest finite logit of the call */
     double seconds_routing;       /* last forward and backward, with a context clock */
     double seconds_experts;
+    /* The share of token pairs (i, j) whose relation "same best expert" differs between the
+       previous MoE layer and this one, as a running average over forward calls given the
+       previous layer's labels (0.8 old + 0.2 new, from 0): lower is more stable. The form of
+       the reference's router_stability (swin_transformer_cosa.py), over every token of the
+       call. */
+    float router_stability;
     int ac_clusters;              /* AC: rows of W (1 + the largest previous index) */
     float ac_w_min, ac_w_max, ac_w_mean;
     /* Soft MoE: there are no pairs; tokens_per_expert counts slots, expert_index holds the
@@ -2520,6 +2533,7 @@ struct acmoe_moe {
     int n, cached, n_pairs, dropped, nonfinite, n_groups;
     float aux_loss;
     int ac_rows, ac_frozen, ac_ready;
+    float router_stability;
     double seconds_routing, seconds_experts;
 };
 
@@ -2533,6 +2547,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         {'g', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_TOPK},
         {'s', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_SWITCH},
         {'o', ACMOE_INPUT_TOKEN, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
+        {'b', ACMOE_INPUT_TOKEN, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
         {'x', ACMOE_INPUT_PROJECTED, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
         {'c', ACMOE_INPUT_AC, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
         {'u', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_USMOE},
@@ -2550,6 +2565,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         d->router_select = presets[i].select;
         if (letter == 's') d->top_k = 1;
         if (letter == 'u') d->no_router_bias = 1;
+        if (letter == 'b') d->no_reprojection = 1;
         if (letter == 'm') d->soft_input = ACMOE_SOFT_RAW;
         if (letter == 'n' || letter == 'a') d->soft_input = ACMOE_SOFT_NORMALIZED;
         if (letter == 'a') { /* softmoe.py's AC layers: mad, mix_weights, eps 0.35, 5 x mean clip */
@@ -2986,6 +3002,10 @@ static int acmoe__count_nonfinite(const float *x, size_t n) {
    is left alone, so repeated calls on unchanged parameters give the same bits. */
 static void acmoe__reproject_embeddings(acmoe_moe *L) {
     int j, q, dr = L->dr;
+    if (L->d.no_reprojection) {
+        acmoe__unit_rows(L->emb, L->d.n_experts, dr, L->ehat, L->emb_norm);
+        return;
+    }
     for (j = 0; j < L->d.n_experts; j++) {
         float *e = L->emb + (size_t)j * dr;
         double sq = 0.0, norm;
@@ -3267,6 +3287,50 @@ static void acmoe__select_expert_choice(acmoe_moe *L, int n) {
         acmoe__mark_best(L->cand, n, c, L->mark);
     }
     acmoe__pairs_from_marks(L, n, L->probs);
+}
+
+static int acmoe__label_pair_order(const void *x, const void *y) {
+    const acmoe__candidate *a = (const acmoe__candidate *)x, *b = (const acmoe__candidate *)y;
+    if (a->index != b->index) return a->index < b->index ? -1 : 1;
+    return (a->key > b->key) - (a->key < b->key);
+}
+
+/* The sum of the squared lengths of the runs of equal keys in order (sorted) keys. */
+static double acmoe__squared_runs(const acmoe__candidate *pairs, int n, int by_both) {
+    double sum = 0.0;
+    int i, run = 1;
+    for (i = 1; i <= n; i++) {
+        if (i < n && pairs[i].index == pairs[i - 1].index && (!by_both || pairs[i].key == pairs[i - 1].key)) {
+            run++;
+            continue;
+        }
+        sum += (double)run * run;
+        run = 1;
+    }
+    return sum;
+}
+
+/* Updates the running router stability from the previous layer's best experts and this
+   layer's: the pairs that differ are those same in one layer only, so with the counts of
+   tokens per previous expert, per expert here and per pair of both, differ = sum of the
+   first squared + sum of the second squared - 2 x sum of the third squared. */
+static void acmoe__update_stability(acmoe_moe *L, int n, const int32_t *prev_idx, int prev_k) {
+    acmoe__candidate *pairs = L->cand; /* scratch once the selection is done */
+    double same_prev, same_here, same_both;
+    int t, j;
+    if (!prev_idx || prev_k < 1 || n < 1) return;
+    for (t = 0; t < n; t++) { /* (previous expert, expert here): here is exact in a float */
+        pairs[t].index = prev_idx[(size_t)t * prev_k];
+        pairs[t].key = (float)L->top_idx[(size_t)t * L->label_k];
+    }
+    qsort(pairs, (size_t)n, sizeof *pairs, acmoe__label_pair_order);
+    same_prev = acmoe__squared_runs(pairs, n, 0);
+    same_both = acmoe__squared_runs(pairs, n, 1);
+    memset(L->cursor, 0, sizeof(int) * (size_t)L->d.n_experts); /* scratch once the dispatch is done */
+    for (t = 0; t < n; t++) L->cursor[L->top_idx[(size_t)t * L->label_k]]++;
+    for (same_here = 0.0, j = 0; j < L->d.n_experts; j++) same_here += (double)L->cursor[j] * L->cursor[j];
+    L->router_stability = 0.8f * L->router_stability +
+                          0.2f * (float)((same_prev + same_here - 2.0 * same_both) / ((double)n * n));
 }
 
 /* Top-k by score for the next layer, then the pairs of the selection rule. */
@@ -3605,6 +3669,7 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
     if (soft) acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, soft ? acmoe__soft_combine_job : acmoe__combine_job, &job);
+    acmoe__update_stability(L, n, prev_idx, prev_k); /* Soft MoE's labels come with its weights */
     acmoe__lap(ctx, &mark, &L->seconds_experts);
     L->cached = 1;
     return ACMOE_OK;
@@ -3848,6 +3913,7 @@ static acmoe_moe_stats acmoe__moe_routing_stats(const acmoe_moe *L) {
     st.pair_expert = L->pair_expert;
     st.pair_gate = L->pair_gate;
     st.aux_loss = L->aux_loss;
+    st.router_stability = L->router_stability;
     st.nonfinite_logits = L->nonfinite;
     st.seconds_routing = L->seconds_routing;
     st.seconds_experts = L->seconds_experts;
@@ -5296,6 +5362,7 @@ static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__INT_FIELD("n_classes", n_classes), ACMOE__INT_FIELD("patch_dim", patch_dim),
     ACMOE__INT_FIELD_3("moe.soft_input", moe.soft_input), ACMOE__INT_FIELD_3("moe.mix_k", moe.mix_k),
     ACMOE__INT_FIELD_3("moe.no_router_bias", moe.no_router_bias),
+    ACMOE__INT_FIELD_3("moe.no_reprojection", moe.no_reprojection),
 };
 #define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
 

@@ -105,8 +105,8 @@ static inline int moe_pattern_valid(const char *pattern, size_t length, char *wh
     }
     for (i = 0; i < length; i++) {
         const char letter = pattern[i];
-        if (!letter || !strchr("gsoxcuemnaf", letter)) {
-            snprintf(why, cap, "pattern '%.*s': '%c' is no router (g s o x c u e m n a f)", (int)length, pattern,
+        if (!letter || !strchr("gsobxcuemnaf", letter)) {
+            snprintf(why, cap, "pattern '%.*s': '%c' is no router (g s o b x c u e m n a f)", (int)length, pattern,
                      letter ? letter : '?');
             return 0;
         }
@@ -189,6 +189,19 @@ static inline void moe_print_settings(acmoe_lm *lm) {
             printf("  layer %d Soft MoE: %d slot(s) per expert for each %s\n", l, m.soft_slots,
                    m.group == ACMOE_GROUP_SEQUENCE ? "image" : "position");
     }
+}
+
+/* Each MoE layer's router stability after the first (see acmoe_moe_stats), on one line. */
+static inline void moe_print_stability(acmoe_lm *lm) {
+    int l, seen_moe = 0;
+    for (l = 0; l < acmoe_lm_n_layers(lm); l++) {
+        const acmoe_moe_stats st = acmoe_moe_get_stats(acmoe_lm_moe(lm, l));
+        if (st.n_experts < 2) continue; /* a dense layer */
+        if (seen_moe++ == 0) continue;  /* the first MoE layer has no previous labels */
+        if (seen_moe == 2) printf("  router stability (token pairs whose best-expert relation changed, running mean):");
+        printf(" layer %d %.3f", l, st.router_stability);
+    }
+    if (seen_moe >= 2) printf("\n");
 }
 
 #endif

@@ -334,6 +334,7 @@ static result train(const char *pattern, long seed, const options *o, const acmo
     if (acmoe_lm_steps_taken(lm) >= o->steps) printf("  already at step %ld: nothing to train\n", acmoe_lm_steps_taken(lm));
     check(acmoe_lm_train(lm, ctx, c, &t), "training");
     r.imbalance = load_imbalance(lm, 1);
+    moe_print_stability(lm);
     if (show_sample && o->sample > 0) {
         printf("  sample (temperature %.2f, top-k %d, top-p %.2f):\n", o->temperature, o->sample_top_k, o->sample_top_p);
         sample_text(lm, ctx, o);

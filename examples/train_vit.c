@@ -249,6 +249,7 @@ static result train_one(const options *o, const char *pattern, long seed, const 
            (unsigned long)acmoe_lm_param_count(lm), d.seq_len, d.patch_dim);
     moe_print_settings(lm);
     r.images_per_second = train_steps(lm, ctx, o, pattern, seed, train, patches, labels, index);
+    moe_print_stability(lm);
     printf("  test accuracy:");
     for (k = 0; k < CORRUPTIONS; k++) {
         r.accuracy[k] = test_accuracy(lm, ctx, test, o, k, patches, index);

@@ -185,7 +185,10 @@ static void test_grad_smoe_gelu(void) { check_layer_gradients('g', ACMOE_ACT_GEL
 static void test_grad_smoe_relu(void) { check_layer_gradients('g', ACMOE_ACT_RELU); }
 static void test_grad_swiglu(void) { check_layer_gradients('g', ACMOE_ACT_SWIGLU); }
 static void test_grad_switch(void) { check_layer_gradients('s', ACMOE_ACT_GELU); }
-static void test_grad_cosine(void) { check_layer_gradients('o', ACMOE_ACT_GELU); }
+static void test_grad_cosine(void) {
+    check_layer_gradients('o', ACMOE_ACT_GELU);
+    check_layer_gradients('b', ACMOE_ACT_GELU); /* StableMoE: the embeddings keep their norm */
+}
 static void test_grad_xmoe(void) { check_layer_gradients('x', ACMOE_ACT_GELU); }
 static void test_grad_ac(void) { check_layer_gradients('c', ACMOE_ACT_GELU); }
 static void test_grad_usmoe(void) { check_layer_gradients('u', ACMOE_ACT_GELU); }
@@ -288,6 +291,49 @@ static void check_soft_vectors(char router, int mix_labels, const double want[4]
     }
     acmoe_moe_destroy(layer);
     acmoe_ctx_destroy(ctx);
+}
+
+/* The share of token pairs whose "same best expert" relation differs between the previous
+   labels and this call's best experts, counted pair by pair. */
+static double stability_by_pairs(const fixture *f, const acmoe_moe_stats *st) {
+    int i, j, differ = 0;
+    for (i = 0; i < f->n; i++)
+        for (j = 0; j < f->n; j++)
+            differ += (f->prev[2 * i] == f->prev[2 * j]) !=
+                      (st->expert_index[i * st->top_k] == st->expert_index[j * st->top_k]);
+    return (double)differ / ((double)f->n * f->n);
+}
+
+/* Router stability is the running average (0.8 old + 0.2 new) of that share, for a top-k
+   layer and a Soft MoE one (whose labels are its best slots' experts). */
+static void test_moe_router_stability(void) {
+    static const char routers[2] = {'g', 'n'};
+    int r;
+    for (r = 0; r < 2; r++) {
+        fixture f;
+        double first, second, want;
+        acmoe_moe_desc d = small_desc(routers[r], ACMOE_ACT_GELU);
+        int i;
+        d.mix_k = 2;
+        fixture_make_desc(&f, &d, 12, 41);
+        CHECK(isfinite(fixture_loss(&f)));
+        {
+            acmoe_moe_stats st = acmoe_moe_get_stats(f.layer);
+            first = stability_by_pairs(&f, &st);
+            CHECKF(fabs(st.router_stability - 0.2 * first) < 1e-6, "%c: %g, want %g", routers[r], st.router_stability,
+                   0.2 * first);
+            CHECK(first > 0.0); /* the labels i % 3 cannot all agree with 4 experts' choices */
+        }
+        for (i = 0; i < 12; i++) f.prev[2 * i] = (i * 7) % 4; /* other labels */
+        CHECK(isfinite(fixture_loss(&f)));
+        {
+            acmoe_moe_stats st = acmoe_moe_get_stats(f.layer);
+            second = stability_by_pairs(&f, &st);
+            want = 0.8 * 0.2 * first + 0.2 * second;
+            CHECKF(fabs(st.router_stability - want) < 1e-6, "%c: %g, want %g", routers[r], st.router_stability, want);
+        }
+        fixture_free(&f);
+    }
 }
 
 static void test_moe_soft_paper_vectors(void) {
@@ -729,6 +775,7 @@ const test_case moe_tests[] = {
     {"moe_soft_reference", test_moe_soft_reference},
     {"moe_soft_groups", test_moe_soft_groups},
     {"moe_soft_paper_vectors", test_moe_soft_paper_vectors},
+    {"moe_router_stability", test_moe_router_stability},
     {"moe_deterministic", test_moe_deterministic},
     {"moe_bad_input", test_moe_bad_input},
     {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
