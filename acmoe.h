@@ -263,6 +263,12 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
      'u' USMoE       token,     linear, unified score, top pairs of each group; no router
                                         bias, position groups (the USMoE code)
      'e' expert      token,     linear, each expert takes its top tokens (non-causal)
+     't' Swin-MoE    token,     linear, priority: Swin-MoE's gate (no bias, noise 1/E in
+                                        training, capacity 1.25, load and importance loss
+                                        0.01), the paper's Swin baseline
+     'w' AC Swin-MoE AC,        linear, priority: 't' with the paper's AC options for Swin:
+                                        weights on the whole MoE input, eps 1e-4, clip 1.5,
+                                        pre-clip scaling
      'm' Soft MoE    token,     slot,   every token reaches every expert through slots; the
                                         slots mix the raw tokens (vmoe)
      'n' Soft MoE    token,     slot,   as the paper's code runs it: normalised tokens feed
@@ -309,6 +315,12 @@ typedef enum acmoe_router_select {
                                     so not for causal models */
     ACMOE_SELECT_SOFT,           /* Soft MoE over each group (see above); needs the slot
                                     score, and the slot score needs it */
+    ACMOE_SELECT_PRIORITY,       /* Swin-MoE's (Tutel's): in training the logits get Gaussian
+                                    noise of deviation gate_noise / E; top-k by the full softmax
+                                    of those logits, gates those probabilities; each expert
+                                    takes k x floor(capacity x ceil(n / E)) pairs (capacity
+                                    default 1.25), the tokens in the order of their best
+                                    probability, all first choices before any second */
     ACMOE_SELECT_COUNT
 } acmoe_router_select;
 
@@ -357,6 +369,11 @@ typedef struct acmoe_moe_desc {
     acmoe_group group;     /* USMoE and Soft MoE */
     int no_router_bias;    /* linear score: z = Wr u without the bias (USMoE's gate) */
     int no_reprojection;   /* cosine score: embeddings keep their norm (StableMoE's gate) */
+    float gate_noise;      /* priority selection: noise of deviation gate_noise / E on the logits
+                              in training (acmoe_moe_set_training); default 0 ('t' and 'w': 1) */
+    float importance_loss; /* weight of Tutel's load and importance loss (l_imp + l_load) / 2,
+                              l = var / mean^2 of the experts' summed probabilities and of their
+                              expected loads under the noise; needs gate_noise > 0; default 0 */
     int seq_len;           /* tokens per sequence, for sequence and position groups */
     int soft_slots;        /* Soft MoE: slots per expert and group, default 1 */
     acmoe_soft_input soft_input; /* Soft MoE: what the slots mix (see acmoe_soft_input) */
@@ -433,6 +450,10 @@ ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer);
 /* Frozen, the AC router keeps the weights W of the last unfrozen forward call instead of
    measuring the batch: for decoding a token at a time, where one token has no dispersion. */
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
+/* Training mode: each forward call draws the gate noise (gate_noise) from *noise, which must
+   outlive the calls; evaluation mode (train 0, the default) has none. A model sets it for
+   each of its calls, with its own generator. */
+ACMOE_API void acmoe_moe_set_training(acmoe_moe *layer, int train, acmoe_rng *noise);
 
 /* ---- Transformer models: a language model, or a vision encoder ----
    A decoder-only transformer: token and learned absolute position embeddings, then per
@@ -2515,6 +2536,8 @@ struct acmoe_moe {
     float *dispatch, *ddispatch; /* Soft MoE: dispatch weights and their gradients [T][lw] */
     float *slots;              /* Soft MoE: slot rows of each group in turn [max_pairs][d] */
     float *balance_q;          /* [T][E] softmax(z / T) of the balance loss */
+    float *noisy;              /* [T][E] the logits with the gate noise (priority selection) */
+    float *clean_probs;        /* [T][E] softmax of the logits without it (importance loss) */
     int32_t *top_idx;          /* [T][k] experts by score, for the next layer */
     float *top_gate;           /* [T][k] */
     int32_t *labels;           /* [T] AC cluster of each token */
@@ -2534,6 +2557,8 @@ struct acmoe_moe {
     float aux_loss;
     int ac_rows, ac_frozen, ac_ready;
     float router_stability;
+    int training;         /* draw gate noise (acmoe_moe_set_training) */
+    acmoe_rng *noise_rng; /* ... from this generator */
     double seconds_routing, seconds_experts;
 };
 
@@ -2551,6 +2576,8 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         {'x', ACMOE_INPUT_PROJECTED, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
         {'c', ACMOE_INPUT_AC, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
         {'u', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_USMOE},
+        {'t', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_PRIORITY},
+        {'w', ACMOE_INPUT_AC, ACMOE_SCORE_LINEAR, ACMOE_SELECT_PRIORITY},
         {'e', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_EXPERT_CHOICE},
         {'m', ACMOE_INPUT_TOKEN, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
         {'n', ACMOE_INPUT_TOKEN, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
@@ -2566,6 +2593,15 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         if (letter == 's') d->top_k = 1;
         if (letter == 'u') d->no_router_bias = 1;
         if (letter == 'b') d->no_reprojection = 1;
+        if (letter == 't' || letter == 'w') { /* swin_transformer_cosa.py, config.py: Tutel's top gate */
+            d->no_router_bias = 1, d->gate_noise = 1.0f, d->importance_loss = 0.01f;
+            if (d->capacity == 0.0f) d->capacity = 1.25f;
+        }
+        if (letter == 'w') { /* compute_cosa: mad, 1e-4, 1.5 x the pre-clip mean, whole MoE input */
+            d->ac_weight_experts = 1, d->ac_mix_labels = 0;
+            d->ac.eps = 1e-4f, d->ac.clip = 1.5f, d->ac.scaling = ACMOE_AC_SCALE_PRECLIP_MEAN;
+            d->ac.dispersion = ACMOE_AC_DISP_MAD;
+        }
         if (letter == 'm') d->soft_input = ACMOE_SOFT_RAW;
         if (letter == 'n' || letter == 'a') d->soft_input = ACMOE_SOFT_NORMALIZED;
         if (letter == 'a') { /* softmoe.py's AC layers: mad, mix_weights, eps 0.35, 5 x mean clip */
@@ -2592,6 +2628,8 @@ static int acmoe__group_count(const acmoe_moe_desc *d, int n) {
     return d->group == ACMOE_GROUP_POSITION ? d->seq_len : (n + d->seq_len - 1) / d->seq_len;
 }
 
+#define ACMOE__MAX_AUX_EXPERTS 1024 /* experts of a layer with the importance loss (its sums live on the stack) */
+
 /* Whether every count the layer indexes by int fits one, and its buffers fit in memory:
    widths up to ACMOE__MAX_WIDTH, tokens times logits (which bounds the pairs and the slot
    rows) within an int. */
@@ -2615,11 +2653,13 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (!d.proj_dim) d.proj_dim = 8;
     if (!d.ac_max_clusters) d.ac_max_clusters = d.n_experts;
     if (d.capacity == 0.0f && d.router_select == ACMOE_SELECT_EXPERT_CHOICE) d.capacity = 2.0f;
+    if (d.capacity == 0.0f && d.router_select == ACMOE_SELECT_PRIORITY) d.capacity = 1.25f;
     if (d.usmoe_budget == 0.0f) d.usmoe_budget = (float)d.top_k;
     if (d.usmoe_rho == 0.0f) d.usmoe_rho = 0.5f;
     if (d.balance_temperature == 0.0f) d.balance_temperature = 1.0f;
     if (!d.soft_slots) d.soft_slots = 1;
     if (!d.mix_k) d.mix_k = 8;
+    if (d.importance_loss > 0.0f && d.n_experts > ACMOE__MAX_AUX_EXPERTS) return ACMOE_ERR_ARG;
     if (d.group == ACMOE_GROUP_DEFAULT) d.group = d.seq_len > 0 ? ACMOE_GROUP_POSITION : ACMOE_GROUP_BATCH;
     if (d.d_model < 1 || d.d_ff < 1 || d.n_experts < 1 || d.max_tokens < 1 || d.top_k < 1 ||
         d.top_k > d.n_experts || d.proj_dim < 1 || d.ac_max_clusters < 1 || d.seq_len < 0 || d.soft_slots < 1 ||
@@ -2635,6 +2675,8 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (!(d.capacity >= 0.0f && d.capacity <= 1e4f) || !(d.usmoe_budget > 0.0f && d.usmoe_budget <= (float)d.n_experts) ||
         !(d.usmoe_rho >= 0.0f && d.usmoe_rho <= 1.0f) || !(d.balance_alpha >= 0.0f && d.balance_alpha < 1e6f) ||
         !(d.balance_temperature > 0.0f && d.balance_temperature < 1e6f) || !(d.z_loss >= 0.0f && d.z_loss < 1e6f) ||
+        !(d.gate_noise >= 0.0f && d.gate_noise < 1e6f) || !(d.importance_loss >= 0.0f && d.importance_loss < 1e6f) ||
+        (d.importance_loss > 0.0f && (d.gate_noise == 0.0f || d.n_experts < 2)) ||
         d.ac_max_clusters > ACMOE__AC_MAX_CLUSTERS)
         return ACMOE_ERR_ARG;
     if (d.group != ACMOE_GROUP_BATCH && acmoe__grouped(&d) && d.seq_len < 1)
@@ -2642,7 +2684,8 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (d.soft_input == ACMOE_SOFT_NORMALIZED && d.router_input == ACMOE_INPUT_PROJECTED)
         return ACMOE_ERR_ARG; /* the slots take the score's input, so it must be d_model wide */
     if ((d.router_select == ACMOE_SELECT_SOFT) != (d.router_score == ACMOE_SCORE_SLOT) ||
-        (d.router_select == ACMOE_SELECT_SOFT && (d.capacity > 0.0f || d.balance_alpha > 0.0f || d.z_loss > 0.0f)))
+        (d.router_select == ACMOE_SELECT_SOFT && (d.capacity > 0.0f || d.balance_alpha > 0.0f || d.z_loss > 0.0f ||
+                                                  d.gate_noise > 0.0f || d.importance_loss > 0.0f)))
         return ACMOE_ERR_ARG;
     s = acmoe__ac_resolve(&in->ac, &d.ac);
     if (s != ACMOE_OK) return s;
@@ -2775,6 +2818,8 @@ static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
     L->ddispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
     L->slots = (float *)acmoe__carve(base, &used, (soft ? p * dm : 1) * f);
     L->balance_q = (float *)acmoe__carve(base, &used, (d->balance_alpha > 0.0f ? t * e : 1) * f);
+    L->noisy = (float *)acmoe__carve(base, &used, (d->router_select == ACMOE_SELECT_PRIORITY ? t * e : 1) * f);
+    L->clean_probs = (float *)acmoe__carve(base, &used, (d->importance_loss > 0.0f ? t * e : 1) * f);
     L->top_idx = (int32_t *)acmoe__carve(base, &used, t * k * sizeof(int32_t));
     L->top_gate = (float *)acmoe__carve(base, &used, t * k * f);
     L->labels = (int32_t *)acmoe__carve(base, &used, t * sizeof(int32_t));
@@ -2889,6 +2934,12 @@ ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer) {
     if (layer) return layer->d;
     memset(&none, 0, sizeof none);
     return none;
+}
+
+ACMOE_API void acmoe_moe_set_training(acmoe_moe *layer, int train, acmoe_rng *noise) {
+    if (!layer) return;
+    layer->training = train != 0;
+    layer->noise_rng = noise;
 }
 
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen) {
@@ -3333,6 +3384,49 @@ static void acmoe__update_stability(acmoe_moe *L, int n, const int32_t *prev_idx
                           0.2f * (float)((same_prev + same_here - 2.0 * same_both) / ((double)n * n));
 }
 
+/* The logits the priority rule selects by: with noise in training, the logits plus gate_noise
+   / E times a normal draw, drawn token by token in order from the layer's generator. */
+static void acmoe__noisy_logits(acmoe_moe *L, int n) {
+    const int e = L->d.n_experts;
+    const size_t count = (size_t)n * e;
+    const float deviation = L->d.gate_noise / (float)e;
+    size_t i;
+    if (!L->training || !L->noise_rng || L->d.gate_noise == 0.0f) {
+        memcpy(L->noisy, L->logits, sizeof(float) * count);
+        return;
+    }
+    for (i = 0; i < count; i++) L->noisy[i] = L->logits[i] + deviation * acmoe_rng_normal(L->noise_rng);
+}
+
+/* Swin-MoE's (Tutel's) batch-prioritised capacity: every assignment of a token to its r-th
+   expert takes the next place of that expert, the tokens in the order of their best
+   probability (ties to the lower index) and rank by rank, whether it fits or not; those at
+   places past k x floor(capacity x ceil(n / E)) are dropped. */
+static void acmoe__select_priority(acmoe_moe *L, int n) {
+    const int e = L->d.n_experts, k = L->d.top_k;
+    const int cap = k * (int)((double)L->d.capacity * (double)((n + e - 1) / e));
+    int *keep = L->mark, *place = L->cursor; /* [n][k]; [E], scratch before the dispatch */
+    int i, s, t;
+    for (t = 0; t < n; t++) {
+        L->cand[t].key = L->probs[(size_t)t * e + L->top_idx[(size_t)t * k]];
+        L->cand[t].index = t;
+    }
+    qsort(L->cand, (size_t)n, sizeof *L->cand, acmoe__candidate_order);
+    memset(place, 0, sizeof(int) * (size_t)e);
+    for (s = 0; s < k; s++)
+        for (i = 0; i < n; i++) {
+            t = L->cand[i].index;
+            keep[(size_t)t * k + s] = place[L->top_idx[(size_t)t * k + s]]++ < cap;
+        }
+    L->n_pairs = L->dropped = 0;
+    for (t = 0; t < n; t++)
+        for (s = 0; s < k; s++) {
+            const int j = L->top_idx[(size_t)t * k + s];
+            if (keep[(size_t)t * k + s]) acmoe__add_pair(L, t, j, s, L->probs[(size_t)t * e + j]);
+            else L->dropped++;
+        }
+}
+
 /* Top-k by score for the next layer, then the pairs of the selection rule. */
 static void acmoe__select(acmoe_moe *L, int n) {
     const acmoe_router_select rule = L->d.router_select;
@@ -3341,15 +3435,77 @@ static void acmoe__select(acmoe_moe *L, int n) {
         L->n_pairs = L->dropped = 0;
         return;
     }
+    if (rule == ACMOE_SELECT_PRIORITY) { /* by the noisy probabilities: the next layer's labels too */
+        acmoe__noisy_logits(L, n);
+        acmoe__topk_softmax(L->noisy, n, L->d.n_experts, L->d.top_k, L->top_idx, L->top_gate);
+        acmoe__softmax_rows(L->noisy, L->probs, n, L->d.n_experts, 1.0f);
+        acmoe__select_priority(L, n);
+        return;
+    }
     acmoe__topk_softmax(L->logits, n, L->d.n_experts, L->d.top_k, L->top_idx, L->top_gate);
-    /* full softmax: the gates of the other rules, and the z-loss */
-    if (rule != ACMOE_SELECT_TOPK || L->d.z_loss > 0.0f) acmoe__softmax_rows(L->logits, L->probs, n, L->d.n_experts, 1.0f);
+    /* full softmax: the gates of the other rules */
+    if (rule != ACMOE_SELECT_TOPK) acmoe__softmax_rows(L->logits, L->probs, n, L->d.n_experts, 1.0f);
     if (rule == ACMOE_SELECT_USMOE) acmoe__select_usmoe(L, n);
     else if (rule == ACMOE_SELECT_EXPERT_CHOICE) acmoe__select_expert_choice(L, n);
     else acmoe__select_per_token(L, n);
 }
 
 /* ---- auxiliary losses ---- */
+
+/* var(v) / (mean(v)^2 + 1e-10) over the E experts (unbiased variance, as torch.var), and
+   its gradient with respect to each v_j in grad. */
+static float acmoe__spread(const double *v, int e, double *grad) {
+    double mean = 0.0, var = 0.0, denom;
+    int j;
+    for (j = 0; j < e; j++) mean += v[j];
+    mean /= e;
+    for (j = 0; j < e; j++) var += (v[j] - mean) * (v[j] - mean);
+    var /= e - 1;
+    denom = mean * mean + 1e-10;
+    for (j = 0; j < e; j++) grad[j] = (2.0 * (v[j] - mean) / (e - 1) * denom - var * 2.0 * mean / e) / (denom * denom);
+    return (float)(var / denom);
+}
+
+/* Tutel's load and importance loss, weight (l_imp + l_load) / 2: importance_j the sum of the
+   noise-free probabilities P_tj, load_j the sum of Phi((P_tj - threshold_t) / sigma) with
+   sigma = gate_noise / E and threshold_t the noisy logit of token t's k-th choice (as
+   Tutel's losses.py compares them). With grad, adds its logit gradients to dz. The sums
+   are in double, so the result does not depend on the thread count. */
+static float acmoe__importance_loss(acmoe_moe *L, int n, int grad) {
+    const int e = L->d.n_experts, k = L->d.top_k;
+    const double sigma = (double)L->d.gate_noise / e, weight = 0.5 * (double)L->d.importance_loss;
+    double importance[ACMOE__MAX_AUX_EXPERTS], load[ACMOE__MAX_AUX_EXPERTS];
+    double d_importance[ACMOE__MAX_AUX_EXPERTS], d_load[ACMOE__MAX_AUX_EXPERTS];
+    float *p = L->clean_probs, loss;
+    int t, j;
+    acmoe__softmax_rows(L->logits, p, n, e, 1.0f);
+    memset(importance, 0, sizeof(double) * (size_t)e);
+    memset(load, 0, sizeof(double) * (size_t)e);
+    for (t = 0; t < n; t++) {
+        const double threshold = L->noisy[(size_t)t * e + L->top_idx[(size_t)t * k + k - 1]];
+        for (j = 0; j < e; j++) {
+            importance[j] += p[(size_t)t * e + j];
+            load[j] += 0.5 * erfc(-((double)p[(size_t)t * e + j] - threshold) / (sigma * sqrt(2.0)));
+        }
+    }
+    loss = (float)weight * (acmoe__spread(importance, e, d_importance) + acmoe__spread(load, e, d_load));
+    for (t = 0; grad && t < n; t++) {
+        const double threshold = L->noisy[(size_t)t * e + L->top_idx[(size_t)t * k + k - 1]];
+        float *dz = L->dz + (size_t)t * e, gp[ACMOE__MAX_AUX_EXPERTS];
+        const float *pt = p + (size_t)t * e;
+        double dthreshold = 0.0, mean = 0.0;
+        for (j = 0; j < e; j++) {
+            const double u = ((double)pt[j] - threshold) / sigma;
+            const double density = exp(-0.5 * u * u) / (sigma * sqrt(2.0 * 3.141592653589793));
+            gp[j] = (float)(weight * (d_importance[j] + d_load[j] * density));
+            dthreshold -= weight * d_load[j] * density;
+            mean += (double)pt[j] * gp[j];
+        }
+        for (j = 0; j < e; j++) dz[j] += pt[j] * (float)(gp[j] - mean); /* through the softmax */
+        dz[L->top_idx[(size_t)t * k + k - 1]] += (float)dthreshold;   /* the noise is a constant */
+    }
+    return loss;
+}
 
 /* Balance loss alpha E sum_j f_j P_j, f_j the share of pairs expert j got (a constant) and
    P_j the mean of softmax(z / T); and the z-loss beta mean_t logsumexp(z_t)^2. With grad,
@@ -3383,9 +3539,10 @@ static float acmoe__aux_loss(acmoe_moe *L, int n, int grad) {
             for (j = 0; j < e; j++) sum += expf(zt[j] - top);
             lse = top + logf(sum);
             loss += d->z_loss * lse * lse / (float)n;
-            for (j = 0; grad && j < e; j++) L->dz[(size_t)t * e + j] += 2.0f * d->z_loss / (float)n * lse * L->probs[(size_t)t * e + j];
+            for (j = 0; grad && j < e; j++) L->dz[(size_t)t * e + j] += 2.0f * d->z_loss / (float)n * lse * expf(zt[j] - lse);
         }
     }
+    if (d->importance_loss > 0.0f) loss += acmoe__importance_loss(L, n, grad);
     return loss;
 }
 
@@ -4409,6 +4566,7 @@ struct acmoe_lm {
     int32_t *tokens, *targets;
     acmoe_rng rng;
     int batch, seq, n, dropped, cached;
+    int training; /* of the last forward call: dropout and gate noise */
     int start;       /* the first position the last forward computed (decoding) */
     long steps;
     long cache_step; /* the optimizer step the activations were computed at */
@@ -4435,6 +4593,7 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
     if (m.router_select == ACMOE_SELECT_SOFT) { /* the one causal grouping for text, each image by itself */
         m.group = L->d.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
         m.capacity = m.balance_alpha = m.z_loss = 0.0f; /* no pairs to limit or balance */
+        m.gate_noise = m.importance_loss = 0.0f;
     }
     return m;
 }
@@ -4843,6 +5002,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
         acmoe__layernorm(ctx, x + o, B->a + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->h + o);
     }
     B->moe->d.seq_len = L->seq; /* groups follow this call's sequences, which may be shorter */
+    acmoe_moe_set_training(B->moe, L->training, &L->rng);
     s = acmoe_moe_forward(B->moe, ctx, (pre ? B->moe_in : B->h) + o, rows, *have_prev ? prev->expert_index : NULL,
                           *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m + o);
     if (s != ACMOE_OK) return s;
@@ -4859,6 +5019,7 @@ static void acmoe__lm_begin(acmoe_lm *L, int batch, int seq, int start, int trai
     L->cached = 0;
     L->cache_step = -1; /* no decoding from these activations unless this call succeeds */
     L->dropped = train && L->d.dropout > 0.0f;
+    L->training = train != 0;
 }
 
 /* The blocks from the embedded rows x0, and the final norm with pre-LN: *top is the last
@@ -5342,6 +5503,7 @@ typedef struct acmoe__config_field {
 #define ACMOE__INT_FIELD(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_lm_desc, member), 2}
 #define ACMOE__FLOAT_FIELD(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_lm_desc, member), 2}
 #define ACMOE__INT_FIELD_3(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_lm_desc, member), 3}
+#define ACMOE__FLOAT_FIELD_3(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_lm_desc, member), 3}
 static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__INT_FIELD("vocab", vocab), ACMOE__INT_FIELD("d_model", d_model), ACMOE__INT_FIELD("n_heads", n_heads),
     ACMOE__INT_FIELD("seq_len", seq_len), ACMOE__INT_FIELD("batch", batch), ACMOE__INT_FIELD("d_ff", d_ff),
@@ -5363,6 +5525,7 @@ static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__INT_FIELD_3("moe.soft_input", moe.soft_input), ACMOE__INT_FIELD_3("moe.mix_k", moe.mix_k),
     ACMOE__INT_FIELD_3("moe.no_router_bias", moe.no_router_bias),
     ACMOE__INT_FIELD_3("moe.no_reprojection", moe.no_reprojection),
+    ACMOE__FLOAT_FIELD_3("moe.gate_noise", moe.gate_noise), ACMOE__FLOAT_FIELD_3("moe.importance_loss", moe.importance_loss),
 };
 #define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
 

@@ -26,7 +26,7 @@ typedef struct lm_options {
 static const flag lm_flags[] = {
     FLAG("--data", OPT_STR, data, 1, 0, 0, "text file to train on (bytes are tokens), or builtin: a short embedded text"),
     FLAG("--pattern", OPT_STR, pattern, 1, MOE_PATTERN_MAX, CLI_KEPT,
-         "router per layer: g SMoE, c AC, s Switch, o cosine, b StableMoE, x XMoE, u USMoE, m Soft MoE (vmoe), n Soft MoE "
+         "router per layer: g SMoE, c AC, s Switch, o cosine, b StableMoE, x XMoE, u USMoE, t Swin-MoE gate, w AC Swin-MoE, m Soft MoE (vmoe), n Soft MoE "
          "(the paper's code), a AC Soft MoE, f dense"),
     FLAG("--compare", OPT_STR, compare, 1, LM_MAX_PATTERNS * (MOE_PATTERN_MAX + 1) - 1, 0,
          "comma-separated patterns (at most 8) to train in turn and compare (overrides --pattern)"),

@@ -105,12 +105,12 @@ static inline int moe_pattern_valid(const char *pattern, size_t length, char *wh
     }
     for (i = 0; i < length; i++) {
         const char letter = pattern[i];
-        if (!letter || !strchr("gsobxcuemnaf", letter)) {
-            snprintf(why, cap, "pattern '%.*s': '%c' is no router (g s o b x c u e m n a f)", (int)length, pattern,
+        if (!letter || !strchr("gsobxcuetwmnaf", letter)) {
+            snprintf(why, cap, "pattern '%.*s': '%c' is no router (g s o b x c u e t w m n a f)", (int)length, pattern,
                      letter ? letter : '?');
             return 0;
         }
-        if ((letter == 'c' || letter == 'a') && !seen_moe) {
+        if ((letter == 'c' || letter == 'a' || letter == 'w') && !seen_moe) {
             snprintf(why, cap, "pattern '%.*s': an AC layer ('%c') needs an MoE layer before it", (int)length, pattern,
                      letter);
             return 0;
@@ -185,6 +185,9 @@ static inline void moe_print_settings(acmoe_lm *lm) {
         if (m.router_select == ACMOE_SELECT_USMOE)
             printf("  layer %d USMoE: budget %g pairs per token of each %s, rho %g\n", l, m.usmoe_budget,
                    m.group == ACMOE_GROUP_BATCH ? "call" : moe_groups[m.group], m.usmoe_rho);
+        if (m.router_select == ACMOE_SELECT_PRIORITY)
+            printf("  layer %d Swin-MoE gate: noise %g / E in training, capacity %g, load and importance loss %g\n", l,
+                   m.gate_noise, m.capacity, m.importance_loss);
         if (m.router_select == ACMOE_SELECT_SOFT)
             printf("  layer %d Soft MoE: %d slot(s) per expert for each %s\n", l, m.soft_slots,
                    m.group == ACMOE_GROUP_SEQUENCE ? "image" : "position");

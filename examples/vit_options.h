@@ -26,7 +26,7 @@ static const flag vit_flags[] = {
     FLAG("--data", OPT_STR, data, 1, 0, 0,
          "CSV of images: 64 pixels of 0..16 and the class per line; or builtin: drawn seven-segment digits"),
     FLAG("--pattern", OPT_STR, pattern, 1, MOE_PATTERN_MAX, CLI_KEPT,
-         "router per layer: g SMoE, c AC, s Switch, o cosine, b StableMoE, x XMoE, u USMoE, e expert choice, m Soft MoE "
+         "router per layer: g SMoE, c AC, s Switch, o cosine, b StableMoE, x XMoE, u USMoE, t Swin-MoE gate, w AC Swin-MoE, e expert choice, m Soft MoE "
          "(vmoe), n Soft MoE (the paper's code), a AC Soft MoE, f dense"),
     FLAG("--compare", OPT_STR, compare, 1, VIT_MAX_PATTERNS * (MOE_PATTERN_MAX + 1) - 1, 0,
          "comma-separated patterns (at most 16) to train in turn and compare (overrides --pattern)"),

@@ -19,14 +19,14 @@ typedef struct seed {
 } seed;
 
 static const seed seeds[] = {
-    {0, {"--pattern", "gsoxcuemnaf", "--steps", "100", "--lr", "0.001", "--seed", "7", "--data", "builtin"}},
+    {0, {"--pattern", "gsobxcuetwmnaf", "--steps", "100", "--lr", "0.001", "--seed", "7", "--data", "builtin"}},
     {0, {"--compare", "g,s,o,x,gc,u,e,m,ga,f", "--seeds", "3", "--schedule", "cosine", "--min-lr", "1e-5"}},
     {0, {"--pattern", "gcxum", "--activation", "gelu", "--ac-eps", "0.001", "--ac-clip", "8", "--ac-dispersion",
          "variance", "--usmoe-budget", "1.5", "--usmoe-rho", "0.3", "--usmoe-group", "position", "--soft-slots", "2",
          "--proj-dim", "4"}},
     {0, {"--resume", "run.safetensors", "--steps", "2000", "--seq", "64", "--prompt", "The ", "--sample-top-p", "0.9"}},
     {0, {"--steps", "4294967297", "--pattern", "ggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggg"}},
-    {1, {"--pattern", "gsoxcuemnaf", "--patch", "4", "--batch", "32", "--data", "builtin", "--save", "vit.safetensors"}},
+    {1, {"--pattern", "gsobxcuetwmnaf", "--patch", "4", "--batch", "32", "--data", "builtin", "--save", "vit.safetensors"}},
     {1, {"--compare", "g,s,o,x,gc,u,e,m,ga,f", "--seeds", "2", "--ac-scaling", "postclip", "--dropout", "0.1"}},
     {1, {"--lr", "nan", "--seed", "0", "--patch", "3", "--help"}},
 };

@@ -527,7 +527,7 @@ static void to_format_2(bytes *b) {
                                        "optim.eps", "optim.weight_decay", "optim.clip_norm", "optim.warmup_steps",
                                        "optim.schedule", "optim.total_steps", "optim.min_lr", "optim.sgd",
                                        "moe.soft_input", "moe.mix_k", "moe.no_router_bias",
-                                       "moe.no_reprojection"};
+                                       "moe.no_reprojection", "moe.gate_noise", "moe.importance_loss"};
     int i;
     CHECK(edit_header(b, "\"format\":\"acmoe-lm-3\"", "\"format\":\"acmoe-lm-2\""));
     for (i = 0; i < (int)(sizeof keys / sizeof keys[0]); i++) CHECKF(remove_entry(b, keys[i]), "%s", keys[i]);

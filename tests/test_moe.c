@@ -368,6 +368,105 @@ static void test_grad_aux_losses(void) {
     check_gradients_desc(&d, 42);
 }
 
+/* Swin-MoE's gate (priority selection, the load and importance loss) through backward,
+   without AC and with the AC weights on the whole input; a weight of 5 makes the loss's
+   gradient large enough to check, and a capacity of 0.75 drops pairs. */
+static void test_grad_priority(void) {
+    acmoe_moe_desc d = small_desc('t', ACMOE_ACT_GELU);
+    d.importance_loss = 5.0f;
+    d.capacity = 0.75f;
+    check_gradients_desc(&d, 51);
+    d = small_desc('w', ACMOE_ACT_GELU);
+    d.importance_loss = 5.0f;
+    d.capacity = 0.75f;
+    check_gradients_desc(&d, 52);
+}
+
+/* Swin-MoE's selection against the rule written out, in evaluation mode and in training
+   mode (noise of deviation 1 / E, drawn token by token from the generator given): the
+   top-2 by the full softmax of the noisy logits, gates those probabilities, then each
+   expert's places given out by the tokens' best probability, first choices first, and those
+   past 2 x floor(capacity x ceil(n / E)) dropped; and the load and importance loss. */
+static void test_moe_priority_reference(void) {
+    enum { N = 16, DM = 6, E = 4, K = 2 };
+    int train;
+    for (train = 0; train < 2; train++) {
+        acmoe_moe_desc d = small_desc('t', ACMOE_ACT_GELU);
+        fixture f;
+        acmoe_rng noise, copy;
+        acmoe_moe_stats st;
+        double z[N][E], noisy[N][E], prob[N][E], clean[N][E], importance[E] = {0}, load[E] = {0}, loss;
+        int top[N][K], order[N], place[E] = {0}, keep[N][K], t, j, r, i, pairs = 0, dropped = 0, bad = 0;
+        const int cap = K * (int)(0.75 * ((N + E - 1) / E));
+        d.capacity = 0.75f; /* 6 places an expert for 32 assignments: some are dropped */
+        fixture_make_desc(&f, &d, N, 61 + (uint64_t)train);
+        acmoe_rng_seed(&noise, 5);
+        copy = noise;
+        acmoe_moe_set_training(f.layer, train, &noise);
+        CHECK(isfinite(fixture_loss(&f)));
+        st = acmoe_moe_get_stats(f.layer);
+        for (t = 0; t < N; t++) { /* logits: the router weight (no bias) comes first */
+            double top_z = -1e30, sum = 0.0, sum_clean = 0.0, top_clean = -1e30;
+            for (j = 0; j < E; j++) {
+                z[t][j] = 0.0;
+                for (i = 0; i < DM; i++) z[t][j] += (double)f.params[j * DM + i] * f.x[t * DM + i];
+                noisy[t][j] = (float)z[t][j] + (train ? (1.0f / E) * acmoe_rng_normal(&copy) : 0.0f);
+                top_z = fmax(top_z, noisy[t][j]), top_clean = fmax(top_clean, z[t][j]);
+            }
+            for (j = 0; j < E; j++) sum += prob[t][j] = exp(noisy[t][j] - top_z);
+            for (j = 0; j < E; j++) sum_clean += clean[t][j] = exp(z[t][j] - top_clean);
+            for (j = 0; j < E; j++) prob[t][j] /= sum, clean[t][j] /= sum_clean;
+            for (r = 0; r < K; r++) { /* the best two by probability, ties to the lower index */
+                int best = -1;
+                for (j = 0; j < E; j++)
+                    if ((r == 0 || j != top[t][0]) && (best < 0 || prob[t][j] > prob[t][best])) best = j;
+                top[t][r] = best;
+            }
+            order[t] = t;
+        }
+        for (i = 1; i < N; i++) /* priority: the best probability, then the lower index */
+            for (r = i; r > 0 && prob[order[r]][top[order[r]][0]] > prob[order[r - 1]][top[order[r - 1]][0]]; r--) {
+                int swap = order[r];
+                order[r] = order[r - 1], order[r - 1] = swap;
+            }
+        for (r = 0; r < K; r++)
+            for (i = 0; i < N; i++) keep[order[i]][r] = place[top[order[i]][r]]++ < cap;
+        for (t = 0; t < N; t++)
+            for (r = 0; r < K; r++) {
+                if (!keep[t][r]) {
+                    dropped++;
+                    continue;
+                }
+                bad += pairs >= st.pairs || st.pair_token[pairs] != t || st.pair_expert[pairs] != top[t][r] ||
+                       fabs(st.pair_gate[pairs] - prob[t][top[t][r]]) > 1e-6;
+                pairs++;
+            }
+        CHECKF(bad == 0 && pairs == st.pairs && dropped == st.dropped && dropped > 0,
+               "train %d: %d of %d pairs differ, %d dropped (want %d)", train, bad, st.pairs, st.dropped, dropped);
+        for (t = 0; t < N; t++) {
+            double threshold = noisy[t][top[t][K - 1]];
+            CHECK(st.expert_index[t * K] == top[t][0] && st.expert_index[t * K + 1] == top[t][1]);
+            for (j = 0; j < E; j++) {
+                importance[j] += clean[t][j];
+                load[j] += 0.5 * erfc(-(clean[t][j] - threshold) / (0.25 * sqrt(2.0)));
+            }
+        }
+        {
+            double spread[2], *v[2], mean, var;
+            v[0] = importance, v[1] = load;
+            for (r = 0; r < 2; r++) {
+                for (mean = 0.0, j = 0; j < E; j++) mean += v[r][j] / E;
+                for (var = 0.0, j = 0; j < E; j++) var += (v[r][j] - mean) * (v[r][j] - mean) / (E - 1);
+                spread[r] = var / (mean * mean + 1e-10);
+            }
+            loss = 0.01 * (spread[0] + spread[1]) / 2.0;
+            CHECKF(fabs(st.aux_loss - loss) < 1e-6 + 1e-4 * loss, "train %d: aux loss %g, want %g", train, st.aux_loss, loss);
+        }
+        if (train) CHECK(memcmp(&noise, &copy, sizeof noise) == 0); /* one draw per logit, in order */
+        fixture_free(&f);
+    }
+}
+
 /* The forward pass against a plain evaluation of the formula, token by token. */
 static void test_moe_forward_reference(void) {
     fixture f;
@@ -776,6 +875,8 @@ const test_case moe_tests[] = {
     {"moe_soft_groups", test_moe_soft_groups},
     {"moe_soft_paper_vectors", test_moe_soft_paper_vectors},
     {"moe_router_stability", test_moe_router_stability},
+    {"moe_priority_reference", test_moe_priority_reference},
+    {"moe_grad_priority", test_grad_priority},
     {"moe_deterministic", test_moe_deterministic},
     {"moe_bad_input", test_moe_bad_input},
     {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
