@@ -6,7 +6,8 @@
 For every case that build/reference_dump (tools/reference_dump.c) wrote into the directory,
 this script reads the checkpoint NAME.safetensors (weights and configuration), rebuilds the
 same model in PyTorch in float64, runs the batch saved beside it (NAME.batch.safetensors)
-with autograd, and compares with what acmoe computed in float32: the logits, the loss, and
+with autograd, and compares with what acmoe computed in float32: the logits, the loss (the
+cross-entropy plus the layers' auxiliary losses: Swin-MoE's load and importance loss), and
 the gradient of every parameter (NAME.grads.safetensors, under the parameters' names).
 
 Relative error of a tensor a (acmoe) against its reference b (this script):
@@ -14,7 +15,7 @@ Relative error of a tensor a (acmoe) against its reference b (this script):
 the largest difference over the largest reference magnitude of the whole tensor; where the
 reference is all zeros (the router of a dense layer has no gradient) it is max_i |a_i|. A case
 passes when every tensor's relative error is at most 1e-4. Discrete choices (top-k, labels,
-the pairs a USMoE group keeps) carry no gradient; the smallest gap the reference saw at a cut
+the pairs a USMoE group keeps, the assignments a capacity drops) carry no gradient; the smallest gap the reference saw at a cut
 is printed when it is under 1e-6, since a near tie could pick differently in float32.
 
 The backbone is acmoe's own (acmoe.h section 9): token and learned position embeddings, or
@@ -22,24 +23,46 @@ a linear patch embedding for a vision encoder; causal multi-head attention with 
 ([q | k | v], head h in columns h*dh..(h+1)*dh of each, scores scaled by 1/sqrt(dh)), or
 unmasked for a vision encoder; layer norm with eps 1e-5, post-LN (h = LN1(x + attn(x)),
 y = LN2(h + moe(h))) or pre-LN with a final norm; the head tied to the token embedding or
-not; a vision encoder classifies the mean of its last rows. Experts are
-W2 act(W1 x + b1) + b2 as in the AC reference's _Expert (language-modeling/custom_transformer.py
-lines 11-33 of Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts). The authors' language-model
+not; a vision encoder classifies the mean of its last rows (not the Swin backbone). Experts
+are W2 act(W1 x + b1) + b2 as in the AC reference's _Expert (language-modeling/custom_transformer.py
+lines 11-33 of Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts), for every router (the
+Swin-MoE runs freeze b2 at 0 and drop 10 % of the hidden units, the USMoE experts have no
+biases: backbone choices, like the block). The authors' language-model
 block is not acmoe's (their MoE wrapper adds its own residual and LayerNorm, models.py:663,
 inside the block's, :1156, and attention has relative position keys and a cache): this checks
 acmoe's backbone around the authors' routers.
 
 The routers are written from the authors' code paths, not from acmoe.h (one function each,
-registered in GATES by router letter; a backbone is one function in BACKBONES):
+registered in GATES by router letter; a backbone is one function in BACKBONES). Files of
+Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts at 4762d61 unless named otherwise:
   g  SMoE      language-modeling/custom_gates.py:783-833 (CustomNaiveGate_Balance_SMoE) and
                the gate-weighted sum of custom_layers.py:348-356
+  b  StableMoE custom_gates.py:1336-1410 (CustomNaiveGate_Balance_StableMoE: the embeddings
+               not re-projected, :1372-1375, 1398-1403)
   c  AC        custom_gates.py:1007-1335 (COSAGate_Balance, use_var=True, mad=True as the
                language-model runs set them: the scripts/pretraining acmoe and cosa scripts pass
                --use-var --mad, all but wikitext-103/glam/small/acmoe-s.sh)
-  u  USMoE     USMoE/Training_scratch/custom_transformer.py:41-91 of giangdip2410/USMoE
-  m  Soft MoE  softmoe-image-classification/softmoe.py:92-180 (SoftMoELayerWrapper, normalize,
-               no AC), Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts
+  u  USMoE     USMoE/Training_scratch/custom_transformer.py:37-91 of giangdip2410/USMoE at
+               70d6447 (gate without bias, the top pairs of each position across the batch)
+  m  Soft MoE  acmoe's documented 'm', not the authors': google-research/vmoe's form
+               (vmoe/projects/soft_moe/router.py:56-100 normalises a copy of the tokens for the
+               logits; vmoe/nn/vit_moe.py:108-120 dispatches the raw tokens to the slots)
+  n  Soft MoE  softmoe-image-classification/softmoe.py:92-180 (SoftMoELayerWrapper, normalize,
+               no AC: the normalised tokens feed the logits and the slots)
+  a  AC Soft MoE  softmoe.py:92-180 with acmoe=True and compute_acmoe :184-289 (mad, mix_weights)
+  t  Swin-MoE  image-classification/models/swin_transformer_cosa.py:38-96 (MoEMlp: Tutel's top
+               gate, capacity 1.25, gate_noise 1, batch-prioritised routing, the load and
+               importance loss), models/gates/top.py:6-22, models/impls/moe_layer.py:270-297,
+               fast_dispatch.py:138-208, losses.py:21-43; the loss weight 0.01 (config.py,
+               swin_transformer_cosa.py forward)
+  w  AC Swin-MoE  't' on the block's MoE input weighted by compute_cosa
+               (swin_transformer_cosa.py:414-419, 477-572: mad, no mix_weights)
   f  dense FFN (acmoe's one-expert layer; the labels pass it, as past models.py:1168-1171)
+The Soft MoE layers group each image's tokens in a vision encoder and each position's tokens
+across the batch in a language model (acmoe's causal grouping). The authors' Soft MoE takes
+topk(mix_k = 8) over the slots (softmoe.py:142), which raises with fewer than 8 slots; acmoe
+and this reference take min(mix_k, slots). A noisy gate (t, w) in training adds the normal
+draws the dump recorded (noise.layers.N) times gate_noise / E; in evaluation it has none.
 Where acmoe.h disagrees with those (DISAGREEMENTS below), the case fails, and the script also
 prints the error of acmoe.h's reading, so that the rest of the model is still checked.
 
@@ -53,6 +76,7 @@ import math
 import os
 import struct
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -61,6 +85,7 @@ import torch.nn.functional as F
 TOLERANCE = 1e-4
 LN_EPS = 1e-5
 torch.set_default_dtype(torch.float64)
+warnings.filterwarnings("ignore", message="index_reduce")  # beta in PyTorch 1.13; the authors call it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,16 +117,23 @@ def read_safetensors(path):
 class Ctx:
     """One forward pass: sizes, options from the checkpoint, and what the gates observed."""
 
-    def __init__(self, meta, batch, seq, vision, acmoe_reading):
+    def __init__(self, meta, batch, seq, vision, acmoe_reading, training=False, noise=None):
         self.batch, self.seq, self.vision = batch, seq, vision
         self.n_experts = int(meta["n_experts"])
         self.top_k = int(meta["top_k"])
         self.activation = int(meta["activation"])
-        self.group = int(meta["moe.group"])  # ACMOE_GROUP_BATCH, _SEQUENCE, _POSITION
+        # ACMOE_GROUP_DEFAULT 0 (position: a model always knows its sequence length), _BATCH 1,
+        # _SEQUENCE 2, _POSITION 3
+        self.group = int(meta["moe.group"])
         self.soft_slots = int(meta["moe.soft_slots"]) or 1
+        self.mix_k = int(meta.get("moe.mix_k", "0")) or 8
         self.usmoe_budget = float(meta["moe.usmoe_budget"]) or float(self.top_k)
         self.usmoe_rho = float(meta["moe.usmoe_rho"]) or 0.5
         self.acmoe_reading = acmoe_reading  # follow acmoe.h where it disagrees with the authors
+        self.training = training  # the gate noise of 't' and 'w'
+        self.noise = noise or {}  # layer -> [n, E] standard normal draws
+        self.layer = -1  # the layer being run
+        self.aux = []  # the layers' auxiliary losses, weighted
         self.min_gap = math.inf  # the smallest gap seen at a discrete cut
         self.seen = set()  # paths of the gates this pass took that a check should cover
 
@@ -114,10 +146,12 @@ class Ctx:
 
 
 class Routing:
-    """A layer's routing as the next layer reads it: idx [n, k] best expert first, gate [n, k]."""
+    """A layer's routing as the next layer reads it: idx [n, k] best expert first, vals [n, k]
+    their raw scores (logits), gate [n, k] the softmax of vals (acmoe's stats.gate)."""
 
-    def __init__(self, idx, gate):
-        self.idx, self.gate = idx, gate
+    def __init__(self, idx, vals):
+        self.idx, self.vals = idx, vals.detach()
+        self.gate = F.softmax(self.vals, dim=-1)
 
 
 def activate(ctx, h):
@@ -180,13 +214,8 @@ def gate(letter, name):
 
 
 # Where acmoe.h and the authors' code differ, by letter: the case fails, and the reading of
-# acmoe.h (ctx.acmoe_reading) is checked as well.
-DISAGREEMENTS = {
-    "u": "the USMoE gate has no bias (giangdip2410/USMoE USMoE/Training_scratch/custom_transformer.py:37, "
-         "nn.Linear(d_model, num_experts, bias=False)); acmoe.h's 'u' scores with router.weight and router.bias",
-    "m": "Soft MoE forms its slots from the L2-normalised tokens (softmoe.py:115 rebinds x to F.normalize(x), "
-         "then :170 xs = einsum(x, d)), so the experts see unit rows; acmoe.h forms them from the raw tokens",
-}
+# acmoe.h (ctx.acmoe_reading) is checked as well. None today.
+DISAGREEMENTS = {}
 
 
 @gate("g", "SMoE")
@@ -196,7 +225,19 @@ def gate_smoe(P, x, prev, ctx):
     z = x @ P["router.weight"].T + P["router.bias"]
     val, idx = topk_best_first(ctx, z, ctx.top_k)
     score = F.softmax(val, dim=-1)
-    return combine_topk(P, x, idx, score, ctx), Routing(idx, score)
+    return combine_topk(P, x, idx, score, ctx), Routing(idx, val)
+
+
+@gate("b", "StableMoE")
+def gate_stablemoe(P, x, prev, ctx):
+    # CustomNaiveGate_Balance_StableMoE.forward (custom_gates.py:1372-1396): the dot product with
+    # the unit embeddings (_cosine :1398-1403, the input not normalised, eps 1e-4), no
+    # re-projection to norm 1.5 (which XMoE and AC do), _make_finite, top-k, softmax over the k
+    z = x @ F.normalize(P["router.embedding"], p=2.0, dim=1, eps=1e-4).T
+    z = make_finite(z)
+    val, idx = topk_best_first(ctx, z, ctx.top_k)
+    score = F.softmax(val, dim=-1)
+    return combine_topk(P, x, idx, score, ctx), Routing(idx, val)
 
 
 @gate("f", "dense")
@@ -240,7 +281,7 @@ def gate_ac(P, x, prev, ctx):
     z = make_finite(z)  # :1100
     val, idx = topk_best_first(ctx, z, ctx.top_k)  # :1109-1112
     score = F.softmax(val, dim=-1)  # :1114
-    return combine_topk(P, x, idx, score, ctx), Routing(idx, score)
+    return combine_topk(P, x, idx, score, ctx), Routing(idx, val)
 
 
 def make_finite(z):
@@ -254,9 +295,9 @@ def make_finite(z):
 def group_rows(ctx, n):
     """Token indices [groups, members] of acmoe's grouping (moe.group) for n = batch * seq."""
     order = torch.arange(n).reshape(ctx.batch, ctx.seq)
-    if ctx.group == 2:  # by position: the authors' layout, [qlen, bsz] (see gate_usmoe)
+    if ctx.group in (0, 3):  # default and position: the authors' layout, [qlen, bsz] (see gate_usmoe)
         return order.T.contiguous()
-    if ctx.group == 1:  # by sequence
+    if ctx.group == 2:  # by sequence
         return order
     return order.reshape(1, n)  # the whole call
 
@@ -267,11 +308,9 @@ def gate_usmoe(P, x, prev, ctx):
     # hidden states are [qlen, bsz, d] (Transformer-XL: mem_transformer.py:964, data_utils.py:50),
     # so "batch_size, sequence_length" (:42) are (qlen, bsz) and the top-k over
     # reshape(batch_size, -1) (:51-55) picks bsz * top_k (token, expert) pairs among the tokens
-    # of each position: the position groups of acmoe (moe.group 2).
+    # of each position: acmoe's default groups. Other groups (moe.group) take the same rule.
     E = ctx.n_experts
     z = x @ P["router.weight"].T  # :45, nn.Linear(d_model, E, bias=False) (:37)
-    if ctx.acmoe_reading:
-        z = z + P["router.bias"]
     rho = ctx.usmoe_rho  # self.rate = 0.5 (:39)
     w = (1 - rho) * F.softmax(z, dim=1) + rho * torch.sigmoid(z) * 2.0 / E  # :46-49
     groups = group_rows(ctx, x.shape[0])
@@ -287,40 +326,189 @@ def gate_usmoe(P, x, prev, ctx):
     out = combine_pairs(P, x, tok, exp, w[tok, exp], ctx)  # :75-88, weight w, not renormalised
     # the authors' layer hands no labels on; acmoe gives the next layer the top-k by logit
     val, idx = torch.topk(z.detach(), ctx.top_k, dim=-1, sorted=True)
-    return out, Routing(idx, F.softmax(val, dim=-1))
+    return out, Routing(idx, val)
 
 
-@gate("m", "Soft MoE")
-def gate_soft(P, x, prev, ctx):
-    # SoftMoELayerWrapper.forward (softmoe.py:92-180), normalize=True, acmoe=False, on groups
-    # [b, m, d]: each image in a vision encoder; in a language model the tokens of one position
-    # across the batch (acmoe's causal grouping: row g holds position g of every sequence)
-    n, d = x.shape
+def soft_groups(ctx, n):
+    """Token indices [groups, members] of a Soft MoE layer: each image in a vision encoder; in
+    a language model the tokens of one position across the batch (acmoe's causal grouping)."""
     groups = torch.arange(n).reshape(ctx.batch, ctx.seq)
-    if not ctx.vision:
-        groups = groups.T.contiguous()
-    X = x[groups]  # [b, m, d]
-    Xn = F.normalize(X, dim=2)  # :115 (eps 1e-12)
+    return groups if ctx.vision else groups.T.contiguous()
+
+
+def vmoe_normalize(x, dim):
+    """vmoe/projects/soft_moe/router.py:36-38: x * rsqrt(sum x^2 + 1e-6)."""
+    return x * torch.rsqrt(x.square().sum(dim=dim, keepdim=True) + 1e-6)
+
+
+def cluster_mad(tokens, labels, k_rows):
+    """softmoe.py:211-213 and swin_transformer_cosa.py:495-497: each cluster's mean and then mean
+    absolute deviation per feature, index_reduce 'mean' without self (empty clusters keep 0)."""
+    d = tokens.shape[1]
+    mean = torch.zeros(k_rows, d).index_reduce(0, labels, tokens, "mean", include_self=False)
+    centred = (tokens - mean[labels]).abs()
+    return torch.zeros(k_rows, d).index_reduce(0, labels, centred, "mean", include_self=False)
+
+
+def compute_acmoe(ctx, tokens, prev):
+    """SoftMoELayerWrapper.compute_acmoe (softmoe.py:184-289) with mad and mix_weights: labels
+    the previous layer's best (column 0, :200), K = 1 + the largest of all its columns (:206),
+    W = 1 / (MAD + 0.35) (:216), clipped at 5 x its mean (:219-226), divided by its mean after
+    the clip (:242); each token's row the mix of the rows of its previous columns by the softmax
+    of their raw scores (:265-283). No gradient (:195)."""
+    with torch.no_grad():
+        A = prev.idx
+        labels = A[:, 0]
+        count = torch.bincount(labels, minlength=int(A.max().item()) + 1)
+        if bool((count < 2).any()):
+            ctx.seen.add("AC cluster of <2 tokens")
+        w = 1.0 / (cluster_mad(tokens.detach(), labels, int(A.max().item()) + 1) + 0.35)
+        if bool((w > 5.0 * w.mean()).any()):
+            ctx.seen.add("AC clip bound")
+        w = torch.clamp(w, max=5.0 * w.mean())
+        w = w / w.mean()
+        mix = F.softmax(prev.vals, dim=1)  # :270-271
+        return (w[A] * mix[:, :, None]).sum(dim=1)  # :275-283
+
+
+def soft_moe(P, x, prev, ctx, form):
+    """SoftMoELayerWrapper.forward (softmoe.py:92-180) on acmoe's groups [b, m, d]; form 'm' is
+    vmoe's (the raw tokens reach the slots), 'n' the authors' without AC, 'a' with AC."""
+    n, d = x.shape
     per = ctx.soft_slots
-    # phi [d, n, p] normalised over d (:116); acmoe stores it as rows [n * p, d], slot j * p + c
-    phi = P["router.scale"] * F.normalize(P["router.slots"], dim=1)
-    logits = torch.einsum("bmd,sd->bms", Xn, phi)  # :130
-    dispatch = F.softmax(logits, dim=1)  # :163, over the group's tokens
-    combine = F.softmax(logits, dim=2)  # :164, over all slots
-    src = X if ctx.acmoe_reading else Xn
-    xs = torch.einsum("bmd,bms->bsd", src, dispatch)  # :170
+    if form == "m":  # vmoe router.py:59, 75, 80-91: normalised copies for the logits only
+        xn = vmoe_normalize(x, 1)
+        logits = P["router.scale"] * (xn @ vmoe_normalize(P["router.slots"], 1).T)
+        src = x  # vit_moe.py:108-120: the dispatcher mixes the block's input
+    else:
+        src = F.normalize(x, dim=1)  # :115 (eps 1e-12)
+        # phi [d, n, p] normalised over d and scaled (:116); acmoe stores it as rows [n * p, d],
+        # slot j * p + c, the order of logits.view(b, m, n * p) (:134)
+        phi = P["router.scale"] * F.normalize(P["router.slots"], dim=1)
+        if form == "a":  # :120-123: the weighted tokens replace the normalised ones everywhere
+            src = src * compute_acmoe(ctx, src, prev)
+        logits = src @ phi.T  # :130
+    groups = soft_groups(ctx, n)
+    Lg = logits[groups]  # [b, m, n * p]
+    dispatch = F.softmax(Lg, dim=1)  # :163, over the group's tokens
+    combine = F.softmax(Lg, dim=2)  # :164, over all slots
+    xs = torch.einsum("bmd,bms->bsd", src[groups], dispatch)  # :170
     ys = torch.stack([expert(P, s // per, xs[:, s, :], ctx) for s in range(xs.shape[1])], dim=1)  # :173-175
     y = torch.einsum("bsd,bms->bmd", ys, combine)  # :178
     out = torch.zeros_like(x).index_add(0, groups.reshape(-1), y.reshape(-1, d))
-    # labels for a next layer (:142-143 take the top slots of the logits, slot // p): the experts
-    # by the combine weight of their slots, which for one slot per expert is the same order
-    mass = combine.reshape(-1, ctx.n_experts, per).sum(dim=2).detach()
-    val, idx = torch.topk(mass.log(), ctx.top_k, dim=-1, sorted=True)
-    routing_rows = torch.empty(n, ctx.top_k, dtype=torch.long)
-    routing_rows[groups.reshape(-1)] = idx
-    gates = torch.empty(n, ctx.top_k)
-    gates[groups.reshape(-1)] = F.softmax(val, dim=-1)
-    return out, Routing(routing_rows, gates)
+    # :142-143: the mix_k best slots by logit, their experts (slot // p) and raw logits
+    mix_k = min(ctx.mix_k, logits.shape[1])
+    vals, slots = torch.topk(logits.detach(), mix_k, dim=1, sorted=True)
+    ctx.cut(torch.sort(logits.detach(), dim=1, descending=True)[0], 1)
+    return out, Routing(torch.div(slots, per, rounding_mode="floor"), vals)
+
+
+@gate("m", "Soft MoE (vmoe)")
+def gate_soft_vmoe(P, x, prev, ctx):
+    return soft_moe(P, x, prev, ctx, "m")
+
+
+@gate("n", "Soft MoE")
+def gate_soft(P, x, prev, ctx):
+    return soft_moe(P, x, prev, ctx, "n")
+
+
+@gate("a", "AC Soft MoE")
+def gate_soft_ac(P, x, prev, ctx):
+    return soft_moe(P, x, prev, ctx, "a")
+
+
+GATE_NOISE, CAPACITY_FACTOR, AUX_LOSS_WEIGHT = 1.0, 1.25, 0.01  # config.py defaults, the yaml
+
+
+def compute_cosa(ctx, tokens, prev):
+    """SwinTransformerBlock.compute_cosa (swin_transformer_cosa.py:477-572) with mad, no
+    mix_weights: labels column 0 of the previous top-k (:486), K = 1 + the largest of both
+    columns (:490), W = 1 / (MAD + 1e-4) (:505), clipped at 1.5 x its mean (:508-515), divided
+    by that pre-clip mean (:531); each token takes its cluster's row (:570). No gradient."""
+    with torch.no_grad():
+        labels = prev.idx[:, 0]
+        k_rows = int(prev.idx.max().item()) + 1
+        if bool((torch.bincount(labels, minlength=k_rows) < 2).any()):
+            ctx.seen.add("AC cluster of <2 tokens")
+        w = 1.0 / (cluster_mad(tokens.detach(), labels, k_rows) + 1e-4)
+        w_mean = w.mean()
+        if bool((w > 1.5 * w_mean).any()):
+            ctx.seen.add("AC clip bound")
+        w = torch.clamp(w, max=1.5 * w_mean)
+        return (w / w_mean)[labels]
+
+
+def load_importance_loss(scores_wo_noise, topk_logits, num_global_experts, gate_noise):
+    """losses.py:21-43 (torch.var unbiased)."""
+    normal = torch.distributions.normal.Normal(torch.tensor([0.0]), torch.tensor([gate_noise / num_global_experts]))
+    threshold = topk_logits[:, -1].view(-1, 1)
+    load = normal.cdf(scores_wo_noise - threshold).sum(0)
+    l_load = load.var() / (load.mean() ** 2 + 1e-10)
+    importance = scores_wo_noise.sum(0)
+    l_imp = importance.var() / (importance.mean() ** 2 + 1e-10)
+    return (l_imp + l_load) / 2.0
+
+
+def swin_moe(P, x, prev, ctx, ac):
+    """MoEMlp (swin_transformer_cosa.py:38-96) = Tutel's MOELayer.forward over the call's tokens."""
+    n, E, k = x.shape[0], ctx.n_experts, ctx.top_k
+    if ac:  # :414-419: the whole MoE input weighted, the gate and the experts see w * x
+        x = x * compute_cosa(ctx, x, prev)
+    logits = x @ P["router.weight"].T  # gates/top.py:10, 20-22: Linear without bias, fp32
+    if ctx.training:  # moe_layer.py:273-276, the draws the dump recorded standing for randn_like
+        if ctx.layer not in ctx.noise:
+            raise Unsupported("layer %d: training mode without the recorded gate noise" % ctx.layer)
+        z = torch.from_numpy(ctx.noise[ctx.layer].astype(np.float64))
+        logits_w_noise = logits + GATE_NOISE * z / E
+    else:
+        logits_w_noise = logits
+    scores = F.softmax(logits_w_noise, dim=1)  # :278
+    # extract_critical (fast_dispatch.py:143-208), batch_prioritized_routing, normalize_gate False
+    topk_values, topk_indices = torch.topk(scores, k, dim=1)  # :148, sorted
+    ctx.cut(torch.sort(scores.detach(), dim=1, descending=True)[0], k)
+    masks = [F.one_hot(topk_indices[:, r], E) for r in range(k)]  # :151-153
+    gates = [(scores * m).sum(dim=1) for m in masks]  # :155, full-softmax probabilities
+    l_loss = load_importance_loss(F.softmax(logits, dim=1), logits_w_noise.gather(1, topk_indices), E,
+                                  GATE_NOISE)  # moe_layer.py:282-284
+    # :159-175: locations in the order of the best probability (torch.argsort; ties to the lower
+    # index here, as acmoe), second choices after all first choices of their expert
+    order = torch.sort(-scores.detach().max(dim=1)[0], stable=True)[1]
+    inverse = torch.argsort(order)
+
+    def location(mask):  # compute_sorted_location :138-141, fast_cumsum_sub_one
+        sorted_mask = mask[order]
+        return ((torch.cumsum(sorted_mask, dim=0) - 1) * sorted_mask)[inverse]
+
+    locations, base = [], torch.zeros(E, dtype=torch.long)
+    for r in range(k):
+        locations.append((location(masks[r]) + base * masks[r]).sum(dim=1))
+        base = base + masks[r].sum(dim=0)
+    capacity = k * int(CAPACITY_FACTOR * ((n + E - 1) // E))  # :192-194
+    keep = [loc < capacity for loc in locations]  # the Tutel kernel skips locations >= capacity
+    dropped = sum(int((~kr).sum().item()) for kr in keep)
+    if dropped:
+        ctx.seen.add("capacity drops")
+    if bool((~keep[0] & ~keep[-1]).any()):
+        ctx.seen.add("token dropped by all choices")
+    tok = torch.cat([torch.arange(n)[kr] for kr in keep])
+    exp = torch.cat([topk_indices[:, r][keep[r]] for r in range(k)])
+    wgt = torch.cat([gates[r][keep[r]] for r in range(k)])
+    out = combine_pairs(P, x, tok, exp, wgt, ctx)  # fast_encode / decode, is_postscore
+    ctx.aux.append(AUX_LOSS_WEIGHT * l_loss)  # summed over blocks, times 0.01
+    # the next layer's labels: topk_indices (moe_layer.py:344-345); acmoe's gates for them are
+    # the softmax over the k noisy logits
+    return out, Routing(topk_indices, logits_w_noise.gather(1, topk_indices))
+
+
+@gate("t", "Swin-MoE")
+def gate_swin(P, x, prev, ctx):
+    return swin_moe(P, x, prev, ctx, ac=False)
+
+
+@gate("w", "AC Swin-MoE")
+def gate_swin_ac(P, x, prev, ctx):
+    return swin_moe(P, x, prev, ctx, ac=True)
 
 
 class Unsupported(Exception):
@@ -361,6 +549,7 @@ def trunk(P, meta, x, ctx, causal):
                              L["attn.out.bias"], ctx.batch, ctx.seq, heads, causal)
 
         fn = GATES[letter][1]
+        ctx.layer = i
         if pre:
             h = x + attn(layer_norm(x, L["ln1.weight"], L["ln1.bias"]))
             m, routing = fn(M, layer_norm(h, L["ln2.weight"], L["ln2.bias"]), prev, ctx)
@@ -401,7 +590,7 @@ def language_model(P, meta, data, ctx_for):
     x = trunk(P, meta, x, ctx, causal=True)
     head = P["head.weight"] if int(meta["untied_head"]) else P["tok_emb.weight"]
     logits = x @ head.T
-    return logits, F.cross_entropy(logits, targets.reshape(-1)), ctx
+    return logits, F.cross_entropy(logits, targets.reshape(-1)) + sum(ctx.aux), ctx
 
 
 @backbone("vision encoder", lambda meta: int(meta.get("n_classes", "0")) > 0)
@@ -415,7 +604,7 @@ def vision_encoder(P, meta, data, ctx_for):
     x = trunk(P, meta, x, ctx, causal=False)
     pooled = x.reshape(batch, seq, -1).mean(dim=1)
     logits = pooled @ P["head.weight"].T + P["head.bias"]
-    return logits, F.cross_entropy(logits, labels), ctx
+    return logits, F.cross_entropy(logits, labels) + sum(ctx.aux), ctx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +623,8 @@ def relative_error(a, b):
 def supported(meta):
     """Raises Unsupported for options the authors' code paths here do not have."""
     zero = ["dropout", "moe.capacity", "moe.balance_alpha", "moe.z_loss", "moe.ac.eps", "moe.ac.clip",
-            "moe.ac.scaling", "moe.ac.dispersion", "moe.ac.robust", "moe.ac_weight_experts", "moe.ac_mix_labels"]
+            "moe.ac.scaling", "moe.ac.dispersion", "moe.ac.robust", "moe.ac_weight_experts", "moe.ac_mix_labels",
+            "moe.no_router_bias", "moe.no_reprojection", "moe.gate_noise", "moe.importance_loss", "window"]
     for key in zero:
         if float(meta.get(key, "0")) != 0.0:
             raise Unsupported("%s = %s (the reference runs have none)" % (key, meta[key]))
@@ -443,11 +633,13 @@ def supported(meta):
             raise Unsupported("router '%s' has no reference gate yet" % letter)
 
 
-def run(meta, params, data, acmoe_reading):
+def run(meta, params, bmeta, data, acmoe_reading):
     """Forward and backward in float64: (logits, loss, {name: grad}, ctx)."""
     P = {name: torch.tensor(v.astype(np.float64), requires_grad=True)
          for name, v in params.items() if not name.startswith("optimizer.")}
-    ctx_for = lambda batch, seq, vision: Ctx(meta, batch, seq, vision, acmoe_reading)  # noqa: E731
+    training = bmeta.get("train", "1") == "1"
+    noise = {int(name[len("noise.layers."):]): v for name, v in data.items() if name.startswith("noise.layers.")}
+    ctx_for = lambda batch, seq, vision: Ctx(meta, batch, seq, vision, acmoe_reading, training, noise)  # noqa: E731
     fn = [f for _, applies, f in BACKBONES if applies(meta)][0]
     logits, loss, ctx = fn(P, meta, data, ctx_for)
     loss.backward()
@@ -474,7 +666,7 @@ def check_case(directory, name):
     label = "%-20s %-5s (%s)" % (name, pattern, routers)
     try:
         supported(meta)
-        ref = run(meta, params, data, acmoe_reading=False)
+        ref = run(meta, params, bmeta, data, acmoe_reading=False)
     except Unsupported as e:
         print("%s  FAIL  not covered: %s" % (label, e))
         return False
@@ -488,7 +680,7 @@ def check_case(directory, name):
     print(line)
     differ = sorted(set(c for c in pattern if c in DISAGREEMENTS))
     if differ:
-        alt_err, alt_where = compare(data, grads_c, run(meta, params, data, acmoe_reading=True))
+        alt_err, alt_where = compare(data, grads_c, run(meta, params, bmeta, data, acmoe_reading=True))
         for c in differ:
             print("    acmoe.h differs from the authors: %s" % DISAGREEMENTS[c])
         print("    with acmoe.h's reading instead: largest relative error %.2e (%s)" % (alt_err, alt_where))

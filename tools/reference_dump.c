@@ -11,8 +11,14 @@
                              parameter's name; the moments are zeros, the CRC is not the data's,
                              and acmoe_lm_load refuses it
      NAME.batch.safetensors  the batch (tokens and targets, or patches and labels, as I32 and
-                             F32), the logits and the loss of the forward call, and in
-                             __metadata__ the case's name and routers
+                             F32), the logits and the loss of the forward call, in training
+                             mode the standard normal draws of each noisy gate (noise.layers.N,
+                             [tokens][experts]), and in __metadata__ the case's name, routers
+                             and mode (train 1 or 0)
+   The checked call runs in training mode unless the case says otherwise. acmoe.h does not
+   hand out the gate noise it draws, so the draws are replayed here from a copy of the model's
+   generator (its rng field: the dump includes the implementation) and checked bit for bit
+   against each layer's noisy logits (its noisy and logits fields) before they are saved.
    Build: cc -std=c99 -D_POSIX_C_SOURCE=200809L -O2 -Wall -Wextra -Wpedantic -Werror -I. \
           tools/reference_dump.c -o build/reference_dump -lm -lpthread */
 #define ACMOE_IMPLEMENTATION
@@ -29,15 +35,19 @@ typedef struct ref_case {
     acmoe_group group; /* USMoE */
     int check_batch;   /* sequences of the checked batch (0: batch) */
     int experts, batch, seq; /* 0: EXPERTS, BATCH, SEQ */
+    int eval;          /* the checked call in evaluation mode (no gate noise) */
 } ref_case;
 
-/* Every pattern that exists today but the vision AC variants ('a', the Swin backbone). */
+/* Every router letter but 's', 'o', 'x' and 'e' (no reference gate yet), and not the Swin
+   backbone. */
 static const ref_case cases[] = {
     {.name = "lm_ggc", .pattern = "ggc", .routers = "SMoE, SMoE, AC"},
     {.name = "lm_gcc", .pattern = "gcc", .routers = "SMoE, AC, AC"},
-    {.name = "lm_ggu", .pattern = "ggu", .routers = "SMoE, SMoE, USMoE by position", .group = ACMOE_GROUP_POSITION},
+    {.name = "lm_ggu", .pattern = "ggu", .routers = "SMoE, SMoE, USMoE by default (position)"},
     {.name = "lm_ggu_batch", .pattern = "ggu", .routers = "SMoE, SMoE, USMoE by batch", .group = ACMOE_GROUP_BATCH},
-    {.name = "lm_gmg", .pattern = "gmg", .routers = "SMoE, Soft MoE by position, SMoE"},
+    {.name = "lm_gbc", .pattern = "gbc", .routers = "SMoE, StableMoE, AC"},
+    {.name = "lm_gmg", .pattern = "gmg", .routers = "SMoE, Soft MoE (vmoe) by position, SMoE"},
+    {.name = "lm_gna", .pattern = "gna", .routers = "SMoE, Soft MoE by position, AC Soft MoE by position"},
     {.name = "lm_ggc_preln_untied", .pattern = "ggc", .routers = "SMoE, SMoE, AC; pre-LN, untied head, GELU",
      .pre_ln = 1, .untied_head = 1, .activation = ACMOE_ACT_GELU},
     {.name = "lm_gfcc_preln", .pattern = "gfcc", .routers = "SMoE, dense, AC, AC; pre-LN", .pre_ln = 1},
@@ -45,7 +55,14 @@ static const ref_case cases[] = {
     {.name = "lm_gcc_one_sequence", .pattern = "gcc", .routers = "SMoE, AC, AC; one sequence", .check_batch = 1},
     {.name = "vit_ggg", .pattern = "ggg", .routers = "SMoE, SMoE, SMoE; vision", .vision = 1, .pre_ln = 1,
      .activation = ACMOE_ACT_GELU},
-    {.name = "vit_gmg", .pattern = "gmg", .routers = "SMoE, Soft MoE by image, SMoE; vision", .vision = 1,
+    {.name = "vit_gmg", .pattern = "gmg", .routers = "SMoE, Soft MoE (vmoe) by image, SMoE; vision", .vision = 1,
+     .pre_ln = 1, .activation = ACMOE_ACT_GELU},
+    {.name = "vit_gnn", .pattern = "gnn", .routers = "SMoE, Soft MoE, Soft MoE; vision", .vision = 1, .pre_ln = 1,
+     .activation = ACMOE_ACT_GELU},
+    {.name = "vit_gna", .pattern = "gna", .routers = "SMoE, Soft MoE, AC Soft MoE; vision", .vision = 1,
+     .pre_ln = 1, .activation = ACMOE_ACT_GELU},
+    /* acmoe allows an AC Soft MoE layer after any MoE layer; the authors' follow a Soft MoE one */
+    {.name = "vit_gaa", .pattern = "gaa", .routers = "SMoE, AC Soft MoE, AC Soft MoE; vision", .vision = 1,
      .pre_ln = 1, .activation = ACMOE_ACT_GELU},
     {.name = "vit_ggc", .pattern = "ggc", .routers = "SMoE, SMoE, AC; vision", .vision = 1, .pre_ln = 1,
      .activation = ACMOE_ACT_GELU},
@@ -54,6 +71,15 @@ static const ref_case cases[] = {
        reaches 10 x its mean and the clip binds (with 4 it never can: W <= 4 x its mean) */
     {.name = "vit_gcc_12_experts", .pattern = "gcc", .routers = "SMoE, AC, AC; vision, 12 experts", .vision = 1,
      .pre_ln = 1, .experts = 12, .batch = 16, .seq = 32},
+    /* Swin-MoE's gates over 128 patches: 2 x floor(1.25 x 32) = 80 places per expert for 256
+       assignments over 4 experts, so an expert with more than 80 drops some (the check reports
+       "capacity drops"); in training with the noise replayed, and in evaluation */
+    {.name = "vit_gtw", .pattern = "gtw", .routers = "SMoE, Swin-MoE, AC Swin-MoE; vision, training", .vision = 1,
+     .pre_ln = 1, .activation = ACMOE_ACT_GELU, .batch = 8, .seq = 16},
+    {.name = "vit_gtw_eval", .pattern = "gtw", .routers = "SMoE, Swin-MoE, AC Swin-MoE; vision, evaluation",
+     .vision = 1, .pre_ln = 1, .activation = ACMOE_ACT_GELU, .batch = 8, .seq = 16, .eval = 1},
+    {.name = "vit_ttw", .pattern = "ttw", .routers = "Swin-MoE, Swin-MoE, AC Swin-MoE; vision, training",
+     .vision = 1, .pre_ln = 1, .activation = ACMOE_ACT_GELU, .batch = 8, .seq = 16},
 };
 
 enum { BATCH = 3, SEQ = 8, VOCAB = 32, D_MODEL = 16, HEADS = 2, D_FF = 24, EXPERTS = 4, TOP_K = 2 };
@@ -106,6 +132,33 @@ static int st_write(const char *path, const st_tensor *t, int count, const char 
     return fclose(f) == 0 && ok;
 }
 
+enum { MAX_NOISY = 4, MAX_EXPERTS = 16 };
+
+/* The standard normal draws of the checked call's noisy gates: the generator as it was before
+   the call (replay), drawn layer by layer in order, each draw checked against the layer's noisy
+   logits, logits + (gate_noise / E) z, bit for bit. Returns the number of noisy layers, or -1. */
+static int replay_noise(acmoe_lm *lm, acmoe_rng *replay, int n, float draws[][MAX_TOKENS * MAX_EXPERTS],
+                        int layer_of[]) {
+    int i, count = 0;
+    size_t j;
+    for (i = 0; i < lm->n_layers; i++) {
+        const acmoe_moe *m = lm->blocks[i].moe;
+        const int e = m->d.n_experts;
+        const float deviation = m->d.gate_noise / (float)e;
+        if (m->d.router_select != ACMOE_SELECT_PRIORITY || m->d.gate_noise == 0.0f || !m->training) continue;
+        if (count == MAX_NOISY || e > MAX_EXPERTS) return -1;
+        for (j = 0; j < (size_t)n * e; j++) {
+            draws[count][j] = acmoe_rng_normal(replay);
+            if (m->noisy[j] != m->logits[j] + deviation * draws[count][j]) {
+                fprintf(stderr, "reference_dump: layer %d: the replayed gate noise is not the layer's\n", i);
+                return -1;
+            }
+        }
+        layer_of[count++] = i;
+    }
+    return count;
+}
+
 static unsigned char *read_file(const char *path, size_t *size) {
     FILE *f = fopen(path, "rb");
     unsigned char *data = NULL;
@@ -150,6 +203,10 @@ static int write_grads(const char *checkpoint, const char *path, const float *pa
 static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
     static int32_t tokens[MAX_TOKENS], targets[MAX_TOKENS], labels[MAX_TOKENS];
     static float patches[MAX_TOKENS * PATCH_DIM], logits[MAX_TOKENS * VOCAB];
+    static float draws[MAX_NOISY][MAX_TOKENS * MAX_EXPERTS];
+    static char noise_names[MAX_NOISY][32];
+    int layer_of[MAX_NOISY], noisy = 0, train;
+    acmoe_rng replay;
     const int seq = c->seq ? c->seq : SEQ, max_batch = c->batch ? c->batch : BATCH;
     acmoe_lm_desc d;
     acmoe_lm *lm;
@@ -159,7 +216,7 @@ static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
     char path[1024], grads[1024], meta[512];
     float loss = 0.0f, norm, *saved;
     int step, i, batch = max_batch, n_logits;
-    st_tensor t[4];
+    st_tensor t[4 + MAX_NOISY];
 
     if (max_batch * seq > MAX_TOKENS) return fail("size", c->name, ACMOE_ERR_SHAPE);
     memset(&d, 0, sizeof d);
@@ -193,8 +250,12 @@ static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
         for (i = 0; i < batch * seq * PATCH_DIM; i++) patches[i] = acmoe_rng_normal(&rng);
         for (i = 0; i < batch; i++) labels[i] = (int32_t)acmoe_rng_below(&rng, CLASSES);
         acmoe_lm_zero_grad(lm);
-        s = c->vision ? acmoe_lm_forward_patches(lm, ctx, patches, labels, batch, 1, &loss)
-                      : acmoe_lm_forward(lm, ctx, tokens, targets, batch, seq, 1, &loss);
+        train = step < TRAIN_STEPS || !c->eval;
+        replay = lm->rng;
+        s = c->vision ? acmoe_lm_forward_patches(lm, ctx, patches, labels, batch, train, &loss)
+                      : acmoe_lm_forward(lm, ctx, tokens, targets, batch, seq, train, &loss);
+        if (s == ACMOE_OK && step == TRAIN_STEPS && (noisy = replay_noise(lm, &replay, batch * seq, draws, layer_of)) < 0)
+            s = ACMOE_ERR_ARG;
         n_logits = c->vision ? batch * CLASSES : batch * seq * VOCAB;
         /* the backward pass turns the logits into their gradients, in place */
         if (s == ACMOE_OK) memcpy(logits, acmoe_lm_logits(lm), sizeof(float) * (size_t)n_logits);
@@ -225,10 +286,15 @@ static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
     }
     t[2].name = "logits", t[2].dtype = "F32", t[2].ndim = 2, t[2].data = logits;
     t[3].name = "loss", t[3].dtype = "F32", t[3].ndim = 1, t[3].shape[0] = 1, t[3].data = &loss;
-    snprintf(meta, sizeof meta, "\"case\":\"%s\",\"pattern\":\"%s\",\"routers\":\"%s\"", c->name, c->pattern,
-             c->routers);
+    for (i = 0; i < noisy; i++) {
+        snprintf(noise_names[i], sizeof noise_names[i], "noise.layers.%d", layer_of[i]);
+        t[4 + i].name = noise_names[i], t[4 + i].dtype = "F32", t[4 + i].ndim = 2, t[4 + i].data = draws[i];
+        t[4 + i].shape[0] = batch * seq, t[4 + i].shape[1] = lm->blocks[layer_of[i]].moe->d.n_experts;
+    }
+    snprintf(meta, sizeof meta, "\"case\":\"%s\",\"pattern\":\"%s\",\"routers\":\"%s\",\"train\":\"%d\"", c->name,
+             c->pattern, c->routers, !c->eval);
     snprintf(path, sizeof path, "%s/%s.batch.safetensors", dir, c->name);
-    if (!st_write(path, t, 4, meta)) {
+    if (!st_write(path, t, 4 + noisy, meta)) {
         acmoe_lm_destroy(lm);
         return fail("batch file", c->name, ACMOE_ERR_IO);
     }
