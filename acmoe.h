@@ -476,7 +476,21 @@ ACMOE_API void acmoe_moe_set_training(acmoe_moe *layer, int train, acmoe_rng *no
    mask); the head classifies the mean of the last layer's rows (after the final norm, with
    pre-LN) into n_classes. vocab and untied_head do not apply. It trains with
    acmoe_lm_forward_patches, acmoe_lm_backward and acmoe_lm_step, and saves and loads like a
-   language model; the token calls, decoding and the corpus loop refuse it (ACMOE_ERR_ARG). */
+   language model; the token calls, decoding and the corpus loop refuse it (ACMOE_ERR_ARG).
+
+   Swin-style backbone (Liu et al. 2021, as the paper's Swin-MoE runs use it), with window >
+   0: the seq_len patches form a square grid; the patch embedding is followed by a layer
+   norm and no position embedding; the pattern's stages are separated by '|' ("ff|ftfw":
+   two dense blocks, then a stage of four whose second and fourth are MoE, the fourth with
+   AC). Each block is pre-LN with attention inside windows of window x window patches plus a
+   learned relative position bias per head, the windows of every second block of a stage
+   shifted by half a window (with the mask that keeps wrapped-around patches apart; a grid no
+   larger than the window is one window, never shifted). Between stages a patch merging
+   layer concatenates each 2 x 2 patches, normalises and maps them to twice the width, so a
+   stage has a quarter of the patches, twice the width, heads and d_ff of the one before.
+   AC labels start afresh in each stage, whose first MoE layer must not be AC. pre_ln must be
+   set. Dropout and drop path do not apply inside windows (dropout still acts on the block
+   outputs). */
 typedef struct acmoe_lm_desc {
     int vocab;            /* default 256 (bytes) */
     int d_model, n_heads; /* required; n_heads divides d_model */
@@ -496,6 +510,8 @@ typedef struct acmoe_lm_desc {
                              pattern */
     int n_classes;        /* vision encoder: the classes; 0 (default): a language model */
     int patch_dim;        /* vision encoder: floats per patch */
+    int window;           /* vision encoder: > 0 makes it a Swin-style backbone with windows of
+                             this side (see above); 0 (default): global attention */
 } acmoe_lm_desc;
 
 typedef struct acmoe_lm acmoe_lm;
@@ -506,6 +522,9 @@ ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *lm); /* with defaults 
 ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *lm);
 ACMOE_API float *acmoe_lm_params(acmoe_lm *lm);
 ACMOE_API float *acmoe_lm_grads(acmoe_lm *lm);
+/* The parameters of the tensor of this name (its checkpoint name, e.g. "layers.0.ln1.weight"),
+   *count of them; its gradients sit at the same place of acmoe_lm_grads. NULL for none. */
+ACMOE_API float *acmoe_lm_tensor(acmoe_lm *lm, const char *name, size_t *count);
 /* Bytes of parameters, gradients, Adam moments and activations. */
 ACMOE_API void acmoe_lm_memory(const acmoe_lm *lm, size_t *params, size_t *grads, size_t *optimizer,
                                size_t *activations);
@@ -4537,6 +4556,11 @@ static float acmoe__cross_entropy(acmoe_ctx *ctx, float *logits, const int32_t *
 
 typedef struct acmoe__block {
     char letter; /* router preset, or 'f' for a dense FFN */
+    int stage, width, heads, tokens; /* tokens per sequence; Swin stages shrink them, widen the rest */
+    int grid, window, shift;         /* Swin: the stage's grid side, the window side (0: global), its shift */
+    int n;                           /* rows of the last call */
+    float *rel_bias, *g_rel_bias;    /* Swin: [(2 window - 1)^2][heads] */
+    float *probs;                    /* Swin: the last call's attention probabilities, window by window */
     float *w_qkv, *b_qkv, *w_o, *b_o, *ln1_g, *ln1_b, *ln2_g, *ln2_b;
     float *g_w_qkv, *g_b_qkv, *g_w_o, *g_b_o, *g_ln1_g, *g_ln1_b, *g_ln2_g, *g_ln2_b;
     acmoe_moe *moe;
@@ -4546,11 +4570,24 @@ typedef struct acmoe__block {
     unsigned char *keep_a, *keep_m; /* dropout masks */
 } acmoe__block;
 
+/* Swin's patch merging between two stages: each 2 x 2 patches concatenated (cat, 4C wide),
+   normalised, mapped to 2C without bias (out). */
+typedef struct acmoe__merge {
+    float *ln_g, *ln_b, *w, *g_ln_g, *g_ln_b, *g_w;
+    float *cat, *xhat, *rstd, *normed, *out;
+} acmoe__merge;
+
+#define ACMOE__MAX_STAGES 8
+#define ACMOE__MAX_WINDOW 16 /* Swin's window side: a window's rows fit on the stack */
+
 struct acmoe_lm {
     acmoe_lm_desc d;
     char pattern[64];
-    int n_layers;
+    int n_layers, n_stages;
     acmoe__block blocks[63];
+    acmoe__merge merges[ACMOE__MAX_STAGES - 1]; /* after stage s, into stage s + 1 */
+    float *pn_g, *pn_b, *g_pn_g, *g_pn_b, *embedded, *pn_xhat, *pn_rstd; /* Swin: the patch norm */
+    float *att_ds; /* Swin: the score gradients of one block's backward, for the bias gradient */
     size_t n_params, activation_bytes;
     float *params, *grads, *adam_m, *adam_v;
     acmoe__directory dir; /* every parameter tensor, by name */
@@ -4580,15 +4617,16 @@ static void acmoe__lm_view(acmoe_lm *L, size_t *used, const char *name, int deca
     acmoe__param_view(used, L->params, L->grads, p, g, &L->dir, name, decay, ndim, s0, s1, 0);
 }
 
-static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
+static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, const acmoe__block *B) {
+    const char letter = B->letter;
     acmoe_moe_desc m = L->d.moe;
-    m.d_model = L->d.d_model;
-    m.d_ff = L->d.d_ff;
+    m.d_model = B->width;
+    m.d_ff = L->d.d_ff * (B->width / L->d.d_model); /* Swin stages widen it with the width */
     m.activation = L->d.activation;
-    m.max_tokens = L->d.batch * L->d.seq_len;
+    m.max_tokens = L->d.batch * B->tokens;
     m.n_experts = letter == 'f' ? 1 : L->d.n_experts;
     m.top_k = letter == 'f' ? 1 : L->d.top_k;
-    m.seq_len = L->d.seq_len;
+    m.seq_len = B->tokens;
     acmoe_moe_router_preset(&m, letter == 'f' ? 'g' : letter);
     if (m.router_select == ACMOE_SELECT_SOFT) { /* the one causal grouping for text, each image by itself */
         m.group = L->d.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
@@ -4598,10 +4636,44 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, char letter) {
     return m;
 }
 
+/* The first block of stage s. */
+static const acmoe__block *acmoe__stage_first(const acmoe_lm *L, int s) {
+    int i = 0;
+    while (i < L->n_layers - 1 && L->blocks[i].stage < s) i++;
+    return &L->blocks[i];
+}
+
+/* The width of the last block: what the final norm and the head see. */
+static int acmoe__top_width(const acmoe_lm *L) { return L->blocks[L->n_layers - 1].width; }
+
+/* One block's attention and norms, named layers.i. in the directory. */
+static void acmoe__block_params(acmoe_lm *L, acmoe__block *B, size_t *used) {
+    const int d = B->width, span = 2 * B->window - 1;
+    acmoe__lm_view(L, used, "attn.qkv.weight", 1, 2, 3 * d, d, &B->w_qkv, &B->g_w_qkv);
+    acmoe__lm_view(L, used, "attn.qkv.bias", 0, 1, 3 * d, 0, &B->b_qkv, &B->g_b_qkv);
+    acmoe__lm_view(L, used, "attn.out.weight", 1, 2, d, d, &B->w_o, &B->g_w_o);
+    acmoe__lm_view(L, used, "attn.out.bias", 0, 1, d, 0, &B->b_o, &B->g_b_o);
+    if (B->window) acmoe__lm_view(L, used, "attn.rel_bias", 0, 2, span * span, B->heads, &B->rel_bias, &B->g_rel_bias);
+    acmoe__lm_view(L, used, "ln1.weight", 0, 1, d, 0, &B->ln1_g, &B->g_ln1_g);
+    acmoe__lm_view(L, used, "ln1.bias", 0, 1, d, 0, &B->ln1_b, &B->g_ln1_b);
+    acmoe__lm_view(L, used, "ln2.weight", 0, 1, d, 0, &B->ln2_g, &B->g_ln2_g);
+    acmoe__lm_view(L, used, "ln2.bias", 0, 1, d, 0, &B->ln2_b, &B->g_ln2_b);
+}
+
+/* Swin's patch merging after stage s: norm and reduction of 4 C into 2 C, named merges.s. */
+static void acmoe__merge_params(acmoe_lm *L, int s, int c, size_t *used) {
+    acmoe__merge *M = &L->merges[s];
+    snprintf(L->dir.prefix, sizeof L->dir.prefix, "merges.%d.", s);
+    acmoe__lm_view(L, used, "norm.weight", 0, 1, 4 * c, 0, &M->ln_g, &M->g_ln_g);
+    acmoe__lm_view(L, used, "norm.bias", 0, 1, 4 * c, 0, &M->ln_b, &M->g_ln_b);
+    acmoe__lm_view(L, used, "reduction.weight", 1, 2, 2 * c, 4 * c, &M->w, &M->g_w);
+    L->dir.prefix[0] = '\0';
+}
+
 /* Lays the parameters out and lists them in the directory (or only counts both while
    L->params is NULL). */
 static size_t acmoe__lm_params(acmoe_lm *L) {
-    const int d = L->d.d_model, v = L->d.vocab;
+    const int d = L->d.d_model, v = L->d.vocab, top = acmoe__top_width(L);
     size_t used = 0;
     int i;
     L->dir.count = 0;
@@ -4612,19 +4684,18 @@ static size_t acmoe__lm_params(acmoe_lm *L) {
     } else {
         acmoe__lm_view(L, &used, "tok_emb.weight", 1, 2, v, d, &L->tok_emb, &L->g_tok_emb);
     }
-    acmoe__lm_view(L, &used, "pos_emb.weight", 1, 2, L->d.seq_len, d, &L->pos_emb, &L->g_pos_emb);
+    if (L->d.window) {
+        acmoe__lm_view(L, &used, "patch_norm.weight", 0, 1, d, 0, &L->pn_g, &L->g_pn_g);
+        acmoe__lm_view(L, &used, "patch_norm.bias", 0, 1, d, 0, &L->pn_b, &L->g_pn_b);
+    } else {
+        acmoe__lm_view(L, &used, "pos_emb.weight", 1, 2, L->d.seq_len, d, &L->pos_emb, &L->g_pos_emb);
+    }
     for (i = 0; i < L->n_layers; i++) {
         acmoe__block *B = &L->blocks[i];
-        acmoe_moe_desc md = acmoe__lm_moe_desc(L, B->letter);
+        acmoe_moe_desc md = acmoe__lm_moe_desc(L, B);
+        if (i > 0 && B->stage != B[-1].stage) acmoe__merge_params(L, B[-1].stage, B[-1].width, &used);
         snprintf(L->dir.prefix, sizeof L->dir.prefix, "layers.%d.", i);
-        acmoe__lm_view(L, &used, "attn.qkv.weight", 1, 2, 3 * d, d, &B->w_qkv, &B->g_w_qkv);
-        acmoe__lm_view(L, &used, "attn.qkv.bias", 0, 1, 3 * d, 0, &B->b_qkv, &B->g_b_qkv);
-        acmoe__lm_view(L, &used, "attn.out.weight", 1, 2, d, d, &B->w_o, &B->g_w_o);
-        acmoe__lm_view(L, &used, "attn.out.bias", 0, 1, d, 0, &B->b_o, &B->g_b_o);
-        acmoe__lm_view(L, &used, "ln1.weight", 0, 1, d, 0, &B->ln1_g, &B->g_ln1_g);
-        acmoe__lm_view(L, &used, "ln1.bias", 0, 1, d, 0, &B->ln1_b, &B->g_ln1_b);
-        acmoe__lm_view(L, &used, "ln2.weight", 0, 1, d, 0, &B->ln2_g, &B->g_ln2_g);
-        acmoe__lm_view(L, &used, "ln2.bias", 0, 1, d, 0, &B->ln2_b, &B->g_ln2_b);
+        acmoe__block_params(L, B, &used);
         snprintf(L->dir.prefix, sizeof L->dir.prefix, "layers.%d.moe.", i);
         L->dir.base = used;
         if (L->params && acmoe_moe_create(&B->moe, &md, L->params + used, L->grads + used) != ACMOE_OK) B->moe = NULL;
@@ -4633,11 +4704,11 @@ static size_t acmoe__lm_params(acmoe_lm *L) {
         L->dir.prefix[0] = '\0';
     }
     if (L->d.pre_ln) {
-        acmoe__lm_view(L, &used, "ln_f.weight", 0, 1, d, 0, &L->lnf_g, &L->g_lnf_g);
-        acmoe__lm_view(L, &used, "ln_f.bias", 0, 1, d, 0, &L->lnf_b, &L->g_lnf_b);
+        acmoe__lm_view(L, &used, "ln_f.weight", 0, 1, top, 0, &L->lnf_g, &L->g_lnf_g);
+        acmoe__lm_view(L, &used, "ln_f.bias", 0, 1, top, 0, &L->lnf_b, &L->g_lnf_b);
     }
     if (L->d.n_classes) {
-        acmoe__lm_view(L, &used, "head.weight", 1, 2, L->d.n_classes, d, &L->head, &L->g_head);
+        acmoe__lm_view(L, &used, "head.weight", 1, 2, L->d.n_classes, top, &L->head, &L->g_head);
         acmoe__lm_view(L, &used, "head.bias", 0, 1, L->d.n_classes, 0, &L->head_b, &L->g_head_b);
     } else if (L->d.untied_head) {
         acmoe__lm_view(L, &used, "head.weight", 1, 2, v, d, &L->head, &L->g_head);
@@ -4654,13 +4725,17 @@ static size_t acmoe__chunks(size_t n) { return (n + ACMOE__NORM_CHUNK - 1) / ACM
 
 /* Lays the activations out in base (or only measures them when base is NULL). */
 static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
-    const size_t d = (size_t)L->d.d_model, n = (size_t)L->d.batch * L->d.seq_len, f = sizeof(float);
-    const size_t att_work = (size_t)L->att_slots * acmoe__attention_work(L->d.seq_len, L->d.d_model / L->d.n_heads);
+    const size_t f = sizeof(float);
+    const size_t att_work = L->d.window ? 0 : (size_t)L->att_slots * acmoe__attention_work(L->d.seq_len, L->d.d_model / L->d.n_heads);
     const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln, vision = L->d.n_classes > 0;
-    size_t used = 0;
-    int i;
+    size_t used = 0, n, d, window_probs = 0;
+    int i, s;
     for (i = 0; i < L->n_layers; i++) {
         acmoe__block *B = &L->blocks[i];
+        const size_t rows = (size_t)L->d.batch * B->tokens, area = (size_t)B->window * B->window;
+        n = rows, d = (size_t)B->width; /* this block's, in a Swin stage */
+        B->probs = B->window ? (float *)acmoe__carve(base, &used, rows * B->heads * area * f) : NULL;
+        window_probs = ACMOE__MAX(window_probs, rows * B->heads * area);
         B->attn_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
         B->qkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
         B->att = (float *)acmoe__carve(base, &used, n * d * f);
@@ -4676,6 +4751,21 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
         B->keep_a = drop ? (unsigned char *)acmoe__carve(base, &used, n * d) : NULL;
         B->keep_m = drop ? (unsigned char *)acmoe__carve(base, &used, n * d) : NULL;
     }
+    for (s = 0; s + 1 < L->n_stages; s++) { /* each merge: 4 C wide rows of the next stage's count */
+        acmoe__merge *M = &L->merges[s];
+        const acmoe__block *next = acmoe__stage_first(L, s + 1);
+        const size_t rows = (size_t)L->d.batch * next->tokens, wide = 2 * (size_t)next->width;
+        M->cat = (float *)acmoe__carve(base, &used, rows * wide * f);
+        M->xhat = (float *)acmoe__carve(base, &used, rows * wide * f);
+        M->rstd = (float *)acmoe__carve(base, &used, rows * f);
+        M->normed = (float *)acmoe__carve(base, &used, rows * wide * f);
+        M->out = (float *)acmoe__carve(base, &used, rows * (size_t)next->width * f);
+    }
+    n = (size_t)L->d.batch * L->d.seq_len, d = (size_t)L->d.d_model; /* the widest rows: the first stage's */
+    L->embedded = L->d.window ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
+    L->pn_xhat = L->d.window ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
+    L->pn_rstd = L->d.window ? (float *)acmoe__carve(base, &used, n * f) : NULL;
+    L->att_ds = L->d.window ? (float *)acmoe__carve(base, &used, window_probs * f) : NULL;
     L->x0 = (float *)acmoe__carve(base, &used, n * d * f);
     L->yf = (float *)acmoe__carve(base, &used, n * d * f);
     L->xhatf = (float *)acmoe__carve(base, &used, n * d * f);
@@ -4683,7 +4773,7 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
     L->logits = (float *)acmoe__carve(base, &used,
                                       (vision ? (size_t)L->d.batch * L->d.n_classes : n * (size_t)L->d.vocab) * f);
     L->patches = (float *)acmoe__carve(base, &used, (vision ? n * (size_t)L->d.patch_dim : 1) * f);
-    L->pooled = (float *)acmoe__carve(base, &used, (vision ? (size_t)L->d.batch * d : 1) * f);
+    L->pooled = (float *)acmoe__carve(base, &used, (vision ? (size_t)L->d.batch * acmoe__top_width(L) : 1) * f);
     L->row_loss = (float *)acmoe__carve(base, &used, n * f);
     L->grad_sq = (double *)acmoe__carve(base, &used, acmoe__chunks(L->n_params) * sizeof(double));
     L->dy = (float *)acmoe__carve(base, &used, n * d * f);
@@ -4702,14 +4792,15 @@ static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
 /* Whether every size product of the model fits the types that hold it: token counts and
    widths within an int, the parameters within a checkpoint's int shapes, every buffer far
    from the address space. Computed in double, before any of it is formed in an integer. */
-static int acmoe__lm_sizes_fit(const acmoe_lm_desc *d) {
-    const double width = d->d_model, tokens = (double)d->batch * d->seq_len, layers = (double)strlen(d->pattern);
+static int acmoe__lm_sizes_fit(const acmoe_lm_desc *d, int stages) {
+    const double width = (double)d->d_model * (1 << (stages - 1)), tokens = (double)d->batch * d->seq_len;
+    const double layers = (double)strlen(d->pattern);
     const double rows = (double)d->vocab + d->n_classes + d->patch_dim + d->seq_len;
     const double experts = (double)d->n_experts * (3.0 * d->d_ff + 3.0) * (width + 1.0);
     const double router = ((double)d->n_experts * ACMOE__MAX(d->moe.soft_slots, 1) + d->moe.proj_dim + 1.0) * (width + 1.0);
     const double params = rows * (width + 1.0) * 2.0 + layers * (4.0 * width * width + 9.0 * width + experts + router);
     const double activations = tokens * (layers * 20.0 * width + (double)d->vocab + d->patch_dim + 20.0 * width);
-    if (d->d_model > ACMOE__MAX_WIDTH || d->d_ff > ACMOE__MAX_WIDTH || d->vocab > (1 << 24) ||
+    if (width > ACMOE__MAX_WIDTH || (double)d->d_ff * (1 << (stages - 1)) > ACMOE__MAX_WIDTH || d->vocab > (1 << 24) ||
         d->n_classes > (1 << 24) || d->patch_dim > ACMOE__MAX_WIDTH || d->n_experts > ACMOE__MAX_WIDTH ||
         tokens > (double)(1 << 24) || 3.0 * width * tokens > (double)INT32_MAX)
         return 0;
@@ -4725,10 +4816,60 @@ static int acmoe__lm_moe_sizes_agree(const acmoe_lm_desc *d) {
            (!m->max_tokens || m->max_tokens == d->batch * d->seq_len) && (!m->seq_len || m->seq_len == d->seq_len);
 }
 
+/* The stages of a pattern: one more than its '|'. */
+static int acmoe__pattern_stages(const char *pattern) {
+    int stages = 1;
+    for (; *pattern; pattern++) stages += *pattern == '|';
+    return stages;
+}
+
+/* The side of a square grid of n patches, or 0. */
+static int acmoe__grid_side(int n) {
+    int side = (int)(sqrt((double)n) + 0.5);
+    return side * side == n ? side : 0;
+}
+
+/* Whether the Swin stages fit the patches: a square grid that halves stage by stage, each
+   stage's grid a whole number of windows (or within one window). */
+static int acmoe__swin_grid_fits(const acmoe_lm_desc *d, int stages) {
+    int side = acmoe__grid_side(d->seq_len), s;
+    if (!side) return 0;
+    for (s = 0; s < stages; s++, side /= 2) {
+        if (side < 1 || (s + 1 < stages && side % 2)) return 0;
+        if (side > d->window && side % d->window) return 0;
+    }
+    return 1;
+}
+
+/* Each block's stage and geometry: one stage of the model's sizes, or Swin's stages. */
+static void acmoe__lm_geometry(acmoe_lm *L) {
+    const int grid = L->d.window ? acmoe__grid_side(L->d.seq_len) : 0;
+    int i, l = 0, stage = 0, in_stage = 0;
+    for (i = 0; L->pattern[i]; i++) {
+        acmoe__block *B;
+        if (L->pattern[i] == '|') {
+            stage++, in_stage = 0;
+            continue;
+        }
+        B = &L->blocks[l++];
+        B->letter = L->pattern[i];
+        B->stage = stage;
+        B->width = L->d.d_model << stage;
+        B->heads = L->d.n_heads << stage;
+        B->grid = grid >> stage;
+        B->tokens = L->d.window ? B->grid * B->grid : L->d.seq_len;
+        B->window = L->d.window ? ACMOE__MIN(L->d.window, B->grid) : 0;
+        B->shift = B->window && B->grid > B->window && in_stage % 2 ? B->window / 2 : 0;
+        in_stage++;
+    }
+    L->n_layers = l;
+    L->n_stages = stage + 1;
+}
+
 /* Defaults, and the checks a pattern must pass. */
 static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *out, char *pattern) {
     acmoe_lm_desc d = *in;
-    int i, seen_moe = 0;
+    int i, seen_moe = 0, stages;
     if (!d.vocab) d.vocab = 256;
     if (!d.batch) d.batch = 1;
     if (!d.pattern) d.pattern = "ggc";
@@ -4742,15 +4883,25 @@ static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *ou
     if ((!d.n_classes && d.vocab < 2) || d.d_model < 1 || d.n_heads < 1 || d.d_model % d.n_heads || d.seq_len < 1 ||
         d.batch < 1 || d.d_ff < 1 || d.n_experts < 1 || d.top_k < 1 || d.top_k > d.n_experts)
         return ACMOE_ERR_SHAPE;
-    if (!acmoe__lm_sizes_fit(&d)) return ACMOE_ERR_SHAPE;
-    if (!(d.dropout >= 0.0f && d.dropout < 1.0f)) return ACMOE_ERR_ARG;
     if (strlen(d.pattern) < 1 || strlen(d.pattern) > 63) return ACMOE_ERR_ARG;
+    stages = acmoe__pattern_stages(d.pattern);
+    if (d.window < 0 || (d.window && (!d.n_classes || !d.pre_ln)) || (!d.window && stages > 1) ||
+        stages > ACMOE__MAX_STAGES)
+        return ACMOE_ERR_ARG;
+    if (d.window > ACMOE__MAX_WINDOW || (d.window && !acmoe__swin_grid_fits(&d, stages))) return ACMOE_ERR_SHAPE;
+    if (!acmoe__lm_sizes_fit(&d, stages)) return ACMOE_ERR_SHAPE;
+    if (!(d.dropout >= 0.0f && d.dropout < 1.0f)) return ACMOE_ERR_ARG;
     if (!acmoe__lm_moe_sizes_agree(&d)) return ACMOE_ERR_ARG;
     d.moe.seq_len = d.seq_len;
     for (i = 0; d.pattern[i]; i++) {
         acmoe_moe_desc probe;
         char c = d.pattern[i];
         memset(&probe, 0, sizeof probe);
+        if (c == '|') { /* a new stage: its labels start afresh, and no stage is empty */
+            if (i == 0 || d.pattern[i - 1] == '|' || !d.pattern[i + 1]) return ACMOE_ERR_ARG;
+            seen_moe = 0;
+            continue;
+        }
         if (c == 'f') continue;
         if (acmoe_moe_router_preset(&probe, c) != ACMOE_OK) return ACMOE_ERR_ARG;
         if (!seen_moe && probe.router_input == ACMOE_INPUT_AC) return ACMOE_ERR_ARG; /* no labels yet */
@@ -4773,26 +4924,34 @@ ACMOE_API void acmoe_lm_destroy(acmoe_lm *L) {
 }
 
 static void acmoe__lm_init(acmoe_lm *L) {
-    const size_t d = (size_t)L->d.d_model;
+    const size_t d = (size_t)L->d.d_model, top = (size_t)acmoe__top_width(L);
     acmoe_rng *rng = &L->rng;
     size_t i;
     int l;
     if (L->d.n_classes) {
         acmoe__init_uniform(rng, L->patch_w, d * L->d.patch_dim, L->d.patch_dim);
         acmoe__init_uniform(rng, L->patch_b, d, L->d.patch_dim);
-        for (i = 0; i < (size_t)L->d.n_classes * d; i++) L->head[i] = 0.02f * acmoe_rng_normal(rng);
+        for (i = 0; i < (size_t)L->d.n_classes * top; i++) L->head[i] = 0.02f * acmoe_rng_normal(rng);
     } else {
         for (i = 0; i < (size_t)L->d.vocab * d; i++) L->tok_emb[i] = 0.02f * acmoe_rng_normal(rng);
     }
-    for (i = 0; i < (size_t)L->d.seq_len * d; i++) L->pos_emb[i] = 0.02f * acmoe_rng_normal(rng);
+    for (i = 0; L->pos_emb && i < (size_t)L->d.seq_len * d; i++) L->pos_emb[i] = 0.02f * acmoe_rng_normal(rng);
+    for (i = 0; L->pn_g && i < d; i++) L->pn_g[i] = 1.0f;
     for (l = 0; l < L->n_layers; l++) {
         acmoe__block *B = &L->blocks[l];
-        acmoe__init_uniform(rng, B->w_qkv, 3 * d * d, (int)d);
-        acmoe__init_uniform(rng, B->w_o, d * d, (int)d);
-        for (i = 0; i < d; i++) B->ln1_g[i] = B->ln2_g[i] = 1.0f;
+        const size_t w = (size_t)B->width, span = 2 * (size_t)B->window - 1;
+        acmoe__init_uniform(rng, B->w_qkv, 3 * w * w, (int)w);
+        acmoe__init_uniform(rng, B->w_o, w * w, (int)w);
+        for (i = 0; B->window && i < span * span * (size_t)B->heads; i++) B->rel_bias[i] = 0.02f * acmoe_rng_normal(rng);
+        for (i = 0; i < w; i++) B->ln1_g[i] = B->ln2_g[i] = 1.0f;
         acmoe_moe_init_params(B->moe, rng);
+        if (l + 1 < L->n_layers && B[1].stage != B->stage) { /* the merge after this stage */
+            acmoe__merge *M = &L->merges[B->stage];
+            acmoe__init_uniform(rng, M->w, 2 * w * 4 * w, 4 * (int)w);
+            for (i = 0; i < 4 * w; i++) M->ln_g[i] = 1.0f;
+        }
     }
-    for (i = 0; L->lnf_g && i < d; i++) L->lnf_g[i] = 1.0f;
+    for (i = 0; L->lnf_g && i < top; i++) L->lnf_g[i] = 1.0f;
     if (L->d.untied_head)
         for (i = 0; i < (size_t)L->d.vocab * d; i++) L->head[i] = 0.02f * acmoe_rng_normal(rng);
 }
@@ -4807,11 +4966,9 @@ static acmoe_status acmoe__lm_plan(acmoe_lm **out, const acmoe_lm_desc *desc) {
     if (!L) return ACMOE_ERR_NOMEM;
     memset(L, 0, sizeof *L);
     s = acmoe__lm_resolve(desc, &L->d, L->pattern);
-    L->n_layers = (int)strlen(L->pattern);
+    if (s == ACMOE_OK) acmoe__lm_geometry(L);
     for (i = 0; s == ACMOE_OK && i < L->n_layers; i++) {
-        acmoe_moe_desc md;
-        L->blocks[i].letter = L->pattern[i];
-        md = acmoe__lm_moe_desc(L, L->pattern[i]);
+        acmoe_moe_desc md = acmoe__lm_moe_desc(L, &L->blocks[i]);
         if (!acmoe_moe_param_count(&md)) s = ACMOE_ERR_ARG; /* the MoE options do not fit these sizes */
     }
     if (s == ACMOE_OK) {
@@ -4880,6 +5037,17 @@ ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *L) {
 ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *L) { return L ? L->n_params : 0; }
 ACMOE_API float *acmoe_lm_params(acmoe_lm *L) { return L ? L->params : NULL; }
 ACMOE_API float *acmoe_lm_grads(acmoe_lm *L) { return L ? L->grads : NULL; }
+
+ACMOE_API float *acmoe_lm_tensor(acmoe_lm *L, const char *name, size_t *count) {
+    int i;
+    if (!L || !name) return NULL;
+    for (i = 0; i < L->dir.count; i++) {
+        if (strcmp(L->dir.entries[i].name, name)) continue;
+        if (count) *count = L->dir.entries[i].count;
+        return L->params + L->dir.entries[i].offset;
+    }
+    return NULL;
+}
 ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *L) { return L ? L->logits : NULL; }
 ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *L) { return L ? L->n_layers : 0; }
 
@@ -4975,11 +5143,208 @@ static void acmoe__rows(acmoe_ctx *ctx, acmoe__rows_op op, float *y, const float
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__rows_job_run, &j);
 }
 
+/* ---- Swin: attention inside shifted windows, and patch merging ---- */
+
+/* The row of the patch at place p of window w of image b: windows and places row by row
+   in the grid rolled back by the shift. */
+static size_t acmoe__window_row(const acmoe__block *B, int b, int w, int p) {
+    const int per_side = B->grid / B->window;
+    const int y = ((w / per_side) * B->window + p / B->window + B->shift) % B->grid;
+    const int x = ((w % per_side) * B->window + p % B->window + B->shift) % B->grid;
+    return (size_t)b * B->tokens + (size_t)y * B->grid + (size_t)x;
+}
+
+/* The region of a coordinate of the rolled grid: in the last window, the patches before and
+   after grid - shift came from opposite sides of the image. */
+static int acmoe__window_region(const acmoe__block *B, int rolled) {
+    if (!B->shift || rolled < B->grid - B->window) return 0;
+    return rolled < B->grid - B->shift ? 1 : 2;
+}
+
+/* Where the relative position of places i and j sits in the bias table. */
+static int acmoe__window_offset(const acmoe__block *B, int i, int j) {
+    const int ws = B->window;
+    return (i / ws - j / ws + ws - 1) * (2 * ws - 1) + (i % ws - j % ws + ws - 1);
+}
+
+/* What a score of place i against place j of window w (of an image) gets added: head h's
+   relative position bias, and -100 between regions of a shifted window (the reference's
+   mask). */
+static float acmoe__window_bias(const acmoe__block *B, int w, int i, int j, int h) {
+    const int ws = B->window, per_side = B->grid / ws;
+    float bias = B->rel_bias[(size_t)acmoe__window_offset(B, i, j) * B->heads + h];
+    if (B->shift) {
+        const int y0 = (w / per_side) * ws, x0 = (w % per_side) * ws;
+        const int ri = acmoe__window_region(B, y0 + i / ws) * 3 + acmoe__window_region(B, x0 + i % ws);
+        const int rj = acmoe__window_region(B, y0 + j / ws) * 3 + acmoe__window_region(B, x0 + j % ws);
+        if (ri != rj) bias -= 100.0f;
+    }
+    return bias;
+}
+
+typedef struct acmoe__window_job {
+    acmoe_lm *L;
+    acmoe__block *B;
+} acmoe__window_job;
+
+static int acmoe__windows_per_image(const acmoe__block *B) { return (B->grid / B->window) * (B->grid / B->window); }
+
+static float acmoe__dot(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+    int i;
+    for (i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* One head of one window: the probabilities p [area][area] and the output rows. */
+static void acmoe__window_head(acmoe__block *B, const size_t *rows, int w, int h, float *p) {
+    const int area = B->window * B->window, d = B->width, dh = d / B->heads;
+    const float scale = 1.0f / sqrtf((float)dh);
+    int i, j, q;
+    for (i = 0; i < area; i++) {
+        const float *qi = B->qkv + rows[i] * 3 * d + (size_t)h * dh;
+        float *pi = p + (size_t)i * area, top = -INFINITY, sum = 0.0f, *out = B->att + rows[i] * d + (size_t)h * dh;
+        for (j = 0; j < area; j++) {
+            pi[j] = acmoe__dot(qi, B->qkv + rows[j] * 3 * d + d + (size_t)h * dh, dh) * scale +
+                    acmoe__window_bias(B, w, i, j, h);
+            top = ACMOE__MAX(top, pi[j]);
+        }
+        for (j = 0; j < area; j++) sum += pi[j] = expf(pi[j] - top);
+        for (j = 0; j < area; j++) pi[j] /= sum;
+        for (q = 0; q < dh; q++) out[q] = 0.0f;
+        for (j = 0; j < area; j++)
+            for (q = 0; q < dh; q++) out[q] += pi[j] * B->qkv[rows[j] * 3 * d + 2 * (size_t)d + (size_t)h * dh + q];
+    }
+}
+
+/* The windows split across threads, each window's heads on one thread. */
+static void acmoe__window_forward_job(void *arg, int tid, int n_threads) {
+    const acmoe__window_job *job = (const acmoe__window_job *)arg;
+    acmoe__block *B = job->B;
+    const int area = B->window * B->window, per = acmoe__windows_per_image(B), windows = job->L->batch * per;
+    size_t rows[ACMOE__MAX_WINDOW * ACMOE__MAX_WINDOW];
+    int w, h, i;
+    for (w = (int)((long)windows * tid / n_threads); w < (int)((long)windows * (tid + 1) / n_threads); w++) {
+        for (i = 0; i < area; i++) rows[i] = acmoe__window_row(B, w / per, w % per, i);
+        for (h = 0; h < B->heads; h++)
+            acmoe__window_head(B, rows, w % per, h, B->probs + ((size_t)w * B->heads + h) * area * area);
+    }
+}
+
+static void acmoe__window_attention(acmoe_ctx *ctx, acmoe_lm *L, acmoe__block *B) {
+    acmoe__window_job job;
+    job.L = L, job.B = B;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__window_forward_job, &job);
+}
+
+/* One head of one window backward, from the output gradients in L->datt: the score
+   gradients ds (kept for the bias gradient) and the head's q, k, v gradients, written. */
+static void acmoe__window_head_backward(acmoe_lm *L, acmoe__block *B, const size_t *rows, int h, const float *p,
+                                        float *ds) {
+    const int area = B->window * B->window, d = B->width, dh = d / B->heads;
+    const float scale = 1.0f / sqrtf((float)dh);
+    const size_t col = (size_t)h * dh;
+    int i, j, q;
+    for (i = 0; i < area; i++) {
+        const float *g = L->datt + rows[i] * d + col, *pi = p + (size_t)i * area;
+        float *dsi = ds + (size_t)i * area, mean = 0.0f;
+        for (j = 0; j < area; j++) mean += pi[j] * (dsi[j] = acmoe__dot(g, B->qkv + rows[j] * 3 * d + 2 * (size_t)d + col, dh));
+        for (j = 0; j < area; j++) dsi[j] = pi[j] * (dsi[j] - mean);
+    }
+    for (i = 0; i < area; i++) { /* dq_i = scale sum_j ds_ij k_j, dk_i = scale sum_j ds_ji q_j, dv_i = sum_j p_ji g_j */
+        float *dq = L->dqkv + rows[i] * 3 * d + col, *dk = dq + d, *dv = dq + 2 * d;
+        for (q = 0; q < dh; q++) dq[q] = dk[q] = dv[q] = 0.0f;
+        for (j = 0; j < area; j++) {
+            const float *qj = B->qkv + rows[j] * 3 * d + col, *kj = qj + d, *gj = L->datt + rows[j] * d + col;
+            const float a = ds[(size_t)i * area + j] * scale, b = ds[(size_t)j * area + i] * scale, c = p[(size_t)j * area + i];
+            for (q = 0; q < dh; q++) dq[q] += a * kj[q], dk[q] += b * qj[q], dv[q] += c * gj[q];
+        }
+    }
+}
+
+static void acmoe__window_backward_job(void *arg, int tid, int n_threads) {
+    const acmoe__window_job *job = (const acmoe__window_job *)arg;
+    acmoe__block *B = job->B;
+    const int area = B->window * B->window, per = acmoe__windows_per_image(B), windows = job->L->batch * per;
+    size_t rows[ACMOE__MAX_WINDOW * ACMOE__MAX_WINDOW];
+    int w, h, i;
+    for (w = (int)((long)windows * tid / n_threads); w < (int)((long)windows * (tid + 1) / n_threads); w++) {
+        for (i = 0; i < area; i++) rows[i] = acmoe__window_row(B, w / per, w % per, i);
+        for (h = 0; h < B->heads; h++) {
+            const size_t at = ((size_t)w * B->heads + h) * area * area;
+            acmoe__window_head_backward(job->L, B, rows, h, B->probs + at, job->L->att_ds + at);
+        }
+    }
+}
+
+/* The backward pass of the window attention: dqkv from datt, then the bias gradient summed
+   window by window in order (the same bits for any thread count). */
+static void acmoe__window_attention_backward(acmoe_ctx *ctx, acmoe_lm *L, acmoe__block *B) {
+    const int area = B->window * B->window, windows = L->batch * acmoe__windows_per_image(B);
+    acmoe__window_job job;
+    int w, h, i, j;
+    job.L = L, job.B = B;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__window_backward_job, &job);
+    for (w = 0; w < windows; w++)
+        for (h = 0; h < B->heads; h++) {
+            const float *ds = L->att_ds + ((size_t)w * B->heads + h) * area * area;
+            for (i = 0; i < area; i++)
+                for (j = 0; j < area; j++)
+                    B->g_rel_bias[(size_t)acmoe__window_offset(B, i, j) * B->heads + h] += ds[(size_t)i * area + j];
+        }
+}
+
+/* The rows of merged patch r of the stage s grid (side `grid`, images of tokens patches):
+   its 2 x 2 sources in the reference's order, (2y, 2x), (2y + 1, 2x), (2y, 2x + 1), (2y + 1,
+   2x + 1). */
+static void acmoe__merge_sources(int grid, int r, size_t *source) {
+    const int half = grid / 2, b = r / (half * half), y = r / half % half, x = r % half;
+    const size_t base = (size_t)b * grid * grid;
+    source[0] = base + (size_t)(2 * y) * grid + 2 * x, source[1] = source[0] + grid;
+    source[2] = source[0] + 1, source[3] = source[1] + 1;
+}
+
+/* Patch merging after stage s, from its output rows x: concatenate, normalise, reduce. */
+static acmoe_status acmoe__merge_forward(acmoe_ctx *ctx, acmoe_lm *L, int s, const float *x) {
+    acmoe__merge *M = &L->merges[s];
+    const acmoe__block *from = acmoe__stage_first(L, s);
+    const int c = from->width, rows = L->batch * (from->grid / 2) * (from->grid / 2);
+    size_t source[4];
+    int r, k;
+    for (r = 0; r < rows; r++) {
+        acmoe__merge_sources(from->grid, r, source);
+        for (k = 0; k < 4; k++)
+            memcpy(M->cat + ((size_t)r * 4 + k) * c, x + source[k] * c, sizeof(float) * (size_t)c);
+    }
+    acmoe__layernorm(ctx, M->cat, NULL, rows, 4 * c, M->ln_g, M->ln_b, M->xhat, M->rstd, M->normed);
+    return acmoe_matmul(ctx, ACMOE_NT, rows, 2 * c, 4 * c, M->normed, 4 * c, M->w, 4 * c, M->out, 2 * c, 0);
+}
+
+/* Its backward pass: from dy (of out) to dx (of stage s's output rows), through t2 and t3. */
+static acmoe_status acmoe__merge_backward(acmoe_ctx *ctx, acmoe_lm *L, int s, const float *dy, float *dx) {
+    acmoe__merge *M = &L->merges[s];
+    const acmoe__block *from = acmoe__stage_first(L, s);
+    const int c = from->width, rows = L->batch * (from->grid / 2) * (from->grid / 2);
+    float *dnormed = L->t2, *dcat = L->t3;
+    size_t source[4];
+    int r, k;
+    acmoe_status st = acmoe_matmul(ctx, ACMOE_TN, 2 * c, 4 * c, rows, dy, 2 * c, M->normed, 4 * c, M->g_w, 4 * c, 1);
+    if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, 4 * c, 2 * c, dy, 2 * c, M->w, 4 * c, dnormed, 4 * c, 0);
+    if (st != ACMOE_OK) return st;
+    acmoe__layernorm_backward(ctx, dnormed, M->xhat, M->rstd, rows, 4 * c, M->ln_g, M->g_ln_g, M->g_ln_b, dcat, 0);
+    for (r = 0; r < rows; r++) {
+        acmoe__merge_sources(from->grid, r, source);
+        for (k = 0; k < 4; k++)
+            memcpy(dx + source[k] * c, dcat + ((size_t)r * 4 + k) * c, sizeof(float) * (size_t)c);
+    }
+    return ACMOE_OK;
+}
+
 /* One block forward over rows [L->start, L->n) (rows before it are kept from the last call);
    prev carries the last MoE layer's routing to the next. */
 static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, const float *x,
                                          acmoe_moe_stats *prev, int *have_prev) {
-    const int d = L->d.d_model, r0 = L->start, rows = L->n - r0, pre = L->d.pre_ln;
+    const int d = B->width, r0 = L->start, rows = B->n - r0, pre = L->d.pre_ln;
     const size_t o = (size_t)r0 * d, count = (size_t)rows * d;
     acmoe_status s;
     B->x_in = x;
@@ -4989,8 +5354,9 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
                      3 * d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->qkv + 3 * o, B->b_qkv, NULL, rows, 3 * d);
-    acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, r0, !L->d.n_classes, d, L->d.n_heads, L->att_work,
-                            L->att_slots, B->att);
+    if (B->window) acmoe__window_attention(ctx, L, B);
+    else acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, r0, !L->d.n_classes, d, B->heads, L->att_work,
+                                  L->att_slots, B->att);
     s = acmoe_matmul(ctx, ACMOE_NT, rows, d, d, B->att + o, d, B->w_o, d, B->a + o, d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->a + o, B->b_o, NULL, rows, d);
@@ -5001,7 +5367,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__blo
     } else {
         acmoe__layernorm(ctx, x + o, B->a + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->h + o);
     }
-    B->moe->d.seq_len = L->seq; /* groups follow this call's sequences, which may be shorter */
+    B->moe->d.seq_len = L->d.window ? B->tokens : L->seq; /* groups follow this call's sequences */
     acmoe_moe_set_training(B->moe, L->training, &L->rng);
     s = acmoe_moe_forward(B->moe, ctx, (pre ? B->moe_in : B->h) + o, rows, *have_prev ? prev->expert_index : NULL,
                           *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m + o);
@@ -5025,21 +5391,30 @@ static void acmoe__lm_begin(acmoe_lm *L, int batch, int seq, int start, int trai
 /* The blocks from the embedded rows x0, and the final norm with pre-LN: *top is the last
    rows, *aux the MoE layers' auxiliary losses. */
 static acmoe_status acmoe__lm_trunk(acmoe_lm *L, acmoe_ctx *ctx, const float **top, float *aux) {
-    const int d = L->d.d_model, start = L->start;
+    const int d = acmoe__top_width(L), start = L->start;
     acmoe_moe_stats prev;
     const float *x = L->x0;
-    int i, have_prev = 0;
+    int i, have_prev = 0, rows;
     acmoe_status s = ACMOE_OK;
     memset(&prev, 0, sizeof prev);
     *aux = 0.0f;
     for (i = 0; i < L->n_layers && s == ACMOE_OK; i++) {
-        s = acmoe__block_forward(L, ctx, &L->blocks[i], x, &prev, &have_prev);
-        x = L->blocks[i].y;
-        *aux += L->blocks[i].moe->aux_loss;
+        acmoe__block *B = &L->blocks[i];
+        B->n = L->d.window ? L->batch * B->tokens : L->n;
+        if (i > 0 && B->stage != B[-1].stage) { /* Swin: merge the patches; labels start afresh */
+            s = acmoe__merge_forward(ctx, L, B[-1].stage, x);
+            if (s != ACMOE_OK) return s;
+            x = L->merges[B[-1].stage].out;
+            have_prev = 0;
+        }
+        s = acmoe__block_forward(L, ctx, B, x, &prev, &have_prev);
+        x = B->y;
+        *aux += B->moe->aux_loss;
     }
     if (s != ACMOE_OK) return s;
+    rows = L->blocks[L->n_layers - 1].n;
     if (L->d.pre_ln) {
-        acmoe__layernorm(ctx, x + (size_t)start * d, NULL, L->n - start, d, L->lnf_g, L->lnf_b,
+        acmoe__layernorm(ctx, x + (size_t)start * d, NULL, rows - start, d, L->lnf_g, L->lnf_b,
                          L->xhatf + (size_t)start * d, L->rstdf + start, L->yf + (size_t)start * d);
         x = L->yf;
     }
@@ -5133,12 +5508,19 @@ ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *L, acmoe_ctx *ctx, con
     acmoe__lm_begin(L, batch, seq, 0, train);
     memcpy(L->patches, patches, sizeof(float) * (size_t)L->n * pd);
     if (labels) memcpy(L->targets, labels, sizeof(int32_t) * (size_t)batch);
-    s = acmoe_matmul(ctx, ACMOE_NT, L->n, d, pd, L->patches, pd, L->patch_w, pd, L->x0, d, 0);
+    s = acmoe_matmul(ctx, ACMOE_NT, L->n, d, pd, L->patches, pd, L->patch_w, pd, L->d.window ? L->embedded : L->x0,
+                     d, 0);
     if (s != ACMOE_OK) return s;
-    for (i = 0; i < L->n; i++)
-        for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] += L->patch_b[q] + L->pos_emb[(size_t)(i % seq) * d + q];
+    if (L->d.window) { /* Swin: the patch norm, no position embedding */
+        acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, L->embedded, L->patch_b, NULL, L->n, d);
+        acmoe__layernorm(ctx, L->embedded, NULL, L->n, d, L->pn_g, L->pn_b, L->pn_xhat, L->pn_rstd, L->x0);
+    } else {
+        for (i = 0; i < L->n; i++)
+            for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] += L->patch_b[q] + L->pos_emb[(size_t)(i % seq) * d + q];
+    }
     s = acmoe__lm_trunk(L, ctx, &top, &aux);
     if (s != ACMOE_OK) return s;
+    d = acmoe__top_width(L), seq = L->blocks[L->n_layers - 1].tokens;
     acmoe__mean_rows(top, batch, seq, d, L->pooled);
     s = acmoe_matmul(ctx, ACMOE_NT, batch, L->d.n_classes, d, L->pooled, d, L->head, d, L->logits, L->d.n_classes, 0);
     if (s != ACMOE_OK) return s;
@@ -5260,9 +5642,9 @@ static void acmoe__embedding_grad_job(void *arg, int tid, int n_threads) {
     int i, q;
     for (i = 0; i < L->n; i++) {
         const float *g = j->dx + (size_t)i * d;
-        float *gp = L->g_pos_emb + (size_t)(i % L->seq) * d, *gt;
+        float *gp = L->g_pos_emb ? L->g_pos_emb + (size_t)(i % L->seq) * d : NULL, *gt;
         if (L->d.n_classes) {
-            for (q = q0; q < q1; q++) gp[q] += g[q];
+            for (q = q0; gp && q < q1; q++) gp[q] += g[q];
             continue;
         }
         gt = L->g_tok_emb + (size_t)L->tokens[i] * d;
@@ -5272,7 +5654,7 @@ static void acmoe__embedding_grad_job(void *arg, int tid, int n_threads) {
 
 /* One block backward: dy (gradient of its output, used up as scratch) to dx (of its input). */
 static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, float *dy, float *dx) {
-    const int d = L->d.d_model, n = L->n, pre = L->d.pre_ln;
+    const int d = B->width, n = B->n, pre = L->d.pre_ln;
     const size_t count = (size_t)n * d;
     float *tmp = L->t2, *dmoe = L->t3;
     float *dres = pre ? dy : L->t1; /* the gradient of the residual stream between the halves */
@@ -5294,8 +5676,9 @@ static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__bl
     s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, g, d, B->att, d, B->g_w_o, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, g, d, B->w_o, d, L->datt, d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, !L->d.n_classes, d, L->d.n_heads,
-                              L->att_work, L->att_slots, L->dqkv);
+    if (B->window) acmoe__window_attention_backward(ctx, L, B);
+    else acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, !L->d.n_classes, d, B->heads,
+                                   L->att_work, L->att_slots, L->dqkv);
     acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_qkv, L->dqkv, NULL, n, 3 * d);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;
@@ -5323,7 +5706,8 @@ static acmoe_status acmoe__lm_head_backward(acmoe_lm *L, acmoe_ctx *ctx) {
 /* The vision head: the logits' gradients, the head's, and dy, each sequence's pooled
    gradient spread over its rows. */
 static acmoe_status acmoe__vision_head_backward(acmoe_lm *L, acmoe_ctx *ctx) {
-    const int d = L->d.d_model, classes = L->d.n_classes;
+    const acmoe__block *last = &L->blocks[L->n_layers - 1];
+    const int d = last->width, classes = L->d.n_classes, seq = last->tokens;
     float *dpooled = L->t1;
     acmoe_status s;
     int i, q;
@@ -5333,13 +5717,13 @@ static acmoe_status acmoe__vision_head_backward(acmoe_lm *L, acmoe_ctx *ctx) {
     if (s == ACMOE_OK)
         s = acmoe_matmul(ctx, ACMOE_NN, L->batch, d, classes, L->logits, classes, L->head, d, dpooled, d, 0);
     if (s != ACMOE_OK) return s;
-    for (i = 0; i < L->n; i++)
-        for (q = 0; q < d; q++) L->dy[(size_t)i * d + q] = dpooled[(size_t)(i / L->seq) * d + q] / (float)L->seq;
+    for (i = 0; i < last->n; i++)
+        for (q = 0; q < d; q++) L->dy[(size_t)i * d + q] = dpooled[(size_t)(i / seq) * d + q] / (float)seq;
     return ACMOE_OK;
 }
 
 ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
-    const int d = L ? L->d.d_model : 0;
+    const int d = L ? L->d.d_model : 0, top = L ? acmoe__top_width(L) : 0;
     float *dy, *dx, *swap;
     acmoe__embedding_job job;
     int i;
@@ -5351,14 +5735,24 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
     if (s != ACMOE_OK) return s;
     dy = L->dy, dx = L->dx;
     if (L->d.pre_ln) {
-        acmoe__layernorm_backward(ctx, dy, L->xhatf, L->rstdf, L->n, d, L->lnf_g, L->g_lnf_g, L->g_lnf_b, dx, 0);
+        acmoe__layernorm_backward(ctx, dy, L->xhatf, L->rstdf, L->blocks[L->n_layers - 1].n, top, L->lnf_g, L->g_lnf_g,
+                                  L->g_lnf_b, dx, 0);
         swap = dy, dy = dx, dx = swap;
     }
     for (i = L->n_layers - 1; i >= 0 && s == ACMOE_OK; i--) {
-        s = acmoe__block_backward(L, ctx, &L->blocks[i], dy, dx);
+        acmoe__block *B = &L->blocks[i];
+        s = acmoe__block_backward(L, ctx, B, dy, dx);
         swap = dy, dy = dx, dx = swap;
+        if (s == ACMOE_OK && i > 0 && B->stage != B[-1].stage) { /* Swin: back through the merge */
+            s = acmoe__merge_backward(ctx, L, B[-1].stage, dy, dx);
+            swap = dy, dy = dx, dx = swap;
+        }
     }
     if (s != ACMOE_OK) return s;
+    if (L->d.window) { /* the patch norm */
+        acmoe__layernorm_backward(ctx, dy, L->pn_xhat, L->pn_rstd, L->n, d, L->pn_g, L->g_pn_g, L->g_pn_b, dx, 0);
+        swap = dy, dy = dx, dx = swap;
+    }
     job.L = L, job.dx = dy;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__embedding_grad_job, &job);
     if (!L->d.n_classes) return ACMOE_OK;
@@ -5526,6 +5920,7 @@ static const acmoe__config_field acmoe__config_fields[] = {
     ACMOE__INT_FIELD_3("moe.no_router_bias", moe.no_router_bias),
     ACMOE__INT_FIELD_3("moe.no_reprojection", moe.no_reprojection),
     ACMOE__FLOAT_FIELD_3("moe.gate_noise", moe.gate_noise), ACMOE__FLOAT_FIELD_3("moe.importance_loss", moe.importance_loss),
+    ACMOE__INT_FIELD_3("window", window),
 };
 #define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
 
@@ -6110,7 +6505,7 @@ static int acmoe__meta_from_parsed(const acmoe__parsed *m, acmoe__checkpoint_met
         return 0;
     out->desc.pattern = acmoe__meta(m, "pattern");
     if (out->version < 3) { /* its groups counted from the whole call, before the default */
-        if (out->desc.moe.group >= 0 && out->desc.moe.group < ACMOE_GROUP_POSITION) out->desc.moe.group++;
+        if (out->desc.moe.group >= 0 && out->desc.moe.group < ACMOE_GROUP_POSITION) out->desc.moe.group = (acmoe_group)(out->desc.moe.group + 1);
         return 1;
     }
     if (!crc || strlen(crc) != 8 || !acmoe__parse_hex(crc, 8, &v)) return 0;

@@ -78,8 +78,39 @@ static double lm_loss(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tok, const in
     return loss;
 }
 
+/* A Swin-style backbone: 2 images of 4 x 4 patches of 3 floats, windows of 2, 4 classes,
+   stages of the pattern's '|'. */
+static acmoe_lm_desc tiny_swin_desc(const char *pattern) {
+    acmoe_lm_desc d = tiny_vision_desc(pattern, 1);
+    d.seq_len = 16;
+    d.window = 2;
+    return d;
+}
+
+/* The loss of the Swin images: patches drawn once from a fixed generator, labels from the
+   targets. */
+static double swin_loss(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tok, const int32_t *tgt, int *routing) {
+    float loss = NAN, patches[2 * 16 * 3];
+    int32_t labels[2];
+    acmoe_rng rng;
+    int i;
+    (void)tok;
+    acmoe_rng_seed(&rng, 17);
+    for (i = 0; i < 2 * 16 * 3; i++) patches[i] = acmoe_rng_normal(&rng);
+    labels[0] = tgt[0] % 4, labels[1] = tgt[5] % 4;
+    if (acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss) != ACMOE_OK) return NAN;
+    if (routing) lm_routing(lm, routing, 512);
+    return loss;
+}
+
+typedef double (*loss_fn)(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tok, const int32_t *tgt, int *routing);
+
+static void check_gradients_of(const acmoe_lm_desc *d, loss_fn lm_loss);
+
 /* Central differences along a random direction of all parameters, and along single ones. */
-static void check_gradients(const acmoe_lm_desc *d) {
+static void check_gradients(const acmoe_lm_desc *d) { check_gradients_of(d, lm_loss); }
+
+static void check_gradients_of(const acmoe_lm_desc *d, loss_fn lm_loss) {
     acmoe_lm *lm = NULL;
     acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     int32_t tok[10], tgt[10];
@@ -158,6 +189,130 @@ static void test_lm_grad_soft_moe(void) { check_lm_gradients("gmc", 0, 0); }
 
 /* The vision encoder: post-LN with AC; pre-LN with Soft MoE over each image, then AC; and
    Soft MoE followed by the paper's AC variant of it. */
+/* The Swin-style backbone: two stages (4 x 4 patches in windows of 2, the second block's
+   shifted; then one window of 2 x 2 after the merge), Swin-MoE's gate, and its AC variant
+   after it in the second stage; and a dense first stage before Soft MoE. */
+static void test_swin_gradients(void) {
+    acmoe_lm_desc d = tiny_swin_desc("gt|tw");
+    check_gradients_of(&d, swin_loss);
+    d = tiny_swin_desc("ff|nf");
+    check_gradients_of(&d, swin_loss);
+}
+
+/* Every coordinate of the Swin-only tensors (the relative position biases, made large
+   enough to matter, and the patch merging), against central differences. */
+static void test_swin_tensor_gradients(void) {
+    static const char *const names[] = {"layers.0.attn.rel_bias", "layers.1.attn.rel_bias", "layers.2.attn.rel_bias",
+                                        "merges.0.norm.weight",   "merges.0.norm.bias",     "merges.0.reduction.weight",
+                                        "patch_norm.weight",      "patch_norm.bias"};
+    acmoe_lm_desc d = tiny_swin_desc("ff|ff");
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    int32_t tok[10], tgt[10];
+    acmoe_rng rng;
+    size_t t, i, count = 0;
+    int bad = 0, checked = 0;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    if (!lm) return;
+    tiny_batch(tok, tgt, 10, 5);
+    acmoe_rng_seed(&rng, 23);
+    for (t = 0; t < 3; t++) {
+        float *bias = acmoe_lm_tensor(lm, names[t], &count);
+        CHECK(bias != NULL && count == 9 * (t < 2 ? 2u : 4u));
+        for (i = 0; bias && i < count; i++) bias[i] = acmoe_rng_normal(&rng);
+    }
+    CHECK(isfinite(swin_loss(lm, ctx, tok, tgt, NULL)));
+    acmoe_lm_zero_grad(lm);
+    CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+    for (t = 0; t < sizeof names / sizeof names[0]; t++) {
+        float *p = acmoe_lm_tensor(lm, names[t], &count);
+        const float *g = p ? acmoe_lm_grads(lm) + (p - acmoe_lm_params(lm)) : NULL;
+        for (i = 0; p && i < count; i++) {
+            const float kept = p[i], h = 1e-2f;
+            double up, down, numeric;
+            p[i] = kept + h, up = swin_loss(lm, ctx, tok, tgt, NULL);
+            p[i] = kept - h, down = swin_loss(lm, ctx, tok, tgt, NULL);
+            p[i] = kept;
+            numeric = (up - down) / (2.0 * h);
+            checked++;
+            if (fabs(numeric - g[i]) > 2e-4 + 2e-2 * fabs(numeric)) {
+                fprintf(stderr, "    %s[%zu]: numeric %.6g, analytic %.6g\n", names[t], i, numeric, g[i]);
+                bad++;
+            }
+        }
+    }
+    CHECKF(bad == 0 && checked == 18 + 18 + 36 + 32 + 32 + 16 * 32 + 8 + 8, "%d of %d coordinates wrong",
+           bad, checked);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
+/* What a Swin backbone refuses: stages without windows, an AC layer first in its stage
+   (labels start afresh), grids that are not square, that do not halve or do not hold whole
+   windows, post-LN, empty stages, and language models. */
+/* A Swin backbone saves and loads with its stages and windows, gives the same loss, and the
+   same bits on one thread and two. */
+static void test_swin_checkpoint(void) {
+    acmoe_lm_desc d = tiny_swin_desc("gt|tw");
+    acmoe_lm *lm = NULL, *loaded = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    int32_t tok[10], tgt[10];
+    tiny_batch(tok, tgt, 10, 5);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_save(lm, "build/swin.safetensors"), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_load(&loaded, "build/swin.safetensors"), ACMOE_OK);
+    if (lm && loaded) {
+        CHECK(acmoe_lm_settings(loaded).window == 2 && !strcmp(acmoe_lm_settings(loaded).pattern, "gt|tw"));
+        CHECK(swin_loss(lm, ctx, tok, tgt, NULL) == swin_loss(loaded, ctx, tok, tgt, NULL));
+    }
+    if (lm && loaded) { /* and the same bits on two threads, gradients included */
+        acmoe_ctx *two = test_context(2, 0, 0, 0);
+        const size_t n = acmoe_lm_param_count(lm);
+        CHECK(swin_loss(lm, ctx, tok, tgt, NULL) == swin_loss(loaded, two, tok, tgt, NULL));
+        acmoe_lm_zero_grad(lm), acmoe_lm_zero_grad(loaded);
+        swin_loss(lm, ctx, tok, tgt, NULL), swin_loss(loaded, two, tok, tgt, NULL);
+        CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_backward(loaded, two), ACMOE_OK);
+        CHECK(memcmp(acmoe_lm_grads(lm), acmoe_lm_grads(loaded), sizeof(float) * n) == 0);
+        acmoe_ctx_destroy(two);
+    }
+    acmoe_lm_destroy(lm), acmoe_lm_destroy(loaded);
+    acmoe_ctx_destroy(ctx);
+    remove("build/swin.safetensors");
+}
+
+static void test_swin_rules(void) {
+    static const struct {
+        const char *pattern;
+        int seq_len, window, pre_ln, classes;
+        acmoe_status want;
+    } cases[] = {
+        {"gt|tw", 16, 2, 1, 4, ACMOE_OK},      {"gt|tw", 16, 0, 1, 4, ACMOE_ERR_ARG},
+        {"gt|wt", 16, 2, 1, 4, ACMOE_ERR_ARG}, {"gt|tw", 15, 2, 1, 4, ACMOE_ERR_SHAPE},
+        {"gg|gg|gg", 36, 3, 1, 4, ACMOE_ERR_SHAPE}, {"gg|gg", 36, 4, 1, 4, ACMOE_ERR_SHAPE},
+        {"gt|tw", 16, 2, 0, 4, ACMOE_ERR_ARG}, {"gt||tw", 16, 2, 1, 4, ACMOE_ERR_ARG},
+        {"gt|", 16, 2, 1, 4, ACMOE_ERR_ARG},   {"gt", 16, 2, 1, 0, ACMOE_ERR_ARG},
+        {"gg|gg", 36, 3, 1, 4, ACMOE_OK},      {"gg", 16, 32, 1, 4, ACMOE_ERR_SHAPE},
+    };
+    size_t i;
+    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        acmoe_lm_desc d = tiny_swin_desc(cases[i].pattern);
+        acmoe_lm *lm = NULL;
+        acmoe_status s;
+        d.seq_len = cases[i].seq_len, d.window = cases[i].window, d.pre_ln = cases[i].pre_ln;
+        d.n_classes = cases[i].classes;
+        if (!d.n_classes) d.patch_dim = 0;
+        s = acmoe_lm_create(&lm, &d);
+        CHECKF(s == cases[i].want, "%s, %d patches, window %d: %s", cases[i].pattern, cases[i].seq_len,
+               cases[i].window, acmoe_status_string(s));
+        if (lm && s == ACMOE_OK) {
+            CHECK(acmoe_lm_n_layers(lm) == 4);
+            CHECK(acmoe_moe_settings(acmoe_lm_moe(lm, 3)).d_model == 2 * d.d_model); /* the second stage */
+        }
+        acmoe_lm_destroy(lm);
+    }
+}
+
 static void test_vision_gradients(void) {
     acmoe_lm_desc d = tiny_vision_desc("gfc", 0);
     acmoe_moe_desc m;
@@ -994,6 +1149,10 @@ const test_case lm_tests[] = {
     {"lm_moe_settings", test_lm_moe_settings},
     {"lm_grad_soft_moe", test_lm_grad_soft_moe},
     {"vision_gradients", test_vision_gradients},
+    {"swin_gradients", test_swin_gradients},
+    {"swin_tensor_gradients", test_swin_tensor_gradients},
+    {"swin_rules", test_swin_rules},
+    {"swin_checkpoint", test_swin_checkpoint},
     {"image_patches", test_image_patches},
     {"vision_learns", test_vision_learns},
     {"checkpoint_vision", test_checkpoint_vision},
