@@ -36,6 +36,12 @@ test-examples: $(B)/train_lm $(B)/train_vit
 	    --warmup 2 --log-every 2 --compare ggc,gma --seeds 2 > $(B)/vit-flags.log
 	grep -q "layer 2 AC options: eps 0.0001, clip 1.5, preclip scaling, mad dispersion, weighted" $(B)/vit-flags.log
 	grep -q "layer 2 Soft MoE: 1 slot(s) per expert for each image" $(B)/vit-flags.log
+	./$(B)/train_vit --data builtin --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
+	    --warmup 2 --log-every 2 --window 2 --compare "gt|tw,ff|na" > $(B)/swin.log
+	grep -q "layer 3 AC options: eps 0.0001, clip 1.5, preclip scaling, mad dispersion, weighted" $(B)/swin.log
+	grep -q "layer 1 Swin-MoE gate: noise 1 / E in training, capacity 1.25, load and importance loss 0.01" $(B)/swin.log
+	./$(B)/train_vit --data builtin --pattern "gt|tw" 2>/dev/null; test $$? -eq 2
+	./$(B)/train_vit --data builtin --window 2 --pattern "gt|wt" 2>/dev/null; test $$? -eq 2
 	./$(B)/train_lm --data builtin --steps 2 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --eval-every 2 --eval-batches 1 --sample 0 --pattern gcxum --activation gelu --ac-eps 0.001 \
 	    --ac-clip 8 --ac-dispersion variance --usmoe-budget 1.5 --usmoe-rho 0.3 --usmoe-group position \

@@ -94,8 +94,9 @@ static inline int moe_flags_valid(const moe_flags *f, char *why, size_t cap) {
     return broken == NULL;
 }
 
-/* Whether a pattern is 1 to 63 router letters whose AC layers ('c', 'a') each follow an
-   MoE layer, whose choices are their clusters; else why not. */
+/* Whether a pattern is 1 to 63 router letters, or stages of them split by '|', whose AC
+   layers ('c', 'a', 'w') each follow an MoE layer of their stage, whose choices are their
+   clusters; else why not. */
 static inline int moe_pattern_valid(const char *pattern, size_t length, char *why, size_t cap) {
     size_t i;
     int seen_moe = 0;
@@ -105,6 +106,14 @@ static inline int moe_pattern_valid(const char *pattern, size_t length, char *wh
     }
     for (i = 0; i < length; i++) {
         const char letter = pattern[i];
+        if (letter == '|') { /* a new stage: labels start afresh */
+            if (i == 0 || i + 1 == length || pattern[i - 1] == '|') {
+                snprintf(why, cap, "pattern '%.*s': an empty stage", (int)length, pattern);
+                return 0;
+            }
+            seen_moe = 0;
+            continue;
+        }
         if (!letter || !strchr("gsobxcuetwmnaf", letter)) {
             snprintf(why, cap, "pattern '%.*s': '%c' is no router (g s o b x c u e t w m n a f)", (int)length, pattern,
                      letter ? letter : '?');
@@ -194,17 +203,25 @@ static inline void moe_print_settings(acmoe_lm *lm) {
     }
 }
 
-/* Each MoE layer's router stability after the first (see acmoe_moe_stats), on one line. */
+/* The router stability (see acmoe_moe_stats) of each MoE layer that has an MoE layer before
+   it in its stage, on one line. */
 static inline void moe_print_stability(acmoe_lm *lm) {
-    int l, seen_moe = 0;
-    for (l = 0; l < acmoe_lm_n_layers(lm); l++) {
-        const acmoe_moe_stats st = acmoe_moe_get_stats(acmoe_lm_moe(lm, l));
-        if (st.n_experts < 2) continue; /* a dense layer */
-        if (seen_moe++ == 0) continue;  /* the first MoE layer has no previous labels */
-        if (seen_moe == 2) printf("  router stability (token pairs whose best-expert relation changed, running mean):");
-        printf(" layer %d %.3f", l, st.router_stability);
+    const char *pattern = acmoe_lm_settings(lm).pattern;
+    int l = 0, seen_moe = 0, printed = 0;
+    for (; *pattern; pattern++) {
+        acmoe_moe_stats st;
+        if (*pattern == '|') { /* a new stage: labels start afresh */
+            seen_moe = 0;
+            continue;
+        }
+        st = acmoe_moe_get_stats(acmoe_lm_moe(lm, l));
+        if (*pattern != 'f' && seen_moe++) {
+            if (!printed++) printf("  router stability (token pairs whose best-expert relation changed, running mean):");
+            printf(" layer %d %.3f", l, st.router_stability);
+        }
+        l++;
     }
-    if (seen_moe >= 2) printf("\n");
+    if (printed) printf("\n");
 }
 
 #endif

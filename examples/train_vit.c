@@ -179,7 +179,7 @@ static acmoe_lm *create_model(const options *o, const char *pattern, long seed) 
     d.n_classes = CLASSES, d.patch_dim = o->patch * o->patch, d.seq_len = PIXELS / d.patch_dim;
     d.d_model = o->d_model, d.n_heads = o->heads, d.batch = o->batch, d.pattern = pattern, d.d_ff = o->d_ff;
     d.n_experts = o->experts, d.top_k = o->top_k, d.pre_ln = o->pre_ln, d.seed = (uint64_t)seed;
-    d.dropout = o->dropout;
+    d.dropout = o->dropout, d.window = o->window;
     moe_flags_apply(&o->moe, &d);
     s = acmoe_lm_create(&lm, &d);
     if (s == ACMOE_ERR_SHAPE || s == ACMOE_ERR_ARG) cli_fail(PROGRAM, "pattern %s with these flags: %s", pattern, acmoe_status_string(s));
@@ -270,7 +270,7 @@ static options options_of_checkpoint(const acmoe_lm_desc *d, const acmoe_train_d
     options k = *o;
     k.pattern = d->pattern, k.batch = d->batch, k.patch = (int)sqrt((double)d->patch_dim), k.d_model = d->d_model;
     k.heads = d->n_heads, k.experts = d->n_experts, k.top_k = d->top_k, k.d_ff = d->d_ff, k.pre_ln = d->pre_ln;
-    k.dropout = d->dropout, k.moe = moe_flags_of_model(d), k.seed = (long)d->seed;
+    k.dropout = d->dropout, k.moe = moe_flags_of_model(d), k.seed = (long)d->seed, k.window = d->window;
     if (!(t->optim.lr > 0.0f)) return k; /* all zero for a checkpoint that keeps no training options */
     k.lr = t->optim.lr, k.warmup = t->optim.warmup_steps, k.weight_decay = t->optim.weight_decay;
     k.clip = t->optim.clip_norm, k.steps = t->optim.total_steps;

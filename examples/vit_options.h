@@ -13,7 +13,7 @@
 
 typedef struct vit_options {
     const char *data, *pattern, *compare, *save, *resume;
-    int steps, batch, patch, d_model, heads, experts, top_k, d_ff, warmup, threads, seeds, pre_ln, log_every;
+    int steps, batch, patch, d_model, heads, experts, top_k, d_ff, warmup, threads, seeds, pre_ln, log_every, window;
     long seed;
     float lr, weight_decay, clip, dropout;
     moe_flags moe;
@@ -40,6 +40,9 @@ static const flag vit_flags[] = {
     FLAG("--d-ff", OPT_INT, d_ff, 1, MOE_WIDTH_MAX, CLI_KEPT, "expert hidden width"),
     MOE_FLAGS,
     FLAG("--pre-ln", OPT_INT, pre_ln, 0, 1, CLI_KEPT, "1: pre-LN blocks (ViT); 0: post-LN"),
+    FLAG("--window", OPT_INT, window, 0, 16, CLI_KEPT,
+         "0: ViT-style encoder; above 0: Swin-style backbone, attention in windows of this many patches a side, "
+         "stages split by '|' in the pattern (e.g. ff|tftw), pre-LN"),
     FLAG("--dropout", OPT_FLOAT, dropout, 0, 0.99, CLI_KEPT, "dropout on attention and FFN outputs"),
     FLAG("--lr", OPT_FLOAT, lr, 0, 10, CLI_ABOVE_MIN | CLI_KEPT, "peak learning rate (AdamW)"),
     FLAG("--warmup", OPT_INT, warmup, 0, INT_MAX, CLI_KEPT, "linear warmup steps (0: none), then cosine to zero"),
@@ -64,7 +67,7 @@ static inline vit_options vit_options_defaults(void) {
     o.steps = 1500, o.batch = 64, o.patch = 2, o.d_model = 64, o.heads = 4, o.experts = 8, o.top_k = 2;
     o.d_ff = 128, o.warmup = 100, o.seeds = 1, o.pre_ln = 1, o.log_every = 500, o.seed = 1;
     o.lr = 2e-3f, o.weight_decay = 0.05f, o.clip = 1.0f;
-    o.moe = moe_flags_defaults(); /* with the AC options of the paper's Swin-MoE models */
+    o.moe = moe_flags_defaults(); /* 'c' layers get AC options like the paper's Swin runs ('w' has them built in) */
     o.moe.ac_clip = 1.5f, o.moe.ac_scaling = "preclip", o.moe.ac_experts = 1;
     return o;
 }
@@ -86,6 +89,9 @@ static inline int vit_options_valid(const vit_options *o, char *why, size_t cap)
     }
     if (!moe_flags_valid(&o->moe, why, cap)) return 0;
     if (DIGITS_SIDE % o->patch) return vit_refuse(why, cap, "--patch divides 8");
+    if (!o->window && strchr(o->compare ? o->compare : o->pattern, '|'))
+        return vit_refuse(why, cap, "stages ('|' in a pattern) need --window");
+    if (o->window && !o->pre_ln) return vit_refuse(why, cap, "--window needs --pre-ln 1");
     if (o->resume && o->compare) return vit_refuse(why, cap, "--resume continues one model; it does not combine with --compare");
     if (o->seeds > 1 && !o->compare) return vit_refuse(why, cap, "--seeds above 1 needs --compare");
     if (o->d_model % o->heads) return vit_refuse(why, cap, "--heads divides --d-model");
