@@ -23,7 +23,12 @@ a linear patch embedding for a vision encoder; causal multi-head attention with 
 ([q | k | v], head h in columns h*dh..(h+1)*dh of each, scores scaled by 1/sqrt(dh)), or
 unmasked for a vision encoder; layer norm with eps 1e-5, post-LN (h = LN1(x + attn(x)),
 y = LN2(h + moe(h))) or pre-LN with a final norm; the head tied to the token embedding or
-not; a vision encoder classifies the mean of its last rows (not the Swin backbone). Experts
+not; a vision encoder classifies the mean of its last rows. The Swin backbone (window > 0) is
+built as the authors' image-classification/models/swin_transformer_cosa.py builds it (function
+swin below, with line numbers): patch embedding and its norm, stages split by '|' in the
+pattern, pre-LN blocks with attention in windows shifted by half a window on odd blocks of a
+stage (the -100 mask), patch merging into twice the width, heads and d_ff, AC labels afresh in
+each stage; its relative position bias is acmoe's (DISAGREEMENTS below). Experts
 are W2 act(W1 x + b1) + b2 as in the AC reference's _Expert (language-modeling/custom_transformer.py
 lines 11-33 of Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts), for every router (the
 Swin-MoE runs freeze b2 at 0 and drop 10 % of the hidden units, the USMoE experts have no
@@ -58,13 +63,15 @@ Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts at 4762d61 unless named otherw
   w  AC Swin-MoE  't' on the block's MoE input weighted by compute_cosa
                (swin_transformer_cosa.py:414-419, 477-572: mad, no mix_weights)
   f  dense FFN (acmoe's one-expert layer; the labels pass it, as past models.py:1168-1171)
-The Soft MoE layers group each image's tokens in a vision encoder and each position's tokens
-across the batch in a language model (acmoe's causal grouping). The authors' Soft MoE takes
+The Soft MoE layers group each image's tokens in a vision encoder (a Swin stage's patches of
+each image) and each position's tokens across the batch in a language model (acmoe's causal
+grouping). The authors' Soft MoE takes
 topk(mix_k = 8) over the slots (softmoe.py:142), which raises with fewer than 8 slots; acmoe
 and this reference take min(mix_k, slots). A noisy gate (t, w) in training adds the normal
 draws the dump recorded (noise.layers.N) times gate_noise / E; in evaluation it has none.
-Where acmoe.h disagrees with those (DISAGREEMENTS below), the case fails, and the script also
-prints the error of acmoe.h's reading, so that the rest of the model is still checked.
+Where acmoe.h's routers disagree with those (DISAGREEMENTS below), the case fails, and the
+script also prints the error of acmoe.h's reading, so that the rest of the model is still
+checked; a documented deviation of a backbone is printed under each of its cases.
 
 Exit status: 0 when every case passes, 1 when one fails, 2 for a missing or unreadable input.
 Needs PyTorch (Debian: python3-torch) and numpy; reads safetensors with json and numpy.
@@ -213,9 +220,18 @@ def gate(letter, name):
     return register
 
 
-# Where acmoe.h and the authors' code differ, by letter: the case fails, and the reading of
-# acmoe.h (ctx.acmoe_reading) is checked as well. None today.
-DISAGREEMENTS = {}
+# Where acmoe.h and the authors' code differ. A router's (keyed by its letter) fails the case,
+# and the reading of acmoe.h (ctx.acmoe_reading) is checked as well: none today. A backbone's
+# (keyed "backbone NAME") is a documented deviation of acmoe's backbone, which this script
+# builds in acmoe's form (a checkpoint has no weights for the authors' form): printed under
+# each case of that backbone, not a failure.
+DISAGREEMENTS = {
+    "backbone Swin": "the relative position bias is Swin-V1's learned table [(2w-1)^2][heads] "
+                     "(layers.I.attn.rel_bias); the authors' WindowAttention computes the table from "
+                     "Swin-V2's continuous position bias MLP cpb_mlp (Linear(2, 512), ReLU, Linear(512, "
+                     "heads)) on log-spaced relative coordinates (swin_transformer_cosa.py L158-179, "
+                     "L213-217); the index (dy+w-1)(2w-1)+(dx+w-1) is theirs (L181-192)",
+}
 
 
 @gate("g", "SMoE")
@@ -515,6 +531,10 @@ class Unsupported(Exception):
     """A configuration the reference does not cover."""
 
 
+class Mismatch(Exception):
+    """A checkpoint whose tensors are not the ones the reference's model has."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Backbone pieces (acmoe's model, acmoe.h section 9)
 
@@ -593,7 +613,7 @@ def language_model(P, meta, data, ctx_for):
     return logits, F.cross_entropy(logits, targets.reshape(-1)) + sum(ctx.aux), ctx
 
 
-@backbone("vision encoder", lambda meta: int(meta.get("n_classes", "0")) > 0)
+@backbone("vision encoder", lambda meta: int(meta.get("n_classes", "0")) > 0 and int(meta.get("window", "0")) == 0)
 def vision_encoder(P, meta, data, ctx_for):
     patches = torch.from_numpy(data["patches"].astype(np.float64))
     labels = torch.from_numpy(data["labels"].astype(np.int64))
@@ -604,6 +624,164 @@ def vision_encoder(P, meta, data, ctx_for):
     x = trunk(P, meta, x, ctx, causal=False)
     pooled = x.reshape(batch, seq, -1).mean(dim=1)
     logits = pooled @ P["head.weight"].T + P["head.bias"]
+    return logits, F.cross_entropy(logits, labels) + sum(ctx.aux), ctx
+
+
+# The Swin backbone (window > 0), as swin_transformer_cosa.py of the authors builds it, in the
+# names of acmoe's checkpoint: PatchEmbed with its norm (L767-805; a linear layer on the given
+# patches stands for the convolution, "patch_emb", then "patch_norm"), no absolute position
+# embedding (ape False), BasicLayer stages (L645-753) of pre-LN SwinTransformerBlocks (L376-472),
+# PatchMerging between stages (L596-642), the final norm, the mean over the patches, the head
+# (L967-987). The relative position bias is acmoe's table (DISAGREEMENTS["backbone Swin"]).
+
+
+def window_partition(x, ws):
+    """L99-111: [B, H, W, C] -> [B * nW, ws, ws, C], windows row by row."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws, ws, C)
+
+
+def window_reverse(windows, ws, H, W):
+    """L114-128."""
+    B = int(windows.shape[0] / (H * W / ws / ws))
+    x = windows.view(B, H // ws, W // ws, ws, ws, -1)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, -1)
+
+
+def relative_position_index(ws):
+    """L181-191: (dy + ws - 1) * (2 ws - 1) + (dx + ws - 1), d = coordinate of i - of j."""
+    coords = torch.stack(torch.meshgrid([torch.arange(ws), torch.arange(ws)], indexing="ij"))
+    flat = torch.flatten(coords, 1)
+    rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += ws - 1
+    rel[:, :, 1] += ws - 1
+    rel[:, :, 0] *= 2 * ws - 1
+    return rel.sum(-1)
+
+
+def shift_mask(grid, ws, shift):
+    """L342-361: the 9 regions of the rolled grid, -100 between different regions of a window."""
+    img_mask = torch.zeros((1, grid, grid, 1))
+    slices = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    cnt = 0
+    for h in slices:
+        for w in slices:
+            img_mask[:, h, w, :] = cnt
+            cnt += 1
+    mask_windows = window_partition(img_mask, ws).view(-1, ws * ws)
+    attn_mask = mask_windows.unsqueeze(1) - mask_windows.unsqueeze(2)
+    return attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
+
+
+def window_attention(L, x, B, grid, ws, shift, heads):
+    """SwinTransformerBlock.forward L383-405 around WindowAttention.forward L200-232, on the
+    normed rows x [B * grid^2, C]: roll by (-shift, -shift), partition, attention with q scaled
+    by head_dim^-0.5, the relative position bias and the mask, reverse, roll back, proj."""
+    C = x.shape[1]
+    x = x.view(B, grid, grid, C)
+    if shift:
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+    xw = window_partition(x, ws).view(-1, ws * ws, C)
+    B_, N, _ = xw.shape
+    qkv = (xw @ L["attn.qkv.weight"].T + L["attn.qkv.bias"]).reshape(B_, N, 3, heads, C // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    q = q * (C // heads) ** -0.5
+    attn = q @ k.transpose(-2, -1)
+    table = L["attn.rel_bias"]  # [(2 ws - 1)^2, heads], where the authors have cpb_mlp(...)
+    bias = table[relative_position_index(ws).view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+    attn = attn + bias.unsqueeze(0)
+    if shift:
+        mask = shift_mask(grid, ws, shift)
+        nW = mask.shape[0]
+        attn = attn.view(B_ // nW, nW, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, heads, N, N)
+    attn = F.softmax(attn, dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(B_, N, C)
+    out = out @ L["attn.out.weight"].T + L["attn.out.bias"]  # proj
+    x = window_reverse(out.view(-1, ws, ws, C), ws, grid, grid)
+    if shift:
+        x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+    return x.reshape(B * grid * grid, C)
+
+
+def patch_merging(M, x, B, grid):
+    """PatchMerging.forward L612-634: x0 = [0::2, 0::2], x1 = [1::2, 0::2], x2 = [0::2, 1::2],
+    x3 = [1::2, 1::2] (row first), concatenated, LayerNorm(4C), Linear(4C, 2C) without bias."""
+    C = x.shape[1]
+    x = x.view(B, grid, grid, C)
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    x = layer_norm(x.reshape(-1, 4 * C), M["norm.weight"], M["norm.bias"])
+    return x @ M["reduction.weight"].T
+
+
+def swin_layout(meta):
+    """Stages from the pattern's '|': [(letters, grid, window, width, heads)], and the parameter
+    names and shapes that layout has besides the MoE layers' (acmoe's names)."""
+    d, heads, window = int(meta["d_model"]), int(meta["n_heads"]), int(meta["window"])
+    seq, pd, classes = int(meta["seq_len"]), int(meta["patch_dim"]), int(meta["n_classes"])
+    grid = int(round(math.sqrt(seq)))
+    if grid * grid != seq:
+        raise Unsupported("seq_len %d is not a square grid" % seq)
+    stages, names = [], {"patch_emb.weight": (d, pd), "patch_emb.bias": (d,), "patch_norm.weight": (d,),
+                         "patch_norm.bias": (d,)}
+    i = 0
+    for s, letters in enumerate(meta["pattern"].split("|")):
+        g, c = grid >> s, d << s
+        ws = min(window, g)  # L314-317: a grid no larger than the window is one window
+        stages.append((letters, g, ws, c, heads << s))
+        if s > 0:
+            names.update({"merges.%d.norm.weight" % (s - 1): (2 * c,), "merges.%d.norm.bias" % (s - 1): (2 * c,),
+                          "merges.%d.reduction.weight" % (s - 1): (c, 2 * c)})
+        for _ in letters:
+            for t, shape in (("attn.qkv.weight", (3 * c, c)), ("attn.qkv.bias", (3 * c,)), ("attn.out.weight", (c, c)),
+                             ("attn.out.bias", (c,)), ("attn.rel_bias", ((2 * ws - 1) ** 2, heads << s)),
+                             ("ln1.weight", (c,)), ("ln1.bias", (c,)), ("ln2.weight", (c,)), ("ln2.bias", (c,))):
+                names["layers.%d.%s" % (i, t)] = shape
+            i += 1
+    top = d << (len(stages) - 1)
+    names.update({"ln_f.weight": (top,), "ln_f.bias": (top,), "head.weight": (classes, top), "head.bias": (classes,)})
+    return stages, names
+
+
+@backbone("Swin", lambda meta: int(meta.get("n_classes", "0")) > 0 and int(meta.get("window", "0")) > 0)
+def swin(P, meta, data, ctx_for):
+    stages, names = swin_layout(meta)
+    have = {k: tuple(v.shape) for k, v in P.items() if ".moe." not in k}
+    if have != names:
+        raise Mismatch("the checkpoint's tensors are not the Swin layout's: missing %s, unexpected %s" % (
+            sorted((k, v) for k, v in names.items() if have.get(k) != v),
+            sorted((k, v) for k, v in have.items() if names.get(k) != v)))
+    if int(meta["pre_ln"]) == 0:
+        raise Unsupported("a Swin backbone without pre_ln")
+    window = int(meta["window"])
+    patches = torch.from_numpy(data["patches"].astype(np.float64))
+    labels = torch.from_numpy(data["labels"].astype(np.int64))
+    batch, seq, pd = patches.shape
+    ctx = ctx_for(batch, seq, True)
+    x = patches.reshape(-1, pd) @ P["patch_emb.weight"].T + P["patch_emb.bias"]
+    x = layer_norm(x, P["patch_norm.weight"], P["patch_norm.bias"])  # PatchEmbed.norm L801-802
+    i = 0
+    for s, (letters, grid, ws, width, heads) in enumerate(stages):
+        if s > 0:  # the downsample of the stage before (L750-751)
+            M = {k[len("merges.%d." % (s - 1)):]: v for k, v in P.items() if k.startswith("merges.%d." % (s - 1))}
+            x = patch_merging(M, x, batch, stages[s - 1][1])
+        ctx.seq = grid * grid  # a Soft MoE layer groups each image's patches of this stage
+        prev = None  # L973-976: each stage starts without labels
+        for j, letter in enumerate(letters):
+            L = {k[len("layers.%d." % i):]: v for k, v in P.items() if k.startswith("layers.%d." % i)}
+            Mo = {k[len("moe."):]: v for k, v in L.items() if k.startswith("moe.")}
+            shift = ws // 2 if j % 2 == 1 and grid > window else 0  # L700, L314-317
+            ctx.layer = i
+            h = x + window_attention(L, layer_norm(x, L["ln1.weight"], L["ln1.bias"]), batch, grid, ws, shift, heads)
+            m, routing = GATES[letter][1](Mo, layer_norm(h, L["ln2.weight"], L["ln2.bias"]), prev, ctx)
+            x = h + m  # L410-472
+            if routing is not None:
+                prev = routing
+            i += 1
+    x = layer_norm(x, P["ln_f.weight"], P["ln_f.bias"])  # L979-981
+    pooled = x.reshape(batch, stages[-1][1] ** 2, -1).mean(dim=1)
+    logits = pooled @ P["head.weight"].T + P["head.bias"]  # L986
     return logits, F.cross_entropy(logits, labels) + sum(ctx.aux), ctx
 
 
@@ -624,11 +802,11 @@ def supported(meta):
     """Raises Unsupported for options the authors' code paths here do not have."""
     zero = ["dropout", "moe.capacity", "moe.balance_alpha", "moe.z_loss", "moe.ac.eps", "moe.ac.clip",
             "moe.ac.scaling", "moe.ac.dispersion", "moe.ac.robust", "moe.ac_weight_experts", "moe.ac_mix_labels",
-            "moe.no_router_bias", "moe.no_reprojection", "moe.gate_noise", "moe.importance_loss", "window"]
+            "moe.no_router_bias", "moe.no_reprojection", "moe.gate_noise", "moe.importance_loss"]
     for key in zero:
         if float(meta.get(key, "0")) != 0.0:
             raise Unsupported("%s = %s (the reference runs have none)" % (key, meta[key]))
-    for letter in meta["pattern"]:
+    for letter in meta["pattern"].replace("|", ""):
         if letter not in GATES:
             raise Unsupported("router '%s' has no reference gate yet" % letter)
 
@@ -662,13 +840,17 @@ def check_case(directory, name):
     gmeta, grads_c = read_safetensors(os.path.join(directory, name + ".grads.safetensors"))
     bmeta, data = read_safetensors(os.path.join(directory, name + ".batch.safetensors"))
     pattern = meta["pattern"]
-    routers = ", ".join(GATES[c][0] if c in GATES else "'%s'?" % c for c in pattern)
+    routers = " | ".join(", ".join(GATES[c][0] if c in GATES else "'%s'?" % c for c in stage)
+                         for stage in pattern.split("|"))
     label = "%-20s %-5s (%s)" % (name, pattern, routers)
     try:
         supported(meta)
         ref = run(meta, params, bmeta, data, acmoe_reading=False)
     except Unsupported as e:
         print("%s  FAIL  not covered: %s" % (label, e))
+        return False
+    except Mismatch as e:
+        print("%s  FAIL  %s" % (label, e))
         return False
     err, where = compare(data, grads_c, ref)
     ok = err <= TOLERANCE
@@ -678,6 +860,10 @@ def check_case(directory, name):
     if ref[3].seen:
         line += " [%s]" % ", ".join(sorted(ref[3].seen))
     print(line)
+    for bname, applies, _ in BACKBONES:
+        if applies(meta) and "backbone " + bname in DISAGREEMENTS:
+            print("    acmoe's backbone differs from the authors' (documented; the reference builds acmoe's): %s"
+                  % DISAGREEMENTS["backbone " + bname])
     differ = sorted(set(c for c in pattern if c in DISAGREEMENTS))
     if differ:
         alt_err, alt_where = compare(data, grads_c, run(meta, params, bmeta, data, acmoe_reading=True))

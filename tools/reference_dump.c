@@ -13,7 +13,7 @@
      NAME.batch.safetensors  the batch (tokens and targets, or patches and labels, as I32 and
                              F32), the logits and the loss of the forward call, in training
                              mode the standard normal draws of each noisy gate (noise.layers.N,
-                             [tokens][experts]), and in __metadata__ the case's name, routers
+                             [the layer's rows][experts]), and in __metadata__ the case's name, routers
                              and mode (train 1 or 0)
    The checked call runs in training mode unless the case says otherwise. acmoe.h does not
    hand out the gate noise it draws, so the draws are replayed here from a copy of the model's
@@ -36,10 +36,11 @@ typedef struct ref_case {
     int check_batch;   /* sequences of the checked batch (0: batch) */
     int experts, batch, seq; /* 0: EXPERTS, BATCH, SEQ */
     int eval;          /* the checked call in evaluation mode (no gate noise) */
+    int window;        /* > 0: the Swin backbone with windows of this side (seq a square grid) */
 } ref_case;
 
-/* Every router letter but 's', 'o', 'x' and 'e' (no reference gate yet), and not the Swin
-   backbone. */
+/* Every router letter but 's', 'o', 'x' and 'e' (no reference gate yet), on the transformer
+   and on the Swin backbone. */
 static const ref_case cases[] = {
     {.name = "lm_ggc", .pattern = "ggc", .routers = "SMoE, SMoE, AC"},
     {.name = "lm_gcc", .pattern = "gcc", .routers = "SMoE, AC, AC"},
@@ -80,6 +81,19 @@ static const ref_case cases[] = {
      .vision = 1, .pre_ln = 1, .activation = ACMOE_ACT_GELU, .batch = 8, .seq = 16, .eval = 1},
     {.name = "vit_ttw", .pattern = "ttw", .routers = "Swin-MoE, Swin-MoE, AC Swin-MoE; vision, training",
      .vision = 1, .pre_ln = 1, .activation = ACMOE_ACT_GELU, .batch = 8, .seq = 16},
+    /* The Swin backbone on 8 x 8 patches with windows of 2: stage 0 on the 8 x 8 grid, stage 1
+       on 4 x 4 (both with their second block shifted), a stage 2 on 2 x 2 (one window, no
+       shift) */
+    {.name = "swin_gt_tw", .pattern = "gt|tw", .routers = "SMoE, Swin-MoE | Swin-MoE, AC Swin-MoE; Swin, training",
+     .vision = 1, .pre_ln = 1, .activation = ACMOE_ACT_GELU, .batch = 8, .seq = 64, .window = 2},
+    {.name = "swin_gt_tw_eval", .pattern = "gt|tw",
+     .routers = "SMoE, Swin-MoE | Swin-MoE, AC Swin-MoE; Swin, evaluation", .vision = 1, .pre_ln = 1,
+     .activation = ACMOE_ACT_GELU, .batch = 8, .seq = 64, .window = 2, .eval = 1},
+    {.name = "swin_ff_nf", .pattern = "ff|nf", .routers = "dense, dense | Soft MoE, dense; Swin", .vision = 1,
+     .pre_ln = 1, .activation = ACMOE_ACT_GELU, .batch = 4, .seq = 64, .window = 2},
+    {.name = "swin_ff_na_tw", .pattern = "ff|na|tw",
+     .routers = "dense, dense | Soft MoE, AC Soft MoE | Swin-MoE, AC Swin-MoE; Swin, training", .vision = 1,
+     .pre_ln = 1, .activation = ACMOE_ACT_GELU, .batch = 4, .seq = 64, .window = 2},
 };
 
 enum { BATCH = 3, SEQ = 8, VOCAB = 32, D_MODEL = 16, HEADS = 2, D_FF = 24, EXPERTS = 4, TOP_K = 2 };
@@ -137,13 +151,12 @@ enum { MAX_NOISY = 4, MAX_EXPERTS = 16 };
 /* The standard normal draws of the checked call's noisy gates: the generator as it was before
    the call (replay), drawn layer by layer in order, each draw checked against the layer's noisy
    logits, logits + (gate_noise / E) z, bit for bit. Returns the number of noisy layers, or -1. */
-static int replay_noise(acmoe_lm *lm, acmoe_rng *replay, int n, float draws[][MAX_TOKENS * MAX_EXPERTS],
-                        int layer_of[]) {
+static int replay_noise(acmoe_lm *lm, acmoe_rng *replay, float draws[][MAX_TOKENS * MAX_EXPERTS], int layer_of[]) {
     int i, count = 0;
     size_t j;
     for (i = 0; i < lm->n_layers; i++) {
         const acmoe_moe *m = lm->blocks[i].moe;
-        const int e = m->d.n_experts;
+        const int e = m->d.n_experts, n = lm->blocks[i].n; /* a Swin stage has its own rows */
         const float deviation = m->d.gate_noise / (float)e;
         if (m->d.router_select != ACMOE_SELECT_PRIORITY || m->d.gate_noise == 0.0f || !m->training) continue;
         if (count == MAX_NOISY || e > MAX_EXPERTS) return -1;
@@ -225,6 +238,7 @@ static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
     d.activation = c->activation, d.pre_ln = c->pre_ln, d.untied_head = c->untied_head;
     d.seed = 7;
     d.moe.group = c->group;
+    d.window = c->window;
     if (c->vision) d.n_classes = CLASSES, d.patch_dim = PATCH_DIM;
     s = acmoe_lm_create(&lm, &d);
     if (s != ACMOE_OK) return fail("create", c->name, s);
@@ -254,7 +268,7 @@ static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
         replay = lm->rng;
         s = c->vision ? acmoe_lm_forward_patches(lm, ctx, patches, labels, batch, train, &loss)
                       : acmoe_lm_forward(lm, ctx, tokens, targets, batch, seq, train, &loss);
-        if (s == ACMOE_OK && step == TRAIN_STEPS && (noisy = replay_noise(lm, &replay, batch * seq, draws, layer_of)) < 0)
+        if (s == ACMOE_OK && step == TRAIN_STEPS && (noisy = replay_noise(lm, &replay, draws, layer_of)) < 0)
             s = ACMOE_ERR_ARG;
         n_logits = c->vision ? batch * CLASSES : batch * seq * VOCAB;
         /* the backward pass turns the logits into their gradients, in place */
@@ -289,7 +303,7 @@ static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
     for (i = 0; i < noisy; i++) {
         snprintf(noise_names[i], sizeof noise_names[i], "noise.layers.%d", layer_of[i]);
         t[4 + i].name = noise_names[i], t[4 + i].dtype = "F32", t[4 + i].ndim = 2, t[4 + i].data = draws[i];
-        t[4 + i].shape[0] = batch * seq, t[4 + i].shape[1] = lm->blocks[layer_of[i]].moe->d.n_experts;
+        t[4 + i].shape[0] = lm->blocks[layer_of[i]].n, t[4 + i].shape[1] = lm->blocks[layer_of[i]].moe->d.n_experts;
     }
     snprintf(meta, sizeof meta, "\"case\":\"%s\",\"pattern\":\"%s\",\"routers\":\"%s\",\"train\":\"%d\"", c->name,
              c->pattern, c->routers, !c->eval);
