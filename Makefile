@@ -13,7 +13,7 @@ TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers
             tests/test_hardening.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean
+.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean
 
 all: $(B)/tests $(B)/bench examples
 
@@ -105,17 +105,38 @@ test-sanitize: | $(B)
 	    $(WARN) $(TEST_SRC) -o $(B)/tests-sanitize $(LDLIBS)
 	ACMOE_TEST_QUICK=1 ./$(B)/tests-sanitize
 
-# The checkpoint reader under libFuzzer for FUZZ_SECONDS, from valid checkpoints of several
-# kinds of model. Needs clang (Debian's clang package has libFuzzer); inputs that crash are
-# left in build/ as crash-* files.
+# Every allocation of each allocating entry point failing in turn (the alloc_fail cases)
+# under AddressSanitizer with LeakSanitizer: ACMOE_ERR_NOMEM, and nothing left behind.
+test-leaks: | $(B)
+	$(CC) $(CSTD) -O1 -g -fsanitize=address -fno-omit-frame-pointer $(WARN) $(TEST_SRC) -o $(B)/tests-leaks $(LDLIBS)
+	ASAN_OPTIONS=detect_leaks=1 ./$(B)/tests-leaks alloc_fail
+
+# The suite under ThreadSanitizer (quick mode): the thread pool, the shared work queues of
+# attention and the experts, and everything that runs on them.
+test-tsan: | $(B)
+	clang $(CSTD) -O1 -g -fsanitize=thread $(WARN) $(TEST_SRC) -o $(B)/tests-tsan $(LDLIBS)
+	ACMOE_TEST_QUICK=1 TSAN_OPTIONS=halt_on_error=1 ./$(B)/tests-tsan
+
+# The library's readers under libFuzzer for FUZZ_SECONDS each: checkpoints (from valid ones
+# of a model of every router letter and a vision encoder; the target writes the right
+# checksum into each input, so mutations reach the header checks and the model, which must
+# then take a training pass) and corpora. Needs clang (Debian's clang package has libFuzzer);
+# inputs that crash are left in build/ as crash-* files.
 FUZZ_SECONDS ?= 60
 fuzz: | $(B)
-	clang $(CSTD) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(WARN) \
-	    tests/fuzz_checkpoint.c -o $(B)/fuzz_checkpoint $(LDLIBS)
-	$(CC) $(CSTD) -O1 $(WARN) -DFUZZ_SEEDS tests/fuzz_checkpoint.c -o $(B)/fuzz_seeds $(LDLIBS)
-	rm -rf $(B)/fuzz-corpus && mkdir -p $(B)/fuzz-corpus && ./$(B)/fuzz_seeds $(B)/fuzz-corpus
-	./$(B)/fuzz_checkpoint $(B)/fuzz-corpus -max_total_time=$(FUZZ_SECONDS) -max_len=32768 -timeout=10 \
+	$(call fuzz_reader,checkpoint,32768,-DFUZZ_PATCH_CRC)
+	$(call fuzz_reader,corpus,4096,)
+
+# tests/fuzz_$(1).c under libFuzzer, inputs up to $(2) bytes, built with $(3), from the seeds
+# its FUZZ_SEEDS build writes.
+define fuzz_reader
+	clang $(CSTD) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(WARN) $(3) \
+	    tests/fuzz_$(1).c -o $(B)/fuzz_$(1) $(LDLIBS)
+	$(CC) $(CSTD) -O1 $(WARN) -DFUZZ_SEEDS tests/fuzz_$(1).c -o $(B)/fuzz_$(1)-seeds $(LDLIBS)
+	rm -rf $(B)/fuzz-$(1)-corpus && mkdir -p $(B)/fuzz-$(1)-corpus && ./$(B)/fuzz_$(1)-seeds $(B)/fuzz-$(1)-corpus
+	./$(B)/fuzz_$(1) $(B)/fuzz-$(1)-corpus -max_total_time=$(FUZZ_SECONDS) -max_len=$(2) -timeout=10 \
 	    -artifact_prefix=$(B)/ -print_final_stats=1
+endef
 
 # The examples' flag parser (argv from NUL-separated bytes, both programs' flag tables) and
 # the digits CSV reader under libFuzzer, FUZZ_SECONDS each, from valid command lines (every
