@@ -5185,6 +5185,7 @@ static float acmoe__window_bias(const acmoe__block *B, int w, int i, int j, int 
 typedef struct acmoe__window_job {
     acmoe_lm *L;
     acmoe__block *B;
+    int backward;
 } acmoe__window_job;
 
 static int acmoe__windows_per_image(const acmoe__block *B) { return (B->grid / B->window) * (B->grid / B->window); }
@@ -5217,25 +5218,6 @@ static void acmoe__window_head(acmoe__block *B, const size_t *rows, int w, int h
     }
 }
 
-/* The windows split across threads, each window's heads on one thread. */
-static void acmoe__window_forward_job(void *arg, int tid, int n_threads) {
-    const acmoe__window_job *job = (const acmoe__window_job *)arg;
-    acmoe__block *B = job->B;
-    const int area = B->window * B->window, per = acmoe__windows_per_image(B), windows = job->L->batch * per;
-    size_t rows[ACMOE__MAX_WINDOW * ACMOE__MAX_WINDOW];
-    int w, h, i;
-    for (w = (int)((long)windows * tid / n_threads); w < (int)((long)windows * (tid + 1) / n_threads); w++) {
-        for (i = 0; i < area; i++) rows[i] = acmoe__window_row(B, w / per, w % per, i);
-        for (h = 0; h < B->heads; h++)
-            acmoe__window_head(B, rows, w % per, h, B->probs + ((size_t)w * B->heads + h) * area * area);
-    }
-}
-
-static void acmoe__window_attention(acmoe_ctx *ctx, acmoe_lm *L, acmoe__block *B) {
-    acmoe__window_job job;
-    job.L = L, job.B = B;
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__window_forward_job, &job);
-}
 
 /* One head of one window backward, from the output gradients in L->datt: the score
    gradients ds (kept for the bias gradient) and the head's q, k, v gradients, written. */
@@ -5262,7 +5244,8 @@ static void acmoe__window_head_backward(acmoe_lm *L, acmoe__block *B, const size
     }
 }
 
-static void acmoe__window_backward_job(void *arg, int tid, int n_threads) {
+/* The windows split across threads, each window's heads on one thread, forward or backward. */
+static void acmoe__window_job_run(void *arg, int tid, int n_threads) {
     const acmoe__window_job *job = (const acmoe__window_job *)arg;
     acmoe__block *B = job->B;
     const int area = B->window * B->window, per = acmoe__windows_per_image(B), windows = job->L->batch * per;
@@ -5272,9 +5255,16 @@ static void acmoe__window_backward_job(void *arg, int tid, int n_threads) {
         for (i = 0; i < area; i++) rows[i] = acmoe__window_row(B, w / per, w % per, i);
         for (h = 0; h < B->heads; h++) {
             const size_t at = ((size_t)w * B->heads + h) * area * area;
-            acmoe__window_head_backward(job->L, B, rows, h, B->probs + at, job->L->att_ds + at);
+            if (job->backward) acmoe__window_head_backward(job->L, B, rows, h, B->probs + at, job->L->att_ds + at);
+            else acmoe__window_head(B, rows, w % per, h, B->probs + at);
         }
     }
+}
+
+static void acmoe__window_attention(acmoe_ctx *ctx, acmoe_lm *L, acmoe__block *B) {
+    acmoe__window_job job;
+    job.L = L, job.B = B, job.backward = 0;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__window_job_run, &job);
 }
 
 /* The backward pass of the window attention: dqkv from datt, then the bias gradient summed
@@ -5283,8 +5273,8 @@ static void acmoe__window_attention_backward(acmoe_ctx *ctx, acmoe_lm *L, acmoe_
     const int area = B->window * B->window, windows = L->batch * acmoe__windows_per_image(B);
     acmoe__window_job job;
     int w, h, i, j;
-    job.L = L, job.B = B;
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__window_backward_job, &job);
+    job.L = L, job.B = B, job.backward = 1;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__window_job_run, &job);
     for (w = 0; w < windows; w++)
         for (h = 0; h < B->heads; h++) {
             const float *ds = L->att_ds + ((size_t)w * B->heads + h) * area * area;
