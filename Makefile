@@ -8,12 +8,16 @@ LDLIBS   := -lm -lpthread
 ARM_CC   ?= aarch64-linux-gnu-gcc
 QEMU_ARM ?= qemu-aarch64
 B        := build
+PREFIX   ?= /usr/local
+# MAJOR.MINOR.PATCH from acmoe.h's ACMOE_VERSION_* macros, for the pkg-config file.
+VERSION  := $(shell awk 'NF == 3 && $$2 ~ /^ACMOE_VERSION_(MAJOR|MINOR|PATCH)$$/ {v = v (v == "" ? "" : ".") $$3} END {print v}' acmoe.h)
 
 TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c \
             tests/test_hardening.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean
+.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
+        install uninstall test-install test-small-examples
 
 all: $(B)/tests $(B)/bench examples
 
@@ -26,8 +30,8 @@ $(B)/tests: $(TEST_SRC) $(TEST_HDR) | $(B)
 # The suite, the README's usage example, the header inside a C++ program, and smoke runs of
 # the training examples (tiny models, embedded text and drawn digits, the demos' patterns;
 # then every router's flags, checked in the options each layer reports (the runs' output is
-# in build/*-flags.log), and a bad value).
-test: test-readme test-cpp test-examples test-unit
+# in build/*-flags.log), and a bad value); the two short examples, and make install into build/.
+test: test-readme test-cpp test-examples test-small-examples test-install test-unit
 
 test-examples: $(B)/train_lm $(B)/train_vit
 	./$(B)/train_lm --data builtin --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
@@ -80,6 +84,40 @@ test-examples: $(B)/train_lm $(B)/train_vit
 	./$(B)/train_vit --data builtin --resume $(B)/resume-vit.safetensors > $(B)/resume-vit.log
 	grep -q "already at step 2" $(B)/resume-vit.log
 	./$(B)/train_vit --data builtin --resume $(B)/resume-vit.safetensors --patch 4 2>/dev/null; test $$? -eq 2
+
+# The two short examples that document the API (a tiny language model trained, saved, loaded
+# and sampled; two MoE layers and the AC router on raw arrays): exit status and a line each.
+test-small-examples: $(B)/tiny_lm $(B)/moe_layer
+	./$(B)/tiny_lm $(B)/tiny_lm.safetensors > $(B)/tiny_lm.log && cat $(B)/tiny_lm.log
+	grep -q "^held-out batch: loss .* after loading" $(B)/tiny_lm.log
+	grep -q "^generated: the cat " $(B)/tiny_lm.log
+	./$(B)/moe_layer > $(B)/moe_layer.log && cat $(B)/moe_layer.log
+	grep -q "^AC layer: 4 clusters from the SMoE layer's labels" $(B)/moe_layer.log
+
+# make install into a scratch DESTDIR, a program built there with what pkg-config gives for
+# acmoe (PKG_CONFIG_SYSROOT_DIR maps the installed paths into DESTDIR) and run, then make
+# uninstall, which must leave neither file. Without pkg-config it says so and checks the files.
+INSTALL_TEST := $(CURDIR)/$(B)/install-test
+test-install: | $(B)
+	rm -rf $(INSTALL_TEST)
+	$(MAKE) --no-print-directory install DESTDIR=$(INSTALL_TEST)
+	cmp acmoe.h $(INSTALL_TEST)$(PREFIX)/include/acmoe.h
+	grep -qx "Version: $(VERSION)" $(INSTALL_TEST)$(PREFIX)/lib/pkgconfig/acmoe.pc
+	@if ! command -v pkg-config >/dev/null 2>&1; then \
+	    echo "test-install: pkg-config not installed, the build against the installed header skipped"; else \
+	    set -e; export PKG_CONFIG_PATH=$(INSTALL_TEST)$(PREFIX)/lib/pkgconfig PKG_CONFIG_SYSROOT_DIR=$(INSTALL_TEST); \
+	    printf '%s\n' '#define ACMOE_IMPLEMENTATION' '#include <acmoe.h>' '#include <stdio.h>' \
+	        'int main(void) {' '    acmoe_ctx *ctx;' '    acmoe_status s = acmoe_ctx_create(&ctx, NULL);' \
+	        '    printf("installed acmoe %d.%d.%d: %s\n", ACMOE_VERSION_MAJOR, ACMOE_VERSION_MINOR,' \
+	        '           ACMOE_VERSION_PATCH, acmoe_status_string(s));' \
+	        '    if (s != ACMOE_OK) return 1;' '    acmoe_ctx_destroy(ctx);' '    return 0;' '}' \
+	        > $(B)/install_example.c; \
+	    echo "flags: $$(pkg-config --cflags --libs acmoe)"; \
+	    $(CC) $(CSTD) $(CFLAGS) $(WARN) $(B)/install_example.c -o $(B)/install_example $$(pkg-config --cflags --libs acmoe); \
+	    ./$(B)/install_example > $(B)/install_example.log; cat $(B)/install_example.log; \
+	    grep -qx "installed acmoe $(VERSION): ok" $(B)/install_example.log; fi
+	$(MAKE) --no-print-directory uninstall DESTDIR=$(INSTALL_TEST)
+	test ! -e $(INSTALL_TEST)$(PREFIX)/include/acmoe.h && test ! -e $(INSTALL_TEST)$(PREFIX)/lib/pkgconfig/acmoe.pc
 
 test-unit: $(B)/tests
 	./$(B)/tests
@@ -234,6 +272,18 @@ demo-vision: $(B)/train_vit data/digits.csv
 	    echo "demo-vision: no $$data; training on drawn digits instead (--data builtin)"; data=builtin; fi; \
 	    set -x; ./$(B)/train_vit --data $$data --compare ggg,ggc,gmm,gma --seeds 3 $(DEMO_FLAGS)
 
+# make install [PREFIX=/usr/local] [DESTDIR=]: the header into $(PREFIX)/include and a
+# pkg-config file, acmoe.pc, into $(PREFIX)/lib/pkgconfig; make uninstall removes both.
+install:
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 644 acmoe.h $(DESTDIR)$(PREFIX)/include/acmoe.h
+	printf '%s\n' 'prefix=$(PREFIX)' 'includedir=$${prefix}/include' '' 'Name: acmoe' \
+	    'Description: Mixture-of-Experts on the CPU with the Adaptive Clustering router (single header)' \
+	    'Version: $(VERSION)' 'Libs: -lm -lpthread' 'Cflags: -I$${includedir}' \
+	    > $(DESTDIR)$(PREFIX)/lib/pkgconfig/acmoe.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/include/acmoe.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/acmoe.pc
 
 clean:
 	rm -rf $(B)
