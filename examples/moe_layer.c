@@ -64,8 +64,8 @@ int main(void) {
     for (i = 0; i < 4; i++)
         printf("%5d  %d %d           -> %d %d (%.3f %.3f)\n", i, s1.expert_index[i * K], s1.expert_index[i * K + 1],
                s2.expert_index[i * K], s2.expert_index[i * K + 1], s2.gate[i * K], s2.gate[i * K + 1]);
-    printf("AC layer: %d clusters from the SMoE layer's labels, feature weights mean %.2f, max %.2f\n",
-           s2.ac_clusters, s2.ac_w_mean, s2.ac_w_max);
+    printf("AC layer: %d clusters from the SMoE layer's labels, feature weights mean %.2f, max %.2f\n", s2.ac_clusters,
+           s2.ac_w_mean, s2.ac_w_max);
 
     /* Backward for the loss sum(out^2) / 2, whose gradient is out itself: the AC layer first,
        its input gradient dh then through the SMoE layer plus the residual's dh. Parameter
