@@ -5778,7 +5778,7 @@ static int acmoe__optim_valid(const acmoe_optim_desc *o) {
 ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
     acmoe_optim_desc o = acmoe__optim_resolve(in);
     double progress;
-    if (step < o.warmup_steps) return (float)((double)o.lr * ((double)step + 1.0) / (double)o.warmup_steps);
+    if (step < o.warmup_steps) return o.lr * (float)(step + 1) / (float)o.warmup_steps; /* step + 1 fits: an int */
     if (o.schedule != ACMOE_SCHEDULE_COSINE || o.total_steps <= o.warmup_steps) return o.lr;
     progress = ACMOE__MIN(1.0, ((double)step - o.warmup_steps) / ((double)o.total_steps - o.warmup_steps));
     return o.min_lr + 0.5f * (o.lr - o.min_lr) * (float)(1.0 + cos(3.141592653589793 * progress));
