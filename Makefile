@@ -155,6 +155,17 @@ test-tsan: | $(B)
 	clang $(CSTD) -O1 -g -fsanitize=thread $(WARN) $(TEST_SRC) -o $(B)/tests-tsan $(LDLIBS)
 	ACMOE_TEST_QUICK=1 TSAN_OPTIONS=halt_on_error=1 ./$(B)/tests-tsan
 
+# The suite under Valgrind's memcheck (quick mode), less the matmul cases that check large
+# products against a double-precision reference (a quarter of an hour under Valgrind; the
+# sanitizers run them). Valgrind has no AVX-512, so the build leaves it out. Blocks that a
+# forked test child inherits are only "possibly lost" (aligned blocks are held by interior
+# pointers), so the errors are definite leaks.
+VALGRIND_SKIP := -matmul_model_shapes -matmul_random_shapes -matmul_thread_determinism
+test-valgrind: | $(B)
+	$(CC) $(CSTD) -O1 -g -DACMOE_NO_AVX512 $(WARN) $(TEST_SRC) -o $(B)/tests-valgrind $(LDLIBS)
+	ACMOE_TEST_QUICK=1 valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+	    --show-leak-kinds=definite ./$(B)/tests-valgrind $(VALGRIND_SKIP)
+
 # The library's readers under libFuzzer for FUZZ_SECONDS each: checkpoints (from valid ones
 # of a model of every router letter and a vision encoder; the target writes the right
 # checksum into each input, so mutations reach the header checks and the model, which must

@@ -1,5 +1,6 @@
 /* Runs every test case and ends with the line "N passed, N failed". Arguments are
-   substrings: when given, only cases whose name contains one of them run. */
+   substrings: when given, only cases whose name contains one of them run; an argument
+   -SUBSTRING leaves out the cases whose name contains SUBSTRING. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,11 +12,14 @@ static const test_case *const suites[] = {foundation_tests, internal_tests, rout
                                           hardening_tests};
 
 static int selected(const char *name, int argc, char **argv) {
-    int i;
-    if (argc < 2) return 1;
+    int i, wanted = 1;
     for (i = 1; i < argc; i++)
-        if (strstr(name, argv[i])) return 1;
-    return 0;
+        if (argv[i][0] != '-') wanted = 0; /* named cases only */
+    for (i = 1; i < argc; i++) {
+        if (argv[i][0] == '-' && strstr(name, argv[i] + 1)) return 0;
+        if (argv[i][0] != '-' && strstr(name, argv[i])) wanted = 1;
+    }
+    return wanted;
 }
 
 int main(int argc, char **argv) {
