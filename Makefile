@@ -281,7 +281,7 @@ demo: $(B)/train_lm data/fortunes.txt
 demo-vision: $(B)/train_vit data/digits.csv
 	@data=data/digits.csv; if [ ! -f $$data ]; then \
 	    echo "demo-vision: no $$data; training on drawn digits instead (--data builtin)"; data=builtin; fi; \
-	    set -x; ./$(B)/train_vit --data $$data --compare ggg,ggc,gmm,gma --seeds 3 $(DEMO_FLAGS)
+	    set -x; ./$(B)/train_vit --data $$data --compare ggg,ggc,gnn,gna --seeds 3 $(DEMO_FLAGS)
 
 # make install [PREFIX=/usr/local] [DESTDIR=]: the header into $(PREFIX)/include and a
 # pkg-config file, acmoe.pc, into $(PREFIX)/lib/pkgconfig; make uninstall removes both.
