@@ -699,11 +699,13 @@ ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *lm);
 #include <string.h>
 
 #if defined(__unix__) || defined(__APPLE__)
-#define ACMOE__POSIX_FILES /* checkpoints replace files atomically and durably */
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#if defined(O_CLOEXEC) && defined(O_NOFOLLOW) && defined(O_DIRECTORY) /* POSIX 2008 is visible */
+#define ACMOE__POSIX_FILES /* checkpoints replace files atomically and durably */
+#endif
 #endif
 
 #ifndef ACMOE_ASSERT
