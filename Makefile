@@ -225,6 +225,12 @@ bench-pytorch:
 	$(PYTHON) bench/pytorch_peer.py --threads 1
 	$(PYTHON) bench/pytorch_peer.py --threads 2
 
+# docs/performance.md from one run of the bench and, where $(PYTHON) has PyTorch, of its peer
+# (raw outputs in build/perf/; tools/perf_doc.sh LOG... rewrites it from saved ones).
+.PHONY: docs
+docs:
+	CC="$(CC)" CFLAGS="$(CFLAGS)" PYTHON="$(PYTHON)" MAKE="$(MAKE)" sh tools/perf_doc.sh
+
 # The whole model against PyTorch: tools/reference_dump.c saves small models of each router
 # pattern with a batch, its logits, loss and gradients; tools/reference_check.py rebuilds them
 # in float64 with the routers of the authors' code and wants every tensor within 1e-4
