@@ -450,6 +450,12 @@ ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer);
 /* Frozen, the AC router keeps the weights W of the last unfrozen forward call instead of
    measuring the batch: for decoding a token at a time, where one token has no dispersion. */
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen);
+/* The AC weights W [*rows][d_model] the layer routes with: those of the last unfrozen forward
+   call, or of acmoe_moe_set_ac_weights. NULL before either, and for a layer without AC input. */
+ACMOE_API const float *acmoe_moe_ac_weights(const acmoe_moe *layer, int *rows);
+/* Gives an AC layer the weights W [rows][d_model] (1 <= rows <= ac_max_clusters, finite and
+   positive), as a checkpoint restores them, so that a frozen layer routes with them. */
+ACMOE_API acmoe_status acmoe_moe_set_ac_weights(acmoe_moe *layer, const float *w, int rows);
 /* Training mode: each forward call draws the gate noise (gate_noise) from *noise, which must
    outlive the calls; evaluation mode (train 0, the default) has none. A model sets it for
    each of its calls, with its own generator. */
@@ -593,6 +599,55 @@ ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *opt, long step);
 ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_optim_desc *opt, float *norm);
 ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
 
+/* ---- Options by name ----
+   Every option of a model and of its optimizer, listed once: the checkpoint metadata, the
+   range checks of acmoe_lm_create and the examples' command-line flags all read this table.
+   Enum values have names ("relu", "per-feature", ...); acmoe_enum_name and acmoe_enum_value
+   map between the two. */
+typedef enum acmoe_enum {
+    ACMOE_ENUM_ACTIVATION = 0, /* acmoe_activation: relu gelu swiglu */
+    ACMOE_ENUM_AC_SCALING,     /* acmoe_ac_scaling: default per-feature preclip postclip */
+    ACMOE_ENUM_AC_DISPERSION,  /* acmoe_ac_dispersion: default mad variance */
+    ACMOE_ENUM_GROUP,          /* acmoe_group: default batch sequence position */
+    ACMOE_ENUM_SOFT_INPUT,     /* acmoe_soft_input: raw normalized */
+    ACMOE_ENUM_ROUTER_INPUT,   /* acmoe_router_input: token projected ac */
+    ACMOE_ENUM_ROUTER_SCORE,   /* acmoe_router_score: linear cosine slot */
+    ACMOE_ENUM_ROUTER_SELECT,  /* acmoe_router_select: topk switch usmoe expert-choice soft priority */
+    ACMOE_ENUM_SCHEDULE,       /* acmoe_schedule: constant cosine */
+    ACMOE_ENUM_COUNT
+} acmoe_enum;
+
+ACMOE_API const char *acmoe_enum_name(acmoe_enum kind, int value); /* NULL outside the enum */
+ACMOE_API int acmoe_enum_value(acmoe_enum kind, const char *name);  /* -1 for no such name */
+/* The router a pattern letter stands for ("SMoE", "AC", "Soft MoE (paper)", "dense" for 'f'),
+   NULL for no router letter. */
+ACMOE_API const char *acmoe_router_name(char letter);
+
+typedef enum acmoe_option_type { ACMOE_OPTION_INT = 0, ACMOE_OPTION_FLOAT, ACMOE_OPTION_ENUM } acmoe_option_type;
+
+typedef struct acmoe_option {
+    const char *key;        /* its name in checkpoints, e.g. "moe.ac.eps" */
+    const char *flag;       /* its command-line name without "--", e.g. "ac-eps"; NULL for none */
+    acmoe_option_type type; /* an int, a float, or an enum of kind names */
+    acmoe_enum names;
+    size_t offset;          /* of the field in its descriptor */
+    double min, max;        /* the values it takes (0 means the default where it has one) */
+    int since;              /* the first checkpoint format that stores it */
+    const char *help;
+} acmoe_option;
+
+/* The options of acmoe_lm_desc (sizes, MoE and AC options; pattern and seed are not in the
+   table) and of acmoe_optim_desc; *count gets their number. */
+ACMOE_API const acmoe_option *acmoe_model_options(int *count);
+ACMOE_API const acmoe_option *acmoe_optim_options(int *count);
+/* Sets the option in desc (an acmoe_lm_desc or acmoe_optim_desc, as its table says) from
+   text: a number within the range, or an enum value's name. ACMOE_ERR_ARG, desc unchanged,
+   for anything else. */
+ACMOE_API acmoe_status acmoe_option_set(const acmoe_option *option, void *desc, const char *text);
+/* Writes the option's value in desc as acmoe_option_set reads it (an enum by name, a float
+   with 9 significant digits); the length, as snprintf. */
+ACMOE_API int acmoe_option_format(const acmoe_option *option, const void *desc, char *text, size_t cap);
+
 /* ---- Checkpoints ----
    safetensors: an 8-byte little-endian header length, a JSON header naming each tensor
    (dtype F32, shape, data_offsets) with the model configuration, the step, the dropout
@@ -611,6 +666,10 @@ ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
    ACMOE_ERR_FORMAT. The metadata's format is "acmoe-lm-3"; files of format "acmoe-lm-2"
    (no checksum or training options) still load, earlier ones are refused. */
 ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path);
+/* The weights alone (with the configuration and the AC weights; no Adam moments): a file for
+   inference or for other tools, about a third of a full one. It loads with acmoe_lm_load;
+   training from it starts with fresh Adam moments. */
+ACMOE_API acmoe_status acmoe_lm_save_weights(const acmoe_lm *lm, const char *path);
 ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path);
 
 /* ---- Data and training loop ----
@@ -2693,7 +2752,9 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
         !acmoe__valid_enum((int)d.soft_input, ACMOE_SOFT_INPUT_COUNT) || d.mix_k < 1 ||
         !acmoe__valid_enum((int)d.activation, ACMOE_ACT_COUNT))
         return ACMOE_ERR_ARG;
-    if (!(d.capacity >= 0.0f && d.capacity <= 1e4f) || !(d.usmoe_budget > 0.0f && d.usmoe_budget <= (float)d.n_experts) ||
+    if (!(d.capacity >= 0.0f && d.capacity <= 1e4f) ||
+        !(d.usmoe_budget >= 0.0f) ||
+        (d.router_select == ACMOE_SELECT_USMOE && !(d.usmoe_budget > 0.0f && d.usmoe_budget <= (float)d.n_experts)) ||
         !(d.usmoe_rho >= 0.0f && d.usmoe_rho <= 1.0f) || !(d.balance_alpha >= 0.0f && d.balance_alpha < 1e6f) ||
         !(d.balance_temperature > 0.0f && d.balance_temperature < 1e6f) || !(d.z_loss >= 0.0f && d.z_loss < 1e6f) ||
         !(d.gate_noise >= 0.0f && d.gate_noise < 1e6f) || !(d.importance_loss >= 0.0f && d.importance_loss < 1e6f) ||
@@ -2965,6 +3026,26 @@ ACMOE_API void acmoe_moe_set_training(acmoe_moe *layer, int train, acmoe_rng *no
 
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen) {
     if (layer) layer->ac_frozen = frozen != 0;
+}
+
+ACMOE_API const float *acmoe_moe_ac_weights(const acmoe_moe *layer, int *rows) {
+    if (rows) *rows = 0;
+    if (!layer || layer->d.router_input != ACMOE_INPUT_AC || !layer->ac_ready) return NULL;
+    if (rows) *rows = layer->ac_rows;
+    return layer->ac_w;
+}
+
+ACMOE_API acmoe_status acmoe_moe_set_ac_weights(acmoe_moe *layer, const float *w, int rows) {
+    const size_t count = (size_t)rows * (size_t)(layer ? layer->d.d_model : 0);
+    size_t i;
+    if (!layer || !w) return ACMOE_ERR_NULL;
+    if (layer->d.router_input != ACMOE_INPUT_AC || rows < 1 || rows > layer->d.ac_max_clusters) return ACMOE_ERR_ARG;
+    for (i = 0; i < count; i++)
+        if (!(w[i] > 0.0f && w[i] < INFINITY)) return ACMOE_ERR_NONFINITE;
+    memcpy(layer->ac_w, w, count * sizeof(float));
+    layer->ac_rows = rows;
+    layer->ac_ready = 1;
+    return ACMOE_OK;
 }
 
 /* Adds the time since *mark to *total and moves the mark (no-op without a context clock). */
@@ -4582,6 +4663,218 @@ typedef struct acmoe__merge {
 #define ACMOE__MAX_STAGES 8
 #define ACMOE__MAX_WINDOW 16 /* Swin's window side: a window's rows fit on the stack */
 
+/* ---- options by name: the one table of every option ---- */
+
+static const char *const acmoe__enum_names[ACMOE_ENUM_COUNT][7] = {
+    {"relu", "gelu", "swiglu", NULL},
+    {"default", "per-feature", "preclip", "postclip", NULL},
+    {"default", "mad", "variance", NULL},
+    {"default", "batch", "sequence", "position", NULL},
+    {"raw", "normalized", NULL},
+    {"token", "projected", "ac", NULL},
+    {"linear", "cosine", "slot", NULL},
+    {"topk", "switch", "usmoe", "expert-choice", "soft", "priority", NULL},
+    {"constant", "cosine", NULL},
+};
+
+static int acmoe__enum_count(acmoe_enum kind) {
+    int n = 0;
+    while (acmoe__enum_names[kind][n]) n++;
+    return n;
+}
+
+ACMOE_API const char *acmoe_enum_name(acmoe_enum kind, int value) {
+    if ((int)kind < 0 || kind >= ACMOE_ENUM_COUNT || value < 0 || value >= acmoe__enum_count(kind)) return NULL;
+    return acmoe__enum_names[kind][value];
+}
+
+ACMOE_API int acmoe_enum_value(acmoe_enum kind, const char *name) {
+    int i;
+    if ((int)kind < 0 || kind >= ACMOE_ENUM_COUNT || !name) return -1;
+    for (i = 0; acmoe__enum_names[kind][i]; i++)
+        if (!strcmp(acmoe__enum_names[kind][i], name)) return i;
+    return -1;
+}
+
+ACMOE_API const char *acmoe_router_name(char letter) {
+    static const char letters[] = "gsobxcuetwmnaf";
+    static const char *const names[] = {"SMoE",     "Switch",   "cosine",      "StableMoE", "XMoE",
+                                        "AC",       "USMoE",    "expert choice", "Swin-MoE", "AC Swin-MoE",
+                                        "Soft MoE", "Soft MoE (paper)", "AC Soft MoE", "dense"};
+    const char *at = letter ? strchr(letters, letter) : NULL;
+    return at ? names[at - letters] : NULL;
+}
+
+#define ACMOE__W (1 << 20) /* the widest layer, the most tokens (acmoe__lm_sizes_fit has the joint limits) */
+#define ACMOE__OPTION(key, flag, type, names, owner, member, low, high, since, help) \
+    {key, flag, ACMOE_OPTION_##type, ACMOE_ENUM_##names, offsetof(owner, member), low, high, since, help}
+#define ACMOE__MODEL(key, flag, type, names, member, low, high, since, help) \
+    ACMOE__OPTION(key, flag, type, names, acmoe_lm_desc, member, low, high, since, help)
+#define ACMOE__OPTIM(key, flag, type, names, member, low, high, help) \
+    ACMOE__OPTION(key, flag, type, names, acmoe_optim_desc, member, low, high, 3, help)
+
+static const acmoe_option acmoe__model_options[] = {
+    ACMOE__MODEL("vocab", NULL, INT, COUNT, vocab, 0, 1 << 24, 2, "token ids (0: 256, bytes)"),
+    ACMOE__MODEL("d_model", "d-model", INT, COUNT, d_model, 1, ACMOE__W, 2, "model width"),
+    ACMOE__MODEL("n_heads", "heads", INT, COUNT, n_heads, 1, ACMOE__W, 2, "attention heads, a divisor of the width"),
+    ACMOE__MODEL("seq_len", "seq", INT, COUNT, seq_len, 1, ACMOE__W, 2, "context length (patches of an image)"),
+    ACMOE__MODEL("batch", "batch", INT, COUNT, batch, 0, ACMOE__W, 2, "sequences per step (0: 1)"),
+    ACMOE__MODEL("d_ff", "d-ff", INT, COUNT, d_ff, 0, ACMOE__W, 2, "expert hidden width (0: the model width)"),
+    ACMOE__MODEL("n_experts", "experts", INT, COUNT, n_experts, 0, ACMOE__W, 2, "experts per MoE layer (0: 16)"),
+    ACMOE__MODEL("top_k", "top-k", INT, COUNT, top_k, 0, ACMOE__W, 2, "experts per token (0: 2)"),
+    ACMOE__MODEL("activation", "activation", ENUM, ACTIVATION, activation, 0, ACMOE_ACT_COUNT - 1, 2,
+                 "expert activation: relu (the paper), gelu or swiglu"),
+    ACMOE__MODEL("pre_ln", "pre-ln", INT, COUNT, pre_ln, 0, 1, 2, "1: pre-LN blocks; 0: post-LN as in the paper"),
+    ACMOE__MODEL("untied_head", "untied-head", INT, COUNT, untied_head, 0, 1, 2,
+                 "1: an output head of its own; 0: the token embedding"),
+    ACMOE__MODEL("dropout", "dropout", FLOAT, COUNT, dropout, 0, 0.99, 2, "dropout on attention and FFN outputs"),
+    ACMOE__MODEL("moe.proj_dim", "proj-dim", INT, COUNT, moe.proj_dim, 0, ACMOE__W, 2,
+                 "XMoE: width of the router's projection (0: 8)"),
+    ACMOE__MODEL("moe.capacity", "capacity", FLOAT, COUNT, moe.capacity, 0, 1e4, 2,
+                 "expert capacity factor with token dropping (0: no limit, or the router's own)"),
+    ACMOE__MODEL("moe.usmoe_budget", "usmoe-budget", FLOAT, COUNT, moe.usmoe_budget, 0, ACMOE__W, 2,
+                 "USMoE: (token, expert) pairs per token of a group, at most the experts (0: top-k)"),
+    ACMOE__MODEL("moe.usmoe_rho", "usmoe-rho", FLOAT, COUNT, moe.usmoe_rho, 0, 1, 2,
+                 "USMoE: share of the sigmoid score (0: 0.5)"),
+    ACMOE__MODEL("moe.group", "usmoe-group", ENUM, GROUP, moe.group, 0, ACMOE_GROUP_COUNT - 1, 2,
+                 "USMoE: the tokens sharing a budget: the call (batch), each sequence, or each position "
+                 "(causal; the default)"),
+    ACMOE__MODEL("moe.seq_len", NULL, INT, COUNT, moe.seq_len, 0, ACMOE__W, 2, "the model's seq_len, or 0"),
+    ACMOE__MODEL("moe.soft_slots", "soft-slots", INT, COUNT, moe.soft_slots, 0, ACMOE__W, 2,
+                 "Soft MoE: slots per expert and group (0: 1)"),
+    ACMOE__MODEL("moe.balance_alpha", "balance-alpha", FLOAT, COUNT, moe.balance_alpha, 0, 1e5, 2,
+                 "Switch load-balancing loss weight (0: off, as in the paper)"),
+    ACMOE__MODEL("moe.balance_temperature", "balance-temp", FLOAT, COUNT, moe.balance_temperature, 0, 1e5, 2,
+                 "temperature of the balance loss's softmax (0: 1)"),
+    ACMOE__MODEL("moe.z_loss", "z-loss", FLOAT, COUNT, moe.z_loss, 0, 1e5, 2, "router z-loss weight (0: off)"),
+    ACMOE__MODEL("moe.ac_max_clusters", NULL, INT, COUNT, moe.ac_max_clusters, 0, ACMOE__W, 2,
+                 "AC: labels below this (0: the experts)"),
+    ACMOE__MODEL("moe.ac_weight_experts", "ac-experts", INT, COUNT, moe.ac_weight_experts, 0, 1, 2,
+                 "AC ('c' layers): 1: the experts see the weighted input too"),
+    ACMOE__MODEL("moe.ac_mix_labels", NULL, INT, COUNT, moe.ac_mix_labels, 0, 1, 2,
+                 "AC: a token's weights mix its previous experts' rows"),
+    ACMOE__MODEL("moe.ac.eps", "ac-eps", FLOAT, COUNT, moe.ac.eps, 0, 1e6, 2,
+                 "AC ('c' layers): added to the dispersion (0: 1e-4 for mad, 0.1 for variance)"),
+    ACMOE__MODEL("moe.ac.clip", "ac-clip", FLOAT, COUNT, moe.ac.clip, 0, 1e6, 2,
+                 "AC ('c' layers): weights clipped at this multiple of their mean (0: 10)"),
+    ACMOE__MODEL("moe.ac.scaling", "ac-scaling", ENUM, AC_SCALING, moe.ac.scaling, 0, 3, 2,
+                 "AC ('c' layers): weights divided by their mean per feature (per-feature, the default), or by "
+                 "their mean before (preclip) or after (postclip) clipping"),
+    ACMOE__MODEL("moe.ac.dispersion", "ac-dispersion", ENUM, AC_DISPERSION, moe.ac.dispersion, 0, 2, 2,
+                 "AC ('c' layers): mad (the paper, the default), or variance (weights neither clipped nor scaled)"),
+    ACMOE__MODEL("moe.ac.robust", "ac-robust", INT, COUNT, moe.ac.robust, 0, 1, 2,
+                 "1: AC weights leave out clusters of 0 or 1 tokens (not the paper's); 0: as the paper"),
+    ACMOE__MODEL("n_classes", NULL, INT, COUNT, n_classes, 0, ACMOE__W, 2, "vision encoder: classes (0: a language model)"),
+    ACMOE__MODEL("patch_dim", NULL, INT, COUNT, patch_dim, 0, ACMOE__W, 2, "vision encoder: floats per patch"),
+    ACMOE__MODEL("moe.soft_input", NULL, ENUM, SOFT_INPUT, moe.soft_input, 0, ACMOE_SOFT_INPUT_COUNT - 1, 3,
+                 "Soft MoE: what the slots mix"),
+    ACMOE__MODEL("moe.mix_k", NULL, INT, COUNT, moe.mix_k, 0, ACMOE__W, 3,
+                 "Soft MoE: the slots each token reports to the next layer (0: 8)"),
+    ACMOE__MODEL("moe.no_router_bias", NULL, INT, COUNT, moe.no_router_bias, 0, 1, 3, "linear score without bias"),
+    ACMOE__MODEL("moe.no_reprojection", NULL, INT, COUNT, moe.no_reprojection, 0, 1, 3,
+                 "cosine score: embeddings keep their norm"),
+    ACMOE__MODEL("moe.gate_noise", NULL, FLOAT, COUNT, moe.gate_noise, 0, 1e5, 3,
+                 "priority selection: gate noise deviation times the experts, in training"),
+    ACMOE__MODEL("moe.importance_loss", NULL, FLOAT, COUNT, moe.importance_loss, 0, 1e5, 3,
+                 "weight of the load and importance loss"),
+    ACMOE__MODEL("window", "window", INT, COUNT, window, 0, ACMOE__MAX_WINDOW, 3,
+                 "vision encoder: Swin windows of this side, stages split by '|' in the pattern (0: global "
+                 "attention)"),
+};
+
+static const acmoe_option acmoe__optim_options[] = {
+    ACMOE__OPTIM("optim.lr", "lr", FLOAT, COUNT, lr, 0, 10, "peak learning rate (0: 7e-4)"),
+    ACMOE__OPTIM("optim.beta1", NULL, FLOAT, COUNT, beta1, 0, 0.9999999, "Adam beta1 (0: 0.9)"),
+    ACMOE__OPTIM("optim.beta2", NULL, FLOAT, COUNT, beta2, 0, 0.9999999, "Adam beta2 (0: 0.999)"),
+    ACMOE__OPTIM("optim.eps", NULL, FLOAT, COUNT, eps, 0, 1, "Adam epsilon (0: 1e-8)"),
+    ACMOE__OPTIM("optim.weight_decay", "weight-decay", FLOAT, COUNT, weight_decay, 0, 1000,
+                 "AdamW decay of weights (not biases or norms)"),
+    ACMOE__OPTIM("optim.clip_norm", "clip", FLOAT, COUNT, clip_norm, 0, 1e6, "gradient clipping by global norm (0: off)"),
+    ACMOE__OPTIM("optim.warmup_steps", "warmup", INT, COUNT, warmup_steps, 0, INT_MAX, "linear warmup steps (0: none)"),
+    ACMOE__OPTIM("optim.schedule", "schedule", ENUM, SCHEDULE, schedule, 0, ACMOE_SCHEDULE_COUNT - 1,
+                 "after warmup: constant (the reference) or cosine to the final learning rate"),
+    ACMOE__OPTIM("optim.total_steps", NULL, INT, COUNT, total_steps, 0, INT_MAX, "the cosine schedule's length"),
+    ACMOE__OPTIM("optim.min_lr", "min-lr", FLOAT, COUNT, min_lr, 0, 10, "final learning rate of the cosine schedule"),
+    ACMOE__OPTIM("optim.sgd", NULL, INT, COUNT, sgd, 0, 1, "1: plain SGD instead of AdamW"),
+};
+#define ACMOE__N_MODEL_OPTIONS ((int)(sizeof acmoe__model_options / sizeof acmoe__model_options[0]))
+#define ACMOE__N_OPTIM_OPTIONS ((int)(sizeof acmoe__optim_options / sizeof acmoe__optim_options[0]))
+
+ACMOE_API const acmoe_option *acmoe_model_options(int *count) {
+    if (count) *count = ACMOE__N_MODEL_OPTIONS;
+    return acmoe__model_options;
+}
+
+ACMOE_API const acmoe_option *acmoe_optim_options(int *count) {
+    if (count) *count = ACMOE__N_OPTIM_OPTIONS;
+    return acmoe__optim_options;
+}
+
+/* Whether value is one the option takes. */
+static int acmoe__option_fits(const acmoe_option *o, double value) {
+    return value >= o->min && value <= o->max && (o->type == ACMOE_OPTION_FLOAT || value == floor(value));
+}
+
+ACMOE_API acmoe_status acmoe_option_set(const acmoe_option *o, void *desc, const char *text) {
+    char *field, *end;
+    double value;
+    if (!o || !desc || !text) return ACMOE_ERR_NULL;
+    field = (char *)desc + o->offset;
+    if (o->type == ACMOE_OPTION_ENUM) {
+        const int v = acmoe_enum_value(o->names, text);
+        if (v < 0 || !acmoe__option_fits(o, v)) return ACMOE_ERR_ARG;
+        memcpy(field, &v, sizeof v);
+        return ACMOE_OK;
+    }
+    value = strtod(text, &end);
+    if (!*text || *end || !isfinite(value) || !acmoe__option_fits(o, value)) return ACMOE_ERR_ARG;
+    if (o->type == ACMOE_OPTION_INT) {
+        const int v = (int)value;
+        memcpy(field, &v, sizeof v);
+    } else {
+        const float v = (float)value;
+        memcpy(field, &v, sizeof v);
+    }
+    return ACMOE_OK;
+}
+
+ACMOE_API int acmoe_option_format(const acmoe_option *o, const void *desc, char *text, size_t cap) {
+    const char *field;
+    const char *name;
+    int i;
+    float f;
+    if (!o || !desc) return -1;
+    field = (const char *)desc + o->offset;
+    if (o->type == ACMOE_OPTION_FLOAT) {
+        memcpy(&f, field, sizeof f);
+        return snprintf(text, cap, "%.9g", (double)f);
+    }
+    memcpy(&i, field, sizeof i);
+    name = o->type == ACMOE_OPTION_ENUM ? acmoe_enum_name(o->names, i) : NULL;
+    return name ? snprintf(text, cap, "%s", name) : snprintf(text, cap, "%d", i);
+}
+
+/* Whether every option of the table has a value it takes in desc. */
+static int acmoe__options_fit(const acmoe_option *options, int count, const void *desc) {
+    int i;
+    for (i = 0; i < count; i++) {
+        const char *field = (const char *)desc + options[i].offset;
+        double value;
+        if (options[i].type == ACMOE_OPTION_FLOAT) {
+            float f;
+            memcpy(&f, field, sizeof f);
+            value = f;
+        } else {
+            int v;
+            memcpy(&v, field, sizeof v);
+            value = v;
+        }
+        if (!acmoe__option_fits(&options[i], value)) return 0;
+    }
+    return 1;
+}
+
+
 struct acmoe_lm {
     acmoe_lm_desc d;
     char pattern[64];
@@ -4869,6 +5162,22 @@ static void acmoe__lm_geometry(acmoe_lm *L) {
 }
 
 /* Defaults, and the checks a pattern must pass. */
+/* The MoE options with their defaults as a layer of the model resolves them (the router
+   letters' own settings apply on top), so that settings and checkpoints show the values the
+   layers run with. Where the options alone do not resolve, they stay as given and the layers
+   report the error. */
+static void acmoe__lm_moe_defaults(acmoe_lm_desc *d) {
+    acmoe_moe_desc m = d->moe, r;
+    m.d_model = d->d_model, m.d_ff = d->d_ff, m.n_experts = d->n_experts, m.top_k = d->top_k;
+    m.max_tokens = d->batch * d->seq_len, m.activation = d->activation;
+    if (acmoe_moe_resolve(&m, &r) != ACMOE_OK) return;
+    r.d_model = d->moe.d_model, r.d_ff = d->moe.d_ff, r.n_experts = d->moe.n_experts, r.top_k = d->moe.top_k;
+    r.max_tokens = d->moe.max_tokens, r.activation = d->moe.activation;
+    r.router_input = d->moe.router_input, r.router_score = d->moe.router_score;
+    r.router_select = d->moe.router_select;
+    d->moe = r;
+}
+
 static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *out, char *pattern) {
     acmoe_lm_desc d = *in;
     int i, seen_moe = 0, stages;
@@ -4893,8 +5202,10 @@ static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *ou
     if (d.window > ACMOE__MAX_WINDOW || (d.window && !acmoe__swin_grid_fits(&d, stages))) return ACMOE_ERR_SHAPE;
     if (!acmoe__lm_sizes_fit(&d, stages)) return ACMOE_ERR_SHAPE;
     if (!(d.dropout >= 0.0f && d.dropout < 1.0f)) return ACMOE_ERR_ARG;
-    if (!acmoe__lm_moe_sizes_agree(&d)) return ACMOE_ERR_ARG;
+    if (!acmoe__lm_moe_sizes_agree(&d) || !acmoe__options_fit(acmoe__model_options, ACMOE__N_MODEL_OPTIONS, in))
+        return ACMOE_ERR_ARG;
     d.moe.seq_len = d.seq_len;
+    acmoe__lm_moe_defaults(&d);
     for (i = 0; d.pattern[i]; i++) {
         acmoe_moe_desc probe;
         char c = d.pattern[i];
@@ -5768,13 +6079,10 @@ static acmoe_optim_desc acmoe__optim_resolve(const acmoe_optim_desc *in) {
     return o;
 }
 
-/* Every option finite and in range: a step with any other would fill the model with NaN. */
+/* Every option of the resolved options in its range (a step with any other could fill the
+   model with NaN). */
 static int acmoe__optim_valid(const acmoe_optim_desc *o) {
-    const float huge = 1e30f; /* finite, and far above any useful rate or decay */
-    return o->lr > 0.0f && o->lr < huge && o->beta1 >= 0.0f && o->beta1 < 1.0f && o->beta2 >= 0.0f &&
-           o->beta2 < 1.0f && o->eps > 0.0f && o->eps < huge && o->weight_decay >= 0.0f && o->weight_decay < huge &&
-           o->clip_norm >= 0.0f && o->clip_norm < huge && o->min_lr >= 0.0f && o->min_lr < huge &&
-           o->warmup_steps >= 0 && o->total_steps >= 0 && (int)o->schedule >= 0 && o->schedule < ACMOE_SCHEDULE_COUNT;
+    return acmoe__options_fit(acmoe__optim_options, ACMOE__N_OPTIM_OPTIONS, o) && o->lr > 0.0f && o->eps > 0.0f;
 }
 
 ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
@@ -5876,61 +6184,27 @@ ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *L) {
 #define ACMOE__MAX_TENSORS 4096      /* more than any model has */
 #define ACMOE__MAX_META 64
 
-/* The configuration fields a checkpoint stores, by name and place in their struct. */
-typedef enum { ACMOE__FIELD_INT, ACMOE__FIELD_FLOAT } acmoe__field_type;
+#define ACMOE__FORMAT 4 /* the version acmoe_lm_save writes: "acmoe-lm-4" */
 
-typedef struct acmoe__config_field {
-    const char *name;
-    acmoe__field_type type;
-    size_t offset;
-    int since; /* the first format version that stores it */
-} acmoe__config_field;
+/* The other metadata keys of each format version: the first five from 2 on, the next two
+   from 3, contents from 4. */
+static const char *const acmoe__state_keys[] = {"format", "pattern",     "seed",    "step",
+                                                "rng",    "data_crc32c", "train.seed", "contents"};
+static int acmoe__state_key_count(int version) { return version >= 4 ? 8 : version >= 3 ? 7 : 5; }
 
-#define ACMOE__INT_FIELD(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_lm_desc, member), 2}
-#define ACMOE__FLOAT_FIELD(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_lm_desc, member), 2}
-#define ACMOE__INT_FIELD_3(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_lm_desc, member), 3}
-#define ACMOE__FLOAT_FIELD_3(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_lm_desc, member), 3}
-static const acmoe__config_field acmoe__config_fields[] = {
-    ACMOE__INT_FIELD("vocab", vocab), ACMOE__INT_FIELD("d_model", d_model), ACMOE__INT_FIELD("n_heads", n_heads),
-    ACMOE__INT_FIELD("seq_len", seq_len), ACMOE__INT_FIELD("batch", batch), ACMOE__INT_FIELD("d_ff", d_ff),
-    ACMOE__INT_FIELD("n_experts", n_experts), ACMOE__INT_FIELD("top_k", top_k),
-    ACMOE__INT_FIELD("activation", activation), ACMOE__INT_FIELD("pre_ln", pre_ln),
-    ACMOE__INT_FIELD("untied_head", untied_head), ACMOE__FLOAT_FIELD("dropout", dropout),
-    ACMOE__INT_FIELD("moe.proj_dim", moe.proj_dim), ACMOE__FLOAT_FIELD("moe.capacity", moe.capacity),
-    ACMOE__FLOAT_FIELD("moe.usmoe_budget", moe.usmoe_budget), ACMOE__FLOAT_FIELD("moe.usmoe_rho", moe.usmoe_rho),
-    ACMOE__INT_FIELD("moe.group", moe.group), ACMOE__INT_FIELD("moe.seq_len", moe.seq_len),
-    ACMOE__INT_FIELD("moe.soft_slots", moe.soft_slots),
-    ACMOE__FLOAT_FIELD("moe.balance_alpha", moe.balance_alpha),
-    ACMOE__FLOAT_FIELD("moe.balance_temperature", moe.balance_temperature), ACMOE__FLOAT_FIELD("moe.z_loss", moe.z_loss),
-    ACMOE__INT_FIELD("moe.ac_max_clusters", moe.ac_max_clusters),
-    ACMOE__INT_FIELD("moe.ac_weight_experts", moe.ac_weight_experts),
-    ACMOE__INT_FIELD("moe.ac_mix_labels", moe.ac_mix_labels), ACMOE__FLOAT_FIELD("moe.ac.eps", moe.ac.eps),
-    ACMOE__FLOAT_FIELD("moe.ac.clip", moe.ac.clip), ACMOE__INT_FIELD("moe.ac.scaling", moe.ac.scaling),
-    ACMOE__INT_FIELD("moe.ac.dispersion", moe.ac.dispersion), ACMOE__INT_FIELD("moe.ac.robust", moe.ac.robust),
-    ACMOE__INT_FIELD("n_classes", n_classes), ACMOE__INT_FIELD("patch_dim", patch_dim),
-    ACMOE__INT_FIELD_3("moe.soft_input", moe.soft_input), ACMOE__INT_FIELD_3("moe.mix_k", moe.mix_k),
-    ACMOE__INT_FIELD_3("moe.no_router_bias", moe.no_router_bias),
-    ACMOE__INT_FIELD_3("moe.no_reprojection", moe.no_reprojection),
-    ACMOE__FLOAT_FIELD_3("moe.gate_noise", moe.gate_noise), ACMOE__FLOAT_FIELD_3("moe.importance_loss", moe.importance_loss),
-    ACMOE__INT_FIELD_3("window", window),
-};
-#define ACMOE__N_CONFIG_FIELDS ((int)(sizeof acmoe__config_fields / sizeof acmoe__config_fields[0]))
+/* What a file holds besides the weights: the whole training state, or nothing more. */
+typedef enum { ACMOE__CONTENTS_TRAINING = 0, ACMOE__CONTENTS_WEIGHTS } acmoe__contents;
 
-/* The optimizer options of the last step (format 3 on). */
-#define ACMOE__OPTIM_INT(name, member) {name, ACMOE__FIELD_INT, offsetof(acmoe_optim_desc, member), 3}
-#define ACMOE__OPTIM_FLOAT(name, member) {name, ACMOE__FIELD_FLOAT, offsetof(acmoe_optim_desc, member), 3}
-static const acmoe__config_field acmoe__optim_fields[] = {
-    ACMOE__OPTIM_FLOAT("optim.lr", lr), ACMOE__OPTIM_FLOAT("optim.beta1", beta1),
-    ACMOE__OPTIM_FLOAT("optim.beta2", beta2), ACMOE__OPTIM_FLOAT("optim.eps", eps),
-    ACMOE__OPTIM_FLOAT("optim.weight_decay", weight_decay), ACMOE__OPTIM_FLOAT("optim.clip_norm", clip_norm),
-    ACMOE__OPTIM_INT("optim.warmup_steps", warmup_steps), ACMOE__OPTIM_INT("optim.schedule", schedule),
-    ACMOE__OPTIM_INT("optim.total_steps", total_steps), ACMOE__OPTIM_FLOAT("optim.min_lr", min_lr),
-    ACMOE__OPTIM_INT("optim.sgd", sgd),
-};
-#define ACMOE__N_OPTIM_FIELDS ((int)(sizeof acmoe__optim_fields / sizeof acmoe__optim_fields[0]))
+/* The AC weights a model's layer i routes with, when it has measured them (format 4 on):
+   stored, so that a loaded model can freeze them and decode. */
+static const float *acmoe__saved_ac_weights(const acmoe_lm *L, int i, int *rows, int *width) {
+    *width = acmoe_moe_settings(L->blocks[i].moe).d_model;
+    return acmoe_moe_ac_weights(L->blocks[i].moe, rows);
+}
 
-/* The other metadata keys; the last two only from format 3 on. */
-static const char *const acmoe__state_keys[] = {"format", "pattern", "seed", "step", "rng", "data_crc32c", "train.seed"};
+static void acmoe__ac_weights_name(char *name, size_t cap, int layer) {
+    snprintf(name, cap, "layers.%d.moe.ac_weights", layer);
+}
 
 static int acmoe__little_endian(void) {
     const uint32_t probe = 1;
@@ -5965,15 +6239,20 @@ static void acmoe__crc_add(acmoe__crc32c *crc, const void *data, size_t n) {
 
 static uint32_t acmoe__crc_value(const acmoe__crc32c *crc) { return crc->value ^ 0xFFFFFFFFu; }
 
-/* The checksum of the data section a save writes: the tensors in directory order, then the
-   Adam moments. */
-static uint32_t acmoe__data_crc(const acmoe_lm *L) {
+/* The checksum of the data section a save writes: the tensors in directory order, the AC
+   weights by layer, then the Adam moments of a training state. */
+static uint32_t acmoe__data_crc(const acmoe_lm *L, acmoe__contents contents) {
     acmoe__crc32c crc;
-    int i;
+    int i, rows, width;
     acmoe__crc_begin(&crc);
     for (i = 0; i < L->dir.count; i++)
         acmoe__crc_add(&crc, L->params + L->dir.entries[i].offset, L->dir.entries[i].count * sizeof(float));
-    acmoe__crc_add(&crc, L->adam_m, 2 * L->n_params * sizeof(float)); /* adam_v follows adam_m */
+    for (i = 0; i < L->n_layers; i++) {
+        const float *w = acmoe__saved_ac_weights(L, i, &rows, &width);
+        if (w) acmoe__crc_add(&crc, w, (size_t)rows * width * sizeof(float));
+    }
+    if (contents == ACMOE__CONTENTS_TRAINING)
+        acmoe__crc_add(&crc, L->adam_m, 2 * L->n_params * sizeof(float)); /* adam_v follows adam_m */
     return acmoe__crc_value(&crc);
 }
 
@@ -6127,43 +6406,56 @@ static void acmoe__header_tensor(acmoe__text *t, const char *name, int ndim, con
 
 /* Each field of base as "name":"value", ints in decimal, floats with the digits that give
    the same float back. */
-static void acmoe__header_fields(acmoe__text *t, const acmoe__config_field *fields, int count, const void *base) {
+static void acmoe__header_options(acmoe__text *t, const acmoe_option *options, int count, const void *desc) {
+    char value[64];
     int i;
     for (i = 0; i < count; i++) {
-        const char *p = (const char *)base + fields[i].offset;
-        if (fields[i].type == ACMOE__FIELD_INT) acmoe__text_add(t, ",\"%s\":\"%d\"", fields[i].name, *(const int *)p);
-        else acmoe__text_add(t, ",\"%s\":\"%.9g\"", fields[i].name, (double)*(const float *)p);
+        acmoe_option_format(&options[i], desc, value, sizeof value);
+        acmoe__text_add(t, ",\"%s\":\"%s\"", options[i].key, value);
     }
 }
 
 /* The JSON header, padded with spaces to a multiple of 8 bytes as safetensors does. */
-static void acmoe__header(const acmoe_lm *L, uint32_t crc, acmoe__text *t) {
+static void acmoe__header(const acmoe_lm *L, acmoe__contents contents, uint32_t crc, acmoe__text *t) {
     const acmoe_rng *r = &L->rng;
+    char name[64];
     uint32_t spare;
     size_t at = 0;
-    int i, n_params = (int)L->n_params;
+    int i, rows, width, n_params = (int)L->n_params;
     memcpy(&spare, &r->spare, sizeof spare);
-    acmoe__text_add(t, "{\"__metadata__\":{\"format\":\"acmoe-lm-3\",\"pattern\":\"%s\",\"seed\":\"%llu\",\"step\":\"%ld\","
-                       "\"rng\":\"",
-                    L->pattern, (unsigned long long)L->d.seed, L->steps);
+    acmoe__text_add(t, "{\"__metadata__\":{\"format\":\"acmoe-lm-%d\",\"contents\":\"%s\",\"pattern\":\"%s\","
+                       "\"seed\":\"%llu\",\"step\":\"%ld\",\"rng\":\"",
+                    ACMOE__FORMAT, contents == ACMOE__CONTENTS_TRAINING ? "training" : "weights", L->pattern,
+                    (unsigned long long)L->d.seed, L->steps);
     for (i = 0; i < 4; i++) acmoe__text_add(t, "%016llx", (unsigned long long)r->s[i]);
     acmoe__text_add(t, " %08lx %d\",\"data_crc32c\":\"%08lx\",\"train.seed\":\"%llu\"", (unsigned long)spare,
                     r->has_spare, (unsigned long)crc, (unsigned long long)L->train_seed);
-    acmoe__header_fields(t, acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, &L->d);
-    acmoe__header_fields(t, acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, &L->optim);
+    acmoe__header_options(t, acmoe__model_options, ACMOE__N_MODEL_OPTIONS, &L->d);
+    acmoe__header_options(t, acmoe__optim_options, ACMOE__N_OPTIM_OPTIONS, &L->optim);
     acmoe__text_add(t, "}");
     for (i = 0; i < L->dir.count; i++, at += L->dir.entries[i - 1].count * 4) {
         const acmoe__tensor_info *e = &L->dir.entries[i];
         acmoe__header_tensor(t, e->name, e->ndim, e->shape, at, e->count);
     }
-    acmoe__header_tensor(t, "optimizer.adam_m", 1, &n_params, at, L->n_params);
-    acmoe__header_tensor(t, "optimizer.adam_v", 1, &n_params, at + L->n_params * 4, L->n_params);
+    for (i = 0; i < L->n_layers; i++) {
+        int shape[2];
+        if (!acmoe__saved_ac_weights(L, i, &rows, &width)) continue;
+        shape[0] = rows, shape[1] = width;
+        acmoe__ac_weights_name(name, sizeof name, i);
+        acmoe__header_tensor(t, name, 2, shape, at, (size_t)rows * width);
+        at += (size_t)rows * width * 4;
+    }
+    if (contents == ACMOE__CONTENTS_TRAINING) {
+        acmoe__header_tensor(t, "optimizer.adam_m", 1, &n_params, at, L->n_params);
+        acmoe__header_tensor(t, "optimizer.adam_v", 1, &n_params, at + L->n_params * 4, L->n_params);
+    }
     acmoe__text_add(t, "}");
     while (!t->failed && (8 + t->len) % 8) acmoe__text_add(t, " ");
 }
 
 typedef struct acmoe__checkpoint_out {
     const acmoe_lm *L;
+    acmoe__contents contents;
     const acmoe__text *header;
 } acmoe__checkpoint_out;
 
@@ -6172,31 +6464,45 @@ static int acmoe__write_checkpoint(FILE *f, const void *arg) {
     const acmoe__checkpoint_out *out = (const acmoe__checkpoint_out *)arg;
     const acmoe_lm *L = out->L;
     unsigned char len[8];
-    int i, ok;
+    int i, ok, rows, width;
     for (i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)out->header->len >> (8 * i));
     ok = fwrite(len, 1, 8, f) == 8 && fwrite(out->header->data, 1, out->header->len, f) == out->header->len;
     for (i = 0; ok && i < L->dir.count; i++) {
         const acmoe__tensor_info *e = &L->dir.entries[i];
         ok = fwrite(L->params + e->offset, sizeof(float), e->count, f) == e->count;
     }
+    for (i = 0; ok && i < L->n_layers; i++) {
+        const float *w = acmoe__saved_ac_weights(L, i, &rows, &width);
+        if (w) ok = fwrite(w, sizeof(float), (size_t)rows * width, f) == (size_t)rows * width;
+    }
+    if (out->contents == ACMOE__CONTENTS_WEIGHTS) return ok;
     return ok && fwrite(L->adam_m, sizeof(float), 2 * L->n_params, f) == 2 * L->n_params;
 }
 
-ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *L, const char *path) {
+static acmoe_status acmoe__save(const acmoe_lm *L, const char *path, acmoe__contents contents) {
     acmoe__text header;
     acmoe__checkpoint_out out;
     acmoe_status s;
     if (!L || !path) return ACMOE_ERR_NULL;
     if (!*path) return ACMOE_ERR_IO;
     if (!acmoe__little_endian()) return ACMOE_ERR_UNSUPPORTED;
-    if (!acmoe__all_finite(L->params, L->n_params) || !acmoe__all_finite(L->adam_m, 2 * L->n_params))
+    if (!acmoe__all_finite(L->params, L->n_params) ||
+        (contents == ACMOE__CONTENTS_TRAINING && !acmoe__all_finite(L->adam_m, 2 * L->n_params)))
         return ACMOE_ERR_NONFINITE; /* a file load would refuse must not replace a good one */
     memset(&header, 0, sizeof header);
-    acmoe__header(L, acmoe__data_crc(L), &header);
-    out.L = L, out.header = &header;
+    acmoe__header(L, contents, acmoe__data_crc(L, contents), &header);
+    out.L = L, out.contents = contents, out.header = &header;
     s = header.failed ? ACMOE_ERR_NOMEM : acmoe__replace_file(path, acmoe__write_checkpoint, &out);
     ACMOE_FREE(header.data);
     return s;
+}
+
+ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path) {
+    return acmoe__save(lm, path, ACMOE__CONTENTS_TRAINING);
+}
+
+ACMOE_API acmoe_status acmoe_lm_save_weights(const acmoe_lm *lm, const char *path) {
+    return acmoe__save(lm, path, ACMOE__CONTENTS_WEIGHTS);
 }
 
 /* ---- reader ---- */
@@ -6413,18 +6719,6 @@ static int acmoe__canonical_u64(const char *text, uint64_t *v) {
     return 1;
 }
 
-static int acmoe__canonical_float(const char *text, float *v) {
-    char back[32], *end;
-    float x;
-    if (!text || !*text) return 0;
-    x = strtof(text, &end);
-    if (*end || !isfinite(x)) return 0;
-    snprintf(back, sizeof back, "%.9g", (double)x);
-    if (strcmp(back, text)) return 0;
-    *v = x;
-    return 1;
-}
-
 /* width lowercase hex digits at text as a number. */
 static int acmoe__parse_hex(const char *text, int width, uint64_t *v) {
     int i;
@@ -6438,44 +6732,55 @@ static int acmoe__parse_hex(const char *text, int width, uint64_t *v) {
     return 1;
 }
 
-/* The fields of this format version from the metadata; the others stay zero. */
-static int acmoe__fields_from_metadata(const acmoe__parsed *m, const acmoe__config_field *fields, int count,
-                                       int version, void *base) {
-    int i;
-    for (i = 0; i < count; i++) {
-        char *p = (char *)base + fields[i].offset;
+/* An option's value as the writer prints it: format 4 names enum values, earlier formats
+   wrote them as numbers. */
+static int acmoe__option_from_metadata(const acmoe_option *o, const char *text, int version, void *desc) {
+    char back[64];
+    if (!text) return 0;
+    if (o->type == ACMOE_OPTION_ENUM && version < 4) {
         long v;
-        if (fields[i].since > version) continue;
-        if (fields[i].type == ACMOE__FIELD_FLOAT) {
-            if (!acmoe__canonical_float(acmoe__meta(m, fields[i].name), (float *)p)) return 0;
-        } else {
-            if (!acmoe__canonical_long(acmoe__meta(m, fields[i].name), INT32_MIN, INT32_MAX, &v)) return 0;
-            *(int *)p = (int)v;
-        }
+        if (!acmoe__canonical_long(text, INT32_MIN, INT32_MAX, &v)) return 0;
+        snprintf(back, sizeof back, "%s", acmoe_enum_name(o->names, (int)v) ? acmoe_enum_name(o->names, (int)v) : "");
+        text = back;
+        if (!*text) return 0;
     }
+    if (acmoe_option_set(o, desc, text) != ACMOE_OK) return 0;
+    if (o->type == ACMOE_OPTION_ENUM) return 1;
+    acmoe_option_format(o, desc, back, sizeof back);
+    return !strcmp(back, text);
+}
+
+/* The options of this format version from the metadata; the others stay zero. */
+static int acmoe__options_from_metadata(const acmoe__parsed *m, const acmoe_option *options, int count, int version,
+                                        void *desc) {
+    int i;
+    for (i = 0; i < count; i++)
+        if (options[i].since <= version &&
+            !acmoe__option_from_metadata(&options[i], acmoe__meta(m, options[i].key), version, desc))
+            return 0;
     return 1;
 }
 
-static int acmoe__field_named(const acmoe__config_field *fields, int count, int version, const char *key) {
+static int acmoe__option_named(const acmoe_option *options, int count, int version, const char *key) {
     int i;
     for (i = 0; i < count; i++)
-        if (fields[i].since <= version && !strcmp(fields[i].name, key)) return 1;
+        if (options[i].since <= version && !strcmp(options[i].key, key)) return 1;
     return 0;
 }
 
 /* Whether key belongs to the metadata of this format version. */
 static int acmoe__known_key(const char *key, int version) {
-    const int n_state = version >= 3 ? 7 : 5;
     int i;
-    for (i = 0; i < n_state; i++)
+    for (i = 0; i < acmoe__state_key_count(version); i++)
         if (!strcmp(acmoe__state_keys[i], key)) return 1;
-    return acmoe__field_named(acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, version, key) ||
-           acmoe__field_named(acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, version, key);
+    return acmoe__option_named(acmoe__model_options, ACMOE__N_MODEL_OPTIONS, version, key) ||
+           (version >= 3 && acmoe__option_named(acmoe__optim_options, ACMOE__N_OPTIM_OPTIONS, version, key));
 }
 
 /* What the metadata says besides the step and the generator. */
 typedef struct acmoe__checkpoint_meta {
     int version;
+    acmoe__contents contents;
     acmoe_lm_desc desc; /* pattern points into the parsed metadata */
     uint64_t train_seed;
     acmoe_optim_desc optim;
@@ -6484,15 +6789,19 @@ typedef struct acmoe__checkpoint_meta {
 
 static int acmoe__meta_from_parsed(const acmoe__parsed *m, acmoe__checkpoint_meta *out) {
     const char *format = acmoe__meta(m, "format"), *crc = acmoe__meta(m, "data_crc32c");
+    const char *contents = acmoe__meta(m, "contents");
     uint64_t v;
     int i;
     memset(out, 0, sizeof *out);
     if (!format) return 0;
-    out->version = !strcmp(format, "acmoe-lm-3") ? 3 : !strcmp(format, "acmoe-lm-2") ? 2 : 0;
+    out->version = !strcmp(format, "acmoe-lm-4")   ? 4
+                   : !strcmp(format, "acmoe-lm-3") ? 3
+                   : !strcmp(format, "acmoe-lm-2") ? 2
+                                                   : 0;
     if (!out->version) return 0;
     for (i = 0; i < m->n_meta; i++)
         if (!acmoe__known_key(m->keys[i], out->version)) return 0;
-    if (!acmoe__fields_from_metadata(m, acmoe__config_fields, ACMOE__N_CONFIG_FIELDS, out->version, &out->desc) ||
+    if (!acmoe__options_from_metadata(m, acmoe__model_options, ACMOE__N_MODEL_OPTIONS, out->version, &out->desc) ||
         !acmoe__canonical_u64(acmoe__meta(m, "seed"), &out->desc.seed) || !acmoe__meta(m, "pattern"))
         return 0;
     out->desc.pattern = acmoe__meta(m, "pattern");
@@ -6500,10 +6809,14 @@ static int acmoe__meta_from_parsed(const acmoe__parsed *m, acmoe__checkpoint_met
         if (out->desc.moe.group >= 0 && out->desc.moe.group < ACMOE_GROUP_POSITION) out->desc.moe.group = (acmoe_group)(out->desc.moe.group + 1);
         return 1;
     }
+    if (out->version >= 4) {
+        if (!contents || (strcmp(contents, "training") && strcmp(contents, "weights"))) return 0;
+        out->contents = strcmp(contents, "training") ? ACMOE__CONTENTS_WEIGHTS : ACMOE__CONTENTS_TRAINING;
+    }
     if (!crc || strlen(crc) != 8 || !acmoe__parse_hex(crc, 8, &v)) return 0;
     out->crc = (uint32_t)v;
     return acmoe__canonical_u64(acmoe__meta(m, "train.seed"), &out->train_seed) &&
-           acmoe__fields_from_metadata(m, acmoe__optim_fields, ACMOE__N_OPTIM_FIELDS, out->version, &out->optim);
+           acmoe__options_from_metadata(m, acmoe__optim_options, ACMOE__N_OPTIM_OPTIONS, out->version, &out->optim);
 }
 
 /* The step and the dropout generator: "s0s1s2s3 spare has_spare", 16, 8 and 1 digits. */
@@ -6534,18 +6847,37 @@ static int acmoe__stored_is(const acmoe__stored_tensor *t, int ndim, const int *
     return 1;
 }
 
-/* Whether the file holds exactly the planned model's tensors and the Adam moments, each of
-   its planned shape (the layout check already tied shapes to sizes). */
-static int acmoe__tensors_match_plan(acmoe__parsed *m, const acmoe_lm *L) {
+/* The stored AC weights of the planned model's layer i, NULL for none; whether any stored
+   ones have a shape the layer takes ([rows][width], rows at most its clusters) in *fits. */
+static const acmoe__stored_tensor *acmoe__stored_ac_weights(acmoe__parsed *m, const acmoe_lm *L, int i, int *fits) {
+    char name[64];
+    const acmoe__stored_tensor *t;
+    acmoe_moe_desc planned, md;
+    acmoe__ac_weights_name(name, sizeof name, i);
+    t = acmoe__find_tensor(m, name);
+    if (!t) return NULL;
+    planned = acmoe__lm_moe_desc(L, &L->blocks[i]); /* the layers do not exist yet */
+    if (acmoe_moe_resolve(&planned, &md) != ACMOE_OK) md.router_input = ACMOE_INPUT_TOKEN;
+    if (L->blocks[i].letter == 'f' || md.router_input != ACMOE_INPUT_AC || t->ndim != 2 || t->shape[0] < 1 ||
+        t->shape[0] > md.ac_max_clusters || t->shape[1] != md.d_model)
+        *fits = 0;
+    return t;
+}
+
+/* Whether the file holds exactly the planned model's tensors, each of its planned shape (the
+   layout check already tied shapes to sizes), AC weights that fit their layers, and the Adam
+   moments of a training state. */
+static int acmoe__tensors_match_plan(acmoe__parsed *m, const acmoe_lm *L, acmoe__contents contents) {
     const int n_params = (int)L->n_params;
-    int i;
+    int i, fits = 1, count = L->dir.count;
     for (i = 0; i < L->dir.count; i++) {
         const acmoe__tensor_info *e = &L->dir.entries[i];
         if (!acmoe__stored_is(acmoe__find_tensor(m, e->name), e->ndim, e->shape)) return 0;
     }
-    return acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_m"), 1, &n_params) &&
-           acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_v"), 1, &n_params) &&
-           m->n_tensors == L->dir.count + 2;
+    for (i = 0; i < L->n_layers; i++) count += acmoe__stored_ac_weights(m, L, i, &fits) != NULL;
+    if (contents == ACMOE__CONTENTS_WEIGHTS) return fits && m->n_tensors == count;
+    return fits && acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_m"), 1, &n_params) &&
+           acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_v"), 1, &n_params) && m->n_tensors == count + 2;
 }
 
 /* The checksum of the data section, read in blocks. */
@@ -6574,15 +6906,38 @@ static acmoe_status acmoe__read_floats(FILE *f, long data_start, const acmoe__st
     return fread(dst, sizeof(float), count, f) == count ? ACMOE_OK : ACMOE_ERR_FORMAT;
 }
 
-static acmoe_status acmoe__read_tensors(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *L) {
+/* Layer i's stored AC weights into the layer, through a buffer of their own. */
+static acmoe_status acmoe__read_ac_weights(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *L, int i) {
+    int fits = 1;
+    const acmoe__stored_tensor *t = acmoe__stored_ac_weights(m, L, i, &fits);
+    size_t count;
+    float *w;
+    acmoe_status s;
+    if (!t) return ACMOE_OK;
+    count = (size_t)t->shape[0] * (size_t)t->shape[1];
+    w = (float *)ACMOE_MALLOC(count * sizeof(float));
+    if (!w) return ACMOE_ERR_NOMEM;
+    s = acmoe__read_floats(f, data_start, t, w, count);
+    if (s == ACMOE_OK && acmoe_moe_set_ac_weights(L->blocks[i].moe, w, t->shape[0]) != ACMOE_OK) s = ACMOE_ERR_FORMAT;
+    ACMOE_FREE(w);
+    return s;
+}
+
+static acmoe_status acmoe__read_tensors(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *L,
+                                        acmoe__contents contents) {
     acmoe_status s = ACMOE_OK;
     int i;
     for (i = 0; s == ACMOE_OK && i < L->dir.count; i++) {
         const acmoe__tensor_info *e = &L->dir.entries[i];
         s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, e->name), L->params + e->offset, e->count);
     }
-    if (s == ACMOE_OK) s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_m"), L->adam_m, L->n_params);
-    if (s == ACMOE_OK) s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_v"), L->adam_v, L->n_params);
+    for (i = 0; s == ACMOE_OK && i < L->n_layers; i++) s = acmoe__read_ac_weights(f, data_start, m, L, i);
+    if (contents == ACMOE__CONTENTS_TRAINING) {
+        if (s == ACMOE_OK)
+            s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_m"), L->adam_m, L->n_params);
+        if (s == ACMOE_OK)
+            s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_v"), L->adam_v, L->n_params);
+    }
     if (s == ACMOE_OK && (!acmoe__all_finite(L->params, L->n_params) || !acmoe__all_finite(L->adam_m, 2 * L->n_params)))
         s = ACMOE_ERR_FORMAT;
     return s;
@@ -6617,11 +6972,11 @@ static acmoe_status acmoe__load_model(FILE *f, long data_start, uint64_t data_si
     if (!acmoe__layout_exact(m, data_size) || !acmoe__meta_from_parsed(m, &meta)) return ACMOE_ERR_FORMAT;
     s = acmoe__lm_plan(&L, &meta.desc);
     if (s != ACMOE_OK) return s == ACMOE_ERR_NOMEM ? s : ACMOE_ERR_FORMAT;
-    if (!acmoe__tensors_match_plan(m, L)) s = ACMOE_ERR_FORMAT;
+    if (!acmoe__tensors_match_plan(m, L, meta.contents)) s = ACMOE_ERR_FORMAT;
     if (s == ACMOE_OK && meta.version >= 3) s = acmoe__check_crc(f, data_start, data_size, meta.crc);
     if (s == ACMOE_OK) s = acmoe__lm_build(L);
     if (s == ACMOE_OK && !acmoe__state_from_metadata(m, L)) s = ACMOE_ERR_FORMAT;
-    if (s == ACMOE_OK) s = acmoe__read_tensors(f, data_start, m, L);
+    if (s == ACMOE_OK) s = acmoe__read_tensors(f, data_start, m, L, meta.contents);
     if (s != ACMOE_OK) {
         acmoe_lm_destroy(L);
         return s;

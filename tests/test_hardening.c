@@ -390,7 +390,7 @@ static void test_step_counter_full(void) {
     acmoe_ctx_destroy(ctx);
 }
 
-/* ==== C. Checkpoint format acmoe-lm-3 ==== */
+/* ==== C. Checkpoint format acmoe-lm-4 ==== */
 
 /* data_crc32c is the CRC-32C of the data section in 8 lowercase hex digits, and one flipped
    bit anywhere in the data is refused. */
@@ -460,8 +460,14 @@ static void test_checkpoint_header_entries(void) {
         {"\"pattern\":\"gfc\"", "\"pattern\":\"gfc\",\"pattern\":\"gfc\""},
         {"\"seed\":\"3\"", "\"seed\":\"3\",\"seed\":\"4\""},
         {"\"optimizer.adam_m\"", "\"optimizer.adam_v\""},
-        {"\"format\":\"acmoe-lm-3\"", "\"format\":\"acmoe-lm-3\",\"colour\":\"blue\""},
-        {"\"format\":\"acmoe-lm-3\"", "\"format\":\"acmoe-lm-3\",\"optim.momentum\":\"0.9\""},
+        {"\"format\":\"acmoe-lm-4\"", "\"format\":\"acmoe-lm-4\",\"colour\":\"blue\""},
+        {"\"format\":\"acmoe-lm-4\"", "\"format\":\"acmoe-lm-4\",\"optim.momentum\":\"0.9\""},
+        {"\"contents\":\"training\"", "\"contents\":\"weights\""},
+        {"\"contents\":\"training\"", "\"contents\":\"everything\""},
+        {"\"activation\":\"relu\"", "\"activation\":\"0\""},
+        {"\"activation\":\"relu\"", "\"activation\":\"ReLU\""},
+        {"\"moe.ac.scaling\":\"per-feature\"", "\"moe.ac.scaling\":\"per-feature \""},
+        {"\"moe.ac_max_clusters\":\"4\"", "\"moe.ac_max_clusters\":\"2000000\""},
         {"\"dtype\":\"F32\"", "\"dtype\":\"F32\",\"extra\":\"1\""},
         {",\"optimizer.adam_m\"", ",\"bogus\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]},\"optimizer.adam_m\""},
         {"\"seq_len\":\"16\"", "\"seq_len\":\"016\""},
@@ -484,7 +490,7 @@ static void test_checkpoint_header_entries(void) {
     int i;
     for (i = 0; i < (int)(sizeof edits / sizeof edits[0]); i++) {
         b = copy_of(&good);
-        CHECK(edit_header(&b, edits[i].from, edits[i].from)); /* the writer's own text loads */
+        CHECKF(edit_header(&b, edits[i].from, edits[i].from), "%s not in the header", edits[i].from); /* the writer's own text loads */
         CHECK_STATUS(load_bytes(&b), ACMOE_OK);
         CHECKF(edit_header(&b, edits[i].from, edits[i].to), "%s not in the header", edits[i].from);
         CHECKF(load_bytes(&b) == ACMOE_ERR_FORMAT, "%s loaded", edits[i].to);
@@ -521,7 +527,28 @@ static void test_checkpoint_huge_claim(void) {
     free(good.data);
 }
 
-/* The acmoe-lm-3 header less its checksum and training options, format acmoe-lm-2. */
+/* The acmoe-lm-4 header of a model without AC weights as format acmoe-lm-3 wrote it: no
+   contents entry, enum values as numbers. */
+static void to_format_3(bytes *b) {
+    static const struct {
+        const char *from, *to;
+    } enums[] = {
+        {"\"activation\":\"relu\"", "\"activation\":\"0\""},
+        {"\"moe.group\":\"position\"", "\"moe.group\":\"3\""},
+        {"\"moe.ac.scaling\":\"per-feature\"", "\"moe.ac.scaling\":\"1\""},
+        {"\"moe.ac.dispersion\":\"mad\"", "\"moe.ac.dispersion\":\"1\""},
+        {"\"moe.soft_input\":\"raw\"", "\"moe.soft_input\":\"0\""},
+        {"\"optim.schedule\":\"constant\"", "\"optim.schedule\":\"0\""},
+    };
+    int i;
+    CHECK(!in_header(b, "ac_weights"));
+    CHECK(edit_header(b, "\"format\":\"acmoe-lm-4\"", "\"format\":\"acmoe-lm-3\""));
+    CHECK(remove_entry(b, "contents"));
+    for (i = 0; i < (int)(sizeof enums / sizeof enums[0]); i++) CHECKF(edit_header(b, enums[i].from, enums[i].to), "%s", enums[i].from);
+}
+
+/* ... and as format acmoe-lm-2 wrote it: no checksum or training options, groups counted
+   from the whole call. */
 static void to_format_2(bytes *b) {
     static const char *const keys[] = {"data_crc32c", "train.seed", "optim.lr", "optim.beta1", "optim.beta2",
                                        "optim.eps", "optim.weight_decay", "optim.clip_norm", "optim.warmup_steps",
@@ -530,14 +557,16 @@ static void to_format_2(bytes *b) {
                                        "moe.no_reprojection", "moe.gate_noise", "moe.importance_loss",
                                        "window"};
     int i;
+    to_format_3(b);
     CHECK(edit_header(b, "\"format\":\"acmoe-lm-3\"", "\"format\":\"acmoe-lm-2\""));
+    CHECK(edit_header(b, "\"moe.group\":\"3\"", "\"moe.group\":\"2\""));
     for (i = 0; i < (int)(sizeof keys / sizeof keys[0]); i++) CHECKF(remove_entry(b, keys[i]), "%s", keys[i]);
 }
 
 /* Files of the previous format still load, with their parameters and no training settings. */
 static void test_checkpoint_format_2_loads(void) {
     acmoe_ctx *ctx = test_context(1, 0, 0, 0);
-    acmoe_lm *lm = small_model("gfc", 5), *loaded = NULL;
+    acmoe_lm *lm = small_model("gfx", 5), *loaded = NULL; /* no AC weights: formats 2 and 3 had none */
     acmoe_optim_desc o;
     bytes b;
     memset(&o, 0, sizeof o);
@@ -545,6 +574,18 @@ static void test_checkpoint_format_2_loads(void) {
     make_work_dir();
     forward_backward(lm, ctx);
     CHECK_STATUS(acmoe_lm_step(lm, ctx, &o, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_save(lm, CKPT), ACMOE_OK);
+    b = read_all(CKPT);
+    to_format_3(&b);
+    write_all(CKPT, &b);
+    CHECK_STATUS(acmoe_lm_load(&loaded, CKPT), ACMOE_OK);
+    if (loaded) {
+        acmoe_train_desc t = acmoe_lm_train_settings(loaded);
+        CHECK(same_params(lm, loaded) && acmoe_lm_steps_taken(loaded) == 1 && t.optim.lr == 1e-2f);
+        acmoe_lm_destroy(loaded);
+        loaded = NULL;
+    }
+    free(b.data);
     CHECK_STATUS(acmoe_lm_save(lm, CKPT), ACMOE_OK);
     b = read_all(CKPT);
     to_format_2(&b);
@@ -1195,6 +1236,7 @@ static acmoe_status attempt_load(void *path) {
 }
 
 static void test_alloc_fail_checkpoints(void) {
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
     acmoe_lm *lm = small_model("gca", 3);
     bytes b;
     make_work_dir();
@@ -1208,6 +1250,12 @@ static void test_alloc_fail_checkpoints(void) {
     remove(WORK_DIR "/format-2.safetensors");
     free(b.data);
     acmoe_lm_destroy(lm);
+    lm = small_model("gfc", 3); /* with the AC weights of a forward pass */
+    forward_backward(lm, ctx);
+    CHECK_STATUS(acmoe_lm_save(lm, CKPT), ACMOE_OK);
+    sweep("acmoe_lm_load, AC weights", attempt_load, (void *)CKPT);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
 }
 
 typedef struct training_env {

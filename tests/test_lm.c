@@ -856,7 +856,7 @@ static void test_checkpoint_rejects_damage(void) {
     { /* a file of a format before the earlier one */
         long at = 8;
         memcpy(bad, good, (size_t)size);
-        while (at + 10 <= header && memcmp(bad + at, "acmoe-lm-3", 10)) at++;
+        while (at + 10 <= header && memcmp(bad + at, "acmoe-lm-4", 10)) at++;
         CHECK(at + 10 <= header);
         bad[at + 9] = '1';
         write_file(CKPT_PATH, bad, size);
