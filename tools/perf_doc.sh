@@ -191,6 +191,8 @@ END {
     if (peak1 > 0) {
         printf "| measured peak | **%.1f GFLOP/s per core** (1 thread); %.1f GFLOP/s on 2 threads (%.2fx) |\n", peak1, peak2, peak2 / peak1
         printf "| peak loop | %s |\n", probe
+        if (online + 0 >= 2 && peak2 < 1.5 * peak1)
+            printf "| note | the 2-thread peak is only %.2fx the 1-thread one: the second CPU was busy or shared while it was measured, so 2-thread shares are overstated |\n", peak2 / peak1
     }
     if (reps > 0 && reps != 5) printf "| mode | `--quick`: at least %d timed repetitions a figure, shorter than the method says |\n", reps
     if (info_cc != "") printf "| compiler | %s |\n", info_cc
