@@ -13,7 +13,7 @@ PREFIX   ?= /usr/local
 VERSION  := $(shell awk 'NF == 3 && $$2 ~ /^ACMOE_VERSION_(MAJOR|MINOR|PATCH)$$/ {v = v (v == "" ? "" : ".") $$3} END {print v}' acmoe.h)
 
 TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers.c tests/test_moe.c tests/test_lm.c \
-            tests/test_hardening.c
+            tests/test_hardening.c tests/test_options.c
 TEST_HDR := acmoe.h tests/harness.h
 
 .PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \

@@ -561,6 +561,9 @@ ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *lm); /* [batch * seq][voc
    choice, a capacity limit, or AC weights not frozen (acmoe_lm_freeze_ac_weights after a
    forward pass that measured them). */
 ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens, int len, int start);
+/* Whether acmoe_lm_decode takes this model; if not, what is missing, in why (cap bytes, may
+   be NULL), e.g. "layer 3 (AC): its AC weights are not frozen: call acmoe_lm_freeze_ac_weights". */
+ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *lm, char *why, size_t cap);
 /* Draws *token from logits [vocab] with rng: softmax(logits / temperature) over the top_k
    largest logits (0: all), then over the smallest set of the likeliest of those whose
    probabilities add up to top_p or more (1: all); ties at either cut are kept. Temperature 0
@@ -645,7 +648,7 @@ ACMOE_API const acmoe_option *acmoe_optim_options(int *count);
    for anything else. */
 ACMOE_API acmoe_status acmoe_option_set(const acmoe_option *option, void *desc, const char *text);
 /* Writes the option's value in desc as acmoe_option_set reads it (an enum by name, a float
-   with 9 significant digits); the length, as snprintf. */
+   with the fewest digits that read back the same); the length, as snprintf. */
 ACMOE_API int acmoe_option_format(const acmoe_option *option, const void *desc, char *text, size_t cap);
 
 /* ---- Checkpoints ----
@@ -4838,6 +4841,17 @@ ACMOE_API acmoe_status acmoe_option_set(const acmoe_option *o, void *desc, const
     return ACMOE_OK;
 }
 
+/* The fewest significant digits that read back as f ("0.01", not "0.00999999978"). */
+static int acmoe__format_float(float f, char *text, size_t cap) {
+    char digits[32];
+    int precision;
+    for (precision = 1; precision < 9; precision++) {
+        snprintf(digits, sizeof digits, "%.*g", precision, (double)f);
+        if (strtof(digits, NULL) == f) break;
+    }
+    return snprintf(text, cap, "%.*g", precision, (double)f);
+}
+
 ACMOE_API int acmoe_option_format(const acmoe_option *o, const void *desc, char *text, size_t cap) {
     const char *field;
     const char *name;
@@ -4847,7 +4861,7 @@ ACMOE_API int acmoe_option_format(const acmoe_option *o, const void *desc, char 
     field = (const char *)desc + o->offset;
     if (o->type == ACMOE_OPTION_FLOAT) {
         memcpy(&f, field, sizeof f);
-        return snprintf(text, cap, "%.9g", (double)f);
+        return acmoe__format_float(f, text, cap);
     }
     memcpy(&i, field, sizeof i);
     name = o->type == ACMOE_OPTION_ENUM ? acmoe_enum_name(o->names, i) : NULL;
@@ -5835,15 +5849,34 @@ ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *L, acmoe_ctx *ctx, con
     return ACMOE_OK;
 }
 
-/* Whether every MoE layer routes each token on its own, so that a token's route does not
-   depend on the others in the call. */
-static int acmoe__lm_routes_per_token(const acmoe_lm *L) {
+/* Why layer i's route of a token depends on the other tokens of the call, or NULL when it
+   does not. */
+static const char *acmoe__layer_not_per_token(const acmoe_lm *L, int i) {
+    const acmoe_moe *m = L->blocks[i].moe;
+    if (acmoe__grouped(&m->d)) return "it routes groups of tokens together";
+    if (m->d.router_select == ACMOE_SELECT_EXPERT_CHOICE) return "its experts choose among the call's tokens";
+    if (m->d.capacity > 0.0f) return "its capacity limit counts the call's tokens";
+    if (m->d.router_input == ACMOE_INPUT_AC && !m->ac_ready)
+        return "it has no AC weights: run a forward pass (or load a checkpoint saved after one), then call "
+               "acmoe_lm_freeze_ac_weights";
+    if (m->d.router_input == ACMOE_INPUT_AC && !m->ac_frozen)
+        return "its AC weights are not frozen: call acmoe_lm_freeze_ac_weights";
+    return NULL;
+}
+
+ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *L, char *why, size_t cap) {
     int i;
+    if (why && cap) why[0] = '\0';
+    if (!L) return 0;
+    if (L->d.n_classes) {
+        if (why) snprintf(why, cap, "a vision encoder does not decode");
+        return 0;
+    }
     for (i = 0; i < L->n_layers; i++) {
-        const acmoe_moe *m = L->blocks[i].moe;
-        if (acmoe__grouped(&m->d) || m->d.router_select == ACMOE_SELECT_EXPERT_CHOICE ||
-            m->d.capacity > 0.0f || (m->d.router_input == ACMOE_INPUT_AC && !(m->ac_frozen && m->ac_ready)))
-            return 0;
+        const char *reason = acmoe__layer_not_per_token(L, i);
+        if (!reason) continue;
+        if (why) snprintf(why, cap, "layer %d (%s): %s", i + 1, acmoe_router_name(L->blocks[i].letter), reason);
+        return 0;
     }
     return 1;
 }
@@ -5855,7 +5888,7 @@ ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *L, acmoe_ctx *ctx, const int32_
     if (start > 0 && (L->cache_step != L->steps || L->batch != 1 || L->n < start ||
                       memcmp(L->tokens, tokens, sizeof(int32_t) * (size_t)start) != 0))
         return ACMOE_ERR_ARG; /* nothing kept for these positions */
-    if (!acmoe__lm_routes_per_token(L)) return ACMOE_ERR_ARG;
+    if (!acmoe_lm_decode_ready(L, NULL, 0)) return ACMOE_ERR_ARG;
     return acmoe__lm_run(L, ctx, tokens, NULL, 1, len, start, 0, NULL);
 }
 
@@ -6747,6 +6780,11 @@ static int acmoe__option_from_metadata(const acmoe_option *o, const char *text, 
     if (acmoe_option_set(o, desc, text) != ACMOE_OK) return 0;
     if (o->type == ACMOE_OPTION_ENUM) return 1;
     acmoe_option_format(o, desc, back, sizeof back);
+    if (o->type == ACMOE_OPTION_FLOAT && version < 4) { /* earlier formats wrote 9 digits */
+        float f;
+        memcpy(&f, (const char *)desc + o->offset, sizeof f);
+        snprintf(back, sizeof back, "%.9g", (double)f);
+    }
     return !strcmp(back, text);
 }
 

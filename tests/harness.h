@@ -48,6 +48,7 @@ extern const test_case router_tests[];
 extern const test_case moe_tests[];
 extern const test_case lm_tests[];
 extern const test_case hardening_tests[];
+extern const test_case options_tests[];
 extern const test_case internal_tests[]; /* in impl.c, beside the implementation */
 
 #endif

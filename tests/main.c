@@ -9,7 +9,7 @@
 int test_case_failures;
 
 static const test_case *const suites[] = {foundation_tests, internal_tests, router_tests, moe_tests, lm_tests,
-                                          hardening_tests};
+                                          hardening_tests, options_tests};
 
 static int selected(const char *name, int argc, char **argv) {
     int i, wanted = 1;

@@ -527,6 +527,27 @@ static void test_checkpoint_huge_claim(void) {
     free(good.data);
 }
 
+/* Floats as formats 2 and 3 wrote them, with 9 significant digits. */
+static void nine_digit_floats(bytes *b) {
+    int table, i, count[2];
+    const acmoe_option *options[2];
+    options[0] = acmoe_model_options(&count[0]), options[1] = acmoe_optim_options(&count[1]);
+    for (table = 0; table < 2; table++) {
+        for (i = 0; i < count[table]; i++) {
+            char from[96], to[96], *at, *end;
+            if (options[table][i].type != ACMOE_OPTION_FLOAT) continue;
+            snprintf(from, sizeof from, "\"%s\":\"", options[table][i].key);
+            at = in_header(b, from);
+            if (!at || !(end = strchr(at + strlen(from), '"')) || end - at >= 80) continue;
+            memcpy(from, at, (size_t)(end - at + 1));
+            from[end - at + 1] = '\0';
+            snprintf(to, sizeof to, "\"%s\":\"%.9g\"", options[table][i].key,
+                     (double)strtof(at + strlen(options[table][i].key) + 4, NULL));
+            CHECK(edit_header(b, from, to));
+        }
+    }
+}
+
 /* The acmoe-lm-4 header of a model without AC weights as format acmoe-lm-3 wrote it: no
    contents entry, enum values as numbers. */
 static void to_format_3(bytes *b) {
@@ -545,6 +566,7 @@ static void to_format_3(bytes *b) {
     CHECK(edit_header(b, "\"format\":\"acmoe-lm-4\"", "\"format\":\"acmoe-lm-3\""));
     CHECK(remove_entry(b, "contents"));
     for (i = 0; i < (int)(sizeof enums / sizeof enums[0]); i++) CHECKF(edit_header(b, enums[i].from, enums[i].to), "%s", enums[i].from);
+    nine_digit_floats(b);
 }
 
 /* ... and as format acmoe-lm-2 wrote it: no checksum or training options, groups counted
