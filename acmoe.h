@@ -676,12 +676,17 @@ ACMOE_API acmoe_status acmoe_lm_save_weights(const acmoe_lm *lm, const char *pat
 ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path);
 
 /* ---- Data and training loop ----
-   A byte corpus: the first part trains, the last val_fraction evaluates. Batches are windows
-   of seq + 1 bytes at random offsets (targets are the inputs shifted by one). */
+   A corpus is a stream of tokens: bytes (each byte a token, vocab 256) or int32 token ids
+   (word-level, BPE or any other tokenizer's output). The first part trains, the last
+   val_fraction evaluates. Batches are windows of seq + 1 tokens at random offsets (targets
+   are the inputs shifted by one). Training and evaluation refuse a corpus whose vocab is
+   larger than the model's (ACMOE_ERR_ARG). */
 typedef struct acmoe_corpus {
-    const unsigned char *bytes;
-    size_t size, train_size;
-    void *owned; /* set by acmoe_corpus_load */
+    const unsigned char *bytes; /* a byte corpus, or NULL */
+    const int32_t *tokens;      /* a token corpus, or NULL */
+    size_t size, train_size;    /* in tokens */
+    int vocab;                  /* 1 + the largest token */
+    void *owned;                /* set by the load calls */
 } acmoe_corpus;
 
 typedef enum acmoe_split { ACMOE_SPLIT_TRAIN = 0, ACMOE_SPLIT_VAL } acmoe_split;
@@ -691,6 +696,12 @@ ACMOE_API acmoe_status acmoe_corpus_view(acmoe_corpus *c, const unsigned char *b
 /* A regular file's bytes (ACMOE_ERR_IO for a directory or a FIFO, ACMOE_ERR_EMPTY for an
    empty file). */
 ACMOE_API acmoe_status acmoe_corpus_load(acmoe_corpus *c, const char *path, float val_fraction);
+/* count token ids, each 0 or more (ACMOE_ERR_ARG otherwise). */
+ACMOE_API acmoe_status acmoe_corpus_view_tokens(acmoe_corpus *c, const int32_t *tokens, size_t count,
+                                                float val_fraction);
+/* A regular file of little-endian int32 token ids: ACMOE_ERR_FORMAT for a length that is not
+   a multiple of 4 or a negative id. */
+ACMOE_API acmoe_status acmoe_corpus_load_tokens(acmoe_corpus *c, const char *path, float val_fraction);
 ACMOE_API void acmoe_corpus_free(acmoe_corpus *c);
 /* tokens, targets [batch][seq]; a split shorter than seq + 1 bytes repeats its last bytes. */
 ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmoe_rng *rng, int batch,
@@ -7048,34 +7059,89 @@ ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path) {
 /* 12. Data and training loop                                                                 */
 /* ========================================================================================== */
 
+/* The splits of size tokens; each needs two, a token and its target. */
+static acmoe_status acmoe__corpus_split(acmoe_corpus *c, size_t size, float val_fraction) {
+    c->size = size;
+    c->train_size = size - (size_t)((double)size * val_fraction);
+    return c->train_size >= 2 && size - c->train_size >= 2 ? ACMOE_OK : ACMOE_ERR_SHAPE;
+}
+
 ACMOE_API acmoe_status acmoe_corpus_view(acmoe_corpus *c, const unsigned char *bytes, size_t size, float val_fraction) {
+    size_t i;
     if (!c || !bytes) return ACMOE_ERR_NULL;
     if (!(val_fraction > 0.0f && val_fraction < 1.0f)) return ACMOE_ERR_ARG;
     if (size == 0) return ACMOE_ERR_EMPTY;
     memset(c, 0, sizeof *c);
     c->bytes = bytes;
-    c->size = size;
-    c->train_size = size - (size_t)((double)size * val_fraction);
-    /* each split needs two bytes: one token and its target */
-    return c->train_size >= 2 && size - c->train_size >= 2 ? ACMOE_OK : ACMOE_ERR_SHAPE;
+    for (i = 0; i < size; i++) c->vocab = ACMOE__MAX(c->vocab, bytes[i] + 1);
+    return acmoe__corpus_split(c, size, val_fraction);
+}
+
+ACMOE_API acmoe_status acmoe_corpus_view_tokens(acmoe_corpus *c, const int32_t *tokens, size_t count,
+                                                float val_fraction) {
+    size_t i;
+    int32_t top = 0;
+    if (!c || !tokens) return ACMOE_ERR_NULL;
+    if (!(val_fraction > 0.0f && val_fraction < 1.0f)) return ACMOE_ERR_ARG;
+    if (count == 0) return ACMOE_ERR_EMPTY;
+    for (i = 0; i < count; i++) {
+        if (tokens[i] < 0 || tokens[i] == INT32_MAX) return ACMOE_ERR_ARG;
+        top = ACMOE__MAX(top, tokens[i]);
+    }
+    memset(c, 0, sizeof *c);
+    c->tokens = tokens;
+    c->vocab = top + 1;
+    return acmoe__corpus_split(c, count, val_fraction);
+}
+
+/* A regular file's contents in a buffer of its own, *size bytes. */
+static acmoe_status acmoe__read_file(const char *path, unsigned char **data, uint64_t *size) {
+    FILE *f;
+    acmoe_status s = acmoe__open_regular(path, &f, size);
+    *data = NULL;
+    if (s != ACMOE_OK) return s;
+    if (*size == 0) s = ACMOE_ERR_EMPTY;
+    else if (*size > (uint64_t)ACMOE__MAX_BYTES) s = ACMOE_ERR_NOMEM;
+    else if (!(*data = (unsigned char *)ACMOE_MALLOC((size_t)*size))) s = ACMOE_ERR_NOMEM;
+    else if (fread(*data, 1, (size_t)*size, f) != (size_t)*size) s = ACMOE_ERR_IO;
+    fclose(f);
+    return s;
 }
 
 ACMOE_API acmoe_status acmoe_corpus_load(acmoe_corpus *c, const char *path, float val_fraction) {
-    FILE *f;
     uint64_t size = 0;
     unsigned char *bytes = NULL;
     acmoe_status s;
     if (!c || !path) return ACMOE_ERR_NULL;
     memset(c, 0, sizeof *c);
     if (!(val_fraction > 0.0f && val_fraction < 1.0f)) return ACMOE_ERR_ARG;
-    s = acmoe__open_regular(path, &f, &size);
-    if (s != ACMOE_OK) return s;
-    if (size == 0) s = ACMOE_ERR_EMPTY;
-    else if (size > (uint64_t)ACMOE__MAX_BYTES) s = ACMOE_ERR_NOMEM;
-    else if (!(bytes = (unsigned char *)ACMOE_MALLOC((size_t)size))) s = ACMOE_ERR_NOMEM;
-    else if (fread(bytes, 1, (size_t)size, f) != (size_t)size) s = ACMOE_ERR_IO;
-    fclose(f);
+    s = acmoe__read_file(path, &bytes, &size);
     if (s == ACMOE_OK) s = acmoe_corpus_view(c, bytes, (size_t)size, val_fraction);
+    if (s != ACMOE_OK) {
+        ACMOE_FREE(bytes);
+        memset(c, 0, sizeof *c);
+        return s;
+    }
+    c->owned = bytes;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_corpus_load_tokens(acmoe_corpus *c, const char *path, float val_fraction) {
+    uint64_t size = 0;
+    unsigned char *bytes = NULL;
+    acmoe_status s;
+    size_t i;
+    if (!c || !path) return ACMOE_ERR_NULL;
+    memset(c, 0, sizeof *c);
+    if (!(val_fraction > 0.0f && val_fraction < 1.0f)) return ACMOE_ERR_ARG;
+    if (!acmoe__little_endian()) return ACMOE_ERR_UNSUPPORTED;
+    s = acmoe__read_file(path, &bytes, &size);
+    if (s == ACMOE_OK && size % 4) s = ACMOE_ERR_FORMAT;
+    for (i = 0; s == ACMOE_OK && i < size; i += 4)
+        if (bytes[i + 3] & 0x80u) s = ACMOE_ERR_FORMAT; /* a negative id */
+    /* the buffer came from the allocator, so it is aligned for int32 */
+    if (s == ACMOE_OK) s = acmoe_corpus_view_tokens(c, (const int32_t *)(void *)bytes, (size_t)size / 4, val_fraction);
+    if (s == ACMOE_ERR_ARG) s = ACMOE_ERR_FORMAT;
     if (s != ACMOE_OK) {
         ACMOE_FREE(bytes);
         memset(c, 0, sizeof *c);
@@ -7095,7 +7161,7 @@ ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split spl
                                           int seq, int32_t *tokens, int32_t *targets) {
     size_t from, to, len, span;
     int b, t;
-    if (!c || !c->bytes || !rng || !tokens || !targets) return ACMOE_ERR_NULL;
+    if (!c || (!c->bytes && !c->tokens) || !rng || !tokens || !targets) return ACMOE_ERR_NULL;
     if (split != ACMOE_SPLIT_TRAIN && split != ACMOE_SPLIT_VAL) return ACMOE_ERR_ARG;
     if (batch < 1 || seq < 1 || c->train_size > c->size) return ACMOE_ERR_SHAPE;
     from = split == ACMOE_SPLIT_VAL ? c->train_size : 0, to = split == ACMOE_SPLIT_VAL ? c->size : c->train_size;
@@ -7105,8 +7171,8 @@ ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split spl
         size_t start = span ? (size_t)acmoe_rng_below(rng, (uint32_t)ACMOE__MIN(span, (size_t)UINT32_MAX)) : 0;
         for (t = 0; t < seq; t++) {
             size_t at = ACMOE__MIN(start + (size_t)t, len - 2);
-            tokens[(size_t)b * seq + t] = c->bytes[from + at];
-            targets[(size_t)b * seq + t] = c->bytes[from + at + 1];
+            tokens[(size_t)b * seq + t] = c->tokens ? c->tokens[from + at] : c->bytes[from + at];
+            targets[(size_t)b * seq + t] = c->tokens ? c->tokens[from + at + 1] : c->bytes[from + at + 1];
         }
     }
     return ACMOE_OK;
@@ -7155,8 +7221,9 @@ ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *L, acmoe_ctx *ctx, 
                                                    uint64_t seed, float corrupt, double *loss) {
     int32_t *tokens, *targets;
     acmoe_status s;
-    if (!L || !ctx || !c || !c->bytes || !loss) return ACMOE_ERR_NULL;
-    if (batches < 1 || L->d.n_classes || !(corrupt >= 0.0f && corrupt <= 1.0f)) return ACMOE_ERR_ARG;
+    if (!L || !ctx || !c || (!c->bytes && !c->tokens) || !loss) return ACMOE_ERR_NULL;
+    if (batches < 1 || L->d.n_classes || !(corrupt >= 0.0f && corrupt <= 1.0f) || c->vocab > L->d.vocab)
+        return ACMOE_ERR_ARG;
     s = acmoe__batch_buffers(L, &tokens, &targets);
     if (s == ACMOE_OK) s = acmoe__evaluate(L, ctx, c, batches, seed, corrupt, tokens, targets, loss);
     ACMOE_FREE(tokens);
@@ -7183,8 +7250,8 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_c
     double seconds = 0.0;
     long trained = 0;
     const size_t batch_tokens = L ? (size_t)L->d.batch * L->d.seq_len : 0;
-    if (!L || !ctx || !c || !c->bytes || !desc) return ACMOE_ERR_NULL;
-    if (L->d.n_classes) return ACMOE_ERR_ARG;
+    if (!L || !ctx || !c || (!c->bytes && !c->tokens) || !desc) return ACMOE_ERR_NULL;
+    if (L->d.n_classes || c->vocab > L->d.vocab) return ACMOE_ERR_ARG; /* tokens the model has no row for */
     d = *desc;
     if (!d.eval_every) d.eval_every = 250;
     if (!d.eval_batches) d.eval_batches = 8;

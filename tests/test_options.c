@@ -1,6 +1,6 @@
 /* The option table and what reads it: enum names, setting and formatting options by name,
-   every option surviving a checkpoint, the AC weights a checkpoint keeps for decoding, and
-   weights-only files. */
+   every option surviving a checkpoint, the AC weights a checkpoint keeps for decoding,
+   weights-only files; token corpora. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -320,6 +320,60 @@ static void test_weights_only(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+static void write_bytes(const char *path, const void *data, size_t size) {
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    if (!f) return;
+    CHECK(fwrite(data, 1, size, f) == size);
+    fclose(f);
+}
+
+/* A corpus of int32 token ids: batches of its tokens, a model of its vocabulary trains on
+   it, and files that are not whole non-negative ids are refused. */
+static void test_token_corpus(void) {
+    int32_t ids[400], tokens[12], targets[12];
+    acmoe_corpus corpus;
+    acmoe_rng rng;
+    acmoe_lm_desc desc = small_desc("gc");
+    acmoe_lm *model = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    acmoe_train_desc train;
+    double loss = 0.0;
+    int i, t;
+    for (i = 0; i < 400; i++) ids[i] = (int32_t)((i * 7) % 13); /* each id's successor is fixed */
+    write_bytes(OPTIONS_PATH, ids, sizeof ids);
+    CHECK_STATUS(acmoe_corpus_load_tokens(&corpus, OPTIONS_PATH, 0.25f), ACMOE_OK);
+    CHECK(corpus.vocab == 13 && corpus.size == 400 && corpus.train_size == 300 && corpus.tokens && !corpus.bytes);
+    acmoe_rng_seed(&rng, 1);
+    CHECK_STATUS(acmoe_corpus_batch(&corpus, ACMOE_SPLIT_VAL, &rng, 2, 6, tokens, targets), ACMOE_OK);
+    for (t = 0; t < 12; t++) CHECK(targets[t] == (tokens[t] + 7) % 13);
+    CHECK_STATUS(acmoe_lm_create(&model, &desc), ACMOE_OK);
+    memset(&train, 0, sizeof train);
+    train.steps = 30, train.eval_every = 30, train.eval_batches = 2, train.seed = 1, train.optim.lr = 1e-2f;
+    if (model) {
+        CHECK_STATUS(acmoe_lm_train(model, ctx, &corpus, &train), ACMOE_OK);
+        CHECK_STATUS(acmoe_lm_evaluate(model, ctx, &corpus, 4, 9, &loss), ACMOE_OK);
+        CHECKF(loss < 2.0, "held-out loss %g after 30 steps on a fixed successor (uniform: 2.56)", loss);
+    }
+    acmoe_corpus_free(&corpus);
+    CHECK(corpus.tokens == NULL && corpus.owned == NULL);
+    ids[10] = 20; /* beyond the model's 13 */
+    CHECK_STATUS(acmoe_corpus_view_tokens(&corpus, ids, 400, 0.5f), ACMOE_OK);
+    if (model) CHECK_STATUS(acmoe_lm_evaluate(model, ctx, &corpus, 4, 9, &loss), ACMOE_ERR_ARG);
+    ids[10] = -1;
+    CHECK_STATUS(acmoe_corpus_view_tokens(&corpus, ids, 400, 0.5f), ACMOE_ERR_ARG);
+    write_bytes(OPTIONS_PATH, ids, sizeof ids);
+    CHECK_STATUS(acmoe_corpus_load_tokens(&corpus, OPTIONS_PATH, 0.5f), ACMOE_ERR_FORMAT);
+    ids[10] = 3;
+    write_bytes(OPTIONS_PATH, ids, 4 * 20 + 2);
+    CHECK_STATUS(acmoe_corpus_load_tokens(&corpus, OPTIONS_PATH, 0.5f), ACMOE_ERR_FORMAT);
+    write_bytes(OPTIONS_PATH, ids, 0);
+    CHECK_STATUS(acmoe_corpus_load_tokens(&corpus, OPTIONS_PATH, 0.5f), ACMOE_ERR_EMPTY);
+    CHECK(corpus.tokens == NULL && corpus.owned == NULL);
+    acmoe_lm_destroy(model);
+    acmoe_ctx_destroy(ctx);
+}
+
 const test_case options_tests[] = {
     {"options_enum_names", test_enum_names},
     {"options_set_and_format", test_option_set_and_format},
@@ -328,5 +382,6 @@ const test_case options_tests[] = {
     {"checkpoint_decode_after_load", test_decode_after_load},
     {"checkpoint_set_ac_weights", test_set_ac_weights},
     {"checkpoint_weights_only", test_weights_only},
+    {"corpus_tokens", test_token_corpus},
     {0, 0},
 };
