@@ -278,6 +278,8 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
                                         slots, each token's W the mix of its previous top
                                         mix_k slots' rows, eps 0.35, clip 5, post-clip
                                         scaling
+     'f' dense       token,     none,   dense: a plain feed-forward layer, every token through
+                                        one expert with gate 1, no router parameters
    Other combinations are allowed, e.g. AC input with USMoE or Switch selection.
 
    Soft MoE (Puigcerver et al. 2024) has no pairs: each expert owns soft_slots slots per
@@ -302,6 +304,7 @@ typedef enum acmoe_router_score {
                                norm 1.5 each forward (XMoE and AC) unless no_reprojection */
     ACMOE_SCORE_SLOT,       /* z_s = scale (u / |u|) . (phi_s / |phi_s|), a learned vector
                                phi_s per slot and one learned scale: Soft MoE's score */
+    ACMOE_SCORE_NONE,       /* no router: a dense layer (with ACMOE_SELECT_DENSE) */
     ACMOE_SCORE_COUNT
 } acmoe_router_score;
 
@@ -321,6 +324,8 @@ typedef enum acmoe_router_select {
                                     takes k x floor(capacity x ceil(n / E)) pairs (capacity
                                     default 1.25), the tokens in the order of their best
                                     probability, all first choices before any second */
+    ACMOE_SELECT_DENSE,          /* a feed-forward layer: one expert, every token, gate 1, no
+                                    router parameters ('f'); needs the score none, and it needs it */
     ACMOE_SELECT_COUNT
 } acmoe_router_select;
 
@@ -614,8 +619,8 @@ typedef enum acmoe_enum {
     ACMOE_ENUM_GROUP,          /* acmoe_group: default batch sequence position */
     ACMOE_ENUM_SOFT_INPUT,     /* acmoe_soft_input: raw normalized */
     ACMOE_ENUM_ROUTER_INPUT,   /* acmoe_router_input: token projected ac */
-    ACMOE_ENUM_ROUTER_SCORE,   /* acmoe_router_score: linear cosine slot */
-    ACMOE_ENUM_ROUTER_SELECT,  /* acmoe_router_select: topk switch usmoe expert-choice soft priority */
+    ACMOE_ENUM_ROUTER_SCORE,   /* acmoe_router_score: linear cosine slot none */
+    ACMOE_ENUM_ROUTER_SELECT,  /* acmoe_router_select: topk switch usmoe expert-choice soft priority dense */
     ACMOE_ENUM_SCHEDULE,       /* acmoe_schedule: constant cosine */
     ACMOE_ENUM_COUNT
 } acmoe_enum;
@@ -666,8 +671,13 @@ ACMOE_API int acmoe_option_format(const acmoe_option *option, const void *desc, 
    whole header before it allocates the model: every value as the writer prints it, no
    unknown, repeated or missing entry, tensors that tile the data exactly and are those of the
    model the configuration describes; then the checksum, then the data. Anything else is
-   ACMOE_ERR_FORMAT. The metadata's format is "acmoe-lm-3"; files of format "acmoe-lm-2"
-   (no checksum or training options) still load, earlier ones are refused. */
+   ACMOE_ERR_FORMAT. The metadata's format is "acmoe-lm-4": every option of
+   acmoe_model_options and acmoe_optim_options as the model resolved it, enum values by name,
+   and "contents": "training" (with the Adam moments) or "weights". An AC layer that has
+   measured its weights stores them as "layers.i.moe.ac_weights" [clusters][width], so that a
+   loaded model can freeze them and decode. Dense layers are "layers.i.ffn.*". Files of
+   formats "acmoe-lm-3" and "acmoe-lm-2" (no checksum or training options) still load; earlier
+   ones are refused. */
 ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path);
 /* The weights alone (with the configuration and the AC weights; no Adam moments): a file for
    inference or for other tools, about a third of a full one. It loads with acmoe_lm_load;
@@ -2676,6 +2686,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         {'m', ACMOE_INPUT_TOKEN, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
         {'n', ACMOE_INPUT_TOKEN, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
         {'a', ACMOE_INPUT_AC, ACMOE_SCORE_SLOT, ACMOE_SELECT_SOFT},
+        {'f', ACMOE_INPUT_TOKEN, ACMOE_SCORE_NONE, ACMOE_SELECT_DENSE},
     };
     size_t i;
     if (!d) return ACMOE_ERR_NULL;
@@ -2685,6 +2696,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         d->router_score = presets[i].score;
         d->router_select = presets[i].select;
         if (letter == 's') d->top_k = 1;
+        if (letter == 'f') d->n_experts = d->top_k = 1;
         if (letter == 'u') d->no_router_bias = 1;
         if (letter == 'b') d->no_reprojection = 1;
         if (letter == 't' || letter == 'w') { /* swin_transformer_cosa.py, config.py: Tutel's top gate */
@@ -2710,6 +2722,11 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
 }
 
 static int acmoe__valid_enum(int value, int count) { return value >= 0 && value < count; }
+
+/* Whether the layer has no pairs to limit or balance: Soft MoE and dense layers. */
+static int acmoe__routerless(const acmoe_moe_desc *d) {
+    return d->router_select == ACMOE_SELECT_SOFT || d->router_select == ACMOE_SELECT_DENSE;
+}
 
 /* Whether the selection rule shares its tokens by groups. */
 static int acmoe__grouped(const acmoe_moe_desc *d) {
@@ -2780,8 +2797,11 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     if (d.soft_input == ACMOE_SOFT_NORMALIZED && d.router_input == ACMOE_INPUT_PROJECTED)
         return ACMOE_ERR_ARG; /* the slots take the score's input, so it must be d_model wide */
     if ((d.router_select == ACMOE_SELECT_SOFT) != (d.router_score == ACMOE_SCORE_SLOT) ||
-        (d.router_select == ACMOE_SELECT_SOFT && (d.capacity > 0.0f || d.balance_alpha > 0.0f || d.z_loss > 0.0f ||
-                                                  d.gate_noise > 0.0f || d.importance_loss > 0.0f)))
+        (d.router_select == ACMOE_SELECT_DENSE) != (d.router_score == ACMOE_SCORE_NONE) ||
+        (d.router_select == ACMOE_SELECT_DENSE &&
+         (d.n_experts != 1 || d.top_k != 1 || d.router_input != ACMOE_INPUT_TOKEN)) ||
+        (acmoe__routerless(&d) && (d.capacity > 0.0f || d.balance_alpha > 0.0f || d.z_loss > 0.0f ||
+                                   d.gate_noise > 0.0f || d.importance_loss > 0.0f)))
         return ACMOE_ERR_ARG;
     s = acmoe__ac_resolve(&in->ac, &d.ac);
     if (s != ACMOE_OK) return s;
@@ -2832,6 +2852,13 @@ static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads, acmoe
     size_t used = 0;
 #define ACMOE__VIEW(field, name, decay, ndim, s0, s1, s2) \
     acmoe__param_view(&used, params, grads, &L->field, &L->g_##field, dir, name, decay, ndim, s0, s1, s2)
+    if (d->router_select == ACMOE_SELECT_DENSE) { /* one expert: plain linear layers */
+        ACMOE__VIEW(w1, "w1", 1, 2, L->h_width, dm, 0);
+        ACMOE__VIEW(b1, "b1", 0, 1, L->h_width, 0, 0);
+        ACMOE__VIEW(w2, "w2", 1, 2, dm, d->d_ff, 0);
+        ACMOE__VIEW(b2, "b2", 0, 1, dm, 0, 0);
+        return used;
+    }
     if (d->router_input == ACMOE_INPUT_PROJECTED) ACMOE__VIEW(proj, "router.proj", 1, 2, d->proj_dim, dm, 0);
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         ACMOE__VIEW(wr, "router.weight", 1, 2, e, L->dr, 0);
@@ -3330,6 +3357,10 @@ static acmoe_status acmoe__router_score(acmoe_moe *L, acmoe_ctx *ctx, const floa
         s = acmoe_matmul(ctx, ACMOE_NT, n, L->lw, L->dr, L->score_in, L->dr, L->ehat, L->dr, L->logits, L->lw, 0);
         for (i = 0; i < (size_t)n * L->lw; i++) L->logits[i] *= *L->phi_scale;
         return s;
+    }
+    if (d->router_score == ACMOE_SCORE_NONE) { /* the one expert's logit */
+        memset(L->logits, 0, sizeof(float) * (size_t)n);
+        return ACMOE_OK;
     }
     if (d->router_score == ACMOE_SCORE_LINEAR) {
         s = acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, u, L->dr, L->wr, L->dr, L->logits, d->n_experts, 0);
@@ -4085,6 +4116,7 @@ static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *
     const float *u = direct ? L->x : L->xr, *scorer = d->router_score == ACMOE_SCORE_LINEAR ? L->wr : L->ehat;
     float *du = direct ? dx : L->dxr;
     acmoe_status s;
+    if (d->router_score == ACMOE_SCORE_NONE) return ACMOE_OK;
     if (d->router_score == ACMOE_SCORE_SLOT) {
         s = acmoe__slot_score_backward(L, ctx);
         if (s != ACMOE_OK) return s;
@@ -4679,15 +4711,15 @@ typedef struct acmoe__merge {
 
 /* ---- options by name: the one table of every option ---- */
 
-static const char *const acmoe__enum_names[ACMOE_ENUM_COUNT][7] = {
+static const char *const acmoe__enum_names[ACMOE_ENUM_COUNT][8] = {
     {"relu", "gelu", "swiglu", NULL},
     {"default", "per-feature", "preclip", "postclip", NULL},
     {"default", "mad", "variance", NULL},
     {"default", "batch", "sequence", "position", NULL},
     {"raw", "normalized", NULL},
     {"token", "projected", "ac", NULL},
-    {"linear", "cosine", "slot", NULL},
-    {"topk", "switch", "usmoe", "expert-choice", "soft", "priority", NULL},
+    {"linear", "cosine", "slot", "none", NULL},
+    {"topk", "switch", "usmoe", "expert-choice", "soft", "priority", "dense", NULL},
     {"constant", "cosine", NULL},
 };
 
@@ -4944,13 +4976,14 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, const acmoe__block *
     m.d_ff = L->d.d_ff * (B->width / L->d.d_model); /* Swin stages widen it with the width */
     m.activation = L->d.activation;
     m.max_tokens = L->d.batch * B->tokens;
-    m.n_experts = letter == 'f' ? 1 : L->d.n_experts;
-    m.top_k = letter == 'f' ? 1 : L->d.top_k;
+    m.n_experts = L->d.n_experts;
+    m.top_k = L->d.top_k;
     m.seq_len = B->tokens;
-    acmoe_moe_router_preset(&m, letter == 'f' ? 'g' : letter);
-    if (m.router_select == ACMOE_SELECT_SOFT) { /* the one causal grouping for text, each image by itself */
+    acmoe_moe_router_preset(&m, letter);
+    if (m.router_select == ACMOE_SELECT_SOFT) /* the one causal grouping for text, each image by itself */
         m.group = L->d.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
-        m.capacity = m.balance_alpha = m.z_loss = 0.0f; /* no pairs to limit or balance */
+    if (acmoe__routerless(&m)) { /* no pairs to limit or balance */
+        m.capacity = m.balance_alpha = m.z_loss = 0.0f;
         m.gate_noise = m.importance_loss = 0.0f;
     }
     return m;
@@ -5016,7 +5049,7 @@ static size_t acmoe__lm_params(acmoe_lm *L) {
         if (i > 0 && B->stage != B[-1].stage) acmoe__merge_params(L, B[-1].stage, B[-1].width, &used);
         snprintf(L->dir.prefix, sizeof L->dir.prefix, "layers.%d.", i);
         acmoe__block_params(L, B, &used);
-        snprintf(L->dir.prefix, sizeof L->dir.prefix, "layers.%d.moe.", i);
+        snprintf(L->dir.prefix, sizeof L->dir.prefix, B->letter == 'f' ? "layers.%d.ffn." : "layers.%d.moe.", i);
         L->dir.base = used;
         if (L->params && acmoe_moe_create(&B->moe, &md, L->params + used, L->grads + used) != ACMOE_OK) B->moe = NULL;
         used += acmoe__moe_directory(&md, &L->dir);
@@ -6888,12 +6921,41 @@ static int acmoe__state_from_metadata(const acmoe__parsed *m, acmoe_lm *L) {
 
 /* ---- checks against the planned model, then the data ---- */
 
-static int acmoe__stored_is(const acmoe__stored_tensor *t, int ndim, const int *shape) {
+static int acmoe__stored_is_shape(const int *stored, int ndim, const int *shape) {
     int i;
-    if (!t || t->ndim != ndim) return 0;
     for (i = 0; i < ndim; i++)
-        if (t->shape[i] != shape[i]) return 0;
+        if (stored[i] != shape[i]) return 0;
     return 1;
+}
+
+static int acmoe__stored_is(const acmoe__stored_tensor *t, int ndim, const int *shape) {
+    return t && t->ndim == ndim && acmoe__stored_is_shape(t->shape, ndim, shape);
+}
+
+/* The stored tensor of a planned one. Formats 2 and 3 kept a dense layer as a one-expert MoE
+   layer: "layers.i.moe.experts.w1" [1][..] for "layers.i.ffn.w1" [..]. */
+static const acmoe__stored_tensor *acmoe__stored_param(acmoe__parsed *m, int version, const acmoe__tensor_info *e) {
+    const char *ffn = strstr(e->name, ".ffn.");
+    char legacy[96];
+    const acmoe__stored_tensor *t;
+    if (version >= 4 || !ffn) return acmoe__stored_is(t = acmoe__find_tensor(m, e->name), e->ndim, e->shape) ? t : NULL;
+    snprintf(legacy, sizeof legacy, "%.*s.moe.experts.%s", (int)(ffn - e->name), e->name, ffn + 5);
+    t = acmoe__find_tensor(m, legacy);
+    return t && t->ndim == e->ndim + 1 && t->shape[0] == 1 && acmoe__stored_is_shape(t->shape + 1, e->ndim, e->shape)
+               ? t
+               : NULL;
+}
+
+/* The router tensors formats 2 and 3 stored for the dense layers, which are left unread. */
+static int acmoe__legacy_router_tensors(const acmoe__parsed *m, const acmoe_lm *L, int version) {
+    int i, j, count = 0;
+    for (i = 0; version < 4 && i < L->n_layers; i++) {
+        char prefix[48];
+        if (L->blocks[i].letter != 'f') continue;
+        snprintf(prefix, sizeof prefix, "layers.%d.moe.router.", i);
+        for (j = 0; j < m->n_tensors; j++) count += !strncmp(m->tensors[j].name, prefix, strlen(prefix));
+    }
+    return count;
 }
 
 /* The stored AC weights of the planned model's layer i, NULL for none; whether any stored
@@ -6916,13 +6978,11 @@ static const acmoe__stored_tensor *acmoe__stored_ac_weights(acmoe__parsed *m, co
 /* Whether the file holds exactly the planned model's tensors, each of its planned shape (the
    layout check already tied shapes to sizes), AC weights that fit their layers, and the Adam
    moments of a training state. */
-static int acmoe__tensors_match_plan(acmoe__parsed *m, const acmoe_lm *L, acmoe__contents contents) {
+static int acmoe__tensors_match_plan(acmoe__parsed *m, const acmoe_lm *L, int version, acmoe__contents contents) {
     const int n_params = (int)L->n_params;
-    int i, fits = 1, count = L->dir.count;
-    for (i = 0; i < L->dir.count; i++) {
-        const acmoe__tensor_info *e = &L->dir.entries[i];
-        if (!acmoe__stored_is(acmoe__find_tensor(m, e->name), e->ndim, e->shape)) return 0;
-    }
+    int i, fits = 1, count = L->dir.count + acmoe__legacy_router_tensors(m, L, version);
+    for (i = 0; i < L->dir.count; i++)
+        if (!acmoe__stored_param(m, version, &L->dir.entries[i])) return 0;
     for (i = 0; i < L->n_layers; i++) count += acmoe__stored_ac_weights(m, L, i, &fits) != NULL;
     if (contents == ACMOE__CONTENTS_WEIGHTS) return fits && m->n_tensors == count;
     return fits && acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_m"), 1, &n_params) &&
@@ -6972,13 +7032,13 @@ static acmoe_status acmoe__read_ac_weights(FILE *f, long data_start, acmoe__pars
     return s;
 }
 
-static acmoe_status acmoe__read_tensors(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *L,
+static acmoe_status acmoe__read_tensors(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *L, int version,
                                         acmoe__contents contents) {
     acmoe_status s = ACMOE_OK;
     int i;
     for (i = 0; s == ACMOE_OK && i < L->dir.count; i++) {
         const acmoe__tensor_info *e = &L->dir.entries[i];
-        s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, e->name), L->params + e->offset, e->count);
+        s = acmoe__read_floats(f, data_start, acmoe__stored_param(m, version, e), L->params + e->offset, e->count);
     }
     for (i = 0; s == ACMOE_OK && i < L->n_layers; i++) s = acmoe__read_ac_weights(f, data_start, m, L, i);
     if (contents == ACMOE__CONTENTS_TRAINING) {
@@ -7021,11 +7081,11 @@ static acmoe_status acmoe__load_model(FILE *f, long data_start, uint64_t data_si
     if (!acmoe__layout_exact(m, data_size) || !acmoe__meta_from_parsed(m, &meta)) return ACMOE_ERR_FORMAT;
     s = acmoe__lm_plan(&L, &meta.desc);
     if (s != ACMOE_OK) return s == ACMOE_ERR_NOMEM ? s : ACMOE_ERR_FORMAT;
-    if (!acmoe__tensors_match_plan(m, L, meta.contents)) s = ACMOE_ERR_FORMAT;
+    if (!acmoe__tensors_match_plan(m, L, meta.version, meta.contents)) s = ACMOE_ERR_FORMAT;
     if (s == ACMOE_OK && meta.version >= 3) s = acmoe__check_crc(f, data_start, data_size, meta.crc);
     if (s == ACMOE_OK) s = acmoe__lm_build(L);
     if (s == ACMOE_OK && !acmoe__state_from_metadata(m, L)) s = ACMOE_ERR_FORMAT;
-    if (s == ACMOE_OK) s = acmoe__read_tensors(f, data_start, m, L, meta.contents);
+    if (s == ACMOE_OK) s = acmoe__read_tensors(f, data_start, m, L, meta.version, meta.contents);
     if (s != ACMOE_OK) {
         acmoe_lm_destroy(L);
         return s;

@@ -548,6 +548,29 @@ static void nine_digit_floats(bytes *b) {
     }
 }
 
+/* Layer 1 of small_desc's model, dense, as formats 2 and 3 stored it: a one-expert MoE
+   layer with a router (its tensors at the end of the data). */
+static void legacy_dense_layer(bytes *b) {
+    static const struct {
+        const char *from, *to;
+    } names[] = {
+        {"\"layers.1.ffn.w1\":{\"dtype\":\"F32\",\"shape\":[6,8]", "\"layers.1.moe.experts.w1\":{\"dtype\":\"F32\",\"shape\":[1,6,8]"},
+        {"\"layers.1.ffn.b1\":{\"dtype\":\"F32\",\"shape\":[6]", "\"layers.1.moe.experts.b1\":{\"dtype\":\"F32\",\"shape\":[1,6]"},
+        {"\"layers.1.ffn.w2\":{\"dtype\":\"F32\",\"shape\":[8,6]", "\"layers.1.moe.experts.w2\":{\"dtype\":\"F32\",\"shape\":[1,8,6]"},
+        {"\"layers.1.ffn.b2\":{\"dtype\":\"F32\",\"shape\":[8]", "\"layers.1.moe.experts.b2\":{\"dtype\":\"F32\",\"shape\":[1,8]"},
+    };
+    const size_t end = b->size - data_start(b);
+    char router[256];
+    int i;
+    for (i = 0; i < 4; i++) CHECKF(edit_header(b, names[i].from, names[i].to), "%s", names[i].from);
+    splice_data(b, end, 0, 9 * 4);
+    snprintf(router, sizeof router,
+             ",\"layers.1.moe.router.weight\":{\"dtype\":\"F32\",\"shape\":[1,8],\"data_offsets\":[%lu,%lu]},"
+             "\"layers.1.moe.router.bias\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[%lu,%lu]},\"optimizer.adam_m\"",
+             (unsigned long)end, (unsigned long)end + 32, (unsigned long)end + 32, (unsigned long)end + 36);
+    CHECK(edit_header(b, ",\"optimizer.adam_m\"", router));
+}
+
 /* The acmoe-lm-4 header of a model without AC weights as format acmoe-lm-3 wrote it: no
    contents entry, enum values as numbers. */
 static void to_format_3(bytes *b) {
@@ -567,6 +590,8 @@ static void to_format_3(bytes *b) {
     CHECK(remove_entry(b, "contents"));
     for (i = 0; i < (int)(sizeof enums / sizeof enums[0]); i++) CHECKF(edit_header(b, enums[i].from, enums[i].to), "%s", enums[i].from);
     nine_digit_floats(b);
+    if (in_header(b, "\"layers.1.ffn.w1\"")) legacy_dense_layer(b);
+    fix_crc(b);
 }
 
 /* ... and as format acmoe-lm-2 wrote it: no checksum or training options, groups counted
