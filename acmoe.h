@@ -4884,15 +4884,17 @@ ACMOE_API acmoe_status acmoe_option_set(const acmoe_option *o, void *desc, const
     return ACMOE_OK;
 }
 
-/* The fewest significant digits that read back as f ("0.01", not "0.00999999978"). */
+/* The shortest of f's %g forms that reads back as f ("0.01", not "0.00999999978"; "10", not
+   "1e+01"). */
 static int acmoe__format_float(float f, char *text, size_t cap) {
-    char digits[32];
+    char digits[32], best[32];
     int precision;
+    snprintf(best, sizeof best, "%.9g", (double)f); /* always reads back */
     for (precision = 1; precision < 9; precision++) {
         snprintf(digits, sizeof digits, "%.*g", precision, (double)f);
-        if (strtof(digits, NULL) == f) break;
+        if (strtof(digits, NULL) == f && strlen(digits) < strlen(best)) strcpy(best, digits);
     }
-    return snprintf(text, cap, "%.*g", precision, (double)f);
+    return snprintf(text, cap, "%s", best);
 }
 
 ACMOE_API int acmoe_option_format(const acmoe_option *o, const void *desc, char *text, size_t cap) {

@@ -121,6 +121,23 @@ def read_safetensors(path):
 # Routing context: what a gate needs besides its parameters and input
 
 
+ACTIVATIONS = ["relu", "gelu", "swiglu"]  # acmoe_enum_name(ACMOE_ENUM_ACTIVATION, i)
+GROUPS = ["default", "batch", "sequence", "position"]  # ACMOE_ENUM_GROUP
+
+
+def enum_value(names, text):
+    """An enum by the name acmoe-lm-4 metadata stores."""
+    return names.index(text)
+
+
+def layer_tensors(L):
+    """A layer's FFN tensors by their names after "moe.": a dense layer's ("ffn.w1" [f, d], ...)
+    as the one expert of an MoE layer ("experts.w1" [1, f, d], ...)."""
+    M = {k[len("moe."):]: v for k, v in L.items() if k.startswith("moe.")}
+    M.update({"experts." + k[len("ffn."):]: v.unsqueeze(0) for k, v in L.items() if k.startswith("ffn.")})
+    return M
+
+
 class Ctx:
     """One forward pass: sizes, options from the checkpoint, and what the gates observed."""
 
@@ -128,10 +145,9 @@ class Ctx:
         self.batch, self.seq, self.vision = batch, seq, vision
         self.n_experts = int(meta["n_experts"])
         self.top_k = int(meta["top_k"])
-        self.activation = int(meta["activation"])
-        # ACMOE_GROUP_DEFAULT 0 (position: a model always knows its sequence length), _BATCH 1,
-        # _SEQUENCE 2, _POSITION 3
-        self.group = int(meta["moe.group"])
+        self.activation = enum_value(ACTIVATIONS, meta["activation"])
+        # default (position: a model always knows its sequence length), batch, sequence, position
+        self.group = enum_value(GROUPS, meta["moe.group"])
         self.soft_slots = int(meta["moe.soft_slots"]) or 1
         self.mix_k = int(meta.get("moe.mix_k", "0")) or 8
         self.usmoe_budget = float(meta["moe.usmoe_budget"]) or float(self.top_k)
@@ -562,7 +578,7 @@ def trunk(P, meta, x, ctx, causal):
     prev = None
     for i, letter in enumerate(meta["pattern"]):
         L = {k[len("layers.%d." % i):]: v for k, v in P.items() if k.startswith("layers.%d." % i)}
-        M = {k[len("moe."):]: v for k, v in L.items() if k.startswith("moe.")}
+        M = layer_tensors(L)
 
         def attn(h):
             return attention(h, L["attn.qkv.weight"], L["attn.qkv.bias"], L["attn.out.weight"],
@@ -747,7 +763,7 @@ def swin_layout(meta):
 @backbone("Swin", lambda meta: int(meta.get("n_classes", "0")) > 0 and int(meta.get("window", "0")) > 0)
 def swin(P, meta, data, ctx_for):
     stages, names = swin_layout(meta)
-    have = {k: tuple(v.shape) for k, v in P.items() if ".moe." not in k}
+    have = {k: tuple(v.shape) for k, v in P.items() if ".moe." not in k and ".ffn." not in k}
     if have != names:
         raise Mismatch("the checkpoint's tensors are not the Swin layout's: missing %s, unexpected %s" % (
             sorted((k, v) for k, v in names.items() if have.get(k) != v),
@@ -770,7 +786,7 @@ def swin(P, meta, data, ctx_for):
         prev = None  # L973-976: each stage starts without labels
         for j, letter in enumerate(letters):
             L = {k[len("layers.%d." % i):]: v for k, v in P.items() if k.startswith("layers.%d." % i)}
-            Mo = {k[len("moe."):]: v for k, v in L.items() if k.startswith("moe.")}
+            Mo = layer_tensors(L)
             shift = ws // 2 if j % 2 == 1 and grid > window else 0  # L700, L314-317
             ctx.layer = i
             h = x + window_attention(L, layer_norm(x, L["ln1.weight"], L["ln1.bias"]), batch, grid, ws, shift, heads)
@@ -800,12 +816,16 @@ def relative_error(a, b):
 
 def supported(meta):
     """Raises Unsupported for options the authors' code paths here do not have."""
-    zero = ["dropout", "moe.capacity", "moe.balance_alpha", "moe.z_loss", "moe.ac.eps", "moe.ac.clip",
-            "moe.ac.scaling", "moe.ac.dispersion", "moe.ac.robust", "moe.ac_weight_experts", "moe.ac_mix_labels",
-            "moe.no_router_bias", "moe.no_reprojection", "moe.gate_noise", "moe.importance_loss"]
+    zero = ["dropout", "moe.capacity", "moe.balance_alpha", "moe.z_loss", "moe.ac.robust", "moe.ac_weight_experts",
+            "moe.ac_mix_labels", "moe.no_router_bias", "moe.no_reprojection", "moe.gate_noise", "moe.importance_loss"]
     for key in zero:
         if float(meta.get(key, "0")) != 0.0:
             raise Unsupported("%s = %s (the reference runs have none)" % (key, meta[key]))
+    # the AC options as the language-model defaults resolve them (the router letters' own apply on top)
+    defaults = {"moe.ac.eps": "0.0001", "moe.ac.clip": "10", "moe.ac.scaling": "per-feature", "moe.ac.dispersion": "mad"}
+    for key, value in defaults.items():
+        if meta.get(key) != value:
+            raise Unsupported("%s = %s (the reference runs have %s)" % (key, meta.get(key), value))
     for letter in meta["pattern"].replace("|", ""):
         if letter not in GATES:
             raise Unsupported("router '%s' has no reference gate yet" % letter)
@@ -814,7 +834,7 @@ def supported(meta):
 def run(meta, params, bmeta, data, acmoe_reading):
     """Forward and backward in float64: (logits, loss, {name: grad}, ctx)."""
     P = {name: torch.tensor(v.astype(np.float64), requires_grad=True)
-         for name, v in params.items() if not name.startswith("optimizer.")}
+         for name, v in params.items() if not name.startswith("optimizer.") and not name.endswith(".ac_weights")}
     training = bmeta.get("train", "1") == "1"
     noise = {int(name[len("noise.layers."):]): v for name, v in data.items() if name.startswith("noise.layers.")}
     ctx_for = lambda batch, seq, vision: Ctx(meta, batch, seq, vision, acmoe_reading, training, noise)  # noqa: E731

@@ -186,8 +186,9 @@ static unsigned char *read_file(const char *path, size_t *size) {
     return data;
 }
 
-/* The gradient file: the checkpoint with the gradient buffer over the parameter data, after
-   checking that the data is the parameter buffer as it was saved (params), in order. */
+/* The gradient file: the checkpoint with the gradient buffer over the parameter data (and
+   zeros over the AC weights and moments after it), after checking that the data is the
+   parameter buffer as it was saved (params), in order. */
 static int write_grads(const char *checkpoint, const char *path, const float *params, const float *grads, size_t n) {
     size_t size = 0, header_len = 0, start;
     unsigned char *data = read_file(checkpoint, &size);
@@ -196,13 +197,13 @@ static int write_grads(const char *checkpoint, const char *path, const float *pa
     if (!data || size < 8) return free(data), 0;
     for (i = 0; i < 8; i++) header_len |= (size_t)data[i] << (8 * i);
     start = 8 + header_len;
-    ok = size == start + 3 * n * sizeof(float) && !memcmp(data + start, params, n * sizeof(float));
+    ok = size >= start + 3 * n * sizeof(float) && !memcmp(data + start, params, n * sizeof(float));
     if (!ok) {
         fprintf(stderr, "reference_dump: %s: the data is not the parameter buffer in order\n", checkpoint);
         return free(data), 0;
     }
     memcpy(data + start, grads, n * sizeof(float));
-    memset(data + start + n * sizeof(float), 0, 2 * n * sizeof(float));
+    memset(data + start + n * sizeof(float), 0, size - start - n * sizeof(float)); /* AC weights, moments */
     f = fopen(path, "wb");
     ok = f && fwrite(data, 1, size, f) == size;
     if (f && fclose(f) != 0) ok = 0;
