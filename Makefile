@@ -35,25 +35,31 @@ test: test-readme test-cpp test-examples test-small-examples test-install test-u
 
 test-examples: $(B)/train_lm $(B)/train_vit
 	./$(B)/train_lm --data builtin --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
-	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg --seeds 2
+	    --d-ff 16 --warmup 2 --eval-every 2 --eval-batches 1 --log-every 2 --sample 20 --compare ggc,ggg --seeds 2 \
+	    > $(B)/compare-lm.log; status=$$?; cat $(B)/compare-lm.log; test $$status -eq 0
+	grep -q "^ggc (SMoE, SMoE, AC)  *[0-9]" $(B)/compare-lm.log
+	grep -q "^ggc (SMoE, SMoE, AC) - ggg (SMoE, SMoE, SMoE), clean: .* bpc (sd .* over 2 seeds)" $(B)/compare-lm.log
 	./$(B)/train_vit --data builtin --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
 	    --warmup 2 --log-every 2 --compare ggc,gma --seeds 2 > $(B)/vit-flags.log
-	grep -q "layer 2 AC options: eps 0.0001, clip 1.5, preclip scaling, mad dispersion, weighted" $(B)/vit-flags.log
-	grep -q "layer 2 Soft MoE: 1 slot(s) per expert for each image" $(B)/vit-flags.log
+	grep -q "layer 3 AC options: eps 0.0001, clip 1.5, preclip scaling, mad dispersion, weighted" $(B)/vit-flags.log
+	grep -q "layer 3 Soft MoE: 1 slot(s) per expert for each image" $(B)/vit-flags.log
+	grep -q "^ggc (SMoE, SMoE, AC) - gma (SMoE, Soft MoE, AC Soft MoE), blanked: .* points (sd .* over 2 seeds)" \
+	    $(B)/vit-flags.log
 	./$(B)/train_vit --data builtin --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
 	    --warmup 2 --log-every 2 --window 2 --compare "gt|tw,ff|na" > $(B)/swin.log
-	grep -q "layer 3 AC options: eps 0.0001, clip 1.5, preclip scaling, mad dispersion, weighted" $(B)/swin.log
-	grep -q "layer 1 Swin-MoE gate: noise 1 / E in training, capacity 1.25, load and importance loss 0.01" $(B)/swin.log
+	grep -q "layer 4 AC options: eps 0.0001, clip 1.5, preclip scaling, mad dispersion, weighted" $(B)/swin.log
+	grep -q "layer 2 Swin-MoE gate: noise 1 / E in training, capacity 1.25, load and importance loss 0.01" $(B)/swin.log
+	grep -q "^gt|tw (SMoE, Swin-MoE | Swin-MoE, AC Swin-MoE) " $(B)/swin.log
 	./$(B)/train_vit --data builtin --pattern "gt|tw" 2>/dev/null; test $$? -eq 2
 	./$(B)/train_vit --data builtin --window 2 --pattern "gt|wt" 2>/dev/null; test $$? -eq 2
 	./$(B)/train_lm --data builtin --steps 2 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --eval-every 2 --eval-batches 1 --sample 0 --pattern gcxum --activation gelu --ac-eps 0.001 \
 	    --ac-clip 8 --ac-dispersion variance --usmoe-budget 1.5 --usmoe-rho 0.3 --usmoe-group position \
 	    --soft-slots 2 --proj-dim 4 > $(B)/lm-flags.log
-	grep -q "layer 1 AC options: eps 0.001, clip 8, per-feature scaling, variance dispersion$$" $(B)/lm-flags.log
-	grep -q "layer 2 XMoE projection: 4 wide" $(B)/lm-flags.log
-	grep -q "layer 3 USMoE: budget 1.5 pairs per token of each position, rho 0.3" $(B)/lm-flags.log
-	grep -q "layer 4 Soft MoE: 2 slot(s) per expert for each position" $(B)/lm-flags.log
+	grep -q "layer 2 AC options: eps 0.001, clip 8, per-feature scaling, variance dispersion$$" $(B)/lm-flags.log
+	grep -q "layer 3 XMoE projection: 4 wide" $(B)/lm-flags.log
+	grep -q "layer 4 USMoE: budget 1.5 pairs per token of each position, rho 0.3" $(B)/lm-flags.log
+	grep -q "layer 5 Soft MoE: 2 slot(s) per expert for each position" $(B)/lm-flags.log
 	./$(B)/train_lm --ac-scaling none 2>/dev/null; test $$? -eq 2
 	@echo "data that cannot be used is an error (status 2, naming the path), never a switch to the builtin data"
 	: > $(B)/empty.csv; printf '1,2,3\n' > $(B)/malformed.csv; printf 'too short' > $(B)/short.txt

@@ -8,6 +8,7 @@
      train_vit --save vit.safetensors --steps 1000                  ... then continue it exactly:
      train_vit --resume vit.safetensors                             (the model and training flags
                                                                     come from the checkpoint)
+     train_vit --compare ggg,ggc --log vit.jsonl                    JSON lines for plot_log
      train_vit --help                                               every flag and its default
 
    AC layers take the paper's vision options: 'c' layers (top-k) those of its Swin-MoE models
@@ -29,10 +30,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+#include <unistd.h>
 
 #define ACMOE_IMPLEMENTATION
 #include "../acmoe.h"
+#include "report.h"
 #include "vit_options.h"
 
 typedef vit_options options;
@@ -41,17 +43,6 @@ typedef vit_options options;
 #define SIDE DIGITS_SIDE
 #define PIXELS DIGITS_PIXELS
 #define CLASSES DIGITS_CLASSES
-
-/* The options from the command line, each flag in its range and the flags agreeing;
-   anything else exits with status 2 before any data is read. */
-static options parse_options(int argc, char **argv, cli *c) {
-    options o = vit_options_defaults();
-    char why[256];
-    cli_init(c, PROGRAM, vit_flags, sizeof vit_flags / sizeof vit_flags[0]);
-    cli_parse(c, argc, argv, &o);
-    if (!vit_options_valid(&o, why, sizeof why)) cli_fail(PROGRAM, "%s", why);
-    return o;
-}
 
 static void check(acmoe_status s, const char *what) {
     if (s == ACMOE_OK) return;
@@ -130,34 +121,57 @@ static void to_patches(const dataset *ds, const int *index, int count, int patch
 
 /* ---- training and testing ---- */
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 typedef struct result {
-    char pattern[64];
-    double accuracy[CORRUPTIONS], images_per_second;
+    char pattern[MOE_PATTERN_MAX + 1];
+    double accuracy[CORRUPTIONS], images_per_second, imbalance;
 } result;
 
-/* Share of the test images (corrupted as kind says, the same way for every model) the
-   model classifies right, in fixed batches. */
-static double test_accuracy(acmoe_lm *lm, acmoe_ctx *ctx, const dataset *test, const options *o, int kind,
-                            float *patches, int *index) {
+/* A batch's room: patches, labels and the images' indices. */
+typedef struct batch {
+    float *patches;
+    int32_t *labels;
+    int *index;
+} batch;
+
+static batch batch_create(int size) {
+    batch b;
+    b.patches = (float *)malloc(sizeof(float) * PIXELS * (size_t)size);
+    b.labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)size);
+    b.index = (int *)malloc(sizeof(int) * (size_t)size);
+    if (!b.patches || !b.labels || !b.index) check(ACMOE_ERR_NOMEM, "batch");
+    return b;
+}
+
+static void batch_free(batch *b) { free(b->patches), free(b->labels), free(b->index); }
+
+/* The test images corrupted as kind says, the same way for every model. */
+static dataset corrupted_copy(const dataset *test, int kind) {
     dataset corrupted = *test;
     acmoe_rng rng;
-    int i, b, count, right = 0;
+    int i;
     corrupted.pixels = (float *)malloc(sizeof(float) * PIXELS * (size_t)test->count);
-    if (!corrupted.pixels) exit(1);
+    if (!corrupted.pixels) check(ACMOE_ERR_NOMEM, "test images");
     memcpy(corrupted.pixels, test->pixels, sizeof(float) * PIXELS * (size_t)test->count);
     acmoe_rng_seed(&rng, 1000 + (uint64_t)kind);
     for (i = 0; i < test->count; i++) corrupt(&rng, kind, corrupted.pixels + (size_t)i * PIXELS);
+    return corrupted;
+}
+
+/* Share of the test images (corrupted as kind says) the model classifies right, and their
+   mean loss in *loss, in fixed batches. */
+static double test_accuracy(acmoe_lm *lm, acmoe_ctx *ctx, const dataset *test, const options *o, int kind, batch *room,
+                            double *loss) {
+    dataset corrupted = corrupted_copy(test, kind);
+    const int size = o->run.model.batch;
+    int i, b, count, right = 0;
+    double loss_sum = 0.0;
     for (i = 0; i < test->count; i += count) {
-        count = test->count - i < o->batch ? test->count - i : o->batch;
-        for (b = 0; b < count; b++) index[b] = i + b;
-        to_patches(&corrupted, index, count, o->patch, patches);
-        check(acmoe_lm_forward_patches(lm, ctx, patches, NULL, count, 0, NULL), "test");
+        float batch_loss = 0.0f;
+        count = test->count - i < size ? test->count - i : size;
+        for (b = 0; b < count; b++) room->index[b] = i + b, room->labels[b] = test->labels[i + b];
+        to_patches(&corrupted, room->index, count, o->patch, room->patches);
+        check(acmoe_lm_forward_patches(lm, ctx, room->patches, room->labels, count, 0, &batch_loss), "test");
+        loss_sum += (double)batch_loss * count;
         for (b = 0; b < count; b++) {
             const float *z = acmoe_lm_logits(lm) + (size_t)b * CLASSES;
             int c, best = 0;
@@ -166,139 +180,135 @@ static double test_accuracy(acmoe_lm *lm, acmoe_ctx *ctx, const dataset *test, c
         }
     }
     free(corrupted.pixels);
+    if (loss) *loss = loss_sum / test->count;
     return (double)right / test->count;
 }
 
 /* Exits with status 2 when the flags describe no model the library makes (status 1 for
    other failures, such as memory). */
 static acmoe_lm *create_model(const options *o, const char *pattern, long seed) {
-    acmoe_lm_desc d;
+    acmoe_lm_desc d = o->run.model;
     acmoe_lm *lm = NULL;
     acmoe_status s;
-    memset(&d, 0, sizeof d);
     d.n_classes = CLASSES, d.patch_dim = o->patch * o->patch, d.seq_len = PIXELS / d.patch_dim;
-    d.d_model = o->d_model, d.n_heads = o->heads, d.batch = o->batch, d.pattern = pattern, d.d_ff = o->d_ff;
-    d.n_experts = o->experts, d.top_k = o->top_k, d.pre_ln = o->pre_ln, d.seed = (uint64_t)seed;
-    d.dropout = o->dropout, d.window = o->window;
-    moe_flags_apply(&o->moe, &d);
+    d.pattern = pattern, d.seed = (uint64_t)seed;
     s = acmoe_lm_create(&lm, &d);
     if (s == ACMOE_ERR_SHAPE || s == ACMOE_ERR_ARG) cli_fail(PROGRAM, "pattern %s with these flags: %s", pattern, acmoe_status_string(s));
     check(s, "model");
     return lm;
 }
 
-/* The checkpoint path of a model: --save itself, or with --compare, pattern- and
-   seed-suffixed. The flag table bounds --save so that the path fits CHECKPOINT_PATH. */
-#define CHECKPOINT_PATH 4096
-static void checkpoint_path(const options *o, const char *pattern, long seed, char *path, size_t cap) {
-    const int length = o->compare ? snprintf(path, cap, "%s.%s.s%ld", o->save, pattern, seed)
-                                  : snprintf(path, cap, "%s", o->save);
-    if (length < 0 || (size_t)length >= cap) cli_fail(PROGRAM, "--save %.40s...: too long a path", o->save);
+/* What a training run reports to: the display, the log, the checkpoints. */
+typedef struct run {
+    const options *o;
+    run_report report;
+    const dataset *test;
+    batch *room;
+} run;
+
+/* At each progress point: the bar, the clean test loss (the curve plot_log draws) and a
+   checkpoint. */
+static void report_step(const run *u, acmoe_lm *lm, acmoe_ctx *ctx, long step, float loss, float lr, float norm,
+                         double images_per_second, double eta) {
+    const options *o = u->o;
+    const int patches = PIXELS / (o->patch * o->patch);
+    double test_loss = 0.0, accuracy;
+    print_progress(u->report.interactive, step, o->run.steps, loss, lr, images_per_second, "img/s", eta);
+    log_step(&u->report, step, loss, lr, norm, images_per_second * patches);
+    accuracy = test_accuracy(lm, ctx, u->test, o, 0, u->room, &test_loss);
+    if (u->report.interactive) printf("\n");
+    printf("  test step %ld: loss %.4f  accuracy %.1f %%\n", step, test_loss, 100.0 * accuracy);
+    log_eval(&u->report, step, test_loss, 0, 0.0);
+    log_layers(&u->report, lm, step); /* the layers' stats are the test call's */
+    checkpoint_save(&o->run, PROGRAM, lm, u->report.pattern, u->report.seed);
 }
 
 /* Trains the model up to --steps from the step it has taken; its batches come from a
    generator seeded by the seed, the same for every pattern (and for a resumed run, which
    draws the batches of the steps taken again). Images per second. */
-static double train_steps(acmoe_lm *lm, acmoe_ctx *ctx, const options *o, const char *pattern, long seed,
-                          const dataset *train, float *patches, int32_t *labels, int *index) {
-    const long first = acmoe_lm_steps_taken(lm) + 1;
-    acmoe_optim_desc opt;
+static double train_steps(acmoe_lm *lm, acmoe_ctx *ctx, const run *u, const dataset *train, batch *room) {
+    const options *o = u->o;
+    const int size = o->run.model.batch;
+    const long first = acmoe_lm_steps_taken(lm) + 1, steps = o->run.steps;
+    acmoe_optim_desc opt = o->run.optim;
     acmoe_rng rng;
-    char path[CHECKPOINT_PATH];
-    float loss = 0.0f;
+    float loss = 0.0f, norm = 0.0f;
     long step, draw;
     int b;
-    double start;
-    memset(&opt, 0, sizeof opt);
-    opt.lr = o->lr, opt.warmup_steps = o->warmup, opt.schedule = ACMOE_SCHEDULE_COSINE, opt.total_steps = o->steps;
-    opt.weight_decay = o->weight_decay, opt.clip_norm = o->clip;
-    acmoe_rng_seed(&rng, (uint64_t)seed * 7919u);
-    for (draw = 0; draw < (first - 1) * o->batch; draw++) acmoe_rng_below(&rng, (uint32_t)train->count);
-    start = now_seconds();
-    for (step = first; step <= o->steps; step++) {
-        for (b = 0; b < o->batch; b++) index[b] = (int)acmoe_rng_below(&rng, (uint32_t)train->count);
-        for (b = 0; b < o->batch; b++) labels[b] = train->labels[index[b]];
-        to_patches(train, index, o->batch, o->patch, patches);
-        check(acmoe_lm_forward_patches(lm, ctx, patches, labels, o->batch, 1, &loss), "forward");
+    double start = now_seconds(), busy = 0.0;
+    opt.total_steps = (int)steps;
+    acmoe_rng_seed(&rng, (uint64_t)u->report.seed * 7919u);
+    for (draw = 0; draw < (first - 1) * size; draw++) acmoe_rng_below(&rng, (uint32_t)train->count);
+    for (step = first; step <= steps; step++) {
+        for (b = 0; b < size; b++) room->index[b] = (int)acmoe_rng_below(&rng, (uint32_t)train->count);
+        for (b = 0; b < size; b++) room->labels[b] = train->labels[room->index[b]];
+        to_patches(train, room->index, size, o->patch, room->patches);
+        check(acmoe_lm_forward_patches(lm, ctx, room->patches, room->labels, size, 1, &loss), "forward");
         acmoe_lm_zero_grad(lm);
         check(acmoe_lm_backward(lm, ctx), "backward");
-        check(acmoe_lm_step(lm, ctx, &opt, NULL), "step");
-        if (step % o->log_every && step != o->steps) continue;
-        printf("step %5ld/%d  loss %.4f  lr %.2e\n", step, o->steps, loss, acmoe_lr_at(&opt, step));
-        if (!o->save) continue;
-        checkpoint_path(o, pattern, seed, path, sizeof path);
-        check(acmoe_lm_save(lm, path), path);
+        check(acmoe_lm_step(lm, ctx, &opt, &norm), "step");
+        if (step % o->run.log_every && step != steps) continue;
+        busy += now_seconds() - start; /* the tests at progress points are not training time */
+        report_step(u, lm, ctx, step, loss, acmoe_lr_at(&opt, step), norm, (double)(step - first + 1) * size / busy,
+                    eta_seconds(busy, step - first + 1, steps - first + 1));
+        start = now_seconds();
     }
-    if (first > o->steps) printf("  already at step %ld: nothing to train\n", first - 1);
-    return first > o->steps ? 0.0 : (double)(o->steps - first + 1) * o->batch / (now_seconds() - start);
+    if (first > steps) printf("  already at step %ld: nothing to train\n", first - 1);
+    return first > steps ? 0.0 : (double)(steps - first + 1) * size / busy;
 }
 
 /* Trains the resumed model, or a new one of the pattern and seed, and tests it. */
 static result train_one(const options *o, const char *pattern, long seed, const dataset *train, const dataset *test,
-                        acmoe_ctx *ctx, acmoe_lm *resumed) {
+                        acmoe_ctx *ctx, acmoe_lm *resumed, FILE *log) {
     acmoe_lm *lm = resumed ? resumed : create_model(o, pattern, seed);
     const acmoe_lm_desc d = acmoe_lm_settings(lm);
+    batch room = batch_create(o->run.model.batch);
+    char label[PATTERN_LABEL_MAX];
     result r;
-    float *patches = (float *)malloc(sizeof(float) * PIXELS * (size_t)o->batch);
-    int32_t *labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->batch);
-    int *index = (int *)malloc(sizeof(int) * (size_t)o->batch), k;
-    if (!patches || !labels || !index) check(ACMOE_ERR_NOMEM, "batch");
+    run u;
+    int k;
     memset(&r, 0, sizeof r);
     snprintf(r.pattern, sizeof r.pattern, "%.*s", MOE_PATTERN_MAX, pattern);
-    printf("\n== pattern %s, seed %ld: %lu parameters, %d patches of %d pixels per image\n", pattern, seed,
+    pattern_label(pattern, label, sizeof label);
+    printf("\n== pattern %s, seed %ld: %lu parameters, %d patches of %d pixels per image\n", label, seed,
            (unsigned long)acmoe_lm_param_count(lm), d.seq_len, d.patch_dim);
-    moe_print_settings(lm);
-    r.images_per_second = train_steps(lm, ctx, o, pattern, seed, train, patches, labels, index);
-    moe_print_stability(lm);
+    print_layer_settings(lm);
+    u.o = o, u.test = test, u.room = &room;
+    u.report.pattern = r.pattern, u.report.seed = seed, u.report.interactive = isatty(STDOUT_FILENO), u.report.log = log;
+    r.images_per_second = train_steps(lm, ctx, &u, train, &room);
     printf("  test accuracy:");
     for (k = 0; k < CORRUPTIONS; k++) {
-        r.accuracy[k] = test_accuracy(lm, ctx, test, o, k, patches, index);
+        r.accuracy[k] = test_accuracy(lm, ctx, test, o, k, &room, NULL);
         printf("  %s %.1f %%", corruption_names[k], 100.0 * r.accuracy[k]);
     }
     printf("  (%.0f images/s in training)\n", r.images_per_second);
+    test_accuracy(lm, ctx, test, o, 0, &room, NULL); /* the layers' stats of a clean test call */
+    r.imbalance = print_loads(lm, 1);
+    print_stability(lm);
     acmoe_lm_destroy(lm);
-    free(patches), free(labels), free(index);
+    batch_free(&room);
     return r;
 }
 
 /* ---- resuming ---- */
 
-/* The options of the checkpoint's run: its model's flags, and its training's where the
-   checkpoint keeps them (the seed is the model's: it also orders the batches); the rest as
-   o has them. */
-static options options_of_checkpoint(const acmoe_lm_desc *d, const acmoe_train_desc *t, const options *o) {
-    options k = *o;
-    k.pattern = d->pattern, k.batch = d->batch, k.patch = (int)sqrt((double)d->patch_dim), k.d_model = d->d_model;
-    k.heads = d->n_heads, k.experts = d->n_experts, k.top_k = d->top_k, k.d_ff = d->d_ff, k.pre_ln = d->pre_ln;
-    k.dropout = d->dropout, k.moe = moe_flags_of_model(d), k.seed = (long)d->seed, k.window = d->window;
-    if (!(t->optim.lr > 0.0f)) return k; /* all zero for a checkpoint that keeps no training options */
-    k.lr = t->optim.lr, k.warmup = t->optim.warmup_steps, k.weight_decay = t->optim.weight_decay;
-    k.clip = t->optim.clip_norm, k.steps = t->optim.total_steps;
-    return k;
-}
-
 /* The checkpoint's model, with o set to the checkpoint's run, so that the resumed run is
    the run it continues. A flag given with another value, or a checkpoint of another kind
    of model, exits with status 2. */
 static acmoe_lm *resume_run(options *o, const cli *c) {
-    acmoe_lm *lm = NULL;
-    acmoe_lm_desc d;
-    acmoe_train_desc t;
-    options k;
-    const acmoe_status s = acmoe_lm_load(&lm, o->resume);
-    int patch;
-    if (s != ACMOE_OK) cli_fail(PROGRAM, "--resume %s: %s", o->resume, acmoe_status_string(s));
-    d = acmoe_lm_settings(lm), t = acmoe_lm_train_settings(lm);
-    patch = (int)sqrt((double)d.patch_dim);
+    acmoe_lm *lm = run_load_checkpoint(&o->run, PROGRAM);
+    const acmoe_lm_desc d = acmoe_lm_settings(lm);
+    const int patch = (int)sqrt((double)d.patch_dim);
+    options k = *o;
+    int has_training;
     if (d.n_classes != CLASSES || patch * patch != d.patch_dim || SIDE % patch || d.seq_len * d.patch_dim != PIXELS)
-        cli_fail(PROGRAM, "--resume %s: not a classifier of 8 x 8 images into 10 classes", o->resume);
-    k = options_of_checkpoint(&d, &t, o);
+        cli_fail(PROGRAM, "--resume %s: not a classifier of 8 x 8 images into 10 classes", o->run.resume);
+    has_training = run_of_checkpoint(lm, &k.run);
+    k.patch = patch;
     cli_refuse_conflicts(c, o, &k);
+    if (has_training) k.run.steps = run_resumed_steps(c, &o->run, &k.run.optim);
     *o = k;
-    printf("resuming %s at step %ld of %d: pattern %s, batch %d, patch %d, seed %ld", o->resume,
-           acmoe_lm_steps_taken(lm), o->steps, o->pattern, o->batch, o->patch, o->seed);
-    if (t.optim.lr > 0.0f) printf(", lr %g, warmup %d from the checkpoint\n", o->lr, o->warmup);
-    else printf(" from the checkpoint, which keeps no training flags: those given or their defaults\n");
+    run_print_resumed(&o->run, lm, has_training);
     return lm;
 }
 
@@ -319,51 +329,70 @@ static void split(const dataset *all, dataset *train, dataset *test) {
     free(order);
 }
 
-static void print_comparison(const result *r, int patterns, int seeds, const options *o) {
-    int p, k, s;
-    printf("\n== comparison (%d steps, batch %d, %d seed%s; test accuracy %%, mean (sd) over seeds)\n", o->steps,
-           o->batch, seeds, seeds > 1 ? "s" : "");
-    printf("%-10s", "pattern");
+/* One row per pattern, named with its routers: test accuracy per corruption, mean (sd) over
+   the seeds, speed and the worst expert imbalance; then, with several seeds, each pattern
+   against the first, paired by seed (same batches, same test images and corruptions). */
+static void print_comparison(result r[][RUN_MAX_SEEDS], int patterns, const options *o) {
+    static double accuracy[RUN_MAX_PATTERNS][CORRUPTIONS][RUN_MAX_SEEDS];
+    static char labels[RUN_MAX_PATTERNS][PATTERN_LABEL_MAX];
+    const int seeds = o->run.seeds;
+    int p, k, s, column;
+    for (p = 0; p < patterns; p++) pattern_label(r[p][0].pattern, labels[p], sizeof labels[p]);
+    column = label_width(labels, patterns);
+    printf("\n== comparison (%d steps, batch %d, %d seed%s; test accuracy %%, mean (sd) over seeds)\n", o->run.steps,
+           o->run.model.batch, seeds, seeds > 1 ? "s" : "");
+    printf("%-*s", column, "pattern");
     for (k = 0; k < CORRUPTIONS; k++) printf(" %15s", corruption_names[k]);
-    printf(" %10s\n", "images/s");
+    printf(" %10s %13s\n", "images/s", "max/mean load");
     for (p = 0; p < patterns; p++) {
-        double speed = 0.0;
-        printf("%-10s", r[p * seeds].pattern);
+        double speed[RUN_MAX_SEEDS], load[RUN_MAX_SEEDS], mean, sd;
+        printf("%-*s", column, labels[p]);
         for (k = 0; k < CORRUPTIONS; k++) {
-            double mean = 0.0, var = 0.0;
-            for (s = 0; s < seeds; s++) mean += r[p * seeds + s].accuracy[k] / seeds;
-            for (s = 0; s < seeds; s++) var += pow(r[p * seeds + s].accuracy[k] - mean, 2) / (seeds > 1 ? seeds - 1 : 1);
-            printf("    %5.1f (%4.1f)", 100.0 * mean, 100.0 * sqrt(var));
+            for (s = 0; s < seeds; s++) accuracy[p][k][s] = 100.0 * r[p][s].accuracy[k];
+            mean_sd(accuracy[p][k], seeds, &mean, &sd);
+            printf("    %5.1f (%4.1f)", mean, sd);
         }
-        for (s = 0; s < seeds; s++) speed += r[p * seeds + s].images_per_second / seeds;
-        printf(" %10.0f\n", speed);
+        for (s = 0; s < seeds; s++) speed[s] = r[p][s].images_per_second, load[s] = r[p][s].imbalance;
+        mean_sd(speed, seeds, &mean, &sd);
+        printf(" %10.0f", mean);
+        mean_sd(load, seeds, &mean, &sd);
+        printf(" %13.2f\n", mean);
     }
+    for (p = 1; p < patterns && seeds > 1; p++)
+        for (k = 0; k < CORRUPTIONS; k++)
+            print_paired(r[0][0].pattern, r[p][0].pattern, corruption_names[k], accuracy[0][k], accuracy[p][k], seeds,
+                         "points", 1);
 }
 
 int main(int argc, char **argv) {
-    static result results[VIT_MAX_PATTERNS * VIT_MAX_SEEDS];
-    char patterns[VIT_MAX_PATTERNS][MOE_PATTERN_MAX + 1], why[256];
+    static result results[RUN_MAX_PATTERNS][RUN_MAX_SEEDS];
+    char patterns[RUN_MAX_PATTERNS][MOE_PATTERN_MAX + 1];
     acmoe_ctx_desc cd = acmoe_ctx_defaults();
     acmoe_ctx *ctx;
     acmoe_lm *resumed = NULL;
     dataset all, train, test;
     cli flags_given;
-    options o = parse_options(argc, argv, &flags_given);
+    options o = vit_options_defaults();
+    FILE *log;
     int n, p, s;
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress as it comes, through pipes too */
-    if (o.resume) resumed = resume_run(&o, &flags_given);
-    n = moe_split_patterns(o.compare ? o.compare : o.pattern, patterns, VIT_MAX_PATTERNS, why, sizeof why);
-    if (n == 0) cli_fail(PROGRAM, "%s", why); /* checked with the options; kept for a resumed pattern */
-    load_images(o.data, &all);
+    vit_cli_init(&flags_given);
+    cli_parse(&flags_given, argc, argv, &o); /* a bad command line exits before any data is read */
+    if (o.run.resume) resumed = resume_run(&o, &flags_given);
+    n = run_patterns(&o.run, PROGRAM, patterns);
+    load_images(o.run.data, &all);
     split(&all, &train, &test);
-    cd.n_threads = o.threads;
+    log = log_open(&o.run, PROGRAM);
+    cd.n_threads = o.run.threads;
+    cd.clock = now_seconds; /* layer timings */
     check(acmoe_ctx_create(&ctx, &cd), "context");
     printf("kernel path %s, %d threads\n", acmoe_isa_name(acmoe_ctx_settings(ctx).isa), acmoe_ctx_settings(ctx).n_threads);
     printf("%d training and %d test images\n", train.count, test.count);
-    for (p = 0; p < n; p++)
-        for (s = 0; s < o.seeds; s++)
-            results[p * o.seeds + s] = train_one(&o, patterns[p], o.seed + s, &train, &test, ctx, p == 0 ? resumed : NULL);
-    if (n > 1 || o.seeds > 1) print_comparison(results, n, o.seeds, &o);
+    for (s = 0; s < o.run.seeds; s++) /* seed by seed, so an interrupted run has whole pairings */
+        for (p = 0; p < n; p++)
+            results[p][s] = train_one(&o, patterns[p], o.run.seed + s, &train, &test, ctx, p == 0 ? resumed : NULL, log);
+    if (n > 1 || o.run.seeds > 1) print_comparison(results, n, &o);
+    if (log) fclose(log);
     dataset_free(&all), dataset_free(&train), dataset_free(&test);
     acmoe_ctx_destroy(ctx);
     return 0;

@@ -24,10 +24,12 @@ static const seed seeds[] = {
     {0, {"--pattern", "gcxum", "--activation", "gelu", "--ac-eps", "0.001", "--ac-clip", "8", "--ac-dispersion",
          "variance", "--usmoe-budget", "1.5", "--usmoe-rho", "0.3", "--usmoe-group", "position", "--soft-slots", "2",
          "--proj-dim", "4"}},
-    {0, {"--resume", "run.safetensors", "--steps", "2000", "--seq", "64", "--prompt", "The ", "--sample-top-p", "0.9"}},
+    {0, {"--resume", "run.safetensors", "--steps", "2000", "--seq", "64", "--prompt", "The ", "--sample-top-p", "0.9",
+         "--log", "run.jsonl"}},
     {0, {"--steps", "4294967297", "--pattern", "ggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggg"}},
     {1, {"--pattern", "gsobxcuetwmnaf", "--patch", "4", "--batch", "32", "--data", "builtin", "--save", "vit.safetensors"}},
     {1, {"--compare", "g,s,o,x,gc,u,e,m,ga,f", "--seeds", "2", "--ac-scaling", "postclip", "--dropout", "0.1"}},
+    {1, {"--window", "2", "--compare", "gt|tw,ff|na", "--schedule", "constant", "--usmoe-group", "sequence"}},
     {1, {"--lr", "nan", "--seed", "0", "--patch", "3", "--help"}},
 };
 
@@ -64,26 +66,20 @@ static void require_in_range(const cli *c, const void *options) {
     int f;
     for (f = 0; f < c->count; f++) {
         const flag *fl = &c->flags[f];
-        const char *p = (const char *)options + fl->offset;
-        double v = 0.0;
         if (fl->type == OPT_STR) {
-            const char *text = *(const char *const *)p;
-            if (!text) continue;
-            v = (double)strlen(text);
-            if (v < fl->min || (fl->max > 0 && v > fl->max)) abort();
+            const char *text = *(const char *const *)((const char *)options + fl->offset);
+            const double length = text ? (double)strlen(text) : 0.0;
+            if (text && (length < fl->min || (fl->max > 0 && length > fl->max))) abort();
             continue;
         }
-        if (fl->type == OPT_INT) v = *(const int *)p;
-        if (fl->type == OPT_LONG) v = (double)*(const long *)p;
-        if (fl->type == OPT_FLOAT) v = *(const float *)p;
-        if (!cli_in_range(fl, v)) abort();
+        if (!cli_in_range(fl, cli_number(fl, options))) abort();
     }
 }
 
 /* What a resumed run does with a command line: the first flag that differs from a
    checkpoint's (the defaults stand in for one), and both values as text. */
 static void compare_with_checkpoint(const cli *c, const void *options, const void *kept) {
-    char ours[64], theirs[64], range[64];
+    char ours[64], theirs[64], range[128];
     const int f = cli_first_conflict(c, options, kept);
     if (f < 0) return;
     cli_format_value(&c->flags[f], options, ours, sizeof ours);
@@ -91,26 +87,22 @@ static void compare_with_checkpoint(const cli *c, const void *options, const voi
     cli_format_range(&c->flags[f], range, sizeof range);
 }
 
-static void parse_lm(int argc, char **argv) {
-    const lm_options defaults = lm_options_defaults();
-    lm_options o = defaults;
-    char why[256];
-    cli c;
-    cli_init(&c, "train_lm", lm_flags, sizeof lm_flags / sizeof lm_flags[0]);
-    if (cli_parse_args(&c, argc, argv, &o) != CLI_OK) return;
-    require_in_range(&c, &o);
-    if (lm_options_valid(&o, why, sizeof why)) compare_with_checkpoint(&c, &o, &defaults);
-}
+/* A program's options: either struct, defaults, parsed, checked. */
+typedef union program_options {
+    lm_options lm;
+    vit_options vit;
+} program_options;
 
-static void parse_vit(int argc, char **argv) {
-    const vit_options defaults = vit_options_defaults();
-    vit_options o = defaults;
+static void parse(int vit, int argc, char **argv) {
+    program_options defaults, o;
     char why[256];
     cli c;
-    cli_init(&c, "train_vit", vit_flags, sizeof vit_flags / sizeof vit_flags[0]);
+    if (vit) defaults.vit = vit_options_defaults(), vit_cli_init(&c);
+    else defaults.lm = lm_options_defaults(), lm_cli_init(&c);
+    o = defaults;
     if (cli_parse_args(&c, argc, argv, &o) != CLI_OK) return;
     require_in_range(&c, &o);
-    if (vit_options_valid(&o, why, sizeof why)) compare_with_checkpoint(&c, &o, &defaults);
+    if (c.valid(&o, why, sizeof why)) compare_with_checkpoint(&c, &o, &defaults);
 }
 
 int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size);
@@ -126,8 +118,7 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size) {
     argv[argc++] = (char *)"fuzz";
     for (p = text, end = text + size - 1; p < end && argc < MAX_ARGS; p += strlen(p) + 1) argv[argc++] = p;
     argv[argc] = NULL;
-    if (data[0] % 2) parse_vit(argc, argv);
-    else parse_lm(argc, argv);
+    parse(data[0] % 2, argc, argv);
     free(text);
     return 0;
 }
