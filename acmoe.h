@@ -26,19 +26,20 @@
                             (threads need pthreads and the GCC/Clang __atomic builtins)
 
    CONTENTS
-     Declarations (under the include guard)
+     Declarations (under the include guard), numbered as the sections below
      1. Platform and CPU features   feature detection, kernel paths
-     2. Memory                      status strings, allocator, arena, tensors
+     2. Memory                      status strings, allocator
      3. Random numbers              xoshiro256** generator, uniform and normal draws
      4. Threads and contexts        thread pool, per-thread workspace
      5. Matrix multiplication       micro-kernels, column kernels, row kernels, packing, driver
-     6. Routers                     top-k gating, the Adaptive Clustering router
-     7. MoE layer                   parameters, dispatch, experts, forward and backward
-     8. Transformer pieces          layer norm, self-attention (causal or not), cross-entropy
-     9. Transformer models          decoder-only language model, vision encoder, decoding, sampling
-    10. Optimizer                   AdamW, learning-rate schedules, gradient clipping
-    11. Checkpoints                 safetensors writer and validating reader
-    12. Data and training loop      byte corpora, batches, evaluation (clean or damaged), the loop
+     6. Shared pieces               finiteness, parameter directory, carving, init, biases, clocks
+     7. Routers                     top-k gating, the Adaptive Clustering router
+     8. MoE layer                   parameters, dispatch, experts, forward and backward
+     9. Transformer pieces          layer norm, self-attention (causal or not), cross-entropy
+    10. Transformer models          options by name, language model, vision encoder, decoding, sampling
+    11. Optimizer                   AdamW, learning-rate schedules, gradient clipping
+    12. Checkpoints                 safetensors writer and validating reader
+    13. Data and training loop      byte and token corpora, batches, evaluation (clean or damaged), the loop
      Licence
 
    GUARANTEES
@@ -73,21 +74,21 @@
 #endif
 #endif
 
-/* Alignment of arena allocations and workspace, in bytes (one cache line, one zmm register). */
+/* Alignment of parameter buffers and workspace, in bytes (one cache line, one zmm register). */
 #define ACMOE_ALIGN 64
-#define ACMOE_MAX_DIMS 4
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
+/* ---- 2. Memory: statuses ---- */
 typedef enum acmoe_status {
     ACMOE_STOPPED = 1,          /* not an error: a callback asked to stop */
     ACMOE_OK = 0,
     ACMOE_ERR_NULL = -1,        /* a required pointer was NULL */
     ACMOE_ERR_SHAPE = -2,       /* sizes or leading dimensions are negative or inconsistent */
     ACMOE_ERR_ARG = -3,         /* an option is out of range */
-    ACMOE_ERR_NOMEM = -4,       /* an allocation failed or an arena is full */
+    ACMOE_ERR_NOMEM = -4,       /* an allocation failed */
     ACMOE_ERR_UNSUPPORTED = -5, /* this CPU or build lacks the requested feature */
     ACMOE_ERR_THREAD = -6,      /* a worker thread could not be started */
     ACMOE_ERR_NONFINITE = -7,   /* NaN or infinity in the input */
@@ -98,7 +99,7 @@ typedef enum acmoe_status {
 
 ACMOE_API const char *acmoe_status_string(acmoe_status status);
 
-/* ---- CPU features and kernel paths ---- */
+/* ---- 1. CPU features and kernel paths ---- */
 typedef enum acmoe_isa {
     ACMOE_ISA_AUTO = 0, /* the best path this CPU and build support */
     ACMOE_ISA_SCALAR,   /* portable C, any CPU */
@@ -112,36 +113,7 @@ ACMOE_API const char *acmoe_isa_name(acmoe_isa isa);
 ACMOE_API int acmoe_isa_supported(acmoe_isa isa);  /* by this CPU, OS and build */
 ACMOE_API acmoe_isa acmoe_cpu_isa(void);           /* the best supported path */
 
-/* ---- Arena and tensors ----
-   A tensor is a contiguous row-major float32 view: it owns nothing. An arena hands out
-   ACMOE_ALIGN-aligned blocks from one buffer, the caller's or its own. To preallocate, sum
-   acmoe_tensor_bytes() over the tensors and add ACMOE_ALIGN for the buffer's own alignment. */
-typedef struct acmoe_tensor {
-    float *data;
-    int ndim;
-    int shape[ACMOE_MAX_DIMS];
-} acmoe_tensor;
-
-typedef struct acmoe_arena {
-    unsigned char *base; /* first aligned byte */
-    void *owned;         /* what to free, or NULL for caller memory */
-    size_t size, used, peak;
-} acmoe_arena;
-
-ACMOE_API acmoe_status acmoe_tensor_view(acmoe_tensor *t, float *data, int ndim, const int *shape);
-ACMOE_API size_t acmoe_tensor_numel(const acmoe_tensor *t);
-ACMOE_API size_t acmoe_tensor_bytes(int ndim, const int *shape); /* 0 for a bad shape */
-
-ACMOE_API acmoe_status acmoe_arena_init(acmoe_arena *arena, void *memory, size_t size);
-ACMOE_API acmoe_status acmoe_arena_create(acmoe_arena *arena, size_t size);
-ACMOE_API void acmoe_arena_destroy(acmoe_arena *arena);
-ACMOE_API void *acmoe_arena_alloc(acmoe_arena *arena, size_t bytes); /* NULL when full */
-ACMOE_API acmoe_status acmoe_arena_tensor(acmoe_arena *arena, acmoe_tensor *t, int ndim,
-                                          const int *shape);
-ACMOE_API size_t acmoe_arena_mark(const acmoe_arena *arena);
-ACMOE_API void acmoe_arena_reset(acmoe_arena *arena, size_t mark);
-
-/* ---- Random numbers ----
+/* ---- 3. Random numbers ----
    xoshiro256** (Blackman and Vigna), seeded through splitmix64. Normal draws use the
    Box-Muller transform and keep the second value of each pair, so the whole state is this
    struct: copy it to save and restore a stream. */
@@ -157,7 +129,7 @@ ACMOE_API uint32_t acmoe_rng_below(acmoe_rng *rng, uint32_t n); /* uniform in [0
 ACMOE_API float acmoe_rng_uniform(acmoe_rng *rng);              /* uniform in [0, 1) */
 ACMOE_API float acmoe_rng_normal(acmoe_rng *rng);               /* mean 0, deviation 1 */
 
-/* ---- Contexts ----
+/* ---- 4. Contexts ----
    A context owns the thread pool, the kernel path and the matmul workspace. Use one context
    from one thread at a time; two contexts never interfere. Zero fields mean the defaults. */
 typedef struct acmoe_ctx_desc {
@@ -177,7 +149,7 @@ ACMOE_API void acmoe_ctx_destroy(acmoe_ctx *ctx);
 ACMOE_API acmoe_status acmoe_ctx_set_isa(acmoe_ctx *ctx, acmoe_isa isa);
 ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx); /* resolved values */
 
-/* ---- Matrix multiplication ----
+/* ---- 5. Matrix multiplication ----
    C[m][n] = op(A) op(B), or C += op(A) op(B) when accumulate is non-zero, all row-major with
    leading dimensions (elements between rows). op(A) is m x k: A itself (m rows of lda) for
    NN and NT, or A transposed (A has k rows of lda) for TN and TT. op(B) is k x n: B itself
@@ -190,7 +162,7 @@ ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, 
                                     const float *a, int lda, const float *b, int ldb, float *c,
                                     int ldc, int accumulate);
 
-/* ---- The Adaptive Clustering router ----
+/* ---- 7. Routers: the Adaptive Clustering router ----
    "Tight Clusters Make Specialized Experts" (Nielsen et al., ICLR 2025), as its reference code
    computes it. Each token's cluster is its best expert in the previous MoE layer. Per cluster c
    and feature q the router measures how tightly the cluster's tokens sit (mean absolute
@@ -239,7 +211,7 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
                                       int n_experts, int k, int32_t *idx_out, float *gate_out,
                                       float *logits_out, float *w_out, int *w_rows_out);
 
-/* ---- MoE layer ----
+/* ---- 8. MoE layer ----
    out[t] = sum over the experts j routed to token t of gate[t][j] expert_j(x[t]), with
    expert_j(x) = W2_j act(W1_j x + b1_j) + b2_j. The (token, expert) pairs are counted per
    expert, gathered into one contiguous block per expert, run through one matmul per expert
@@ -466,7 +438,7 @@ ACMOE_API acmoe_status acmoe_moe_set_ac_weights(acmoe_moe *layer, const float *w
    each of its calls, with its own generator. */
 ACMOE_API void acmoe_moe_set_training(acmoe_moe *layer, int train, acmoe_rng *noise);
 
-/* ---- Transformer models: a language model, or a vision encoder ----
+/* ---- 10. Transformer models: a language model, or a vision encoder ----
    A decoder-only transformer: token and learned absolute position embeddings, then per
    layer causal multi-head self-attention and an MoE feed-forward block, each with a residual
    connection and layer norm (post-LN as in the reference's Switch models, or pre-LN with a
@@ -582,32 +554,7 @@ ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *lm);
 ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *lm, int layer);
 ACMOE_API void acmoe_lm_freeze_ac_weights(acmoe_lm *lm, int frozen);
 
-/* ---- Optimizer ----
-   AdamW with bias correction; no decay on biases and layer norms. The learning rate warms up
-   linearly for warmup_steps, then stays constant (the reference) or follows a cosine to
-   min_lr at total_steps. Gradients are clipped to a global norm of clip_norm first. */
-typedef enum acmoe_schedule { ACMOE_SCHEDULE_CONSTANT = 0, ACMOE_SCHEDULE_COSINE, ACMOE_SCHEDULE_COUNT } acmoe_schedule;
-
-typedef struct acmoe_optim_desc {
-    float lr;           /* default 7e-4 */
-    float beta1, beta2; /* defaults 0.9, 0.999 */
-    float eps;          /* default 1e-8 */
-    float weight_decay; /* default 0 */
-    float clip_norm;    /* default 0: no clipping */
-    int warmup_steps;   /* default 0 */
-    acmoe_schedule schedule;
-    int total_steps;    /* for the cosine schedule */
-    float min_lr;
-    int sgd;            /* plain SGD (lr, weight decay) instead of AdamW */
-} acmoe_optim_desc;
-
-ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *opt, long step);
-/* One update from the gradient buffer, split over the context's threads (same bits for any
-   count); returns the gradient norm before clipping in *norm. */
-ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_optim_desc *opt, float *norm);
-ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
-
-/* ---- Options by name ----
+/* ---- 10. Transformer models: options by name ----
    Every option of a model and of its optimizer, listed once: the checkpoint metadata, the
    range checks of acmoe_lm_create and the examples' command-line flags all read this table.
    Enum values have names ("relu", "per-feature", ...); acmoe_enum_name and acmoe_enum_value
@@ -656,7 +603,32 @@ ACMOE_API acmoe_status acmoe_option_set(const acmoe_option *option, void *desc, 
    with the fewest digits that read back the same); the length, as snprintf. */
 ACMOE_API int acmoe_option_format(const acmoe_option *option, const void *desc, char *text, size_t cap);
 
-/* ---- Checkpoints ----
+/* ---- 11. Optimizer ----
+   AdamW with bias correction; no decay on biases and layer norms. The learning rate warms up
+   linearly for warmup_steps, then stays constant (the reference) or follows a cosine to
+   min_lr at total_steps. Gradients are clipped to a global norm of clip_norm first. */
+typedef enum acmoe_schedule { ACMOE_SCHEDULE_CONSTANT = 0, ACMOE_SCHEDULE_COSINE, ACMOE_SCHEDULE_COUNT } acmoe_schedule;
+
+typedef struct acmoe_optim_desc {
+    float lr;           /* default 7e-4 */
+    float beta1, beta2; /* defaults 0.9, 0.999 */
+    float eps;          /* default 1e-8 */
+    float weight_decay; /* default 0 */
+    float clip_norm;    /* default 0: no clipping */
+    int warmup_steps;   /* default 0 */
+    acmoe_schedule schedule;
+    int total_steps;    /* for the cosine schedule */
+    float min_lr;
+    int sgd;            /* plain SGD (lr, weight decay) instead of AdamW */
+} acmoe_optim_desc;
+
+ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *opt, long step);
+/* One update from the gradient buffer, split over the context's threads (same bits for any
+   count); returns the gradient norm before clipping in *norm. */
+ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_optim_desc *opt, float *norm);
+ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
+
+/* ---- 12. Checkpoints ----
    safetensors: an 8-byte little-endian header length, a JSON header naming each tensor
    (dtype F32, shape, data_offsets) with the model configuration, the step, the dropout
    generator, the training options (acmoe_lm_train_settings) and a CRC-32C of the data in
@@ -685,7 +657,7 @@ ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path);
 ACMOE_API acmoe_status acmoe_lm_save_weights(const acmoe_lm *lm, const char *path);
 ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path);
 
-/* ---- Data and training loop ----
+/* ---- 13. Data and training loop ----
    A corpus is a stream of tokens: bytes (each byte a token, vocab 256) or int32 token ids
    (word-level, BPE or any other tokenizer's output). The first part trains, the last
    val_fraction evaluates. Batches are windows of seq + 1 tokens at random offsets (targets
@@ -914,7 +886,7 @@ ACMOE_API const char *acmoe_status_string(acmoe_status status) {
     case ACMOE_ERR_NULL: return "a required pointer was NULL";
     case ACMOE_ERR_SHAPE: return "sizes or leading dimensions are negative or inconsistent";
     case ACMOE_ERR_ARG: return "an option is out of range";
-    case ACMOE_ERR_NOMEM: return "out of memory (allocation failed or arena full)";
+    case ACMOE_ERR_NOMEM: return "out of memory";
     case ACMOE_ERR_UNSUPPORTED: return "not supported by this CPU or build";
     case ACMOE_ERR_THREAD: return "a worker thread could not be started";
     case ACMOE_ERR_NONFINITE: return "NaN or infinity in the input";
@@ -949,102 +921,6 @@ static void acmoe__aligned_free(void *p) {
     if (!p) return;
     memcpy(&raw, (unsigned char *)p - sizeof(void *), sizeof raw);
     ACMOE_FREE(raw);
-}
-
-static int acmoe__shape_numel(int ndim, const int *shape, size_t *numel) {
-    size_t n = 1;
-    int i;
-    if (!shape || ndim < 1 || ndim > ACMOE_MAX_DIMS) return 0;
-    for (i = 0; i < ndim; i++) {
-        if (shape[i] < 0) return 0;
-        if (shape[i] && n > ((size_t)-1 / sizeof(float)) / (size_t)shape[i]) return 0;
-        n *= (size_t)shape[i];
-    }
-    *numel = n;
-    return 1;
-}
-
-ACMOE_API acmoe_status acmoe_tensor_view(acmoe_tensor *t, float *data, int ndim, const int *shape) {
-    size_t numel;
-    int i;
-    if (!t || !shape) return ACMOE_ERR_NULL;
-    if (!acmoe__shape_numel(ndim, shape, &numel)) return ACMOE_ERR_SHAPE;
-    if (!data && numel) return ACMOE_ERR_NULL;
-    memset(t, 0, sizeof *t);
-    t->data = data;
-    t->ndim = ndim;
-    for (i = 0; i < ndim; i++) t->shape[i] = shape[i];
-    return ACMOE_OK;
-}
-
-ACMOE_API size_t acmoe_tensor_numel(const acmoe_tensor *t) {
-    size_t numel = 0;
-    if (!t || !acmoe__shape_numel(t->ndim, t->shape, &numel)) return 0;
-    return numel;
-}
-
-ACMOE_API size_t acmoe_tensor_bytes(int ndim, const int *shape) {
-    size_t numel;
-    if (!acmoe__shape_numel(ndim, shape, &numel)) return 0;
-    return acmoe__align_up(numel * sizeof(float));
-}
-
-ACMOE_API acmoe_status acmoe_arena_init(acmoe_arena *arena, void *memory, size_t size) {
-    size_t skew;
-    if (!arena || (!memory && size)) return ACMOE_ERR_NULL;
-    memset(arena, 0, sizeof *arena);
-    skew = memory ? (ACMOE_ALIGN - (uintptr_t)memory % ACMOE_ALIGN) % ACMOE_ALIGN : 0;
-    if (skew > size) skew = size;
-    arena->base = (unsigned char *)memory + skew;
-    arena->size = size - skew;
-    return ACMOE_OK;
-}
-
-ACMOE_API acmoe_status acmoe_arena_create(acmoe_arena *arena, size_t size) {
-    void *memory;
-    if (!arena) return ACMOE_ERR_NULL;
-    memset(arena, 0, sizeof *arena);
-    memory = acmoe__aligned_alloc(size ? size : 1);
-    if (!memory) return ACMOE_ERR_NOMEM;
-    acmoe_arena_init(arena, memory, size);
-    arena->owned = memory;
-    return ACMOE_OK;
-}
-
-ACMOE_API void acmoe_arena_destroy(acmoe_arena *arena) {
-    if (!arena) return;
-    acmoe__aligned_free(arena->owned);
-    memset(arena, 0, sizeof *arena);
-}
-
-ACMOE_API void *acmoe_arena_alloc(acmoe_arena *arena, size_t bytes) {
-    void *p;
-    size_t need;
-    if (!arena || !arena->base) return NULL;
-    need = acmoe__align_up(bytes ? bytes : 1);
-    if (need < bytes || need > arena->size - arena->used) return NULL;
-    p = arena->base + arena->used;
-    arena->used += need;
-    arena->peak = ACMOE__MAX(arena->peak, arena->used);
-    return p;
-}
-
-ACMOE_API acmoe_status acmoe_arena_tensor(acmoe_arena *arena, acmoe_tensor *t, int ndim,
-                                          const int *shape) {
-    size_t bytes;
-    void *data;
-    if (!arena || !t || !shape) return ACMOE_ERR_NULL;
-    bytes = acmoe_tensor_bytes(ndim, shape);
-    if (!bytes) return ACMOE_ERR_SHAPE;
-    data = acmoe_arena_alloc(arena, bytes);
-    if (!data) return ACMOE_ERR_NOMEM;
-    return acmoe_tensor_view(t, (float *)data, ndim, shape);
-}
-
-ACMOE_API size_t acmoe_arena_mark(const acmoe_arena *arena) { return arena ? arena->used : 0; }
-
-ACMOE_API void acmoe_arena_reset(acmoe_arena *arena, size_t mark) {
-    if (arena && mark <= arena->used) arena->used = mark;
 }
 
 /* ========================================================================================== */
@@ -2372,8 +2248,11 @@ static acmoe_status acmoe__matmul_on_thread(acmoe_ctx *ctx, int tid, acmoe_layou
     } while (0)
 
 /* ========================================================================================== */
-/* 6. Routers                                                                                 */
+/* 6. Shared pieces                                                                           */
 /* ========================================================================================== */
+
+/* What layers and models have in common: finiteness checks, parameter directories, workspace
+   carving, initialisation, biases and phase clocks. */
 
 /* An exponent of all ones is an infinity or a NaN. The test is OR-ed over the whole array,
    without an early exit, so that the compiler vectorises it (it runs on every layer's input). */
@@ -2386,6 +2265,85 @@ static int acmoe__all_finite(const float *x, size_t n) {
     }
     return !bad;
 }
+
+/* A named parameter tensor: where it sits in a parameter buffer, its shape, and whether
+   AdamW decays it (weights yes, biases and norms no). Layers and models list theirs in a
+   directory, which the optimizer and checkpoints read. */
+typedef struct acmoe__tensor_info {
+    char name[64];
+    size_t offset, count;
+    int ndim, shape[3];
+    unsigned char decay;
+} acmoe__tensor_info;
+
+typedef struct acmoe__directory {
+    acmoe__tensor_info *entries; /* NULL while only counting */
+    int count;
+    char prefix[32];
+    size_t base; /* where the listing layer starts in the model's buffer */
+} acmoe__directory;
+
+/* Places a tensor of shape s0 x s1 x s2 (ndim of them) at *used: views into params and
+   grads when they exist, an entry in dir when it has room. */
+static void acmoe__param_view(size_t *used, float *params, float *grads, float **p, float **g, acmoe__directory *dir,
+                              const char *name, int decay, int ndim, int s0, int s1, int s2) {
+    size_t count = (size_t)s0 * (size_t)(ndim > 1 ? s1 : 1) * (size_t)(ndim > 2 ? s2 : 1);
+    if (params) *p = params + *used, *g = grads + *used;
+    if (dir && dir->entries) {
+        acmoe__tensor_info *t = &dir->entries[dir->count];
+        snprintf(t->name, sizeof t->name, "%s%s", dir->prefix, name);
+        t->offset = dir->base + *used;
+        t->count = count;
+        t->ndim = ndim;
+        t->shape[0] = s0, t->shape[1] = s1, t->shape[2] = s2;
+        t->decay = (unsigned char)decay;
+    }
+    if (dir) dir->count++;
+    *used += count;
+}
+
+/* Next aligned block of bytes from *used; only counts while base is NULL. */
+static void *acmoe__carve(unsigned char *base, size_t *used, size_t bytes) {
+    void *p = base ? base + *used : NULL;
+    *used += acmoe__align_up(bytes);
+    return p;
+}
+
+/* U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for Linear weights and biases. */
+static void acmoe__init_uniform(acmoe_rng *rng, float *p, size_t n, int fan_in) {
+    float bound = 1.0f / sqrtf((float)fan_in);
+    size_t i;
+    for (i = 0; i < n; i++) p[i] = (2.0f * acmoe_rng_uniform(rng) - 1.0f) * bound;
+}
+
+/* Adds the time since *mark to *total and moves the mark (no-op without a context clock). */
+static void acmoe__lap(const acmoe_ctx *ctx, double *mark, double *total) {
+    double now;
+    if (!ctx->desc.clock) return;
+    now = ctx->desc.clock();
+    *total += now - *mark;
+    *mark = now;
+}
+
+static double acmoe__clock_start(const acmoe_ctx *ctx) { return ctx->desc.clock ? ctx->desc.clock() : 0.0; }
+
+/* rows x cols += bias per column */
+static void acmoe__add_bias(float *x, int rows, int cols, const float *bias) {
+    int r, c;
+    for (r = 0; r < rows; r++)
+        for (c = 0; c < cols; c++) x[(size_t)r * cols + c] += bias[c];
+}
+
+/* bias_grad += column sums of rows x cols */
+static void acmoe__bias_grad(const float *dy, int rows, int cols, float *bias_grad) {
+    int r, c;
+    for (r = 0; r < rows; r++)
+        for (c = 0; c < cols; c++) bias_grad[c] += dy[(size_t)r * cols + c];
+}
+
+/* ========================================================================================== */
+/* 7. Routers                                                                                 */
+/* ========================================================================================== */
 
 /* Top-k of each row of logits [n][e], sorted by value with ties to the lower index, and the
    softmax over the k selected values. */
@@ -2609,7 +2567,7 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
 }
 
 /* ========================================================================================== */
-/* 7. MoE layer                                                                               */
+/* 8. MoE layer                                                                               */
 /* ========================================================================================== */
 
 /* A (token, expert) candidate of a selection rule: higher key first, then lower index. */
@@ -2809,42 +2767,6 @@ ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_des
     return ACMOE_OK;
 }
 
-/* A named parameter tensor: where it sits in a parameter buffer, its shape, and whether
-   AdamW decays it (weights yes, biases and norms no). Layers and models list theirs in a
-   directory, which the optimizer and checkpoints read. */
-typedef struct acmoe__tensor_info {
-    char name[64];
-    size_t offset, count;
-    int ndim, shape[3];
-    unsigned char decay;
-} acmoe__tensor_info;
-
-typedef struct acmoe__directory {
-    acmoe__tensor_info *entries; /* NULL while only counting */
-    int count;
-    char prefix[32];
-    size_t base; /* where the listing layer starts in the model's buffer */
-} acmoe__directory;
-
-/* Places a tensor of shape s0 x s1 x s2 (ndim of them) at *used: views into params and
-   grads when they exist, an entry in dir when it has room. */
-static void acmoe__param_view(size_t *used, float *params, float *grads, float **p, float **g, acmoe__directory *dir,
-                              const char *name, int decay, int ndim, int s0, int s1, int s2) {
-    size_t count = (size_t)s0 * (size_t)(ndim > 1 ? s1 : 1) * (size_t)(ndim > 2 ? s2 : 1);
-    if (params) *p = params + *used, *g = grads + *used;
-    if (dir && dir->entries) {
-        acmoe__tensor_info *t = &dir->entries[dir->count];
-        snprintf(t->name, sizeof t->name, "%s%s", dir->prefix, name);
-        t->offset = dir->base + *used;
-        t->count = count;
-        t->ndim = ndim;
-        t->shape[0] = s0, t->shape[1] = s1, t->shape[2] = s2;
-        t->decay = (unsigned char)decay;
-    }
-    if (dir) dir->count++;
-    *used += count;
-}
-
 /* Lays the parameters out in params (or only counts them when params is NULL). */
 static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads, acmoe__directory *dir) {
     const acmoe_moe_desc *d = &L->d;
@@ -2907,13 +2829,6 @@ static size_t acmoe__moe_directory(const acmoe_moe_desc *desc, acmoe__directory 
 }
 
 ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc) { return acmoe__moe_directory(desc, NULL); }
-
-/* Next aligned block of bytes from *used; only counts while base is NULL. */
-static void *acmoe__carve(unsigned char *base, size_t *used, size_t bytes) {
-    void *p = base ? base + *used : NULL;
-    *used += acmoe__align_up(bytes);
-    return p;
-}
 
 /* Lays the workspace out in base (or only measures it when base is NULL). */
 static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
@@ -3005,13 +2920,6 @@ ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *d
     return ACMOE_OK;
 }
 
-/* U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for Linear weights and biases. */
-static void acmoe__init_uniform(acmoe_rng *rng, float *p, size_t n, int fan_in) {
-    float bound = 1.0f / sqrtf((float)fan_in);
-    size_t i;
-    for (i = 0; i < n; i++) p[i] = (2.0f * acmoe_rng_uniform(rng) - 1.0f) * bound;
-}
-
 /* Orthonormal rows (or columns, when there are more rows than columns) times gain. */
 static void acmoe__init_orthogonal(acmoe_rng *rng, float *p, int rows, int cols, float gain) {
     int by_rows = rows <= cols, n = by_rows ? rows : cols, len = by_rows ? cols : rows;
@@ -3089,32 +2997,7 @@ ACMOE_API acmoe_status acmoe_moe_set_ac_weights(acmoe_moe *layer, const float *w
     return ACMOE_OK;
 }
 
-/* Adds the time since *mark to *total and moves the mark (no-op without a context clock). */
-static void acmoe__lap(const acmoe_ctx *ctx, double *mark, double *total) {
-    double now;
-    if (!ctx->desc.clock) return;
-    now = ctx->desc.clock();
-    *total += now - *mark;
-    *mark = now;
-}
-
-static double acmoe__clock_start(const acmoe_ctx *ctx) { return ctx->desc.clock ? ctx->desc.clock() : 0.0; }
-
 /* ---- elementwise pieces ---- */
-
-/* rows x cols += bias per column */
-static void acmoe__add_bias(float *x, int rows, int cols, const float *bias) {
-    int r, c;
-    for (r = 0; r < rows; r++)
-        for (c = 0; c < cols; c++) x[(size_t)r * cols + c] += bias[c];
-}
-
-/* bias_grad += column sums of rows x cols */
-static void acmoe__bias_grad(const float *dy, int rows, int cols, float *bias_grad) {
-    int r, c;
-    for (r = 0; r < rows; r++)
-        for (c = 0; c < cols; c++) bias_grad[c] += dy[(size_t)r * cols + c];
-}
 
 static float acmoe__gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678f)); }
 
@@ -4253,7 +4136,7 @@ ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
 }
 
 /* ========================================================================================== */
-/* 8. Transformer pieces                                                                      */
+/* 9. Transformer pieces                                                                      */
 /* ========================================================================================== */
 
 /* Layer norm over rows split across threads; the gain and bias gradients, sums over rows,
@@ -4680,7 +4563,7 @@ static float acmoe__cross_entropy(acmoe_ctx *ctx, float *logits, const int32_t *
 }
 
 /* ========================================================================================== */
-/* 9. Transformer models                                                                      */
+/* 10. Transformer models                                                                     */
 /* ========================================================================================== */
 
 typedef struct acmoe__block {
@@ -6144,7 +6027,7 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
 }
 
 /* ========================================================================================== */
-/* 10. Optimizer                                                                              */
+/* 11. Optimizer                                                                              */
 /* ========================================================================================== */
 
 static acmoe_optim_desc acmoe__optim_resolve(const acmoe_optim_desc *in) {
@@ -6256,7 +6139,7 @@ ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *L) {
 }
 
 /* ========================================================================================== */
-/* 11. Checkpoints                                                                            */
+/* 12. Checkpoints                                                                            */
 /* ========================================================================================== */
 
 #define ACMOE__HEADER_MAX (1u << 20) /* a header larger than this is not one of ours */
@@ -7118,7 +7001,7 @@ ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path) {
 }
 
 /* ========================================================================================== */
-/* 12. Data and training loop                                                                 */
+/* 13. Data and training loop                                                                 */
 /* ========================================================================================== */
 
 /* The splits of size tokens; each needs two, a token and its target. */

@@ -185,84 +185,6 @@ static void test_cpu_isa(void) {
     CHECK(strcmp(acmoe_isa_name(ACMOE_ISA_COUNT), "unknown") == 0);
 }
 
-/* ---- tensors and arena ---- */
-
-static void test_tensor_view(void) {
-    float data[24];
-    int shape[3] = {2, 3, 4}, bad[2] = {2, -1}, zero[2] = {0, 5};
-    acmoe_tensor t;
-    CHECK_STATUS(acmoe_tensor_view(&t, data, 3, shape), ACMOE_OK);
-    CHECK(t.ndim == 3 && t.shape[0] == 2 && t.shape[2] == 4 && t.data == data);
-    CHECK(acmoe_tensor_numel(&t) == 24);
-    CHECK_STATUS(acmoe_tensor_view(&t, data, 0, shape), ACMOE_ERR_SHAPE);
-    CHECK_STATUS(acmoe_tensor_view(&t, data, ACMOE_MAX_DIMS + 1, shape), ACMOE_ERR_SHAPE);
-    CHECK_STATUS(acmoe_tensor_view(&t, data, 2, bad), ACMOE_ERR_SHAPE);
-    CHECK_STATUS(acmoe_tensor_view(&t, NULL, 3, shape), ACMOE_ERR_NULL);
-    CHECK_STATUS(acmoe_tensor_view(NULL, data, 3, shape), ACMOE_ERR_NULL);
-    CHECK_STATUS(acmoe_tensor_view(&t, NULL, 2, zero), ACMOE_OK); /* empty needs no data */
-    CHECK(acmoe_tensor_numel(&t) == 0);
-    CHECK(acmoe_tensor_bytes(3, shape) == 128);
-    CHECK(acmoe_tensor_bytes(2, bad) == 0);
-    {
-        int huge[4] = {1 << 30, 1 << 30, 1 << 30, 1 << 30};
-        CHECK(acmoe_tensor_bytes(4, huge) == 0); /* overflow is a bad shape */
-    }
-}
-
-static void test_arena_caller_memory(void) {
-    static unsigned char memory[1000];
-    acmoe_arena arena;
-    void *p, *q;
-    size_t mark;
-    CHECK_STATUS(acmoe_arena_init(&arena, memory + 3, sizeof memory - 3), ACMOE_OK);
-    p = acmoe_arena_alloc(&arena, 10);
-    q = acmoe_arena_alloc(&arena, 100);
-    CHECK(p && q && (uintptr_t)p % ACMOE_ALIGN == 0 && (uintptr_t)q % ACMOE_ALIGN == 0);
-    CHECK((unsigned char *)q >= (unsigned char *)p + 10);
-    CHECK((unsigned char *)p >= memory + 3 && (unsigned char *)q + 100 <= memory + sizeof memory);
-    mark = acmoe_arena_mark(&arena);
-    CHECK(acmoe_arena_alloc(&arena, 2000) == NULL); /* full: NULL, state unchanged */
-    CHECK(acmoe_arena_mark(&arena) == mark);
-    CHECK(acmoe_arena_alloc(&arena, (size_t)-1) == NULL);
-    CHECK(acmoe_arena_alloc(&arena, 500) != NULL);
-    CHECK(arena.peak > mark);
-    acmoe_arena_reset(&arena, mark);
-    CHECK(acmoe_arena_mark(&arena) == mark && arena.peak > mark);
-    CHECK(acmoe_arena_alloc(&arena, 500) != NULL); /* space reused after reset */
-    acmoe_arena_destroy(&arena);                  /* caller memory: nothing freed */
-    CHECK_STATUS(acmoe_arena_init(NULL, memory, 10), ACMOE_ERR_NULL);
-    CHECK_STATUS(acmoe_arena_init(&arena, NULL, 10), ACMOE_ERR_NULL);
-    CHECK_STATUS(acmoe_arena_init(&arena, memory, 5), ACMOE_OK);
-    CHECK(acmoe_arena_alloc(&arena, 1) == NULL); /* under one aligned block */
-}
-
-/* The documented size query: the sum of acmoe_tensor_bytes plus ACMOE_ALIGN holds them all. */
-static void test_arena_size_query(void) {
-    int shapes[3][2] = {{3, 5}, {17, 1}, {64, 64}};
-    size_t need = ACMOE_ALIGN, i;
-    acmoe_arena arena;
-    acmoe_tensor t[3];
-    unsigned char *memory;
-    for (i = 0; i < 3; i++) need += acmoe_tensor_bytes(2, shapes[i]);
-    memory = (unsigned char *)malloc(need + 1);
-    CHECK_STATUS(acmoe_arena_init(&arena, memory + 1, need), ACMOE_OK); /* worst alignment */
-    for (i = 0; i < 3; i++) {
-        CHECK_STATUS(acmoe_arena_tensor(&arena, &t[i], 2, shapes[i]), ACMOE_OK);
-        CHECK(acmoe_tensor_numel(&t[i]) == (size_t)shapes[i][0] * shapes[i][1]);
-        memset(t[i].data, 0xff, acmoe_tensor_numel(&t[i]) * sizeof(float)); /* ASan checks bounds */
-    }
-    CHECK_STATUS(acmoe_arena_tensor(&arena, &t[0], 2, shapes[0]), ACMOE_ERR_NOMEM);
-    {
-        int bad[2] = {-1, 3};
-        CHECK_STATUS(acmoe_arena_tensor(&arena, &t[0], 2, bad), ACMOE_ERR_SHAPE);
-    }
-    free(memory);
-    CHECK_STATUS(acmoe_arena_create(&arena, 4096), ACMOE_OK);
-    CHECK(acmoe_arena_alloc(&arena, 4096) != NULL && acmoe_arena_alloc(&arena, 1) == NULL);
-    acmoe_arena_destroy(&arena);
-    CHECK(arena.base == NULL && arena.size == 0);
-}
-
 /* ---- random numbers ---- */
 
 static void test_rng_known_answers(void) {
@@ -548,9 +470,6 @@ static void test_matmul_bad_input(void) {
 const test_case foundation_tests[] = {
     {"status_strings", test_status_strings},
     {"cpu_isa", test_cpu_isa},
-    {"tensor_view", test_tensor_view},
-    {"arena_caller_memory", test_arena_caller_memory},
-    {"arena_size_query", test_arena_size_query},
     {"rng_known_answers", test_rng_known_answers},
     {"rng_distributions", test_rng_distributions},
     {"ctx_desc", test_ctx_desc},
