@@ -128,11 +128,19 @@ test-install: | $(B)
 test-unit: $(B)/tests
 	./$(B)/tests
 
-# The usage example is the code block of README.md that follows "<!-- usage -->".
+# Every ```c block of README.md, each into build/readme/NN.c (a #line names its README line):
+# a whole program (one with `int main(`, the usage example) is built and run; any other block
+# is compiled alone (-c) after an #include of acmoe.h's declarations, which keeps it fast.
 test-readme: | $(B)
-	awk '/<!-- usage -->/{f=1; next} f && /^```c/{p=1; next} p && /^```/{exit} p' README.md > $(B)/readme_example.c
-	$(CC) $(CSTD) $(CFLAGS) $(WARN) -I. $(B)/readme_example.c -o $(B)/readme_example $(LDLIBS)
-	./$(B)/readme_example
+	rm -rf $(B)/readme && mkdir -p $(B)/readme
+	awk -v dir=$(B)/readme '/^```c[ \t]*$$/ {f = sprintf("%s/%02d.c", dir, ++n); printf "#line %d \"README.md\"\n", NR + 1 > f; next} \
+	    /^```/ {if (f) close(f); f = ""; next} f {print > f}' README.md
+	@set -e; n=0; for f in $(B)/readme/*.c; do n=$$((n + 1)); \
+	    if grep -q '^int main(' $$f; then \
+	        echo "README.md program $$f"; $(CC) $(CSTD) $(CFLAGS) $(WARN) -I. $$f -o $${f%.c} $(LDLIBS); ./$${f%.c}; \
+	    else echo "README.md snippet $$f"; printf '#include "acmoe.h"\n' | cat - $$f > $${f%.c}-unit.c; \
+	        $(CC) $(CSTD) $(CFLAGS) $(WARN) -I. -c $${f%.c}-unit.c -o $${f%.c}.o; fi; done; \
+	    test $$n -ge 2 || { echo "test-readme: fewer than two C blocks in README.md"; exit 1; }
 
 # One C++ translation unit holds the implementation, another only includes the header.
 # `make test` skips it, saying so, where no C++ compiler is installed; CI always runs it.
