@@ -91,14 +91,34 @@ test-examples: $(B)/train_lm $(B)/train_vit
 	grep -q "already at step 2" $(B)/resume-vit.log
 	./$(B)/train_vit --data builtin --resume $(B)/resume-vit.safetensors --patch 4 2>/dev/null; test $$? -eq 2
 
-# The two short examples that document the API (a tiny language model trained, saved, loaded
-# and sampled; two MoE layers and the AC router on raw arrays): exit status and a line each.
-test-small-examples: $(B)/tiny_lm $(B)/moe_layer
+# The short examples that document the API (a tiny language model trained, saved, loaded
+# and sampled; two MoE layers and the AC router on raw arrays): exit status and a line each;
+# generate continuing a prompt from tiny_lm's checkpoint and refusing a USMoE model; --log
+# of both training programs drawn by plot_log into SVGs (build/*-log.svg).
+test-small-examples: $(B)/tiny_lm $(B)/moe_layer $(B)/generate $(B)/train_lm $(B)/train_vit $(B)/plot_log
 	./$(B)/tiny_lm $(B)/tiny_lm.safetensors > $(B)/tiny_lm.log && cat $(B)/tiny_lm.log
 	grep -q "^held-out batch: loss .* after loading" $(B)/tiny_lm.log
 	grep -q "^generated: the cat " $(B)/tiny_lm.log
+	./$(B)/generate $(B)/tiny_lm.safetensors --prompt "the cat " --length 40 --temperature 0 > $(B)/generate.log
+	cat $(B)/generate.log; grep -q "^the cat .\{40\}" $(B)/generate.log
+	./$(B)/train_lm --data builtin --steps 1 --batch 2 --seq 16 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
+	    --eval-every 1 --eval-batches 1 --sample 0 --pattern gu --save $(B)/usmoe.safetensors > /dev/null
+	./$(B)/generate $(B)/usmoe.safetensors 2> $(B)/generate-error.log; test $$? -eq 2
+	grep -q "cannot decode a token at a time: layer 2 (USMoE)" $(B)/generate-error.log
 	./$(B)/moe_layer > $(B)/moe_layer.log && cat $(B)/moe_layer.log
 	grep -q "^AC layer: 4 clusters from the SMoE layer's labels" $(B)/moe_layer.log
+	@echo "--log writes JSON lines that plot_log draws as an SVG"
+	./$(B)/train_lm --data builtin --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 --d-ff 16 \
+	    --eval-every 2 --eval-batches 1 --log-every 2 --sample 0 --compare ggc,ggg --seeds 2 --log $(B)/lm-log.jsonl > /dev/null
+	grep -q '^{"event":"layer","pattern":"ggc","routers":"SMoE, SMoE, AC","seed":2,"step":4,"layer":3,.*"ac_w_mean"' \
+	    $(B)/lm-log.jsonl
+	./$(B)/train_vit --data builtin --steps 4 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 --log-every 2 \
+	    --log $(B)/vit-log.jsonl > /dev/null
+	for run in lm vit; do ./$(B)/plot_log $(B)/$$run-log.jsonl > $(B)/$$run-log.svg || exit 1; \
+	    test "$$(head -c 4 $(B)/$$run-log.svg)" = "<svg" && test "$$(tail -n 1 $(B)/$$run-log.svg)" = "</svg>" || exit 1; \
+	    grep -q "<path" $(B)/$$run-log.svg && grep -q "<polyline" $(B)/$$run-log.svg || exit 1; \
+	    grep -q "ggc (SMoE, SMoE, AC)" $(B)/$$run-log.svg || exit 1; done
+	./$(B)/plot_log $(B)/moe_layer.log 2>/dev/null; test $$? -eq 2
 
 # make install into a scratch DESTDIR, a program built there with what pkg-config gives for
 # acmoe (PKG_CONFIG_SYSROOT_DIR maps the installed paths into DESTDIR) and run, then make
