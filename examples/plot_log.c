@@ -157,7 +157,7 @@ static const char *const colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd",
 #define COLOR(i) colors[(i) % (int)(sizeof colors / sizeof colors[0])]
 
 #define WIDTH 900
-#define PLOT_LEFT 70
+#define PLOT_LEFT 90
 #define PLOT_RIGHT 870
 #define PLOT_TOP 50
 #define PLOT_BOTTOM 330
@@ -206,19 +206,23 @@ static axes loss_axes(void) {
     return a;
 }
 
+/* Decimals that tell ticks spaced by step apart. */
+static int tick_decimals(double step) { return step >= 1.0 ? 0 : (int)ceil(-log10(step) - 1e-9); }
+
 static void draw_axes(const axes *a) {
-    const double dx = tick_step(a->x1 - a->x0), dy = tick_step(a->y1 - a->y0);
+    const double dx = fmax(1.0, tick_step(a->x1 - a->x0)), dy = tick_step(a->y1 - a->y0); /* steps are whole */
+    const int decimals = tick_decimals(dy);
     double v;
     printf("<rect x='%d' y='%d' width='%d' height='%d' fill='none' stroke='#444'/>\n", PLOT_LEFT, PLOT_TOP,
            PLOT_RIGHT - PLOT_LEFT, PLOT_BOTTOM - PLOT_TOP);
     for (v = ceil(a->x0 / dx) * dx; v <= a->x1 + 1e-9 * dx; v += dx)
-        printf("<line x1='%.1f' y1='%d' x2='%.1f' y2='%d' stroke='#444'/><text x='%.1f' y='%d' text-anchor='middle'>%g</text>\n",
+        printf("<line x1='%.1f' y1='%d' x2='%.1f' y2='%d' stroke='#444'/><text x='%.1f' y='%d' text-anchor='middle'>%.0f</text>\n",
                to_x(a, v), PLOT_BOTTOM, to_x(a, v), PLOT_BOTTOM + 5, to_x(a, v), PLOT_BOTTOM + 20, v);
     for (v = ceil(a->y0 / dy) * dy; v <= a->y1 + 1e-9 * dy; v += dy)
-        printf("<line x1='%d' y1='%.1f' x2='%d' y2='%.1f' stroke='#ddd'/><text x='%d' y='%.1f' text-anchor='end'>%g</text>\n",
-               PLOT_LEFT, to_y(a, v), PLOT_RIGHT, to_y(a, v), PLOT_LEFT - 6, to_y(a, v) + 4, v);
+        printf("<line x1='%d' y1='%.1f' x2='%d' y2='%.1f' stroke='#ddd'/><text x='%d' y='%.1f' text-anchor='end'>%.*f</text>\n",
+               PLOT_LEFT, to_y(a, v), PLOT_RIGHT, to_y(a, v), PLOT_LEFT - 6, to_y(a, v) + 4, decimals, v);
     printf("<text x='%d' y='%d' text-anchor='middle'>step</text>\n", (PLOT_LEFT + PLOT_RIGHT) / 2, PLOT_BOTTOM + 38);
-    printf("<text x='18' y='%d' text-anchor='middle' transform='rotate(-90 18 %d)'>held-out loss</text>\n",
+    printf("<text x='14' y='%d' text-anchor='middle' transform='rotate(-90 14 %d)'>held-out loss</text>\n",
            (PLOT_TOP + PLOT_BOTTOM) / 2, (PLOT_TOP + PLOT_BOTTOM) / 2);
 }
 
