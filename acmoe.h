@@ -500,25 +500,25 @@ typedef struct acmoe_lm_desc {
 typedef struct acmoe_lm acmoe_lm;
 
 ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc);
-ACMOE_API void acmoe_lm_destroy(acmoe_lm *lm);
-ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *lm); /* with defaults resolved */
-ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *lm);
-ACMOE_API float *acmoe_lm_params(acmoe_lm *lm);
-ACMOE_API float *acmoe_lm_grads(acmoe_lm *lm);
+ACMOE_API void acmoe_lm_destroy(acmoe_lm *model);
+ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *model); /* with defaults resolved */
+ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *model);
+ACMOE_API float *acmoe_lm_params(acmoe_lm *model);
+ACMOE_API float *acmoe_lm_grads(acmoe_lm *model);
 /* The parameters of the tensor of this name (its checkpoint name, e.g. "layers.0.ln1.weight"),
    *count of them; its gradients sit at the same place of acmoe_lm_grads. NULL for none. */
-ACMOE_API float *acmoe_lm_tensor(acmoe_lm *lm, const char *name, size_t *count);
+ACMOE_API float *acmoe_lm_tensor(acmoe_lm *model, const char *name, size_t *count);
 /* Bytes of parameters, gradients, Adam moments and activations. */
-ACMOE_API void acmoe_lm_memory(const acmoe_lm *lm, size_t *params, size_t *grads, size_t *optimizer,
+ACMOE_API void acmoe_lm_memory(const acmoe_lm *model, size_t *params, size_t *grads, size_t *optimizer,
                                size_t *activations);
 /* tokens [batch][seq]; with targets (same shape), *loss is the mean cross-entropy plus the
    MoE layers' auxiliary losses. train turns dropout on. Logits stay for acmoe_lm_logits. */
-ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens,
+ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens,
                                         const int32_t *targets, int batch, int seq, int train,
                                         float *loss);
 /* Vision encoder: patches [batch][seq_len][patch_dim]; with labels [batch], *loss is the mean
    cross-entropy plus the auxiliary losses. Logits [batch][n_classes] in acmoe_lm_logits. */
-ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *lm, acmoe_ctx *ctx, const float *patches,
+ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *model, acmoe_ctx *ctx, const float *patches,
                                                 const int32_t *labels, int batch, int train, float *loss);
 /* An image [height][width][channels] cut into (height / patch) x (width / patch) patches, row
    by row, each patch x patch x channels floats in the image's order: patches [count][patch *
@@ -526,9 +526,9 @@ ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *lm, acmoe_ctx *ctx, co
 ACMOE_API acmoe_status acmoe_image_patches(const float *image, int height, int width, int channels, int patch,
                                            float *patches);
 /* Adds the gradients of the last forward call's loss to the gradient buffer. */
-ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *lm, acmoe_ctx *ctx);
-ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *lm);
-ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *lm); /* [batch * seq][vocab], or [batch][n_classes] */
+ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *model, acmoe_ctx *ctx);
+ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *model);
+ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *model); /* [batch * seq][vocab], or [batch][n_classes] */
 /* Incremental decoding of one sequence: the logits of positions [start, len) of tokens
    (in acmoe_lm_logits), reusing what the last call computed for positions before start, so
    each generated token costs one position rather than the whole context. tokens[0..start)
@@ -537,10 +537,10 @@ ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *lm); /* [batch * seq][voc
    bit. Every MoE layer must route each token on its own: ACMOE_ERR_ARG for USMoE, expert
    choice, a capacity limit, or AC weights not frozen (acmoe_lm_freeze_ac_weights after a
    forward pass that measured them). */
-ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens, int len, int start);
+ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, int len, int start);
 /* Whether acmoe_lm_decode takes this model; if not, what is missing, in why (cap bytes, may
    be NULL), e.g. "layer 3 (AC): its AC weights are not frozen: call acmoe_lm_freeze_ac_weights". */
-ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *lm, char *why, size_t cap);
+ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *model, char *why, size_t cap);
 /* Draws *token from logits [vocab] with rng: softmax(logits / temperature) over the top_k
    largest logits (0: all), then over the smallest set of the likeliest of those whose
    probabilities add up to top_p or more (1: all); ties at either cut are kept. Temperature 0
@@ -549,10 +549,10 @@ ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *lm, char *why, size_t cap);
    ACMOE_ERR_NONFINITE for a logit that is not finite. */
 ACMOE_API acmoe_status acmoe_sample(const float *logits, int vocab, float temperature, int top_k, float top_p,
                                     float *work, acmoe_rng *rng, int32_t *token);
-ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *lm);
+ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *model);
 /* The MoE layer of layer i (its stats, its options); NULL for a bad index. */
-ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *lm, int layer);
-ACMOE_API void acmoe_lm_freeze_ac_weights(acmoe_lm *lm, int frozen);
+ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *model, int layer);
+ACMOE_API void acmoe_lm_freeze_ac_weights(acmoe_lm *model, int frozen);
 
 /* ---- 10. Transformer models: options by name ----
    Every option of a model and of its optimizer, listed once: the checkpoint metadata, the
@@ -625,8 +625,8 @@ typedef struct acmoe_optim_desc {
 ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *opt, long step);
 /* One update from the gradient buffer, split over the context's threads (same bits for any
    count); returns the gradient norm before clipping in *norm. */
-ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_optim_desc *opt, float *norm);
-ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
+ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_optim_desc *opt, float *norm);
+ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *model);
 
 /* ---- 12. Checkpoints ----
    safetensors: an 8-byte little-endian header length, a JSON header naming each tensor
@@ -650,11 +650,11 @@ ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *lm);
    loaded model can freeze them and decode. Dense layers are "layers.i.ffn.*". Files of
    formats "acmoe-lm-3" and "acmoe-lm-2" (no checksum or training options) still load; earlier
    ones are refused. */
-ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path);
+ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *model, const char *path);
 /* The weights alone (with the configuration and the AC weights; no Adam moments): a file for
    inference or for other tools, about a third of a full one. It loads with acmoe_lm_load;
    training from it starts with fresh Adam moments. */
-ACMOE_API acmoe_status acmoe_lm_save_weights(const acmoe_lm *lm, const char *path);
+ACMOE_API acmoe_status acmoe_lm_save_weights(const acmoe_lm *model, const char *path);
 ACMOE_API acmoe_status acmoe_lm_load(acmoe_lm **out, const char *path);
 
 /* ---- 13. Data and training loop ----
@@ -691,14 +691,14 @@ ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split spl
 
 /* Mean held-out loss over `batches` batches drawn from a generator seeded by seed, so two
    models evaluated with the same seed see the same text. */
-ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
                                          uint64_t seed, double *loss);
 /* The same held-out text with damaged input: each input token is replaced, with probability
    corrupt (0 to 1), by one drawn uniformly from the vocabulary, while the targets stay the
    true next bytes, so the loss measures how well a model reads corrupted text. The damage
    comes from its own generator, also seeded by seed: two models see the same damaged text,
    and corrupt 0 gives acmoe_lm_evaluate's loss. */
-ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
                                                    uint64_t seed, float corrupt, double *loss);
 
 typedef enum acmoe_event_kind { ACMOE_EVENT_STEP = 0, ACMOE_EVENT_EVAL } acmoe_event_kind;
@@ -724,19 +724,19 @@ typedef struct acmoe_train_desc {
                              tokens damaged (acmoe_lm_evaluate_corrupted); 0 to 1, default 0 */
     acmoe_optim_desc optim;
     /* Called for every event; a non-zero return stops the loop with ACMOE_STOPPED. */
-    int (*on_event)(const acmoe_train_event *event, acmoe_lm *lm, void *user);
+    int (*on_event)(const acmoe_train_event *event, acmoe_lm *model, void *user);
     void *user;
 } acmoe_train_desc;
 
 /* Trains on the corpus with the model's batch and seq_len. Allocates only its two token
    buffers, before the first step. */
-ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *lm, acmoe_ctx *ctx, const acmoe_corpus *c,
+ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c,
                                       const acmoe_train_desc *desc);
 /* The options that shaped the model's training: optim as the last acmoe_lm_step resolved it,
    seed as the last acmoe_lm_train used it. Checkpoints keep them, so a resumed run can be the
    run it continues. All zero for a model that has not trained (or one loaded from a file of
    format acmoe-lm-2). */
-ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *lm);
+ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *model);
 
 #ifdef __cplusplus
 }
@@ -1226,50 +1226,50 @@ static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out);
 #define ACMOE__NC_UNIT 64
 
 ACMOE_API acmoe_ctx_desc acmoe_ctx_defaults(void) {
-    acmoe_ctx_desc d;
-    memset(&d, 0, sizeof d);
-    d.n_threads = acmoe__online_cpus();
-    d.isa = acmoe_cpu_isa();
-    d.mc = 192;
-    d.kc = 384; /* one depth block for the 352-wide model layers; C is read once per block */
-    d.nc = 4096;
-    return d;
+    acmoe_ctx_desc desc;
+    memset(&desc, 0, sizeof desc);
+    desc.n_threads = acmoe__online_cpus();
+    desc.isa = acmoe_cpu_isa();
+    desc.mc = 192;
+    desc.kc = 384; /* one depth block for the 352-wide model layers; C is read once per block */
+    desc.nc = 4096;
+    return desc;
 }
 
 static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc *out) {
-    acmoe_ctx_desc d = acmoe_ctx_defaults();
+    acmoe_ctx_desc desc = acmoe_ctx_defaults();
     if (in) {
         if (in->n_threads < 0 || in->mc < 0 || in->kc < 0 || in->nc < 0) return ACMOE_ERR_ARG;
         if ((int)in->isa < 0 || (int)in->isa >= ACMOE_ISA_COUNT) return ACMOE_ERR_ARG;
-        if (in->n_threads) d.n_threads = in->n_threads;
-        if (in->isa) d.isa = in->isa;
-        if (in->mc) d.mc = in->mc;
-        if (in->kc) d.kc = in->kc;
-        if (in->nc) d.nc = in->nc;
-        d.clock = in->clock;
+        if (in->n_threads) desc.n_threads = in->n_threads;
+        if (in->isa) desc.isa = in->isa;
+        if (in->mc) desc.mc = in->mc;
+        if (in->kc) desc.kc = in->kc;
+        if (in->nc) desc.nc = in->nc;
+        desc.clock = in->clock;
     }
-    if (d.n_threads > 1024 || d.mc > 1 << 16 || d.kc > 1 << 16 || d.nc > 1 << 20) return ACMOE_ERR_ARG;
+    if (desc.n_threads > 1024 || desc.mc > 1 << 16 || desc.kc > 1 << 16 || desc.nc > 1 << 20) return ACMOE_ERR_ARG;
 #ifdef ACMOE_NO_THREADS
-    d.n_threads = 1;
+    desc.n_threads = 1;
 #endif
-    d.mc = (d.mc + ACMOE__MC_UNIT - 1) / ACMOE__MC_UNIT * ACMOE__MC_UNIT;
-    d.nc = (d.nc + ACMOE__NC_UNIT - 1) / ACMOE__NC_UNIT * ACMOE__NC_UNIT;
-    *out = d;
+    desc.mc = (desc.mc + ACMOE__MC_UNIT - 1) / ACMOE__MC_UNIT * ACMOE__MC_UNIT;
+    desc.nc = (desc.nc + ACMOE__NC_UNIT - 1) / ACMOE__NC_UNIT * ACMOE__NC_UNIT;
+    *out = desc;
     return ACMOE_OK;
 }
 
 static acmoe_status acmoe__workspace_create(acmoe_ctx *ctx) {
-    const acmoe_ctx_desc *d = &ctx->desc;
-    size_t a = (size_t)d->mc * d->kc, b = (size_t)d->nc * d->kc;
-    size_t panel = (size_t)ACMOE__NR_MAX * d->kc, tile = ACMOE__MR_MAX * ACMOE__NR_MAX;
+    const acmoe_ctx_desc *resolved = &ctx->desc;
+    size_t a = (size_t)resolved->mc * resolved->kc, b = (size_t)resolved->nc * resolved->kc;
+    size_t panel = (size_t)ACMOE__NR_MAX * resolved->kc, tile = ACMOE__MR_MAX * ACMOE__NR_MAX;
     size_t per_thread = acmoe__align_up((a + b + panel + tile) * sizeof(float) + 4 * ACMOE_ALIGN);
     unsigned char *p;
     int t;
-    ctx->ws = (acmoe__workspace *)ACMOE_MALLOC(sizeof(acmoe__workspace) * (size_t)d->n_threads);
-    ctx->ws_memory = acmoe__aligned_alloc(per_thread * (size_t)d->n_threads);
+    ctx->ws = (acmoe__workspace *)ACMOE_MALLOC(sizeof(acmoe__workspace) * (size_t)resolved->n_threads);
+    ctx->ws_memory = acmoe__aligned_alloc(per_thread * (size_t)resolved->n_threads);
     if (!ctx->ws || !ctx->ws_memory) return ACMOE_ERR_NOMEM;
     p = (unsigned char *)ctx->ws_memory;
-    for (t = 0; t < d->n_threads; t++, p += per_thread) {
+    for (t = 0; t < resolved->n_threads; t++, p += per_thread) {
         acmoe__workspace *w = &ctx->ws[t];
         w->pack_a = (float *)p;
         w->pack_b = (float *)(p + acmoe__align_up(a * sizeof(float)));
@@ -2096,19 +2096,19 @@ static void acmoe__gemv_region(const acmoe__gemm *g, int m0, int m1) {
 /* The blocked loops over rows [m0, m1) and columns [n0, n1) of C'. */
 static void acmoe__gemm_region(const acmoe__gemm *g, const acmoe__workspace *ws, int m0, int m1,
                                int n0, int n1) {
-    const acmoe_ctx_desc *d = &g->ctx->desc;
+    const acmoe_ctx_desc *resolved = &g->ctx->desc;
     int jc, pc, ic;
     if (g->n == 1 && g->a_cs == 1 && g->ctx->kernel.gemv) {
         acmoe__gemv_region(g, m0, m1);
         return;
     }
-    for (jc = n0; jc < n1; jc += d->nc) {
-        int nc = ACMOE__MIN(d->nc, n1 - jc);
-        for (pc = 0; pc < g->k; pc += d->kc) {
-            int kc = ACMOE__MIN(d->kc, g->k - pc);
+    for (jc = n0; jc < n1; jc += resolved->nc) {
+        int nc = ACMOE__MIN(resolved->nc, n1 - jc);
+        for (pc = 0; pc < g->k; pc += resolved->kc) {
+            int kc = ACMOE__MIN(resolved->kc, g->k - pc);
             if (g->pack_b) acmoe__pack_b(g, ws, pc, kc, jc, nc);
-            for (ic = m0; ic < m1; ic += d->mc) {
-                int mc = ACMOE__MIN(d->mc, m1 - ic);
+            for (ic = m0; ic < m1; ic += resolved->mc) {
+                int mc = ACMOE__MIN(resolved->mc, m1 - ic);
                 if (g->pack_a)
                     acmoe__pack(g->ctx->kernel.isa, ws->pack_a, g->a + ic * g->a_rs + pc * g->a_cs,
                                 g->a_rs, g->a_cs, mc, kc, 1);
@@ -2378,30 +2378,30 @@ static void acmoe__replace_nonfinite(float *logits, size_t n) {
 }
 
 ACMOE_API acmoe_ac_desc acmoe_ac_defaults(void) {
-    acmoe_ac_desc d;
-    memset(&d, 0, sizeof d);
-    d.eps = 1e-4f;
-    d.clip = 10.0f;
-    d.scaling = ACMOE_AC_SCALE_PER_FEATURE;
-    d.dispersion = ACMOE_AC_DISP_MAD;
-    return d;
+    acmoe_ac_desc desc;
+    memset(&desc, 0, sizeof desc);
+    desc.eps = 1e-4f;
+    desc.clip = 10.0f;
+    desc.scaling = ACMOE_AC_SCALE_PER_FEATURE;
+    desc.dispersion = ACMOE_AC_DISP_MAD;
+    return desc;
 }
 
 static acmoe_status acmoe__ac_resolve(const acmoe_ac_desc *in, acmoe_ac_desc *out) {
-    acmoe_ac_desc d = acmoe_ac_defaults();
+    acmoe_ac_desc desc = acmoe_ac_defaults();
     if (in) {
         if (!(in->eps >= 0.0f) || !(in->clip >= 0.0f) || !isfinite(in->eps) || !isfinite(in->clip))
             return ACMOE_ERR_ARG;
         if ((int)in->scaling < 0 || (int)in->scaling > ACMOE_AC_SCALE_POSTCLIP_MEAN) return ACMOE_ERR_ARG;
         if ((int)in->dispersion < 0 || (int)in->dispersion > ACMOE_AC_DISP_VARIANCE) return ACMOE_ERR_ARG;
-        if (in->dispersion) d.dispersion = in->dispersion;
-        if (d.dispersion == ACMOE_AC_DISP_VARIANCE) d.eps = 0.1f;
-        if (in->eps > 0.0f) d.eps = in->eps;
-        if (in->clip > 0.0f) d.clip = in->clip;
-        if (in->scaling) d.scaling = in->scaling;
-        d.robust = in->robust != 0;
+        if (in->dispersion) desc.dispersion = in->dispersion;
+        if (desc.dispersion == ACMOE_AC_DISP_VARIANCE) desc.eps = 0.1f;
+        if (in->eps > 0.0f) desc.eps = in->eps;
+        if (in->clip > 0.0f) desc.clip = in->clip;
+        if (in->scaling) desc.scaling = in->scaling;
+        desc.robust = in->robust != 0;
     }
-    *out = d;
+    *out = desc;
     return ACMOE_OK;
 }
 
@@ -2577,7 +2577,7 @@ typedef struct acmoe__candidate {
 } acmoe__candidate;
 
 struct acmoe_moe {
-    acmoe_moe_desc d;
+    acmoe_moe_desc desc;
     int dr;        /* router input width: d_model, or proj_dim */
     int h_width;   /* width of W1's output: d_ff, or 2 d_ff for SwiGLU */
     int max_pairs; /* (token, expert) pairs one call can make; Soft MoE: slot rows */
@@ -2624,7 +2624,7 @@ struct acmoe_moe {
     double seconds_routing, seconds_experts;
 };
 
-ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
+ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *desc, char letter) {
     static const struct {
         char letter;
         acmoe_router_input input;
@@ -2647,32 +2647,32 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
         {'f', ACMOE_INPUT_TOKEN, ACMOE_SCORE_NONE, ACMOE_SELECT_DENSE},
     };
     size_t i;
-    if (!d) return ACMOE_ERR_NULL;
+    if (!desc) return ACMOE_ERR_NULL;
     for (i = 0; i < sizeof presets / sizeof presets[0]; i++) {
         if (presets[i].letter != letter) continue;
-        d->router_input = presets[i].input;
-        d->router_score = presets[i].score;
-        d->router_select = presets[i].select;
-        if (letter == 's') d->top_k = 1;
-        if (letter == 'f') d->n_experts = d->top_k = 1;
-        if (letter == 'u') d->no_router_bias = 1;
-        if (letter == 'b') d->no_reprojection = 1;
+        desc->router_input = presets[i].input;
+        desc->router_score = presets[i].score;
+        desc->router_select = presets[i].select;
+        if (letter == 's') desc->top_k = 1;
+        if (letter == 'f') desc->n_experts = desc->top_k = 1;
+        if (letter == 'u') desc->no_router_bias = 1;
+        if (letter == 'b') desc->no_reprojection = 1;
         if (letter == 't' || letter == 'w') { /* swin_transformer_cosa.py, config.py: Tutel's top gate */
-            d->no_router_bias = 1, d->gate_noise = 1.0f, d->importance_loss = 0.01f;
-            if (d->capacity == 0.0f) d->capacity = 1.25f;
+            desc->no_router_bias = 1, desc->gate_noise = 1.0f, desc->importance_loss = 0.01f;
+            if (desc->capacity == 0.0f) desc->capacity = 1.25f;
         }
         if (letter == 'w') { /* compute_cosa: mad, 1e-4, 1.5 x the pre-clip mean, whole MoE input */
-            d->ac_weight_experts = 1, d->ac_mix_labels = 0;
-            d->ac.eps = 1e-4f, d->ac.clip = 1.5f, d->ac.scaling = ACMOE_AC_SCALE_PRECLIP_MEAN;
-            d->ac.dispersion = ACMOE_AC_DISP_MAD;
+            desc->ac_weight_experts = 1, desc->ac_mix_labels = 0;
+            desc->ac.eps = 1e-4f, desc->ac.clip = 1.5f, desc->ac.scaling = ACMOE_AC_SCALE_PRECLIP_MEAN;
+            desc->ac.dispersion = ACMOE_AC_DISP_MAD;
         }
-        if (letter == 'm') d->soft_input = ACMOE_SOFT_RAW;
-        if (letter == 'n' || letter == 'a') d->soft_input = ACMOE_SOFT_NORMALIZED;
+        if (letter == 'm') desc->soft_input = ACMOE_SOFT_RAW;
+        if (letter == 'n' || letter == 'a') desc->soft_input = ACMOE_SOFT_NORMALIZED;
         if (letter == 'a') { /* softmoe.py's AC layers: mad, mix_weights, eps 0.35, 5 x mean clip */
-            d->ac_weight_experts = 0; /* the weighted tokens reach the slots anyway */
-            d->ac_mix_labels = 1;
-            d->ac.eps = 0.35f, d->ac.clip = 5.0f, d->ac.scaling = ACMOE_AC_SCALE_POSTCLIP_MEAN;
-            d->ac.dispersion = ACMOE_AC_DISP_MAD;
+            desc->ac_weight_experts = 0; /* the weighted tokens reach the slots anyway */
+            desc->ac_mix_labels = 1;
+            desc->ac.eps = 0.35f, desc->ac.clip = 5.0f, desc->ac.scaling = ACMOE_AC_SCALE_POSTCLIP_MEAN;
+            desc->ac.dispersion = ACMOE_AC_DISP_MAD;
         }
         return ACMOE_OK;
     }
@@ -2682,19 +2682,19 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *d, char letter) {
 static int acmoe__valid_enum(int value, int count) { return value >= 0 && value < count; }
 
 /* Whether the layer has no pairs to limit or balance: Soft MoE and dense layers. */
-static int acmoe__routerless(const acmoe_moe_desc *d) {
-    return d->router_select == ACMOE_SELECT_SOFT || d->router_select == ACMOE_SELECT_DENSE;
+static int acmoe__routerless(const acmoe_moe_desc *desc) {
+    return desc->router_select == ACMOE_SELECT_SOFT || desc->router_select == ACMOE_SELECT_DENSE;
 }
 
 /* Whether the selection rule shares its tokens by groups. */
-static int acmoe__grouped(const acmoe_moe_desc *d) {
-    return d->router_select == ACMOE_SELECT_USMOE || d->router_select == ACMOE_SELECT_SOFT;
+static int acmoe__grouped(const acmoe_moe_desc *desc) {
+    return desc->router_select == ACMOE_SELECT_USMOE || desc->router_select == ACMOE_SELECT_SOFT;
 }
 
 /* The groups of n tokens (at most, when n is not whole sequences). */
-static int acmoe__group_count(const acmoe_moe_desc *d, int n) {
-    if (d->group == ACMOE_GROUP_BATCH) return 1;
-    return d->group == ACMOE_GROUP_POSITION ? d->seq_len : (n + d->seq_len - 1) / d->seq_len;
+static int acmoe__group_count(const acmoe_moe_desc *desc, int n) {
+    if (desc->group == ACMOE_GROUP_BATCH) return 1;
+    return desc->group == ACMOE_GROUP_POSITION ? desc->seq_len : (n + desc->seq_len - 1) / desc->seq_len;
 }
 
 #define ACMOE__MAX_AUX_EXPERTS 1024 /* experts of a layer with the importance loss (its sums live on the stack) */
@@ -2703,119 +2703,119 @@ static int acmoe__group_count(const acmoe_moe_desc *d, int n) {
    widths up to ACMOE__MAX_WIDTH, tokens times logits (which bounds the pairs and the slot
    rows) within an int. */
 #define ACMOE__MAX_WIDTH (1 << 20)
-static int acmoe__moe_sizes_fit(const acmoe_moe_desc *d) {
-    const double lw = (double)d->n_experts * d->soft_slots, widths = (double)d->d_model + 2.0 * d->d_ff + d->proj_dim;
-    if (d->d_model > ACMOE__MAX_WIDTH || d->d_ff > ACMOE__MAX_WIDTH || d->proj_dim > ACMOE__MAX_WIDTH ||
-        d->n_experts > ACMOE__MAX_WIDTH || lw > 1e6 || (double)d->max_tokens * lw > (double)INT32_MAX)
+static int acmoe__moe_sizes_fit(const acmoe_moe_desc *desc) {
+    const double lw = (double)desc->n_experts * desc->soft_slots, widths = (double)desc->d_model + 2.0 * desc->d_ff + desc->proj_dim;
+    if (desc->d_model > ACMOE__MAX_WIDTH || desc->d_ff > ACMOE__MAX_WIDTH || desc->proj_dim > ACMOE__MAX_WIDTH ||
+        desc->n_experts > ACMOE__MAX_WIDTH || lw > 1e6 || (double)desc->max_tokens * lw > (double)INT32_MAX)
         return 0;
     /* the largest buffers: rows of every width for each (token, logit) pair, the parameters */
-    return (double)d->max_tokens * (lw + 4.0) * (widths + lw) < ACMOE__MAX_BYTES / 8.0 &&
-           (double)d->n_experts * (3.0 * d->d_ff + 2.0) * d->d_model + lw * widths < (double)INT32_MAX;
+    return (double)desc->max_tokens * (lw + 4.0) * (widths + lw) < ACMOE__MAX_BYTES / 8.0 &&
+           (double)desc->n_experts * (3.0 * desc->d_ff + 2.0) * desc->d_model + lw * widths < (double)INT32_MAX;
 }
 
 ACMOE_API acmoe_status acmoe_moe_resolve(const acmoe_moe_desc *in, acmoe_moe_desc *out) {
-    acmoe_moe_desc d;
+    acmoe_moe_desc desc;
     acmoe_status s;
     if (!in || !out) return ACMOE_ERR_NULL;
-    d = *in;
-    if (!d.top_k) d.top_k = 2;
-    if (!d.proj_dim) d.proj_dim = 8;
-    if (!d.ac_max_clusters) d.ac_max_clusters = d.n_experts;
-    if (d.capacity == 0.0f && d.router_select == ACMOE_SELECT_EXPERT_CHOICE) d.capacity = 2.0f;
-    if (d.capacity == 0.0f && d.router_select == ACMOE_SELECT_PRIORITY) d.capacity = 1.25f;
-    if (d.usmoe_budget == 0.0f) d.usmoe_budget = (float)d.top_k;
-    if (d.usmoe_rho == 0.0f) d.usmoe_rho = 0.5f;
-    if (d.balance_temperature == 0.0f) d.balance_temperature = 1.0f;
-    if (!d.soft_slots) d.soft_slots = 1;
-    if (!d.mix_k) d.mix_k = 8;
-    if (d.importance_loss > 0.0f && d.n_experts > ACMOE__MAX_AUX_EXPERTS) return ACMOE_ERR_ARG;
-    if (d.group == ACMOE_GROUP_DEFAULT) d.group = d.seq_len > 0 ? ACMOE_GROUP_POSITION : ACMOE_GROUP_BATCH;
-    if (d.d_model < 1 || d.d_ff < 1 || d.n_experts < 1 || d.max_tokens < 1 || d.top_k < 1 ||
-        d.top_k > d.n_experts || d.proj_dim < 1 || d.ac_max_clusters < 1 || d.seq_len < 0 || d.soft_slots < 1 ||
-        !acmoe__moe_sizes_fit(&d))
+    desc = *in;
+    if (!desc.top_k) desc.top_k = 2;
+    if (!desc.proj_dim) desc.proj_dim = 8;
+    if (!desc.ac_max_clusters) desc.ac_max_clusters = desc.n_experts;
+    if (desc.capacity == 0.0f && desc.router_select == ACMOE_SELECT_EXPERT_CHOICE) desc.capacity = 2.0f;
+    if (desc.capacity == 0.0f && desc.router_select == ACMOE_SELECT_PRIORITY) desc.capacity = 1.25f;
+    if (desc.usmoe_budget == 0.0f) desc.usmoe_budget = (float)desc.top_k;
+    if (desc.usmoe_rho == 0.0f) desc.usmoe_rho = 0.5f;
+    if (desc.balance_temperature == 0.0f) desc.balance_temperature = 1.0f;
+    if (!desc.soft_slots) desc.soft_slots = 1;
+    if (!desc.mix_k) desc.mix_k = 8;
+    if (desc.importance_loss > 0.0f && desc.n_experts > ACMOE__MAX_AUX_EXPERTS) return ACMOE_ERR_ARG;
+    if (desc.group == ACMOE_GROUP_DEFAULT) desc.group = desc.seq_len > 0 ? ACMOE_GROUP_POSITION : ACMOE_GROUP_BATCH;
+    if (desc.d_model < 1 || desc.d_ff < 1 || desc.n_experts < 1 || desc.max_tokens < 1 || desc.top_k < 1 ||
+        desc.top_k > desc.n_experts || desc.proj_dim < 1 || desc.ac_max_clusters < 1 || desc.seq_len < 0 || desc.soft_slots < 1 ||
+        !acmoe__moe_sizes_fit(&desc))
         return ACMOE_ERR_SHAPE;
-    if (!acmoe__valid_enum((int)d.router_input, ACMOE_INPUT_COUNT) ||
-        !acmoe__valid_enum((int)d.router_score, ACMOE_SCORE_COUNT) ||
-        !acmoe__valid_enum((int)d.router_select, ACMOE_SELECT_COUNT) ||
-        !acmoe__valid_enum((int)d.group, ACMOE_GROUP_COUNT) ||
-        !acmoe__valid_enum((int)d.soft_input, ACMOE_SOFT_INPUT_COUNT) || d.mix_k < 1 ||
-        !acmoe__valid_enum((int)d.activation, ACMOE_ACT_COUNT))
+    if (!acmoe__valid_enum((int)desc.router_input, ACMOE_INPUT_COUNT) ||
+        !acmoe__valid_enum((int)desc.router_score, ACMOE_SCORE_COUNT) ||
+        !acmoe__valid_enum((int)desc.router_select, ACMOE_SELECT_COUNT) ||
+        !acmoe__valid_enum((int)desc.group, ACMOE_GROUP_COUNT) ||
+        !acmoe__valid_enum((int)desc.soft_input, ACMOE_SOFT_INPUT_COUNT) || desc.mix_k < 1 ||
+        !acmoe__valid_enum((int)desc.activation, ACMOE_ACT_COUNT))
         return ACMOE_ERR_ARG;
-    if (!(d.capacity >= 0.0f && d.capacity <= 1e4f) ||
-        !(d.usmoe_budget >= 0.0f) ||
-        (d.router_select == ACMOE_SELECT_USMOE && !(d.usmoe_budget > 0.0f && d.usmoe_budget <= (float)d.n_experts)) ||
-        !(d.usmoe_rho >= 0.0f && d.usmoe_rho <= 1.0f) || !(d.balance_alpha >= 0.0f && d.balance_alpha < 1e6f) ||
-        !(d.balance_temperature > 0.0f && d.balance_temperature < 1e6f) || !(d.z_loss >= 0.0f && d.z_loss < 1e6f) ||
-        !(d.gate_noise >= 0.0f && d.gate_noise < 1e6f) || !(d.importance_loss >= 0.0f && d.importance_loss < 1e6f) ||
-        (d.importance_loss > 0.0f && (d.gate_noise == 0.0f || d.n_experts < 2)) ||
-        d.ac_max_clusters > ACMOE__AC_MAX_CLUSTERS)
+    if (!(desc.capacity >= 0.0f && desc.capacity <= 1e4f) ||
+        !(desc.usmoe_budget >= 0.0f) ||
+        (desc.router_select == ACMOE_SELECT_USMOE && !(desc.usmoe_budget > 0.0f && desc.usmoe_budget <= (float)desc.n_experts)) ||
+        !(desc.usmoe_rho >= 0.0f && desc.usmoe_rho <= 1.0f) || !(desc.balance_alpha >= 0.0f && desc.balance_alpha < 1e6f) ||
+        !(desc.balance_temperature > 0.0f && desc.balance_temperature < 1e6f) || !(desc.z_loss >= 0.0f && desc.z_loss < 1e6f) ||
+        !(desc.gate_noise >= 0.0f && desc.gate_noise < 1e6f) || !(desc.importance_loss >= 0.0f && desc.importance_loss < 1e6f) ||
+        (desc.importance_loss > 0.0f && (desc.gate_noise == 0.0f || desc.n_experts < 2)) ||
+        desc.ac_max_clusters > ACMOE__AC_MAX_CLUSTERS)
         return ACMOE_ERR_ARG;
-    if (d.group != ACMOE_GROUP_BATCH && acmoe__grouped(&d) && d.seq_len < 1)
+    if (desc.group != ACMOE_GROUP_BATCH && acmoe__grouped(&desc) && desc.seq_len < 1)
         return ACMOE_ERR_ARG; /* sequence and position groups need seq_len */
-    if (d.soft_input == ACMOE_SOFT_NORMALIZED && d.router_input == ACMOE_INPUT_PROJECTED)
+    if (desc.soft_input == ACMOE_SOFT_NORMALIZED && desc.router_input == ACMOE_INPUT_PROJECTED)
         return ACMOE_ERR_ARG; /* the slots take the score's input, so it must be d_model wide */
-    if ((d.router_select == ACMOE_SELECT_SOFT) != (d.router_score == ACMOE_SCORE_SLOT) ||
-        (d.router_select == ACMOE_SELECT_DENSE) != (d.router_score == ACMOE_SCORE_NONE) ||
-        (d.router_select == ACMOE_SELECT_DENSE &&
-         (d.n_experts != 1 || d.top_k != 1 || d.router_input != ACMOE_INPUT_TOKEN)) ||
-        (acmoe__routerless(&d) && (d.capacity > 0.0f || d.balance_alpha > 0.0f || d.z_loss > 0.0f ||
-                                   d.gate_noise > 0.0f || d.importance_loss > 0.0f)))
+    if ((desc.router_select == ACMOE_SELECT_SOFT) != (desc.router_score == ACMOE_SCORE_SLOT) ||
+        (desc.router_select == ACMOE_SELECT_DENSE) != (desc.router_score == ACMOE_SCORE_NONE) ||
+        (desc.router_select == ACMOE_SELECT_DENSE &&
+         (desc.n_experts != 1 || desc.top_k != 1 || desc.router_input != ACMOE_INPUT_TOKEN)) ||
+        (acmoe__routerless(&desc) && (desc.capacity > 0.0f || desc.balance_alpha > 0.0f || desc.z_loss > 0.0f ||
+                                   desc.gate_noise > 0.0f || desc.importance_loss > 0.0f)))
         return ACMOE_ERR_ARG;
-    s = acmoe__ac_resolve(&in->ac, &d.ac);
+    s = acmoe__ac_resolve(&in->ac, &desc.ac);
     if (s != ACMOE_OK) return s;
-    *out = d;
+    *out = desc;
     return ACMOE_OK;
 }
 
 /* Lays the parameters out in params (or only counts them when params is NULL). */
-static size_t acmoe__moe_params(acmoe_moe *L, float *params, float *grads, acmoe__directory *dir) {
-    const acmoe_moe_desc *d = &L->d;
-    const int e = d->n_experts, dm = d->d_model;
+static size_t acmoe__moe_params(acmoe_moe *layer, float *params, float *grads, acmoe__directory *dir) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    const int e = desc->n_experts, dm = desc->d_model;
     size_t used = 0;
 #define ACMOE__VIEW(field, name, decay, ndim, s0, s1, s2) \
-    acmoe__param_view(&used, params, grads, &L->field, &L->g_##field, dir, name, decay, ndim, s0, s1, s2)
-    if (d->router_select == ACMOE_SELECT_DENSE) { /* one expert: plain linear layers */
-        ACMOE__VIEW(w1, "w1", 1, 2, L->h_width, dm, 0);
-        ACMOE__VIEW(b1, "b1", 0, 1, L->h_width, 0, 0);
-        ACMOE__VIEW(w2, "w2", 1, 2, dm, d->d_ff, 0);
+    acmoe__param_view(&used, params, grads, &layer->field, &layer->g_##field, dir, name, decay, ndim, s0, s1, s2)
+    if (desc->router_select == ACMOE_SELECT_DENSE) { /* one expert: plain linear layers */
+        ACMOE__VIEW(w1, "w1", 1, 2, layer->h_width, dm, 0);
+        ACMOE__VIEW(b1, "b1", 0, 1, layer->h_width, 0, 0);
+        ACMOE__VIEW(w2, "w2", 1, 2, dm, desc->d_ff, 0);
         ACMOE__VIEW(b2, "b2", 0, 1, dm, 0, 0);
         return used;
     }
-    if (d->router_input == ACMOE_INPUT_PROJECTED) ACMOE__VIEW(proj, "router.proj", 1, 2, d->proj_dim, dm, 0);
-    if (d->router_score == ACMOE_SCORE_LINEAR) {
-        ACMOE__VIEW(wr, "router.weight", 1, 2, e, L->dr, 0);
-        if (!d->no_router_bias) ACMOE__VIEW(br, "router.bias", 0, 1, e, 0, 0);
-    } else if (d->router_score == ACMOE_SCORE_SLOT) {
-        ACMOE__VIEW(phi, "router.slots", 1, 2, L->lw, L->dr, 0);
+    if (desc->router_input == ACMOE_INPUT_PROJECTED) ACMOE__VIEW(proj, "router.proj", 1, 2, desc->proj_dim, dm, 0);
+    if (desc->router_score == ACMOE_SCORE_LINEAR) {
+        ACMOE__VIEW(wr, "router.weight", 1, 2, e, layer->dr, 0);
+        if (!desc->no_router_bias) ACMOE__VIEW(br, "router.bias", 0, 1, e, 0, 0);
+    } else if (desc->router_score == ACMOE_SCORE_SLOT) {
+        ACMOE__VIEW(phi, "router.slots", 1, 2, layer->lw, layer->dr, 0);
         ACMOE__VIEW(phi_scale, "router.scale", 0, 1, 1, 0, 0);
     } else {
-        ACMOE__VIEW(emb, "router.embedding", 1, 2, e, L->dr, 0);
+        ACMOE__VIEW(emb, "router.embedding", 1, 2, e, layer->dr, 0);
     }
-    ACMOE__VIEW(w1, "experts.w1", 1, 3, e, L->h_width, dm);
-    ACMOE__VIEW(b1, "experts.b1", 0, 2, e, L->h_width, 0);
-    ACMOE__VIEW(w2, "experts.w2", 1, 3, e, dm, d->d_ff);
+    ACMOE__VIEW(w1, "experts.w1", 1, 3, e, layer->h_width, dm);
+    ACMOE__VIEW(b1, "experts.b1", 0, 2, e, layer->h_width, 0);
+    ACMOE__VIEW(w2, "experts.w2", 1, 3, e, dm, desc->d_ff);
     ACMOE__VIEW(b2, "experts.b2", 0, 2, e, dm, 0);
 #undef ACMOE__VIEW
     return used;
 }
 
 /* Widths and the pair bound that follow from a resolved descriptor. */
-static void acmoe__moe_shape(acmoe_moe *L) {
-    const acmoe_moe_desc *d = &L->d;
-    double per_token = d->top_k;
-    L->dr = d->router_input == ACMOE_INPUT_PROJECTED ? d->proj_dim : d->d_model;
-    L->h_width = d->activation == ACMOE_ACT_SWIGLU ? 2 * d->d_ff : d->d_ff;
-    L->lw = d->router_select == ACMOE_SELECT_SOFT ? d->n_experts * d->soft_slots : d->n_experts;
-    L->label_k = d->router_select == ACMOE_SELECT_SOFT ? ACMOE__MIN(d->mix_k, L->lw) : d->top_k;
-    if (d->router_select == ACMOE_SELECT_SOFT) { /* every group's slots */
-        L->max_pairs = acmoe__group_count(d, d->max_tokens) * L->lw;
+static void acmoe__moe_shape(acmoe_moe *layer) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    double per_token = desc->top_k;
+    layer->dr = desc->router_input == ACMOE_INPUT_PROJECTED ? desc->proj_dim : desc->d_model;
+    layer->h_width = desc->activation == ACMOE_ACT_SWIGLU ? 2 * desc->d_ff : desc->d_ff;
+    layer->lw = desc->router_select == ACMOE_SELECT_SOFT ? desc->n_experts * desc->soft_slots : desc->n_experts;
+    layer->label_k = desc->router_select == ACMOE_SELECT_SOFT ? ACMOE__MIN(desc->mix_k, layer->lw) : desc->top_k;
+    if (desc->router_select == ACMOE_SELECT_SOFT) { /* every group's slots */
+        layer->max_pairs = acmoe__group_count(desc, desc->max_tokens) * layer->lw;
         return;
     }
     /* group budgets round up to one pair per group, capacities to one token per expert */
-    if (d->router_select == ACMOE_SELECT_USMOE) per_token = (double)d->usmoe_budget + 1.0;
-    if (d->router_select == ACMOE_SELECT_EXPERT_CHOICE) per_token = (double)d->capacity + 1.0;
-    per_token = ACMOE__MIN(per_token, (double)d->n_experts);
-    L->max_pairs = (int)ACMOE__MIN(ceil(per_token * d->max_tokens) + d->n_experts, (double)d->max_tokens * d->n_experts);
+    if (desc->router_select == ACMOE_SELECT_USMOE) per_token = (double)desc->usmoe_budget + 1.0;
+    if (desc->router_select == ACMOE_SELECT_EXPERT_CHOICE) per_token = (double)desc->capacity + 1.0;
+    per_token = ACMOE__MIN(per_token, (double)desc->n_experts);
+    layer->max_pairs = (int)ACMOE__MIN(ceil(per_token * desc->max_tokens) + desc->n_experts, (double)desc->max_tokens * desc->n_experts);
 }
 
 /* The parameter count of a layer with this descriptor (0 for a bad one), listing its
@@ -2823,7 +2823,7 @@ static void acmoe__moe_shape(acmoe_moe *L) {
 static size_t acmoe__moe_directory(const acmoe_moe_desc *desc, acmoe__directory *dir) {
     acmoe_moe layer;
     memset(&layer, 0, sizeof layer);
-    if (acmoe_moe_resolve(desc, &layer.d) != ACMOE_OK) return 0;
+    if (acmoe_moe_resolve(desc, &layer.desc) != ACMOE_OK) return 0;
     acmoe__moe_shape(&layer);
     return acmoe__moe_params(&layer, NULL, NULL, dir);
 }
@@ -2831,57 +2831,57 @@ static size_t acmoe__moe_directory(const acmoe_moe_desc *desc, acmoe__directory 
 ACMOE_API size_t acmoe_moe_param_count(const acmoe_moe_desc *desc) { return acmoe__moe_directory(desc, NULL); }
 
 /* Lays the workspace out in base (or only measures it when base is NULL). */
-static size_t acmoe__moe_workspace(acmoe_moe *L, unsigned char *base) {
-    const acmoe_moe_desc *d = &L->d;
-    const size_t t = (size_t)d->max_tokens, e = (size_t)d->n_experts, p = (size_t)L->max_pairs;
-    const size_t k = (size_t)ACMOE__MAX(d->top_k, L->label_k);
-    const size_t lw = (size_t)L->lw, soft = d->router_select == ACMOE_SELECT_SOFT;
-    const size_t dm = (size_t)d->d_model, dr = (size_t)L->dr, kc = (size_t)d->ac_max_clusters;
+static size_t acmoe__moe_workspace(acmoe_moe *layer, unsigned char *base) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    const size_t t = (size_t)desc->max_tokens, e = (size_t)desc->n_experts, p = (size_t)layer->max_pairs;
+    const size_t k = (size_t)ACMOE__MAX(desc->top_k, layer->label_k);
+    const size_t lw = (size_t)layer->lw, soft = desc->router_select == ACMOE_SELECT_SOFT;
+    const size_t dm = (size_t)desc->d_model, dr = (size_t)layer->dr, kc = (size_t)desc->ac_max_clusters;
     const size_t f = sizeof(float), i = sizeof(int);
     size_t used = 0;
-    L->xr = (float *)acmoe__carve(base, &used, t * dr * f);
-    L->dxr = (float *)acmoe__carve(base, &used, t * dr * f);
-    L->wmix = (float *)acmoe__carve(base, &used, (d->ac_mix_labels ? t * dm : 1) * f);
-    L->ehat = (float *)acmoe__carve(base, &used, lw * dr * f);
-    L->dehat = (float *)acmoe__carve(base, &used, lw * dr * f);
-    L->emb_norm = (float *)acmoe__carve(base, &used, lw * f);
-    L->logits = (float *)acmoe__carve(base, &used, t * lw * f);
-    L->probs = (float *)acmoe__carve(base, &used, t * lw * f);
-    L->sig = (float *)acmoe__carve(base, &used, (d->router_select == ACMOE_SELECT_USMOE ? t * lw : 1) * f);
-    L->dz = (float *)acmoe__carve(base, &used, t * lw * f);
-    L->uhat = (float *)acmoe__carve(base, &used, (soft ? t * dr : 1) * f);
-    L->u_norm = (float *)acmoe__carve(base, &used, (soft ? t : 1) * f);
-    L->du = (float *)acmoe__carve(base, &used, (soft && d->soft_input == ACMOE_SOFT_NORMALIZED ? t * dm : 1) * f);
-    L->dispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
-    L->ddispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
-    L->slots = (float *)acmoe__carve(base, &used, (soft ? p * dm : 1) * f);
-    L->balance_q = (float *)acmoe__carve(base, &used, (d->balance_alpha > 0.0f ? t * e : 1) * f);
-    L->noisy = (float *)acmoe__carve(base, &used, (d->router_select == ACMOE_SELECT_PRIORITY ? t * e : 1) * f);
-    L->clean_probs = (float *)acmoe__carve(base, &used, (d->importance_loss > 0.0f ? t * e : 1) * f);
-    L->top_idx = (int32_t *)acmoe__carve(base, &used, t * k * sizeof(int32_t));
-    L->top_gate = (float *)acmoe__carve(base, &used, t * k * f);
-    L->labels = (int32_t *)acmoe__carve(base, &used, t * sizeof(int32_t));
-    L->ac_w = (float *)acmoe__carve(base, &used, (d->router_input == ACMOE_INPUT_AC ? kc * dm : 1) * f);
-    L->ac_mu = (float *)acmoe__carve(base, &used, (d->router_input == ACMOE_INPUT_AC ? kc * dm : 1) * f);
-    L->ac_count = (int *)acmoe__carve(base, &used, kc * i);
-    L->mark = (int *)acmoe__carve(base, &used, t * e * i);
-    L->cand = (acmoe__candidate *)acmoe__carve(base, &used, t * e * sizeof(acmoe__candidate));
-    L->pair_token = (int *)acmoe__carve(base, &used, p * i);
-    L->pair_expert = (int *)acmoe__carve(base, &used, p * i);
-    L->pair_rank = (int *)acmoe__carve(base, &used, p * i);
-    L->pair_slot = (int *)acmoe__carve(base, &used, p * i);
-    L->pair_gate = (float *)acmoe__carve(base, &used, p * f);
-    L->pair_dgate = (float *)acmoe__carve(base, &used, p * f);
-    L->count = (int *)acmoe__carve(base, &used, e * i);
-    L->offset = (int *)acmoe__carve(base, &used, (e + 1) * i);
-    L->cursor = (int *)acmoe__carve(base, &used, e * i);
-    L->order = (int *)acmoe__carve(base, &used, e * i);
-    L->slot_pair = (int *)acmoe__carve(base, &used, p * i);
-    L->token_start = (int *)acmoe__carve(base, &used, (t + 1) * i);
-    L->xe = (float *)acmoe__carve(base, &used, p * dm * f);
-    L->h = (float *)acmoe__carve(base, &used, p * (size_t)L->h_width * f);
-    L->a = (float *)acmoe__carve(base, &used, p * (size_t)d->d_ff * f);
-    L->ye = (float *)acmoe__carve(base, &used, p * dm * f);
+    layer->xr = (float *)acmoe__carve(base, &used, t * dr * f);
+    layer->dxr = (float *)acmoe__carve(base, &used, t * dr * f);
+    layer->wmix = (float *)acmoe__carve(base, &used, (desc->ac_mix_labels ? t * dm : 1) * f);
+    layer->ehat = (float *)acmoe__carve(base, &used, lw * dr * f);
+    layer->dehat = (float *)acmoe__carve(base, &used, lw * dr * f);
+    layer->emb_norm = (float *)acmoe__carve(base, &used, lw * f);
+    layer->logits = (float *)acmoe__carve(base, &used, t * lw * f);
+    layer->probs = (float *)acmoe__carve(base, &used, t * lw * f);
+    layer->sig = (float *)acmoe__carve(base, &used, (desc->router_select == ACMOE_SELECT_USMOE ? t * lw : 1) * f);
+    layer->dz = (float *)acmoe__carve(base, &used, t * lw * f);
+    layer->uhat = (float *)acmoe__carve(base, &used, (soft ? t * dr : 1) * f);
+    layer->u_norm = (float *)acmoe__carve(base, &used, (soft ? t : 1) * f);
+    layer->du = (float *)acmoe__carve(base, &used, (soft && desc->soft_input == ACMOE_SOFT_NORMALIZED ? t * dm : 1) * f);
+    layer->dispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
+    layer->ddispatch = (float *)acmoe__carve(base, &used, (soft ? t * lw : 1) * f);
+    layer->slots = (float *)acmoe__carve(base, &used, (soft ? p * dm : 1) * f);
+    layer->balance_q = (float *)acmoe__carve(base, &used, (desc->balance_alpha > 0.0f ? t * e : 1) * f);
+    layer->noisy = (float *)acmoe__carve(base, &used, (desc->router_select == ACMOE_SELECT_PRIORITY ? t * e : 1) * f);
+    layer->clean_probs = (float *)acmoe__carve(base, &used, (desc->importance_loss > 0.0f ? t * e : 1) * f);
+    layer->top_idx = (int32_t *)acmoe__carve(base, &used, t * k * sizeof(int32_t));
+    layer->top_gate = (float *)acmoe__carve(base, &used, t * k * f);
+    layer->labels = (int32_t *)acmoe__carve(base, &used, t * sizeof(int32_t));
+    layer->ac_w = (float *)acmoe__carve(base, &used, (desc->router_input == ACMOE_INPUT_AC ? kc * dm : 1) * f);
+    layer->ac_mu = (float *)acmoe__carve(base, &used, (desc->router_input == ACMOE_INPUT_AC ? kc * dm : 1) * f);
+    layer->ac_count = (int *)acmoe__carve(base, &used, kc * i);
+    layer->mark = (int *)acmoe__carve(base, &used, t * e * i);
+    layer->cand = (acmoe__candidate *)acmoe__carve(base, &used, t * e * sizeof(acmoe__candidate));
+    layer->pair_token = (int *)acmoe__carve(base, &used, p * i);
+    layer->pair_expert = (int *)acmoe__carve(base, &used, p * i);
+    layer->pair_rank = (int *)acmoe__carve(base, &used, p * i);
+    layer->pair_slot = (int *)acmoe__carve(base, &used, p * i);
+    layer->pair_gate = (float *)acmoe__carve(base, &used, p * f);
+    layer->pair_dgate = (float *)acmoe__carve(base, &used, p * f);
+    layer->count = (int *)acmoe__carve(base, &used, e * i);
+    layer->offset = (int *)acmoe__carve(base, &used, (e + 1) * i);
+    layer->cursor = (int *)acmoe__carve(base, &used, e * i);
+    layer->order = (int *)acmoe__carve(base, &used, e * i);
+    layer->slot_pair = (int *)acmoe__carve(base, &used, p * i);
+    layer->token_start = (int *)acmoe__carve(base, &used, (t + 1) * i);
+    layer->xe = (float *)acmoe__carve(base, &used, p * dm * f);
+    layer->h = (float *)acmoe__carve(base, &used, p * (size_t)layer->h_width * f);
+    layer->a = (float *)acmoe__carve(base, &used, p * (size_t)desc->d_ff * f);
+    layer->ye = (float *)acmoe__carve(base, &used, p * dm * f);
     return used;
 }
 
@@ -2893,30 +2893,30 @@ ACMOE_API void acmoe_moe_destroy(acmoe_moe *layer) {
 
 ACMOE_API acmoe_status acmoe_moe_create(acmoe_moe **out, const acmoe_moe_desc *desc, float *params,
                                         float *grads) {
-    acmoe_moe *L;
+    acmoe_moe *layer;
     acmoe_status s;
     size_t bytes;
     if (!out || !desc || !params || !grads) return ACMOE_ERR_NULL;
     *out = NULL;
-    L = (acmoe_moe *)ACMOE_MALLOC(sizeof *L);
-    if (!L) return ACMOE_ERR_NOMEM;
-    memset(L, 0, sizeof *L);
-    s = acmoe_moe_resolve(desc, &L->d);
+    layer = (acmoe_moe *)ACMOE_MALLOC(sizeof *layer);
+    if (!layer) return ACMOE_ERR_NOMEM;
+    memset(layer, 0, sizeof *layer);
+    s = acmoe_moe_resolve(desc, &layer->desc);
     if (s != ACMOE_OK) {
-        ACMOE_FREE(L);
+        ACMOE_FREE(layer);
         return s;
     }
-    acmoe__moe_shape(L);
-    acmoe__moe_params(L, params, grads, NULL);
-    L->memory_bytes = bytes = acmoe__moe_workspace(L, NULL);
-    L->memory = acmoe__aligned_alloc(bytes);
-    if (!L->memory) {
-        ACMOE_FREE(L);
+    acmoe__moe_shape(layer);
+    acmoe__moe_params(layer, params, grads, NULL);
+    layer->memory_bytes = bytes = acmoe__moe_workspace(layer, NULL);
+    layer->memory = acmoe__aligned_alloc(bytes);
+    if (!layer->memory) {
+        ACMOE_FREE(layer);
         return ACMOE_ERR_NOMEM;
     }
-    memset(L->memory, 0, bytes);
-    acmoe__moe_workspace(L, (unsigned char *)L->memory);
-    *out = L;
+    memset(layer->memory, 0, bytes);
+    acmoe__moe_workspace(layer, (unsigned char *)layer->memory);
+    *out = layer;
     return ACMOE_OK;
 }
 
@@ -2941,28 +2941,28 @@ static void acmoe__init_orthogonal(acmoe_rng *rng, float *p, int rows, int cols,
     for (i = 0; i < rows * cols; i++) p[i] *= gain;
 }
 
-ACMOE_API acmoe_status acmoe_moe_init_params(acmoe_moe *L, acmoe_rng *rng) {
-    const acmoe_moe_desc *d;
+ACMOE_API acmoe_status acmoe_moe_init_params(acmoe_moe *layer, acmoe_rng *rng) {
+    const acmoe_moe_desc *desc;
     size_t e;
-    if (!L || !rng) return ACMOE_ERR_NULL;
-    d = &L->d;
-    e = (size_t)d->n_experts;
-    if (L->proj) acmoe__init_uniform(rng, L->proj, (size_t)d->proj_dim * d->d_model, d->d_model);
-    if (L->wr) acmoe__init_uniform(rng, L->wr, e * L->dr, L->dr);
-    if (L->br) acmoe__init_uniform(rng, L->br, e, L->dr);
-    if (L->emb) acmoe__init_orthogonal(rng, L->emb, d->n_experts, L->dr, 0.32f);
-    if (L->phi) acmoe__init_uniform(rng, L->phi, (size_t)L->lw * L->dr, L->dr);
-    if (L->phi_scale) *L->phi_scale = 1.0f;
-    acmoe__init_uniform(rng, L->w1, e * L->h_width * d->d_model, d->d_model);
-    acmoe__init_uniform(rng, L->b1, e * L->h_width, d->d_model);
-    acmoe__init_uniform(rng, L->w2, e * d->d_model * d->d_ff, d->d_ff);
-    acmoe__init_uniform(rng, L->b2, e * d->d_model, d->d_ff);
+    if (!layer || !rng) return ACMOE_ERR_NULL;
+    desc = &layer->desc;
+    e = (size_t)desc->n_experts;
+    if (layer->proj) acmoe__init_uniform(rng, layer->proj, (size_t)desc->proj_dim * desc->d_model, desc->d_model);
+    if (layer->wr) acmoe__init_uniform(rng, layer->wr, e * layer->dr, layer->dr);
+    if (layer->br) acmoe__init_uniform(rng, layer->br, e, layer->dr);
+    if (layer->emb) acmoe__init_orthogonal(rng, layer->emb, desc->n_experts, layer->dr, 0.32f);
+    if (layer->phi) acmoe__init_uniform(rng, layer->phi, (size_t)layer->lw * layer->dr, layer->dr);
+    if (layer->phi_scale) *layer->phi_scale = 1.0f;
+    acmoe__init_uniform(rng, layer->w1, e * layer->h_width * desc->d_model, desc->d_model);
+    acmoe__init_uniform(rng, layer->b1, e * layer->h_width, desc->d_model);
+    acmoe__init_uniform(rng, layer->w2, e * desc->d_model * desc->d_ff, desc->d_ff);
+    acmoe__init_uniform(rng, layer->b2, e * desc->d_model, desc->d_ff);
     return ACMOE_OK;
 }
 
 ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer) {
     acmoe_moe_desc none;
-    if (layer) return layer->d;
+    if (layer) return layer->desc;
     memset(&none, 0, sizeof none);
     return none;
 }
@@ -2979,16 +2979,16 @@ ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen) {
 
 ACMOE_API const float *acmoe_moe_ac_weights(const acmoe_moe *layer, int *rows) {
     if (rows) *rows = 0;
-    if (!layer || layer->d.router_input != ACMOE_INPUT_AC || !layer->ac_ready) return NULL;
+    if (!layer || layer->desc.router_input != ACMOE_INPUT_AC || !layer->ac_ready) return NULL;
     if (rows) *rows = layer->ac_rows;
     return layer->ac_w;
 }
 
 ACMOE_API acmoe_status acmoe_moe_set_ac_weights(acmoe_moe *layer, const float *w, int rows) {
-    const size_t count = (size_t)rows * (size_t)(layer ? layer->d.d_model : 0);
+    const size_t count = (size_t)rows * (size_t)(layer ? layer->desc.d_model : 0);
     size_t i;
     if (!layer || !w) return ACMOE_ERR_NULL;
-    if (layer->d.router_input != ACMOE_INPUT_AC || rows < 1 || rows > layer->d.ac_max_clusters) return ACMOE_ERR_ARG;
+    if (layer->desc.router_input != ACMOE_INPUT_AC || rows < 1 || rows > layer->desc.ac_max_clusters) return ACMOE_ERR_ARG;
     for (i = 0; i < count; i++)
         if (!(w[i] > 0.0f && w[i] < INFINITY)) return ACMOE_ERR_NONFINITE;
     memcpy(layer->ac_w, w, count * sizeof(float));
@@ -3077,14 +3077,14 @@ static int acmoe__count_nonfinite(const float *x, size_t n) {
 /* Re-projects the embedding rows to norm 1.5 (in place, no gradient, as the reference does
    every forward call) and writes their unit rows. A row already at norm 1.5 up to rounding
    is left alone, so repeated calls on unchanged parameters give the same bits. */
-static void acmoe__reproject_embeddings(acmoe_moe *L) {
-    int j, q, dr = L->dr;
-    if (L->d.no_reprojection) {
-        acmoe__unit_rows(L->emb, L->d.n_experts, dr, L->ehat, L->emb_norm);
+static void acmoe__reproject_embeddings(acmoe_moe *layer) {
+    int j, q, dr = layer->dr;
+    if (layer->desc.no_reprojection) {
+        acmoe__unit_rows(layer->emb, layer->desc.n_experts, dr, layer->ehat, layer->emb_norm);
         return;
     }
-    for (j = 0; j < L->d.n_experts; j++) {
-        float *e = L->emb + (size_t)j * dr;
+    for (j = 0; j < layer->desc.n_experts; j++) {
+        float *e = layer->emb + (size_t)j * dr;
         double sq = 0.0, norm;
         for (q = 0; q < dr; q++) sq += (double)e[q] * e[q];
         norm = sqrt(sq);
@@ -3092,13 +3092,13 @@ static void acmoe__reproject_embeddings(acmoe_moe *L) {
             const float scale = 1.5f / (float)ACMOE__MAX(norm, 1e-4);
             for (q = 0; q < dr; q++) e[q] *= scale;
         }
-        L->emb_norm[j] = 1.5f;
-        for (q = 0; q < dr; q++) L->ehat[(size_t)j * dr + q] = e[q] / 1.5f;
+        layer->emb_norm[j] = 1.5f;
+        for (q = 0; q < dr; q++) layer->ehat[(size_t)j * dr + q] = e[q] / 1.5f;
     }
 }
 
 typedef struct acmoe__ac_job {
-    acmoe_moe *L;
+    acmoe_moe *layer;
     const float *x;
     int n;
 } acmoe__ac_job;
@@ -3106,39 +3106,39 @@ typedef struct acmoe__ac_job {
 /* The dispersion, features split across threads. */
 static void acmoe__ac_dispersion_job(void *arg, int tid, int n_threads) {
     const acmoe__ac_job *job = (const acmoe__ac_job *)arg;
-    acmoe_moe *L = job->L;
-    const int d = L->d.d_model, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
-    acmoe__ac_dispersion(&L->d.ac, job->x, job->n, d, L->labels, 1, L->ac_rows, L->ac_count, L->ac_mu, L->ac_w, q0, q1);
+    acmoe_moe *layer = job->layer;
+    const int d = layer->desc.d_model, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
+    acmoe__ac_dispersion(&layer->desc.ac, job->x, job->n, d, layer->labels, 1, layer->ac_rows, layer->ac_count, layer->ac_mu, layer->ac_w, q0, q1);
 }
 
 /* AC: labels, the weights W (unless frozen) and, when mixing, each token's mix of its
    previous experts' rows by their gates. */
-static acmoe_status acmoe__ac_token_weights(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n,
+static acmoe_status acmoe__ac_token_weights(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n,
                                             const int32_t *prev_idx, const float *prev_gate, int prev_k) {
-    const int dm = L->d.d_model;
+    const int dm = layer->desc.d_model;
     int t, s, q, top;
-    if (!prev_idx || (L->d.ac_mix_labels && !prev_gate)) return ACMOE_ERR_NULL;
+    if (!prev_idx || (layer->desc.ac_mix_labels && !prev_gate)) return ACMOE_ERR_NULL;
     if (prev_k < 1) return ACMOE_ERR_SHAPE;
     top = acmoe__max_label(prev_idx, (size_t)n * prev_k);
-    if (top < 0 || top >= L->d.ac_max_clusters) return ACMOE_ERR_ARG;
-    if (L->d.ac_mix_labels && !acmoe__all_finite(prev_gate, (size_t)n * prev_k)) return ACMOE_ERR_NONFINITE;
-    for (t = 0; t < n; t++) L->labels[t] = prev_idx[(size_t)t * prev_k];
-    if (!L->ac_frozen || !L->ac_ready) {
+    if (top < 0 || top >= layer->desc.ac_max_clusters) return ACMOE_ERR_ARG;
+    if (layer->desc.ac_mix_labels && !acmoe__all_finite(prev_gate, (size_t)n * prev_k)) return ACMOE_ERR_NONFINITE;
+    for (t = 0; t < n; t++) layer->labels[t] = prev_idx[(size_t)t * prev_k];
+    if (!layer->ac_frozen || !layer->ac_ready) {
         acmoe__ac_job job;
-        job.L = L, job.x = x, job.n = n;
-        L->ac_rows = top + 1;
-        acmoe__ac_counts(L->labels, 1, n, L->ac_rows, L->ac_count);
+        job.layer = layer, job.x = x, job.n = n;
+        layer->ac_rows = top + 1;
+        acmoe__ac_counts(layer->labels, 1, n, layer->ac_rows, layer->ac_count);
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__ac_dispersion_job, &job);
-        acmoe__ac_weights(&L->d.ac, L->ac_w, L->ac_rows, dm, L->ac_count);
-        L->ac_ready = 1;
-    } else if (top >= L->ac_rows) {
+        acmoe__ac_weights(&layer->desc.ac, layer->ac_w, layer->ac_rows, dm, layer->ac_count);
+        layer->ac_ready = 1;
+    } else if (top >= layer->ac_rows) {
         return ACMOE_ERR_ARG; /* a frozen W has no row for this cluster */
     }
-    for (t = 0; t < n && L->d.ac_mix_labels; t++) {
-        float *w = L->wmix + (size_t)t * dm;
+    for (t = 0; t < n && layer->desc.ac_mix_labels; t++) {
+        float *w = layer->wmix + (size_t)t * dm;
         memset(w, 0, sizeof(float) * (size_t)dm);
         for (s = 0; s < prev_k; s++) {
-            const float *row = L->ac_w + (size_t)prev_idx[(size_t)t * prev_k + s] * dm;
+            const float *row = layer->ac_w + (size_t)prev_idx[(size_t)t * prev_k + s] * dm;
             float g = prev_gate[(size_t)t * prev_k + s];
             for (q = 0; q < dm; q++) w[q] += g * row[q];
         }
@@ -3148,13 +3148,13 @@ static acmoe_status acmoe__ac_token_weights(acmoe_moe *L, acmoe_ctx *ctx, const 
 
 /* Token t's AC feature weights: its cluster's row of W, or the mix of its previous experts'
    rows. */
-static const float *acmoe__token_weights(const acmoe_moe *L, int t) {
-    const size_t dm = (size_t)L->d.d_model;
-    return L->d.ac_mix_labels ? L->wmix + (size_t)t * dm : L->ac_w + (size_t)L->labels[t] * dm;
+static const float *acmoe__token_weights(const acmoe_moe *layer, int t) {
+    const size_t dm = (size_t)layer->desc.d_model;
+    return layer->desc.ac_mix_labels ? layer->wmix + (size_t)t * dm : layer->ac_w + (size_t)layer->labels[t] * dm;
 }
 
 typedef struct acmoe__weights_job {
-    const acmoe_moe *L;
+    const acmoe_moe *layer;
     const float *x;
     float *out;
     int n, accumulate;
@@ -3164,13 +3164,13 @@ typedef struct acmoe__weights_job {
    across threads. */
 static void acmoe__times_token_weights_job(void *arg, int tid, int n_threads) {
     const acmoe__weights_job *job = (const acmoe__weights_job *)arg;
-    const acmoe_moe *L = job->L;
+    const acmoe_moe *layer = job->layer;
     const float *x = job->x;
     float *out = job->out;
-    const int dm = L->d.d_model, accumulate = job->accumulate;
+    const int dm = layer->desc.d_model, accumulate = job->accumulate;
     int t, q, t1 = (int)((long)job->n * (tid + 1) / n_threads);
     for (t = (int)((long)job->n * tid / n_threads); t < t1; t++) {
-        const float *w = acmoe__token_weights(L, t), *xt = x + (size_t)t * dm;
+        const float *w = acmoe__token_weights(layer, t), *xt = x + (size_t)t * dm;
         float *o = out + (size_t)t * dm;
         if (accumulate)
             for (q = 0; q < dm; q++) o[q] += xt[q] * w[q];
@@ -3179,39 +3179,39 @@ static void acmoe__times_token_weights_job(void *arg, int tid, int n_threads) {
     }
 }
 
-static void acmoe__times_token_weights(const acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n, float *out,
+static void acmoe__times_token_weights(const acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n, float *out,
                                        int accumulate) {
     acmoe__weights_job job;
-    job.L = L, job.x = x, job.out = out, job.n = n, job.accumulate = accumulate;
+    job.layer = layer, job.x = x, job.out = out, job.n = n, job.accumulate = accumulate;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__times_token_weights_job, &job);
 }
 
 /* Whether the tokens are normalised before anything else reads them (see acmoe_soft_input). */
-static int acmoe__normalized_soft(const acmoe_moe *L) {
-    return L->d.router_select == ACMOE_SELECT_SOFT && L->d.soft_input == ACMOE_SOFT_NORMALIZED;
+static int acmoe__normalized_soft(const acmoe_moe *layer) {
+    return layer->desc.router_select == ACMOE_SELECT_SOFT && layer->desc.soft_input == ACMOE_SOFT_NORMALIZED;
 }
 
 /* The router input u [n][dr]: x itself, x R^T, or x * W[label]; for normalised Soft MoE the
    same of x / |x|. */
-static acmoe_status acmoe__router_input(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n, const int32_t *prev_idx,
+static acmoe_status acmoe__router_input(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n, const int32_t *prev_idx,
                                         const float *prev_gate, int prev_k, const float **u) {
-    const acmoe_moe_desc *d = &L->d;
+    const acmoe_moe_desc *desc = &layer->desc;
     acmoe_status s;
-    if (acmoe__normalized_soft(L)) {
-        acmoe__unit_rows(x, n, d->d_model, L->uhat, L->u_norm);
-        x = L->uhat;
+    if (acmoe__normalized_soft(layer)) {
+        acmoe__unit_rows(x, n, desc->d_model, layer->uhat, layer->u_norm);
+        x = layer->uhat;
     }
     *u = x;
-    if (d->router_input == ACMOE_INPUT_PROJECTED) {
-        *u = L->xr;
-        return acmoe_matmul(ctx, ACMOE_NT, n, d->proj_dim, d->d_model, x, d->d_model, L->proj, d->d_model, L->xr,
-                            d->proj_dim, 0);
+    if (desc->router_input == ACMOE_INPUT_PROJECTED) {
+        *u = layer->xr;
+        return acmoe_matmul(ctx, ACMOE_NT, n, desc->proj_dim, desc->d_model, x, desc->d_model, layer->proj, desc->d_model, layer->xr,
+                            desc->proj_dim, 0);
     }
-    if (d->router_input != ACMOE_INPUT_AC) return ACMOE_OK;
-    s = acmoe__ac_token_weights(L, ctx, x, n, prev_idx, prev_gate, prev_k);
+    if (desc->router_input != ACMOE_INPUT_AC) return ACMOE_OK;
+    s = acmoe__ac_token_weights(layer, ctx, x, n, prev_idx, prev_gate, prev_k);
     if (s != ACMOE_OK) return s;
-    acmoe__times_token_weights(L, ctx, x, n, L->xr, 0);
-    *u = L->xr;
+    acmoe__times_token_weights(layer, ctx, x, n, layer->xr, 0);
+    *u = layer->xr;
     return ACMOE_OK;
 }
 
@@ -3229,63 +3229,63 @@ static void acmoe__unit_rows_backward(const float *unit, const float *norm, cons
 }
 
 /* Logits [n][lw] of the router input u. */
-static acmoe_status acmoe__router_score(acmoe_moe *L, acmoe_ctx *ctx, const float *u, int n) {
-    const acmoe_moe_desc *d = &L->d;
+static acmoe_status acmoe__router_score(acmoe_moe *layer, acmoe_ctx *ctx, const float *u, int n) {
+    const acmoe_moe_desc *desc = &layer->desc;
     acmoe_status s;
-    if (d->router_score == ACMOE_SCORE_SLOT) {
+    if (desc->router_score == ACMOE_SCORE_SLOT) {
         size_t i;
-        if (!acmoe__normalized_soft(L)) acmoe__unit_rows(u, n, L->dr, L->uhat, L->u_norm);
-        L->score_in = acmoe__normalized_soft(L) ? u : L->uhat; /* weighted rows stay as they are */
-        acmoe__unit_rows(L->phi, L->lw, L->dr, L->ehat, L->emb_norm);
-        s = acmoe_matmul(ctx, ACMOE_NT, n, L->lw, L->dr, L->score_in, L->dr, L->ehat, L->dr, L->logits, L->lw, 0);
-        for (i = 0; i < (size_t)n * L->lw; i++) L->logits[i] *= *L->phi_scale;
+        if (!acmoe__normalized_soft(layer)) acmoe__unit_rows(u, n, layer->dr, layer->uhat, layer->u_norm);
+        layer->score_in = acmoe__normalized_soft(layer) ? u : layer->uhat; /* weighted rows stay as they are */
+        acmoe__unit_rows(layer->phi, layer->lw, layer->dr, layer->ehat, layer->emb_norm);
+        s = acmoe_matmul(ctx, ACMOE_NT, n, layer->lw, layer->dr, layer->score_in, layer->dr, layer->ehat, layer->dr, layer->logits, layer->lw, 0);
+        for (i = 0; i < (size_t)n * layer->lw; i++) layer->logits[i] *= *layer->phi_scale;
         return s;
     }
-    if (d->router_score == ACMOE_SCORE_NONE) { /* the one expert's logit */
-        memset(L->logits, 0, sizeof(float) * (size_t)n);
+    if (desc->router_score == ACMOE_SCORE_NONE) { /* the one expert's logit */
+        memset(layer->logits, 0, sizeof(float) * (size_t)n);
         return ACMOE_OK;
     }
-    if (d->router_score == ACMOE_SCORE_LINEAR) {
-        s = acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, u, L->dr, L->wr, L->dr, L->logits, d->n_experts, 0);
-        if (s == ACMOE_OK && L->br) acmoe__add_bias(L->logits, n, d->n_experts, L->br);
+    if (desc->router_score == ACMOE_SCORE_LINEAR) {
+        s = acmoe_matmul(ctx, ACMOE_NT, n, desc->n_experts, layer->dr, u, layer->dr, layer->wr, layer->dr, layer->logits, desc->n_experts, 0);
+        if (s == ACMOE_OK && layer->br) acmoe__add_bias(layer->logits, n, desc->n_experts, layer->br);
         return s;
     }
-    acmoe__reproject_embeddings(L);
-    return acmoe_matmul(ctx, ACMOE_NT, n, d->n_experts, L->dr, u, L->dr, L->ehat, L->dr, L->logits, d->n_experts, 0);
+    acmoe__reproject_embeddings(layer);
+    return acmoe_matmul(ctx, ACMOE_NT, n, desc->n_experts, layer->dr, u, layer->dr, layer->ehat, layer->dr, layer->logits, desc->n_experts, 0);
 }
 
 /* ---- selection: (token, expert, gate) pairs in (token, rank) order ---- */
 
-static void acmoe__add_pair(acmoe_moe *L, int t, int j, int rank, float gate) {
-    int p = L->n_pairs++;
-    L->pair_token[p] = t;
-    L->pair_expert[p] = j;
-    L->pair_rank[p] = rank;
-    L->pair_gate[p] = gate;
+static void acmoe__add_pair(acmoe_moe *layer, int t, int j, int rank, float gate) {
+    int p = layer->n_pairs++;
+    layer->pair_token[p] = t;
+    layer->pair_expert[p] = j;
+    layer->pair_rank[p] = rank;
+    layer->pair_gate[p] = gate;
 }
 
 /* Top-k and Switch: the k best experts of each token. With a capacity, each expert takes
    pairs rank by rank, in token order, until it is full; the rest are dropped. */
-static void acmoe__select_per_token(acmoe_moe *L, int n) {
-    const int e = L->d.n_experts, k = L->d.top_k, switch_gate = L->d.router_select == ACMOE_SELECT_SWITCH;
-    int t, s, cap = L->d.capacity > 0.0f ? (int)ceil((double)L->d.capacity * n * k / e) : n * k;
-    int *keep = L->mark; /* [n][k] */
-    memset(L->count, 0, sizeof(int) * (size_t)e);
+static void acmoe__select_per_token(acmoe_moe *layer, int n) {
+    const int e = layer->desc.n_experts, k = layer->desc.top_k, switch_gate = layer->desc.router_select == ACMOE_SELECT_SWITCH;
+    int t, s, cap = layer->desc.capacity > 0.0f ? (int)ceil((double)layer->desc.capacity * n * k / e) : n * k;
+    int *keep = layer->mark; /* [n][k] */
+    memset(layer->count, 0, sizeof(int) * (size_t)e);
     for (s = 0; s < k; s++)
         for (t = 0; t < n; t++) {
-            int j = L->top_idx[(size_t)t * k + s];
-            keep[(size_t)t * k + s] = L->count[j] < cap;
-            L->count[j] += keep[(size_t)t * k + s];
+            int j = layer->top_idx[(size_t)t * k + s];
+            keep[(size_t)t * k + s] = layer->count[j] < cap;
+            layer->count[j] += keep[(size_t)t * k + s];
         }
-    L->n_pairs = L->dropped = 0;
+    layer->n_pairs = layer->dropped = 0;
     for (t = 0; t < n; t++)
         for (s = 0; s < k; s++) {
-            int j = L->top_idx[(size_t)t * k + s];
+            int j = layer->top_idx[(size_t)t * k + s];
             if (!keep[(size_t)t * k + s]) {
-                L->dropped++;
+                layer->dropped++;
                 continue;
             }
-            acmoe__add_pair(L, t, j, s, switch_gate ? L->probs[(size_t)t * e + j] : L->top_gate[(size_t)t * k + s]);
+            acmoe__add_pair(layer, t, j, s, switch_gate ? layer->probs[(size_t)t * e + j] : layer->top_gate[(size_t)t * k + s]);
         }
 }
 
@@ -3303,26 +3303,26 @@ static void acmoe__mark_best(acmoe__candidate *cand, int count, int budget, int 
 }
 
 /* Pairs of the marked (token, expert) entries, each token's by descending gate. */
-static void acmoe__pairs_from_marks(acmoe_moe *L, int n, const float *gate_of) {
-    const int e = L->d.n_experts;
+static void acmoe__pairs_from_marks(acmoe_moe *layer, int n, const float *gate_of) {
+    const int e = layer->desc.n_experts;
     int t, j, c;
-    L->n_pairs = L->dropped = 0;
+    layer->n_pairs = layer->dropped = 0;
     for (t = 0; t < n; t++) {
         int chosen = 0;
         for (j = 0; j < e; j++)
-            if (L->mark[(size_t)t * e + j]) {
-                L->cand[chosen].key = gate_of[(size_t)t * e + j];
-                L->cand[chosen++].index = j;
+            if (layer->mark[(size_t)t * e + j]) {
+                layer->cand[chosen].key = gate_of[(size_t)t * e + j];
+                layer->cand[chosen++].index = j;
             }
-        qsort(L->cand, (size_t)chosen, sizeof *L->cand, acmoe__candidate_order);
-        for (c = 0; c < chosen; c++) acmoe__add_pair(L, t, L->cand[c].index, c, gate_of[(size_t)t * e + L->cand[c].index]);
+        qsort(layer->cand, (size_t)chosen, sizeof *layer->cand, acmoe__candidate_order);
+        for (c = 0; c < chosen; c++) acmoe__add_pair(layer, t, layer->cand[c].index, c, gate_of[(size_t)t * e + layer->cand[c].index]);
     }
 }
 
 /* Tokens of group g: (first, stride, count) for the group rule. */
-static int acmoe__group(const acmoe_moe *L, int n, int g, int *first, int *stride) {
-    int len = L->d.seq_len;
-    switch (L->d.group) {
+static int acmoe__group(const acmoe_moe *layer, int n, int g, int *first, int *stride) {
+    int len = layer->desc.seq_len;
+    switch (layer->desc.group) {
     case ACMOE_GROUP_SEQUENCE: *first = g * len, *stride = 1; return g * len < n ? len : 0;
     case ACMOE_GROUP_POSITION: *first = g, *stride = len; return g < len ? n / len : 0;
     default: *first = 0, *stride = 1; return g == 0 ? n : 0;
@@ -3331,43 +3331,43 @@ static int acmoe__group(const acmoe_moe *L, int n, int g, int *first, int *strid
 
 /* USMoE: w = (1 - rho) p + rho (2/E) sigmoid(z); the top round(budget |G|) pairs of each
    group by w, gate w. */
-static void acmoe__select_usmoe(acmoe_moe *L, int n) {
-    const int e = L->d.n_experts;
-    const float rho = L->d.usmoe_rho;
-    float *w = L->dz; /* forward scratch: the unified scores */
+static void acmoe__select_usmoe(acmoe_moe *layer, int n) {
+    const int e = layer->desc.n_experts;
+    const float rho = layer->desc.usmoe_rho;
+    float *w = layer->dz; /* forward scratch: the unified scores */
     int g, i, j, first, stride, size;
     size_t x;
     for (x = 0; x < (size_t)n * e; x++) {
-        L->sig[x] = acmoe__sigmoid(L->logits[x]);
-        w[x] = (1.0f - rho) * L->probs[x] + rho * (2.0f / (float)e) * L->sig[x];
+        layer->sig[x] = acmoe__sigmoid(layer->logits[x]);
+        w[x] = (1.0f - rho) * layer->probs[x] + rho * (2.0f / (float)e) * layer->sig[x];
     }
-    memset(L->mark, 0, sizeof(int) * (size_t)n * e);
-    for (g = 0; (size = acmoe__group(L, n, g, &first, &stride)) > 0; g++) {
-        int count = 0, budget = (int)floor((double)L->d.usmoe_budget * size + 0.5);
+    memset(layer->mark, 0, sizeof(int) * (size_t)n * e);
+    for (g = 0; (size = acmoe__group(layer, n, g, &first, &stride)) > 0; g++) {
+        int count = 0, budget = (int)floor((double)layer->desc.usmoe_budget * size + 0.5);
         for (i = 0; i < size; i++)
             for (j = 0; j < e; j++) {
                 int index = (first + i * stride) * e + j;
-                L->cand[count].key = w[index];
-                L->cand[count++].index = index;
+                layer->cand[count].key = w[index];
+                layer->cand[count++].index = index;
             }
-        acmoe__mark_best(L->cand, count, budget, L->mark);
+        acmoe__mark_best(layer->cand, count, budget, layer->mark);
     }
-    acmoe__pairs_from_marks(L, n, w);
+    acmoe__pairs_from_marks(layer, n, w);
 }
 
 /* Expert choice: expert j takes its ceil(capacity n / E) best tokens by probability. */
-static void acmoe__select_expert_choice(acmoe_moe *L, int n) {
-    const int e = L->d.n_experts;
-    int j, t, c = (int)ACMOE__MIN(ceil((double)L->d.capacity * n / e), (double)n);
-    memset(L->mark, 0, sizeof(int) * (size_t)n * e);
+static void acmoe__select_expert_choice(acmoe_moe *layer, int n) {
+    const int e = layer->desc.n_experts;
+    int j, t, c = (int)ACMOE__MIN(ceil((double)layer->desc.capacity * n / e), (double)n);
+    memset(layer->mark, 0, sizeof(int) * (size_t)n * e);
     for (j = 0; j < e; j++) {
         for (t = 0; t < n; t++) {
-            L->cand[t].key = L->probs[(size_t)t * e + j];
-            L->cand[t].index = t * e + j;
+            layer->cand[t].key = layer->probs[(size_t)t * e + j];
+            layer->cand[t].index = t * e + j;
         }
-        acmoe__mark_best(L->cand, n, c, L->mark);
+        acmoe__mark_best(layer->cand, n, c, layer->mark);
     }
-    acmoe__pairs_from_marks(L, n, L->probs);
+    acmoe__pairs_from_marks(layer, n, layer->probs);
 }
 
 static int acmoe__label_pair_order(const void *x, const void *y) {
@@ -3395,89 +3395,89 @@ static double acmoe__squared_runs(const acmoe__candidate *pairs, int n, int by_b
    layer's: the pairs that differ are those same in one layer only, so with the counts of
    tokens per previous expert, per expert here and per pair of both, differ = sum of the
    first squared + sum of the second squared - 2 x sum of the third squared. */
-static void acmoe__update_stability(acmoe_moe *L, int n, const int32_t *prev_idx, int prev_k) {
-    acmoe__candidate *pairs = L->cand; /* scratch once the selection is done */
+static void acmoe__update_stability(acmoe_moe *layer, int n, const int32_t *prev_idx, int prev_k) {
+    acmoe__candidate *pairs = layer->cand; /* scratch once the selection is done */
     double same_prev, same_here, same_both;
     int t, j;
     if (!prev_idx || prev_k < 1 || n < 1) return;
     for (t = 0; t < n; t++) { /* (previous expert, expert here): here is exact in a float */
         pairs[t].index = prev_idx[(size_t)t * prev_k];
-        pairs[t].key = (float)L->top_idx[(size_t)t * L->label_k];
+        pairs[t].key = (float)layer->top_idx[(size_t)t * layer->label_k];
     }
     qsort(pairs, (size_t)n, sizeof *pairs, acmoe__label_pair_order);
     same_prev = acmoe__squared_runs(pairs, n, 0);
     same_both = acmoe__squared_runs(pairs, n, 1);
-    memset(L->cursor, 0, sizeof(int) * (size_t)L->d.n_experts); /* scratch once the dispatch is done */
-    for (t = 0; t < n; t++) L->cursor[L->top_idx[(size_t)t * L->label_k]]++;
-    for (same_here = 0.0, j = 0; j < L->d.n_experts; j++) same_here += (double)L->cursor[j] * L->cursor[j];
-    L->router_stability = 0.8f * L->router_stability +
+    memset(layer->cursor, 0, sizeof(int) * (size_t)layer->desc.n_experts); /* scratch once the dispatch is done */
+    for (t = 0; t < n; t++) layer->cursor[layer->top_idx[(size_t)t * layer->label_k]]++;
+    for (same_here = 0.0, j = 0; j < layer->desc.n_experts; j++) same_here += (double)layer->cursor[j] * layer->cursor[j];
+    layer->router_stability = 0.8f * layer->router_stability +
                           0.2f * (float)((same_prev + same_here - 2.0 * same_both) / ((double)n * n));
 }
 
 /* The logits the priority rule selects by: with noise in training, the logits plus gate_noise
    / E times a normal draw, drawn token by token in order from the layer's generator. */
-static void acmoe__noisy_logits(acmoe_moe *L, int n) {
-    const int e = L->d.n_experts;
+static void acmoe__noisy_logits(acmoe_moe *layer, int n) {
+    const int e = layer->desc.n_experts;
     const size_t count = (size_t)n * e;
-    const float deviation = L->d.gate_noise / (float)e;
+    const float deviation = layer->desc.gate_noise / (float)e;
     size_t i;
-    if (!L->training || !L->noise_rng || L->d.gate_noise == 0.0f) {
-        memcpy(L->noisy, L->logits, sizeof(float) * count);
+    if (!layer->training || !layer->noise_rng || layer->desc.gate_noise == 0.0f) {
+        memcpy(layer->noisy, layer->logits, sizeof(float) * count);
         return;
     }
-    for (i = 0; i < count; i++) L->noisy[i] = L->logits[i] + deviation * acmoe_rng_normal(L->noise_rng);
+    for (i = 0; i < count; i++) layer->noisy[i] = layer->logits[i] + deviation * acmoe_rng_normal(layer->noise_rng);
 }
 
 /* Swin-MoE's (Tutel's) batch-prioritised capacity: every assignment of a token to its r-th
    expert takes the next place of that expert, the tokens in the order of their best
    probability (ties to the lower index) and rank by rank, whether it fits or not; those at
    places past k x floor(capacity x ceil(n / E)) are dropped. */
-static void acmoe__select_priority(acmoe_moe *L, int n) {
-    const int e = L->d.n_experts, k = L->d.top_k;
-    const int cap = k * (int)((double)L->d.capacity * (double)((n + e - 1) / e));
-    int *keep = L->mark, *place = L->cursor; /* [n][k]; [E], scratch before the dispatch */
+static void acmoe__select_priority(acmoe_moe *layer, int n) {
+    const int e = layer->desc.n_experts, k = layer->desc.top_k;
+    const int cap = k * (int)((double)layer->desc.capacity * (double)((n + e - 1) / e));
+    int *keep = layer->mark, *place = layer->cursor; /* [n][k]; [E], scratch before the dispatch */
     int i, s, t;
     for (t = 0; t < n; t++) {
-        L->cand[t].key = L->probs[(size_t)t * e + L->top_idx[(size_t)t * k]];
-        L->cand[t].index = t;
+        layer->cand[t].key = layer->probs[(size_t)t * e + layer->top_idx[(size_t)t * k]];
+        layer->cand[t].index = t;
     }
-    qsort(L->cand, (size_t)n, sizeof *L->cand, acmoe__candidate_order);
+    qsort(layer->cand, (size_t)n, sizeof *layer->cand, acmoe__candidate_order);
     memset(place, 0, sizeof(int) * (size_t)e);
     for (s = 0; s < k; s++)
         for (i = 0; i < n; i++) {
-            t = L->cand[i].index;
-            keep[(size_t)t * k + s] = place[L->top_idx[(size_t)t * k + s]]++ < cap;
+            t = layer->cand[i].index;
+            keep[(size_t)t * k + s] = place[layer->top_idx[(size_t)t * k + s]]++ < cap;
         }
-    L->n_pairs = L->dropped = 0;
+    layer->n_pairs = layer->dropped = 0;
     for (t = 0; t < n; t++)
         for (s = 0; s < k; s++) {
-            const int j = L->top_idx[(size_t)t * k + s];
-            if (keep[(size_t)t * k + s]) acmoe__add_pair(L, t, j, s, L->probs[(size_t)t * e + j]);
-            else L->dropped++;
+            const int j = layer->top_idx[(size_t)t * k + s];
+            if (keep[(size_t)t * k + s]) acmoe__add_pair(layer, t, j, s, layer->probs[(size_t)t * e + j]);
+            else layer->dropped++;
         }
 }
 
 /* Top-k by score for the next layer, then the pairs of the selection rule. */
-static void acmoe__select(acmoe_moe *L, int n) {
-    const acmoe_router_select rule = L->d.router_select;
+static void acmoe__select(acmoe_moe *layer, int n) {
+    const acmoe_router_select rule = layer->desc.router_select;
     if (rule == ACMOE_SELECT_SOFT) { /* no pairs; acmoe__soft_dispatch_job makes the weights */
-        L->n_groups = acmoe__group_count(&L->d, n);
-        L->n_pairs = L->dropped = 0;
+        layer->n_groups = acmoe__group_count(&layer->desc, n);
+        layer->n_pairs = layer->dropped = 0;
         return;
     }
     if (rule == ACMOE_SELECT_PRIORITY) { /* by the noisy probabilities: the next layer's labels too */
-        acmoe__noisy_logits(L, n);
-        acmoe__topk_softmax(L->noisy, n, L->d.n_experts, L->d.top_k, L->top_idx, L->top_gate);
-        acmoe__softmax_rows(L->noisy, L->probs, n, L->d.n_experts, 1.0f);
-        acmoe__select_priority(L, n);
+        acmoe__noisy_logits(layer, n);
+        acmoe__topk_softmax(layer->noisy, n, layer->desc.n_experts, layer->desc.top_k, layer->top_idx, layer->top_gate);
+        acmoe__softmax_rows(layer->noisy, layer->probs, n, layer->desc.n_experts, 1.0f);
+        acmoe__select_priority(layer, n);
         return;
     }
-    acmoe__topk_softmax(L->logits, n, L->d.n_experts, L->d.top_k, L->top_idx, L->top_gate);
+    acmoe__topk_softmax(layer->logits, n, layer->desc.n_experts, layer->desc.top_k, layer->top_idx, layer->top_gate);
     /* full softmax: the gates of the other rules */
-    if (rule != ACMOE_SELECT_TOPK) acmoe__softmax_rows(L->logits, L->probs, n, L->d.n_experts, 1.0f);
-    if (rule == ACMOE_SELECT_USMOE) acmoe__select_usmoe(L, n);
-    else if (rule == ACMOE_SELECT_EXPERT_CHOICE) acmoe__select_expert_choice(L, n);
-    else acmoe__select_per_token(L, n);
+    if (rule != ACMOE_SELECT_TOPK) acmoe__softmax_rows(layer->logits, layer->probs, n, layer->desc.n_experts, 1.0f);
+    if (rule == ACMOE_SELECT_USMOE) acmoe__select_usmoe(layer, n);
+    else if (rule == ACMOE_SELECT_EXPERT_CHOICE) acmoe__select_expert_choice(layer, n);
+    else acmoe__select_per_token(layer, n);
 }
 
 /* ---- auxiliary losses ---- */
@@ -3501,18 +3501,18 @@ static float acmoe__spread(const double *v, int e, double *grad) {
    sigma = gate_noise / E and threshold_t the noisy logit of token t's k-th choice (as
    Tutel's losses.py compares them). With grad, adds its logit gradients to dz. The sums
    are in double, so the result does not depend on the thread count. */
-static float acmoe__importance_loss(acmoe_moe *L, int n, int grad) {
-    const int e = L->d.n_experts, k = L->d.top_k;
-    const double sigma = (double)L->d.gate_noise / e, weight = 0.5 * (double)L->d.importance_loss;
+static float acmoe__importance_loss(acmoe_moe *layer, int n, int grad) {
+    const int e = layer->desc.n_experts, k = layer->desc.top_k;
+    const double sigma = (double)layer->desc.gate_noise / e, weight = 0.5 * (double)layer->desc.importance_loss;
     double importance[ACMOE__MAX_AUX_EXPERTS], load[ACMOE__MAX_AUX_EXPERTS];
     double d_importance[ACMOE__MAX_AUX_EXPERTS], d_load[ACMOE__MAX_AUX_EXPERTS];
-    float *p = L->clean_probs, loss;
+    float *p = layer->clean_probs, loss;
     int t, j;
-    acmoe__softmax_rows(L->logits, p, n, e, 1.0f);
+    acmoe__softmax_rows(layer->logits, p, n, e, 1.0f);
     memset(importance, 0, sizeof(double) * (size_t)e);
     memset(load, 0, sizeof(double) * (size_t)e);
     for (t = 0; t < n; t++) {
-        const double threshold = L->noisy[(size_t)t * e + L->top_idx[(size_t)t * k + k - 1]];
+        const double threshold = layer->noisy[(size_t)t * e + layer->top_idx[(size_t)t * k + k - 1]];
         for (j = 0; j < e; j++) {
             importance[j] += p[(size_t)t * e + j];
             load[j] += 0.5 * erfc(-((double)p[(size_t)t * e + j] - threshold) / (sigma * sqrt(2.0)));
@@ -3520,8 +3520,8 @@ static float acmoe__importance_loss(acmoe_moe *L, int n, int grad) {
     }
     loss = (float)weight * (acmoe__spread(importance, e, d_importance) + acmoe__spread(load, e, d_load));
     for (t = 0; grad && t < n; t++) {
-        const double threshold = L->noisy[(size_t)t * e + L->top_idx[(size_t)t * k + k - 1]];
-        float *dz = L->dz + (size_t)t * e, gp[ACMOE__MAX_AUX_EXPERTS];
+        const double threshold = layer->noisy[(size_t)t * e + layer->top_idx[(size_t)t * k + k - 1]];
+        float *dz = layer->dz + (size_t)t * e, gp[ACMOE__MAX_AUX_EXPERTS];
         const float *pt = p + (size_t)t * e;
         double dthreshold = 0.0, mean = 0.0;
         for (j = 0; j < e; j++) {
@@ -3532,7 +3532,7 @@ static float acmoe__importance_loss(acmoe_moe *L, int n, int grad) {
             mean += (double)pt[j] * gp[j];
         }
         for (j = 0; j < e; j++) dz[j] += pt[j] * (float)(gp[j] - mean); /* through the softmax */
-        dz[L->top_idx[(size_t)t * k + k - 1]] += (float)dthreshold;   /* the noise is a constant */
+        dz[layer->top_idx[(size_t)t * k + k - 1]] += (float)dthreshold;   /* the noise is a constant */
     }
     return loss;
 }
@@ -3540,39 +3540,39 @@ static float acmoe__importance_loss(acmoe_moe *L, int n, int grad) {
 /* Balance loss alpha E sum_j f_j P_j, f_j the share of pairs expert j got (a constant) and
    P_j the mean of softmax(z / T); and the z-loss beta mean_t logsumexp(z_t)^2. With grad,
    adds their logit gradients to dz instead of returning the value. */
-static float acmoe__aux_loss(acmoe_moe *L, int n, int grad) {
-    const acmoe_moe_desc *d = &L->d;
-    const int e = d->n_experts;
+static float acmoe__aux_loss(acmoe_moe *layer, int n, int grad) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    const int e = desc->n_experts;
     float loss = 0.0f;
     int t, j;
-    if (d->balance_alpha > 0.0f && L->n_pairs > 0) {
-        acmoe__softmax_rows(L->logits, L->balance_q, n, e, d->balance_temperature);
+    if (desc->balance_alpha > 0.0f && layer->n_pairs > 0) {
+        acmoe__softmax_rows(layer->logits, layer->balance_q, n, e, desc->balance_temperature);
         for (t = 0; t < n; t++) {
-            const float *qt = L->balance_q + (size_t)t * e;
+            const float *qt = layer->balance_q + (size_t)t * e;
             float mean = 0.0f;
             for (j = 0; j < e; j++) {
-                float c = d->balance_alpha * e * ((float)L->count[j] / (float)L->n_pairs) / (float)n;
+                float c = desc->balance_alpha * e * ((float)layer->count[j] / (float)layer->n_pairs) / (float)n;
                 loss += c * qt[j];
                 mean += qt[j] * c;
             }
             for (j = 0; grad && j < e; j++) {
-                float c = d->balance_alpha * e * ((float)L->count[j] / (float)L->n_pairs) / (float)n;
-                L->dz[(size_t)t * e + j] += qt[j] * (c - mean) / d->balance_temperature;
+                float c = desc->balance_alpha * e * ((float)layer->count[j] / (float)layer->n_pairs) / (float)n;
+                layer->dz[(size_t)t * e + j] += qt[j] * (c - mean) / desc->balance_temperature;
             }
         }
     }
-    if (d->z_loss > 0.0f) {
+    if (desc->z_loss > 0.0f) {
         for (t = 0; t < n; t++) {
-            const float *zt = L->logits + (size_t)t * e;
+            const float *zt = layer->logits + (size_t)t * e;
             float top = zt[0], sum = 0.0f, lse;
             for (j = 1; j < e; j++) top = ACMOE__MAX(top, zt[j]);
             for (j = 0; j < e; j++) sum += expf(zt[j] - top);
             lse = top + logf(sum);
-            loss += d->z_loss * lse * lse / (float)n;
-            for (j = 0; grad && j < e; j++) L->dz[(size_t)t * e + j] += 2.0f * d->z_loss / (float)n * lse * expf(zt[j] - lse);
+            loss += desc->z_loss * lse * lse / (float)n;
+            for (j = 0; grad && j < e; j++) layer->dz[(size_t)t * e + j] += 2.0f * desc->z_loss / (float)n * lse * expf(zt[j] - lse);
         }
     }
-    if (d->importance_loss > 0.0f) loss += acmoe__importance_loss(L, n, grad);
+    if (desc->importance_loss > 0.0f) loss += acmoe__importance_loss(layer, n, grad);
     return loss;
 }
 
@@ -3581,25 +3581,25 @@ static float acmoe__aux_loss(acmoe_moe *L, int n, int grad) {
 /* Counting sort of the pairs by expert, in pair order within each expert; and where each
    token's pairs start (pairs come in token order). Soft MoE: each expert's rows are its
    slots of each group in turn. */
-static void acmoe__dispatch(acmoe_moe *L) {
-    const int e = L->d.n_experts;
+static void acmoe__dispatch(acmoe_moe *layer) {
+    const int e = layer->desc.n_experts;
     int p, j, t = 0;
-    if (L->d.router_select == ACMOE_SELECT_SOFT) {
-        for (j = 0; j <= e; j++) L->offset[j] = j * L->n_groups * L->d.soft_slots;
-        for (j = 0; j < e; j++) L->count[j] = L->n_groups * L->d.soft_slots;
+    if (layer->desc.router_select == ACMOE_SELECT_SOFT) {
+        for (j = 0; j <= e; j++) layer->offset[j] = j * layer->n_groups * layer->desc.soft_slots;
+        for (j = 0; j < e; j++) layer->count[j] = layer->n_groups * layer->desc.soft_slots;
         return;
     }
-    for (p = 0; p < L->n_pairs; p++)
-        while (t <= L->pair_token[p]) L->token_start[t++] = p;
-    while (t <= L->n) L->token_start[t++] = L->n_pairs;
-    memset(L->count, 0, sizeof(int) * (size_t)e);
-    for (p = 0; p < L->n_pairs; p++) L->count[L->pair_expert[p]]++;
-    L->offset[0] = 0;
-    for (j = 0; j < e; j++) L->offset[j + 1] = L->offset[j] + L->count[j], L->cursor[j] = L->offset[j];
-    for (p = 0; p < L->n_pairs; p++) {
-        int slot = L->cursor[L->pair_expert[p]]++;
-        L->pair_slot[p] = slot;
-        L->slot_pair[slot] = p;
+    for (p = 0; p < layer->n_pairs; p++)
+        while (t <= layer->pair_token[p]) layer->token_start[t++] = p;
+    while (t <= layer->n) layer->token_start[t++] = layer->n_pairs;
+    memset(layer->count, 0, sizeof(int) * (size_t)e);
+    for (p = 0; p < layer->n_pairs; p++) layer->count[layer->pair_expert[p]]++;
+    layer->offset[0] = 0;
+    for (j = 0; j < e; j++) layer->offset[j + 1] = layer->offset[j] + layer->count[j], layer->cursor[j] = layer->offset[j];
+    for (p = 0; p < layer->n_pairs; p++) {
+        int slot = layer->cursor[layer->pair_expert[p]]++;
+        layer->pair_slot[p] = slot;
+        layer->slot_pair[slot] = p;
     }
 }
 
@@ -3607,84 +3607,84 @@ static void acmoe__dispatch(acmoe_moe *L) {
    taken in turn (acmoe__order_experts), tokens in equal ranges. Each expert runs on one
    thread with that thread's matmul workspace, so results do not depend on the split. */
 typedef struct acmoe__moe_job {
-    acmoe_moe *L;
+    acmoe_moe *layer;
     acmoe_ctx *ctx;
     const float *x, *dout;
     float *out, *dx;
-    int next; /* the next expert of L->order for the experts' jobs */
+    int next; /* the next expert of layer->order for the experts' jobs */
 } acmoe__moe_job;
 
 /* The experts by decreasing row count (ties: the lower index): threads take them in this
    order, so the largest start first and the small ones fill the gaps. */
-static void acmoe__order_experts(acmoe_moe *L) {
-    const int E = L->d.n_experts;
+static void acmoe__order_experts(acmoe_moe *layer) {
+    const int E = layer->desc.n_experts;
     int i, j;
     for (i = 0; i < E; i++) {
-        for (j = i; j > 0 && L->count[L->order[j - 1]] < L->count[i]; j--) L->order[j] = L->order[j - 1];
-        L->order[j] = i;
+        for (j = i; j > 0 && layer->count[layer->order[j - 1]] < layer->count[i]; j--) layer->order[j] = layer->order[j - 1];
+        layer->order[j] = i;
     }
 }
 
-static void acmoe__token_range(const acmoe_moe *L, int tid, int n_threads, int *t0, int *t1) {
-    *t0 = (int)((long)L->n * tid / n_threads);
-    *t1 = (int)((long)L->n * (tid + 1) / n_threads);
+static void acmoe__token_range(const acmoe_moe *layer, int tid, int n_threads, int *t0, int *t1) {
+    *t0 = (int)((long)layer->n * tid / n_threads);
+    *t1 = (int)((long)layer->n * (tid + 1) / n_threads);
 }
 
 /* The experts' input rows: x, or x * W[label] when the AC weights reach the experts; for
    normalised Soft MoE the rows the score read. */
-static const float *acmoe__expert_input(const acmoe_moe *L, const float *x) {
-    if (acmoe__normalized_soft(L)) return L->score_in;
-    return L->d.router_input == ACMOE_INPUT_AC && L->d.ac_weight_experts ? L->xr : x;
+static const float *acmoe__expert_input(const acmoe_moe *layer, const float *x) {
+    if (acmoe__normalized_soft(layer)) return layer->score_in;
+    return layer->desc.router_input == ACMOE_INPUT_AC && layer->desc.ac_weight_experts ? layer->xr : x;
 }
 
 /* Row r of expert j's input: its pair's token, or (Soft MoE) its slot's row. */
-static const float *acmoe__expert_row(const acmoe_moe *L, const float *in, int j, int r) {
-    const size_t dm = (size_t)L->d.d_model;
-    const int per = L->d.soft_slots;
-    if (L->d.router_select == ACMOE_SELECT_SOFT) /* group r / per, slot r % per */
-        return L->slots + ((size_t)(r / per) * L->lw + (size_t)j * per + r % per) * dm;
-    return in + (size_t)L->pair_token[L->slot_pair[L->offset[j] + r]] * dm;
+static const float *acmoe__expert_row(const acmoe_moe *layer, const float *in, int j, int r) {
+    const size_t dm = (size_t)layer->desc.d_model;
+    const int per = layer->desc.soft_slots;
+    if (layer->desc.router_select == ACMOE_SELECT_SOFT) /* group r / per, slot r % per */
+        return layer->slots + ((size_t)(r / per) * layer->lw + (size_t)j * per + r % per) * dm;
+    return in + (size_t)layer->pair_token[layer->slot_pair[layer->offset[j] + r]] * dm;
 }
 
 /* ye = W2 act(W1 xe + b1) + b2 on expert j's gathered rows. */
-static void acmoe__expert_forward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j, const float *in) {
-    const acmoe_moe_desc *d = &L->d;
-    const int dm = d->d_model, ff = d->d_ff, hw = L->h_width, rows = L->count[j];
-    const size_t at = (size_t)L->offset[j];
-    float *xe = L->xe + at * dm, *h = L->h + at * hw, *a = L->a + at * ff, *ye = L->ye + at * dm;
+static void acmoe__expert_forward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, int j, const float *in) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    const int dm = desc->d_model, ff = desc->d_ff, hw = layer->h_width, rows = layer->count[j];
+    const size_t at = (size_t)layer->offset[j];
+    float *xe = layer->xe + at * dm, *h = layer->h + at * hw, *a = layer->a + at * ff, *ye = layer->ye + at * dm;
     int r;
-    for (r = 0; r < rows; r++) memcpy(xe + (size_t)r * dm, acmoe__expert_row(L, in, j, r), sizeof(float) * (size_t)dm);
-    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, L->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
-    acmoe__add_bias(h, rows, hw, L->b1 + (size_t)j * hw);
-    acmoe__activate(d->activation, h, a, rows, ff);
-    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, L->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
-    acmoe__add_bias(ye, rows, dm, L->b2 + (size_t)j * dm);
+    for (r = 0; r < rows; r++) memcpy(xe + (size_t)r * dm, acmoe__expert_row(layer, in, j, r), sizeof(float) * (size_t)dm);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, layer->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
+    acmoe__add_bias(h, rows, hw, layer->b1 + (size_t)j * hw);
+    acmoe__activate(desc->activation, h, a, rows, ff);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, layer->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
+    acmoe__add_bias(ye, rows, dm, layer->b2 + (size_t)j * dm);
 }
 
 static void acmoe__experts_forward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    acmoe_moe *L = job->L;
+    acmoe_moe *layer = job->layer;
     int i;
     (void)n_threads;
-    while ((i = acmoe__next_item(&job->next)) < L->d.n_experts) {
-        const int j = L->order[i];
-        if (L->count[j]) acmoe__expert_forward(L, job->ctx, tid, j, acmoe__expert_input(L, job->x));
+    while ((i = acmoe__next_item(&job->next)) < layer->desc.n_experts) {
+        const int j = layer->order[i];
+        if (layer->count[j]) acmoe__expert_forward(layer, job->ctx, tid, j, acmoe__expert_input(layer, job->x));
     }
 }
 
 /* out[t] = sum of gate * expert output over t's pairs, in order. */
 static void acmoe__combine_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    const acmoe_moe *L = job->L;
-    const int dm = L->d.d_model;
+    const acmoe_moe *layer = job->layer;
+    const int dm = layer->desc.d_model;
     int t, t0, t1, p, q;
-    acmoe__token_range(L, tid, n_threads, &t0, &t1);
+    acmoe__token_range(layer, tid, n_threads, &t0, &t1);
     for (t = t0; t < t1; t++) {
         float *o = job->out + (size_t)t * dm;
         memset(o, 0, sizeof(float) * (size_t)dm);
-        for (p = L->token_start[t]; p < L->token_start[t + 1]; p++) {
-            const float *y = L->ye + (size_t)L->pair_slot[p] * dm;
-            float g = L->pair_gate[p];
+        for (p = layer->token_start[t]; p < layer->token_start[t + 1]; p++) {
+            const float *y = layer->ye + (size_t)layer->pair_slot[p] * dm;
+            float g = layer->pair_gate[p];
             for (q = 0; q < dm; q++) o[q] += g * y[q];
         }
     }
@@ -3694,13 +3694,13 @@ static void acmoe__combine_job(void *arg, int tid, int n_threads) {
 
 /* Copies group g's slot rows from the experts' blocks into the group's block of slots (rows
    in slot order), or back. */
-static void acmoe__soft_copy(const acmoe_moe *L, int g, float *expert_rows, int to_slots) {
-    const size_t dm = (size_t)L->d.d_model, bytes = sizeof(float) * dm * (size_t)L->d.soft_slots;
-    const int per = L->d.soft_slots;
+static void acmoe__soft_copy(const acmoe_moe *layer, int g, float *expert_rows, int to_slots) {
+    const size_t dm = (size_t)layer->desc.d_model, bytes = sizeof(float) * dm * (size_t)layer->desc.soft_slots;
+    const int per = layer->desc.soft_slots;
     int j;
-    for (j = 0; j < L->d.n_experts; j++) {
-        float *e = expert_rows + (size_t)(L->offset[j] + g * per) * dm;
-        float *s = L->slots + ((size_t)g * L->lw + (size_t)j * per) * dm;
+    for (j = 0; j < layer->desc.n_experts; j++) {
+        float *e = expert_rows + (size_t)(layer->offset[j] + g * per) * dm;
+        float *s = layer->slots + ((size_t)g * layer->lw + (size_t)j * per) * dm;
         memcpy(to_slots ? s : e, to_slots ? e : s, bytes);
     }
 }
@@ -3709,52 +3709,52 @@ static void acmoe__soft_copy(const acmoe_moe *L, int g, float *expert_rows, int 
    slots), the dispatch weights (each slot's softmax over the group's tokens), and for the
    next layer each token's label_k best slots by logit, as their experts and the softmax
    over their logits. */
-static void acmoe__soft_weights(acmoe_moe *L, int first, int stride, int size) {
-    const int S = L->lw, per = L->d.soft_slots, k = L->label_k;
+static void acmoe__soft_weights(acmoe_moe *layer, int first, int stride, int size) {
+    const int S = layer->lw, per = layer->desc.soft_slots, k = layer->label_k;
     int i, j, c;
     for (c = 0; c < S; c++) {
         float top = -INFINITY, sum = 0.0f;
-        for (i = 0; i < size; i++) top = ACMOE__MAX(top, L->logits[(size_t)(first + i * stride) * S + c]);
+        for (i = 0; i < size; i++) top = ACMOE__MAX(top, layer->logits[(size_t)(first + i * stride) * S + c]);
         for (i = 0; i < size; i++) {
             size_t at = (size_t)(first + i * stride) * S + c;
-            sum += L->dispatch[at] = expf(L->logits[at] - top);
+            sum += layer->dispatch[at] = expf(layer->logits[at] - top);
         }
-        for (i = 0; i < size; i++) L->dispatch[(size_t)(first + i * stride) * S + c] /= sum;
+        for (i = 0; i < size; i++) layer->dispatch[(size_t)(first + i * stride) * S + c] /= sum;
     }
     for (i = 0; i < size; i++) {
         const size_t t = (size_t)(first + i * stride);
-        acmoe__softmax_rows(L->logits + t * S, L->probs + t * S, 1, S, 1.0f);
-        acmoe__topk_softmax(L->logits + t * S, 1, S, k, L->top_idx + t * k, L->top_gate + t * k);
-        for (j = 0; j < k; j++) L->top_idx[t * k + (size_t)j] /= per; /* a slot's label is its expert */
+        acmoe__softmax_rows(layer->logits + t * S, layer->probs + t * S, 1, S, 1.0f);
+        acmoe__topk_softmax(layer->logits + t * S, 1, S, k, layer->top_idx + t * k, layer->top_gate + t * k);
+        for (j = 0; j < k; j++) layer->top_idx[t * k + (size_t)j] /= per; /* a slot's label is its expert */
     }
 }
 
 /* Each group's weights, then its slots: dispatch weights^T times the experts' input rows. */
 static void acmoe__soft_dispatch_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    acmoe_moe *L = job->L;
-    const int S = L->lw, dm = L->d.d_model;
-    const float *in = acmoe__expert_input(L, job->x);
+    acmoe_moe *layer = job->layer;
+    const int S = layer->lw, dm = layer->desc.d_model;
+    const float *in = acmoe__expert_input(layer, job->x);
     int g, first, stride, size;
-    for (g = tid; g < L->n_groups; g += n_threads) {
-        size = acmoe__group(L, L->n, g, &first, &stride);
-        acmoe__soft_weights(L, first, stride, size);
-        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_TN, S, dm, size, L->dispatch + (size_t)first * S, stride * S,
-                                in + (size_t)first * dm, stride * dm, L->slots + (size_t)g * S * dm, dm, 0);
+    for (g = tid; g < layer->n_groups; g += n_threads) {
+        size = acmoe__group(layer, layer->n, g, &first, &stride);
+        acmoe__soft_weights(layer, first, stride, size);
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_TN, S, dm, size, layer->dispatch + (size_t)first * S, stride * S,
+                                in + (size_t)first * dm, stride * dm, layer->slots + (size_t)g * S * dm, dm, 0);
     }
 }
 
 /* Each group's output: combine weights times the slot outputs. */
 static void acmoe__soft_combine_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    const acmoe_moe *L = job->L;
-    const int S = L->lw, dm = L->d.d_model;
+    const acmoe_moe *layer = job->layer;
+    const int S = layer->lw, dm = layer->desc.d_model;
     int g, first, stride, size;
-    for (g = tid; g < L->n_groups; g += n_threads) {
-        size = acmoe__group(L, L->n, g, &first, &stride);
-        acmoe__soft_copy(L, g, L->ye, 1);
-        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NN, size, dm, S, L->probs + (size_t)first * S, stride * S,
-                                L->slots + (size_t)g * S * dm, dm, job->out + (size_t)first * dm, stride * dm, 0);
+    for (g = tid; g < layer->n_groups; g += n_threads) {
+        size = acmoe__group(layer, layer->n, g, &first, &stride);
+        acmoe__soft_copy(layer, g, layer->ye, 1);
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NN, size, dm, S, layer->probs + (size_t)first * S, stride * S,
+                                layer->slots + (size_t)g * S * dm, dm, job->out + (size_t)first * dm, stride * dm, 0);
     }
 }
 
@@ -3762,23 +3762,23 @@ static void acmoe__soft_combine_job(void *arg, int tid, int n_threads) {
    outputs); then the slot outputs' gradients, combine^T dout, into the experts' rows. */
 static void acmoe__soft_combine_backward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    acmoe_moe *L = job->L;
+    acmoe_moe *layer = job->layer;
     const acmoe__kernel *kern = &job->ctx->kernel;
-    const int S = L->lw, dm = L->d.d_model;
+    const int S = layer->lw, dm = layer->desc.d_model;
     int g, i, first, stride, size;
-    for (g = tid; g < L->n_groups; g += n_threads) {
-        float *slots = L->slots + (size_t)g * S * dm;
-        size = acmoe__group(L, L->n, g, &first, &stride);
+    for (g = tid; g < layer->n_groups; g += n_threads) {
+        float *slots = layer->slots + (size_t)g * S * dm;
+        size = acmoe__group(layer, layer->n, g, &first, &stride);
         ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NT, size, S, dm, job->dout + (size_t)first * dm, stride * dm,
-                                slots, dm, L->dz + (size_t)first * S, stride * S, 0);
+                                slots, dm, layer->dz + (size_t)first * S, stride * S, 0);
         for (i = 0; i < size; i++) {
-            const float *p = L->probs + (size_t)(first + i * stride) * S;
-            float *dz = L->dz + (size_t)(first + i * stride) * S;
+            const float *p = layer->probs + (size_t)(first + i * stride) * S;
+            float *dz = layer->dz + (size_t)(first + i * stride) * S;
             kern->row_softmax_grad(dz, p, S, kern->row_dot(p, dz, S), 1.0f);
         }
-        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_TN, S, dm, size, L->probs + (size_t)first * S, stride * S,
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_TN, S, dm, size, layer->probs + (size_t)first * S, stride * S,
                                 job->dout + (size_t)first * dm, stride * dm, slots, dm, 0);
-        acmoe__soft_copy(L, g, L->ye, 0);
+        acmoe__soft_copy(layer, g, layer->ye, 0);
     }
 }
 
@@ -3788,77 +3788,77 @@ static void acmoe__soft_combine_backward_job(void *arg, int tid, int n_threads) 
    weights). */
 static void acmoe__soft_dispatch_backward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    acmoe_moe *L = job->L;
-    const int S = L->lw, dm = L->d.d_model;
-    const float *in = acmoe__expert_input(L, L->x);
-    float *din = in == L->x ? job->dx : acmoe__normalized_soft(L) ? L->du : L->dxr;
+    acmoe_moe *layer = job->layer;
+    const int S = layer->lw, dm = layer->desc.d_model;
+    const float *in = acmoe__expert_input(layer, layer->x);
+    float *din = in == layer->x ? job->dx : acmoe__normalized_soft(layer) ? layer->du : layer->dxr;
     int g, i, c, first, stride, size;
-    for (g = tid; g < L->n_groups; g += n_threads) {
-        float *slots = L->slots + (size_t)g * S * dm;
-        size = acmoe__group(L, L->n, g, &first, &stride);
-        acmoe__soft_copy(L, g, L->xe, 1);
+    for (g = tid; g < layer->n_groups; g += n_threads) {
+        float *slots = layer->slots + (size_t)g * S * dm;
+        size = acmoe__group(layer, layer->n, g, &first, &stride);
+        acmoe__soft_copy(layer, g, layer->xe, 1);
         ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NT, size, S, dm, in + (size_t)first * dm, stride * dm, slots, dm,
-                                L->ddispatch + (size_t)first * S, stride * S, 0);
+                                layer->ddispatch + (size_t)first * S, stride * S, 0);
         for (c = 0; c < S; c++) {
             float dot = 0.0f;
             for (i = 0; i < size; i++) {
                 size_t at = (size_t)(first + i * stride) * S + c;
-                dot += L->dispatch[at] * L->ddispatch[at];
+                dot += layer->dispatch[at] * layer->ddispatch[at];
             }
             for (i = 0; i < size; i++) {
                 size_t at = (size_t)(first + i * stride) * S + c;
-                L->dz[at] += L->dispatch[at] * (L->ddispatch[at] - dot);
+                layer->dz[at] += layer->dispatch[at] * (layer->ddispatch[at] - dot);
             }
         }
-        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NN, size, dm, S, L->dispatch + (size_t)first * S, stride * S, slots,
+        ACMOE__MATMUL_ON_THREAD(job->ctx, tid, ACMOE_NN, size, dm, S, layer->dispatch + (size_t)first * S, stride * S, slots,
                                 dm, din + (size_t)first * dm, stride * dm, din == job->dx);
     }
 }
 
-ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const float *x, int n,
+ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n,
                                          const int32_t *prev_idx, const float *prev_gate, int prev_k,
                                          float *out) {
-    const acmoe_moe_desc *d;
+    const acmoe_moe_desc *resolved;
     const float *u;
     acmoe_status s;
     acmoe__moe_job job;
     double mark;
     int soft;
-    if (!L || !ctx) return ACMOE_ERR_NULL;
-    d = &L->d;
-    soft = d->router_select == ACMOE_SELECT_SOFT;
-    if (n < 0 || n > d->max_tokens) return ACMOE_ERR_SHAPE;
-    if (acmoe__grouped(d) && d->group != ACMOE_GROUP_BATCH && (d->seq_len < 1 || n % d->seq_len))
+    if (!layer || !ctx) return ACMOE_ERR_NULL;
+    resolved = &layer->desc;
+    soft = resolved->router_select == ACMOE_SELECT_SOFT;
+    if (n < 0 || n > resolved->max_tokens) return ACMOE_ERR_SHAPE;
+    if (acmoe__grouped(resolved) && resolved->group != ACMOE_GROUP_BATCH && (resolved->seq_len < 1 || n % resolved->seq_len))
         return ACMOE_ERR_SHAPE; /* groups need whole sequences */
-    if (soft && (double)acmoe__group_count(d, n) * L->lw > L->max_pairs)
+    if (soft && (double)acmoe__group_count(resolved, n) * layer->lw > layer->max_pairs)
         return ACMOE_ERR_SHAPE; /* more slot rows than the workspace made at creation holds */
     if (n > 0 && (!x || !out)) return ACMOE_ERR_NULL;
-    if (!acmoe__all_finite(x, (size_t)n * d->d_model)) return ACMOE_ERR_NONFINITE;
-    L->x = x;
-    L->n = n;
-    L->cached = 0; /* no backward until this call succeeds */
-    L->n_pairs = L->dropped = 0;
-    L->aux_loss = 0.0f;
-    L->seconds_routing = L->seconds_experts = 0.0;
+    if (!acmoe__all_finite(x, (size_t)n * resolved->d_model)) return ACMOE_ERR_NONFINITE;
+    layer->x = x;
+    layer->n = n;
+    layer->cached = 0; /* no backward until this call succeeds */
+    layer->n_pairs = layer->dropped = 0;
+    layer->aux_loss = 0.0f;
+    layer->seconds_routing = layer->seconds_experts = 0.0;
     if (n == 0) return ACMOE_OK;
     mark = acmoe__clock_start(ctx);
-    s = acmoe__router_input(L, ctx, x, n, prev_idx, prev_gate, prev_k, &u);
-    if (s == ACMOE_OK) s = acmoe__router_score(L, ctx, u, n);
+    s = acmoe__router_input(layer, ctx, x, n, prev_idx, prev_gate, prev_k, &u);
+    if (s == ACMOE_OK) s = acmoe__router_score(layer, ctx, u, n);
     if (s != ACMOE_OK) return s;
-    L->nonfinite = acmoe__count_nonfinite(L->logits, (size_t)n * L->lw);
-    if (L->nonfinite) acmoe__replace_nonfinite(L->logits, (size_t)n * L->lw);
-    acmoe__select(L, n);
-    acmoe__dispatch(L);
-    L->aux_loss = acmoe__aux_loss(L, n, 0);
-    acmoe__lap(ctx, &mark, &L->seconds_routing);
-    job.L = L, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL, job.next = 0;
-    acmoe__order_experts(L);
+    layer->nonfinite = acmoe__count_nonfinite(layer->logits, (size_t)n * layer->lw);
+    if (layer->nonfinite) acmoe__replace_nonfinite(layer->logits, (size_t)n * layer->lw);
+    acmoe__select(layer, n);
+    acmoe__dispatch(layer);
+    layer->aux_loss = acmoe__aux_loss(layer, n, 0);
+    acmoe__lap(ctx, &mark, &layer->seconds_routing);
+    job.layer = layer, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL, job.next = 0;
+    acmoe__order_experts(layer);
     if (soft) acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, soft ? acmoe__soft_combine_job : acmoe__combine_job, &job);
-    acmoe__update_stability(L, n, prev_idx, prev_k); /* Soft MoE's labels come with its weights */
-    acmoe__lap(ctx, &mark, &L->seconds_experts);
-    L->cached = 1;
+    acmoe__update_stability(layer, n, prev_idx, prev_k); /* Soft MoE's labels come with its weights */
+    acmoe__lap(ctx, &mark, &layer->seconds_experts);
+    layer->cached = 1;
     return ACMOE_OK;
 }
 
@@ -3866,43 +3866,43 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *L, acmoe_ctx *ctx, const flo
    gate * dout[t]. */
 static void acmoe__combine_backward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    acmoe_moe *L = job->L;
-    const int dm = L->d.d_model;
+    acmoe_moe *layer = job->layer;
+    const int dm = layer->desc.d_model;
     int t0, t1, p, q;
-    acmoe__token_range(L, tid, n_threads, &t0, &t1);
-    for (p = L->token_start[t0]; p < L->token_start[t1]; p++) {
-        const float *g = job->dout + (size_t)L->pair_token[p] * dm;
-        float *y = L->ye + (size_t)L->pair_slot[p] * dm, gate = L->pair_gate[p];
-        L->pair_dgate[p] = job->ctx->kernel.row_dot(g, y, dm);
+    acmoe__token_range(layer, tid, n_threads, &t0, &t1);
+    for (p = layer->token_start[t0]; p < layer->token_start[t1]; p++) {
+        const float *g = job->dout + (size_t)layer->pair_token[p] * dm;
+        float *y = layer->ye + (size_t)layer->pair_slot[p] * dm, gate = layer->pair_gate[p];
+        layer->pair_dgate[p] = job->ctx->kernel.row_dot(g, y, dm);
         for (q = 0; q < dm; q++) y[q] = gate * g[q];
     }
 }
 
 /* Expert j's backward on its gathered rows: parameter gradients, and the rows' input
    gradients written over xe. */
-static void acmoe__expert_backward(acmoe_moe *L, acmoe_ctx *ctx, int tid, int j) {
-    const acmoe_moe_desc *d = &L->d;
-    const int dm = d->d_model, ff = d->d_ff, hw = L->h_width, rows = L->count[j];
-    const size_t at = (size_t)L->offset[j];
-    float *dy = L->ye + at * dm, *a = L->a + at * ff, *h = L->h + at * hw, *xe = L->xe + at * dm;
-    const float *w1 = L->w1 + (size_t)j * hw * dm, *w2 = L->w2 + (size_t)j * dm * ff;
-    acmoe__bias_grad(dy, rows, dm, L->g_b2 + (size_t)j * dm);
-    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, L->g_w2 + (size_t)j * dm * ff, ff, 1);
+static void acmoe__expert_backward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, int j) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    const int dm = desc->d_model, ff = desc->d_ff, hw = layer->h_width, rows = layer->count[j];
+    const size_t at = (size_t)layer->offset[j];
+    float *dy = layer->ye + at * dm, *a = layer->a + at * ff, *h = layer->h + at * hw, *xe = layer->xe + at * dm;
+    const float *w1 = layer->w1 + (size_t)j * hw * dm, *w2 = layer->w2 + (size_t)j * dm * ff;
+    acmoe__bias_grad(dy, rows, dm, layer->g_b2 + (size_t)j * dm);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, layer->g_w2 + (size_t)j * dm * ff, ff, 1);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
-    acmoe__activate_backward(d->activation, h, a, rows, ff);                           /* h becomes dh */
-    acmoe__bias_grad(h, rows, hw, L->g_b1 + (size_t)j * hw);
-    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, L->g_w1 + (size_t)j * hw * dm, dm, 1);
+    acmoe__activate_backward(desc->activation, h, a, rows, ff);                           /* h becomes dh */
+    acmoe__bias_grad(h, rows, hw, layer->g_b1 + (size_t)j * hw);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, layer->g_w1 + (size_t)j * hw * dm, dm, 1);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, dm, hw, h, hw, w1, dm, xe, dm, 0); /* dxe */
 }
 
 static void acmoe__experts_backward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    acmoe_moe *L = job->L;
+    acmoe_moe *layer = job->layer;
     int i;
     (void)n_threads;
-    while ((i = acmoe__next_item(&job->next)) < L->d.n_experts) {
-        const int j = L->order[i];
-        if (L->count[j]) acmoe__expert_backward(L, job->ctx, tid, j);
+    while ((i = acmoe__next_item(&job->next)) < layer->desc.n_experts) {
+        const int j = layer->order[i];
+        if (layer->count[j]) acmoe__expert_backward(layer, job->ctx, tid, j);
     }
 }
 
@@ -3910,14 +3910,14 @@ static void acmoe__experts_backward_job(void *arg, int tid, int n_threads) {
    weights reached the experts). */
 static void acmoe__scatter_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
-    const acmoe_moe *L = job->L;
-    const int dm = L->d.d_model, weighted = acmoe__expert_input(L, L->x) != L->x;
+    const acmoe_moe *layer = job->layer;
+    const int dm = layer->desc.d_model, weighted = acmoe__expert_input(layer, layer->x) != layer->x;
     int t0, t1, p, q;
-    acmoe__token_range(L, tid, n_threads, &t0, &t1);
-    for (p = L->token_start[t0]; p < L->token_start[t1]; p++) {
-        const float *g = L->xe + (size_t)L->pair_slot[p] * dm;
-        size_t row = (size_t)L->pair_token[p] * dm;
-        const float *w = weighted ? acmoe__token_weights(L, L->pair_token[p]) : NULL;
+    acmoe__token_range(layer, tid, n_threads, &t0, &t1);
+    for (p = layer->token_start[t0]; p < layer->token_start[t1]; p++) {
+        const float *g = layer->xe + (size_t)layer->pair_slot[p] * dm;
+        size_t row = (size_t)layer->pair_token[p] * dm;
+        const float *w = weighted ? acmoe__token_weights(layer, layer->pair_token[p]) : NULL;
         if (w)
             for (q = 0; q < dm; q++) job->dx[row + q] += g[q] * w[q];
         else
@@ -3926,19 +3926,19 @@ static void acmoe__scatter_job(void *arg, int tid, int n_threads) {
 }
 
 /* dz [n][E] from the pair gate gradients, by the selection rule's gate function. */
-static void acmoe__gate_backward(acmoe_moe *L) {
-    const int e = L->d.n_experts, k = L->d.top_k, n = L->n;
-    const acmoe_router_select rule = L->d.router_select;
-    float *G = L->dz; /* first the gate gradients, dense; then, row by row, the logit gradients */
+static void acmoe__gate_backward(acmoe_moe *layer) {
+    const int e = layer->desc.n_experts, k = layer->desc.top_k, n = layer->n;
+    const acmoe_router_select rule = layer->desc.router_select;
+    float *G = layer->dz; /* first the gate gradients, dense; then, row by row, the logit gradients */
     int t, s, j, p;
     memset(G, 0, sizeof(float) * (size_t)n * e);
-    for (p = 0; p < L->n_pairs; p++) G[(size_t)L->pair_token[p] * e + L->pair_expert[p]] = L->pair_dgate[p];
+    for (p = 0; p < layer->n_pairs; p++) G[(size_t)layer->pair_token[p] * e + layer->pair_expert[p]] = layer->pair_dgate[p];
     for (t = 0; t < n; t++) {
         float *gt = G + (size_t)t * e, mean = 0.0f;
-        const float *pt = L->probs + (size_t)t * e;
+        const float *pt = layer->probs + (size_t)t * e;
         if (rule == ACMOE_SELECT_TOPK) { /* softmax over the k selected logits */
-            const int32_t *it = L->top_idx + (size_t)t * k;
-            const float *g = L->top_gate + (size_t)t * k;
+            const int32_t *it = layer->top_idx + (size_t)t * k;
+            const float *g = layer->top_gate + (size_t)t * k;
             for (s = 0; s < k; s++) mean += g[s] * gt[it[s]];
             for (s = 0; s < k; s++) gt[it[s]] = g[s] * (gt[it[s]] - mean);
             continue;
@@ -3950,185 +3950,185 @@ static void acmoe__gate_backward(acmoe_moe *L) {
                 gt[j] = full;
                 continue;
             }
-            sig = L->sig[(size_t)t * e + j];
-            gt[j] = (1.0f - L->d.usmoe_rho) * full + L->d.usmoe_rho * (2.0f / (float)e) * sig * (1.0f - sig) * gt[j];
+            sig = layer->sig[(size_t)t * e + j];
+            gt[j] = (1.0f - layer->desc.usmoe_rho) * full + layer->desc.usmoe_rho * (2.0f / (float)e) * sig * (1.0f - sig) * gt[j];
         }
     }
 }
 
 
-static acmoe_status acmoe__router_input_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx);
+static acmoe_status acmoe__router_input_backward(acmoe_moe *layer, acmoe_ctx *ctx, float *dx);
 
 /* The slot score's gradients from dz [n][lw]: the scale's and the slot vectors' (through
    their normalisation), and in dxr the gradient of the rows it read. */
-static acmoe_status acmoe__slot_score_backward(acmoe_moe *L, acmoe_ctx *ctx) {
-    const int n = L->n, S = L->lw, dr = L->dr;
-    const float scale = *L->phi_scale;
+static acmoe_status acmoe__slot_score_backward(acmoe_moe *layer, acmoe_ctx *ctx) {
+    const int n = layer->n, S = layer->lw, dr = layer->dr;
+    const float scale = *layer->phi_scale;
     float dscale = 0.0f;
     size_t i;
-    acmoe_status s = acmoe_matmul(ctx, ACMOE_NN, n, dr, S, L->dz, S, L->ehat, dr, L->dxr, dr, 0);
-    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, S, dr, n, L->dz, S, L->score_in, dr, L->dehat, dr, 0);
+    acmoe_status s = acmoe_matmul(ctx, ACMOE_NN, n, dr, S, layer->dz, S, layer->ehat, dr, layer->dxr, dr, 0);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_TN, S, dr, n, layer->dz, S, layer->score_in, dr, layer->dehat, dr, 0);
     if (s != ACMOE_OK) return s;
     for (i = 0; i < (size_t)n * dr; i++) { /* sum of dz * (score / scale) = sum over tokens of (dz ehat) . row */
-        dscale += L->dxr[i] * L->score_in[i];
-        L->dxr[i] *= scale;
+        dscale += layer->dxr[i] * layer->score_in[i];
+        layer->dxr[i] *= scale;
     }
-    *L->g_phi_scale += dscale;
-    for (i = 0; i < (size_t)S * dr; i++) L->dehat[i] *= scale;
-    acmoe__unit_rows_backward(L->ehat, L->emb_norm, L->dehat, S, dr, L->g_phi, 1);
+    *layer->g_phi_scale += dscale;
+    for (i = 0; i < (size_t)S * dr; i++) layer->dehat[i] *= scale;
+    acmoe__unit_rows_backward(layer->ehat, layer->emb_norm, layer->dehat, S, dr, layer->g_phi, 1);
     return ACMOE_OK;
 }
 
 /* Normalised Soft MoE: the gradients of the rows the score read (dxr) and the slots mixed
    (du) are one gradient, which goes back through the AC weights (constants) and the
    normalisation into dx. */
-static void acmoe__normalized_input_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
-    const int n = L->n, dm = L->d.d_model;
+static void acmoe__normalized_input_backward(acmoe_moe *layer, acmoe_ctx *ctx, float *dx) {
+    const int n = layer->n, dm = layer->desc.d_model;
     const size_t count = (size_t)n * dm;
     size_t i;
-    for (i = 0; i < count; i++) L->du[i] += L->dxr[i];
-    if (L->d.router_input == ACMOE_INPUT_AC) acmoe__times_token_weights(L, ctx, L->du, n, L->dxr, 0);
-    acmoe__unit_rows_backward(L->uhat, L->u_norm, L->d.router_input == ACMOE_INPUT_AC ? L->dxr : L->du, n, dm, dx, 1);
+    for (i = 0; i < count; i++) layer->du[i] += layer->dxr[i];
+    if (layer->desc.router_input == ACMOE_INPUT_AC) acmoe__times_token_weights(layer, ctx, layer->du, n, layer->dxr, 0);
+    acmoe__unit_rows_backward(layer->uhat, layer->u_norm, layer->desc.router_input == ACMOE_INPUT_AC ? layer->dxr : layer->du, n, dm, dx, 1);
 }
 
 /* Router parameter gradients, and the router's part of dx (added to dx). */
-static acmoe_status acmoe__router_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
-    const acmoe_moe_desc *d = &L->d;
-    const int n = L->n, e = d->n_experts, dr = L->dr;
-    const int direct = d->router_input == ACMOE_INPUT_TOKEN; /* du is dx's share itself */
-    const float *u = direct ? L->x : L->xr, *scorer = d->router_score == ACMOE_SCORE_LINEAR ? L->wr : L->ehat;
-    float *du = direct ? dx : L->dxr;
+static acmoe_status acmoe__router_backward(acmoe_moe *layer, acmoe_ctx *ctx, float *dx) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    const int n = layer->n, e = desc->n_experts, dr = layer->dr;
+    const int direct = desc->router_input == ACMOE_INPUT_TOKEN; /* du is dx's share itself */
+    const float *u = direct ? layer->x : layer->xr, *scorer = desc->router_score == ACMOE_SCORE_LINEAR ? layer->wr : layer->ehat;
+    float *du = direct ? dx : layer->dxr;
     acmoe_status s;
-    if (d->router_score == ACMOE_SCORE_NONE) return ACMOE_OK;
-    if (d->router_score == ACMOE_SCORE_SLOT) {
-        s = acmoe__slot_score_backward(L, ctx);
+    if (desc->router_score == ACMOE_SCORE_NONE) return ACMOE_OK;
+    if (desc->router_score == ACMOE_SCORE_SLOT) {
+        s = acmoe__slot_score_backward(layer, ctx);
         if (s != ACMOE_OK) return s;
-        if (acmoe__normalized_soft(L)) {
-            acmoe__normalized_input_backward(L, ctx, dx);
+        if (acmoe__normalized_soft(layer)) {
+            acmoe__normalized_input_backward(layer, ctx, dx);
             return ACMOE_OK;
         }
-        acmoe__unit_rows_backward(L->uhat, L->u_norm, L->dxr, n, dr, du, direct);
-        return direct ? ACMOE_OK : acmoe__router_input_backward(L, ctx, dx);
+        acmoe__unit_rows_backward(layer->uhat, layer->u_norm, layer->dxr, n, dr, du, direct);
+        return direct ? ACMOE_OK : acmoe__router_input_backward(layer, ctx, dx);
     }
-    if (d->router_score == ACMOE_SCORE_LINEAR) {
-        if (L->br) acmoe__bias_grad(L->dz, n, e, L->g_br);
-        s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->g_wr, dr, 1);
+    if (desc->router_score == ACMOE_SCORE_LINEAR) {
+        if (layer->br) acmoe__bias_grad(layer->dz, n, e, layer->g_br);
+        s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, layer->dz, e, u, dr, layer->g_wr, dr, 1);
     } else {
-        s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, L->dz, e, u, dr, L->dehat, dr, 0);
-        if (s == ACMOE_OK) acmoe__unit_rows_backward(L->ehat, L->emb_norm, L->dehat, e, dr, L->g_emb, 1);
+        s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, layer->dz, e, u, dr, layer->dehat, dr, 0);
+        if (s == ACMOE_OK) acmoe__unit_rows_backward(layer->ehat, layer->emb_norm, layer->dehat, e, dr, layer->g_emb, 1);
     }
-    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, dr, e, L->dz, e, scorer, dr, du, dr, direct);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, dr, e, layer->dz, e, scorer, dr, du, dr, direct);
     if (s != ACMOE_OK || direct) return s;
-    return acmoe__router_input_backward(L, ctx, dx);
+    return acmoe__router_input_backward(layer, ctx, dx);
 }
 
 /* dx += the gradient of the router input u (in dxr) through the projection or the AC
    weights (a constant). */
-static acmoe_status acmoe__router_input_backward(acmoe_moe *L, acmoe_ctx *ctx, float *dx) {
-    const acmoe_moe_desc *d = &L->d;
-    const int n = L->n, dm = d->d_model, dr = L->dr;
+static acmoe_status acmoe__router_input_backward(acmoe_moe *layer, acmoe_ctx *ctx, float *dx) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    const int n = layer->n, dm = desc->d_model, dr = layer->dr;
     acmoe_status s;
-    if (d->router_input == ACMOE_INPUT_PROJECTED) {
-        s = acmoe_matmul(ctx, ACMOE_TN, dr, dm, n, L->dxr, dr, L->x, dm, L->g_proj, dm, 1);
-        return s == ACMOE_OK ? acmoe_matmul(ctx, ACMOE_NN, n, dm, dr, L->dxr, dr, L->proj, dm, dx, dm, 1) : s;
+    if (desc->router_input == ACMOE_INPUT_PROJECTED) {
+        s = acmoe_matmul(ctx, ACMOE_TN, dr, dm, n, layer->dxr, dr, layer->x, dm, layer->g_proj, dm, 1);
+        return s == ACMOE_OK ? acmoe_matmul(ctx, ACMOE_NN, n, dm, dr, layer->dxr, dr, layer->proj, dm, dx, dm, 1) : s;
     }
-    acmoe__times_token_weights(L, ctx, L->dxr, n, dx, 1); /* AC: W is a constant */
+    acmoe__times_token_weights(layer, ctx, layer->dxr, n, dx, 1); /* AC: W is a constant */
     return ACMOE_OK;
 }
 
 /* Soft MoE's backward pass: the combine weights and the slot outputs' gradients, the
    experts, the dispatch weights and the input's gradients, then the router with both
    softmaxes' logit gradients. */
-static acmoe_status acmoe__soft_backward(acmoe_moe *L, acmoe_ctx *ctx, const float *dout, float *dx) {
+static acmoe_status acmoe__soft_backward(acmoe_moe *layer, acmoe_ctx *ctx, const float *dout, float *dx) {
     acmoe__moe_job job;
     acmoe_status s;
     double mark = acmoe__clock_start(ctx);
-    job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx, job.next = 0;
-    memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
+    job.layer = layer, job.ctx = ctx, job.x = layer->x, job.out = NULL, job.dout = dout, job.dx = dx, job.next = 0;
+    memset(dx, 0, sizeof(float) * (size_t)layer->n * layer->desc.d_model);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_combine_backward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_backward_job, &job);
-    if (!acmoe__normalized_soft(L) && acmoe__expert_input(L, L->x) != L->x)
-        acmoe__times_token_weights(L, ctx, L->dxr, L->n, dx, 1);
-    acmoe__lap(ctx, &mark, &L->seconds_experts);
-    s = acmoe__router_backward(L, ctx, dx);
-    acmoe__lap(ctx, &mark, &L->seconds_routing);
-    L->cached = 0;
+    if (!acmoe__normalized_soft(layer) && acmoe__expert_input(layer, layer->x) != layer->x)
+        acmoe__times_token_weights(layer, ctx, layer->dxr, layer->n, dx, 1);
+    acmoe__lap(ctx, &mark, &layer->seconds_experts);
+    s = acmoe__router_backward(layer, ctx, dx);
+    acmoe__lap(ctx, &mark, &layer->seconds_routing);
+    layer->cached = 0;
     return s;
 }
 
-ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *L, acmoe_ctx *ctx, const float *dout, float *dx) {
+ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, const float *dout, float *dx) {
     acmoe__moe_job job;
     acmoe_status s;
     double mark;
-    if (!L || !ctx) return ACMOE_ERR_NULL;
-    if (L->n == 0) return ACMOE_OK;
-    if (!L->cached) return ACMOE_ERR_ARG; /* no successful forward call since the last backward */
+    if (!layer || !ctx) return ACMOE_ERR_NULL;
+    if (layer->n == 0) return ACMOE_OK;
+    if (!layer->cached) return ACMOE_ERR_ARG; /* no successful forward call since the last backward */
     if (!dout || !dx) return ACMOE_ERR_NULL;
-    if (L->d.router_select == ACMOE_SELECT_SOFT) return acmoe__soft_backward(L, ctx, dout, dx);
+    if (layer->desc.router_select == ACMOE_SELECT_SOFT) return acmoe__soft_backward(layer, ctx, dout, dx);
     mark = acmoe__clock_start(ctx);
-    job.L = L, job.ctx = ctx, job.x = L->x, job.out = NULL, job.dout = dout, job.dx = dx, job.next = 0;
-    memset(dx, 0, sizeof(float) * (size_t)L->n * L->d.d_model);
+    job.layer = layer, job.ctx = ctx, job.x = layer->x, job.out = NULL, job.dout = dout, job.dx = dx, job.next = 0;
+    memset(dx, 0, sizeof(float) * (size_t)layer->n * layer->desc.d_model);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__combine_backward_job, &job);
-    acmoe__lap(ctx, &mark, &L->seconds_experts);
-    acmoe__gate_backward(L);
-    acmoe__aux_loss(L, L->n, 1);
-    s = acmoe__router_backward(L, ctx, dx);
-    acmoe__lap(ctx, &mark, &L->seconds_routing);
+    acmoe__lap(ctx, &mark, &layer->seconds_experts);
+    acmoe__gate_backward(layer);
+    acmoe__aux_loss(layer, layer->n, 1);
+    s = acmoe__router_backward(layer, ctx, dx);
+    acmoe__lap(ctx, &mark, &layer->seconds_routing);
     if (s == ACMOE_OK) {
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__scatter_job, &job);
     }
-    acmoe__lap(ctx, &mark, &L->seconds_experts);
-    L->cached = 0; /* backward overwrote the cached activations */
+    acmoe__lap(ctx, &mark, &layer->seconds_experts);
+    layer->cached = 0; /* backward overwrote the cached activations */
     return s;
 }
 
 /* The stats without the AC weight summary, which reads all of W: what the next layer needs
    on every forward call. */
-static acmoe_moe_stats acmoe__moe_routing_stats(const acmoe_moe *L) {
+static acmoe_moe_stats acmoe__moe_routing_stats(const acmoe_moe *layer) {
     acmoe_moe_stats st;
     memset(&st, 0, sizeof st);
-    st.n_tokens = L->n;
-    st.top_k = L->label_k;
-    st.n_experts = L->d.n_experts;
-    st.expert_index = L->top_idx;
-    st.gate = L->top_gate;
-    st.tokens_per_expert = L->count;
-    st.pairs = L->n_pairs;
-    st.dropped = L->dropped;
-    st.pair_token = L->pair_token;
-    st.pair_expert = L->pair_expert;
-    st.pair_gate = L->pair_gate;
-    st.aux_loss = L->aux_loss;
-    st.router_stability = L->router_stability;
-    st.nonfinite_logits = L->nonfinite;
-    st.seconds_routing = L->seconds_routing;
-    st.seconds_experts = L->seconds_experts;
-    if (L->d.router_select == ACMOE_SELECT_SOFT) {
-        st.n_slots = L->lw;
-        st.slot_dispatch = L->dispatch;
-        st.slot_combine = L->probs;
+    st.n_tokens = layer->n;
+    st.top_k = layer->label_k;
+    st.n_experts = layer->desc.n_experts;
+    st.expert_index = layer->top_idx;
+    st.gate = layer->top_gate;
+    st.tokens_per_expert = layer->count;
+    st.pairs = layer->n_pairs;
+    st.dropped = layer->dropped;
+    st.pair_token = layer->pair_token;
+    st.pair_expert = layer->pair_expert;
+    st.pair_gate = layer->pair_gate;
+    st.aux_loss = layer->aux_loss;
+    st.router_stability = layer->router_stability;
+    st.nonfinite_logits = layer->nonfinite;
+    st.seconds_routing = layer->seconds_routing;
+    st.seconds_experts = layer->seconds_experts;
+    if (layer->desc.router_select == ACMOE_SELECT_SOFT) {
+        st.n_slots = layer->lw;
+        st.slot_dispatch = layer->dispatch;
+        st.slot_combine = layer->probs;
     }
     return st;
 }
 
-ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *L) {
+ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *layer) {
     acmoe_moe_stats st;
-    if (!L) {
+    if (!layer) {
         memset(&st, 0, sizeof st);
         return st;
     }
-    st = acmoe__moe_routing_stats(L);
-    if (L->d.router_input == ACMOE_INPUT_AC && L->ac_ready) {
-        size_t i, total = (size_t)L->ac_rows * L->d.d_model;
+    st = acmoe__moe_routing_stats(layer);
+    if (layer->desc.router_input == ACMOE_INPUT_AC && layer->ac_ready) {
+        size_t i, total = (size_t)layer->ac_rows * layer->desc.d_model;
         double sum = 0.0;
-        st.ac_clusters = L->ac_rows;
-        st.ac_w_min = st.ac_w_max = L->ac_w[0];
+        st.ac_clusters = layer->ac_rows;
+        st.ac_w_min = st.ac_w_max = layer->ac_w[0];
         for (i = 0; i < total; i++) {
-            st.ac_w_min = ACMOE__MIN(st.ac_w_min, L->ac_w[i]);
-            st.ac_w_max = ACMOE__MAX(st.ac_w_max, L->ac_w[i]);
-            sum += L->ac_w[i];
+            st.ac_w_min = ACMOE__MIN(st.ac_w_min, layer->ac_w[i]);
+            st.ac_w_max = ACMOE__MAX(st.ac_w_max, layer->ac_w[i]);
+            sum += layer->ac_w[i];
         }
         st.ac_w_mean = (float)(sum / (double)total);
     }
@@ -4818,7 +4818,7 @@ static int acmoe__options_fit(const acmoe_option *options, int count, const void
 
 
 struct acmoe_lm {
-    acmoe_lm_desc d;
+    acmoe_lm_desc desc;
     char pattern[64];
     int n_layers, n_stages;
     acmoe__block blocks[63];
@@ -4849,24 +4849,24 @@ struct acmoe_lm {
 };
 
 /* A model tensor: a view into the buffers and an entry in the directory. */
-static void acmoe__lm_view(acmoe_lm *L, size_t *used, const char *name, int decay, int ndim, int s0, int s1,
+static void acmoe__lm_view(acmoe_lm *model, size_t *used, const char *name, int decay, int ndim, int s0, int s1,
                            float **p, float **g) {
-    acmoe__param_view(used, L->params, L->grads, p, g, &L->dir, name, decay, ndim, s0, s1, 0);
+    acmoe__param_view(used, model->params, model->grads, p, g, &model->dir, name, decay, ndim, s0, s1, 0);
 }
 
-static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, const acmoe__block *B) {
-    const char letter = B->letter;
-    acmoe_moe_desc m = L->d.moe;
-    m.d_model = B->width;
-    m.d_ff = L->d.d_ff * (B->width / L->d.d_model); /* Swin stages widen it with the width */
-    m.activation = L->d.activation;
-    m.max_tokens = L->d.batch * B->tokens;
-    m.n_experts = L->d.n_experts;
-    m.top_k = L->d.top_k;
-    m.seq_len = B->tokens;
+static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *model, const acmoe__block *block) {
+    const char letter = block->letter;
+    acmoe_moe_desc m = model->desc.moe;
+    m.d_model = block->width;
+    m.d_ff = model->desc.d_ff * (block->width / model->desc.d_model); /* Swin stages widen it with the width */
+    m.activation = model->desc.activation;
+    m.max_tokens = model->desc.batch * block->tokens;
+    m.n_experts = model->desc.n_experts;
+    m.top_k = model->desc.top_k;
+    m.seq_len = block->tokens;
     acmoe_moe_router_preset(&m, letter);
     if (m.router_select == ACMOE_SELECT_SOFT) /* the one causal grouping for text, each image by itself */
-        m.group = L->d.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
+        m.group = model->desc.n_classes ? ACMOE_GROUP_SEQUENCE : ACMOE_GROUP_POSITION;
     if (acmoe__routerless(&m)) { /* no pairs to limit or balance */
         m.capacity = m.balance_alpha = m.z_loss = 0.0f;
         m.gate_noise = m.importance_loss = 0.0f;
@@ -4875,83 +4875,83 @@ static acmoe_moe_desc acmoe__lm_moe_desc(const acmoe_lm *L, const acmoe__block *
 }
 
 /* The first block of stage s. */
-static const acmoe__block *acmoe__stage_first(const acmoe_lm *L, int s) {
+static const acmoe__block *acmoe__stage_first(const acmoe_lm *model, int s) {
     int i = 0;
-    while (i < L->n_layers - 1 && L->blocks[i].stage < s) i++;
-    return &L->blocks[i];
+    while (i < model->n_layers - 1 && model->blocks[i].stage < s) i++;
+    return &model->blocks[i];
 }
 
 /* The width of the last block: what the final norm and the head see. */
-static int acmoe__top_width(const acmoe_lm *L) { return L->blocks[L->n_layers - 1].width; }
+static int acmoe__top_width(const acmoe_lm *model) { return model->blocks[model->n_layers - 1].width; }
 
 /* One block's attention and norms, named layers.i. in the directory. */
-static void acmoe__block_params(acmoe_lm *L, acmoe__block *B, size_t *used) {
-    const int d = B->width, span = 2 * B->window - 1;
-    acmoe__lm_view(L, used, "attn.qkv.weight", 1, 2, 3 * d, d, &B->w_qkv, &B->g_w_qkv);
-    acmoe__lm_view(L, used, "attn.qkv.bias", 0, 1, 3 * d, 0, &B->b_qkv, &B->g_b_qkv);
-    acmoe__lm_view(L, used, "attn.out.weight", 1, 2, d, d, &B->w_o, &B->g_w_o);
-    acmoe__lm_view(L, used, "attn.out.bias", 0, 1, d, 0, &B->b_o, &B->g_b_o);
-    if (B->window) acmoe__lm_view(L, used, "attn.rel_bias", 0, 2, span * span, B->heads, &B->rel_bias, &B->g_rel_bias);
-    acmoe__lm_view(L, used, "ln1.weight", 0, 1, d, 0, &B->ln1_g, &B->g_ln1_g);
-    acmoe__lm_view(L, used, "ln1.bias", 0, 1, d, 0, &B->ln1_b, &B->g_ln1_b);
-    acmoe__lm_view(L, used, "ln2.weight", 0, 1, d, 0, &B->ln2_g, &B->g_ln2_g);
-    acmoe__lm_view(L, used, "ln2.bias", 0, 1, d, 0, &B->ln2_b, &B->g_ln2_b);
+static void acmoe__block_params(acmoe_lm *model, acmoe__block *block, size_t *used) {
+    const int d = block->width, span = 2 * block->window - 1;
+    acmoe__lm_view(model, used, "attn.qkv.weight", 1, 2, 3 * d, d, &block->w_qkv, &block->g_w_qkv);
+    acmoe__lm_view(model, used, "attn.qkv.bias", 0, 1, 3 * d, 0, &block->b_qkv, &block->g_b_qkv);
+    acmoe__lm_view(model, used, "attn.out.weight", 1, 2, d, d, &block->w_o, &block->g_w_o);
+    acmoe__lm_view(model, used, "attn.out.bias", 0, 1, d, 0, &block->b_o, &block->g_b_o);
+    if (block->window) acmoe__lm_view(model, used, "attn.rel_bias", 0, 2, span * span, block->heads, &block->rel_bias, &block->g_rel_bias);
+    acmoe__lm_view(model, used, "ln1.weight", 0, 1, d, 0, &block->ln1_g, &block->g_ln1_g);
+    acmoe__lm_view(model, used, "ln1.bias", 0, 1, d, 0, &block->ln1_b, &block->g_ln1_b);
+    acmoe__lm_view(model, used, "ln2.weight", 0, 1, d, 0, &block->ln2_g, &block->g_ln2_g);
+    acmoe__lm_view(model, used, "ln2.bias", 0, 1, d, 0, &block->ln2_b, &block->g_ln2_b);
 }
 
 /* Swin's patch merging after stage s: norm and reduction of 4 C into 2 C, named merges.s. */
-static void acmoe__merge_params(acmoe_lm *L, int s, int c, size_t *used) {
-    acmoe__merge *M = &L->merges[s];
-    snprintf(L->dir.prefix, sizeof L->dir.prefix, "merges.%d.", s);
-    acmoe__lm_view(L, used, "norm.weight", 0, 1, 4 * c, 0, &M->ln_g, &M->g_ln_g);
-    acmoe__lm_view(L, used, "norm.bias", 0, 1, 4 * c, 0, &M->ln_b, &M->g_ln_b);
-    acmoe__lm_view(L, used, "reduction.weight", 1, 2, 2 * c, 4 * c, &M->w, &M->g_w);
-    L->dir.prefix[0] = '\0';
+static void acmoe__merge_params(acmoe_lm *model, int s, int c, size_t *used) {
+    acmoe__merge *merge = &model->merges[s];
+    snprintf(model->dir.prefix, sizeof model->dir.prefix, "merges.%d.", s);
+    acmoe__lm_view(model, used, "norm.weight", 0, 1, 4 * c, 0, &merge->ln_g, &merge->g_ln_g);
+    acmoe__lm_view(model, used, "norm.bias", 0, 1, 4 * c, 0, &merge->ln_b, &merge->g_ln_b);
+    acmoe__lm_view(model, used, "reduction.weight", 1, 2, 2 * c, 4 * c, &merge->w, &merge->g_w);
+    model->dir.prefix[0] = '\0';
 }
 
 /* Lays the parameters out and lists them in the directory (or only counts both while
-   L->params is NULL). */
-static size_t acmoe__lm_params(acmoe_lm *L) {
-    const int d = L->d.d_model, v = L->d.vocab, top = acmoe__top_width(L);
+   model->params is NULL). */
+static size_t acmoe__lm_params(acmoe_lm *model) {
+    const int d = model->desc.d_model, v = model->desc.vocab, top = acmoe__top_width(model);
     size_t used = 0;
     int i;
-    L->dir.count = 0;
-    L->dir.prefix[0] = '\0';
-    if (L->d.n_classes) {
-        acmoe__lm_view(L, &used, "patch_emb.weight", 1, 2, d, L->d.patch_dim, &L->patch_w, &L->g_patch_w);
-        acmoe__lm_view(L, &used, "patch_emb.bias", 0, 1, d, 0, &L->patch_b, &L->g_patch_b);
+    model->dir.count = 0;
+    model->dir.prefix[0] = '\0';
+    if (model->desc.n_classes) {
+        acmoe__lm_view(model, &used, "patch_emb.weight", 1, 2, d, model->desc.patch_dim, &model->patch_w, &model->g_patch_w);
+        acmoe__lm_view(model, &used, "patch_emb.bias", 0, 1, d, 0, &model->patch_b, &model->g_patch_b);
     } else {
-        acmoe__lm_view(L, &used, "tok_emb.weight", 1, 2, v, d, &L->tok_emb, &L->g_tok_emb);
+        acmoe__lm_view(model, &used, "tok_emb.weight", 1, 2, v, d, &model->tok_emb, &model->g_tok_emb);
     }
-    if (L->d.window) {
-        acmoe__lm_view(L, &used, "patch_norm.weight", 0, 1, d, 0, &L->pn_g, &L->g_pn_g);
-        acmoe__lm_view(L, &used, "patch_norm.bias", 0, 1, d, 0, &L->pn_b, &L->g_pn_b);
+    if (model->desc.window) {
+        acmoe__lm_view(model, &used, "patch_norm.weight", 0, 1, d, 0, &model->pn_g, &model->g_pn_g);
+        acmoe__lm_view(model, &used, "patch_norm.bias", 0, 1, d, 0, &model->pn_b, &model->g_pn_b);
     } else {
-        acmoe__lm_view(L, &used, "pos_emb.weight", 1, 2, L->d.seq_len, d, &L->pos_emb, &L->g_pos_emb);
+        acmoe__lm_view(model, &used, "pos_emb.weight", 1, 2, model->desc.seq_len, d, &model->pos_emb, &model->g_pos_emb);
     }
-    for (i = 0; i < L->n_layers; i++) {
-        acmoe__block *B = &L->blocks[i];
-        acmoe_moe_desc md = acmoe__lm_moe_desc(L, B);
-        if (i > 0 && B->stage != B[-1].stage) acmoe__merge_params(L, B[-1].stage, B[-1].width, &used);
-        snprintf(L->dir.prefix, sizeof L->dir.prefix, "layers.%d.", i);
-        acmoe__block_params(L, B, &used);
-        snprintf(L->dir.prefix, sizeof L->dir.prefix, B->letter == 'f' ? "layers.%d.ffn." : "layers.%d.moe.", i);
-        L->dir.base = used;
-        if (L->params && acmoe_moe_create(&B->moe, &md, L->params + used, L->grads + used) != ACMOE_OK) B->moe = NULL;
-        used += acmoe__moe_directory(&md, &L->dir);
-        L->dir.base = 0;
-        L->dir.prefix[0] = '\0';
+    for (i = 0; i < model->n_layers; i++) {
+        acmoe__block *block = &model->blocks[i];
+        acmoe_moe_desc md = acmoe__lm_moe_desc(model, block);
+        if (i > 0 && block->stage != block[-1].stage) acmoe__merge_params(model, block[-1].stage, block[-1].width, &used);
+        snprintf(model->dir.prefix, sizeof model->dir.prefix, "layers.%d.", i);
+        acmoe__block_params(model, block, &used);
+        snprintf(model->dir.prefix, sizeof model->dir.prefix, block->letter == 'f' ? "layers.%d.ffn." : "layers.%d.moe.", i);
+        model->dir.base = used;
+        if (model->params && acmoe_moe_create(&block->moe, &md, model->params + used, model->grads + used) != ACMOE_OK) block->moe = NULL;
+        used += acmoe__moe_directory(&md, &model->dir);
+        model->dir.base = 0;
+        model->dir.prefix[0] = '\0';
     }
-    if (L->d.pre_ln) {
-        acmoe__lm_view(L, &used, "ln_f.weight", 0, 1, top, 0, &L->lnf_g, &L->g_lnf_g);
-        acmoe__lm_view(L, &used, "ln_f.bias", 0, 1, top, 0, &L->lnf_b, &L->g_lnf_b);
+    if (model->desc.pre_ln) {
+        acmoe__lm_view(model, &used, "ln_f.weight", 0, 1, top, 0, &model->lnf_g, &model->g_lnf_g);
+        acmoe__lm_view(model, &used, "ln_f.bias", 0, 1, top, 0, &model->lnf_b, &model->g_lnf_b);
     }
-    if (L->d.n_classes) {
-        acmoe__lm_view(L, &used, "head.weight", 1, 2, L->d.n_classes, top, &L->head, &L->g_head);
-        acmoe__lm_view(L, &used, "head.bias", 0, 1, L->d.n_classes, 0, &L->head_b, &L->g_head_b);
-    } else if (L->d.untied_head) {
-        acmoe__lm_view(L, &used, "head.weight", 1, 2, v, d, &L->head, &L->g_head);
-    } else if (L->params) {
-        L->head = L->tok_emb, L->g_head = L->g_tok_emb;
+    if (model->desc.n_classes) {
+        acmoe__lm_view(model, &used, "head.weight", 1, 2, model->desc.n_classes, top, &model->head, &model->g_head);
+        acmoe__lm_view(model, &used, "head.bias", 0, 1, model->desc.n_classes, 0, &model->head_b, &model->g_head_b);
+    } else if (model->desc.untied_head) {
+        acmoe__lm_view(model, &used, "head.weight", 1, 2, v, d, &model->head, &model->g_head);
+    } else if (model->params) {
+        model->head = model->tok_emb, model->g_head = model->g_tok_emb;
     }
     return used;
 }
@@ -4962,84 +4962,84 @@ static size_t acmoe__lm_params(acmoe_lm *L) {
 static size_t acmoe__chunks(size_t n) { return (n + ACMOE__NORM_CHUNK - 1) / ACMOE__NORM_CHUNK; }
 
 /* Lays the activations out in base (or only measures them when base is NULL). */
-static size_t acmoe__lm_activations(acmoe_lm *L, unsigned char *base) {
+static size_t acmoe__lm_activations(acmoe_lm *model, unsigned char *base) {
     const size_t f = sizeof(float);
-    const size_t att_work = L->d.window ? 0 : (size_t)L->att_slots * acmoe__attention_work(L->d.seq_len, L->d.d_model / L->d.n_heads);
-    const int drop = L->d.dropout > 0.0f, pre = L->d.pre_ln, vision = L->d.n_classes > 0;
+    const size_t att_work = model->desc.window ? 0 : (size_t)model->att_slots * acmoe__attention_work(model->desc.seq_len, model->desc.d_model / model->desc.n_heads);
+    const int drop = model->desc.dropout > 0.0f, pre = model->desc.pre_ln, vision = model->desc.n_classes > 0;
     size_t used = 0, n, d, window_probs = 0;
     int i, s;
-    for (i = 0; i < L->n_layers; i++) {
-        acmoe__block *B = &L->blocks[i];
-        const size_t rows = (size_t)L->d.batch * B->tokens, area = (size_t)B->window * B->window;
-        n = rows, d = (size_t)B->width; /* this block's, in a Swin stage */
-        B->probs = B->window ? (float *)acmoe__carve(base, &used, rows * B->heads * area * f) : NULL;
-        window_probs = ACMOE__MAX(window_probs, rows * B->heads * area);
-        B->attn_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
-        B->qkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
-        B->att = (float *)acmoe__carve(base, &used, n * d * f);
-        B->a = (float *)acmoe__carve(base, &used, n * d * f);
-        B->xhat1 = (float *)acmoe__carve(base, &used, n * d * f);
-        B->rstd1 = (float *)acmoe__carve(base, &used, n * f);
-        B->h = (float *)acmoe__carve(base, &used, n * d * f);
-        B->moe_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
-        B->m = (float *)acmoe__carve(base, &used, n * d * f);
-        B->xhat2 = (float *)acmoe__carve(base, &used, n * d * f);
-        B->rstd2 = (float *)acmoe__carve(base, &used, n * f);
-        B->y = (float *)acmoe__carve(base, &used, n * d * f);
-        B->keep_a = drop ? (unsigned char *)acmoe__carve(base, &used, n * d) : NULL;
-        B->keep_m = drop ? (unsigned char *)acmoe__carve(base, &used, n * d) : NULL;
+    for (i = 0; i < model->n_layers; i++) {
+        acmoe__block *block = &model->blocks[i];
+        const size_t rows = (size_t)model->desc.batch * block->tokens, area = (size_t)block->window * block->window;
+        n = rows, d = (size_t)block->width; /* this block's, in a Swin stage */
+        block->probs = block->window ? (float *)acmoe__carve(base, &used, rows * block->heads * area * f) : NULL;
+        window_probs = ACMOE__MAX(window_probs, rows * block->heads * area);
+        block->attn_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
+        block->qkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
+        block->att = (float *)acmoe__carve(base, &used, n * d * f);
+        block->a = (float *)acmoe__carve(base, &used, n * d * f);
+        block->xhat1 = (float *)acmoe__carve(base, &used, n * d * f);
+        block->rstd1 = (float *)acmoe__carve(base, &used, n * f);
+        block->h = (float *)acmoe__carve(base, &used, n * d * f);
+        block->moe_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
+        block->m = (float *)acmoe__carve(base, &used, n * d * f);
+        block->xhat2 = (float *)acmoe__carve(base, &used, n * d * f);
+        block->rstd2 = (float *)acmoe__carve(base, &used, n * f);
+        block->y = (float *)acmoe__carve(base, &used, n * d * f);
+        block->keep_a = drop ? (unsigned char *)acmoe__carve(base, &used, n * d) : NULL;
+        block->keep_m = drop ? (unsigned char *)acmoe__carve(base, &used, n * d) : NULL;
     }
-    for (s = 0; s + 1 < L->n_stages; s++) { /* each merge: 4 C wide rows of the next stage's count */
-        acmoe__merge *M = &L->merges[s];
-        const acmoe__block *next = acmoe__stage_first(L, s + 1);
-        const size_t rows = (size_t)L->d.batch * next->tokens, wide = 2 * (size_t)next->width;
-        M->cat = (float *)acmoe__carve(base, &used, rows * wide * f);
-        M->xhat = (float *)acmoe__carve(base, &used, rows * wide * f);
-        M->rstd = (float *)acmoe__carve(base, &used, rows * f);
-        M->normed = (float *)acmoe__carve(base, &used, rows * wide * f);
-        M->out = (float *)acmoe__carve(base, &used, rows * (size_t)next->width * f);
+    for (s = 0; s + 1 < model->n_stages; s++) { /* each merge: 4 C wide rows of the next stage's count */
+        acmoe__merge *merge = &model->merges[s];
+        const acmoe__block *next = acmoe__stage_first(model, s + 1);
+        const size_t rows = (size_t)model->desc.batch * next->tokens, wide = 2 * (size_t)next->width;
+        merge->cat = (float *)acmoe__carve(base, &used, rows * wide * f);
+        merge->xhat = (float *)acmoe__carve(base, &used, rows * wide * f);
+        merge->rstd = (float *)acmoe__carve(base, &used, rows * f);
+        merge->normed = (float *)acmoe__carve(base, &used, rows * wide * f);
+        merge->out = (float *)acmoe__carve(base, &used, rows * (size_t)next->width * f);
     }
-    n = (size_t)L->d.batch * L->d.seq_len, d = (size_t)L->d.d_model; /* the widest rows: the first stage's */
-    L->embedded = L->d.window ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
-    L->pn_xhat = L->d.window ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
-    L->pn_rstd = L->d.window ? (float *)acmoe__carve(base, &used, n * f) : NULL;
-    L->att_ds = L->d.window ? (float *)acmoe__carve(base, &used, window_probs * f) : NULL;
-    L->x0 = (float *)acmoe__carve(base, &used, n * d * f);
-    L->yf = (float *)acmoe__carve(base, &used, n * d * f);
-    L->xhatf = (float *)acmoe__carve(base, &used, n * d * f);
-    L->rstdf = (float *)acmoe__carve(base, &used, n * f);
-    L->logits = (float *)acmoe__carve(base, &used,
-                                      (vision ? (size_t)L->d.batch * L->d.n_classes : n * (size_t)L->d.vocab) * f);
-    L->patches = (float *)acmoe__carve(base, &used, (vision ? n * (size_t)L->d.patch_dim : 1) * f);
-    L->pooled = (float *)acmoe__carve(base, &used, (vision ? (size_t)L->d.batch * acmoe__top_width(L) : 1) * f);
-    L->row_loss = (float *)acmoe__carve(base, &used, n * f);
-    L->grad_sq = (double *)acmoe__carve(base, &used, acmoe__chunks(L->n_params) * sizeof(double));
-    L->dy = (float *)acmoe__carve(base, &used, n * d * f);
-    L->dx = (float *)acmoe__carve(base, &used, n * d * f);
-    L->t1 = (float *)acmoe__carve(base, &used, n * d * f);
-    L->t2 = (float *)acmoe__carve(base, &used, n * d * f);
-    L->t3 = (float *)acmoe__carve(base, &used, n * d * f);
-    L->datt = (float *)acmoe__carve(base, &used, n * d * f);
-    L->dqkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
-    L->att_work = (float *)acmoe__carve(base, &used, att_work * f);
-    L->tokens = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
-    L->targets = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
+    n = (size_t)model->desc.batch * model->desc.seq_len, d = (size_t)model->desc.d_model; /* the widest rows: the first stage's */
+    model->embedded = model->desc.window ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
+    model->pn_xhat = model->desc.window ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
+    model->pn_rstd = model->desc.window ? (float *)acmoe__carve(base, &used, n * f) : NULL;
+    model->att_ds = model->desc.window ? (float *)acmoe__carve(base, &used, window_probs * f) : NULL;
+    model->x0 = (float *)acmoe__carve(base, &used, n * d * f);
+    model->yf = (float *)acmoe__carve(base, &used, n * d * f);
+    model->xhatf = (float *)acmoe__carve(base, &used, n * d * f);
+    model->rstdf = (float *)acmoe__carve(base, &used, n * f);
+    model->logits = (float *)acmoe__carve(base, &used,
+                                      (vision ? (size_t)model->desc.batch * model->desc.n_classes : n * (size_t)model->desc.vocab) * f);
+    model->patches = (float *)acmoe__carve(base, &used, (vision ? n * (size_t)model->desc.patch_dim : 1) * f);
+    model->pooled = (float *)acmoe__carve(base, &used, (vision ? (size_t)model->desc.batch * acmoe__top_width(model) : 1) * f);
+    model->row_loss = (float *)acmoe__carve(base, &used, n * f);
+    model->grad_sq = (double *)acmoe__carve(base, &used, acmoe__chunks(model->n_params) * sizeof(double));
+    model->dy = (float *)acmoe__carve(base, &used, n * d * f);
+    model->dx = (float *)acmoe__carve(base, &used, n * d * f);
+    model->t1 = (float *)acmoe__carve(base, &used, n * d * f);
+    model->t2 = (float *)acmoe__carve(base, &used, n * d * f);
+    model->t3 = (float *)acmoe__carve(base, &used, n * d * f);
+    model->datt = (float *)acmoe__carve(base, &used, n * d * f);
+    model->dqkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
+    model->att_work = (float *)acmoe__carve(base, &used, att_work * f);
+    model->tokens = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
+    model->targets = (int32_t *)acmoe__carve(base, &used, n * sizeof(int32_t));
     return used;
 }
 
 /* Whether every size product of the model fits the types that hold it: token counts and
    widths within an int, the parameters within a checkpoint's int shapes, every buffer far
    from the address space. Computed in double, before any of it is formed in an integer. */
-static int acmoe__lm_sizes_fit(const acmoe_lm_desc *d, int stages) {
-    const double width = (double)d->d_model * (1 << (stages - 1)), tokens = (double)d->batch * d->seq_len;
-    const double layers = (double)strlen(d->pattern);
-    const double rows = (double)d->vocab + d->n_classes + d->patch_dim + d->seq_len;
-    const double experts = (double)d->n_experts * (3.0 * d->d_ff + 3.0) * (width + 1.0);
-    const double router = ((double)d->n_experts * ACMOE__MAX(d->moe.soft_slots, 1) + d->moe.proj_dim + 1.0) * (width + 1.0);
+static int acmoe__lm_sizes_fit(const acmoe_lm_desc *desc, int stages) {
+    const double width = (double)desc->d_model * (1 << (stages - 1)), tokens = (double)desc->batch * desc->seq_len;
+    const double layers = (double)strlen(desc->pattern);
+    const double rows = (double)desc->vocab + desc->n_classes + desc->patch_dim + desc->seq_len;
+    const double experts = (double)desc->n_experts * (3.0 * desc->d_ff + 3.0) * (width + 1.0);
+    const double router = ((double)desc->n_experts * ACMOE__MAX(desc->moe.soft_slots, 1) + desc->moe.proj_dim + 1.0) * (width + 1.0);
     const double params = rows * (width + 1.0) * 2.0 + layers * (4.0 * width * width + 9.0 * width + experts + router);
-    const double activations = tokens * (layers * 20.0 * width + (double)d->vocab + d->patch_dim + 20.0 * width);
-    if (width > ACMOE__MAX_WIDTH || (double)d->d_ff * (1 << (stages - 1)) > ACMOE__MAX_WIDTH || d->vocab > (1 << 24) ||
-        d->n_classes > (1 << 24) || d->patch_dim > ACMOE__MAX_WIDTH || d->n_experts > ACMOE__MAX_WIDTH ||
+    const double activations = tokens * (layers * 20.0 * width + (double)desc->vocab + desc->patch_dim + 20.0 * width);
+    if (width > ACMOE__MAX_WIDTH || (double)desc->d_ff * (1 << (stages - 1)) > ACMOE__MAX_WIDTH || desc->vocab > (1 << 24) ||
+        desc->n_classes > (1 << 24) || desc->patch_dim > ACMOE__MAX_WIDTH || desc->n_experts > ACMOE__MAX_WIDTH ||
         tokens > (double)(1 << 24) || 3.0 * width * tokens > (double)INT32_MAX)
         return 0;
     return params < (double)INT32_MAX && 4.0 * (params + activations) < ACMOE__MAX_BYTES;
@@ -5047,11 +5047,11 @@ static int acmoe__lm_sizes_fit(const acmoe_lm_desc *d, int stages) {
 
 /* The MoE fields that the model sets from its own are unset or equal to them: the layers'
    sizes, and the sequence length that their groups follow. */
-static int acmoe__lm_moe_sizes_agree(const acmoe_lm_desc *d) {
-    const acmoe_moe_desc *m = &d->moe;
-    return (!m->d_model || m->d_model == d->d_model) && (!m->d_ff || m->d_ff == d->d_ff) &&
-           (!m->n_experts || m->n_experts == d->n_experts) && (!m->top_k || m->top_k == d->top_k) &&
-           (!m->max_tokens || m->max_tokens == d->batch * d->seq_len) && (!m->seq_len || m->seq_len == d->seq_len);
+static int acmoe__lm_moe_sizes_agree(const acmoe_lm_desc *desc) {
+    const acmoe_moe_desc *m = &desc->moe;
+    return (!m->d_model || m->d_model == desc->d_model) && (!m->d_ff || m->d_ff == desc->d_ff) &&
+           (!m->n_experts || m->n_experts == desc->n_experts) && (!m->top_k || m->top_k == desc->top_k) &&
+           (!m->max_tokens || m->max_tokens == desc->batch * desc->seq_len) && (!m->seq_len || m->seq_len == desc->seq_len);
 }
 
 /* The stages of a pattern: one more than its '|'. */
@@ -5069,39 +5069,39 @@ static int acmoe__grid_side(int n) {
 
 /* Whether the Swin stages fit the patches: a square grid that halves stage by stage, each
    stage's grid a whole number of windows (or within one window). */
-static int acmoe__swin_grid_fits(const acmoe_lm_desc *d, int stages) {
-    int side = acmoe__grid_side(d->seq_len), s;
+static int acmoe__swin_grid_fits(const acmoe_lm_desc *desc, int stages) {
+    int side = acmoe__grid_side(desc->seq_len), s;
     if (!side) return 0;
     for (s = 0; s < stages; s++, side /= 2) {
         if (side < 1 || (s + 1 < stages && side % 2)) return 0;
-        if (side > d->window && side % d->window) return 0;
+        if (side > desc->window && side % desc->window) return 0;
     }
     return 1;
 }
 
 /* Each block's stage and geometry: one stage of the model's sizes, or Swin's stages. */
-static void acmoe__lm_geometry(acmoe_lm *L) {
-    const int grid = L->d.window ? acmoe__grid_side(L->d.seq_len) : 0;
+static void acmoe__lm_geometry(acmoe_lm *model) {
+    const int grid = model->desc.window ? acmoe__grid_side(model->desc.seq_len) : 0;
     int i, l = 0, stage = 0, in_stage = 0;
-    for (i = 0; L->pattern[i]; i++) {
-        acmoe__block *B;
-        if (L->pattern[i] == '|') {
+    for (i = 0; model->pattern[i]; i++) {
+        acmoe__block *block;
+        if (model->pattern[i] == '|') {
             stage++, in_stage = 0;
             continue;
         }
-        B = &L->blocks[l++];
-        B->letter = L->pattern[i];
-        B->stage = stage;
-        B->width = L->d.d_model << stage;
-        B->heads = L->d.n_heads << stage;
-        B->grid = grid >> stage;
-        B->tokens = L->d.window ? B->grid * B->grid : L->d.seq_len;
-        B->window = L->d.window ? ACMOE__MIN(L->d.window, B->grid) : 0;
-        B->shift = B->window && B->grid > B->window && in_stage % 2 ? B->window / 2 : 0;
+        block = &model->blocks[l++];
+        block->letter = model->pattern[i];
+        block->stage = stage;
+        block->width = model->desc.d_model << stage;
+        block->heads = model->desc.n_heads << stage;
+        block->grid = grid >> stage;
+        block->tokens = model->desc.window ? block->grid * block->grid : model->desc.seq_len;
+        block->window = model->desc.window ? ACMOE__MIN(model->desc.window, block->grid) : 0;
+        block->shift = block->window && block->grid > block->window && in_stage % 2 ? block->window / 2 : 0;
         in_stage++;
     }
-    L->n_layers = l;
-    L->n_stages = stage + 1;
+    model->n_layers = l;
+    model->n_stages = stage + 1;
 }
 
 /* Defaults, and the checks a pattern must pass. */
@@ -5109,52 +5109,52 @@ static void acmoe__lm_geometry(acmoe_lm *L) {
    letters' own settings apply on top), so that settings and checkpoints show the values the
    layers run with. Where the options alone do not resolve, they stay as given and the layers
    report the error. */
-static void acmoe__lm_moe_defaults(acmoe_lm_desc *d) {
-    acmoe_moe_desc m = d->moe, r;
-    m.d_model = d->d_model, m.d_ff = d->d_ff, m.n_experts = d->n_experts, m.top_k = d->top_k;
-    m.max_tokens = d->batch * d->seq_len, m.activation = d->activation;
+static void acmoe__lm_moe_defaults(acmoe_lm_desc *desc) {
+    acmoe_moe_desc m = desc->moe, r;
+    m.d_model = desc->d_model, m.d_ff = desc->d_ff, m.n_experts = desc->n_experts, m.top_k = desc->top_k;
+    m.max_tokens = desc->batch * desc->seq_len, m.activation = desc->activation;
     if (acmoe_moe_resolve(&m, &r) != ACMOE_OK) return;
-    r.d_model = d->moe.d_model, r.d_ff = d->moe.d_ff, r.n_experts = d->moe.n_experts, r.top_k = d->moe.top_k;
-    r.max_tokens = d->moe.max_tokens, r.activation = d->moe.activation;
-    r.router_input = d->moe.router_input, r.router_score = d->moe.router_score;
-    r.router_select = d->moe.router_select;
-    d->moe = r;
+    r.d_model = desc->moe.d_model, r.d_ff = desc->moe.d_ff, r.n_experts = desc->moe.n_experts, r.top_k = desc->moe.top_k;
+    r.max_tokens = desc->moe.max_tokens, r.activation = desc->moe.activation;
+    r.router_input = desc->moe.router_input, r.router_score = desc->moe.router_score;
+    r.router_select = desc->moe.router_select;
+    desc->moe = r;
 }
 
 static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *out, char *pattern) {
-    acmoe_lm_desc d = *in;
+    acmoe_lm_desc desc = *in;
     int i, seen_moe = 0, stages;
-    if (!d.vocab) d.vocab = 256;
-    if (!d.batch) d.batch = 1;
-    if (!d.pattern) d.pattern = "ggc";
-    if (!d.d_ff) d.d_ff = d.d_model;
-    if (!d.n_experts) d.n_experts = 16;
-    if (!d.top_k) d.top_k = 2;
-    if (!d.seed) d.seed = 1;
-    if (d.n_classes < 0 || (d.n_classes > 0 && d.patch_dim < 1)) return ACMOE_ERR_SHAPE;
-    if (d.n_classes) d.vocab = 0, d.untied_head = 0;
-    else d.patch_dim = 0;
-    if ((!d.n_classes && d.vocab < 2) || d.d_model < 1 || d.n_heads < 1 || d.d_model % d.n_heads || d.seq_len < 1 ||
-        d.batch < 1 || d.d_ff < 1 || d.n_experts < 1 || d.top_k < 1 || d.top_k > d.n_experts)
+    if (!desc.vocab) desc.vocab = 256;
+    if (!desc.batch) desc.batch = 1;
+    if (!desc.pattern) desc.pattern = "ggc";
+    if (!desc.d_ff) desc.d_ff = desc.d_model;
+    if (!desc.n_experts) desc.n_experts = 16;
+    if (!desc.top_k) desc.top_k = 2;
+    if (!desc.seed) desc.seed = 1;
+    if (desc.n_classes < 0 || (desc.n_classes > 0 && desc.patch_dim < 1)) return ACMOE_ERR_SHAPE;
+    if (desc.n_classes) desc.vocab = 0, desc.untied_head = 0;
+    else desc.patch_dim = 0;
+    if ((!desc.n_classes && desc.vocab < 2) || desc.d_model < 1 || desc.n_heads < 1 || desc.d_model % desc.n_heads || desc.seq_len < 1 ||
+        desc.batch < 1 || desc.d_ff < 1 || desc.n_experts < 1 || desc.top_k < 1 || desc.top_k > desc.n_experts)
         return ACMOE_ERR_SHAPE;
-    if (strlen(d.pattern) < 1 || strlen(d.pattern) > 63) return ACMOE_ERR_ARG;
-    stages = acmoe__pattern_stages(d.pattern);
-    if (d.window < 0 || (d.window && (!d.n_classes || !d.pre_ln)) || (!d.window && stages > 1) ||
+    if (strlen(desc.pattern) < 1 || strlen(desc.pattern) > 63) return ACMOE_ERR_ARG;
+    stages = acmoe__pattern_stages(desc.pattern);
+    if (desc.window < 0 || (desc.window && (!desc.n_classes || !desc.pre_ln)) || (!desc.window && stages > 1) ||
         stages > ACMOE__MAX_STAGES)
         return ACMOE_ERR_ARG;
-    if (d.window > ACMOE__MAX_WINDOW || (d.window && !acmoe__swin_grid_fits(&d, stages))) return ACMOE_ERR_SHAPE;
-    if (!acmoe__lm_sizes_fit(&d, stages)) return ACMOE_ERR_SHAPE;
-    if (!(d.dropout >= 0.0f && d.dropout < 1.0f)) return ACMOE_ERR_ARG;
-    if (!acmoe__lm_moe_sizes_agree(&d) || !acmoe__options_fit(acmoe__model_options, ACMOE__N_MODEL_OPTIONS, in))
+    if (desc.window > ACMOE__MAX_WINDOW || (desc.window && !acmoe__swin_grid_fits(&desc, stages))) return ACMOE_ERR_SHAPE;
+    if (!acmoe__lm_sizes_fit(&desc, stages)) return ACMOE_ERR_SHAPE;
+    if (!(desc.dropout >= 0.0f && desc.dropout < 1.0f)) return ACMOE_ERR_ARG;
+    if (!acmoe__lm_moe_sizes_agree(&desc) || !acmoe__options_fit(acmoe__model_options, ACMOE__N_MODEL_OPTIONS, in))
         return ACMOE_ERR_ARG;
-    d.moe.seq_len = d.seq_len;
-    acmoe__lm_moe_defaults(&d);
-    for (i = 0; d.pattern[i]; i++) {
+    desc.moe.seq_len = desc.seq_len;
+    acmoe__lm_moe_defaults(&desc);
+    for (i = 0; desc.pattern[i]; i++) {
         acmoe_moe_desc probe;
-        char c = d.pattern[i];
+        char c = desc.pattern[i];
         memset(&probe, 0, sizeof probe);
         if (c == '|') { /* a new stage: its labels start afresh, and no stage is empty */
-            if (i == 0 || d.pattern[i - 1] == '|' || !d.pattern[i + 1]) return ACMOE_ERR_ARG;
+            if (i == 0 || desc.pattern[i - 1] == '|' || !desc.pattern[i + 1]) return ACMOE_ERR_ARG;
             seen_moe = 0;
             continue;
         }
@@ -5163,190 +5163,190 @@ static acmoe_status acmoe__lm_resolve(const acmoe_lm_desc *in, acmoe_lm_desc *ou
         if (!seen_moe && probe.router_input == ACMOE_INPUT_AC) return ACMOE_ERR_ARG; /* no labels yet */
         seen_moe = 1;
     }
-    strcpy(pattern, d.pattern);
-    d.pattern = pattern;
-    *out = d;
+    strcpy(pattern, desc.pattern);
+    desc.pattern = pattern;
+    *out = desc;
     return ACMOE_OK;
 }
 
-ACMOE_API void acmoe_lm_destroy(acmoe_lm *L) {
+ACMOE_API void acmoe_lm_destroy(acmoe_lm *model) {
     int i;
-    if (!L) return;
-    for (i = 0; i < L->n_layers; i++) acmoe_moe_destroy(L->blocks[i].moe);
-    acmoe__aligned_free(L->params);
-    acmoe__aligned_free(L->memory);
-    ACMOE_FREE(L->dir.entries);
-    ACMOE_FREE(L);
+    if (!model) return;
+    for (i = 0; i < model->n_layers; i++) acmoe_moe_destroy(model->blocks[i].moe);
+    acmoe__aligned_free(model->params);
+    acmoe__aligned_free(model->memory);
+    ACMOE_FREE(model->dir.entries);
+    ACMOE_FREE(model);
 }
 
-static void acmoe__lm_init(acmoe_lm *L) {
-    const size_t d = (size_t)L->d.d_model, top = (size_t)acmoe__top_width(L);
-    acmoe_rng *rng = &L->rng;
+static void acmoe__lm_init(acmoe_lm *model) {
+    const size_t d = (size_t)model->desc.d_model, top = (size_t)acmoe__top_width(model);
+    acmoe_rng *rng = &model->rng;
     size_t i;
     int l;
-    if (L->d.n_classes) {
-        acmoe__init_uniform(rng, L->patch_w, d * L->d.patch_dim, L->d.patch_dim);
-        acmoe__init_uniform(rng, L->patch_b, d, L->d.patch_dim);
-        for (i = 0; i < (size_t)L->d.n_classes * top; i++) L->head[i] = 0.02f * acmoe_rng_normal(rng);
+    if (model->desc.n_classes) {
+        acmoe__init_uniform(rng, model->patch_w, d * model->desc.patch_dim, model->desc.patch_dim);
+        acmoe__init_uniform(rng, model->patch_b, d, model->desc.patch_dim);
+        for (i = 0; i < (size_t)model->desc.n_classes * top; i++) model->head[i] = 0.02f * acmoe_rng_normal(rng);
     } else {
-        for (i = 0; i < (size_t)L->d.vocab * d; i++) L->tok_emb[i] = 0.02f * acmoe_rng_normal(rng);
+        for (i = 0; i < (size_t)model->desc.vocab * d; i++) model->tok_emb[i] = 0.02f * acmoe_rng_normal(rng);
     }
-    for (i = 0; L->pos_emb && i < (size_t)L->d.seq_len * d; i++) L->pos_emb[i] = 0.02f * acmoe_rng_normal(rng);
-    for (i = 0; L->pn_g && i < d; i++) L->pn_g[i] = 1.0f;
-    for (l = 0; l < L->n_layers; l++) {
-        acmoe__block *B = &L->blocks[l];
-        const size_t w = (size_t)B->width, span = 2 * (size_t)B->window - 1;
-        acmoe__init_uniform(rng, B->w_qkv, 3 * w * w, (int)w);
-        acmoe__init_uniform(rng, B->w_o, w * w, (int)w);
-        for (i = 0; B->window && i < span * span * (size_t)B->heads; i++) B->rel_bias[i] = 0.02f * acmoe_rng_normal(rng);
-        for (i = 0; i < w; i++) B->ln1_g[i] = B->ln2_g[i] = 1.0f;
-        acmoe_moe_init_params(B->moe, rng);
-        if (l + 1 < L->n_layers && B[1].stage != B->stage) { /* the merge after this stage */
-            acmoe__merge *M = &L->merges[B->stage];
-            acmoe__init_uniform(rng, M->w, 2 * w * 4 * w, 4 * (int)w);
-            for (i = 0; i < 4 * w; i++) M->ln_g[i] = 1.0f;
+    for (i = 0; model->pos_emb && i < (size_t)model->desc.seq_len * d; i++) model->pos_emb[i] = 0.02f * acmoe_rng_normal(rng);
+    for (i = 0; model->pn_g && i < d; i++) model->pn_g[i] = 1.0f;
+    for (l = 0; l < model->n_layers; l++) {
+        acmoe__block *block = &model->blocks[l];
+        const size_t w = (size_t)block->width, span = 2 * (size_t)block->window - 1;
+        acmoe__init_uniform(rng, block->w_qkv, 3 * w * w, (int)w);
+        acmoe__init_uniform(rng, block->w_o, w * w, (int)w);
+        for (i = 0; block->window && i < span * span * (size_t)block->heads; i++) block->rel_bias[i] = 0.02f * acmoe_rng_normal(rng);
+        for (i = 0; i < w; i++) block->ln1_g[i] = block->ln2_g[i] = 1.0f;
+        acmoe_moe_init_params(block->moe, rng);
+        if (l + 1 < model->n_layers && block[1].stage != block->stage) { /* the merge after this stage */
+            acmoe__merge *merge = &model->merges[block->stage];
+            acmoe__init_uniform(rng, merge->w, 2 * w * 4 * w, 4 * (int)w);
+            for (i = 0; i < 4 * w; i++) merge->ln_g[i] = 1.0f;
         }
     }
-    for (i = 0; L->lnf_g && i < top; i++) L->lnf_g[i] = 1.0f;
-    if (L->d.untied_head)
-        for (i = 0; i < (size_t)L->d.vocab * d; i++) L->head[i] = 0.02f * acmoe_rng_normal(rng);
+    for (i = 0; model->lnf_g && i < top; i++) model->lnf_g[i] = 1.0f;
+    if (model->desc.untied_head)
+        for (i = 0; i < (size_t)model->desc.vocab * d; i++) model->head[i] = 0.02f * acmoe_rng_normal(rng);
 }
 
 /* The model's resolved options, layers and parameter directory, without parameters or
    activations: all a checkpoint is checked against before anything large is allocated. */
 static acmoe_status acmoe__lm_plan(acmoe_lm **out, const acmoe_lm_desc *desc) {
-    acmoe_lm *L = (acmoe_lm *)ACMOE_MALLOC(sizeof *L);
+    acmoe_lm *model = (acmoe_lm *)ACMOE_MALLOC(sizeof *model);
     acmoe_status s;
     int i;
     *out = NULL;
-    if (!L) return ACMOE_ERR_NOMEM;
-    memset(L, 0, sizeof *L);
-    s = acmoe__lm_resolve(desc, &L->d, L->pattern);
-    if (s == ACMOE_OK) acmoe__lm_geometry(L);
-    for (i = 0; s == ACMOE_OK && i < L->n_layers; i++) {
-        acmoe_moe_desc md = acmoe__lm_moe_desc(L, &L->blocks[i]);
+    if (!model) return ACMOE_ERR_NOMEM;
+    memset(model, 0, sizeof *model);
+    s = acmoe__lm_resolve(desc, &model->desc, model->pattern);
+    if (s == ACMOE_OK) acmoe__lm_geometry(model);
+    for (i = 0; s == ACMOE_OK && i < model->n_layers; i++) {
+        acmoe_moe_desc md = acmoe__lm_moe_desc(model, &model->blocks[i]);
         if (!acmoe_moe_param_count(&md)) s = ACMOE_ERR_ARG; /* the MoE options do not fit these sizes */
     }
     if (s == ACMOE_OK) {
-        L->n_params = acmoe__lm_params(L); /* counts parameters and directory entries */
-        if (L->n_params > (size_t)INT32_MAX) s = ACMOE_ERR_SHAPE; /* a checkpoint's shapes are int */
+        model->n_params = acmoe__lm_params(model); /* counts parameters and directory entries */
+        if (model->n_params > (size_t)INT32_MAX) s = ACMOE_ERR_SHAPE; /* a checkpoint's shapes are int */
     }
     if (s == ACMOE_OK) {
-        L->dir.entries = (acmoe__tensor_info *)ACMOE_MALLOC(sizeof(acmoe__tensor_info) * (size_t)L->dir.count);
-        s = L->dir.entries ? ACMOE_OK : ACMOE_ERR_NOMEM;
+        model->dir.entries = (acmoe__tensor_info *)ACMOE_MALLOC(sizeof(acmoe__tensor_info) * (size_t)model->dir.count);
+        s = model->dir.entries ? ACMOE_OK : ACMOE_ERR_NOMEM;
     }
     if (s != ACMOE_OK) {
-        acmoe_lm_destroy(L);
+        acmoe_lm_destroy(model);
         return s;
     }
-    acmoe__lm_params(L); /* names and shapes only: no parameters yet */
-    *out = L;
+    acmoe__lm_params(model); /* names and shapes only: no parameters yet */
+    *out = model;
     return ACMOE_OK;
 }
 
 /* Parameters, layers and activations for a planned model, all zero. */
-static acmoe_status acmoe__lm_build(acmoe_lm *L) {
+static acmoe_status acmoe__lm_build(acmoe_lm *model) {
     size_t bytes;
     int i;
-    L->params = (float *)acmoe__aligned_alloc(4 * L->n_params * sizeof(float));
+    model->params = (float *)acmoe__aligned_alloc(4 * model->n_params * sizeof(float));
     /* attention scratch for each CPU, or each (sequence, head) pair if there are fewer */
-    L->att_slots = ACMOE__MIN(L->d.batch * L->d.n_heads, acmoe__online_cpus());
-    L->activation_bytes = bytes = acmoe__lm_activations(L, NULL);
-    L->memory = acmoe__aligned_alloc(bytes);
-    if (!L->params || !L->memory) return ACMOE_ERR_NOMEM;
-    memset(L->params, 0, 4 * L->n_params * sizeof(float));
-    L->grads = L->params + L->n_params;
-    L->adam_m = L->grads + L->n_params;
-    L->adam_v = L->adam_m + L->n_params;
-    acmoe__lm_params(L);
-    for (i = 0; i < L->n_layers; i++)
-        if (!L->blocks[i].moe) return ACMOE_ERR_NOMEM;
-    memset(L->memory, 0, bytes);
-    acmoe__lm_activations(L, (unsigned char *)L->memory);
-    acmoe_rng_seed(&L->rng, L->d.seed);
+    model->att_slots = ACMOE__MIN(model->desc.batch * model->desc.n_heads, acmoe__online_cpus());
+    model->activation_bytes = bytes = acmoe__lm_activations(model, NULL);
+    model->memory = acmoe__aligned_alloc(bytes);
+    if (!model->params || !model->memory) return ACMOE_ERR_NOMEM;
+    memset(model->params, 0, 4 * model->n_params * sizeof(float));
+    model->grads = model->params + model->n_params;
+    model->adam_m = model->grads + model->n_params;
+    model->adam_v = model->adam_m + model->n_params;
+    acmoe__lm_params(model);
+    for (i = 0; i < model->n_layers; i++)
+        if (!model->blocks[i].moe) return ACMOE_ERR_NOMEM;
+    memset(model->memory, 0, bytes);
+    acmoe__lm_activations(model, (unsigned char *)model->memory);
+    acmoe_rng_seed(&model->rng, model->desc.seed);
     return ACMOE_OK;
 }
 
 ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc) {
-    acmoe_lm *L;
+    acmoe_lm *model;
     acmoe_status s;
     if (!out || !desc) return ACMOE_ERR_NULL;
     s = acmoe__lm_plan(out, desc);
     if (s != ACMOE_OK) return s;
-    L = *out;
-    s = acmoe__lm_build(L);
+    model = *out;
+    s = acmoe__lm_build(model);
     if (s != ACMOE_OK) {
-        acmoe_lm_destroy(L);
+        acmoe_lm_destroy(model);
         *out = NULL;
         return s;
     }
-    acmoe__lm_init(L);
+    acmoe__lm_init(model);
     return ACMOE_OK;
 }
 
-ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *L) {
+ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *model) {
     acmoe_lm_desc none;
-    if (L) return L->d;
+    if (model) return model->desc;
     memset(&none, 0, sizeof none);
     return none;
 }
-ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *L) { return L ? L->n_params : 0; }
-ACMOE_API float *acmoe_lm_params(acmoe_lm *L) { return L ? L->params : NULL; }
-ACMOE_API float *acmoe_lm_grads(acmoe_lm *L) { return L ? L->grads : NULL; }
+ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *model) { return model ? model->n_params : 0; }
+ACMOE_API float *acmoe_lm_params(acmoe_lm *model) { return model ? model->params : NULL; }
+ACMOE_API float *acmoe_lm_grads(acmoe_lm *model) { return model ? model->grads : NULL; }
 
-ACMOE_API float *acmoe_lm_tensor(acmoe_lm *L, const char *name, size_t *count) {
+ACMOE_API float *acmoe_lm_tensor(acmoe_lm *model, const char *name, size_t *count) {
     int i;
-    if (!L || !name) return NULL;
-    for (i = 0; i < L->dir.count; i++) {
-        if (strcmp(L->dir.entries[i].name, name)) continue;
-        if (count) *count = L->dir.entries[i].count;
-        return L->params + L->dir.entries[i].offset;
+    if (!model || !name) return NULL;
+    for (i = 0; i < model->dir.count; i++) {
+        if (strcmp(model->dir.entries[i].name, name)) continue;
+        if (count) *count = model->dir.entries[i].count;
+        return model->params + model->dir.entries[i].offset;
     }
     return NULL;
 }
-ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *L) { return L ? L->logits : NULL; }
-ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *L) { return L ? L->n_layers : 0; }
+ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *model) { return model ? model->logits : NULL; }
+ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *model) { return model ? model->n_layers : 0; }
 
-ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *L, int layer) {
-    return L && layer >= 0 && layer < L->n_layers ? L->blocks[layer].moe : NULL;
+ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *model, int layer) {
+    return model && layer >= 0 && layer < model->n_layers ? model->blocks[layer].moe : NULL;
 }
 
-ACMOE_API void acmoe_lm_freeze_ac_weights(acmoe_lm *L, int frozen) {
+ACMOE_API void acmoe_lm_freeze_ac_weights(acmoe_lm *model, int frozen) {
     int i;
-    for (i = 0; L && i < L->n_layers; i++) acmoe_moe_freeze_ac_weights(L->blocks[i].moe, frozen);
+    for (i = 0; model && i < model->n_layers; i++) acmoe_moe_freeze_ac_weights(model->blocks[i].moe, frozen);
 }
 
-ACMOE_API void acmoe_lm_memory(const acmoe_lm *L, size_t *params, size_t *grads, size_t *optimizer,
+ACMOE_API void acmoe_lm_memory(const acmoe_lm *model, size_t *params, size_t *grads, size_t *optimizer,
                                size_t *activations) {
-    size_t bytes = L ? L->n_params * sizeof(float) : 0, moe = 0;
+    size_t bytes = model ? model->n_params * sizeof(float) : 0, moe = 0;
     int i;
-    for (i = 0; L && i < L->n_layers; i++) moe += L->blocks[i].moe->memory_bytes;
+    for (i = 0; model && i < model->n_layers; i++) moe += model->blocks[i].moe->memory_bytes;
     if (params) *params = bytes;
     if (grads) *grads = bytes;
     if (optimizer) *optimizer = 2 * bytes;
-    if (activations) *activations = L ? L->activation_bytes + moe : 0;
+    if (activations) *activations = model ? model->activation_bytes + moe : 0;
 }
 
-ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *L) {
-    if (L) memset(L->grads, 0, L->n_params * sizeof(float));
+ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *model) {
+    if (model) memset(model->grads, 0, model->n_params * sizeof(float));
 }
 
 /* Dropout on x [count] in training: keep with probability 1 - p, scaled by 1 / (1 - p). */
-static void acmoe__dropout(acmoe_lm *L, float *x, unsigned char *keep, size_t count) {
-    const float p = L->d.dropout, scale = 1.0f / (1.0f - p);
+static void acmoe__dropout(acmoe_lm *model, float *x, unsigned char *keep, size_t count) {
+    const float p = model->desc.dropout, scale = 1.0f / (1.0f - p);
     size_t i;
     for (i = 0; i < count; i++) {
-        keep[i] = acmoe_rng_uniform(&L->rng) >= p;
+        keep[i] = acmoe_rng_uniform(&model->rng) >= p;
         x[i] = keep[i] ? x[i] * scale : 0.0f;
     }
 }
 
 /* The gradient through dropout: dy itself when nothing was dropped, else written to dx. */
-static const float *acmoe__dropout_backward(const acmoe_lm *L, const float *dy, const unsigned char *keep, float *dx,
+static const float *acmoe__dropout_backward(const acmoe_lm *model, const float *dy, const unsigned char *keep, float *dx,
                                            size_t count) {
-    const float scale = 1.0f / (1.0f - L->d.dropout);
+    const float scale = 1.0f / (1.0f - model->desc.dropout);
     size_t i;
-    if (!L->dropped) return dy;
+    if (!model->dropped) return dy;
     for (i = 0; i < count; i++) dx[i] = keep[i] ? dy[i] * scale : 0.0f;
     return dx;
 }
@@ -5403,48 +5403,48 @@ static void acmoe__rows(acmoe_ctx *ctx, acmoe__rows_op op, float *y, const float
 
 /* The row of the patch at place p of window w of image b: windows and places row by row
    in the grid rolled back by the shift. */
-static size_t acmoe__window_row(const acmoe__block *B, int b, int w, int p) {
-    const int per_side = B->grid / B->window;
-    const int y = ((w / per_side) * B->window + p / B->window + B->shift) % B->grid;
-    const int x = ((w % per_side) * B->window + p % B->window + B->shift) % B->grid;
-    return (size_t)b * B->tokens + (size_t)y * B->grid + (size_t)x;
+static size_t acmoe__window_row(const acmoe__block *block, int b, int w, int p) {
+    const int per_side = block->grid / block->window;
+    const int y = ((w / per_side) * block->window + p / block->window + block->shift) % block->grid;
+    const int x = ((w % per_side) * block->window + p % block->window + block->shift) % block->grid;
+    return (size_t)b * block->tokens + (size_t)y * block->grid + (size_t)x;
 }
 
 /* The region of a coordinate of the rolled grid: in the last window, the patches before and
    after grid - shift came from opposite sides of the image. */
-static int acmoe__window_region(const acmoe__block *B, int rolled) {
-    if (!B->shift || rolled < B->grid - B->window) return 0;
-    return rolled < B->grid - B->shift ? 1 : 2;
+static int acmoe__window_region(const acmoe__block *block, int rolled) {
+    if (!block->shift || rolled < block->grid - block->window) return 0;
+    return rolled < block->grid - block->shift ? 1 : 2;
 }
 
 /* Where the relative position of places i and j sits in the bias table. */
-static int acmoe__window_offset(const acmoe__block *B, int i, int j) {
-    const int ws = B->window;
+static int acmoe__window_offset(const acmoe__block *block, int i, int j) {
+    const int ws = block->window;
     return (i / ws - j / ws + ws - 1) * (2 * ws - 1) + (i % ws - j % ws + ws - 1);
 }
 
 /* What a score of place i against place j of window w (of an image) gets added: head h's
    relative position bias, and -100 between regions of a shifted window (the reference's
    mask). */
-static float acmoe__window_bias(const acmoe__block *B, int w, int i, int j, int h) {
-    const int ws = B->window, per_side = B->grid / ws;
-    float bias = B->rel_bias[(size_t)acmoe__window_offset(B, i, j) * B->heads + h];
-    if (B->shift) {
+static float acmoe__window_bias(const acmoe__block *block, int w, int i, int j, int h) {
+    const int ws = block->window, per_side = block->grid / ws;
+    float bias = block->rel_bias[(size_t)acmoe__window_offset(block, i, j) * block->heads + h];
+    if (block->shift) {
         const int y0 = (w / per_side) * ws, x0 = (w % per_side) * ws;
-        const int ri = acmoe__window_region(B, y0 + i / ws) * 3 + acmoe__window_region(B, x0 + i % ws);
-        const int rj = acmoe__window_region(B, y0 + j / ws) * 3 + acmoe__window_region(B, x0 + j % ws);
+        const int ri = acmoe__window_region(block, y0 + i / ws) * 3 + acmoe__window_region(block, x0 + i % ws);
+        const int rj = acmoe__window_region(block, y0 + j / ws) * 3 + acmoe__window_region(block, x0 + j % ws);
         if (ri != rj) bias -= 100.0f;
     }
     return bias;
 }
 
 typedef struct acmoe__window_job {
-    acmoe_lm *L;
-    acmoe__block *B;
+    acmoe_lm *model;
+    acmoe__block *block;
     int backward;
 } acmoe__window_job;
 
-static int acmoe__windows_per_image(const acmoe__block *B) { return (B->grid / B->window) * (B->grid / B->window); }
+static int acmoe__windows_per_image(const acmoe__block *block) { return (block->grid / block->window) * (block->grid / block->window); }
 
 static float acmoe__dot(const float *a, const float *b, int n) {
     float sum = 0.0f;
@@ -5454,46 +5454,46 @@ static float acmoe__dot(const float *a, const float *b, int n) {
 }
 
 /* One head of one window: the probabilities p [area][area] and the output rows. */
-static void acmoe__window_head(acmoe__block *B, const size_t *rows, int w, int h, float *p) {
-    const int area = B->window * B->window, d = B->width, dh = d / B->heads;
+static void acmoe__window_head(acmoe__block *block, const size_t *rows, int w, int h, float *p) {
+    const int area = block->window * block->window, d = block->width, dh = d / block->heads;
     const float scale = 1.0f / sqrtf((float)dh);
     int i, j, q;
     for (i = 0; i < area; i++) {
-        const float *qi = B->qkv + rows[i] * 3 * d + (size_t)h * dh;
-        float *pi = p + (size_t)i * area, top = -INFINITY, sum = 0.0f, *out = B->att + rows[i] * d + (size_t)h * dh;
+        const float *qi = block->qkv + rows[i] * 3 * d + (size_t)h * dh;
+        float *pi = p + (size_t)i * area, top = -INFINITY, sum = 0.0f, *out = block->att + rows[i] * d + (size_t)h * dh;
         for (j = 0; j < area; j++) {
-            pi[j] = acmoe__dot(qi, B->qkv + rows[j] * 3 * d + d + (size_t)h * dh, dh) * scale +
-                    acmoe__window_bias(B, w, i, j, h);
+            pi[j] = acmoe__dot(qi, block->qkv + rows[j] * 3 * d + d + (size_t)h * dh, dh) * scale +
+                    acmoe__window_bias(block, w, i, j, h);
             top = ACMOE__MAX(top, pi[j]);
         }
         for (j = 0; j < area; j++) sum += pi[j] = expf(pi[j] - top);
         for (j = 0; j < area; j++) pi[j] /= sum;
         for (q = 0; q < dh; q++) out[q] = 0.0f;
         for (j = 0; j < area; j++)
-            for (q = 0; q < dh; q++) out[q] += pi[j] * B->qkv[rows[j] * 3 * d + 2 * (size_t)d + (size_t)h * dh + q];
+            for (q = 0; q < dh; q++) out[q] += pi[j] * block->qkv[rows[j] * 3 * d + 2 * (size_t)d + (size_t)h * dh + q];
     }
 }
 
 
-/* One head of one window backward, from the output gradients in L->datt: the score
+/* One head of one window backward, from the output gradients in model->datt: the score
    gradients ds (kept for the bias gradient) and the head's q, k, v gradients, written. */
-static void acmoe__window_head_backward(acmoe_lm *L, acmoe__block *B, const size_t *rows, int h, const float *p,
+static void acmoe__window_head_backward(acmoe_lm *model, acmoe__block *block, const size_t *rows, int h, const float *p,
                                         float *ds) {
-    const int area = B->window * B->window, d = B->width, dh = d / B->heads;
+    const int area = block->window * block->window, d = block->width, dh = d / block->heads;
     const float scale = 1.0f / sqrtf((float)dh);
     const size_t col = (size_t)h * dh;
     int i, j, q;
     for (i = 0; i < area; i++) {
-        const float *g = L->datt + rows[i] * d + col, *pi = p + (size_t)i * area;
+        const float *g = model->datt + rows[i] * d + col, *pi = p + (size_t)i * area;
         float *dsi = ds + (size_t)i * area, mean = 0.0f;
-        for (j = 0; j < area; j++) mean += pi[j] * (dsi[j] = acmoe__dot(g, B->qkv + rows[j] * 3 * d + 2 * (size_t)d + col, dh));
+        for (j = 0; j < area; j++) mean += pi[j] * (dsi[j] = acmoe__dot(g, block->qkv + rows[j] * 3 * d + 2 * (size_t)d + col, dh));
         for (j = 0; j < area; j++) dsi[j] = pi[j] * (dsi[j] - mean);
     }
     for (i = 0; i < area; i++) { /* dq_i = scale sum_j ds_ij k_j, dk_i = scale sum_j ds_ji q_j, dv_i = sum_j p_ji g_j */
-        float *dq = L->dqkv + rows[i] * 3 * d + col, *dk = dq + d, *dv = dq + 2 * d;
+        float *dq = model->dqkv + rows[i] * 3 * d + col, *dk = dq + d, *dv = dq + 2 * d;
         for (q = 0; q < dh; q++) dq[q] = dk[q] = dv[q] = 0.0f;
         for (j = 0; j < area; j++) {
-            const float *qj = B->qkv + rows[j] * 3 * d + col, *kj = qj + d, *gj = L->datt + rows[j] * d + col;
+            const float *qj = block->qkv + rows[j] * 3 * d + col, *kj = qj + d, *gj = model->datt + rows[j] * d + col;
             const float a = ds[(size_t)i * area + j] * scale, b = ds[(size_t)j * area + i] * scale, c = p[(size_t)j * area + i];
             for (q = 0; q < dh; q++) dq[q] += a * kj[q], dk[q] += b * qj[q], dv[q] += c * gj[q];
         }
@@ -5503,40 +5503,40 @@ static void acmoe__window_head_backward(acmoe_lm *L, acmoe__block *B, const size
 /* The windows split across threads, each window's heads on one thread, forward or backward. */
 static void acmoe__window_job_run(void *arg, int tid, int n_threads) {
     const acmoe__window_job *job = (const acmoe__window_job *)arg;
-    acmoe__block *B = job->B;
-    const int area = B->window * B->window, per = acmoe__windows_per_image(B), windows = job->L->batch * per;
+    acmoe__block *block = job->block;
+    const int area = block->window * block->window, per = acmoe__windows_per_image(block), windows = job->model->batch * per;
     size_t rows[ACMOE__MAX_WINDOW * ACMOE__MAX_WINDOW];
     int w, h, i;
     for (w = (int)((long)windows * tid / n_threads); w < (int)((long)windows * (tid + 1) / n_threads); w++) {
-        for (i = 0; i < area; i++) rows[i] = acmoe__window_row(B, w / per, w % per, i);
-        for (h = 0; h < B->heads; h++) {
-            const size_t at = ((size_t)w * B->heads + h) * area * area;
-            if (job->backward) acmoe__window_head_backward(job->L, B, rows, h, B->probs + at, job->L->att_ds + at);
-            else acmoe__window_head(B, rows, w % per, h, B->probs + at);
+        for (i = 0; i < area; i++) rows[i] = acmoe__window_row(block, w / per, w % per, i);
+        for (h = 0; h < block->heads; h++) {
+            const size_t at = ((size_t)w * block->heads + h) * area * area;
+            if (job->backward) acmoe__window_head_backward(job->model, block, rows, h, block->probs + at, job->model->att_ds + at);
+            else acmoe__window_head(block, rows, w % per, h, block->probs + at);
         }
     }
 }
 
-static void acmoe__window_attention(acmoe_ctx *ctx, acmoe_lm *L, acmoe__block *B) {
+static void acmoe__window_attention(acmoe_ctx *ctx, acmoe_lm *model, acmoe__block *block) {
     acmoe__window_job job;
-    job.L = L, job.B = B, job.backward = 0;
+    job.model = model, job.block = block, job.backward = 0;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__window_job_run, &job);
 }
 
 /* The backward pass of the window attention: dqkv from datt, then the bias gradient summed
    window by window in order (the same bits for any thread count). */
-static void acmoe__window_attention_backward(acmoe_ctx *ctx, acmoe_lm *L, acmoe__block *B) {
-    const int area = B->window * B->window, windows = L->batch * acmoe__windows_per_image(B);
+static void acmoe__window_attention_backward(acmoe_ctx *ctx, acmoe_lm *model, acmoe__block *block) {
+    const int area = block->window * block->window, windows = model->batch * acmoe__windows_per_image(block);
     acmoe__window_job job;
     int w, h, i, j;
-    job.L = L, job.B = B, job.backward = 1;
+    job.model = model, job.block = block, job.backward = 1;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__window_job_run, &job);
     for (w = 0; w < windows; w++)
-        for (h = 0; h < B->heads; h++) {
-            const float *ds = L->att_ds + ((size_t)w * B->heads + h) * area * area;
+        for (h = 0; h < block->heads; h++) {
+            const float *ds = model->att_ds + ((size_t)w * block->heads + h) * area * area;
             for (i = 0; i < area; i++)
                 for (j = 0; j < area; j++)
-                    B->g_rel_bias[(size_t)acmoe__window_offset(B, i, j) * B->heads + h] += ds[(size_t)i * area + j];
+                    block->g_rel_bias[(size_t)acmoe__window_offset(block, i, j) * block->heads + h] += ds[(size_t)i * area + j];
         }
 }
 
@@ -5551,33 +5551,33 @@ static void acmoe__merge_sources(int grid, int r, size_t *source) {
 }
 
 /* Patch merging after stage s, from its output rows x: concatenate, normalise, reduce. */
-static acmoe_status acmoe__merge_forward(acmoe_ctx *ctx, acmoe_lm *L, int s, const float *x) {
-    acmoe__merge *M = &L->merges[s];
-    const acmoe__block *from = acmoe__stage_first(L, s);
-    const int c = from->width, rows = L->batch * (from->grid / 2) * (from->grid / 2);
+static acmoe_status acmoe__merge_forward(acmoe_ctx *ctx, acmoe_lm *model, int s, const float *x) {
+    acmoe__merge *merge = &model->merges[s];
+    const acmoe__block *from = acmoe__stage_first(model, s);
+    const int c = from->width, rows = model->batch * (from->grid / 2) * (from->grid / 2);
     size_t source[4];
     int r, k;
     for (r = 0; r < rows; r++) {
         acmoe__merge_sources(from->grid, r, source);
         for (k = 0; k < 4; k++)
-            memcpy(M->cat + ((size_t)r * 4 + k) * c, x + source[k] * c, sizeof(float) * (size_t)c);
+            memcpy(merge->cat + ((size_t)r * 4 + k) * c, x + source[k] * c, sizeof(float) * (size_t)c);
     }
-    acmoe__layernorm(ctx, M->cat, NULL, rows, 4 * c, M->ln_g, M->ln_b, M->xhat, M->rstd, M->normed);
-    return acmoe_matmul(ctx, ACMOE_NT, rows, 2 * c, 4 * c, M->normed, 4 * c, M->w, 4 * c, M->out, 2 * c, 0);
+    acmoe__layernorm(ctx, merge->cat, NULL, rows, 4 * c, merge->ln_g, merge->ln_b, merge->xhat, merge->rstd, merge->normed);
+    return acmoe_matmul(ctx, ACMOE_NT, rows, 2 * c, 4 * c, merge->normed, 4 * c, merge->w, 4 * c, merge->out, 2 * c, 0);
 }
 
 /* Its backward pass: from dy (of out) to dx (of stage s's output rows), through t2 and t3. */
-static acmoe_status acmoe__merge_backward(acmoe_ctx *ctx, acmoe_lm *L, int s, const float *dy, float *dx) {
-    acmoe__merge *M = &L->merges[s];
-    const acmoe__block *from = acmoe__stage_first(L, s);
-    const int c = from->width, rows = L->batch * (from->grid / 2) * (from->grid / 2);
-    float *dnormed = L->t2, *dcat = L->t3;
+static acmoe_status acmoe__merge_backward(acmoe_ctx *ctx, acmoe_lm *model, int s, const float *dy, float *dx) {
+    acmoe__merge *merge = &model->merges[s];
+    const acmoe__block *from = acmoe__stage_first(model, s);
+    const int c = from->width, rows = model->batch * (from->grid / 2) * (from->grid / 2);
+    float *dnormed = model->t2, *dcat = model->t3;
     size_t source[4];
     int r, k;
-    acmoe_status st = acmoe_matmul(ctx, ACMOE_TN, 2 * c, 4 * c, rows, dy, 2 * c, M->normed, 4 * c, M->g_w, 4 * c, 1);
-    if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, 4 * c, 2 * c, dy, 2 * c, M->w, 4 * c, dnormed, 4 * c, 0);
+    acmoe_status st = acmoe_matmul(ctx, ACMOE_TN, 2 * c, 4 * c, rows, dy, 2 * c, merge->normed, 4 * c, merge->g_w, 4 * c, 1);
+    if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, 4 * c, 2 * c, dy, 2 * c, merge->w, 4 * c, dnormed, 4 * c, 0);
     if (st != ACMOE_OK) return st;
-    acmoe__layernorm_backward(ctx, dnormed, M->xhat, M->rstd, rows, 4 * c, M->ln_g, M->g_ln_g, M->g_ln_b, dcat, 0);
+    acmoe__layernorm_backward(ctx, dnormed, merge->xhat, merge->rstd, rows, 4 * c, merge->ln_g, merge->g_ln_g, merge->g_ln_b, dcat, 0);
     for (r = 0; r < rows; r++) {
         acmoe__merge_sources(from->grid, r, source);
         for (k = 0; k < 4; k++)
@@ -5586,83 +5586,83 @@ static acmoe_status acmoe__merge_backward(acmoe_ctx *ctx, acmoe_lm *L, int s, co
     return ACMOE_OK;
 }
 
-/* One block forward over rows [L->start, L->n) (rows before it are kept from the last call);
+/* One block forward over rows [model->start, model->n) (rows before it are kept from the last call);
    prev carries the last MoE layer's routing to the next. */
-static acmoe_status acmoe__block_forward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, const float *x,
+static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe__block *block, const float *x,
                                          acmoe_moe_stats *prev, int *have_prev) {
-    const int d = B->width, r0 = L->start, rows = B->n - r0, pre = L->d.pre_ln;
+    const int d = block->width, r0 = model->start, rows = block->n - r0, pre = model->desc.pre_ln;
     const size_t o = (size_t)r0 * d, count = (size_t)rows * d;
     acmoe_status s;
-    B->x_in = x;
+    block->x_in = x;
     if (pre)
-        acmoe__layernorm(ctx, x + o, NULL, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->attn_in + o);
-    s = acmoe_matmul(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? B->attn_in : x) + o, d, B->w_qkv, d, B->qkv + 3 * o,
+        acmoe__layernorm(ctx, x + o, NULL, rows, d, block->ln1_g, block->ln1_b, block->xhat1 + o, block->rstd1 + r0, block->attn_in + o);
+    s = acmoe_matmul(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? block->attn_in : x) + o, d, block->w_qkv, d, block->qkv + 3 * o,
                      3 * d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->qkv + 3 * o, B->b_qkv, NULL, rows, 3 * d);
-    if (B->window) acmoe__window_attention(ctx, L, B);
-    else acmoe__attention_forward(ctx, B->qkv, L->batch, L->seq, r0, !L->d.n_classes, d, B->heads, L->att_work,
-                                  L->att_slots, B->att);
-    s = acmoe_matmul(ctx, ACMOE_NT, rows, d, d, B->att + o, d, B->w_o, d, B->a + o, d, 0);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, block->qkv + 3 * o, block->b_qkv, NULL, rows, 3 * d);
+    if (block->window) acmoe__window_attention(ctx, model, block);
+    else acmoe__attention_forward(ctx, block->qkv, model->batch, model->seq, r0, !model->desc.n_classes, d, block->heads, model->att_work,
+                                  model->att_slots, block->att);
+    s = acmoe_matmul(ctx, ACMOE_NT, rows, d, d, block->att + o, d, block->w_o, d, block->a + o, d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, B->a + o, B->b_o, NULL, rows, d);
-    if (L->dropped) acmoe__dropout(L, B->a + o, B->keep_a + o, count);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, block->a + o, block->b_o, NULL, rows, d);
+    if (model->dropped) acmoe__dropout(model, block->a + o, block->keep_a + o, count);
     if (pre) {
-        acmoe__rows(ctx, ACMOE__ROWS_ADD, B->h + o, x + o, B->a + o, rows, d);
-        acmoe__layernorm(ctx, B->h + o, NULL, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->moe_in + o);
+        acmoe__rows(ctx, ACMOE__ROWS_ADD, block->h + o, x + o, block->a + o, rows, d);
+        acmoe__layernorm(ctx, block->h + o, NULL, rows, d, block->ln2_g, block->ln2_b, block->xhat2 + o, block->rstd2 + r0, block->moe_in + o);
     } else {
-        acmoe__layernorm(ctx, x + o, B->a + o, rows, d, B->ln1_g, B->ln1_b, B->xhat1 + o, B->rstd1 + r0, B->h + o);
+        acmoe__layernorm(ctx, x + o, block->a + o, rows, d, block->ln1_g, block->ln1_b, block->xhat1 + o, block->rstd1 + r0, block->h + o);
     }
-    B->moe->d.seq_len = L->d.window ? B->tokens : L->seq; /* groups follow this call's sequences */
-    acmoe_moe_set_training(B->moe, L->training, &L->rng);
-    s = acmoe_moe_forward(B->moe, ctx, (pre ? B->moe_in : B->h) + o, rows, *have_prev ? prev->expert_index : NULL,
-                          *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, B->m + o);
+    block->moe->desc.seq_len = model->desc.window ? block->tokens : model->seq; /* groups follow this call's sequences */
+    acmoe_moe_set_training(block->moe, model->training, &model->rng);
+    s = acmoe_moe_forward(block->moe, ctx, (pre ? block->moe_in : block->h) + o, rows, *have_prev ? prev->expert_index : NULL,
+                          *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, block->m + o);
     if (s != ACMOE_OK) return s;
-    if (B->letter != 'f') *prev = acmoe__moe_routing_stats(B->moe), *have_prev = 1;
-    if (L->dropped) acmoe__dropout(L, B->m + o, B->keep_m + o, count);
-    if (pre) acmoe__rows(ctx, ACMOE__ROWS_ADD, B->y + o, B->h + o, B->m + o, rows, d);
-    else acmoe__layernorm(ctx, B->h + o, B->m + o, rows, d, B->ln2_g, B->ln2_b, B->xhat2 + o, B->rstd2 + r0, B->y + o);
+    if (block->letter != 'f') *prev = acmoe__moe_routing_stats(block->moe), *have_prev = 1;
+    if (model->dropped) acmoe__dropout(model, block->m + o, block->keep_m + o, count);
+    if (pre) acmoe__rows(ctx, ACMOE__ROWS_ADD, block->y + o, block->h + o, block->m + o, rows, d);
+    else acmoe__layernorm(ctx, block->h + o, block->m + o, rows, d, block->ln2_g, block->ln2_b, block->xhat2 + o, block->rstd2 + r0, block->y + o);
     return ACMOE_OK;
 }
 
 /* A forward call over batch sequences of seq rows, from row start of each. */
-static void acmoe__lm_begin(acmoe_lm *L, int batch, int seq, int start, int train) {
-    L->batch = batch, L->seq = seq, L->n = batch * seq, L->start = start;
-    L->cached = 0;
-    L->cache_step = -1; /* no decoding from these activations unless this call succeeds */
-    L->dropped = train && L->d.dropout > 0.0f;
-    L->training = train != 0;
+static void acmoe__lm_begin(acmoe_lm *model, int batch, int seq, int start, int train) {
+    model->batch = batch, model->seq = seq, model->n = batch * seq, model->start = start;
+    model->cached = 0;
+    model->cache_step = -1; /* no decoding from these activations unless this call succeeds */
+    model->dropped = train && model->desc.dropout > 0.0f;
+    model->training = train != 0;
 }
 
 /* The blocks from the embedded rows x0, and the final norm with pre-LN: *top is the last
    rows, *aux the MoE layers' auxiliary losses. */
-static acmoe_status acmoe__lm_trunk(acmoe_lm *L, acmoe_ctx *ctx, const float **top, float *aux) {
-    const int d = acmoe__top_width(L), start = L->start;
+static acmoe_status acmoe__lm_trunk(acmoe_lm *model, acmoe_ctx *ctx, const float **top, float *aux) {
+    const int d = acmoe__top_width(model), start = model->start;
     acmoe_moe_stats prev;
-    const float *x = L->x0;
+    const float *x = model->x0;
     int i, have_prev = 0, rows;
     acmoe_status s = ACMOE_OK;
     memset(&prev, 0, sizeof prev);
     *aux = 0.0f;
-    for (i = 0; i < L->n_layers && s == ACMOE_OK; i++) {
-        acmoe__block *B = &L->blocks[i];
-        B->n = L->d.window ? L->batch * B->tokens : L->n;
-        if (i > 0 && B->stage != B[-1].stage) { /* Swin: merge the patches; labels start afresh */
-            s = acmoe__merge_forward(ctx, L, B[-1].stage, x);
+    for (i = 0; i < model->n_layers && s == ACMOE_OK; i++) {
+        acmoe__block *block = &model->blocks[i];
+        block->n = model->desc.window ? model->batch * block->tokens : model->n;
+        if (i > 0 && block->stage != block[-1].stage) { /* Swin: merge the patches; labels start afresh */
+            s = acmoe__merge_forward(ctx, model, block[-1].stage, x);
             if (s != ACMOE_OK) return s;
-            x = L->merges[B[-1].stage].out;
+            x = model->merges[block[-1].stage].out;
             have_prev = 0;
         }
-        s = acmoe__block_forward(L, ctx, B, x, &prev, &have_prev);
-        x = B->y;
-        *aux += B->moe->aux_loss;
+        s = acmoe__block_forward(model, ctx, block, x, &prev, &have_prev);
+        x = block->y;
+        *aux += block->moe->aux_loss;
     }
     if (s != ACMOE_OK) return s;
-    rows = L->blocks[L->n_layers - 1].n;
-    if (L->d.pre_ln) {
-        acmoe__layernorm(ctx, x + (size_t)start * d, NULL, rows - start, d, L->lnf_g, L->lnf_b,
-                         L->xhatf + (size_t)start * d, L->rstdf + start, L->yf + (size_t)start * d);
-        x = L->yf;
+    rows = model->blocks[model->n_layers - 1].n;
+    if (model->desc.pre_ln) {
+        acmoe__layernorm(ctx, x + (size_t)start * d, NULL, rows - start, d, model->lnf_g, model->lnf_b,
+                         model->xhatf + (size_t)start * d, model->rstdf + start, model->yf + (size_t)start * d);
+        x = model->yf;
     }
     *top = x;
     return ACMOE_OK;
@@ -5670,44 +5670,44 @@ static acmoe_status acmoe__lm_trunk(acmoe_lm *L, acmoe_ctx *ctx, const float **t
 
 /* The forward pass over positions [start, seq) of each sequence; start > 0 (one sequence,
    decoding) keeps the activations of earlier positions from the last call. */
-static acmoe_status acmoe__lm_run(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens, const int32_t *targets,
+static acmoe_status acmoe__lm_run(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, const int32_t *targets,
                                   int batch, int seq, int start, int train, float *loss) {
-    const int d = L->d.d_model;
+    const int d = model->desc.d_model;
     const float *x;
     int i, q;
     float aux;
     acmoe_status s;
     for (i = 0; i < batch * seq; i++)
-        if (tokens[i] < 0 || tokens[i] >= L->d.vocab || (targets && (targets[i] < 0 || targets[i] >= L->d.vocab)))
+        if (tokens[i] < 0 || tokens[i] >= model->desc.vocab || (targets && (targets[i] < 0 || targets[i] >= model->desc.vocab)))
             return ACMOE_ERR_ARG;
-    acmoe__lm_begin(L, batch, seq, start, train);
-    memcpy(L->tokens, tokens, sizeof(int32_t) * (size_t)L->n);
-    if (targets) memcpy(L->targets, targets, sizeof(int32_t) * (size_t)L->n);
-    for (i = start; i < L->n; i++) {
-        const float *te = L->tok_emb + (size_t)tokens[i] * d, *pe = L->pos_emb + (size_t)(i % seq) * d;
-        for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] = te[q] + pe[q];
+    acmoe__lm_begin(model, batch, seq, start, train);
+    memcpy(model->tokens, tokens, sizeof(int32_t) * (size_t)model->n);
+    if (targets) memcpy(model->targets, targets, sizeof(int32_t) * (size_t)model->n);
+    for (i = start; i < model->n; i++) {
+        const float *te = model->tok_emb + (size_t)tokens[i] * d, *pe = model->pos_emb + (size_t)(i % seq) * d;
+        for (q = 0; q < d; q++) model->x0[(size_t)i * d + q] = te[q] + pe[q];
     }
-    s = acmoe__lm_trunk(L, ctx, &x, &aux);
+    s = acmoe__lm_trunk(model, ctx, &x, &aux);
     if (s != ACMOE_OK) return s;
-    s = acmoe_matmul(ctx, ACMOE_NT, L->n - start, L->d.vocab, d, x + (size_t)start * d, d, L->head, d,
-                     L->logits + (size_t)start * L->d.vocab, L->d.vocab, 0);
+    s = acmoe_matmul(ctx, ACMOE_NT, model->n - start, model->desc.vocab, d, x + (size_t)start * d, d, model->head, d,
+                     model->logits + (size_t)start * model->desc.vocab, model->desc.vocab, 0);
     if (s != ACMOE_OK) return s;
-    L->cache_step = L->steps;
+    model->cache_step = model->steps;
     if (targets) {
-        *loss = acmoe__cross_entropy(ctx, L->logits, L->targets, L->n, L->d.vocab, 0, L->row_loss) + aux;
-        L->cached = 1;
+        *loss = acmoe__cross_entropy(ctx, model->logits, model->targets, model->n, model->desc.vocab, 0, model->row_loss) + aux;
+        model->cached = 1;
     }
     return ACMOE_OK;
 }
 
-ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens,
+ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens,
                                         const int32_t *targets, int batch, int seq, int train,
                                         float *loss) {
-    if (!L || !ctx || !tokens) return ACMOE_ERR_NULL;
-    if (L->d.n_classes) return ACMOE_ERR_ARG; /* a vision encoder takes patches */
-    if (batch < 1 || seq < 1 || batch > L->d.batch || seq > L->d.seq_len) return ACMOE_ERR_SHAPE;
+    if (!model || !ctx || !tokens) return ACMOE_ERR_NULL;
+    if (model->desc.n_classes) return ACMOE_ERR_ARG; /* a vision encoder takes patches */
+    if (batch < 1 || seq < 1 || batch > model->desc.batch || seq > model->desc.seq_len) return ACMOE_ERR_SHAPE;
     if (targets && !loss) return ACMOE_ERR_NULL;
-    return acmoe__lm_run(L, ctx, tokens, targets, batch, seq, 0, train, loss);
+    return acmoe__lm_run(model, ctx, tokens, targets, batch, seq, 0, train, loss);
 }
 
 ACMOE_API acmoe_status acmoe_image_patches(const float *image, int height, int width, int channels, int patch,
@@ -5737,88 +5737,88 @@ static void acmoe__mean_rows(const float *x, int batch, int seq, int d, float *p
     }
 }
 
-ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *L, acmoe_ctx *ctx, const float *patches,
+ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *model, acmoe_ctx *ctx, const float *patches,
                                                 const int32_t *labels, int batch, int train, float *loss) {
     int d, seq, pd, i, q;
     const float *top;
     float aux;
     acmoe_status s;
-    if (!L || !ctx || !patches) return ACMOE_ERR_NULL;
-    if (!L->d.n_classes) return ACMOE_ERR_ARG; /* a language model takes tokens */
-    if (batch < 1 || batch > L->d.batch) return ACMOE_ERR_SHAPE;
+    if (!model || !ctx || !patches) return ACMOE_ERR_NULL;
+    if (!model->desc.n_classes) return ACMOE_ERR_ARG; /* a language model takes tokens */
+    if (batch < 1 || batch > model->desc.batch) return ACMOE_ERR_SHAPE;
     if (labels && !loss) return ACMOE_ERR_NULL;
-    d = L->d.d_model, seq = L->d.seq_len, pd = L->d.patch_dim;
+    d = model->desc.d_model, seq = model->desc.seq_len, pd = model->desc.patch_dim;
     for (i = 0; labels && i < batch; i++)
-        if (labels[i] < 0 || labels[i] >= L->d.n_classes) return ACMOE_ERR_ARG;
+        if (labels[i] < 0 || labels[i] >= model->desc.n_classes) return ACMOE_ERR_ARG;
     if (!acmoe__all_finite(patches, (size_t)batch * seq * pd)) return ACMOE_ERR_NONFINITE;
-    acmoe__lm_begin(L, batch, seq, 0, train);
-    memcpy(L->patches, patches, sizeof(float) * (size_t)L->n * pd);
-    if (labels) memcpy(L->targets, labels, sizeof(int32_t) * (size_t)batch);
-    s = acmoe_matmul(ctx, ACMOE_NT, L->n, d, pd, L->patches, pd, L->patch_w, pd, L->d.window ? L->embedded : L->x0,
+    acmoe__lm_begin(model, batch, seq, 0, train);
+    memcpy(model->patches, patches, sizeof(float) * (size_t)model->n * pd);
+    if (labels) memcpy(model->targets, labels, sizeof(int32_t) * (size_t)batch);
+    s = acmoe_matmul(ctx, ACMOE_NT, model->n, d, pd, model->patches, pd, model->patch_w, pd, model->desc.window ? model->embedded : model->x0,
                      d, 0);
     if (s != ACMOE_OK) return s;
-    if (L->d.window) { /* Swin: the patch norm, no position embedding */
-        acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, L->embedded, L->patch_b, NULL, L->n, d);
-        acmoe__layernorm(ctx, L->embedded, NULL, L->n, d, L->pn_g, L->pn_b, L->pn_xhat, L->pn_rstd, L->x0);
+    if (model->desc.window) { /* Swin: the patch norm, no position embedding */
+        acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, model->embedded, model->patch_b, NULL, model->n, d);
+        acmoe__layernorm(ctx, model->embedded, NULL, model->n, d, model->pn_g, model->pn_b, model->pn_xhat, model->pn_rstd, model->x0);
     } else {
-        for (i = 0; i < L->n; i++)
-            for (q = 0; q < d; q++) L->x0[(size_t)i * d + q] += L->patch_b[q] + L->pos_emb[(size_t)(i % seq) * d + q];
+        for (i = 0; i < model->n; i++)
+            for (q = 0; q < d; q++) model->x0[(size_t)i * d + q] += model->patch_b[q] + model->pos_emb[(size_t)(i % seq) * d + q];
     }
-    s = acmoe__lm_trunk(L, ctx, &top, &aux);
+    s = acmoe__lm_trunk(model, ctx, &top, &aux);
     if (s != ACMOE_OK) return s;
-    d = acmoe__top_width(L), seq = L->blocks[L->n_layers - 1].tokens;
-    acmoe__mean_rows(top, batch, seq, d, L->pooled);
-    s = acmoe_matmul(ctx, ACMOE_NT, batch, L->d.n_classes, d, L->pooled, d, L->head, d, L->logits, L->d.n_classes, 0);
+    d = acmoe__top_width(model), seq = model->blocks[model->n_layers - 1].tokens;
+    acmoe__mean_rows(top, batch, seq, d, model->pooled);
+    s = acmoe_matmul(ctx, ACMOE_NT, batch, model->desc.n_classes, d, model->pooled, d, model->head, d, model->logits, model->desc.n_classes, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__add_bias(L->logits, batch, L->d.n_classes, L->head_b);
+    acmoe__add_bias(model->logits, batch, model->desc.n_classes, model->head_b);
     if (labels) {
-        *loss = acmoe__cross_entropy(ctx, L->logits, L->targets, batch, L->d.n_classes, 0, L->row_loss) + aux;
-        L->cached = 1;
+        *loss = acmoe__cross_entropy(ctx, model->logits, model->targets, batch, model->desc.n_classes, 0, model->row_loss) + aux;
+        model->cached = 1;
     }
     return ACMOE_OK;
 }
 
 /* Why layer i's route of a token depends on the other tokens of the call, or NULL when it
    does not. */
-static const char *acmoe__layer_not_per_token(const acmoe_lm *L, int i) {
-    const acmoe_moe *m = L->blocks[i].moe;
-    if (acmoe__grouped(&m->d)) return "it routes groups of tokens together";
-    if (m->d.router_select == ACMOE_SELECT_EXPERT_CHOICE) return "its experts choose among the call's tokens";
-    if (m->d.capacity > 0.0f) return "its capacity limit counts the call's tokens";
-    if (m->d.router_input == ACMOE_INPUT_AC && !m->ac_ready)
+static const char *acmoe__layer_not_per_token(const acmoe_lm *model, int i) {
+    const acmoe_moe *m = model->blocks[i].moe;
+    if (acmoe__grouped(&m->desc)) return "it routes groups of tokens together";
+    if (m->desc.router_select == ACMOE_SELECT_EXPERT_CHOICE) return "its experts choose among the call's tokens";
+    if (m->desc.capacity > 0.0f) return "its capacity limit counts the call's tokens";
+    if (m->desc.router_input == ACMOE_INPUT_AC && !m->ac_ready)
         return "it has no AC weights: run a forward pass (or load a checkpoint saved after one), then call "
                "acmoe_lm_freeze_ac_weights";
-    if (m->d.router_input == ACMOE_INPUT_AC && !m->ac_frozen)
+    if (m->desc.router_input == ACMOE_INPUT_AC && !m->ac_frozen)
         return "its AC weights are not frozen: call acmoe_lm_freeze_ac_weights";
     return NULL;
 }
 
-ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *L, char *why, size_t cap) {
+ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *model, char *why, size_t cap) {
     int i;
     if (why && cap) why[0] = '\0';
-    if (!L) return 0;
-    if (L->d.n_classes) {
+    if (!model) return 0;
+    if (model->desc.n_classes) {
         if (why) snprintf(why, cap, "a vision encoder does not decode");
         return 0;
     }
-    for (i = 0; i < L->n_layers; i++) {
-        const char *reason = acmoe__layer_not_per_token(L, i);
+    for (i = 0; i < model->n_layers; i++) {
+        const char *reason = acmoe__layer_not_per_token(model, i);
         if (!reason) continue;
-        if (why) snprintf(why, cap, "layer %d (%s): %s", i + 1, acmoe_router_name(L->blocks[i].letter), reason);
+        if (why) snprintf(why, cap, "layer %d (%s): %s", i + 1, acmoe_router_name(model->blocks[i].letter), reason);
         return 0;
     }
     return 1;
 }
 
-ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *L, acmoe_ctx *ctx, const int32_t *tokens, int len, int start) {
-    if (!L || !ctx || !tokens) return ACMOE_ERR_NULL;
-    if (L->d.n_classes) return ACMOE_ERR_ARG;
-    if (len < 1 || len > L->d.seq_len || start < 0 || start >= len) return ACMOE_ERR_SHAPE;
-    if (start > 0 && (L->cache_step != L->steps || L->batch != 1 || L->n < start ||
-                      memcmp(L->tokens, tokens, sizeof(int32_t) * (size_t)start) != 0))
+ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, int len, int start) {
+    if (!model || !ctx || !tokens) return ACMOE_ERR_NULL;
+    if (model->desc.n_classes) return ACMOE_ERR_ARG;
+    if (len < 1 || len > model->desc.seq_len || start < 0 || start >= len) return ACMOE_ERR_SHAPE;
+    if (start > 0 && (model->cache_step != model->steps || model->batch != 1 || model->n < start ||
+                      memcmp(model->tokens, tokens, sizeof(int32_t) * (size_t)start) != 0))
         return ACMOE_ERR_ARG; /* nothing kept for these positions */
-    if (!acmoe_lm_decode_ready(L, NULL, 0)) return ACMOE_ERR_ARG;
-    return acmoe__lm_run(L, ctx, tokens, NULL, 1, len, start, 0, NULL);
+    if (!acmoe_lm_decode_ready(model, NULL, 0)) return ACMOE_ERR_ARG;
+    return acmoe__lm_run(model, ctx, tokens, NULL, 1, len, start, 0, NULL);
 }
 
 /* Floats as unsigned integers in the same order (the negative ones reversed below the rest). */
@@ -5896,134 +5896,134 @@ ACMOE_API acmoe_status acmoe_sample(const float *logits, int vocab, float temper
 /* The embeddings' gradients from the first layer's input gradient dx, columns split across
    threads so that every element adds the tokens in order, whatever the thread count. */
 typedef struct acmoe__embedding_job {
-    acmoe_lm *L;
+    acmoe_lm *model;
     const float *dx;
 } acmoe__embedding_job;
 
 static void acmoe__embedding_grad_job(void *arg, int tid, int n_threads) {
     const acmoe__embedding_job *j = (const acmoe__embedding_job *)arg;
-    acmoe_lm *L = j->L;
-    const int d = L->d.d_model, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
+    acmoe_lm *model = j->model;
+    const int d = model->desc.d_model, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
     int i, q;
-    for (i = 0; i < L->n; i++) {
+    for (i = 0; i < model->n; i++) {
         const float *g = j->dx + (size_t)i * d;
-        float *gp = L->g_pos_emb ? L->g_pos_emb + (size_t)(i % L->seq) * d : NULL, *gt;
-        if (L->d.n_classes) {
+        float *gp = model->g_pos_emb ? model->g_pos_emb + (size_t)(i % model->seq) * d : NULL, *gt;
+        if (model->desc.n_classes) {
             for (q = q0; gp && q < q1; q++) gp[q] += g[q];
             continue;
         }
-        gt = L->g_tok_emb + (size_t)L->tokens[i] * d;
+        gt = model->g_tok_emb + (size_t)model->tokens[i] * d;
         for (q = q0; q < q1; q++) gt[q] += g[q], gp[q] += g[q];
     }
 }
 
 /* One block backward: dy (gradient of its output, used up as scratch) to dx (of its input). */
-static acmoe_status acmoe__block_backward(acmoe_lm *L, acmoe_ctx *ctx, acmoe__block *B, float *dy, float *dx) {
-    const int d = B->width, n = B->n, pre = L->d.pre_ln;
+static acmoe_status acmoe__block_backward(acmoe_lm *model, acmoe_ctx *ctx, acmoe__block *block, float *dy, float *dx) {
+    const int d = block->width, n = block->n, pre = model->desc.pre_ln;
     const size_t count = (size_t)n * d;
-    float *tmp = L->t2, *dmoe = L->t3;
-    float *dres = pre ? dy : L->t1; /* the gradient of the residual stream between the halves */
+    float *tmp = model->t2, *dmoe = model->t3;
+    float *dres = pre ? dy : model->t1; /* the gradient of the residual stream between the halves */
     const float *g;
     acmoe_status s;
     /* the FFN half */
-    if (!pre) acmoe__layernorm_backward(ctx, dy, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 0);
-    s = acmoe_moe_backward(B->moe, ctx, acmoe__dropout_backward(L, dres, B->keep_m, tmp, count), dmoe);
+    if (!pre) acmoe__layernorm_backward(ctx, dy, block->xhat2, block->rstd2, n, d, block->ln2_g, block->g_ln2_g, block->g_ln2_b, dres, 0);
+    s = acmoe_moe_backward(block->moe, ctx, acmoe__dropout_backward(model, dres, block->keep_m, tmp, count), dmoe);
     if (s != ACMOE_OK) return s;
-    if (pre) acmoe__layernorm_backward(ctx, dmoe, B->xhat2, B->rstd2, n, d, B->ln2_g, B->g_ln2_g, B->g_ln2_b, dres, 1);
+    if (pre) acmoe__layernorm_backward(ctx, dmoe, block->xhat2, block->rstd2, n, d, block->ln2_g, block->g_ln2_g, block->g_ln2_b, dres, 1);
     else acmoe__rows(ctx, ACMOE__ROWS_ACCUMULATE, dres, dmoe, NULL, n, d);
     /* the attention half; post-LN goes through LN1 first, into dx: the gradient of x + a */
     if (!pre) {
-        acmoe__layernorm_backward(ctx, dres, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, dx, 0);
+        acmoe__layernorm_backward(ctx, dres, block->xhat1, block->rstd1, n, d, block->ln1_g, block->g_ln1_g, block->g_ln1_b, dx, 0);
         dres = dx;
     }
-    g = acmoe__dropout_backward(L, dres, B->keep_a, tmp, count);
-    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_o, g, NULL, n, d);
-    s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, g, d, B->att, d, B->g_w_o, d, 1);
-    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, g, d, B->w_o, d, L->datt, d, 0);
+    g = acmoe__dropout_backward(model, dres, block->keep_a, tmp, count);
+    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, block->g_b_o, g, NULL, n, d);
+    s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, g, d, block->att, d, block->g_w_o, d, 1);
+    if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, g, d, block->w_o, d, model->datt, d, 0);
     if (s != ACMOE_OK) return s;
-    if (B->window) acmoe__window_attention_backward(ctx, L, B);
-    else acmoe__attention_backward(ctx, B->qkv, B->att, L->datt, L->batch, L->seq, !L->d.n_classes, d, B->heads,
-                                   L->att_work, L->att_slots, L->dqkv);
-    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, B->g_b_qkv, L->dqkv, NULL, n, 3 * d);
-    s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, L->dqkv, 3 * d, pre ? B->attn_in : B->x_in, d, B->g_w_qkv, d, 1);
+    if (block->window) acmoe__window_attention_backward(ctx, model, block);
+    else acmoe__attention_backward(ctx, block->qkv, block->att, model->datt, model->batch, model->seq, !model->desc.n_classes, d, block->heads,
+                                   model->att_work, model->att_slots, model->dqkv);
+    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, block->g_b_qkv, model->dqkv, NULL, n, 3 * d);
+    s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, model->dqkv, 3 * d, pre ? block->attn_in : block->x_in, d, block->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;
     if (pre) {
-        s = acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, L->dqkv, 3 * d, B->w_qkv, d, tmp, d, 0);
+        s = acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, model->dqkv, 3 * d, block->w_qkv, d, tmp, d, 0);
         if (s != ACMOE_OK) return s;
         memcpy(dx, dres, sizeof(float) * count);
-        acmoe__layernorm_backward(ctx, tmp, B->xhat1, B->rstd1, n, d, B->ln1_g, B->g_ln1_g, B->g_ln1_b, dx, 1);
+        acmoe__layernorm_backward(ctx, tmp, block->xhat1, block->rstd1, n, d, block->ln1_g, block->g_ln1_g, block->g_ln1_b, dx, 1);
         return ACMOE_OK;
     }
-    return acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, L->dqkv, 3 * d, B->w_qkv, d, dx, d, 1); /* dx holds dres */
+    return acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, model->dqkv, 3 * d, block->w_qkv, d, dx, d, 1); /* dx holds dres */
 }
 
 /* The language model's head: the logits' gradients, the head's, and dy. */
-static acmoe_status acmoe__lm_head_backward(acmoe_lm *L, acmoe_ctx *ctx) {
-    const int d = L->d.d_model;
-    const float *top = L->d.pre_ln ? L->yf : L->blocks[L->n_layers - 1].y;
+static acmoe_status acmoe__lm_head_backward(acmoe_lm *model, acmoe_ctx *ctx) {
+    const int d = model->desc.d_model;
+    const float *top = model->desc.pre_ln ? model->yf : model->blocks[model->n_layers - 1].y;
     acmoe_status s;
-    acmoe__cross_entropy(ctx, L->logits, L->targets, L->n, L->d.vocab, 1, L->row_loss);
-    s = acmoe_matmul(ctx, ACMOE_TN, L->d.vocab, d, L->n, L->logits, L->d.vocab, top, d, L->g_head, d, 1);
+    acmoe__cross_entropy(ctx, model->logits, model->targets, model->n, model->desc.vocab, 1, model->row_loss);
+    s = acmoe_matmul(ctx, ACMOE_TN, model->desc.vocab, d, model->n, model->logits, model->desc.vocab, top, d, model->g_head, d, 1);
     if (s != ACMOE_OK) return s;
-    return acmoe_matmul(ctx, ACMOE_NN, L->n, d, L->d.vocab, L->logits, L->d.vocab, L->head, d, L->dy, d, 0);
+    return acmoe_matmul(ctx, ACMOE_NN, model->n, d, model->desc.vocab, model->logits, model->desc.vocab, model->head, d, model->dy, d, 0);
 }
 
 /* The vision head: the logits' gradients, the head's, and dy, each sequence's pooled
    gradient spread over its rows. */
-static acmoe_status acmoe__vision_head_backward(acmoe_lm *L, acmoe_ctx *ctx) {
-    const acmoe__block *last = &L->blocks[L->n_layers - 1];
-    const int d = last->width, classes = L->d.n_classes, seq = last->tokens;
-    float *dpooled = L->t1;
+static acmoe_status acmoe__vision_head_backward(acmoe_lm *model, acmoe_ctx *ctx) {
+    const acmoe__block *last = &model->blocks[model->n_layers - 1];
+    const int d = last->width, classes = model->desc.n_classes, seq = last->tokens;
+    float *dpooled = model->t1;
     acmoe_status s;
     int i, q;
-    acmoe__cross_entropy(ctx, L->logits, L->targets, L->batch, classes, 1, L->row_loss);
-    acmoe__bias_grad(L->logits, L->batch, classes, L->g_head_b);
-    s = acmoe_matmul(ctx, ACMOE_TN, classes, d, L->batch, L->logits, classes, L->pooled, d, L->g_head, d, 1);
+    acmoe__cross_entropy(ctx, model->logits, model->targets, model->batch, classes, 1, model->row_loss);
+    acmoe__bias_grad(model->logits, model->batch, classes, model->g_head_b);
+    s = acmoe_matmul(ctx, ACMOE_TN, classes, d, model->batch, model->logits, classes, model->pooled, d, model->g_head, d, 1);
     if (s == ACMOE_OK)
-        s = acmoe_matmul(ctx, ACMOE_NN, L->batch, d, classes, L->logits, classes, L->head, d, dpooled, d, 0);
+        s = acmoe_matmul(ctx, ACMOE_NN, model->batch, d, classes, model->logits, classes, model->head, d, dpooled, d, 0);
     if (s != ACMOE_OK) return s;
     for (i = 0; i < last->n; i++)
-        for (q = 0; q < d; q++) L->dy[(size_t)i * d + q] = dpooled[(size_t)(i / seq) * d + q] / (float)seq;
+        for (q = 0; q < d; q++) model->dy[(size_t)i * d + q] = dpooled[(size_t)(i / seq) * d + q] / (float)seq;
     return ACMOE_OK;
 }
 
-ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *L, acmoe_ctx *ctx) {
-    const int d = L ? L->d.d_model : 0, top = L ? acmoe__top_width(L) : 0;
+ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *model, acmoe_ctx *ctx) {
+    const int d = model ? model->desc.d_model : 0, top = model ? acmoe__top_width(model) : 0;
     float *dy, *dx, *swap;
     acmoe__embedding_job job;
     int i;
     acmoe_status s;
-    if (!L || !ctx) return ACMOE_ERR_NULL;
-    if (!L->cached) return ACMOE_ERR_ARG; /* needs a forward call with targets first */
-    L->cached = 0;
-    s = L->d.n_classes ? acmoe__vision_head_backward(L, ctx) : acmoe__lm_head_backward(L, ctx);
+    if (!model || !ctx) return ACMOE_ERR_NULL;
+    if (!model->cached) return ACMOE_ERR_ARG; /* needs a forward call with targets first */
+    model->cached = 0;
+    s = model->desc.n_classes ? acmoe__vision_head_backward(model, ctx) : acmoe__lm_head_backward(model, ctx);
     if (s != ACMOE_OK) return s;
-    dy = L->dy, dx = L->dx;
-    if (L->d.pre_ln) {
-        acmoe__layernorm_backward(ctx, dy, L->xhatf, L->rstdf, L->blocks[L->n_layers - 1].n, top, L->lnf_g, L->g_lnf_g,
-                                  L->g_lnf_b, dx, 0);
+    dy = model->dy, dx = model->dx;
+    if (model->desc.pre_ln) {
+        acmoe__layernorm_backward(ctx, dy, model->xhatf, model->rstdf, model->blocks[model->n_layers - 1].n, top, model->lnf_g, model->g_lnf_g,
+                                  model->g_lnf_b, dx, 0);
         swap = dy, dy = dx, dx = swap;
     }
-    for (i = L->n_layers - 1; i >= 0 && s == ACMOE_OK; i--) {
-        acmoe__block *B = &L->blocks[i];
-        s = acmoe__block_backward(L, ctx, B, dy, dx);
+    for (i = model->n_layers - 1; i >= 0 && s == ACMOE_OK; i--) {
+        acmoe__block *block = &model->blocks[i];
+        s = acmoe__block_backward(model, ctx, block, dy, dx);
         swap = dy, dy = dx, dx = swap;
-        if (s == ACMOE_OK && i > 0 && B->stage != B[-1].stage) { /* Swin: back through the merge */
-            s = acmoe__merge_backward(ctx, L, B[-1].stage, dy, dx);
+        if (s == ACMOE_OK && i > 0 && block->stage != block[-1].stage) { /* Swin: back through the merge */
+            s = acmoe__merge_backward(ctx, model, block[-1].stage, dy, dx);
             swap = dy, dy = dx, dx = swap;
         }
     }
     if (s != ACMOE_OK) return s;
-    if (L->d.window) { /* the patch norm */
-        acmoe__layernorm_backward(ctx, dy, L->pn_xhat, L->pn_rstd, L->n, d, L->pn_g, L->g_pn_g, L->g_pn_b, dx, 0);
+    if (model->desc.window) { /* the patch norm */
+        acmoe__layernorm_backward(ctx, dy, model->pn_xhat, model->pn_rstd, model->n, d, model->pn_g, model->g_pn_g, model->g_pn_b, dx, 0);
         swap = dy, dy = dx, dx = swap;
     }
-    job.L = L, job.dx = dy;
+    job.model = model, job.dx = dy;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__embedding_grad_job, &job);
-    if (!L->d.n_classes) return ACMOE_OK;
-    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, L->g_patch_b, dy, NULL, L->n, d);
-    return acmoe_matmul(ctx, ACMOE_TN, d, L->d.patch_dim, L->n, dy, d, L->patches, L->d.patch_dim, L->g_patch_w,
-                        L->d.patch_dim, 1);
+    if (!model->desc.n_classes) return ACMOE_OK;
+    acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, model->g_patch_b, dy, NULL, model->n, d);
+    return acmoe_matmul(ctx, ACMOE_TN, d, model->desc.patch_dim, model->n, dy, d, model->patches, model->desc.patch_dim, model->g_patch_w,
+                        model->desc.patch_dim, 1);
 }
 
 /* ========================================================================================== */
@@ -6058,23 +6058,23 @@ ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
 
 /* The gradient norm: chunk sums in parallel, added in order. */
 static void acmoe__grad_sq_job(void *arg, int tid, int n_threads) {
-    acmoe_lm *L = (acmoe_lm *)arg;
+    acmoe_lm *model = (acmoe_lm *)arg;
     size_t c, i;
-    for (c = (size_t)tid; c < acmoe__chunks(L->n_params); c += (size_t)n_threads) {
-        const float *g = L->grads + c * ACMOE__NORM_CHUNK;
-        const size_t len = ACMOE__MIN(ACMOE__NORM_CHUNK, L->n_params - c * ACMOE__NORM_CHUNK);
+    for (c = (size_t)tid; c < acmoe__chunks(model->n_params); c += (size_t)n_threads) {
+        const float *g = model->grads + c * ACMOE__NORM_CHUNK;
+        const size_t len = ACMOE__MIN(ACMOE__NORM_CHUNK, model->n_params - c * ACMOE__NORM_CHUNK);
         double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0; /* four chains: an add's latency does not bound the loop */
         for (i = 0; i + 4 <= len; i += 4) {
             s0 += (double)g[i] * g[i], s1 += (double)g[i + 1] * g[i + 1];
             s2 += (double)g[i + 2] * g[i + 2], s3 += (double)g[i + 3] * g[i + 3];
         }
         for (; i < len; i++) s0 += (double)g[i] * g[i];
-        L->grad_sq[c] = (s0 + s1) + (s2 + s3);
+        model->grad_sq[c] = (s0 + s1) + (s2 + s3);
     }
 }
 
 typedef struct acmoe__update_job {
-    acmoe_lm *L;
+    acmoe_lm *model;
     const acmoe__kernel *kern;
     const acmoe_optim_desc *o;
     float lr, scale, c1, c2;
@@ -6083,59 +6083,59 @@ typedef struct acmoe__update_job {
 /* The update of parameters [i0, i1) of each thread's share, tensor by tensor (for the decay). */
 static void acmoe__update_job_run(void *arg, int tid, int n_threads) {
     const acmoe__update_job *job = (const acmoe__update_job *)arg;
-    acmoe_lm *L = job->L;
+    acmoe_lm *model = job->model;
     const acmoe_optim_desc *o = job->o;
-    const size_t i0 = L->n_params * (size_t)tid / (size_t)n_threads, i1 = L->n_params * (size_t)(tid + 1) / (size_t)n_threads;
+    const size_t i0 = model->n_params * (size_t)tid / (size_t)n_threads, i1 = model->n_params * (size_t)(tid + 1) / (size_t)n_threads;
     int t;
-    for (t = 0; t < L->dir.count; t++) {
-        const acmoe__tensor_info *info = &L->dir.entries[t];
+    for (t = 0; t < model->dir.count; t++) {
+        const acmoe__tensor_info *info = &model->dir.entries[t];
         const float decay = info->decay ? o->weight_decay : 0.0f, lr = job->lr;
         size_t i, start = ACMOE__MAX(info->offset, i0), end = ACMOE__MIN(info->offset + info->count, i1);
         acmoe__adam a;
         if (start >= end) continue;
         if (o->sgd) {
-            for (i = start; i < end; i++) L->params[i] -= lr * (L->grads[i] * job->scale + decay * L->params[i]);
+            for (i = start; i < end; i++) model->params[i] -= lr * (model->grads[i] * job->scale + decay * model->params[i]);
             continue;
         }
         a.scale = job->scale, a.beta1 = o->beta1, a.beta2 = o->beta2, a.lr = lr, a.c1 = job->c1, a.c2 = job->c2;
         a.eps = o->eps, a.decay = decay;
-        job->kern->row_adam(L->params + start, L->grads + start, L->adam_m + start, L->adam_v + start, end - start, &a);
+        job->kern->row_adam(model->params + start, model->grads + start, model->adam_m + start, model->adam_v + start, end - start, &a);
     }
 }
 
-ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_optim_desc *desc, float *norm) {
+ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_optim_desc *desc, float *norm) {
     acmoe_optim_desc o = acmoe__optim_resolve(desc);
     acmoe__update_job job;
     double sq = 0.0, global_norm;
     size_t i;
-    if (!L || !ctx) return ACMOE_ERR_NULL;
+    if (!model || !ctx) return ACMOE_ERR_NULL;
     if (!acmoe__optim_valid(&o)) return ACMOE_ERR_ARG;
-    if (L->steps == LONG_MAX) return ACMOE_ERR_ARG; /* the step counter is full */
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__grad_sq_job, L);
-    for (i = 0; i < acmoe__chunks(L->n_params); i++) sq += L->grad_sq[i];
+    if (model->steps == LONG_MAX) return ACMOE_ERR_ARG; /* the step counter is full */
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__grad_sq_job, model);
+    for (i = 0; i < acmoe__chunks(model->n_params); i++) sq += model->grad_sq[i];
     global_norm = sqrt(sq);
     if (norm) *norm = (float)global_norm;
     if (!isfinite(sq)) return ACMOE_ERR_NONFINITE; /* nothing is updated */
-    job.L = L, job.kern = &ctx->kernel, job.o = &o;
+    job.model = model, job.kern = &ctx->kernel, job.o = &o;
     job.scale = o.clip_norm > 0.0f && global_norm > o.clip_norm ? o.clip_norm / (float)global_norm : 1.0f;
-    job.lr = acmoe_lr_at(&o, L->steps);
-    L->steps++;
-    L->optim = o;
-    job.c1 = 1.0f / (1.0f - powf(o.beta1, (float)L->steps));
-    job.c2 = 1.0f / (1.0f - powf(o.beta2, (float)L->steps));
+    job.lr = acmoe_lr_at(&o, model->steps);
+    model->steps++;
+    model->optim = o;
+    job.c1 = 1.0f / (1.0f - powf(o.beta1, (float)model->steps));
+    job.c2 = 1.0f / (1.0f - powf(o.beta2, (float)model->steps));
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__update_job_run, &job);
     return ACMOE_OK;
 }
 
-ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *L) { return L ? L->steps : 0; }
+ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *model) { return model ? model->steps : 0; }
 
-ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *L) {
-    acmoe_train_desc d;
-    memset(&d, 0, sizeof d);
-    if (!L) return d;
-    d.seed = L->train_seed;
-    d.optim = L->optim;
-    return d;
+ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *model) {
+    acmoe_train_desc desc;
+    memset(&desc, 0, sizeof desc);
+    if (!model) return desc;
+    desc.seed = model->train_seed;
+    desc.optim = model->optim;
+    return desc;
 }
 
 /* ========================================================================================== */
@@ -6159,9 +6159,9 @@ typedef enum { ACMOE__CONTENTS_TRAINING = 0, ACMOE__CONTENTS_WEIGHTS } acmoe__co
 
 /* The AC weights a model's layer i routes with, when it has measured them (format 4 on):
    stored, so that a loaded model can freeze them and decode. */
-static const float *acmoe__saved_ac_weights(const acmoe_lm *L, int i, int *rows, int *width) {
-    *width = acmoe_moe_settings(L->blocks[i].moe).d_model;
-    return acmoe_moe_ac_weights(L->blocks[i].moe, rows);
+static const float *acmoe__saved_ac_weights(const acmoe_lm *model, int i, int *rows, int *width) {
+    *width = acmoe_moe_settings(model->blocks[i].moe).d_model;
+    return acmoe_moe_ac_weights(model->blocks[i].moe, rows);
 }
 
 static void acmoe__ac_weights_name(char *name, size_t cap, int layer) {
@@ -6203,18 +6203,18 @@ static uint32_t acmoe__crc_value(const acmoe__crc32c *crc) { return crc->value ^
 
 /* The checksum of the data section a save writes: the tensors in directory order, the AC
    weights by layer, then the Adam moments of a training state. */
-static uint32_t acmoe__data_crc(const acmoe_lm *L, acmoe__contents contents) {
+static uint32_t acmoe__data_crc(const acmoe_lm *model, acmoe__contents contents) {
     acmoe__crc32c crc;
     int i, rows, width;
     acmoe__crc_begin(&crc);
-    for (i = 0; i < L->dir.count; i++)
-        acmoe__crc_add(&crc, L->params + L->dir.entries[i].offset, L->dir.entries[i].count * sizeof(float));
-    for (i = 0; i < L->n_layers; i++) {
-        const float *w = acmoe__saved_ac_weights(L, i, &rows, &width);
+    for (i = 0; i < model->dir.count; i++)
+        acmoe__crc_add(&crc, model->params + model->dir.entries[i].offset, model->dir.entries[i].count * sizeof(float));
+    for (i = 0; i < model->n_layers; i++) {
+        const float *w = acmoe__saved_ac_weights(model, i, &rows, &width);
         if (w) acmoe__crc_add(&crc, w, (size_t)rows * width * sizeof(float));
     }
     if (contents == ACMOE__CONTENTS_TRAINING)
-        acmoe__crc_add(&crc, L->adam_m, 2 * L->n_params * sizeof(float)); /* adam_v follows adam_m */
+        acmoe__crc_add(&crc, model->adam_m, 2 * model->n_params * sizeof(float)); /* adam_v follows adam_m */
     return acmoe__crc_value(&crc);
 }
 
@@ -6378,45 +6378,45 @@ static void acmoe__header_options(acmoe__text *t, const acmoe_option *options, i
 }
 
 /* The JSON header, padded with spaces to a multiple of 8 bytes as safetensors does. */
-static void acmoe__header(const acmoe_lm *L, acmoe__contents contents, uint32_t crc, acmoe__text *t) {
-    const acmoe_rng *r = &L->rng;
+static void acmoe__header(const acmoe_lm *model, acmoe__contents contents, uint32_t crc, acmoe__text *t) {
+    const acmoe_rng *r = &model->rng;
     char name[64];
     uint32_t spare;
     size_t at = 0;
-    int i, rows, width, n_params = (int)L->n_params;
+    int i, rows, width, n_params = (int)model->n_params;
     memcpy(&spare, &r->spare, sizeof spare);
     acmoe__text_add(t, "{\"__metadata__\":{\"format\":\"acmoe-lm-%d\",\"contents\":\"%s\",\"pattern\":\"%s\","
                        "\"seed\":\"%llu\",\"step\":\"%ld\",\"rng\":\"",
-                    ACMOE__FORMAT, contents == ACMOE__CONTENTS_TRAINING ? "training" : "weights", L->pattern,
-                    (unsigned long long)L->d.seed, L->steps);
+                    ACMOE__FORMAT, contents == ACMOE__CONTENTS_TRAINING ? "training" : "weights", model->pattern,
+                    (unsigned long long)model->desc.seed, model->steps);
     for (i = 0; i < 4; i++) acmoe__text_add(t, "%016llx", (unsigned long long)r->s[i]);
     acmoe__text_add(t, " %08lx %d\",\"data_crc32c\":\"%08lx\",\"train.seed\":\"%llu\"", (unsigned long)spare,
-                    r->has_spare, (unsigned long)crc, (unsigned long long)L->train_seed);
-    acmoe__header_options(t, acmoe__model_options, ACMOE__N_MODEL_OPTIONS, &L->d);
-    acmoe__header_options(t, acmoe__optim_options, ACMOE__N_OPTIM_OPTIONS, &L->optim);
+                    r->has_spare, (unsigned long)crc, (unsigned long long)model->train_seed);
+    acmoe__header_options(t, acmoe__model_options, ACMOE__N_MODEL_OPTIONS, &model->desc);
+    acmoe__header_options(t, acmoe__optim_options, ACMOE__N_OPTIM_OPTIONS, &model->optim);
     acmoe__text_add(t, "}");
-    for (i = 0; i < L->dir.count; i++, at += L->dir.entries[i - 1].count * 4) {
-        const acmoe__tensor_info *e = &L->dir.entries[i];
+    for (i = 0; i < model->dir.count; i++, at += model->dir.entries[i - 1].count * 4) {
+        const acmoe__tensor_info *e = &model->dir.entries[i];
         acmoe__header_tensor(t, e->name, e->ndim, e->shape, at, e->count);
     }
-    for (i = 0; i < L->n_layers; i++) {
+    for (i = 0; i < model->n_layers; i++) {
         int shape[2];
-        if (!acmoe__saved_ac_weights(L, i, &rows, &width)) continue;
+        if (!acmoe__saved_ac_weights(model, i, &rows, &width)) continue;
         shape[0] = rows, shape[1] = width;
         acmoe__ac_weights_name(name, sizeof name, i);
         acmoe__header_tensor(t, name, 2, shape, at, (size_t)rows * width);
         at += (size_t)rows * width * 4;
     }
     if (contents == ACMOE__CONTENTS_TRAINING) {
-        acmoe__header_tensor(t, "optimizer.adam_m", 1, &n_params, at, L->n_params);
-        acmoe__header_tensor(t, "optimizer.adam_v", 1, &n_params, at + L->n_params * 4, L->n_params);
+        acmoe__header_tensor(t, "optimizer.adam_m", 1, &n_params, at, model->n_params);
+        acmoe__header_tensor(t, "optimizer.adam_v", 1, &n_params, at + model->n_params * 4, model->n_params);
     }
     acmoe__text_add(t, "}");
     while (!t->failed && (8 + t->len) % 8) acmoe__text_add(t, " ");
 }
 
 typedef struct acmoe__checkpoint_out {
-    const acmoe_lm *L;
+    const acmoe_lm *model;
     acmoe__contents contents;
     const acmoe__text *header;
 } acmoe__checkpoint_out;
@@ -6424,47 +6424,47 @@ typedef struct acmoe__checkpoint_out {
 /* The length, the header and the data; whether every write succeeded. */
 static int acmoe__write_checkpoint(FILE *f, const void *arg) {
     const acmoe__checkpoint_out *out = (const acmoe__checkpoint_out *)arg;
-    const acmoe_lm *L = out->L;
+    const acmoe_lm *model = out->model;
     unsigned char len[8];
     int i, ok, rows, width;
     for (i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)out->header->len >> (8 * i));
     ok = fwrite(len, 1, 8, f) == 8 && fwrite(out->header->data, 1, out->header->len, f) == out->header->len;
-    for (i = 0; ok && i < L->dir.count; i++) {
-        const acmoe__tensor_info *e = &L->dir.entries[i];
-        ok = fwrite(L->params + e->offset, sizeof(float), e->count, f) == e->count;
+    for (i = 0; ok && i < model->dir.count; i++) {
+        const acmoe__tensor_info *e = &model->dir.entries[i];
+        ok = fwrite(model->params + e->offset, sizeof(float), e->count, f) == e->count;
     }
-    for (i = 0; ok && i < L->n_layers; i++) {
-        const float *w = acmoe__saved_ac_weights(L, i, &rows, &width);
+    for (i = 0; ok && i < model->n_layers; i++) {
+        const float *w = acmoe__saved_ac_weights(model, i, &rows, &width);
         if (w) ok = fwrite(w, sizeof(float), (size_t)rows * width, f) == (size_t)rows * width;
     }
     if (out->contents == ACMOE__CONTENTS_WEIGHTS) return ok;
-    return ok && fwrite(L->adam_m, sizeof(float), 2 * L->n_params, f) == 2 * L->n_params;
+    return ok && fwrite(model->adam_m, sizeof(float), 2 * model->n_params, f) == 2 * model->n_params;
 }
 
-static acmoe_status acmoe__save(const acmoe_lm *L, const char *path, acmoe__contents contents) {
+static acmoe_status acmoe__save(const acmoe_lm *model, const char *path, acmoe__contents contents) {
     acmoe__text header;
     acmoe__checkpoint_out out;
     acmoe_status s;
-    if (!L || !path) return ACMOE_ERR_NULL;
+    if (!model || !path) return ACMOE_ERR_NULL;
     if (!*path) return ACMOE_ERR_IO;
     if (!acmoe__little_endian()) return ACMOE_ERR_UNSUPPORTED;
-    if (!acmoe__all_finite(L->params, L->n_params) ||
-        (contents == ACMOE__CONTENTS_TRAINING && !acmoe__all_finite(L->adam_m, 2 * L->n_params)))
+    if (!acmoe__all_finite(model->params, model->n_params) ||
+        (contents == ACMOE__CONTENTS_TRAINING && !acmoe__all_finite(model->adam_m, 2 * model->n_params)))
         return ACMOE_ERR_NONFINITE; /* a file load would refuse must not replace a good one */
     memset(&header, 0, sizeof header);
-    acmoe__header(L, contents, acmoe__data_crc(L, contents), &header);
-    out.L = L, out.contents = contents, out.header = &header;
+    acmoe__header(model, contents, acmoe__data_crc(model, contents), &header);
+    out.model = model, out.contents = contents, out.header = &header;
     s = header.failed ? ACMOE_ERR_NOMEM : acmoe__replace_file(path, acmoe__write_checkpoint, &out);
     ACMOE_FREE(header.data);
     return s;
 }
 
-ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *lm, const char *path) {
-    return acmoe__save(lm, path, ACMOE__CONTENTS_TRAINING);
+ACMOE_API acmoe_status acmoe_lm_save(const acmoe_lm *model, const char *path) {
+    return acmoe__save(model, path, ACMOE__CONTENTS_TRAINING);
 }
 
-ACMOE_API acmoe_status acmoe_lm_save_weights(const acmoe_lm *lm, const char *path) {
-    return acmoe__save(lm, path, ACMOE__CONTENTS_WEIGHTS);
+ACMOE_API acmoe_status acmoe_lm_save_weights(const acmoe_lm *model, const char *path) {
+    return acmoe__save(model, path, ACMOE__CONTENTS_WEIGHTS);
 }
 
 /* ---- reader ---- */
@@ -6787,20 +6787,20 @@ static int acmoe__meta_from_parsed(const acmoe__parsed *m, acmoe__checkpoint_met
 }
 
 /* The step and the dropout generator: "s0s1s2s3 spare has_spare", 16, 8 and 1 digits. */
-static int acmoe__state_from_metadata(const acmoe__parsed *m, acmoe_lm *L) {
+static int acmoe__state_from_metadata(const acmoe__parsed *m, acmoe_lm *model) {
     const char *text = acmoe__meta(m, "rng");
     uint64_t spare;
     uint32_t bits;
     int i;
-    if (!acmoe__canonical_long(acmoe__meta(m, "step"), 0, LONG_MAX, &L->steps) || !text || strlen(text) != 75)
+    if (!acmoe__canonical_long(acmoe__meta(m, "step"), 0, LONG_MAX, &model->steps) || !text || strlen(text) != 75)
         return 0;
     for (i = 0; i < 4; i++)
-        if (!acmoe__parse_hex(text + 16 * i, 16, &L->rng.s[i])) return 0;
+        if (!acmoe__parse_hex(text + 16 * i, 16, &model->rng.s[i])) return 0;
     if (text[64] != ' ' || !acmoe__parse_hex(text + 65, 8, &spare) || text[73] != ' ') return 0;
     if (text[74] != '0' && text[74] != '1') return 0;
     bits = (uint32_t)spare;
-    memcpy(&L->rng.spare, &bits, sizeof bits);
-    L->rng.has_spare = text[74] - '0';
+    memcpy(&model->rng.spare, &bits, sizeof bits);
+    model->rng.has_spare = text[74] - '0';
     return 1;
 }
 
@@ -6832,11 +6832,11 @@ static const acmoe__stored_tensor *acmoe__stored_param(acmoe__parsed *m, int ver
 }
 
 /* The router tensors formats 2 and 3 stored for the dense layers, which are left unread. */
-static int acmoe__legacy_router_tensors(const acmoe__parsed *m, const acmoe_lm *L, int version) {
+static int acmoe__legacy_router_tensors(const acmoe__parsed *m, const acmoe_lm *model, int version) {
     int i, j, count = 0;
-    for (i = 0; version < 4 && i < L->n_layers; i++) {
+    for (i = 0; version < 4 && i < model->n_layers; i++) {
         char prefix[48];
-        if (L->blocks[i].letter != 'f') continue;
+        if (model->blocks[i].letter != 'f') continue;
         snprintf(prefix, sizeof prefix, "layers.%d.moe.router.", i);
         for (j = 0; j < m->n_tensors; j++) count += !strncmp(m->tensors[j].name, prefix, strlen(prefix));
     }
@@ -6845,16 +6845,16 @@ static int acmoe__legacy_router_tensors(const acmoe__parsed *m, const acmoe_lm *
 
 /* The stored AC weights of the planned model's layer i, NULL for none; whether any stored
    ones have a shape the layer takes ([rows][width], rows at most its clusters) in *fits. */
-static const acmoe__stored_tensor *acmoe__stored_ac_weights(acmoe__parsed *m, const acmoe_lm *L, int i, int *fits) {
+static const acmoe__stored_tensor *acmoe__stored_ac_weights(acmoe__parsed *m, const acmoe_lm *model, int i, int *fits) {
     char name[64];
     const acmoe__stored_tensor *t;
     acmoe_moe_desc planned, md;
     acmoe__ac_weights_name(name, sizeof name, i);
     t = acmoe__find_tensor(m, name);
     if (!t) return NULL;
-    planned = acmoe__lm_moe_desc(L, &L->blocks[i]); /* the layers do not exist yet */
+    planned = acmoe__lm_moe_desc(model, &model->blocks[i]); /* the layers do not exist yet */
     if (acmoe_moe_resolve(&planned, &md) != ACMOE_OK) md.router_input = ACMOE_INPUT_TOKEN;
-    if (L->blocks[i].letter == 'f' || md.router_input != ACMOE_INPUT_AC || t->ndim != 2 || t->shape[0] < 1 ||
+    if (model->blocks[i].letter == 'f' || md.router_input != ACMOE_INPUT_AC || t->ndim != 2 || t->shape[0] < 1 ||
         t->shape[0] > md.ac_max_clusters || t->shape[1] != md.d_model)
         *fits = 0;
     return t;
@@ -6863,12 +6863,12 @@ static const acmoe__stored_tensor *acmoe__stored_ac_weights(acmoe__parsed *m, co
 /* Whether the file holds exactly the planned model's tensors, each of its planned shape (the
    layout check already tied shapes to sizes), AC weights that fit their layers, and the Adam
    moments of a training state. */
-static int acmoe__tensors_match_plan(acmoe__parsed *m, const acmoe_lm *L, int version, acmoe__contents contents) {
-    const int n_params = (int)L->n_params;
-    int i, fits = 1, count = L->dir.count + acmoe__legacy_router_tensors(m, L, version);
-    for (i = 0; i < L->dir.count; i++)
-        if (!acmoe__stored_param(m, version, &L->dir.entries[i])) return 0;
-    for (i = 0; i < L->n_layers; i++) count += acmoe__stored_ac_weights(m, L, i, &fits) != NULL;
+static int acmoe__tensors_match_plan(acmoe__parsed *m, const acmoe_lm *model, int version, acmoe__contents contents) {
+    const int n_params = (int)model->n_params;
+    int i, fits = 1, count = model->dir.count + acmoe__legacy_router_tensors(m, model, version);
+    for (i = 0; i < model->dir.count; i++)
+        if (!acmoe__stored_param(m, version, &model->dir.entries[i])) return 0;
+    for (i = 0; i < model->n_layers; i++) count += acmoe__stored_ac_weights(m, model, i, &fits) != NULL;
     if (contents == ACMOE__CONTENTS_WEIGHTS) return fits && m->n_tensors == count;
     return fits && acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_m"), 1, &n_params) &&
            acmoe__stored_is(acmoe__find_tensor(m, "optimizer.adam_v"), 1, &n_params) && m->n_tensors == count + 2;
@@ -6901,9 +6901,9 @@ static acmoe_status acmoe__read_floats(FILE *f, long data_start, const acmoe__st
 }
 
 /* Layer i's stored AC weights into the layer, through a buffer of their own. */
-static acmoe_status acmoe__read_ac_weights(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *L, int i) {
+static acmoe_status acmoe__read_ac_weights(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *model, int i) {
     int fits = 1;
-    const acmoe__stored_tensor *t = acmoe__stored_ac_weights(m, L, i, &fits);
+    const acmoe__stored_tensor *t = acmoe__stored_ac_weights(m, model, i, &fits);
     size_t count;
     float *w;
     acmoe_status s;
@@ -6912,27 +6912,27 @@ static acmoe_status acmoe__read_ac_weights(FILE *f, long data_start, acmoe__pars
     w = (float *)ACMOE_MALLOC(count * sizeof(float));
     if (!w) return ACMOE_ERR_NOMEM;
     s = acmoe__read_floats(f, data_start, t, w, count);
-    if (s == ACMOE_OK && acmoe_moe_set_ac_weights(L->blocks[i].moe, w, t->shape[0]) != ACMOE_OK) s = ACMOE_ERR_FORMAT;
+    if (s == ACMOE_OK && acmoe_moe_set_ac_weights(model->blocks[i].moe, w, t->shape[0]) != ACMOE_OK) s = ACMOE_ERR_FORMAT;
     ACMOE_FREE(w);
     return s;
 }
 
-static acmoe_status acmoe__read_tensors(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *L, int version,
+static acmoe_status acmoe__read_tensors(FILE *f, long data_start, acmoe__parsed *m, acmoe_lm *model, int version,
                                         acmoe__contents contents) {
     acmoe_status s = ACMOE_OK;
     int i;
-    for (i = 0; s == ACMOE_OK && i < L->dir.count; i++) {
-        const acmoe__tensor_info *e = &L->dir.entries[i];
-        s = acmoe__read_floats(f, data_start, acmoe__stored_param(m, version, e), L->params + e->offset, e->count);
+    for (i = 0; s == ACMOE_OK && i < model->dir.count; i++) {
+        const acmoe__tensor_info *e = &model->dir.entries[i];
+        s = acmoe__read_floats(f, data_start, acmoe__stored_param(m, version, e), model->params + e->offset, e->count);
     }
-    for (i = 0; s == ACMOE_OK && i < L->n_layers; i++) s = acmoe__read_ac_weights(f, data_start, m, L, i);
+    for (i = 0; s == ACMOE_OK && i < model->n_layers; i++) s = acmoe__read_ac_weights(f, data_start, m, model, i);
     if (contents == ACMOE__CONTENTS_TRAINING) {
         if (s == ACMOE_OK)
-            s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_m"), L->adam_m, L->n_params);
+            s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_m"), model->adam_m, model->n_params);
         if (s == ACMOE_OK)
-            s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_v"), L->adam_v, L->n_params);
+            s = acmoe__read_floats(f, data_start, acmoe__find_tensor(m, "optimizer.adam_v"), model->adam_v, model->n_params);
     }
-    if (s == ACMOE_OK && (!acmoe__all_finite(L->params, L->n_params) || !acmoe__all_finite(L->adam_m, 2 * L->n_params)))
+    if (s == ACMOE_OK && (!acmoe__all_finite(model->params, model->n_params) || !acmoe__all_finite(model->adam_m, 2 * model->n_params)))
         s = ACMOE_ERR_FORMAT;
     return s;
 }
@@ -6961,23 +6961,23 @@ static acmoe_status acmoe__read_header(FILE *f, uint64_t size, acmoe__parsed *m,
    checksum before they are read. */
 static acmoe_status acmoe__load_model(FILE *f, long data_start, uint64_t data_size, acmoe__parsed *m, acmoe_lm **out) {
     acmoe__checkpoint_meta meta;
-    acmoe_lm *L = NULL;
+    acmoe_lm *model = NULL;
     acmoe_status s;
     if (!acmoe__layout_exact(m, data_size) || !acmoe__meta_from_parsed(m, &meta)) return ACMOE_ERR_FORMAT;
-    s = acmoe__lm_plan(&L, &meta.desc);
+    s = acmoe__lm_plan(&model, &meta.desc);
     if (s != ACMOE_OK) return s == ACMOE_ERR_NOMEM ? s : ACMOE_ERR_FORMAT;
-    if (!acmoe__tensors_match_plan(m, L, meta.version, meta.contents)) s = ACMOE_ERR_FORMAT;
+    if (!acmoe__tensors_match_plan(m, model, meta.version, meta.contents)) s = ACMOE_ERR_FORMAT;
     if (s == ACMOE_OK && meta.version >= 3) s = acmoe__check_crc(f, data_start, data_size, meta.crc);
-    if (s == ACMOE_OK) s = acmoe__lm_build(L);
-    if (s == ACMOE_OK && !acmoe__state_from_metadata(m, L)) s = ACMOE_ERR_FORMAT;
-    if (s == ACMOE_OK) s = acmoe__read_tensors(f, data_start, m, L, meta.version, meta.contents);
+    if (s == ACMOE_OK) s = acmoe__lm_build(model);
+    if (s == ACMOE_OK && !acmoe__state_from_metadata(m, model)) s = ACMOE_ERR_FORMAT;
+    if (s == ACMOE_OK) s = acmoe__read_tensors(f, data_start, m, model, meta.version, meta.contents);
     if (s != ACMOE_OK) {
-        acmoe_lm_destroy(L);
+        acmoe_lm_destroy(model);
         return s;
     }
-    L->train_seed = meta.train_seed;
-    L->optim = meta.optim;
-    *out = L;
+    model->train_seed = meta.train_seed;
+    model->optim = meta.optim;
+    *out = model;
     return ACMOE_OK;
 }
 
@@ -7124,8 +7124,8 @@ ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split spl
 }
 
 /* The two token buffers of a batch of the model's size. */
-static acmoe_status acmoe__batch_buffers(const acmoe_lm *L, int32_t **tokens, int32_t **targets) {
-    size_t n = (size_t)L->d.batch * L->d.seq_len;
+static acmoe_status acmoe__batch_buffers(const acmoe_lm *model, int32_t **tokens, int32_t **targets) {
+    size_t n = (size_t)model->desc.batch * model->desc.seq_len;
     *tokens = (int32_t *)ACMOE_MALLOC(sizeof(int32_t) * n * 2);
     *targets = *tokens ? *tokens + n : NULL;
     return *tokens ? ACMOE_OK : ACMOE_ERR_NOMEM;
@@ -7140,9 +7140,9 @@ static void acmoe__corrupt_tokens(int32_t *tokens, size_t n, float corrupt, int 
 
 /* Mean loss over batches from the validation split, with inputs damaged as
    acmoe_lm_evaluate_corrupted describes; tokens and targets are scratch. */
-static acmoe_status acmoe__evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches, uint64_t seed,
+static acmoe_status acmoe__evaluate(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, int batches, uint64_t seed,
                                     float corrupt, int32_t *tokens, int32_t *targets, double *loss) {
-    const size_t n = (size_t)L->d.batch * L->d.seq_len;
+    const size_t n = (size_t)model->desc.batch * model->desc.seq_len;
     acmoe_rng rng, damage;
     double total = 0.0;
     int i;
@@ -7151,10 +7151,10 @@ static acmoe_status acmoe__evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_cor
     for (i = 0; i < batches; i++) {
         float l;
         acmoe_status s;
-        s = acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, L->d.batch, L->d.seq_len, tokens, targets);
+        s = acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, model->desc.batch, model->desc.seq_len, tokens, targets);
         if (s != ACMOE_OK) return s;
-        if (corrupt > 0.0f) acmoe__corrupt_tokens(tokens, n, corrupt, L->d.vocab, &damage);
-        s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 0, &l);
+        if (corrupt > 0.0f) acmoe__corrupt_tokens(tokens, n, corrupt, model->desc.vocab, &damage);
+        s = acmoe_lm_forward(model, ctx, tokens, targets, model->desc.batch, model->desc.seq_len, 0, &l);
         if (s != ACMOE_OK) return s;
         total += l;
     }
@@ -7162,22 +7162,22 @@ static acmoe_status acmoe__evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_cor
     return ACMOE_OK;
 }
 
-ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
                                                    uint64_t seed, float corrupt, double *loss) {
     int32_t *tokens, *targets;
     acmoe_status s;
-    if (!L || !ctx || !c || (!c->bytes && !c->tokens) || !loss) return ACMOE_ERR_NULL;
-    if (batches < 1 || L->d.n_classes || !(corrupt >= 0.0f && corrupt <= 1.0f) || c->vocab > L->d.vocab)
+    if (!model || !ctx || !c || (!c->bytes && !c->tokens) || !loss) return ACMOE_ERR_NULL;
+    if (batches < 1 || model->desc.n_classes || !(corrupt >= 0.0f && corrupt <= 1.0f) || c->vocab > model->desc.vocab)
         return ACMOE_ERR_ARG;
-    s = acmoe__batch_buffers(L, &tokens, &targets);
-    if (s == ACMOE_OK) s = acmoe__evaluate(L, ctx, c, batches, seed, corrupt, tokens, targets, loss);
+    s = acmoe__batch_buffers(model, &tokens, &targets);
+    if (s == ACMOE_OK) s = acmoe__evaluate(model, ctx, c, batches, seed, corrupt, tokens, targets, loss);
     ACMOE_FREE(tokens);
     return s;
 }
 
-ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
+ACMOE_API acmoe_status acmoe_lm_evaluate(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, int batches,
                                          uint64_t seed, double *loss) {
-    return acmoe_lm_evaluate_corrupted(L, ctx, c, batches, seed, 0.0f, loss);
+    return acmoe_lm_evaluate_corrupted(model, ctx, c, batches, seed, 0.0f, loss);
 }
 
 /* Fills the timing fields of an event from the context clock. */
@@ -7187,52 +7187,52 @@ static void acmoe__event_times(const acmoe_ctx *ctx, acmoe_train_event *e, doubl
     e->eta_seconds = seconds / (double)trained * (double)(e->steps - e->step);
 }
 
-ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *L, acmoe_ctx *ctx, const acmoe_corpus *c,
+ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c,
                                       const acmoe_train_desc *desc) {
-    acmoe_train_desc d;
+    acmoe_train_desc resolved;
     int32_t *tokens, *targets;
     acmoe_status s;
     double seconds = 0.0;
     long trained = 0;
-    const size_t batch_tokens = L ? (size_t)L->d.batch * L->d.seq_len : 0;
-    if (!L || !ctx || !c || (!c->bytes && !c->tokens) || !desc) return ACMOE_ERR_NULL;
-    if (L->d.n_classes || c->vocab > L->d.vocab) return ACMOE_ERR_ARG; /* tokens the model has no row for */
-    d = *desc;
-    if (!d.eval_every) d.eval_every = 250;
-    if (!d.eval_batches) d.eval_batches = 8;
-    if (!d.log_every) d.log_every = 50;
-    if (!d.eval_seed) d.eval_seed = 12345;
-    if (d.steps < 0 || d.eval_every < 1 || d.eval_batches < 1 || d.log_every < 1) return ACMOE_ERR_ARG;
-    if (!(d.eval_corrupt >= 0.0f && d.eval_corrupt <= 1.0f)) return ACMOE_ERR_ARG;
-    d.optim = acmoe__optim_resolve(&desc->optim);
-    if (!acmoe__optim_valid(&d.optim)) return ACMOE_ERR_ARG;
-    L->train_seed = d.seed;
-    s = acmoe__batch_buffers(L, &tokens, &targets);
-    while (s == ACMOE_OK && L->steps < d.steps) {
+    const size_t batch_tokens = model ? (size_t)model->desc.batch * model->desc.seq_len : 0;
+    if (!model || !ctx || !c || (!c->bytes && !c->tokens) || !desc) return ACMOE_ERR_NULL;
+    if (model->desc.n_classes || c->vocab > model->desc.vocab) return ACMOE_ERR_ARG; /* tokens the model has no row for */
+    resolved = *desc;
+    if (!resolved.eval_every) resolved.eval_every = 250;
+    if (!resolved.eval_batches) resolved.eval_batches = 8;
+    if (!resolved.log_every) resolved.log_every = 50;
+    if (!resolved.eval_seed) resolved.eval_seed = 12345;
+    if (resolved.steps < 0 || resolved.eval_every < 1 || resolved.eval_batches < 1 || resolved.log_every < 1) return ACMOE_ERR_ARG;
+    if (!(resolved.eval_corrupt >= 0.0f && resolved.eval_corrupt <= 1.0f)) return ACMOE_ERR_ARG;
+    resolved.optim = acmoe__optim_resolve(&desc->optim);
+    if (!acmoe__optim_valid(&resolved.optim)) return ACMOE_ERR_ARG;
+    model->train_seed = resolved.seed;
+    s = acmoe__batch_buffers(model, &tokens, &targets);
+    while (s == ACMOE_OK && model->steps < resolved.steps) {
         acmoe_train_event e;
         acmoe_rng rng;
         double start = acmoe__clock_start(ctx);
         memset(&e, 0, sizeof e);
-        e.step = L->steps + 1, e.steps = d.steps;
-        acmoe_rng_seed(&rng, d.seed * 1000003u + (uint64_t)e.step);
-        s = acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, L->d.batch, L->d.seq_len, tokens, targets);
-        e.lr = acmoe_lr_at(&d.optim, L->steps);
-        if (s == ACMOE_OK) s = acmoe_lm_forward(L, ctx, tokens, targets, L->d.batch, L->d.seq_len, 1, &e.loss);
-        if (s == ACMOE_OK) acmoe_lm_zero_grad(L), s = acmoe_lm_backward(L, ctx);
-        if (s == ACMOE_OK) s = acmoe_lm_step(L, ctx, &d.optim, &e.grad_norm);
+        e.step = model->steps + 1, e.steps = resolved.steps;
+        acmoe_rng_seed(&rng, resolved.seed * 1000003u + (uint64_t)e.step);
+        s = acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, model->desc.batch, model->desc.seq_len, tokens, targets);
+        e.lr = acmoe_lr_at(&resolved.optim, model->steps);
+        if (s == ACMOE_OK) s = acmoe_lm_forward(model, ctx, tokens, targets, model->desc.batch, model->desc.seq_len, 1, &e.loss);
+        if (s == ACMOE_OK) acmoe_lm_zero_grad(model), s = acmoe_lm_backward(model, ctx);
+        if (s == ACMOE_OK) s = acmoe_lm_step(model, ctx, &resolved.optim, &e.grad_norm);
         if (s != ACMOE_OK) break;
         acmoe__lap(ctx, &start, &seconds);
         trained++;
         acmoe__event_times(ctx, &e, seconds, trained, batch_tokens);
-        if ((e.step % d.log_every == 0 || e.step == d.steps) && d.on_event && d.on_event(&e, L, d.user))
+        if ((e.step % resolved.log_every == 0 || e.step == resolved.steps) && resolved.on_event && resolved.on_event(&e, model, resolved.user))
             s = ACMOE_STOPPED;
-        if (s == ACMOE_OK && (e.step % d.eval_every == 0 || e.step == d.steps)) {
+        if (s == ACMOE_OK && (e.step % resolved.eval_every == 0 || e.step == resolved.steps)) {
             e.kind = ACMOE_EVENT_EVAL;
-            s = acmoe__evaluate(L, ctx, c, d.eval_batches, d.eval_seed, 0.0f, tokens, targets, &e.val_loss);
-            if (s == ACMOE_OK && d.eval_corrupt > 0.0f)
-                s = acmoe__evaluate(L, ctx, c, d.eval_batches, d.eval_seed, d.eval_corrupt, tokens, targets,
+            s = acmoe__evaluate(model, ctx, c, resolved.eval_batches, resolved.eval_seed, 0.0f, tokens, targets, &e.val_loss);
+            if (s == ACMOE_OK && resolved.eval_corrupt > 0.0f)
+                s = acmoe__evaluate(model, ctx, c, resolved.eval_batches, resolved.eval_seed, resolved.eval_corrupt, tokens, targets,
                                     &e.val_loss_corrupted);
-            if (s == ACMOE_OK && d.on_event && d.on_event(&e, L, d.user)) s = ACMOE_STOPPED;
+            if (s == ACMOE_OK && resolved.on_event && resolved.on_event(&e, model, resolved.user)) s = ACMOE_STOPPED;
         }
     }
     ACMOE_FREE(tokens);

@@ -156,9 +156,9 @@ static int replay_noise(acmoe_lm *lm, acmoe_rng *replay, float draws[][MAX_TOKEN
     size_t j;
     for (i = 0; i < lm->n_layers; i++) {
         const acmoe_moe *m = lm->blocks[i].moe;
-        const int e = m->d.n_experts, n = lm->blocks[i].n; /* a Swin stage has its own rows */
-        const float deviation = m->d.gate_noise / (float)e;
-        if (m->d.router_select != ACMOE_SELECT_PRIORITY || m->d.gate_noise == 0.0f || !m->training) continue;
+        const int e = m->desc.n_experts, n = lm->blocks[i].n; /* a Swin stage has its own rows */
+        const float deviation = m->desc.gate_noise / (float)e;
+        if (m->desc.router_select != ACMOE_SELECT_PRIORITY || m->desc.gate_noise == 0.0f || !m->training) continue;
         if (count == MAX_NOISY || e > MAX_EXPERTS) return -1;
         for (j = 0; j < (size_t)n * e; j++) {
             draws[count][j] = acmoe_rng_normal(replay);
@@ -304,7 +304,7 @@ static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
     for (i = 0; i < noisy; i++) {
         snprintf(noise_names[i], sizeof noise_names[i], "noise.layers.%d", layer_of[i]);
         t[4 + i].name = noise_names[i], t[4 + i].dtype = "F32", t[4 + i].ndim = 2, t[4 + i].data = draws[i];
-        t[4 + i].shape[0] = lm->blocks[layer_of[i]].n, t[4 + i].shape[1] = lm->blocks[layer_of[i]].moe->d.n_experts;
+        t[4 + i].shape[0] = lm->blocks[layer_of[i]].n, t[4 + i].shape[1] = lm->blocks[layer_of[i]].moe->desc.n_experts;
     }
     snprintf(meta, sizeof meta, "\"case\":\"%s\",\"pattern\":\"%s\",\"routers\":\"%s\",\"train\":\"%d\"", c->name,
              c->pattern, c->routers, !c->eval);
