@@ -421,7 +421,7 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
    reference. One backward call per forward call: it reuses the forward caches, so a second
    call is ACMOE_ERR_ARG. */
 ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, const float *dout, float *dx);
-ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *layer);
+ACMOE_API acmoe_moe_stats acmoe_moe_last_stats(const acmoe_moe *layer);
 /* The options the layer runs with, defaults resolved (all zero for NULL). */
 ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer);
 /* Frozen, the AC router keeps the weights W of the last unfrozen forward call instead of
@@ -458,7 +458,7 @@ ACMOE_API void acmoe_moe_set_training(acmoe_moe *layer, int train, acmoe_rng *no
    embedded by a linear layer plus learned positions; attention sees every patch (no causal
    mask); the head classifies the mean of the last layer's rows (after the final norm, with
    pre-LN) into n_classes. vocab and untied_head do not apply. It trains with
-   acmoe_lm_forward_patches, acmoe_lm_backward and acmoe_lm_step, and saves and loads like a
+   acmoe_vision_forward, acmoe_lm_backward and acmoe_lm_step, and saves and loads like a
    language model; the token calls, decoding and the corpus loop refuse it (ACMOE_ERR_ARG).
 
    Swin-style backbone (Liu et al. 2021, as the paper's Swin-MoE runs use it), with window >
@@ -518,7 +518,7 @@ ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *model, acmoe_ctx *ctx, const i
                                         float *loss);
 /* Vision encoder: patches [batch][seq_len][patch_dim]; with labels [batch], *loss is the mean
    cross-entropy plus the auxiliary losses. Logits [batch][n_classes] in acmoe_lm_logits. */
-ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *model, acmoe_ctx *ctx, const float *patches,
+ACMOE_API acmoe_status acmoe_vision_forward(acmoe_lm *model, acmoe_ctx *ctx, const float *patches,
                                                 const int32_t *labels, int batch, int train, float *loss);
 /* An image [height][width][channels] cut into (height / patch) x (width / patch) patches, row
    by row, each patch x patch x channels floats in the image's order: patches [count][patch *
@@ -684,7 +684,7 @@ ACMOE_API acmoe_status acmoe_corpus_view_tokens(acmoe_corpus *c, const int32_t *
 /* A regular file of little-endian int32 token ids: ACMOE_ERR_FORMAT for a length that is not
    a multiple of 4 or a negative id. */
 ACMOE_API acmoe_status acmoe_corpus_load_tokens(acmoe_corpus *c, const char *path, float val_fraction);
-ACMOE_API void acmoe_corpus_free(acmoe_corpus *c);
+ACMOE_API void acmoe_corpus_destroy(acmoe_corpus *c);
 /* tokens, targets [batch][seq]; a split shorter than seq + 1 bytes repeats its last bytes. */
 ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split split, acmoe_rng *rng, int batch,
                                           int seq, int32_t *tokens, int32_t *targets);
@@ -4113,7 +4113,7 @@ static acmoe_moe_stats acmoe__moe_routing_stats(const acmoe_moe *layer) {
     return st;
 }
 
-ACMOE_API acmoe_moe_stats acmoe_moe_get_stats(const acmoe_moe *layer) {
+ACMOE_API acmoe_moe_stats acmoe_moe_last_stats(const acmoe_moe *layer) {
     acmoe_moe_stats st;
     if (!layer) {
         memset(&st, 0, sizeof st);
@@ -5737,7 +5737,7 @@ static void acmoe__mean_rows(const float *x, int batch, int seq, int d, float *p
     }
 }
 
-ACMOE_API acmoe_status acmoe_lm_forward_patches(acmoe_lm *model, acmoe_ctx *ctx, const float *patches,
+ACMOE_API acmoe_status acmoe_vision_forward(acmoe_lm *model, acmoe_ctx *ctx, const float *patches,
                                                 const int32_t *labels, int batch, int train, float *loss) {
     int d, seq, pd, i, q;
     const float *top;
@@ -7096,7 +7096,7 @@ ACMOE_API acmoe_status acmoe_corpus_load_tokens(acmoe_corpus *c, const char *pat
     return ACMOE_OK;
 }
 
-ACMOE_API void acmoe_corpus_free(acmoe_corpus *c) {
+ACMOE_API void acmoe_corpus_destroy(acmoe_corpus *c) {
     if (!c) return;
     ACMOE_FREE(c->owned);
     memset(c, 0, sizeof *c);

@@ -529,7 +529,7 @@ static moe_timing moe_time_routers(acmoe_ctx *ctx, moe_bench *b, const timing_pl
             double t0 = now_seconds();
             moe_step(ctx, &b[r]);
             times[r][reps] = now_seconds() - t0;
-            shares[r][reps] = acmoe_moe_get_stats(b[r].layer).seconds_routing / times[r][reps];
+            shares[r][reps] = acmoe_moe_last_stats(b[r].layer).seconds_routing / times[r][reps];
         }
         ratios[reps] = times[2][reps] / times[1][reps]; /* AC, cosine: see moe_routers */
     }
@@ -719,8 +719,8 @@ typedef struct image_batch {
 static void vision_step(acmoe_lm *lm, acmoe_ctx *ctx, const void *batch) {
     const image_batch *b = (const image_batch *)batch;
     float loss;
-    check_status(acmoe_lm_forward_patches(lm, ctx, b->patches, b->labels, VISION_BATCH, 1, &loss),
-                 "acmoe_lm_forward_patches");
+    check_status(acmoe_vision_forward(lm, ctx, b->patches, b->labels, VISION_BATCH, 1, &loss),
+                 "acmoe_vision_forward");
     acmoe_lm_zero_grad(lm);
     check_status(acmoe_lm_backward(lm, ctx), "acmoe_lm_backward");
     check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");

@@ -57,9 +57,9 @@ int main(void) {
        SMoE layer's choices as its labels. */
     check(acmoe_moe_forward(smoe, ctx, x, N, NULL, NULL, 0, h), "SMoE forward");
     for (i = 0; i < N * D; i++) h[i] += x[i];
-    s1 = acmoe_moe_get_stats(smoe);
+    s1 = acmoe_moe_last_stats(smoe);
     check(acmoe_moe_forward(ac, ctx, h, N, s1.expert_index, s1.gate, s1.top_k, out), "AC forward");
-    s2 = acmoe_moe_get_stats(ac);
+    s2 = acmoe_moe_last_stats(ac);
     printf("token  SMoE experts  -> AC experts (gates)\n");
     for (i = 0; i < 4; i++)
         printf("%5d  %d %d           -> %d %d (%.3f %.3f)\n", i, s1.expert_index[i * K], s1.expert_index[i * K + 1],

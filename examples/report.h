@@ -88,7 +88,7 @@ static inline void print_stability_of(acmoe_lm *lm, int layer, char letter, int 
     int *printed = (int *)user;
     if (letter == 'f' || !after_moe) return;
     if (!(*printed)++) printf("  router stability (token pairs whose best-expert relation changed, running mean):");
-    printf(" layer %d %.3f", layer + 1, acmoe_moe_get_stats(acmoe_lm_moe(lm, layer)).router_stability);
+    printf(" layer %d %.3f", layer + 1, acmoe_moe_last_stats(acmoe_lm_moe(lm, layer)).router_stability);
 }
 
 /* The router stability (see acmoe_moe_stats) of each MoE layer that has an MoE layer before
@@ -124,7 +124,7 @@ static inline double print_loads(acmoe_lm *lm, int print) {
     int l, j, have_prev = 0;
     memset(&prev, 0, sizeof prev);
     for (l = 0; l < acmoe_lm_n_layers(lm); l++) {
-        const acmoe_moe_stats st = acmoe_moe_get_stats(acmoe_lm_moe(lm, l));
+        const acmoe_moe_stats st = acmoe_moe_last_stats(acmoe_lm_moe(lm, l));
         int top = 0;
         if (st.n_experts < 2 || st.pairs == 0) continue;
         for (j = 0; j < st.n_experts; j++) top = st.tokens_per_expert[j] > top ? st.tokens_per_expert[j] : top;
@@ -292,7 +292,7 @@ typedef struct layer_log {
 
 static inline void log_layer_of(acmoe_lm *lm, int layer, char letter, int after_moe, void *user) {
     const layer_log *u = (const layer_log *)user;
-    const acmoe_moe_stats st = acmoe_moe_get_stats(acmoe_lm_moe(lm, layer));
+    const acmoe_moe_stats st = acmoe_moe_last_stats(acmoe_lm_moe(lm, layer));
     FILE *f = u->report->log;
     int j;
     if (letter == 'f') return;

@@ -314,7 +314,7 @@ int main(int argc, char **argv) {
     if (n > 1) print_comparison(results, n, &o);
     if (log) fclose(log);
     acmoe_ctx_destroy(ctx);
-    acmoe_corpus_free(&c);
+    acmoe_corpus_destroy(&c);
     free(corpus_bytes);
     return 0;
 }

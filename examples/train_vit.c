@@ -170,7 +170,7 @@ static double test_accuracy(acmoe_lm *lm, acmoe_ctx *ctx, const dataset *test, c
         count = test->count - i < size ? test->count - i : size;
         for (b = 0; b < count; b++) room->index[b] = i + b, room->labels[b] = test->labels[i + b];
         to_patches(&corrupted, room->index, count, o->patch, room->patches);
-        check(acmoe_lm_forward_patches(lm, ctx, room->patches, room->labels, count, 0, &batch_loss), "test");
+        check(acmoe_vision_forward(lm, ctx, room->patches, room->labels, count, 0, &batch_loss), "test");
         loss_sum += (double)batch_loss * count;
         for (b = 0; b < count; b++) {
             const float *z = acmoe_lm_logits(lm) + (size_t)b * CLASSES;
@@ -243,7 +243,7 @@ static double train_steps(acmoe_lm *lm, acmoe_ctx *ctx, const run *u, const data
         for (b = 0; b < size; b++) room->index[b] = (int)acmoe_rng_below(&rng, (uint32_t)train->count);
         for (b = 0; b < size; b++) room->labels[b] = train->labels[room->index[b]];
         to_patches(train, room->index, size, o->patch, room->patches);
-        check(acmoe_lm_forward_patches(lm, ctx, room->patches, room->labels, size, 1, &loss), "forward");
+        check(acmoe_vision_forward(lm, ctx, room->patches, room->labels, size, 1, &loss), "forward");
         acmoe_lm_zero_grad(lm);
         check(acmoe_lm_backward(lm, ctx), "backward");
         check(acmoe_lm_step(lm, ctx, &opt, &norm), "step");

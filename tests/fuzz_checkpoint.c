@@ -38,7 +38,7 @@ static acmoe_status train_pass(acmoe_lm *lm, acmoe_ctx *ctx) {
         const int classes = d.n_classes ? d.n_classes : d.vocab;
         tokens[i] = (int32_t)((i * 7) % (size_t)classes), targets[i] = (int32_t)((i * 5 + 3) % (size_t)classes);
     }
-    if (d.n_classes) s = acmoe_lm_forward_patches(lm, ctx, patches, targets, batch, 1, &loss);
+    if (d.n_classes) s = acmoe_vision_forward(lm, ctx, patches, targets, batch, 1, &loss);
     else s = acmoe_lm_forward(lm, ctx, tokens, targets, batch, seq, 1, &loss);
     free(patches);
     if (s != ACMOE_OK) return s;

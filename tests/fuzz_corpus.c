@@ -77,7 +77,7 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size) {
     if (s == ACMOE_OK) {
         if (c.size != size || memcmp(c.bytes, data, size) || c.train_size > c.size) abort();
         check_batches(&c, data, size);
-        acmoe_corpus_free(&c);
+        acmoe_corpus_destroy(&c);
     } else if (written && !(s == ACMOE_ERR_EMPTY && size == 0) && s != ACMOE_ERR_ARG && s != ACMOE_ERR_SHAPE) {
         abort(); /* a readable file is refused only for being empty or too short to split, or the fraction */
     }

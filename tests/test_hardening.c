@@ -947,7 +947,7 @@ static void test_null_pointers(void) {
     CHECK_STATUS(acmoe_moe_backward(layer, ctx, NULL, f + 16), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_moe_backward(layer, ctx, f, NULL), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_moe_backward(layer, ctx, f, f + 32), ACMOE_OK);
-    ss = acmoe_moe_get_stats(NULL);
+    ss = acmoe_moe_last_stats(NULL);
     CHECK(!memcmp(&ss, &sz, sizeof ss));
     mz = acmoe_moe_settings(NULL);
     CHECK(mz.d_model == 0 && mz.n_experts == 0 && mz.max_tokens == 0);
@@ -967,9 +967,9 @@ static void test_null_pointers(void) {
     CHECK_STATUS(acmoe_lm_forward(lm, NULL, tok, tgt, 2, 16, 0, &loss), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_lm_forward(lm, ctx, NULL, tgt, 2, 16, 0, &loss), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, tgt, 2, 16, 0, NULL), ACMOE_ERR_NULL);
-    CHECK_STATUS(acmoe_lm_forward_patches(NULL, ctx, f, tgt, 2, 0, &loss), ACMOE_ERR_NULL);
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, NULL, f, tgt, 2, 0, &loss), ACMOE_ERR_NULL);
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, NULL, tgt, 2, 0, &loss), ACMOE_ERR_NULL);
+    CHECK_STATUS(acmoe_vision_forward(NULL, ctx, f, tgt, 2, 0, &loss), ACMOE_ERR_NULL);
+    CHECK_STATUS(acmoe_vision_forward(lm, NULL, f, tgt, 2, 0, &loss), ACMOE_ERR_NULL);
+    CHECK_STATUS(acmoe_vision_forward(lm, ctx, NULL, tgt, 2, 0, &loss), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_image_patches(NULL, 4, 4, 1, 2, f), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_image_patches(f, 4, 4, 1, 2, NULL), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_lm_backward(NULL, ctx), ACMOE_ERR_NULL);
@@ -998,7 +998,7 @@ static void test_null_pointers(void) {
     CHECK_STATUS(acmoe_corpus_view(&corpus, NULL, sizeof text, 0.25f), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_corpus_view(&corpus, text, sizeof text, 0.25f), ACMOE_OK);
     CHECK_STATUS(acmoe_corpus_load(NULL, CKPT, 0.25f), ACMOE_ERR_NULL);
-    acmoe_corpus_free(NULL);
+    acmoe_corpus_destroy(NULL);
     CHECK_STATUS(acmoe_corpus_batch(NULL, ACMOE_SPLIT_TRAIN, &rng, 2, 4, tok, tgt), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_corpus_batch(&corpus, ACMOE_SPLIT_TRAIN, NULL, 2, 4, tok, tgt), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_corpus_batch(&corpus, ACMOE_SPLIT_TRAIN, &rng, 2, 4, NULL, tgt), ACMOE_ERR_NULL);
@@ -1037,7 +1037,7 @@ static int load_checkpoint_from(void *path) {
 static int load_corpus_from(void *path) {
     acmoe_corpus c;
     acmoe_status s = acmoe_corpus_load(&c, (const char *)path, 0.1f);
-    if (s == ACMOE_OK) acmoe_corpus_free(&c);
+    if (s == ACMOE_OK) acmoe_corpus_destroy(&c);
     return exit_code(s);
 }
 
@@ -1286,7 +1286,7 @@ typedef struct training_env {
 static acmoe_status attempt_corpus_load(void *path) {
     acmoe_corpus c;
     acmoe_status s = acmoe_corpus_load(&c, (const char *)path, 0.2f);
-    if (s == ACMOE_OK) acmoe_corpus_free(&c);
+    if (s == ACMOE_OK) acmoe_corpus_destroy(&c);
     return s;
 }
 

@@ -40,7 +40,7 @@ static void lm_routing(acmoe_lm *lm, int *out, int max) {
     int l, p, at = 0;
     memset(out, 0, sizeof(int) * (size_t)max);
     for (l = 0; l < acmoe_lm_n_layers(lm); l++) {
-        acmoe_moe_stats st = acmoe_moe_get_stats(acmoe_lm_moe(lm, l));
+        acmoe_moe_stats st = acmoe_moe_last_stats(acmoe_lm_moe(lm, l));
         for (p = 0; p < st.pairs && at + 2 <= max; p++) out[at++] = st.pair_token[p], out[at++] = st.pair_expert[p];
     }
 }
@@ -69,7 +69,7 @@ static double lm_loss(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tok, const in
     acmoe_status s;
     if (acmoe_lm_settings(lm).n_classes) {
         tiny_images(tok, tgt, patches, labels);
-        s = acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss);
+        s = acmoe_vision_forward(lm, ctx, patches, labels, 2, 0, &loss);
     } else {
         s = acmoe_lm_forward(lm, ctx, tok, tgt, 2, 5, 0, &loss);
     }
@@ -98,7 +98,7 @@ static double swin_loss(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tok, const 
     acmoe_rng_seed(&rng, 17);
     for (i = 0; i < 2 * 16 * 3; i++) patches[i] = acmoe_rng_normal(&rng);
     labels[0] = tgt[0] % 4, labels[1] = tgt[5] % 4;
-    if (acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss) != ACMOE_OK) return NAN;
+    if (acmoe_vision_forward(lm, ctx, patches, labels, 2, 0, &loss) != ACMOE_OK) return NAN;
     if (routing) lm_routing(lm, routing, 512);
     return loss;
 }
@@ -378,7 +378,7 @@ static void test_vision_learns(void) {
     acmoe_rng_seed(&rng, 21);
     for (step = 0; step < 300; step++) {
         marked_images(&rng, patches, labels);
-        CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
+        CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
         if (step == 0) start_loss = loss;
         acmoe_lm_zero_grad(lm);
         CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
@@ -386,7 +386,7 @@ static void test_vision_learns(void) {
     }
     for (step = 0; step < 50; step++) { /* 100 new images */
         marked_images(&rng, patches, labels);
-        CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+        CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
         for (b = 0; b < 2; b++) {
             const float *z = acmoe_lm_logits(lm) + b * 4;
             int best = 0;
@@ -395,23 +395,23 @@ static void test_vision_learns(void) {
         }
     }
     CHECKF(correct >= 90 && loss < 0.5f * start_loss, "%d of 100 right, loss %g from %g", correct, loss, start_loss);
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
     memcpy(first, acmoe_lm_logits(lm), sizeof first);
     for (i = 15; i < 30; i++) patches[i] += 1.0f;
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
     CHECK(memcmp(first, acmoe_lm_logits(lm), sizeof first) == 0);
     tiny_batch(tok, tok, 10, 3);
     CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, 2, 5, 0, NULL), ACMOE_ERR_ARG);
     CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, 5, 0), ACMOE_ERR_ARG);
     labels[0] = 4;
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_ARG);
     labels[0] = 0, patches[7] = NAN;
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_NONFINITE);
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 3, 0, &loss), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_NONFINITE);
+    CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, labels, 3, 0, &loss), ACMOE_ERR_SHAPE);
     acmoe_lm_destroy(lm);
     d = tiny_desc("gm", 0, 0);
     CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, labels, 2, 0, &loss), ACMOE_ERR_ARG);
     acmoe_lm_destroy(lm);
     d = tiny_vision_desc("gm", 0);
     d.patch_dim = 0;
@@ -489,11 +489,11 @@ static void test_lm_moe_settings(void) {
     CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
     tiny_batch(tok, tgt, 10, 5);
     tiny_images(tok, tgt, patches, labels);
-    CHECK_STATUS(acmoe_lm_forward_patches(lm, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
+    CHECK_STATUS(acmoe_vision_forward(lm, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
     for (l = 1; l < 3; l++) {
         const acmoe_moe *layer = acmoe_lm_moe(lm, l);
         CHECK(acmoe_moe_settings(layer).group == ACMOE_GROUP_SEQUENCE);
-        CHECK(acmoe_moe_get_stats(layer).tokens_per_expert[0] == 2); /* a slot for each image */
+        CHECK(acmoe_moe_last_stats(layer).tokens_per_expert[0] == 2); /* a slot for each image */
     }
     acmoe_lm_destroy(lm);
     acmoe_ctx_destroy(ctx);
@@ -770,17 +770,17 @@ static void test_checkpoint_vision(void) {
     tiny_images(tok, tgt, patches, labels);
     CHECK_STATUS(acmoe_lm_create(&a, &d), ACMOE_OK);
     if (!a) return;
-    CHECK_STATUS(acmoe_lm_forward_patches(a, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
+    CHECK_STATUS(acmoe_vision_forward(a, ctx, patches, labels, 2, 1, &loss), ACMOE_OK);
     CHECK_STATUS(acmoe_lm_backward(a, ctx), ACMOE_OK);
     CHECK_STATUS(acmoe_lm_step(a, ctx, &o, NULL), ACMOE_OK);
-    CHECK_STATUS(acmoe_lm_forward_patches(a, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_vision_forward(a, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
     memcpy(logits, acmoe_lm_logits(a), sizeof logits);
     CHECK_STATUS(acmoe_lm_save(a, CKPT_PATH), ACMOE_OK);
     CHECK_STATUS(acmoe_lm_load(&b, CKPT_PATH), ACMOE_OK);
     if (b) {
         acmoe_lm_desc db = acmoe_lm_settings(b);
         CHECK(db.n_classes == 4 && db.patch_dim == 3 && db.pre_ln == 1 && strcmp(db.pattern, "gmc") == 0);
-        CHECK_STATUS(acmoe_lm_forward_patches(b, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
+        CHECK_STATUS(acmoe_vision_forward(b, ctx, patches, NULL, 2, 0, NULL), ACMOE_OK);
         CHECK(memcmp(logits, acmoe_lm_logits(b), sizeof logits) == 0);
     }
     acmoe_lm_destroy(a), acmoe_lm_destroy(b);

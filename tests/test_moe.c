@@ -84,7 +84,7 @@ static double fixture_loss(fixture *f) {
     double loss;
     int i;
     if (acmoe_moe_forward(f->layer, f->ctx, f->x, f->n, f->prev, f->prev_gate, 2, f->out) != ACMOE_OK) return NAN;
-    loss = acmoe_moe_get_stats(f->layer).aux_loss;
+    loss = acmoe_moe_last_stats(f->layer).aux_loss;
     for (i = 0; i < f->n * f->desc.d_model; i++) loss += (double)f->out[i] * f->r[i];
     return loss;
 }
@@ -93,7 +93,7 @@ static double fixture_loss(fixture *f) {
    perturbation that changes it. */
 #define ROUTING_MAX 256
 static void routing_copy(fixture *f, int *routing) {
-    acmoe_moe_stats st = acmoe_moe_get_stats(f->layer);
+    acmoe_moe_stats st = acmoe_moe_last_stats(f->layer);
     int p;
     memset(routing, 0, sizeof(int) * ROUTING_MAX);
     routing[0] = st.pairs;
@@ -279,7 +279,7 @@ static void check_soft_vectors(char router, int mix_labels, const double want[4]
         prev_gate[2 * t] = (float)(a / (a + b)), prev_gate[2 * t + 1] = (float)(b / (a + b));
     }
     CHECK_STATUS(acmoe_moe_forward(layer, ctx, x, 4, prev_idx, prev_gate, 2, out), ACMOE_OK);
-    st = acmoe_moe_get_stats(layer);
+    st = acmoe_moe_last_stats(layer);
     CHECK(st.top_k == 2);
     for (t = 0; t < 4; t++) {
         double a = exp(want_logits[t][0]), b = exp(want_logits[t][1]);
@@ -318,7 +318,7 @@ static void test_moe_router_stability(void) {
         fixture_make_desc(&f, &d, 12, 41);
         CHECK(isfinite(fixture_loss(&f)));
         {
-            acmoe_moe_stats st = acmoe_moe_get_stats(f.layer);
+            acmoe_moe_stats st = acmoe_moe_last_stats(f.layer);
             first = stability_by_pairs(&f, &st);
             CHECKF(fabs(st.router_stability - 0.2 * first) < 1e-6, "%c: %g, want %g", routers[r], st.router_stability,
                    0.2 * first);
@@ -327,7 +327,7 @@ static void test_moe_router_stability(void) {
         for (i = 0; i < 12; i++) f.prev[2 * i] = (i * 7) % 4; /* other labels */
         CHECK(isfinite(fixture_loss(&f)));
         {
-            acmoe_moe_stats st = acmoe_moe_get_stats(f.layer);
+            acmoe_moe_stats st = acmoe_moe_last_stats(f.layer);
             second = stability_by_pairs(&f, &st);
             want = 0.8 * 0.2 * first + 0.2 * second;
             CHECKF(fabs(st.router_stability - want) < 1e-6, "%c: %g, want %g", routers[r], st.router_stability, want);
@@ -404,7 +404,7 @@ static void test_moe_priority_reference(void) {
         copy = noise;
         acmoe_moe_set_training(f.layer, train, &noise);
         CHECK(isfinite(fixture_loss(&f)));
-        st = acmoe_moe_get_stats(f.layer);
+        st = acmoe_moe_last_stats(f.layer);
         for (t = 0; t < N; t++) { /* logits: the router weight (no bias) comes first */
             double top_z = -1e30, sum = 0.0, sum_clean = 0.0, top_clean = -1e30;
             for (j = 0; j < E; j++) {
@@ -475,7 +475,7 @@ static void test_moe_forward_reference(void) {
     int t, s, q, j, bad = 0, load[4] = {0};
     fixture_make(&f, 'g', ACMOE_ACT_RELU, 12, 7);
     CHECK(isfinite(fixture_loss(&f)));
-    st = acmoe_moe_get_stats(f.layer);
+    st = acmoe_moe_last_stats(f.layer);
     CHECK(st.n_tokens == 12 && st.top_k == 2 && st.n_experts == 4);
     for (t = 0; t < 12; t++) {
         /* parameters in layout order: router weights [4][6], bias [4], w1, b1, w2, b2 */
@@ -534,7 +534,7 @@ static void test_moe_soft_reference(void) {
     f.params[S * DM] = 2.5f; /* a scale other than its initial 1 */
     scale = f.params[S * DM];
     CHECK(isfinite(fixture_loss(&f)));
-    st = acmoe_moe_get_stats(f.layer);
+    st = acmoe_moe_last_stats(f.layer);
     for (t = 0; t < N; t++) { /* unit rows, logits, the combine softmax over the slots */
         double norm = 0.0, top = -1e30, sum = 0.0;
         for (q = 0; q < DM; q++) norm += (double)f.x[t * DM + q] * f.x[t * DM + q];
@@ -642,7 +642,7 @@ static void test_moe_routing_invariants(void) {
         acmoe_moe_stats st;
         fixture_make(&f, routers[r], ACMOE_ACT_RELU, 12, 11);
         CHECK(isfinite(fixture_loss(&f)));
-        st = acmoe_moe_get_stats(f.layer);
+        st = acmoe_moe_last_stats(f.layer);
         for (t = 0, total = 0; t < 12; t++) {
             float sum = 0.0f;
             for (s = 0; s < 2; s++) sum += st.gate[2 * t + s];
@@ -658,7 +658,7 @@ static void test_moe_routing_invariants(void) {
         fixture f;
         fixture_make(&f, 'g', ACMOE_ACT_RELU, 1, 12);
         CHECK(isfinite(fixture_loss(&f)));
-        CHECK(acmoe_moe_get_stats(f.layer).n_tokens == 1);
+        CHECK(acmoe_moe_last_stats(f.layer).n_tokens == 1);
         CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
         fixture_free(&f);
     }
@@ -682,7 +682,7 @@ static void test_moe_usmoe_budget(void) {
             d.seq_len = 4; /* 3 sequences of 4 tokens */
             fixture_make_desc(&f, &d, 12, 50 + (uint64_t)(g * 2 + b));
             CHECK(isfinite(fixture_loss(&f)));
-            st = acmoe_moe_get_stats(f.layer);
+            st = acmoe_moe_last_stats(f.layer);
             for (p = 0; p < st.pairs; p++) {
                 int t = st.pair_token[p];
                 per_group[groups[g] == ACMOE_GROUP_BATCH ? 0 : (groups[g] == ACMOE_GROUP_SEQUENCE ? t / 4 : t % 4)]++;
@@ -709,7 +709,7 @@ static void test_moe_expert_choice_capacity(void) {
     int j, p, seen[4][12] = {{0}};
     fixture_make(&f, 'e', ACMOE_ACT_RELU, 12, 61); /* capacity 2: 6 tokens per expert */
     CHECK(isfinite(fixture_loss(&f)));
-    st = acmoe_moe_get_stats(f.layer);
+    st = acmoe_moe_last_stats(f.layer);
     CHECK(st.pairs == 24);
     for (j = 0; j < 4; j++) CHECK(st.tokens_per_expert[j] == 6);
     for (p = 0; p < st.pairs; p++) seen[st.pair_expert[p]][st.pair_token[p]]++;
@@ -727,7 +727,7 @@ static void test_moe_capacity_drops(void) {
     d.capacity = 0.5f; /* ceil(0.5 * 12 * 2 / 4) = 3 pairs per expert */
     fixture_make_desc(&f, &d, 12, 71);
     CHECK(isfinite(fixture_loss(&f)));
-    st = acmoe_moe_get_stats(f.layer);
+    st = acmoe_moe_last_stats(f.layer);
     for (j = 0; j < 4; j++) CHECK(st.tokens_per_expert[j] <= 3);
     CHECK(st.dropped > 0 && st.pairs + st.dropped == 24);
     CHECK_STATUS(acmoe_moe_backward(f.layer, f.ctx, f.r, f.dx), ACMOE_OK);
@@ -741,7 +741,7 @@ static void test_moe_switch_gate(void) {
     int t;
     fixture_make(&f, 's', ACMOE_ACT_RELU, 12, 13);
     CHECK(isfinite(fixture_loss(&f)));
-    st = acmoe_moe_get_stats(f.layer);
+    st = acmoe_moe_last_stats(f.layer);
     CHECK(st.pairs == 12);
     for (t = 0; t < 12; t++) { /* the pair's gate is p; the hand-off gate, softmax over k = 1, is 1 */
         CHECK(st.pair_token[t] == t && st.pair_expert[t] == st.expert_index[t]);

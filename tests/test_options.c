@@ -355,7 +355,7 @@ static void test_token_corpus(void) {
         CHECK_STATUS(acmoe_lm_evaluate(model, ctx, &corpus, 4, 9, &loss), ACMOE_OK);
         CHECKF(loss < 2.0, "held-out loss %g after 30 steps on a fixed successor (uniform: 2.56)", loss);
     }
-    acmoe_corpus_free(&corpus);
+    acmoe_corpus_destroy(&corpus);
     CHECK(corpus.tokens == NULL && corpus.owned == NULL);
     ids[10] = 20; /* beyond the model's 13 */
     CHECK_STATUS(acmoe_corpus_view_tokens(&corpus, ids, 400, 0.5f), ACMOE_OK);

@@ -267,7 +267,7 @@ static int run_case(const ref_case *c, acmoe_ctx *ctx, const char *dir) {
         acmoe_lm_zero_grad(lm);
         train = step < TRAIN_STEPS || !c->eval;
         replay = lm->rng;
-        s = c->vision ? acmoe_lm_forward_patches(lm, ctx, patches, labels, batch, train, &loss)
+        s = c->vision ? acmoe_vision_forward(lm, ctx, patches, labels, batch, train, &loss)
                       : acmoe_lm_forward(lm, ctx, tokens, targets, batch, seq, train, &loss);
         if (s == ACMOE_OK && step == TRAIN_STEPS && (noisy = replay_noise(lm, &replay, draws, layer_of)) < 0)
             s = ACMOE_ERR_ARG;
