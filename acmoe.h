@@ -4084,6 +4084,28 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, cons
     return s;
 }
 
+/* Why the layer's route of a token depends on the other tokens of the call (so that a token
+   cannot be decoded alone), or NULL when it does not. */
+static const char *acmoe__moe_not_per_token(const acmoe_moe *layer) {
+    if (acmoe__grouped(&layer->desc)) return "it routes groups of tokens together";
+    if (layer->desc.router_select == ACMOE_SELECT_EXPERT_CHOICE) return "its experts choose among the call's tokens";
+    if (layer->desc.capacity > 0.0f) return "its capacity limit counts the call's tokens";
+    if (layer->desc.router_input == ACMOE_INPUT_AC && !layer->ac_ready)
+        return "it has no AC weights: run a forward pass (or load a checkpoint saved after one), then call "
+               "acmoe_lm_freeze_ac_weights";
+    if (layer->desc.router_input == ACMOE_INPUT_AC && !layer->ac_frozen)
+        return "its AC weights are not frozen: call acmoe_lm_freeze_ac_weights";
+    return NULL;
+}
+
+/* The tokens per sequence of the next calls, which sequence and position groups follow;
+   the model sets it for each call (a Swin stage has its own). */
+static void acmoe__moe_set_seq_len(acmoe_moe *layer, int seq_len) { layer->desc.seq_len = seq_len; }
+
+/* The bytes of the layer's workspace, and the auxiliary loss of its last forward call. */
+static size_t acmoe__moe_memory_bytes(const acmoe_moe *layer) { return layer->memory_bytes; }
+static float acmoe__moe_aux_loss(const acmoe_moe *layer) { return layer->aux_loss; }
+
 /* The stats without the AC weight summary, which reads all of W: what the next layer needs
    on every forward call. */
 static acmoe_moe_stats acmoe__moe_routing_stats(const acmoe_moe *layer) {
@@ -5320,7 +5342,7 @@ ACMOE_API void acmoe_lm_memory(const acmoe_lm *model, size_t *params, size_t *gr
                                size_t *activations) {
     size_t bytes = model ? model->n_params * sizeof(float) : 0, moe = 0;
     int i;
-    for (i = 0; model && i < model->n_layers; i++) moe += model->blocks[i].moe->memory_bytes;
+    for (i = 0; model && i < model->n_layers; i++) moe += acmoe__moe_memory_bytes(model->blocks[i].moe);
     if (params) *params = bytes;
     if (grads) *grads = bytes;
     if (optimizer) *optimizer = 2 * bytes;
@@ -5613,7 +5635,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
     } else {
         acmoe__layernorm(ctx, x + o, block->a + o, rows, d, block->ln1_g, block->ln1_b, block->xhat1 + o, block->rstd1 + r0, block->h + o);
     }
-    block->moe->desc.seq_len = model->desc.window ? block->tokens : model->seq; /* groups follow this call's sequences */
+    acmoe__moe_set_seq_len(block->moe, model->desc.window ? block->tokens : model->seq); /* groups follow this call's sequences */
     acmoe_moe_set_training(block->moe, model->training, &model->rng);
     s = acmoe_moe_forward(block->moe, ctx, (pre ? block->moe_in : block->h) + o, rows, *have_prev ? prev->expert_index : NULL,
                           *have_prev ? prev->gate : NULL, *have_prev ? prev->top_k : 0, block->m + o);
@@ -5655,7 +5677,7 @@ static acmoe_status acmoe__lm_trunk(acmoe_lm *model, acmoe_ctx *ctx, const float
         }
         s = acmoe__block_forward(model, ctx, block, x, &prev, &have_prev);
         x = block->y;
-        *aux += block->moe->aux_loss;
+        *aux += acmoe__moe_aux_loss(block->moe);
     }
     if (s != ACMOE_OK) return s;
     rows = model->blocks[model->n_layers - 1].n;
@@ -5778,21 +5800,6 @@ ACMOE_API acmoe_status acmoe_vision_forward(acmoe_lm *model, acmoe_ctx *ctx, con
     return ACMOE_OK;
 }
 
-/* Why layer i's route of a token depends on the other tokens of the call, or NULL when it
-   does not. */
-static const char *acmoe__layer_not_per_token(const acmoe_lm *model, int i) {
-    const acmoe_moe *m = model->blocks[i].moe;
-    if (acmoe__grouped(&m->desc)) return "it routes groups of tokens together";
-    if (m->desc.router_select == ACMOE_SELECT_EXPERT_CHOICE) return "its experts choose among the call's tokens";
-    if (m->desc.capacity > 0.0f) return "its capacity limit counts the call's tokens";
-    if (m->desc.router_input == ACMOE_INPUT_AC && !m->ac_ready)
-        return "it has no AC weights: run a forward pass (or load a checkpoint saved after one), then call "
-               "acmoe_lm_freeze_ac_weights";
-    if (m->desc.router_input == ACMOE_INPUT_AC && !m->ac_frozen)
-        return "its AC weights are not frozen: call acmoe_lm_freeze_ac_weights";
-    return NULL;
-}
-
 ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *model, char *why, size_t cap) {
     int i;
     if (why && cap) why[0] = '\0';
@@ -5802,7 +5809,7 @@ ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *model, char *why, size_t cap
         return 0;
     }
     for (i = 0; i < model->n_layers; i++) {
-        const char *reason = acmoe__layer_not_per_token(model, i);
+        const char *reason = acmoe__moe_not_per_token(model->blocks[i].moe);
         if (!reason) continue;
         if (why) snprintf(why, cap, "layer %d (%s): %s", i + 1, acmoe_router_name(model->blocks[i].letter), reason);
         return 0;
