@@ -502,6 +502,10 @@ typedef struct acmoe_lm acmoe_lm;
 ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc);
 ACMOE_API void acmoe_lm_destroy(acmoe_lm *model);
 ACMOE_API acmoe_lm_desc acmoe_lm_settings(const acmoe_lm *model); /* with defaults resolved */
+/* Checks desc as acmoe_lm_create does, layer by layer, without making the model's buffers:
+   the status acmoe_lm_create would return for a bad descriptor, and in *out (may be NULL) the
+   options acmoe_lm_settings would show (pattern: desc's, or "ggc"). */
+ACMOE_API acmoe_status acmoe_lm_resolve(const acmoe_lm_desc *desc, acmoe_lm_desc *out);
 ACMOE_API size_t acmoe_lm_param_count(const acmoe_lm *model);
 ACMOE_API float *acmoe_lm_params(acmoe_lm *model);
 ACMOE_API float *acmoe_lm_grads(acmoe_lm *model);
@@ -5303,6 +5307,20 @@ ACMOE_API acmoe_status acmoe_lm_create(acmoe_lm **out, const acmoe_lm_desc *desc
         return s;
     }
     acmoe__lm_init(model);
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_status acmoe_lm_resolve(const acmoe_lm_desc *desc, acmoe_lm_desc *out) {
+    acmoe_lm *model;
+    acmoe_status s;
+    if (!desc) return ACMOE_ERR_NULL;
+    s = acmoe__lm_plan(&model, desc);
+    if (s != ACMOE_OK) return s;
+    if (out) {
+        *out = model->desc;
+        out->pattern = desc->pattern ? desc->pattern : "ggc"; /* the plan's copy goes with it */
+    }
+    acmoe_lm_destroy(model);
     return ACMOE_OK;
 }
 

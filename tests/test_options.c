@@ -374,6 +374,40 @@ static void test_token_corpus(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+/* acmoe_lm_resolve: the settings and the status of acmoe_lm_create, without a model. */
+static void test_resolve(void) {
+    static const char *const patterns[] = {"gc", "gfx", "gu", "gm", "tt", "na"};
+    acmoe_lm_desc desc, resolved;
+    acmoe_lm *model = NULL;
+    int i, count, o;
+    const acmoe_option *options = acmoe_model_options(&count);
+    for (i = 0; i < 6; i++) {
+        acmoe_status want, got;
+        desc = small_desc(patterns[i]);
+        if (i == 5) desc.top_k = 9; /* more than the experts: refused */
+        want = acmoe_lm_create(&model, &desc);
+        got = acmoe_lm_resolve(&desc, &resolved);
+        CHECKF(got == want, "%s: resolve %d, create %d", patterns[i], (int)got, (int)want);
+        if (model) {
+            acmoe_lm_desc settings = acmoe_lm_settings(model);
+            for (o = 0; o < count; o++) {
+                char a[64], b[64];
+                acmoe_option_format(&options[o], &settings, a, sizeof a);
+                acmoe_option_format(&options[o], &resolved, b, sizeof b);
+                CHECKF(strcmp(a, b) == 0, "%s: %s %s, resolved %s", patterns[i], options[o].key, a, b);
+            }
+            CHECK(strcmp(resolved.pattern, settings.pattern) == 0 && resolved.seed == settings.seed);
+        }
+        acmoe_lm_destroy(model);
+        model = NULL;
+    }
+    CHECK_STATUS(acmoe_lm_resolve(NULL, &resolved), ACMOE_ERR_NULL);
+    desc = small_desc(NULL);
+    CHECK_STATUS(acmoe_lm_resolve(&desc, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_resolve(&desc, &resolved), ACMOE_OK);
+    CHECK(strcmp(resolved.pattern, "ggc") == 0 && resolved.moe.ac.clip == 10.0f);
+}
+
 const test_case options_tests[] = {
     {"options_enum_names", test_enum_names},
     {"options_set_and_format", test_option_set_and_format},
@@ -383,5 +417,6 @@ const test_case options_tests[] = {
     {"checkpoint_set_ac_weights", test_set_ac_weights},
     {"checkpoint_weights_only", test_weights_only},
     {"corpus_tokens", test_token_corpus},
+    {"options_resolve", test_resolve},
     {0, 0},
 };
