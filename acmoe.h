@@ -234,6 +234,8 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
    unit-norm expert embeddings, the input itself not normalised.)
      'u' USMoE       token,     linear, unified score, top pairs of each group; no router
                                         bias, position groups (the USMoE code)
+     'v' AC USMoE    AC,        cosine, USMoE's selection on the AC router's scores: a
+                                        composition of the two papers no paper has run
      'e' expert      token,     linear, each expert takes its top tokens (non-causal)
      't' Swin-MoE    token,     linear, priority: Swin-MoE's gate (no bias, noise 1/E in
                                         training, capacity 1.25, load and importance loss
@@ -390,6 +392,7 @@ typedef struct acmoe_moe_stats {
        call. */
     float router_stability;
     int ac_clusters;              /* AC: rows of W (1 + the largest previous index) */
+    int ac_small_clusters;        /* ... of clusters with fewer than 2 tokens (weights 1/eps) */
     float ac_w_min, ac_w_max, ac_w_mean;
     /* Soft MoE: there are no pairs; tokens_per_expert counts slots, expert_index holds the
        experts of each token's mix_k best slots by logit (an expert may come twice with
@@ -422,6 +425,20 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
    call is ACMOE_ERR_ARG. */
 ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, const float *dout, float *dx);
 ACMOE_API acmoe_moe_stats acmoe_moe_last_stats(const acmoe_moe *layer);
+/* How tightly the last forward call's tokens sit around their experts, the paper's
+   question: tokens clustered by their best expert, in the layer's input space. within is
+   the mean distance from a token to its cluster's centroid, between the mean distance
+   between two clusters' centroids; plain = within / between, lower is tighter. ac is the same
+   ratio in the metric the AC router routes in: each cluster's feature weights W computed
+   from these clusters with the layer's AC options (any router), a token measured with its
+   cluster's weights and two centroids with the mean of theirs. Soft MoE: a token's expert is
+   its best slot's. Reads the forward call's x, which must be unchanged; allocates its
+   scratch. ACMOE_ERR_ARG for a dense layer or before any forward call. */
+typedef struct acmoe_tightness {
+    float plain, ac;
+    int clusters; /* experts that are some token's best */
+} acmoe_tightness;
+ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightness *out);
 /* The options the layer runs with, defaults resolved (all zero for NULL). */
 ACMOE_API acmoe_moe_desc acmoe_moe_settings(const acmoe_moe *layer);
 /* Frozen, the AC router keeps the weights W of the last unfrozen forward call instead of
@@ -531,6 +548,11 @@ ACMOE_API acmoe_status acmoe_image_patches(const float *image, int height, int w
                                            float *patches);
 /* Adds the gradients of the last forward call's loss to the gradient buffer. */
 ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *model, acmoe_ctx *ctx);
+/* Vision encoder, after acmoe_lm_backward: the loss's gradient with respect to the patches
+   of the forward call, d_patches [batch][seq_len][patch_dim], as adversarial attacks (FGSM,
+   PGD) need. AC weights count as constants, as in the backward pass. ACMOE_ERR_ARG without
+   a backward call since the last forward call. */
+ACMOE_API acmoe_status acmoe_vision_input_grad(acmoe_lm *model, acmoe_ctx *ctx, float *d_patches);
 ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *model);
 ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *model); /* [batch * seq][vocab], or [batch][n_classes] */
 /* Incremental decoding of one sequence: the logits of positions [start, len) of tokens
@@ -2642,6 +2664,7 @@ ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *desc, char letter
         {'x', ACMOE_INPUT_PROJECTED, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
         {'c', ACMOE_INPUT_AC, ACMOE_SCORE_COSINE, ACMOE_SELECT_TOPK},
         {'u', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_USMOE},
+        {'v', ACMOE_INPUT_AC, ACMOE_SCORE_COSINE, ACMOE_SELECT_USMOE},
         {'t', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_PRIORITY},
         {'w', ACMOE_INPUT_AC, ACMOE_SCORE_LINEAR, ACMOE_SELECT_PRIORITY},
         {'e', ACMOE_INPUT_TOKEN, ACMOE_SCORE_LINEAR, ACMOE_SELECT_EXPERT_CHOICE},
@@ -4157,8 +4180,65 @@ ACMOE_API acmoe_moe_stats acmoe_moe_last_stats(const acmoe_moe *layer) {
             sum += layer->ac_w[i];
         }
         st.ac_w_mean = (float)(sum / (double)total);
+        for (i = 0; i < (size_t)layer->ac_rows; i++) st.ac_small_clusters += layer->ac_count[i] < 2;
     }
     return st;
+}
+
+/* sqrt(sum_q w_q (a_q - b_q)^2), with w_q the mean of wa and wb (both NULL: plain). */
+static double acmoe__weighted_distance(const float *a, const float *b, const float *wa, const float *wb, int d) {
+    double sum = 0.0;
+    int q;
+    for (q = 0; q < d; q++) {
+        const double dev = (double)a[q] - b[q], w = wa ? 0.5 * ((double)wa[q] + wb[q]) : 1.0;
+        sum += w * dev * dev;
+    }
+    return sqrt(sum);
+}
+
+/* within / between for the clusters mu, count, with weights w [E][d] or none. */
+static float acmoe__tightness_ratio(const acmoe_moe *layer, const float *mu, const int *count, const float *w) {
+    const int d = layer->desc.d_model, e = layer->desc.n_experts;
+    double within = 0.0, between = 0.0;
+    long pairs = 0;
+    int t, a, b;
+    for (t = 0; t < layer->n; t++) {
+        const int c = layer->top_idx[(size_t)t * layer->label_k];
+        const float *wc = w ? w + (size_t)c * d : NULL;
+        within += acmoe__weighted_distance(layer->x + (size_t)t * d, mu + (size_t)c * d, wc, wc, d);
+    }
+    for (a = 0; a < e; a++)
+        for (b = a + 1; b < e; b++) {
+            if (!count[a] || !count[b]) continue;
+            between += acmoe__weighted_distance(mu + (size_t)a * d, mu + (size_t)b * d, w ? w + (size_t)a * d : NULL,
+                                                w ? w + (size_t)b * d : NULL, d);
+            pairs++;
+        }
+    if (!pairs || between <= 0.0) return 0.0f; /* one cluster: no spread between clusters */
+    return (float)((within / layer->n) / (between / (double)pairs));
+}
+
+ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightness *out) {
+    const int d = layer ? layer->desc.d_model : 0, e = layer ? layer->desc.n_experts : 0;
+    acmoe_ac_desc ac;
+    float *mu, *w;
+    int *count, c, rows = 0;
+    if (!layer || !out) return ACMOE_ERR_NULL;
+    memset(out, 0, sizeof *out);
+    if (layer->desc.router_select == ACMOE_SELECT_DENSE || !layer->x || layer->n < 1)
+        return ACMOE_ERR_ARG;
+    if (acmoe__ac_resolve(&layer->desc.ac, &ac) != ACMOE_OK) return ACMOE_ERR_ARG;
+    count = (int *)ACMOE_MALLOC(sizeof(int) * (size_t)e + sizeof(float) * 2 * (size_t)e * d);
+    if (!count) return ACMOE_ERR_NOMEM;
+    mu = (float *)(count + e), w = mu + (size_t)e * d;
+    acmoe__ac_counts(layer->top_idx, layer->label_k, layer->n, e, count);
+    for (c = 0; c < e; c++) out->clusters += count[c] > 0, rows = count[c] > 0 ? c + 1 : rows;
+    acmoe__ac_dispersion(&ac, layer->x, layer->n, d, layer->top_idx, layer->label_k, rows, count, mu, w, 0, d);
+    acmoe__ac_weights(&ac, w, rows, d, count); /* rows as the AC router has them: up to the largest label */
+    out->plain = acmoe__tightness_ratio(layer, mu, count, NULL);
+    out->ac = acmoe__tightness_ratio(layer, mu, count, w);
+    ACMOE_FREE(count);
+    return ACMOE_OK;
 }
 
 /* ========================================================================================== */
@@ -4652,10 +4732,10 @@ ACMOE_API int acmoe_enum_value(acmoe_enum kind, const char *name) {
 }
 
 ACMOE_API const char *acmoe_router_name(char letter) {
-    static const char letters[] = "gsobxcuetwmnaf";
+    static const char letters[] = "gsobxcuvetwmnaf";
     static const char *const names[] = {"SMoE",     "Switch",   "cosine",      "StableMoE", "XMoE",
-                                        "AC",       "USMoE",    "expert choice", "Swin-MoE", "AC Swin-MoE",
-                                        "Soft MoE", "Soft MoE (paper)", "AC Soft MoE", "dense"};
+                                        "AC",       "USMoE",    "AC USMoE",    "expert choice", "Swin-MoE",
+                                        "AC Swin-MoE", "Soft MoE", "Soft MoE (paper)", "AC Soft MoE", "dense"};
     const char *at = letter ? strchr(letters, letter) : NULL;
     return at ? names[at - letters] : NULL;
 }
@@ -4859,6 +4939,7 @@ struct acmoe_lm {
     float *g_tok_emb, *g_pos_emb, *g_head, *g_lnf_g, *g_lnf_b;
     float *patch_w, *patch_b, *head_b, *g_patch_w, *g_patch_b, *g_head_b; /* vision encoder */
     float *patches, *pooled; /* vision encoder: the last call's patches, the pooled rows */
+    const float *d_embedded; /* vision encoder: the last backward's gradient of the embedded patches */
     float *x0, *yf, *xhatf, *rstdf, *logits, *row_loss;
     float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *att_work;
     int att_slots; /* attention scratch slots in att_work */
@@ -5669,6 +5750,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
 static void acmoe__lm_begin(acmoe_lm *model, int batch, int seq, int start, int train) {
     model->batch = batch, model->seq = seq, model->n = batch * seq, model->start = start;
     model->cached = 0;
+    model->d_embedded = NULL;
     model->cache_step = -1; /* no decoding from these activations unless this call succeeds */
     model->dropped = train && model->desc.dropout > 0.0f;
     model->training = train != 0;
@@ -6046,9 +6128,17 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *model, acmoe_ctx *ctx) {
     job.model = model, job.dx = dy;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__embedding_grad_job, &job);
     if (!model->desc.n_classes) return ACMOE_OK;
+    model->d_embedded = dy;
     acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, model->g_patch_b, dy, NULL, model->n, d);
     return acmoe_matmul(ctx, ACMOE_TN, d, model->desc.patch_dim, model->n, dy, d, model->patches, model->desc.patch_dim, model->g_patch_w,
                         model->desc.patch_dim, 1);
+}
+
+ACMOE_API acmoe_status acmoe_vision_input_grad(acmoe_lm *model, acmoe_ctx *ctx, float *d_patches) {
+    if (!model || !ctx || !d_patches) return ACMOE_ERR_NULL;
+    if (!model->desc.n_classes || !model->d_embedded) return ACMOE_ERR_ARG;
+    return acmoe_matmul(ctx, ACMOE_NN, model->n, model->desc.patch_dim, model->desc.d_model, model->d_embedded,
+                        model->desc.d_model, model->patch_w, model->desc.patch_dim, d_patches, model->desc.patch_dim, 0);
 }
 
 /* ========================================================================================== */

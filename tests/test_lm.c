@@ -330,6 +330,79 @@ static void test_vision_gradients(void) {
     check_gradients(&d);
 }
 
+/* The loss of images made of patches [2][seq][3] with labels 1 and 2, and the routing. */
+static double patch_loss(acmoe_lm *lm, acmoe_ctx *ctx, const float *patches, int *routing) {
+    static const int32_t labels[2] = {1, 2};
+    float loss = NAN;
+    if (acmoe_vision_forward(lm, ctx, patches, labels, 2, 0, &loss) != ACMOE_OK) return NAN;
+    lm_routing(lm, routing, 512);
+    return loss;
+}
+
+/* acmoe_vision_input_grad against central differences of the loss along a random direction
+   of the patches and along single patch values, where no routing decision moves. */
+static void check_input_gradient(const acmoe_lm_desc *d) {
+    const int count = 2 * d->seq_len * 3;
+    acmoe_lm *lm = NULL;
+    acmoe_ctx *ctx = test_context(1, 0, 0, 0);
+    float patches[2 * 16 * 3], grad[2 * 16 * 3], dir[2 * 16 * 3], moved[2 * 16 * 3];
+    int base[512], routing[512], i, q, checked = 0, bad = 0;
+    double dot = 0.0, numeric = NAN;
+    acmoe_rng rng;
+    CHECK_STATUS(acmoe_lm_create(&lm, d), ACMOE_OK);
+    if (!lm) return;
+    acmoe_rng_seed(&rng, 23);
+    for (i = 0; i < count; i++) patches[i] = acmoe_rng_normal(&rng), dir[i] = acmoe_rng_normal(&rng);
+    CHECK_STATUS(acmoe_vision_input_grad(lm, ctx, grad), ACMOE_ERR_ARG); /* no backward yet */
+    CHECK(isfinite(patch_loss(lm, ctx, patches, base)));
+    acmoe_lm_freeze_ac_weights(lm, 1);
+    CHECK(isfinite(patch_loss(lm, ctx, patches, base)));
+    CHECK_STATUS(acmoe_vision_input_grad(lm, ctx, grad), ACMOE_ERR_ARG); /* a forward call, no backward */
+    CHECK_STATUS(acmoe_lm_backward(lm, ctx), ACMOE_OK);
+    CHECK_STATUS(acmoe_vision_input_grad(lm, ctx, grad), ACMOE_OK);
+    for (i = 0; i < count; i++) dot += (double)dir[i] * grad[i];
+    for (q = 0; q < 4 && isnan(numeric); q++) {
+        const float step = 1e-3f / (float)(1 << (2 * q));
+        double up, down;
+        int same;
+        for (i = 0; i < count; i++) moved[i] = patches[i] + step * dir[i];
+        up = patch_loss(lm, ctx, moved, routing), same = !memcmp(routing, base, sizeof routing);
+        for (i = 0; i < count; i++) moved[i] = patches[i] - step * dir[i];
+        down = patch_loss(lm, ctx, moved, routing), same &= !memcmp(routing, base, sizeof routing);
+        if (same) numeric = (up - down) / (2.0 * step);
+    }
+    CHECKF(fabs(numeric - dot) <= 2e-2 * fabs(dot) + 2e-3, "direction: numeric %.6g, analytic %.6g", numeric, dot);
+    for (i = 0; i < count; i++) {
+        const float h = 1e-2f;
+        double up, down;
+        memcpy(moved, patches, sizeof(float) * (size_t)count);
+        moved[i] = patches[i] + h, up = patch_loss(lm, ctx, moved, routing);
+        if (memcmp(routing, base, sizeof routing)) continue;
+        moved[i] = patches[i] - h, down = patch_loss(lm, ctx, moved, routing);
+        if (memcmp(routing, base, sizeof routing)) continue;
+        checked++;
+        numeric = (up - down) / (2.0 * h);
+        if (fabs(numeric - grad[i]) > 2e-3 + 3e-2 * fmax(fabs(numeric), fabs(grad[i]))) {
+            fprintf(stderr, "    patch value %d: numeric %.6g, analytic %.6g\n", i, numeric, grad[i]);
+            bad++;
+        }
+    }
+    CHECKF(bad == 0 && checked > count / 2, "%d of %d patch values wrong", bad, checked);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
+/* The input gradient of a post-LN encoder with AC, a pre-LN one with Soft MoE and its AC
+   variant, and a Swin-style backbone with Swin-MoE's gate and its AC variant. */
+static void test_vision_input_gradient(void) {
+    acmoe_lm_desc d = tiny_vision_desc("gfc", 0);
+    check_input_gradient(&d);
+    d = tiny_vision_desc("gma", 1);
+    check_input_gradient(&d);
+    d = tiny_swin_desc("gt|tw");
+    check_input_gradient(&d);
+}
+
 /* Patches come out row by row, each in the image's order; sides the patch does not divide
    are refused. */
 static void test_image_patches(void) {
@@ -1149,6 +1222,7 @@ const test_case lm_tests[] = {
     {"lm_moe_settings", test_lm_moe_settings},
     {"lm_grad_soft_moe", test_lm_grad_soft_moe},
     {"vision_gradients", test_vision_gradients},
+    {"vision_input_gradient", test_vision_input_gradient},
     {"swin_gradients", test_swin_gradients},
     {"swin_tensor_gradients", test_swin_tensor_gradients},
     {"swin_rules", test_swin_rules},

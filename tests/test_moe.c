@@ -192,6 +192,7 @@ static void test_grad_cosine(void) {
 static void test_grad_xmoe(void) { check_layer_gradients('x', ACMOE_ACT_GELU); }
 static void test_grad_ac(void) { check_layer_gradients('c', ACMOE_ACT_GELU); }
 static void test_grad_usmoe(void) { check_layer_gradients('u', ACMOE_ACT_GELU); }
+static void test_grad_ac_usmoe(void) { check_layer_gradients('v', ACMOE_ACT_GELU); }
 static void test_grad_expert_choice(void) { check_layer_gradients('e', ACMOE_ACT_GELU); }
 
 /* The AC variants and the compositions no paper has: AC weights with Switch and USMoE
@@ -332,6 +333,81 @@ static void test_moe_router_stability(void) {
             want = 0.8 * 0.2 * first + 0.2 * second;
             CHECKF(fabs(st.router_stability - want) < 1e-6, "%c: %g, want %g", routers[r], st.router_stability, want);
         }
+        fixture_free(&f);
+    }
+}
+
+/* within / between in double: tokens x [n][d] clustered by label [n] (stride k), weights w
+   [rows][d] per cluster or none. */
+static double tightness_by_hand(const float *x, int n, int d, const int32_t *label, int k, const float *w, int rows) {
+    double mu[4][6] = {{0}}, within = 0.0, between = 0.0;
+    int count[4] = {0}, t, a, b, q, pairs = 0;
+    for (t = 0; t < n; t++) {
+        count[label[t * k]]++;
+        for (q = 0; q < d; q++) mu[label[t * k]][q] += x[t * d + q];
+    }
+    for (a = 0; a < rows; a++)
+        for (q = 0; q < d && count[a]; q++) mu[a][q] /= count[a];
+    for (t = 0; t < n; t++) {
+        double sq = 0.0;
+        const int c = label[t * k];
+        for (q = 0; q < d; q++) sq += (w ? w[c * d + q] : 1.0) * pow(x[t * d + q] - mu[c][q], 2);
+        within += sqrt(sq);
+    }
+    for (a = 0; a < rows; a++)
+        for (b = a + 1; b < rows; b++) {
+            double sq = 0.0;
+            if (!count[a] || !count[b]) continue;
+            for (q = 0; q < d; q++) sq += (w ? 0.5 * (w[a * d + q] + w[b * d + q]) : 1.0) * pow(mu[a][q] - mu[b][q], 2);
+            between += sqrt(sq), pairs++;
+        }
+    return (within / n) / (between / pairs);
+}
+
+/* Cluster tightness of an SMoE and a Soft MoE layer, plain and in the AC metric, against the
+   formula by hand with the AC router's own weights for the same clusters; dense is refused. */
+static void test_moe_tightness(void) {
+    static const char routers[2] = {'g', 'n'};
+    int r;
+    for (r = 0; r < 2; r++) {
+        fixture f;
+        acmoe_tightness tight;
+        acmoe_moe_desc d = small_desc(routers[r], ACMOE_ACT_GELU);
+        acmoe_moe_stats st;
+        float w[4 * 6];
+        int32_t experts[24 * 2];
+        float gates[24 * 2];
+        int rows = 0, i;
+        d.mix_k = 2;
+        fixture_make_desc(&f, &d, 24, 43);
+        CHECK_STATUS(acmoe_moe_tightness(f.layer, &tight), ACMOE_ERR_ARG); /* no forward call yet */
+        CHECK(isfinite(fixture_loss(&f)));
+        CHECK_STATUS(acmoe_moe_tightness(f.layer, &tight), ACMOE_OK);
+        st = acmoe_moe_last_stats(f.layer);
+        for (i = 0; i < 24; i++) rows = st.expert_index[i * st.top_k] + 1 > rows ? st.expert_index[i * st.top_k] + 1 : rows;
+        {
+            acmoe_ac_desc ac = acmoe_moe_settings(f.layer).ac;
+            int w_rows = 0;
+            CHECK_STATUS(acmoe_ac_route(&ac, f.x, 24, 6, st.expert_index, st.top_k, f.params, 4, 2, experts, gates, NULL, w,
+                                        &w_rows),
+                         ACMOE_OK);
+            CHECK(w_rows == rows);
+        }
+        CHECK(tight.clusters >= 2);
+        CHECKF(fabs(tight.plain - tightness_by_hand(f.x, 24, 6, st.expert_index, st.top_k, NULL, rows)) < 1e-5,
+               "%c plain %g", routers[r], tight.plain);
+        CHECKF(fabs(tight.ac - tightness_by_hand(f.x, 24, 6, st.expert_index, st.top_k, w, rows)) < 1e-5, "%c ac %g",
+               routers[r], tight.ac);
+        CHECK(fabs(tight.ac - tight.plain) > 1e-3); /* the weights matter on random features */
+        fixture_free(&f);
+    }
+    {
+        fixture f;
+        acmoe_tightness tight;
+        fixture_make(&f, 'f', ACMOE_ACT_GELU, 8, 44);
+        CHECK(isfinite(fixture_loss(&f)));
+        CHECK_STATUS(acmoe_moe_tightness(f.layer, &tight), ACMOE_ERR_ARG);
+        CHECK_STATUS(acmoe_moe_tightness(NULL, &tight), ACMOE_ERR_NULL);
         fixture_free(&f);
     }
 }
@@ -875,6 +951,7 @@ const test_case moe_tests[] = {
     {"moe_soft_groups", test_moe_soft_groups},
     {"moe_soft_paper_vectors", test_moe_soft_paper_vectors},
     {"moe_router_stability", test_moe_router_stability},
+    {"moe_tightness", test_moe_tightness},
     {"moe_priority_reference", test_moe_priority_reference},
     {"moe_grad_priority", test_grad_priority},
     {"moe_deterministic", test_moe_deterministic},
@@ -888,6 +965,7 @@ const test_case moe_tests[] = {
     {"moe_grad_xmoe", test_grad_xmoe},
     {"moe_grad_ac", test_grad_ac},
     {"moe_grad_usmoe", test_grad_usmoe},
+    {"moe_grad_ac_usmoe", test_grad_ac_usmoe},
     {"moe_grad_expert_choice", test_grad_expert_choice},
     {"moe_grad_ac_variants", test_grad_ac_variants},
     {"moe_grad_soft", test_grad_soft},
