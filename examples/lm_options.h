@@ -11,7 +11,7 @@ typedef struct lm_options {
     run_options run;
     const char *prompt;
     int eval_every, eval_batches, sample, sample_top_k;
-    float target_bpc, temperature, eval_corrupt, sample_top_p;
+    float target_bpc, temperature, eval_corrupt, eval_wordswap, sample_top_p;
 } lm_options;
 
 #define FLAG_OPTIONS lm_options
@@ -21,6 +21,8 @@ static const flag lm_flags[] = {
     FLAG("--eval-batches", OPT_INT, eval_batches, 1, 65536, 0, "held-out batches per evaluation"),
     FLAG("--eval-corrupt", OPT_FLOAT, eval_corrupt, 0, 1, 0,
          "evaluate also with this share of input bytes replaced by random ones, targets kept (0: off)"),
+    FLAG("--eval-wordswap", OPT_FLOAT, eval_wordswap, 0, 1, 0,
+         "evaluate also on the held-out text with this share of each line's non-stopwords made AAA (0: off)"),
     FLAG("--target-bpc", OPT_FLOAT, target_bpc, 0, 8, 0, "report the first evaluation at or below this"),
     FLAG("--sample", OPT_INT, sample, 0, INT_MAX, 0, "characters to generate after training (0: none)"),
     FLAG("--temperature", OPT_FLOAT, temperature, 0, 100, 0, "sampling temperature (0: the likeliest byte)"),

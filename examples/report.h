@@ -99,43 +99,39 @@ static inline void print_stability(acmoe_lm *lm) {
     if (printed) printf("\n");
 }
 
+/* The mean gate of each token's top choice in the last call (1/k when the router no longer
+   discriminates between its k choices). */
+static inline double mean_top_gate(const acmoe_moe_stats *st) {
+    double sum = 0.0;
+    int t;
+    for (t = 0; t < st->n_tokens; t++) sum += st->gate[(size_t)t * st->top_k];
+    return st->n_tokens ? sum / st->n_tokens : 0.0;
+}
+
 /* An AC layer's weights in the last call: its clusters (the previous MoE layer's best
    experts), how many of them got fewer than two tokens (each flattens the other clusters'
-   weights unless --ac-robust is on), and the mean gate of its top choice (1/k when the
-   weights are flat and the router no longer discriminates). */
-static inline void print_ac_summary(int layer, const acmoe_moe_stats *st, const acmoe_moe_stats *prev) {
-    int count[256] = {0}, sparse = 0, c, t;
-    double top_gate = 0.0;
-    for (t = 0; t < prev->n_tokens; t++) {
-        const int label = prev->expert_index[(size_t)t * prev->top_k];
-        if (label < 256) count[label]++;
-    }
-    for (c = 0; c < st->ac_clusters && c < 256; c++) sparse += count[c] < 2;
-    for (t = 0; t < st->n_tokens; t++) top_gate += st->gate[(size_t)t * st->top_k];
+   weights unless --ac-robust is on), and its mean top gate. */
+static inline void print_ac_summary(int layer, const acmoe_moe_stats *st) {
     printf("  layer %d AC: %d clusters, %d with fewer than 2 tokens; W from %.3g to %.3g; mean top gate %.2f\n", layer,
-           st->ac_clusters, sparse, st->ac_w_min, st->ac_w_max, st->n_tokens ? top_gate / st->n_tokens : 0.0);
+           st->ac_clusters, st->ac_small_clusters, st->ac_w_min, st->ac_w_max, mean_top_gate(st));
 }
 
 /* Largest expert share over the mean share, worst MoE layer of the last call; with print,
    each layer's load and AC weights. */
 static inline double print_loads(acmoe_lm *lm, int print) {
     double worst = 1.0;
-    acmoe_moe_stats prev;
-    int l, j, have_prev = 0;
-    memset(&prev, 0, sizeof prev);
+    int l, j;
     for (l = 0; l < acmoe_lm_n_layers(lm); l++) {
         const acmoe_moe_stats st = acmoe_moe_last_stats(acmoe_lm_moe(lm, l));
         int top = 0;
         if (st.n_experts < 2 || st.pairs == 0) continue;
         for (j = 0; j < st.n_experts; j++) top = st.tokens_per_expert[j] > top ? st.tokens_per_expert[j] : top;
         worst = fmax(worst, (double)top * st.n_experts / st.pairs);
-        if (print) {
-            printf("  layer %d load (%% of pairs):", l + 1);
-            for (j = 0; j < st.n_experts; j++) printf(" %.0f", 100.0 * st.tokens_per_expert[j] / st.pairs);
-            printf("\n");
-            if (st.ac_clusters > 0 && have_prev) print_ac_summary(l + 1, &st, &prev);
-        }
-        prev = st, have_prev = 1;
+        if (!print) continue;
+        printf("  layer %d load (%% of pairs):", l + 1);
+        for (j = 0; j < st.n_experts; j++) printf(" %.0f", 100.0 * st.tokens_per_expert[j] / st.pairs);
+        printf("\n");
+        if (st.ac_clusters > 0) print_ac_summary(l + 1, &st);
     }
     return worst;
 }
@@ -227,7 +223,7 @@ typedef struct run_report {
 static inline FILE *log_open(const run_options *o, const char *program) {
     FILE *f;
     if (!o->log) return NULL;
-    f = fopen(o->log, "w");
+    f = fopen(o->log, o->resume ? "a" : "w"); /* a resumed run continues its log */
     if (!f) cli_fail(program, "--log %s: %s", o->log, strerror(errno));
     return f;
 }
@@ -275,14 +271,22 @@ static inline void log_step(const run_report *r, long step, float loss, float lr
     log_end(f);
 }
 
-/* An evaluation; corrupted_loss only when measured (corrupted). */
-static inline void log_eval(const run_report *r, long step, double val_loss, int corrupted, double corrupted_loss) {
+/* An evaluation: count measures by name (val_loss first). */
+static inline void log_eval_measures(const run_report *r, long step, const char *const *names, const double *values,
+                                     int count) {
     FILE *f = r->log;
+    int i;
     if (!f) return;
     log_begin(f, "eval", r->pattern, r->seed, step);
-    log_number(f, "val_loss", val_loss);
-    if (corrupted) log_number(f, "val_loss_corrupted", corrupted_loss);
+    for (i = 0; i < count; i++) log_number(f, names[i], values[i]);
     log_end(f);
+}
+
+/* An evaluation; corrupted_loss only when measured (corrupted). */
+static inline void log_eval(const run_report *r, long step, double val_loss, int corrupted, double corrupted_loss) {
+    static const char *const names[2] = {"val_loss", "val_loss_corrupted"};
+    const double values[2] = {val_loss, corrupted_loss};
+    log_eval_measures(r, step, names, values, corrupted ? 2 : 1);
 }
 
 typedef struct layer_log {
@@ -294,6 +298,7 @@ static inline void log_layer_of(acmoe_lm *lm, int layer, char letter, int after_
     const layer_log *u = (const layer_log *)user;
     const acmoe_moe_stats st = acmoe_moe_last_stats(acmoe_lm_moe(lm, layer));
     FILE *f = u->report->log;
+    acmoe_tightness tight;
     int j;
     if (letter == 'f') return;
     log_begin(f, "layer", u->report->pattern, u->report->seed, u->step);
@@ -302,8 +307,11 @@ static inline void log_layer_of(acmoe_lm *lm, int layer, char letter, int after_
     fprintf(f, ",\"pairs\":%d,\"dropped\":%d,\"tokens_per_expert\":[", st.pairs, st.dropped);
     for (j = 0; j < st.n_experts; j++) fprintf(f, "%s%d", j ? "," : "", st.tokens_per_expert[j]);
     fputc(']', f);
+    log_number(f, "top_gate_mean", mean_top_gate(&st));
+    if (acmoe_moe_tightness(acmoe_lm_moe(lm, layer), &tight) == ACMOE_OK)
+        log_number(f, "tightness_plain", tight.plain), log_number(f, "tightness_ac", tight.ac);
     if (st.ac_clusters > 0) {
-        fprintf(f, ",\"ac_clusters\":%d", st.ac_clusters);
+        fprintf(f, ",\"ac_clusters\":%d,\"small_clusters\":%d", st.ac_clusters, st.ac_small_clusters);
         log_number(f, "ac_w_min", st.ac_w_min), log_number(f, "ac_w_max", st.ac_w_max);
         log_number(f, "ac_w_mean", st.ac_w_mean);
     }

@@ -26,6 +26,7 @@
 #include "../acmoe.h"
 #include "lm_options.h"
 #include "report.h"
+#include "wordswap.h"
 
 typedef lm_options options;
 
@@ -77,7 +78,7 @@ static void check(acmoe_status s, const char *what) {
 
 typedef struct result {
     char pattern[64];
-    double val_loss, val_loss_corrupted, tokens_per_second, imbalance;
+    double val_loss, val_loss_corrupted, val_loss_wordswap, tokens_per_second, imbalance;
     int steps_to_target;
 } result;
 
@@ -117,12 +118,34 @@ static void sample_text(acmoe_lm *lm, acmoe_ctx *ctx, const options *o) {
     free(context);
 }
 
-/* What the training loop's events update: the progress display and the result. */
+/* What the training loop's events update: the progress display and the result; and what
+   the word-swap evaluation needs. */
 typedef struct run {
     const options *o;
     run_report report;
     result *r;
+    acmoe_ctx *ctx;
+    const acmoe_corpus *attacked; /* NULL without --eval-wordswap */
 } run;
+
+#define EVAL_SEED 12345 /* the training loop's default: every evaluation sees the same text */
+
+/* The held-out text under the word-swap attack as a corpus whose held-out part is all of
+   it, in *owned; NULL without --eval-wordswap. */
+static const acmoe_corpus *attack_corpus(const acmoe_corpus *c, const options *o, acmoe_corpus *attacked,
+                                         unsigned char **owned) {
+    size_t size = 0;
+    *owned = NULL;
+    if (o->eval_wordswap <= 0.0f) return NULL;
+    *owned = wordswap_text(c->bytes + c->train_size, c->size - c->train_size, o->eval_wordswap, EVAL_SEED, &size);
+    if (!*owned) check(ACMOE_ERR_NOMEM, "word-swap text");
+    memset(attacked, 0, sizeof *attacked);
+    attacked->bytes = *owned, attacked->size = size, attacked->train_size = 0, attacked->vocab = 256;
+    printf("word-swap attack: %.1f%% of each held-out line's words (at least one) that are not stopwords made " WORDSWAP_TOKEN
+           "; %lu held-out bytes become %lu\n",
+           100.0 * o->eval_wordswap, (unsigned long)(c->size - c->train_size), (unsigned long)size);
+    return attacked;
+}
 
 static double bpc(double loss) { return loss / log(2.0); }
 
@@ -141,12 +164,23 @@ static int on_event(const acmoe_train_event *e, acmoe_lm *lm, void *user) {
            exp(e->val_loss));
     if (o->eval_corrupt > 0.0f)
         printf("  (%.0f%% of input damaged: bpc %.3f)", 100.0 * o->eval_corrupt, bpc(e->val_loss_corrupted));
-    printf("\n");
     if (u->r->steps_to_target < 0 && bpc(e->val_loss) <= o->target_bpc) u->r->steps_to_target = (int)e->step;
     u->r->val_loss = e->val_loss;
     u->r->val_loss_corrupted = e->val_loss_corrupted;
-    log_eval(&u->report, e->step, e->val_loss, o->eval_corrupt > 0.0f, e->val_loss_corrupted);
-    log_layers(&u->report, lm, e->step); /* the layers' stats are the evaluation's */
+    log_layers(&u->report, lm, e->step); /* the layers' stats are the clean evaluation's */
+    u->r->val_loss_wordswap = NAN;
+    if (u->attacked) {
+        check(acmoe_lm_evaluate(lm, u->ctx, u->attacked, o->eval_batches, EVAL_SEED, &u->r->val_loss_wordswap),
+              "word-swap evaluation");
+        printf("  (word swap: bpc %.3f)", bpc(u->r->val_loss_wordswap));
+    }
+    printf("\n");
+    {
+        static const char *const names[3] = {"val_loss", "val_loss_corrupted", "val_loss_wordswap"};
+        const double values[3] = {e->val_loss, o->eval_corrupt > 0.0f ? e->val_loss_corrupted : NAN,
+                                  u->r->val_loss_wordswap};
+        log_eval_measures(&u->report, e->step, names, values, 3);
+    }
     checkpoint_save(&o->run, PROGRAM, lm, u->report.pattern, u->report.seed);
     return 0;
 }
@@ -185,8 +219,8 @@ static acmoe_lm *resume_run(options *o, const cli *c) {
 }
 
 /* Trains the resumed model, or a new one of the pattern and seed. */
-static result train(const char *pattern, long seed, const options *o, const acmoe_corpus *c, acmoe_ctx *ctx,
-                    int show_sample, acmoe_lm *resumed, FILE *log) {
+static result train(const char *pattern, long seed, const options *o, const acmoe_corpus *c,
+                    const acmoe_corpus *attacked, acmoe_ctx *ctx, int show_sample, acmoe_lm *resumed, FILE *log) {
     acmoe_train_desc t;
     acmoe_lm *lm = resumed ? resumed : create_model(pattern, seed, o);
     const char *model_pattern = acmoe_lm_settings(lm).pattern;
@@ -209,7 +243,7 @@ static result train(const char *pattern, long seed, const options *o, const acmo
     t.steps = o->run.steps, t.eval_every = o->eval_every, t.eval_batches = o->eval_batches;
     t.log_every = o->run.log_every, t.seed = (uint64_t)seed, t.eval_corrupt = o->eval_corrupt;
     t.optim = o->run.optim, t.optim.total_steps = o->run.steps;
-    u.o = o, u.r = &r;
+    u.o = o, u.r = &r, u.ctx = ctx, u.attacked = attacked;
     u.report.pattern = r.pattern, u.report.seed = seed, u.report.interactive = isatty(STDOUT_FILENO), u.report.log = log;
     t.on_event = on_event, t.user = &u;
     if (acmoe_lm_steps_taken(lm) >= o->run.steps)
@@ -240,7 +274,8 @@ static void format_target(const result *r, int seeds, char *out, size_t cap) {
    to the target, speed and the worst expert imbalance; then, with several seeds, the
    differences paired by seed (same batches, same held-out text, same damage). */
 static void print_comparison(result r[][RUN_MAX_SEEDS], int n, const options *o) {
-    static double clean[RUN_MAX_PATTERNS][RUN_MAX_SEEDS], damaged[RUN_MAX_PATTERNS][RUN_MAX_SEEDS];
+    static double clean[RUN_MAX_PATTERNS][RUN_MAX_SEEDS], damaged[RUN_MAX_PATTERNS][RUN_MAX_SEEDS],
+        swapped[RUN_MAX_PATTERNS][RUN_MAX_SEEDS];
     static char labels[RUN_MAX_PATTERNS][PATTERN_LABEL_MAX];
     const int seeds = o->run.seeds;
     char head[32];
@@ -253,6 +288,7 @@ static void print_comparison(result r[][RUN_MAX_SEEDS], int n, const options *o)
     snprintf(head, sizeof head, "%.0f%% damaged", 100.0 * o->eval_corrupt);
     printf("%-*s %16s", width, "pattern", seeds > 1 ? "val bpc (sd)" : "val bpc");
     if (o->eval_corrupt > 0.0f) printf(" %16s", head);
+    if (o->eval_wordswap > 0.0f) printf(" %16s", "word swap");
     printf(" %12s %10s %12s", "steps to bpc", "tok/s", "max/mean load");
     if (seeds > 1) printf("  val bpc by seed");
     printf("\n");
@@ -261,6 +297,7 @@ static void print_comparison(result r[][RUN_MAX_SEEDS], int n, const options *o)
         char target[48], stat[32];
         for (s = 0; s < seeds; s++) {
             clean[i][s] = bpc(r[i][s].val_loss), damaged[i][s] = bpc(r[i][s].val_loss_corrupted);
+            swapped[i][s] = bpc(r[i][s].val_loss_wordswap);
             tps[s] = r[i][s].tokens_per_second, load[s] = r[i][s].imbalance;
         }
         mean_sd(tps, seeds, &tps_mean, &unused);
@@ -269,6 +306,7 @@ static void print_comparison(result r[][RUN_MAX_SEEDS], int n, const options *o)
         format_stat(stat, sizeof stat, clean[i], seeds);
         printf("%-*s %16s", width, labels[i], stat);
         if (o->eval_corrupt > 0.0f) format_stat(stat, sizeof stat, damaged[i], seeds), printf(" %16s", stat);
+        if (o->eval_wordswap > 0.0f) format_stat(stat, sizeof stat, swapped[i], seeds), printf(" %16s", stat);
         printf(" %12s %10.0f %12.2f", target, tps_mean, load_mean);
         if (seeds > 1) {
             printf(" ");
@@ -282,14 +320,17 @@ static void print_comparison(result r[][RUN_MAX_SEEDS], int n, const options *o)
         print_paired(r[0][0].pattern, r[i][0].pattern, "clean", clean[0], clean[i], seeds, "bpc", 0);
         if (o->eval_corrupt > 0.0f)
             print_paired(r[0][0].pattern, r[i][0].pattern, head, damaged[0], damaged[i], seeds, "bpc", 0);
+        if (o->eval_wordswap > 0.0f)
+            print_paired(r[0][0].pattern, r[i][0].pattern, "word swap", swapped[0], swapped[i], seeds, "bpc", 0);
     }
 }
 
 int main(int argc, char **argv) {
     static result results[RUN_MAX_PATTERNS][RUN_MAX_SEEDS];
     char patterns[RUN_MAX_PATTERNS][MOE_PATTERN_MAX + 1];
-    unsigned char *corpus_bytes;
-    acmoe_corpus c;
+    unsigned char *corpus_bytes, *attacked_bytes;
+    acmoe_corpus c, attacked_corpus;
+    const acmoe_corpus *attacked;
     acmoe_ctx_desc cd = acmoe_ctx_defaults();
     acmoe_ctx *ctx;
     acmoe_lm *resumed = NULL;
@@ -302,6 +343,7 @@ int main(int argc, char **argv) {
     if (o.run.resume) resumed = resume_run(&o, &flags_given);
     n = run_patterns(&o.run, PROGRAM, patterns);
     c = load_corpus(o.run.data, &corpus_bytes);
+    attacked = attack_corpus(&c, &o, &attacked_corpus, &attacked_bytes);
     log = log_open(&o.run, PROGRAM);
     cd.n_threads = o.run.threads;
     cd.clock = now_seconds; /* rates and layer timings */
@@ -310,11 +352,11 @@ int main(int argc, char **argv) {
     for (s = 0; s < o.run.seeds; s++) /* seed by seed, so an interrupted run has whole pairings */
         for (i = 0; i < n; i++)
             results[i][s] =
-                train(patterns[i], o.run.seed + s, &o, &c, ctx, i == 0 && s == 0, i == 0 ? resumed : NULL, log);
+                train(patterns[i], o.run.seed + s, &o, &c, attacked, ctx, i == 0 && s == 0, i == 0 ? resumed : NULL, log);
     if (n > 1) print_comparison(results, n, &o);
     if (log) fclose(log);
     acmoe_ctx_destroy(ctx);
     acmoe_corpus_destroy(&c);
-    free(corpus_bytes);
+    free(corpus_bytes), free(attacked_bytes);
     return 0;
 }

@@ -1,6 +1,6 @@
 /* The option table and what reads it: enum names, setting and formatting options by name,
    every option surviving a checkpoint, the AC weights a checkpoint keeps for decoding,
-   weights-only files; token corpora. */
+   weights-only files; token corpora; the examples' word-swap attack. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,6 +8,7 @@
 
 #include "../acmoe.h"
 #include "harness.h"
+#include "../examples/wordswap.h"
 
 #define OPTIONS_PATH "build/test_options.safetensors"
 
@@ -408,6 +409,34 @@ static void test_resolve(void) {
     CHECK(strcmp(resolved.pattern, "ggc") == 0 && resolved.moe.ac.clip == 10.0f);
 }
 
+/* The attack swaps max(2.5 % of a line's words, 1) non-stopwords per line for AAA: stopwords
+   only as written in lower case, words with inner apostrophes whole, the same text for the
+   same seed, and lines without a swappable word as they were. */
+static void test_wordswap(void) {
+    static const char text[] = "the cat sat on the mat\nThe and of\nand of the\n\n";
+    const size_t size = sizeof text - 1;
+    size_t out_size = 0, again_size = 0;
+    unsigned char *out = wordswap_text((const unsigned char *)text, size, 0.025, 3, &out_size);
+    unsigned char *again = wordswap_text((const unsigned char *)text, size, 0.025, 3, &again_size);
+    char first[64];
+    CHECK(out && again);
+    if (!out || !again) return;
+    CHECK(out_size == again_size && !memcmp(out, again, out_size));
+    CHECK(out_size < sizeof first);
+    memcpy(first, out, out_size), first[out_size] = '\0';
+    CHECKF(!strcmp(first, "the AAA sat on the mat\nAAA and of\nand of the\n\n") ||
+               !strcmp(first, "the cat AAA on the mat\nAAA and of\nand of the\n\n") ||
+               !strcmp(first, "the cat sat on the AAA\nAAA and of\nand of the\n\n"),
+           "%s", first);
+    free(out), free(again);
+    out = wordswap_text((const unsigned char *)"cat's toy", 9, 1.0, 1, &out_size);
+    CHECK(out && out_size == 7 && !memcmp(out, "AAA AAA", 7)); /* a share of 1: every swappable word */
+    free(out);
+    out = wordswap_text((const unsigned char *)"we won't", 8, 0.5, 1, &out_size);
+    CHECK(out && out_size == 8 && !memcmp(out, "we won't", 8)); /* stopwords only */
+    free(out);
+}
+
 const test_case options_tests[] = {
     {"options_enum_names", test_enum_names},
     {"options_set_and_format", test_option_set_and_format},
@@ -418,5 +447,6 @@ const test_case options_tests[] = {
     {"checkpoint_weights_only", test_weights_only},
     {"corpus_tokens", test_token_corpus},
     {"options_resolve", test_resolve},
+    {"wordswap_attack", test_wordswap},
     {0, 0},
 };
