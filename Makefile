@@ -71,6 +71,29 @@ test-examples: $(B)/train_lm $(B)/train_vit
 	grep -q "malformed.csv: line 1: 3 values" $(B)/data-error.log
 	./$(B)/train_vit --data $(B)/one-image.csv 2>/dev/null; test $$? -eq 2
 	./$(B)/train_lm --data $(B)/short.txt 2>/dev/null; test $$? -eq 2
+	@echo "a folder of IDX files trains on its own split (two 28 x 28 images each); bad files name themselves"
+	rm -rf $(B)/idx && mkdir -p $(B)/idx/ok
+	printf '\0\0\10\3\0\0\0\2\0\0\0\34\0\0\0\34' > $(B)/idx/ok/train-images-idx3-ubyte
+	head -c 1568 /dev/zero | tr '\0' '\200' >> $(B)/idx/ok/train-images-idx3-ubyte
+	printf '\0\0\10\1\0\0\0\2\3\7' > $(B)/idx/ok/train-labels-idx1-ubyte
+	cp $(B)/idx/ok/train-images-idx3-ubyte $(B)/idx/ok/t10k-images-idx3-ubyte
+	cp $(B)/idx/ok/train-labels-idx1-ubyte $(B)/idx/ok/t10k-labels-idx1-ubyte
+	./$(B)/train_vit --data $(B)/idx/ok --steps 2 --batch 2 --d-model 16 --heads 2 --experts 4 --d-ff 16 --warmup 1 \
+	    --log-every 2 > $(B)/idx.log
+	grep -q "^2 training and 2 test images" $(B)/idx.log && grep -q "49 patches of 16 pixels per image" $(B)/idx.log
+	for bad in truncated magic count label; do cp -r $(B)/idx/ok $(B)/idx/$$bad || exit 1; done
+	head -c 1000 $(B)/idx/ok/train-images-idx3-ubyte > $(B)/idx/truncated/train-images-idx3-ubyte
+	printf '\0\0\10\3\0\0\0\2\3\7' > $(B)/idx/magic/t10k-labels-idx1-ubyte
+	printf '\0\0\10\1\0\0\0\3\3\7\1' > $(B)/idx/count/t10k-labels-idx1-ubyte
+	printf '\0\0\10\1\0\0\0\2\3\12' > $(B)/idx/label/train-labels-idx1-ubyte
+	for bad in "truncated:train-images-idx3-ubyte: truncated: 1000 bytes, where its header's 2 x 28 x 28 needs 1584" \
+	    "magic:t10k-labels-idx1-ubyte: bad magic 0x00000803, not 0x00000801" \
+	    "count:t10k-labels-idx1-ubyte: 3 labels for the 2 images of t10k-images-idx3-ubyte" \
+	    "label:train-labels-idx1-ubyte: label 10 of image 1 is not a class 0..9"; do \
+	    dir=$(B)/idx/$${bad%%:*}; ./$(B)/train_vit --data $$dir 2> $(B)/data-error.log; test $$? -eq 2 || exit 1; \
+	    grep -qF -- "--data $$dir: $${bad#*:}" $(B)/data-error.log || { cat $(B)/data-error.log; exit 1; }; done
+	./$(B)/train_vit --data builtin --patch 3 2> $(B)/data-error.log; test $$? -eq 2
+	grep -q "\-\-patch 3 does not divide the images' side, 8" $(B)/data-error.log
 	@echo "numbers out of range are refused by flag name, before any data is read"
 	./$(B)/train_lm --steps 4294967297 2> $(B)/flag-error.log; test $$? -eq 2
 	grep -q "\-\-steps 4294967297 is out of range" $(B)/flag-error.log
@@ -304,6 +327,21 @@ data/digits.csv:
 	    gzip -dc data/pkgroot/usr/lib/python3/dist-packages/sklearn/datasets/data/digits.csv.gz > $@.tmp && \
 	    mv $@.tmp $@ && echo "digits: $$(wc -l < $@) images"; \
 	else echo "scikit-learn package unavailable (apt-get download python3-sklearn failed)"; fi
+
+# Fashion-MNIST (28 x 28 images of clothes in 10 classes: 60,000 for training, 10,000 for
+# testing) from Debian's package, its four IDX files unpacked without root into the folder
+# that `train_vit --data data/fashion-mnist` reads. Where the package cannot be had, no
+# folder is made, saying so.
+FASHION_MNIST := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
+data/fashion-mnist:
+	@mkdir -p data/deb
+	@cd data/deb && (ls dataset-fashion-mnist_*.deb >/dev/null 2>&1 || apt-get download dataset-fashion-mnist >/dev/null 2>&1 || true)
+	@if ls data/deb/dataset-fashion-mnist_*.deb >/dev/null 2>&1; then \
+	    rm -rf $@.tmp && mkdir -p $@.tmp && dpkg -x data/deb/dataset-fashion-mnist_*.deb data/pkgroot && \
+	    for f in $(FASHION_MNIST); do \
+	        gzip -dc data/pkgroot/usr/share/datasets/fashion-mnist/$$f.gz > $@.tmp/$$f || { rm -rf $@.tmp; exit 1; }; done && \
+	    mv $@.tmp $@ && echo "fashion-mnist: $$(du -sk $@ | cut -f1) kB of IDX files in $@"; \
+	else echo "fashion-mnist package unavailable (apt-get download dataset-fashion-mnist failed)"; fi
 
 DEMO_FLAGS ?=
 

@@ -5,6 +5,7 @@
      train_vit --compare gmm,gma --seeds 3                          AC on Soft MoE against Soft MoE
      train_vit --pattern gmg --steps 2000                           one model, Soft MoE in layer 2
      train_vit --data builtin --pattern ggc                         drawn digits, no file needed
+     train_vit --data data/fashion-mnist --pattern ggc --steps 300  28 x 28 clothes, 4 x 4 patches
      train_vit --save vit.safetensors --steps 1000                  ... then continue it exactly:
      train_vit --resume vit.safetensors                             (the model and training flags
                                                                     come from the checkpoint)
@@ -17,14 +18,17 @@
    (see acmoe_moe_router_preset). Soft MoE layers give each image its own slots.
 
    The data are the UCI handwritten digits as scikit-learn ships them: one image per CSV line,
-   8 x 8 pixels of 0..16, then the digit (`make data/digits.csv` fetches Debian's copy).
-   `--data builtin` draws seven-segment digits instead, shifted and noisy; a file that is
-   missing or malformed is an error.
-   Every model trains on the same batches and is tested on the same held-out 20 %, clean,
-   under Gaussian noise of two strengths, and with a blanked square (the same corrupted
-   images for every model), so the comparison
-   isolates the routers. Test images go through the model in fixed batches: AC layers weight
-   features by statistics of the whole call, so a result depends on the batch it came in. */
+   8 x 8 pixels of 0..16, then the digit (`make data/digits.csv` fetches Debian's copy); or
+   a folder of IDX files, MNIST's format, such as Fashion-MNIST's 28 x 28 images of clothes
+   (`make data/fashion-mnist`). `--data builtin` draws seven-segment digits instead, shifted
+   and noisy; a file that is missing or malformed is an error. The patches follow the
+   images: --patch divides their side, and its default leaves at most 7 x 7 patches.
+   Every model trains on the same batches and is tested on the same held-out images: the
+   IDX files' own t10k-* set, or a fixed 20 % of the others; clean, under Gaussian noise of
+   two strengths, and with a blanked square (the same corrupted images for every model),
+   so the comparison isolates the routers. Test images go through the model in fixed
+   batches: AC layers weight features by statistics of the whole call, so a result depends
+   on the batch it came in. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdio.h>
@@ -40,8 +44,6 @@
 typedef vit_options options;
 
 #define PROGRAM "train_vit"
-#define SIDE DIGITS_SIDE
-#define PIXELS DIGITS_PIXELS
 #define CLASSES DIGITS_CLASSES
 
 static void check(acmoe_status s, const char *what) {
@@ -64,58 +66,105 @@ static void draw_digit(acmoe_rng *rng, int digit, float *pixels) {
                                       {0, 3, 0, 5}, {0, 0, 0, 3}, {0, 3, 3, 3}};
     const int dx = 1 + (int)acmoe_rng_below(rng, 3), dy = (int)acmoe_rng_below(rng, 3);
     int s, x, y;
-    for (x = 0; x < PIXELS; x++) pixels[x] = 0.1f * acmoe_rng_uniform(rng);
+    for (x = 0; x < DIGITS_PIXELS; x++) pixels[x] = 0.1f * acmoe_rng_uniform(rng);
     for (s = 0; s < 7; s++) {
         if (!(segments[digit] >> s & 1)) continue;
         for (y = strokes[s][1]; y <= strokes[s][3]; y++)
-            for (x = strokes[s][0]; x <= strokes[s][2]; x++) pixels[(y + dy) * SIDE + x + dx] = 0.7f + 0.3f * acmoe_rng_uniform(rng);
+            for (x = strokes[s][0]; x <= strokes[s][2]; x++) pixels[(y + dy) * DIGITS_SIDE + x + dx] = 0.7f + 0.3f * acmoe_rng_uniform(rng);
     }
 }
 
-/* The images --data names: drawn digits, or a CSV's; one that cannot be read, is malformed
-   or holds too few images for the split exits with status 2. */
-static void load_images(const char *path, dataset *ds) {
+/* 1800 drawn digits, the same every run. */
+static void draw_digits(dataset *ds) {
     acmoe_rng rng;
-    float pixels[PIXELS];
-    char why[256];
+    float pixels[DIGITS_PIXELS];
     int i;
-    memset(ds, 0, sizeof *ds);
+    ds->side = DIGITS_SIDE;
+    acmoe_rng_seed(&rng, 7);
+    for (i = 0; i < 1800; i++) {
+        draw_digit(&rng, i % CLASSES, pixels);
+        add_image(ds, pixels, i % CLASSES);
+    }
+}
+
+/* A fixed shuffle splits the images 80 / 20, the same for every run (train and test empty). */
+static void split(const dataset *all, dataset *train, dataset *test) {
+    acmoe_rng rng;
+    int *order = (int *)malloc(sizeof(int) * (size_t)all->count), i;
+    if (!order) exit(1);
+    for (i = 0; i < all->count; i++) order[i] = i;
+    acmoe_rng_seed(&rng, 12345);
+    for (i = all->count - 1; i > 0; i--) {
+        int j = (int)acmoe_rng_below(&rng, (uint32_t)i + 1), t = order[i];
+        order[i] = order[j], order[j] = t;
+    }
+    train->side = test->side = all->side;
+    for (i = 0; i < all->count; i++)
+        add_image(i < all->count * 4 / 5 ? train : test, all->pixels + (size_t)order[i] * dataset_pixels(all),
+                  all->labels[order[i]]);
+    free(order);
+}
+
+/* The IDX files of the folder path, split as they are; exits with status 2 when one is
+   missing or bad. */
+static void load_idx_folder(const char *path, dataset *train, dataset *test) {
+    char why[512];
+    if (!idx_load_split(path, train, test, why, sizeof why))
+        cli_fail(PROGRAM, "--data %s: %s (a folder is read as MNIST's IDX files, train-* and t10k-*)",
+                 path, why);
+    printf("images %s: IDX files of %d x %d pixels, split into training and test images as they are\n", path, train->side,
+           train->side);
+}
+
+/* Drawn digits or a CSV's, split 80 / 20; data that cannot be read, is malformed or holds
+   too few images for the split exits with status 2. */
+static void load_and_split(const char *path, dataset *train, dataset *test) {
+    dataset all;
+    char why[512];
+    memset(&all, 0, sizeof all);
     if (data_is_builtin(path)) {
         printf("images: 1800 drawn seven-segment digits (--data builtin)\n");
-        acmoe_rng_seed(&rng, 7);
-        for (i = 0; i < 1800; i++) {
-            draw_digit(&rng, i % CLASSES, pixels);
-            add_image(ds, pixels, i % CLASSES);
-        }
-        return;
-    }
-    if (!digits_load(path, ds, why, sizeof why))
+        draw_digits(&all);
+    } else if (!digits_load(path, &all, why, sizeof why)) {
         cli_fail(PROGRAM, "--data %s: %s (--data " DATA_BUILTIN " draws seven-segment digits)", path, why);
-    if (ds->count < 2)
-        cli_fail(PROGRAM, "--data %s: %d image; the split into training and test images needs at least 2", path, ds->count);
-    printf("images %s: %d\n", path, ds->count);
+    } else {
+        printf("images %s: %d\n", path, all.count);
+    }
+    if (all.count < 2)
+        cli_fail(PROGRAM, "--data %s: %d image; the split into training and test images needs at least 2", path, all.count);
+    split(&all, train, test);
+    dataset_free(&all);
+}
+
+/* The training and test images --data names. */
+static void load_images(const char *path, dataset *train, dataset *test) {
+    memset(train, 0, sizeof *train), memset(test, 0, sizeof *test);
+    if (!data_is_builtin(path) && data_is_directory(path)) load_idx_folder(path, train, test);
+    else load_and_split(path, train, test);
 }
 
 /* The test images' corruptions: none, Gaussian noise of deviation 0.1 and 0.3 (pixels run
-   from 0 to 1), and a blanked 3 x 3 square. */
+   from 0 to 1), and a blanked square of 3/8 the side (3 x 3 of 8 x 8, 10 x 10 of 28 x 28). */
 #define CORRUPTIONS 4
 static const char *const corruption_names[CORRUPTIONS] = {"clean", "noise 0.1", "noise 0.3", "blanked"};
 
-static void corrupt(acmoe_rng *rng, int kind, float *pixels) {
+static void corrupt(acmoe_rng *rng, int kind, int side, float *pixels) {
     static const float deviation[3] = {0.0f, 0.1f, 0.3f};
-    int i, x0 = (int)acmoe_rng_below(rng, SIDE - 2), y0 = (int)acmoe_rng_below(rng, SIDE - 2);
+    const int blank = side * 3 / 8 > 0 ? side * 3 / 8 : 1, pixel_count = side * side;
+    const uint32_t corners = (uint32_t)(side - blank + 1);
+    int i, x0 = (int)acmoe_rng_below(rng, corners), y0 = (int)acmoe_rng_below(rng, corners);
     if (kind == 1 || kind == 2)
-        for (i = 0; i < PIXELS; i++) pixels[i] += deviation[kind] * acmoe_rng_normal(rng);
+        for (i = 0; i < pixel_count; i++) pixels[i] += deviation[kind] * acmoe_rng_normal(rng);
     if (kind == 3)
-        for (i = 0; i < 9; i++) pixels[(y0 + i / 3) * SIDE + x0 + i % 3] = 0.0f;
+        for (i = 0; i < blank * blank; i++) pixels[(y0 + i / blank) * side + x0 + i % blank] = 0.0f;
 }
 
 /* A batch of images (by index) as patches. */
 static void to_patches(const dataset *ds, const int *index, int count, int patch, float *out) {
-    const size_t per_image = (size_t)PIXELS;
+    const size_t per_image = dataset_pixels(ds);
     int b;
     for (b = 0; b < count; b++)
-        check(acmoe_image_patches(ds->pixels + (size_t)index[b] * per_image, SIDE, SIDE, 1, patch, out + b * per_image),
+        check(acmoe_image_patches(ds->pixels + (size_t)index[b] * per_image, ds->side, ds->side, 1, patch, out + b * per_image),
               "patches");
 }
 
@@ -133,9 +182,9 @@ typedef struct batch {
     int *index;
 } batch;
 
-static batch batch_create(int size) {
+static batch batch_create(int size, size_t pixels_per_image) {
     batch b;
-    b.patches = (float *)malloc(sizeof(float) * PIXELS * (size_t)size);
+    b.patches = (float *)malloc(sizeof(float) * pixels_per_image * (size_t)size);
     b.labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)size);
     b.index = (int *)malloc(sizeof(int) * (size_t)size);
     if (!b.patches || !b.labels || !b.index) check(ACMOE_ERR_NOMEM, "batch");
@@ -148,12 +197,13 @@ static void batch_free(batch *b) { free(b->patches), free(b->labels), free(b->in
 static dataset corrupted_copy(const dataset *test, int kind) {
     dataset corrupted = *test;
     acmoe_rng rng;
+    const size_t pixels = dataset_pixels(test);
     int i;
-    corrupted.pixels = (float *)malloc(sizeof(float) * PIXELS * (size_t)test->count);
+    corrupted.pixels = (float *)malloc(sizeof(float) * pixels * (size_t)test->count);
     if (!corrupted.pixels) check(ACMOE_ERR_NOMEM, "test images");
-    memcpy(corrupted.pixels, test->pixels, sizeof(float) * PIXELS * (size_t)test->count);
+    memcpy(corrupted.pixels, test->pixels, sizeof(float) * pixels * (size_t)test->count);
     acmoe_rng_seed(&rng, 1000 + (uint64_t)kind);
-    for (i = 0; i < test->count; i++) corrupt(&rng, kind, corrupted.pixels + (size_t)i * PIXELS);
+    for (i = 0; i < test->count; i++) corrupt(&rng, kind, test->side, corrupted.pixels + (size_t)i * pixels);
     return corrupted;
 }
 
@@ -186,11 +236,11 @@ static double test_accuracy(acmoe_lm *lm, acmoe_ctx *ctx, const dataset *test, c
 
 /* Exits with status 2 when the flags describe no model the library makes (status 1 for
    other failures, such as memory). */
-static acmoe_lm *create_model(const options *o, const char *pattern, long seed) {
+static acmoe_lm *create_model(const options *o, const char *pattern, long seed, int side) {
     acmoe_lm_desc d = o->run.model;
     acmoe_lm *lm = NULL;
     acmoe_status s;
-    d.n_classes = CLASSES, d.patch_dim = o->patch * o->patch, d.seq_len = PIXELS / d.patch_dim;
+    d.n_classes = CLASSES, d.patch_dim = o->patch * o->patch, d.seq_len = side * side / d.patch_dim;
     d.pattern = pattern, d.seed = (uint64_t)seed;
     s = acmoe_lm_create(&lm, &d);
     if (s == ACMOE_ERR_SHAPE || s == ACMOE_ERR_ARG) cli_fail(PROGRAM, "pattern %s with these flags: %s", pattern, acmoe_status_string(s));
@@ -211,7 +261,7 @@ typedef struct run {
 static void report_step(const run *u, acmoe_lm *lm, acmoe_ctx *ctx, long step, float loss, float lr, float norm,
                          double images_per_second, double eta) {
     const options *o = u->o;
-    const int patches = PIXELS / (o->patch * o->patch);
+    const int patches = u->test->side * u->test->side / (o->patch * o->patch);
     double test_loss = 0.0, accuracy;
     print_progress(u->report.interactive, step, o->run.steps, loss, lr, images_per_second, "img/s", eta);
     log_step(&u->report, step, loss, lr, norm, images_per_second * patches);
@@ -260,9 +310,9 @@ static double train_steps(acmoe_lm *lm, acmoe_ctx *ctx, const run *u, const data
 /* Trains the resumed model, or a new one of the pattern and seed, and tests it. */
 static result train_one(const options *o, const char *pattern, long seed, const dataset *train, const dataset *test,
                         acmoe_ctx *ctx, acmoe_lm *resumed, FILE *log) {
-    acmoe_lm *lm = resumed ? resumed : create_model(o, pattern, seed);
+    acmoe_lm *lm = resumed ? resumed : create_model(o, pattern, seed, train->side);
     const acmoe_lm_desc d = acmoe_lm_settings(lm);
-    batch room = batch_create(o->run.model.batch);
+    batch room = batch_create(o->run.model.batch, dataset_pixels(train));
     char label[PATTERN_LABEL_MAX];
     result r;
     run u;
@@ -294,15 +344,16 @@ static result train_one(const options *o, const char *pattern, long seed, const 
 
 /* The checkpoint's model, with o set to the checkpoint's run, so that the resumed run is
    the run it continues. A flag given with another value, or a checkpoint of another kind
-   of model, exits with status 2. */
-static acmoe_lm *resume_run(options *o, const cli *c) {
+   of model or of images of another side, exits with status 2. */
+static acmoe_lm *resume_run(options *o, const cli *c, int side) {
     acmoe_lm *lm = run_load_checkpoint(&o->run, PROGRAM);
     const acmoe_lm_desc d = acmoe_lm_settings(lm);
     const int patch = (int)sqrt((double)d.patch_dim);
     options k = *o;
     int has_training;
-    if (d.n_classes != CLASSES || patch * patch != d.patch_dim || SIDE % patch || d.seq_len * d.patch_dim != PIXELS)
-        cli_fail(PROGRAM, "--resume %s: not a classifier of 8 x 8 images into 10 classes", o->run.resume);
+    if (d.n_classes != CLASSES || patch * patch != d.patch_dim || side % patch || d.seq_len * d.patch_dim != side * side)
+        cli_fail(PROGRAM, "--resume %s: not a classifier of %d x %d images into %d classes", o->run.resume, side, side,
+                 CLASSES);
     has_training = run_of_checkpoint(lm, &k.run);
     k.patch = patch;
     cli_refuse_conflicts(c, o, &k);
@@ -310,23 +361,6 @@ static acmoe_lm *resume_run(options *o, const cli *c) {
     *o = k;
     run_print_resumed(&o->run, lm, has_training);
     return lm;
-}
-
-/* A fixed shuffle splits the images 80 / 20, the same for every run. */
-static void split(const dataset *all, dataset *train, dataset *test) {
-    acmoe_rng rng;
-    int *order = (int *)malloc(sizeof(int) * (size_t)all->count), i;
-    if (!order) exit(1);
-    for (i = 0; i < all->count; i++) order[i] = i;
-    acmoe_rng_seed(&rng, 12345);
-    for (i = all->count - 1; i > 0; i--) {
-        int j = (int)acmoe_rng_below(&rng, (uint32_t)i + 1), t = order[i];
-        order[i] = order[j], order[j] = t;
-    }
-    memset(train, 0, sizeof *train), memset(test, 0, sizeof *test);
-    for (i = 0; i < all->count; i++)
-        add_image(i < all->count * 4 / 5 ? train : test, all->pixels + (size_t)order[i] * PIXELS, all->labels[order[i]]);
-    free(order);
 }
 
 /* One row per pattern, named with its routers: test accuracy per corruption, mean (sd) over
@@ -370,18 +404,19 @@ int main(int argc, char **argv) {
     acmoe_ctx_desc cd = acmoe_ctx_defaults();
     acmoe_ctx *ctx;
     acmoe_lm *resumed = NULL;
-    dataset all, train, test;
+    dataset train, test;
     cli flags_given;
     options o = vit_options_defaults();
     FILE *log;
+    char why[128];
     int n, p, s;
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress as it comes, through pipes too */
     vit_cli_init(&flags_given);
     cli_parse(&flags_given, argc, argv, &o); /* a bad command line exits before any data is read */
-    if (o.run.resume) resumed = resume_run(&o, &flags_given);
+    load_images(o.run.data, &train, &test);
+    if (o.run.resume) resumed = resume_run(&o, &flags_given, train.side);
+    if (!(o.patch = vit_patch_for(o.patch, train.side, why, sizeof why))) cli_fail(PROGRAM, "%s", why);
     n = run_patterns(&o.run, PROGRAM, patterns);
-    load_images(o.run.data, &all);
-    split(&all, &train, &test);
     log = log_open(&o.run, PROGRAM);
     cd.n_threads = o.run.threads;
     cd.clock = now_seconds; /* layer timings */
@@ -393,7 +428,7 @@ int main(int argc, char **argv) {
             results[p][s] = train_one(&o, patterns[p], o.run.seed + s, &train, &test, ctx, p == 0 ? resumed : NULL, log);
     if (n > 1 || o.run.seeds > 1) print_comparison(results, n, &o);
     if (log) fclose(log);
-    dataset_free(&all), dataset_free(&train), dataset_free(&test);
+    dataset_free(&train), dataset_free(&test);
     acmoe_ctx_destroy(ctx);
     return 0;
 }

@@ -7,16 +7,21 @@
 #include "data.h"
 #include "run_options.h"
 
+#define VIT_PATCH_MAX 64
+#define VIT_GRID_MAX 7 /* the default patch leaves at most 7 x 7 patches */
+
 typedef struct vit_options {
     run_options run;
-    int patch;
+    int patch; /* 0: by the images' side (vit_patch_for) */
 } vit_options;
 
 #define FLAG_OPTIONS vit_options
 static const flag vit_flags[] = {
     FLAG("--data", OPT_STR, run.data, 1, 0, 0,
-         "CSV of images: 64 pixels of 0..16 and the class per line; or builtin: drawn seven-segment digits"),
-    FLAG("--patch", OPT_INT, patch, 1, DIGITS_SIDE, CLI_KEPT, "patch side in pixels, a divisor of 8 (sets --seq)"),
+         "CSV of images: 64 pixels of 0..16 and the class per line; a folder of IDX files, split into train-* and "
+         "t10k-* (Fashion-MNIST); or builtin: drawn seven-segment digits"),
+    FLAG("--patch", OPT_INT, patch, 0, VIT_PATCH_MAX, CLI_KEPT,
+         "patch side in pixels, a divisor of the images' side (sets --seq); 0: 2 for 8 x 8 images, 4 for 28 x 28"),
 };
 #undef FLAG_OPTIONS
 
@@ -36,15 +41,26 @@ static inline vit_options vit_options_defaults(void) {
     o.run.model.moe.ac.clip = 1.5f, o.run.model.moe.ac.scaling = ACMOE_AC_SCALE_PRECLIP_MEAN;
     o.run.model.moe.ac_weight_experts = 1;
     o.run.optim.weight_decay = 0.05f, o.run.optim.schedule = ACMOE_SCHEDULE_COSINE;
-    o.patch = 2;
+    o.patch = 0;
     return o;
 }
 
-/* The rules between flags: 1, or 0 with the first broken rule in why. */
+/* The rules between flags: 1, or 0 with the first broken rule in why. --patch is checked
+   against the images (vit_patch_for) once they are read. */
 static inline int vit_options_valid(const void *options, char *why, size_t cap) {
     const vit_options *o = (const vit_options *)options;
-    if (DIGITS_SIDE % o->patch) return run_refuse(why, cap, "--patch divides 8");
     return run_options_valid(&o->run, why, cap);
+}
+
+/* The patch side for images of side pixels: patch, or for 0 the smallest divisor of side
+   that leaves at most VIT_GRID_MAX x VIT_GRID_MAX patches (2 for 8 x 8, 4 for 28 x 28).
+   0 with why when patch does not divide side. */
+static inline int vit_patch_for(int patch, int side, char *why, size_t cap) {
+    if (patch == 0)
+        for (patch = 1; side % patch || side / patch > VIT_GRID_MAX; patch++) continue;
+    if (side % patch == 0) return patch;
+    snprintf(why, cap, "--patch %d does not divide the images' side, %d", patch, side);
+    return 0;
 }
 
 static inline void vit_cli_init(cli *c) {
