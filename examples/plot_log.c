@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "data.h"
+#include "svg.h"
 
 #define PROGRAM "plot_log"
 #define MAX_PATTERNS 16
@@ -153,37 +154,11 @@ static void read_log(char *text) {
 
 /* ---- drawing ---- */
 
-static const char *const colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"};
-#define COLOR(i) colors[(i) % (int)(sizeof colors / sizeof colors[0])]
-
 #define WIDTH 900
 #define PLOT_LEFT 90
 #define PLOT_RIGHT 870
 #define PLOT_TOP 50
 #define PLOT_BOTTOM 330
-
-/* Text with the characters XML reserves escaped. */
-static void print_text(const char *text) {
-    for (; *text; text++) {
-        if (*text == '&') printf("&amp;");
-        else if (*text == '<') printf("&lt;");
-        else if (*text == '>') printf("&gt;");
-        else putchar(*text);
-    }
-}
-
-/* A tick spacing of 1, 2 or 5 times a power of ten giving about five ticks over range. */
-static double tick_step(double range) {
-    const double raw = range > 0.0 ? range / 5.0 : 1.0, power = pow(10.0, floor(log10(raw)));
-    return raw / power < 1.5 ? power : raw / power < 3.5 ? 2.0 * power : raw / power < 7.5 ? 5.0 * power : 10.0 * power;
-}
-
-typedef struct axes {
-    double x0, x1, y0, y1; /* the data range drawn */
-} axes;
-
-static double to_x(const axes *a, double x) { return PLOT_LEFT + (x - a->x0) / (a->x1 - a->x0) * (PLOT_RIGHT - PLOT_LEFT); }
-static double to_y(const axes *a, double y) { return PLOT_BOTTOM - (y - a->y0) / (a->y1 - a->y0) * (PLOT_BOTTOM - PLOT_TOP); }
 
 static int by_step(const void *a, const void *b) {
     const long x = ((const point *)a)->step, y = ((const point *)b)->step;
@@ -191,49 +166,24 @@ static int by_step(const void *a, const void *b) {
 }
 
 /* The data range of every series, a little wider so no line sits on the frame. */
-static axes loss_axes(void) {
-    axes a;
+static svg_axes loss_axes(void) {
+    svg_axes axes = svg_axes_at(PLOT_LEFT, PLOT_TOP, PLOT_RIGHT - PLOT_LEFT, PLOT_BOTTOM - PLOT_TOP);
     int i, p;
-    a.x0 = a.y0 = INFINITY, a.x1 = a.y1 = -INFINITY;
     for (i = 0; i < n_series; i++)
-        for (p = 0; p < all[i].n_points; p++) {
-            a.x0 = fmin(a.x0, (double)all[i].points[p].step), a.x1 = fmax(a.x1, (double)all[i].points[p].step);
-            a.y0 = fmin(a.y0, all[i].points[p].value), a.y1 = fmax(a.y1, all[i].points[p].value);
-        }
-    if (a.x1 <= a.x0) a.x0 -= 1.0, a.x1 += 1.0;
-    if (a.y1 <= a.y0) a.y0 -= 0.5, a.y1 += 0.5;
-    a.y0 -= 0.05 * (a.y1 - a.y0), a.y1 += 0.05 * (a.y1 - a.y0);
-    return a;
-}
-
-/* Decimals that tell ticks spaced by step apart. */
-static int tick_decimals(double step) { return step >= 1.0 ? 0 : (int)ceil(-log10(step) - 1e-9); }
-
-static void draw_axes(const axes *a) {
-    const double dx = fmax(1.0, tick_step(a->x1 - a->x0)), dy = tick_step(a->y1 - a->y0); /* steps are whole */
-    const int decimals = tick_decimals(dy);
-    double v;
-    printf("<rect x='%d' y='%d' width='%d' height='%d' fill='none' stroke='#444'/>\n", PLOT_LEFT, PLOT_TOP,
-           PLOT_RIGHT - PLOT_LEFT, PLOT_BOTTOM - PLOT_TOP);
-    for (v = ceil(a->x0 / dx) * dx; v <= a->x1 + 1e-9 * dx; v += dx)
-        printf("<line x1='%.1f' y1='%d' x2='%.1f' y2='%d' stroke='#444'/><text x='%.1f' y='%d' text-anchor='middle'>%.0f</text>\n",
-               to_x(a, v), PLOT_BOTTOM, to_x(a, v), PLOT_BOTTOM + 5, to_x(a, v), PLOT_BOTTOM + 20, v);
-    for (v = ceil(a->y0 / dy) * dy; v <= a->y1 + 1e-9 * dy; v += dy)
-        printf("<line x1='%d' y1='%.1f' x2='%d' y2='%.1f' stroke='#ddd'/><text x='%d' y='%.1f' text-anchor='end'>%.*f</text>\n",
-               PLOT_LEFT, to_y(a, v), PLOT_RIGHT, to_y(a, v), PLOT_LEFT - 6, to_y(a, v) + 4, decimals, v);
-    printf("<text x='%d' y='%d' text-anchor='middle'>step</text>\n", (PLOT_LEFT + PLOT_RIGHT) / 2, PLOT_BOTTOM + 38);
-    printf("<text x='14' y='%d' text-anchor='middle' transform='rotate(-90 14 %d)'>held-out loss</text>\n",
-           (PLOT_TOP + PLOT_BOTTOM) / 2, (PLOT_TOP + PLOT_BOTTOM) / 2);
+        for (p = 0; p < all[i].n_points; p++)
+            svg_axes_include(&axes, (double)all[i].points[p].step, all[i].points[p].value);
+    svg_axes_pad(&axes, 0.05);
+    return axes;
 }
 
 /* Each step's lowest, highest and mean value over the seeds, from the sorted points: the
    count of steps. */
-static int summarise(const series *s, long *steps, double *low, double *high, double *mean) {
+static int summarise(const series *s, double *steps, double *low, double *high, double *mean) {
     int p = 0, n = 0;
     while (p < s->n_points) {
         int count = 0;
-        steps[n] = s->points[p].step, low[n] = high[n] = s->points[p].value, mean[n] = 0.0;
-        for (; p < s->n_points && s->points[p].step == steps[n]; p++, count++) {
+        steps[n] = (double)s->points[p].step, low[n] = high[n] = s->points[p].value, mean[n] = 0.0;
+        for (; p < s->n_points && (double)s->points[p].step == steps[n]; p++, count++) {
             low[n] = fmin(low[n], s->points[p].value), high[n] = fmax(high[n], s->points[p].value);
             mean[n] += s->points[p].value;
         }
@@ -243,29 +193,25 @@ static int summarise(const series *s, long *steps, double *low, double *high, do
 }
 
 /* The band from the lowest to the highest seed, and the mean line. */
-static void draw_series(series *s, const axes *a, const char *color) {
-    static long steps[MAX_POINTS];
-    static double low[MAX_POINTS], high[MAX_POINTS], mean[MAX_POINTS];
-    int n, i;
+static void draw_series(series *s, const svg_axes *axes, const char *color) {
+    static double steps[MAX_POINTS], low[MAX_POINTS], high[MAX_POINTS], mean[MAX_POINTS];
+    int n;
     qsort(s->points, (size_t)s->n_points, sizeof s->points[0], by_step);
     n = summarise(s, steps, low, high, mean);
-    printf("<path fill='%s' fill-opacity='0.18' stroke='none' d='", color);
-    for (i = 0; i < n; i++) printf("%c%.1f %.1f ", i ? 'L' : 'M', to_x(a, (double)steps[i]), to_y(a, high[i]));
-    for (i = n - 1; i >= 0; i--) printf("L%.1f %.1f ", to_x(a, (double)steps[i]), to_y(a, low[i]));
-    printf("Z'/>\n<polyline fill='none' stroke='%s' stroke-width='2' points='", color);
-    for (i = 0; i < n; i++) printf("%.1f,%.1f ", to_x(a, (double)steps[i]), to_y(a, mean[i]));
-    printf("'/>\n");
+    svg_band(stdout, axes, steps, low, high, n, color, 0.18);
+    svg_polyline(stdout, axes, steps, mean, n, color, NULL);
 }
 
+/* Each pattern named with its routers, e.g. "ggc (SMoE, SMoE, AC)". */
 static void draw_legend(void) {
+    static char labels[MAX_PATTERNS][64 + TEXT_MAX + 4];
+    const char *names[MAX_PATTERNS], *colors[MAX_PATTERNS];
     int i;
     for (i = 0; i < n_series; i++) {
-        const int y = PLOT_TOP + 18 + 18 * i;
-        printf("<line x1='%d' y1='%d' x2='%d' y2='%d' stroke='%s' stroke-width='3'/>", PLOT_RIGHT - 330, y - 4,
-               PLOT_RIGHT - 310, y - 4, COLOR(i));
-        printf("<text x='%d' y='%d'>", PLOT_RIGHT - 304, y);
-        print_text(all[i].pattern), printf(" ("), print_text(all[i].routers), printf(")</text>\n");
+        strcat(strcat(strcat(strcpy(labels[i], all[i].pattern), " ("), all[i].routers), ")");
+        names[i] = labels[i], colors[i] = svg_color(i);
     }
+    svg_legend(stdout, PLOT_RIGHT - 8, PLOT_TOP + 4, names, colors, NULL, n_series);
 }
 
 /* ---- the load panel: a small bar chart per pattern and MoE layer ---- */
@@ -288,48 +234,45 @@ static void draw_load_cell(const layer_load *layer, int x, int y, const char *co
     double top = even;
     int j;
     for (j = 0; j < layer->n_experts; j++) top = fmax(top, layer->share[j] / layer->seeds);
-    printf("<text x='%d' y='%d'>layer %d (", x, y - 6, layer->layer);
-    print_text(layer->router), printf(")</text>\n");
-    printf("<rect x='%d' y='%d' width='%d' height='%d' fill='none' stroke='#bbb'/>\n", x, y, CELL_WIDTH - 10, CELL_HEIGHT);
-    printf("<text x='%d' y='%d' text-anchor='end' font-size='10'>top %.0f%%</text>\n", x + CELL_WIDTH - 12, y - 6,
-           100.0 * top);
+    svg_textf(stdout, x, y - 6, "start", "", "layer %d (%s)", layer->layer, layer->router);
+    svg_rect(stdout, x, y, CELL_WIDTH - 10, CELL_HEIGHT, "none", "#bbb");
+    svg_textf(stdout, x + CELL_WIDTH - 12, y - 6, "end", "font-size='10'", "top %.0f%%", 100.0 * top);
     for (j = 0; j < layer->n_experts; j++) {
         const double h = layer->share[j] / layer->seeds / top * CELL_HEIGHT;
-        printf("<rect x='%.1f' y='%.1f' width='%.1f' height='%.1f' fill='%s'/>\n", x + j * bar + 0.1 * bar,
-               y + CELL_HEIGHT - h, 0.8 * bar, h, color);
+        svg_rect(stdout, x + j * bar + 0.1 * bar, y + CELL_HEIGHT - h, 0.8 * bar, h, color, "none");
     }
-    printf("<line x1='%d' y1='%.1f' x2='%d' y2='%.1f' stroke='#000' stroke-dasharray='4 3'/>\n", x,
-           y + CELL_HEIGHT - even / top * CELL_HEIGHT, x + CELL_WIDTH - 10, y + CELL_HEIGHT - even / top * CELL_HEIGHT);
+    svg_line(stdout, x, y + CELL_HEIGHT - even / top * CELL_HEIGHT, x + CELL_WIDTH - 10,
+             y + CELL_HEIGHT - even / top * CELL_HEIGHT, "#000", 1.0, "4 3");
 }
 
 static void draw_loads(void) {
     int i, l;
-    printf("<text x='%d' y='%d' font-weight='bold'>Load per expert at the last evaluation (share of routed pairs, "
-           "mean over seeds; dashed: even share)</text>\n", PLOT_LEFT, LOADS_TOP - 30);
+    svg_text(stdout, PLOT_LEFT, LOADS_TOP - 30, "start", "font-weight='bold'",
+             "Load per expert at the last evaluation (share of routed pairs, mean over seeds; dashed: even share)");
     for (i = 0; i < n_series; i++) {
         const int y = LOADS_TOP + i * ROW_HEIGHT;
-        printf("<text x='%d' y='%d' fill='%s'>", PLOT_LEFT, y, COLOR(i));
-        print_text(all[i].pattern), printf(" ("), print_text(all[i].routers), printf("), step %ld</text>\n", all[i].last_step);
+        char fill[32];
+        snprintf(fill, sizeof fill, "fill='%s'", svg_color(i));
+        svg_textf(stdout, PLOT_LEFT, y, "start", fill, "%s (%s), step %ld", all[i].pattern, all[i].routers,
+                  all[i].last_step);
         for (l = 0; l < all[i].n_layers; l++)
-            draw_load_cell(&all[i].layers[l], PLOT_LEFT + l * CELL_WIDTH, y + 24, COLOR(i));
+            draw_load_cell(&all[i].layers[l], PLOT_LEFT + l * CELL_WIDTH, y + 24, svg_color(i));
     }
 }
 
 static void draw(void) {
-    const axes a = loss_axes();
+    const svg_axes axes = loss_axes();
     const int layers = most_layers(), width = layers * CELL_WIDTH + PLOT_LEFT + 30 > WIDTH ? layers * CELL_WIDTH + PLOT_LEFT + 30 : WIDTH;
     const int height = layers ? LOADS_TOP + n_series * ROW_HEIGHT + 10 : PLOT_BOTTOM + 50;
     int i;
-    printf("<svg xmlns='http://www.w3.org/2000/svg' width='%d' height='%d' font-family='sans-serif' font-size='12'>\n",
-           width, height);
-    printf("<rect width='100%%' height='100%%' fill='white'/>\n");
-    printf("<text x='%d' y='28' font-weight='bold'>Held-out loss per pattern (band: lowest to highest seed; line: "
-           "mean)</text>\n", PLOT_LEFT);
-    draw_axes(&a);
-    for (i = 0; i < n_series; i++) draw_series(&all[i], &a, COLOR(i));
+    svg_begin(stdout, width, height);
+    svg_text(stdout, PLOT_LEFT, 28, "start", "font-weight='bold'",
+             "Held-out loss per pattern (band: lowest to highest seed; line: mean)");
+    svg_draw_axes(stdout, &axes, "step", "held-out loss", 1);
+    for (i = 0; i < n_series; i++) draw_series(&all[i], &axes, svg_color(i));
     draw_legend();
     if (layers) draw_loads();
-    printf("</svg>\n");
+    svg_end(stdout);
 }
 
 int main(int argc, char **argv) {
