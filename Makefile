@@ -16,7 +16,7 @@ TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers
             tests/test_hardening.c tests/test_options.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
+.PHONY: study test-study all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
         install uninstall test-install test-small-examples
 
 all: $(B)/tests $(B)/bench examples
@@ -51,6 +51,14 @@ test-examples: $(B)/train_lm $(B)/train_vit
 	grep -q "layer 2 Swin-MoE gate: noise 1 / E in training, capacity 1.25, load and importance loss 0.01" $(B)/swin.log
 	grep -q "^gt|tw (SMoE, Swin-MoE | Swin-MoE, AC Swin-MoE) " $(B)/swin.log
 	./$(B)/train_vit --data builtin --pattern "gt|tw" 2>/dev/null; test $$? -eq 2
+	./$(B)/train_vit --data builtin --steps 2 --batch 8 --d-model 16 --heads 2 --experts 4 --d-ff 16 --log-every 2 \
+	    --noise 0.2 --attack-eps 4 --attack-images 16 --log $(B)/vit-attack.jsonl > $(B)/vit-attack.log
+	grep -q "test accuracy:  clean .* noise 0.2 .* blanked" $(B)/vit-attack.log
+	grep -q "under attack (first 16 test images; budget in 1/255):  FGSM 4 .*, PGD 4 " $(B)/vit-attack.log
+	grep -q '"event":"robust",.*"attack":"pgd","strength":4,"accuracy"' $(B)/vit-attack.jsonl
+	grep -q '"event":"layer",.*"mi_expert_class"' $(B)/vit-attack.jsonl
+	./$(B)/train_vit --noise 0.1,x 2>/dev/null; test $$? -eq 2
+	./$(B)/train_vit --attack-eps 1,2,3,4,5,6,7,8,9 2>/dev/null; test $$? -eq 2
 	./$(B)/train_vit --data builtin --window 2 --pattern "gt|wt" 2>/dev/null; test $$? -eq 2
 	./$(B)/train_lm --data builtin --steps 2 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \
 	    --d-ff 16 --eval-every 2 --eval-batches 1 --sample 0 --pattern gcxum --activation gelu --ac-eps 0.001 \
@@ -333,6 +341,21 @@ data/digits.csv:
 # that `train_vit --data data/fashion-mnist` reads. Where the package cannot be had, no
 # folder is made, saying so.
 FASHION_MNIST := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
+# The largest English text a Debian package gives without root: the Linux kernel's
+# documentation (linux-doc, reStructuredText and plain text), translations, device-tree
+# bindings and ABI listings left out, files in path order. The study trains on it.
+data/linux-doc.txt:
+	@mkdir -p data/deb
+	@package=$$(apt-cache depends linux-doc 2>/dev/null | awk '/Depends: linux-doc-/ {print $$2; exit}'); \
+	    cd data/deb && (ls linux-doc-*.deb >/dev/null 2>&1 || { [ -n "$$package" ] && apt-get download $$package >/dev/null 2>&1; } || true)
+	@if ls data/deb/linux-doc-*.deb >/dev/null 2>&1; then \
+	    rm -rf data/pkgroot/usr/share/doc/linux-doc-* && dpkg -x data/deb/linux-doc-*.deb data/pkgroot && \
+	    (cd data/pkgroot/usr/share/doc/linux-doc-*/Documentation && \
+	        find . -type f \( -name '*.rst.gz' -o -name '*.txt.gz' \) ! -path './translations/*' ! -path './devicetree/*' \
+	            ! -path './ABI/*' | LC_ALL=C sort | xargs gzip -dc) > $@.tmp && \
+	    mv $@.tmp $@ && echo "linux-doc corpus: $$(wc -c < $@) bytes"; \
+	else rm -f $@.tmp; echo "linux-doc package unavailable (apt-get download linux-doc-* failed)"; fi
+
 data/fashion-mnist:
 	@mkdir -p data/deb
 	@cd data/deb && (ls dataset-fashion-mnist_*.deb >/dev/null 2>&1 || apt-get download dataset-fashion-mnist >/dev/null 2>&1 || true)
@@ -360,6 +383,33 @@ demo-vision: $(B)/train_vit data/digits.csv
 	@data=data/digits.csv; if [ ! -f $$data ]; then \
 	    echo "demo-vision: no $$data; training on drawn digits instead (--data builtin)"; data=builtin; fi; \
 	    set -x; ./$(B)/train_vit --data $$data --compare ggg,ggc,gnn,gna --seeds 3 $(DEMO_FLAGS)
+
+# The study behind docs/results.md (tools/study.sh): language models of the paper's two
+# layouts with seven routers, and vision encoders, measured with the authors' protocols; the
+# report drawn from the runs into docs/results.md and docs/study/. make study runs the quick
+# mode (one seed, short runs); make study FULL=1 the full one (3 seeds, hours: stop it at any
+# time and run it again to resume). test-study runs the pipeline on tiny models.
+STUDY_MODE := $(if $(FULL),full,quick)
+STUDY_DIR  ?= $(if $(FULL),docs/study/runs,$(B)/study-quick)
+study: $(B)/train_lm $(B)/train_vit $(B)/study_report data/fortunes.txt
+	B=$(B) bash tools/study.sh $(STUDY_MODE) $(STUDY_DIR) docs
+
+test-study: $(B)/train_lm $(B)/train_vit $(B)/study_report
+	rm -rf $(B)/study-tiny
+	B=$(B) bash tools/study.sh tiny $(B)/study-tiny $(B)/study-tiny > $(B)/study-tiny.log
+	B=$(B) bash tools/study.sh tiny $(B)/study-tiny $(B)/study-tiny > $(B)/study-tiny-again.log
+	! grep -q "== study tiny: run" $(B)/study-tiny-again.log  # finished runs are never repeated
+	@echo "a run stopped after its first evaluation resumes from its checkpoint to the same bits"
+	run=$(B)/study-tiny/lm-switch-ac-s1; mv $$run.jsonl $$run.first && rm $$run.done && \
+	    command=$$(awk -F'\t' '$$1 == "lm-switch-ac-s1" {print $$6}' $(B)/study-tiny/study.tsv) && \
+	    eval "$$command --steps 3 --save $(B)/study-tiny/ckpt/lm-switch-ac-s1.safetensors --log $$run.jsonl" > /dev/null && \
+	    B=$(B) bash tools/study.sh tiny $(B)/study-tiny $(B)/study-tiny | grep -q "resuming from" && \
+	    test "$$(grep '"eval"' $$run.jsonl | tail -n 1)" = "$$(grep '"eval"' $$run.first | tail -n 1)"
+	grep -q "^| " $(B)/study-tiny/results.md
+	for svg in $(B)/study-tiny/study/*.svg; do test "$$(head -c 4 $$svg)" = "<svg" || exit 1; done
+
+$(B)/study_report: tools/study_report.c examples/svg.h | $(B)
+	$(CC) $(CSTD) $(CFLAGS) $(WARN) $< -o $@ -lm
 
 # make install [PREFIX=/usr/local] [DESTDIR=]: the header into $(PREFIX)/include and a
 # pkg-config file, acmoe.pc, into $(PREFIX)/lib/pkgconfig; make uninstall removes both.

@@ -292,6 +292,7 @@ static inline void log_eval(const run_report *r, long step, double val_loss, int
 typedef struct layer_log {
     const run_report *report;
     long step;
+    const double *mutual_information; /* [layer], or NULL */
 } layer_log;
 
 static inline void log_layer_of(acmoe_lm *lm, int layer, char letter, int after_moe, void *user) {
@@ -316,6 +317,7 @@ static inline void log_layer_of(acmoe_lm *lm, int layer, char letter, int after_
         log_number(f, "ac_w_mean", st.ac_w_mean);
     }
     if (after_moe) log_number(f, "router_stability", st.router_stability);
+    if (u->mutual_information) log_number(f, "mi_expert_class", u->mutual_information[layer]);
     log_end(f);
 }
 
@@ -324,8 +326,30 @@ static inline void log_layer_of(acmoe_lm *lm, int layer, char letter, int after_
 static inline void log_layers(const run_report *r, acmoe_lm *lm, long step) {
     layer_log u;
     if (!r->log) return;
-    u.report = r, u.step = step;
+    u.report = r, u.step = step, u.mutual_information = NULL;
     visit_layers(lm, log_layer_of, &u);
+}
+
+/* The same, with each layer's mutual information between a token's best expert and its
+   image's class, in bits ([layer], NaN where not measured). */
+static inline void log_layers_with_classes(const run_report *r, acmoe_lm *lm, long step,
+                                           const double *mutual_information) {
+    layer_log u;
+    if (!r->log) return;
+    u.report = r, u.step = step, u.mutual_information = mutual_information;
+    visit_layers(lm, log_layer_of, &u);
+}
+
+/* A test after training: the attack or corruption, its strength and the accuracy. */
+static inline void log_robust(const run_report *r, long step, const char *attack, double strength, double accuracy) {
+    FILE *f = r->log;
+    if (!f) return;
+    log_begin(f, "robust", r->pattern, r->seed, step);
+    fprintf(f, ",\"attack\":");
+    log_string(f, attack);
+    fprintf(f, ",\"strength\":%g", strength); /* as given: 0.1, not its float's digits */
+    log_number(f, "accuracy", accuracy);
+    log_end(f);
 }
 
 #endif
