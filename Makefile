@@ -30,8 +30,9 @@ $(B)/tests: $(TEST_SRC) $(TEST_HDR) | $(B)
 # The suite, the README's usage example, the header inside a C++ program, and smoke runs of
 # the training examples (tiny models, embedded text and drawn digits, the demos' patterns;
 # then every router's flags, checked in the options each layer reports (the runs' output is
-# in build/*-flags.log), and a bad value); the two short examples, and make install into build/.
-test: test-readme test-cpp test-examples test-small-examples test-install test-unit
+# in build/*-flags.log), and a bad value); the two short examples; the study's pipeline on
+# tiny models; and make install into build/.
+test: test-readme test-cpp test-examples test-small-examples test-study test-install test-unit
 
 test-examples: $(B)/train_lm $(B)/train_vit
 	./$(B)/train_lm --data builtin --steps 4 --batch 2 --seq 32 --d-model 16 --heads 2 --experts 4 \

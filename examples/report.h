@@ -309,7 +309,7 @@ static inline void log_layer_of(acmoe_lm *lm, int layer, char letter, int after_
     for (j = 0; j < st.n_experts; j++) fprintf(f, "%s%d", j ? "," : "", st.tokens_per_expert[j]);
     fputc(']', f);
     log_number(f, "top_gate_mean", mean_top_gate(&st));
-    if (acmoe_moe_tightness(acmoe_lm_moe(lm, layer), &tight) == ACMOE_OK)
+    if (acmoe_moe_tightness(acmoe_lm_moe(lm, layer), &tight) == ACMOE_OK && tight.clusters > 1) /* one: no ratio */
         log_number(f, "tightness_plain", tight.plain), log_number(f, "tightness_ac", tight.ac);
     if (st.ac_clusters > 0) {
         fprintf(f, ",\"ac_clusters\":%d,\"small_clusters\":%d", st.ac_clusters, st.ac_small_clusters);

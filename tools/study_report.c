@@ -11,7 +11,8 @@
 
    Only finished runs count. A router is compared with its baseline seed by seed (runs of
    one experiment and seed share batches and initialisation): the mean difference is a
-   verdict when it exceeds twice its standard error over at least two seeds. */
+   verdict when its 95 % confidence interval (Student's t over the seeds, at least two)
+   leaves out zero. */
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -948,11 +949,20 @@ typedef struct paired {
     int verdict;
 } paired;
 
+/* Student's t at 97.5 % for n - 1 degrees of freedom: the half-width of a two-sided 95 %
+   interval in standard errors. */
+static double t_quantile(int n) {
+    static const double table[] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262,
+                                   2.228,  2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101};
+    const int df = n - 1;
+    return df <= (int)(sizeof table / sizeof table[0]) ? table[df - 1] : 1.96 + 2.4 / df;
+}
+
 static int verdict_of(summary d, int lower_is_better) {
     int exceeds;
     if (d.n == 0) return VERDICT_NO_PAIRS;
     if (d.n < 2) return VERDICT_ONE_SEED;
-    exceeds = d.sd == 0.0 ? d.mean != 0.0 : fabs(d.mean) > 2.0 * d.sd / sqrt((double)d.n);
+    exceeds = d.sd == 0.0 ? d.mean != 0.0 : fabs(d.mean) > t_quantile(d.n) * d.sd / sqrt((double)d.n);
     if (!exceeds) return VERDICT_NOISE;
     return (lower_is_better ? d.mean < 0.0 : d.mean > 0.0) ? VERDICT_REPRODUCED : VERDICT_REVERSED;
 }
@@ -1921,7 +1931,8 @@ static void write_overview(FILE *md) {
         fprintf(md, "; up to %ld steps.", steps);
     }
     fputs(" Each AC router is compared with its baseline on the same seeds (shared batches and initialisation): a "
-          "difference is a verdict when its mean exceeds twice its standard error over at least two seeds.\n\n",
+          "difference is a verdict (reproduced or reversed) when its 95 % confidence interval over the seeds (Student's t, "
+          "at least two seeds) leaves out zero; otherwise it is within noise.\n\n",
           md);
 }
 
