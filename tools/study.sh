@@ -50,39 +50,33 @@ add_run() { # experiment router baseline seed work command...
 # Language models. The reference's small Switch-style layout (acmoe-s.sh: sgsgsc, d 128, 8
 # heads, 16 experts of 128, top-2, post-LN, dropout 0.7, Adam at 7e-4 after 3,000 warmup
 # steps, then constant, no clipping, no weight decay, 3,072 tokens per routing call), and the
-# GLaM-style one (glam/small/acmoe-s.sh: sgsfscsfscsf, d 144, dropout 0.1, AC in the later
-# MoE layers). Held-out bits per character, with 10 % of the input bytes damaged and with
-# the reference's word swap (2.5 % of each line's non-stopwords made AAA).
-lm_runs() { # layout steps warmup eval_every eval_batches seeds model flags...
-    local layout=$1 steps=$2 warmup=$3 every=$4 batches=$5 seeds=$6
+# GLaM-style one (glam/small/acmoe-s.sh: sgsfscsfscsf, MoE and dense layers alternating, AC
+# in the later MoE layers, d 144, dropout 0.1; its 12,288 tokens per call cut to the same
+# 3,072 at CPU scale), with SMoE and both AC modes. Held-out bits per character, with 10 % of
+# the input bytes damaged and with the reference's word swap (2.5 % of each line's
+# non-stopwords made AAA).
+lm_runs() { # layout seed steps warmup eval_every eval_batches model flags...
+    local layout=$1 seed=$2 steps=$3 warmup=$4 every=$5 batches=$6
     shift 6
-    local model="$*" seed letter router baseline pattern extra
-    local tokens_per_step
+    local model="$*" router baseline pattern extra tokens_per_step
     tokens_per_step=$(($(flag_value --batch "$model") * $(flag_value --seq "$model")))
-    for seed in $(seq 1 "$seeds"); do
-        while IFS=, read -r router baseline pattern extra; do
-            [ -n "$router" ] || continue
-            add_run "lm-$layout" "$router" "$baseline" "$seed" $((steps * tokens_per_step)) \
-                "$B/train_lm --data $text --pattern '$pattern' $model --steps $steps --warmup $warmup" \
-                "--eval-every $every --eval-batches $batches --eval-corrupt 0.1 --eval-wordswap 0.025" \
-                "--seed $seed --threads $threads --sample 0 --log-every 100 $extra"
-        done < <(lm_routers "$layout")
-    done
+    while IFS=, read -r router baseline pattern extra; do
+        [ -n "$router" ] || continue
+        add_run "lm-$layout" "$router" "$baseline" "$seed" $((steps * tokens_per_step)) \
+            "$B/train_lm --data $text --pattern '$pattern' $model --steps $steps --warmup $warmup" \
+            "--eval-every $every --eval-batches $batches --eval-corrupt 0.1 --eval-wordswap 0.025" \
+            "--seed $seed --threads $threads --sample 0 --log-every 100 $extra"
+    done < <(lm_routers "$layout")
 }
 
 # router,baseline,pattern,extra flags: per layout, the baseline first.
 lm_routers() {
-    local baseline_layers=ggg ac=ggc usmoe=uuu ac_usmoe=uuv xmoe=xxx stable=bbb
-    if [ "$1" = glam ]; then
-        baseline_layers=gfgfgf ac=gfcfcf usmoe=ufufuf ac_usmoe=ufvfvf xmoe=xfxfxf stable=bfbfbf
+    if [ "$1" = glam ]; then # the paper's GLaM comparison: AC in the later MoE layers against SMoE
+        printf '%s\n' "SMoE,-,gfgfgf," "AC,SMoE,gfcfcf," "AC robust,SMoE,gfcfcf,--ac-robust 1"
+        return
     fi
-    echo "SMoE,-,$baseline_layers,"
-    echo "AC,SMoE,$ac,"
-    echo "AC robust,SMoE,$ac,--ac-robust 1"
-    echo "XMoE,SMoE,$xmoe,"
-    echo "StableMoE,SMoE,$stable,"
-    echo "USMoE,SMoE,$usmoe,"
-    echo "AC USMoE,USMoE,$ac_usmoe,"
+    printf '%s\n' "SMoE,-,ggg," "AC,SMoE,ggc," "AC robust,SMoE,ggc,--ac-robust 1" "XMoE,SMoE,xxx," \
+        "StableMoE,SMoE,bbb," "USMoE,SMoE,uuu," "AC USMoE,USMoE,uuv,"
 }
 
 flag_value() { # --flag "flags..." : the value after --flag
@@ -99,18 +93,17 @@ flag_value() { # --flag "flags..." : the value after --flag
 # Swin-MoE), each with SMoE against AC and Soft MoE against AC Soft MoE. AdamW with the
 # reference's decay 0.1 and clipping at 3, cosine schedule. After training: accuracy clean,
 # under Gaussian noise and a blanked square, and under FGSM and PGD.
-vision_runs() { # backbone steps every seeds noise eps attacked model flags...
-    local backbone=$1 steps=$2 every=$3 seeds=$4 noise=$5 eps=$6 attacked=$7
+vision_runs() { # backbone seed steps every noise eps attacked model flags...
+    local backbone=$1 seed=$2 steps=$3 every=$4 noise=$5 eps=$6 attacked=$7
     shift 7
-    local model="$*" seed router baseline pattern
-    for seed in $(seq 1 "$seeds"); do
-        while IFS=, read -r router baseline pattern; do
-            [ -n "$router" ] || continue
-            add_run "$backbone" "$router" "$baseline" "$seed" $((steps * $(flag_value --batch "$model") * 49)) \
-                "$B/train_vit --data $images --pattern '$pattern' $model --steps $steps --log-every $every" \
-                "--noise $noise --attack-eps $eps --attack-images $attacked --seed $seed --threads $threads"
-        done < <(vision_routers "$backbone")
-    done
+    local model="$*" router baseline pattern tokens=49
+    [ "$backbone" = swin ] && tokens=196 # the first stage's patches
+    while IFS=, read -r router baseline pattern; do
+        [ -n "$router" ] || continue
+        add_run "$backbone" "$router" "$baseline" "$seed" $((steps * $(flag_value --batch "$model") * tokens)) \
+            "$B/train_vit --data $images --pattern '$pattern' $model --steps $steps --log-every $every" \
+            "--noise $noise --attack-eps $eps --attack-images $attacked --seed $seed --threads $threads"
+    done < <(vision_routers "$backbone")
 }
 
 vision_routers() {
@@ -127,26 +120,31 @@ swin_model="--d-model 16 --heads 2 --d-ff 32 --experts 8 --top-k 2 --patch 2 --w
 tiny_vision="--d-model 16 --heads 2 --d-ff 16 --experts 4 --top-k 2 --batch 8"
 
 switch_model="--d-model 128 --heads 8 --d-ff 128 --experts 16 --top-k 2 --pre-ln 0 --dropout 0.7 --lr 7e-4 --clip 0 --batch 12 --seq 256"
-glam_model="--d-model 144 --heads 8 --d-ff 144 --experts 16 --top-k 2 --pre-ln 0 --dropout 0.1 --lr 7e-4 --clip 0 --batch 12 --seq 512"
+glam_model="--d-model 144 --heads 8 --d-ff 144 --experts 16 --top-k 2 --pre-ln 0 --dropout 0.1 --lr 7e-4 --clip 0 --batch 12 --seq 256"
 tiny_model="--d-model 16 --heads 2 --d-ff 16 --experts 4 --top-k 2 --dropout 0.1 --lr 3e-3 --clip 0 --batch 2 --seq 32"
 
+# Seed by seed, so that a study stopped early has whole pairings of every experiment.
 case $mode in
 full)
-    lm_runs switch 6000 3000 250 16 3 "$switch_model"
-    lm_runs glam 3000 1500 250 8 3 "$glam_model"
-    vision_runs vit 3000 500 3 0.05,0.1,0.2,0.4 1,2,4,8 1000 "$vit_model --warmup 300"
-    vision_runs swin 2000 500 3 0.05,0.1,0.2,0.4 1,2,4,8 1000 "$swin_model --warmup 200"
+    for seed in 1 2 3; do
+        lm_runs switch $seed 5000 3000 500 16 "$switch_model"
+        lm_runs glam $seed 3000 1500 500 16 "$glam_model"
+        vision_runs vit $seed 3000 500 0.05,0.1,0.2,0.4 1,2,4,8 1000 "$vit_model --warmup 300"
+        vision_runs swin $seed 1500 500 0.05,0.1,0.2,0.4 1,2,4,8 500 "$swin_model --warmup 150"
+    done
     ;;
 quick)
-    lm_runs switch 600 300 100 8 1 "$switch_model"
-    lm_runs glam 300 150 100 4 1 "$glam_model"
-    vision_runs vit 600 200 1 0.1,0.3 2,8 256 "$vit_model --warmup 60"
-    vision_runs swin 300 150 1 0.1,0.3 2,8 256 "$swin_model --warmup 30"
+    lm_runs switch 1 600 300 100 8 "$switch_model"
+    lm_runs glam 1 300 150 100 8 "$glam_model"
+    vision_runs vit 1 600 200 0.1,0.3 2,8 256 "$vit_model --warmup 60"
+    vision_runs swin 1 300 150 0.1,0.3 2,8 256 "$swin_model --warmup 30"
     ;;
 tiny)
     text=builtin images=builtin
-    lm_runs switch 6 2 3 1 2 "$tiny_model"
-    vision_runs vit 4 2 2 0.2 4 16 "$tiny_vision"
+    for seed in 1 2; do
+        lm_runs switch $seed 6 2 3 1 "$tiny_model"
+        vision_runs vit $seed 4 2 0.2 4 16 "$tiny_vision"
+    done
     ;;
 esac
 
