@@ -392,7 +392,7 @@ demo-vision: $(B)/train_vit data/digits.csv
 # time and run it again to resume). test-study runs the pipeline on tiny models.
 STUDY_MODE := $(if $(FULL),full,quick)
 STUDY_DIR  ?= $(if $(FULL),docs/study/runs,$(B)/study-quick)
-study: $(B)/train_lm $(B)/train_vit $(B)/study_report data/fortunes.txt
+study: $(B)/train_lm $(B)/train_vit $(B)/study_report data/fortunes.txt data/linux-doc.txt data/fashion-mnist
 	B=$(B) bash tools/study.sh $(STUDY_MODE) $(STUDY_DIR) docs
 
 test-study: $(B)/train_lm $(B)/train_vit $(B)/study_report

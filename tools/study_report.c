@@ -7,7 +7,7 @@
    DIR holds study.tsv (a header, then per run: id, experiment, router, baseline, seed and
    command, tab-separated), meta.txt (key: value lines) and per run <id>.jsonl, the --log of
    train_lm or train_vit, with <id>.done once the run finished. OUTDIR gets results.md,
-   study/headline.md (the claims table alone) and the plots study/NAME.svg.
+   study/headline.md (the claims counted, for the README) and the plots study/NAME.svg.
 
    Only finished runs count. A router is compared with its baseline seed by seed (runs of
    one experiment and seed share batches and initialisation): the mean difference is a
@@ -1345,6 +1345,31 @@ static void write_claim_summaries(FILE *out) {
     }
 }
 
+/* Per claim: how many comparisons reproduce it, reverse it or stay within noise, and
+   where it reproduced: the README's table. */
+static void write_headline(FILE *out) {
+    int claim, i;
+    fputs("| Claim | Comparisons | Reproduced | Reversed | Within noise | No verdict | Reproduced in |\n"
+          "|---|---|---|---|---|---|---|\n",
+          out);
+    for (claim = 0; claim < CLAIMS; claim++) {
+        int counts[VERDICTS] = {0, 0, 0, 0, 0}, total = 0, listed = 0;
+        for (i = 0; i < n_claim_rows; i++)
+            if (claim_rows[i].claim == claim) counts[claim_rows[i].result.verdict]++, total++;
+        if (!total) continue;
+        fprintf(out, "| %s | %d | %d | %d | %d | %d | ", claim_names[claim], total, counts[VERDICT_REPRODUCED],
+                counts[VERDICT_REVERSED], counts[VERDICT_NOISE], counts[VERDICT_ONE_SEED] + counts[VERDICT_NO_PAIRS]);
+        for (i = 0; i < n_claim_rows; i++) {
+            const claim_row *row = &claim_rows[i];
+            if (row->claim != claim || row->result.verdict != VERDICT_REPRODUCED) continue;
+            fprintf(out, "%s%s: %s vs %s", listed++ ? "; " : "", cell(row->where->name),
+                    cell(router_name(row->where, row->slot)), cell(router_name(row->where, row->baseline_slot)));
+        }
+        fputs(listed ? " |\n" : "- |\n", out);
+    }
+    if (n_claim_rows == 0) fputs("| (no AC router with a baseline and finished runs) | | | | | | |\n", out);
+}
+
 /* ---- plots ---- */
 
 #define PLOT_TOP 56
@@ -1974,7 +1999,7 @@ static void write_report(const char *out_dir) {
     join_path(study_dir, out_dir, "study", "");
     make_directory(study_dir);
     headline = open_output(out_dir, "study/headline.md");
-    write_claims_table(headline);
+    write_headline(headline);
     close_output(headline, "study/headline.md");
     md = open_output(out_dir, "results.md");
     write_overview(md);
