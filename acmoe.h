@@ -426,17 +426,19 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
 ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, const float *dout, float *dx);
 ACMOE_API acmoe_moe_stats acmoe_moe_last_stats(const acmoe_moe *layer);
 /* How tightly the last forward call's tokens sit around their experts, the paper's
-   question: tokens clustered by their best expert, in the layer's input space. within is
-   the mean distance from a token to its cluster's centroid, between the mean distance
-   between two clusters' centroids; plain = within / between, lower is tighter. ac is the same
-   ratio in the metric the AC router routes in: each cluster's feature weights W computed
-   from these clusters with the layer's AC options (any router), a token measured with its
-   cluster's weights and two centroids with the mean of theirs. Soft MoE: a token's expert is
-   its best slot's. Reads the forward call's x, which must be unchanged; allocates its
-   scratch. ACMOE_ERR_ARG for a dense layer or before any forward call. */
+   question: tokens clustered by their best expert, in the layer's input space, clusters of
+   fewer than 2 tokens (no spread) left out. within is the mean distance from a token to its
+   cluster's centroid, between the mean distance between two clusters' centroids; plain =
+   within / between, lower is tighter. ac is the same ratio in the metric the AC router
+   routes in: each cluster's feature weights W computed from these clusters with the layer's
+   AC options in robust mode (any router; the left-out clusters would otherwise flatten the
+   others' weights), a token measured with its cluster's weights and two centroids with the
+   mean of theirs. Both are 0 with fewer than 2 clusters. Soft MoE: a token's expert is its
+   best slot's. Reads the forward call's x, which must be unchanged; allocates its scratch.
+   ACMOE_ERR_ARG for a dense layer or before any forward call. */
 typedef struct acmoe_tightness {
     float plain, ac;
-    int clusters; /* experts that are some token's best */
+    int clusters; /* experts that are the best of 2 tokens or more */
 } acmoe_tightness;
 ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightness *out);
 /* The options the layer runs with, defaults resolved (all zero for NULL). */
@@ -4202,20 +4204,23 @@ static float acmoe__tightness_ratio(const acmoe_moe *layer, const float *mu, con
     double within = 0.0, between = 0.0;
     long pairs = 0;
     int t, a, b;
+    long tokens = 0;
     for (t = 0; t < layer->n; t++) {
         const int c = layer->top_idx[(size_t)t * layer->label_k];
         const float *wc = w ? w + (size_t)c * d : NULL;
+        if (count[c] < 2) continue;
         within += acmoe__weighted_distance(layer->x + (size_t)t * d, mu + (size_t)c * d, wc, wc, d);
+        tokens++;
     }
     for (a = 0; a < e; a++)
         for (b = a + 1; b < e; b++) {
-            if (!count[a] || !count[b]) continue;
+            if (count[a] < 2 || count[b] < 2) continue;
             between += acmoe__weighted_distance(mu + (size_t)a * d, mu + (size_t)b * d, w ? w + (size_t)a * d : NULL,
                                                 w ? w + (size_t)b * d : NULL, d);
             pairs++;
         }
     if (!pairs || between <= 0.0) return 0.0f; /* one cluster: no spread between clusters */
-    return (float)((within / layer->n) / (between / (double)pairs));
+    return (float)((within / (double)tokens) / (between / (double)pairs));
 }
 
 ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightness *out) {
@@ -4228,11 +4233,12 @@ ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightne
     if (layer->desc.router_select == ACMOE_SELECT_DENSE || !layer->x || layer->n < 1)
         return ACMOE_ERR_ARG;
     if (acmoe__ac_resolve(&layer->desc.ac, &ac) != ACMOE_OK) return ACMOE_ERR_ARG;
+    ac.robust = 1;
     count = (int *)ACMOE_MALLOC(sizeof(int) * (size_t)e + sizeof(float) * 2 * (size_t)e * d);
     if (!count) return ACMOE_ERR_NOMEM;
     mu = (float *)(count + e), w = mu + (size_t)e * d;
     acmoe__ac_counts(layer->top_idx, layer->label_k, layer->n, e, count);
-    for (c = 0; c < e; c++) out->clusters += count[c] > 0, rows = count[c] > 0 ? c + 1 : rows;
+    for (c = 0; c < e; c++) out->clusters += count[c] > 1, rows = count[c] > 0 ? c + 1 : rows;
     acmoe__ac_dispersion(&ac, layer->x, layer->n, d, layer->top_idx, layer->label_k, rows, count, mu, w, 0, d);
     acmoe__ac_weights(&ac, w, rows, d, count); /* rows as the AC router has them: up to the largest label */
     out->plain = acmoe__tightness_ratio(layer, mu, count, NULL);

@@ -341,7 +341,7 @@ static void test_moe_router_stability(void) {
    [rows][d] per cluster or none. */
 static double tightness_by_hand(const float *x, int n, int d, const int32_t *label, int k, const float *w, int rows) {
     double mu[4][6] = {{0}}, within = 0.0, between = 0.0;
-    int count[4] = {0}, t, a, b, q, pairs = 0;
+    int count[4] = {0}, t, a, b, q, pairs = 0, tokens = 0;
     for (t = 0; t < n; t++) {
         count[label[t * k]]++;
         for (q = 0; q < d; q++) mu[label[t * k]][q] += x[t * d + q];
@@ -351,56 +351,71 @@ static double tightness_by_hand(const float *x, int n, int d, const int32_t *lab
     for (t = 0; t < n; t++) {
         double sq = 0.0;
         const int c = label[t * k];
+        if (count[c] < 2) continue; /* no spread: left out */
         for (q = 0; q < d; q++) sq += (w ? w[c * d + q] : 1.0) * pow(x[t * d + q] - mu[c][q], 2);
-        within += sqrt(sq);
+        within += sqrt(sq), tokens++;
     }
     for (a = 0; a < rows; a++)
         for (b = a + 1; b < rows; b++) {
             double sq = 0.0;
-            if (!count[a] || !count[b]) continue;
+            if (count[a] < 2 || count[b] < 2) continue;
             for (q = 0; q < d; q++) sq += (w ? 0.5 * (w[a * d + q] + w[b * d + q]) : 1.0) * pow(mu[a][q] - mu[b][q], 2);
             between += sqrt(sq), pairs++;
         }
-    return (within / n) / (between / pairs);
+    return (within / tokens) / (between / pairs);
 }
 
 /* Cluster tightness of an SMoE and a Soft MoE layer, plain and in the AC metric, against the
-   formula by hand with the AC router's own weights for the same clusters; dense is refused. */
+   formula by hand with the AC router's own weights (robust mode) for the same clusters, a
+   cluster of one token left out; dense is refused. */
 static void test_moe_tightness(void) {
     static const char routers[2] = {'g', 'n'};
-    int r;
-    for (r = 0; r < 2; r++) {
-        fixture f;
-        acmoe_tightness tight;
-        acmoe_moe_desc d = small_desc(routers[r], ACMOE_ACT_GELU);
-        acmoe_moe_stats st;
-        float w[4 * 6];
-        int32_t experts[24 * 2];
-        float gates[24 * 2];
-        int rows = 0, i;
-        d.mix_k = 2;
-        fixture_make_desc(&f, &d, 24, 43);
-        CHECK_STATUS(acmoe_moe_tightness(f.layer, &tight), ACMOE_ERR_ARG); /* no forward call yet */
-        CHECK(isfinite(fixture_loss(&f)));
-        CHECK_STATUS(acmoe_moe_tightness(f.layer, &tight), ACMOE_OK);
-        st = acmoe_moe_last_stats(f.layer);
-        for (i = 0; i < 24; i++) rows = st.expert_index[i * st.top_k] + 1 > rows ? st.expert_index[i * st.top_k] + 1 : rows;
-        {
-            acmoe_ac_desc ac = acmoe_moe_settings(f.layer).ac;
-            int w_rows = 0;
-            CHECK_STATUS(acmoe_ac_route(&ac, f.x, 24, 6, st.expert_index, st.top_k, f.params, 4, 2, experts, gates, NULL, w,
-                                        &w_rows),
-                         ACMOE_OK);
-            CHECK(w_rows == rows);
+    static const int sizes[2] = {24, 6};
+    int r, z, singletons = 0;
+    for (r = 0; r < 2; r++)
+        for (z = 0; z < 2; z++) {
+            const int n = sizes[z];
+            fixture f;
+            acmoe_tightness tight;
+            acmoe_moe_desc d = small_desc(routers[r], ACMOE_ACT_GELU);
+            acmoe_moe_stats st;
+            float w[4 * 6];
+            int32_t experts[24 * 2];
+            float gates[24 * 2];
+            int rows = 0, i, count[4] = {0};
+            d.mix_k = 2;
+            fixture_make_desc(&f, &d, n, 43 + (uint64_t)z);
+            CHECK_STATUS(acmoe_moe_tightness(f.layer, &tight), ACMOE_ERR_ARG); /* no forward call yet */
+            CHECK(isfinite(fixture_loss(&f)));
+            CHECK_STATUS(acmoe_moe_tightness(f.layer, &tight), ACMOE_OK);
+            st = acmoe_moe_last_stats(f.layer);
+            for (i = 0; i < n; i++) {
+                const int best = st.expert_index[i * st.top_k];
+                rows = best + 1 > rows ? best + 1 : rows, count[best]++;
+            }
+            for (i = 0; i < 4; i++) singletons += count[i] == 1;
+            {
+                acmoe_ac_desc ac = acmoe_moe_settings(f.layer).ac;
+                int w_rows = 0;
+                ac.robust = 1;
+                CHECK_STATUS(acmoe_ac_route(&ac, f.x, n, 6, st.expert_index, st.top_k, f.params, 4, 2, experts, gates,
+                                            NULL, w, &w_rows),
+                             ACMOE_OK);
+                CHECK(w_rows == rows);
+            }
+            if (tight.clusters >= 2) {
+                CHECKF(fabs(tight.plain - tightness_by_hand(f.x, n, 6, st.expert_index, st.top_k, NULL, rows)) < 1e-5,
+                       "%c plain %g", routers[r], tight.plain);
+                CHECKF(fabs(tight.ac - tightness_by_hand(f.x, n, 6, st.expert_index, st.top_k, w, rows)) < 1e-5,
+                       "%c ac %g", routers[r], tight.ac);
+                CHECK(fabs(tight.ac - tight.plain) > 1e-3); /* the weights matter on random features */
+            } else {
+                CHECK(tight.plain == 0.0f && tight.ac == 0.0f);
+            }
+            CHECK(z == 1 || tight.clusters >= 2);
+            fixture_free(&f);
         }
-        CHECK(tight.clusters >= 2);
-        CHECKF(fabs(tight.plain - tightness_by_hand(f.x, 24, 6, st.expert_index, st.top_k, NULL, rows)) < 1e-5,
-               "%c plain %g", routers[r], tight.plain);
-        CHECKF(fabs(tight.ac - tightness_by_hand(f.x, 24, 6, st.expert_index, st.top_k, w, rows)) < 1e-5, "%c ac %g",
-               routers[r], tight.ac);
-        CHECK(fabs(tight.ac - tight.plain) > 1e-3); /* the weights matter on random features */
-        fixture_free(&f);
-    }
+    CHECK(singletons > 0); /* some case left a cluster out */
     {
         fixture f;
         acmoe_tightness tight;
