@@ -477,7 +477,7 @@ static void read_log(run *r, const char *directory) {
     join_path(path, directory, r->id, ".jsonl");
     from.path = path, from.line = 0, from.complaints = 0;
     if (!(text = read_text(path, &why))) {
-        fprintf(stderr, PROGRAM ": %s: %s\n", path, why);
+        if (r->finished || errno != ENOENT) fprintf(stderr, PROGRAM ": %s: %s\n", path, why); /* else not begun */
         return;
     }
     for (cursor = text; (line = next_line(&cursor)) != NULL;) {
