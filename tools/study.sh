@@ -26,6 +26,11 @@ threads=${THREADS:-0}
 text=${STUDY_TEXT:-data/linux-doc.txt} # the largest English text Debian has; fortunes without it
 [ -f "$text" ] || text=data/fortunes.txt
 images=${STUDY_IMAGES:-data/fashion-mnist}
+vision=1
+if [ "$mode" != tiny ] && [ ! -d "$images" ]; then
+    echo "study: no $images (make data/fashion-mnist fetches it): the vision experiments are left out" >&2
+    vision=0
+fi
 mkdir -p "$dir/ckpt" "$outdir" || exit 1
 
 # ---- the runs ----
@@ -96,6 +101,7 @@ flag_value() { # --flag "flags..." : the value after --flag
 vision_runs() { # backbone seed steps every noise eps attacked model flags...
     local backbone=$1 seed=$2 steps=$3 every=$4 noise=$5 eps=$6 attacked=$7
     shift 7
+    [ "$vision" = 1 ] || return 0
     local model="$*" router baseline pattern tokens=49
     [ "$backbone" = swin ] && tokens=196 # the first stage's patches
     while IFS=, read -r router baseline pattern; do
@@ -151,15 +157,16 @@ esac
 mv "$manifest" "$dir/study.tsv"
 
 # ---- the machine ----
+# One block per invocation: a study resumed on another day, host or commit says so.
 {
     echo "mode: $mode"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- acmoe.h examples tools 2>/dev/null || echo ' (with local changes)')"
     echo "started: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //') ($(nproc) online)"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- acmoe.h examples tools 2>/dev/null || echo ' (with local changes)')"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //') ($(nproc) online; $(grep -o -m1 'avx512f\|avx2' /proc/cpuinfo | head -n 1 || echo 'no AVX2'))"
     echo "threads: $([ "$threads" = 0 ] && nproc || echo "$threads")"
     echo "text: $text$([ -f "$text" ] && echo " ($(wc -c < "$text") bytes)")"
     echo "images: $images"
-} > "$dir/meta.txt"
+} >> "$dir/meta.txt"
 
 # ---- running them ----
 total_work=0 done_work=0 runs_done=0
@@ -216,5 +223,18 @@ for i in "${!ids[@]}"; do
 done
 
 echo "== study $mode: ${#ids[@]} runs finished in $dir; writing $outdir/results.md"
-echo "finished: $(date -u '+%Y-%m-%d %H:%M UTC')" >> "$dir/meta.txt"
-"$B/study_report" "$dir" "$outdir"
+"$B/study_report" "$dir" "$outdir" || exit 1
+
+# The full study's headline and its first plot in the README, between its markers.
+if [ "$mode" = full ] && [ -f README.md ] && grep -q '<!-- study:begin -->' README.md; then
+    plot=$(ls "$outdir"/study/*-curves.svg 2>/dev/null | head -n 1)
+    awk -v headline="$outdir/study/headline.md" -v plot="$plot" '
+        /<!-- study:end -->/ { skipping = 0 }
+        !skipping { print }
+        /<!-- study:begin -->/ {
+            while ((getline line < headline) > 0) print line
+            if (plot != "") printf "\n![Held-out loss over training, each router with its seeds'"'"' band](%s)\n", plot
+            skipping = 1
+        }' README.md > README.md.tmp && mv README.md.tmp README.md
+    echo "== README.md: the study's headline updated"
+fi
