@@ -1,6 +1,7 @@
 /* The report of a study of the AC router: which claims of "Tight Clusters Make Specialized
    Experts" its runs reproduce (faster convergence, robustness to corrupted input, better
-   final quality, tighter clusters).
+   final quality, tighter clusters), and how often AC's clusters of fewer than 2 tokens occur and
+   what the paper's weights for them cost against a "<router> robust" twin.
 
      study_report DIR OUTDIR
 
@@ -1909,6 +1910,126 @@ static void write_layers(FILE *md, const experiment *e) {
     if (written) fputs("\n", md);
 }
 
+/* ---- results.md: the empty clusters of the AC layers ---- */
+
+typedef struct cluster_counts {
+    int evaluations, with_small; /* evaluations that log small_clusters; those with at least one */
+    double small_sum, small_max;
+} cluster_counts;
+
+/* A layer's small clusters over every evaluation of the slot's finished seeds. */
+static cluster_counts small_cluster_counts(const experiment *e, int slot, int layer) {
+    cluster_counts c;
+    int i, k;
+    memset(&c, 0, sizeof c);
+    for (i = 0; i < e->n_seeds; i++) {
+        const run *r = finished_run(e, slot, i);
+        for (k = 0; r && k < r->events[EVENT_LAYER].count; k++) {
+            const record *item = &r->events[EVENT_LAYER].items[k];
+            const double small = item->value[LAYER_SMALL_CLUSTERS];
+            if (item->layer != layer || !isfinite(small)) continue;
+            c.evaluations++, c.with_small += small >= 1.0, c.small_sum += small;
+            c.small_max = fmax(c.small_max, small);
+        }
+    }
+    return c;
+}
+
+static int slot_named(const experiment *e, const char *name, size_t length) {
+    int s;
+    for (s = 0; s < e->n_slots; s++)
+        if (strlen(router_name(e, s)) == length && !strncmp(router_name(e, s), name, length)) return s;
+    return -1;
+}
+
+/* For a slot "<name> robust", the slot "<name>"; else -1. */
+static int paper_twin(const experiment *e, int slot) {
+    static const char suffix[] = " robust";
+    const char *name = router_name(e, slot);
+    const size_t length = strlen(name), suffix_length = sizeof suffix - 1;
+    if (length <= suffix_length || strcmp(name + length - suffix_length, suffix)) return -1;
+    return slot_named(e, name, length - suffix_length);
+}
+
+/* Whether some slot is the robust twin of slot. */
+static int has_robust_twin(const experiment *e, int slot) {
+    int s;
+    for (s = 0; s < e->n_slots; s++)
+        if (paper_twin(e, s) == slot) return 1;
+    return 0;
+}
+
+static void write_small_cluster_rows(FILE *md, const experiment *e, int *rows) {
+    int s, i;
+    for (s = 0; s < e->n_slots; s++)
+        for (i = 0; i < e->n_layers; i++) {
+            const int layer = e->layers[i];
+            const cluster_counts c = small_cluster_counts(e, s, layer);
+            const measure m = layer_measure(LAYER_TOP_GATE, 1ULL << (layer - 1));
+            const char *router = layer_router(e, s, layer);
+            if (!c.evaluations) continue;
+            if (!(*rows)++)
+                fputs("A small cluster: an AC cluster with fewer than 2 tokens in an evaluation call; the paper's code "
+                      "gives it weights 1/eps, which flattens the other clusters' weights. Counted over every "
+                      "evaluation of the finished seeds; top gate mean: the gate of each token's top choice (0.5 "
+                      "under top-2: the router no longer discriminates), mean over the seeds.\n\n"
+                      "| Router | Layer | Layer's router | Evaluations with a small cluster | Small clusters per "
+                      "evaluation (max) | Top gate mean, last evaluation |\n|---|---:|---|---:|---:|---:|\n",
+                      md);
+            fprintf(md, "| %s | %d | %s | %.0f%% (%d of %d) | %.1f (%.0f) | %s |\n", cell(router_name(e, s)), layer,
+                    cell(router ? router : "?"), 100.0 * c.with_small / c.evaluations, c.with_small, c.evaluations,
+                    c.small_sum / c.evaluations, c.small_max, summary_text(m.unit, slot_summary(e, s, &m)));
+        }
+    if (*rows) fputs("\n", md);
+}
+
+static const char *const twin_verdict_names[VERDICTS] = {"paper's AC better", "robust better", "within noise",
+                                                         "one seed: no verdict", "no paired seeds"};
+
+static void write_twin_rows(FILE *md, const experiment *e) {
+    const measure m = final_measure(e, e->vision ? EVAL_ACCURACY : EVAL_CLEAN);
+    const char *what = e->vision ? "accuracy" : "clean bpc";
+    int s, twins = 0;
+    for (s = 0; s < e->n_slots; s++) {
+        const int paper = paper_twin(e, s);
+        paired p;
+        if (paper < 0) continue;
+        if (!twins++)
+            fprintf(md,
+                    "The cost: %s at the last evaluation with the paper's weights and in robust mode (small clusters "
+                    "left out of the weights); difference: paper's − robust, paired by seed (%s is better).\n\n"
+                    "| Paper's | Robust | Paper's %s | Robust %s | Difference (sd, n) | Verdict |\n"
+                    "|---|---|---:|---:|---|---|\n",
+                    e->vision ? "test accuracy" : "held-out clean bpc", e->vision ? "higher" : "lower", what, what);
+        p = compare(e, paper, s, &m);
+        fprintf(md, "| %s | %s | %s | %s | %s | %s |\n", cell(router_name(e, paper)), cell(router_name(e, s)),
+                summary_text(m.unit, slot_summary(e, paper, &m)), summary_text(m.unit, slot_summary(e, s, &m)),
+                difference_text(m.unit, p.difference), twin_verdict_names[p.verdict]);
+    }
+    if (twins) fputs("\n", md);
+}
+
+/* How often AC layers have clusters of fewer than 2 tokens, and what the paper's weights for them
+   cost against robust mode. */
+static void write_empty_clusters(FILE *md, const experiment *e) {
+    int s, i, rows = 0, ac = 0, untwinned = 0;
+    for (s = 0; s < e->n_slots; s++) ac |= is_ac_variant(router_name(e, s)) || paper_twin(e, s) >= 0;
+    if (!ac) return;
+    fputs("### Empty clusters\n\n", md);
+    write_small_cluster_rows(md, e, &rows);
+    if (!rows) fputs("No layer of these logs carries small_clusters (logs written before it was logged).\n\n", md);
+    write_twin_rows(md, e);
+    for (s = 0; s < e->n_slots; s++) {
+        int logged = 0;
+        for (i = 0; i < e->n_layers; i++) logged |= small_cluster_counts(e, s, e->layers[i]).evaluations > 0;
+        if ((!logged && !is_ac_variant(router_name(e, s))) || paper_twin(e, s) >= 0 || has_robust_twin(e, s))
+            continue;
+        fprintf(md, "%s%s", untwinned++ ? ", " : "No robust twin (a router \"<name> robust\") for ",
+                cell(router_name(e, s)));
+    }
+    if (untwinned) fprintf(md, ": %s cost is not measured.\n\n", untwinned == 1 ? "its" : "their");
+}
+
 static void write_plots(FILE *md, const char *out_dir, const experiment *e) {
     char link[NAME_CAP + 32];
     fputs("### Plots\n\n", md);
@@ -1929,6 +2050,7 @@ static void write_experiment(FILE *md, const char *out_dir, const experiment *e)
     if (e->vision) write_vision_robustness(md, e);
     else write_language_robustness(md, e);
     write_layers(md, e);
+    write_empty_clusters(md, e);
     write_plots(md, out_dir, e);
 }
 
