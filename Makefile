@@ -16,7 +16,7 @@ TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers
             tests/test_hardening.c tests/test_options.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: study test-study all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
+.PHONY: study test-study test-mpi all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
         install uninstall test-install test-small-examples
 
 all: $(B)/tests $(B)/bench examples
@@ -408,6 +408,22 @@ test-study: $(B)/train_lm $(B)/train_vit $(B)/study_report
 	    test "$$(grep '"eval"' $$run.jsonl | tail -n 1)" = "$$(grep '"eval"' $$run.first | tail -n 1)"
 	grep -q "^| " $(B)/study-tiny/results.md
 	for svg in $(B)/study-tiny/study/*.svg; do test "$$(head -c 4 $$svg)" = "<svg" || exit 1; done
+
+# The MPI communicator (ACMOE_MPI) under mpirun with 1, 2 and 4 ranks (oversubscribed on a
+# smaller machine; as root, Open MPI needs its allow-run-as-root setting). Without Open MPI
+# (apt-get install openmpi-bin libopenmpi-dev) it says so.
+MPICC  ?= mpicc
+MPIRUN ?= mpirun
+MPIRUN_FLAGS ?= --oversubscribe
+test-mpi: | $(B)
+	@if ! command -v $(MPICC) >/dev/null 2>&1 || ! command -v $(MPIRUN) >/dev/null 2>&1; then \
+	    echo "test-mpi skipped: no $(MPICC) or $(MPIRUN) (apt-get install openmpi-bin libopenmpi-dev)"; exit 0; fi; \
+	set -e; $(MPICC) $(CSTD) $(CFLAGS) $(WARN) tests/test_mpi.c -o $(B)/test_mpi $(LDLIBS); \
+	for ranks in 1 2 4; do \
+	    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(MPIRUN) $(MPIRUN_FLAGS) -np $$ranks ./$(B)/test_mpi \
+	        > $(B)/test_mpi.log; \
+	    test "$$(grep -c 'sum, exchange, broadcast and barrier ok' $(B)/test_mpi.log)" -eq $$ranks; \
+	    echo "test-mpi: $$ranks rank(s) ok"; done
 
 $(B)/study_report: tools/study_report.c examples/svg.h | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) $< -o $@ -lm

@@ -24,13 +24,15 @@
      ACMOE_NO_AVX512        never compile or choose the AVX-512 kernels
      ACMOE_NO_THREADS       build without pthreads; every context runs on the calling thread
                             (threads need pthreads and the GCC/Clang __atomic builtins)
+     ACMOE_MPI              acmoe_comm_mpi, a communicator over MPI (define before every
+                            #include; build with mpicc)
 
    CONTENTS
      Declarations (under the include guard), numbered as the sections below
      1. Platform and CPU features   feature detection, kernel paths
      2. Memory                      status strings, allocator
      3. Random numbers              xoshiro256** generator, uniform and normal draws
-     4. Threads and contexts        thread pool, per-thread workspace
+     4. Threads and contexts        thread pool, per-thread workspace, communicators
      5. Matrix multiplication       micro-kernels, column kernels, row kernels, packing, driver
      6. Shared pieces               finiteness, parameter directory, carving, init, biases, clocks
      7. Routers                     top-k gating, the Adaptive Clustering router
@@ -61,6 +63,9 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#ifdef ACMOE_MPI
+#include <mpi.h> /* before the C linkage block: C++ MPI headers bring templates */
+#endif
 
 #define ACMOE_VERSION_MAJOR 0
 #define ACMOE_VERSION_MINOR 1
@@ -129,7 +134,7 @@ ACMOE_API uint32_t acmoe_rng_below(acmoe_rng *rng, uint32_t n); /* uniform in [0
 ACMOE_API float acmoe_rng_uniform(acmoe_rng *rng);              /* uniform in [0, 1) */
 ACMOE_API float acmoe_rng_normal(acmoe_rng *rng);               /* mean 0, deviation 1 */
 
-/* ---- 4. Contexts ----
+/* ---- 4. Contexts and communicators ----
    A context owns the thread pool, the kernel path and the matmul workspace. Use one context
    from one thread at a time; two contexts never interfere. Zero fields mean the defaults. */
 typedef struct acmoe_ctx_desc {
@@ -148,6 +153,35 @@ ACMOE_API acmoe_status acmoe_ctx_create(acmoe_ctx **ctx, const acmoe_ctx_desc *d
 ACMOE_API void acmoe_ctx_destroy(acmoe_ctx *ctx);
 ACMOE_API acmoe_status acmoe_ctx_set_isa(acmoe_ctx *ctx, acmoe_isa isa);
 ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx); /* resolved values */
+
+/* A communicator: the collectives that training across processes needs, behind functions
+   the caller fills (acmoe_comm_mpi fills them with MPI's under ACMOE_MPI). Every call is
+   collective: each of the size ranks makes the same calls in the same order. */
+typedef struct acmoe_comm acmoe_comm;
+struct acmoe_comm {
+    int rank, size; /* this process, 0 <= rank < size */
+    void *user;
+    /* data[count] becomes the sum of every rank's data, added in rank order, so that every
+       rank gets the same bits, run after run. */
+    acmoe_status (*sum)(acmoe_comm *comm, float *data, size_t count);
+    /* Sends send_counts[q] floats to each rank q (taken from send in rank order) and receives
+       recv_counts[q] from each rank q (stored in recv in rank order). */
+    acmoe_status (*exchange)(acmoe_comm *comm, const float *send, const size_t *send_counts, float *recv,
+                             const size_t *recv_counts);
+    acmoe_status (*broadcast)(acmoe_comm *comm, void *data, size_t bytes, int root);
+    acmoe_status (*barrier)(acmoe_comm *comm);
+};
+
+/* Rank 0 of 1: a sum and a broadcast leave the data as it is, an exchange copies. */
+ACMOE_API acmoe_comm acmoe_comm_single(void);
+#ifdef ACMOE_MPI
+/* The ranks of *comm, which must outlive the communicator. The sum goes through a scratch
+   buffer that grows on first use to the largest count summed (so a training step allocates
+   only on its first call); acmoe_comm_mpi_destroy frees it. A failed MPI call is
+   ACMOE_ERR_IO. */
+ACMOE_API acmoe_status acmoe_comm_mpi(acmoe_comm *out, MPI_Comm *comm);
+ACMOE_API void acmoe_comm_mpi_destroy(acmoe_comm *comm);
+#endif
 
 /* ---- 5. Matrix multiplication ----
    C[m][n] = op(A) op(B), or C += op(A) op(B) when accumulate is non-zero, all row-major with
@@ -1354,6 +1388,141 @@ ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx) {
     memset(&none, 0, sizeof none);
     return none;
 }
+
+static acmoe_status acmoe__single_sum(acmoe_comm *comm, float *data, size_t count) {
+    (void)comm, (void)data, (void)count;
+    return ACMOE_OK;
+}
+
+static acmoe_status acmoe__single_exchange(acmoe_comm *comm, const float *send, const size_t *send_counts, float *recv,
+                                           const size_t *recv_counts) {
+    (void)comm;
+    if (send_counts[0] != recv_counts[0]) return ACMOE_ERR_SHAPE;
+    if (send_counts[0]) memmove(recv, send, sizeof(float) * send_counts[0]);
+    return ACMOE_OK;
+}
+
+static acmoe_status acmoe__single_broadcast(acmoe_comm *comm, void *data, size_t bytes, int root) {
+    (void)comm, (void)data, (void)bytes;
+    return root == 0 ? ACMOE_OK : ACMOE_ERR_ARG;
+}
+
+static acmoe_status acmoe__single_barrier(acmoe_comm *comm) {
+    (void)comm;
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_comm acmoe_comm_single(void) {
+    acmoe_comm comm;
+    memset(&comm, 0, sizeof comm);
+    comm.rank = 0, comm.size = 1;
+    comm.sum = acmoe__single_sum, comm.exchange = acmoe__single_exchange;
+    comm.broadcast = acmoe__single_broadcast, comm.barrier = acmoe__single_barrier;
+    return comm;
+}
+
+#ifdef ACMOE_MPI
+typedef struct acmoe__mpi {
+    MPI_Comm *comm;
+    float *scratch; /* the sum's: size chunks of the largest share */
+    size_t scratch_floats;
+    int *counts, *offsets; /* [size] each, in elements, for the v-collectives */
+} acmoe__mpi;
+
+/* The share [*first, *first + *count) of count elements that rank sums. */
+static void acmoe__mpi_share(size_t count, int size, int rank, size_t *first, size_t *share) {
+    *first = count * (size_t)rank / (size_t)size;
+    *share = count * (size_t)(rank + 1) / (size_t)size - *first;
+}
+
+/* Each rank sums its share of every rank's data in rank order (one all-to-all), then every
+   rank gathers the sums: the same bits everywhere, whatever MPI's own reduction order. */
+static acmoe_status acmoe__mpi_sum(acmoe_comm *comm, float *data, size_t count) {
+    acmoe__mpi *m = (acmoe__mpi *)comm->user;
+    const int size = comm->size;
+    int *shares = m->counts, *firsts = m->offsets, *mine = m->counts + size, *places = m->offsets + size;
+    size_t first, share, i;
+    int q;
+    if (count > (size_t)INT_MAX) return ACMOE_ERR_SHAPE;
+    acmoe__mpi_share(count, size, comm->rank, &first, &share);
+    if (share * (size_t)size > m->scratch_floats) {
+        float *grown = (float *)ACMOE_REALLOC(m->scratch, sizeof(float) * share * (size_t)size);
+        if (!grown) return ACMOE_ERR_NOMEM;
+        m->scratch = grown, m->scratch_floats = share * (size_t)size;
+    }
+    for (q = 0; q < size; q++) { /* to rank q its share of my data; from each rank my share of its */
+        size_t f, n;
+        acmoe__mpi_share(count, size, q, &f, &n);
+        shares[q] = (int)n, firsts[q] = (int)f;
+        mine[q] = (int)share, places[q] = (int)(share * (size_t)q);
+    }
+    if (MPI_Alltoallv(data, shares, firsts, MPI_FLOAT, m->scratch, mine, places, MPI_FLOAT, *m->comm) != MPI_SUCCESS)
+        return ACMOE_ERR_IO;
+    for (i = 0; i < share; i++) {
+        float total = m->scratch[i];
+        for (q = 1; q < size; q++) total += m->scratch[share * (size_t)q + i];
+        data[first + i] = total;
+    }
+    return MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, data, shares, firsts, MPI_FLOAT, *m->comm) == MPI_SUCCESS
+               ? ACMOE_OK
+               : ACMOE_ERR_IO;
+}
+
+static acmoe_status acmoe__mpi_exchange(acmoe_comm *comm, const float *send, const size_t *send_counts, float *recv,
+                                        const size_t *recv_counts) {
+    acmoe__mpi *m = (acmoe__mpi *)comm->user;
+    const int size = comm->size;
+    int *send_offsets = m->offsets, *recv_offsets = m->offsets + size, *sends = m->counts, *recvs = m->counts + size;
+    size_t sent = 0, received = 0;
+    int q;
+    for (q = 0; q < size; q++) {
+        if (send_counts[q] > (size_t)INT_MAX || recv_counts[q] > (size_t)INT_MAX || sent > (size_t)INT_MAX ||
+            received > (size_t)INT_MAX)
+            return ACMOE_ERR_SHAPE;
+        sends[q] = (int)send_counts[q], send_offsets[q] = (int)sent, sent += send_counts[q];
+        recvs[q] = (int)recv_counts[q], recv_offsets[q] = (int)received, received += recv_counts[q];
+    }
+    return MPI_Alltoallv(send, sends, send_offsets, MPI_FLOAT, recv, recvs, recv_offsets, MPI_FLOAT, *m->comm) ==
+                   MPI_SUCCESS
+               ? ACMOE_OK
+               : ACMOE_ERR_IO;
+}
+
+static acmoe_status acmoe__mpi_broadcast(acmoe_comm *comm, void *data, size_t bytes, int root) {
+    acmoe__mpi *m = (acmoe__mpi *)comm->user;
+    if (root < 0 || root >= comm->size) return ACMOE_ERR_ARG;
+    if (bytes > (size_t)INT_MAX) return ACMOE_ERR_SHAPE;
+    return MPI_Bcast(data, (int)bytes, MPI_BYTE, root, *m->comm) == MPI_SUCCESS ? ACMOE_OK : ACMOE_ERR_IO;
+}
+
+static acmoe_status acmoe__mpi_barrier(acmoe_comm *comm) {
+    return MPI_Barrier(*((acmoe__mpi *)comm->user)->comm) == MPI_SUCCESS ? ACMOE_OK : ACMOE_ERR_IO;
+}
+
+ACMOE_API acmoe_status acmoe_comm_mpi(acmoe_comm *out, MPI_Comm *comm) {
+    acmoe__mpi *m;
+    int rank, size;
+    if (!out || !comm) return ACMOE_ERR_NULL;
+    memset(out, 0, sizeof *out);
+    if (MPI_Comm_rank(*comm, &rank) != MPI_SUCCESS || MPI_Comm_size(*comm, &size) != MPI_SUCCESS) return ACMOE_ERR_IO;
+    m = (acmoe__mpi *)ACMOE_MALLOC(sizeof *m + sizeof(int) * 4 * (size_t)size);
+    if (!m) return ACMOE_ERR_NOMEM;
+    memset(m, 0, sizeof *m);
+    m->comm = comm, m->counts = (int *)(m + 1), m->offsets = m->counts + 2 * size;
+    out->rank = rank, out->size = size, out->user = m;
+    out->sum = acmoe__mpi_sum, out->exchange = acmoe__mpi_exchange;
+    out->broadcast = acmoe__mpi_broadcast, out->barrier = acmoe__mpi_barrier;
+    return ACMOE_OK;
+}
+
+ACMOE_API void acmoe_comm_mpi_destroy(acmoe_comm *comm) {
+    acmoe__mpi *m = comm ? (acmoe__mpi *)comm->user : NULL;
+    if (!m) return;
+    ACMOE_FREE(m->scratch);
+    ACMOE_FREE(m);
+    comm->user = NULL;
+}
+#endif
 
 /* ========================================================================================== */
 /* 5. Matrix multiplication                                                                   */

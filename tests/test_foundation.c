@@ -467,12 +467,32 @@ static void test_matmul_bad_input(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+/* The single-process communicator: rank 0 of 1, a sum and a broadcast change nothing, an
+   exchange copies its one count, and another root or a count mismatch is refused. */
+static void test_comm_single(void) {
+    acmoe_comm comm = acmoe_comm_single();
+    float data[3] = {1.5f, -2.0f, 3.25f}, out[3] = {0, 0, 0};
+    size_t counts[1] = {3}, fewer[1] = {2};
+    char byte = 'x';
+    CHECK(comm.rank == 0 && comm.size == 1);
+    CHECK_STATUS(comm.sum(&comm, data, 3), ACMOE_OK);
+    CHECK(data[0] == 1.5f && data[1] == -2.0f && data[2] == 3.25f);
+    CHECK_STATUS(comm.exchange(&comm, data, counts, out, counts), ACMOE_OK);
+    CHECK(memcmp(data, out, sizeof data) == 0);
+    CHECK_STATUS(comm.exchange(&comm, data, counts, out, fewer), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(comm.broadcast(&comm, &byte, 1, 0), ACMOE_OK);
+    CHECK_STATUS(comm.broadcast(&comm, &byte, 1, 1), ACMOE_ERR_ARG);
+    CHECK(byte == 'x');
+    CHECK_STATUS(comm.barrier(&comm), ACMOE_OK);
+}
+
 const test_case foundation_tests[] = {
     {"status_strings", test_status_strings},
     {"cpu_isa", test_cpu_isa},
     {"rng_known_answers", test_rng_known_answers},
     {"rng_distributions", test_rng_distributions},
     {"ctx_desc", test_ctx_desc},
+    {"comm_single", test_comm_single},
     {"matmul_tiny_exact", test_matmul_tiny_exact},
     {"matmul_random_shapes", test_matmul_random_shapes},
     {"matmul_model_shapes", test_matmul_model_shapes},
