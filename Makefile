@@ -410,8 +410,9 @@ test-study: $(B)/train_lm $(B)/train_vit $(B)/study_report
 	for svg in $(B)/study-tiny/study/*.svg; do test "$$(head -c 4 $$svg)" = "<svg" || exit 1; done
 
 # The MPI communicator (ACMOE_MPI) under mpirun with 1, 2 and 4 ranks (oversubscribed on a
-# smaller machine; as root, Open MPI needs its allow-run-as-root setting). Without Open MPI
-# (apt-get install openmpi-bin libopenmpi-dev) it says so.
+# smaller machine; as root, Open MPI needs its allow-run-as-root setting), and data-parallel
+# training against one process on the same global batch. Without Open MPI (apt-get install
+# openmpi-bin libopenmpi-dev) it says so.
 MPICC  ?= mpicc
 MPIRUN ?= mpirun
 MPIRUN_FLAGS ?= --oversubscribe
@@ -423,6 +424,7 @@ test-mpi: | $(B)
 	    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(MPIRUN) $(MPIRUN_FLAGS) -np $$ranks ./$(B)/test_mpi \
 	        > $(B)/test_mpi.log; \
 	    test "$$(grep -c 'sum, exchange, broadcast and barrier ok' $(B)/test_mpi.log)" -eq $$ranks; \
+	    test "$$(grep -c 'data-parallel training matches one process' $(B)/test_mpi.log)" -eq $$ranks; \
 	    echo "test-mpi: $$ranks rank(s) ok"; done
 
 $(B)/study_report: tools/study_report.c examples/svg.h | $(B)

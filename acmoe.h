@@ -99,7 +99,8 @@ typedef enum acmoe_status {
     ACMOE_ERR_NONFINITE = -7,   /* NaN or infinity in the input */
     ACMOE_ERR_IO = -8,          /* a file could not be opened, read or written */
     ACMOE_ERR_FORMAT = -9,      /* a file is truncated, corrupt or of another model */
-    ACMOE_ERR_EMPTY = -10       /* a file or an input holds no data */
+    ACMOE_ERR_EMPTY = -10,      /* a file or an input holds no data */
+    ACMOE_ERR_DIVERGED = -11    /* processes training one model hold different parameters */
 } acmoe_status;
 
 ACMOE_API const char *acmoe_status_string(acmoe_status status);
@@ -689,6 +690,10 @@ ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *opt, long step);
    count); returns the gradient norm before clipping in *norm. */
 ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_optim_desc *opt, float *norm);
 ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *model);
+/* The gradients averaged over the ranks of comm (summed in rank order, then divided by the
+   rank count), for a loop of one's own in which each rank computed them on its share of a
+   global batch. */
+ACMOE_API acmoe_status acmoe_lm_reduce_grads(acmoe_lm *model, acmoe_comm *comm);
 
 /* ---- 12. Checkpoints ----
    safetensors: an 8-byte little-endian header length, a JSON header naming each tensor
@@ -788,6 +793,16 @@ typedef struct acmoe_train_desc {
     /* Called for every event; a non-zero return stops the loop with ACMOE_STOPPED. */
     int (*on_event)(const acmoe_train_event *event, acmoe_lm *model, void *user);
     void *user;
+    /* Data parallelism: NULL (or a communicator of one rank) trains in this process. Else
+       every rank runs the loop with a model of the same desc and seed: a global batch is
+       batch x size sequences, drawn as one process of that batch would draw it, and each rank
+       trains on its own batch of them; the gradients are summed over the ranks (in rank
+       order, acmoe_lm_reduce_grads) before clipping and the update, so every rank holds the
+       same parameters. Losses in events are the global batch's; evaluations split each
+       global batch the same way, and check that the ranks' parameters agree
+       (ACMOE_ERR_DIVERGED if not). Routers that see the whole call (AC statistics, USMoE,
+       Soft MoE groups, expert choice, balance losses) see each rank's batch. */
+    acmoe_comm *comm;
 } acmoe_train_desc;
 
 /* Trains on the corpus with the model's batch and seq_len. Allocates only its two token
@@ -955,6 +970,7 @@ ACMOE_API const char *acmoe_status_string(acmoe_status status) {
     case ACMOE_ERR_IO: return "a file could not be opened, read or written";
     case ACMOE_ERR_FORMAT: return "the file is truncated, corrupt or of another model";
     case ACMOE_ERR_EMPTY: return "the file or input is empty";
+    case ACMOE_ERR_DIVERGED: return "the processes training one model hold different parameters";
     }
     return "unknown status";
 }
@@ -6419,6 +6435,17 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *model, acmoe_ctx *ctx, const acmo
 
 ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *model) { return model ? model->steps : 0; }
 
+ACMOE_API acmoe_status acmoe_lm_reduce_grads(acmoe_lm *model, acmoe_comm *comm) {
+    acmoe_status s;
+    size_t i;
+    if (!model || !comm) return ACMOE_ERR_NULL;
+    if (comm->size < 1 || comm->rank < 0 || comm->rank >= comm->size) return ACMOE_ERR_ARG;
+    if (comm->size == 1) return ACMOE_OK;
+    s = comm->sum(comm, model->grads, model->n_params);
+    for (i = 0; i < model->n_params && s == ACMOE_OK; i++) model->grads[i] /= (float)comm->size;
+    return s;
+}
+
 ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *model) {
     acmoe_train_desc desc;
     memset(&desc, 0, sizeof desc);
@@ -7414,8 +7441,20 @@ ACMOE_API acmoe_status acmoe_corpus_batch(const acmoe_corpus *c, acmoe_split spl
 }
 
 /* The two token buffers of a batch of the model's size. */
-static acmoe_status acmoe__batch_buffers(const acmoe_lm *model, int32_t **tokens, int32_t **targets) {
-    size_t n = (size_t)model->desc.batch * model->desc.seq_len;
+/* The ranks a loop's batches are shared among: this one and their count (0 of 1 alone). */
+typedef struct acmoe__share {
+    int rank, size;
+} acmoe__share;
+
+static acmoe__share acmoe__share_of(const acmoe_comm *comm) {
+    acmoe__share share;
+    share.rank = comm ? comm->rank : 0, share.size = comm ? comm->size : 1;
+    return share;
+}
+
+/* Room for a global batch: the model's batch on each rank. */
+static acmoe_status acmoe__batch_buffers(const acmoe_lm *model, acmoe__share share, int32_t **tokens, int32_t **targets) {
+    size_t n = (size_t)model->desc.batch * model->desc.seq_len * (size_t)share.size;
     *tokens = (int32_t *)ACMOE_MALLOC(sizeof(int32_t) * n * 2);
     *targets = *tokens ? *tokens + n : NULL;
     return *tokens ? ACMOE_OK : ACMOE_ERR_NOMEM;
@@ -7428,11 +7467,24 @@ static void acmoe__corrupt_tokens(int32_t *tokens, size_t n, float corrupt, int 
         if (acmoe_rng_uniform(rng) < corrupt) tokens[i] = (int32_t)acmoe_rng_below(rng, (uint32_t)vocab);
 }
 
+/* The mean of a loss over the ranks (the global batch's, when each rank's batch is as
+   large). */
+static acmoe_status acmoe__mean_over_ranks(acmoe_comm *comm, double *loss) {
+    float value = (float)*loss;
+    acmoe_status s;
+    if (!comm || comm->size == 1) return ACMOE_OK;
+    s = comm->sum(comm, &value, 1);
+    *loss = (double)value / comm->size;
+    return s;
+}
+
 /* Mean loss over batches from the validation split, with inputs damaged as
-   acmoe_lm_evaluate_corrupted describes; tokens and targets are scratch. */
+   acmoe_lm_evaluate_corrupted describes; tokens and targets are scratch for a global batch,
+   of which this rank takes its share. */
 static acmoe_status acmoe__evaluate(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, int batches, uint64_t seed,
-                                    float corrupt, int32_t *tokens, int32_t *targets, double *loss) {
-    const size_t n = (size_t)model->desc.batch * model->desc.seq_len;
+                                    float corrupt, acmoe__share share, int32_t *tokens, int32_t *targets, double *loss) {
+    const int batch = model->desc.batch, seq = model->desc.seq_len;
+    const size_t n = (size_t)batch * seq, mine = n * (size_t)share.rank;
     acmoe_rng rng, damage;
     double total = 0.0;
     int i;
@@ -7441,10 +7493,10 @@ static acmoe_status acmoe__evaluate(acmoe_lm *model, acmoe_ctx *ctx, const acmoe
     for (i = 0; i < batches; i++) {
         float l;
         acmoe_status s;
-        s = acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, model->desc.batch, model->desc.seq_len, tokens, targets);
+        s = acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, batch * share.size, seq, tokens, targets);
         if (s != ACMOE_OK) return s;
-        if (corrupt > 0.0f) acmoe__corrupt_tokens(tokens, n, corrupt, model->desc.vocab, &damage);
-        s = acmoe_lm_forward(model, ctx, tokens, targets, model->desc.batch, model->desc.seq_len, 0, &l);
+        if (corrupt > 0.0f) acmoe__corrupt_tokens(tokens, n * (size_t)share.size, corrupt, model->desc.vocab, &damage);
+        s = acmoe_lm_forward(model, ctx, tokens + mine, targets + mine, batch, seq, 0, &l);
         if (s != ACMOE_OK) return s;
         total += l;
     }
@@ -7459,8 +7511,8 @@ ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *model, acmoe_ctx *c
     if (!model || !ctx || !c || (!c->bytes && !c->tokens) || !loss) return ACMOE_ERR_NULL;
     if (batches < 1 || model->desc.n_classes || !(corrupt >= 0.0f && corrupt <= 1.0f) || c->vocab > model->desc.vocab)
         return ACMOE_ERR_ARG;
-    s = acmoe__batch_buffers(model, &tokens, &targets);
-    if (s == ACMOE_OK) s = acmoe__evaluate(model, ctx, c, batches, seed, corrupt, tokens, targets, loss);
+    s = acmoe__batch_buffers(model, acmoe__share_of(NULL), &tokens, &targets);
+    if (s == ACMOE_OK) s = acmoe__evaluate(model, ctx, c, batches, seed, corrupt, acmoe__share_of(NULL), tokens, targets, loss);
     ACMOE_FREE(tokens);
     return s;
 }
@@ -7475,6 +7527,59 @@ static void acmoe__event_times(const acmoe_ctx *ctx, acmoe_train_event *e, doubl
     if (!ctx->desc.clock || trained == 0 || seconds <= 0.0) return;
     e->tokens_per_second = (double)trained * (double)tokens / seconds;
     e->eta_seconds = seconds / (double)trained * (double)(e->steps - e->step);
+}
+
+/* Whether every rank holds this rank's parameters: rank 0's checksum against each one's. */
+static acmoe_status acmoe__ranks_agree(const acmoe_lm *model, acmoe_comm *comm) {
+    acmoe__crc32c crc;
+    uint32_t mine, first;
+    float differ;
+    acmoe_status s;
+    if (!comm || comm->size == 1) return ACMOE_OK;
+    acmoe__crc_begin(&crc);
+    acmoe__crc_add(&crc, model->params, sizeof(float) * model->n_params);
+    mine = first = acmoe__crc_value(&crc);
+    s = comm->broadcast(comm, &first, sizeof first, 0);
+    differ = mine != first ? 1.0f : 0.0f;
+    if (s == ACMOE_OK) s = comm->sum(comm, &differ, 1); /* every rank learns whether any differs */
+    return s != ACMOE_OK ? s : differ > 0.0f ? ACMOE_ERR_DIVERGED : ACMOE_OK;
+}
+
+/* One step on this rank's share of the global batch of step e->step: e->loss is the global
+   batch's, the update the same on every rank. */
+static acmoe_status acmoe__train_step(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, const acmoe_train_desc *desc,
+                                      int32_t *tokens, int32_t *targets, acmoe_train_event *e) {
+    const acmoe__share share = acmoe__share_of(desc->comm);
+    const int batch = model->desc.batch, seq = model->desc.seq_len;
+    const size_t mine = (size_t)batch * seq * (size_t)share.rank;
+    double loss = 0.0;
+    acmoe_rng rng;
+    acmoe_status s;
+    acmoe_rng_seed(&rng, desc->seed * 1000003u + (uint64_t)e->step);
+    s = acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, batch * share.size, seq, tokens, targets);
+    e->lr = acmoe_lr_at(&desc->optim, model->steps);
+    if (s == ACMOE_OK) s = acmoe_lm_forward(model, ctx, tokens + mine, targets + mine, batch, seq, 1, &e->loss);
+    if (s == ACMOE_OK) acmoe_lm_zero_grad(model), s = acmoe_lm_backward(model, ctx);
+    if (s == ACMOE_OK && desc->comm) s = acmoe_lm_reduce_grads(model, desc->comm);
+    if (s == ACMOE_OK) loss = e->loss, s = acmoe__mean_over_ranks(desc->comm, &loss), e->loss = (float)loss;
+    return s == ACMOE_OK ? acmoe_lm_step(model, ctx, &desc->optim, &e->grad_norm) : s;
+}
+
+/* The evaluation event's losses, on every rank's share of the same global batches. */
+static acmoe_status acmoe__train_evaluation(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c,
+                                            const acmoe_train_desc *desc, int32_t *tokens, int32_t *targets,
+                                            acmoe_train_event *e) {
+    const acmoe__share share = acmoe__share_of(desc->comm);
+    acmoe_status s = acmoe__ranks_agree(model, desc->comm);
+    e->kind = ACMOE_EVENT_EVAL;
+    if (s == ACMOE_OK)
+        s = acmoe__evaluate(model, ctx, c, desc->eval_batches, desc->eval_seed, 0.0f, share, tokens, targets, &e->val_loss);
+    if (s == ACMOE_OK) s = acmoe__mean_over_ranks(desc->comm, &e->val_loss);
+    if (s == ACMOE_OK && desc->eval_corrupt > 0.0f)
+        s = acmoe__evaluate(model, ctx, c, desc->eval_batches, desc->eval_seed, desc->eval_corrupt, share, tokens, targets,
+                            &e->val_loss_corrupted);
+    if (s == ACMOE_OK && desc->eval_corrupt > 0.0f) s = acmoe__mean_over_ranks(desc->comm, &e->val_loss_corrupted);
+    return s;
 }
 
 ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c,
@@ -7494,22 +7599,19 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acm
     if (!resolved.eval_seed) resolved.eval_seed = 12345;
     if (resolved.steps < 0 || resolved.eval_every < 1 || resolved.eval_batches < 1 || resolved.log_every < 1) return ACMOE_ERR_ARG;
     if (!(resolved.eval_corrupt >= 0.0f && resolved.eval_corrupt <= 1.0f)) return ACMOE_ERR_ARG;
+    if (resolved.comm && (resolved.comm->size < 1 || resolved.comm->rank < 0 || resolved.comm->rank >= resolved.comm->size ||
+                          (size_t)model->desc.batch * resolved.comm->size > (size_t)INT_MAX))
+        return ACMOE_ERR_ARG;
     resolved.optim = acmoe__optim_resolve(&desc->optim);
     if (!acmoe__optim_valid(&resolved.optim)) return ACMOE_ERR_ARG;
     model->train_seed = resolved.seed;
-    s = acmoe__batch_buffers(model, &tokens, &targets);
+    s = acmoe__batch_buffers(model, acmoe__share_of(resolved.comm), &tokens, &targets);
     while (s == ACMOE_OK && model->steps < resolved.steps) {
         acmoe_train_event e;
-        acmoe_rng rng;
         double start = acmoe__clock_start(ctx);
         memset(&e, 0, sizeof e);
         e.step = model->steps + 1, e.steps = resolved.steps;
-        acmoe_rng_seed(&rng, resolved.seed * 1000003u + (uint64_t)e.step);
-        s = acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, model->desc.batch, model->desc.seq_len, tokens, targets);
-        e.lr = acmoe_lr_at(&resolved.optim, model->steps);
-        if (s == ACMOE_OK) s = acmoe_lm_forward(model, ctx, tokens, targets, model->desc.batch, model->desc.seq_len, 1, &e.loss);
-        if (s == ACMOE_OK) acmoe_lm_zero_grad(model), s = acmoe_lm_backward(model, ctx);
-        if (s == ACMOE_OK) s = acmoe_lm_step(model, ctx, &resolved.optim, &e.grad_norm);
+        s = acmoe__train_step(model, ctx, c, &resolved, tokens, targets, &e);
         if (s != ACMOE_OK) break;
         acmoe__lap(ctx, &start, &seconds);
         trained++;
@@ -7517,11 +7619,7 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acm
         if ((e.step % resolved.log_every == 0 || e.step == resolved.steps) && resolved.on_event && resolved.on_event(&e, model, resolved.user))
             s = ACMOE_STOPPED;
         if (s == ACMOE_OK && (e.step % resolved.eval_every == 0 || e.step == resolved.steps)) {
-            e.kind = ACMOE_EVENT_EVAL;
-            s = acmoe__evaluate(model, ctx, c, resolved.eval_batches, resolved.eval_seed, 0.0f, tokens, targets, &e.val_loss);
-            if (s == ACMOE_OK && resolved.eval_corrupt > 0.0f)
-                s = acmoe__evaluate(model, ctx, c, resolved.eval_batches, resolved.eval_seed, resolved.eval_corrupt, tokens, targets,
-                                    &e.val_loss_corrupted);
+            s = acmoe__train_evaluation(model, ctx, c, &resolved, tokens, targets, &e);
             if (s == ACMOE_OK && resolved.on_event && resolved.on_event(&e, model, resolved.user)) s = ACMOE_STOPPED;
         }
     }

@@ -153,7 +153,7 @@ static int check_layouts(acmoe_ctx *ctx, acmoe_rng *rng, int m, int n, int k, in
 static void test_status_strings(void) {
     static const acmoe_status all[] = {ACMOE_STOPPED, ACMOE_OK, ACMOE_ERR_NULL, ACMOE_ERR_SHAPE, ACMOE_ERR_ARG,
                                        ACMOE_ERR_NOMEM, ACMOE_ERR_UNSUPPORTED, ACMOE_ERR_THREAD, ACMOE_ERR_NONFINITE,
-                                       ACMOE_ERR_IO, ACMOE_ERR_FORMAT};
+                                       ACMOE_ERR_IO, ACMOE_ERR_FORMAT, ACMOE_ERR_EMPTY, ACMOE_ERR_DIVERGED};
     size_t i, j, n = sizeof all / sizeof all[0];
     for (i = 0; i < n; i++) {
         CHECK(acmoe_status_string(all[i]) && strlen(acmoe_status_string(all[i])) > 1);
