@@ -794,11 +794,11 @@ typedef struct acmoe_train_desc {
     int (*on_event)(const acmoe_train_event *event, acmoe_lm *model, void *user);
     void *user;
     /* Data parallelism: NULL (or a communicator of one rank) trains in this process. Else
-       every rank runs the loop with a model of the same desc and seed: a global batch is
-       batch x size sequences, drawn as one process of that batch would draw it, and each rank
-       trains on its own batch of them; the gradients are summed over the ranks (in rank
-       order, acmoe_lm_reduce_grads) before clipping and the update, so every rank holds the
-       same parameters. Losses in events are the global batch's; evaluations split each
+       every rank runs the loop with a model of the same desc and seed, whose batch is the
+       global batch, drawn as one process would draw it; each rank trains on its share,
+       batch / size sequences (size must divide the batch); the gradients are averaged over
+       the ranks (in rank order, acmoe_lm_reduce_grads) before clipping and the update, so
+       every rank holds the same parameters, and a checkpoint is one process's. Losses in events are the global batch's; evaluations split each
        global batch the same way, and check that the ranks' parameters agree
        (ACMOE_ERR_DIVERGED if not). Routers that see the whole call (AC statistics, USMoE,
        Soft MoE groups, expert choice, balance losses) see each rank's batch. */
@@ -7452,9 +7452,9 @@ static acmoe__share acmoe__share_of(const acmoe_comm *comm) {
     return share;
 }
 
-/* Room for a global batch: the model's batch on each rank. */
-static acmoe_status acmoe__batch_buffers(const acmoe_lm *model, acmoe__share share, int32_t **tokens, int32_t **targets) {
-    size_t n = (size_t)model->desc.batch * model->desc.seq_len * (size_t)share.size;
+/* Room for a global batch, the model's batch. */
+static acmoe_status acmoe__batch_buffers(const acmoe_lm *model, int32_t **tokens, int32_t **targets) {
+    size_t n = (size_t)model->desc.batch * model->desc.seq_len;
     *tokens = (int32_t *)ACMOE_MALLOC(sizeof(int32_t) * n * 2);
     *targets = *tokens ? *tokens + n : NULL;
     return *tokens ? ACMOE_OK : ACMOE_ERR_NOMEM;
@@ -7483,8 +7483,8 @@ static acmoe_status acmoe__mean_over_ranks(acmoe_comm *comm, double *loss) {
    of which this rank takes its share. */
 static acmoe_status acmoe__evaluate(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, int batches, uint64_t seed,
                                     float corrupt, acmoe__share share, int32_t *tokens, int32_t *targets, double *loss) {
-    const int batch = model->desc.batch, seq = model->desc.seq_len;
-    const size_t n = (size_t)batch * seq, mine = n * (size_t)share.rank;
+    const int batch = model->desc.batch / share.size, seq = model->desc.seq_len;
+    const size_t n = (size_t)model->desc.batch * seq, mine = (size_t)batch * seq * (size_t)share.rank;
     acmoe_rng rng, damage;
     double total = 0.0;
     int i;
@@ -7493,9 +7493,9 @@ static acmoe_status acmoe__evaluate(acmoe_lm *model, acmoe_ctx *ctx, const acmoe
     for (i = 0; i < batches; i++) {
         float l;
         acmoe_status s;
-        s = acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, batch * share.size, seq, tokens, targets);
+        s = acmoe_corpus_batch(c, ACMOE_SPLIT_VAL, &rng, model->desc.batch, seq, tokens, targets);
         if (s != ACMOE_OK) return s;
-        if (corrupt > 0.0f) acmoe__corrupt_tokens(tokens, n * (size_t)share.size, corrupt, model->desc.vocab, &damage);
+        if (corrupt > 0.0f) acmoe__corrupt_tokens(tokens, n, corrupt, model->desc.vocab, &damage);
         s = acmoe_lm_forward(model, ctx, tokens + mine, targets + mine, batch, seq, 0, &l);
         if (s != ACMOE_OK) return s;
         total += l;
@@ -7511,7 +7511,7 @@ ACMOE_API acmoe_status acmoe_lm_evaluate_corrupted(acmoe_lm *model, acmoe_ctx *c
     if (!model || !ctx || !c || (!c->bytes && !c->tokens) || !loss) return ACMOE_ERR_NULL;
     if (batches < 1 || model->desc.n_classes || !(corrupt >= 0.0f && corrupt <= 1.0f) || c->vocab > model->desc.vocab)
         return ACMOE_ERR_ARG;
-    s = acmoe__batch_buffers(model, acmoe__share_of(NULL), &tokens, &targets);
+    s = acmoe__batch_buffers(model, &tokens, &targets);
     if (s == ACMOE_OK) s = acmoe__evaluate(model, ctx, c, batches, seed, corrupt, acmoe__share_of(NULL), tokens, targets, loss);
     ACMOE_FREE(tokens);
     return s;
@@ -7550,13 +7550,13 @@ static acmoe_status acmoe__ranks_agree(const acmoe_lm *model, acmoe_comm *comm) 
 static acmoe_status acmoe__train_step(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_corpus *c, const acmoe_train_desc *desc,
                                       int32_t *tokens, int32_t *targets, acmoe_train_event *e) {
     const acmoe__share share = acmoe__share_of(desc->comm);
-    const int batch = model->desc.batch, seq = model->desc.seq_len;
+    const int batch = model->desc.batch / share.size, seq = model->desc.seq_len;
     const size_t mine = (size_t)batch * seq * (size_t)share.rank;
     double loss = 0.0;
     acmoe_rng rng;
     acmoe_status s;
     acmoe_rng_seed(&rng, desc->seed * 1000003u + (uint64_t)e->step);
-    s = acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, batch * share.size, seq, tokens, targets);
+    s = acmoe_corpus_batch(c, ACMOE_SPLIT_TRAIN, &rng, model->desc.batch, seq, tokens, targets);
     e->lr = acmoe_lr_at(&desc->optim, model->steps);
     if (s == ACMOE_OK) s = acmoe_lm_forward(model, ctx, tokens + mine, targets + mine, batch, seq, 1, &e->loss);
     if (s == ACMOE_OK) acmoe_lm_zero_grad(model), s = acmoe_lm_backward(model, ctx);
@@ -7589,7 +7589,7 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acm
     acmoe_status s;
     double seconds = 0.0;
     long trained = 0;
-    const size_t batch_tokens = model ? (size_t)model->desc.batch * model->desc.seq_len : 0;
+    size_t batch_tokens;
     if (!model || !ctx || !c || (!c->bytes && !c->tokens) || !desc) return ACMOE_ERR_NULL;
     if (model->desc.n_classes || c->vocab > model->desc.vocab) return ACMOE_ERR_ARG; /* tokens the model has no row for */
     resolved = *desc;
@@ -7600,12 +7600,13 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acm
     if (resolved.steps < 0 || resolved.eval_every < 1 || resolved.eval_batches < 1 || resolved.log_every < 1) return ACMOE_ERR_ARG;
     if (!(resolved.eval_corrupt >= 0.0f && resolved.eval_corrupt <= 1.0f)) return ACMOE_ERR_ARG;
     if (resolved.comm && (resolved.comm->size < 1 || resolved.comm->rank < 0 || resolved.comm->rank >= resolved.comm->size ||
-                          (size_t)model->desc.batch * resolved.comm->size > (size_t)INT_MAX))
-        return ACMOE_ERR_ARG;
+                          model->desc.batch % resolved.comm->size))
+        return ACMOE_ERR_ARG; /* each rank takes an equal share of the batch */
+    batch_tokens = (size_t)model->desc.batch / (size_t)acmoe__share_of(resolved.comm).size * model->desc.seq_len;
     resolved.optim = acmoe__optim_resolve(&desc->optim);
     if (!acmoe__optim_valid(&resolved.optim)) return ACMOE_ERR_ARG;
     model->train_seed = resolved.seed;
-    s = acmoe__batch_buffers(model, acmoe__share_of(resolved.comm), &tokens, &targets);
+    s = acmoe__batch_buffers(model, &tokens, &targets);
     while (s == ACMOE_OK && model->steps < resolved.steps) {
         acmoe_train_event e;
         double start = acmoe__clock_start(ctx);

@@ -85,10 +85,9 @@ static acmoe_lm *train(acmoe_comm *comm, losses *l) {
     acmoe_corpus corpus;
     acmoe_ctx *ctx;
     acmoe_lm *model = NULL;
-    const int ranks = comm ? comm->size : 1;
     memset(&d, 0, sizeof d), memset(&t, 0, sizeof t), memset(l, 0, sizeof *l);
     d.d_model = 16, d.n_heads = 2, d.d_ff = 16, d.n_experts = 4, d.top_k = 2, d.seq_len = 16;
-    d.batch = GLOBAL_BATCH / ranks, d.pattern = "gfg", d.seed = 5;
+    d.batch = GLOBAL_BATCH, d.pattern = "gfg", d.seed = 5;
     t.steps = STEPS, t.eval_every = 5, t.eval_batches = 2, t.log_every = 1, t.seed = 9, t.eval_corrupt = 0.1f;
     t.optim.lr = 3e-3f, t.optim.warmup_steps = 2, t.optim.clip_norm = 1.0f;
     t.on_event = record, t.user = l, t.comm = comm;
