@@ -16,7 +16,7 @@ TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers
             tests/test_hardening.c tests/test_options.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: study test-study test-mpi all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
+.PHONY: study test-study test-mpi test-mpi-train all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
         install uninstall test-install test-small-examples
 
 all: $(B)/tests $(B)/bench examples
@@ -426,6 +426,30 @@ test-mpi: | $(B)
 	    test "$$(grep -c 'sum, exchange, broadcast and barrier ok' $(B)/test_mpi.log)" -eq $$ranks; \
 	    test "$$(grep -c 'data-parallel training matches one process' $(B)/test_mpi.log)" -eq $$ranks; \
 	    echo "test-mpi: $$ranks rank(s) ok"; done
+	@$(MAKE) --no-print-directory test-mpi-train
+
+# train_lm with --data-parallel under mpirun against one process on the same batch; a run
+# saved on 2 ranks resumed by one process and by 4 ranks.
+MPI_ENV := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+MPI_LM  := --data builtin --steps 6 --batch 4 --seq 32 --d-model 16 --heads 2 --experts 4 --d-ff 16 --pattern gfg \
+           --eval-every 3 --eval-batches 2 --log-every 3 --sample 0 --threads 1
+test-mpi-train: $(B)/train_lm $(B)/train_lm_mpi
+	./$(B)/train_lm $(MPI_LM) | grep "eval step" > $(B)/mpi-one.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 2 ./$(B)/train_lm_mpi $(MPI_LM) --data-parallel 1 | grep "eval step" > $(B)/mpi-two.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 4 ./$(B)/train_lm_mpi $(MPI_LM) --data-parallel 1 | grep "eval step" > $(B)/mpi-four.log
+	cmp $(B)/mpi-one.log $(B)/mpi-two.log && cmp $(B)/mpi-one.log $(B)/mpi-four.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 2 ./$(B)/train_lm_mpi $(MPI_LM) --data-parallel 1 --steps 3 \
+	    --save $(B)/mpi.safetensors > /dev/null
+	./$(B)/train_lm $(MPI_LM) --resume $(B)/mpi.safetensors | grep "eval step 6" > $(B)/mpi-resumed-one.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 4 ./$(B)/train_lm_mpi $(MPI_LM) --data-parallel 1 \
+	    --resume $(B)/mpi.safetensors | grep "eval step 6" > $(B)/mpi-resumed-four.log
+	grep "eval step 6" $(B)/mpi-one.log | cmp - $(B)/mpi-resumed-one.log
+	cmp $(B)/mpi-resumed-one.log $(B)/mpi-resumed-four.log
+	./$(B)/train_lm $(MPI_LM) --data-parallel 1 2>/dev/null; test $$? -eq 2
+	@echo "test-mpi-train: data-parallel train_lm matches one process on 2 and 4 ranks; saved on 2, resumed on 1 and 4"
+
+$(B)/train_lm_mpi: examples/train_lm.c $(wildcard examples/*.h) acmoe.h | $(B)
+	$(MPICC) $(CSTD) $(CFLAGS) $(WARN) -DACMOE_MPI $< -o $@ $(LDLIBS)
 
 $(B)/study_report: tools/study_report.c examples/svg.h | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) $< -o $@ -lm

@@ -10,7 +10,7 @@
 typedef struct lm_options {
     run_options run;
     const char *prompt;
-    int eval_every, eval_batches, sample, sample_top_k;
+    int eval_every, eval_batches, sample, sample_top_k, data_parallel;
     float target_bpc, temperature, eval_corrupt, eval_wordswap, sample_top_p;
 } lm_options;
 
@@ -30,6 +30,8 @@ static const flag lm_flags[] = {
     FLAG("--sample-top-p", OPT_FLOAT, sample_top_p, 0, 1, CLI_ABOVE_MIN,
          "then among the fewest likeliest holding this probability (1: all)"),
     FLAG("--prompt", OPT_STR, prompt, 1, 0, 0, "text the sample starts from (its last --seq bytes are the context)"),
+    FLAG("--data-parallel", OPT_INT, data_parallel, 0, 1, 0,
+         "1: under mpirun, each rank trains on its share of every --batch (an MPI build: make build/train_lm_mpi)"),
 };
 #undef FLAG_OPTIONS
 

@@ -9,6 +9,8 @@
                                                               from the checkpoint)
      train_lm --compare ggc,ggg --seeds 3 --log run.jsonl     ... with JSON lines that
      plot_log run.jsonl > run.svg                               plot_log draws
+     mpirun -np 4 train_lm_mpi --data-parallel 1 --batch 32   four processes, 8 sequences each
+                                                              (train_lm built with ACMOE_MPI)
      train_lm --help                                          every flag and its default
 
    Each model sees the same batches (same seed) and is evaluated on the same held-out 10 % of
@@ -66,6 +68,33 @@ static acmoe_corpus load_corpus(const char *path, unsigned char **owned) {
                  (unsigned long)size, MIN_CORPUS);
     printf("corpus %s: %lu bytes\n", path, (unsigned long)size);
     return c;
+}
+
+/* ---- processes ---- */
+
+#ifdef ACMOE_MPI
+static MPI_Comm world;
+static acmoe_comm ranks;
+#endif
+
+/* The ranks that share each batch under --data-parallel (NULL: this process alone). Ranks
+   other than 0 print nothing and write no log or checkpoint: their model is rank 0's. */
+static acmoe_comm *share_batches(options *o) {
+    if (!o->data_parallel) return NULL;
+#ifdef ACMOE_MPI
+    world = MPI_COMM_WORLD;
+    if (acmoe_comm_mpi(&ranks, &world) != ACMOE_OK) cli_fail(PROGRAM, "--data-parallel: MPI has no communicator");
+    if (o->run.model.batch % ranks.size)
+        cli_fail(PROGRAM, "--data-parallel: --batch %d is not a multiple of the %d ranks", o->run.model.batch, ranks.size);
+    if (ranks.rank > 0) {
+        if (!freopen("/dev/null", "w", stdout)) exit(1);
+        o->run.log = NULL, o->run.save = NULL;
+    }
+    return &ranks;
+#else
+    cli_fail(PROGRAM, "--data-parallel needs a build with MPI (make build/train_lm_mpi, then mpirun)");
+    return NULL;
+#endif
 }
 
 /* ---- training ---- */
@@ -127,6 +156,8 @@ typedef struct run {
     acmoe_ctx *ctx;
     const acmoe_corpus *attacked; /* NULL without --eval-wordswap */
 } run;
+
+static acmoe_comm *shared; /* the ranks under --data-parallel, or NULL */
 
 #define EVAL_SEED 12345 /* the training loop's default: every evaluation sees the same text */
 
@@ -243,6 +274,7 @@ static result train(const char *pattern, long seed, const options *o, const acmo
     t.steps = o->run.steps, t.eval_every = o->eval_every, t.eval_batches = o->eval_batches;
     t.log_every = o->run.log_every, t.seed = (uint64_t)seed, t.eval_corrupt = o->eval_corrupt;
     t.optim = o->run.optim, t.optim.total_steps = o->run.steps;
+    t.comm = shared;
     u.o = o, u.r = &r, u.ctx = ctx, u.attacked = attacked;
     u.report.pattern = r.pattern, u.report.seed = seed, u.report.interactive = isatty(STDOUT_FILENO), u.report.log = log;
     t.on_event = on_event, t.user = &u;
@@ -338,9 +370,13 @@ int main(int argc, char **argv) {
     options o = lm_options_defaults();
     FILE *log;
     int n, i, s;
+#ifdef ACMOE_MPI
+    MPI_Init(&argc, &argv);
+#endif
     lm_cli_init(&flags_given);
     cli_parse(&flags_given, argc, argv, &o); /* a bad command line exits before any data is read */
     if (o.run.resume) resumed = resume_run(&o, &flags_given);
+    shared = share_batches(&o);
     n = run_patterns(&o.run, PROGRAM, patterns);
     c = load_corpus(o.run.data, &corpus_bytes);
     attacked = attack_corpus(&c, &o, &attacked_corpus, &attacked_bytes);
@@ -358,5 +394,9 @@ int main(int argc, char **argv) {
     acmoe_ctx_destroy(ctx);
     acmoe_corpus_destroy(&c);
     free(corpus_bytes), free(attacked_bytes);
+#ifdef ACMOE_MPI
+    if (shared) acmoe_comm_mpi_destroy(shared);
+    MPI_Finalize();
+#endif
     return 0;
 }
