@@ -449,7 +449,7 @@ test-mpi-train: $(B)/train_lm $(B)/train_lm_mpi
 	@echo "a rank that dies ends the run with an error, not a hang (124 would be the timeout's status)"
 	($(MPI_ENV) timeout 60 $(MPIRUN) $(MPIRUN_FLAGS) -np 2 ./$(B)/train_lm_mpi $(MPI_LM) --steps 1000000 --data-parallel 1 \
 	    > $(B)/mpi-dead.log 2>&1; echo $$? > $(B)/mpi-dead.status) & \
-	    for try in $$(seq 120); do sleep 0.5; pkill -9 -n -f 'train_lm_mpi .*--steps 1000000' && break; done; wait; \
+	    for try in $$(seq 120); do sleep 0.5; pkill -9 -n -f '^./$(B)/train_lm_mpi .*--steps 1000000' && break; done; wait; \
 	    status=$$(cat $(B)/mpi-dead.status); test $$status -ne 0 && test $$status -ne 124
 	grep -q "exited on signal 9" $(B)/mpi-dead.log
 	@echo "test-mpi-train: data-parallel train_lm matches one process on 2 and 4 ranks; saved on 2, resumed on 1 and 4"
