@@ -145,6 +145,12 @@ typedef struct acmoe_ctx_desc {
     /* Optional monotonic clock in seconds. When set, layers time their phases (routing and
        experts) into their stats; the library itself never reads a clock. */
     double (*clock)(void);
+    /* Optional ranks that share each batch (data parallelism): AC layers then take their
+       statistics, cluster sizes, means and dispersions, over the tokens of every rank,
+       summed in rank order, as one process with the whole batch would (every rank must make
+       the same forward calls). NULL: the statistics of each call's own tokens, as the
+       reference computes them on each GPU. */
+    struct acmoe_comm *comm;
 } acmoe_ctx_desc;
 
 typedef struct acmoe_ctx acmoe_ctx;
@@ -1324,7 +1330,7 @@ static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc
         if (in->mc) desc.mc = in->mc;
         if (in->kc) desc.kc = in->kc;
         if (in->nc) desc.nc = in->nc;
-        desc.clock = in->clock;
+        desc.clock = in->clock, desc.comm = in->comm;
     }
     if (desc.n_threads > 1024 || desc.mc > 1 << 16 || desc.kc > 1 << 16 || desc.nc > 1 << 20) return ACMOE_ERR_ARG;
 #ifdef ACMOE_NO_THREADS
@@ -3327,6 +3333,39 @@ static void acmoe__ac_dispersion_job(void *arg, int tid, int n_threads) {
 
 /* AC: labels, the weights W (unless frozen) and, when mixing, each token's mix of its
    previous experts' rows by their gates. */
+/* The AC weights from statistics over the tokens of every rank of comm: cluster sizes, then
+   the means, then the dispersions, each summed over the ranks in rank order. */
+static acmoe_status acmoe__ac_global_weights(acmoe_moe *layer, acmoe_comm *comm, const float *x, int n) {
+    const int dm = layer->desc.d_model, kc = layer->desc.ac_max_clusters;
+    const int variance = layer->desc.ac.dispersion == ACMOE_AC_DISP_VARIANCE;
+    float *sizes = layer->ac_w, *mu = layer->ac_mu, *w = layer->ac_w;
+    acmoe_status s;
+    int t, c, q, rows = 0;
+    for (c = 0; c < kc; c++) sizes[c] = 0.0f;
+    for (t = 0; t < n; t++) sizes[layer->labels[t]] += 1.0f;
+    s = comm->sum(comm, sizes, (size_t)kc);
+    for (c = 0; c < kc && s == ACMOE_OK; c++) layer->ac_count[c] = (int)sizes[c], rows = sizes[c] > 0.0f ? c + 1 : rows;
+    if (s != ACMOE_OK) return s;
+    memset(mu, 0, sizeof(float) * (size_t)rows * dm);
+    for (t = 0; t < n; t++)
+        for (q = 0; q < dm; q++) mu[(size_t)layer->labels[t] * dm + q] += x[(size_t)t * dm + q];
+    if ((s = comm->sum(comm, mu, (size_t)rows * dm)) != ACMOE_OK) return s;
+    for (c = 0; c < rows; c++)
+        for (q = 0; q < dm && layer->ac_count[c]; q++) mu[(size_t)c * dm + q] /= (float)layer->ac_count[c];
+    memset(w, 0, sizeof(float) * (size_t)rows * dm);
+    for (t = 0; t < n; t++)
+        for (q = 0; q < dm; q++) {
+            const float dev = x[(size_t)t * dm + q] - mu[(size_t)layer->labels[t] * dm + q];
+            w[(size_t)layer->labels[t] * dm + q] += variance ? dev * dev : fabsf(dev);
+        }
+    if ((s = comm->sum(comm, w, (size_t)rows * dm)) != ACMOE_OK) return s;
+    for (c = 0; c < rows; c++)
+        for (q = 0; q < dm && layer->ac_count[c]; q++) w[(size_t)c * dm + q] /= (float)layer->ac_count[c];
+    layer->ac_rows = rows;
+    acmoe__ac_weights(&layer->desc.ac, w, rows, dm, layer->ac_count);
+    return ACMOE_OK;
+}
+
 static acmoe_status acmoe__ac_token_weights(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n,
                                             const int32_t *prev_idx, const float *prev_gate, int prev_k) {
     const int dm = layer->desc.d_model;
@@ -3337,7 +3376,11 @@ static acmoe_status acmoe__ac_token_weights(acmoe_moe *layer, acmoe_ctx *ctx, co
     if (top < 0 || top >= layer->desc.ac_max_clusters) return ACMOE_ERR_ARG;
     if (layer->desc.ac_mix_labels && !acmoe__all_finite(prev_gate, (size_t)n * prev_k)) return ACMOE_ERR_NONFINITE;
     for (t = 0; t < n; t++) layer->labels[t] = prev_idx[(size_t)t * prev_k];
-    if (!layer->ac_frozen || !layer->ac_ready) {
+    if ((!layer->ac_frozen || !layer->ac_ready) && ctx->desc.comm && ctx->desc.comm->size > 1) {
+        acmoe_status s = acmoe__ac_global_weights(layer, ctx->desc.comm, x, n);
+        if (s != ACMOE_OK) return s;
+        layer->ac_ready = 1;
+    } else if (!layer->ac_frozen || !layer->ac_ready) {
         acmoe__ac_job job;
         job.layer = layer, job.x = x, job.n = n;
         layer->ac_rows = top + 1;
