@@ -425,6 +425,7 @@ test-mpi: | $(B)
 	        > $(B)/test_mpi.log; \
 	    test "$$(grep -c 'sum, exchange, broadcast and barrier ok' $(B)/test_mpi.log)" -eq $$ranks; \
 	    test "$$(grep -c 'data-parallel training matches one process' $(B)/test_mpi.log)" -eq $$ranks; \
+	    test "$$(grep -c 'expert-parallel layer the same bits as one process' $(B)/test_mpi.log)" -eq $$ranks; \
 	    echo "test-mpi: $$ranks rank(s) ok"; done
 	@$(MAKE) --no-print-directory test-mpi-train
 
@@ -445,6 +446,16 @@ test-mpi-train: $(B)/train_lm $(B)/train_lm_mpi
 	    --resume $(B)/mpi.safetensors | grep "eval step 6" > $(B)/mpi-resumed-four.log
 	grep "eval step 6" $(B)/mpi-one.log | cmp - $(B)/mpi-resumed-one.log
 	cmp $(B)/mpi-resumed-one.log $(B)/mpi-resumed-four.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 2 ./$(B)/train_lm_mpi $(MPI_LM) --expert-parallel 1 | grep "eval step" > $(B)/mpi-ep-two.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 4 ./$(B)/train_lm_mpi $(MPI_LM) --expert-parallel 1 | grep "eval step" > $(B)/mpi-ep-four.log
+	cmp $(B)/mpi-one.log $(B)/mpi-ep-two.log && cmp $(B)/mpi-one.log $(B)/mpi-ep-four.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 2 ./$(B)/train_lm_mpi $(MPI_LM) --expert-parallel 1 --steps 3 \
+	    --save $(B)/mpi-ep.safetensors > /dev/null
+	./$(B)/train_lm $(MPI_LM) --resume $(B)/mpi-ep.safetensors | grep "eval step 6" | cmp - $(B)/mpi-resumed-one.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 4 ./$(B)/train_lm_mpi $(MPI_LM) --expert-parallel 1 \
+	    --resume $(B)/mpi-ep.safetensors | grep "eval step 6" | cmp - $(B)/mpi-resumed-one.log
+	! $(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 4 ./$(B)/train_lm_mpi $(MPI_LM) --expert-parallel 1 --experts 6 \
+	    > /dev/null 2>&1
 	./$(B)/train_lm $(MPI_LM) --data-parallel 1 2>/dev/null; test $$? -eq 2
 	@echo "a rank that dies ends the run with an error, not a hang (124 would be the timeout's status)"
 	($(MPI_ENV) timeout 60 $(MPIRUN) $(MPIRUN_FLAGS) -np 2 ./$(B)/train_lm_mpi $(MPI_LM) --steps 1000000 --data-parallel 1 \
@@ -452,7 +463,7 @@ test-mpi-train: $(B)/train_lm $(B)/train_lm_mpi
 	    for try in $$(seq 120); do sleep 0.5; pkill -9 -n -f '^./$(B)/train_lm_mpi .*--steps 1000000' && break; done; wait; \
 	    status=$$(cat $(B)/mpi-dead.status); test $$status -ne 0 && test $$status -ne 124
 	grep -q "exited on signal 9" $(B)/mpi-dead.log
-	@echo "test-mpi-train: data-parallel train_lm matches one process on 2 and 4 ranks; saved on 2, resumed on 1 and 4"
+	@echo "test-mpi-train: data- and expert-parallel train_lm match one process on 2 and 4 ranks; saved on 2, resumed on 1 and 4"
 
 $(B)/train_lm_mpi: examples/train_lm.c $(wildcard examples/*.h) acmoe.h | $(B)
 	$(MPICC) $(CSTD) $(CFLAGS) $(WARN) -DACMOE_MPI $< -o $@ $(LDLIBS)

@@ -36,7 +36,7 @@
      5. Matrix multiplication       micro-kernels, column kernels, row kernels, packing, driver
      6. Shared pieces               finiteness, parameter directory, carving, init, biases, clocks
      7. Routers                     top-k gating, the Adaptive Clustering router
-     8. MoE layer                   parameters, dispatch, experts, forward and backward
+     8. MoE layer                   parameters, dispatch, experts, forward and backward, experts over ranks
      9. Transformer pieces          layer norm, self-attention (causal or not), cross-entropy
     10. Transformer models          options by name, language model, vision encoder, decoding, sampling
     11. Optimizer                   AdamW, learning-rate schedules, gradient clipping
@@ -497,6 +497,20 @@ ACMOE_API acmoe_status acmoe_moe_set_ac_weights(acmoe_moe *layer, const float *w
    outlive the calls; evaluation mode (train 0, the default) has none. A model sets it for
    each of its calls, with its own generator. */
 ACMOE_API void acmoe_moe_set_training(acmoe_moe *layer, int train, acmoe_rng *noise);
+/* Expert parallelism: the experts split over the ranks of comm in equal contiguous blocks
+   (rank r runs experts r E/size to (r + 1) E/size - 1; size must divide E). Each rank routes
+   its own tokens; each (token, expert) pair's row goes to the expert's rank in one exchange
+   and its output comes back in another, forward and backward alike. An expert takes its
+   rows in rank order, so a layer run this way gives the bits of one process running every
+   rank's tokens, rank 0's first, through it: outputs, input gradients and the gradients of
+   this rank's experts (the other experts' gradients stay untouched here). Router gradients
+   are this rank's tokens'. Every rank holds every parameter and must make the same calls;
+   each rank allocates room for size x max_tokens x top_k rows of its experts, here, once.
+   Only per-token rules without capacity (top-k, Switch): ACMOE_ERR_UNSUPPORTED otherwise.
+   NULL or a single rank: back to this process alone. */
+ACMOE_API acmoe_status acmoe_moe_set_expert_ranks(acmoe_moe *layer, acmoe_comm *comm);
+/* The ranks the experts are split over (NULL: none), and this rank's experts. */
+ACMOE_API acmoe_comm *acmoe_moe_expert_ranks(const acmoe_moe *layer, int *first, int *count);
 
 /* ---- 10. Transformer models: a language model, or a vision encoder ----
    A decoder-only transformer: token and learned absolute position embeddings, then per
@@ -700,6 +714,16 @@ ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *model);
    rank count), for a loop of one's own in which each rank computed them on its share of a
    global batch. */
 ACMOE_API acmoe_status acmoe_lm_reduce_grads(acmoe_lm *model, acmoe_comm *comm);
+/* Expert parallelism for every routed MoE layer of the model (acmoe_moe_set_expert_ranks;
+   dense layers stay whole on every rank); NULL: back to this process alone. With it,
+   acmoe_lm_reduce_grads averages the replicated parameters' gradients over the ranks and
+   leaves each expert's to its rank (already summed over every rank's tokens, divided by
+   the rank count); acmoe_lm_step takes the gradient norm over every rank. Between two
+   calls of acmoe_lm_gather_experts the experts of other ranks are stale here. */
+ACMOE_API acmoe_status acmoe_lm_set_expert_ranks(acmoe_lm *model, acmoe_comm *comm);
+/* Every expert's parameters and AdamW moments sent from its rank to all, so that every rank
+   holds the whole model (before a save or a parameter check). */
+ACMOE_API acmoe_status acmoe_lm_gather_experts(acmoe_lm *model);
 
 /* ---- 12. Checkpoints ----
    safetensors: an 8-byte little-endian header length, a JSON header naming each tensor
@@ -809,6 +833,11 @@ typedef struct acmoe_train_desc {
        (ACMOE_ERR_DIVERGED if not). Routers that see the whole call (AC statistics, USMoE,
        Soft MoE groups, expert choice, balance losses) see each rank's batch. */
     acmoe_comm *comm;
+    /* With comm: also split the experts of every routed layer over the ranks
+       (acmoe_lm_set_expert_ranks) for the loop's calls; each evaluation first gathers them
+       (acmoe_lm_gather_experts), so the model is whole at every evaluation event and when
+       the loop returns. */
+    int expert_parallel;
 } acmoe_train_desc;
 
 /* Trains on the corpus with the model's batch and seq_len. Allocates only its two token
@@ -2795,6 +2824,13 @@ typedef struct acmoe__candidate {
     int index;
 } acmoe__candidate;
 
+/* Rows that experts run on: expert j's count[j] rows from row offset[j] of each buffer, the
+   experts taken in the order of order (acmoe__order_rows). */
+typedef struct acmoe__expert_rows {
+    int *count, *offset, *order;
+    float *xe, *h, *a, *ye; /* gathered inputs [.][d], hidden [.][h_width], [.][d_ff], outputs [.][d] */
+} acmoe__expert_rows;
+
 struct acmoe_moe {
     acmoe_moe_desc desc;
     int dr;        /* router input width: d_model, or proj_dim */
@@ -2841,6 +2877,15 @@ struct acmoe_moe {
     int training;         /* draw gate noise (acmoe_moe_set_training) */
     acmoe_rng *noise_rng; /* ... from this generator */
     double seconds_routing, seconds_experts;
+    /* expert parallelism (acmoe_moe_set_expert_ranks): rows of this rank's experts from every
+       rank, expert by expert, each expert's in rank order */
+    acmoe_comm *ranks;
+    void *ep_memory;
+    acmoe__expert_rows owned;
+    float *ep_stage;           /* rows in transit, rank by rank [size max_pairs][d] */
+    float *ep_counts;          /* [2][E]: pairs per expert this rank sends; pairs it receives, rank by rank */
+    int *ep_cursor;            /* [E] */
+    size_t *ep_send, *ep_recv; /* [size] floats to and from each rank */
 };
 
 ACMOE_API acmoe_status acmoe_moe_router_preset(acmoe_moe_desc *desc, char letter) {
@@ -3107,6 +3152,7 @@ static size_t acmoe__moe_workspace(acmoe_moe *layer, unsigned char *base) {
 
 ACMOE_API void acmoe_moe_destroy(acmoe_moe *layer) {
     if (!layer) return;
+    acmoe__aligned_free(layer->ep_memory);
     acmoe__aligned_free(layer->memory);
     ACMOE_FREE(layer);
 }
@@ -3191,6 +3237,62 @@ ACMOE_API void acmoe_moe_set_training(acmoe_moe *layer, int train, acmoe_rng *no
     if (!layer) return;
     layer->training = train != 0;
     layer->noise_rng = noise;
+}
+
+/* The first expert of a rank: each owns n_experts / size in a contiguous block. */
+static int acmoe__first_expert(const acmoe_moe *layer, int rank) { return layer->desc.n_experts / layer->ranks->size * rank; }
+
+/* Lays out the expert-parallel workspace for size ranks in base (or measures it). */
+static size_t acmoe__ep_workspace(acmoe_moe *layer, int size, unsigned char *base) {
+    const size_t e = (size_t)layer->desc.n_experts, rows = (size_t)size * (size_t)layer->max_pairs;
+    const size_t dm = (size_t)layer->desc.d_model, f = sizeof(float), i = sizeof(int);
+    size_t used = 0;
+    layer->owned.count = (int *)acmoe__carve(base, &used, e * i);
+    layer->owned.offset = (int *)acmoe__carve(base, &used, (e + 1) * i);
+    layer->owned.order = (int *)acmoe__carve(base, &used, e * i);
+    layer->ep_cursor = (int *)acmoe__carve(base, &used, e * i);
+    layer->ep_counts = (float *)acmoe__carve(base, &used, 2 * e * f);
+    layer->ep_send = (size_t *)acmoe__carve(base, &used, (size_t)size * sizeof(size_t));
+    layer->ep_recv = (size_t *)acmoe__carve(base, &used, (size_t)size * sizeof(size_t));
+    layer->owned.xe = (float *)acmoe__carve(base, &used, rows * dm * f);
+    layer->owned.h = (float *)acmoe__carve(base, &used, rows * (size_t)layer->h_width * f);
+    layer->owned.a = (float *)acmoe__carve(base, &used, rows * (size_t)layer->desc.d_ff * f);
+    layer->owned.ye = (float *)acmoe__carve(base, &used, rows * dm * f);
+    layer->ep_stage = (float *)acmoe__carve(base, &used, rows * dm * f);
+    return used;
+}
+
+ACMOE_API acmoe_status acmoe_moe_set_expert_ranks(acmoe_moe *layer, acmoe_comm *comm) {
+    const acmoe_moe_desc *desc;
+    void *memory;
+    if (!layer) return ACMOE_ERR_NULL;
+    desc = &layer->desc;
+    if (comm && (comm->size < 1 || comm->rank < 0 || comm->rank >= comm->size)) return ACMOE_ERR_ARG;
+    if (comm && comm->size > 1) {
+        if (!comm->exchange) return ACMOE_ERR_NULL;
+        if ((desc->router_select != ACMOE_SELECT_TOPK && desc->router_select != ACMOE_SELECT_SWITCH) || desc->capacity > 0.0f)
+            return ACMOE_ERR_UNSUPPORTED; /* rules that see the whole call's pairs */
+        if (desc->n_experts % comm->size) return ACMOE_ERR_ARG;
+        memory = acmoe__aligned_alloc(acmoe__ep_workspace(layer, comm->size, NULL));
+        if (!memory) return ACMOE_ERR_NOMEM;
+        acmoe__aligned_free(layer->ep_memory);
+        layer->ep_memory = memory;
+        acmoe__ep_workspace(layer, comm->size, (unsigned char *)memory);
+        layer->ranks = comm;
+    } else {
+        acmoe__aligned_free(layer->ep_memory);
+        layer->ep_memory = NULL, layer->ranks = NULL;
+        memset(&layer->owned, 0, sizeof layer->owned);
+    }
+    layer->cached = 0; /* a backward call needs a forward call made the same way */
+    return ACMOE_OK;
+}
+
+ACMOE_API acmoe_comm *acmoe_moe_expert_ranks(const acmoe_moe *layer, int *first, int *count) {
+    const int n = layer ? layer->desc.n_experts : 0;
+    if (first) *first = layer && layer->ranks ? acmoe__first_expert(layer, layer->ranks->rank) : 0;
+    if (count) *count = layer && layer->ranks ? n / layer->ranks->size : n;
+    return layer ? layer->ranks : NULL;
 }
 
 ACMOE_API void acmoe_moe_freeze_ac_weights(acmoe_moe *layer, int frozen) {
@@ -3861,25 +3963,34 @@ static void acmoe__dispatch(acmoe_moe *layer) {
 }
 
 /* The work of one forward or backward call, split across the context's threads: experts
-   taken in turn (acmoe__order_experts), tokens in equal ranges. Each expert runs on one
+   taken in turn (acmoe__order_rows), tokens in equal ranges. Each expert runs on one
    thread with that thread's matmul workspace, so results do not depend on the split. */
 typedef struct acmoe__moe_job {
     acmoe_moe *layer;
     acmoe_ctx *ctx;
     const float *x, *dout;
     float *out, *dx;
-    int next; /* the next expert of layer->order for the experts' jobs */
+    acmoe__expert_rows rows; /* the experts' jobs: the rows they run on */
+    int gather;              /* ... gathered first from the pairs' tokens (else already there) */
+    int next;                /* the next expert of rows.order */
 } acmoe__moe_job;
 
 /* The experts by decreasing row count (ties: the lower index): threads take them in this
    order, so the largest start first and the small ones fill the gaps. */
-static void acmoe__order_experts(acmoe_moe *layer) {
-    const int E = layer->desc.n_experts;
+static void acmoe__order_rows(acmoe__expert_rows *rows, int n_experts) {
     int i, j;
-    for (i = 0; i < E; i++) {
-        for (j = i; j > 0 && layer->count[layer->order[j - 1]] < layer->count[i]; j--) layer->order[j] = layer->order[j - 1];
-        layer->order[j] = i;
+    for (i = 0; i < n_experts; i++) {
+        for (j = i; j > 0 && rows->count[rows->order[j - 1]] < rows->count[i]; j--) rows->order[j] = rows->order[j - 1];
+        rows->order[j] = i;
     }
+}
+
+/* The rows of this process's pairs (or Soft MoE's slots). */
+static acmoe__expert_rows acmoe__local_rows(acmoe_moe *layer) {
+    acmoe__expert_rows rows;
+    rows.count = layer->count, rows.offset = layer->offset, rows.order = layer->order;
+    rows.xe = layer->xe, rows.h = layer->h, rows.a = layer->a, rows.ye = layer->ye;
+    return rows;
 }
 
 static void acmoe__token_range(const acmoe_moe *layer, int tid, int n_threads, int *t0, int *t1) {
@@ -3903,14 +4014,20 @@ static const float *acmoe__expert_row(const acmoe_moe *layer, const float *in, i
     return in + (size_t)layer->pair_token[layer->slot_pair[layer->offset[j] + r]] * dm;
 }
 
-/* ye = W2 act(W1 xe + b1) + b2 on expert j's gathered rows. */
-static void acmoe__expert_forward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, int j, const float *in) {
-    const acmoe_moe_desc *desc = &layer->desc;
-    const int dm = desc->d_model, ff = desc->d_ff, hw = layer->h_width, rows = layer->count[j];
-    const size_t at = (size_t)layer->offset[j];
-    float *xe = layer->xe + at * dm, *h = layer->h + at * hw, *a = layer->a + at * ff, *ye = layer->ye + at * dm;
+/* Expert j's rows of this process, gathered into xe. */
+static void acmoe__expert_gather(const acmoe_moe *layer, int j, const float *in) {
+    const size_t dm = (size_t)layer->desc.d_model;
+    float *xe = layer->xe + (size_t)layer->offset[j] * dm;
     int r;
-    for (r = 0; r < rows; r++) memcpy(xe + (size_t)r * dm, acmoe__expert_row(layer, in, j, r), sizeof(float) * (size_t)dm);
+    for (r = 0; r < layer->count[j]; r++) memcpy(xe + (size_t)r * dm, acmoe__expert_row(layer, in, j, r), sizeof(float) * dm);
+}
+
+/* ye = W2 act(W1 xe + b1) + b2 on expert j's gathered rows. */
+static void acmoe__expert_forward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, const acmoe__expert_rows *block, int j) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    const int dm = desc->d_model, ff = desc->d_ff, hw = layer->h_width, rows = block->count[j];
+    const size_t at = (size_t)block->offset[j];
+    float *xe = block->xe + at * dm, *h = block->h + at * hw, *a = block->a + at * ff, *ye = block->ye + at * dm;
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, layer->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
     acmoe__add_bias(h, rows, hw, layer->b1 + (size_t)j * hw);
     acmoe__activate(desc->activation, h, a, rows, ff);
@@ -3924,9 +4041,20 @@ static void acmoe__experts_forward_job(void *arg, int tid, int n_threads) {
     int i;
     (void)n_threads;
     while ((i = acmoe__next_item(&job->next)) < layer->desc.n_experts) {
-        const int j = layer->order[i];
-        if (layer->count[j]) acmoe__expert_forward(layer, job->ctx, tid, j, acmoe__expert_input(layer, job->x));
+        const int j = job->rows.order[i];
+        if (!job->rows.count[j]) continue;
+        if (job->gather) acmoe__expert_gather(layer, j, acmoe__expert_input(layer, job->x));
+        acmoe__expert_forward(layer, job->ctx, tid, &job->rows, j);
     }
+}
+
+/* Every expert's rows of this process gathered, for expert parallelism. */
+static void acmoe__gather_job(void *arg, int tid, int n_threads) {
+    acmoe__moe_job *job = (acmoe__moe_job *)arg;
+    int i;
+    (void)tid, (void)n_threads;
+    while ((i = acmoe__next_item(&job->next)) < job->layer->desc.n_experts)
+        acmoe__expert_gather(job->layer, job->layer->order[i], acmoe__expert_input(job->layer, job->x));
 }
 
 /* out[t] = sum of gate * expert output over t's pairs, in order. */
@@ -4072,6 +4200,102 @@ static void acmoe__soft_dispatch_backward_job(void *arg, int tid, int n_threads)
     }
 }
 
+/* ---- expert parallelism: experts split over ranks, their rows exchanged ---- */
+
+static void acmoe__experts_backward_job(void *arg, int tid, int n_threads);
+
+/* Tells each rank how many of this rank's pairs go to each of its experts, and lays out the
+   rows this rank's experts receive: expert by expert, each expert's in rank order, so that
+   an expert sees its rows in the order one process with every rank's tokens (rank 0's
+   first) would give them. */
+static acmoe_status acmoe__ep_plan(acmoe_moe *layer) {
+    acmoe_comm *comm = layer->ranks;
+    const int e = layer->desc.n_experts, size = comm->size, per = e / size, first = acmoe__first_expert(layer, comm->rank);
+    const size_t dm = (size_t)layer->desc.d_model;
+    float *sent = layer->ep_counts, *got = sent + e;
+    acmoe_status s;
+    int q, j;
+    for (j = 0; j < e; j++) sent[j] = (float)layer->count[j]; /* exact: counts stay far below 2^24 */
+    for (q = 0; q < size; q++) layer->ep_send[q] = layer->ep_recv[q] = (size_t)per;
+    if ((s = comm->exchange(comm, sent, layer->ep_send, got, layer->ep_recv)) != ACMOE_OK) return s;
+    memset(layer->owned.count, 0, sizeof(int) * (size_t)e);
+    for (q = 0; q < size; q++) {
+        size_t rows = 0;
+        for (j = 0; j < per; j++) layer->owned.count[first + j] += (int)got[q * per + j], rows += (size_t)got[q * per + j];
+        layer->ep_recv[q] = rows * dm;
+        layer->ep_send[q] = (size_t)(layer->offset[(q + 1) * per] - layer->offset[q * per]) * dm;
+    }
+    layer->owned.offset[0] = 0;
+    for (j = 0; j < e; j++) layer->owned.offset[j + 1] = layer->owned.offset[j] + layer->owned.count[j];
+    acmoe__order_rows(&layer->owned, e);
+    return ACMOE_OK;
+}
+
+/* Moves the received rows between the stage (rank by rank) and an owned buffer (expert by
+   expert). */
+static void acmoe__ep_reorder(acmoe_moe *layer, float *owned_rows, int to_owned) {
+    const int e = layer->desc.n_experts, size = layer->ranks->size, per = e / size;
+    const int first = acmoe__first_expert(layer, layer->ranks->rank);
+    const size_t dm = (size_t)layer->desc.d_model;
+    const float *got = layer->ep_counts + e;
+    size_t at = 0;
+    int q, j;
+    for (j = 0; j < per; j++) layer->ep_cursor[j] = layer->owned.offset[first + j];
+    for (q = 0; q < size; q++)
+        for (j = 0; j < per; j++) {
+            const size_t rows = (size_t)got[q * per + j];
+            float *stage = layer->ep_stage + at * dm, *own = owned_rows + (size_t)layer->ep_cursor[j] * dm;
+            memcpy(to_owned ? own : stage, to_owned ? stage : own, sizeof(float) * rows * dm);
+            layer->ep_cursor[j] += (int)rows, at += rows;
+        }
+}
+
+/* This rank's rows (laid out by expert, so each owner's are contiguous) to their owners. */
+static acmoe_status acmoe__ep_to_owners(acmoe_moe *layer, const float *local, float *owned_rows) {
+    acmoe_status s = layer->ranks->exchange(layer->ranks, local, layer->ep_send, layer->ep_stage, layer->ep_recv);
+    if (s == ACMOE_OK) acmoe__ep_reorder(layer, owned_rows, 1);
+    return s;
+}
+
+/* ... and the owners' results back, each row to where it came from. */
+static acmoe_status acmoe__ep_from_owners(acmoe_moe *layer, float *owned_rows, float *local) {
+    acmoe__ep_reorder(layer, owned_rows, 0);
+    return layer->ranks->exchange(layer->ranks, layer->ep_stage, layer->ep_recv, local, layer->ep_send);
+}
+
+/* The experts' forward pass: on this process's rows, or (expert parallelism) on the rows
+   every rank sends this rank's experts, their outputs sent back. */
+static acmoe_status acmoe__experts_forward(acmoe_moe *layer, acmoe_ctx *ctx, acmoe__moe_job *job) {
+    acmoe_status s;
+    job->rows = acmoe__local_rows(layer), job->gather = 1, job->next = 0;
+    acmoe__order_rows(&job->rows, layer->desc.n_experts);
+    if (!layer->ranks) {
+        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, job);
+        return ACMOE_OK;
+    }
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__gather_job, job);
+    s = acmoe__ep_plan(layer);
+    if (s == ACMOE_OK) s = acmoe__ep_to_owners(layer, layer->xe, layer->owned.xe);
+    if (s != ACMOE_OK) return s;
+    job->rows = layer->owned, job->gather = 0, job->next = 0;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, job);
+    return acmoe__ep_from_owners(layer, layer->owned.ye, layer->ye);
+}
+
+/* The experts' backward pass from the output gradients in ye; the input gradients of this
+   process's rows end in xe. */
+static acmoe_status acmoe__experts_backward(acmoe_moe *layer, acmoe_ctx *ctx, acmoe__moe_job *job) {
+    acmoe_status s;
+    job->rows = layer->ranks ? layer->owned : acmoe__local_rows(layer), job->next = 0;
+    if (!layer->ranks) {
+        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, job);
+        return ACMOE_OK;
+    }
+    if ((s = acmoe__ep_to_owners(layer, layer->ye, layer->owned.ye)) != ACMOE_OK) return s;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, job);
+    return acmoe__ep_from_owners(layer, layer->owned.xe, layer->xe);
+}
+
 ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n,
                                          const int32_t *prev_idx, const float *prev_gate, int prev_k,
                                          float *out) {
@@ -4109,9 +4333,8 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
     layer->aux_loss = acmoe__aux_loss(layer, n, 0);
     acmoe__lap(ctx, &mark, &layer->seconds_routing);
     job.layer = layer, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL, job.next = 0;
-    acmoe__order_experts(layer);
     if (soft) acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_job, &job);
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, &job);
+    if ((s = acmoe__experts_forward(layer, ctx, &job)) != ACMOE_OK) return s;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, soft ? acmoe__soft_combine_job : acmoe__combine_job, &job);
     acmoe__update_stability(layer, n, prev_idx, prev_k); /* Soft MoE's labels come with its weights */
     acmoe__lap(ctx, &mark, &layer->seconds_experts);
@@ -4137,11 +4360,11 @@ static void acmoe__combine_backward_job(void *arg, int tid, int n_threads) {
 
 /* Expert j's backward on its gathered rows: parameter gradients, and the rows' input
    gradients written over xe. */
-static void acmoe__expert_backward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, int j) {
+static void acmoe__expert_backward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, const acmoe__expert_rows *block, int j) {
     const acmoe_moe_desc *desc = &layer->desc;
-    const int dm = desc->d_model, ff = desc->d_ff, hw = layer->h_width, rows = layer->count[j];
-    const size_t at = (size_t)layer->offset[j];
-    float *dy = layer->ye + at * dm, *a = layer->a + at * ff, *h = layer->h + at * hw, *xe = layer->xe + at * dm;
+    const int dm = desc->d_model, ff = desc->d_ff, hw = layer->h_width, rows = block->count[j];
+    const size_t at = (size_t)block->offset[j];
+    float *dy = block->ye + at * dm, *a = block->a + at * ff, *h = block->h + at * hw, *xe = block->xe + at * dm;
     const float *w1 = layer->w1 + (size_t)j * hw * dm, *w2 = layer->w2 + (size_t)j * dm * ff;
     acmoe__bias_grad(dy, rows, dm, layer->g_b2 + (size_t)j * dm);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, layer->g_w2 + (size_t)j * dm * ff, ff, 1);
@@ -4158,8 +4381,8 @@ static void acmoe__experts_backward_job(void *arg, int tid, int n_threads) {
     int i;
     (void)n_threads;
     while ((i = acmoe__next_item(&job->next)) < layer->desc.n_experts) {
-        const int j = layer->order[i];
-        if (layer->count[j]) acmoe__expert_backward(layer, job->ctx, tid, j);
+        const int j = job->rows.order[i];
+        if (job->rows.count[j]) acmoe__expert_backward(layer, job->ctx, tid, &job->rows, j);
     }
 }
 
@@ -4303,7 +4526,7 @@ static acmoe_status acmoe__soft_backward(acmoe_moe *layer, acmoe_ctx *ctx, const
     job.layer = layer, job.ctx = ctx, job.x = layer->x, job.out = NULL, job.dout = dout, job.dx = dx, job.next = 0;
     memset(dx, 0, sizeof(float) * (size_t)layer->n * layer->desc.d_model);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_combine_backward_job, &job);
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
+    acmoe__experts_backward(layer, ctx, &job); /* in this process: never fails */
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_backward_job, &job);
     if (!acmoe__normalized_soft(layer) && acmoe__expert_input(layer, layer->x) != layer->x)
         acmoe__times_token_weights(layer, ctx, layer->dxr, layer->n, dx, 1);
@@ -4332,9 +4555,10 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, cons
     acmoe__aux_loss(layer, layer->n, 1);
     s = acmoe__router_backward(layer, ctx, dx);
     acmoe__lap(ctx, &mark, &layer->seconds_routing);
-    if (s == ACMOE_OK) {
-        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_backward_job, &job);
-        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__scatter_job, &job);
+    if (s == ACMOE_OK || layer->ranks) { /* the other ranks wait for this one's rows */
+        acmoe_status experts = acmoe__experts_backward(layer, ctx, &job);
+        if (s == ACMOE_OK) s = experts;
+        if (s == ACMOE_OK) acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__scatter_job, &job);
     }
     acmoe__lap(ctx, &mark, &layer->seconds_experts);
     layer->cached = 0; /* backward overwrote the cached activations */
@@ -5187,6 +5411,7 @@ struct acmoe_lm {
     long cache_step; /* the optimizer step the activations were computed at */
     acmoe_optim_desc optim; /* as the last step resolved it, for acmoe_lm_train_settings */
     uint64_t train_seed;    /* of the last acmoe_lm_train call */
+    acmoe_comm *expert_ranks; /* expert parallelism (acmoe_lm_set_expert_ranks), or NULL */
 };
 
 /* A model tensor: a view into the buffers and an entry in the directory. */
@@ -6452,6 +6677,39 @@ static void acmoe__update_job_run(void *arg, int tid, int n_threads) {
     }
 }
 
+/* Where layer i's experts' parameters start and end in the model's buffer (w1, b1, w2 and b2
+   follow each other), when they are split over ranks; 0 and 0 otherwise. */
+static void acmoe__expert_span(const acmoe_lm *model, int i, size_t *start, size_t *end) {
+    const acmoe_moe *layer = model->blocks[i].moe;
+    *start = *end = 0;
+    if (!layer || !layer->ranks) return;
+    *start = (size_t)(layer->w1 - model->params);
+    *end = (size_t)(layer->b2 - model->params) + (size_t)layer->desc.n_experts * layer->desc.d_model;
+}
+
+/* The squared gradient norm over every rank under expert parallelism, from this rank's sum
+   of squares over all its gradients, *sq: rank 0 counts the replicated parameters (the same
+   on every rank) and its experts, the others only their experts; added in rank order. */
+static acmoe_status acmoe__expert_grad_sq(const acmoe_lm *model, double *sq) {
+    acmoe_comm *comm = model->expert_ranks;
+    acmoe_status s;
+    float share;
+    int i;
+    if (comm->rank > 0) {
+        double experts = 0.0;
+        for (i = 0; i < model->n_layers; i++) {
+            size_t start, end, k;
+            acmoe__expert_span(model, i, &start, &end);
+            for (k = start; k < end; k++) experts += (double)model->grads[k] * model->grads[k];
+        }
+        *sq = experts; /* another rank's experts' gradients are zero here */
+    }
+    share = (float)*sq;
+    s = comm->sum(comm, &share, 1);
+    *sq = share;
+    return s;
+}
+
 ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_optim_desc *desc, float *norm) {
     acmoe_optim_desc o = acmoe__optim_resolve(desc);
     acmoe__update_job job;
@@ -6462,6 +6720,10 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *model, acmoe_ctx *ctx, const acmo
     if (model->steps == LONG_MAX) return ACMOE_ERR_ARG; /* the step counter is full */
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__grad_sq_job, model);
     for (i = 0; i < acmoe__chunks(model->n_params); i++) sq += model->grad_sq[i];
+    if (model->expert_ranks) {
+        acmoe_status s = acmoe__expert_grad_sq(model, &sq);
+        if (s != ACMOE_OK) return s;
+    }
     global_norm = sqrt(sq);
     if (norm) *norm = (float)global_norm;
     if (!isfinite(sq)) return ACMOE_ERR_NONFINITE; /* nothing is updated */
@@ -6479,13 +6741,68 @@ ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *model, acmoe_ctx *ctx, const acmo
 ACMOE_API long acmoe_lm_steps_taken(const acmoe_lm *model) { return model ? model->steps : 0; }
 
 ACMOE_API acmoe_status acmoe_lm_reduce_grads(acmoe_lm *model, acmoe_comm *comm) {
-    acmoe_status s;
-    size_t i;
+    acmoe_status s = ACMOE_OK;
+    size_t i, from = 0, start, end;
+    int layer;
     if (!model || !comm) return ACMOE_ERR_NULL;
     if (comm->size < 1 || comm->rank < 0 || comm->rank >= comm->size) return ACMOE_ERR_ARG;
     if (comm->size == 1) return ACMOE_OK;
-    s = comm->sum(comm, model->grads, model->n_params);
+    for (layer = 0; layer < model->n_layers && s == ACMOE_OK; layer++) { /* layers lie in order */
+        acmoe__expert_span(model, layer, &start, &end);
+        if (end == 0) continue;
+        if (start > from) s = comm->sum(comm, model->grads + from, start - from);
+        from = end; /* an expert's gradient is whole on its rank already */
+    }
+    if (s == ACMOE_OK && from < model->n_params) s = comm->sum(comm, model->grads + from, model->n_params - from);
     for (i = 0; i < model->n_params && s == ACMOE_OK; i++) model->grads[i] /= (float)comm->size;
+    return s;
+}
+
+ACMOE_API acmoe_status acmoe_lm_set_expert_ranks(acmoe_lm *model, acmoe_comm *comm) {
+    acmoe_status s = ACMOE_OK;
+    int i;
+    if (!model) return ACMOE_ERR_NULL;
+    for (i = 0; i < model->n_layers && s == ACMOE_OK; i++)
+        if (model->blocks[i].moe && model->blocks[i].letter != 'f') s = acmoe_moe_set_expert_ranks(model->blocks[i].moe, comm);
+    if (s != ACMOE_OK) comm = NULL; /* all or none */
+    for (i = 0; i < model->n_layers && !comm; i++)
+        if (model->blocks[i].moe) acmoe_moe_set_expert_ranks(model->blocks[i].moe, NULL);
+    model->expert_ranks = comm && comm->size > 1 ? comm : NULL;
+    model->cached = 0;
+    return s;
+}
+
+/* Broadcasts from rank root its block of count rows of width floats, from the first, of
+   the tensor at offset in each of the model's parameter and moment buffers. */
+static acmoe_status acmoe__send_rows(acmoe_lm *model, acmoe_comm *comm, int root, size_t offset, int first, int count,
+                                     size_t width) {
+    float *const buffers[3] = {model->params, model->adam_m, model->adam_v};
+    acmoe_status s = ACMOE_OK;
+    int b;
+    for (b = 0; b < 3 && s == ACMOE_OK; b++)
+        s = comm->broadcast(comm, buffers[b] + offset + (size_t)first * width, sizeof(float) * width * (size_t)count, root);
+    return s;
+}
+
+ACMOE_API acmoe_status acmoe_lm_gather_experts(acmoe_lm *model) {
+    acmoe_comm *comm;
+    acmoe_status s = ACMOE_OK;
+    int i, q;
+    if (!model) return ACMOE_ERR_NULL;
+    comm = model->expert_ranks;
+    for (i = 0; i < model->n_layers && comm && s == ACMOE_OK; i++) {
+        const acmoe_moe *layer = model->blocks[i].moe;
+        size_t dm, hw, ff;
+        if (!layer || !layer->ranks) continue;
+        dm = (size_t)layer->desc.d_model, hw = (size_t)layer->h_width, ff = (size_t)layer->desc.d_ff;
+        for (q = 0; q < comm->size && s == ACMOE_OK; q++) {
+            const int per = layer->desc.n_experts / comm->size, first = per * q;
+            s = acmoe__send_rows(model, comm, q, (size_t)(layer->w1 - model->params), first, per, hw * dm);
+            if (s == ACMOE_OK) s = acmoe__send_rows(model, comm, q, (size_t)(layer->b1 - model->params), first, per, hw);
+            if (s == ACMOE_OK) s = acmoe__send_rows(model, comm, q, (size_t)(layer->w2 - model->params), first, per, dm * ff);
+            if (s == ACMOE_OK) s = acmoe__send_rows(model, comm, q, (size_t)(layer->b2 - model->params), first, per, dm);
+        }
+    }
     return s;
 }
 
@@ -7613,7 +7930,8 @@ static acmoe_status acmoe__train_evaluation(acmoe_lm *model, acmoe_ctx *ctx, con
                                             const acmoe_train_desc *desc, int32_t *tokens, int32_t *targets,
                                             acmoe_train_event *e) {
     const acmoe__share share = acmoe__share_of(desc->comm);
-    acmoe_status s = acmoe__ranks_agree(model, desc->comm);
+    acmoe_status s = acmoe_lm_gather_experts(model);
+    if (s == ACMOE_OK) s = acmoe__ranks_agree(model, desc->comm);
     e->kind = ACMOE_EVENT_EVAL;
     if (s == ACMOE_OK)
         s = acmoe__evaluate(model, ctx, c, desc->eval_batches, desc->eval_seed, 0.0f, share, tokens, targets, &e->val_loss);
@@ -7650,6 +7968,7 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acm
     if (!acmoe__optim_valid(&resolved.optim)) return ACMOE_ERR_ARG;
     model->train_seed = resolved.seed;
     s = acmoe__batch_buffers(model, &tokens, &targets);
+    if (s == ACMOE_OK && resolved.expert_parallel && resolved.comm) s = acmoe_lm_set_expert_ranks(model, resolved.comm);
     while (s == ACMOE_OK && model->steps < resolved.steps) {
         acmoe_train_event e;
         double start = acmoe__clock_start(ctx);
@@ -7666,6 +7985,13 @@ ACMOE_API acmoe_status acmoe_lm_train(acmoe_lm *model, acmoe_ctx *ctx, const acm
             s = acmoe__train_evaluation(model, ctx, c, &resolved, tokens, targets, &e);
             if (s == ACMOE_OK && resolved.on_event && resolved.on_event(&e, model, resolved.user)) s = ACMOE_STOPPED;
         }
+    }
+    if (model->expert_ranks) {
+        if (s == ACMOE_OK || s == ACMOE_STOPPED) { /* every rank is here */
+            acmoe_status gathered = acmoe_lm_gather_experts(model);
+            if (gathered != ACMOE_OK) s = gathered;
+        }
+        acmoe_lm_set_expert_ranks(model, NULL);
     }
     ACMOE_FREE(tokens);
     return s;

@@ -10,7 +10,7 @@
 typedef struct lm_options {
     run_options run;
     const char *prompt;
-    int eval_every, eval_batches, sample, sample_top_k, data_parallel;
+    int eval_every, eval_batches, sample, sample_top_k, data_parallel, expert_parallel;
     float target_bpc, temperature, eval_corrupt, eval_wordswap, sample_top_p;
 } lm_options;
 
@@ -32,6 +32,8 @@ static const flag lm_flags[] = {
     FLAG("--prompt", OPT_STR, prompt, 1, 0, 0, "text the sample starts from (its last --seq bytes are the context)"),
     FLAG("--data-parallel", OPT_INT, data_parallel, 0, 1, 0,
          "1: under mpirun, each rank trains on its share of every --batch (an MPI build: make build/train_lm_mpi)"),
+    FLAG("--expert-parallel", OPT_INT, expert_parallel, 0, 1, 0,
+         "1: as --data-parallel, and each MoE layer's experts split over the ranks (--experts a multiple of them)"),
 };
 #undef FLAG_OPTIONS
 

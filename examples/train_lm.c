@@ -10,6 +10,7 @@
      train_lm --compare ggc,ggg --seeds 3 --log run.jsonl     ... with JSON lines that
      plot_log run.jsonl > run.svg                               plot_log draws
      mpirun -np 4 train_lm_mpi --data-parallel 1 --batch 32   four processes, 8 sequences each
+     mpirun -np 2 train_lm_mpi --expert-parallel 1            ... and half the experts each
                                                               (train_lm built with ACMOE_MPI)
      train_lm --help                                          every flag and its default
 
@@ -77,22 +78,27 @@ static MPI_Comm world;
 static acmoe_comm ranks;
 #endif
 
-/* The ranks that share each batch under --data-parallel (NULL: this process alone). Ranks
-   other than 0 print nothing and write no log or checkpoint: their model is rank 0's. */
+/* The ranks that share each batch under --data-parallel or --expert-parallel (NULL: this
+   process alone). Ranks other than 0 print nothing and write no log or checkpoint: their
+   model is rank 0's. */
 static acmoe_comm *share_batches(options *o) {
-    if (!o->data_parallel) return NULL;
+    if (!o->data_parallel && !o->expert_parallel) return NULL;
 #ifdef ACMOE_MPI
     world = MPI_COMM_WORLD;
     if (acmoe_comm_mpi(&ranks, &world) != ACMOE_OK) cli_fail(PROGRAM, "--data-parallel: MPI has no communicator");
     if (o->run.model.batch % ranks.size)
         cli_fail(PROGRAM, "--data-parallel: --batch %d is not a multiple of the %d ranks", o->run.model.batch, ranks.size);
+    if (o->expert_parallel && o->run.model.n_experts % ranks.size)
+        cli_fail(PROGRAM, "--expert-parallel: --experts %d is not a multiple of the %d ranks", o->run.model.n_experts,
+                 ranks.size);
     if (ranks.rank > 0) {
         if (!freopen("/dev/null", "w", stdout)) exit(1);
         o->run.log = NULL, o->run.save = NULL;
     }
     return &ranks;
 #else
-    cli_fail(PROGRAM, "--data-parallel needs a build with MPI (make build/train_lm_mpi, then mpirun)");
+    cli_fail(PROGRAM, "--%s needs a build with MPI (make build/train_lm_mpi, then mpirun)",
+             o->expert_parallel ? "expert-parallel" : "data-parallel");
     return NULL;
 #endif
 }
@@ -157,7 +163,7 @@ typedef struct run {
     const acmoe_corpus *attacked; /* NULL without --eval-wordswap */
 } run;
 
-static acmoe_comm *shared; /* the ranks under --data-parallel, or NULL */
+static acmoe_comm *shared; /* the ranks under --data-parallel or --expert-parallel, or NULL */
 
 #define EVAL_SEED 12345 /* the training loop's default: every evaluation sees the same text */
 
@@ -274,7 +280,7 @@ static result train(const char *pattern, long seed, const options *o, const acmo
     t.steps = o->run.steps, t.eval_every = o->eval_every, t.eval_batches = o->eval_batches;
     t.log_every = o->run.log_every, t.seed = (uint64_t)seed, t.eval_corrupt = o->eval_corrupt;
     t.optim = o->run.optim, t.optim.total_steps = o->run.steps;
-    t.comm = shared;
+    t.comm = shared, t.expert_parallel = o->expert_parallel;
     u.o = o, u.r = &r, u.ctx = ctx, u.attacked = attacked;
     u.report.pattern = r.pattern, u.report.seed = seed, u.report.interactive = isatty(STDOUT_FILENO), u.report.log = log;
     t.on_event = on_event, t.user = &u;
