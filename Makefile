@@ -16,7 +16,7 @@ TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers
             tests/test_hardening.c tests/test_options.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: study test-study test-mpi test-mpi-train all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
+.PHONY: study test-study test-mpi test-mpi-train bench-mpi docs-parallel all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
         install uninstall test-install test-small-examples
 
 all: $(B)/tests $(B)/bench examples
@@ -464,6 +464,29 @@ test-mpi-train: $(B)/train_lm $(B)/train_lm_mpi
 	    status=$$(cat $(B)/mpi-dead.status); test $$status -ne 0 && test $$status -ne 124
 	grep -q "exited on signal 9" $(B)/mpi-dead.log
 	@echo "test-mpi-train: data- and expert-parallel train_lm match one process on 2 and 4 ranks; saved on 2, resumed on 1 and 4"
+
+# Training across processes on this machine: steps alone (1 rank, every core), then data- and
+# expert-parallel on 2 ranks (a core each), with the bytes and collectives of each step.
+# make docs-parallel writes the same run into docs/parallel.md with the cost model's check
+# and predictions.
+bench-mpi: $(B)/bench_mpi
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) --bind-to none -np 1 ./$(B)/bench_mpi | tee $(B)/bench-mpi-1.log
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 2 ./$(B)/bench_mpi
+
+docs-parallel: $(B)/bench_mpi
+	$(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) --bind-to none -np 1 ./$(B)/bench_mpi > $(B)/bench-mpi-1.log
+	alone=$$(sed -n 's/.*alone *step *\([0-9.]*\) ms.*/\1/p' $(B)/bench-mpi-1.log); \
+	    $(MPI_ENV) $(MPIRUN) $(MPIRUN_FLAGS) -np 2 ./$(B)/bench_mpi --markdown --alone-ms $$alone > $(B)/bench-mpi.md
+	{ echo "Host: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $$(nproc) cores;" \
+	    "commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown), $$(date -u +%Y-%m-%d)."; echo; \
+	    echo "One rank with every core: $$(sed -n 's/^ *alone *//p' $(B)/bench-mpi-1.log)."; echo; \
+	    cat $(B)/bench-mpi.md; } > $(B)/bench-mpi-body.md
+	awk 'FNR == NR { body = body $$0 "\n"; next } /<!-- bench-mpi:end -->/ { printf "%s", body; skip = 0 } !skip { print } \
+	    /<!-- bench-mpi:begin -->/ { skip = 1 }' $(B)/bench-mpi-body.md docs/parallel.md > $(B)/parallel.md
+	mv $(B)/parallel.md docs/parallel.md
+
+$(B)/bench_mpi: bench/bench_mpi.c acmoe.h | $(B)
+	$(MPICC) $(CSTD) $(CFLAGS) $(WARN) $< -o $@ $(LDLIBS)
 
 $(B)/train_lm_mpi: examples/train_lm.c $(wildcard examples/*.h) acmoe.h | $(B)
 	$(MPICC) $(CSTD) $(CFLAGS) $(WARN) -DACMOE_MPI $< -o $@ $(LDLIBS)
