@@ -404,7 +404,8 @@ test-study: $(B)/train_lm $(B)/train_vit $(B)/study_report
 	run=$(B)/study-tiny/lm-switch-ac-s1; mv $$run.jsonl $$run.first && rm $$run.done && \
 	    command=$$(awk -F'\t' '$$1 == "lm-switch-ac-s1" {print $$6}' $(B)/study-tiny/study.tsv) && \
 	    eval "$$command --steps 3 --save $(B)/study-tiny/ckpt/lm-switch-ac-s1.safetensors --log $$run.jsonl" > /dev/null && \
-	    B=$(B) bash tools/study.sh tiny $(B)/study-tiny $(B)/study-tiny | grep -q "resuming from" && \
+	    B=$(B) bash tools/study.sh tiny $(B)/study-tiny $(B)/study-tiny > $(B)/study-tiny-resume.log && \
+	    grep -q "resuming from" $(B)/study-tiny-resume.log && \
 	    test "$$(grep '"eval"' $$run.jsonl | tail -n 1)" = "$$(grep '"eval"' $$run.first | tail -n 1)"
 	grep -q "^| " $(B)/study-tiny/results.md
 	for svg in $(B)/study-tiny/study/*.svg; do test "$$(head -c 4 $$svg)" = "<svg" || exit 1; done
