@@ -611,7 +611,9 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *model, acmoe_ctx *ctx);
    a backward call since the last forward call. */
 ACMOE_API acmoe_status acmoe_vision_input_grad(acmoe_lm *model, acmoe_ctx *ctx, float *d_patches);
 ACMOE_API void acmoe_lm_zero_grad(acmoe_lm *model);
-ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *model); /* [batch * seq][vocab], or [batch][n_classes] */
+/* [batch * seq][vocab] sequence by sequence (position by position after acmoe_lm_decode_batch),
+   or [batch][n_classes] */
+ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *model);
 /* Incremental decoding of one sequence: the logits of positions [start, len) of tokens
    (in acmoe_lm_logits), reusing what the last call computed for positions before start, so
    each generated token costs one position rather than the whole context. tokens[0..start)
@@ -621,6 +623,16 @@ ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *model); /* [batch * seq][
    choice, a capacity limit, or AC weights not frozen (acmoe_lm_freeze_ac_weights after a
    forward pass that measured them). */
 ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, int len, int start);
+/* acmoe_lm_decode for batch independent sequences of one length at once, batch up to the
+   model's, sequence b's tokens at tokens + b * ld (ld at least len): each generated position costs one matrix product for the whole
+   batch rather than one per sequence, and each sequence's logits equal acmoe_lm_forward's on
+   it alone, bit for bit. Read them with acmoe_lm_position_logits. Prompts of different
+   lengths are decoded in groups of one length. */
+ACMOE_API acmoe_status acmoe_lm_decode_batch(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, int ld,
+                                             int batch, int len, int start);
+/* The logits [vocab] of one position of one sequence of the last forward or decoding call
+   (whatever the layout of its rows), or NULL outside its batch and length. */
+ACMOE_API const float *acmoe_lm_position_logits(const acmoe_lm *model, int sequence, int position);
 /* Whether acmoe_lm_decode takes this model; if not, what is missing, in why (cap bytes, may
    be NULL), e.g. "layer 3 (AC): its AC weights are not frozen: call acmoe_lm_freeze_ac_weights". */
 ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *model, char *why, size_t cap);
@@ -3479,8 +3491,8 @@ static acmoe_status acmoe__ac_token_weights(acmoe_moe *layer, acmoe_ctx *ctx, co
     if (layer->desc.ac_mix_labels && !acmoe__all_finite(prev_gate, (size_t)n * prev_k)) return ACMOE_ERR_NONFINITE;
     for (t = 0; t < n; t++) layer->labels[t] = prev_idx[(size_t)t * prev_k];
     if ((!layer->ac_frozen || !layer->ac_ready) && ctx->desc.comm && ctx->desc.comm->size > 1) {
-        acmoe_status s = acmoe__ac_global_weights(layer, ctx->desc.comm, x, n);
-        if (s != ACMOE_OK) return s;
+        const acmoe_status status = acmoe__ac_global_weights(layer, ctx->desc.comm, x, n);
+        if (status != ACMOE_OK) return status;
         layer->ac_ready = 1;
     } else if (!layer->ac_frozen || !layer->ac_ready) {
         acmoe__ac_job job;
@@ -4906,7 +4918,10 @@ typedef struct acmoe__attention_job {
     const float *qkv, *dout;
     float *work, *out, *dqkv; /* work: acmoe__attention_work floats per slot; out is read
                                  in the backward pass */
+    const float *cache; /* decoding a batch: see acmoe__attention_shape */
     int batch, seq, d, heads, slots;
+    int seq_len;     /* decoding: the longest sequence, the cache's */
+    int ld, out_ld;  /* floats from one position's row to the next in qkv and dqkv, and in out and dout */
     int start;  /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
     int causal; /* a row sees only the keys up to its own */
     int next;   /* the next (sequence, head) pair to take */
@@ -4915,29 +4930,41 @@ typedef struct acmoe__attention_job {
 /* The keys a strip of query rows below i1 reaches. */
 static int acmoe__strip_keys(const acmoe__attention_job *j, int i1) { return j->causal ? i1 : j->seq; }
 
+/* Decoding a batch, the floats of one sequence's keys and values in the cache: d rows of
+   keys transposed, each padded_up(seq_len) long, then seq_len rows of d values. */
+static size_t acmoe__decoding_span(int d, int seq_len) { return (size_t)d * (size_t)(acmoe__pad_up(seq_len) + seq_len); }
+
 /* One pair's operands: q, k, v (row stride 3d) and their gradients, its output or output
-   gradient rows (row stride d), and its scratch. Where a head is as wide as its padding, the
-   kernels read q, k and v rows in place (qr, kr, vr at row stride ld); otherwise they read
-   padded copies in the scratch. */
+   gradient rows (row stride d), the transposed keys kt, and its scratch. Where a head is as
+   wide as its padding, the kernels read q, k and v rows in place (qr, kr, vr at row stride
+   ld); otherwise they read padded copies in the scratch. Decoding a batch, the queries are
+   the new rows (from position q_first) and kt and v are in the cache. */
 typedef struct acmoe__attention_pair {
-    const float *q, *k, *v, *qr, *kr, *vr;
+    const float *q, *k, *v, *qr, *kr, *vr, *kt;
     float *dq, *dk, *dv;
-    size_t out, ld; /* offset of the pair's first output row in out or dout; row stride of qr, kr, vr */
-    int by_column;  /* scores by the column kernel on the key rows, not from the transposed keys */
+    size_t out, ld;              /* offset of the pair's first output row in out or dout; row stride of qr, kr, vr */
+    ptrdiff_t q_ld, v_ld, kt_ld; /* row strides of q, v and kt */
+    int q_first;                 /* the position of q's first row */
     acmoe__attention_scratch s;
 } acmoe__attention_pair;
 
 static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job *j, int pair, int tid) {
     const int b = pair / j->heads, h = pair % j->heads, dh = j->d / j->heads;
-    const size_t base = (size_t)b * j->seq * 3 * j->d + (size_t)h * dh;
+    const size_t base = (size_t)(j->cache ? b : b * j->seq) * 3 * j->d + (size_t)h * dh;
     acmoe__attention_pair P;
     P.q = j->qkv + base, P.k = P.q + j->d, P.v = P.q + 2 * j->d;
     P.dq = j->dqkv ? j->dqkv + base : NULL, P.dk = P.dq ? P.dq + j->d : NULL, P.dv = P.dq ? P.dq + 2 * j->d : NULL;
-    P.out = (size_t)b * j->seq * j->d + (size_t)h * dh;
-    P.by_column = 0;
+    P.out = (size_t)(j->cache ? b : b * j->seq) * j->d + (size_t)h * dh;
     acmoe__attention_layout(j->seq, dh, j->work + (size_t)tid * acmoe__attention_work(j->seq, dh), &P.s);
+    P.q_ld = j->ld, P.v_ld = j->ld, P.q_first = 0, P.kt = P.s.kt, P.kt_ld = P.s.sp;
+    if (j->cache) {
+        const float *cached = j->cache + (size_t)b * acmoe__decoding_span(j->d, j->seq_len);
+        P.k = NULL, P.q_first = j->start, P.kt_ld = acmoe__pad_up(j->seq_len);
+        P.kt = cached + (size_t)h * dh * P.kt_ld;
+        P.v = cached + (size_t)j->d * P.kt_ld + (size_t)h * dh, P.v_ld = j->d;
+    }
     if (P.s.hp == dh) {
-        P.qr = P.q, P.kr = P.k, P.vr = P.v, P.ld = (size_t)3 * j->d;
+        P.qr = P.q, P.kr = P.k, P.vr = P.v, P.ld = (size_t)(j->cache ? j->d : j->ld);
     } else { /* the backward pass copies q into xr; the forward pass, v */
         P.qr = P.vr = P.s.xr, P.kr = P.s.kr, P.ld = (size_t)P.s.hp;
     }
@@ -4945,21 +4972,14 @@ static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job
 }
 
 /* The exponentials of query rows [i0, i1) (the keys the strip reaches) into p, zeroed past
-   the diagonal up to zero_end, and the inverses of their sums. The scores come from the
-   transposed keys kt, or, for one query (decoding a token), from the column kernel reading
-   the key rows in place, with the same bits and without the transpose. */
+   the diagonal up to zero_end, and the inverses of their sums, the scores from the
+   transposed keys kt. */
 static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__attention_pair *P, int i0, int i1,
                                  int zero_end, float *p, float *inv) {
     const acmoe__kernel *kern = &j->ctx->kernel;
-    const int dh = j->d / j->heads, ld = 3 * j->d, keys = acmoe__strip_keys(j, i1);
-    int k0;
-    if (P->by_column)
-        for (k0 = 0; k0 < keys; k0 += kern->gemv_rows)
-            kern->gemv(dh, P->k + (size_t)k0 * ld, ld, P->q + (size_t)i0 * ld, 1, p + k0, 1,
-                       ACMOE__MIN(kern->gemv_rows, keys - k0), 0);
-    else
-        acmoe__small_product(kern, i1 - i0, acmoe__pad_up(keys), dh, P->q + (size_t)i0 * ld, ld, 1, P->s.kt,
-                             P->s.sp, p, P->s.sp, 0);
+    const int dh = j->d / j->heads, keys = acmoe__strip_keys(j, i1);
+    acmoe__small_product(kern, i1 - i0, acmoe__pad_up(keys), dh, P->q + (size_t)(i0 - P->q_first) * P->q_ld, P->q_ld,
+                         1, P->kt, P->kt_ld, p, P->s.sp, 0);
     acmoe__attention_softmax(kern, p, P->s.sp, i0, i1, zero_end, j->causal, j->seq, 1.0f / sqrtf((float)dh), inv);
 }
 
@@ -4968,22 +4988,21 @@ static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__att
 static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     acmoe__attention_job *j = (acmoe__attention_job *)arg;
     const acmoe__kernel *kern = &j->ctx->kernel;
-    const int dh = j->d / j->heads, ld = 3 * j->d, workers = ACMOE__MIN(n_threads, j->slots);
+    const int dh = j->d / j->heads, ld = j->ld, workers = ACMOE__MIN(n_threads, j->slots);
     float inv[ACMOE__MR_MAX];
     int pair, i0, i1;
     if (tid >= workers) return;
     while ((pair = acmoe__next_item(&j->next)) < j->batch * j->heads) {
-        acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
+        const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
-        P.by_column = kern->gemv && j->start == j->seq - 1; /* one query: no transpose */
-        if (!P.by_column) acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
-        if (P.vr == s->xr) acmoe__scale_rows(s->xr, (size_t)s->hp, P.v, (size_t)ld, j->seq, dh, s->hp, NULL);
+        if (!j->cache) acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
+        if (P.vr == s->xr) acmoe__scale_rows(s->xr, (size_t)s->hp, P.v, (size_t)P.v_ld, j->seq, dh, s->hp, NULL);
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
             i1 = ACMOE__MIN(j->seq, i0 + kern->mr);
             acmoe__attention_exp(j, &P, i0, i1, i1, s->p, inv);
             acmoe__small_product(kern, i1 - i0, s->hp, acmoe__strip_keys(j, i1), s->p, s->sp, 1, P.vr, (ptrdiff_t)P.ld,
                                  s->tile, s->hp, 0);
-            acmoe__scale_rows(j->out + P.out + (size_t)i0 * j->d, (size_t)j->d, s->tile, (size_t)s->hp, i1 - i0, dh, dh,
+            acmoe__scale_rows(j->out + P.out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh,
                               inv);
         }
     }
@@ -4995,20 +5014,20 @@ static void acmoe__attention_backward_strips(const acmoe__attention_job *j, cons
                                              int b1) {
     const acmoe__kernel *kern = &j->ctx->kernel;
     const acmoe__attention_scratch *s = &P->s;
-    const int dh = j->d / j->heads, ld = 3 * j->d;
+    const int dh = j->d / j->heads, ld = j->ld;
     const float scale = 1.0f / sqrtf((float)dh);
     float inv[ACMOE__MR_MAX], dot[ACMOE__MR_MAX];
     int i0, i1, r, keys;
     for (i0 = b0; i0 < b1; i0 = i1) {
         float *p = s->p + (size_t)(i0 - b0) * s->sp, *dp = s->dp + (size_t)(i0 - b0) * s->sp;
         float *g = s->g + (size_t)(i0 - b0) * s->hp;
-        const float *o = j->out + P->out + (size_t)i0 * j->d;
+        const float *o = j->out + P->out + (size_t)i0 * j->out_ld;
         i1 = ACMOE__MIN(b1, i0 + kern->mr);
         keys = acmoe__strip_keys(j, i1);
         acmoe__attention_exp(j, P, i0, i1, b1, p, inv);
-        acmoe__scale_rows(g, (size_t)s->hp, j->dout + P->out + (size_t)i0 * j->d, (size_t)j->d, i1 - i0, dh, s->hp,
+        acmoe__scale_rows(g, (size_t)s->hp, j->dout + P->out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, i1 - i0, dh, s->hp,
                           inv);
-        for (r = 0; r < i1 - i0; r++) dot[r] = kern->row_dot(o + (size_t)r * j->d, g + (size_t)r * s->hp, dh);
+        for (r = 0; r < i1 - i0; r++) dot[r] = kern->row_dot(o + (size_t)r * j->out_ld, g + (size_t)r * s->hp, dh);
         acmoe__small_product(kern, i1 - i0, acmoe__pad_up(keys), dh, g, s->hp, 1, s->vt, s->sp, dp, s->sp, 0);
         acmoe__attention_softmax_backward(kern, p, dp, s->sp, i0, i1, b1, j->causal, j->seq, dot, scale);
         acmoe__small_product(kern, i1 - i0, s->hp, keys, dp, s->sp, 1, P->kr, (ptrdiff_t)P->ld, s->tile, s->hp, 0);
@@ -5042,7 +5061,7 @@ static void acmoe__attention_backward_keys(const acmoe__attention_job *j, const 
 static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     acmoe__attention_job *j = (acmoe__attention_job *)arg;
     const acmoe__kernel *kern = &j->ctx->kernel;
-    const int dh = j->d / j->heads, ld = 3 * j->d, seq = j->seq, workers = ACMOE__MIN(n_threads, j->slots);
+    const int dh = j->d / j->heads, ld = j->ld, seq = j->seq, workers = ACMOE__MIN(n_threads, j->slots);
     int pair, b0;
     if (tid >= workers) return;
     while ((pair = acmoe__next_item(&j->next)) < j->batch * j->heads) {
@@ -5066,14 +5085,27 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     }
 }
 
+/* The sizes of a call and the row strides they imply: rows sequence by sequence; or, decoding
+   a batch (cache set), qkv rows of the new positions only and out rows, position by position
+   (the sequences' rows of one position together), each sequence's keys and values in cache
+   (acmoe__decoding_span floats apart). */
+static void acmoe__attention_shape(acmoe__attention_job *j, int batch, int seq, const float *cache, int seq_len, int d,
+                                   int heads) {
+    j->batch = batch, j->seq = seq, j->d = d, j->heads = heads, j->cache = cache, j->seq_len = seq_len;
+    j->ld = 3 * d * (cache ? batch : 1), j->out_ld = d * (cache ? batch : 1);
+}
+
 /* Multi-head attention, causal or not: qkv [n][3d] (queries, keys, values of each token) to
-   the rows [start, seq) of each sequence of out [n][d]; work holds slots times
-   acmoe__attention_work floats, one scratch for each thread that takes part. */
-static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, int start, int causal,
-                                     int d, int heads, float *work, int slots, float *out) {
+   the positions [start, seq) of each sequence of out [n][d], laid out as
+   acmoe__attention_shape says; work holds slots times acmoe__attention_work floats, one
+   scratch for each thread that takes part. */
+static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, const float *cache,
+                                     int seq_len, int start, int causal, int d, int heads, float *work, int slots,
+                                     float *out) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
-    j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out, j.batch = batch, j.seq = seq, j.d = d, j.heads = heads;
+    j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out;
+    acmoe__attention_shape(&j, batch, seq, cache, seq_len, d, heads);
     j.start = start, j.causal = causal, j.slots = slots;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_forward_job, &j);
 }
@@ -5084,7 +5116,8 @@ static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, float *o
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
     j.ctx = ctx, j.qkv = qkv, j.out = out, j.dout = dout, j.work = work, j.dqkv = dqkv;
-    j.batch = batch, j.seq = seq, j.causal = causal, j.d = d, j.heads = heads, j.slots = slots;
+    acmoe__attention_shape(&j, batch, seq, NULL, 0, d, heads);
+    j.causal = causal, j.slots = slots;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_backward_job, &j);
 }
 
@@ -5406,7 +5439,8 @@ struct acmoe_lm {
     acmoe_rng rng;
     int batch, seq, n, dropped, cached;
     int training; /* of the last forward call: dropout and gate noise */
-    int start;       /* the first position the last forward computed (decoding) */
+    int start;       /* the first row the last forward computed (decoding) */
+    int interleaved; /* rows position by position (decoding a batch), else sequence by sequence */
     long steps;
     long cache_step; /* the optimizer step the activations were computed at */
     acmoe_optim_desc optim; /* as the last step resolved it, for acmoe_lm_train_settings */
@@ -5527,6 +5561,12 @@ static size_t acmoe__lm_params(acmoe_lm *model) {
 #define ACMOE__NORM_CHUNK 16384
 static size_t acmoe__chunks(size_t n) { return (n + ACMOE__NORM_CHUNK - 1) / ACMOE__NORM_CHUNK; }
 
+/* A block's queries, keys and values, n rows of width d, or a language model's decoding cache. */
+static size_t acmoe__qkv_floats(const acmoe_lm *model, size_t n, int d) {
+    const size_t cache = (size_t)model->desc.batch * acmoe__decoding_span(d, model->desc.seq_len);
+    return model->desc.n_classes ? n * 3 * d : ACMOE__MAX(n * 3 * d, cache);
+}
+
 /* Lays the activations out in base (or only measures them when base is NULL). */
 static size_t acmoe__lm_activations(acmoe_lm *model, unsigned char *base) {
     const size_t f = sizeof(float);
@@ -5541,7 +5581,7 @@ static size_t acmoe__lm_activations(acmoe_lm *model, unsigned char *base) {
         block->probs = block->window ? (float *)acmoe__carve(base, &used, rows * block->heads * area * f) : NULL;
         window_probs = ACMOE__MAX(window_probs, rows * block->heads * area);
         block->attn_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
-        block->qkv = (float *)acmoe__carve(base, &used, n * 3 * d * f);
+        block->qkv = (float *)acmoe__carve(base, &used, acmoe__qkv_floats(model, n, (int)d) * f);
         block->att = (float *)acmoe__carve(base, &used, n * d * f);
         block->a = (float *)acmoe__carve(base, &used, n * d * f);
         block->xhat1 = (float *)acmoe__carve(base, &used, n * d * f);
@@ -6166,6 +6206,21 @@ static acmoe_status acmoe__merge_backward(acmoe_ctx *ctx, acmoe_lm *model, int s
     return ACMOE_OK;
 }
 
+/* Decoding a batch: the new rows' keys and values (qkv, position by position) into each
+   sequence's cache in block->qkv, the keys transposed (acmoe__decoding_span), so that
+   attention reads the keys of every step without transposing them again. */
+static void acmoe__decoding_cache(const acmoe_lm *model, acmoe__block *block, const float *qkv) {
+    const int d = block->width, seq_len = model->desc.seq_len, keys_ld = acmoe__pad_up(seq_len);
+    int r, c;
+    for (r = model->start; r < model->n; r++) {
+        const int b = r % model->batch, pos = r / model->batch;
+        const float *row = qkv + (size_t)(r - model->start) * 3 * d;
+        float *cached = block->qkv + (size_t)b * acmoe__decoding_span(d, seq_len);
+        for (c = 0; c < d; c++) cached[(size_t)c * keys_ld + pos] = row[d + c];
+        memcpy(cached + (size_t)d * keys_ld + (size_t)pos * d, row + 2 * d, sizeof(float) * (size_t)d);
+    }
+}
+
 /* One block forward over rows [model->start, model->n) (rows before it are kept from the last call);
    prev carries the last MoE layer's routing to the next. */
 static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe__block *block, const float *x,
@@ -6176,13 +6231,18 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
     block->x_in = x;
     if (pre)
         acmoe__layernorm(ctx, x + o, NULL, rows, d, block->ln1_g, block->ln1_b, block->xhat1 + o, block->rstd1 + r0, block->attn_in + o);
-    s = acmoe_matmul(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? block->attn_in : x) + o, d, block->w_qkv, d, block->qkv + 3 * o,
-                     3 * d, 0);
+    float *qkv = model->interleaved ? model->dqkv : block->qkv + 3 * o; /* decoding: the new rows, then the cache */
+    s = acmoe_matmul(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? block->attn_in : x) + o, d, block->w_qkv, d, qkv, 3 * d, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, block->qkv + 3 * o, block->b_qkv, NULL, rows, 3 * d);
+    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, qkv, block->b_qkv, NULL, rows, 3 * d);
+    if (model->interleaved) acmoe__decoding_cache(model, block, qkv);
     if (block->window) acmoe__window_attention(ctx, model, block);
-    else acmoe__attention_forward(ctx, block->qkv, model->batch, model->seq, r0, !model->desc.n_classes, d, block->heads, model->att_work,
-                                  model->att_slots, block->att);
+    else if (model->interleaved)
+        acmoe__attention_forward(ctx, qkv, model->batch, model->seq, block->qkv, model->desc.seq_len, r0 / model->batch,
+                                 1, d, block->heads, model->att_work, model->att_slots, block->att);
+    else
+        acmoe__attention_forward(ctx, block->qkv, model->batch, model->seq, NULL, 0, r0, !model->desc.n_classes, d,
+                                 block->heads, model->att_work, model->att_slots, block->att);
     s = acmoe_matmul(ctx, ACMOE_NT, rows, d, d, block->att + o, d, block->w_o, d, block->a + o, d, 0);
     if (s != ACMOE_OK) return s;
     acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, block->a + o, block->b_o, NULL, rows, d);
@@ -6205,9 +6265,11 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
     return ACMOE_OK;
 }
 
-/* A forward call over batch sequences of seq rows, from row start of each. */
-static void acmoe__lm_begin(acmoe_lm *model, int batch, int seq, int start, int train) {
-    model->batch = batch, model->seq = seq, model->n = batch * seq, model->start = start;
+/* A forward call over batch sequences of seq positions, from position start of each (start > 0
+   with one sequence, or interleaved). */
+static void acmoe__lm_begin(acmoe_lm *model, int batch, int seq, int start, int interleaved, int train) {
+    model->batch = batch, model->seq = seq, model->n = batch * seq;
+    model->interleaved = interleaved, model->start = interleaved ? start * batch : start;
     model->cached = 0;
     model->d_embedded = NULL;
     model->cache_step = -1; /* no decoding from these activations unless this call succeeds */
@@ -6249,27 +6311,39 @@ static acmoe_status acmoe__lm_trunk(acmoe_lm *model, acmoe_ctx *ctx, const float
     return ACMOE_OK;
 }
 
-/* The forward pass over positions [start, seq) of each sequence; start > 0 (one sequence,
-   decoding) keeps the activations of earlier positions from the last call. */
+/* The row of position pos of sequence b in the last forward call's layout. */
+static size_t acmoe__lm_row(const acmoe_lm *model, int b, int pos) {
+    return model->interleaved ? (size_t)pos * model->batch + b : (size_t)b * model->seq + pos;
+}
+
+/* The forward pass over positions [start, seq) of each sequence of tokens (sequence b's at
+   tokens + b * ld); start > 0
+   (decoding) keeps the activations of earlier positions from the last call. Interleaved, the
+   rows go position by position, so that a decoding call's new rows lie together. */
 static acmoe_status acmoe__lm_run(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, const int32_t *targets,
-                                  int batch, int seq, int start, int train, float *loss) {
+                                  int ld, int batch, int seq, int start, int interleaved, int train, float *loss) {
     const int d = model->desc.d_model;
     const float *x;
-    int i, q;
+    int i, q, b;
     float aux;
     acmoe_status s;
-    for (i = 0; i < batch * seq; i++)
-        if (tokens[i] < 0 || tokens[i] >= model->desc.vocab || (targets && (targets[i] < 0 || targets[i] >= model->desc.vocab)))
-            return ACMOE_ERR_ARG;
-    acmoe__lm_begin(model, batch, seq, start, train);
-    memcpy(model->tokens, tokens, sizeof(int32_t) * (size_t)model->n);
+    for (b = 0; b < batch; b++)
+        for (i = 0; i < seq; i++)
+            if (tokens[(size_t)b * ld + i] < 0 || tokens[(size_t)b * ld + i] >= model->desc.vocab) return ACMOE_ERR_ARG;
+    for (i = 0; targets && i < batch * seq; i++)
+        if (targets[i] < 0 || targets[i] >= model->desc.vocab) return ACMOE_ERR_ARG;
+    acmoe__lm_begin(model, batch, seq, start, interleaved, train);
+    for (b = 0; b < batch; b++)
+        for (i = 0; i < seq; i++) model->tokens[acmoe__lm_row(model, b, i)] = tokens[(size_t)b * ld + i];
     if (targets) memcpy(model->targets, targets, sizeof(int32_t) * (size_t)model->n);
-    for (i = start; i < model->n; i++) {
-        const float *te = model->tok_emb + (size_t)tokens[i] * d, *pe = model->pos_emb + (size_t)(i % seq) * d;
+    for (i = model->start; i < model->n; i++) {
+        const int pos = interleaved ? i / batch : i % seq;
+        const float *te = model->tok_emb + (size_t)model->tokens[i] * d, *pe = model->pos_emb + (size_t)pos * d;
         for (q = 0; q < d; q++) model->x0[(size_t)i * d + q] = te[q] + pe[q];
     }
     s = acmoe__lm_trunk(model, ctx, &x, &aux);
     if (s != ACMOE_OK) return s;
+    start = model->start;
     s = acmoe_matmul(ctx, ACMOE_NT, model->n - start, model->desc.vocab, d, x + (size_t)start * d, d, model->head, d,
                      model->logits + (size_t)start * model->desc.vocab, model->desc.vocab, 0);
     if (s != ACMOE_OK) return s;
@@ -6288,7 +6362,7 @@ ACMOE_API acmoe_status acmoe_lm_forward(acmoe_lm *model, acmoe_ctx *ctx, const i
     if (model->desc.n_classes) return ACMOE_ERR_ARG; /* a vision encoder takes patches */
     if (batch < 1 || seq < 1 || batch > model->desc.batch || seq > model->desc.seq_len) return ACMOE_ERR_SHAPE;
     if (targets && !loss) return ACMOE_ERR_NULL;
-    return acmoe__lm_run(model, ctx, tokens, targets, batch, seq, 0, train, loss);
+    return acmoe__lm_run(model, ctx, tokens, targets, seq, batch, seq, 0, 0, train, loss);
 }
 
 ACMOE_API acmoe_status acmoe_image_patches(const float *image, int height, int width, int channels, int patch,
@@ -6332,7 +6406,7 @@ ACMOE_API acmoe_status acmoe_vision_forward(acmoe_lm *model, acmoe_ctx *ctx, con
     for (i = 0; labels && i < batch; i++)
         if (labels[i] < 0 || labels[i] >= model->desc.n_classes) return ACMOE_ERR_ARG;
     if (!acmoe__all_finite(patches, (size_t)batch * seq * pd)) return ACMOE_ERR_NONFINITE;
-    acmoe__lm_begin(model, batch, seq, 0, train);
+    acmoe__lm_begin(model, batch, seq, 0, 0, train);
     memcpy(model->patches, patches, sizeof(float) * (size_t)model->n * pd);
     if (labels) memcpy(model->targets, labels, sizeof(int32_t) * (size_t)batch);
     s = acmoe_matmul(ctx, ACMOE_NT, model->n, d, pd, model->patches, pd, model->patch_w, pd, model->desc.window ? model->embedded : model->x0,
@@ -6376,15 +6450,40 @@ ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *model, char *why, size_t cap
     return 1;
 }
 
-ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, int len, int start) {
+/* Whether the last forward call kept positions [0, start) of the batch sequences of tokens
+   (sequence b's at tokens + b * ld): computed since the last optimizer step, from the same tokens, in a layout that
+   puts new positions after them. */
+static int acmoe__lm_kept(const acmoe_lm *model, const int32_t *tokens, int ld, int batch, int start) {
+    int b, i;
+    if (model->cache_step != model->steps || model->batch != batch || model->seq < start) return 0;
+    if (batch > 1 && !model->interleaved) return 0;
+    for (b = 0; b < batch; b++)
+        for (i = 0; i < start; i++)
+            if (model->tokens[acmoe__lm_row(model, b, i)] != tokens[(size_t)b * ld + i]) return 0;
+    return 1;
+}
+
+ACMOE_API acmoe_status acmoe_lm_decode_batch(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, int ld,
+                                             int batch, int len, int start) {
     if (!model || !ctx || !tokens) return ACMOE_ERR_NULL;
     if (model->desc.n_classes) return ACMOE_ERR_ARG;
-    if (len < 1 || len > model->desc.seq_len || start < 0 || start >= len) return ACMOE_ERR_SHAPE;
-    if (start > 0 && (model->cache_step != model->steps || model->batch != 1 || model->n < start ||
-                      memcmp(model->tokens, tokens, sizeof(int32_t) * (size_t)start) != 0))
-        return ACMOE_ERR_ARG; /* nothing kept for these positions */
+    if (batch < 1 || batch > model->desc.batch || len < 1 || len > model->desc.seq_len || start < 0 || start >= len ||
+        ld < len)
+        return ACMOE_ERR_SHAPE;
+    if (start > 0 && !acmoe__lm_kept(model, tokens, ld, batch, start)) return ACMOE_ERR_ARG;
     if (!acmoe_lm_decode_ready(model, NULL, 0)) return ACMOE_ERR_ARG;
-    return acmoe__lm_run(model, ctx, tokens, NULL, 1, len, start, 0, NULL);
+    return acmoe__lm_run(model, ctx, tokens, NULL, ld, batch, len, start, 1, 0, NULL);
+}
+
+ACMOE_API acmoe_status acmoe_lm_decode(acmoe_lm *model, acmoe_ctx *ctx, const int32_t *tokens, int len, int start) {
+    return acmoe_lm_decode_batch(model, ctx, tokens, len, 1, len, start);
+}
+
+ACMOE_API const float *acmoe_lm_position_logits(const acmoe_lm *model, int sequence, int position) {
+    if (!model || model->desc.n_classes || sequence < 0 || sequence >= model->batch || position < 0 ||
+        position >= model->seq)
+        return NULL;
+    return model->logits + acmoe__lm_row(model, sequence, position) * (size_t)model->desc.vocab;
 }
 
 /* Floats as unsigned integers in the same order (the negative ones reversed below the rest). */

@@ -10,7 +10,7 @@
    of that measured peak. Section 2 times the MoE layer's forward and backward pass for three
    configurations and three routers, the routers taking turns step by step so that drifts in
    the host's speed reach all three alike; section 3 a language-model training step, its
-   memory, and decoding one sequence position by position; section 4 a vision-encoder training
+   memory, and decoding 1, 8 and 32 sequences at once position by position; section 4 a vision-encoder training
    step with top-2 and with Soft MoE layers. Sections 2 to 4 also give each
    rate as a share of the measured peak, which carries across machines where the rate does
    not. Each section ends with its own resident peak. `make bench-pytorch` runs the PyTorch
@@ -600,21 +600,48 @@ static double resident_bytes(void) {
     return ok ? (double)resident * (double)sysconf(_SC_PAGESIZE) : 0.0;
 }
 
-/* Seconds to decode positions 0..255 of one sequence one at a time, as a generator does:
-   the best of three passes. */
-static double decode_seconds(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens) {
+/* Seconds to decode positions 0..255 of batch sequences (tokens + b * 256) one position at
+   a time, as a generator does: the best of three passes. The model's AC weights are frozen. */
+static double decode_seconds(acmoe_lm *lm, acmoe_ctx *ctx, const int32_t *tokens, int batch) {
     double best = 0.0;
     int pass, len;
-    check_status(acmoe_lm_forward(lm, ctx, tokens, NULL, 1, 256, 0, NULL), "acmoe_lm_forward");
-    acmoe_lm_freeze_ac_weights(lm, 1); /* measured by that pass */
     for (pass = 0; pass < 3; pass++) {
         double t0 = now_seconds(), seconds;
         for (len = 1; len <= 256; len++)
-            check_status(acmoe_lm_decode(lm, ctx, tokens, len, len - 1), "acmoe_lm_decode");
+            check_status(acmoe_lm_decode_batch(lm, ctx, tokens, 256, batch, len, len - 1), "acmoe_lm_decode_batch");
         seconds = now_seconds() - t0;
         if (pass == 0 || seconds < best) best = seconds;
     }
     return best;
+}
+
+enum { DECODE_BATCH_MAX = 32 };
+
+/* Decoding 1, 8 and 32 sequences at once with a model of desc's shape that holds 32. */
+static void print_decoding(const acmoe_lm_desc *desc, acmoe_ctx *ctx, int threads) {
+    static const int batches[3] = {1, 8, DECODE_BATCH_MAX};
+    acmoe_lm_desc d = *desc;
+    acmoe_lm *lm;
+    acmoe_rng rng;
+    int32_t *tok = (int32_t *)checked_malloc(sizeof(int32_t) * 256 * DECODE_BATCH_MAX);
+    int i;
+    d.batch = DECODE_BATCH_MAX;
+    check_status(acmoe_lm_create(&lm, &d), "acmoe_lm_create");
+    acmoe_rng_seed(&rng, 6);
+    for (i = 0; i < 256 * DECODE_BATCH_MAX; i++) tok[i] = (int32_t)acmoe_rng_below(&rng, 256);
+    check_status(acmoe_lm_forward(lm, ctx, tok, NULL, DECODE_BATCH_MAX, 256, 0, NULL), "acmoe_lm_forward");
+    acmoe_lm_freeze_ac_weights(lm, 1); /* measured by that pass */
+    for (i = 0; i < 3; i++) {
+        const double rate = batches[i] * 256.0 / decode_seconds(lm, ctx, tok, batches[i]);
+        if (batches[i] == 1)
+            printf("%d thread%s: decoding %.0f tokens/s (one sequence, every position of 256 in turn)\n", threads,
+                   threads > 1 ? "s" : "", rate);
+        else
+            printf("%d thread%s: batch decoding %d sequences: %.0f tokens/s (every position of 256 in turn)\n",
+                   threads, threads > 1 ? "s" : "", batches[i], rate);
+    }
+    acmoe_lm_destroy(lm);
+    free(tok);
 }
 
 /* Per layer: the query, key, value and output projections; each query against the keys it
@@ -699,9 +726,8 @@ static void run_section_training(const bench_options *opt) {
                    "resident memory grew %.1f MiB from creating the model to its last step\n",
                    mem[0] / 1048576.0, mem[1] / 1048576.0, mem[2] / 1048576.0, mem[3] / 1048576.0,
                    (mem[0] + mem[1] + mem[2] + mem[3]) / 1048576.0, rss_grown / 1048576.0);
-        printf("%d thread%s: decoding %.0f tokens/s (one sequence, every position of 256 in turn)\n", t,
-               t > 1 ? "s" : "", 256.0 / decode_seconds(lm, ctx, tok));
         acmoe_lm_destroy(lm);
+        print_decoding(&d, ctx, t);
         acmoe_ctx_destroy(ctx);
         free(tok), free(tgt);
     }

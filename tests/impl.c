@@ -191,7 +191,7 @@ static void check_attention(int d, int heads, int causal) {
         bad = 0;
         for (t = 0; t < 2; t++) {
             CHECK_STATUS(acmoe_ctx_set_isa(ctx[t], (acmoe_isa)isa), ACMOE_OK);
-            acmoe__attention_forward(ctx[t], qkv, batch, seq, 0, causal, d, heads, scratch, 2, out[t]);
+            acmoe__attention_forward(ctx[t], qkv, batch, seq, NULL, 0, 0, causal, d, heads, scratch, 2, out[t]);
             acmoe__attention_backward(ctx[t], qkv, out[t], dout, batch, seq, causal, d, heads, scratch, 2, dqkv[t]);
         }
         CHECK(memcmp(out[0], out[1], sizeof(float) * n * d) == 0);
@@ -200,7 +200,7 @@ static void check_attention(int d, int heads, int causal) {
         for (i = 100; causal && i < seq; i += seq - 1 - 100) {
             memcpy(out[1], out[0], sizeof(float) * n * d);
             for (b = 0; b < batch; b++) memset(out[1] + ((size_t)b * seq + i) * d, 0, sizeof(float) * (seq - i) * d);
-            acmoe__attention_forward(ctx[1], qkv, batch, seq, i, causal, d, heads, scratch, 1, out[1]);
+            acmoe__attention_forward(ctx[1], qkv, batch, seq, NULL, 0, i, causal, d, heads, scratch, 1, out[1]);
             CHECKF(memcmp(out[0], out[1], sizeof(float) * n * d) == 0, "%s path, from row %d",
                    acmoe_isa_name((acmoe_isa)isa), i);
         }

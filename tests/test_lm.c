@@ -1188,6 +1188,64 @@ static void check_decode(int pre_ln) {
     acmoe_ctx_destroy(ctx);
 }
 
+/* A batch of sequences decoded together gives each sequence's logits of the forward pass on
+   it alone, bit for bit, from a prompt and then position by position; calls it cannot serve
+   are refused. */
+static void check_decode_batch(int pre_ln) {
+    enum { batch = 3, len = 40, vocab = 11, prompt = 9 };
+    acmoe_lm_desc d = tiny_desc("gfc", pre_ln, 0);
+    acmoe_ctx *ctx = test_context(2, 0, 0, 0);
+    acmoe_lm *lm = NULL;
+    int32_t tok[batch * len], tgt[batch * len];
+    static float alone[batch][len * vocab];
+    int b, t, same = 1, same_prompt = 1;
+    d.seq_len = len;
+    d.batch = batch;
+    d.d_model = d.d_ff = 32;
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    if (!lm) return;
+    for (b = 0; b < batch; b++) tiny_batch(tok + b * len, tgt + b * len, len, 40 + b);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, batch, len, 0, NULL), ACMOE_OK); /* measures the AC weights */
+    acmoe_lm_freeze_ac_weights(lm, 1);
+    for (b = 0; b < batch; b++) {
+        CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok + b * len, NULL, 1, len, 0, NULL), ACMOE_OK);
+        memcpy(alone[b], acmoe_lm_logits(lm), sizeof alone[b]);
+    }
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, batch, prompt, 0), ACMOE_OK);
+    for (b = 0; b < batch; b++)
+        for (t = 0; t < prompt; t++)
+            same_prompt &= memcmp(acmoe_lm_position_logits(lm, b, t), alone[b] + t * vocab, sizeof(float) * vocab) == 0;
+    CHECK(same_prompt);
+    for (t = prompt; t < len; t++) {
+        CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, batch, t + 1, t), ACMOE_OK);
+        for (b = 0; b < batch; b++)
+            same &= memcmp(acmoe_lm_position_logits(lm, b, t), alone[b] + t * vocab, sizeof(float) * vocab) == 0;
+    }
+    CHECK(same);
+    CHECK(acmoe_lm_position_logits(lm, batch, 0) == NULL && acmoe_lm_position_logits(lm, 0, len) == NULL);
+    CHECK(acmoe_lm_position_logits(lm, -1, 0) == NULL && acmoe_lm_position_logits(NULL, 0, 0) == NULL);
+    /* refused: too many sequences, another prefix in one of them, another batch size, rows
+       sequence by sequence */
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, batch + 1, 5, 0), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, 0, 5, 0), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, 4, batch, 5, 0), ACMOE_ERR_SHAPE);
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, batch, 6, 0), ACMOE_OK);
+    tok[len + 2] = (tok[len + 2] + 1) % vocab;
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, batch, 7, 6), ACMOE_ERR_ARG);
+    tok[len + 2] = (tok[len + 2] + vocab - 1) % vocab;
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, 2, 7, 6), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, batch, 7, 6), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, batch, 6, 0, NULL), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, len, batch, 7, 6), ACMOE_ERR_ARG);
+    CHECK_STATUS(acmoe_lm_forward(lm, ctx, tok, NULL, batch, len, 0, NULL), ACMOE_OK);
+    CHECK(memcmp(acmoe_lm_position_logits(lm, 2, len - 1), alone[2] + (len - 1) * vocab, sizeof(float) * vocab) == 0);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(ctx);
+}
+
+static void test_lm_decode_batch_post_ln(void) { check_decode_batch(0); }
+static void test_lm_decode_batch_pre_ln(void) { check_decode_batch(1); }
+
 static void test_lm_decode_post_ln(void) { check_decode(0); }
 static void test_lm_decode_pre_ln(void) { check_decode(1); }
 
@@ -1212,7 +1270,8 @@ static void test_lm_steady_state_allocates_nothing(void) {
     }
     acmoe_lm_freeze_ac_weights(lm, 1);
     for (len = 1; len <= 5; len++) CHECK_STATUS(acmoe_lm_decode(lm, ctx, tok, len, len - 1), ACMOE_OK);
-    CHECKF(test_allocations == before, "%ld allocations in 3 steps and 5 decoded positions", test_allocations - before);
+    for (len = 1; len <= 5; len++) CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, tok, 5, 2, len, len - 1), ACMOE_OK);
+    CHECKF(test_allocations == before, "%ld allocations in 3 steps and 10 decoded positions", test_allocations - before);
     acmoe_lm_destroy(lm);
     acmoe_ctx_destroy(ctx);
 }
@@ -1238,6 +1297,8 @@ const test_case lm_tests[] = {
     {"lm_deterministic", test_lm_deterministic},
     {"lm_loss_trajectory", test_lm_loss_trajectory},
     {"lm_decode_post_ln", test_lm_decode_post_ln},
+    {"lm_decode_batch_post_ln", test_lm_decode_batch_post_ln},
+    {"lm_decode_batch_pre_ln", test_lm_decode_batch_pre_ln},
     {"lm_decode_pre_ln", test_lm_decode_pre_ln},
     {"lm_steady_state_allocates_nothing", test_lm_steady_state_allocates_nothing},
     {"optimizer_schedules", test_optimizer_schedules},
