@@ -16,7 +16,7 @@ TEST_SRC := tests/main.c tests/impl.c tests/test_foundation.c tests/test_routers
             tests/test_hardening.c tests/test_options.c
 TEST_HDR := acmoe.h tests/harness.h
 
-.PHONY: study test-study test-mpi test-mpi-train bench-mpi docs-parallel all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch test-reference examples demo demo-vision clean \
+.PHONY: study test-study test-mpi test-mpi-train bench-mpi docs-parallel all test test-unit test-readme test-cpp test-examples test-sanitize test-leaks test-tsan test-valgrind test-dispatch test-arm fuzz fuzz-cli bench bench-pytorch bench-openblas bench-compare test-reference examples demo demo-vision clean \
         install uninstall test-install test-small-examples
 
 all: $(B)/tests $(B)/bench examples
@@ -278,7 +278,7 @@ test-arm: | $(B)
 	$(ARM_CC) $(CSTD) -O2 $(WARN) -static $(TEST_SRC) -o $(B)/tests-arm $(LDLIBS)
 	ACMOE_TEST_QUICK=1 $(QEMU_ARM) ./$(B)/tests-arm
 
-$(B)/bench: bench/bench.c acmoe.h | $(B)
+$(B)/bench: bench/bench.c bench/matmul_shapes.h acmoe.h | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) bench/bench.c -o $@ $(LDLIBS)
 
 bench: $(B)/bench
@@ -286,16 +286,37 @@ bench: $(B)/bench
 
 # The PyTorch peer of bench sections 2 to 4 on this machine (Debian: python3-torch, libopenblas0-pthread).
 PYTHON ?= /usr/bin/python3
+PYTORCH_FLAGS ?=
 bench-pytorch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "bench-pytorch needs PyTorch: apt-get install python3-torch libopenblas0-pthread"; exit 1; }
-	$(PYTHON) bench/pytorch_peer.py --threads 1
-	$(PYTHON) bench/pytorch_peer.py --threads 2
+	$(PYTHON) bench/pytorch_peer.py --threads 1 $(PYTORCH_FLAGS)
+	$(PYTHON) bench/pytorch_peer.py --threads 2 $(PYTORCH_FLAGS)
 
-# docs/performance.md from one run of the bench and, where $(PYTHON) has PyTorch, of its peer
-# (raw outputs in build/perf/; tools/perf_doc.sh LOG... rewrites it from saved ones).
+# The OpenBLAS peer of bench section 1: cblas_sgemm on the same products (bench/matmul_shapes.h)
+# at 1 and 2 threads. OpenBLAS is loaded at run time, so only -ldl is linked; where it is not
+# installed (apt-get install libopenblas0-pthread) the peer says so and exits 0.
+$(B)/openblas_peer: bench/openblas_peer.c bench/matmul_shapes.h | $(B)
+	$(CC) $(CSTD) $(CFLAGS) $(WARN) bench/openblas_peer.c -o $@ -ldl
+
+bench-openblas: $(B)/openblas_peer
+	./$(B)/openblas_peer
+
+# acmoe's bench beside its peers in one go: build/bench, the OpenBLAS peer and, where $(PYTHON)
+# has PyTorch, the PyTorch peer (saying so otherwise), RUNS times taking turns (default 1);
+# docs/performance.md rewritten from the per-row medians (tools/perf_doc.sh) and its tables
+# printed. QUICK=1 runs the short timings of --quick (a smoke test, not figures to keep).
+RUNS ?= 1
+bench-compare:
+	CC="$(CC)" CFLAGS="$(CFLAGS)" PYTHON="$(PYTHON)" MAKE="$(MAKE)" RUNS="$(RUNS)" QUICK="$(QUICK)" sh tools/perf_doc.sh
+	@out=$${PERF_DOC_OUT:-docs/performance.md}; echo; echo "== $$out, from its run details on:"; echo; \
+	    sed -n '/^## Run/,$$p' $$out
+
+# docs/performance.md from one run of the bench, of the OpenBLAS peer and, where $(PYTHON) has
+# PyTorch, of the PyTorch peer (raw outputs in build/perf/; tools/perf_doc.sh LOG... rewrites
+# it from saved ones, the medians of several). make bench-compare does the same and prints it.
 .PHONY: docs
 docs:
-	CC="$(CC)" CFLAGS="$(CFLAGS)" PYTHON="$(PYTHON)" MAKE="$(MAKE)" sh tools/perf_doc.sh
+	CC="$(CC)" CFLAGS="$(CFLAGS)" PYTHON="$(PYTHON)" MAKE="$(MAKE)" RUNS="$(RUNS)" QUICK="$(QUICK)" sh tools/perf_doc.sh
 
 # The whole model against PyTorch: tools/reference_dump.c saves small models of each router
 # pattern with a batch, its logits, loss and gradients; tools/reference_check.py rebuilds them

@@ -14,8 +14,10 @@
    step with top-2 and with Soft MoE layers. Sections 2 to 4 also give each
    rate as a share of the measured peak, which carries across machines where the rate does
    not. Each section ends with its own resident peak. `make bench-pytorch` runs the PyTorch
-   peer of sections 2 to 4 (bench/pytorch_peer.py). Built without -march: SIMD code here is
-   compiled per function and only called when the CPU supports it. */
+   peer of sections 2 to 4 (bench/pytorch_peer.py), `make bench-openblas` the OpenBLAS peer of
+   section 1 (bench/openblas_peer.c, on the products of bench/matmul_shapes.h), and
+   `make bench-compare` all three. Built without -march: SIMD code here is compiled per
+   function and only called when the CPU supports it. */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread barriers */
 #endif
@@ -31,6 +33,8 @@
 #include <malloc.h> /* malloc_trim */
 #endif
 #include <time.h>
+
+#include "matmul_shapes.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BENCH_X86 1
@@ -265,24 +269,11 @@ static double fma_gflops(const fma_probe *probe, long iters, int n_threads) {
 
 /* ---- Section 1: matmul throughput ---- */
 
-#define MATMUL_MAX_REPS 1000 /* bounds the time of the smallest shapes */
-
-/* M, N, K: expert-sized products (a few hundred tokens through 352 -> 1408 -> 352 layers),
-   tall and deep extremes, and square references. */
-static const int matmul_shapes[][3] = {
-    {64, 352, 352},     {256, 352, 352},  {512, 1408, 352}, {512, 352, 1408},
-    {1024, 1024, 1024}, {4096, 128, 128}, {128, 128, 4096}, {2048, 2048, 2048}};
-
-static const acmoe_layout matmul_layouts[] = {ACMOE_NN, ACMOE_NT, ACMOE_TN};
-
-static const char *layout_name(acmoe_layout layout) {
-    switch (layout) {
-    case ACMOE_NN: return "NN";
-    case ACMOE_NT: return "NT";
-    case ACMOE_TN: return "TN";
-    case ACMOE_TT: return "TT";
-    }
-    return "?";
+/* The acmoe_layout of a layout name of bench/matmul_shapes.h, whose shapes and layouts this
+   section shares with the OpenBLAS peer. */
+static acmoe_layout layout_from_name(const char *name) {
+    if (name[0] == 'T') return name[1] == 'T' ? ACMOE_TT : ACMOE_TN;
+    return name[1] == 'T' ? ACMOE_NT : ACMOE_NN;
 }
 
 /* A holds M*K floats and B K*N in every layout; only the leading dimensions differ. */
@@ -315,15 +306,15 @@ static void matmul_operands_destroy(matmul_operands *op) {
     free(op->c);
 }
 
-static void run_matmul(acmoe_ctx *ctx, acmoe_layout layout, const matmul_operands *op) {
-    int lda = layout == ACMOE_TN ? op->m : op->k; /* A is K x M when transposed */
-    int ldb = layout == ACMOE_NT ? op->k : op->n; /* B is N x K when transposed */
-    check_status(acmoe_matmul(ctx, layout, op->m, op->n, op->k, op->a, lda, op->b, ldb, op->c,
-                              op->n, 0),
+static void run_matmul(acmoe_ctx *ctx, const char *layout, const matmul_operands *op) {
+    int lda, ldb;
+    matmul_leading_dims(layout, op->m, op->n, op->k, &lda, &ldb);
+    check_status(acmoe_matmul(ctx, layout_from_name(layout), op->m, op->n, op->k, op->a, lda, op->b,
+                              ldb, op->c, op->n, 0),
                  "acmoe_matmul");
 }
 
-static double matmul_median_seconds(acmoe_ctx *ctx, acmoe_layout layout,
+static double matmul_median_seconds(acmoe_ctx *ctx, const char *layout,
                                     const matmul_operands *op, const timing_plan *plan) {
     double times[MATMUL_MAX_REPS], start;
     int reps, i;
@@ -355,14 +346,14 @@ static void print_matmul_header(void) {
 }
 
 /* One table row: this layout of this shape on 1 and 2 threads. */
-static void bench_matmul_case(acmoe_ctx *ctx[2], const double peak[2], acmoe_layout layout,
+static void bench_matmul_case(acmoe_ctx *ctx[2], const double peak[2], const char *layout,
                               const matmul_operands *op, const timing_plan *plan) {
     double flops = 2.0 * op->m * op->n * op->k, gflops[2];
     int t;
     for (t = 0; t < 2; t++)
         gflops[t] = flops / matmul_median_seconds(ctx[t], layout, op, plan) * 1e-9;
     printf("%5d %5d %5d  %-6s  %10.1f %5.1f%%  %10.1f %5.1f%%  %5.2fx\n", op->m, op->n, op->k,
-           layout_name(layout), gflops[0], 100.0 * gflops[0] / peak[0], gflops[1],
+           layout, gflops[0], 100.0 * gflops[0] / peak[0], gflops[1],
            100.0 * gflops[1] / peak[1], gflops[1] / gflops[0]);
     fflush(stdout);
 }
@@ -405,7 +396,7 @@ static void run_section_matmul(const bench_options *opt) {
     acmoe_ctx *ctx[2];
     acmoe_rng rng;
     const double *peak;
-    size_t s, l;
+    int s, l;
     ctx[0] = context_with_threads(1);
     ctx[1] = context_with_threads(2);
     acmoe_rng_seed(&rng, 42);
@@ -415,11 +406,11 @@ static void run_section_matmul(const bench_options *opt) {
            "at least %d runs\n",
            plan.min_reps);
     print_matmul_header();
-    for (s = 0; s < sizeof matmul_shapes / sizeof matmul_shapes[0]; s++) {
+    for (s = 0; s < MATMUL_SHAPE_COUNT; s++) {
         const int *shape = matmul_shapes[s];
         matmul_operands op = matmul_operands_create(&rng, shape[0], shape[1], shape[2]);
-        for (l = 0; l < sizeof matmul_layouts / sizeof matmul_layouts[0]; l++)
-            bench_matmul_case(ctx, peak, matmul_layouts[l], &op, &plan);
+        for (l = 0; l < MATMUL_LAYOUT_COUNT; l++)
+            bench_matmul_case(ctx, peak, matmul_layout_names[l], &op, &plan);
         matmul_operands_destroy(&op);
     }
     acmoe_ctx_destroy(ctx[0]);

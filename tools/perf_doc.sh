@@ -1,12 +1,21 @@
 #!/bin/sh
-# Writes docs/performance.md from one run of build/bench and, where /usr/bin/python3 (or
-# $PYTHON) has PyTorch, of its peer bench/pytorch_peer.py (`make bench-pytorch`).
+# Writes docs/performance.md from runs of build/bench and of its peers: the OpenBLAS peer of
+# section 1 (bench/openblas_peer.c, `make bench-openblas`) and, where /usr/bin/python3 (or
+# $PYTHON) has PyTorch, the PyTorch peer of sections 2 to 4 (bench/pytorch_peer.py,
+# `make bench-pytorch`).
 #
 #     tools/perf_doc.sh                 run the benchmarks, save their outputs in build/perf/
 #     tools/perf_doc.sh LOG...          read saved outputs instead (build/perf/bench.log,
-#                                       build/perf/pytorch.log, or any bench / peer output)
+#                                       build/perf/openblas.log, build/perf/pytorch.log, or
+#                                       any bench / peer output)
 #
-# `make docs` runs the first form. POSIX sh and awk only; run from anywhere in the repository.
+# Given several outputs of one kind (several runs), each figure of each row is the median of
+# the runs that have it, and the doc says over how many runs. RUNS=N (default 1) makes the
+# first form run everything N times, the bench and its peers taking turns run by run (run 1
+# in build/perf/bench.log, openblas.log and pytorch.log; run i in bench-i.log and so on).
+# QUICK=1 runs them with their short --quick timings (a smoke test). `make docs` and
+# `make bench-compare` run the first form. POSIX sh and awk only; run from anywhere in the
+# repository.
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -14,6 +23,8 @@ OUT=${PERF_DOC_OUT:-docs/performance.md}
 PERF=build/perf
 MAKE=${MAKE:-make}
 PYTHON=${PYTHON:-/usr/bin/python3}
+RUNS=${RUNS:-1}
+QUICK=${QUICK:-}
 
 # "perf_doc:" lines start each saved output: what was measured, on what, when.
 run_info() {
@@ -25,23 +36,47 @@ run_info() {
     echo "perf_doc: compiler $(${CC:-cc} --version 2>/dev/null | head -n 1) ${CFLAGS:--O3}"
 }
 
+# Runs a benchmark command with the run's perf_doc lines into $1, replaced only once it ends.
+save_run() {
+    log=$1; shift
+    { echo "$info"; "$@"; } > "$log.tmp"
+    mv "$log.tmp" "$log"
+}
+
+pt_missing=""; alternated=0
 if [ $# -eq 0 ]; then
+    case $RUNS in
+        '' | *[!0-9]* | 0*) echo "perf_doc: RUNS must be a whole number from 1, not '$RUNS'" >&2; exit 2 ;;
+    esac
+    bench_flags=""; pytorch_flags=""; long=" (several minutes)"
+    if [ -n "$QUICK" ] && [ "$QUICK" != 0 ]; then bench_flags=--quick; pytorch_flags="--steps 2"; long=""; fi
     mkdir -p "$PERF"
-    $MAKE --no-print-directory build/bench
-    info=$(run_info)
-    echo "perf_doc: running build/bench (several minutes)" >&2
-    { echo "$info"; ./build/bench; } > "$PERF/bench.log.tmp"
-    mv "$PERF/bench.log.tmp" "$PERF/bench.log"
-    set -- "$PERF/bench.log"
-    if "$PYTHON" -c "import torch" 2>/dev/null; then
-        echo "perf_doc: running the PyTorch peer (make bench-pytorch)" >&2
-        { echo "$info"; $MAKE -s --no-print-directory bench-pytorch PYTHON="$PYTHON"; } > "$PERF/pytorch.log.tmp"
-        mv "$PERF/pytorch.log.tmp" "$PERF/pytorch.log"
-        set -- "$@" "$PERF/pytorch.log"
-    else
-        echo "perf_doc: $PYTHON has no PyTorch: no peer figures" >&2
+    $MAKE --no-print-directory build/bench build/openblas_peer
+    rm -f "$PERF"/bench-[0-9]*.log "$PERF"/openblas-[0-9]*.log "$PERF"/pytorch-[0-9]*.log
+    torch=1
+    if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+        torch=0; pt_missing="$PYTHON has no PyTorch (apt-get install python3-torch)"
+        echo "perf_doc: $pt_missing: no PyTorch figures" >&2
         rm -f "$PERF/pytorch.log"
     fi
+    info=$(run_info)
+    alternated=1
+    run=1
+    while [ "$run" -le "$RUNS" ]; do
+        if [ "$run" -eq 1 ]; then suffix=""; else suffix="-$run"; fi
+        echo "perf_doc: run $run of $RUNS: build/bench${bench_flags:+ $bench_flags}$long" >&2
+        save_run "$PERF/bench$suffix.log" ./build/bench $bench_flags
+        echo "perf_doc: run $run of $RUNS: the OpenBLAS peer (make bench-openblas)" >&2
+        save_run "$PERF/openblas$suffix.log" ./build/openblas_peer $bench_flags
+        set -- "$@" "$PERF/bench$suffix.log" "$PERF/openblas$suffix.log"
+        if [ "$torch" -eq 1 ]; then
+            echo "perf_doc: run $run of $RUNS: the PyTorch peer (make bench-pytorch)" >&2
+            save_run "$PERF/pytorch$suffix.log" $MAKE -s --no-print-directory bench-pytorch PYTHON="$PYTHON" \
+                PYTORCH_FLAGS="$pytorch_flags"
+            set -- "$@" "$PERF/pytorch$suffix.log"
+        fi
+        run=$((run + 1))
+    done
 fi
 
 for log in "$@"; do
@@ -53,95 +88,170 @@ field() { printf '%s\n' "$now" | sed -n "s/^perf_doc: $1 //p"; }
 mkdir -p "$(dirname "$OUT")"
 
 awk -v nproc="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo '?')" -v now_commit="$(field commit)" \
-    -v now_tree="$(field tree)" -v now_cc="$(field compiler)" '
+    -v now_tree="$(field tree)" -v now_cc="$(field compiler)" -v pt_missing="$pt_missing" -v alternated="$alternated" '
 function trim(s) { sub(/^[ \t]+/, "", s); sub(/[ \t]+$/, "", s); return s }
 function after(s, label) { return trim(substr(s, index(s, label) + length(label))) }
 function num(s) { gsub(/[^0-9.+-]/, "", s); return s + 0 }
 function fmt_rate(x) { return x >= 100000 ? sprintf("%.0fk", x / 1000) : x >= 10000 ? sprintf("%.1fk", x / 1000) : sprintf("%.0f", x) }
 function pct(x) { return sprintf("%.1f %%", x) }
 function ratio(a, b) { return b > 0 ? sprintf("%.2fx", a / b) : "" }
-# PyTorch share of peak: acmoe rate and share give the FLOP per item, the same for the peer.
+# Every figure is kept per run under a key (what, row, thread count) and read back as the
+# median over the runs that have it: one run gives its own figure.
+function add(key, v) { V[key, ++NV[key]] = v + 0 }
+function has(key) { return (key in NV) }
+function med(key,    n, i, j, x, a) {
+    n = NV[key]
+    for (i = 1; i <= n; i++) {
+        x = V[key, i]
+        for (j = i - 1; j >= 1 && a[j] > x; j--) a[j + 1] = a[j]
+        a[j + 1] = x
+    }
+    return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+# A share of the measured peak is not a median of its own: the run gives the work of an item
+# (share x the peak of that run / rate, the same in every run) and the share is taken again from
+# the median rate and peak, so that rate, share and peak of a row agree with one another.
+function add_work(key, rate, share_text, t) { if (rate + 0 > 0 && f_peak[t] > 0) add("work" SUBSEP key, num(share_text) / 100 * f_peak[t] / rate) }
+function peak_share(key, rate, t,    peak) {
+    peak = has("peak" SUBSEP t) ? med("peak" SUBSEP t) : 0
+    return has("work" SUBSEP key) && peak > 0 ? 100 * rate * med("work" SUBSEP key) / peak : 0
+}
+# A row seen for the first time joins the end of its table.
+function row(table, r) { if (!((table, r) in rows_seen)) { rows_seen[table, r] = 1; rows[table, ++nrows[table]] = r } }
+# Distinct values in the order first seen, joined.
+function note(list, v, sep) { if (v != "" && index(sep notes[list] sep, sep v sep) == 0) notes[list] = notes[list] (notes[list] == "" ? "" : sep) v }
+# The peer share of peak: acmoe rate and share give the FLOP per item, the same for the peer.
 function pt_share(share, rate, pt) { return rate > 0 ? pct(share * pt / rate) : "" }
-function pt_cell(a, k, t, share, rate) { return ((k, t) in a) ? fmt_rate(a[k, t]) " (" pt_share(share, rate, a[k, t]) ")" : "" }
+function pt_cell(key, share, rate) { return has(key) ? fmt_rate(med(key)) " (" pt_share(share, rate, med(key)) ")" : "" }
+function pt_ratio(acmoe, key) { return has(key) ? ratio(acmoe, med(key)) : "" }
+# How many runs the figures of a section are medians of: nb of the bench, np of its peer.
+function say_runs(nb, np, peer,    said) { said = runs_said(nb, np, peer); if (said != "") print substr(said, 2) }
+function runs_said(nb, np, peer) {
+    if (nb <= 1 && np <= 1) return ""
+    if (np == 0 || np == nb) return sprintf(" Each figure is the median of %d runs; shares and ratios are taken from the medians.", nb)
+    return sprintf(" acmoe\047s figures are medians of %d run%s, %s\047s of %d; shares and ratios are taken from the medians.", nb, nb > 1 ? "s" : "", peer, np)
+}
 
-FNR == 1 { kind = ""; section = 0; ptt = 0 }
+FNR == 1 {
+    if (NR > 1) end_file()
+    kind = ""; section = 0; ptt = 0; f_commit = ""; f_tree = ""; f_date = ""; f_cc = ""; f_bench = f_pt = f_ob = 0; f_peak[1] = f_peak[2] = 0
+}
 /^perf_doc: / {
     key = $2; val = after($0, $2)
-    if (key == "commit") info_commit = val
-    else if (key == "tree") info_tree = val
-    else if (key == "date") info_date = val
-    else if (key == "compiler") info_cc = val
+    if (key == "commit") f_commit = val
+    else if (key == "tree") f_tree = val
+    else if (key == "date") f_date = val
+    else if (key == "compiler") f_cc = val
     next
 }
-/^Section [0-9]+: / { kind = "bench"; section = $2 + 0; ran[section] = 1; next }
+/^Section [0-9]+: / { kind = "bench"; section = $2 + 0; ran[section] = 1; if (!f_bench) runs_bench++; f_bench = 1; sec_runs[section]++; next }
 /^PyTorch [0-9]/ { kind = "pt"; pt_version = $2; sub(/,$/, "", pt_version); pt_blas = after($0, "BLAS"); next }
+/^OpenBLAS peer: / {
+    kind = "ob"
+    if (/OpenBLAS is not installed/) ob_missing = after($0, "OpenBLAS peer:")
+    else ob_config = after($0, "OpenBLAS peer:")
+    next
+}
 
 kind == "bench" && /^CPU:/ { cpu = after($0, "CPU:"); next }
 kind == "bench" && /^Kernel path:/ { isa = after($0, "Kernel path:"); next }
 kind == "bench" && /^Threads:/ { online = $2; next }
 kind == "bench" && /^Blocking:/ { blocking = after($0, "Blocking:"); next }
 kind == "bench" && /^FMA peak:/ { probe = after($0, "FMA peak:"); next }
-kind == "bench" && /per-core peak/ {
-    peak1 = $3 + 0; peak2 = $9 + 0; next
-}
-kind == "bench" && /^Peak memory:/ { mem[section] = $3 " " $4; next }
+kind == "bench" && /per-core peak/ { f_peak[1] = $3; f_peak[2] = $9; add("peak" SUBSEP 1, $3); add("peak" SUBSEP 2, $9); next }
+kind == "bench" && /^Peak memory:/ { add("mem" SUBSEP section, $3); mem_unit[section] = $4; next }
 kind == "bench" && /median of at least [0-9]+/ { match($0, /median of at least [0-9]+/); reps = substr($0, RSTART + 19, RLENGTH - 19) + 0; next }
 
 # Section 1: M N K layout 1T %peak 2T %peak 2T/1T
 kind == "bench" && section == 1 && NF == 9 && $1 ~ /^[0-9]+$/ && $4 ~ /^[NT][NT]$/ {
-    n1++; mm[n1] = sprintf("| %s x %s x %s | %s | %.1f | %s | %.1f | %s | %s |", $1, $2, $3, $4, $5, pct(num($6)), $7, pct(num($8)), $9)
+    r = $1 " x " $2 " x " $3 " | " $4; row("mm", r)
+    add("mm" SUBSEP r SUBSEP 1, $5); add_work("mm" SUBSEP r SUBSEP 1, $5, $6, 1)
+    add("mm" SUBSEP r SUBSEP 2, $7); add_work("mm" SUBSEP r SUBSEP 2, $7, $8, 2)
     next
 }
 # Section 2: E k d ff T router 1T %peak routing 2T %peak routing 2T/1T
 kind == "bench" && section == 2 && $1 ~ /^E[0-9]+$/ && NF == 13 {
-    cfg = $1 " " $2 " " $3 " " $4 " " $5
-    if (!(cfg in cfg_seen)) { cfg_seen[cfg] = 1; ncfg++; cfgs[ncfg] = cfg }
-    n2++; m_cfg[n2] = cfg; m_router[n2] = $6
-    m_r1[n2] = $7; m_p1[n2] = num($8); m_rt1[n2] = pct(num($9)); m_r2[n2] = $10; m_p2[n2] = num($11); m_rt2[n2] = pct(num($12)); m_sp[n2] = $13
+    cfg = $1 " " $2 " " $3 " " $4 " " $5; row("cfg", cfg)
+    r = cfg SUBSEP $6; row("moe", r)
+    add("moe" SUBSEP r SUBSEP 1, $7); add_work("moe" SUBSEP r SUBSEP 1, $7, $8, 1); add("moert" SUBSEP r SUBSEP 1, num($9))
+    add("moe" SUBSEP r SUBSEP 2, $10); add_work("moe" SUBSEP r SUBSEP 2, $10, $11, 2); add("moert" SUBSEP r SUBSEP 2, num($12))
     next
 }
-kind == "bench" && section == 2 && /AC over cosine:/ { acc[cfg] = after($0, "AC over cosine:"); next }
+# AC over cosine: step +1.2% (1T) +1.1% (2T); routing share +2.2 (1T) +3.1 (2T) points
+kind == "bench" && section == 2 && /AC over cosine: step .* routing share / {
+    add("acs" SUBSEP cfg SUBSEP 1, num($5)); add("acs" SUBSEP cfg SUBSEP 2, num($7))
+    add("acr" SUBSEP cfg SUBSEP 1, num($11)); add("acr" SUBSEP cfg SUBSEP 2, num($13))
+    next
+}
 # Section 3
 kind == "bench" && section == 3 && /^[12] threads?: [0-9]+ tokens\/s/ {
-    t = $1 + 0; lm_rate[t] = $3; lm_ms[t] = $5; sub(/^\(/, "", lm_ms[t])
-    match($0, /[0-9.]+% of the measured peak/); lm_share[t] = num(substr($0, RSTART, RLENGTH - 22))
+    t = $1 + 0; add("lm" SUBSEP t, $3); add("lmms" SUBSEP t, num($5))
+    match($0, /[0-9.]+% of the measured peak/); add_work("lm" SUBSEP t, $3, substr($0, RSTART, RLENGTH - 22), t)
     match($0, /[0-9.]+ MFLOP a token/); lm_mflop = trim(substr($0, RSTART, RLENGTH - 13))
     next
 }
-kind == "bench" && section == 3 && /^[12] threads?: decoding/ { lm_dec[$1 + 0] = $4; next }
-kind == "bench" && section == 3 && /^memory plan MiB:/ { lm_mem = after($0, "memory plan MiB:"); next }
+kind == "bench" && section == 3 && /^[12] threads?: decoding/ { add("lmdec" SUBSEP ($1 + 0), $4); next }
+kind == "bench" && section == 3 && /^memory plan MiB:/ { if (lm_mem == "") lm_mem = after($0, "memory plan MiB:"); next }
 # Section 4: "ggc", 1 thread: 320 images/s, 20481 patches/s (100.0 ms a step; 2.7 MFLOP a patch, 58.8% of ...)
 kind == "bench" && section == 4 && /^"[a-z|]+", [12] threads?: / {
-    p = $1; gsub(/[",]/, "", p); t = $2 + 0
-    if (!(p in vis_seen)) { vis_seen[p] = 1; nvis++; vis[nvis] = p }
-    v_img[p, t] = $4; v_patch[p, t] = $6; v_ms[p, t] = $8; sub(/^\(/, "", v_ms[p, t])
-    match($0, /[0-9.]+% of the measured peak/); v_share[p, t] = num(substr($0, RSTART, RLENGTH - 22))
+    p = $1; gsub(/[",]/, "", p); t = $2 + 0; row("vis", p)
+    add("vimg" SUBSEP p SUBSEP t, $4); add("vpatch" SUBSEP p SUBSEP t, $6); add("vms" SUBSEP p SUBSEP t, num($8))
+    match($0, /[0-9.]+% of the measured peak/); add_work("vimg" SUBSEP p SUBSEP t, $4, substr($0, RSTART, RLENGTH - 22), t)
     match($0, /[0-9.]+ MFLOP a patch/); v_mflop[p] = trim(substr($0, RSTART, RLENGTH - 13))
     next
 }
 
 kind == "pt" && /tokens\/s on [0-9]+ thread/ && /^MoE layer/ { ptt = $(NF - 1) + 0; next }
-kind == "pt" && $1 ~ /^E[0-9]+$/ && $NF == "tokens/s" { pt_moe[$1 " " $2 " " $3 " " $4 " " $5, ptt] = $6; pt_any = 1; next }
-kind == "pt" && /^Training step/ { t = $(NF - 1) + 0; pt_lm[t] = $(NF - 4); pt_any = 1; next }
+kind == "pt" && $1 ~ /^E[0-9]+$/ && $NF == "tokens/s" { add("ptmoe" SUBSEP ($1 " " $2 " " $3 " " $4 " " $5) SUBSEP ptt, $6); f_pt = 1; next }
+kind == "pt" && /^Training step/ { add("ptlm" SUBSEP ($(NF - 1) + 0), $(NF - 4)); f_pt = 1; next }
 kind == "pt" && /^Vision training step/ {
-    p = $4; gsub(/[",]/, "", p); t = $(NF - 1) + 0; pt_vis[p, t] = $(NF - 4); pt_any = 1; next
+    p = $4; gsub(/[",]/, "", p); add("ptvis" SUBSEP p SUBSEP ($(NF - 1) + 0), $(NF - 4)); f_pt = 1; next
+}
+
+# The OpenBLAS peer: M N K layout 1T 2T
+kind == "ob" && /^Threads: / { ob_threads = $2 " and " $4; match($0, /median of at least [0-9]+/); ob_reps = substr($0, RSTART + 19, RLENGTH - 19) + 0; next }
+kind == "ob" && NF == 6 && $1 ~ /^[0-9]+$/ && $4 ~ /^[NT][NT]$/ {
+    r = $1 " x " $2 " x " $3 " | " $4
+    add("ob" SUBSEP r SUBSEP 1, $5); add("ob" SUBSEP r SUBSEP 2, $6); f_ob = 1
+    next
+}
+
+# What each output says of its run (or, without perf_doc lines, the repository now).
+function end_file() {
+    if (f_pt) runs_pt++
+    if (f_ob) runs_ob++
+    if (!f_bench && !f_pt && !f_ob) return
+    if (f_commit == "") { f_commit = now_commit; f_tree = now_tree; f_cc = now_cc; saved = 1 }
+    note("commit", "`" f_commit "`, " (f_tree == "clean" ? "clean tree" : "uncommitted changes to " after(f_tree, "dirty:")), "; ")
+    note("date", f_date, ", ")
+    note("cc", f_cc, "; ")
 }
 
 END {
+    end_file()
     if (!ran[1] && !ran[2] && !ran[3] && !ran[4]) { print "perf_doc: no bench output among the inputs" > "/dev/stderr"; exit 1 }
-    if (info_commit == "") {
-        info_commit = now_commit; info_tree = now_tree; info_date = ""; info_cc = now_cc; saved = 1
-    }
-    tree = info_tree == "clean" ? "clean tree" : "uncommitted changes to " after(info_tree, "dirty:")
+    pt_any = runs_pt > 0; ob_any = runs_ob > 0
+    nmax = runs_bench; if (runs_ob > nmax) nmax = runs_ob; if (runs_pt > nmax) nmax = runs_pt
+    peak1 = has("peak" SUBSEP 1) ? med("peak" SUBSEP 1) : 0; peak2 = has("peak" SUBSEP 2) ? med("peak" SUBSEP 2) : 0
 
-    print "<!-- Generated by tools/perf_doc.sh (make docs) from one run of build/bench and its PyTorch"
-    print "     peer. Do not edit by hand: regenerate it. -->"
+    print "<!-- Generated by tools/perf_doc.sh (make docs, make bench-compare) from runs of build/bench"
+    print "     and its OpenBLAS and PyTorch peers. Do not edit by hand: regenerate it. -->"
     print "# Performance"
     print ""
-    print "The figures below come from a single run on a single host. They change with the host, with its"
-    print "load and with the version of the library, so a share of the measured peak is given next to"
-    print "each rate: that share carries across machines, the rate does not. `make docs` runs the"
-    print "benchmarks again and rewrites this file."
+    if (nmax > 1) {
+        printf "The figures below are medians of %d runs on a single host", nmax
+        if (alternated) print ", the bench and its peers taking turns run\nby run: each figure of a row is the median of that figure over the runs."
+        else print ": each figure of a row is the\nmedian of that figure over the runs."
+        print "They change with the host, with its load and with the version of the library, so a share of"
+        print "the measured peak is given next to each rate: that share carries across machines, the rate"
+        print "does not. `make bench-compare RUNS=" nmax "` runs the benchmarks again and rewrites this file."
+    } else {
+        print "The figures below come from a single run on a single host. They change with the host, with its"
+        print "load and with the version of the library, so a share of the measured peak is given next to"
+        print "each rate: that share carries across machines, the rate does not. `make docs` runs the"
+        print "benchmarks again and rewrites this file; `make bench-compare RUNS=3` does the same with the"
+        print "medians of three runs and prints the tables."
+    }
     print ""
     print "## Method"
     print ""
@@ -153,10 +263,12 @@ END {
     print "  reference rather than a SIMD peak), on 1 thread and on 2 threads at once, best of 5 runs."
     print "  The 2-thread rate is the total work over the span from the first start to the last"
     print "  finish. The 1-thread figure is the per-core peak. Every share of peak below is a rate"
-    print "  against the peak of the same thread count measured in the same process."
+    if (nmax > 1) print "  against the median peak of the same thread count over the runs."
+    else print "  against the peak of the same thread count measured in the same process."
     print "- **1. Matrix products.** `acmoe_matmul` on expert-sized, tall, deep and square products in"
-    print "  the layouts NN, NT and TN, in contexts of 1 and 2 threads. GFLOP/s count 2 M N K"
-    print "  operations; each figure is the median of at least 5 runs and 0.25 s after 2 warm-up runs."
+    print "  the layouts NN, NT and TN (bench/matmul_shapes.h), in contexts of 1 and 2 threads. GFLOP/s"
+    print "  count 2 M N K operations; each figure is the median of at least 5 runs and 0.25 s after 2"
+    print "  warm-up runs."
     print "- **2. MoE layer.** Forward and backward pass of one layer (E experts, top-2, ReLU experts)"
     print "  with the SMoE, cosine and AC routers, which take turns one step at a time so that drifts in"
     print "  the host speed reach all three alike. Tokens/s are medians of at least 5 steps. The"
@@ -170,22 +282,29 @@ END {
     print "  of its 256 positions in turn, best of 3 passes."
     print "- **4. Vision-encoder training step.** 3 pre-LN layers \"ggc\" (top-2) and \"gmg\" (Soft MoE,"
     print "  one slot per expert), d 128, 8 heads, E16, 32 images of 64 patches of 4 x 4 x 3."
-    print "- **Peer.** bench/pytorch_peer.py builds the same layers and models in PyTorch (tokens sorted"
-    print "  by expert, one `addmm` per expert, autograd; the SMoE router in section 2) and times the"
-    print "  median of 10 steps after 3 warm-up steps, with PyTorch and its BLAS set to 1 and then 2"
-    print "  threads. It runs after the bench, in another process. Its share of peak applies the bench\047s"
-    print "  FLOP count to its rate. Section 1 has no peer in this run."
+    print "- **OpenBLAS peer of section 1.** bench/openblas_peer.c (`make bench-openblas`) loads the"
+    print "  installed OpenBLAS at run time (Debian: libopenblas0-pthread) and times `cblas_sgemm` on the"
+    print "  same products in the same layouts (row-major, C overwritten), with"
+    print "  `openblas_set_num_threads` 1 and then 2 for each product, timed as section 1 times"
+    print "  `acmoe_matmul`. It runs after the bench, in another process; its share of peak is against"
+    print "  the bench\047s measured peak."
+    print "- **PyTorch peer of sections 2 to 4.** bench/pytorch_peer.py builds the same layers and"
+    print "  models in PyTorch (tokens sorted by expert, one `addmm` per expert, autograd; the SMoE"
+    print "  router in section 2) and times the median of 10 steps after 3 warm-up steps, with PyTorch"
+    print "  and its BLAS set to 1 and then 2 threads. It runs after the bench, in another process. Its"
+    print "  share of peak applies the bench\047s FLOP count to its rate."
     print ""
-    print "The host may run other work at the same time (a shared VM, other builds), which shows as"
-    print "noise, mostly in the 2-thread figures."
+    print "A column acmoe/peer is acmoe\047s rate over the peer\047s at the same thread count: above 1x,"
+    print "acmoe is faster. The host may run other work at the same time (a shared VM, other builds),"
+    print "which shows as noise, mostly in the 2-thread figures."
     print ""
     print "## Run"
     print ""
     print "| | |"
     print "|---|---|"
-    printf "| commit | `%s`, %s |\n", info_commit, tree
-    if (info_date != "") printf "| date | %s |\n", info_date
-    if (saved) print "| source | saved bench outputs; commit and tree as of generating this file |"
+    printf "| commit | %s |\n", notes["commit"]
+    if (notes["date"] != "") printf "| date | %s |\n", notes["date"]
+    if (saved) print "| source | saved outputs without their run\047s details; commit and tree as of generating this file |"
     printf "| CPU | %s, %s online CPUs |\n", cpu != "" ? cpu : "unknown", online != "" ? online : nproc
     if (isa != "") printf "| kernel path | %s; blocking %s |\n", isa, blocking
     if (peak1 > 0) {
@@ -194,40 +313,74 @@ END {
         if (online + 0 >= 2 && peak2 < 1.5 * peak1)
             printf "| note | the 2-thread peak is only %.2fx the 1-thread one: the second CPU was busy or shared while it was measured, so 2-thread shares are overstated |\n", peak2 / peak1
     }
-    if (reps > 0 && reps != 5) printf "| mode | `--quick`: at least %d timed repetitions a figure, shorter than the method says |\n", reps
-    if (info_cc != "") printf "| compiler | %s |\n", info_cc
-    if (pt_any) printf "| peer | PyTorch %s, BLAS %s |\n", pt_version, pt_blas
-    else print "| peer | none: PyTorch was not measured in this run |"
+    if (nmax > 1) printf "| runs | medians of %d runs of the bench, %d of the OpenBLAS peer, %d of the PyTorch peer |\n", runs_bench, runs_ob, runs_pt
+    if ((reps > 0 && reps != 5) || (ob_reps > 0 && ob_reps != 5))
+        printf "| mode | `--quick`: at least %d timed repetitions a figure, shorter than the method says |\n", (reps ? reps : ob_reps)
+    if (notes["cc"] != "") printf "| compiler | %s |\n", notes["cc"]
+    if (ob_any) printf "| OpenBLAS peer | %s; threads %s |\n", ob_config, ob_threads
+    else if (ob_missing != "") printf "| OpenBLAS peer | none: %s |\n", ob_missing
+    else print "| OpenBLAS peer | none: OpenBLAS was not measured in this run (`make bench-openblas`) |"
+    if (pt_any) printf "| PyTorch peer | PyTorch %s, BLAS %s |\n", pt_version, pt_blas
+    else if (pt_missing != "") printf "| PyTorch peer | none: %s |\n", pt_missing
+    else print "| PyTorch peer | none: PyTorch was not measured in this run |"
 
     if (ran[1]) {
         print ""
         print "## 1. Matrix products"
         print ""
-        print "GFLOP/s and share of the measured peak; no peer."
+        if (ob_any) {
+            print "GFLOP/s and share of the measured peak; the OpenBLAS peer\047s GFLOP/s (share), and acmoe over"
+            print "OpenBLAS at each thread count."; say_runs(sec_runs[1], runs_ob, "OpenBLAS")
+        } else {
+            print "GFLOP/s and share of the measured peak; no peer in this run."; say_runs(sec_runs[1], 0, "")
+        }
         print ""
-        print "| M x N x K | layout | 1T GFLOP/s | 1T share | 2T GFLOP/s | 2T share | 2T/1T |"
-        print "|---|---|---|---|---|---|---|"
-        for (i = 1; i <= n1; i++) print mm[i]
-        if (mem[1] != "") { print ""; print "Resident peak of the section: " mem[1] "." }
+        hdr = "| M x N x K | layout | 1T GFLOP/s | 1T share | 2T GFLOP/s | 2T share | 2T/1T |"
+        sep = "|---|---|---|---|---|---|---|"
+        if (ob_any) { hdr = hdr " OpenBLAS 1T (share) | OpenBLAS 2T (share) | acmoe/OpenBLAS 1T | acmoe/OpenBLAS 2T |"; sep = sep "---|---|---|---|" }
+        print hdr; print sep
+        nlog = 0; log1 = log2 = 0
+        for (i = 1; i <= nrows["mm"]; i++) {
+            r = rows["mm", i]; a1 = med("mm" SUBSEP r SUBSEP 1); a2 = med("mm" SUBSEP r SUBSEP 2)
+            line = sprintf("| %s | %.1f | %s | %.1f | %s | %s |", r, a1, pct(peak_share("mm" SUBSEP r SUBSEP 1, a1, 1)), a2, pct(peak_share("mm" SUBSEP r SUBSEP 2, a2, 2)), ratio(a2, a1))
+            if (ob_any) {
+                k1 = "ob" SUBSEP r SUBSEP 1; k2 = "ob" SUBSEP r SUBSEP 2
+                c1 = has(k1) ? sprintf("%.1f (%s)", med(k1), peak1 > 0 ? pct(100 * med(k1) / peak1) : "") : ""
+                c2 = has(k2) ? sprintf("%.1f (%s)", med(k2), peak2 > 0 ? pct(100 * med(k2) / peak2) : "") : ""
+                line = line sprintf(" %s | %s | %s | %s |", c1, c2, pt_ratio(a1, k1), pt_ratio(a2, k2))
+                if (has(k1) && has(k2) && med(k1) > 0 && med(k2) > 0 && a1 > 0 && a2 > 0) {
+                    nlog++; log1 += log(a1 / med(k1)); log2 += log(a2 / med(k2))
+                }
+            }
+            print line
+        }
+        if (nlog > 0) {
+            print ""
+            printf "acmoe over OpenBLAS, geometric mean over the %d products: %.2fx on 1 thread, %.2fx on 2 threads.\n", nlog, exp(log1 / nlog), exp(log2 / nlog)
+        }
+        if (has("mem" SUBSEP 1)) { print ""; printf "Resident peak of the section: %.1f %s.\n", med("mem" SUBSEP 1), mem_unit[1] }
     }
     if (ran[2]) {
         print ""
         print "## 2. MoE layer forward + backward"
         print ""
         print "Tokens/s (E experts, top-k, d model width, ff expert width, T tokens a call). The peer runs"
-        print "the SMoE router; the ratio is acmoe over PyTorch at the same thread count."
+        print "the SMoE router; the ratio is acmoe over PyTorch at the same thread count."; say_runs(sec_runs[2], runs_pt, "PyTorch")
         print ""
         hdr = "| config | router | 1T tokens/s | 1T share | routing | 2T tokens/s | 2T share | 2T/1T |"
         sep = "|---|---|---|---|---|---|---|---|"
-        if (pt_any) { hdr = hdr " PyTorch 1T (share) | PyTorch 2T (share) | vs PyTorch 1T | 2T |"; sep = sep "---|---|---|---|" }
+        if (pt_any) { hdr = hdr " PyTorch 1T (share) | PyTorch 2T (share) | acmoe/PyTorch 1T | acmoe/PyTorch 2T |"; sep = sep "---|---|---|---|" }
         print hdr; print sep
-        for (i = 1; i <= n2; i++) {
-            c = m_cfg[i]
-            line = sprintf("| %s | %s | %s | %s | %s | %s | %s | %s |", c, m_router[i], fmt_rate(m_r1[i]), pct(m_p1[i]), m_rt1[i], fmt_rate(m_r2[i]), pct(m_p2[i]), m_sp[i])
+        for (i = 1; i <= nrows["moe"]; i++) {
+            r = rows["moe", i]; split(r, parts, SUBSEP); c = parts[1]; router = parts[2]
+            r1 = med("moe" SUBSEP r SUBSEP 1); r2 = med("moe" SUBSEP r SUBSEP 2)
+            p1 = peak_share("moe" SUBSEP r SUBSEP 1, r1, 1); p2 = peak_share("moe" SUBSEP r SUBSEP 2, r2, 2)
+            line = sprintf("| %s | %s | %s | %s | %s | %s | %s | %s |", c, router, fmt_rate(r1), pct(p1), pct(med("moert" SUBSEP r SUBSEP 1)),
+                           fmt_rate(r2), pct(p2), ratio(r2, r1))
             if (pt_any) {
-                if (m_router[i] == "SMoE")
-                    line = line sprintf(" %s | %s | %s | %s |", pt_cell(pt_moe, c, 1, m_p1[i], m_r1[i]), pt_cell(pt_moe, c, 2, m_p2[i], m_r2[i]),
-                                        ((c, 1) in pt_moe) ? ratio(m_r1[i], pt_moe[c, 1]) : "", ((c, 2) in pt_moe) ? ratio(m_r2[i], pt_moe[c, 2]) : "")
+                k1 = "ptmoe" SUBSEP c SUBSEP 1; k2 = "ptmoe" SUBSEP c SUBSEP 2
+                if (router == "SMoE")
+                    line = line sprintf(" %s | %s | %s | %s |", pt_cell(k1, p1, r1), pt_cell(k2, p2, r2), pt_ratio(r1, k1), pt_ratio(r2, k2))
                 else line = line " | | | |"
             }
             print line
@@ -235,47 +388,54 @@ END {
         print ""
         print "AC router over cosine router, median of paired steps, and the difference of their routing shares:"
         print ""
-        for (i = 1; i <= ncfg; i++) printf "- %s: %s\n", cfgs[i], acc[cfgs[i]]
-        if (mem[2] != "") { print ""; print "Resident peak of the section: " mem[2] "." }
+        for (i = 1; i <= nrows["cfg"]; i++) {
+            c = rows["cfg", i]
+            if (has("acs" SUBSEP c SUBSEP 1))
+                printf "- %s: step %+.1f%% (1T) %+.1f%% (2T); routing share %+.1f (1T) %+.1f (2T) points\n", c,
+                       med("acs" SUBSEP c SUBSEP 1), med("acs" SUBSEP c SUBSEP 2), med("acr" SUBSEP c SUBSEP 1), med("acr" SUBSEP c SUBSEP 2)
+        }
+        if (has("mem" SUBSEP 2)) { print ""; printf "Resident peak of the section: %.1f %s.\n", med("mem" SUBSEP 2), mem_unit[2] }
     }
     if (ran[3]) {
         print ""
         print "## 3. Language-model training step"
         print ""
-        printf "2048 tokens a step, %s MFLOP a token.\n", lm_mflop
+        printf "2048 tokens a step, %s MFLOP a token.\n", lm_mflop; say_runs(sec_runs[3], runs_pt, "PyTorch")
         print ""
         hdr = "| threads | tokens/s | ms a step | share of peak | decoding tokens/s |"
         sep = "|---|---|---|---|---|"
-        if (pt_any) { hdr = hdr " PyTorch tokens/s | PyTorch share | vs PyTorch |"; sep = sep "---|---|---|" }
+        if (pt_any) { hdr = hdr " PyTorch tokens/s | PyTorch share | acmoe/PyTorch |"; sep = sep "---|---|---|" }
         print hdr; print sep
         for (t = 1; t <= 2; t++) {
-            if (!(t in lm_rate)) continue
-            line = sprintf("| %d | %s | %s | %s | %s |", t, fmt_rate(lm_rate[t]), lm_ms[t], pct(lm_share[t]), fmt_rate(lm_dec[t]))
-            if (pt_any) line = line ((t in pt_lm) ? sprintf(" %s | %s | %s |", fmt_rate(pt_lm[t]), pt_share(lm_share[t], lm_rate[t], pt_lm[t]), ratio(lm_rate[t], pt_lm[t])) : " | | |")
+            if (!has("lm" SUBSEP t)) continue
+            rate = med("lm" SUBSEP t); sh = peak_share("lm" SUBSEP t, rate, t); k = "ptlm" SUBSEP t
+            line = sprintf("| %d | %s | %.1f | %s | %s |", t, fmt_rate(rate), med("lmms" SUBSEP t), pct(sh), has("lmdec" SUBSEP t) ? fmt_rate(med("lmdec" SUBSEP t)) : "")
+            if (pt_any) line = line (has(k) ? sprintf(" %s | %s | %s |", fmt_rate(med(k)), pt_share(sh, rate, med(k)), ratio(rate, med(k))) : " | | |")
             print line
         }
-        if (lm_mem != "") { print ""; print "Memory plan of the model (MiB): " lm_mem "." }
-        if (mem[3] != "") { print ""; print "Resident peak of the section: " mem[3] "." }
+        if (lm_mem != "") { print ""; print "Memory plan of the model (MiB" (sec_runs[3] == 1 ? "" : ", first run") "): " lm_mem "." }
+        if (has("mem" SUBSEP 3)) { print ""; printf "Resident peak of the section: %.1f %s.\n", med("mem" SUBSEP 3), mem_unit[3] }
     }
     if (ran[4]) {
         print ""
         print "## 4. Vision-encoder training step"
         print ""
-        print "2048 patches a step (32 images)."
+        print "2048 patches a step (32 images)."; say_runs(sec_runs[4], runs_pt, "PyTorch")
         print ""
         hdr = "| pattern | threads | images/s | patches/s | ms a step | MFLOP a patch | share of peak |"
         sep = "|---|---|---|---|---|---|---|"
-        if (pt_any) { hdr = hdr " PyTorch images/s | PyTorch share | vs PyTorch |"; sep = sep "---|---|---|" }
+        if (pt_any) { hdr = hdr " PyTorch images/s | PyTorch share | acmoe/PyTorch |"; sep = sep "---|---|---|" }
         print hdr; print sep
-        for (i = 1; i <= nvis; i++)
+        for (i = 1; i <= nrows["vis"]; i++)
             for (t = 1; t <= 2; t++) {
-                p = vis[i]
-                if (!((p, t) in v_img)) continue
-                line = sprintf("| `%s` | %d | %s | %s | %s | %s | %s |", p, t, v_img[p, t], fmt_rate(v_patch[p, t]), v_ms[p, t], v_mflop[p], pct(v_share[p, t]))
-                if (pt_any) line = line (((p, t) in pt_vis) ? sprintf(" %s | %s | %s |", pt_vis[p, t], pt_share(v_share[p, t], v_img[p, t], pt_vis[p, t]), ratio(v_img[p, t], pt_vis[p, t])) : " | | |")
+                p = rows["vis", i]; kk = p SUBSEP t
+                if (!has("vimg" SUBSEP kk)) continue
+                img = med("vimg" SUBSEP kk); sh = peak_share("vimg" SUBSEP kk, img, t); k = "ptvis" SUBSEP kk
+                line = sprintf("| `%s` | %d | %.0f | %s | %.1f | %s | %s |", p, t, img, fmt_rate(med("vpatch" SUBSEP kk)), med("vms" SUBSEP kk), v_mflop[p], pct(sh))
+                if (pt_any) line = line (has(k) ? sprintf(" %.0f | %s | %s |", med(k), pt_share(sh, img, med(k)), ratio(img, med(k))) : " | | |")
                 print line
             }
-        if (mem[4] != "") { print ""; print "Resident peak of the section: " mem[4] "." }
+        if (has("mem" SUBSEP 4)) { print ""; printf "Resident peak of the section: %.1f %s.\n", med("mem" SUBSEP 4), mem_unit[4] }
     }
 }' "$@" > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
