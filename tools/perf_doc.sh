@@ -190,7 +190,8 @@ kind == "bench" && section == 3 && /^[12] threads?: [0-9]+ tokens\/s/ {
     match($0, /[0-9.]+ MFLOP a token/); lm_mflop = trim(substr($0, RSTART, RLENGTH - 13))
     next
 }
-kind == "bench" && section == 3 && /^[12] threads?: decoding/ { add("lmdec" SUBSEP ($1 + 0), $4); next }
+kind == "bench" && section == 3 && /^[12] threads?: decoding/ { add("lmdec" SUBSEP ($1 + 0) SUBSEP 1, $4); next }
+kind == "bench" && section == 3 && /^[12] threads?: batch decoding [0-9]+ sequences:/ { add("lmdec" SUBSEP ($1 + 0) SUBSEP ($5 + 0), $7); next }
 kind == "bench" && section == 3 && /^memory plan MiB:/ { if (lm_mem == "") lm_mem = after($0, "memory plan MiB:"); next }
 # Section 4: "ggc", 1 thread: 320 images/s, 20481 patches/s (100.0 ms a step; 2.7 MFLOP a patch, 58.8% of ...)
 kind == "bench" && section == 4 && /^"[a-z|]+", [12] threads?: / {
@@ -402,14 +403,16 @@ END {
         print ""
         printf "2048 tokens a step, %s MFLOP a token.\n", lm_mflop; say_runs(sec_runs[3], runs_pt, "PyTorch")
         print ""
-        hdr = "| threads | tokens/s | ms a step | share of peak | decoding tokens/s |"
+        hdr = "| threads | tokens/s | ms a step | share of peak | decoding tokens/s: 1 / 8 / 32 sequences |"
         sep = "|---|---|---|---|---|"
         if (pt_any) { hdr = hdr " PyTorch tokens/s | PyTorch share | acmoe/PyTorch |"; sep = sep "---|---|---|" }
         print hdr; print sep
         for (t = 1; t <= 2; t++) {
             if (!has("lm" SUBSEP t)) continue
             rate = med("lm" SUBSEP t); sh = peak_share("lm" SUBSEP t, rate, t); k = "ptlm" SUBSEP t
-            line = sprintf("| %d | %s | %.1f | %s | %s |", t, fmt_rate(rate), med("lmms" SUBSEP t), pct(sh), has("lmdec" SUBSEP t) ? fmt_rate(med("lmdec" SUBSEP t)) : "")
+            dec = ""
+            for (seqs = 1; seqs <= 32; seqs *= 2) if (has("lmdec" SUBSEP t SUBSEP seqs)) dec = dec (dec == "" ? "" : " / ") fmt_rate(med("lmdec" SUBSEP t SUBSEP seqs))
+            line = sprintf("| %d | %s | %.1f | %s | %s |", t, fmt_rate(rate), med("lmms" SUBSEP t), pct(sh), dec)
             if (pt_any) line = line (has(k) ? sprintf(" %s | %s | %s |", fmt_rate(med(k)), pt_share(sh, rate, med(k)), ratio(rate, med(k))) : " | | |")
             print line
         }
