@@ -4,7 +4,7 @@
    Build and run from the repository root (`make bench-openblas`):
        gcc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror bench/openblas_peer.c \
            -o build/openblas_peer -ldl
-       ./build/openblas_peer [--quick] [--library NAME]
+       ./build/openblas_peer [--quick] [--library NAME] [--keep-coretype]
 
    OpenBLAS is loaded at run time (dlopen of libopenblas.so.0, or NAME), so the build needs no
    development package. Debian: apt-get install libopenblas0-pthread. Without it the program
@@ -84,9 +84,23 @@ static int load_symbol(void *lib, const char *name, void *fn, size_t fn_size) {
     return 1;
 }
 
+/* OpenBLAS 0.3.21 (Debian 12) does not know AMD's AVX-512 cores and takes its AVX2 kernels
+   there, as it does where OPENBLAS_CORETYPE names an AVX2 core; the peer should run its best,
+   so on a CPU with AVX-512F it is asked for its AVX-512 kernels (OPENBLAS_CORETYPE, read when
+   the library loads) unless keep_coretype. The header line names the core it ran. */
+static void prefer_avx512_core(int keep_coretype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (!keep_coretype && __builtin_cpu_supports("avx512f")) setenv("OPENBLAS_CORETYPE", "SkylakeX", 1);
+#else
+    (void)keep_coretype;
+#endif
+}
+
 /* Loads the library or says on one line why not (and how to install it), returning 0. */
-static int openblas_load(openblas *ob, const char *library) {
-    void *lib = dlopen(library, RTLD_NOW | RTLD_LOCAL);
+static int openblas_load(openblas *ob, const char *library, int keep_coretype) {
+    void *lib;
+    prefer_avx512_core(keep_coretype);
+    lib = dlopen(library, RTLD_NOW | RTLD_LOCAL);
     const char *missing = NULL;
     if (!lib) {
         const char *why = dlerror();
@@ -187,24 +201,28 @@ static int layouts_agree(const openblas *ob) {
 }
 
 static void usage_and_exit(const char *program) {
-    fprintf(stderr, "usage: %s [--quick] [--library NAME]\n", program);
+    fprintf(stderr, "usage: %s [--quick] [--library NAME] [--keep-coretype]\n", program);
     fprintf(stderr, "  --quick          fewer, shorter repetitions (smoke test)\n");
     fprintf(stderr, "  --library NAME   the OpenBLAS to dlopen (default libopenblas.so.0)\n");
+    fprintf(stderr, "  --keep-coretype  leave OPENBLAS_CORETYPE as it is (by default an AVX-512 CPU gets\n"
+                    "                   OpenBLAS's AVX-512 kernels, its best)\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const timing_plan *plan = &full_plan;
     const char *library = "libopenblas.so.0";
+    int keep_coretype = 0;
     unsigned long long rng = 42;
     int threads[2], s, l, i;
     openblas ob;
     for (i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) plan = &quick_plan;
         else if (strcmp(argv[i], "--library") == 0 && i + 1 < argc) library = argv[++i];
+        else if (strcmp(argv[i], "--keep-coretype") == 0) keep_coretype = 1;
         else usage_and_exit(argv[0]);
     }
-    if (!openblas_load(&ob, library)) return 0;
+    if (!openblas_load(&ob, library, keep_coretype)) return 0;
     if (!layouts_agree(&ob)) return 1;
     /* The thread counts OpenBLAS takes when asked for 1 and 2. */
     for (i = 0; i < 2; i++) {

@@ -24,7 +24,17 @@ def parse_args():
     p.add_argument("--section", type=int, default=0,
                    help="2 (MoE layer), 3 (training step), 4 (vision training step) or 0 (all)")
     p.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
+    p.add_argument("--keep-coretype", action="store_true",
+                   help="leave OPENBLAS_CORETYPE as it is (by default an AVX-512 CPU gets OpenBLAS's AVX-512 kernels)")
     return p.parse_args()
+
+
+def cpu_has_avx512f():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
 
 
 ARGS = parse_args()
@@ -33,6 +43,10 @@ os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
 # OpenMP threads that spin between operations take the cores from OpenBLAS's own threads
 # (2 threads measured 2-3x slower than 1 without this)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenBLAS 0.3.21 takes its AVX2 kernels on AMD's AVX-512 cores (or where OPENBLAS_CORETYPE
+# says so); the peer runs its best, as bench/openblas_peer.c does
+if not ARGS.keep_coretype and cpu_has_avx512f():
+    os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
 import torch  # noqa: E402  (after the thread variables, which the libraries read when loaded)
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -246,7 +260,8 @@ def section_vision():
 
 
 if __name__ == "__main__":
-    print("PyTorch %s, BLAS %s" % (torch.__version__, os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")))
+    print("PyTorch %s, BLAS %s (OPENBLAS_CORETYPE %s)" % (torch.__version__, os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3"),
+                                                           os.environ.get("OPENBLAS_CORETYPE", "unset")))
     if ARGS.section in (0, 2):
         section_moe()
     if ARGS.section in (0, 3):
