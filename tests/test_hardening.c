@@ -979,6 +979,10 @@ static void test_null_pointers(void) {
     CHECK_STATUS(acmoe_lm_decode(NULL, ctx, tok, 2, 0), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_lm_decode(lm, NULL, tok, 2, 0), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_lm_decode(lm, ctx, NULL, 2, 0), ACMOE_ERR_NULL);
+    CHECK_STATUS(acmoe_lm_decode_batch(NULL, ctx, tok, 2, 1, 2, 0), ACMOE_ERR_NULL);
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, NULL, tok, 2, 1, 2, 0), ACMOE_ERR_NULL);
+    CHECK_STATUS(acmoe_lm_decode_batch(lm, ctx, NULL, 2, 1, 2, 0), ACMOE_ERR_NULL);
+    CHECK(acmoe_lm_position_logits(NULL, 0, 0) == NULL);
     acmoe_lm_freeze_ac_weights(NULL, 1);
     CHECK_STATUS(acmoe_sample(NULL, 4, 1.0f, 0, 1.0f, f, &rng, &token), ACMOE_ERR_NULL);
     CHECK_STATUS(acmoe_sample(f, 4, 1.0f, 0, 1.0f, NULL, &rng, &token), ACMOE_ERR_NULL);
