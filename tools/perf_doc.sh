@@ -440,6 +440,52 @@ END {
             }
         if (has("mem" SUBSEP 4)) { print ""; printf "Resident peak of the section: %.1f %s.\n", med("mem" SUBSEP 4), mem_unit[4] }
     }
+    goals()
+}
+
+# The speed goals the library sets itself, each checked on the figures above: the worst case
+# among the rows a goal covers, and whether it holds. A goal without its figures is left out.
+function goal(text, worst, holds) {
+    if (!goals_begun) {
+        goals_begun = 1
+        print ""; print "## Goals"; print ""
+        print "Each goal against the figures above (medians where there were several runs): the worst"
+        print "row it covers, and whether the goal holds on this host."
+        print ""; print "| goal | worst case | holds |"; print "|---|---|---|"
+    }
+    printf "| %s | %s | %s |\n", text, worst, holds ? "yes" : "**no**"
+}
+function worse(value, where, lowest) { if (!(lowest in W) || value < W[lowest]) { W[lowest] = value; WHERE[lowest] = where } }
+function goals(    i, r, t, c, k, a, sh, want, d, cfgs, shape) {
+    for (i = 1; i <= nrows["mm"]; i++)
+        for (t = 1; t <= 2; t++) {
+            r = rows["mm", i]; a = med("mm" SUBSEP r SUBSEP t); k = "ob" SUBSEP r SUBSEP t
+            shape = r; sub(/ \| /, " ", shape)
+            if (has(k) && med(k) > 0) worse(a / med(k), shape " " t "T", "ob")
+            if (r ~ /^(1024 x 1024 x 1024|2048 x 2048 x 2048) /) worse(peak_share("mm" SUBSEP r SUBSEP t, a, t), shape " " t "T", "big")
+        }
+    if ("ob" in W) goal("matrix products at least OpenBLAS\047s rate, every shape and layout, 1 and 2 threads", sprintf("%.2fx (%s)", W["ob"], WHERE["ob"]), W["ob"] >= 1.0)
+    if ("big" in W) goal("matrix products at 85 % of the peak at 1024^3 and 2048^3, 1 and 2 threads", sprintf("%s (%s)", pct(W["big"]), WHERE["big"]), W["big"] >= 85.0)
+    for (i = 1; i <= nrows["cfg"]; i++)
+        for (t = 1; t <= 2; t++) {
+            c = rows["cfg", i]; r = c SUBSEP "SMoE"
+            if (!has("moe" SUBSEP r SUBSEP t)) continue
+            a = med("moe" SUBSEP r SUBSEP t); split(c, cfgs, " "); d = substr(cfgs[3], 2) + 0; want = d <= 128 ? 70 : 80
+            worse(peak_share("moe" SUBSEP r SUBSEP t, a, t) - want, sprintf("%s %dT: %s", c, t, pct(peak_share("moe" SUBSEP r SUBSEP t, a, t))), "moe")
+            k = "ptmoe" SUBSEP c SUBSEP t
+            if (has(k) && med(k) > 0) worse(a / med(k), c " " t "T", "ptmoe")
+            if (has("acs" SUBSEP c SUBSEP t)) worse(-med("acs" SUBSEP c SUBSEP t), c " " t "T", "ac")
+        }
+    if ("moe" in W) goal("MoE layer (SMoE) at 80 % of the peak, 70 % at d128, 1 and 2 threads", WHERE["moe"], W["moe"] >= 0)
+    if ("ptmoe" in W) goal("MoE layer at least 1.5x PyTorch, every configuration, 1 and 2 threads", sprintf("%.2fx (%s)", W["ptmoe"], WHERE["ptmoe"]), W["ptmoe"] >= 1.5)
+    if ("ac" in W) goal("AC router at most 3 % over the cosine router\047s step", sprintf("%+.1f %% (%s)", -W["ac"], WHERE["ac"]), W["ac"] >= -3.0)
+    if (has("lm" SUBSEP 1)) {
+        sh = peak_share("lm" SUBSEP 1, med("lm" SUBSEP 1), 1)
+        goal("training step at 70 % of the peak on 1 thread", pct(sh), sh >= 70.0)
+        for (t = 1; t <= 2; t++) if (has("ptlm" SUBSEP t) && med("ptlm" SUBSEP t) > 0) worse(med("lm" SUBSEP t) / med("ptlm" SUBSEP t), t "T", "ptlm")
+        if ("ptlm" in W) goal("training step at least 3x PyTorch, 1 and 2 threads", sprintf("%.2fx (%s)", W["ptlm"], WHERE["ptlm"]), W["ptlm"] >= 3.0)
+        if (has("lm" SUBSEP 2)) goal("training step on 2 threads at least 1.85x one", ratio(med("lm" SUBSEP 2), med("lm" SUBSEP 1)), med("lm" SUBSEP 2) >= 1.85 * med("lm" SUBSEP 1))
+    }
 }' "$@" > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 echo "perf_doc: wrote $OUT" >&2
