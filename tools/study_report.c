@@ -1329,12 +1329,47 @@ static void write_claims_table(FILE *out) {
     if (n_claim_rows == 0) fputs("| (no AC router with a baseline and finished runs) | | | | | |\n", out);
 }
 
+static void claim_counts(int claim, int counts[VERDICTS], int *total) {
+    int i;
+    for (i = 0; i < VERDICTS; i++) counts[i] = 0;
+    *total = 0;
+    for (i = 0; i < n_claim_rows; i++)
+        if (claim_rows[i].claim == claim) counts[claim_rows[i].result.verdict]++, ++*total;
+}
+
+/* The claims grouped by how they fared: reproduced in most comparisons, in some, in none,
+   and reversed (the AC router worse beyond noise) in at least one. */
+static void write_plain_verdict(FILE *out) {
+    static const char *groups[4] = {"Reproduced in most of its comparisons", "Reproduced in some",
+                                    "Reproduced in none", "Reversed in at least one comparison"};
+    int group, claim;
+    if (!n_claim_rows) return;
+    fputs("In short, at this scale:\n\n", out);
+    for (group = 0; group < 4; group++) {
+        int listed = 0;
+        fprintf(out, "- %s: ", groups[group]);
+        for (claim = 0; claim < CLAIMS; claim++) {
+            int counts[VERDICTS], total, reproduced, member;
+            claim_counts(claim, counts, &total);
+            reproduced = counts[VERDICT_REPRODUCED];
+            if (!total) continue;
+            member = group == 0   ? 2 * reproduced > total
+                     : group == 1 ? reproduced > 0 && 2 * reproduced <= total
+                     : group == 2 ? reproduced == 0
+                                  : counts[VERDICT_REVERSED] > 0;
+            if (!member) continue;
+            fprintf(out, "%s%s (%d of %d)", listed++ ? "; " : "", claim_names[claim],
+                    group == 3 ? counts[VERDICT_REVERSED] : reproduced, total);
+        }
+        fputs(listed ? ".\n" : "none.\n", out);
+    }
+}
+
 static void write_claim_summaries(FILE *out) {
-    int claim, i;
+    int claim;
     for (claim = 0; claim < CLAIMS; claim++) {
-        int counts[VERDICTS] = {0, 0, 0, 0, 0}, total = 0;
-        for (i = 0; i < n_claim_rows; i++)
-            if (claim_rows[i].claim == claim) counts[claim_rows[i].result.verdict]++, total++;
+        int counts[VERDICTS], total;
+        claim_counts(claim, counts, &total);
         fprintf(out, "- **%s**: ", claim_names[claim]);
         if (!total) {
             fputs("no comparison in this study.\n", out);
@@ -1354,9 +1389,8 @@ static void write_headline(FILE *out) {
           "|---|---|---|---|---|---|---|\n",
           out);
     for (claim = 0; claim < CLAIMS; claim++) {
-        int counts[VERDICTS] = {0, 0, 0, 0, 0}, total = 0, listed = 0;
-        for (i = 0; i < n_claim_rows; i++)
-            if (claim_rows[i].claim == claim) counts[claim_rows[i].result.verdict]++, total++;
+        int counts[VERDICTS], total, listed = 0;
+        claim_counts(claim, counts, &total);
         if (!total) continue;
         fprintf(out, "| %s | %d | %d | %d | %d | %d | ", claim_names[claim], total, counts[VERDICT_REPRODUCED],
                 counts[VERDICT_REVERSED], counts[VERDICT_NOISE], counts[VERDICT_ONE_SEED] + counts[VERDICT_NO_PAIRS]);
@@ -1369,6 +1403,8 @@ static void write_headline(FILE *out) {
         fputs(listed ? " |\n" : "- |\n", out);
     }
     if (n_claim_rows == 0) fputs("| (no AC router with a baseline and finished runs) | | | | | | |\n", out);
+    fputs("\n", out);
+    write_plain_verdict(out);
 }
 
 /* ---- plots ---- */
@@ -2083,21 +2119,51 @@ static void write_overview(FILE *md) {
           md);
 }
 
-static void write_machine(FILE *md) {
+/* meta.txt gains one block of "key: value" lines each time the study starts (a resumed study starts again),
+   so the table has a row per start and a column per key. */
+static int meta_key_length(const char *line) {
+    const char *colon = strchr(line, ':');
+    return colon ? (int)(colon - line) : (int)strlen(line);
+}
+
+static const char *meta_value_in(int first, int last, const char *key, int length) {
     int i;
-    fputs("## Machine and commit\n\n", md);
-    if (!n_meta) fputs("No meta.txt in the study directory.\n", md);
-    else fputs("| Key | Value |\n|---|---|\n", md);
-    for (i = 0; i < n_meta; i++) {
-        char *colon = strchr(meta_lines[i], ':');
-        if (!colon) {
-            fprintf(md, "| %s | |\n", cell(meta_lines[i]));
-            continue;
+    for (i = first; i < last; i++)
+        if (meta_key_length(meta_lines[i]) == length && !strncmp(meta_lines[i], key, (size_t)length)) {
+            const char *colon = meta_lines[i] + length;
+            return *colon ? colon + 1 + strspn(colon + 1, " ") : "";
         }
-        *colon = '\0'; /* the key alone for a moment */
-        fprintf(md, "| %s | ", cell(meta_lines[i]));
-        *colon = ':';
-        fprintf(md, "%s |\n", cell(colon + 1 + strspn(colon + 1, " ")));
+    return "";
+}
+
+static int meta_block_end(int first) {
+    int i, length = meta_key_length(meta_lines[first]);
+    for (i = first + 1; i < n_meta; i++)
+        if (meta_key_length(meta_lines[i]) == length && !strncmp(meta_lines[i], meta_lines[first], (size_t)length))
+            break;
+    return i;
+}
+
+static void write_machine(FILE *md) {
+    int first, end, k;
+    fputs("## Machine and commit\n\n", md);
+    if (!n_meta) {
+        fputs("No meta.txt in the study directory.\n", md);
+        return;
+    }
+    end = meta_block_end(0);
+    fputs("One row for each time the study was started or resumed.\n\n|", md);
+    for (k = 0; k < end; k++) fprintf(md, " %.*s |", meta_key_length(meta_lines[k]), cell(meta_lines[k]));
+    fputs("\n|", md);
+    for (k = 0; k < end; k++) fputs("---|", md);
+    fputs("\n", md);
+    for (first = 0; first < n_meta; first = meta_block_end(first)) {
+        fputs("|", md);
+        for (k = 0; k < end; k++) {
+            int length = meta_key_length(meta_lines[k]);
+            fprintf(md, " %s |", cell(meta_value_in(first, meta_block_end(first), meta_lines[k], length)));
+        }
+        fputs("\n", md);
     }
 }
 
@@ -2129,6 +2195,8 @@ static void write_report(const char *out_dir) {
     write_claims_table(md);
     fputs("\n", md);
     write_claim_summaries(md);
+    fputs("\n", md);
+    write_plain_verdict(md);
     fputs("\n", md);
     for (i = 0; i < n_experiments; i++) write_experiment(md, out_dir, &experiments[i]);
     write_machine(md);
