@@ -1330,6 +1330,14 @@ static void acmoe__pool_run(acmoe__pool *pool, int n, acmoe__job_fn fn, void *ar
     fn(arg, 0, 1);
 }
 
+/* The threads for a job of about `work` multiply-adds or element operations: the calling
+   thread alone below the size where waking the others costs more than they save (decoding
+   one token, say). Every job gives the same bits on any thread count. */
+#define ACMOE__PARALLEL_WORK 32768.0
+static int acmoe__threads_for(const acmoe_ctx *ctx, double work) {
+    return work < ACMOE__PARALLEL_WORK ? 1 : ctx->desc.n_threads;
+}
+
 /* Work items handed out in turn to whichever thread asks next, so that a thread on a busy
    core takes fewer; each item is computed whole by one thread, so results do not depend on
    which thread takes it. */
@@ -3766,18 +3774,47 @@ static double acmoe__squared_runs(const acmoe__candidate *pairs, int n, int by_b
    layer's: the pairs that differ are those same in one layer only, so with the counts of
    tokens per previous expert, per expert here and per pair of both, differ = sum of the
    first squared + sum of the second squared - 2 x sum of the third squared. */
+/* The sums of squared counts of the tokens per previous expert and per pair (previous expert,
+   expert here), from a table of the pair counts in the layer's candidate scratch when the
+   previous experts' indices fit it (else from the pairs sorted): 0 when they fit. */
+static int acmoe__pair_counts(acmoe_moe *layer, int n, const int32_t *prev_idx, int prev_k, double *same_prev,
+                              double *same_both) {
+    const int e = layer->desc.n_experts;
+    const size_t room = (size_t)layer->desc.max_tokens * e * sizeof(acmoe__candidate) / sizeof(int);
+    int *counts = (int *)(void *)layer->cand, top = 0, t, p, j;
+    for (t = 0; t < n; t++) {
+        const int32_t prev = prev_idx[(size_t)t * prev_k];
+        if (prev < 0 || (size_t)prev >= room / (size_t)e) return 1;
+        top = ACMOE__MAX(top, prev);
+    }
+    memset(counts, 0, sizeof(int) * (size_t)(top + 1) * e);
+    for (t = 0; t < n; t++) counts[(size_t)prev_idx[(size_t)t * prev_k] * e + layer->top_idx[(size_t)t * layer->label_k]]++;
+    *same_prev = *same_both = 0.0;
+    for (p = 0; p <= top; p++) {
+        double row = 0.0;
+        for (j = 0; j < e; j++) {
+            const double count = counts[(size_t)p * e + j];
+            row += count, *same_both += count * count;
+        }
+        *same_prev += row * row;
+    }
+    return 0;
+}
+
 static void acmoe__update_stability(acmoe_moe *layer, int n, const int32_t *prev_idx, int prev_k) {
     acmoe__candidate *pairs = layer->cand; /* scratch once the selection is done */
     double same_prev, same_here, same_both;
     int t, j;
     if (!prev_idx || prev_k < 1 || n < 1) return;
-    for (t = 0; t < n; t++) { /* (previous expert, expert here): here is exact in a float */
-        pairs[t].index = prev_idx[(size_t)t * prev_k];
-        pairs[t].key = (float)layer->top_idx[(size_t)t * layer->label_k];
+    if (acmoe__pair_counts(layer, n, prev_idx, prev_k, &same_prev, &same_both)) {
+        for (t = 0; t < n; t++) { /* (previous expert, expert here): here is exact in a float */
+            pairs[t].index = prev_idx[(size_t)t * prev_k];
+            pairs[t].key = (float)layer->top_idx[(size_t)t * layer->label_k];
+        }
+        qsort(pairs, (size_t)n, sizeof *pairs, acmoe__label_pair_order);
+        same_prev = acmoe__squared_runs(pairs, n, 0);
+        same_both = acmoe__squared_runs(pairs, n, 1);
     }
-    qsort(pairs, (size_t)n, sizeof *pairs, acmoe__label_pair_order);
-    same_prev = acmoe__squared_runs(pairs, n, 0);
-    same_both = acmoe__squared_runs(pairs, n, 1);
     memset(layer->cursor, 0, sizeof(int) * (size_t)layer->desc.n_experts); /* scratch once the dispatch is done */
     for (t = 0; t < n; t++) layer->cursor[layer->top_idx[(size_t)t * layer->label_k]]++;
     for (same_here = 0.0, j = 0; j < layer->desc.n_experts; j++) same_here += (double)layer->cursor[j] * layer->cursor[j];
@@ -4003,6 +4040,14 @@ static acmoe__expert_rows acmoe__local_rows(acmoe_moe *layer) {
     rows.count = layer->count, rows.offset = layer->offset, rows.order = layer->order;
     rows.xe = layer->xe, rows.h = layer->h, rows.a = layer->a, rows.ye = layer->ye;
     return rows;
+}
+
+/* About the multiply-adds of one pass over the experts' rows (acmoe__threads_for). */
+static double acmoe__experts_work(const acmoe_moe *layer, const acmoe__expert_rows *rows) {
+    double pairs = 0.0;
+    int e;
+    for (e = 0; e < layer->desc.n_experts; e++) pairs += rows->count[e];
+    return 2.0 * pairs * layer->desc.d_model * layer->desc.d_ff;
 }
 
 static void acmoe__token_range(const acmoe_moe *layer, int tid, int n_threads, int *t0, int *t1) {
@@ -4282,7 +4327,8 @@ static acmoe_status acmoe__experts_forward(acmoe_moe *layer, acmoe_ctx *ctx, acm
     job->rows = acmoe__local_rows(layer), job->gather = 1, job->next = 0;
     acmoe__order_rows(&job->rows, layer->desc.n_experts);
     if (!layer->ranks) {
-        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__experts_forward_job, job);
+        acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, acmoe__experts_work(layer, &job->rows)),
+                        acmoe__experts_forward_job, job);
         return ACMOE_OK;
     }
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__gather_job, job);
@@ -4347,7 +4393,8 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
     job.layer = layer, job.ctx = ctx, job.x = x, job.out = out, job.dout = NULL, job.dx = NULL, job.next = 0;
     if (soft) acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__soft_dispatch_job, &job);
     if ((s = acmoe__experts_forward(layer, ctx, &job)) != ACMOE_OK) return s;
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, soft ? acmoe__soft_combine_job : acmoe__combine_job, &job);
+    acmoe__pool_run(&ctx->pool, soft ? ctx->desc.n_threads : acmoe__threads_for(ctx, (double)n * layer->desc.d_model),
+                    soft ? acmoe__soft_combine_job : acmoe__combine_job, &job);
     acmoe__update_stability(layer, n, prev_idx, prev_k); /* Soft MoE's labels come with its weights */
     acmoe__lap(ctx, &mark, &layer->seconds_experts);
     layer->cached = 1;
@@ -4765,7 +4812,7 @@ static void acmoe__layernorm(acmoe_ctx *ctx, const float *x, const float *add, i
     memset(&j, 0, sizeof j);
     j.kern = &ctx->kernel, j.x = x, j.add = add, j.g = g, j.b = b, j.xhat = xhat, j.rstd = rstd, j.y = y;
     j.rows = rows, j.d = d;
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_rows, &j);
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_rows, &j);
 }
 
 /* dx (written, or added when accumulate) from dy; dg and db accumulate. */
@@ -4775,8 +4822,8 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
     memset(&j, 0, sizeof j);
     j.kern = &ctx->kernel, j.dy = dy, j.xhat_in = xhat, j.rstd_in = rstd, j.g = g, j.dg = dg, j.db = db, j.dx = dx;
     j.rows = rows, j.d = d, j.accumulate = accumulate;
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_backward_rows, &j);
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__layernorm_backward_columns, &j);
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_rows, &j);
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_columns, &j);
 }
 
 /* Attention runs one (sequence, head) pair per thread at a time, in strips of mr
@@ -5107,7 +5154,8 @@ static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch
     j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out;
     acmoe__attention_shape(&j, batch, seq, cache, seq_len, d, heads);
     j.start = start, j.causal = causal, j.slots = slots;
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_forward_job, &j);
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, 2.0 * batch * (seq - start) * seq * d), acmoe__attention_forward_job,
+                    &j);
 }
 
 /* dqkv [n][3d] from dout [n][d] and the forward call's out. */
@@ -6016,7 +6064,7 @@ static void acmoe__rows(acmoe_ctx *ctx, acmoe__rows_op op, float *y, const float
                         int cols) {
     acmoe__rows_job j;
     j.op = op, j.y = y, j.a = a, j.b = b, j.rows = rows, j.cols = cols;
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__rows_job_run, &j);
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * cols), acmoe__rows_job_run, &j);
 }
 
 /* ---- Swin: attention inside shifted windows, and patch merging ---- */

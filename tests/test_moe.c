@@ -333,6 +333,13 @@ static void test_moe_router_stability(void) {
             want = 0.8 * 0.2 * first + 0.2 * second;
             CHECKF(fabs(st.router_stability - want) < 1e-6, "%c: %g, want %g", routers[r], st.router_stability, want);
         }
+        for (i = 0; i < 12; i++) f.prev[2 * i] = i % 2 ? 100000 + i % 3 : -1 - i % 5; /* past the table of pairs */
+        CHECK(isfinite(fixture_loss(&f)));
+        {
+            acmoe_moe_stats st = acmoe_moe_last_stats(f.layer);
+            want = 0.8 * want + 0.2 * stability_by_pairs(&f, &st);
+            CHECKF(fabs(st.router_stability - want) < 1e-6, "%c: %g, want %g", routers[r], st.router_stability, want);
+        }
         fixture_free(&f);
     }
 }
