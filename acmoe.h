@@ -3865,8 +3865,31 @@ static void acmoe__select_priority(acmoe_moe *layer, int n) {
         }
 }
 
+typedef struct acmoe__topk_job {
+    acmoe_moe *layer;
+    const float *logits;
+    int n;
+} acmoe__topk_job;
+
+/* Each token's top k of its logits, tokens split across threads. */
+static void acmoe__topk_job_run(void *arg, int tid, int n_threads) {
+    const acmoe__topk_job *job = (const acmoe__topk_job *)arg;
+    acmoe_moe *layer = job->layer;
+    const int e = layer->desc.n_experts, k = layer->desc.top_k;
+    const int t0 = (int)((long)job->n * tid / n_threads), t1 = (int)((long)job->n * (tid + 1) / n_threads);
+    acmoe__topk_softmax(job->logits + (size_t)t0 * e, t1 - t0, e, k, layer->top_idx + (size_t)t0 * k,
+                        layer->top_gate + (size_t)t0 * k);
+}
+
+static void acmoe__topk(acmoe_moe *layer, acmoe_ctx *ctx, const float *logits, int n) {
+    acmoe__topk_job job;
+    job.layer = layer, job.logits = logits, job.n = n;
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)n * layer->desc.n_experts * layer->desc.top_k),
+                    acmoe__topk_job_run, &job);
+}
+
 /* Top-k by score for the next layer, then the pairs of the selection rule. */
-static void acmoe__select(acmoe_moe *layer, int n) {
+static void acmoe__select(acmoe_moe *layer, acmoe_ctx *ctx, int n) {
     const acmoe_router_select rule = layer->desc.router_select;
     if (rule == ACMOE_SELECT_SOFT) { /* no pairs; acmoe__soft_dispatch_job makes the weights */
         layer->n_groups = acmoe__group_count(&layer->desc, n);
@@ -3875,12 +3898,12 @@ static void acmoe__select(acmoe_moe *layer, int n) {
     }
     if (rule == ACMOE_SELECT_PRIORITY) { /* by the noisy probabilities: the next layer's labels too */
         acmoe__noisy_logits(layer, n);
-        acmoe__topk_softmax(layer->noisy, n, layer->desc.n_experts, layer->desc.top_k, layer->top_idx, layer->top_gate);
+        acmoe__topk(layer, ctx, layer->noisy, n);
         acmoe__softmax_rows(layer->noisy, layer->probs, n, layer->desc.n_experts, 1.0f);
         acmoe__select_priority(layer, n);
         return;
     }
-    acmoe__topk_softmax(layer->logits, n, layer->desc.n_experts, layer->desc.top_k, layer->top_idx, layer->top_gate);
+    acmoe__topk(layer, ctx, layer->logits, n);
     /* full softmax: the gates of the other rules */
     if (rule != ACMOE_SELECT_TOPK) acmoe__softmax_rows(layer->logits, layer->probs, n, layer->desc.n_experts, 1.0f);
     if (rule == ACMOE_SELECT_USMOE) acmoe__select_usmoe(layer, n);
@@ -4386,7 +4409,7 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
     if (s != ACMOE_OK) return s;
     layer->nonfinite = acmoe__count_nonfinite(layer->logits, (size_t)n * layer->lw);
     if (layer->nonfinite) acmoe__replace_nonfinite(layer->logits, (size_t)n * layer->lw);
-    acmoe__select(layer, n);
+    acmoe__select(layer, ctx, n);
     acmoe__dispatch(layer);
     layer->aux_loss = acmoe__aux_loss(layer, n, 0);
     acmoe__lap(ctx, &mark, &layer->seconds_routing);
