@@ -5005,10 +5005,11 @@ static int acmoe__strip_keys(const acmoe__attention_job *j, int i1) { return j->
 static size_t acmoe__decoding_span(int d, int seq_len) { return (size_t)d * (size_t)(acmoe__pad_up(seq_len) + seq_len); }
 
 /* One pair's operands: q, k, v (row stride 3d) and their gradients, its output or output
-   gradient rows (row stride d), the transposed keys kt, and its scratch. Where a head is as
-   wide as its padding, the kernels read q, k and v rows in place (qr, kr, vr at row stride
-   ld); otherwise they read padded copies in the scratch. Decoding a batch, the queries are
-   the new rows (from position q_first) and kt and v are in the cache. */
+   gradient rows (row stride d), the transposed keys kt, and its scratch. In the forward pass,
+   where a head is as wide as its padding, the kernels read q, k and v rows in place (qr, kr,
+   vr at row stride ld); otherwise, and always in the backward pass, they read compact padded
+   copies in the scratch (its score products ran slower on query rows 3d apart). Decoding a
+   batch, the queries are the new rows (from position q_first) and kt and v are in the cache. */
 typedef struct acmoe__attention_pair {
     const float *q, *k, *v, *qr, *kr, *vr, *kt;
     float *dq, *dk, *dv;
@@ -5033,7 +5034,7 @@ static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job
         P.kt = cached + (size_t)h * dh * P.kt_ld;
         P.v = cached + (size_t)j->d * P.kt_ld + (size_t)h * dh, P.v_ld = j->d;
     }
-    if (P.s.hp == dh) {
+    if (P.s.hp == dh && !j->dqkv) {
         P.qr = P.q, P.kr = P.k, P.vr = P.v, P.ld = (size_t)(j->cache ? j->d : j->ld);
     } else { /* the backward pass copies q into xr; the forward pass, v */
         P.qr = P.vr = P.s.xr, P.kr = P.s.kr, P.ld = (size_t)P.s.hp;
@@ -5135,14 +5136,13 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     int pair, b0;
     if (tid >= workers) return;
     while ((pair = acmoe__next_item(&j->next)) < j->batch * j->heads) {
-        const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
+        acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, seq, dh);
         acmoe__transpose_padded(kern->isa, s->vt, s->sp, P.v, (size_t)ld, seq, dh);
-        if (P.kr == s->kr) {
-            acmoe__scale_rows(s->kr, (size_t)s->hp, P.k, (size_t)ld, seq, dh, s->hp, NULL);
-            acmoe__scale_rows(s->xr, (size_t)s->hp, P.q, (size_t)ld, seq, dh, s->hp, NULL);
-        }
+        acmoe__scale_rows(s->kr, (size_t)s->hp, P.k, (size_t)ld, seq, dh, s->hp, NULL);
+        acmoe__scale_rows(s->xr, (size_t)s->hp, P.q, (size_t)ld, seq, dh, s->hp, NULL);
+        P.q = s->xr, P.q_ld = s->hp; /* the scores read compact rows */
         memset(s->dk, 0, sizeof(float) * (size_t)seq * s->hp);
         memset(s->dv, 0, sizeof(float) * (size_t)seq * s->hp);
         for (b0 = (seq - 1) / ACMOE__ATTENTION_BLOCK * ACMOE__ATTENTION_BLOCK; b0 >= 0; b0 -= ACMOE__ATTENTION_BLOCK) {
