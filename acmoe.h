@@ -871,6 +871,7 @@ ACMOE_API acmoe_train_desc acmoe_lm_train_settings(const acmoe_lm *model);
 #if defined(ACMOE_IMPLEMENTATION) && !defined(ACMOE_IMPLEMENTATION_DONE)
 #define ACMOE_IMPLEMENTATION_DONE
 
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -5407,9 +5408,12 @@ ACMOE_API const acmoe_option *acmoe_optim_options(int *count) {
     return acmoe__optim_options;
 }
 
-/* Whether value is one the option takes. */
+/* Whether value is one the option takes. A float option is judged as its float field holds
+   it: the float nearest a bound such as 0.99 lies just outside the bound's double. */
 static int acmoe__option_fits(const acmoe_option *o, double value) {
-    return value >= o->min && value <= o->max && (o->type == ACMOE_OPTION_FLOAT || value == floor(value));
+    if (o->type == ACMOE_OPTION_FLOAT)
+        return fabs(value) <= FLT_MAX && (float)value >= (float)o->min && (float)value <= (float)o->max;
+    return value >= o->min && value <= o->max && value == floor(value);
 }
 
 ACMOE_API acmoe_status acmoe_option_set(const acmoe_option *o, void *desc, const char *text) {

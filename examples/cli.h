@@ -12,6 +12,7 @@
 #define ACMOE_EXAMPLES_CLI_H
 
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -119,13 +120,21 @@ static inline int cli_refuse(cli *c, const char *format, ...) {
     return CLI_BAD;
 }
 
-static inline int cli_in_range(const flag *f, double v) {
-    const int above_min = f->attrs & CLI_ABOVE_MIN ? v > f->min : v >= f->min;
-    return above_min && v <= f->max;
-}
-
 static inline int cli_is_float(const flag *f) {
     return f->type == OPT_FLOAT || (f->type == OPT_LIBRARY && f->option->type == ACMOE_OPTION_FLOAT);
+}
+
+/* A float flag is judged as its float field holds it: the float nearest a bound such as
+   0.99 lies just outside the bound's double. */
+static inline int cli_in_range(const flag *f, double v) {
+    double low = f->min, high = f->max;
+    int above_min;
+    if (cli_is_float(f)) {
+        if (!(fabs(v) <= FLT_MAX)) return 0;
+        v = (float)v, low = (float)low, high = (float)high;
+    }
+    above_min = f->attrs & CLI_ABOVE_MIN ? v > low : v >= low;
+    return above_min && v <= high;
 }
 
 static inline int cli_is_enum(const flag *f) { return f->type == OPT_LIBRARY && f->option->type == ACMOE_OPTION_ENUM; }
@@ -186,8 +195,7 @@ static inline int cli_set_number(cli *c, const flag *f, const char *value, char 
             if (errno == ERANGE) return cli_out_of_range(c, f, value);
             return cli_refuse(c, "%s takes a finite number, not '%.40s'", f->name, value);
         }
-        /* the range holds for the float the program gets, not only for the text's double */
-        if (!cli_in_range(f, real) || !cli_in_range(f, (double)(float)real)) return cli_out_of_range(c, f, value);
+        if (!cli_in_range(f, real)) return cli_out_of_range(c, f, value); /* as the float it becomes */
         *(float *)field = (float)real;
         return CLI_OK;
     }

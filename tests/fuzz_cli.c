@@ -31,6 +31,7 @@ static const seed seeds[] = {
     {1, {"--compare", "g,s,o,x,gc,u,e,m,ga,f", "--seeds", "2", "--ac-scaling", "postclip", "--dropout", "0.1"}},
     {1, {"--window", "2", "--compare", "gt|tw,ff|na", "--schedule", "constant", "--usmoe-group", "sequence"}},
     {1, {"--lr", "nan", "--seed", "0", "--patch", "3", "--help"}},
+    {0, {"--dropout", "0.99", "--target-bpc", "8", "--ac-clip", "1000000"}}, /* bounds, one whose float lies past it */
 };
 
 /* The table's byte, then the arguments separated by NUL bytes. */

@@ -213,6 +213,29 @@ static void test_ranges_refused(void) {
     acmoe_ctx_destroy(ctx);
 }
 
+/* Each float option takes the bounds it lists, typed as text, wherever it takes the middle of
+   its range (some need other settings to be taken at all): the float nearest a bound such as
+   0.99 lies just outside the bound's double and must still be taken. */
+static int resolves_with(const acmoe_option *option, double value) {
+    acmoe_lm_desc desc = small_desc("gc"), resolved;
+    char text[64];
+    snprintf(text, sizeof text, "%.17g", value);
+    return acmoe_option_set(option, &desc, text) == ACMOE_OK && acmoe_lm_resolve(&desc, &resolved) == ACMOE_OK;
+}
+
+static void test_float_bounds_taken(void) {
+    int count, i, tested = 0;
+    const acmoe_option *options = acmoe_model_options(&count);
+    for (i = 0; i < count; i++) {
+        const acmoe_option *o = &options[i];
+        if (o->type != ACMOE_OPTION_FLOAT || !resolves_with(o, 0.5 * (o->min + o->max))) continue;
+        CHECKF(resolves_with(o, o->min) && resolves_with(o, o->max), "%s: a bound of %g to %g refused", o->key, o->min,
+               o->max);
+        tested++;
+    }
+    CHECK(tested >= 5);
+}
+
 /* A checkpoint keeps the AC weights: loaded and frozen, the model decodes, with the logits of
    the model it was saved from. Before freezing, decoding is refused with the reason. */
 static void test_decode_after_load(void) {
@@ -438,6 +461,7 @@ static void test_wordswap(void) {
 }
 
 const test_case options_tests[] = {
+    {"float_bounds_taken", test_float_bounds_taken},
     {"options_enum_names", test_enum_names},
     {"options_set_and_format", test_option_set_and_format},
     {"options_every_option_survives_checkpoint", test_every_option_survives_checkpoint},
