@@ -3771,10 +3771,6 @@ static double acmoe__squared_runs(const acmoe__candidate *pairs, int n, int by_b
     return sum;
 }
 
-/* Updates the running router stability from the previous layer's best experts and this
-   layer's: the pairs that differ are those same in one layer only, so with the counts of
-   tokens per previous expert, per expert here and per pair of both, differ = sum of the
-   first squared + sum of the second squared - 2 x sum of the third squared. */
 /* The sums of squared counts of the tokens per previous expert and per pair (previous expert,
    expert here), from a table of the pair counts in the layer's candidate scratch when the
    previous experts' indices fit it (else from the pairs sorted): 0 when they fit. */
@@ -3802,6 +3798,10 @@ static int acmoe__pair_counts(acmoe_moe *layer, int n, const int32_t *prev_idx, 
     return 0;
 }
 
+/* Updates the running router stability from the previous layer's best experts and this
+   layer's: the pairs that differ are those same in one layer only, so with the counts of
+   tokens per previous expert, per expert here and per pair of both, differ = sum of the
+   first squared + sum of the second squared - 2 x sum of the third squared. */
 static void acmoe__update_stability(acmoe_moe *layer, int n, const int32_t *prev_idx, int prev_k) {
     acmoe__candidate *pairs = layer->cand; /* scratch once the selection is done */
     double same_prev, same_here, same_both;
@@ -3866,10 +3866,14 @@ static void acmoe__select_priority(acmoe_moe *layer, int n) {
         }
 }
 
+static void acmoe__token_range(const acmoe_moe *layer, int tid, int n_threads, int *t0, int *t1) {
+    *t0 = (int)((long)layer->n * tid / n_threads);
+    *t1 = (int)((long)layer->n * (tid + 1) / n_threads);
+}
+
 typedef struct acmoe__topk_job {
     acmoe_moe *layer;
     const float *logits;
-    int n;
 } acmoe__topk_job;
 
 /* Each token's top k of its logits, tokens split across threads. */
@@ -3877,15 +3881,17 @@ static void acmoe__topk_job_run(void *arg, int tid, int n_threads) {
     const acmoe__topk_job *job = (const acmoe__topk_job *)arg;
     acmoe_moe *layer = job->layer;
     const int e = layer->desc.n_experts, k = layer->desc.top_k;
-    const int t0 = (int)((long)job->n * tid / n_threads), t1 = (int)((long)job->n * (tid + 1) / n_threads);
+    int t0, t1;
+    acmoe__token_range(layer, tid, n_threads, &t0, &t1);
     acmoe__topk_softmax(job->logits + (size_t)t0 * e, t1 - t0, e, k, layer->top_idx + (size_t)t0 * k,
                         layer->top_gate + (size_t)t0 * k);
 }
 
-static void acmoe__topk(acmoe_moe *layer, acmoe_ctx *ctx, const float *logits, int n) {
+/* Top k of the layer's n tokens' logits. */
+static void acmoe__topk(acmoe_moe *layer, acmoe_ctx *ctx, const float *logits) {
     acmoe__topk_job job;
-    job.layer = layer, job.logits = logits, job.n = n;
-    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)n * layer->desc.n_experts * layer->desc.top_k),
+    job.layer = layer, job.logits = logits;
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)layer->n * layer->desc.n_experts * layer->desc.top_k),
                     acmoe__topk_job_run, &job);
 }
 
@@ -3899,12 +3905,12 @@ static void acmoe__select(acmoe_moe *layer, acmoe_ctx *ctx, int n) {
     }
     if (rule == ACMOE_SELECT_PRIORITY) { /* by the noisy probabilities: the next layer's labels too */
         acmoe__noisy_logits(layer, n);
-        acmoe__topk(layer, ctx, layer->noisy, n);
+        acmoe__topk(layer, ctx, layer->noisy);
         acmoe__softmax_rows(layer->noisy, layer->probs, n, layer->desc.n_experts, 1.0f);
         acmoe__select_priority(layer, n);
         return;
     }
-    acmoe__topk(layer, ctx, layer->logits, n);
+    acmoe__topk(layer, ctx, layer->logits);
     /* full softmax: the gates of the other rules */
     if (rule != ACMOE_SELECT_TOPK) acmoe__softmax_rows(layer->logits, layer->probs, n, layer->desc.n_experts, 1.0f);
     if (rule == ACMOE_SELECT_USMOE) acmoe__select_usmoe(layer, n);
@@ -4072,11 +4078,6 @@ static double acmoe__experts_work(const acmoe_moe *layer, const acmoe__expert_ro
     int e;
     for (e = 0; e < layer->desc.n_experts; e++) pairs += rows->count[e];
     return 2.0 * pairs * layer->desc.d_model * layer->desc.d_ff;
-}
-
-static void acmoe__token_range(const acmoe_moe *layer, int tid, int n_threads, int *t0, int *t1) {
-    *t0 = (int)((long)layer->n * tid / n_threads);
-    *t1 = (int)((long)layer->n * (tid + 1) / n_threads);
 }
 
 /* The experts' input rows: x, or x * W[label] when the AC weights reach the experts; for

@@ -461,10 +461,10 @@ static void test_wordswap(void) {
 }
 
 const test_case options_tests[] = {
-    {"float_bounds_taken", test_float_bounds_taken},
     {"options_enum_names", test_enum_names},
     {"options_set_and_format", test_option_set_and_format},
     {"options_every_option_survives_checkpoint", test_every_option_survives_checkpoint},
+    {"options_float_bounds_taken", test_float_bounds_taken},
     {"options_ranges_refused", test_ranges_refused},
     {"checkpoint_decode_after_load", test_decode_after_load},
     {"checkpoint_set_ac_weights", test_set_ac_weights},
