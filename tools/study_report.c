@@ -1403,8 +1403,6 @@ static void write_headline(FILE *out) {
         fputs(listed ? " |\n" : "- |\n", out);
     }
     if (n_claim_rows == 0) fputs("| (no AC router with a baseline and finished runs) | | | | | | |\n", out);
-    fputs("\n", out);
-    write_plain_verdict(out);
 }
 
 /* ---- plots ---- */
