@@ -1200,6 +1200,8 @@ typedef struct acmoe__kernel {
     float (*row_exp)(float *y, const float *x, int n, float shift, float scale);
     float (*row_sum)(const float *x, int n);
     float (*row_dot)(const float *a, const float *b, int n);
+    void (*row_axpy)(float *y, const float *x, int n, float a); /* y += a x, a product then a sum */
+    void (*row_relu)(float *y, const float *h, const float *g, size_t n); /* y = relu_grad(h, g) */
     void (*row_softmax_grad)(float *d, const float *e, int n, float dot, float scale);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
     float (*row_layernorm)(float *xhat, float *y, const float *x, const float *add, const float *g,
@@ -1728,6 +1730,26 @@ static float acmoe__row_dot_scalar(const float *a, const float *b, int n) {
     return sum;
 }
 
+static void acmoe__row_axpy_scalar(float *y, const float *x, int n, float a) {
+    int i;
+    for (i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* g where h > 0, else 0 (relu(h) is relu_grad(h, h)). Branch-free: the sign of a hidden
+   unit is a coin flip, and a branch on it mispredicts half the time. */
+static float acmoe__relu_grad(float h, float g) {
+    uint32_t bits;
+    memcpy(&bits, &g, sizeof bits);
+    bits &= 0u - (uint32_t)(h > 0.0f);
+    memcpy(&g, &bits, sizeof g);
+    return g;
+}
+
+static void acmoe__row_relu_scalar(float *y, const float *h, const float *g, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) y[i] = acmoe__relu_grad(h[i], g[i]);
+}
+
 static void acmoe__row_softmax_grad_scalar(float *d, const float *e, int n, float dot, float scale) {
     int i;
     for (i = 0; i < n; i++) d[i] = e[i] * (d[i] - dot) * scale;
@@ -1801,7 +1823,7 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
 }
 
 #define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, DIV, SQRT, FMA, MAX,  \
-                                  ROUND, LDEXP, HSUM, HMAX)                                             \
+                                  ROUND, LDEXP, HSUM, HMAX, KEEP_POSITIVE)                              \
     TARGET static VEC acmoe__exp2_##SFX(VEC t) {                                                         \
         VEC n, f, p;                                                                                     \
         t = MAX(t, SET1(ACMOE__EXP2_LO));                                                                \
@@ -1852,6 +1874,16 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
         if (i < n)                                                                                       \
             acc = FMA(acmoe__tail_load_##SFX(a + i, n - i, 0.0f), acmoe__tail_load_##SFX(b + i, n - i, 0.0f), acc); \
         return HSUM(acc);                                                                                \
+    }                                                                                                    \
+    TARGET static void acmoe__row_axpy_##SFX(float *y, const float *x, int n, float a) {                \
+        int i;                                                                                           \
+        for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, ADD(LOAD(y + i), MUL(SET1(a), LOAD(x + i)))); \
+        for (; i < n; i++) y[i] += a * x[i];                                                             \
+    }                                                                                                    \
+    TARGET static void acmoe__row_relu_##SFX(float *y, const float *h, const float *g, size_t n) {      \
+        size_t i;                                                                                        \
+        for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, KEEP_POSITIVE(LOAD(h + i), LOAD(g + i)));     \
+        for (; i < n; i++) y[i] = acmoe__relu_grad(h[i], g[i]);                                          \
     }                                                                                                    \
     TARGET static void acmoe__row_softmax_grad_##SFX(float *d, const float *e, int n, float dot, float scale) { \
         int i;                                                                                           \
@@ -1958,6 +1990,7 @@ ACMOE__TARGET_AVX2 static __m256 acmoe__tail_keep_avx2(__m256 v, int n) {
 #define ACMOE__AVX2_POW2(n) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #define ACMOE__AVX2_LDEXP(p, n) _mm256_mul_ps((p), ACMOE__AVX2_POW2(n))
+#define ACMOE__AVX2_KEEP_POSITIVE(h, g) _mm256_and_ps(_mm256_cmp_ps((h), _mm256_setzero_ps(), _CMP_GT_OQ), (g))
 /* A register's lanes added in the order of acmoe__lanes_sum (halves, then quarters, ...), or
    their maximum, without a trip through memory. */
 ACMOE__TARGET_AVX2 static float acmoe__hsum_avx2(__m256 v) {
@@ -1973,7 +2006,7 @@ ACMOE__TARGET_AVX2 static float acmoe__hmax_avx2(__m256 v) {
 ACMOE__DEFINE_ROW_KERNELS(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
                           _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_sqrt_ps,
                           _mm256_fmadd_ps, _mm256_max_ps, ACMOE__AVX2_ROUND, ACMOE__AVX2_LDEXP, acmoe__hsum_avx2,
-                          acmoe__hmax_avx2)
+                          acmoe__hmax_avx2, ACMOE__AVX2_KEEP_POSITIVE)
 #endif
 
 #ifdef ACMOE__HAVE_AVX512
@@ -2009,10 +2042,12 @@ ACMOE__TARGET_AVX512 static float acmoe__hmax_avx512(__m512 v) {
 }
 #define ACMOE__AVX512_MAX(a, b) _mm512_maskz_max_ps(ACMOE__ALL16, (a), (b))
 #define ACMOE__AVX512_SQRT(x) _mm512_maskz_sqrt_ps(ACMOE__ALL16, (x))
+#define ACMOE__AVX512_KEEP_POSITIVE(h, g) \
+    _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((h), _mm512_setzero_ps(), _CMP_GT_OQ), (g))
 ACMOE__DEFINE_ROW_KERNELS(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps,
                           _mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_div_ps,
                           ACMOE__AVX512_SQRT, _mm512_fmadd_ps, ACMOE__AVX512_MAX, ACMOE__AVX512_ROUND,
-                          ACMOE__AVX512_LDEXP, acmoe__hsum_avx512, acmoe__hmax_avx512)
+                          ACMOE__AVX512_LDEXP, acmoe__hsum_avx512, acmoe__hmax_avx512, ACMOE__AVX512_KEEP_POSITIVE)
 #endif
 
 #ifdef ACMOE__NEON
@@ -2035,10 +2070,12 @@ static float32x4_t acmoe__tail_keep_neon(float32x4_t v, int n) {
 }
 #define ACMOE__NEON_LDEXP(p, n) \
     vmulq_f32((p), vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23)))
+#define ACMOE__NEON_KEEP_POSITIVE(h, g) \
+    vreinterpretq_f32_u32(vandq_u32(vcgtq_f32((h), vdupq_n_f32(0.0f)), vreinterpretq_u32_f32(g)))
 static float acmoe__hsum_neon(float32x4_t v) { return vpadds_f32(vadd_f32(vget_low_f32(v), vget_high_f32(v))); }
 ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, vaddq_f32, vsubq_f32,
                           vmulq_f32, vdivq_f32, vsqrtq_f32, ACMOE__NEON_FMA, vmaxq_f32, vrndnq_f32,
-                          ACMOE__NEON_LDEXP, acmoe__hsum_neon, vmaxvq_f32)
+                          ACMOE__NEON_LDEXP, acmoe__hsum_neon, vmaxvq_f32, ACMOE__NEON_KEEP_POSITIVE)
 #endif
 
 /* Column kernels: products with one output column (decoding a token), c (+)= A' b for up
@@ -2140,7 +2177,7 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
-        acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                    \
+        acmoe__row_axpy_##SFX, acmoe__row_relu_##SFX, acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                    \
         acmoe__row_layernorm_backward_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
@@ -2597,17 +2634,15 @@ static void acmoe__lap(const acmoe_ctx *ctx, double *mark, double *total) {
 static double acmoe__clock_start(const acmoe_ctx *ctx) { return ctx->desc.clock ? ctx->desc.clock() : 0.0; }
 
 /* rows x cols += bias per column */
-static void acmoe__add_bias(float *x, int rows, int cols, const float *bias) {
-    int r, c;
-    for (r = 0; r < rows; r++)
-        for (c = 0; c < cols; c++) x[(size_t)r * cols + c] += bias[c];
+static void acmoe__add_bias(const acmoe__kernel *kern, float *x, int rows, int cols, const float *bias) {
+    int r;
+    for (r = 0; r < rows; r++) kern->row_axpy(x + (size_t)r * cols, bias, cols, 1.0f);
 }
 
 /* bias_grad += column sums of rows x cols */
-static void acmoe__bias_grad(const float *dy, int rows, int cols, float *bias_grad) {
-    int r, c;
-    for (r = 0; r < rows; r++)
-        for (c = 0; c < cols; c++) bias_grad[c] += dy[(size_t)r * cols + c];
+static void acmoe__bias_grad(const acmoe__kernel *kern, const float *dy, int rows, int cols, float *bias_grad) {
+    int r;
+    for (r = 0; r < rows; r++) kern->row_axpy(bias_grad, dy + (size_t)r * cols, cols, 1.0f);
 }
 
 /* ========================================================================================== */
@@ -3350,22 +3385,13 @@ static float acmoe__gelu_grad(float x) {
 
 static float acmoe__sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* g where h > 0, else 0 (relu(h) is relu_grad(h, h)). Branch-free: the sign of a hidden
-   unit is a coin flip, and a branch on it mispredicts half the time (measured 4x slower). */
-static float acmoe__relu_grad(float h, float g) {
-    uint32_t bits;
-    memcpy(&bits, &g, sizeof bits);
-    bits &= 0u - (uint32_t)(h > 0.0f);
-    memcpy(&g, &bits, sizeof g);
-    return g;
-}
-
 /* a [rows][d_ff] = act(h [rows][h_width]), one loop per activation. */
-static void acmoe__activate(acmoe_activation act, const float *h, float *a, int rows, int ff) {
+static void acmoe__activate(const acmoe__kernel *kern, acmoe_activation act, const float *h, float *a, int rows,
+                            int ff) {
     size_t i, n = (size_t)rows * ff;
     int r, c;
     if (act == ACMOE_ACT_RELU) {
-        for (i = 0; i < n; i++) a[i] = acmoe__relu_grad(h[i], h[i]); /* h where h > 0 */
+        kern->row_relu(a, h, h, n); /* h where h > 0 */
     } else if (act == ACMOE_ACT_GELU) {
         for (i = 0; i < n; i++) a[i] = acmoe__gelu(h[i]);
     } else { /* SwiGLU: the first half of each row gates the second */
@@ -3377,11 +3403,12 @@ static void acmoe__activate(acmoe_activation act, const float *h, float *a, int 
 }
 
 /* dh = da * act'(h), written over h */
-static void acmoe__activate_backward(acmoe_activation act, float *h, const float *da, int rows, int ff) {
+static void acmoe__activate_backward(const acmoe__kernel *kern, acmoe_activation act, float *h, const float *da,
+                                     int rows, int ff) {
     size_t i, n = (size_t)rows * ff;
     int r, c;
     if (act == ACMOE_ACT_RELU) {
-        for (i = 0; i < n; i++) h[i] = acmoe__relu_grad(h[i], da[i]);
+        kern->row_relu(h, h, da, n);
     } else if (act == ACMOE_ACT_GELU) {
         for (i = 0; i < n; i++) h[i] = da[i] * acmoe__gelu_grad(h[i]);
     } else {
@@ -3627,7 +3654,7 @@ static acmoe_status acmoe__router_score(acmoe_moe *layer, acmoe_ctx *ctx, const 
     }
     if (desc->router_score == ACMOE_SCORE_LINEAR) {
         s = acmoe_matmul(ctx, ACMOE_NT, n, desc->n_experts, layer->dr, u, layer->dr, layer->wr, layer->dr, layer->logits, desc->n_experts, 0);
-        if (s == ACMOE_OK && layer->br) acmoe__add_bias(layer->logits, n, desc->n_experts, layer->br);
+        if (s == ACMOE_OK && layer->br) acmoe__add_bias(&ctx->kernel, layer->logits, n, desc->n_experts, layer->br);
         return s;
     }
     acmoe__reproject_embeddings(layer);
@@ -4111,10 +4138,10 @@ static void acmoe__expert_forward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, con
     const size_t at = (size_t)block->offset[j];
     float *xe = block->xe + at * dm, *h = block->h + at * hw, *a = block->a + at * ff, *ye = block->ye + at * dm;
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, layer->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
-    acmoe__add_bias(h, rows, hw, layer->b1 + (size_t)j * hw);
-    acmoe__activate(desc->activation, h, a, rows, ff);
+    acmoe__add_bias(&ctx->kernel, h, rows, hw, layer->b1 + (size_t)j * hw);
+    acmoe__activate(&ctx->kernel, desc->activation, h, a, rows, ff);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, layer->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
-    acmoe__add_bias(ye, rows, dm, layer->b2 + (size_t)j * dm);
+    acmoe__add_bias(&ctx->kernel, ye, rows, dm, layer->b2 + (size_t)j * dm);
 }
 
 static void acmoe__experts_forward_job(void *arg, int tid, int n_threads) {
@@ -4139,12 +4166,25 @@ static void acmoe__gather_job(void *arg, int tid, int n_threads) {
         acmoe__expert_gather(job->layer, job->layer->order[i], acmoe__expert_input(job->layer, job->x));
 }
 
+/* Pairs ahead whose expert rows are fetched early: those rows sit in expert order, which the
+   hardware prefetcher cannot follow from token order. */
+#define ACMOE__PAIRS_AHEAD 4
+
+/* Fetches the expert row of pair p + ACMOE__PAIRS_AHEAD (if any) in rows of dm floats. */
+static void acmoe__prefetch_pair_row(const acmoe_moe *layer, const float *rows, int p) {
+    const size_t dm = (size_t)layer->desc.d_model;
+    size_t c;
+    if (p + ACMOE__PAIRS_AHEAD >= layer->n_pairs) return;
+    rows += (size_t)layer->pair_slot[p + ACMOE__PAIRS_AHEAD] * dm;
+    for (c = 0; c < dm; c += 16) ACMOE__PREFETCH_READ(rows + c);
+}
+
 /* out[t] = sum of gate * expert output over t's pairs, in order. */
 static void acmoe__combine_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
     const acmoe_moe *layer = job->layer;
     const int dm = layer->desc.d_model;
-    int t, t0, t1, p, q;
+    int t, t0, t1, p;
     acmoe__token_range(layer, tid, n_threads, &t0, &t1);
     for (t = t0; t < t1; t++) {
         float *o = job->out + (size_t)t * dm;
@@ -4152,7 +4192,8 @@ static void acmoe__combine_job(void *arg, int tid, int n_threads) {
         for (p = layer->token_start[t]; p < layer->token_start[t + 1]; p++) {
             const float *y = layer->ye + (size_t)layer->pair_slot[p] * dm;
             float g = layer->pair_gate[p];
-            for (q = 0; q < dm; q++) o[q] += g * y[q];
+            acmoe__prefetch_pair_row(layer, layer->ye, p);
+            job->ctx->kernel.row_axpy(o, y, dm, g);
         }
     }
 }
@@ -4437,6 +4478,7 @@ static void acmoe__combine_backward_job(void *arg, int tid, int n_threads) {
     for (p = layer->token_start[t0]; p < layer->token_start[t1]; p++) {
         const float *g = job->dout + (size_t)layer->pair_token[p] * dm;
         float *y = layer->ye + (size_t)layer->pair_slot[p] * dm, gate = layer->pair_gate[p];
+        acmoe__prefetch_pair_row(layer, layer->ye, p);
         layer->pair_dgate[p] = job->ctx->kernel.row_dot(g, y, dm);
         for (q = 0; q < dm; q++) y[q] = gate * g[q];
     }
@@ -4450,11 +4492,11 @@ static void acmoe__expert_backward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, co
     const size_t at = (size_t)block->offset[j];
     float *dy = block->ye + at * dm, *a = block->a + at * ff, *h = block->h + at * hw, *xe = block->xe + at * dm;
     const float *w1 = layer->w1 + (size_t)j * hw * dm, *w2 = layer->w2 + (size_t)j * dm * ff;
-    acmoe__bias_grad(dy, rows, dm, layer->g_b2 + (size_t)j * dm);
+    acmoe__bias_grad(&ctx->kernel, dy, rows, dm, layer->g_b2 + (size_t)j * dm);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, layer->g_w2 + (size_t)j * dm * ff, ff, 1);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
-    acmoe__activate_backward(desc->activation, h, a, rows, ff);                           /* h becomes dh */
-    acmoe__bias_grad(h, rows, hw, layer->g_b1 + (size_t)j * hw);
+    acmoe__activate_backward(&ctx->kernel, desc->activation, h, a, rows, ff); /* h becomes dh */
+    acmoe__bias_grad(&ctx->kernel, h, rows, hw, layer->g_b1 + (size_t)j * hw);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, layer->g_w1 + (size_t)j * hw * dm, dm, 1);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, dm, hw, h, hw, w1, dm, xe, dm, 0); /* dxe */
 }
@@ -4482,10 +4524,11 @@ static void acmoe__scatter_job(void *arg, int tid, int n_threads) {
         const float *g = layer->xe + (size_t)layer->pair_slot[p] * dm;
         size_t row = (size_t)layer->pair_token[p] * dm;
         const float *w = weighted ? acmoe__token_weights(layer, layer->pair_token[p]) : NULL;
+        acmoe__prefetch_pair_row(layer, layer->xe, p);
         if (w)
             for (q = 0; q < dm; q++) job->dx[row + q] += g[q] * w[q];
         else
-            for (q = 0; q < dm; q++) job->dx[row + q] += g[q];
+            job->ctx->kernel.row_axpy(job->dx + row, g, dm, 1.0f);
     }
 }
 
@@ -4575,7 +4618,7 @@ static acmoe_status acmoe__router_backward(acmoe_moe *layer, acmoe_ctx *ctx, flo
         return direct ? ACMOE_OK : acmoe__router_input_backward(layer, ctx, dx);
     }
     if (desc->router_score == ACMOE_SCORE_LINEAR) {
-        if (layer->br) acmoe__bias_grad(layer->dz, n, e, layer->g_br);
+        if (layer->br) acmoe__bias_grad(&ctx->kernel, layer->dz, n, e, layer->g_br);
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, layer->dz, e, u, dr, layer->g_wr, dr, 1);
     } else {
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, layer->dz, e, u, dr, layer->dehat, dr, 0);
@@ -6058,6 +6101,7 @@ typedef enum {
 } acmoe__rows_op;
 
 typedef struct acmoe__rows_job {
+    const acmoe__kernel *kern;
     acmoe__rows_op op;
     float *y;
     const float *a, *b;
@@ -6070,20 +6114,19 @@ static void acmoe__rows_job_run(void *arg, int tid, int n_threads) {
     const int k0 = (int)((long)split * tid / n_threads), k1 = (int)((long)split * (tid + 1) / n_threads);
     const size_t i0 = (size_t)k0 * j->cols, i1 = (size_t)k1 * j->cols;
     size_t i;
-    int r, c;
+    int r;
     switch (j->op) {
     case ACMOE__ROWS_ADD:
         for (i = i0; i < i1; i++) j->y[i] = j->a[i] + j->b[i];
         break;
     case ACMOE__ROWS_ACCUMULATE:
-        for (i = i0; i < i1; i++) j->y[i] += j->a[i];
+        j->kern->row_axpy(j->y + i0, j->a + i0, (int)(i1 - i0), 1.0f);
         break;
     case ACMOE__ROWS_ADD_BIAS:
-        acmoe__add_bias(j->y + i0, k1 - k0, j->cols, j->a);
+        acmoe__add_bias(j->kern, j->y + i0, k1 - k0, j->cols, j->a);
         break;
     case ACMOE__ROWS_BIAS_GRAD:
-        for (r = 0; r < j->rows; r++)
-            for (c = k0; c < k1; c++) j->y[c] += j->a[(size_t)r * j->cols + c];
+        for (r = 0; r < j->rows; r++) j->kern->row_axpy(j->y + k0, j->a + (size_t)r * j->cols + k0, k1 - k0, 1.0f);
         break;
     }
 }
@@ -6091,7 +6134,7 @@ static void acmoe__rows_job_run(void *arg, int tid, int n_threads) {
 static void acmoe__rows(acmoe_ctx *ctx, acmoe__rows_op op, float *y, const float *a, const float *b, int rows,
                         int cols) {
     acmoe__rows_job j;
-    j.op = op, j.y = y, j.a = a, j.b = b, j.rows = rows, j.cols = cols;
+    j.kern = &ctx->kernel, j.op = op, j.y = y, j.a = a, j.b = b, j.rows = rows, j.cols = cols;
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * cols), acmoe__rows_job_run, &j);
 }
 
@@ -6501,7 +6544,7 @@ ACMOE_API acmoe_status acmoe_vision_forward(acmoe_lm *model, acmoe_ctx *ctx, con
     acmoe__mean_rows(top, batch, seq, d, model->pooled);
     s = acmoe_matmul(ctx, ACMOE_NT, batch, model->desc.n_classes, d, model->pooled, d, model->head, d, model->logits, model->desc.n_classes, 0);
     if (s != ACMOE_OK) return s;
-    acmoe__add_bias(model->logits, batch, model->desc.n_classes, model->head_b);
+    acmoe__add_bias(&ctx->kernel, model->logits, batch, model->desc.n_classes, model->head_b);
     if (labels) {
         *loss = acmoe__cross_entropy(ctx, model->logits, model->targets, batch, model->desc.n_classes, 0, model->row_loss) + aux;
         model->cached = 1;
@@ -6718,7 +6761,7 @@ static acmoe_status acmoe__vision_head_backward(acmoe_lm *model, acmoe_ctx *ctx)
     acmoe_status s;
     int i, q;
     acmoe__cross_entropy(ctx, model->logits, model->targets, model->batch, classes, 1, model->row_loss);
-    acmoe__bias_grad(model->logits, model->batch, classes, model->g_head_b);
+    acmoe__bias_grad(&ctx->kernel, model->logits, model->batch, classes, model->g_head_b);
     s = acmoe_matmul(ctx, ACMOE_TN, classes, d, model->batch, model->logits, classes, model->pooled, d, model->g_head, d, 1);
     if (s == ACMOE_OK)
         s = acmoe_matmul(ctx, ACMOE_NN, model->batch, d, classes, model->logits, classes, model->head, d, dpooled, d, 0);
