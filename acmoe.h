@@ -1182,6 +1182,10 @@ typedef struct acmoe__workspace {
 typedef void (*acmoe__kernel_fn)(int kc, const float *const *a_rows, ptrdiff_t a_step,
                                  const float *b, ptrdiff_t b_step, float *c, ptrdiff_t c_step,
                                  int rows, int accumulate);
+/* ACMOE__TALL_ROWS rows of A at a stride, one vector of columns (see acmoe__kernel_avx512_tall). */
+#define ACMOE__TALL_ROWS 12
+typedef void (*acmoe__tall_fn)(int kc, const float *a, ptrdiff_t a_rs, ptrdiff_t a_cs, const float *b, ptrdiff_t b_step,
+                               float *c, ptrdiff_t c_step, int accumulate);
 
 typedef struct acmoe__adam acmoe__adam; /* AdamW coefficients, with the row kernels */
 
@@ -1210,6 +1214,8 @@ typedef struct acmoe__kernel {
                                    int accumulate);
     acmoe__gemv_fn gemv; /* one output column, gemv_rows rows at a time; NULL: the micro-kernels */
     int gemv_rows;
+    acmoe__tall_fn tall; /* products one vector wide (attention heads); NULL: the micro-kernels */
+    int tall_width;
 } acmoe__kernel;
 
 struct acmoe_ctx {
@@ -1674,6 +1680,31 @@ ACMOE__AVX2_KERNEL(acmoe__kernel_avx2_half, 1)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512, 4)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_half, 2)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_quarter, 1)
+
+/* A product one vector wide keeps only mr chains in flight, fewer than the FMA units'
+   latency covers, and loads a vector for every mr broadcasts. This kernel takes twice the
+   rows, at a stride rather than from row pointers (twelve pointers would not stay in
+   registers), with each element the same chain of multiply-adds as the micro-kernels'. */
+ACMOE__TARGET_AVX512 static void acmoe__kernel_avx512_tall(int kc, const float *a, ptrdiff_t a_rs, ptrdiff_t a_cs,
+                                                           const float *b, ptrdiff_t b_step, float *c,
+                                                           ptrdiff_t c_step, int accumulate) {
+    const float *base[ACMOE__TALL_ROWS / 3];
+    const ptrdiff_t offset[3] = {0, a_rs, 2 * a_rs};
+    __m512 acc[ACMOE__TALL_ROWS];
+    int i, p;
+    ACMOE__UNROLL for (i = 0; i < ACMOE__TALL_ROWS; i++) acc[i] = _mm512_setzero_ps();
+    ACMOE__UNROLL for (i = 0; i < ACMOE__TALL_ROWS / 3; i++) base[i] = a + 3 * i * a_rs;
+    for (p = 0; p < kc; p++, b += b_step) {
+        const __m512 bv = _mm512_loadu_ps(b);
+        const ptrdiff_t at = p * a_cs;
+        ACMOE__UNROLL for (i = 0; i < ACMOE__TALL_ROWS; i++)
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(base[i / 3][offset[i % 3] + at]), bv, acc[i]);
+    }
+    ACMOE__UNROLL for (i = 0; i < ACMOE__TALL_ROWS; i++) {
+        float *cp = c + i * c_step;
+        _mm512_storeu_ps(cp, accumulate ? _mm512_add_ps(_mm512_loadu_ps(cp), acc[i]) : acc[i]);
+    }
+}
 #endif
 
 /* 6 x 16 uses 24 of the 32 q registers. */
@@ -2183,18 +2214,18 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
         {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter},
-         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0},
+         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0, NULL, 0},
 #ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
         {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8},
-         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8},
+         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8, NULL, 0},
 #endif
 #ifdef ACMOE__HAVE_AVX512
         {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
-         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512, 16},
+         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512, 16, acmoe__kernel_avx512_tall, 16},
 #endif
 #ifdef ACMOE__NEON
         {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter},
-         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4},
+         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4, NULL, 0},
 #endif
     };
     size_t i;
@@ -4894,8 +4925,8 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_columns, &j);
 }
 
-/* Attention runs one (sequence, head) pair per thread at a time, in strips of mr
-   query rows: a strip's scores against its keys, their exponentials, and the products with
+/* Attention runs one (sequence, head) pair per thread at a time, in strips of query rows
+   (mr, or the rows of the path's kernel for products one vector wide): a strip's scores against its keys, their exponentials, and the products with
    the values, all in a per-thread scratch that stays in cache. A head is a few columns (16 at
    d 128 and 8 heads), too narrow for packing to pay: the micro-kernels read every operand in
    place, from the q, k, v rows themselves or from copies made once per pair (rows padded to
@@ -4909,6 +4940,10 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
    value gradients are one product per strip of keys. */
 #define ACMOE__ATTENTION_BLOCK 64
 #define ACMOE__ATTENTION_PAD 16 /* every path's kernel widths divide it or are multiples of it */
+#define ACMOE__STRIP_MAX ACMOE__MAX(ACMOE__MR_MAX, ACMOE__TALL_ROWS)
+
+/* Query rows a strip takes: as many as the products one head wide take at once. */
+static int acmoe__strip_rows(const acmoe__kernel *kern) { return kern->tall ? ACMOE__TALL_ROWS : kern->mr; }
 
 static int acmoe__pad_up(int n) {
     return (n + ACMOE__ATTENTION_PAD - 1) / ACMOE__ATTENTION_PAD * ACMOE__ATTENTION_PAD;
@@ -4928,7 +4963,7 @@ static size_t acmoe__attention_layout(int seq, int dh, float *base, acmoe__atten
     const size_t sp = (size_t)acmoe__pad_up(seq), hp = (size_t)acmoe__pad_up(dh);
     const size_t block = (size_t)ACMOE__MIN(seq, ACMOE__ATTENTION_BLOCK) * sp;
     const size_t sizes[10] = {dh * sp, dh * sp, sp * hp, sp * hp, block, block,
-                              (size_t)ACMOE__ATTENTION_BLOCK * hp, sp * hp, sp * hp, ACMOE__MR_MAX * hp};
+                              (size_t)ACMOE__ATTENTION_BLOCK * hp, sp * hp, sp * hp, ACMOE__STRIP_MAX * hp};
     float **parts[10];
     size_t used = 0;
     int i;
@@ -4956,8 +4991,11 @@ static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k,
                                  ptrdiff_t a_cs, const float *b, ptrdiff_t b_rs, float *c, ptrdiff_t c_rs,
                                  int accumulate) {
     const float *rows[ACMOE__MR_MAX];
-    int i0, j0, i, w;
-    for (i0 = 0; i0 < m; i0 += kern->mr) {
+    int i0 = 0, j0, i, w;
+    if (kern->tall && n == kern->tall_width)
+        for (; i0 + ACMOE__TALL_ROWS <= m; i0 += ACMOE__TALL_ROWS)
+            kern->tall(k, a + i0 * a_rs, a_rs, a_cs, b, b_rs, c + i0 * c_rs, c_rs, accumulate);
+    for (; i0 < m; i0 += kern->mr) {
         const int mrr = ACMOE__MIN(kern->mr, m - i0);
         for (i = 0; i < kern->mr; i++) rows[i] = a + (i0 + ACMOE__MIN(i, mrr - 1)) * a_rs;
         for (j0 = 0; j0 < n; j0 += kern->width[w]) {
@@ -5105,7 +5143,7 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     acmoe__attention_job *j = (acmoe__attention_job *)arg;
     const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, ld = j->ld, workers = ACMOE__MIN(n_threads, j->slots);
-    float inv[ACMOE__MR_MAX];
+    float inv[ACMOE__STRIP_MAX];
     int pair, i0, i1;
     if (tid >= workers) return;
     while ((pair = acmoe__next_item(&j->next)) < j->batch * j->heads) {
@@ -5114,7 +5152,7 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
         if (!j->cache) acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
         if (P.vr == s->xr) acmoe__scale_rows(s->xr, (size_t)s->hp, P.v, (size_t)P.v_ld, j->seq, dh, s->hp, NULL);
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
-            i1 = ACMOE__MIN(j->seq, i0 + kern->mr);
+            i1 = ACMOE__MIN(j->seq, i0 + acmoe__strip_rows(kern));
             acmoe__attention_exp(j, &P, i0, i1, i1, s->p, inv);
             acmoe__small_product(kern, i1 - i0, s->hp, acmoe__strip_keys(j, i1), s->p, s->sp, 1, P.vr, (ptrdiff_t)P.ld,
                                  s->tile, s->hp, 0);
@@ -5132,13 +5170,13 @@ static void acmoe__attention_backward_strips(const acmoe__attention_job *j, cons
     const acmoe__attention_scratch *s = &P->s;
     const int dh = j->d / j->heads, ld = j->ld;
     const float scale = 1.0f / sqrtf((float)dh);
-    float inv[ACMOE__MR_MAX], dot[ACMOE__MR_MAX];
+    float inv[ACMOE__STRIP_MAX], dot[ACMOE__STRIP_MAX];
     int i0, i1, r, keys;
     for (i0 = b0; i0 < b1; i0 = i1) {
         float *p = s->p + (size_t)(i0 - b0) * s->sp, *dp = s->dp + (size_t)(i0 - b0) * s->sp;
         float *g = s->g + (size_t)(i0 - b0) * s->hp;
         const float *o = j->out + P->out + (size_t)i0 * j->out_ld;
-        i1 = ACMOE__MIN(b1, i0 + kern->mr);
+        i1 = ACMOE__MIN(b1, i0 + acmoe__strip_rows(kern));
         keys = acmoe__strip_keys(j, i1);
         acmoe__attention_exp(j, P, i0, i1, b1, p, inv);
         acmoe__scale_rows(g, (size_t)s->hp, j->dout + P->out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, i1 - i0, dh, s->hp,
@@ -5164,7 +5202,7 @@ static void acmoe__attention_backward_keys(const acmoe__attention_job *j, const 
         const int first = j->causal ? ACMOE__MAX(b0, k0) - b0 : 0, depth = b1 - b0 - first;
         const size_t at = (size_t)first * s->sp + (size_t)k0;
         /* keys before the block (every key, without the mask) take every row */
-        k1 = !j->causal ? keys : k0 < b0 ? b0 : ACMOE__MIN(b1, k0 + kern->mr);
+        k1 = !j->causal ? keys : k0 < b0 ? b0 : ACMOE__MIN(b1, k0 + acmoe__strip_rows(kern));
         acmoe__small_product(kern, k1 - k0, s->hp, depth, s->p + at, 1, s->sp, s->g + (size_t)first * s->hp, s->hp,
                              s->dv + (size_t)k0 * s->hp, s->hp, 1);
         acmoe__small_product(kern, k1 - k0, s->hp, depth, s->dp + at, 1, s->sp, P->qr + (size_t)(b0 + first) * P->ld,

@@ -250,6 +250,39 @@ static void test_attention_blocks(void) {
     check_attention(40, 2, 0);
 }
 
+/* A path's kernel for products one vector wide gives the bits of its micro-kernels: rows of
+   A along the depth (a_cs 1) and across it (a_rs 1), written over C and added to it. */
+static void test_tall_kernel(void) {
+    enum { K = 37, ROWS = ACMOE__TALL_ROWS };
+    float a[ROWS * K], b[K * 64], want[ROWS * 64], got[ROWS * 64];
+    acmoe_rng rng;
+    int isa, layout, accumulate, i, w, tested = 0;
+    acmoe_rng_seed(&rng, 21);
+    for (i = 0; i < ROWS * K; i++) a[i] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
+    for (i = 0; i < K * 64; i++) b[i] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
+    for (isa = 0; isa < ACMOE_ISA_COUNT; isa++) {
+        acmoe__kernel k;
+        if (acmoe__kernel_for((acmoe_isa)isa, &k) != ACMOE_OK || !k.tall) continue;
+        for (w = 0; k.width[w] != k.tall_width; w++) continue;
+        for (layout = 0; layout < 2; layout++)
+            for (accumulate = 0; accumulate < 2; accumulate++) {
+                const ptrdiff_t a_rs = layout ? 1 : K, a_cs = layout ? ROWS : 1;
+                const float *rows[ACMOE__MR_MAX];
+                int r0, r;
+                for (i = 0; i < ROWS * 64; i++) want[i] = got[i] = (float)(i % 13) - 6.0f;
+                for (r0 = 0; r0 < ROWS; r0 += k.mr) {
+                    for (r = 0; r < k.mr; r++) rows[r] = a + (r0 + r) * a_rs;
+                    k.fn[w](K, rows, a_cs, b, 64, want + r0 * 64, 64, k.mr, accumulate);
+                }
+                k.tall(K, a, a_rs, a_cs, b, 64, got, 64, accumulate);
+                CHECKF(memcmp(want, got, sizeof want) == 0, "%s, layout %d, accumulate %d", acmoe_isa_name(k.isa),
+                       layout, accumulate);
+                tested++;
+            }
+    }
+    CHECK(tested == (acmoe_isa_supported(ACMOE_ISA_AVX512) ? 4 : 0));
+}
+
 /* The AdamW row kernel of every path against the plain formula in double precision, on
    runs of every length from 0 to 24 (vector bodies and tails). */
 static void test_row_adam(void) {
@@ -407,6 +440,7 @@ static void test_corrupt_tokens(void) {
 const test_case internal_tests[] = {
     {"row_kernels", test_row_kernels},
     {"attention_blocks", test_attention_blocks},
+    {"tall_kernel", test_tall_kernel},
     {"row_adam", test_row_adam},
     {"row_layernorm", test_row_layernorm},
     {"lm_dropout_gradient", test_lm_dropout_gradient},
