@@ -1205,6 +1205,7 @@ typedef struct acmoe__kernel {
     float (*row_sum)(const float *x, int n);
     float (*row_dot)(const float *a, const float *b, int n);
     void (*row_axpy)(float *y, const float *x, int n, float a); /* y += a x, a product then a sum */
+    void (*row_scale)(float *y, const float *x, int n, float a); /* y = a x */
     void (*row_relu)(float *y, const float *h, const float *g, size_t n); /* y = relu_grad(h, g) */
     void (*row_softmax_grad)(float *d, const float *e, int n, float dot, float scale);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
@@ -1766,6 +1767,11 @@ static void acmoe__row_axpy_scalar(float *y, const float *x, int n, float a) {
     for (i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+static void acmoe__row_scale_scalar(float *y, const float *x, int n, float a) {
+    int i;
+    for (i = 0; i < n; i++) y[i] = a * x[i];
+}
+
 /* g where h > 0, else 0 (relu(h) is relu_grad(h, h)). Branch-free: the sign of a hidden
    unit is a coin flip, and a branch on it mispredicts half the time. */
 static float acmoe__relu_grad(float h, float g) {
@@ -1910,6 +1916,11 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, ADD(LOAD(y + i), MUL(SET1(a), LOAD(x + i)))); \
         for (; i < n; i++) y[i] += a * x[i];                                                             \
+    }                                                                                                    \
+    TARGET static void acmoe__row_scale_##SFX(float *y, const float *x, int n, float a) {               \
+        int i;                                                                                           \
+        for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, MUL(SET1(a), LOAD(x + i)));                   \
+        for (; i < n; i++) y[i] = a * x[i];                                                              \
     }                                                                                                    \
     TARGET static void acmoe__row_relu_##SFX(float *y, const float *h, const float *g, size_t n) {      \
         size_t i;                                                                                        \
@@ -2208,7 +2219,7 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
-        acmoe__row_axpy_##SFX, acmoe__row_relu_##SFX, acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                    \
+        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_relu_##SFX, acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                    \
         acmoe__row_layernorm_backward_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
@@ -5008,17 +5019,17 @@ static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k,
 /* y = x times its row's factor (1 without factors) for n rows of dh floats, and zeros up to
    width (row strides ldy and ldx). Rows far apart defeat the hardware prefetcher, so the
    rows 32 below are fetched ahead. */
-static void acmoe__scale_rows(float *y, size_t ldy, const float *x, size_t ldx, int n, int dh, int width,
-                              const float *factor) {
-    int r, c;
+static void acmoe__scale_rows(const acmoe__kernel *kern, float *y, size_t ldy, const float *x, size_t ldx, int n, int dh,
+                              int width, const float *factor) {
+    int r;
     for (r = 0; r < n; r++) {
         float *yr = y + (size_t)r * ldy;
         if (r + 32 < n) {
             ACMOE__PREFETCH_READ(x + (size_t)(r + 32) * ldx);
             ACMOE__PREFETCH_WRITE(y + (size_t)(r + 32) * ldy);
         }
-        for (c = 0; c < dh; c++) yr[c] = factor ? x[(size_t)r * ldx + c] * factor[r] : x[(size_t)r * ldx + c];
-        for (; c < width; c++) yr[c] = 0.0f;
+        kern->row_scale(yr, x + (size_t)r * ldx, dh, factor ? factor[r] : 1.0f);
+        if (width > dh) memset(yr + dh, 0, sizeof(float) * (size_t)(width - dh));
     }
 }
 
@@ -5150,13 +5161,13 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
         const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         if (!j->cache) acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
-        if (P.vr == s->xr) acmoe__scale_rows(s->xr, (size_t)s->hp, P.v, (size_t)P.v_ld, j->seq, dh, s->hp, NULL);
+        if (P.vr == s->xr) acmoe__scale_rows(kern, s->xr, (size_t)s->hp, P.v, (size_t)P.v_ld, j->seq, dh, s->hp, NULL);
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
             i1 = ACMOE__MIN(j->seq, i0 + acmoe__strip_rows(kern));
             acmoe__attention_exp(j, &P, i0, i1, i1, s->p, inv);
             acmoe__small_product(kern, i1 - i0, s->hp, acmoe__strip_keys(j, i1), s->p, s->sp, 1, P.vr, (ptrdiff_t)P.ld,
                                  s->tile, s->hp, 0);
-            acmoe__scale_rows(j->out + P.out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh,
+            acmoe__scale_rows(kern, j->out + P.out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh,
                               inv);
         }
     }
@@ -5179,13 +5190,13 @@ static void acmoe__attention_backward_strips(const acmoe__attention_job *j, cons
         i1 = ACMOE__MIN(b1, i0 + acmoe__strip_rows(kern));
         keys = acmoe__strip_keys(j, i1);
         acmoe__attention_exp(j, P, i0, i1, b1, p, inv);
-        acmoe__scale_rows(g, (size_t)s->hp, j->dout + P->out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, i1 - i0, dh, s->hp,
+        acmoe__scale_rows(kern, g, (size_t)s->hp, j->dout + P->out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, i1 - i0, dh, s->hp,
                           inv);
         for (r = 0; r < i1 - i0; r++) dot[r] = kern->row_dot(o + (size_t)r * j->out_ld, g + (size_t)r * s->hp, dh);
         acmoe__small_product(kern, i1 - i0, acmoe__pad_up(keys), dh, g, s->hp, 1, s->vt, s->sp, dp, s->sp, 0);
         acmoe__attention_softmax_backward(kern, p, dp, s->sp, i0, i1, b1, j->causal, j->seq, dot, scale);
         acmoe__small_product(kern, i1 - i0, s->hp, keys, dp, s->sp, 1, P->kr, (ptrdiff_t)P->ld, s->tile, s->hp, 0);
-        acmoe__scale_rows(P->dq + (size_t)i0 * ld, (size_t)ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh, NULL);
+        acmoe__scale_rows(kern, P->dq + (size_t)i0 * ld, (size_t)ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh, NULL);
     }
 }
 
@@ -5223,8 +5234,8 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
         const acmoe__attention_scratch *s = &P.s;
         acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, seq, dh);
         acmoe__transpose_padded(kern->isa, s->vt, s->sp, P.v, (size_t)ld, seq, dh);
-        acmoe__scale_rows(s->kr, (size_t)s->hp, P.k, (size_t)ld, seq, dh, s->hp, NULL);
-        acmoe__scale_rows(s->xr, (size_t)s->hp, P.q, (size_t)ld, seq, dh, s->hp, NULL);
+        acmoe__scale_rows(kern, s->kr, (size_t)s->hp, P.k, (size_t)ld, seq, dh, s->hp, NULL);
+        acmoe__scale_rows(kern, s->xr, (size_t)s->hp, P.q, (size_t)ld, seq, dh, s->hp, NULL);
         P.q = s->xr, P.q_ld = s->hp; /* the scores read compact rows */
         memset(s->dk, 0, sizeof(float) * (size_t)seq * s->hp);
         memset(s->dv, 0, sizeof(float) * (size_t)seq * s->hp);
@@ -5233,8 +5244,8 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
             acmoe__attention_backward_strips(j, &P, b0, b1);
             acmoe__attention_backward_keys(j, &P, b0, b1);
         }
-        acmoe__scale_rows(P.dk, (size_t)ld, s->dk, (size_t)s->hp, seq, dh, dh, NULL);
-        acmoe__scale_rows(P.dv, (size_t)ld, s->dv, (size_t)s->hp, seq, dh, dh, NULL);
+        acmoe__scale_rows(kern, P.dk, (size_t)ld, s->dk, (size_t)s->hp, seq, dh, dh, NULL);
+        acmoe__scale_rows(kern, P.dv, (size_t)ld, s->dv, (size_t)s->hp, seq, dh, dh, NULL);
     }
 }
 
