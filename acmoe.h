@@ -1915,7 +1915,9 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
     TARGET static void acmoe__row_axpy_##SFX(float *y, const float *x, int n, float a) {                \
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, ADD(LOAD(y + i), MUL(SET1(a), LOAD(x + i)))); \
-        for (; i < n; i++) y[i] += a * x[i];                                                             \
+        if (i < n) /* vector operations: a compiler may fuse a scalar tail's into one */                 \
+            acmoe__tail_store_##SFX(y + i, ADD(acmoe__tail_load_##SFX(y + i, n - i, 0.0f),                \
+                                               MUL(SET1(a), acmoe__tail_load_##SFX(x + i, n - i, 0.0f))), n - i); \
     }                                                                                                    \
     TARGET static void acmoe__row_scale_##SFX(float *y, const float *x, int n, float a) {               \
         int i;                                                                                           \

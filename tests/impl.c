@@ -104,14 +104,17 @@ static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     CHECKF(exp_failures == 0, "%s, n %d: %d softmax gradients off", path, n, exp_failures);
     /* y += a x: a product then a sum, exactly */
     memcpy(y, b, sizeof(float) * (size_t)n);
+    exp_failures = 0;
     k->row_axpy(y, x, n, -0.3f);
     for (i = 0; i < n; i++) exp_failures += y[i] != b[i] + -0.3f * x[i];
     CHECKF(exp_failures == 0, "%s, n %d: %d axpy values off", path, n, exp_failures);
+    exp_failures = 0;
     k->row_scale(y, x, n, -0.3f);
     for (i = 0; i < n; i++) exp_failures += y[i] != -0.3f * x[i];
     CHECKF(exp_failures == 0, "%s, n %d: %d scaled values off", path, n, exp_failures);
     /* b where x (signed zeros and NaN among it) is positive, else +0, bit for bit */
     for (i = 0; i < n; i++) x[i] = i % 7 == 3 ? (i % 2 ? -0.0f : 0.0f) : i % 11 == 5 ? NAN : x[i] + 15.0f;
+    exp_failures = 0;
     k->row_relu(y, x, b, (size_t)n);
     for (i = 0; i < n; i++) exp_failures += memcmp(&y[i], x[i] > 0.0f ? &b[i] : &zero, sizeof(float)) != 0;
     CHECKF(exp_failures == 0, "%s, n %d: %d relu values off", path, n, exp_failures);
