@@ -4517,14 +4517,14 @@ static void acmoe__combine_backward_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
     acmoe_moe *layer = job->layer;
     const int dm = layer->desc.d_model;
-    int t0, t1, p, q;
+    int t0, t1, p;
     acmoe__token_range(layer, tid, n_threads, &t0, &t1);
     for (p = layer->token_start[t0]; p < layer->token_start[t1]; p++) {
         const float *g = job->dout + (size_t)layer->pair_token[p] * dm;
         float *y = layer->ye + (size_t)layer->pair_slot[p] * dm, gate = layer->pair_gate[p];
         acmoe__prefetch_pair_row(layer, layer->ye, p);
         layer->pair_dgate[p] = job->ctx->kernel.row_dot(g, y, dm);
-        for (q = 0; q < dm; q++) y[q] = gate * g[q];
+        job->ctx->kernel.row_scale(y, g, dm, gate);
     }
 }
 
