@@ -1922,7 +1922,7 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
     TARGET static void acmoe__row_axpy_##SFX(float *y, const float *x, int n, float a) {                \
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, ADD(LOAD(y + i), MUL(SET1(a), LOAD(x + i)))); \
-        if (i < n) /* vector operations: a compiler may fuse a scalar tail's into one */                 \
+        if (i < n) /* in vectors too: a compiler may fuse a scalar product and sum into an FMA */         \
             acmoe__tail_store_##SFX(y + i, ADD(acmoe__tail_load_##SFX(y + i, n - i, 0.0f),                \
                                                MUL(SET1(a), acmoe__tail_load_##SFX(x + i, n - i, 0.0f))), n - i); \
     }                                                                                                    \
@@ -2228,8 +2228,8 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
-        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_relu_##SFX, acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                    \
-        acmoe__row_layernorm_backward_##SFX
+        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_relu_##SFX, acmoe__row_softmax_grad_##SFX,   \
+        acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX, acmoe__row_layernorm_backward_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
@@ -4946,8 +4946,9 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
 }
 
 /* Attention runs one (sequence, head) pair per thread at a time, in strips of query rows
-   (mr, or the rows of the path's kernel for products one vector wide): a strip's scores against its keys, their exponentials, and the products with
-   the values, all in a per-thread scratch that stays in cache. A head is a few columns (16 at
+   (mr, or the rows of the path's kernel for products one vector wide): a strip's scores
+   against its keys, their exponentials, and the products with the values, all in a
+   per-thread scratch that stays in cache. A head is a few columns (16 at
    d 128 and 8 heads), too narrow for packing to pay: the micro-kernels read every operand in
    place, from the q, k, v rows themselves or from copies made once per pair (rows padded to
    a multiple of ACMOE__ATTENTION_PAD, and keys and values transposed where a product runs
@@ -6178,7 +6179,7 @@ static void acmoe__rows_job_run(void *arg, int tid, int n_threads) {
         for (i = i0; i < i1; i++) j->y[i] = j->a[i] + j->b[i];
         break;
     case ACMOE__ROWS_ACCUMULATE:
-        j->kern->row_axpy(j->y + i0, j->a + i0, (int)(i1 - i0), 1.0f);
+        for (r = k0; r < k1; r++) j->kern->row_axpy(j->y + (size_t)r * j->cols, j->a + (size_t)r * j->cols, j->cols, 1.0f);
         break;
     case ACMOE__ROWS_ADD_BIAS:
         acmoe__add_bias(j->kern, j->y + i0, k1 - k0, j->cols, j->a);
