@@ -1217,6 +1217,7 @@ typedef struct acmoe__kernel {
     int gemv_rows;
     acmoe__tall_fn tall; /* products one vector wide (attention heads); NULL: the micro-kernels */
     int tall_width;
+    void (*top16)(const float *z, int e, int k, int32_t *idx); /* top k of e <= 16; NULL: the scalar loop */
 } acmoe__kernel;
 
 struct acmoe_ctx {
@@ -2093,6 +2094,19 @@ ACMOE__TARGET_AVX512 static float acmoe__hmax_avx512(__m512 v) {
 }
 #define ACMOE__AVX512_MAX(a, b) _mm512_maskz_max_ps(ACMOE__ALL16, (a), (b))
 #define ACMOE__AVX512_SQRT(x) _mm512_maskz_sqrt_ps(ACMOE__ALL16, (x))
+/* The top k of e <= 16 values in one register: the largest, ties to the lowest index (as
+   acmoe__topk_softmax's loop), then that lane set to -inf. The loop's compare-and-keep
+   chain costs more than twice as much for 16 experts. */
+ACMOE__TARGET_AVX512 static void acmoe__top16_avx512(const float *z, int e, int k, int32_t *idx) {
+    const __m512 gone = _mm512_set1_ps(-INFINITY);
+    __m512 v = _mm512_mask_loadu_ps(gone, ACMOE__TAIL_MASK(e), z);
+    int s, j;
+    for (s = 0; s < k; s++) {
+        const __m512 top = _mm512_set1_ps(acmoe__hmax_avx512(v));
+        idx[s] = j = __builtin_ctz((unsigned)_mm512_cmp_ps_mask(v, top, _CMP_EQ_OQ));
+        v = _mm512_mask_mov_ps(v, (__mmask16)(1u << j), gone);
+    }
+}
 #define ACMOE__AVX512_KEEP_POSITIVE(h, g) \
     _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((h), _mm512_setzero_ps(), _CMP_GT_OQ), (g))
 ACMOE__DEFINE_ROW_KERNELS(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps,
@@ -2234,18 +2248,19 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
         {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter},
-         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0, NULL, 0},
+         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0, NULL, 0, NULL},
 #ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
         {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8},
-         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8, NULL, 0},
+         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8, NULL, 0, NULL},
 #endif
 #ifdef ACMOE__HAVE_AVX512
         {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
-         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512, 16, acmoe__kernel_avx512_tall, 16},
+         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512, 16, acmoe__kernel_avx512_tall, 16,
+         acmoe__top16_avx512},
 #endif
 #ifdef ACMOE__NEON
         {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter},
-         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4, NULL, 0},
+         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4, NULL, 0, NULL},
 #endif
     };
     size_t i;
@@ -2700,15 +2715,18 @@ static void acmoe__bias_grad(const acmoe__kernel *kern, const float *dy, int row
 /* 7. Routers                                                                                 */
 /* ========================================================================================== */
 
-/* Top-k of each row of logits [n][e], sorted by value with ties to the lower index, and the
-   softmax over the k selected values. */
-static void acmoe__topk_softmax(const float *logits, int n, int e, int k, int32_t *idx, float *gate) {
+/* Top-k of each row of logits [n][e] (finite), sorted by value with ties to the lower index,
+   and the softmax over the k selected values; kern (may be NULL) may select for e <= 16. */
+static void acmoe__topk_softmax(const acmoe__kernel *kern, const float *logits, int n, int e, int k, int32_t *idx,
+                                float *gate) {
+    const int vector = kern && kern->top16 && e <= 16;
     int t, s, j;
     for (t = 0; t < n; t++) {
         const float *z = logits + (size_t)t * e;
         int32_t *it = idx + (size_t)t * k;
         float *gt = gate + (size_t)t * k, sum = 0.0f;
-        for (s = 0; s < k; s++) { /* selection: k passes, each the best not yet taken */
+        if (vector) kern->top16(z, e, k, it);
+        for (s = 0; s < k && !vector; s++) { /* selection: k passes, each the best not yet taken */
             int best = -1, prev;
             for (j = 0; j < e; j++) {
                 for (prev = 0; prev < s && it[prev] != j; prev++) continue;
@@ -2916,7 +2934,7 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     acmoe__unit_rows(emb, n_experts, d, ehat, NULL);
     acmoe__ac_logits(x, n, d, prev_idx, prev_k, w, ehat, n_experts, logits);
     acmoe__replace_nonfinite(logits, (size_t)n * n_experts);
-    acmoe__topk_softmax(logits, n, n_experts, k, idx_out, gate_out);
+    acmoe__topk_softmax(NULL, logits, n, n_experts, k, idx_out, gate_out);
     ACMOE_FREE(count);
     return ACMOE_OK;
 }
@@ -3950,6 +3968,7 @@ static void acmoe__token_range(const acmoe_moe *layer, int tid, int n_threads, i
 }
 
 typedef struct acmoe__topk_job {
+    const acmoe__kernel *kern;
     acmoe_moe *layer;
     const float *logits;
 } acmoe__topk_job;
@@ -3961,14 +3980,14 @@ static void acmoe__topk_job_run(void *arg, int tid, int n_threads) {
     const int e = layer->desc.n_experts, k = layer->desc.top_k;
     int t0, t1;
     acmoe__token_range(layer, tid, n_threads, &t0, &t1);
-    acmoe__topk_softmax(job->logits + (size_t)t0 * e, t1 - t0, e, k, layer->top_idx + (size_t)t0 * k,
+    acmoe__topk_softmax(job->kern, job->logits + (size_t)t0 * e, t1 - t0, e, k, layer->top_idx + (size_t)t0 * k,
                         layer->top_gate + (size_t)t0 * k);
 }
 
 /* Top k of the layer's n tokens' logits. */
 static void acmoe__topk(acmoe_moe *layer, acmoe_ctx *ctx, const float *logits) {
     acmoe__topk_job job;
-    job.layer = layer, job.logits = logits;
+    job.kern = &ctx->kernel, job.layer = layer, job.logits = logits;
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)layer->n * layer->desc.n_experts * layer->desc.top_k),
                     acmoe__topk_job_run, &job);
 }
@@ -4283,7 +4302,7 @@ static void acmoe__soft_weights(acmoe_moe *layer, int first, int stride, int siz
     for (i = 0; i < size; i++) {
         const size_t t = (size_t)(first + i * stride);
         acmoe__softmax_rows(layer->logits + t * S, layer->probs + t * S, 1, S, 1.0f);
-        acmoe__topk_softmax(layer->logits + t * S, 1, S, k, layer->top_idx + t * k, layer->top_gate + t * k);
+        acmoe__topk_softmax(NULL, layer->logits + t * S, 1, S, k, layer->top_idx + t * k, layer->top_gate + t * k);
         for (j = 0; j < k; j++) layer->top_idx[t * k + (size_t)j] /= per; /* a slot's label is its expert */
     }
 }

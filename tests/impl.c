@@ -289,6 +289,34 @@ static void test_tall_kernel(void) {
     CHECK(tested == (acmoe_isa_supported(ACMOE_ISA_AVX512) ? 4 : 0));
 }
 
+/* A path's top-k selection gives the scalar loop's indices and gates, ties (repeated values,
+   signed zeros) to the lower index, for every count of experts up to 16 and every k. */
+static void test_top16(void) {
+    enum { N = 64 };
+    float z[N * 16], gate[N * 16], want_gate[N * 16];
+    int32_t idx[N * 16], want_idx[N * 16];
+    acmoe_rng rng;
+    int isa, e, k, i, tested = 0;
+    acmoe_rng_seed(&rng, 23);
+    for (isa = 0; isa < ACMOE_ISA_COUNT; isa++) {
+        acmoe__kernel kern;
+        if (acmoe__kernel_for((acmoe_isa)isa, &kern) != ACMOE_OK || !kern.top16) continue;
+        for (e = 1; e <= 16; e++)
+            for (k = 1; k <= e; k++) {
+                for (i = 0; i < N * e; i++) {
+                    const float u = acmoe_rng_uniform(&rng);
+                    z[i] = i % 3 ? (float)(int)(6.0f * u) - 3.0f : u < 0.5f ? -0.0f : 4.0f * u - 2.0f;
+                }
+                acmoe__topk_softmax(NULL, z, N, e, k, want_idx, want_gate);
+                acmoe__topk_softmax(&kern, z, N, e, k, idx, gate);
+                CHECKF(memcmp(idx, want_idx, sizeof(int32_t) * N * k) == 0 && memcmp(gate, want_gate, sizeof(float) * N * k) == 0,
+                       "%s, e %d, k %d", acmoe_isa_name(kern.isa), e, k);
+                tested++;
+            }
+    }
+    CHECK(tested == (acmoe_isa_supported(ACMOE_ISA_AVX512) ? 136 : 0));
+}
+
 /* The AdamW row kernel of every path against the plain formula in double precision, on
    runs of every length from 0 to 24 (vector bodies and tails). */
 static void test_row_adam(void) {
@@ -447,6 +475,7 @@ const test_case internal_tests[] = {
     {"row_kernels", test_row_kernels},
     {"attention_blocks", test_attention_blocks},
     {"tall_kernel", test_tall_kernel},
+    {"top16", test_top16},
     {"row_adam", test_row_adam},
     {"row_layernorm", test_row_layernorm},
     {"lm_dropout_gradient", test_lm_dropout_gradient},
