@@ -1179,9 +1179,23 @@ typedef struct acmoe__workspace {
     float *pack_a, *pack_b, *panel, *tile;
 } acmoe__workspace;
 
+/* What a product does to C once its sum is complete, while the tile is still in registers
+   or cache, in this order: keeps it only where C held a positive value before (ReLU's
+   gradient, C having held the pre-activation), adds a bias to each row, writes the ReLU of
+   the result to a second matrix (c where c > 0, else +0), and adds the finished rows to
+   column sums (a bias gradient). The arithmetic and order of the separate passes, so the
+   same bits. */
+typedef struct acmoe__epilogue {
+    int relu_grad;     /* not with accumulate */
+    const float *bias; /* one per column of C, or NULL */
+    float *relu;       /* or NULL */
+    ptrdiff_t ld_relu;
+    float *column_sums; /* or NULL; rows in order only when one thread makes all of C */
+} acmoe__epilogue;
+
 typedef void (*acmoe__kernel_fn)(int kc, const float *const *a_rows, ptrdiff_t a_step,
                                  const float *b, ptrdiff_t b_step, float *c, ptrdiff_t c_step,
-                                 int rows, int accumulate);
+                                 int rows, int accumulate, const acmoe__epilogue *epilogue);
 /* ACMOE__TALL_ROWS rows of A at a stride, one vector of columns (see acmoe__kernel_avx512_tall). */
 #define ACMOE__TALL_ROWS 12
 typedef void (*acmoe__tall_fn)(int kc, const float *a, ptrdiff_t a_rs, ptrdiff_t a_cs, const float *b, ptrdiff_t b_step,
@@ -1625,11 +1639,16 @@ ACMOE_API void acmoe_comm_mpi_destroy(acmoe_comm *comm) {
 
 /* Kernel template. a_rows holds mr row pointers of A' (element p of row i at a_rows[i][p *
    a_step]); b advances b_step floats per depth step; the first rows rows of the mr x nr tile
-   c (row stride c_step) are overwritten or accumulated. */
-#define ACMOE__DEFINE_KERNEL(NAME, TARGET, VEC, MR, NVEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO) \
+   c (row stride c_step) are overwritten or accumulated, then the epilogue (may be NULL; its
+   pointers at the tile's corner) is applied. */
+#define ACMOE__DEFINE_KERNEL(NAME, TARGET, VEC, MR, NVEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO,  \
+                             KEEP_POSITIVE)                                                         \
     TARGET static void NAME(int kc, const float *const *a_rows, ptrdiff_t a_step, const float *b, \
-                            ptrdiff_t b_step, float *c, ptrdiff_t c_step, int rows, int accumulate) { \
-        VEC acc[MR][NVEC];                                                                          \
+                            ptrdiff_t b_step, float *c, ptrdiff_t c_step, int rows, int accumulate, \
+                            const acmoe__epilogue *epilogue) {                                      \
+        const float *bias;                                                                          \
+        float *relu, *sums;                                                                         \
+        VEC acc[MR][NVEC], column[NVEC];                                                            \
         const float *ap[MR];                                                                        \
         ptrdiff_t ka = 0;                                                                           \
         int i, v, p;                                                                                \
@@ -1648,13 +1667,31 @@ ACMOE_API void acmoe_comm_mpi_destroy(acmoe_comm *comm) {
                 ACMOE__UNROLL for (v = 0; v < NVEC; v++) acc[i][v] = FMA(av, bv[v], acc[i][v]);    \
             }                                                                                       \
         }                                                                                           \
+        if (!epilogue) { /* the common case, kept free of the epilogue's tests */                 \
+            ACMOE__UNROLL for (i = 0; i < MR; i++) {                                               \
+                if (i == rows) break;                                                               \
+                ACMOE__UNROLL for (v = 0; v < NVEC; v++) {                                         \
+                    float *cp = c + i * c_step + v * VLEN;                                          \
+                    STORE(cp, accumulate ? ADD(LOAD(cp), acc[i][v]) : acc[i][v]);                   \
+                }                                                                                   \
+            }                                                                                       \
+            return;                                                                                 \
+        }                                                                                           \
+        bias = epilogue->bias, relu = epilogue->relu, sums = epilogue->column_sums;                \
+        ACMOE__UNROLL for (v = 0; v < NVEC; v++) column[v] = sums ? LOAD(sums + v * VLEN) : ZERO;   \
         ACMOE__UNROLL for (i = 0; i < MR; i++) {                                                   \
             if (i == rows) break;                                                                   \
             ACMOE__UNROLL for (v = 0; v < NVEC; v++) {                                             \
                 float *cp = c + i * c_step + v * VLEN;                                              \
-                STORE(cp, accumulate ? ADD(LOAD(cp), acc[i][v]) : acc[i][v]);                       \
+                VEC sum = accumulate ? ADD(LOAD(cp), acc[i][v]) : acc[i][v];                        \
+                if (epilogue->relu_grad) sum = KEEP_POSITIVE(LOAD(cp), sum);                        \
+                if (bias) sum = ADD(sum, LOAD(bias + v * VLEN));                                    \
+                STORE(cp, sum);                                                                     \
+                if (relu) STORE(relu + i * epilogue->ld_relu + v * VLEN, KEEP_POSITIVE(sum, sum));  \
+                if (sums) column[v] = ADD(column[v], sum);                                          \
             }                                                                                       \
         }                                                                                           \
+        if (sums) ACMOE__UNROLL for (v = 0; v < NVEC; v++) STORE(sums + v * VLEN, column[v]);      \
     }
 
 #define ACMOE__S_LOAD(p) (*(p))
@@ -1662,19 +1699,21 @@ ACMOE_API void acmoe_comm_mpi_destroy(acmoe_comm *comm) {
 #define ACMOE__S_SET1(x) (x)
 #define ACMOE__S_FMA(a, b, c) ((a) * (b) + (c))
 #define ACMOE__S_ADD(a, b) ((a) + (b))
+#define ACMOE__S_KEEP_POSITIVE(h, g) ((h) > 0.0f ? (g) : 0.0f)
 #define ACMOE__S_KERNEL(NAME, NVEC) \
     ACMOE__DEFINE_KERNEL(NAME, , float, 4, NVEC, 1, ACMOE__S_LOAD, ACMOE__S_STORE, ACMOE__S_SET1, \
-                         ACMOE__S_FMA, ACMOE__S_ADD, 0.0f)
+                         ACMOE__S_FMA, ACMOE__S_ADD, 0.0f, ACMOE__S_KEEP_POSITIVE)
 ACMOE__S_KERNEL(acmoe__kernel_scalar, 8)
 ACMOE__S_KERNEL(acmoe__kernel_scalar_half, 4)
 ACMOE__S_KERNEL(acmoe__kernel_scalar_quarter, 2)
 
 /* 6 x 16 uses 12 of the 16 ymm registers for accumulators (the BLIS Haswell shape). */
 #ifdef ACMOE__X86
+#define ACMOE__AVX2_KEEP_POSITIVE(h, g) _mm256_and_ps(_mm256_cmp_ps((h), _mm256_setzero_ps(), _CMP_GT_OQ), (g))
 #define ACMOE__AVX2_KERNEL(NAME, NVEC)                                                              \
     ACMOE__DEFINE_KERNEL(NAME, ACMOE__TARGET_AVX2, __m256, 6, NVEC, 8, _mm256_loadu_ps,             \
                          _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,        \
-                         _mm256_setzero_ps())
+                         _mm256_setzero_ps(), ACMOE__AVX2_KEEP_POSITIVE)
 ACMOE__AVX2_KERNEL(acmoe__kernel_avx2, 2)
 ACMOE__AVX2_KERNEL(acmoe__kernel_avx2_half, 1)
 #endif
@@ -1682,10 +1721,12 @@ ACMOE__AVX2_KERNEL(acmoe__kernel_avx2_half, 1)
 /* 6 x 64 uses 24 of the 32 zmm registers: 4 vector loads and 6 broadcasts feed 24 FMAs, which
    measured faster than the 8x32, 12x32 and 14x32 shapes. */
 #ifdef ACMOE__HAVE_AVX512
+#define ACMOE__AVX512_KEEP_POSITIVE(h, g) \
+    _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((h), _mm512_setzero_ps(), _CMP_GT_OQ), (g))
 #define ACMOE__AVX512_KERNEL(NAME, NVEC)                                                            \
     ACMOE__DEFINE_KERNEL(NAME, ACMOE__TARGET_AVX512, __m512, 6, NVEC, 16, _mm512_loadu_ps,          \
                          _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps,        \
-                         _mm512_setzero_ps())
+                         _mm512_setzero_ps(), ACMOE__AVX512_KEEP_POSITIVE)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512, 4)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_half, 2)
 ACMOE__AVX512_KERNEL(acmoe__kernel_avx512_quarter, 1)
@@ -1719,9 +1760,11 @@ ACMOE__TARGET_AVX512 static void acmoe__kernel_avx512_tall(int kc, const float *
 /* 6 x 16 uses 24 of the 32 q registers. */
 #ifdef ACMOE__NEON
 #define ACMOE__NEON_FMA(a, b, c) vfmaq_f32(c, a, b)
+#define ACMOE__NEON_KEEP_POSITIVE(h, g) \
+    vreinterpretq_f32_u32(vandq_u32(vcgtq_f32((h), vdupq_n_f32(0.0f)), vreinterpretq_u32_f32(g)))
 #define ACMOE__NEON_KERNEL(NAME, NVEC)                                                              \
     ACMOE__DEFINE_KERNEL(NAME, , float32x4_t, 6, NVEC, 4, vld1q_f32, vst1q_f32, vdupq_n_f32,        \
-                         ACMOE__NEON_FMA, vaddq_f32, vdupq_n_f32(0.0f))
+                         ACMOE__NEON_FMA, vaddq_f32, vdupq_n_f32(0.0f), ACMOE__NEON_KEEP_POSITIVE)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon, 4)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon_half, 2)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
@@ -2042,7 +2085,6 @@ ACMOE__TARGET_AVX2 static __m256 acmoe__tail_keep_avx2(__m256 v, int n) {
 #define ACMOE__AVX2_POW2(n) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #define ACMOE__AVX2_LDEXP(p, n) _mm256_mul_ps((p), ACMOE__AVX2_POW2(n))
-#define ACMOE__AVX2_KEEP_POSITIVE(h, g) _mm256_and_ps(_mm256_cmp_ps((h), _mm256_setzero_ps(), _CMP_GT_OQ), (g))
 /* A register's lanes added in the order of acmoe__lanes_sum (halves, then quarters, ...), or
    their maximum, without a trip through memory. */
 ACMOE__TARGET_AVX2 static float acmoe__hsum_avx2(__m256 v) {
@@ -2107,8 +2149,6 @@ ACMOE__TARGET_AVX512 static void acmoe__top16_avx512(const float *z, int e, int 
         v = _mm512_mask_mov_ps(v, (__mmask16)(1u << j), gone);
     }
 }
-#define ACMOE__AVX512_KEEP_POSITIVE(h, g) \
-    _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((h), _mm512_setzero_ps(), _CMP_GT_OQ), (g))
 ACMOE__DEFINE_ROW_KERNELS(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps,
                           _mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_div_ps,
                           ACMOE__AVX512_SQRT, _mm512_fmadd_ps, ACMOE__AVX512_MAX, ACMOE__AVX512_ROUND,
@@ -2135,8 +2175,6 @@ static float32x4_t acmoe__tail_keep_neon(float32x4_t v, int n) {
 }
 #define ACMOE__NEON_LDEXP(p, n) \
     vmulq_f32((p), vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23)))
-#define ACMOE__NEON_KEEP_POSITIVE(h, g) \
-    vreinterpretq_f32_u32(vandq_u32(vcgtq_f32((h), vdupq_n_f32(0.0f)), vreinterpretq_u32_f32(g)))
 static float acmoe__hsum_neon(float32x4_t v) { return vpadds_f32(vadd_f32(vget_low_f32(v), vget_high_f32(v))); }
 ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, vaddq_f32, vsubq_f32,
                           vmulq_f32, vdivq_f32, vsqrtq_f32, ACMOE__NEON_FMA, vmaxq_f32, vrndnq_f32,
@@ -2358,6 +2396,25 @@ static void acmoe__pack(acmoe_isa isa, float *dst, const float *src, ptrdiff_t s
     }
 }
 
+static const acmoe__epilogue *acmoe__bias_epilogue(acmoe__epilogue *epilogue, const float *bias) {
+    memset(epilogue, 0, sizeof *epilogue);
+    epilogue->bias = bias;
+    return epilogue;
+}
+
+/* The epilogue after ReLU's gradient on rows [r0, r1) and columns [c0, c1) of C (row
+   stride ldc). */
+static void acmoe__epilogue_rows(const acmoe__kernel *kern, const acmoe__epilogue *epilogue, float *c, ptrdiff_t ldc,
+                                 int r0, int r1, int c0, int c1) {
+    int r;
+    for (r = r0; r < r1; r++) {
+        float *row = c + r * ldc + c0;
+        if (epilogue->bias) kern->row_axpy(row, epilogue->bias + c0, c1 - c0, 1.0f);
+        if (epilogue->relu) kern->row_relu(epilogue->relu + r * epilogue->ld_relu + c0, row, row, (size_t)(c1 - c0));
+        if (epilogue->column_sums) kern->row_axpy(epilogue->column_sums + c0, row, c1 - c0, 1.0f);
+    }
+}
+
 /* One oriented product C' (+)= A' B' with element strides. */
 typedef struct acmoe__gemm {
     int m, n, k;
@@ -2369,8 +2426,16 @@ typedef struct acmoe__gemm {
     ptrdiff_t c_rs, c_cs;
     int accumulate, pack_a, pack_b;
     int tm, tn; /* thread grid */
+    const acmoe__epilogue *epilogue; /* NULL: none */
     acmoe_ctx *ctx;
 } acmoe__gemm;
+
+/* ReLU's gradient on a tile before it is stored: kept where c > 0, else +0. */
+static void acmoe__tile_mask(const float *c, ptrdiff_t rs, ptrdiff_t cs, float *tile, int tile_rs, int mr, int nr) {
+    int i, j;
+    for (i = 0; i < mr; i++)
+        for (j = 0; j < nr; j++) tile[i * tile_rs + j] = acmoe__relu_grad(c[i * rs + j * cs], tile[i * tile_rs + j]);
+}
 
 /* c (+)= tile for an mr x nr corner of the output, row stride rs and column stride cs; the
    inner loop runs along whichever is contiguous in c. */
@@ -2384,6 +2449,14 @@ static void acmoe__tile_store(float *c, ptrdiff_t rs, ptrdiff_t cs, const float 
         for (j = 0; j < nr; j++)
             for (i = 0; i < mr; i++) c[j * cs + i * rs] = accumulate ? c[j * cs + i * rs] + tile[i * tile_rs + j] : tile[i * tile_rs + j];
     }
+}
+
+/* The epilogue on rows [i0, i1) and columns [j0, j1) of C', which is C or its transpose. */
+static void acmoe__epilogue_block(const acmoe__gemm *g, int i0, int i1, int j0, int j1) {
+    if (g->c_cs == 1)
+        acmoe__epilogue_rows(&g->ctx->kernel, g->epilogue, g->c, g->c_rs, i0, i1, j0, j1);
+    else
+        acmoe__epilogue_rows(&g->ctx->kernel, g->epilogue, g->c, g->c_cs, j0, j1, i0, i1);
 }
 
 /* Packed A' is whole rows, contiguous along the depth: a plain copy or one transpose, and
@@ -2413,7 +2486,7 @@ static void acmoe__pack_b(const acmoe__gemm *g, const acmoe__workspace *ws, int 
 static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws, int ic, int mc,
                                int pc, int kc, int jc, int nc) {
     const acmoe__kernel *kern = &g->ctx->kernel;
-    const int mr = kern->mr, nr = kern->nr, accumulate = g->accumulate || pc > 0;
+    const int mr = kern->mr, nr = kern->nr, accumulate = g->accumulate || pc > 0, last = pc + kc == g->k;
     int ir, jr, i;
     for (jr = 0; jr < nc; jr += nr) {
         const int nrr = ACMOE__MIN(nr, nc - jr), w = acmoe__kernel_index(kern, nrr), width = kern->width[w];
@@ -2444,10 +2517,21 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
             }
             a_step = g->pack_a ? 1 : g->a_cs;
             if (nrr == width && g->c_cs == 1) { /* whole columns: straight into C */
-                fn(kc, rows, a_step, bp, b_step, cp, g->c_rs, mrr, accumulate);
+                acmoe__epilogue corner, *finish = NULL;
+                if (g->epilogue && last) {
+                    corner = *g->epilogue;
+                    if (corner.bias) corner.bias += jc + jr;
+                    if (corner.relu) corner.relu += (ic + ir) * corner.ld_relu + jc + jr;
+                    if (corner.column_sums) corner.column_sums += jc + jr;
+                    finish = &corner;
+                }
+                fn(kc, rows, a_step, bp, b_step, cp, g->c_rs, mrr, accumulate, finish);
             } else {
-                fn(kc, rows, a_step, bp, b_step, ws->tile, width, mr, 0);
+                fn(kc, rows, a_step, bp, b_step, ws->tile, width, mr, 0, NULL);
+                if (g->epilogue && last && g->epilogue->relu_grad)
+                    acmoe__tile_mask(cp, g->c_rs, g->c_cs, ws->tile, width, mrr, nrr);
                 acmoe__tile_store(cp, g->c_rs, g->c_cs, ws->tile, width, mrr, nrr, accumulate);
+                if (g->epilogue && last) acmoe__epilogue_block(g, ic + ir, ic + ir + mrr, jc + jr, jc + jr + nrr);
             }
         }
     }
@@ -2470,8 +2554,9 @@ static void acmoe__gemm_region(const acmoe__gemm *g, const acmoe__workspace *ws,
                                int n0, int n1) {
     const acmoe_ctx_desc *resolved = &g->ctx->desc;
     int jc, pc, ic;
-    if (g->n == 1 && g->a_cs == 1 && g->ctx->kernel.gemv) {
+    if (g->n == 1 && g->a_cs == 1 && g->ctx->kernel.gemv && !(g->epilogue && g->epilogue->relu_grad)) {
         acmoe__gemv_region(g, m0, m1);
+        if (g->epilogue) acmoe__epilogue_block(g, m0, m1, 0, 1);
         return;
     }
     for (jc = n0; jc < n1; jc += resolved->nc) {
@@ -2538,7 +2623,7 @@ static int acmoe__check_ld(int rows, int cols, int ld) { return ld >= ACMOE__MAX
    *empty set when there is nothing left to multiply (empty output, or k = 0 handled). */
 static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k, const float *a,
                                      int lda, const float *b, int ldb, float *c, int ldc, int accumulate,
-                                     acmoe__gemm *g, int *empty) {
+                                     const acmoe__epilogue *epilogue, acmoe__gemm *g, int *empty) {
     const int ta = layout == ACMOE_TN || layout == ACMOE_TT;
     const int tb = layout == ACMOE_NT || layout == ACMOE_TT;
     ptrdiff_t a_rs = ta ? 1 : lda, a_cs = ta ? lda : 1, b_rs = tb ? 1 : ldb, b_cs = tb ? ldb : 1;
@@ -2555,11 +2640,15 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
     if (k == 0) {
         if (!accumulate)
             for (i = 0; i < m; i++) memset(c + (ptrdiff_t)i * ldc, 0, sizeof(float) * (size_t)n);
+        if (epilogue) acmoe__epilogue_rows(&ctx->kernel, epilogue, c, ldc, 0, m, 0, n);
         return ACMOE_OK;
     }
+    /* the old C is ReLU's mask until the store of the one depth block */
+    ACMOE_ASSERT(!epilogue || !epilogue->relu_grad || (!accumulate && k <= ctx->desc.kc));
     *empty = 0;
     memset(g, 0, sizeof *g);
     g->ctx = ctx;
+    g->epilogue = epilogue;
     g->k = k;
     g->accumulate = accumulate != 0;
     /* one row of C whose transpose the column kernel reads in place (a query against its keys) */
@@ -2587,37 +2676,54 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
     return ACMOE_OK;
 }
 
-ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k,
-                                    const float *a, int lda, const float *b, int ldb, float *c,
-                                    int ldc, int accumulate) {
+/* C (+)= op(A) op(B), then the epilogue on C (NULL: none), across the pool. */
+static acmoe_status acmoe__matmul_then(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k, const float *a,
+                                       int lda, const float *b, int ldb, float *c, int ldc, int accumulate,
+                                       const acmoe__epilogue *epilogue) {
     acmoe__gemm g;
     int empty;
-    acmoe_status s = acmoe__gemm_plan(ctx, layout, m, n, k, a, lda, b, ldb, c, ldc, accumulate, &g, &empty);
+    acmoe_status s;
+    ACMOE_ASSERT(!epilogue || !epilogue->column_sums); /* threads would add to them at once */
+    s = acmoe__gemm_plan(ctx, layout, m, n, k, a, lda, b, ldb, c, ldc, accumulate, epilogue, &g, &empty);
     if (s != ACMOE_OK || empty) return s;
     acmoe__choose_grid(&g, ctx->desc.n_threads);
     acmoe__pool_run(&ctx->pool, g.tm * g.tn, acmoe__gemm_job, &g);
     return ACMOE_OK;
 }
 
+ACMOE_API acmoe_status acmoe_matmul(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k,
+                                    const float *a, int lda, const float *b, int ldb, float *c,
+                                    int ldc, int accumulate) {
+    return acmoe__matmul_then(ctx, layout, m, n, k, a, lda, b, ldb, c, ldc, accumulate, NULL);
+}
+
 /* The same product on the calling thread, with pool thread tid's workspace: for work that
    is already split across the pool (one expert per thread). Same bits as acmoe_matmul. */
-static acmoe_status acmoe__matmul_on_thread(acmoe_ctx *ctx, int tid, acmoe_layout layout, int m, int n, int k,
-                                            const float *a, int lda, const float *b, int ldb, float *c, int ldc,
-                                            int accumulate) {
+static acmoe_status acmoe__matmul_on_thread_then(acmoe_ctx *ctx, int tid, acmoe_layout layout, int m, int n, int k,
+                                                 const float *a, int lda, const float *b, int ldb, float *c, int ldc,
+                                                 int accumulate, const acmoe__epilogue *epilogue) {
     acmoe__gemm g;
     int empty;
-    acmoe_status s = acmoe__gemm_plan(ctx, layout, m, n, k, a, lda, b, ldb, c, ldc, accumulate, &g, &empty);
+    acmoe_status s = acmoe__gemm_plan(ctx, layout, m, n, k, a, lda, b, ldb, c, ldc, accumulate, epilogue, &g, &empty);
     if (s == ACMOE_OK && !empty) acmoe__gemm_region(&g, &ctx->ws[tid], 0, g.m, 0, g.n);
     return s;
 }
 
+static acmoe_status acmoe__matmul_on_thread(acmoe_ctx *ctx, int tid, acmoe_layout layout, int m, int n, int k,
+                                            const float *a, int lda, const float *b, int ldb, float *c, int ldc,
+                                            int accumulate) {
+    return acmoe__matmul_on_thread_then(ctx, tid, layout, m, n, k, a, lda, b, ldb, c, ldc, accumulate, NULL);
+}
+
 /* For products whose shapes the caller guarantees, where a failure is a programmer error. */
-#define ACMOE__MATMUL_ON_THREAD(...)                                                                \
+#define ACMOE__CHECKED_PRODUCT(call)                                                                \
     do {                                                                                            \
-        acmoe_status matmul_status_ = acmoe__matmul_on_thread(__VA_ARGS__);                        \
+        acmoe_status matmul_status_ = (call);                                                       \
         ACMOE_ASSERT(matmul_status_ == ACMOE_OK);                                                   \
         (void)matmul_status_;                                                                       \
     } while (0)
+#define ACMOE__MATMUL_ON_THREAD(...) ACMOE__CHECKED_PRODUCT(acmoe__matmul_on_thread(__VA_ARGS__))
+#define ACMOE__MATMUL_ON_THREAD_THEN(...) ACMOE__CHECKED_PRODUCT(acmoe__matmul_on_thread_then(__VA_ARGS__))
 
 /* ========================================================================================== */
 /* 6. Shared pieces                                                                           */
@@ -3454,14 +3560,12 @@ static float acmoe__gelu_grad(float x) {
 
 static float acmoe__sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* a [rows][d_ff] = act(h [rows][h_width]), one loop per activation. */
-static void acmoe__activate(const acmoe__kernel *kern, acmoe_activation act, const float *h, float *a, int rows,
-                            int ff) {
+/* a [rows][d_ff] = act(h [rows][h_width]), one loop per activation; ReLU runs in the
+   epilogue of the product that makes h. */
+static void acmoe__activate(acmoe_activation act, const float *h, float *a, int rows, int ff) {
     size_t i, n = (size_t)rows * ff;
     int r, c;
-    if (act == ACMOE_ACT_RELU) {
-        kern->row_relu(a, h, h, n); /* h where h > 0 */
-    } else if (act == ACMOE_ACT_GELU) {
+    if (act == ACMOE_ACT_GELU) {
         for (i = 0; i < n; i++) a[i] = acmoe__gelu(h[i]);
     } else { /* SwiGLU: the first half of each row gates the second */
         for (r = 0; r < rows; r++) {
@@ -4207,11 +4311,15 @@ static void acmoe__expert_forward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, con
     const int dm = desc->d_model, ff = desc->d_ff, hw = layer->h_width, rows = block->count[j];
     const size_t at = (size_t)block->offset[j];
     float *xe = block->xe + at * dm, *h = block->h + at * hw, *a = block->a + at * ff, *ye = block->ye + at * dm;
-    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, layer->w1 + (size_t)j * hw * dm, dm, h, hw, 0);
-    acmoe__add_bias(&ctx->kernel, h, rows, hw, layer->b1 + (size_t)j * hw);
-    acmoe__activate(&ctx->kernel, desc->activation, h, a, rows, ff);
-    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, layer->w2 + (size_t)j * dm * ff, ff, ye, dm, 0);
-    acmoe__add_bias(&ctx->kernel, ye, rows, dm, layer->b2 + (size_t)j * dm);
+    const int relu = desc->activation == ACMOE_ACT_RELU;
+    acmoe__epilogue first, second;
+    acmoe__bias_epilogue(&first, layer->b1 + (size_t)j * hw);
+    if (relu) first.relu = a, first.ld_relu = ff; /* h and act(h) from one pass */
+    ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, layer->w1 + (size_t)j * hw * dm, dm, h, hw, 0,
+                                 &first);
+    if (!relu) acmoe__activate(desc->activation, h, a, rows, ff);
+    ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, layer->w2 + (size_t)j * dm * ff, ff, ye, dm, 0,
+                                 acmoe__bias_epilogue(&second, layer->b2 + (size_t)j * dm));
 }
 
 static void acmoe__experts_forward_job(void *arg, int tid, int n_threads) {
@@ -4562,11 +4670,18 @@ static void acmoe__expert_backward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, co
     const size_t at = (size_t)block->offset[j];
     float *dy = block->ye + at * dm, *a = block->a + at * ff, *h = block->h + at * hw, *xe = block->xe + at * dm;
     const float *w1 = layer->w1 + (size_t)j * hw * dm, *w2 = layer->w2 + (size_t)j * dm * ff;
+    acmoe__epilogue relu_grad;
     acmoe__bias_grad(&ctx->kernel, dy, rows, dm, layer->g_b2 + (size_t)j * dm);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, layer->g_w2 + (size_t)j * dm * ff, ff, 1);
-    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
-    acmoe__activate_backward(&ctx->kernel, desc->activation, h, a, rows, ff); /* h becomes dh */
-    acmoe__bias_grad(&ctx->kernel, h, rows, hw, layer->g_b1 + (size_t)j * hw);
+    if (desc->activation == ACMOE_ACT_RELU && dm <= ctx->desc.kc) { /* dh straight over h, and b1's gradient */
+        memset(&relu_grad, 0, sizeof relu_grad);
+        relu_grad.relu_grad = 1, relu_grad.column_sums = layer->g_b1 + (size_t)j * hw;
+        ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, h, hw, 0, &relu_grad);
+    } else {
+        ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, ff, dm, dy, dm, w2, ff, a, ff, 0); /* da */
+        acmoe__activate_backward(&ctx->kernel, desc->activation, h, a, rows, ff); /* h becomes dh */
+        acmoe__bias_grad(&ctx->kernel, h, rows, hw, layer->g_b1 + (size_t)j * hw);
+    }
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, hw, dm, rows, h, hw, xe, dm, layer->g_w1 + (size_t)j * hw * dm, dm, 1);
     ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_NN, rows, dm, hw, h, hw, w1, dm, xe, dm, 0); /* dxe */
 }
@@ -5040,7 +5155,7 @@ static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k,
         for (i = 0; i < kern->mr; i++) rows[i] = a + (i0 + ACMOE__MIN(i, mrr - 1)) * a_rs;
         for (j0 = 0; j0 < n; j0 += kern->width[w]) {
             for (w = 0; kern->width[w] > n - j0; w++) continue;
-            kern->fn[w](k, rows, a_cs, b + j0, b_rs, c + i0 * c_rs + j0, c_rs, mrr, accumulate);
+            kern->fn[w](k, rows, a_cs, b + j0, b_rs, c + i0 * c_rs + j0, c_rs, mrr, accumulate, NULL);
         }
     }
 }
@@ -6424,14 +6539,15 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
                                          acmoe_moe_stats *prev, int *have_prev) {
     const int d = block->width, r0 = model->start, rows = block->n - r0, pre = model->desc.pre_ln;
     const size_t o = (size_t)r0 * d, count = (size_t)rows * d;
+    acmoe__epilogue qkv_bias, o_bias;
     acmoe_status s;
     block->x_in = x;
     if (pre)
         acmoe__layernorm(ctx, x + o, NULL, rows, d, block->ln1_g, block->ln1_b, block->xhat1 + o, block->rstd1 + r0, block->attn_in + o);
     float *qkv = model->interleaved ? model->dqkv : block->qkv + 3 * o; /* decoding: the new rows, then the cache */
-    s = acmoe_matmul(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? block->attn_in : x) + o, d, block->w_qkv, d, qkv, 3 * d, 0);
+    s = acmoe__matmul_then(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? block->attn_in : x) + o, d, block->w_qkv, d, qkv, 3 * d,
+                           0, acmoe__bias_epilogue(&qkv_bias, block->b_qkv));
     if (s != ACMOE_OK) return s;
-    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, qkv, block->b_qkv, NULL, rows, 3 * d);
     if (model->interleaved) acmoe__decoding_cache(model, block, qkv);
     if (block->window) acmoe__window_attention(ctx, model, block);
     else if (model->interleaved)
@@ -6440,9 +6556,9 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
     else
         acmoe__attention_forward(ctx, block->qkv, model->batch, model->seq, NULL, 0, r0, !model->desc.n_classes, d,
                                  block->heads, model->att_work, model->att_slots, block->att);
-    s = acmoe_matmul(ctx, ACMOE_NT, rows, d, d, block->att + o, d, block->w_o, d, block->a + o, d, 0);
+    s = acmoe__matmul_then(ctx, ACMOE_NT, rows, d, d, block->att + o, d, block->w_o, d, block->a + o, d, 0,
+                           acmoe__bias_epilogue(&o_bias, block->b_o));
     if (s != ACMOE_OK) return s;
-    acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, block->a + o, block->b_o, NULL, rows, d);
     if (model->dropped) acmoe__dropout(model, block->a + o, block->keep_a + o, count);
     if (pre) {
         acmoe__rows(ctx, ACMOE__ROWS_ADD, block->h + o, x + o, block->a + o, rows, d);

@@ -278,7 +278,7 @@ static void test_tall_kernel(void) {
                 for (i = 0; i < ROWS * 64; i++) want[i] = got[i] = (float)(i % 13) - 6.0f;
                 for (r0 = 0; r0 < ROWS; r0 += k.mr) {
                     for (r = 0; r < k.mr; r++) rows[r] = a + (r0 + r) * a_rs;
-                    k.fn[w](K, rows, a_cs, b, 64, want + r0 * 64, 64, k.mr, accumulate);
+                    k.fn[w](K, rows, a_cs, b, 64, want + r0 * 64, 64, k.mr, accumulate, NULL);
                 }
                 k.tall(K, a, a_rs, a_cs, b, 64, got, 64, accumulate);
                 CHECKF(memcmp(want, got, sizeof want) == 0, "%s, layout %d, accumulate %d", acmoe_isa_name(k.isa),
@@ -287,6 +287,70 @@ static void test_tall_kernel(void) {
             }
     }
     CHECK(tested == (acmoe_isa_supported(ACMOE_ISA_AVX512) ? 4 : 0));
+}
+
+/* A product's epilogue gives the bits of the separate passes: ReLU's gradient against the old
+   C, the bias, the ReLU written aside, and column sums added in row order; on every path,
+   for whole and ragged tiles, a transposed output, one column, no depth, and (without the
+   mask) several depth blocks; and across two threads the bits of one. */
+static void test_epilogue(void) {
+    enum { M = 23, N = 100, K = 40 };
+    static const int shapes[][4] = {{M, N, K, ACMOE_NT}, {M, 64, K, ACMOE_NN}, {5, 1, K, ACMOE_NN},
+                                    {1, 48, K, ACMOE_NT}, {M, 36, K, ACMOE_TN}, {M, N, 0, ACMOE_NN}};
+    float a[M * K], b[K * N], bias[N], old[M * N], want[M * N], got[M * N], relu_want[M * N], relu_got[M * N];
+    float sums_want[N], sums_got[N];
+    acmoe_ctx *ctx[3];
+    acmoe_rng rng;
+    int isa, shape, mode, i, j, tested = 0;
+    acmoe_rng_seed(&rng, 31);
+    for (i = 0; i < M * K; i++) a[i] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
+    for (i = 0; i < K * N; i++) b[i] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
+    for (i = 0; i < N; i++) bias[i] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
+    for (i = 0; i < M * N; i++) old[i] = i % 3 ? 2.0f * acmoe_rng_uniform(&rng) - 1.0f : (i % 2 ? 0.0f : -0.0f);
+    ctx[0] = test_context(1, 0, K, 0);  /* one depth block */
+    ctx[1] = test_context(1, 0, 16, 0); /* three */
+    ctx[2] = test_context(2, 0, 16, 0);
+    for (isa = ACMOE_ISA_SCALAR; isa < ACMOE_ISA_COUNT; isa++) {
+        if (!acmoe_isa_supported((acmoe_isa)isa)) continue;
+        for (i = 0; i < 3; i++) CHECK_STATUS(acmoe_ctx_set_isa(ctx[i], (acmoe_isa)isa), ACMOE_OK);
+        for (shape = 0; shape < (int)(sizeof shapes / sizeof shapes[0]); shape++)
+            for (mode = 0; mode < 3; mode++) { /* mask; bias and ReLU; all of it */
+                const int m = shapes[shape][0], n = shapes[shape][1], k = shapes[shape][2];
+                const acmoe_layout layout = (acmoe_layout)shapes[shape][3];
+                const int lda = layout == ACMOE_TN ? m : k + !k, ldb = layout == ACMOE_NT ? k + !k : n;
+                acmoe_ctx *one = ctx[mode == 1 ? 1 : 0];
+                acmoe__epilogue epilogue;
+                memset(&epilogue, 0, sizeof epilogue);
+                epilogue.relu_grad = mode != 1;
+                if (mode) epilogue.bias = bias, epilogue.relu = relu_got, epilogue.ld_relu = n;
+                epilogue.column_sums = sums_got;
+                CHECK_STATUS(acmoe_matmul(one, layout, m, n, k, a, lda, b, ldb, want, n, 0), ACMOE_OK);
+                for (j = 0; j < n; j++) sums_want[j] = sums_got[j] = (float)j;
+                for (i = 0; i < m; i++)
+                    for (j = 0; j < n; j++) {
+                        float *c = &want[i * n + j];
+                        if (epilogue.relu_grad) *c = old[i * n + j] > 0.0f ? *c : 0.0f;
+                        if (mode) *c = *c + bias[j], relu_want[i * n + j] = *c > 0.0f ? *c : 0.0f;
+                        sums_want[j] = sums_want[j] + *c;
+                    }
+                memcpy(got, old, sizeof got);
+                CHECK_STATUS(acmoe__matmul_on_thread_then(one, 0, layout, m, n, k, a, lda, b, ldb, got, n, 0, &epilogue),
+                             ACMOE_OK);
+                CHECKF(memcmp(want, got, sizeof(float) * m * n) == 0 && memcmp(sums_want, sums_got, sizeof(float) * n) == 0 &&
+                           (!mode || memcmp(relu_want, relu_got, sizeof(float) * m * n) == 0),
+                       "%s, %d x %d x %d, layout %d, mode %d", acmoe_isa_name((acmoe_isa)isa), m, n, k, (int)layout, mode);
+                if (mode == 1) { /* across the pool, without the column sums */
+                    epilogue.column_sums = NULL;
+                    memset(relu_got, 0, sizeof relu_got);
+                    CHECK_STATUS(acmoe__matmul_then(ctx[2], layout, m, n, k, a, lda, b, ldb, got, n, 0, &epilogue), ACMOE_OK);
+                    CHECKF(memcmp(want, got, sizeof(float) * m * n) == 0 && memcmp(relu_want, relu_got, sizeof(float) * m * n) == 0,
+                           "%s, %d x %d x %d, two threads", acmoe_isa_name((acmoe_isa)isa), m, n, k);
+                }
+                tested++;
+            }
+    }
+    CHECK(tested >= 18);
+    for (i = 0; i < 3; i++) acmoe_ctx_destroy(ctx[i]);
 }
 
 /* A path's top-k selection gives the scalar loop's indices and gates, ties (repeated values,
@@ -475,6 +539,7 @@ const test_case internal_tests[] = {
     {"row_kernels", test_row_kernels},
     {"attention_blocks", test_attention_blocks},
     {"tall_kernel", test_tall_kernel},
+    {"epilogue", test_epilogue},
     {"top16", test_top16},
     {"row_adam", test_row_adam},
     {"row_layernorm", test_row_layernorm},
