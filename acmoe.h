@@ -2744,6 +2744,28 @@ static int acmoe__all_finite(const float *x, size_t n) {
     return !bad;
 }
 
+typedef struct acmoe__finite_job {
+    const float *x;
+    size_t n;
+    int bad_parts; /* atomic */
+} acmoe__finite_job;
+
+static void acmoe__finite_job_run(void *arg, int tid, int n_threads) {
+    acmoe__finite_job *job = (acmoe__finite_job *)arg;
+    const size_t i0 = job->n / (size_t)n_threads * (size_t)tid, i1 = tid + 1 == n_threads ? job->n : i0 + job->n / (size_t)n_threads;
+    if (!acmoe__all_finite(job->x + i0, i1 - i0)) acmoe__next_item(&job->bad_parts); /* an atomic count */
+}
+
+/* acmoe__all_finite on the pool's threads, for a layer's input: on one thread the check is
+   time the other threads wait. */
+static int acmoe__all_finite_on_pool(acmoe_ctx *ctx, const float *x, size_t n) {
+    acmoe__finite_job job;
+    if (n < ((size_t)1 << 16) || ctx->desc.n_threads == 1) return acmoe__all_finite(x, n);
+    job.x = x, job.n = n, job.bad_parts = 0;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__finite_job_run, &job);
+    return job.bad_parts == 0;
+}
+
 /* A named parameter tensor: where it sits in a parameter buffer, its shape, and whether
    AdamW decays it (weights yes, biases and norms no). Layers and models list theirs in a
    directory, which the optimizer and checkpoints read. */
@@ -4616,7 +4638,7 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
     if (soft && (double)acmoe__group_count(resolved, n) * layer->lw > layer->max_pairs)
         return ACMOE_ERR_SHAPE; /* more slot rows than the workspace made at creation holds */
     if (n > 0 && (!x || !out)) return ACMOE_ERR_NULL;
-    if (!acmoe__all_finite(x, (size_t)n * resolved->d_model)) return ACMOE_ERR_NONFINITE;
+    if (!acmoe__all_finite_on_pool(ctx, x, (size_t)n * resolved->d_model)) return ACMOE_ERR_NONFINITE;
     layer->x = x;
     layer->n = n;
     layer->cached = 0; /* no backward until this call succeeds */
@@ -4653,6 +4675,7 @@ static void acmoe__combine_backward_job(void *arg, int tid, int n_threads) {
     const int dm = layer->desc.d_model;
     int t0, t1, p;
     acmoe__token_range(layer, tid, n_threads, &t0, &t1);
+    memset(job->dx + (size_t)t0 * dm, 0, sizeof(float) * (size_t)(t1 - t0) * dm); /* the sums dx gathers start here */
     for (p = layer->token_start[t0]; p < layer->token_start[t1]; p++) {
         const float *g = job->dout + (size_t)layer->pair_token[p] * dm;
         float *y = layer->ye + (size_t)layer->pair_slot[p] * dm, gate = layer->pair_gate[p];
@@ -4860,7 +4883,6 @@ ACMOE_API acmoe_status acmoe_moe_backward(acmoe_moe *layer, acmoe_ctx *ctx, cons
     if (layer->desc.router_select == ACMOE_SELECT_SOFT) return acmoe__soft_backward(layer, ctx, dout, dx);
     mark = acmoe__clock_start(ctx);
     job.layer = layer, job.ctx = ctx, job.x = layer->x, job.out = NULL, job.dout = dout, job.dx = dx, job.next = 0;
-    memset(dx, 0, sizeof(float) * (size_t)layer->n * layer->desc.d_model);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__combine_backward_job, &job);
     acmoe__lap(ctx, &mark, &layer->seconds_experts);
     acmoe__gate_backward(layer);

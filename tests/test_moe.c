@@ -882,6 +882,40 @@ static void test_moe_deterministic(void) {
     }
 }
 
+/* A layer input large enough to be checked on two threads: a NaN or an infinity in either
+   thread's part, at its first or last element, is refused; the clean input is not. */
+static void test_moe_nonfinite_input_threads(void) {
+    enum { N = 2048, D = 64 };
+    const size_t count = (size_t)N * D, at[] = {0, count / 2 - 1, count / 2, count - 1};
+    const float poison[] = {NAN, INFINITY, -INFINITY};
+    acmoe_ctx *ctx = test_context(2, 0, 0, 0);
+    acmoe_moe_desc desc;
+    acmoe_moe *layer = NULL;
+    acmoe_rng rng;
+    float *params, *grads, *x = (float *)malloc(sizeof(float) * count), *out = (float *)malloc(sizeof(float) * count);
+    size_t i, j, k;
+    memset(&desc, 0, sizeof desc);
+    desc.d_model = D, desc.d_ff = D, desc.n_experts = 4, desc.top_k = 2, desc.max_tokens = N;
+    CHECK_STATUS(acmoe_moe_router_preset(&desc, 'g'), ACMOE_OK);
+    params = (float *)malloc(sizeof(float) * acmoe_moe_param_count(&desc));
+    grads = (float *)calloc(acmoe_moe_param_count(&desc), sizeof(float));
+    CHECK_STATUS(acmoe_moe_create(&layer, &desc, params, grads), ACMOE_OK);
+    acmoe_rng_seed(&rng, 5);
+    acmoe_moe_init_params(layer, &rng);
+    for (i = 0; i < count; i++) x[i] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
+    for (j = 0; j < sizeof at / sizeof at[0]; j++)
+        for (k = 0; k < sizeof poison / sizeof poison[0]; k++) {
+            const float keep = x[at[j]];
+            x[at[j]] = poison[k];
+            CHECK_STATUS(acmoe_moe_forward(layer, ctx, x, N, NULL, NULL, 0, out), ACMOE_ERR_NONFINITE);
+            x[at[j]] = keep;
+        }
+    CHECK_STATUS(acmoe_moe_forward(layer, ctx, x, N, NULL, NULL, 0, out), ACMOE_OK);
+    acmoe_moe_destroy(layer);
+    acmoe_ctx_destroy(ctx);
+    free(params), free(grads), free(x), free(out);
+}
+
 static void test_moe_bad_input(void) {
     fixture f;
     acmoe_moe_desc d;
@@ -978,6 +1012,7 @@ const test_case moe_tests[] = {
     {"moe_grad_priority", test_grad_priority},
     {"moe_deterministic", test_moe_deterministic},
     {"moe_bad_input", test_moe_bad_input},
+    {"moe_nonfinite_input_threads", test_moe_nonfinite_input_threads},
     {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
     {"moe_grad_smoe_gelu", test_grad_smoe_gelu},
     {"moe_grad_smoe_relu", test_grad_smoe_relu},
