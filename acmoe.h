@@ -1220,6 +1220,7 @@ typedef struct acmoe__kernel {
     float (*row_dot)(const float *a, const float *b, int n);
     void (*row_axpy)(float *y, const float *x, int n, float a); /* y += a x, a product then a sum */
     void (*row_scale)(float *y, const float *x, int n, float a); /* y = a x */
+    void (*row_mul_add)(float *y, const float *a, const float *b, int n); /* y += a b element by element */
     void (*row_relu)(float *y, const float *h, const float *g, size_t n); /* y = relu_grad(h, g) */
     void (*row_softmax_grad)(float *d, const float *e, int n, float dot, float scale);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
@@ -1823,6 +1824,11 @@ static void acmoe__row_scale_scalar(float *y, const float *x, int n, float a) {
     for (i = 0; i < n; i++) y[i] = a * x[i];
 }
 
+static void acmoe__row_mul_add_scalar(float *y, const float *a, const float *b, int n) {
+    int i;
+    for (i = 0; i < n; i++) y[i] += a[i] * b[i];
+}
+
 /* g where h > 0, else 0 (relu(h) is relu_grad(h, h)). Branch-free: the sign of a hidden
    unit is a coin flip, and a branch on it mispredicts half the time. */
 static float acmoe__relu_grad(float h, float g) {
@@ -1974,6 +1980,14 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, MUL(SET1(a), LOAD(x + i)));                   \
         for (; i < n; i++) y[i] = a * x[i];                                                              \
+    }                                                                                                    \
+    TARGET static void acmoe__row_mul_add_##SFX(float *y, const float *a, const float *b, int n) {      \
+        int i;                                                                                           \
+        for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, ADD(LOAD(y + i), MUL(LOAD(a + i), LOAD(b + i)))); \
+        if (i < n)                                                                                       \
+            acmoe__tail_store_##SFX(y + i, ADD(acmoe__tail_load_##SFX(y + i, n - i, 0.0f),                \
+                                               MUL(acmoe__tail_load_##SFX(a + i, n - i, 0.0f),           \
+                                                   acmoe__tail_load_##SFX(b + i, n - i, 0.0f))), n - i); \
     }                                                                                                    \
     TARGET static void acmoe__row_relu_##SFX(float *y, const float *h, const float *g, size_t n) {      \
         size_t i;                                                                                        \
@@ -2280,7 +2294,8 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
-        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_relu_##SFX, acmoe__row_softmax_grad_##SFX,   \
+        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_mul_add_##SFX, acmoe__row_relu_##SFX,        \
+        acmoe__row_softmax_grad_##SFX,                                                                       \
         acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX, acmoe__row_layernorm_backward_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
@@ -3757,6 +3772,7 @@ static const float *acmoe__token_weights(const acmoe_moe *layer, int t) {
 
 typedef struct acmoe__weights_job {
     const acmoe_moe *layer;
+    const acmoe__kernel *kern;
     const float *x;
     float *out;
     int n, accumulate;
@@ -3775,7 +3791,7 @@ static void acmoe__times_token_weights_job(void *arg, int tid, int n_threads) {
         const float *w = acmoe__token_weights(layer, t), *xt = x + (size_t)t * dm;
         float *o = out + (size_t)t * dm;
         if (accumulate)
-            for (q = 0; q < dm; q++) o[q] += xt[q] * w[q];
+            job->kern->row_mul_add(o, xt, w, dm);
         else
             for (q = 0; q < dm; q++) o[q] = xt[q] * w[q];
     }
@@ -3784,7 +3800,7 @@ static void acmoe__times_token_weights_job(void *arg, int tid, int n_threads) {
 static void acmoe__times_token_weights(const acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n, float *out,
                                        int accumulate) {
     acmoe__weights_job job;
-    job.layer = layer, job.x = x, job.out = out, job.n = n, job.accumulate = accumulate;
+    job.layer = layer, job.kern = &ctx->kernel, job.x = x, job.out = out, job.n = n, job.accumulate = accumulate;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__times_token_weights_job, &job);
 }
 
@@ -4726,7 +4742,7 @@ static void acmoe__scatter_job(void *arg, int tid, int n_threads) {
     acmoe__moe_job *job = (acmoe__moe_job *)arg;
     const acmoe_moe *layer = job->layer;
     const int dm = layer->desc.d_model, weighted = acmoe__expert_input(layer, layer->x) != layer->x;
-    int t0, t1, p, q;
+    int t0, t1, p;
     acmoe__token_range(layer, tid, n_threads, &t0, &t1);
     for (p = layer->token_start[t0]; p < layer->token_start[t1]; p++) {
         const float *g = layer->xe + (size_t)layer->pair_slot[p] * dm;
@@ -4734,7 +4750,7 @@ static void acmoe__scatter_job(void *arg, int tid, int n_threads) {
         const float *w = weighted ? acmoe__token_weights(layer, layer->pair_token[p]) : NULL;
         acmoe__prefetch_pair_row(layer, layer->xe, p);
         if (w)
-            for (q = 0; q < dm; q++) job->dx[row + q] += g[q] * w[q];
+            job->ctx->kernel.row_mul_add(job->dx + row, g, w, dm);
         else
             job->ctx->kernel.row_axpy(job->dx + row, g, dm, 1.0f);
     }
@@ -5071,13 +5087,11 @@ static void acmoe__layernorm_backward_rows(void *arg, int tid, int n_threads) {
 static void acmoe__layernorm_backward_columns(void *arg, int tid, int n_threads) {
     const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
     const int d = j->d, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
-    int r, q;
+    int r;
     for (r = 0; r < j->rows; r++) {
-        const float *dyr = j->dy + (size_t)r * d, *xh = j->xhat_in + (size_t)r * d;
-        for (q = q0; q < q1; q++) {
-            j->dg[q] += dyr[q] * xh[q];
-            j->db[q] += dyr[q];
-        }
+        const float *dyr = j->dy + (size_t)r * d + q0;
+        j->kern->row_mul_add(j->dg + q0, dyr, j->xhat_in + (size_t)r * d + q0, q1 - q0);
+        j->kern->row_axpy(j->db + q0, dyr, q1 - q0, 1.0f);
     }
 }
 

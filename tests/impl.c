@@ -62,8 +62,8 @@ struct acmoe_ctx *test_context(int n_threads, int mc, int kc, int nc) {
 /* One path's row kernels on n values against plain double-precision loops: the maximum
    exactly, each exp of a float argument a to 1e-6 relative (the scalar path; the vector paths
    fold the scale into the base-2 exponent, so that rounding adds 2e-7 |a|), sums, exp sums and
-   dot products to 1e-5 of their magnitude; the softmax gradient, y += a x, y = a x and the ReLU mask
-   against the plain float formulas, exactly. */
+   dot products to 1e-5 of their magnitude; the softmax gradient, y += a x, y += a b element by
+   element, y = a x and the ReLU mask against the plain float formulas, exactly. */
 static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     float x[1000], y[1000], b[1000], top = -1e30f, got;
     const float zero = 0.0f;
@@ -108,6 +108,11 @@ static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     k->row_axpy(y, x, n, -0.3f);
     for (i = 0; i < n; i++) exp_failures += y[i] != b[i] + -0.3f * x[i];
     CHECKF(exp_failures == 0, "%s, n %d: %d axpy values off", path, n, exp_failures);
+    memcpy(y, b, sizeof(float) * (size_t)n);
+    exp_failures = 0;
+    k->row_mul_add(y, x, b, n);
+    for (i = 0; i < n; i++) exp_failures += y[i] != b[i] + x[i] * b[i];
+    CHECKF(exp_failures == 0, "%s, n %d: %d multiply-add values off", path, n, exp_failures);
     exp_failures = 0;
     k->row_scale(y, x, n, -0.3f);
     for (i = 0; i < n; i++) exp_failures += y[i] != -0.3f * x[i];
