@@ -4343,19 +4343,27 @@ static void acmoe__expert_gather(const acmoe_moe *layer, int j, const float *in)
     for (r = 0; r < layer->count[j]; r++) memcpy(xe + (size_t)r * dm, acmoe__expert_row(layer, in, j, r), sizeof(float) * dm);
 }
 
+/* Expert j's activations: for ReLU written over its pre-activations h (the backward pass's
+   mask h > 0 is the same as act(h) > 0, so h need not be kept), else in block->a. */
+static float *acmoe__expert_activations(const acmoe_moe *layer, const acmoe__expert_rows *block, int j) {
+    const size_t at = (size_t)block->offset[j];
+    if (layer->desc.activation == ACMOE_ACT_RELU) return block->h + at * layer->h_width;
+    return block->a + at * layer->desc.d_ff;
+}
+
 /* ye = W2 act(W1 xe + b1) + b2 on expert j's gathered rows. */
 static void acmoe__expert_forward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, const acmoe__expert_rows *block, int j) {
     const acmoe_moe_desc *desc = &layer->desc;
     const int dm = desc->d_model, ff = desc->d_ff, hw = layer->h_width, rows = block->count[j];
     const size_t at = (size_t)block->offset[j];
-    float *xe = block->xe + at * dm, *h = block->h + at * hw, *a = block->a + at * ff, *ye = block->ye + at * dm;
-    const int relu = desc->activation == ACMOE_ACT_RELU;
+    float *xe = block->xe + at * dm, *h = block->h + at * hw, *ye = block->ye + at * dm;
+    float *a = acmoe__expert_activations(layer, block, j);
     acmoe__epilogue first, second;
     acmoe__bias_epilogue(&first, layer->b1 + (size_t)j * hw);
-    if (relu) first.relu = a, first.ld_relu = ff; /* h and act(h) from one pass */
+    if (a == h) first.relu = h, first.ld_relu = hw;
     ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, layer->w1 + (size_t)j * hw * dm, dm, h, hw, 0,
                                  &first);
-    if (!relu) acmoe__activate(desc->activation, h, a, rows, ff);
+    if (a != h) acmoe__activate(desc->activation, h, a, rows, ff);
     ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, layer->w2 + (size_t)j * dm * ff, ff, ye, dm, 0,
                                  acmoe__bias_epilogue(&second, layer->b2 + (size_t)j * dm));
 }
@@ -4711,7 +4719,8 @@ static void acmoe__expert_backward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, co
     const float *w1 = layer->w1 + (size_t)j * hw * dm, *w2 = layer->w2 + (size_t)j * dm * ff;
     acmoe__epilogue relu_grad;
     acmoe__bias_grad(&ctx->kernel, dy, rows, dm, layer->g_b2 + (size_t)j * dm);
-    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, a, ff, layer->g_w2 + (size_t)j * dm * ff, ff, 1);
+    ACMOE__MATMUL_ON_THREAD(ctx, tid, ACMOE_TN, dm, ff, rows, dy, dm, acmoe__expert_activations(layer, block, j), ff,
+                            layer->g_w2 + (size_t)j * dm * ff, ff, 1);
     if (desc->activation == ACMOE_ACT_RELU && dm <= ctx->desc.kc) { /* dh straight over h, and b1's gradient */
         memset(&relu_grad, 0, sizeof relu_grad);
         relu_grad.relu_grad = 1, relu_grad.column_sums = layer->g_b1 + (size_t)j * hw;
