@@ -2767,7 +2767,8 @@ typedef struct acmoe__finite_job {
 
 static void acmoe__finite_job_run(void *arg, int tid, int n_threads) {
     acmoe__finite_job *job = (acmoe__finite_job *)arg;
-    const size_t i0 = job->n / (size_t)n_threads * (size_t)tid, i1 = tid + 1 == n_threads ? job->n : i0 + job->n / (size_t)n_threads;
+    const size_t part = job->n / (size_t)n_threads, i0 = part * (size_t)tid;
+    const size_t i1 = tid + 1 == n_threads ? job->n : i0 + part;
     if (!acmoe__all_finite(job->x + i0, i1 - i0)) acmoe__next_item(&job->bad_parts); /* an atomic count */
 }
 
@@ -4361,11 +4362,11 @@ static void acmoe__expert_forward(acmoe_moe *layer, acmoe_ctx *ctx, int tid, con
     acmoe__epilogue first, second;
     acmoe__bias_epilogue(&first, layer->b1 + (size_t)j * hw);
     if (a == h) first.relu = h, first.ld_relu = hw;
-    ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, layer->w1 + (size_t)j * hw * dm, dm, h, hw, 0,
-                                 &first);
+    ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NT, rows, hw, dm, xe, dm, layer->w1 + (size_t)j * hw * dm, dm, h, hw,
+                                 0, &first);
     if (a != h) acmoe__activate(desc->activation, h, a, rows, ff);
-    ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, layer->w2 + (size_t)j * dm * ff, ff, ye, dm, 0,
-                                 acmoe__bias_epilogue(&second, layer->b2 + (size_t)j * dm));
+    ACMOE__MATMUL_ON_THREAD_THEN(ctx, tid, ACMOE_NT, rows, dm, ff, a, ff, layer->w2 + (size_t)j * dm * ff, ff, ye, dm,
+                                 0, acmoe__bias_epilogue(&second, layer->b2 + (size_t)j * dm));
 }
 
 static void acmoe__experts_forward_job(void *arg, int tid, int n_threads) {
@@ -6590,8 +6591,8 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
     if (pre)
         acmoe__layernorm(ctx, x + o, NULL, rows, d, block->ln1_g, block->ln1_b, block->xhat1 + o, block->rstd1 + r0, block->attn_in + o);
     float *qkv = model->interleaved ? model->dqkv : block->qkv + 3 * o; /* decoding: the new rows, then the cache */
-    s = acmoe__matmul_then(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? block->attn_in : x) + o, d, block->w_qkv, d, qkv, 3 * d,
-                           0, acmoe__bias_epilogue(&qkv_bias, block->b_qkv));
+    s = acmoe__matmul_then(ctx, ACMOE_NT, rows, 3 * d, d, (pre ? block->attn_in : x) + o, d, block->w_qkv, d, qkv,
+                           3 * d, 0, acmoe__bias_epilogue(&qkv_bias, block->b_qkv));
     if (s != ACMOE_OK) return s;
     if (model->interleaved) acmoe__decoding_cache(model, block, qkv);
     if (block->window) acmoe__window_attention(ctx, model, block);
