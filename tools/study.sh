@@ -224,17 +224,3 @@ done
 
 echo "== study $mode: ${#ids[@]} runs finished in $dir; writing $outdir/results.md"
 "$B/study_report" "$dir" "$outdir" || exit 1
-
-# The full study's headline and its first plot in the README, between its markers.
-if [ "$mode" = full ] && [ -f README.md ] && grep -q '<!-- study:begin -->' README.md; then
-    plot=$(ls "$outdir"/study/*-curves.svg 2>/dev/null | head -n 1)
-    awk -v headline="$outdir/study/headline.md" -v plot="$plot" '
-        /<!-- study:end -->/ { skipping = 0 }
-        !skipping { print }
-        /<!-- study:begin -->/ {
-            while ((getline line < headline) > 0) print line
-            if (plot != "") printf "\n![Held-out loss over training, each router with its seeds'"'"' band](%s)\n", plot
-            skipping = 1
-        }' README.md > README.md.tmp && mv README.md.tmp README.md
-    echo "== README.md: the study's headline updated"
-fi

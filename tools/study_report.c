@@ -8,7 +8,7 @@
    DIR holds study.tsv (a header, then per run: id, experiment, router, baseline, seed and
    command, tab-separated), meta.txt (key: value lines) and per run <id>.jsonl, the --log of
    train_lm or train_vit, with <id>.done once the run finished. OUTDIR gets results.md,
-   study/headline.md (the claims counted, for the README) and the plots study/NAME.svg.
+   study/headline.md (the claims counted) and the plots study/NAME.svg.
 
    Only finished runs count. A router is compared with its baseline seed by seed (runs of
    one experiment and seed share batches and initialisation): the mean difference is a
