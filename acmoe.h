@@ -1181,9 +1181,9 @@ typedef struct acmoe__workspace {
 
 /* What a product does to C once its sum is complete, while the tile is still in registers
    or cache, in this order: keeps it only where C held a positive value before (ReLU's
-   gradient, C having held the pre-activation), adds a bias to each row, writes the ReLU of
-   the result to a second matrix (c where c > 0, else +0), and adds the finished rows to
-   column sums (a bias gradient). The arithmetic and order of the separate passes, so the
+   gradient, C having held the activations), adds a bias to each row, writes the ReLU of the
+   result (c where c > 0, else +0) to relu, which may be C itself, and adds the finished rows
+   to column sums (a bias gradient). The arithmetic and order of the separate passes, so the
    same bits. */
 typedef struct acmoe__epilogue {
     int relu_grad;     /* not with accumulate */
@@ -2295,8 +2295,8 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
         acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_mul_add_##SFX, acmoe__row_relu_##SFX,        \
-        acmoe__row_softmax_grad_##SFX,                                                                       \
-        acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX, acmoe__row_layernorm_backward_##SFX
+        acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                      \
+        acmoe__row_layernorm_backward_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
