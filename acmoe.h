@@ -5063,12 +5063,42 @@ ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightne
 /* 9. Transformer pieces                                                                      */
 /* ========================================================================================== */
 
-/* Layer norm over rows split across threads; the gain and bias gradients, sums over rows,
-   split by columns instead, so every sum runs over the rows in order whatever the count. */
+/* Column sums over many rows (the gain and bias gradients) run over ACMOE__SUM_BLOCKS fixed
+   blocks of rows: each block sums its rows into a partial row of its own, threads take whole
+   blocks (the same rows their row-split pass has just written, so still in their cache), and
+   the partials are then added in block order. The bits do not depend on the thread count.
+   The partials live in the first thread's packing space, which is free between products. */
+#define ACMOE__SUM_BLOCKS 32
+
+/* The first row of block b of rows. */
+static int acmoe__block_row(int rows, int b) { return (int)((long)rows * b / ACMOE__SUM_BLOCKS); }
+
+/* The blocks [*b0, *b1) thread tid of n_threads takes. */
+static void acmoe__thread_blocks(int tid, int n_threads, int *b0, int *b1) {
+    *b0 = ACMOE__SUM_BLOCKS * tid / n_threads, *b1 = ACMOE__SUM_BLOCKS * (tid + 1) / n_threads;
+}
+
+/* Room for the partials of `sums` column sums of cols each, or NULL when the packing space is
+   too small (a context with very small blocking). */
+static float *acmoe__sum_partials(acmoe_ctx *ctx, int sums, int cols) {
+    const size_t need = (size_t)ACMOE__SUM_BLOCKS * (size_t)sums * (size_t)cols;
+    return need <= (size_t)ctx->desc.kc * (size_t)ctx->desc.nc ? ctx->ws[0].pack_b : NULL;
+}
+
+/* y += the partials of blocks 0, 1, ... (cols floats each, stride floats apart), in order. */
+static void acmoe__add_partials(const acmoe__kernel *kern, float *y, const float *partials, int cols, size_t stride) {
+    int b;
+    for (b = 0; b < ACMOE__SUM_BLOCKS; b++) kern->row_axpy(y, partials + (size_t)b * stride, cols, 1.0f);
+}
+
+/* Layer norm over rows split across threads; the backward pass sums the gain and bias
+   gradients by blocks of rows as it goes, or, when there is no room for the partials, in a
+   pass of its own split by columns (every sum then runs over the rows in order). */
 typedef struct acmoe__ln_job {
     const acmoe__kernel *kern;
     const float *x, *add, *dy, *g, *b, *rstd_in, *xhat_in;
     float *xhat, *rstd, *y, *dg, *db, *dx;
+    float *partials; /* backward: per block, the gain's then the bias's partial gradient; or NULL */
     int rows, d, accumulate;
 } acmoe__ln_job;
 
@@ -5083,14 +5113,25 @@ static void acmoe__layernorm_rows(void *arg, int tid, int n_threads) {
                                             j->g, j->b, j->d);
 }
 
-/* dx (written, or added when accumulate) of each row. */
+/* dx (written, or added when accumulate) of each row, block by block, and the blocks' partial
+   gain and bias gradients when there is room for them. */
 static void acmoe__layernorm_backward_rows(void *arg, int tid, int n_threads) {
     const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
     const size_t d = (size_t)j->d;
-    int r, r1 = (int)((long)j->rows * (tid + 1) / n_threads);
-    for (r = (int)((long)j->rows * tid / n_threads); r < r1; r++)
-        j->kern->row_layernorm_backward(j->dx + r * d, j->dy + r * d, j->xhat_in + r * d, j->g, j->rstd_in[r], j->d,
-                                        j->accumulate);
+    int b, b0, b1, r;
+    acmoe__thread_blocks(tid, n_threads, &b0, &b1);
+    for (b = b0; b < b1; b++) {
+        float *dg = j->partials ? j->partials + (size_t)b * 2 * d : NULL, *db = dg ? dg + d : NULL;
+        if (dg) memset(dg, 0, sizeof(float) * 2 * d);
+        for (r = acmoe__block_row(j->rows, b); r < acmoe__block_row(j->rows, b + 1); r++) {
+            if (dg) {
+                j->kern->row_mul_add(dg, j->dy + r * d, j->xhat_in + r * d, j->d);
+                j->kern->row_axpy(db, j->dy + r * d, j->d, 1.0f);
+            }
+            j->kern->row_layernorm_backward(j->dx + r * d, j->dy + r * d, j->xhat_in + r * d, j->g, j->rstd_in[r],
+                                            j->d, j->accumulate);
+        }
+    }
 }
 
 /* dg and db accumulate, columns split across threads. */
@@ -5120,9 +5161,14 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
     acmoe__ln_job j;
     memset(&j, 0, sizeof j);
     j.kern = &ctx->kernel, j.dy = dy, j.xhat_in = xhat, j.rstd_in = rstd, j.g = g, j.dg = dg, j.db = db, j.dx = dx;
-    j.rows = rows, j.d = d, j.accumulate = accumulate;
+    j.rows = rows, j.d = d, j.accumulate = accumulate, j.partials = acmoe__sum_partials(ctx, 2, d);
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_rows, &j);
-    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_columns, &j);
+    if (!j.partials) {
+        acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_columns, &j);
+        return;
+    }
+    acmoe__add_partials(j.kern, dg, j.partials, d, (size_t)2 * d);
+    acmoe__add_partials(j.kern, db, j.partials + d, d, (size_t)2 * d);
 }
 
 /* Attention runs one (sequence, head) pair per thread at a time, in strips of query rows
@@ -6329,9 +6375,9 @@ static const float *acmoe__dropout_backward(const acmoe_lm *model, const float *
     return dx;
 }
 
-/* Element-wise passes over a [rows][cols] array split across threads: by rows, or by columns
-   for the bias gradient (a sum over rows, in order). Every element gets the same arithmetic
-   whatever the thread count. */
+/* Element-wise passes over a [rows][cols] array split across threads by rows; the bias
+   gradient, a sum over rows, by blocks of rows (or by columns when there is no room for the
+   partials). Every element gets the same arithmetic whatever the thread count. */
 typedef enum {
     ACMOE__ROWS_ADD,        /* y = a + b */
     ACMOE__ROWS_ACCUMULATE, /* y += a */
@@ -6344,13 +6390,31 @@ typedef struct acmoe__rows_job {
     acmoe__rows_op op;
     float *y;
     const float *a, *b;
+    float *partials; /* the bias gradient's, per block; NULL: split by columns */
     int rows, cols;
 } acmoe__rows_job;
 
+/* The bias gradient's share of a thread: its blocks' partial sums, or its columns' sums. */
+static void acmoe__bias_grad_share(const acmoe__rows_job *j, int tid, int n_threads) {
+    const size_t cols = (size_t)j->cols;
+    int b, b0, b1, r;
+    if (!j->partials) {
+        const int q0 = (int)((long)j->cols * tid / n_threads), q1 = (int)((long)j->cols * (tid + 1) / n_threads);
+        for (r = 0; r < j->rows; r++) j->kern->row_axpy(j->y + q0, j->a + (size_t)r * cols + q0, q1 - q0, 1.0f);
+        return;
+    }
+    acmoe__thread_blocks(tid, n_threads, &b0, &b1);
+    for (b = b0; b < b1; b++) {
+        float *sum = j->partials + (size_t)b * cols;
+        memset(sum, 0, sizeof(float) * cols);
+        for (r = acmoe__block_row(j->rows, b); r < acmoe__block_row(j->rows, b + 1); r++)
+            j->kern->row_axpy(sum, j->a + (size_t)r * cols, j->cols, 1.0f);
+    }
+}
+
 static void acmoe__rows_job_run(void *arg, int tid, int n_threads) {
     const acmoe__rows_job *j = (const acmoe__rows_job *)arg;
-    const int split = j->op == ACMOE__ROWS_BIAS_GRAD ? j->cols : j->rows;
-    const int k0 = (int)((long)split * tid / n_threads), k1 = (int)((long)split * (tid + 1) / n_threads);
+    const int k0 = (int)((long)j->rows * tid / n_threads), k1 = (int)((long)j->rows * (tid + 1) / n_threads);
     const size_t i0 = (size_t)k0 * j->cols, i1 = (size_t)k1 * j->cols;
     size_t i;
     int r;
@@ -6365,7 +6429,7 @@ static void acmoe__rows_job_run(void *arg, int tid, int n_threads) {
         acmoe__add_bias(j->kern, j->y + i0, k1 - k0, j->cols, j->a);
         break;
     case ACMOE__ROWS_BIAS_GRAD:
-        for (r = 0; r < j->rows; r++) j->kern->row_axpy(j->y + k0, j->a + (size_t)r * j->cols + k0, k1 - k0, 1.0f);
+        acmoe__bias_grad_share(j, tid, n_threads);
         break;
     }
 }
@@ -6374,7 +6438,9 @@ static void acmoe__rows(acmoe_ctx *ctx, acmoe__rows_op op, float *y, const float
                         int cols) {
     acmoe__rows_job j;
     j.kern = &ctx->kernel, j.op = op, j.y = y, j.a = a, j.b = b, j.rows = rows, j.cols = cols;
+    j.partials = op == ACMOE__ROWS_BIAS_GRAD ? acmoe__sum_partials(ctx, 1, cols) : NULL;
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * cols), acmoe__rows_job_run, &j);
+    if (j.partials) acmoe__add_partials(j.kern, y, j.partials, cols, (size_t)cols);
 }
 
 /* ---- Swin: attention inside shifted windows, and patch merging ---- */

@@ -472,6 +472,52 @@ static void test_row_layernorm(void) {
     }
 }
 
+/* The gain, bias and bias-only column sums of a layer norm's backward pass, by blocks of rows:
+   against double-precision sums for row counts below, at and above the block count, the
+   same bits on 1, 2 and 3 threads, and close to them where the context's packing space is
+   too small for the partials (the pass split by columns). Every sum starts from a nonzero
+   value, as the gradients accumulate. */
+static void test_column_sums(void) {
+    enum { d = 24, max_rows = 300, contexts = 4 };
+    const int row_counts[4] = {1, ACMOE__SUM_BLOCKS - 3, ACMOE__SUM_BLOCKS, max_rows};
+    float *dy = (float *)malloc(sizeof(float) * max_rows * d), *xhat = (float *)malloc(sizeof(float) * max_rows * d);
+    float *dx = (float *)malloc(sizeof(float) * max_rows * d), rstd[max_rows], g[d];
+    float sums[contexts][3][d];
+    double want[3][d];
+    acmoe_ctx *ctx[contexts];
+    acmoe_rng rng;
+    int c, r, q, s, rows, bad;
+    acmoe_rng_seed(&rng, 23);
+    for (c = 0; c < 3; c++) ctx[c] = test_context(c + 1, 0, 0, 0);
+    ctx[3] = test_context(2, 8, 4, 16); /* a depth block of 4: no room for the partials */
+    CHECK(acmoe__sum_partials(ctx[0], 2, d) != NULL && acmoe__sum_partials(ctx[3], 1, d) == NULL);
+    for (r = 0; r < max_rows * d; r++) dy[r] = acmoe_rng_normal(&rng), xhat[r] = acmoe_rng_normal(&rng);
+    for (r = 0; r < max_rows; r++) rstd[r] = 1.0f + acmoe_rng_uniform(&rng);
+    for (q = 0; q < d; q++) g[q] = acmoe_rng_normal(&rng);
+    for (s = 0; s < 4; s++) {
+        rows = row_counts[s];
+        for (q = 0; q < d; q++) {
+            want[0][q] = want[1][q] = want[2][q] = 0.5;
+            for (r = 0; r < rows; r++) {
+                want[0][q] += (double)dy[r * d + q] * xhat[r * d + q];
+                want[1][q] += dy[r * d + q], want[2][q] += dy[r * d + q];
+            }
+        }
+        for (c = 0; c < contexts; c++) {
+            for (q = 0; q < d; q++) sums[c][0][q] = sums[c][1][q] = sums[c][2][q] = 0.5f;
+            acmoe__layernorm_backward(ctx[c], dy, xhat, rstd, rows, d, g, sums[c][0], sums[c][1], dx, 0);
+            acmoe__rows(ctx[c], ACMOE__ROWS_BIAS_GRAD, sums[c][2], dy, NULL, rows, d);
+            for (bad = 0, q = 0; q < 3 * d; q++)
+                bad += !(fabs(sums[c][q / d][q % d] - want[q / d][q % d]) <= 1e-5 * rows);
+            CHECKF(bad == 0, "%d rows, context %d: %d sums off", rows, c, bad);
+        }
+        CHECKF(memcmp(sums[0], sums[1], sizeof sums[0]) == 0 && memcmp(sums[0], sums[2], sizeof sums[0]) == 0,
+               "%d rows: the thread count changed the bits", rows);
+    }
+    for (c = 0; c < contexts; c++) acmoe_ctx_destroy(ctx[c]);
+    free(dy), free(xhat), free(dx);
+}
+
 /* Dropout's backward pass against finite differences along a random direction: dense
    layers (no routing decision to hold still), with the model's generator rewound before
    every forward pass so each one drops the same units; post-LN and pre-LN. */
@@ -548,6 +594,7 @@ const test_case internal_tests[] = {
     {"top16", test_top16},
     {"row_adam", test_row_adam},
     {"row_layernorm", test_row_layernorm},
+    {"column_sums", test_column_sums},
     {"lm_dropout_gradient", test_lm_dropout_gradient},
     {"corrupt_tokens", test_corrupt_tokens},
     {0, 0},
