@@ -6983,28 +6983,29 @@ ACMOE_API acmoe_status acmoe_sample(const float *logits, int vocab, float temper
     return ACMOE_OK;
 }
 
-/* The embeddings' gradients from the first layer's input gradient dx, columns split across
-   threads so that every element adds the tokens in order, whatever the thread count. */
+/* The embeddings' gradients from the first layer's input gradient dx: each thread takes a
+   range of token ids and a range of positions, whole rows, and adds the rows of dx to them
+   in token order, so every element adds the tokens in order, whatever the thread count. */
 typedef struct acmoe__embedding_job {
     acmoe_lm *model;
+    const acmoe__kernel *kern;
     const float *dx;
 } acmoe__embedding_job;
 
 static void acmoe__embedding_grad_job(void *arg, int tid, int n_threads) {
     const acmoe__embedding_job *j = (const acmoe__embedding_job *)arg;
     acmoe_lm *model = j->model;
-    const int d = model->desc.d_model, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
-    int i, q;
-    for (i = 0; i < model->n; i++) {
-        const float *g = j->dx + (size_t)i * d;
-        float *gp = model->g_pos_emb ? model->g_pos_emb + (size_t)(i % model->seq) * d : NULL, *gt;
-        if (model->desc.n_classes) {
-            for (q = q0; gp && q < q1; q++) gp[q] += g[q];
-            continue;
-        }
-        gt = model->g_tok_emb + (size_t)model->tokens[i] * d;
-        for (q = q0; q < q1; q++) gt[q] += g[q], gp[q] += g[q];
-    }
+    const acmoe__kernel *kern = j->kern;
+    const int d = model->desc.d_model, seq = model->seq, vocab = model->desc.vocab;
+    const int p0 = (int)((long)seq * tid / n_threads), p1 = (int)((long)seq * (tid + 1) / n_threads);
+    const int v0 = (int)((long)vocab * tid / n_threads), v1 = (int)((long)vocab * (tid + 1) / n_threads);
+    int i, p;
+    for (p = p0; model->g_pos_emb && p < p1; p++)
+        for (i = p; i < model->n; i += seq)
+            kern->row_axpy(model->g_pos_emb + (size_t)p * d, j->dx + (size_t)i * d, d, 1.0f);
+    for (i = 0; !model->desc.n_classes && i < model->n; i++)
+        if (model->tokens[i] >= v0 && model->tokens[i] < v1)
+            kern->row_axpy(model->g_tok_emb + (size_t)model->tokens[i] * d, j->dx + (size_t)i * d, d, 1.0f);
 }
 
 /* One block backward: dy (gradient of its output, used up as scratch) to dx (of its input). */
@@ -7108,7 +7109,7 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *model, acmoe_ctx *ctx) {
         acmoe__layernorm_backward(ctx, dy, model->pn_xhat, model->pn_rstd, model->n, d, model->pn_g, model->g_pn_g, model->g_pn_b, dx, 0);
         swap = dy, dy = dx, dx = swap;
     }
-    job.model = model, job.dx = dy;
+    job.model = model, job.kern = &ctx->kernel, job.dx = dy;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__embedding_grad_job, &job);
     if (!model->desc.n_classes) return ACMOE_OK;
     model->d_embedded = dy;
