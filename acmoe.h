@@ -5310,9 +5310,12 @@ static void acmoe__attention_softmax_backward(const acmoe__kernel *kern, const f
     }
 }
 
-/* Attention runs one (sequence, head) pair per thread at a time, the threads taking pairs in
-   turn, so results do not depend on the thread count; as many threads take part as there
-   are scratch slots. */
+/* Attention runs one (sequence, head) pair per thread at a time, so results do not depend on
+   the thread count; as many threads take part as there are scratch slots. Each thread first
+   takes its own run of consecutive pairs (the sequences whose rows its share of the
+   projections wrote, still in its cache), then helps with the others' runs, so that a
+   thread on a busy core holds no one up. */
+#define ACMOE__PAIR_RUNS 64
 typedef struct acmoe__attention_job {
     acmoe_ctx *ctx;
     const float *qkv, *dout;
@@ -5324,8 +5327,29 @@ typedef struct acmoe__attention_job {
     int ld, out_ld;  /* floats from one position's row to the next in qkv and dqkv, and in out and dout */
     int start;  /* forward: query rows [start, seq) of each sequence; earlier rows are kept */
     int causal; /* a row sees only the keys up to its own */
-    int next;   /* the next (sequence, head) pair to take */
+    int runs;   /* runs of pairs, one per taking thread (at most ACMOE__PAIR_RUNS) */
+    int next[ACMOE__PAIR_RUNS]; /* the next (sequence, head) pair of each run */
 } acmoe__attention_job;
+
+/* Splits the pairs into a run for each of the threads that take part. */
+static void acmoe__attention_runs(acmoe__attention_job *j, int threads) {
+    int r;
+    j->runs = ACMOE__MAX(1, ACMOE__MIN(ACMOE__MIN(threads, j->slots), ACMOE__PAIR_RUNS));
+    for (r = 0; r < j->runs; r++) j->next[r] = (int)((long)j->batch * j->heads * r / j->runs);
+}
+
+/* The next pair for thread tid: from its own run, then from the runs after it; batch x heads
+   when none is left. */
+static int acmoe__attention_next_pair(acmoe__attention_job *j, int tid) {
+    const int total = j->batch * j->heads;
+    int r;
+    for (r = 0; r < j->runs; r++) {
+        const int run = (tid + r) % j->runs, end = (int)((long)total * (run + 1) / j->runs);
+        const int pair = acmoe__next_item(&j->next[run]);
+        if (pair < end) return pair;
+    }
+    return total;
+}
 
 /* The keys a strip of query rows below i1 reaches. */
 static int acmoe__strip_keys(const acmoe__attention_job *j, int i1) { return j->causal ? i1 : j->seq; }
@@ -5393,7 +5417,7 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
     float inv[ACMOE__STRIP_MAX];
     int pair, i0, i1;
     if (tid >= workers) return;
-    while ((pair = acmoe__next_item(&j->next)) < j->batch * j->heads) {
+    while ((pair = acmoe__attention_next_pair(j, tid)) < j->batch * j->heads) {
         const acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         if (!j->cache) acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, j->seq, dh);
@@ -5465,7 +5489,7 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
     const int dh = j->d / j->heads, ld = j->ld, seq = j->seq, workers = ACMOE__MIN(n_threads, j->slots);
     int pair, b0;
     if (tid >= workers) return;
-    while ((pair = acmoe__next_item(&j->next)) < j->batch * j->heads) {
+    while ((pair = acmoe__attention_next_pair(j, tid)) < j->batch * j->heads) {
         acmoe__attention_pair P = acmoe__attention_pair_at(j, pair, tid);
         const acmoe__attention_scratch *s = &P.s;
         acmoe__transpose_padded(kern->isa, s->kt, s->sp, P.k, (size_t)ld, seq, dh);
@@ -5503,12 +5527,14 @@ static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch
                                      int seq_len, int start, int causal, int d, int heads, float *work, int slots,
                                      float *out) {
     acmoe__attention_job j;
+    int threads;
     memset(&j, 0, sizeof j);
     j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out;
     acmoe__attention_shape(&j, batch, seq, cache, seq_len, d, heads);
     j.start = start, j.causal = causal, j.slots = slots;
-    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, 2.0 * batch * (seq - start) * seq * d), acmoe__attention_forward_job,
-                    &j);
+    threads = acmoe__threads_for(ctx, 2.0 * batch * (seq - start) * seq * d);
+    acmoe__attention_runs(&j, threads);
+    acmoe__pool_run(&ctx->pool, threads, acmoe__attention_forward_job, &j);
 }
 
 /* dqkv [n][3d] from dout [n][d] and the forward call's out. */
@@ -5519,6 +5545,7 @@ static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, float *o
     j.ctx = ctx, j.qkv = qkv, j.out = out, j.dout = dout, j.work = work, j.dqkv = dqkv;
     acmoe__attention_shape(&j, batch, seq, NULL, 0, d, heads);
     j.causal = causal, j.slots = slots;
+    acmoe__attention_runs(&j, ctx->desc.n_threads);
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__attention_backward_job, &j);
 }
 
@@ -7001,8 +7028,7 @@ static void acmoe__embedding_grad_job(void *arg, int tid, int n_threads) {
     const int v0 = (int)((long)vocab * tid / n_threads), v1 = (int)((long)vocab * (tid + 1) / n_threads);
     int i, p;
     for (p = p0; model->g_pos_emb && p < p1; p++)
-        for (i = p; i < model->n; i += seq)
-            kern->row_axpy(model->g_pos_emb + (size_t)p * d, j->dx + (size_t)i * d, d, 1.0f);
+        for (i = p; i < model->n; i += seq) kern->row_axpy(model->g_pos_emb + (size_t)p * d, j->dx + (size_t)i * d, d, 1.0f);
     for (i = 0; !model->desc.n_classes && i < model->n; i++)
         if (model->tokens[i] >= v0 && model->tokens[i] < v1)
             kern->row_axpy(model->g_tok_emb + (size_t)model->tokens[i] * d, j->dx + (size_t)i * d, d, 1.0f);
