@@ -5098,8 +5098,9 @@ typedef struct acmoe__ln_job {
     const acmoe__kernel *kern;
     const float *x, *add, *dy, *g, *b, *rstd_in, *xhat_in;
     float *xhat, *rstd, *y, *dg, *db, *dx;
-    float *partials; /* backward: per block, the gain's then the bias's partial gradient; or NULL */
-    int rows, d, accumulate;
+    const float *from; /* backward: dx = from + the input gradient (from may be dx); NULL: dx = the gradient */
+    float *partials;   /* backward: per block, the gain's then the bias's partial gradient; or NULL */
+    int rows, d;
 } acmoe__ln_job;
 
 /* y = (x - mean) / sqrt(var + eps) * g + b, keeping xhat and 1 / sqrt(var + eps); x is the
@@ -5113,8 +5114,8 @@ static void acmoe__layernorm_rows(void *arg, int tid, int n_threads) {
                                             j->g, j->b, j->d);
 }
 
-/* dx (written, or added when accumulate) of each row, block by block, and the blocks' partial
-   gain and bias gradients when there is room for them. */
+/* dx of each row, block by block, and the blocks' partial gain and bias gradients when there
+   is room for them. */
 static void acmoe__layernorm_backward_rows(void *arg, int tid, int n_threads) {
     const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
     const size_t d = (size_t)j->d;
@@ -5128,8 +5129,9 @@ static void acmoe__layernorm_backward_rows(void *arg, int tid, int n_threads) {
                 j->kern->row_mul_add(dg, j->dy + r * d, j->xhat_in + r * d, j->d);
                 j->kern->row_axpy(db, j->dy + r * d, j->d, 1.0f);
             }
+            if (j->from && j->from != j->dx) memcpy(j->dx + r * d, j->from + r * d, sizeof(float) * d);
             j->kern->row_layernorm_backward(j->dx + r * d, j->dy + r * d, j->xhat_in + r * d, j->g, j->rstd_in[r],
-                                            j->d, j->accumulate);
+                                            j->d, j->from != NULL);
         }
     }
 }
@@ -5155,13 +5157,14 @@ static void acmoe__layernorm(acmoe_ctx *ctx, const float *x, const float *add, i
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_rows, &j);
 }
 
-/* dx (written, or added when accumulate) from dy; dg and db accumulate. */
+/* dx from dy: the input gradient, or from plus it (from may be dx itself); dg and db
+   accumulate. */
 static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const float *xhat, const float *rstd, int rows,
-                                      int d, const float *g, float *dg, float *db, float *dx, int accumulate) {
+                                      int d, const float *g, float *dg, float *db, float *dx, const float *from) {
     acmoe__ln_job j;
     memset(&j, 0, sizeof j);
     j.kern = &ctx->kernel, j.dy = dy, j.xhat_in = xhat, j.rstd_in = rstd, j.g = g, j.dg = dg, j.db = db, j.dx = dx;
-    j.rows = rows, j.d = d, j.accumulate = accumulate, j.partials = acmoe__sum_partials(ctx, 2, d);
+    j.rows = rows, j.d = d, j.from = from, j.partials = acmoe__sum_partials(ctx, 2, d);
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_rows, &j);
     if (!j.partials) {
         acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_columns, &j);
@@ -6648,7 +6651,7 @@ static acmoe_status acmoe__merge_backward(acmoe_ctx *ctx, acmoe_lm *model, int s
     acmoe_status st = acmoe_matmul(ctx, ACMOE_TN, 2 * c, 4 * c, rows, dy, 2 * c, merge->normed, 4 * c, merge->g_w, 4 * c, 1);
     if (st == ACMOE_OK) st = acmoe_matmul(ctx, ACMOE_NN, rows, 4 * c, 2 * c, dy, 2 * c, merge->w, 4 * c, dnormed, 4 * c, 0);
     if (st != ACMOE_OK) return st;
-    acmoe__layernorm_backward(ctx, dnormed, merge->xhat, merge->rstd, rows, 4 * c, merge->ln_g, merge->g_ln_g, merge->g_ln_b, dcat, 0);
+    acmoe__layernorm_backward(ctx, dnormed, merge->xhat, merge->rstd, rows, 4 * c, merge->ln_g, merge->g_ln_g, merge->g_ln_b, dcat, NULL);
     for (r = 0; r < rows; r++) {
         acmoe__merge_sources(from->grid, r, source);
         for (k = 0; k < 4; k++)
@@ -6768,6 +6771,40 @@ static size_t acmoe__lm_row(const acmoe_lm *model, int b, int pos) {
     return model->interleaved ? (size_t)pos * model->batch + b : (size_t)b * model->seq + pos;
 }
 
+/* The first layer's input, rows [start, n) split across threads: a token's embedding plus
+   its position's; or, for a vision encoder, x0 holding the patches' projections, plus the
+   patch bias and the position's embedding. Row i is at position i / batch when interleaved,
+   else i % seq. */
+typedef struct acmoe__embed_job {
+    acmoe_lm *model;
+    int batch, seq, interleaved;
+} acmoe__embed_job;
+
+static void acmoe__embed_job_run(void *arg, int tid, int n_threads) {
+    const acmoe__embed_job *j = (const acmoe__embed_job *)arg;
+    const acmoe_lm *model = j->model;
+    const int d = model->desc.d_model, rows = model->n - model->start;
+    const int i1 = model->start + (int)((long)rows * (tid + 1) / n_threads);
+    int i, q;
+    for (i = model->start + (int)((long)rows * tid / n_threads); i < i1; i++) {
+        const float *pe = model->pos_emb + (size_t)(j->interleaved ? i / j->batch : i % j->seq) * d;
+        float *x = model->x0 + (size_t)i * d;
+        if (model->desc.n_classes) {
+            for (q = 0; q < d; q++) x[q] += model->patch_b[q] + pe[q];
+        } else {
+            const float *te = model->tok_emb + (size_t)model->tokens[i] * d;
+            for (q = 0; q < d; q++) x[q] = te[q] + pe[q];
+        }
+    }
+}
+
+static void acmoe__embed(acmoe_lm *model, acmoe_ctx *ctx, int batch, int seq, int interleaved) {
+    acmoe__embed_job j;
+    j.model = model, j.batch = batch, j.seq = seq, j.interleaved = interleaved;
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)(model->n - model->start) * model->desc.d_model),
+                    acmoe__embed_job_run, &j);
+}
+
 /* The forward pass over positions [start, seq) of each sequence of tokens (sequence b's at
    tokens + b * ld); start > 0
    (decoding) keeps the activations of earlier positions from the last call. Interleaved, the
@@ -6776,7 +6813,7 @@ static acmoe_status acmoe__lm_run(acmoe_lm *model, acmoe_ctx *ctx, const int32_t
                                   int ld, int batch, int seq, int start, int interleaved, int train, float *loss) {
     const int d = model->desc.d_model;
     const float *x;
-    int i, q, b;
+    int i, b;
     float aux;
     acmoe_status s;
     for (b = 0; b < batch; b++)
@@ -6788,11 +6825,7 @@ static acmoe_status acmoe__lm_run(acmoe_lm *model, acmoe_ctx *ctx, const int32_t
     for (b = 0; b < batch; b++)
         for (i = 0; i < seq; i++) model->tokens[acmoe__lm_row(model, b, i)] = tokens[(size_t)b * ld + i];
     if (targets) memcpy(model->targets, targets, sizeof(int32_t) * (size_t)model->n);
-    for (i = model->start; i < model->n; i++) {
-        const int pos = interleaved ? i / batch : i % seq;
-        const float *te = model->tok_emb + (size_t)model->tokens[i] * d, *pe = model->pos_emb + (size_t)pos * d;
-        for (q = 0; q < d; q++) model->x0[(size_t)i * d + q] = te[q] + pe[q];
-    }
+    acmoe__embed(model, ctx, batch, seq, interleaved);
     s = acmoe__lm_trunk(model, ctx, &x, &aux);
     if (s != ACMOE_OK) return s;
     start = model->start;
@@ -6832,21 +6865,40 @@ ACMOE_API acmoe_status acmoe_image_patches(const float *image, int height, int w
     return ACMOE_OK;
 }
 
-/* Each sequence's mean row of x into pooled [batch][d], adding its rows in order. */
-static void acmoe__mean_rows(const float *x, int batch, int seq, int d, float *pooled) {
-    int b, i, q;
-    for (b = 0; b < batch; b++) {
-        float *p = pooled + (size_t)b * d;
-        memset(p, 0, sizeof(float) * (size_t)d);
-        for (i = 0; i < seq; i++)
-            for (q = 0; q < d; q++) p[q] += x[((size_t)b * seq + i) * d + q];
-        for (q = 0; q < d; q++) p[q] /= (float)seq;
+/* A vision encoder's pooling, sequences split across threads: each sequence's mean row of x
+   into pooled [batch][d], adding its rows in order; backward, each sequence's pooled gradient
+   over its rows of dx. */
+typedef struct acmoe__mean_job {
+    const float *x;
+    float *pooled, *dx;
+    int batch, seq, d, backward;
+} acmoe__mean_job;
+
+static void acmoe__mean_job_run(void *arg, int tid, int n_threads) {
+    const acmoe__mean_job *j = (const acmoe__mean_job *)arg;
+    const size_t d = (size_t)j->d;
+    int b, i, q, b1 = (int)((long)j->batch * (tid + 1) / n_threads);
+    for (b = (int)((long)j->batch * tid / n_threads); b < b1; b++) {
+        float *p = j->pooled + (size_t)b * d;
+        for (i = 0; j->backward && i < j->seq; i++)
+            for (q = 0; q < j->d; q++) j->dx[((size_t)b * j->seq + i) * d + q] = p[q] / (float)j->seq;
+        if (j->backward) continue;
+        memset(p, 0, sizeof(float) * d);
+        for (i = 0; i < j->seq; i++)
+            for (q = 0; q < j->d; q++) p[q] += j->x[((size_t)b * j->seq + i) * d + q];
+        for (q = 0; q < j->d; q++) p[q] /= (float)j->seq;
     }
+}
+
+static void acmoe__mean_rows(acmoe_ctx *ctx, const float *x, int batch, int seq, int d, float *pooled, float *dx) {
+    acmoe__mean_job j;
+    j.x = x, j.pooled = pooled, j.dx = dx, j.batch = batch, j.seq = seq, j.d = d, j.backward = dx != NULL;
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)batch * seq * d), acmoe__mean_job_run, &j);
 }
 
 ACMOE_API acmoe_status acmoe_vision_forward(acmoe_lm *model, acmoe_ctx *ctx, const float *patches,
                                                 const int32_t *labels, int batch, int train, float *loss) {
-    int d, seq, pd, i, q;
+    int d, seq, pd, i;
     const float *top;
     float aux;
     acmoe_status s;
@@ -6868,13 +6920,12 @@ ACMOE_API acmoe_status acmoe_vision_forward(acmoe_lm *model, acmoe_ctx *ctx, con
         acmoe__rows(ctx, ACMOE__ROWS_ADD_BIAS, model->embedded, model->patch_b, NULL, model->n, d);
         acmoe__layernorm(ctx, model->embedded, NULL, model->n, d, model->pn_g, model->pn_b, model->pn_xhat, model->pn_rstd, model->x0);
     } else {
-        for (i = 0; i < model->n; i++)
-            for (q = 0; q < d; q++) model->x0[(size_t)i * d + q] += model->patch_b[q] + model->pos_emb[(size_t)(i % seq) * d + q];
+        acmoe__embed(model, ctx, batch, seq, 0);
     }
     s = acmoe__lm_trunk(model, ctx, &top, &aux);
     if (s != ACMOE_OK) return s;
     d = acmoe__top_width(model), seq = model->blocks[model->n_layers - 1].tokens;
-    acmoe__mean_rows(top, batch, seq, d, model->pooled);
+    acmoe__mean_rows(ctx, top, batch, seq, d, model->pooled, NULL);
     s = acmoe_matmul(ctx, ACMOE_NT, batch, model->desc.n_classes, d, model->pooled, d, model->head, d, model->logits, model->desc.n_classes, 0);
     if (s != ACMOE_OK) return s;
     acmoe__add_bias(&ctx->kernel, model->logits, batch, model->desc.n_classes, model->head_b);
@@ -7043,14 +7094,14 @@ static acmoe_status acmoe__block_backward(acmoe_lm *model, acmoe_ctx *ctx, acmoe
     const float *g;
     acmoe_status s;
     /* the FFN half */
-    if (!pre) acmoe__layernorm_backward(ctx, dy, block->xhat2, block->rstd2, n, d, block->ln2_g, block->g_ln2_g, block->g_ln2_b, dres, 0);
+    if (!pre) acmoe__layernorm_backward(ctx, dy, block->xhat2, block->rstd2, n, d, block->ln2_g, block->g_ln2_g, block->g_ln2_b, dres, NULL);
     s = acmoe_moe_backward(block->moe, ctx, acmoe__dropout_backward(model, dres, block->keep_m, tmp, count), dmoe);
     if (s != ACMOE_OK) return s;
-    if (pre) acmoe__layernorm_backward(ctx, dmoe, block->xhat2, block->rstd2, n, d, block->ln2_g, block->g_ln2_g, block->g_ln2_b, dres, 1);
+    if (pre) acmoe__layernorm_backward(ctx, dmoe, block->xhat2, block->rstd2, n, d, block->ln2_g, block->g_ln2_g, block->g_ln2_b, dres, dres);
     else acmoe__rows(ctx, ACMOE__ROWS_ACCUMULATE, dres, dmoe, NULL, n, d);
     /* the attention half; post-LN goes through LN1 first, into dx: the gradient of x + a */
     if (!pre) {
-        acmoe__layernorm_backward(ctx, dres, block->xhat1, block->rstd1, n, d, block->ln1_g, block->g_ln1_g, block->g_ln1_b, dx, 0);
+        acmoe__layernorm_backward(ctx, dres, block->xhat1, block->rstd1, n, d, block->ln1_g, block->g_ln1_g, block->g_ln1_b, dx, NULL);
         dres = dx;
     }
     g = acmoe__dropout_backward(model, dres, block->keep_a, tmp, count);
@@ -7067,8 +7118,7 @@ static acmoe_status acmoe__block_backward(acmoe_lm *model, acmoe_ctx *ctx, acmoe
     if (pre) {
         s = acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, model->dqkv, 3 * d, block->w_qkv, d, tmp, d, 0);
         if (s != ACMOE_OK) return s;
-        memcpy(dx, dres, sizeof(float) * count);
-        acmoe__layernorm_backward(ctx, tmp, block->xhat1, block->rstd1, n, d, block->ln1_g, block->g_ln1_g, block->g_ln1_b, dx, 1);
+        acmoe__layernorm_backward(ctx, tmp, block->xhat1, block->rstd1, n, d, block->ln1_g, block->g_ln1_g, block->g_ln1_b, dx, dres);
         return ACMOE_OK;
     }
     return acmoe_matmul(ctx, ACMOE_NN, n, d, 3 * d, model->dqkv, 3 * d, block->w_qkv, d, dx, d, 1); /* dx holds dres */
@@ -7092,15 +7142,13 @@ static acmoe_status acmoe__vision_head_backward(acmoe_lm *model, acmoe_ctx *ctx)
     const int d = last->width, classes = model->desc.n_classes, seq = last->tokens;
     float *dpooled = model->t1;
     acmoe_status s;
-    int i, q;
     acmoe__cross_entropy(ctx, model->logits, model->targets, model->batch, classes, 1, model->row_loss);
     acmoe__bias_grad(&ctx->kernel, model->logits, model->batch, classes, model->g_head_b);
     s = acmoe_matmul(ctx, ACMOE_TN, classes, d, model->batch, model->logits, classes, model->pooled, d, model->g_head, d, 1);
     if (s == ACMOE_OK)
         s = acmoe_matmul(ctx, ACMOE_NN, model->batch, d, classes, model->logits, classes, model->head, d, dpooled, d, 0);
     if (s != ACMOE_OK) return s;
-    for (i = 0; i < last->n; i++)
-        for (q = 0; q < d; q++) model->dy[(size_t)i * d + q] = dpooled[(size_t)(i / seq) * d + q] / (float)seq;
+    acmoe__mean_rows(ctx, NULL, model->batch, seq, d, dpooled, model->dy);
     return ACMOE_OK;
 }
 
@@ -7118,7 +7166,7 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *model, acmoe_ctx *ctx) {
     dy = model->dy, dx = model->dx;
     if (model->desc.pre_ln) {
         acmoe__layernorm_backward(ctx, dy, model->xhatf, model->rstdf, model->blocks[model->n_layers - 1].n, top, model->lnf_g, model->g_lnf_g,
-                                  model->g_lnf_b, dx, 0);
+                                  model->g_lnf_b, dx, NULL);
         swap = dy, dy = dx, dx = swap;
     }
     for (i = model->n_layers - 1; i >= 0 && s == ACMOE_OK; i--) {
@@ -7132,7 +7180,7 @@ ACMOE_API acmoe_status acmoe_lm_backward(acmoe_lm *model, acmoe_ctx *ctx) {
     }
     if (s != ACMOE_OK) return s;
     if (model->desc.window) { /* the patch norm */
-        acmoe__layernorm_backward(ctx, dy, model->pn_xhat, model->pn_rstd, model->n, d, model->pn_g, model->g_pn_g, model->g_pn_b, dx, 0);
+        acmoe__layernorm_backward(ctx, dy, model->pn_xhat, model->pn_rstd, model->n, d, model->pn_g, model->g_pn_g, model->g_pn_b, dx, NULL);
         swap = dy, dy = dx, dx = swap;
     }
     job.model = model, job.kern = &ctx->kernel, job.dx = dy;

@@ -505,7 +505,7 @@ static void test_column_sums(void) {
         }
         for (c = 0; c < contexts; c++) {
             for (q = 0; q < d; q++) sums[c][0][q] = sums[c][1][q] = sums[c][2][q] = 0.5f;
-            acmoe__layernorm_backward(ctx[c], dy, xhat, rstd, rows, d, g, sums[c][0], sums[c][1], dx, 0);
+            acmoe__layernorm_backward(ctx[c], dy, xhat, rstd, rows, d, g, sums[c][0], sums[c][1], dx, NULL);
             acmoe__rows(ctx[c], ACMOE__ROWS_BIAS_GRAD, sums[c][2], dy, NULL, rows, d);
             for (bad = 0, q = 0; q < 3 * d; q++)
                 bad += !(fabs(sums[c][q / d][q % d] - want[q / d][q % d]) <= 1e-5 * rows);
