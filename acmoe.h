@@ -1221,6 +1221,7 @@ typedef struct acmoe__kernel {
     void (*row_axpy)(float *y, const float *x, int n, float a); /* y += a x, a product then a sum */
     void (*row_scale)(float *y, const float *x, int n, float a); /* y = a x */
     void (*row_mul_add)(float *y, const float *a, const float *b, int n); /* y += a b element by element */
+    void (*row_deviation)(float *y, const float *x, const float *mu, int n, int squared); /* y += |x - mu| or ^2 */
     void (*row_relu)(float *y, const float *h, const float *g, size_t n); /* y = relu_grad(h, g) */
     void (*row_softmax_grad)(float *d, const float *e, int n, float dot, float scale);
     void (*row_adam)(float *p, const float *g, float *m, float *v, size_t n, const acmoe__adam *a);
@@ -1829,6 +1830,14 @@ static void acmoe__row_mul_add_scalar(float *y, const float *a, const float *b, 
     for (i = 0; i < n; i++) y[i] += a[i] * b[i];
 }
 
+static void acmoe__row_deviation_scalar(float *y, const float *x, const float *mu, int n, int squared) {
+    int i;
+    for (i = 0; i < n; i++) {
+        const float dev = x[i] - mu[i];
+        y[i] += squared ? dev * dev : fabsf(dev);
+    }
+}
+
 /* g where h > 0, else 0 (relu(h) is relu_grad(h, h)). Branch-free: the sign of a hidden
    unit is a coin flip, and a branch on it mispredicts half the time. */
 static float acmoe__relu_grad(float h, float g) {
@@ -1988,6 +1997,20 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
             acmoe__tail_store_##SFX(y + i, ADD(acmoe__tail_load_##SFX(y + i, n - i, 0.0f),                \
                                                MUL(acmoe__tail_load_##SFX(a + i, n - i, 0.0f),           \
                                                    acmoe__tail_load_##SFX(b + i, n - i, 0.0f))), n - i); \
+    }                                                                                                    \
+    TARGET static void acmoe__row_deviation_##SFX(float *y, const float *x, const float *mu, int n, int squared) { \
+        int i;                                                                                           \
+        VEC xi, mi, dev;                                                                                 \
+        for (i = 0; i + VLEN <= n; i += VLEN) { /* |dev| as max(dev, -dev) */                            \
+            xi = LOAD(x + i), mi = LOAD(mu + i), dev = SUB(xi, mi);                                      \
+            STORE(y + i, ADD(LOAD(y + i), squared ? MUL(dev, dev) : MAX(dev, SUB(mi, xi))));             \
+        }                                                                                                \
+        if (i < n) {                                                                                     \
+            xi = acmoe__tail_load_##SFX(x + i, n - i, 0.0f), mi = acmoe__tail_load_##SFX(mu + i, n - i, 0.0f); \
+            dev = SUB(xi, mi);                                                                           \
+            acmoe__tail_store_##SFX(y + i, ADD(acmoe__tail_load_##SFX(y + i, n - i, 0.0f),                \
+                                               squared ? MUL(dev, dev) : MAX(dev, SUB(mi, xi))), n - i); \
+        }                                                                                                \
     }                                                                                                    \
     TARGET static void acmoe__row_relu_##SFX(float *y, const float *h, const float *g, size_t n) {      \
         size_t i;                                                                                        \
@@ -2294,7 +2317,8 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
-        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_mul_add_##SFX, acmoe__row_relu_##SFX,        \
+        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_mul_add_##SFX, acmoe__row_deviation_##SFX,   \
+        acmoe__row_relu_##SFX,                                                                                  \
         acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                      \
         acmoe__row_layernorm_backward_##SFX
 
@@ -2325,6 +2349,11 @@ static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
         }
     }
     return ACMOE_ERR_UNSUPPORTED;
+}
+
+/* The kernels of the host's best path, for the functions that take no context. */
+static void acmoe__host_kernel(acmoe__kernel *out) {
+    if (acmoe__kernel_for(acmoe_cpu_isa(), out) != ACMOE_OK) (void)acmoe__kernel_for(ACMOE_ISA_SCALAR, out);
 }
 
 /* dst[p * ld_dst + x] = src[x * ld_src + p] for x in [x0, x1), p in [p0, p1). */
@@ -2929,35 +2958,70 @@ static void acmoe__ac_counts(const int32_t *labels, int label_stride, int n, int
     for (t = 0; t < n; t++) count[labels[(size_t)t * label_stride]]++;
 }
 
-/* Per-cluster dispersion of features [q0, q1) into w [k_rows][d] (mean absolute deviation or
-   variance, two passes around the mean kept in mu). Column ranges are independent, so
-   threads can split them. */
-static void acmoe__ac_dispersion(const acmoe_ac_desc *desc, const float *x, int n, int d,
-                                 const int32_t *labels, int label_stride, int k_rows, const int *count,
-                                 float *mu, float *w, int q0, int q1) {
-    const int variance = desc->dispersion == ACMOE_AC_DISP_VARIANCE, width = q1 - q0;
+/* Per-cluster dispersion into w [k_rows][d] (mean absolute deviation or variance, two passes
+   around the mean kept in mu), over the cells (cluster, feature) from (c0, q0) up to (c1, q1)
+   in cluster-major order: cluster c0 from feature q0, the clusters between whole, cluster c1
+   up to feature q1. Each cell sums its tokens in token order, so the split does not change
+   the bits. */
+static void acmoe__ac_dispersion(const acmoe_ac_desc *desc, const acmoe__kernel *kern, const float *x, int n, int d,
+                                 const int32_t *labels, int label_stride, const int *count, float *mu, float *w,
+                                 int c0, int q0, int c1, int q1) {
+    const int variance = desc->dispersion == ACMOE_AC_DISP_VARIANCE;
     int t, c, q;
+    for (c = c0; c <= c1; c++) {
+        const int lo = c == c0 ? q0 : 0, hi = c == c1 ? q1 : d;
+        if (hi <= lo) continue;
+        memset(mu + (size_t)c * d + lo, 0, sizeof(float) * (size_t)(hi - lo));
+        memset(w + (size_t)c * d + lo, 0, sizeof(float) * (size_t)(hi - lo));
+    }
+    for (t = 0; t < n; t++) {
+        const int label = labels[(size_t)t * label_stride];
+        const int lo = label == c0 ? q0 : 0, hi = label == c1 ? q1 : d;
+        if (label < c0 || label > c1 || hi <= lo) continue;
+        kern->row_axpy(mu + (size_t)label * d + lo, x + (size_t)t * d + lo, hi - lo, 1.0f); /* 1 x is x: a plain sum */
+    }
+    for (c = c0; c <= c1; c++)
+        for (q = c == c0 ? q0 : 0; q < (c == c1 ? q1 : d) && count[c]; q++) mu[(size_t)c * d + q] /= (float)count[c];
+    for (t = 0; t < n; t++) {
+        const int label = labels[(size_t)t * label_stride];
+        const int lo = label == c0 ? q0 : 0, hi = label == c1 ? q1 : d;
+        const size_t row = (size_t)label * d + lo;
+        if (label < c0 || label > c1 || hi <= lo) continue;
+        kern->row_deviation(w + row, x + (size_t)t * d + lo, mu + row, hi - lo, variance);
+    }
+    for (c = c0; c <= c1; c++)
+        for (q = c == c0 ? q0 : 0; q < (c == c1 ? q1 : d) && count[c]; q++) w[(size_t)c * d + q] /= (float)count[c];
+}
+
+/* The first cell (cluster, block of 16 features) that starts at or after `work` tokens'
+   features, the cells in cluster-major order. */
+static int acmoe__ac_cell_at(const int *count, int k_rows, int d, double work) {
+    const int blocks = (d + 15) / 16;
+    double before = 0.0;
+    int c;
     for (c = 0; c < k_rows; c++) {
-        memset(mu + (size_t)c * d + q0, 0, sizeof(float) * (size_t)width);
-        memset(w + (size_t)c * d + q0, 0, sizeof(float) * (size_t)width);
+        const double cluster = (double)count[c] * d;
+        if (before + cluster > work) return c * blocks + (int)ceil((work - before) / (16.0 * count[c]));
+        before += cluster;
     }
-    for (t = 0; t < n; t++) {
-        float *m = mu + (size_t)labels[(size_t)t * label_stride] * d;
-        const float *xt = x + (size_t)t * d;
-        for (q = q0; q < q1; q++) m[q] += xt[q];
-    }
-    for (c = 0; c < k_rows; c++)
-        for (q = q0; q < q1 && count[c]; q++) mu[(size_t)c * d + q] /= (float)count[c];
-    for (t = 0; t < n; t++) {
-        size_t row = (size_t)labels[(size_t)t * label_stride] * d;
-        const float *xt = x + (size_t)t * d;
-        for (q = q0; q < q1; q++) {
-            float dev = xt[q] - mu[row + q];
-            w[row + q] += variance ? dev * dev : fabsf(dev);
-        }
-    }
-    for (c = 0; c < k_rows; c++)
-        for (q = q0; q < q1 && count[c]; q++) w[(size_t)c * d + q] /= (float)count[c];
+    return k_rows * blocks;
+}
+
+/* Part `part` of `parts` of the dispersion of every cell: the cells in cluster-major order,
+   split at blocks of 16 features into parts of about the same number of tokens' features,
+   so that a part reads only its clusters' rows of x (a split by features has every part read
+   every row, and parts write next to each other). */
+static void acmoe__ac_dispersion_part(const acmoe_ac_desc *desc, const acmoe__kernel *kern, const float *x, int n,
+                                      int d, const int32_t *labels, int label_stride, int k_rows, const int *count,
+                                      float *mu, float *w, int part, int parts) {
+    const int blocks = (d + 15) / 16;
+    const double total = (double)n * d; /* the counts sum to n */
+    const int u0 = part == 0 ? 0 : acmoe__ac_cell_at(count, k_rows, d, total * part / parts);
+    const int u1 = part == parts - 1 ? k_rows * blocks
+                                     : acmoe__ac_cell_at(count, k_rows, d, total * (part + 1) / parts);
+    if (u1 > u0)
+        acmoe__ac_dispersion(desc, kern, x, n, d, labels, label_stride, count, mu, w, u0 / blocks,
+                             ACMOE__MIN(d, u0 % blocks * 16), u1 / blocks, ACMOE__MIN(d, u1 % blocks * 16));
 }
 
 /* Mean of the rows of w [k_rows][d] that count (all rows, or in robust mode those of
@@ -3049,6 +3113,7 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
                                       float *logits_out, float *w_out, int *w_rows_out) {
     acmoe_ac_desc opt;
     acmoe_status s = acmoe__ac_resolve(desc, &opt);
+    acmoe__kernel kern;
     int k_rows, top;
     size_t w_len, scratch_len;
     float *scratch, *mu, *w, *ehat, *logits;
@@ -3073,7 +3138,8 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     ehat = (w_out ? mu : w) + w_len;
     logits = logits_out ? logits_out : ehat + (size_t)n_experts * d;
     acmoe__ac_counts(prev_idx, prev_k, n, k_rows, count);
-    acmoe__ac_dispersion(&opt, x, n, d, prev_idx, prev_k, k_rows, count, mu, w, 0, d);
+    acmoe__host_kernel(&kern);
+    acmoe__ac_dispersion_part(&opt, &kern, x, n, d, prev_idx, prev_k, k_rows, count, mu, w, 0, 1);
     acmoe__ac_weights(&opt, w, k_rows, d, count);
     acmoe__unit_rows(emb, n_experts, d, ehat, NULL);
     acmoe__ac_logits(x, n, d, prev_idx, prev_k, w, ehat, n_experts, logits);
@@ -3680,16 +3746,17 @@ static void acmoe__reproject_embeddings(acmoe_moe *layer) {
 
 typedef struct acmoe__ac_job {
     acmoe_moe *layer;
+    const acmoe__kernel *kern;
     const float *x;
     int n;
 } acmoe__ac_job;
 
-/* The dispersion, features split across threads. */
+/* The dispersion, the cells split across threads. */
 static void acmoe__ac_dispersion_job(void *arg, int tid, int n_threads) {
     const acmoe__ac_job *job = (const acmoe__ac_job *)arg;
     acmoe_moe *layer = job->layer;
-    const int d = layer->desc.d_model, q0 = (int)((long)d * tid / n_threads), q1 = (int)((long)d * (tid + 1) / n_threads);
-    acmoe__ac_dispersion(&layer->desc.ac, job->x, job->n, d, layer->labels, 1, layer->ac_rows, layer->ac_count, layer->ac_mu, layer->ac_w, q0, q1);
+    acmoe__ac_dispersion_part(&layer->desc.ac, job->kern, job->x, job->n, layer->desc.d_model, layer->labels, 1,
+                              layer->ac_rows, layer->ac_count, layer->ac_mu, layer->ac_w, tid, n_threads);
 }
 
 /* AC: labels, the weights W (unless frozen) and, when mixing, each token's mix of its
@@ -3743,7 +3810,7 @@ static acmoe_status acmoe__ac_token_weights(acmoe_moe *layer, acmoe_ctx *ctx, co
         layer->ac_ready = 1;
     } else if (!layer->ac_frozen || !layer->ac_ready) {
         acmoe__ac_job job;
-        job.layer = layer, job.x = x, job.n = n;
+        job.layer = layer, job.kern = &ctx->kernel, job.x = x, job.n = n;
         layer->ac_rows = top + 1;
         acmoe__ac_counts(layer->labels, 1, n, layer->ac_rows, layer->ac_count);
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__ac_dispersion_job, &job);
@@ -5038,6 +5105,7 @@ static float acmoe__tightness_ratio(const acmoe_moe *layer, const float *mu, con
 ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightness *out) {
     const int d = layer ? layer->desc.d_model : 0, e = layer ? layer->desc.n_experts : 0;
     acmoe_ac_desc ac;
+    acmoe__kernel kern;
     float *mu, *w;
     int *count, c, rows = 0;
     if (!layer || !out) return ACMOE_ERR_NULL;
@@ -5051,7 +5119,9 @@ ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightne
     mu = (float *)(count + e), w = mu + (size_t)e * d;
     acmoe__ac_counts(layer->top_idx, layer->label_k, layer->n, e, count);
     for (c = 0; c < e; c++) out->clusters += count[c] > 1, rows = count[c] > 0 ? c + 1 : rows;
-    acmoe__ac_dispersion(&ac, layer->x, layer->n, d, layer->top_idx, layer->label_k, rows, count, mu, w, 0, d);
+    acmoe__host_kernel(&kern);
+    acmoe__ac_dispersion_part(&ac, &kern, layer->x, layer->n, d, layer->top_idx, layer->label_k, rows, count, mu, w, 0,
+                              1);
     acmoe__ac_weights(&ac, w, rows, d, count); /* rows as the AC router has them: up to the largest label */
     out->plain = acmoe__tightness_ratio(layer, mu, count, NULL);
     out->ac = acmoe__tightness_ratio(layer, mu, count, w);

@@ -70,7 +70,7 @@ static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     double sum = 0.0, dot = 0.0, magnitude = 0.0, total = 0.0, total_magnitude = 0.0;
     const float scale = 0.7f;
     const char *path = acmoe_isa_name(k->isa);
-    int i, exp_failures = 0;
+    int i, s, exp_failures = 0;
     for (i = 0; i < n; i++) {
         x[i] = 35.0f * acmoe_rng_uniform(rng) - 30.0f;
         b[i] = 2.0f * acmoe_rng_uniform(rng) - 1.0f;
@@ -113,6 +113,16 @@ static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     k->row_mul_add(y, x, b, n);
     for (i = 0; i < n; i++) exp_failures += y[i] != b[i] + x[i] * b[i];
     CHECKF(exp_failures == 0, "%s, n %d: %d multiply-add values off", path, n, exp_failures);
+    for (s = 0; s < 2; s++) { /* y += |x - b| or (x - b)^2: a difference, its magnitude or square, a sum */
+        memcpy(y, b, sizeof(float) * (size_t)n);
+        exp_failures = 0;
+        k->row_deviation(y, x, b, n, s);
+        for (i = 0; i < n; i++) {
+            const float dev = x[i] - b[i];
+            exp_failures += y[i] != b[i] + (s ? dev * dev : fabsf(dev));
+        }
+        CHECKF(exp_failures == 0, "%s, n %d: %d deviations off (squared %d)", path, n, exp_failures, s);
+    }
     exp_failures = 0;
     k->row_scale(y, x, n, -0.3f);
     for (i = 0; i < n; i++) exp_failures += y[i] != -0.3f * x[i];
@@ -518,6 +528,70 @@ static void test_column_sums(void) {
     free(dy), free(xhat), free(dx);
 }
 
+/* The AC dispersion in parts (one a thread): every cell (cluster, feature) written by exactly
+   one part, with the bits of plain float sums in token order, whatever the number of parts;
+   clusters of no tokens, a dominant cluster, a ragged last block of features, labels read
+   with a stride; mean absolute deviation and variance. No part holds more than its share of
+   the tokens' features and one block of the largest cluster. */
+static void test_ac_dispersion_parts(void) {
+    enum { n = 203, k_rows = 7, max_d = 37, max_parts = 5 };
+    const int widths[3] = {1, 16, max_d};
+    const float untouched = -1234.5f;
+    static float x[n * max_d], mu[k_rows * max_d], w[k_rows * max_d], want_mu[k_rows * max_d], want_w[k_rows * max_d];
+    float got_mu[k_rows * max_d], got_w[k_rows * max_d];
+    int32_t labels[2 * n];
+    int count[k_rows], writers[k_rows * max_d], t, c, q, i, v, parts, part, bad, largest = 0;
+    acmoe__kernel kern;
+    acmoe_ac_desc desc;
+    acmoe_rng rng;
+    acmoe_rng_seed(&rng, 29);
+    acmoe__host_kernel(&kern);
+    memset(&desc, 0, sizeof desc);
+    CHECK_STATUS(acmoe__ac_resolve(&desc, &desc), ACMOE_OK);
+    for (t = 0; t < n; t++) { /* cluster 0 takes about half; cluster 2 none */
+        c = t % 2 ? 0 : 1 + (int)acmoe_rng_below(&rng, k_rows - 1);
+        labels[2 * t] = c == 2 ? 3 : c, labels[2 * t + 1] = 2;
+    }
+    acmoe__ac_counts(labels, 2, n, k_rows, count);
+    CHECK(count[2] == 0 && count[0] > n / 3 && count[k_rows - 1] > 0);
+    for (c = 0; c < k_rows; c++) largest = count[c] > largest ? count[c] : largest;
+    for (i = 0; i < n * max_d; i++) x[i] = 3.0f * acmoe_rng_normal(&rng) + 1.0f;
+    for (i = 0; i < 6; i++) {
+        const int d = widths[i % 3];
+        desc.dispersion = i < 3 ? ACMOE_AC_DISP_MAD : ACMOE_AC_DISP_VARIANCE;
+        memset(want_mu, 0, sizeof want_mu), memset(want_w, 0, sizeof want_w);
+        for (t = 0; t < n; t++)
+            for (q = 0; q < d; q++) want_mu[labels[2 * t] * d + q] += x[t * d + q];
+        for (c = 0; c < k_rows; c++)
+            for (q = 0; q < d && count[c]; q++) want_mu[c * d + q] /= (float)count[c];
+        for (t = 0; t < n; t++)
+            for (q = 0; q < d; q++) {
+                const float dev = x[t * d + q] - want_mu[labels[2 * t] * d + q];
+                want_w[labels[2 * t] * d + q] += i < 3 ? fabsf(dev) : dev * dev;
+            }
+        for (c = 0; c < k_rows; c++)
+            for (q = 0; q < d && count[c]; q++) want_w[c * d + q] /= (float)count[c];
+        for (parts = 1; parts <= max_parts; parts++) {
+            memset(writers, 0, sizeof writers);
+            for (part = 0; part < parts; part++) {
+                long work = 0;
+                for (v = 0; v < k_rows * d; v++) mu[v] = w[v] = untouched;
+                acmoe__ac_dispersion_part(&desc, &kern, x, n, d, labels, 2, k_rows, count, mu, w, part, parts);
+                for (v = 0; v < k_rows * d; v++)
+                    if (mu[v] != untouched || w[v] != untouched)
+                        writers[v]++, got_mu[v] = mu[v], got_w[v] = w[v], work += count[v / d];
+                CHECKF(work <= (long)n * d / parts + 16L * largest, "d %d, part %d of %d: %ld of %d tokens' features",
+                       d, part, parts, work, n * d);
+            }
+            for (bad = 0, v = 0; v < k_rows * d; v++) bad += writers[v] != 1;
+            CHECKF(bad == 0, "d %d, %d parts: %d cells not written by exactly one part", d, parts, bad);
+            CHECKF(memcmp(got_mu, want_mu, sizeof(float) * k_rows * d) == 0 &&
+                       memcmp(got_w, want_w, sizeof(float) * k_rows * d) == 0,
+                   "d %d, %d parts, %s: not the plain sums' bits", d, parts, i < 3 ? "MAD" : "variance");
+        }
+    }
+}
+
 /* Dropout's backward pass against finite differences along a random direction: dense
    layers (no routing decision to hold still), with the model's generator rewound before
    every forward pass so each one drops the same units; post-LN and pre-LN. */
@@ -595,6 +669,7 @@ const test_case internal_tests[] = {
     {"row_adam", test_row_adam},
     {"row_layernorm", test_row_layernorm},
     {"column_sums", test_column_sums},
+    {"ac_dispersion_parts", test_ac_dispersion_parts},
     {"lm_dropout_gradient", test_lm_dropout_gradient},
     {"corrupt_tokens", test_corrupt_tokens},
     {0, 0},
