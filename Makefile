@@ -293,10 +293,11 @@ bench-pytorch:
 	$(PYTHON) bench/pytorch_peer.py --threads 2 $(PYTORCH_FLAGS)
 
 # The OpenBLAS peer of bench section 1: cblas_sgemm on the same products (bench/matmul_shapes.h)
-# at 1 and 2 threads. OpenBLAS is loaded at run time, so only -ldl is linked; where it is not
-# installed (apt-get install libopenblas0-pthread) the peer says so and exits 0.
-$(B)/openblas_peer: bench/openblas_peer.c bench/matmul_shapes.h | $(B)
-	$(CC) $(CSTD) $(CFLAGS) $(WARN) bench/openblas_peer.c -o $@ -ldl
+# at 1 and 2 threads, taking turns with acmoe_matmul. OpenBLAS is loaded at run time, so no
+# OpenBLAS is linked; where it is not installed (apt-get install libopenblas0-pthread) the peer
+# says so and exits 0.
+$(B)/openblas_peer: bench/openblas_peer.c bench/matmul_shapes.h acmoe.h | $(B)
+	$(CC) $(CSTD) $(CFLAGS) $(WARN) bench/openblas_peer.c -o $@ -ldl $(LDLIBS)
 
 bench-openblas: $(B)/openblas_peer
 	./$(B)/openblas_peer

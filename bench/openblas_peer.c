@@ -1,21 +1,29 @@
 /* openblas_peer.c - the OpenBLAS peer of bench section 1: cblas_sgemm on the products of
-   bench/matmul_shapes.h, at 1 and 2 threads.
+   bench/matmul_shapes.h, at 1 and 2 threads, taking turns with acmoe_matmul on the same
+   operands in the same process.
 
    Build and run from the repository root (`make bench-openblas`):
        gcc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror bench/openblas_peer.c \
-           -o build/openblas_peer -ldl
+           -o build/openblas_peer -ldl -lm -lpthread
        ./build/openblas_peer [--quick] [--library NAME] [--keep-coretype]
 
    OpenBLAS is loaded at run time (dlopen of libopenblas.so.0, or NAME), so the build needs no
    development package. Debian: apt-get install libopenblas0-pthread. Without it the program
    says so on one line and exits 0. Each product is timed as bench.c times acmoe_matmul: the
    same operands (row-major, packed, C overwritten: beta 0), warm-up runs, then the median of
-   at least 5 runs and 0.25 s (--quick: 1 warm-up run, 3 runs and 0.02 s), 1 thread then 2
-   threads (openblas_set_num_threads) for each layout of each shape. NN, NT and TN mean what
-   they mean for acmoe_matmul: whether A, then B, is transposed in C = op(A) op(B). */
+   at least 5 runs and 0.15 s (--quick: 1 warm-up run, 3 runs and 0.02 s). A ratio of two
+   libraries timed minutes apart carries the host's drift, as large as the differences it
+   should show; so for each layout of each shape, at 1 thread then 2 (openblas_set_num_threads
+   and an acmoe context of as many threads), the two take turns for 3 rounds (--quick: 1),
+   the first to run alternating, and each library's figure is the median over the rounds.
+   NN, NT and TN mean what they mean for acmoe_matmul: whether A, then B, is transposed in
+   C = op(A) op(B). */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #endif
+#define ACMOE_IMPLEMENTATION
+#include "../acmoe.h"
+
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,9 +54,10 @@ typedef struct openblas {
 typedef struct timing_plan {
     int warmup, min_reps;
     double min_seconds;
+    int rounds; /* turns of each library */
 } timing_plan;
 
-static const timing_plan full_plan = {2, 5, 0.25}, quick_plan = {1, 3, 0.02};
+static const timing_plan full_plan = {2, 5, 0.15, 3}, quick_plan = {1, 3, 0.02, 1};
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -145,28 +154,65 @@ static float *random_floats(unsigned long long *state, size_t count) {
     return p;
 }
 
-static void run_sgemm(const openblas *ob, const char *layout, const operands *op) {
+/* One library's product: cblas_sgemm when ob is set, else acmoe_matmul on ctx. */
+typedef struct library {
+    const openblas *ob;
+    acmoe_ctx *ctx;
+} gemm_library;
+
+static void run_product(const gemm_library *lib, const char *layout, const operands *op) {
     int lda, ldb;
     matmul_leading_dims(layout, op->m, op->n, op->k, &lda, &ldb);
-    ob->sgemm(CBLAS_ROW_MAJOR, layout[0] == 'T' ? CBLAS_TRANS : CBLAS_NO_TRANS,
-              layout[1] == 'T' ? CBLAS_TRANS : CBLAS_NO_TRANS, op->m, op->n, op->k, 1.0f, op->a, lda, op->b, ldb, 0.0f,
-              op->c, op->n);
+    if (lib->ob) {
+        lib->ob->sgemm(CBLAS_ROW_MAJOR, layout[0] == 'T' ? CBLAS_TRANS : CBLAS_NO_TRANS,
+                       layout[1] == 'T' ? CBLAS_TRANS : CBLAS_NO_TRANS, op->m, op->n, op->k, 1.0f, op->a, lda, op->b,
+                       ldb, 0.0f, op->c, op->n);
+        return;
+    }
+    if (acmoe_matmul(lib->ctx, layout[0] == 'T' ? (layout[1] == 'T' ? ACMOE_TT : ACMOE_TN) : (layout[1] == 'T' ? ACMOE_NT : ACMOE_NN),
+                     op->m, op->n, op->k, op->a, lda, op->b, ldb, op->c, op->n, 0) != ACMOE_OK) {
+        fprintf(stderr, "openblas_peer: acmoe_matmul failed\n");
+        exit(1);
+    }
 }
 
-/* bench.c's matmul_median_seconds with cblas_sgemm for acmoe_matmul. */
-static double sgemm_median_seconds(const openblas *ob, const char *layout, const operands *op,
-                                   const timing_plan *plan) {
+/* bench.c's matmul_median_seconds for either library. */
+static double median_seconds(const gemm_library *lib, const char *layout, const operands *op, const timing_plan *plan) {
     double times[MATMUL_MAX_REPS], start;
     int reps, i;
-    for (i = 0; i < plan->warmup; i++) run_sgemm(ob, layout, op);
+    for (i = 0; i < plan->warmup; i++) run_product(lib, layout, op);
     start = now_seconds();
     for (reps = 0; reps < MATMUL_MAX_REPS; reps++) {
         double t0 = now_seconds();
         if (reps >= plan->min_reps && t0 - start >= plan->min_seconds) break;
-        run_sgemm(ob, layout, op);
+        run_product(lib, layout, op);
         times[reps] = now_seconds() - t0;
     }
     return median(times, reps);
+}
+
+/* Waits until a library's idle threads have stopped spinning (OpenBLAS's spin for a while
+   after a call), so that they take no core from the other library's turn. */
+static void settle(void) {
+    struct timespec pause = {0, 250000000L};
+    nanosleep(&pause, NULL);
+}
+
+/* GFLOP/s of OpenBLAS (gflops[0]) and acmoe (gflops[1]) on one product, the libraries taking
+   turns, the first to run alternating from round to round; each the median over the rounds.
+   threads > 1: a pause after each turn. */
+static void paired_gflops(const gemm_library libs[2], const char *layout, const operands *op, const timing_plan *plan,
+                          int threads, double gflops[2]) {
+    double rates[2][16], flops = 2.0 * op->m * op->n * op->k;
+    int r, turn;
+    for (r = 0; r < plan->rounds; r++)
+        for (turn = 0; turn < 2; turn++) {
+            const int which = (r + turn) % 2;
+            rates[which][r] = flops / median_seconds(&libs[which], layout, op, plan) * 1e-9;
+            if (threads > 1) settle();
+        }
+    gflops[0] = median(rates[0], plan->rounds);
+    gflops[1] = median(rates[1], plan->rounds);
 }
 
 /* Each layout on a small product against a plain loop that reads the operands as the layout
@@ -175,6 +221,7 @@ static int layouts_agree(const openblas *ob) {
     enum { M = 3, N = 5, K = 4 };
     float a[M * K], b[K * N], c[M * N];
     operands op;
+    gemm_library lib;
     int l, i, j, p;
     for (i = 0; i < M * K; i++) a[i] = (float)(i % 7) - 3.0f;
     for (i = 0; i < K * N; i++) b[i] = (float)(i % 5) - 2.0f;
@@ -183,7 +230,8 @@ static int layouts_agree(const openblas *ob) {
         const char *layout = matmul_layout_names[l];
         int lda, ldb;
         matmul_leading_dims(layout, M, N, K, &lda, &ldb);
-        run_sgemm(ob, layout, &op);
+        lib.ob = ob, lib.ctx = NULL;
+        run_product(&lib, layout, &op);
         for (i = 0; i < M; i++)
             for (j = 0; j < N; j++) {
                 float want = 0.0f; /* small integers: exact in any order */
@@ -216,6 +264,7 @@ int main(int argc, char **argv) {
     unsigned long long rng = 42;
     int threads[2], s, l, i;
     openblas ob;
+    acmoe_ctx *contexts[2];
     for (i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) plan = &quick_plan;
         else if (strcmp(argv[i], "--library") == 0 && i + 1 < argc) library = argv[++i];
@@ -229,11 +278,20 @@ int main(int argc, char **argv) {
         ob.set_num_threads(i + 1);
         threads[i] = ob.get_num_threads();
     }
+    for (i = 0; i < 2; i++) {
+        acmoe_ctx_desc desc = acmoe_ctx_defaults();
+        desc.n_threads = i + 1;
+        if (acmoe_ctx_create(&contexts[i], &desc) != ACMOE_OK) {
+            fprintf(stderr, "openblas_peer: acmoe_ctx_create failed\n");
+            return 1;
+        }
+    }
     printf("OpenBLAS peer: %s; core %s; cblas_sgemm from %s\n", ob.get_config(), ob.get_corename(), library);
     printf("Threads: %d and %d (openblas_set_num_threads 1 and 2); median of at least %d runs and "
-           "%.2f s after %d warm-up runs\n",
-           threads[0], threads[1], plan->min_reps, plan->min_seconds, plan->warmup);
-    printf("%5s %5s %5s  %-6s  %10s  %10s\n", "M", "N", "K", "layout", "1T GFLOP/s", "2T GFLOP/s");
+           "%.2f s after %d warm-up runs; %d round(s) of turns with acmoe_matmul\n",
+           threads[0], threads[1], plan->min_reps, plan->min_seconds, plan->warmup, plan->rounds);
+    printf("%5s %5s %5s  %-6s  %10s  %10s  %10s  %10s\n", "M", "N", "K", "layout", "1T GFLOP/s", "2T GFLOP/s",
+           "acmoe 1T", "acmoe 2T");
     for (s = 0; s < MATMUL_SHAPE_COUNT; s++) {
         operands op;
         op.m = matmul_shapes[s][0];
@@ -244,18 +302,23 @@ int main(int argc, char **argv) {
         op.c = (float *)checked_malloc((size_t)op.m * op.n * sizeof *op.c);
         for (l = 0; l < MATMUL_LAYOUT_COUNT; l++) {
             const char *layout = matmul_layout_names[l];
-            double flops = 2.0 * op.m * op.n * op.k, gflops[2];
+            double gflops[2][2]; /* [thread count][OpenBLAS, acmoe] */
             int t;
             for (t = 0; t < 2; t++) {
+                gemm_library libs[2];
+                libs[0].ob = &ob, libs[0].ctx = NULL, libs[1].ob = NULL, libs[1].ctx = contexts[t];
                 ob.set_num_threads(t + 1);
-                gflops[t] = flops / sgemm_median_seconds(&ob, layout, &op, plan) * 1e-9;
+                paired_gflops(libs, layout, &op, plan, t + 1, gflops[t]);
             }
-            printf("%5d %5d %5d  %-6s  %10.1f  %10.1f\n", op.m, op.n, op.k, layout, gflops[0], gflops[1]);
+            printf("%5d %5d %5d  %-6s  %10.1f  %10.1f  %10.1f  %10.1f\n", op.m, op.n, op.k, layout, gflops[0][0],
+                   gflops[1][0], gflops[0][1], gflops[1][1]);
             fflush(stdout);
         }
         free(op.a);
         free(op.b);
         free(op.c);
     }
+    acmoe_ctx_destroy(contexts[0]);
+    acmoe_ctx_destroy(contexts[1]);
     return 0;
 }

@@ -124,6 +124,13 @@ function note(list, v, sep) { if (v != "" && index(sep notes[list] sep, sep v se
 function pt_share(share, rate, pt) { return rate > 0 ? pct(share * pt / rate) : "" }
 function pt_cell(key, share, rate) { return has(key) ? fmt_rate(med(key)) " (" pt_share(share, rate, med(key)) ")" : "" }
 function pt_ratio(acmoe, key) { return has(key) ? ratio(acmoe, med(key)) : "" }
+# acmoe over OpenBLAS on row r at t threads: from the turns of the two libraries in the peer
+# when it timed acmoe too, else the bench figure a over the peer figure; 0 without a peer figure.
+function ob_over(r, t, a,    k, ka) {
+    k = "ob" SUBSEP r SUBSEP t; ka = "obac" SUBSEP r SUBSEP t
+    if (!has(k) || med(k) <= 0) return 0
+    return (has(ka) ? med(ka) : a) / med(k)
+}
 # How many runs the figures of a section are medians of: nb of the bench, np of its peer.
 function say_runs(nb, np, peer,    said) { said = runs_said(nb, np, peer); if (said != "") print substr(said, 2) }
 function runs_said(nb, np, peer) {
@@ -209,11 +216,12 @@ kind == "pt" && /^Vision training step/ {
     p = $4; gsub(/[",]/, "", p); add("ptvis" SUBSEP p SUBSEP ($(NF - 1) + 0), $(NF - 4)); f_pt = 1; next
 }
 
-# The OpenBLAS peer: M N K layout 1T 2T
+# The OpenBLAS peer: M N K layout 1T 2T, then acmoe 1T 2T timed in turns with it
 kind == "ob" && /^Threads: / { ob_threads = $2 " and " $4; match($0, /median of at least [0-9]+/); ob_reps = substr($0, RSTART + 19, RLENGTH - 19) + 0; next }
-kind == "ob" && NF == 6 && $1 ~ /^[0-9]+$/ && $4 ~ /^[NT][NT]$/ {
+kind == "ob" && (NF == 6 || NF == 8) && $1 ~ /^[0-9]+$/ && $4 ~ /^[NT][NT]$/ {
     r = $1 " x " $2 " x " $3 " | " $4
     add("ob" SUBSEP r SUBSEP 1, $5); add("ob" SUBSEP r SUBSEP 2, $6); f_ob = 1
+    if (NF == 8) { add("obac" SUBSEP r SUBSEP 1, $7); add("obac" SUBSEP r SUBSEP 2, $8) }
     next
 }
 
@@ -287,8 +295,13 @@ END {
     print "  installed OpenBLAS at run time (Debian: libopenblas0-pthread) and times `cblas_sgemm` on the"
     print "  same products in the same layouts (row-major, C overwritten), with"
     print "  `openblas_set_num_threads` 1 and then 2 for each product, timed as section 1 times"
-    print "  `acmoe_matmul`. It runs after the bench, in another process; its share of peak is against"
-    print "  the bench\047s measured peak."
+    print "  `acmoe_matmul`, taking turns with `acmoe_matmul` (a context of as many threads) on the same"
+    print "  operands: 3 rounds, the first to run alternating, a pause of 0.25 s after each 2-thread"
+    print "  turn so that idle threads have stopped spinning, each library\047s figure the median over"
+    print "  the rounds. The acmoe/OpenBLAS ratios come from these turns rather than from the bench\047s"
+    print "  figures, timed minutes earlier in another process, so that the host\047s drift does not enter"
+    print "  them. It runs after the bench, in another process; its share of peak is against the"
+    print "  bench\047s measured peak."
     print "- **PyTorch peer of sections 2 to 4.** bench/pytorch_peer.py builds the same layers and"
     print "  models in PyTorch (tokens sorted by expert, one `addmm` per expert, autograd; the SMoE"
     print "  router in section 2) and times the median of 10 steps after 3 warm-up steps, with PyTorch"
@@ -331,7 +344,7 @@ END {
         print ""
         if (ob_any) {
             print "GFLOP/s and share of the measured peak; the OpenBLAS peer\047s GFLOP/s (share), and acmoe over"
-            print "OpenBLAS at each thread count."; say_runs(sec_runs[1], runs_ob, "OpenBLAS")
+            print "OpenBLAS at each thread count, the two taking turns in the peer."; say_runs(sec_runs[1], runs_ob, "OpenBLAS")
         } else {
             print "GFLOP/s and share of the measured peak; no peer in this run."; say_runs(sec_runs[1], 0, "")
         }
@@ -348,10 +361,9 @@ END {
                 k1 = "ob" SUBSEP r SUBSEP 1; k2 = "ob" SUBSEP r SUBSEP 2
                 c1 = has(k1) ? sprintf("%.1f (%s)", med(k1), peak1 > 0 ? pct(100 * med(k1) / peak1) : "") : ""
                 c2 = has(k2) ? sprintf("%.1f (%s)", med(k2), peak2 > 0 ? pct(100 * med(k2) / peak2) : "") : ""
-                line = line sprintf(" %s | %s | %s | %s |", c1, c2, pt_ratio(a1, k1), pt_ratio(a2, k2))
-                if (has(k1) && has(k2) && med(k1) > 0 && med(k2) > 0 && a1 > 0 && a2 > 0) {
-                    nlog++; log1 += log(a1 / med(k1)); log2 += log(a2 / med(k2))
-                }
+                o1 = ob_over(r, 1, a1); o2 = ob_over(r, 2, a2)
+                line = line sprintf(" %s | %s | %s | %s |", c1, c2, o1 > 0 ? sprintf("%.2fx", o1) : "", o2 > 0 ? sprintf("%.2fx", o2) : "")
+                if (o1 > 0 && o2 > 0) { nlog++; log1 += log(o1); log2 += log(o2) }
             }
             print line
         }
@@ -461,7 +473,7 @@ function goals(    i, r, t, c, k, a, sh, want, d, cfgs, shape) {
         for (t = 1; t <= 2; t++) {
             r = rows["mm", i]; a = med("mm" SUBSEP r SUBSEP t); k = "ob" SUBSEP r SUBSEP t
             shape = r; sub(/ \| /, " ", shape)
-            if (has(k) && med(k) > 0) worse(a / med(k), shape " " t "T", "ob")
+            if (ob_over(r, t, a) > 0) worse(ob_over(r, t, a), shape " " t "T", "ob")
             if (r ~ /^(1024 x 1024 x 1024|2048 x 2048 x 2048) /) worse(peak_share("mm" SUBSEP r SUBSEP t, a, t), shape " " t "T", "big")
         }
     if ("ob" in W) goal("matrix products at least OpenBLAS\047s rate, every shape and layout, 1 and 2 threads", sprintf("%.2fx (%s)", W["ob"], WHERE["ob"]), W["ob"] >= 1.0)
