@@ -281,8 +281,11 @@ test-arm: | $(B)
 $(B)/bench: bench/bench.c bench/matmul_shapes.h acmoe.h | $(B)
 	$(CC) $(CSTD) $(CFLAGS) $(WARN) bench/bench.c -o $@ $(LDLIBS)
 
+# The benchmarks (bench/bench.c); BENCH_FLAGS passes options, e.g. "--section 1 --isa avx2" for
+# the matrix products on the AVX2 path of an AVX-512 CPU, against that path's own peak.
+BENCH_FLAGS ?=
 bench: $(B)/bench
-	./$(B)/bench
+	./$(B)/bench $(BENCH_FLAGS)
 
 # The PyTorch peer of bench sections 2 to 4 on this machine (Debian: python3-torch, libopenblas0-pthread).
 PYTHON ?= /usr/bin/python3

@@ -3,7 +3,7 @@
    Build and run from the repository root:
        gcc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror -I. bench/bench.c -o build/bench \
            -lm -lpthread
-       ./build/bench [--quick] [--section N]
+       ./build/bench [--quick] [--section N] [--isa NAME]
 
    Section 1 (matmul) measures the FP32 FMA peak of the kernel path's instruction set, then
    the acmoe_matmul throughput of MoE-sized and square products on 1 and 2 threads, as a share
@@ -17,7 +17,9 @@
    peer of sections 2 to 4 (bench/pytorch_peer.py), `make bench-openblas` the OpenBLAS peer of
    section 1 (bench/openblas_peer.c, on the products of bench/matmul_shapes.h), and
    `make bench-compare` all three. Built without -march: SIMD code here is compiled per
-   function and only called when the CPU supports it. */
+   function and only called when the CPU supports it. --isa runs every section on another
+   kernel path the CPU supports (avx2 on an AVX-512 CPU, say), its peak measured with that
+   path's instructions. */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread barriers */
 #endif
@@ -47,6 +49,8 @@ typedef struct bench_options {
     int quick;   /* fewer and shorter repetitions, for smoke tests */
     int section; /* 0 runs every section */
 } bench_options;
+
+static acmoe_isa bench_isa; /* the kernel path of every context and of the peak: --isa, else the CPU's best */
 
 /* How long to measure each case. */
 typedef struct timing_plan {
@@ -335,6 +339,7 @@ static acmoe_ctx *context_with_threads(int n_threads) {
     acmoe_ctx *ctx;
     memset(&desc, 0, sizeof desc);
     desc.n_threads = n_threads;
+    desc.isa = bench_isa;
     desc.clock = now_seconds;
     check_status(acmoe_ctx_create(&ctx, &desc), "acmoe_ctx_create");
     return ctx;
@@ -361,7 +366,7 @@ static void bench_matmul_case(acmoe_ctx *ctx[2], const double peak[2], const cha
 static void print_platform(acmoe_ctx *ctx[2]) {
     acmoe_ctx_desc s1 = acmoe_ctx_settings(ctx[0]), s2 = acmoe_ctx_settings(ctx[1]);
     print_cpu_model();
-    printf("Kernel path:  %s\n", acmoe_isa_name(acmoe_cpu_isa()));
+    printf("Kernel path:  %s%s\n", acmoe_isa_name(bench_isa), bench_isa != acmoe_cpu_isa() ? " (--isa)" : "");
     printf("Threads:      %d online CPUs (default context); measuring contexts of %d and %d\n",
            acmoe_ctx_defaults().n_threads, s1.n_threads, s2.n_threads);
     printf("Blocking:     mc=%d kc=%d nc=%d\n", s1.mc, s1.kc, s1.nc);
@@ -378,7 +383,7 @@ static const double *fma_peak(const timing_plan *plan) {
     long iters;
     int run, t;
     if (peak[0] > 0.0) return peak;
-    probe = fma_probe_for(acmoe_cpu_isa());
+    probe = fma_probe_for(bench_isa);
     iters = fma_iters_for(&probe, plan->peak_seconds / PEAK_RUNS);
     for (run = 0; run < PEAK_RUNS; run++)
         for (t = 0; t < 2; t++) {
@@ -819,11 +824,14 @@ static const bench_section sections[] = {
 
 static void usage_and_exit(const char *program) {
     int i;
-    fprintf(stderr, "usage: %s [--quick] [--section N]\n", program);
+    fprintf(stderr, "usage: %s [--quick] [--section N] [--isa NAME]\n", program);
     fprintf(stderr, "  --quick       fewer, shorter repetitions (smoke test)\n");
     fprintf(stderr, "  --section N   run only section N:");
     for (i = 0; i < SECTION_COUNT; i++) fprintf(stderr, " %d (%s)", i + 1, sections[i].name);
-    fprintf(stderr, "\n");
+    fprintf(stderr, "\n  --isa NAME    the kernel path, one this CPU supports:");
+    for (i = ACMOE_ISA_AUTO + 1; i < ACMOE_ISA_COUNT; i++)
+        if (acmoe_isa_supported((acmoe_isa)i)) fprintf(stderr, " %s", acmoe_isa_name((acmoe_isa)i));
+    fprintf(stderr, " (default %s)\n", acmoe_isa_name(acmoe_cpu_isa()));
     exit(2);
 }
 
@@ -839,6 +847,13 @@ static bench_options parse_options(int argc, char **argv) {
             if (*argv[i] == '\0' || *end != '\0' || n < 1 || n > SECTION_COUNT)
                 usage_and_exit(argv[0]);
             opt.section = (int)n;
+        } else if (strcmp(argv[i], "--isa") == 0 && i + 1 < argc) {
+            int isa;
+            ++i;
+            for (isa = ACMOE_ISA_AUTO + 1; isa < ACMOE_ISA_COUNT; isa++)
+                if (strcmp(argv[i], acmoe_isa_name((acmoe_isa)isa)) == 0) break;
+            if (isa == ACMOE_ISA_COUNT || !acmoe_isa_supported((acmoe_isa)isa)) usage_and_exit(argv[0]);
+            bench_isa = (acmoe_isa)isa;
         } else {
             usage_and_exit(argv[0]);
         }
@@ -877,7 +892,9 @@ static void print_peak_memory(int was_reset) {
 }
 
 int main(int argc, char **argv) {
-    bench_options opt = parse_options(argc, argv);
+    bench_options opt;
+    bench_isa = acmoe_cpu_isa();
+    opt = parse_options(argc, argv);
     int i;
     for (i = 0; i < SECTION_COUNT; i++) {
         if (opt.section && opt.section != i + 1) continue;
