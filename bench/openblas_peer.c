@@ -155,10 +155,15 @@ static float *random_floats(unsigned long long *state, size_t count) {
 }
 
 /* One library's product: cblas_sgemm when ob is set, else acmoe_matmul on ctx. */
-typedef struct library {
+typedef struct gemm_library {
     const openblas *ob;
     acmoe_ctx *ctx;
 } gemm_library;
+
+static acmoe_layout acmoe_layout_of(const char *layout) {
+    if (layout[0] == 'T') return layout[1] == 'T' ? ACMOE_TT : ACMOE_TN;
+    return layout[1] == 'T' ? ACMOE_NT : ACMOE_NN;
+}
 
 static void run_product(const gemm_library *lib, const char *layout, const operands *op) {
     int lda, ldb;
@@ -169,8 +174,8 @@ static void run_product(const gemm_library *lib, const char *layout, const opera
                        ldb, 0.0f, op->c, op->n);
         return;
     }
-    if (acmoe_matmul(lib->ctx, layout[0] == 'T' ? (layout[1] == 'T' ? ACMOE_TT : ACMOE_TN) : (layout[1] == 'T' ? ACMOE_NT : ACMOE_NN),
-                     op->m, op->n, op->k, op->a, lda, op->b, ldb, op->c, op->n, 0) != ACMOE_OK) {
+    if (acmoe_matmul(lib->ctx, acmoe_layout_of(layout), op->m, op->n, op->k, op->a, lda, op->b, ldb, op->c, op->n, 0) !=
+        ACMOE_OK) {
         fprintf(stderr, "openblas_peer: acmoe_matmul failed\n");
         exit(1);
     }
@@ -217,11 +222,10 @@ static void paired_gflops(const gemm_library libs[2], const char *layout, const 
 
 /* Each layout on a small product against a plain loop that reads the operands as the layout
    names say: a wrong transpose flag or leading dimension would time some other product. */
-static int layouts_agree(const openblas *ob) {
+static int layouts_agree(const gemm_library *lib) {
     enum { M = 3, N = 5, K = 4 };
     float a[M * K], b[K * N], c[M * N];
     operands op;
-    gemm_library lib;
     int l, i, j, p;
     for (i = 0; i < M * K; i++) a[i] = (float)(i % 7) - 3.0f;
     for (i = 0; i < K * N; i++) b[i] = (float)(i % 5) - 2.0f;
@@ -230,8 +234,7 @@ static int layouts_agree(const openblas *ob) {
         const char *layout = matmul_layout_names[l];
         int lda, ldb;
         matmul_leading_dims(layout, M, N, K, &lda, &ldb);
-        lib.ob = ob, lib.ctx = NULL;
-        run_product(&lib, layout, &op);
+        run_product(lib, layout, &op);
         for (i = 0; i < M; i++)
             for (j = 0; j < N; j++) {
                 float want = 0.0f; /* small integers: exact in any order */
@@ -239,7 +242,8 @@ static int layouts_agree(const openblas *ob) {
                     want += (layout[0] == 'T' ? a[p * lda + i] : a[i * lda + p]) *
                             (layout[1] == 'T' ? b[j * ldb + p] : b[p * ldb + j]);
                 if (c[i * N + j] != want) {
-                    fprintf(stderr, "openblas_peer: cblas_sgemm %s gives C[%d][%d] = %g, not %g\n", layout, i, j,
+                    fprintf(stderr, "openblas_peer: %s %s gives C[%d][%d] = %g, not %g\n",
+                            lib->ob ? "cblas_sgemm" : "acmoe_matmul", layout, i, j,
                             (double)c[i * N + j], (double)want);
                     return 0;
                 }
@@ -272,7 +276,6 @@ int main(int argc, char **argv) {
         else usage_and_exit(argv[0]);
     }
     if (!openblas_load(&ob, library, keep_coretype)) return 0;
-    if (!layouts_agree(&ob)) return 1;
     /* The thread counts OpenBLAS takes when asked for 1 and 2. */
     for (i = 0; i < 2; i++) {
         ob.set_num_threads(i + 1);
@@ -285,6 +288,11 @@ int main(int argc, char **argv) {
             fprintf(stderr, "openblas_peer: acmoe_ctx_create failed\n");
             return 1;
         }
+    }
+    {
+        gemm_library both[2];
+        both[0].ob = &ob, both[0].ctx = NULL, both[1].ob = NULL, both[1].ctx = contexts[0];
+        if (!layouts_agree(&both[0]) || !layouts_agree(&both[1])) return 1;
     }
     printf("OpenBLAS peer: %s; core %s; cblas_sgemm from %s\n", ob.get_config(), ob.get_corename(), library);
     printf("Threads: %d and %d (openblas_set_num_threads 1 and 2); median of at least %d runs and "
