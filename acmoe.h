@@ -2958,6 +2958,13 @@ static void acmoe__ac_counts(const int32_t *labels, int label_stride, int n, int
     for (t = 0; t < n; t++) count[labels[(size_t)t * label_stride]]++;
 }
 
+/* The features [*lo, returned) of cluster c among the cells from (c0, q0) up to (c1, q1) in
+   cluster-major order: none when the returned end is not past *lo. */
+static int acmoe__ac_cell_columns(int c, int c0, int q0, int c1, int q1, int d, int *lo) {
+    *lo = c == c0 ? q0 : 0;
+    return c < c0 || c > c1 ? 0 : c == c1 ? q1 : d;
+}
+
 /* Per-cluster dispersion into w [k_rows][d] (mean absolute deviation or variance, two passes
    around the mean kept in mu), over the cells (cluster, feature) from (c0, q0) up to (c1, q1)
    in cluster-major order: cluster c0 from feature q0, the clusters between whole, cluster c1
@@ -2967,30 +2974,29 @@ static void acmoe__ac_dispersion(const acmoe_ac_desc *desc, const acmoe__kernel 
                                  const int32_t *labels, int label_stride, const int *count, float *mu, float *w,
                                  int c0, int q0, int c1, int q1) {
     const int variance = desc->dispersion == ACMOE_AC_DISP_VARIANCE;
-    int t, c, q;
+    int t, c, q, lo, hi;
     for (c = c0; c <= c1; c++) {
-        const int lo = c == c0 ? q0 : 0, hi = c == c1 ? q1 : d;
-        if (hi <= lo) continue;
+        if ((hi = acmoe__ac_cell_columns(c, c0, q0, c1, q1, d, &lo)) <= lo) continue;
         memset(mu + (size_t)c * d + lo, 0, sizeof(float) * (size_t)(hi - lo));
         memset(w + (size_t)c * d + lo, 0, sizeof(float) * (size_t)(hi - lo));
     }
     for (t = 0; t < n; t++) {
         const int label = labels[(size_t)t * label_stride];
-        const int lo = label == c0 ? q0 : 0, hi = label == c1 ? q1 : d;
-        if (label < c0 || label > c1 || hi <= lo) continue;
-        kern->row_axpy(mu + (size_t)label * d + lo, x + (size_t)t * d + lo, hi - lo, 1.0f); /* 1 x is x: a plain sum */
+        if ((hi = acmoe__ac_cell_columns(label, c0, q0, c1, q1, d, &lo)) > lo) /* 1 x is x: a plain sum */
+            kern->row_axpy(mu + (size_t)label * d + lo, x + (size_t)t * d + lo, hi - lo, 1.0f);
     }
     for (c = c0; c <= c1; c++)
-        for (q = c == c0 ? q0 : 0; q < (c == c1 ? q1 : d) && count[c]; q++) mu[(size_t)c * d + q] /= (float)count[c];
+        if ((hi = acmoe__ac_cell_columns(c, c0, q0, c1, q1, d, &lo)) > lo && count[c])
+            for (q = lo; q < hi; q++) mu[(size_t)c * d + q] /= (float)count[c];
     for (t = 0; t < n; t++) {
         const int label = labels[(size_t)t * label_stride];
-        const int lo = label == c0 ? q0 : 0, hi = label == c1 ? q1 : d;
-        const size_t row = (size_t)label * d + lo;
-        if (label < c0 || label > c1 || hi <= lo) continue;
-        kern->row_deviation(w + row, x + (size_t)t * d + lo, mu + row, hi - lo, variance);
+        const size_t row = (size_t)label * d;
+        if ((hi = acmoe__ac_cell_columns(label, c0, q0, c1, q1, d, &lo)) > lo)
+            kern->row_deviation(w + row + lo, x + (size_t)t * d + lo, mu + row + lo, hi - lo, variance);
     }
     for (c = c0; c <= c1; c++)
-        for (q = c == c0 ? q0 : 0; q < (c == c1 ? q1 : d) && count[c]; q++) w[(size_t)c * d + q] /= (float)count[c];
+        if ((hi = acmoe__ac_cell_columns(c, c0, q0, c1, q1, d, &lo)) > lo && count[c])
+            for (q = lo; q < hi; q++) w[(size_t)c * d + q] /= (float)count[c];
 }
 
 /* The first cell (cluster, block of 16 features) that starts at or after `work` tokens'

@@ -838,6 +838,7 @@ static void usage_and_exit(const char *program) {
 static bench_options parse_options(int argc, char **argv) {
     bench_options opt = {0, 0};
     int i;
+    bench_isa = acmoe_cpu_isa();
     for (i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) {
             opt.quick = 1;
@@ -892,9 +893,7 @@ static void print_peak_memory(int was_reset) {
 }
 
 int main(int argc, char **argv) {
-    bench_options opt;
-    bench_isa = acmoe_cpu_isa();
-    opt = parse_options(argc, argv);
+    bench_options opt = parse_options(argc, argv);
     int i;
     for (i = 0; i < SECTION_COUNT; i++) {
         if (opt.section && opt.section != i + 1) continue;
