@@ -4409,12 +4409,23 @@ static const float *acmoe__expert_row(const acmoe_moe *layer, const float *in, i
     return in + (size_t)layer->pair_token[layer->slot_pair[layer->offset[j] + r]] * dm;
 }
 
+/* Rows ahead that are fetched early where rows are read out of order: expert rows in token
+   order (combining), or tokens' rows in expert order (gathering). */
+#define ACMOE__PAIRS_AHEAD 4
+
 /* Expert j's rows of this process, gathered into xe. */
 static void acmoe__expert_gather(const acmoe_moe *layer, int j, const float *in) {
     const size_t dm = (size_t)layer->desc.d_model;
     float *xe = layer->xe + (size_t)layer->offset[j] * dm;
     int r;
-    for (r = 0; r < layer->count[j]; r++) memcpy(xe + (size_t)r * dm, acmoe__expert_row(layer, in, j, r), sizeof(float) * dm);
+    size_t c;
+    for (r = 0; r < layer->count[j]; r++) {
+        if (r + ACMOE__PAIRS_AHEAD < layer->count[j]) {
+            const float *ahead = acmoe__expert_row(layer, in, j, r + ACMOE__PAIRS_AHEAD);
+            for (c = 0; c < dm; c += 16) ACMOE__PREFETCH_READ(ahead + c);
+        }
+        memcpy(xe + (size_t)r * dm, acmoe__expert_row(layer, in, j, r), sizeof(float) * dm);
+    }
 }
 
 /* Expert j's activations: for ReLU written over its pre-activations h (the backward pass's
@@ -4463,10 +4474,6 @@ static void acmoe__gather_job(void *arg, int tid, int n_threads) {
     while ((i = acmoe__next_item(&job->next)) < job->layer->desc.n_experts)
         acmoe__expert_gather(job->layer, job->layer->order[i], acmoe__expert_input(job->layer, job->x));
 }
-
-/* Pairs ahead whose expert rows are fetched early: those rows sit in expert order, which the
-   hardware prefetcher cannot follow from token order. */
-#define ACMOE__PAIRS_AHEAD 4
 
 /* Fetches the expert row of pair p + ACMOE__PAIRS_AHEAD (if any) in rows of dm floats. */
 static void acmoe__prefetch_pair_row(const acmoe_moe *layer, const float *rows, int p) {
