@@ -4413,17 +4413,20 @@ static const float *acmoe__expert_row(const acmoe_moe *layer, const float *in, i
    order (combining), or tokens' rows in expert order (gathering). */
 #define ACMOE__PAIRS_AHEAD 4
 
+/* Fetches a row of n floats, a cache line at a time. */
+static void acmoe__prefetch_row(const float *row, size_t n) {
+    size_t c;
+    for (c = 0; c < n; c += 16) ACMOE__PREFETCH_READ(row + c);
+}
+
 /* Expert j's rows of this process, gathered into xe. */
 static void acmoe__expert_gather(const acmoe_moe *layer, int j, const float *in) {
     const size_t dm = (size_t)layer->desc.d_model;
     float *xe = layer->xe + (size_t)layer->offset[j] * dm;
     int r;
-    size_t c;
     for (r = 0; r < layer->count[j]; r++) {
-        if (r + ACMOE__PAIRS_AHEAD < layer->count[j]) {
-            const float *ahead = acmoe__expert_row(layer, in, j, r + ACMOE__PAIRS_AHEAD);
-            for (c = 0; c < dm; c += 16) ACMOE__PREFETCH_READ(ahead + c);
-        }
+        if (r + ACMOE__PAIRS_AHEAD < layer->count[j])
+            acmoe__prefetch_row(acmoe__expert_row(layer, in, j, r + ACMOE__PAIRS_AHEAD), dm);
         memcpy(xe + (size_t)r * dm, acmoe__expert_row(layer, in, j, r), sizeof(float) * dm);
     }
 }
@@ -4478,10 +4481,8 @@ static void acmoe__gather_job(void *arg, int tid, int n_threads) {
 /* Fetches the expert row of pair p + ACMOE__PAIRS_AHEAD (if any) in rows of dm floats. */
 static void acmoe__prefetch_pair_row(const acmoe_moe *layer, const float *rows, int p) {
     const size_t dm = (size_t)layer->desc.d_model;
-    size_t c;
-    if (p + ACMOE__PAIRS_AHEAD >= layer->n_pairs) return;
-    rows += (size_t)layer->pair_slot[p + ACMOE__PAIRS_AHEAD] * dm;
-    for (c = 0; c < dm; c += 16) ACMOE__PREFETCH_READ(rows + c);
+    if (p + ACMOE__PAIRS_AHEAD < layer->n_pairs)
+        acmoe__prefetch_row(rows + (size_t)layer->pair_slot[p + ACMOE__PAIRS_AHEAD] * dm, dm);
 }
 
 /* out[t] = sum of gate * expert output over t's pairs, in order. */
