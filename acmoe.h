@@ -2884,6 +2884,35 @@ static void acmoe__bias_grad(const acmoe__kernel *kern, const float *dy, int row
     for (r = 0; r < rows; r++) kern->row_axpy(bias_grad, dy + (size_t)r * cols, cols, 1.0f);
 }
 
+/* Column sums over many rows (the gain and bias gradients, the AC statistics) run over
+   ACMOE__SUM_BLOCKS fixed blocks of rows: each block sums its rows into a partial row of its
+   own, threads take whole blocks (the same rows their row-split pass has just written, so
+   still in their cache), and the partials are then added in block order. The bits do not
+   depend on the thread count. The partials live in the first thread's packing space, which is
+   free between products. */
+#define ACMOE__SUM_BLOCKS 32
+
+/* The first row of block b of rows. */
+static int acmoe__block_row(int rows, int b) { return (int)((long)rows * b / ACMOE__SUM_BLOCKS); }
+
+/* The blocks [*b0, *b1) thread tid of n_threads takes. */
+static void acmoe__thread_blocks(int tid, int n_threads, int *b0, int *b1) {
+    *b0 = ACMOE__SUM_BLOCKS * tid / n_threads, *b1 = ACMOE__SUM_BLOCKS * (tid + 1) / n_threads;
+}
+
+/* Room for the partials of `sums` column sums of cols each, or NULL when the packing space is
+   too small (a context with very small blocking). */
+static float *acmoe__sum_partials(acmoe_ctx *ctx, int sums, int cols) {
+    const size_t need = (size_t)ACMOE__SUM_BLOCKS * (size_t)sums * (size_t)cols;
+    return need <= (size_t)ctx->desc.kc * (size_t)ctx->desc.nc ? ctx->ws[0].pack_b : NULL;
+}
+
+/* y += the partials of blocks 0, 1, ... (cols floats each, stride floats apart), in order. */
+static void acmoe__add_partials(const acmoe__kernel *kern, float *y, const float *partials, int cols, size_t stride) {
+    int b;
+    for (b = 0; b < ACMOE__SUM_BLOCKS; b++) kern->row_axpy(y, partials + (size_t)b * stride, cols, 1.0f);
+}
+
 /* ========================================================================================== */
 /* 7. Routers                                                                                 */
 /* ========================================================================================== */
@@ -3030,6 +3059,66 @@ static void acmoe__ac_dispersion_part(const acmoe_ac_desc *desc, const acmoe__ke
                              ACMOE__MIN(d, u0 % blocks * 16), u1 / blocks, ACMOE__MIN(d, u1 % blocks * 16));
 }
 
+/* The AC statistics by blocks of tokens (see ACMOE__SUM_BLOCKS) when their partials are no
+   larger than x: each thread reads only its own runs of x, where the split by cells above has
+   every thread read rows scattered over all of x (slower on two threads than one). Four steps,
+   each split across threads and finished by all before the next: 0 and 2 sum each block's
+   tokens into its partials, of x and of the deviations from mu; 1 and 3 add a cluster's
+   partials in block order into mu and w and divide by its count. */
+typedef struct acmoe__ac_blocks {
+    const acmoe__kernel *kern;
+    const float *x;
+    const int32_t *labels;
+    const int *count;
+    float *mu, *w, *partials; /* partials: ACMOE__SUM_BLOCKS x k_rows x d */
+    int n, d, label_stride, k_rows, variance;
+} acmoe__ac_blocks;
+
+static int acmoe__ac_by_blocks(int n, int k_rows) { return (long)ACMOE__SUM_BLOCKS * k_rows <= (long)n; }
+
+/* Blocks [b0, b1): the partial sums of x (step 0) or of the deviations (step 2). */
+static void acmoe__ac_block_sums(const acmoe__ac_blocks *s, int step, int b0, int b1) {
+    const size_t d = (size_t)s->d, part_len = (size_t)s->k_rows * d;
+    int b, t;
+    for (b = b0; b < b1; b++) {
+        float *part = s->partials + (size_t)b * part_len;
+        memset(part, 0, sizeof(float) * part_len);
+        for (t = acmoe__block_row(s->n, b); t < acmoe__block_row(s->n, b + 1); t++) {
+            const size_t at = (size_t)s->labels[(size_t)t * s->label_stride] * d;
+            if (step == 0) /* 1 x is x: a plain sum */
+                s->kern->row_axpy(part + at, s->x + t * d, s->d, 1.0f);
+            else
+                s->kern->row_deviation(part + at, s->x + t * d, s->mu + at, s->d, s->variance);
+        }
+    }
+}
+
+static acmoe__ac_blocks acmoe__ac_blocks_of(const acmoe_ac_desc *desc, const acmoe__kernel *kern, const float *x,
+                                             int n, int d, const int32_t *labels, int label_stride, int k_rows,
+                                             const int *count, float *mu, float *w, float *partials) {
+    acmoe__ac_blocks s;
+    s.kern = kern, s.x = x, s.labels = labels, s.count = count, s.mu = mu, s.w = w, s.partials = partials;
+    s.n = n, s.d = d, s.label_stride = label_stride, s.k_rows = k_rows;
+    s.variance = desc->dispersion == ACMOE_AC_DISP_VARIANCE;
+    return s;
+}
+
+static void acmoe__ac_blocks_step(const acmoe__ac_blocks *s, int step, int tid, int n_threads) {
+    const size_t d = (size_t)s->d;
+    int b0, b1, c, q;
+    if (step == 0 || step == 2) {
+        acmoe__thread_blocks(tid, n_threads, &b0, &b1);
+        acmoe__ac_block_sums(s, step, b0, b1);
+        return;
+    }
+    for (c = (int)((long)s->k_rows * tid / n_threads); c < (int)((long)s->k_rows * (tid + 1) / n_threads); c++) {
+        float *out = (step == 1 ? s->mu : s->w) + c * d;
+        memset(out, 0, sizeof(float) * d);
+        acmoe__add_partials(s->kern, out, s->partials + c * d, s->d, (size_t)s->k_rows * d);
+        for (q = 0; q < s->d && s->count[c]; q++) out[q] /= (float)s->count[c];
+    }
+}
+
 /* Mean of the rows of w [k_rows][d] that count (all rows, or in robust mode those of
    clusters with at least 2 tokens), at column q, or over all columns when q < 0. */
 static float acmoe__ac_mean(const float *w, int k_rows, int d, const int *count, int robust, int q) {
@@ -3121,9 +3210,9 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     acmoe_status s = acmoe__ac_resolve(desc, &opt);
     acmoe__kernel kern;
     int k_rows, top;
-    size_t w_len, scratch_len;
+    size_t w_len, scratch_len, partial_len;
     float *scratch, *mu, *w, *ehat, *logits;
-    int *count;
+    int *count, step;
     if (s != ACMOE_OK) return s;
     if (n < 0 || d < 1 || prev_k < 1 || n_experts < 1 || k < 1 || k > n_experts) return ACMOE_ERR_SHAPE;
     if (!emb || (n > 0 && (!x || !prev_idx || !idx_out || !gate_out))) return ACMOE_ERR_NULL;
@@ -3135,7 +3224,8 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     if (w_rows_out) *w_rows_out = k_rows;
     if (n == 0) return ACMOE_OK;
     w_len = (size_t)k_rows * d;
-    scratch_len = w_len * (w_out ? 1 : 2) + (size_t)n_experts * d + (logits_out ? 0 : (size_t)n * n_experts);
+    partial_len = acmoe__ac_by_blocks(n, k_rows) ? ACMOE__SUM_BLOCKS * w_len : 0;
+    scratch_len = w_len * (w_out ? 1 : 2) + (size_t)n_experts * d + (logits_out ? 0 : (size_t)n * n_experts) + partial_len;
     count = (int *)ACMOE_MALLOC(sizeof(int) * (size_t)k_rows + sizeof(float) * scratch_len);
     if (!count) return ACMOE_ERR_NOMEM;
     scratch = (float *)(count + k_rows);
@@ -3145,7 +3235,13 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     logits = logits_out ? logits_out : ehat + (size_t)n_experts * d;
     acmoe__ac_counts(prev_idx, prev_k, n, k_rows, count);
     acmoe__host_kernel(&kern);
-    acmoe__ac_dispersion_part(&opt, &kern, x, n, d, prev_idx, prev_k, k_rows, count, mu, w, 0, 1);
+    if (partial_len) { /* the layer's order, so the bits are the layer's */
+        const acmoe__ac_blocks blocks = acmoe__ac_blocks_of(&opt, &kern, x, n, d, prev_idx, prev_k, k_rows, count, mu,
+                                                            w, scratch + scratch_len - partial_len);
+        for (step = 0; step < 4; step++) acmoe__ac_blocks_step(&blocks, step, 0, 1);
+    } else {
+        acmoe__ac_dispersion_part(&opt, &kern, x, n, d, prev_idx, prev_k, k_rows, count, mu, w, 0, 1);
+    }
     acmoe__ac_weights(&opt, w, k_rows, d, count);
     acmoe__unit_rows(emb, n_experts, d, ehat, NULL);
     acmoe__ac_logits(x, n, d, prev_idx, prev_k, w, ehat, n_experts, logits);
@@ -3755,14 +3851,33 @@ typedef struct acmoe__ac_job {
     const acmoe__kernel *kern;
     const float *x;
     int n;
+    acmoe__ac_blocks blocks; /* by blocks when blocks.partials is set, else by cells */
+    int step;
 } acmoe__ac_job;
 
-/* The dispersion, the cells split across threads. */
+/* The dispersion: a step of it by blocks, or all of it with the cells split across threads. */
 static void acmoe__ac_dispersion_job(void *arg, int tid, int n_threads) {
     const acmoe__ac_job *job = (const acmoe__ac_job *)arg;
     acmoe_moe *layer = job->layer;
+    if (job->blocks.partials) {
+        acmoe__ac_blocks_step(&job->blocks, job->step, tid, n_threads);
+        return;
+    }
     acmoe__ac_dispersion_part(&layer->desc.ac, job->kern, job->x, job->n, layer->desc.d_model, layer->labels, 1,
                               layer->ac_rows, layer->ac_count, layer->ac_mu, layer->ac_w, tid, n_threads);
+}
+
+/* The AC statistics of the layer's labels, on the pool's threads. */
+static void acmoe__ac_layer_statistics(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n) {
+    const int rows = layer->ac_rows, dm = layer->desc.d_model;
+    float *partials = acmoe__ac_by_blocks(n, rows) ? acmoe__sum_partials(ctx, rows, dm) : NULL;
+    acmoe__ac_job job;
+    job.layer = layer, job.kern = &ctx->kernel, job.x = x, job.n = n, job.step = 0;
+    job.blocks = acmoe__ac_blocks_of(&layer->desc.ac, &ctx->kernel, x, n, dm, layer->labels, 1, rows,
+                                     layer->ac_count, layer->ac_mu, layer->ac_w, partials);
+    do
+        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__ac_dispersion_job, &job);
+    while (partials && ++job.step < 4);
 }
 
 /* AC: labels, the weights W (unless frozen) and, when mixing, each token's mix of its
@@ -3815,11 +3930,9 @@ static acmoe_status acmoe__ac_token_weights(acmoe_moe *layer, acmoe_ctx *ctx, co
         if (status != ACMOE_OK) return status;
         layer->ac_ready = 1;
     } else if (!layer->ac_frozen || !layer->ac_ready) {
-        acmoe__ac_job job;
-        job.layer = layer, job.kern = &ctx->kernel, job.x = x, job.n = n;
         layer->ac_rows = top + 1;
         acmoe__ac_counts(layer->labels, 1, n, layer->ac_rows, layer->ac_count);
-        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__ac_dispersion_job, &job);
+        acmoe__ac_layer_statistics(layer, ctx, x, n);
         acmoe__ac_weights(&layer->desc.ac, layer->ac_w, layer->ac_rows, dm, layer->ac_count);
         layer->ac_ready = 1;
     } else if (top >= layer->ac_rows) {
@@ -5146,34 +5259,6 @@ ACMOE_API acmoe_status acmoe_moe_tightness(const acmoe_moe *layer, acmoe_tightne
 /* ========================================================================================== */
 /* 9. Transformer pieces                                                                      */
 /* ========================================================================================== */
-
-/* Column sums over many rows (the gain and bias gradients) run over ACMOE__SUM_BLOCKS fixed
-   blocks of rows: each block sums its rows into a partial row of its own, threads take whole
-   blocks (the same rows their row-split pass has just written, so still in their cache), and
-   the partials are then added in block order. The bits do not depend on the thread count.
-   The partials live in the first thread's packing space, which is free between products. */
-#define ACMOE__SUM_BLOCKS 32
-
-/* The first row of block b of rows. */
-static int acmoe__block_row(int rows, int b) { return (int)((long)rows * b / ACMOE__SUM_BLOCKS); }
-
-/* The blocks [*b0, *b1) thread tid of n_threads takes. */
-static void acmoe__thread_blocks(int tid, int n_threads, int *b0, int *b1) {
-    *b0 = ACMOE__SUM_BLOCKS * tid / n_threads, *b1 = ACMOE__SUM_BLOCKS * (tid + 1) / n_threads;
-}
-
-/* Room for the partials of `sums` column sums of cols each, or NULL when the packing space is
-   too small (a context with very small blocking). */
-static float *acmoe__sum_partials(acmoe_ctx *ctx, int sums, int cols) {
-    const size_t need = (size_t)ACMOE__SUM_BLOCKS * (size_t)sums * (size_t)cols;
-    return need <= (size_t)ctx->desc.kc * (size_t)ctx->desc.nc ? ctx->ws[0].pack_b : NULL;
-}
-
-/* y += the partials of blocks 0, 1, ... (cols floats each, stride floats apart), in order. */
-static void acmoe__add_partials(const acmoe__kernel *kern, float *y, const float *partials, int cols, size_t stride) {
-    int b;
-    for (b = 0; b < ACMOE__SUM_BLOCKS; b++) kern->row_axpy(y, partials + (size_t)b * stride, cols, 1.0f);
-}
 
 /* Layer norm over rows split across threads; the backward pass sums the gain and bias
    gradients by blocks of rows as it goes, or, when there is no room for the partials, in a

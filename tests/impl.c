@@ -592,6 +592,67 @@ static void test_ac_dispersion_parts(void) {
     }
 }
 
+/* The AC statistics by blocks of tokens, their steps run as by 1 to 5 threads: the bits of
+   plain float sums within each block in token order, then over the blocks in block order,
+   whatever the thread count; a dominant cluster, a cluster of no tokens, a ragged last
+   block of features, labels read with a stride; mean absolute deviation and variance. */
+static void test_ac_statistics_blocks(void) {
+    enum { n = 203, k_rows = 5, max_d = 37, max_threads = 5 };
+    const int widths[3] = {1, 16, max_d};
+    static float x[n * max_d], partials[ACMOE__SUM_BLOCKS * k_rows * max_d];
+    static float block_sum[ACMOE__SUM_BLOCKS][k_rows * max_d];
+    float mu[k_rows * max_d], w[k_rows * max_d], want_mu[k_rows * max_d], want_w[k_rows * max_d];
+    int32_t labels[2 * n];
+    int count[k_rows], t, c, q, i, b, step, threads, tid;
+    acmoe__kernel kern;
+    acmoe_ac_desc desc;
+    acmoe_rng rng;
+    acmoe_rng_seed(&rng, 31);
+    acmoe__host_kernel(&kern);
+    memset(&desc, 0, sizeof desc);
+    CHECK_STATUS(acmoe__ac_resolve(&desc, &desc), ACMOE_OK);
+    for (t = 0; t < n; t++) { /* cluster 0 takes about half; cluster 2 none */
+        c = t % 2 ? 0 : 1 + (int)acmoe_rng_below(&rng, k_rows - 1);
+        labels[2 * t] = c == 2 ? 3 : c, labels[2 * t + 1] = 2;
+    }
+    acmoe__ac_counts(labels, 2, n, k_rows, count);
+    CHECK(count[2] == 0 && acmoe__ac_by_blocks(n, k_rows) && !acmoe__ac_by_blocks(n, 7));
+    for (i = 0; i < n * max_d; i++) x[i] = 3.0f * acmoe_rng_normal(&rng) + 1.0f;
+    for (i = 0; i < 6; i++) {
+        const int d = widths[i % 3], variance = i >= 3;
+        acmoe__ac_blocks blocks;
+        float *want[2];
+        want[0] = want_mu, want[1] = want_w;
+        desc.dispersion = variance ? ACMOE_AC_DISP_VARIANCE : ACMOE_AC_DISP_MAD;
+        blocks = acmoe__ac_blocks_of(&desc, &kern, x, n, d, labels, 2, k_rows, count, mu, w, partials);
+        for (step = 0; step < 2; step++) { /* the means, then the dispersions around them */
+            for (b = 0; b < ACMOE__SUM_BLOCKS; b++) {
+                float sum[k_rows * max_d] = {0};
+                for (t = acmoe__block_row(n, b); t < acmoe__block_row(n, b + 1); t++)
+                    for (q = 0; q < d; q++) {
+                        const int at = labels[2 * t] * d + q;
+                        const float dev = x[t * d + q] - want_mu[at];
+                        sum[at] += step == 0 ? x[t * d + q] : variance ? dev * dev : fabsf(dev);
+                    }
+                for (q = 0; q < k_rows * d; q++) block_sum[b][q] = sum[q];
+            }
+            for (q = 0; q < k_rows * d; q++) {
+                float total = 0.0f;
+                for (b = 0; b < ACMOE__SUM_BLOCKS; b++) total += block_sum[b][q];
+                want[step][q] = count[q / d] ? total / (float)count[q / d] : total;
+            }
+        }
+        for (threads = 1; threads <= max_threads; threads++) {
+            memset(mu, 0xff, sizeof mu), memset(w, 0xff, sizeof w);
+            for (step = 0; step < 4; step++)
+                for (tid = 0; tid < threads; tid++) acmoe__ac_blocks_step(&blocks, step, tid, threads);
+            CHECKF(memcmp(mu, want_mu, sizeof(float) * k_rows * d) == 0 &&
+                       memcmp(w, want_w, sizeof(float) * k_rows * d) == 0,
+                   "d %d, %d threads, %s: not the block sums' bits", d, threads, variance ? "variance" : "MAD");
+        }
+    }
+}
+
 /* Dropout's backward pass against finite differences along a random direction: dense
    layers (no routing decision to hold still), with the model's generator rewound before
    every forward pass so each one drops the same units; post-LN and pre-LN. */
@@ -670,6 +731,7 @@ const test_case internal_tests[] = {
     {"row_layernorm", test_row_layernorm},
     {"column_sums", test_column_sums},
     {"ac_dispersion_parts", test_ac_dispersion_parts},
+    {"ac_statistics_blocks", test_ac_statistics_blocks},
     {"lm_dropout_gradient", test_lm_dropout_gradient},
     {"corrupt_tokens", test_corrupt_tokens},
     {0, 0},

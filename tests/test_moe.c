@@ -882,6 +882,41 @@ static void test_moe_deterministic(void) {
     }
 }
 
+/* Enough tokens for the AC statistics by blocks of tokens: the same weights and outputs on
+   one, two and three threads, and the weights acmoe_ac_route gives for the same tokens and
+   labels. */
+static void test_moe_ac_blocks(void) {
+    enum { n = 131, dm = 6 };
+    acmoe_moe_desc d = small_desc('c', ACMOE_ACT_GELU);
+    fixture f;
+    float first_out[n * dm], first_w[3 * dm], route_w[3 * dm], gates[n * 2];
+    int32_t experts[n * 2];
+    const float *w;
+    int rows = 0, threads;
+    d.max_tokens = n;
+    fixture_make_desc(&f, &d, n, 41);
+    CHECK(isfinite(fixture_loss(&f)));
+    memcpy(first_out, f.out, sizeof first_out);
+    w = acmoe_moe_ac_weights(f.layer, &rows);
+    CHECK(w != NULL && rows == 3);
+    memcpy(first_w, w, sizeof first_w);
+    for (threads = 2; threads <= 3; threads++) {
+        acmoe_ctx *ctx = test_context(threads, 0, 0, 0);
+        CHECK_STATUS(acmoe_moe_forward(f.layer, ctx, f.x, n, f.prev, f.prev_gate, 2, f.out), ACMOE_OK);
+        w = acmoe_moe_ac_weights(f.layer, &rows);
+        CHECKF(memcmp(first_out, f.out, sizeof first_out) == 0 && memcmp(first_w, w, sizeof first_w) == 0,
+               "%d threads changed the bits", threads);
+        acmoe_ctx_destroy(ctx);
+    }
+    {
+        acmoe_ac_desc ac = acmoe_moe_settings(f.layer).ac;
+        CHECK_STATUS(acmoe_ac_route(&ac, f.x, n, dm, f.prev, 2, f.params, 4, 2, experts, gates, NULL, route_w, &rows),
+                     ACMOE_OK);
+        CHECK(rows == 3 && memcmp(route_w, first_w, sizeof first_w) == 0);
+    }
+    fixture_free(&f);
+}
+
 /* A layer input large enough to be checked on two threads: a NaN or an infinity in either
    thread's part, at its first or last element, is refused; the clean input is not. */
 static void test_moe_nonfinite_input_threads(void) {
@@ -1012,6 +1047,7 @@ const test_case moe_tests[] = {
     {"moe_grad_priority", test_grad_priority},
     {"moe_deterministic", test_moe_deterministic},
     {"moe_bad_input", test_moe_bad_input},
+    {"moe_ac_blocks", test_moe_ac_blocks},
     {"moe_nonfinite_input_threads", test_moe_nonfinite_input_threads},
     {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
     {"moe_grad_smoe_gelu", test_grad_smoe_gelu},
