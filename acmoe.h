@@ -2892,25 +2892,26 @@ static void acmoe__bias_grad(const acmoe__kernel *kern, const float *dy, int row
    free between products. */
 #define ACMOE__SUM_BLOCKS 32
 
-/* The first row of block b of rows. */
-static int acmoe__block_row(int rows, int b) { return (int)((long)rows * b / ACMOE__SUM_BLOCKS); }
+/* The first row of block b of `blocks` blocks of rows. */
+static int acmoe__block_row(int rows, int b, int blocks) { return (int)((long)rows * b / blocks); }
 
-/* The blocks [*b0, *b1) thread tid of n_threads takes. */
-static void acmoe__thread_blocks(int tid, int n_threads, int *b0, int *b1) {
-    *b0 = ACMOE__SUM_BLOCKS * tid / n_threads, *b1 = ACMOE__SUM_BLOCKS * (tid + 1) / n_threads;
+/* The blocks [*b0, *b1) of `blocks` thread tid of n_threads takes. */
+static void acmoe__thread_blocks(int tid, int n_threads, int blocks, int *b0, int *b1) {
+    *b0 = blocks * tid / n_threads, *b1 = blocks * (tid + 1) / n_threads;
 }
 
-/* Room for the partials of `sums` column sums of cols each, or NULL when the packing space is
-   too small (a context with very small blocking). */
-static float *acmoe__sum_partials(acmoe_ctx *ctx, int sums, int cols) {
-    const size_t need = (size_t)ACMOE__SUM_BLOCKS * (size_t)sums * (size_t)cols;
+/* Room for the partials of `blocks` blocks of `sums` column sums of cols each, or NULL when
+   the packing space is too small (a context with very small blocking). */
+static float *acmoe__sum_partials(acmoe_ctx *ctx, int blocks, int sums, int cols) {
+    const size_t need = (size_t)blocks * (size_t)sums * (size_t)cols;
     return need <= (size_t)ctx->desc.kc * (size_t)ctx->desc.nc ? ctx->ws[0].pack_b : NULL;
 }
 
 /* y += the partials of blocks 0, 1, ... (cols floats each, stride floats apart), in order. */
-static void acmoe__add_partials(const acmoe__kernel *kern, float *y, const float *partials, int cols, size_t stride) {
+static void acmoe__add_partials(const acmoe__kernel *kern, float *y, const float *partials, int blocks, int cols,
+                                size_t stride) {
     int b;
-    for (b = 0; b < ACMOE__SUM_BLOCKS; b++) kern->row_axpy(y, partials + (size_t)b * stride, cols, 1.0f);
+    for (b = 0; b < blocks; b++) kern->row_axpy(y, partials + (size_t)b * stride, cols, 1.0f);
 }
 
 /* ========================================================================================== */
@@ -3059,22 +3060,25 @@ static void acmoe__ac_dispersion_part(const acmoe_ac_desc *desc, const acmoe__ke
                              ACMOE__MIN(d, u0 % blocks * 16), u1 / blocks, ACMOE__MIN(d, u1 % blocks * 16));
 }
 
-/* The AC statistics by blocks of tokens (see ACMOE__SUM_BLOCKS) when their partials are no
-   larger than x: each thread reads only its own runs of x, where the split by cells above has
-   every thread read rows scattered over all of x (slower on two threads than one). Four steps,
-   each split across threads and finished by all before the next: 0 and 2 sum each block's
-   tokens into its partials, of x and of the deviations from mu; 1 and 3 add a cluster's
-   partials in block order into mu and w and divide by its count. */
+/* The AC statistics by ACMOE__AC_BLOCKS fixed blocks of tokens, as the column sums run (see
+   ACMOE__SUM_BLOCKS), when their partials are no larger than x: each thread reads only its
+   own runs of x, where the split by cells above has every thread read rows scattered over
+   all of x (slower on two threads than on one). Four steps, each split across threads and
+   finished by all before the next: 0 and 2 sum each block's tokens into its partials, of x
+   and of the deviations from mu; 1 and 3 add a cluster's partials in block order into mu
+   and w and divide by its count. Fewer blocks than the column sums take, as a block's
+   partials are k_rows rows: zeroing and adding more of them cost more than they spread. */
+#define ACMOE__AC_BLOCKS 8
 typedef struct acmoe__ac_blocks {
     const acmoe__kernel *kern;
     const float *x;
     const int32_t *labels;
     const int *count;
-    float *mu, *w, *partials; /* partials: ACMOE__SUM_BLOCKS x k_rows x d */
+    float *mu, *w, *partials; /* partials: ACMOE__AC_BLOCKS x k_rows x d */
     int n, d, label_stride, k_rows, variance;
 } acmoe__ac_blocks;
 
-static int acmoe__ac_by_blocks(int n, int k_rows) { return (long)ACMOE__SUM_BLOCKS * k_rows <= (long)n; }
+static int acmoe__ac_by_blocks(int n, int k_rows) { return (long)ACMOE__AC_BLOCKS * k_rows <= (long)n; }
 
 /* Blocks [b0, b1): the partial sums of x (step 0) or of the deviations (step 2). */
 static void acmoe__ac_block_sums(const acmoe__ac_blocks *s, int step, int b0, int b1) {
@@ -3082,8 +3086,9 @@ static void acmoe__ac_block_sums(const acmoe__ac_blocks *s, int step, int b0, in
     int b, t;
     for (b = b0; b < b1; b++) {
         float *part = s->partials + (size_t)b * part_len;
+        const int t1 = acmoe__block_row(s->n, b + 1, ACMOE__AC_BLOCKS);
         memset(part, 0, sizeof(float) * part_len);
-        for (t = acmoe__block_row(s->n, b); t < acmoe__block_row(s->n, b + 1); t++) {
+        for (t = acmoe__block_row(s->n, b, ACMOE__AC_BLOCKS); t < t1; t++) {
             const size_t at = (size_t)s->labels[(size_t)t * s->label_stride] * d;
             if (step == 0) /* 1 x is x: a plain sum */
                 s->kern->row_axpy(part + at, s->x + t * d, s->d, 1.0f);
@@ -3107,14 +3112,14 @@ static void acmoe__ac_blocks_step(const acmoe__ac_blocks *s, int step, int tid, 
     const size_t d = (size_t)s->d;
     int b0, b1, c, q;
     if (step == 0 || step == 2) {
-        acmoe__thread_blocks(tid, n_threads, &b0, &b1);
+        acmoe__thread_blocks(tid, n_threads, ACMOE__AC_BLOCKS, &b0, &b1);
         acmoe__ac_block_sums(s, step, b0, b1);
         return;
     }
     for (c = (int)((long)s->k_rows * tid / n_threads); c < (int)((long)s->k_rows * (tid + 1) / n_threads); c++) {
         float *out = (step == 1 ? s->mu : s->w) + c * d;
         memset(out, 0, sizeof(float) * d);
-        acmoe__add_partials(s->kern, out, s->partials + c * d, s->d, (size_t)s->k_rows * d);
+        acmoe__add_partials(s->kern, out, s->partials + c * d, ACMOE__AC_BLOCKS, s->d, (size_t)s->k_rows * d);
         for (q = 0; q < s->d && s->count[c]; q++) out[q] /= (float)s->count[c];
     }
 }
@@ -3224,8 +3229,9 @@ ACMOE_API acmoe_status acmoe_ac_route(const acmoe_ac_desc *desc, const float *x,
     if (w_rows_out) *w_rows_out = k_rows;
     if (n == 0) return ACMOE_OK;
     w_len = (size_t)k_rows * d;
-    partial_len = acmoe__ac_by_blocks(n, k_rows) ? ACMOE__SUM_BLOCKS * w_len : 0;
-    scratch_len = w_len * (w_out ? 1 : 2) + (size_t)n_experts * d + (logits_out ? 0 : (size_t)n * n_experts) + partial_len;
+    partial_len = acmoe__ac_by_blocks(n, k_rows) ? ACMOE__AC_BLOCKS * w_len : 0;
+    scratch_len = w_len * (w_out ? 1 : 2) + (size_t)n_experts * d + (logits_out ? 0 : (size_t)n * n_experts);
+    scratch_len += partial_len;
     count = (int *)ACMOE_MALLOC(sizeof(int) * (size_t)k_rows + sizeof(float) * scratch_len);
     if (!count) return ACMOE_ERR_NOMEM;
     scratch = (float *)(count + k_rows);
@@ -3870,7 +3876,7 @@ static void acmoe__ac_dispersion_job(void *arg, int tid, int n_threads) {
 /* The AC statistics of the layer's labels, on the pool's threads. */
 static void acmoe__ac_layer_statistics(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n) {
     const int rows = layer->ac_rows, dm = layer->desc.d_model;
-    float *partials = acmoe__ac_by_blocks(n, rows) ? acmoe__sum_partials(ctx, rows, dm) : NULL;
+    float *partials = acmoe__ac_by_blocks(n, rows) ? acmoe__sum_partials(ctx, ACMOE__AC_BLOCKS, rows, dm) : NULL;
     acmoe__ac_job job;
     job.layer = layer, job.kern = &ctx->kernel, job.x = x, job.n = n, job.step = 0;
     job.blocks = acmoe__ac_blocks_of(&layer->desc.ac, &ctx->kernel, x, n, dm, layer->labels, 1, rows,
@@ -5289,11 +5295,12 @@ static void acmoe__layernorm_backward_rows(void *arg, int tid, int n_threads) {
     const acmoe__ln_job *j = (const acmoe__ln_job *)arg;
     const size_t d = (size_t)j->d;
     int b, b0, b1, r;
-    acmoe__thread_blocks(tid, n_threads, &b0, &b1);
+    acmoe__thread_blocks(tid, n_threads, ACMOE__SUM_BLOCKS, &b0, &b1);
     for (b = b0; b < b1; b++) {
         float *dg = j->partials ? j->partials + (size_t)b * 2 * d : NULL, *db = dg ? dg + d : NULL;
+        const int r1 = acmoe__block_row(j->rows, b + 1, ACMOE__SUM_BLOCKS);
         if (dg) memset(dg, 0, sizeof(float) * 2 * d);
-        for (r = acmoe__block_row(j->rows, b); r < acmoe__block_row(j->rows, b + 1); r++) {
+        for (r = acmoe__block_row(j->rows, b, ACMOE__SUM_BLOCKS); r < r1; r++) {
             if (dg) {
                 j->kern->row_mul_add(dg, j->dy + r * d, j->xhat_in + r * d, j->d);
                 j->kern->row_axpy(db, j->dy + r * d, j->d, 1.0f);
@@ -5333,14 +5340,14 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
     acmoe__ln_job j;
     memset(&j, 0, sizeof j);
     j.kern = &ctx->kernel, j.dy = dy, j.xhat_in = xhat, j.rstd_in = rstd, j.g = g, j.dg = dg, j.db = db, j.dx = dx;
-    j.rows = rows, j.d = d, j.from = from, j.partials = acmoe__sum_partials(ctx, 2, d);
+    j.rows = rows, j.d = d, j.from = from, j.partials = acmoe__sum_partials(ctx, ACMOE__SUM_BLOCKS, 2, d);
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_rows, &j);
     if (!j.partials) {
         acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * d), acmoe__layernorm_backward_columns, &j);
         return;
     }
-    acmoe__add_partials(j.kern, dg, j.partials, d, (size_t)2 * d);
-    acmoe__add_partials(j.kern, db, j.partials + d, d, (size_t)2 * d);
+    acmoe__add_partials(j.kern, dg, j.partials, ACMOE__SUM_BLOCKS, d, (size_t)2 * d);
+    acmoe__add_partials(j.kern, db, j.partials + d, ACMOE__SUM_BLOCKS, d, (size_t)2 * d);
 }
 
 /* Attention runs one (sequence, head) pair per thread at a time, in strips of query rows
@@ -6602,11 +6609,12 @@ static void acmoe__bias_grad_share(const acmoe__rows_job *j, int tid, int n_thre
         for (r = 0; r < j->rows; r++) j->kern->row_axpy(j->y + q0, j->a + (size_t)r * cols + q0, q1 - q0, 1.0f);
         return;
     }
-    acmoe__thread_blocks(tid, n_threads, &b0, &b1);
+    acmoe__thread_blocks(tid, n_threads, ACMOE__SUM_BLOCKS, &b0, &b1);
     for (b = b0; b < b1; b++) {
         float *sum = j->partials + (size_t)b * cols;
+        const int r1 = acmoe__block_row(j->rows, b + 1, ACMOE__SUM_BLOCKS);
         memset(sum, 0, sizeof(float) * cols);
-        for (r = acmoe__block_row(j->rows, b); r < acmoe__block_row(j->rows, b + 1); r++)
+        for (r = acmoe__block_row(j->rows, b, ACMOE__SUM_BLOCKS); r < r1; r++)
             j->kern->row_axpy(sum, j->a + (size_t)r * cols, j->cols, 1.0f);
     }
 }
@@ -6637,9 +6645,9 @@ static void acmoe__rows(acmoe_ctx *ctx, acmoe__rows_op op, float *y, const float
                         int cols) {
     acmoe__rows_job j;
     j.kern = &ctx->kernel, j.op = op, j.y = y, j.a = a, j.b = b, j.rows = rows, j.cols = cols;
-    j.partials = op == ACMOE__ROWS_BIAS_GRAD ? acmoe__sum_partials(ctx, 1, cols) : NULL;
+    j.partials = op == ACMOE__ROWS_BIAS_GRAD ? acmoe__sum_partials(ctx, ACMOE__SUM_BLOCKS, 1, cols) : NULL;
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)rows * cols), acmoe__rows_job_run, &j);
-    if (j.partials) acmoe__add_partials(j.kern, y, j.partials, cols, (size_t)cols);
+    if (j.partials) acmoe__add_partials(j.kern, y, j.partials, ACMOE__SUM_BLOCKS, cols, (size_t)cols);
 }
 
 /* ---- Swin: attention inside shifted windows, and patch merging ---- */

@@ -500,7 +500,8 @@ static void test_column_sums(void) {
     acmoe_rng_seed(&rng, 23);
     for (c = 0; c < 3; c++) ctx[c] = test_context(c + 1, 0, 0, 0);
     ctx[3] = test_context(2, 8, 4, 16); /* a depth block of 4: no room for the partials */
-    CHECK(acmoe__sum_partials(ctx[0], 2, d) != NULL && acmoe__sum_partials(ctx[3], 1, d) == NULL);
+    CHECK(acmoe__sum_partials(ctx[0], ACMOE__SUM_BLOCKS, 2, d) != NULL &&
+          acmoe__sum_partials(ctx[3], ACMOE__SUM_BLOCKS, 1, d) == NULL);
     for (r = 0; r < max_rows * d; r++) dy[r] = acmoe_rng_normal(&rng), xhat[r] = acmoe_rng_normal(&rng);
     for (r = 0; r < max_rows; r++) rstd[r] = 1.0f + acmoe_rng_uniform(&rng);
     for (q = 0; q < d; q++) g[q] = acmoe_rng_normal(&rng);
@@ -599,8 +600,8 @@ static void test_ac_dispersion_parts(void) {
 static void test_ac_statistics_blocks(void) {
     enum { n = 203, k_rows = 5, max_d = 37, max_threads = 5 };
     const int widths[3] = {1, 16, max_d};
-    static float x[n * max_d], partials[ACMOE__SUM_BLOCKS * k_rows * max_d];
-    static float block_sum[ACMOE__SUM_BLOCKS][k_rows * max_d];
+    static float x[n * max_d], partials[ACMOE__AC_BLOCKS * k_rows * max_d];
+    static float block_sum[ACMOE__AC_BLOCKS][k_rows * max_d];
     float mu[k_rows * max_d], w[k_rows * max_d], want_mu[k_rows * max_d], want_w[k_rows * max_d];
     int32_t labels[2 * n];
     int count[k_rows], t, c, q, i, b, step, threads, tid;
@@ -616,7 +617,7 @@ static void test_ac_statistics_blocks(void) {
         labels[2 * t] = c == 2 ? 3 : c, labels[2 * t + 1] = 2;
     }
     acmoe__ac_counts(labels, 2, n, k_rows, count);
-    CHECK(count[2] == 0 && acmoe__ac_by_blocks(n, k_rows) && !acmoe__ac_by_blocks(n, 7));
+    CHECK(count[2] == 0 && acmoe__ac_by_blocks(n, k_rows) && !acmoe__ac_by_blocks(n, n / ACMOE__AC_BLOCKS + 1));
     for (i = 0; i < n * max_d; i++) x[i] = 3.0f * acmoe_rng_normal(&rng) + 1.0f;
     for (i = 0; i < 6; i++) {
         const int d = widths[i % 3], variance = i >= 3;
@@ -626,9 +627,10 @@ static void test_ac_statistics_blocks(void) {
         desc.dispersion = variance ? ACMOE_AC_DISP_VARIANCE : ACMOE_AC_DISP_MAD;
         blocks = acmoe__ac_blocks_of(&desc, &kern, x, n, d, labels, 2, k_rows, count, mu, w, partials);
         for (step = 0; step < 2; step++) { /* the means, then the dispersions around them */
-            for (b = 0; b < ACMOE__SUM_BLOCKS; b++) {
+            for (b = 0; b < ACMOE__AC_BLOCKS; b++) {
                 float sum[k_rows * max_d] = {0};
-                for (t = acmoe__block_row(n, b); t < acmoe__block_row(n, b + 1); t++)
+                const int t1 = acmoe__block_row(n, b + 1, ACMOE__AC_BLOCKS);
+                for (t = acmoe__block_row(n, b, ACMOE__AC_BLOCKS); t < t1; t++)
                     for (q = 0; q < d; q++) {
                         const int at = labels[2 * t] * d + q;
                         const float dev = x[t * d + q] - want_mu[at];
@@ -638,7 +640,7 @@ static void test_ac_statistics_blocks(void) {
             }
             for (q = 0; q < k_rows * d; q++) {
                 float total = 0.0f;
-                for (b = 0; b < ACMOE__SUM_BLOCKS; b++) total += block_sum[b][q];
+                for (b = 0; b < ACMOE__AC_BLOCKS; b++) total += block_sum[b][q];
                 want[step][q] = count[q / d] ? total / (float)count[q / d] : total;
             }
         }
