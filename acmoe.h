@@ -2769,6 +2769,30 @@ static acmoe_status acmoe__matmul_on_thread(acmoe_ctx *ctx, int tid, acmoe_layou
 #define ACMOE__MATMUL_ON_THREAD(...) ACMOE__CHECKED_PRODUCT(acmoe__matmul_on_thread(__VA_ARGS__))
 #define ACMOE__MATMUL_ON_THREAD_THEN(...) ACMOE__CHECKED_PRODUCT(acmoe__matmul_on_thread_then(__VA_ARGS__))
 
+/* c (+)= a b for m rows of a (element (i, p) at a[i * a_rs + p * a_cs]), depth k, b's rows of
+   n floats at stride b_rs, n a multiple of 16 (every path's kernel widths divide 16 or are
+   multiples of it): the micro-kernels read the operands in place, the widest kernel that fits
+   at each column. Each element is one chain of k multiply-adds, as in acmoe_matmul with k
+   within one depth block. For products too small to pay for packing (attention heads, a
+   router's few experts). */
+static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k, const float *a, ptrdiff_t a_rs,
+                                 ptrdiff_t a_cs, const float *b, ptrdiff_t b_rs, float *c, ptrdiff_t c_rs,
+                                 int accumulate) {
+    const float *rows[ACMOE__MR_MAX];
+    int i0 = 0, j0, i, w;
+    if (kern->tall && n == kern->tall_width)
+        for (; i0 + ACMOE__TALL_ROWS <= m; i0 += ACMOE__TALL_ROWS)
+            kern->tall(k, a + i0 * a_rs, a_rs, a_cs, b, b_rs, c + i0 * c_rs, c_rs, accumulate);
+    for (; i0 < m; i0 += kern->mr) {
+        const int mrr = ACMOE__MIN(kern->mr, m - i0);
+        for (i = 0; i < kern->mr; i++) rows[i] = a + (i0 + ACMOE__MIN(i, mrr - 1)) * a_rs;
+        for (j0 = 0; j0 < n; j0 += kern->width[w]) {
+            for (w = 0; kern->width[w] > n - j0; w++) continue;
+            kern->fn[w](k, rows, a_cs, b + j0, b_rs, c + i0 * c_rs + j0, c_rs, mrr, accumulate, NULL);
+        }
+    }
+}
+
 /* ========================================================================================== */
 /* 6. Shared pieces                                                                           */
 /* ========================================================================================== */
@@ -5032,6 +5056,48 @@ static void acmoe__normalized_input_backward(acmoe_moe *layer, acmoe_ctx *ctx, f
     acmoe__unit_rows_backward(layer->uhat, layer->u_norm, layer->desc.router_input == ACMOE_INPUT_AC ? layer->dxr : layer->du, n, dm, dx, 1);
 }
 
+/* AC input, scored against the expert embeddings: dx += (dz ehat) * W[label], a tile of
+   rows at a time, so dz ehat (the router input's gradient) is never written out. Each
+   element has the bits of the product and the pass it replaces. */
+typedef struct acmoe__ac_input_grad_job {
+    acmoe_moe *layer;
+    acmoe_ctx *ctx;
+    float *dx;
+    int tile_rows;
+} acmoe__ac_input_grad_job;
+
+static void acmoe__ac_input_grad_job_run(void *arg, int tid, int n_threads) {
+    const acmoe__ac_input_grad_job *job = (const acmoe__ac_input_grad_job *)arg;
+    const acmoe_moe *layer = job->layer;
+    const acmoe__kernel *kern = &job->ctx->kernel;
+    const int n = layer->n, dm = layer->desc.d_model, e = layer->desc.n_experts;
+    const int t1 = (int)((long)n * (tid + 1) / n_threads);
+    float *tile = job->ctx->ws[tid].pack_a; /* free between products */
+    int t, r, rows;
+    for (t = (int)((long)n * tid / n_threads); t < t1; t += rows) {
+        rows = ACMOE__MIN(job->tile_rows, t1 - t);
+        acmoe__small_product(kern, rows, dm, e, layer->dz + (size_t)t * e, e, 1, layer->ehat, dm, tile, dm, 0);
+        for (r = 0; r < rows; r++)
+            kern->row_mul_add(job->dx + (size_t)(t + r) * dm, tile + (size_t)r * dm, acmoe__token_weights(layer, t + r),
+                              dm);
+    }
+}
+
+/* Whether the AC input's gradient can take the fused path: widths the micro-kernels cover
+   and a tile of rows in each thread's packing space. */
+static int acmoe__ac_input_grad_rows(const acmoe_moe *layer, const acmoe_ctx *ctx) {
+    const int dm = layer->desc.d_model, rows = (int)((size_t)ctx->desc.mc * ctx->desc.kc / (size_t)dm);
+    if (layer->desc.router_input != ACMOE_INPUT_AC || dm % 16) return 0;
+    return rows < ctx->kernel.mr ? 0 : ACMOE__MIN(rows, 8 * ctx->kernel.mr) / ctx->kernel.mr * ctx->kernel.mr;
+}
+
+static void acmoe__ac_input_grad(acmoe_moe *layer, acmoe_ctx *ctx, float *dx, int tile_rows) {
+    acmoe__ac_input_grad_job job;
+    job.layer = layer, job.ctx = ctx, job.dx = dx, job.tile_rows = tile_rows;
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)layer->n * layer->desc.d_model * layer->desc.n_experts),
+                    acmoe__ac_input_grad_job_run, &job);
+}
+
 /* Router parameter gradients, and the router's part of dx (added to dx). */
 static acmoe_status acmoe__router_backward(acmoe_moe *layer, acmoe_ctx *ctx, float *dx) {
     const acmoe_moe_desc *desc = &layer->desc;
@@ -5040,6 +5106,7 @@ static acmoe_status acmoe__router_backward(acmoe_moe *layer, acmoe_ctx *ctx, flo
     const float *u = direct ? layer->x : layer->xr, *scorer = desc->router_score == ACMOE_SCORE_LINEAR ? layer->wr : layer->ehat;
     float *du = direct ? dx : layer->dxr;
     acmoe_status s;
+    int tile_rows;
     if (desc->router_score == ACMOE_SCORE_NONE) return ACMOE_OK;
     if (desc->router_score == ACMOE_SCORE_SLOT) {
         s = acmoe__slot_score_backward(layer, ctx);
@@ -5057,6 +5124,10 @@ static acmoe_status acmoe__router_backward(acmoe_moe *layer, acmoe_ctx *ctx, flo
     } else {
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, layer->dz, e, u, dr, layer->dehat, dr, 0);
         if (s == ACMOE_OK) acmoe__unit_rows_backward(layer->ehat, layer->emb_norm, layer->dehat, e, dr, layer->g_emb, 1);
+    }
+    if (s == ACMOE_OK && !direct && scorer == layer->ehat && (tile_rows = acmoe__ac_input_grad_rows(layer, ctx))) {
+        acmoe__ac_input_grad(layer, ctx, dx, tile_rows);
+        return ACMOE_OK;
     }
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, dr, e, layer->dz, e, scorer, dr, du, dr, direct);
     if (s != ACMOE_OK || direct) return s;
@@ -5407,28 +5478,6 @@ static size_t acmoe__attention_layout(int seq, int dh, float *base, acmoe__atten
 static size_t acmoe__attention_work(int seq, int dh) {
     acmoe__attention_scratch s;
     return acmoe__attention_layout(seq, dh, NULL, &s);
-}
-
-/* c (+)= a b for m rows of a (element (i, p) at a[i * a_rs + p * a_cs]), depth k, b's rows of
-   n floats at stride b_rs, n a multiple of ACMOE__ATTENTION_PAD: the micro-kernels read the
-   operands in place, the widest kernel that fits at each column. Each element is one chain of
-   k multiply-adds, as in acmoe_matmul with k within one depth block. */
-static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k, const float *a, ptrdiff_t a_rs,
-                                 ptrdiff_t a_cs, const float *b, ptrdiff_t b_rs, float *c, ptrdiff_t c_rs,
-                                 int accumulate) {
-    const float *rows[ACMOE__MR_MAX];
-    int i0 = 0, j0, i, w;
-    if (kern->tall && n == kern->tall_width)
-        for (; i0 + ACMOE__TALL_ROWS <= m; i0 += ACMOE__TALL_ROWS)
-            kern->tall(k, a + i0 * a_rs, a_rs, a_cs, b, b_rs, c + i0 * c_rs, c_rs, accumulate);
-    for (; i0 < m; i0 += kern->mr) {
-        const int mrr = ACMOE__MIN(kern->mr, m - i0);
-        for (i = 0; i < kern->mr; i++) rows[i] = a + (i0 + ACMOE__MIN(i, mrr - 1)) * a_rs;
-        for (j0 = 0; j0 < n; j0 += kern->width[w]) {
-            for (w = 0; kern->width[w] > n - j0; w++) continue;
-            kern->fn[w](k, rows, a_cs, b + j0, b_rs, c + i0 * c_rs + j0, c_rs, mrr, accumulate, NULL);
-        }
-    }
 }
 
 /* y = x times its row's factor (1 without factors) for n rows of dh floats, and zeros up to

@@ -196,7 +196,8 @@ static void test_grad_ac_usmoe(void) { check_layer_gradients('v', ACMOE_ACT_GELU
 static void test_grad_expert_choice(void) { check_layer_gradients('e', ACMOE_ACT_GELU); }
 
 /* The AC variants and the compositions no paper has: AC weights with Switch and USMoE
-   selection, the weights reaching the experts, mixed labels. */
+   selection, the weights reaching the experts, mixed labels; a width the input gradient's
+   tiles take. */
 static void test_grad_ac_variants(void) {
     acmoe_moe_desc d = small_desc('c', ACMOE_ACT_GELU);
     d.router_select = ACMOE_SELECT_SWITCH;
@@ -209,6 +210,11 @@ static void test_grad_ac_variants(void) {
     d.ac_weight_experts = 1;
     d.ac_mix_labels = 1;
     check_gradients_desc(&d, 33);
+    d = small_desc('c', ACMOE_ACT_GELU); /* a width of 16: the input gradient a tile at a time */
+    d.d_model = 16;
+    check_gradients_desc(&d, 34);
+    d.ac_mix_labels = 1;
+    check_gradients_desc(&d, 35);
 }
 
 /* Soft MoE over the whole call, over sequences with two slots per expert, over positions,
