@@ -3132,6 +3132,7 @@ static acmoe__ac_blocks acmoe__ac_blocks_of(const acmoe_ac_desc *desc, const acm
     return s;
 }
 
+/* Thread tid's share of step `step`. */
 static void acmoe__ac_blocks_step(const acmoe__ac_blocks *s, int step, int tid, int n_threads) {
     const size_t d = (size_t)s->d;
     int b0, b1, c, q;
@@ -3910,8 +3911,6 @@ static void acmoe__ac_layer_statistics(acmoe_moe *layer, acmoe_ctx *ctx, const f
     while (partials && ++job.step < 4);
 }
 
-/* AC: labels, the weights W (unless frozen) and, when mixing, each token's mix of its
-   previous experts' rows by their gates. */
 /* The AC weights from statistics over the tokens of every rank of comm: cluster sizes, then
    the means, then the dispersions, each summed over the ranks in rank order. */
 static acmoe_status acmoe__ac_global_weights(acmoe_moe *layer, acmoe_comm *comm, const float *x, int n) {
@@ -3945,6 +3944,8 @@ static acmoe_status acmoe__ac_global_weights(acmoe_moe *layer, acmoe_comm *comm,
     return ACMOE_OK;
 }
 
+/* AC: labels, the weights W (unless frozen) and, when mixing, each token's mix of its
+   previous experts' rows by their gates. */
 static acmoe_status acmoe__ac_token_weights(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n,
                                             const int32_t *prev_idx, const float *prev_gate, int prev_k) {
     const int dm = layer->desc.d_model;

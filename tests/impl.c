@@ -529,6 +529,24 @@ static void test_column_sums(void) {
     free(dy), free(xhat), free(dx);
 }
 
+/* Tokens for the AC statistics tests: cluster 0 takes about half, cluster 2 none, labels
+   read with a stride of 2; x drawn around 1; the host's kernels and the default options. */
+static void ac_statistics_setup(uint64_t seed, int n, int k_rows, int32_t *labels, int *count, float *x, int x_count,
+                                acmoe__kernel *kern, acmoe_ac_desc *desc) {
+    acmoe_rng rng;
+    int t, c, i;
+    acmoe_rng_seed(&rng, seed);
+    acmoe__host_kernel(kern);
+    memset(desc, 0, sizeof *desc);
+    CHECK_STATUS(acmoe__ac_resolve(desc, desc), ACMOE_OK);
+    for (t = 0; t < n; t++) {
+        c = t % 2 ? 0 : 1 + (int)acmoe_rng_below(&rng, (uint32_t)k_rows - 1);
+        labels[2 * t] = c == 2 ? 3 : c, labels[2 * t + 1] = 2;
+    }
+    acmoe__ac_counts(labels, 2, n, k_rows, count);
+    for (i = 0; i < x_count; i++) x[i] = 3.0f * acmoe_rng_normal(&rng) + 1.0f;
+}
+
 /* The AC dispersion in parts (one a thread): every cell (cluster, feature) written by exactly
    one part, with the bits of plain float sums in token order, whatever the number of parts;
    clusters of no tokens, a dominant cluster, a ragged last block of features, labels read
@@ -544,19 +562,9 @@ static void test_ac_dispersion_parts(void) {
     int count[k_rows], writers[k_rows * max_d], t, c, q, i, v, parts, part, bad, largest = 0;
     acmoe__kernel kern;
     acmoe_ac_desc desc;
-    acmoe_rng rng;
-    acmoe_rng_seed(&rng, 29);
-    acmoe__host_kernel(&kern);
-    memset(&desc, 0, sizeof desc);
-    CHECK_STATUS(acmoe__ac_resolve(&desc, &desc), ACMOE_OK);
-    for (t = 0; t < n; t++) { /* cluster 0 takes about half; cluster 2 none */
-        c = t % 2 ? 0 : 1 + (int)acmoe_rng_below(&rng, k_rows - 1);
-        labels[2 * t] = c == 2 ? 3 : c, labels[2 * t + 1] = 2;
-    }
-    acmoe__ac_counts(labels, 2, n, k_rows, count);
+    ac_statistics_setup(29, n, k_rows, labels, count, x, n * max_d, &kern, &desc);
     CHECK(count[2] == 0 && count[0] > n / 3 && count[k_rows - 1] > 0);
     for (c = 0; c < k_rows; c++) largest = count[c] > largest ? count[c] : largest;
-    for (i = 0; i < n * max_d; i++) x[i] = 3.0f * acmoe_rng_normal(&rng) + 1.0f;
     for (i = 0; i < 6; i++) {
         const int d = widths[i % 3];
         desc.dispersion = i < 3 ? ACMOE_AC_DISP_MAD : ACMOE_AC_DISP_VARIANCE;
@@ -604,21 +612,11 @@ static void test_ac_statistics_blocks(void) {
     static float block_sum[ACMOE__AC_BLOCKS][k_rows * max_d];
     float mu[k_rows * max_d], w[k_rows * max_d], want_mu[k_rows * max_d], want_w[k_rows * max_d];
     int32_t labels[2 * n];
-    int count[k_rows], t, c, q, i, b, step, threads, tid;
+    int count[k_rows], t, q, i, b, step, threads, tid;
     acmoe__kernel kern;
     acmoe_ac_desc desc;
-    acmoe_rng rng;
-    acmoe_rng_seed(&rng, 31);
-    acmoe__host_kernel(&kern);
-    memset(&desc, 0, sizeof desc);
-    CHECK_STATUS(acmoe__ac_resolve(&desc, &desc), ACMOE_OK);
-    for (t = 0; t < n; t++) { /* cluster 0 takes about half; cluster 2 none */
-        c = t % 2 ? 0 : 1 + (int)acmoe_rng_below(&rng, k_rows - 1);
-        labels[2 * t] = c == 2 ? 3 : c, labels[2 * t + 1] = 2;
-    }
-    acmoe__ac_counts(labels, 2, n, k_rows, count);
+    ac_statistics_setup(31, n, k_rows, labels, count, x, n * max_d, &kern, &desc);
     CHECK(count[2] == 0 && acmoe__ac_by_blocks(n, k_rows) && !acmoe__ac_by_blocks(n, n / ACMOE__AC_BLOCKS + 1));
-    for (i = 0; i < n * max_d; i++) x[i] = 3.0f * acmoe_rng_normal(&rng) + 1.0f;
     for (i = 0; i < 6; i++) {
         const int d = widths[i % 3], variance = i >= 3;
         acmoe__ac_blocks blocks;
