@@ -1229,6 +1229,7 @@ typedef struct acmoe__kernel {
                            const float *b, int n);
     void (*row_layernorm_backward)(float *dx, const float *dy, const float *xhat, const float *g, float rstd, int n,
                                    int accumulate);
+    double (*sum_squares)(const float *x, size_t n); /* in double: see ACMOE__DEFINE_SUM_SQUARES */
     acmoe__gemv_fn gemv; /* one output column, gemv_rows rows at a time; NULL: the micro-kernels */
     int gemv_rows;
     acmoe__tall_fn tall; /* products one vector wide (attention heads); NULL: the micro-kernels */
@@ -1925,8 +1926,25 @@ static void acmoe__row_layernorm_backward_scalar(float *dx, const float *dy, con
     }
 }
 
+/* The sum of squares of n floats in double, in eight chains (element i in chain i mod 8)
+   added in a fixed order. Each product is exact in double, so whether the compiler turns the
+   chains into vector lanes (as each path's target lets it) or fuses a product into its sum,
+   the bits are the same on every path. */
+#define ACMOE__DEFINE_SUM_SQUARES(SFX, TARGET)                                                          \
+    TARGET static double acmoe__sum_squares_##SFX(const float *x, size_t n) {                          \
+        double s[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                          \
+        size_t i;                                                                                        \
+        int j;                                                                                           \
+        for (i = 0; i + 8 <= n; i += 8)                                                                  \
+            for (j = 0; j < 8; j++) s[j] += (double)x[i + j] * x[i + j];                                 \
+        for (j = 0; i < n; i++, j++) s[j] += (double)x[i] * x[i];                                        \
+        return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));                      \
+    }
+ACMOE__DEFINE_SUM_SQUARES(scalar, )
+
 #define ACMOE__DEFINE_ROW_KERNELS(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, ADD, SUB, MUL, DIV, SQRT, FMA, MAX,  \
                                   ROUND, LDEXP, HSUM, HMAX, KEEP_POSITIVE)                              \
+    ACMOE__DEFINE_SUM_SQUARES(SFX, TARGET)                                                               \
     TARGET static VEC acmoe__exp2_##SFX(VEC t) {                                                         \
         VEC n, f, p;                                                                                     \
         t = MAX(t, SET1(ACMOE__EXP2_LO));                                                                \
@@ -2320,7 +2338,7 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
         acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_mul_add_##SFX, acmoe__row_deviation_##SFX,   \
         acmoe__row_relu_##SFX,                                                                                  \
         acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                      \
-        acmoe__row_layernorm_backward_##SFX
+        acmoe__row_layernorm_backward_##SFX, acmoe__sum_squares_##SFX
 
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
@@ -7456,21 +7474,19 @@ ACMOE_API float acmoe_lr_at(const acmoe_optim_desc *in, long step) {
     return o.min_lr + 0.5f * (o.lr - o.min_lr) * (float)(1.0 + cos(3.141592653589793 * progress));
 }
 
+typedef struct acmoe__grad_sq_job {
+    acmoe_lm *model;
+    const acmoe__kernel *kern;
+} acmoe__grad_sq_job;
+
 /* The gradient norm: chunk sums in parallel, added in order. */
-static void acmoe__grad_sq_job(void *arg, int tid, int n_threads) {
-    acmoe_lm *model = (acmoe_lm *)arg;
-    size_t c, i;
-    for (c = (size_t)tid; c < acmoe__chunks(model->n_params); c += (size_t)n_threads) {
-        const float *g = model->grads + c * ACMOE__NORM_CHUNK;
-        const size_t len = ACMOE__MIN(ACMOE__NORM_CHUNK, model->n_params - c * ACMOE__NORM_CHUNK);
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0; /* four chains: an add's latency does not bound the loop */
-        for (i = 0; i + 4 <= len; i += 4) {
-            s0 += (double)g[i] * g[i], s1 += (double)g[i + 1] * g[i + 1];
-            s2 += (double)g[i + 2] * g[i + 2], s3 += (double)g[i + 3] * g[i + 3];
-        }
-        for (; i < len; i++) s0 += (double)g[i] * g[i];
-        model->grad_sq[c] = (s0 + s1) + (s2 + s3);
-    }
+static void acmoe__grad_sq_job_run(void *arg, int tid, int n_threads) {
+    const acmoe__grad_sq_job *job = (const acmoe__grad_sq_job *)arg;
+    acmoe_lm *model = job->model;
+    size_t c;
+    for (c = (size_t)tid; c < acmoe__chunks(model->n_params); c += (size_t)n_threads)
+        model->grad_sq[c] = job->kern->sum_squares(model->grads + c * ACMOE__NORM_CHUNK,
+                                                   ACMOE__MIN(ACMOE__NORM_CHUNK, model->n_params - c * ACMOE__NORM_CHUNK));
 }
 
 typedef struct acmoe__update_job {
@@ -7539,12 +7555,14 @@ static acmoe_status acmoe__expert_grad_sq(const acmoe_lm *model, double *sq) {
 ACMOE_API acmoe_status acmoe_lm_step(acmoe_lm *model, acmoe_ctx *ctx, const acmoe_optim_desc *desc, float *norm) {
     acmoe_optim_desc o = acmoe__optim_resolve(desc);
     acmoe__update_job job;
+    acmoe__grad_sq_job norm_job;
     double sq = 0.0, global_norm;
     size_t i;
     if (!model || !ctx) return ACMOE_ERR_NULL;
     if (!acmoe__optim_valid(&o)) return ACMOE_ERR_ARG;
     if (model->steps == LONG_MAX) return ACMOE_ERR_ARG; /* the step counter is full */
-    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__grad_sq_job, model);
+    norm_job.model = model, norm_job.kern = &ctx->kernel;
+    acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__grad_sq_job_run, &norm_job);
     for (i = 0; i < acmoe__chunks(model->n_params); i++) sq += model->grad_sq[i];
     if (model->expert_ranks) {
         acmoe_status s = acmoe__expert_grad_sq(model, &sq);

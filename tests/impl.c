@@ -123,6 +123,13 @@ static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
         }
         CHECKF(exp_failures == 0, "%s, n %d: %d deviations off (squared %d)", path, n, exp_failures, s);
     }
+    { /* the sum of squares: the bits of eight double chains added in pairs, on every path */
+        double chain[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        for (i = 0; i < n; i++) chain[i % 8] += (double)b[i] * b[i];
+        CHECKF(k->sum_squares(b, (size_t)n) ==
+                   ((chain[0] + chain[1]) + (chain[2] + chain[3])) + ((chain[4] + chain[5]) + (chain[6] + chain[7])),
+               "%s, n %d: sum of squares", path, n);
+    }
     exp_failures = 0;
     k->row_scale(y, x, n, -0.3f);
     for (i = 0; i < n; i++) exp_failures += y[i] != -0.3f * x[i];
