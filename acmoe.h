@@ -5450,9 +5450,10 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
    along them). Causal, a strip's scores reach only its last row's keys, so no product is
    spent above the diagonal but the strip's own corner; without the mask (an encoder) every
    row sees every key. The probabilities are recomputed, with the same bits, in the backward
-   pass: storing them would save a few percent of a training step at seq 256 but cost batch x
-   heads x seq^2 / 2 floats per layer (10 MB at seq 256, batch 8 and 8 heads; 0.5 GB at seq
-   2048). The backward pass takes query rows a block at a time, so that each block's key and
+   pass from each row's maximum and inverse sum, which the forward pass keeps (two floats a
+   row and head): storing the probabilities themselves would cost batch x heads x seq^2 / 2
+   floats per layer (10 MB at seq 256, batch 8 and 8 heads; 0.5 GB at seq 2048). The backward
+   pass takes query rows a block at a time, so that each block's key and
    value gradients are one product per strip of keys. */
 #define ACMOE__ATTENTION_BLOCK 64
 #define ACMOE__ATTENTION_PAD 16 /* every path's kernel widths divide it or are multiples of it */
@@ -5529,14 +5530,23 @@ static int acmoe__row_keys(int causal, int seq, int i) { return causal ? i + 1 :
 /* The exponentials of rows [i0, i1) of the scores s (row stride ld, first row i0) in place,
    scaled and less the row's maximum, over the keys each row sees; a causal row's columns
    from i + 1 up to zero_end are zeroed for the products that read past its diagonal. inv[r]
-   is the inverse of row i0 + r's sum, so the softmax is the row times it. */
+   is the inverse of row i0 + r's sum, so the softmax is the row times it. With saved, a
+   [max, inv] pair per row: the forward pass writes its rows' there; the backward pass reads
+   them back (the same exponentials, without the maximum's pass or the sum's). */
 static void acmoe__attention_softmax(const acmoe__kernel *kern, float *s, int ld, int i0, int i1, int zero_end,
-                                     int causal, int seq, float scale, float *inv) {
+                                     int causal, int seq, float scale, float *inv, float *saved, int backward) {
     int i;
     for (i = i0; i < i1; i++) {
         float *row = s + (size_t)(i - i0) * ld;
         const int keys = acmoe__row_keys(causal, seq, i);
-        inv[i - i0] = 1.0f / kern->row_exp(row, row, keys, kern->row_max(row, keys), scale);
+        if (backward) {
+            kern->row_exp(row, row, keys, saved[2 * i], scale);
+            inv[i - i0] = saved[2 * i + 1];
+        } else {
+            const float top = kern->row_max(row, keys);
+            inv[i - i0] = 1.0f / kern->row_exp(row, row, keys, top, scale);
+            if (saved) saved[2 * i] = top, saved[2 * i + 1] = inv[i - i0];
+        }
         if (zero_end > keys) memset(row + keys, 0, sizeof(float) * (size_t)(zero_end - keys));
     }
 }
@@ -5568,6 +5578,7 @@ typedef struct acmoe__attention_job {
     const float *qkv, *dout;
     float *work, *out, *dqkv; /* work: acmoe__attention_work floats per slot; out is read
                                  in the backward pass */
+    float *stats; /* a [max, inv] pair per row of each pair, written forward and read backward; or NULL */
     const float *cache; /* decoding a batch: see acmoe__attention_shape */
     int batch, seq, d, heads, slots;
     int seq_len;     /* decoding: the longest sequence, the cache's */
@@ -5646,13 +5657,15 @@ static acmoe__attention_pair acmoe__attention_pair_at(const acmoe__attention_job
 /* The exponentials of query rows [i0, i1) (the keys the strip reaches) into p, zeroed past
    the diagonal up to zero_end, and the inverses of their sums, the scores from the
    transposed keys kt. */
-static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__attention_pair *P, int i0, int i1,
-                                 int zero_end, float *p, float *inv) {
+static void acmoe__attention_exp(const acmoe__attention_job *j, const acmoe__attention_pair *P, int pair, int i0,
+                                 int i1, int zero_end, float *p, float *inv) {
     const acmoe__kernel *kern = &j->ctx->kernel;
     const int dh = j->d / j->heads, keys = acmoe__strip_keys(j, i1);
+    float *saved = j->stats ? j->stats + (size_t)pair * j->seq * 2 : NULL;
     acmoe__small_product(kern, i1 - i0, acmoe__pad_up(keys), dh, P->q + (size_t)(i0 - P->q_first) * P->q_ld, P->q_ld,
                          1, P->kt, P->kt_ld, p, P->s.sp, 0);
-    acmoe__attention_softmax(kern, p, P->s.sp, i0, i1, zero_end, j->causal, j->seq, 1.0f / sqrtf((float)dh), inv);
+    acmoe__attention_softmax(kern, p, P->s.sp, i0, i1, zero_end, j->causal, j->seq, 1.0f / sqrtf((float)dh), inv,
+                             saved, saved && j->dqkv);
 }
 
 /* softmax(q k^T / sqrt(dh)) v per pair, strip by strip: the exponentials times v, then each
@@ -5671,7 +5684,7 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
         if (P.vr == s->xr) acmoe__scale_rows(kern, s->xr, (size_t)s->hp, P.v, (size_t)P.v_ld, j->seq, dh, s->hp, NULL);
         for (i0 = j->start; i0 < j->seq; i0 = i1) {
             i1 = ACMOE__MIN(j->seq, i0 + acmoe__strip_rows(kern));
-            acmoe__attention_exp(j, &P, i0, i1, i1, s->p, inv);
+            acmoe__attention_exp(j, &P, pair, i0, i1, i1, s->p, inv);
             acmoe__small_product(kern, i1 - i0, s->hp, acmoe__strip_keys(j, i1), s->p, s->sp, 1, P.vr, (ptrdiff_t)P.ld,
                                  s->tile, s->hp, 0);
             acmoe__scale_rows(kern, j->out + P.out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, s->tile, (size_t)s->hp, i1 - i0, dh, dh,
@@ -5682,8 +5695,8 @@ static void acmoe__attention_forward_job(void *arg, int tid, int n_threads) {
 
 /* One block's strips of the backward pass: the exponentials, the divided output gradients
    g, the probability gradients G V^T turned into score gradients, and dq = dS k. */
-static void acmoe__attention_backward_strips(const acmoe__attention_job *j, const acmoe__attention_pair *P, int b0,
-                                             int b1) {
+static void acmoe__attention_backward_strips(const acmoe__attention_job *j, const acmoe__attention_pair *P, int pair,
+                                             int b0, int b1) {
     const acmoe__kernel *kern = &j->ctx->kernel;
     const acmoe__attention_scratch *s = &P->s;
     const int dh = j->d / j->heads, ld = j->ld;
@@ -5696,7 +5709,7 @@ static void acmoe__attention_backward_strips(const acmoe__attention_job *j, cons
         const float *o = j->out + P->out + (size_t)i0 * j->out_ld;
         i1 = ACMOE__MIN(b1, i0 + acmoe__strip_rows(kern));
         keys = acmoe__strip_keys(j, i1);
-        acmoe__attention_exp(j, P, i0, i1, b1, p, inv);
+        acmoe__attention_exp(j, P, pair, i0, i1, b1, p, inv);
         acmoe__scale_rows(kern, g, (size_t)s->hp, j->dout + P->out + (size_t)i0 * j->out_ld, (size_t)j->out_ld, i1 - i0, dh, s->hp,
                           inv);
         for (r = 0; r < i1 - i0; r++) dot[r] = kern->row_dot(o + (size_t)r * j->out_ld, g + (size_t)r * s->hp, dh);
@@ -5748,7 +5761,7 @@ static void acmoe__attention_backward_job(void *arg, int tid, int n_threads) {
         memset(s->dv, 0, sizeof(float) * (size_t)seq * s->hp);
         for (b0 = (seq - 1) / ACMOE__ATTENTION_BLOCK * ACMOE__ATTENTION_BLOCK; b0 >= 0; b0 -= ACMOE__ATTENTION_BLOCK) {
             const int b1 = ACMOE__MIN(seq, b0 + ACMOE__ATTENTION_BLOCK);
-            acmoe__attention_backward_strips(j, &P, b0, b1);
+            acmoe__attention_backward_strips(j, &P, pair, b0, b1);
             acmoe__attention_backward_keys(j, &P, b0, b1);
         }
         acmoe__scale_rows(kern, P.dk, (size_t)ld, s->dk, (size_t)s->hp, seq, dh, dh, NULL);
@@ -5769,14 +5782,15 @@ static void acmoe__attention_shape(acmoe__attention_job *j, int batch, int seq, 
 /* Multi-head attention, causal or not: qkv [n][3d] (queries, keys, values of each token) to
    the positions [start, seq) of each sequence of out [n][d], laid out as
    acmoe__attention_shape says; work holds slots times acmoe__attention_work floats, one
-   scratch for each thread that takes part. */
+   scratch for each thread that takes part. stats, when given (batch x heads x seq x 2
+   floats), keeps each row's softmax maximum and inverse sum for the backward pass. */
 static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch, int seq, const float *cache,
                                      int seq_len, int start, int causal, int d, int heads, float *work, int slots,
-                                     float *out) {
+                                     float *out, float *stats) {
     acmoe__attention_job j;
     int threads;
     memset(&j, 0, sizeof j);
-    j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out;
+    j.ctx = ctx, j.qkv = qkv, j.work = work, j.out = out, j.stats = stats;
     acmoe__attention_shape(&j, batch, seq, cache, seq_len, d, heads);
     j.start = start, j.causal = causal, j.slots = slots;
     threads = acmoe__threads_for(ctx, 2.0 * batch * (seq - start) * seq * d);
@@ -5784,12 +5798,14 @@ static void acmoe__attention_forward(acmoe_ctx *ctx, const float *qkv, int batch
     acmoe__pool_run(&ctx->pool, threads, acmoe__attention_forward_job, &j);
 }
 
-/* dqkv [n][3d] from dout [n][d] and the forward call's out. */
+/* dqkv [n][3d] from dout [n][d] and the forward call's out and stats (or NULL: the row
+   statistics are measured again, with the same bits). */
 static void acmoe__attention_backward(acmoe_ctx *ctx, const float *qkv, float *out, const float *dout, int batch,
-                                      int seq, int causal, int d, int heads, float *work, int slots, float *dqkv) {
+                                      int seq, int causal, int d, int heads, float *work, int slots, float *dqkv,
+                                      float *stats) {
     acmoe__attention_job j;
     memset(&j, 0, sizeof j);
-    j.ctx = ctx, j.qkv = qkv, j.out = out, j.dout = dout, j.work = work, j.dqkv = dqkv;
+    j.ctx = ctx, j.qkv = qkv, j.out = out, j.dout = dout, j.work = work, j.dqkv = dqkv, j.stats = stats;
     acmoe__attention_shape(&j, batch, seq, NULL, 0, d, heads);
     j.causal = causal, j.slots = slots;
     acmoe__attention_runs(&j, ctx->desc.n_threads);
@@ -5851,6 +5867,7 @@ typedef struct acmoe__block {
     /* activations [n][..] of the last forward call */
     const float *x_in;
     float *attn_in, *qkv, *att, *a, *xhat1, *rstd1, *h, *moe_in, *m, *xhat2, *rstd2, *y;
+    float *att_stats; /* each attention row's softmax maximum and inverse sum (not Swin) */
     unsigned char *keep_a, *keep_m; /* dropout masks */
 } acmoe__block;
 
@@ -6261,6 +6278,7 @@ static size_t acmoe__lm_activations(acmoe_lm *model, unsigned char *base) {
         block->attn_in = pre ? (float *)acmoe__carve(base, &used, n * d * f) : NULL;
         block->qkv = (float *)acmoe__carve(base, &used, acmoe__qkv_floats(model, n, (int)d) * f);
         block->att = (float *)acmoe__carve(base, &used, n * d * f);
+        block->att_stats = (float *)acmoe__carve(base, &used, (block->window ? 1 : n * (size_t)block->heads * 2) * f);
         block->a = (float *)acmoe__carve(base, &used, n * d * f);
         block->xhat1 = (float *)acmoe__carve(base, &used, n * d * f);
         block->rstd1 = (float *)acmoe__carve(base, &used, n * f);
@@ -6939,10 +6957,10 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
     if (block->window) acmoe__window_attention(ctx, model, block);
     else if (model->interleaved)
         acmoe__attention_forward(ctx, qkv, model->batch, model->seq, block->qkv, model->desc.seq_len, r0 / model->batch,
-                                 1, d, block->heads, model->att_work, model->att_slots, block->att);
+                                 1, d, block->heads, model->att_work, model->att_slots, block->att, NULL);
     else
         acmoe__attention_forward(ctx, block->qkv, model->batch, model->seq, NULL, 0, r0, !model->desc.n_classes, d,
-                                 block->heads, model->att_work, model->att_slots, block->att);
+                                 block->heads, model->att_work, model->att_slots, block->att, block->att_stats);
     s = acmoe__matmul_then(ctx, ACMOE_NT, rows, d, d, block->att + o, d, block->w_o, d, block->a + o, d, 0,
                            acmoe__bias_epilogue(&o_bias, block->b_o));
     if (s != ACMOE_OK) return s;
@@ -7356,7 +7374,7 @@ static acmoe_status acmoe__block_backward(acmoe_lm *model, acmoe_ctx *ctx, acmoe
     if (s != ACMOE_OK) return s;
     if (block->window) acmoe__window_attention_backward(ctx, model, block);
     else acmoe__attention_backward(ctx, block->qkv, block->att, model->datt, model->batch, model->seq, !model->desc.n_classes, d, block->heads,
-                                   model->att_work, model->att_slots, model->dqkv);
+                                   model->att_work, model->att_slots, model->dqkv, block->att_stats);
     acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, block->g_b_qkv, model->dqkv, NULL, n, 3 * d);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, model->dqkv, 3 * d, pre ? block->attn_in : block->x_in, d, block->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;

@@ -204,8 +204,9 @@ static void reference_attention(const float *q, const float *k, const float *v, 
 static int close_to(float got, double want) { return fabs(got - want) <= 1e-4 * fabs(want) + 1e-5; }
 
 /* Attention against the reference at a length of several blocks with a ragged end, for a
-   head of width d / heads, on every kernel path, with the same bits on 1 and 2 threads and
-   (causal) when the forward pass starts at a later row (decoding). */
+   head of width d / heads, on every kernel path, with the same bits on 1 and 2 threads, with
+   the backward pass measuring the row statistics again (1 thread) or reading the forward
+   pass's (2 threads), and (causal) when the forward pass starts at a later row (decoding). */
 static void check_attention(int d, int heads, int causal) {
     enum { batch = 2, seq = ACMOE__ATTENTION_BLOCK * 2 + 23, n = batch * seq };
     const int dh = d / heads;
@@ -213,11 +214,13 @@ static void check_attention(int d, int heads, int causal) {
     float *qkv = (float *)malloc(sizeof(float) * n * 3 * d), *dout = (float *)malloc(sizeof(float) * n * d);
     float *out[2], *dqkv[2], *scratch = (float *)malloc(sizeof(float) * work);
     float *dout_pair = (float *)malloc(sizeof(float) * seq * dh);
+    float *stats[2];
     double *ref = (double *)malloc(sizeof(double) * 4 * seq * dh);
     acmoe_ctx *ctx[2];
     acmoe_rng rng;
     int isa, t, b, h, i, x, bad;
     acmoe_rng_seed(&rng, 12);
+    stats[0] = NULL, stats[1] = (float *)malloc(sizeof(float) * n * heads * 2);
     for (i = 0; i < n * 3 * d; i++) qkv[i] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
     for (i = 0; i < n * d; i++) dout[i] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
     for (t = 0; t < 2; t++) {
@@ -230,8 +233,9 @@ static void check_attention(int d, int heads, int causal) {
         bad = 0;
         for (t = 0; t < 2; t++) {
             CHECK_STATUS(acmoe_ctx_set_isa(ctx[t], (acmoe_isa)isa), ACMOE_OK);
-            acmoe__attention_forward(ctx[t], qkv, batch, seq, NULL, 0, 0, causal, d, heads, scratch, 2, out[t]);
-            acmoe__attention_backward(ctx[t], qkv, out[t], dout, batch, seq, causal, d, heads, scratch, 2, dqkv[t]);
+            acmoe__attention_forward(ctx[t], qkv, batch, seq, NULL, 0, 0, causal, d, heads, scratch, 2, out[t], stats[t]);
+            acmoe__attention_backward(ctx[t], qkv, out[t], dout, batch, seq, causal, d, heads, scratch, 2, dqkv[t],
+                                      stats[t]);
         }
         CHECK(memcmp(out[0], out[1], sizeof(float) * n * d) == 0);
         /* from row 100 on, or the last row alone (decoding), the rest kept, on 2 threads with one
@@ -239,7 +243,7 @@ static void check_attention(int d, int heads, int causal) {
         for (i = 100; causal && i < seq; i += seq - 1 - 100) {
             memcpy(out[1], out[0], sizeof(float) * n * d);
             for (b = 0; b < batch; b++) memset(out[1] + ((size_t)b * seq + i) * d, 0, sizeof(float) * (seq - i) * d);
-            acmoe__attention_forward(ctx[1], qkv, batch, seq, NULL, 0, i, causal, d, heads, scratch, 1, out[1]);
+            acmoe__attention_forward(ctx[1], qkv, batch, seq, NULL, 0, i, causal, d, heads, scratch, 1, out[1], NULL);
             CHECKF(memcmp(out[0], out[1], sizeof(float) * n * d) == 0, "%s path, from row %d",
                    acmoe_isa_name((acmoe_isa)isa), i);
         }
@@ -265,7 +269,7 @@ static void check_attention(int d, int heads, int causal) {
                causal ? "" : " without the mask", bad);
     }
     for (t = 0; t < 2; t++) acmoe_ctx_destroy(ctx[t]), free(out[t]), free(dqkv[t]);
-    free(qkv), free(dout), free(scratch), free(ref), free(dout_pair);
+    free(qkv), free(dout), free(scratch), free(ref), free(dout_pair), free(stats[1]);
 }
 
 /* Heads of one padded width, of a ragged one, and wider than the widest micro-kernel; and
