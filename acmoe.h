@@ -5453,8 +5453,8 @@ static void acmoe__layernorm_backward(acmoe_ctx *ctx, const float *dy, const flo
    pass from each row's maximum and inverse sum, which the forward pass keeps (two floats a
    row and head): storing the probabilities themselves would cost batch x heads x seq^2 / 2
    floats per layer (10 MB at seq 256, batch 8 and 8 heads; 0.5 GB at seq 2048). The backward
-   pass takes query rows a block at a time, so that each block's key and
-   value gradients are one product per strip of keys. */
+   pass takes query rows a block at a time, so that each block's key and value gradients are
+   one product per strip of keys. */
 #define ACMOE__ATTENTION_BLOCK 64
 #define ACMOE__ATTENTION_PAD 16 /* every path's kernel widths divide it or are multiples of it */
 #define ACMOE__STRIP_MAX ACMOE__MAX(ACMOE__MR_MAX, ACMOE__TALL_ROWS)
