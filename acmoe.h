@@ -5089,11 +5089,11 @@ static void acmoe__ac_input_grad_job_run(void *arg, int tid, int n_threads) {
     const acmoe__ac_input_grad_job *job = (const acmoe__ac_input_grad_job *)arg;
     const acmoe_moe *layer = job->layer;
     const acmoe__kernel *kern = &job->ctx->kernel;
-    const int n = layer->n, dm = layer->desc.d_model, e = layer->desc.n_experts;
-    const int t1 = (int)((long)n * (tid + 1) / n_threads);
+    const int dm = layer->desc.d_model, e = layer->desc.n_experts;
     float *tile = job->ctx->ws[tid].pack_a; /* free between products */
-    int t, r, rows;
-    for (t = (int)((long)n * tid / n_threads); t < t1; t += rows) {
+    int t, t0, t1, r, rows;
+    acmoe__token_range(layer, tid, n_threads, &t0, &t1);
+    for (t = t0; t < t1; t += rows) {
         rows = ACMOE__MIN(job->tile_rows, t1 - t);
         acmoe__small_product(kern, rows, dm, e, layer->dz + (size_t)t * e, e, 1, layer->ehat, dm, tile, dm, 0);
         for (r = 0; r < rows; r++)
