@@ -5,7 +5,7 @@
    Build and run from the repository root (`make bench-openblas`):
        gcc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror bench/openblas_peer.c \
            -o build/openblas_peer -ldl -lm -lpthread
-       ./build/openblas_peer [--quick] [--library NAME] [--keep-coretype]
+       ./build/openblas_peer [--quick] [--library NAME] [--keep-coretype] [--isa NAME]
 
    OpenBLAS is loaded at run time (dlopen of libopenblas.so.0, or NAME), so the build needs no
    development package. Debian: apt-get install libopenblas0-pthread. Without it the program
@@ -17,7 +17,8 @@
    and an acmoe context of as many threads), the two take turns for 3 rounds (--quick: 1),
    the first to run alternating, and each library's figure is the median over the rounds.
    NN, NT and TN mean what they mean for acmoe_matmul: whether A, then B, is transposed in
-   C = op(A) op(B). */
+   C = op(A) op(B). --isa avx2 on an AVX-512 CPU runs acmoe's AVX2 path beside OpenBLAS's
+   AVX2 kernels (bench.c's --isa does the same for acmoe alone). */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #endif
@@ -94,21 +95,23 @@ static int load_symbol(void *lib, const char *name, void *fn, size_t fn_size) {
 }
 
 /* OpenBLAS 0.3.21 (Debian 12) does not know AMD's AVX-512 cores and takes its AVX2 kernels
-   there, as it does where OPENBLAS_CORETYPE names an AVX2 core; the peer should run its best,
-   so on a CPU with AVX-512F it is asked for its AVX-512 kernels (OPENBLAS_CORETYPE, read when
-   the library loads) unless keep_coretype. The header line names the core it ran. */
-static void prefer_avx512_core(int keep_coretype) {
+   there, as it does where OPENBLAS_CORETYPE names an AVX2 core; the peer should run its best
+   on the path acmoe runs, so on a CPU with AVX-512F it is asked (OPENBLAS_CORETYPE, read when
+   the library loads) for its AVX-512 kernels, or for its AVX2 ones beside acmoe's AVX2 path,
+   unless keep_coretype. The header line names the core it ran. */
+static void choose_core(int keep_coretype, acmoe_isa isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (!keep_coretype && __builtin_cpu_supports("avx512f")) setenv("OPENBLAS_CORETYPE", "SkylakeX", 1);
+    if (!keep_coretype && __builtin_cpu_supports("avx512f"))
+        setenv("OPENBLAS_CORETYPE", isa == ACMOE_ISA_AVX2 ? "Haswell" : "SkylakeX", 1);
 #else
-    (void)keep_coretype;
+    (void)keep_coretype, (void)isa;
 #endif
 }
 
 /* Loads the library or says on one line why not (and how to install it), returning 0. */
-static int openblas_load(openblas *ob, const char *library, int keep_coretype) {
+static int openblas_load(openblas *ob, const char *library, int keep_coretype, acmoe_isa isa) {
     void *lib;
-    prefer_avx512_core(keep_coretype);
+    choose_core(keep_coretype, isa);
     lib = dlopen(library, RTLD_NOW | RTLD_LOCAL);
     const char *missing = NULL;
     if (!lib) {
@@ -253,18 +256,33 @@ static int layouts_agree(const gemm_library *lib) {
 }
 
 static void usage_and_exit(const char *program) {
-    fprintf(stderr, "usage: %s [--quick] [--library NAME] [--keep-coretype]\n", program);
+    int isa;
+    fprintf(stderr, "usage: %s [--quick] [--library NAME] [--keep-coretype] [--isa NAME]\n", program);
     fprintf(stderr, "  --quick          fewer, shorter repetitions (smoke test)\n");
     fprintf(stderr, "  --library NAME   the OpenBLAS to dlopen (default libopenblas.so.0)\n");
     fprintf(stderr, "  --keep-coretype  leave OPENBLAS_CORETYPE as it is (by default an AVX-512 CPU gets\n"
-                    "                   OpenBLAS's AVX-512 kernels, its best)\n");
+                    "                   OpenBLAS's AVX-512 kernels, its best; with --isa avx2, its AVX2 ones)\n");
+    fprintf(stderr, "  --isa NAME       acmoe's kernel path, one this CPU supports:");
+    for (isa = ACMOE_ISA_AUTO + 1; isa < ACMOE_ISA_COUNT; isa++)
+        if (acmoe_isa_supported((acmoe_isa)isa)) fprintf(stderr, " %s", acmoe_isa_name((acmoe_isa)isa));
+    fprintf(stderr, " (default: the best)\n");
     exit(2);
+}
+
+/* The kernel path called name, which this CPU must support. */
+static acmoe_isa isa_named(const char *name, const char *program) {
+    int isa;
+    for (isa = ACMOE_ISA_AUTO + 1; isa < ACMOE_ISA_COUNT; isa++)
+        if (strcmp(name, acmoe_isa_name((acmoe_isa)isa)) == 0 && acmoe_isa_supported((acmoe_isa)isa)) return (acmoe_isa)isa;
+    usage_and_exit(program);
+    return ACMOE_ISA_AUTO;
 }
 
 int main(int argc, char **argv) {
     const timing_plan *plan = &full_plan;
     const char *library = "libopenblas.so.0";
     int keep_coretype = 0;
+    acmoe_isa isa = acmoe_cpu_isa();
     unsigned long long rng = 42;
     int threads[2], s, l, i;
     openblas ob;
@@ -273,17 +291,20 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--quick") == 0) plan = &quick_plan;
         else if (strcmp(argv[i], "--library") == 0 && i + 1 < argc) library = argv[++i];
         else if (strcmp(argv[i], "--keep-coretype") == 0) keep_coretype = 1;
+        else if (strcmp(argv[i], "--isa") == 0 && i + 1 < argc) isa = isa_named(argv[++i], argv[0]);
         else usage_and_exit(argv[0]);
     }
-    if (!openblas_load(&ob, library, keep_coretype)) return 0;
+    if (!openblas_load(&ob, library, keep_coretype, isa)) return 0;
     /* The thread counts OpenBLAS takes when asked for 1 and 2. */
     for (i = 0; i < 2; i++) {
         ob.set_num_threads(i + 1);
         threads[i] = ob.get_num_threads();
     }
     for (i = 0; i < 2; i++) {
-        acmoe_ctx_desc desc = acmoe_ctx_defaults();
+        acmoe_ctx_desc desc;
+        memset(&desc, 0, sizeof desc); /* zeros: the path's own blocking, as the bench's contexts */
         desc.n_threads = i + 1;
+        desc.isa = isa;
         if (acmoe_ctx_create(&contexts[i], &desc) != ACMOE_OK) {
             fprintf(stderr, "openblas_peer: acmoe_ctx_create failed\n");
             return 1;
@@ -295,6 +316,7 @@ int main(int argc, char **argv) {
         if (!layouts_agree(&both[0]) || !layouts_agree(&both[1])) return 1;
     }
     printf("OpenBLAS peer: %s; core %s; cblas_sgemm from %s\n", ob.get_config(), ob.get_corename(), library);
+    printf("Kernel path: %s%s (acmoe)\n", acmoe_isa_name(isa), isa != acmoe_cpu_isa() ? " (--isa)" : "");
     printf("Threads: %d and %d (openblas_set_num_threads 1 and 2); median of at least %d runs and "
            "%.2f s after %d warm-up runs; %d round(s) of turns with acmoe_matmul\n",
            threads[0], threads[1], plan->min_reps, plan->min_seconds, plan->warmup, plan->rounds);

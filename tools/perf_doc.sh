@@ -13,7 +13,9 @@
 # the runs that have it, and the doc says over how many runs. RUNS=N (default 1) makes the
 # first form run everything N times, the bench and its peers taking turns run by run (run 1
 # in build/perf/bench.log, openblas.log and pytorch.log; run i in bench-i.log and so on).
-# QUICK=1 runs them with their short --quick timings (a smoke test). `make docs` and
+# On a CPU whose best path is AVX-512, each run also times section 1 and its OpenBLAS peer on
+# the AVX2 path (bench-avx2.log, openblas-avx2.log; --isa avx2), the kernels AVX2-only
+# machines run. QUICK=1 runs them with their short --quick timings (a smoke test). `make docs` and
 # `make bench-compare` run the first form. POSIX sh and awk only; run from anywhere in the
 # repository.
 set -eu
@@ -52,7 +54,7 @@ if [ $# -eq 0 ]; then
     if [ -n "$QUICK" ] && [ "$QUICK" != 0 ]; then bench_flags=--quick; pytorch_flags="--steps 2"; long=""; fi
     mkdir -p "$PERF"
     $MAKE --no-print-directory build/bench build/openblas_peer
-    rm -f "$PERF"/bench-[0-9]*.log "$PERF"/openblas-[0-9]*.log "$PERF"/pytorch-[0-9]*.log
+    rm -f "$PERF"/bench-[0-9]*.log "$PERF"/openblas-[0-9]*.log "$PERF"/pytorch-[0-9]*.log "$PERF"/*-avx2*.log
     torch=1
     if ! "$PYTHON" -c "import torch" 2>/dev/null; then
         torch=0; pt_missing="$PYTHON has no PyTorch (apt-get install python3-torch)"
@@ -61,7 +63,7 @@ if [ $# -eq 0 ]; then
     fi
     info=$(run_info)
     alternated=1
-    run=1
+    run=1; second=""
     while [ "$run" -le "$RUNS" ]; do
         if [ "$run" -eq 1 ]; then suffix=""; else suffix="-$run"; fi
         echo "perf_doc: run $run of $RUNS: build/bench${bench_flags:+ $bench_flags}$long" >&2
@@ -69,6 +71,13 @@ if [ $# -eq 0 ]; then
         echo "perf_doc: run $run of $RUNS: the OpenBLAS peer (make bench-openblas)" >&2
         save_run "$PERF/openblas$suffix.log" ./build/openblas_peer $bench_flags
         set -- "$@" "$PERF/bench$suffix.log" "$PERF/openblas$suffix.log"
+        if [ "$run" -eq 1 ] && grep -q '^Kernel path: *avx512' "$PERF/bench.log"; then second=avx2; fi
+        if [ -n "$second" ]; then
+            echo "perf_doc: run $run of $RUNS: section 1 and the OpenBLAS peer on the $second path" >&2
+            save_run "$PERF/bench-$second$suffix.log" ./build/bench $bench_flags --section 1 --isa "$second"
+            save_run "$PERF/openblas-$second$suffix.log" ./build/openblas_peer $bench_flags --isa "$second"
+            set -- "$@" "$PERF/bench-$second$suffix.log" "$PERF/openblas-$second$suffix.log"
+        fi
         if [ "$torch" -eq 1 ]; then
             echo "perf_doc: run $run of $RUNS: the PyTorch peer (make bench-pytorch)" >&2
             save_run "$PERF/pytorch$suffix.log" $MAKE -s --no-print-directory bench-pytorch PYTHON="$PYTHON" \
@@ -112,8 +121,8 @@ function med(key,    n, i, j, x, a) {
 # (share x the peak of that run / rate, the same in every run) and the share is taken again from
 # the median rate and peak, so that rate, share and peak of a row agree with one another.
 function add_work(key, rate, share_text, t) { if (rate + 0 > 0 && f_peak[t] > 0) add("work" SUBSEP key, num(share_text) / 100 * f_peak[t] / rate) }
-function peak_share(key, rate, t,    peak) {
-    peak = has("peak" SUBSEP t) ? med("peak" SUBSEP t) : 0
+function peak_share(key, rate, t, X,    peak) {
+    peak = has("peak" X SUBSEP t) ? med("peak" X SUBSEP t) : 0
     return has("work" SUBSEP key) && peak > 0 ? 100 * rate * med("work" SUBSEP key) / peak : 0
 }
 # A row seen for the first time joins the end of its table.
@@ -124,10 +133,11 @@ function note(list, v, sep) { if (v != "" && index(sep notes[list] sep, sep v se
 function pt_share(share, rate, pt) { return rate > 0 ? pct(share * pt / rate) : "" }
 function pt_cell(key, share, rate) { return has(key) ? fmt_rate(med(key)) " (" pt_share(share, rate, med(key)) ")" : "" }
 function pt_ratio(acmoe, key) { return has(key) ? ratio(acmoe, med(key)) : "" }
-# acmoe over OpenBLAS on row r at t threads: from the turns of the two libraries in the peer
-# when it timed acmoe too, else the bench figure a over the peer figure; 0 without a peer figure.
-function ob_over(r, t, a,    k, ka) {
-    k = "ob" SUBSEP r SUBSEP t; ka = "obac" SUBSEP r SUBSEP t
+# acmoe over OpenBLAS on row r at t threads (path X): from the turns of the two libraries in
+# the peer when it timed acmoe too, else the bench figure a over the peer figure; 0 without a
+# peer figure.
+function ob_over(r, t, a, X,    k, ka) {
+    k = "ob" X SUBSEP r SUBSEP t; ka = "obac" X SUBSEP r SUBSEP t
     if (!has(k) || med(k) <= 0) return 0
     return (has(ka) ? med(ka) : a) / med(k)
 }
@@ -142,6 +152,7 @@ function runs_said(nb, np, peer) {
 FNR == 1 {
     if (NR > 1) end_file()
     kind = ""; section = 0; ptt = 0; f_commit = ""; f_tree = ""; f_date = ""; f_cc = ""; f_bench = f_pt = f_ob = 0; f_peak[1] = f_peak[2] = 0
+    alt = X = ""; counted = 0
 }
 /^perf_doc: / {
     key = $2; val = after($0, $2)
@@ -151,29 +162,37 @@ FNR == 1 {
     else if (key == "compiler") f_cc = val
     next
 }
-/^Section [0-9]+: / { kind = "bench"; section = $2 + 0; ran[section] = 1; if (!f_bench) runs_bench++; f_bench = 1; sec_runs[section]++; next }
+/^Section [0-9]+: / { kind = "bench"; section = $2 + 0; ran[section] = 1; if (!f_bench) { runs_bench++; counted = 1 } f_bench = 1; sec_runs[section]++; next }
 /^PyTorch [0-9]/ { kind = "pt"; pt_version = $2; sub(/,$/, "", pt_version); pt_blas = after($0, "BLAS"); next }
 /^OpenBLAS peer: / {
     kind = "ob"
     if (/OpenBLAS is not installed/) ob_missing = after($0, "OpenBLAS peer:")
-    else ob_config = after($0, "OpenBLAS peer:")
+    else { main_ob_config = ob_config; ob_config = after($0, "OpenBLAS peer:") }
+    next
+}
+# A run on another kernel path than the CPU\047s best (--isa): section 1 and its OpenBLAS peer,
+# kept under keys of their own (X = "x"), not counted among the runs of the main path.
+/^Kernel path:/ && index($0, "(--isa)") {
+    alt = $3; X = "x"; alt_path = alt
+    if (kind == "ob") { alt_ob_config = ob_config; ob_config = main_ob_config }
+    else { if (counted) runs_bench--; counted = 0; f_bench = 0; sec_runs[section]--; runs_alt++ }
     next
 }
 
 kind == "bench" && /^CPU:/ { cpu = after($0, "CPU:"); next }
 kind == "bench" && /^Kernel path:/ { isa = after($0, "Kernel path:"); next }
 kind == "bench" && /^Threads:/ { online = $2; next }
-kind == "bench" && /^Blocking:/ { blocking = after($0, "Blocking:"); next }
-kind == "bench" && /^FMA peak:/ { probe = after($0, "FMA peak:"); next }
-kind == "bench" && /per-core peak/ { f_peak[1] = $3; f_peak[2] = $9; add("peak" SUBSEP 1, $3); add("peak" SUBSEP 2, $9); next }
-kind == "bench" && /^Peak memory:/ { add("mem" SUBSEP section, $3); mem_unit[section] = $4; next }
+kind == "bench" && /^Blocking:/ { B["blocking" X] = after($0, "Blocking:"); next }
+kind == "bench" && /^FMA peak:/ { B["probe" X] = after($0, "FMA peak:"); next }
+kind == "bench" && /per-core peak/ { f_peak[1] = $3; f_peak[2] = $9; add("peak" X SUBSEP 1, $3); add("peak" X SUBSEP 2, $9); next }
+kind == "bench" && /^Peak memory:/ { if (X == "") { add("mem" SUBSEP section, $3); mem_unit[section] = $4 } next }
 kind == "bench" && /median of at least [0-9]+/ { match($0, /median of at least [0-9]+/); reps = substr($0, RSTART + 19, RLENGTH - 19) + 0; next }
 
 # Section 1: M N K layout 1T %peak 2T %peak 2T/1T
 kind == "bench" && section == 1 && NF == 9 && $1 ~ /^[0-9]+$/ && $4 ~ /^[NT][NT]$/ {
-    r = $1 " x " $2 " x " $3 " | " $4; row("mm", r)
-    add("mm" SUBSEP r SUBSEP 1, $5); add_work("mm" SUBSEP r SUBSEP 1, $5, $6, 1)
-    add("mm" SUBSEP r SUBSEP 2, $7); add_work("mm" SUBSEP r SUBSEP 2, $7, $8, 2)
+    r = $1 " x " $2 " x " $3 " | " $4; row("mm" X, r)
+    add("mm" X SUBSEP r SUBSEP 1, $5); add_work("mm" X SUBSEP r SUBSEP 1, $5, $6, 1)
+    add("mm" X SUBSEP r SUBSEP 2, $7); add_work("mm" X SUBSEP r SUBSEP 2, $7, $8, 2)
     next
 }
 # Section 2: E k d ff T router 1T %peak routing 2T %peak routing 2T/1T
@@ -220,16 +239,17 @@ kind == "pt" && /^Vision training step/ {
 kind == "ob" && /^Threads: / { ob_threads = $2 " and " $4; match($0, /median of at least [0-9]+/); ob_reps = substr($0, RSTART + 19, RLENGTH - 19) + 0; next }
 kind == "ob" && (NF == 6 || NF == 8) && $1 ~ /^[0-9]+$/ && $4 ~ /^[NT][NT]$/ {
     r = $1 " x " $2 " x " $3 " | " $4
-    add("ob" SUBSEP r SUBSEP 1, $5); add("ob" SUBSEP r SUBSEP 2, $6); f_ob = 1
-    if (NF == 8) { add("obac" SUBSEP r SUBSEP 1, $7); add("obac" SUBSEP r SUBSEP 2, $8) }
+    add("ob" X SUBSEP r SUBSEP 1, $5); add("ob" X SUBSEP r SUBSEP 2, $6); f_ob = 1
+    if (NF == 8) { add("obac" X SUBSEP r SUBSEP 1, $7); add("obac" X SUBSEP r SUBSEP 2, $8) }
     next
 }
 
 # What each output says of its run (or, without perf_doc lines, the repository now).
 function end_file() {
     if (f_pt) runs_pt++
-    if (f_ob) runs_ob++
-    if (!f_bench && !f_pt && !f_ob) return
+    if (f_ob && X == "") runs_ob++
+    if (f_ob && X != "") runs_obx++
+    if (!f_bench && !f_pt && !f_ob && X == "") return
     if (f_commit == "") { f_commit = now_commit; f_tree = now_tree; f_cc = now_cc; saved = 1 }
     note("commit", "`" f_commit "`, " (f_tree == "clean" ? "clean tree" : "uncommitted changes to " after(f_tree, "dirty:")), "; ")
     note("date", f_date, ", ")
@@ -307,6 +327,12 @@ END {
     print "  router in section 2) and times the median of 10 steps after 3 warm-up steps, with PyTorch"
     print "  and its BLAS set to 1 and then 2 threads. It runs after the bench, in another process. Its"
     print "  share of peak applies the bench\047s FLOP count to its rate."
+    if (nrows["mmx"] > 0) {
+        printf "- **The %s path.** On a CPU whose best path is AVX-512, section 1 and its OpenBLAS peer\n", toupper(alt_path)
+        printf "  run again on the %s path (`--isa %s`; OpenBLAS asked for its %s kernels with\n", toupper(alt_path), alt_path, toupper(alt_path)
+        print "  OPENBLAS_CORETYPE), the shares against that path\047s own peak loop: the products of machines"
+        print "  without AVX-512, measured on this one."
+    }
     print ""
     print "A column acmoe/peer is acmoe\047s rate over the peer\047s at the same thread count: above 1x,"
     print "acmoe is faster. The host may run other work at the same time (a shared VM, other builds),"
@@ -320,20 +346,24 @@ END {
     if (notes["date"] != "") printf "| date | %s |\n", notes["date"]
     if (saved) print "| source | saved outputs without their run\047s details; commit and tree as of generating this file |"
     printf "| CPU | %s, %s online CPUs |\n", cpu != "" ? cpu : "unknown", online != "" ? online : nproc
-    if (isa != "") printf "| kernel path | %s; blocking %s |\n", isa, blocking
+    if (isa != "") printf "| kernel path | %s; blocking %s |\n", isa, B["blocking"]
     if (peak1 > 0) {
         printf "| measured peak | **%.1f GFLOP/s per core** (1 thread); %.1f GFLOP/s on 2 threads (%.2fx) |\n", peak1, peak2, peak2 / peak1
-        printf "| peak loop | %s |\n", probe
+        printf "| peak loop | %s |\n", B["probe"]
         if (online + 0 >= 2 && peak2 < 1.5 * peak1)
             printf "| note | the 2-thread peak is only %.2fx the 1-thread one: the second CPU was busy or shared while it was measured, so 2-thread shares are overstated |\n", peak2 / peak1
     }
-    if (nmax > 1) printf "| runs | medians of %d runs of the bench, %d of the OpenBLAS peer, %d of the PyTorch peer |\n", runs_bench, runs_ob, runs_pt
+    if (nmax > 1) printf "| runs | medians of %d runs of the bench, %d of the OpenBLAS peer, %d of the PyTorch peer%s |\n", runs_bench, runs_ob, runs_pt,
+                         (runs_alt > 0 ? sprintf(", %d of section 1 and %d of its OpenBLAS peer on the %s path", runs_alt, runs_obx, toupper(alt_path)) : "")
     if ((reps > 0 && reps != 5) || (ob_reps > 0 && ob_reps != 5))
         printf "| mode | `--quick`: at least %d timed repetitions a figure, shorter than the method says |\n", (reps ? reps : ob_reps)
     if (notes["cc"] != "") printf "| compiler | %s |\n", notes["cc"]
     if (ob_any) printf "| OpenBLAS peer | %s; threads %s |\n", ob_config, ob_threads
     else if (ob_missing != "") printf "| OpenBLAS peer | none: %s |\n", ob_missing
     else print "| OpenBLAS peer | none: OpenBLAS was not measured in this run (`make bench-openblas`) |"
+    if (has("peakx" SUBSEP 1))
+        printf "| %s path | section 1 again with `--isa %s`: blocking %s; measured peak %.1f GFLOP/s per core, %.1f on 2 threads (%s); OpenBLAS peer: %s |\n",
+               toupper(alt_path), alt_path, B["blockingx"], med("peakx" SUBSEP 1), med("peakx" SUBSEP 2), B["probex"], alt_ob_config != "" ? alt_ob_config : "none"
     if (pt_any) printf "| PyTorch peer | PyTorch %s, BLAS %s |\n", pt_version, pt_blas
     else if (pt_missing != "") printf "| PyTorch peer | none: %s |\n", pt_missing
     else print "| PyTorch peer | none: PyTorch was not measured in this run |"
@@ -348,30 +378,20 @@ END {
         } else {
             print "GFLOP/s and share of the measured peak; no peer in this run."; say_runs(sec_runs[1], 0, "")
         }
-        print ""
-        hdr = "| M x N x K | layout | 1T GFLOP/s | 1T share | 2T GFLOP/s | 2T share | 2T/1T |"
-        sep = "|---|---|---|---|---|---|---|"
-        if (ob_any) { hdr = hdr " OpenBLAS 1T (share) | OpenBLAS 2T (share) | acmoe/OpenBLAS 1T | acmoe/OpenBLAS 2T |"; sep = sep "---|---|---|---|" }
-        print hdr; print sep
-        nlog = 0; log1 = log2 = 0
-        for (i = 1; i <= nrows["mm"]; i++) {
-            r = rows["mm", i]; a1 = med("mm" SUBSEP r SUBSEP 1); a2 = med("mm" SUBSEP r SUBSEP 2)
-            line = sprintf("| %s | %.1f | %s | %.1f | %s | %s |", r, a1, pct(peak_share("mm" SUBSEP r SUBSEP 1, a1, 1)), a2, pct(peak_share("mm" SUBSEP r SUBSEP 2, a2, 2)), ratio(a2, a1))
-            if (ob_any) {
-                k1 = "ob" SUBSEP r SUBSEP 1; k2 = "ob" SUBSEP r SUBSEP 2
-                c1 = has(k1) ? sprintf("%.1f (%s)", med(k1), peak1 > 0 ? pct(100 * med(k1) / peak1) : "") : ""
-                c2 = has(k2) ? sprintf("%.1f (%s)", med(k2), peak2 > 0 ? pct(100 * med(k2) / peak2) : "") : ""
-                o1 = ob_over(r, 1, a1); o2 = ob_over(r, 2, a2)
-                line = line sprintf(" %s | %s | %s | %s |", c1, c2, o1 > 0 ? sprintf("%.2fx", o1) : "", o2 > 0 ? sprintf("%.2fx", o2) : "")
-                if (o1 > 0 && o2 > 0) { nlog++; log1 += log(o1); log2 += log(o2) }
-            }
-            print line
-        }
-        if (nlog > 0) {
-            print ""
-            printf "acmoe over OpenBLAS, geometric mean over the %d products: %.2fx on 1 thread, %.2fx on 2 threads.\n", nlog, exp(log1 / nlog), exp(log2 / nlog)
-        }
+        mm_table("", ob_any)
         if (has("mem" SUBSEP 1)) { print ""; printf "Resident peak of the section: %.1f %s.\n", med("mem" SUBSEP 1), mem_unit[1] }
+    }
+    if (nrows["mmx"] > 0) {
+        print ""
+        printf "## 1b. Matrix products on the %s path\n", toupper(alt_path)
+        print ""
+        printf "The same products on the %s path of this CPU (`build/bench --section 1 --isa %s`), the kernels\n", toupper(alt_path), alt_path
+        printf "of machines without AVX-512, each share against that path\047s own measured peak (%.1f GFLOP/s\n", med("peakx" SUBSEP 1)
+        printf "per core, %.1f on 2 threads)", med("peakx" SUBSEP 2)
+        if (runs_obx > 0) printf "; the OpenBLAS peer runs its %s kernels beside them\n(`build/openblas_peer --isa %s`).", toupper(alt_path), alt_path
+        else printf "; no OpenBLAS peer on this path in this run."
+        print ""; say_runs(runs_alt, runs_obx, "OpenBLAS")
+        mm_table("x", runs_obx > 0)
     }
     if (ran[2]) {
         print ""
@@ -455,6 +475,36 @@ END {
     goals()
 }
 
+# The table of section 1 on path X ("" the CPU\047s best, "x" the second path), with the OpenBLAS
+# columns when with_ob.
+function mm_table(X, with_ob,    hdr, sep, nlog, log1, log2, i, r, a1, a2, line, k1, k2, c1, c2, o1, o2, pk1, pk2) {
+    print ""
+    hdr = "| M x N x K | layout | 1T GFLOP/s | 1T share | 2T GFLOP/s | 2T share | 2T/1T |"
+    sep = "|---|---|---|---|---|---|---|"
+    if (with_ob) { hdr = hdr " OpenBLAS 1T (share) | OpenBLAS 2T (share) | acmoe/OpenBLAS 1T | acmoe/OpenBLAS 2T |"; sep = sep "---|---|---|---|" }
+    print hdr; print sep
+    pk1 = has("peak" X SUBSEP 1) ? med("peak" X SUBSEP 1) : 0; pk2 = has("peak" X SUBSEP 2) ? med("peak" X SUBSEP 2) : 0
+    nlog = 0; log1 = log2 = 0
+    for (i = 1; i <= nrows["mm" X]; i++) {
+        r = rows["mm" X, i]; a1 = med("mm" X SUBSEP r SUBSEP 1); a2 = med("mm" X SUBSEP r SUBSEP 2)
+        line = sprintf("| %s | %.1f | %s | %.1f | %s | %s |", r, a1, pct(peak_share("mm" X SUBSEP r SUBSEP 1, a1, 1, X)), a2,
+                       pct(peak_share("mm" X SUBSEP r SUBSEP 2, a2, 2, X)), ratio(a2, a1))
+        if (with_ob) {
+            k1 = "ob" X SUBSEP r SUBSEP 1; k2 = "ob" X SUBSEP r SUBSEP 2
+            c1 = has(k1) ? sprintf("%.1f (%s)", med(k1), pk1 > 0 ? pct(100 * med(k1) / pk1) : "") : ""
+            c2 = has(k2) ? sprintf("%.1f (%s)", med(k2), pk2 > 0 ? pct(100 * med(k2) / pk2) : "") : ""
+            o1 = ob_over(r, 1, a1, X); o2 = ob_over(r, 2, a2, X)
+            line = line sprintf(" %s | %s | %s | %s |", c1, c2, o1 > 0 ? sprintf("%.2fx", o1) : "", o2 > 0 ? sprintf("%.2fx", o2) : "")
+            if (o1 > 0 && o2 > 0) { nlog++; log1 += log(o1); log2 += log(o2) }
+        }
+        print line
+    }
+    if (nlog > 0) {
+        print ""
+        printf "acmoe over OpenBLAS, geometric mean over the %d products: %.2fx on 1 thread, %.2fx on 2 threads.\n", nlog, exp(log1 / nlog), exp(log2 / nlog)
+    }
+}
+
 # The speed goals the library sets itself, each checked on the figures above: the worst case
 # among the rows a goal covers, and whether it holds. A goal without its figures is left out.
 function goal(text, worst, holds) {
@@ -468,16 +518,20 @@ function goal(text, worst, holds) {
     printf "| %s | %s | %s |\n", text, worst, holds ? "yes" : "**no**"
 }
 function worse(value, where, lowest) { if (!(lowest in W) || value < W[lowest]) { W[lowest] = value; WHERE[lowest] = where } }
-function goals(    i, r, t, c, k, a, sh, want, d, cfgs, shape) {
-    for (i = 1; i <= nrows["mm"]; i++)
-        for (t = 1; t <= 2; t++) {
-            r = rows["mm", i]; a = med("mm" SUBSEP r SUBSEP t); k = "ob" SUBSEP r SUBSEP t
-            shape = r; sub(/ \| /, " ", shape)
-            if (ob_over(r, t, a) > 0) worse(ob_over(r, t, a), shape " " t "T", "ob")
-            if (r ~ /^(1024 x 1024 x 1024|2048 x 2048 x 2048) /) worse(peak_share("mm" SUBSEP r SUBSEP t, a, t), shape " " t "T", "big")
-        }
-    if ("ob" in W) goal("matrix products at least OpenBLAS\047s rate, every shape and layout, 1 and 2 threads", sprintf("%.2fx (%s)", W["ob"], WHERE["ob"]), W["ob"] >= 1.0)
-    if ("big" in W) goal("matrix products at 85 % of the peak at 1024^3 and 2048^3, 1 and 2 threads", sprintf("%s (%s)", pct(W["big"]), WHERE["big"]), W["big"] >= 85.0)
+function goals(    i, r, t, c, k, a, sh, want, d, cfgs, shape, X, n, where, paths) {
+    for (n = 0; n < 2; n++) {
+        X = n ? "x" : ""; where = nrows["mmx"] > 0 ? ", " toupper(n ? alt_path : isa) : ""
+        for (i = 1; i <= nrows["mm" X]; i++)
+            for (t = 1; t <= 2; t++) {
+                r = rows["mm" X, i]; a = med("mm" X SUBSEP r SUBSEP t)
+                shape = r; sub(/ \| /, " ", shape)
+                if (ob_over(r, t, a, X) > 0) worse(ob_over(r, t, a, X), shape " " t "T" where, "ob")
+                if (r ~ /^(1024 x 1024 x 1024|2048 x 2048 x 2048) /) worse(peak_share("mm" X SUBSEP r SUBSEP t, a, t, X), shape " " t "T" where, "big")
+            }
+    }
+    paths = nrows["mmx"] > 0 ? ", on the " toupper(isa) " and " toupper(alt_path) " paths" : ""
+    if ("ob" in W) goal("matrix products at least OpenBLAS\047s rate, every shape and layout, 1 and 2 threads" paths, sprintf("%.2fx (%s)", W["ob"], WHERE["ob"]), W["ob"] >= 1.0)
+    if ("big" in W) goal("matrix products at 85 % of the peak at 1024^3 and 2048^3, 1 and 2 threads" paths, sprintf("%s (%s)", pct(W["big"]), WHERE["big"]), W["big"] >= 85.0)
     for (i = 1; i <= nrows["cfg"]; i++)
         for (t = 1; t <= 2; t++) {
             c = rows["cfg", i]; r = c SUBSEP "SMoE"
