@@ -1220,6 +1220,7 @@ typedef struct acmoe__kernel {
     float (*row_dot)(const float *a, const float *b, int n);
     void (*row_axpy)(float *y, const float *x, int n, float a); /* y += a x, a product then a sum */
     void (*row_scale)(float *y, const float *x, int n, float a); /* y = a x */
+    void (*row_mul)(float *y, const float *a, const float *b, int n);     /* y = a b element by element */
     void (*row_mul_add)(float *y, const float *a, const float *b, int n); /* y += a b element by element */
     void (*row_deviation)(float *y, const float *x, const float *mu, int n, int squared); /* y += |x - mu| or ^2 */
     void (*row_relu)(float *y, const float *h, const float *g, size_t n); /* y = relu_grad(h, g) */
@@ -1826,6 +1827,11 @@ static void acmoe__row_scale_scalar(float *y, const float *x, int n, float a) {
     for (i = 0; i < n; i++) y[i] = a * x[i];
 }
 
+static void acmoe__row_mul_scalar(float *y, const float *a, const float *b, int n) {
+    int i;
+    for (i = 0; i < n; i++) y[i] = a[i] * b[i];
+}
+
 static void acmoe__row_mul_add_scalar(float *y, const float *a, const float *b, int n) {
     int i;
     for (i = 0; i < n; i++) y[i] += a[i] * b[i];
@@ -2007,6 +2013,11 @@ ACMOE__DEFINE_SUM_SQUARES(scalar, )
         int i;                                                                                           \
         for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, MUL(SET1(a), LOAD(x + i)));                   \
         for (; i < n; i++) y[i] = a * x[i];                                                              \
+    }                                                                                                    \
+    TARGET static void acmoe__row_mul_##SFX(float *y, const float *a, const float *b, int n) {          \
+        int i;                                                                                           \
+        for (i = 0; i + VLEN <= n; i += VLEN) STORE(y + i, MUL(LOAD(a + i), LOAD(b + i)));               \
+        for (; i < n; i++) y[i] = a[i] * b[i];                                                           \
     }                                                                                                    \
     TARGET static void acmoe__row_mul_add_##SFX(float *y, const float *a, const float *b, int n) {      \
         int i;                                                                                           \
@@ -2335,7 +2346,8 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 
 #define ACMOE__ROW_KERNELS(SFX) \
     acmoe__row_max_##SFX, acmoe__row_exp_##SFX, acmoe__row_sum_##SFX, acmoe__row_dot_##SFX,                \
-        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_mul_add_##SFX, acmoe__row_deviation_##SFX,   \
+        acmoe__row_axpy_##SFX, acmoe__row_scale_##SFX, acmoe__row_mul_##SFX, acmoe__row_mul_add_##SFX,          \
+        acmoe__row_deviation_##SFX,                                                                             \
         acmoe__row_relu_##SFX,                                                                                  \
         acmoe__row_softmax_grad_##SFX, acmoe__row_adam_##SFX, acmoe__row_layernorm_##SFX,                      \
         acmoe__row_layernorm_backward_##SFX, acmoe__sum_squares_##SFX
@@ -3332,6 +3344,7 @@ struct acmoe_moe {
     size_t memory_bytes;
     float *xr, *dxr, *wmix;    /* router input, its gradient [T][dr]; mixed AC weights [T][d] */
     float *ehat, *dehat, *emb_norm; /* unit expert embeddings or slot vectors [lw][dr], norms */
+    float *ehat_t;             /* AC with u in tiles: ehat transposed [dr][lw] */
     float *logits, *probs, *sig, *dz; /* [T][lw] (sig: USMoE only); Soft MoE: probs are the combine weights */
     float *uhat, *u_norm;      /* Soft MoE: unit router inputs [T][dr] and their norms */
     const float *score_in;     /* Soft MoE: the rows the slot score read (uhat, or xr) */
@@ -3357,6 +3370,7 @@ struct acmoe_moe {
     /* the last forward call */
     const float *x;
     int n, cached, n_pairs, dropped, nonfinite, n_groups;
+    int u_in_tiles; /* AC: u was never written to xr (see acmoe__ac_in_tiles) */
     float aux_loss;
     int ac_rows, ac_frozen, ac_ready;
     float router_stability;
@@ -3595,6 +3609,7 @@ static size_t acmoe__moe_workspace(acmoe_moe *layer, unsigned char *base) {
     layer->wmix = (float *)acmoe__carve(base, &used, (desc->ac_mix_labels ? t * dm : 1) * f);
     layer->ehat = (float *)acmoe__carve(base, &used, lw * dr * f);
     layer->dehat = (float *)acmoe__carve(base, &used, lw * dr * f);
+    layer->ehat_t = (float *)acmoe__carve(base, &used, lw * dr * f);
     layer->emb_norm = (float *)acmoe__carve(base, &used, lw * f);
     layer->logits = (float *)acmoe__carve(base, &used, t * lw * f);
     layer->probs = (float *)acmoe__carve(base, &used, t * lw * f);
@@ -4006,6 +4021,35 @@ static const float *acmoe__token_weights(const acmoe_moe *layer, int t) {
     return layer->desc.ac_mix_labels ? layer->wmix + (size_t)t * dm : layer->ac_w + (size_t)layer->labels[t] * dm;
 }
 
+/* Rows of the AC tiles: tokens a tile of the router input's gradient (and of u) takes, two
+   tiles in each thread's packing space, in widths the micro-kernels cover; 0 when they do not
+   fit. */
+static int acmoe__ac_input_grad_rows(const acmoe_moe *layer, const acmoe_ctx *ctx) {
+    const int dm = layer->desc.d_model, rows = (int)((size_t)ctx->desc.mc * ctx->desc.kc / (2 * (size_t)dm));
+    if (layer->desc.router_input != ACMOE_INPUT_AC || dm % 16) return 0;
+    return rows < ctx->kernel.mr ? 0 : ACMOE__MIN(rows, 8 * ctx->kernel.mr) / ctx->kernel.mr * ctx->kernel.mr;
+}
+
+/* Whether the AC router input u = x * W[label] stays in tiles, never written out to xr: the
+   logits and the embeddings' gradient take it a tile of tokens at a time, as the input's
+   gradient does. Wants the cosine score, an expert count the micro-kernels' widths cover,
+   experts that read x itself, and room for the tiles and for the gradient's partial sums. */
+static int acmoe__ac_in_tiles(const acmoe_moe *layer, acmoe_ctx *ctx) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    return desc->router_score == ACMOE_SCORE_COSINE && !desc->ac_weight_experts && desc->n_experts % 16 == 0 &&
+           acmoe__ac_input_grad_rows(layer, ctx) > 0 &&
+           acmoe__sum_partials(ctx, ACMOE__AC_BLOCKS, desc->n_experts, desc->d_model) != NULL;
+}
+
+/* u = x * W[label] for tokens [t, t + rows) into tile [rows][d]. */
+static void acmoe__ac_input_tile(const acmoe_moe *layer, const acmoe__kernel *kern, const float *x, int t, int rows,
+                                 float *tile) {
+    const size_t dm = (size_t)layer->desc.d_model;
+    int r;
+    for (r = 0; r < rows; r++)
+        kern->row_mul(tile + r * dm, x + (t + r) * dm, acmoe__token_weights(layer, t + r), (int)dm);
+}
+
 typedef struct acmoe__weights_job {
     const acmoe_moe *layer;
     const acmoe__kernel *kern;
@@ -4022,14 +4066,12 @@ static void acmoe__times_token_weights_job(void *arg, int tid, int n_threads) {
     const float *x = job->x;
     float *out = job->out;
     const int dm = layer->desc.d_model, accumulate = job->accumulate;
-    int t, q, t1 = (int)((long)job->n * (tid + 1) / n_threads);
+    int t, t1 = (int)((long)job->n * (tid + 1) / n_threads);
     for (t = (int)((long)job->n * tid / n_threads); t < t1; t++) {
-        const float *w = acmoe__token_weights(layer, t), *xt = x + (size_t)t * dm;
-        float *o = out + (size_t)t * dm;
         if (accumulate)
-            job->kern->row_mul_add(o, xt, w, dm);
+            job->kern->row_mul_add(out + (size_t)t * dm, x + (size_t)t * dm, acmoe__token_weights(layer, t), dm);
         else
-            for (q = 0; q < dm; q++) o[q] = xt[q] * w[q];
+            acmoe__ac_input_tile(layer, job->kern, x, t, 1, out + (size_t)t * dm);
     }
 }
 
@@ -4056,6 +4098,7 @@ static acmoe_status acmoe__router_input(acmoe_moe *layer, acmoe_ctx *ctx, const 
         x = layer->uhat;
     }
     *u = x;
+    layer->u_in_tiles = 0;
     if (desc->router_input == ACMOE_INPUT_PROJECTED) {
         *u = layer->xr;
         return acmoe_matmul(ctx, ACMOE_NT, n, desc->proj_dim, desc->d_model, x, desc->d_model, layer->proj, desc->d_model, layer->xr,
@@ -4064,8 +4107,9 @@ static acmoe_status acmoe__router_input(acmoe_moe *layer, acmoe_ctx *ctx, const 
     if (desc->router_input != ACMOE_INPUT_AC) return ACMOE_OK;
     s = acmoe__ac_token_weights(layer, ctx, x, n, prev_idx, prev_gate, prev_k);
     if (s != ACMOE_OK) return s;
-    acmoe__times_token_weights(layer, ctx, x, n, layer->xr, 0);
-    *u = layer->xr;
+    layer->u_in_tiles = acmoe__ac_in_tiles(layer, ctx);
+    if (!layer->u_in_tiles) acmoe__times_token_weights(layer, ctx, x, n, layer->xr, 0);
+    *u = layer->u_in_tiles ? x : layer->xr; /* in tiles, the score reads x and W */
     return ACMOE_OK;
 }
 
@@ -4080,6 +4124,40 @@ static void acmoe__unit_rows_backward(const float *unit, const float *norm, cons
         for (q = 0; q < w; q++) dot += u[q] * dr[q];
         for (q = 0; q < w; q++) gr[q] = (accumulate ? gr[q] : 0.0f) + (dr[q] - u[q] * dot) / norm[r];
     }
+}
+
+typedef struct acmoe__ac_logits_job {
+    acmoe_moe *layer;
+    acmoe_ctx *ctx;
+    const float *x;
+    int tile_rows;
+} acmoe__ac_logits_job;
+
+/* The logits of thread tid's tokens, a tile of u at a time times ehat^T: each element the
+   chain of multiply-adds the product over xr would make. */
+static void acmoe__ac_logits_job_run(void *arg, int tid, int n_threads) {
+    const acmoe__ac_logits_job *job = (const acmoe__ac_logits_job *)arg;
+    acmoe_moe *layer = job->layer;
+    const int dm = layer->desc.d_model, e = layer->desc.n_experts;
+    float *tile = job->ctx->ws[tid].pack_a; /* free between products */
+    const int t0 = (int)((long)layer->n * tid / n_threads), t1 = (int)((long)layer->n * (tid + 1) / n_threads);
+    int t, rows;
+    for (t = t0; t < t1; t += rows) {
+        rows = ACMOE__MIN(job->tile_rows, t1 - t);
+        acmoe__ac_input_tile(layer, &job->ctx->kernel, job->x, t, rows, tile);
+        acmoe__small_product(&job->ctx->kernel, rows, e, dm, tile, dm, 1, layer->ehat_t, e, layer->logits + (size_t)t * e, e, 0);
+    }
+}
+
+/* AC logits with u in tiles (acmoe__ac_in_tiles), from x. */
+static void acmoe__ac_tile_logits(acmoe_moe *layer, acmoe_ctx *ctx, const float *x) {
+    const int dm = layer->desc.d_model, e = layer->desc.n_experts;
+    acmoe__ac_logits_job job;
+    int j, q;
+    for (j = 0; j < e; j++)
+        for (q = 0; q < dm; q++) layer->ehat_t[(size_t)q * e + j] = layer->ehat[(size_t)j * dm + q];
+    job.layer = layer, job.ctx = ctx, job.x = x, job.tile_rows = acmoe__ac_input_grad_rows(layer, ctx);
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)layer->n * dm * e), acmoe__ac_logits_job_run, &job);
 }
 
 /* Logits [n][lw] of the router input u. */
@@ -4105,6 +4183,10 @@ static acmoe_status acmoe__router_score(acmoe_moe *layer, acmoe_ctx *ctx, const 
         return s;
     }
     acmoe__reproject_embeddings(layer);
+    if (layer->u_in_tiles) {
+        acmoe__ac_tile_logits(layer, ctx, u);
+        return ACMOE_OK;
+    }
     return acmoe_matmul(ctx, ACMOE_NT, n, desc->n_experts, layer->dr, u, layer->dr, layer->ehat, layer->dr, layer->logits, desc->n_experts, 0);
 }
 
@@ -5077,11 +5159,15 @@ static void acmoe__normalized_input_backward(acmoe_moe *layer, acmoe_ctx *ctx, f
 
 /* AC input, scored against the expert embeddings: dx += (dz ehat) * W[label], a tile of
    rows at a time, so dz ehat (the router input's gradient) is never written out. Each
-   element has the bits of the product and the pass it replaces. */
+   element has the bits of the product and the pass it replaces. With u in tiles, the same
+   tiles give the embeddings' gradient dz^T u, summed by ACMOE__AC_BLOCKS fixed blocks of
+   tokens into partials (added in block order after the job, the same bits on any thread
+   count); the tokens go by those blocks either way. */
 typedef struct acmoe__ac_input_grad_job {
     acmoe_moe *layer;
     acmoe_ctx *ctx;
     float *dx;
+    float *partials; /* with u in tiles: ACMOE__AC_BLOCKS x n_experts x d; else NULL */
     int tile_rows;
 } acmoe__ac_input_grad_job;
 
@@ -5090,31 +5176,36 @@ static void acmoe__ac_input_grad_job_run(void *arg, int tid, int n_threads) {
     const acmoe_moe *layer = job->layer;
     const acmoe__kernel *kern = &job->ctx->kernel;
     const int dm = layer->desc.d_model, e = layer->desc.n_experts;
-    float *tile = job->ctx->ws[tid].pack_a; /* free between products */
-    int t, t0, t1, r, rows;
-    acmoe__token_range(layer, tid, n_threads, &t0, &t1);
-    for (t = t0; t < t1; t += rows) {
-        rows = ACMOE__MIN(job->tile_rows, t1 - t);
-        acmoe__small_product(kern, rows, dm, e, layer->dz + (size_t)t * e, e, 1, layer->ehat, dm, tile, dm, 0);
-        for (r = 0; r < rows; r++)
-            kern->row_mul_add(job->dx + (size_t)(t + r) * dm, tile + (size_t)r * dm, acmoe__token_weights(layer, t + r),
-                              dm);
+    float *tile = job->ctx->ws[tid].pack_a, *u = tile + (size_t)job->tile_rows * dm; /* free between products */
+    int b, b0, b1, t, t1, r, rows;
+    acmoe__thread_blocks(tid, n_threads, ACMOE__AC_BLOCKS, &b0, &b1);
+    for (b = b0; b < b1; b++) {
+        float *part = job->partials ? job->partials + (size_t)b * e * dm : NULL;
+        if (part) memset(part, 0, sizeof(float) * (size_t)e * dm);
+        t1 = acmoe__block_row(layer->n, b + 1, ACMOE__AC_BLOCKS);
+        for (t = acmoe__block_row(layer->n, b, ACMOE__AC_BLOCKS); t < t1; t += rows) {
+            const float *dz = layer->dz + (size_t)t * e;
+            rows = ACMOE__MIN(job->tile_rows, t1 - t);
+            acmoe__small_product(kern, rows, dm, e, dz, e, 1, layer->ehat, dm, tile, dm, 0);
+            for (r = 0; r < rows; r++)
+                kern->row_mul_add(job->dx + (size_t)(t + r) * dm, tile + (size_t)r * dm,
+                                  acmoe__token_weights(layer, t + r), dm);
+            if (!part) continue;
+            acmoe__ac_input_tile(layer, kern, layer->x, t, rows, u);
+            acmoe__small_product(kern, e, dm, rows, dz, 1, e, u, dm, part, dm, 1);
+        }
     }
 }
 
-/* Whether the AC input's gradient can take the fused path: widths the micro-kernels cover
-   and a tile of rows in each thread's packing space. */
-static int acmoe__ac_input_grad_rows(const acmoe_moe *layer, const acmoe_ctx *ctx) {
-    const int dm = layer->desc.d_model, rows = (int)((size_t)ctx->desc.mc * ctx->desc.kc / (size_t)dm);
-    if (layer->desc.router_input != ACMOE_INPUT_AC || dm % 16) return 0;
-    return rows < ctx->kernel.mr ? 0 : ACMOE__MIN(rows, 8 * ctx->kernel.mr) / ctx->kernel.mr * ctx->kernel.mr;
-}
-
-static void acmoe__ac_input_grad(acmoe_moe *layer, acmoe_ctx *ctx, float *dx, int tile_rows) {
+/* The fused AC input gradient; with partials (u in tiles), dehat too. */
+static void acmoe__ac_input_grad(acmoe_moe *layer, acmoe_ctx *ctx, float *dx, int tile_rows, float *partials) {
+    const int dm = layer->desc.d_model, e = layer->desc.n_experts;
     acmoe__ac_input_grad_job job;
-    job.layer = layer, job.ctx = ctx, job.dx = dx, job.tile_rows = tile_rows;
-    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)layer->n * layer->desc.d_model * layer->desc.n_experts),
-                    acmoe__ac_input_grad_job_run, &job);
+    job.layer = layer, job.ctx = ctx, job.dx = dx, job.partials = partials, job.tile_rows = tile_rows;
+    acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)layer->n * dm * e), acmoe__ac_input_grad_job_run, &job);
+    if (!partials) return;
+    memset(layer->dehat, 0, sizeof(float) * (size_t)e * dm);
+    acmoe__add_partials(&ctx->kernel, layer->dehat, partials, ACMOE__AC_BLOCKS, e * dm, (size_t)e * dm);
 }
 
 /* Router parameter gradients, and the router's part of dx (added to dx). */
@@ -5137,6 +5228,16 @@ static acmoe_status acmoe__router_backward(acmoe_moe *layer, acmoe_ctx *ctx, flo
         acmoe__unit_rows_backward(layer->uhat, layer->u_norm, layer->dxr, n, dr, du, direct);
         return direct ? ACMOE_OK : acmoe__router_input_backward(layer, ctx, dx);
     }
+    if (layer->u_in_tiles && !acmoe__ac_in_tiles(layer, ctx)) { /* another context than the forward pass's */
+        acmoe__times_token_weights(layer, ctx, layer->x, n, layer->xr, 0);
+        layer->u_in_tiles = 0;
+    }
+    if (layer->u_in_tiles) {
+        acmoe__ac_input_grad(layer, ctx, dx, acmoe__ac_input_grad_rows(layer, ctx),
+                             acmoe__sum_partials(ctx, ACMOE__AC_BLOCKS, e, dr));
+        acmoe__unit_rows_backward(layer->ehat, layer->emb_norm, layer->dehat, e, dr, layer->g_emb, 1);
+        return ACMOE_OK;
+    }
     if (desc->router_score == ACMOE_SCORE_LINEAR) {
         if (layer->br) acmoe__bias_grad(&ctx->kernel, layer->dz, n, e, layer->g_br);
         s = acmoe_matmul(ctx, ACMOE_TN, e, dr, n, layer->dz, e, u, dr, layer->g_wr, dr, 1);
@@ -5145,7 +5246,7 @@ static acmoe_status acmoe__router_backward(acmoe_moe *layer, acmoe_ctx *ctx, flo
         if (s == ACMOE_OK) acmoe__unit_rows_backward(layer->ehat, layer->emb_norm, layer->dehat, e, dr, layer->g_emb, 1);
     }
     if (s == ACMOE_OK && !direct && scorer == layer->ehat && (tile_rows = acmoe__ac_input_grad_rows(layer, ctx))) {
-        acmoe__ac_input_grad(layer, ctx, dx, tile_rows);
+        acmoe__ac_input_grad(layer, ctx, dx, tile_rows, NULL);
         return ACMOE_OK;
     }
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, dr, e, layer->dz, e, scorer, dr, du, dr, direct);

@@ -62,8 +62,8 @@ struct acmoe_ctx *test_context(int n_threads, int mc, int kc, int nc) {
 /* One path's row kernels on n values against plain double-precision loops: the maximum
    exactly, each exp of a float argument a to 1e-6 relative (the scalar path; the vector paths
    fold the scale into the base-2 exponent, so that rounding adds 2e-7 |a|), sums, exp sums and
-   dot products to 1e-5 of their magnitude; the softmax gradient, y += a x, y += a b element by
-   element, y = a x and the ReLU mask against the plain float formulas, exactly. */
+   dot products to 1e-5 of their magnitude; the softmax gradient, y += a x, y += a b and y = a b
+   element by element, y = a x and the ReLU mask against the plain float formulas, exactly. */
 static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     float x[1000], y[1000], b[1000], top = -1e30f, got;
     const float zero = 0.0f;
@@ -113,6 +113,10 @@ static void check_row_kernels(const acmoe__kernel *k, acmoe_rng *rng, int n) {
     k->row_mul_add(y, x, b, n);
     for (i = 0; i < n; i++) exp_failures += y[i] != b[i] + x[i] * b[i];
     CHECKF(exp_failures == 0, "%s, n %d: %d multiply-add values off", path, n, exp_failures);
+    exp_failures = 0;
+    k->row_mul(y, x, b, n);
+    for (i = 0; i < n; i++) exp_failures += y[i] != x[i] * b[i];
+    CHECKF(exp_failures == 0, "%s, n %d: %d products off", path, n, exp_failures);
     for (s = 0; s < 2; s++) { /* y += |x - b| or (x - b)^2: a difference, its magnitude or square, a sum */
         memcpy(y, b, sizeof(float) * (size_t)n);
         exp_failures = 0;
@@ -664,6 +668,84 @@ static void test_ac_statistics_blocks(void) {
     }
 }
 
+/* The largest |got - want| over n floats, relative to the largest |want|. */
+static double relative_gap(const float *got, const float *want, size_t n) {
+    double gap = 0.0, scale = 1e-30;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        gap = fmax(gap, fabs((double)got[i] - want[i]));
+        scale = fmax(scale, fabs((double)want[i]));
+    }
+    return gap / scale;
+}
+
+/* AC with its router input in tiles (acmoe__ac_in_tiles): the logits have the bits of the
+   product over the input written out, and the embeddings' gradient is that product's to
+   rounding; one thread and two give the same bits; a context without room for the tiles
+   writes the input out, in the forward pass, or in the backward pass of a layer whose
+   forward pass kept it in tiles. */
+static void test_ac_tiles(void) {
+    enum { n = 400, dm = 32, e = 16 };
+    static float x[n * dm], dout[n * dm], out[n * dm], dx[n * dm], first_out[n * dm], first_dx[n * dm];
+    static float logits[n * e], want_logits[n * e], want_dehat[e * dm];
+    acmoe_ctx *ctx[3];
+    acmoe_moe_desc d;
+    acmoe_moe *layer = NULL;
+    acmoe_rng rng;
+    float *params, *grads, *first_grads;
+    int32_t prev[n * 2];
+    size_t count, i;
+    int t, c;
+    memset(&d, 0, sizeof d);
+    d.d_model = dm, d.d_ff = 16, d.n_experts = e, d.top_k = 2, d.max_tokens = n;
+    CHECK_STATUS(acmoe_moe_router_preset(&d, 'c'), ACMOE_OK);
+    count = acmoe_moe_param_count(&d);
+    params = (float *)malloc(sizeof(float) * count);
+    grads = (float *)calloc(count, sizeof(float));
+    first_grads = (float *)malloc(sizeof(float) * count);
+    CHECK_STATUS(acmoe_moe_create(&layer, &d, params, grads), ACMOE_OK);
+    acmoe_rng_seed(&rng, 61);
+    acmoe_moe_init_params(layer, &rng);
+    for (i = 0; i < (size_t)n * dm; i++) x[i] = acmoe_rng_normal(&rng), dout[i] = acmoe_rng_normal(&rng);
+    for (t = 0; t < n; t++) prev[2 * t] = (int32_t)acmoe_rng_below(&rng, e), prev[2 * t + 1] = (prev[2 * t] + 1) % e;
+    ctx[0] = test_context(1, 0, 0, 0);
+    ctx[1] = test_context(2, 0, 0, 0);
+    ctx[2] = test_context(1, 12, 4, 16); /* no room for two tiles of 6 rows */
+    CHECK_STATUS(acmoe_moe_forward(layer, ctx[0], x, n, prev, NULL, 2, first_out), ACMOE_OK);
+    CHECK(layer->u_in_tiles && acmoe__ac_input_grad_rows(layer, ctx[0]) < n / ACMOE__AC_BLOCKS);
+    memcpy(logits, layer->logits, sizeof logits);
+    CHECK_STATUS(acmoe_moe_backward(layer, ctx[0], dout, first_dx), ACMOE_OK);
+    memcpy(first_grads, grads, sizeof(float) * count);
+    /* the same products over u written out */
+    acmoe__times_token_weights(layer, ctx[0], x, n, layer->xr, 0);
+    CHECK_STATUS(acmoe_matmul(ctx[0], ACMOE_NT, n, e, dm, layer->xr, dm, layer->ehat, dm, want_logits, e, 0), ACMOE_OK);
+    CHECK_STATUS(acmoe_matmul(ctx[0], ACMOE_TN, e, dm, n, layer->dz, e, layer->xr, dm, want_dehat, dm, 0), ACMOE_OK);
+    CHECK(memcmp(logits, want_logits, sizeof logits) == 0);
+    CHECKF(relative_gap(layer->dehat, want_dehat, (size_t)e * dm) < 1e-5, "embedding gradient off by %g",
+           relative_gap(layer->dehat, want_dehat, (size_t)e * dm));
+    for (c = 1; c < 3; c++) {
+        memset(grads, 0, sizeof(float) * count);
+        CHECK_STATUS(acmoe_moe_forward(layer, ctx[c], x, n, prev, NULL, 2, out), ACMOE_OK);
+        CHECK(layer->u_in_tiles == (c == 1));
+        CHECK_STATUS(acmoe_moe_backward(layer, ctx[c], dout, dx), ACMOE_OK);
+        if (c == 1)
+            CHECK(memcmp(out, first_out, sizeof out) == 0 && memcmp(dx, first_dx, sizeof dx) == 0 &&
+                  memcmp(grads, first_grads, sizeof(float) * count) == 0);
+        else
+            CHECK(relative_gap(out, first_out, (size_t)n * dm) < 1e-5 && relative_gap(dx, first_dx, (size_t)n * dm) < 1e-5 &&
+                  relative_gap(grads, first_grads, count) < 1e-5);
+    }
+    memset(grads, 0, sizeof(float) * count); /* forward in tiles, backward on a context without them */
+    CHECK_STATUS(acmoe_moe_forward(layer, ctx[0], x, n, prev, NULL, 2, out), ACMOE_OK);
+    CHECK(layer->u_in_tiles);
+    CHECK_STATUS(acmoe_moe_backward(layer, ctx[2], dout, dx), ACMOE_OK);
+    CHECK(!layer->u_in_tiles && relative_gap(dx, first_dx, (size_t)n * dm) < 1e-5 &&
+          relative_gap(grads, first_grads, count) < 1e-5);
+    for (c = 0; c < 3; c++) acmoe_ctx_destroy(ctx[c]);
+    acmoe_moe_destroy(layer);
+    free(params), free(grads), free(first_grads);
+}
+
 /* Dropout's backward pass against finite differences along a random direction: dense
    layers (no routing decision to hold still), with the model's generator rewound before
    every forward pass so each one drops the same units; post-LN and pre-LN. */
@@ -743,6 +825,7 @@ const test_case internal_tests[] = {
     {"column_sums", test_column_sums},
     {"ac_dispersion_parts", test_ac_dispersion_parts},
     {"ac_statistics_blocks", test_ac_statistics_blocks},
+    {"ac_tiles", test_ac_tiles},
     {"lm_dropout_gradient", test_lm_dropout_gradient},
     {"corrupt_tokens", test_corrupt_tokens},
     {0, 0},

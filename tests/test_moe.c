@@ -197,7 +197,7 @@ static void test_grad_expert_choice(void) { check_layer_gradients('e', ACMOE_ACT
 
 /* The AC variants and the compositions no paper has: AC weights with Switch and USMoE
    selection, the weights reaching the experts, mixed labels; a width the input gradient's
-   tiles take. */
+   tiles take, and with 16 experts the router input's tiles. */
 static void test_grad_ac_variants(void) {
     acmoe_moe_desc d = small_desc('c', ACMOE_ACT_GELU);
     d.router_select = ACMOE_SELECT_SWITCH;
@@ -215,6 +215,10 @@ static void test_grad_ac_variants(void) {
     check_gradients_desc(&d, 34);
     d.ac_mix_labels = 1;
     check_gradients_desc(&d, 35);
+    d.n_experts = 16; /* and the router input in tiles, never written out */
+    check_gradients_desc(&d, 36);
+    d.ac_mix_labels = 0;
+    check_gradients_desc(&d, 37);
 }
 
 /* Soft MoE over the whole call, over sequences with two slots per expert, over positions,
