@@ -3129,20 +3129,23 @@ typedef struct acmoe__ac_blocks {
     const int32_t *labels;
     const int *count;
     float *mu, *w, *partials; /* partials: ACMOE__AC_BLOCKS x k_rows x d */
+    int *bad; /* step 0 counts here the blocks of x with a NaN or an infinity; NULL: no check */
     int n, d, label_stride, k_rows, variance;
 } acmoe__ac_blocks;
 
 static int acmoe__ac_by_blocks(int n, int k_rows) { return (long)ACMOE__AC_BLOCKS * k_rows <= (long)n; }
 
-/* Blocks [b0, b1): the partial sums of x (step 0) or of the deviations (step 2). */
+/* Blocks [b0, b1): the partial sums of x (step 0) or of the deviations (step 2). Step 0 can
+   first check a block of x for NaN and infinity, the block then read again from the cache. */
 static void acmoe__ac_block_sums(const acmoe__ac_blocks *s, int step, int b0, int b1) {
     const size_t d = (size_t)s->d, part_len = (size_t)s->k_rows * d;
     int b, t;
     for (b = b0; b < b1; b++) {
         float *part = s->partials + (size_t)b * part_len;
-        const int t1 = acmoe__block_row(s->n, b + 1, ACMOE__AC_BLOCKS);
+        const int t0 = acmoe__block_row(s->n, b, ACMOE__AC_BLOCKS), t1 = acmoe__block_row(s->n, b + 1, ACMOE__AC_BLOCKS);
+        if (step == 0 && s->bad && !acmoe__all_finite(s->x + t0 * d, (size_t)(t1 - t0) * d)) acmoe__next_item(s->bad);
         memset(part, 0, sizeof(float) * part_len);
-        for (t = acmoe__block_row(s->n, b, ACMOE__AC_BLOCKS); t < t1; t++) {
+        for (t = t0; t < t1; t++) {
             const size_t at = (size_t)s->labels[(size_t)t * s->label_stride] * d;
             if (step == 0) /* 1 x is x: a plain sum */
                 s->kern->row_axpy(part + at, s->x + t * d, s->d, 1.0f);
@@ -3156,7 +3159,7 @@ static acmoe__ac_blocks acmoe__ac_blocks_of(const acmoe_ac_desc *desc, const acm
                                              int n, int d, const int32_t *labels, int label_stride, int k_rows,
                                              const int *count, float *mu, float *w, float *partials) {
     acmoe__ac_blocks s;
-    s.kern = kern, s.x = x, s.labels = labels, s.count = count, s.mu = mu, s.w = w, s.partials = partials;
+    s.kern = kern, s.x = x, s.labels = labels, s.count = count, s.mu = mu, s.w = w, s.partials = partials, s.bad = NULL;
     s.n = n, s.d = d, s.label_stride = label_stride, s.k_rows = k_rows;
     s.variance = desc->dispersion == ACMOE_AC_DISP_VARIANCE;
     return s;
@@ -3931,17 +3934,46 @@ static void acmoe__ac_dispersion_job(void *arg, int tid, int n_threads) {
                               layer->ac_rows, layer->ac_count, layer->ac_mu, layer->ac_w, tid, n_threads);
 }
 
-/* The AC statistics of the layer's labels, on the pool's threads. */
-static void acmoe__ac_layer_statistics(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n) {
-    const int rows = layer->ac_rows, dm = layer->desc.d_model;
+/* Whether the tokens are normalised before anything else reads them (see acmoe_soft_input). */
+static int acmoe__normalized_soft(const acmoe_moe *layer) {
+    return layer->desc.router_select == ACMOE_SELECT_SOFT && layer->desc.soft_input == ACMOE_SOFT_NORMALIZED;
+}
+
+/* Whether the AC statistics check the layer's input for NaN and infinity as they first read
+   it, a block of tokens at a time, sparing the layer a pass over x: AC weights measured on
+   this call, in this process, by blocks of tokens (whatever the labels turn out to be). */
+static int acmoe__ac_checks_input(const acmoe_moe *layer, acmoe_ctx *ctx, int n) {
+    const acmoe_moe_desc *desc = &layer->desc;
+    return desc->router_input == ACMOE_INPUT_AC && !acmoe__normalized_soft(layer) &&
+           (!layer->ac_frozen || !layer->ac_ready) && !(ctx->desc.comm && ctx->desc.comm->size > 1) &&
+           acmoe__ac_by_blocks(n, desc->ac_max_clusters) &&
+           acmoe__sum_partials(ctx, ACMOE__AC_BLOCKS, desc->ac_max_clusters, desc->d_model) != NULL;
+}
+
+/* The AC statistics of the layer's labels, clusters [0, rows), on the pool's threads; with
+   check (acmoe__ac_checks_input), ACMOE_ERR_NONFINITE for an input with a NaN or an infinity,
+   found before the layer's counts and weights change. */
+static acmoe_status acmoe__ac_layer_statistics(acmoe_moe *layer, acmoe_ctx *ctx, const float *x, int n, int rows,
+                                               int check) {
+    const int dm = layer->desc.d_model;
     float *partials = acmoe__ac_by_blocks(n, rows) ? acmoe__sum_partials(ctx, ACMOE__AC_BLOCKS, rows, dm) : NULL;
     acmoe__ac_job job;
+    int bad = 0;
     job.layer = layer, job.kern = &ctx->kernel, job.x = x, job.n = n, job.step = 0;
     job.blocks = acmoe__ac_blocks_of(&layer->desc.ac, &ctx->kernel, x, n, dm, layer->labels, 1, rows,
                                      layer->ac_count, layer->ac_mu, layer->ac_w, partials);
+    job.blocks.bad = check ? &bad : NULL;
+    if (partials) { /* step 0 reads only x and the labels */
+        acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__ac_dispersion_job, &job);
+        if (bad) return ACMOE_ERR_NONFINITE;
+        job.step = 1;
+    }
+    layer->ac_rows = rows;
+    acmoe__ac_counts(layer->labels, 1, n, rows, layer->ac_count);
     do
         acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__ac_dispersion_job, &job);
     while (partials && ++job.step < 4);
+    return ACMOE_OK;
 }
 
 /* The AC weights from statistics over the tokens of every rank of comm: cluster sizes, then
@@ -3994,9 +4026,8 @@ static acmoe_status acmoe__ac_token_weights(acmoe_moe *layer, acmoe_ctx *ctx, co
         if (status != ACMOE_OK) return status;
         layer->ac_ready = 1;
     } else if (!layer->ac_frozen || !layer->ac_ready) {
-        layer->ac_rows = top + 1;
-        acmoe__ac_counts(layer->labels, 1, n, layer->ac_rows, layer->ac_count);
-        acmoe__ac_layer_statistics(layer, ctx, x, n);
+        const acmoe_status status = acmoe__ac_layer_statistics(layer, ctx, x, n, top + 1, acmoe__ac_checks_input(layer, ctx, n));
+        if (status != ACMOE_OK) return status;
         acmoe__ac_weights(&layer->desc.ac, layer->ac_w, layer->ac_rows, dm, layer->ac_count);
         layer->ac_ready = 1;
     } else if (top >= layer->ac_rows) {
@@ -4080,11 +4111,6 @@ static void acmoe__times_token_weights(const acmoe_moe *layer, acmoe_ctx *ctx, c
     acmoe__weights_job job;
     job.layer = layer, job.kern = &ctx->kernel, job.x = x, job.out = out, job.n = n, job.accumulate = accumulate;
     acmoe__pool_run(&ctx->pool, ctx->desc.n_threads, acmoe__times_token_weights_job, &job);
-}
-
-/* Whether the tokens are normalised before anything else reads them (see acmoe_soft_input). */
-static int acmoe__normalized_soft(const acmoe_moe *layer) {
-    return layer->desc.router_select == ACMOE_SELECT_SOFT && layer->desc.soft_input == ACMOE_SOFT_NORMALIZED;
 }
 
 /* The router input u [n][dr]: x itself, x R^T, or x * W[label]; for normalised Soft MoE the
@@ -4988,7 +5014,8 @@ ACMOE_API acmoe_status acmoe_moe_forward(acmoe_moe *layer, acmoe_ctx *ctx, const
     if (soft && (double)acmoe__group_count(resolved, n) * layer->lw > layer->max_pairs)
         return ACMOE_ERR_SHAPE; /* more slot rows than the workspace made at creation holds */
     if (n > 0 && (!x || !out)) return ACMOE_ERR_NULL;
-    if (!acmoe__all_finite_on_pool(ctx, x, (size_t)n * resolved->d_model)) return ACMOE_ERR_NONFINITE;
+    if (!acmoe__ac_checks_input(layer, ctx, n) && !acmoe__all_finite_on_pool(ctx, x, (size_t)n * resolved->d_model))
+        return ACMOE_ERR_NONFINITE;
     layer->x = x;
     layer->n = n;
     layer->cached = 0; /* no backward until this call succeeds */

@@ -961,6 +961,61 @@ static void test_moe_nonfinite_input_threads(void) {
     free(params), free(grads), free(x), free(out);
 }
 
+/* An AC layer checks its input as its statistics first read it, a block of tokens at a time:
+   a NaN or an infinity at either end of x or of any block of tokens, on one thread or two,
+   is refused, with the layer's AC weights and their row count as the last good call left
+   them; the clean input passes and gives the same bits as before. */
+static void test_moe_ac_nonfinite_input(void) {
+    enum { N = 1030, D = 32, E = 4 };
+    const float poison[] = {NAN, INFINITY, -INFINITY};
+    acmoe_moe_desc desc;
+    acmoe_moe *layer = NULL;
+    acmoe_rng rng;
+    float *params, *grads, *x = (float *)malloc(sizeof(float) * N * D), *out = (float *)malloc(sizeof(float) * N * D);
+    float *first = (float *)malloc(sizeof(float) * N * D), good_w[E * D];
+    int32_t prev[N * 2];
+    const float *w;
+    int32_t keep_label[2];
+    int threads, rows, good_rows, b, end, p, t;
+    memset(&desc, 0, sizeof desc);
+    desc.d_model = D, desc.d_ff = D, desc.n_experts = E, desc.top_k = 2, desc.max_tokens = N;
+    CHECK_STATUS(acmoe_moe_router_preset(&desc, 'c'), ACMOE_OK);
+    params = (float *)malloc(sizeof(float) * acmoe_moe_param_count(&desc));
+    grads = (float *)calloc(acmoe_moe_param_count(&desc), sizeof(float));
+    CHECK_STATUS(acmoe_moe_create(&layer, &desc, params, grads), ACMOE_OK);
+    acmoe_rng_seed(&rng, 9);
+    acmoe_moe_init_params(layer, &rng);
+    for (t = 0; t < N * D; t++) x[t] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
+    for (t = 0; t < N; t++) prev[2 * t] = (int32_t)acmoe_rng_below(&rng, E), prev[2 * t + 1] = (prev[2 * t] + 1) % E;
+    for (threads = 1; threads <= 2; threads++) {
+        acmoe_ctx *ctx = test_context(threads, 0, 0, 0);
+        CHECK_STATUS(acmoe_moe_forward(layer, ctx, x, N, prev, NULL, 2, out), ACMOE_OK);
+        if (threads == 1) memcpy(first, out, sizeof(float) * N * D);
+        CHECK(memcmp(first, out, sizeof(float) * N * D) == 0);
+        w = acmoe_moe_ac_weights(layer, &good_rows);
+        CHECK(w != NULL && good_rows == E);
+        memcpy(good_w, w, sizeof good_w);
+        keep_label[0] = prev[0], keep_label[1] = prev[1];
+        prev[0] = E - 1, prev[1] = 0; /* so that a call that got as far as the counts would change them */
+        for (b = 0; b < 8; b++)
+            for (end = 0; end < 2; end++)
+                for (p = 0; p < 3; p++) {
+                    const size_t at = end ? (size_t)(N * (b + 1) / 8) * D - 1 : (size_t)(N * b / 8) * D;
+                    const float keep = x[at];
+                    x[at] = poison[p];
+                    CHECK_STATUS(acmoe_moe_forward(layer, ctx, x, N, prev, NULL, 2, out), ACMOE_ERR_NONFINITE);
+                    x[at] = keep;
+                    w = acmoe_moe_ac_weights(layer, &rows);
+                    CHECKF(rows == good_rows && memcmp(w, good_w, sizeof good_w) == 0,
+                           "%d threads: a refused input at %zu changed the AC weights", threads, at);
+                }
+        prev[0] = keep_label[0], prev[1] = keep_label[1];
+        acmoe_ctx_destroy(ctx);
+    }
+    acmoe_moe_destroy(layer);
+    free(params), free(grads), free(x), free(out), free(first);
+}
+
 static void test_moe_bad_input(void) {
     fixture f;
     acmoe_moe_desc d;
@@ -1059,6 +1114,7 @@ const test_case moe_tests[] = {
     {"moe_bad_input", test_moe_bad_input},
     {"moe_ac_blocks", test_moe_ac_blocks},
     {"moe_nonfinite_input_threads", test_moe_nonfinite_input_threads},
+    {"moe_ac_nonfinite_input", test_moe_ac_nonfinite_input},
     {"moe_step_allocates_nothing", test_moe_step_allocates_nothing},
     {"moe_grad_smoe_gelu", test_grad_smoe_gelu},
     {"moe_grad_smoe_relu", test_grad_smoe_relu},
