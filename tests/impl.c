@@ -673,8 +673,9 @@ static double relative_gap(const float *got, const float *want, size_t n) {
     double gap = 0.0, scale = 1e-30;
     size_t i;
     for (i = 0; i < n; i++) {
-        gap = fmax(gap, fabs((double)got[i] - want[i]));
-        scale = fmax(scale, fabs((double)want[i]));
+        const double g = fabs((double)got[i] - want[i]), w = fabs((double)want[i]);
+        if (g > gap) gap = g;
+        if (w > scale) scale = w;
     }
     return gap / scale;
 }
