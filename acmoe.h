@@ -2739,13 +2739,18 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
        micro-tiles and a stride of a page or more (a TLB miss every depth step): at strides of
        128 to 512 floats the copy cost more than it saved (1.5 % of a training step). A' rows
        that run along the depth are already what the kernel reads, unless their stride is a
-       multiple of 1 KiB and rows alias in the cache; A' that runs across its rows is packed
-       too when its stride is a page or more. */
+       multiple of 1 KiB and rows alias in the cache. A' that runs across its rows is packed
+       when its stride is a page or more, or for many micro-tiles; with micro-tiles 64 wide,
+       only where the stride is also a multiple of 1 KiB: their depth step has the work to
+       cover a fresh cache line of A' (the mr values side by side), and in place an expert's
+       weight gradient of 352 x 352 x 512 ran faster, most of all on 2 threads, each of which
+       packed all of A'. The narrower AVX2 tiles ran slower in place. */
     g->pack_b = g->b_cs != 1 || (g->m > 4 * ctx->kernel.mr * 4 && g->b_rs >= 1024);
     if (g->a_cs == 1)
         g->pack_a = g->n > 4 * ctx->kernel.nr && g->a_rs % 256 == 0;
     else
-        g->pack_a = g->n > 4 * ctx->kernel.nr || g->a_cs >= 1024;
+        g->pack_a = g->a_cs >= 1024 ||
+                    (g->n > 4 * ctx->kernel.nr && (ctx->kernel.nr < 64 || g->a_cs % 256 == 0));
     g->tm = g->tn = 1;
     return ACMOE_OK;
 }
