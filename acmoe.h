@@ -141,7 +141,7 @@ ACMOE_API float acmoe_rng_normal(acmoe_rng *rng);               /* mean 0, devia
 typedef struct acmoe_ctx_desc {
     int n_threads; /* default: online CPUs; always 1 under ACMOE_NO_THREADS */
     acmoe_isa isa; /* default: acmoe_cpu_isa() */
-    int mc, kc, nc; /* cache blocking of the matmul (rows, depth, columns) */
+    int mc, kc, nc; /* cache blocking of the matmul (rows, depth, columns); 0: the path's own */
     /* Optional monotonic clock in seconds. When set, layers time their phases (routing and
        experts) into their stats; the library itself never reads a clock. */
     double (*clock)(void);
@@ -158,6 +158,8 @@ typedef struct acmoe_ctx acmoe_ctx;
 ACMOE_API acmoe_ctx_desc acmoe_ctx_defaults(void);
 ACMOE_API acmoe_status acmoe_ctx_create(acmoe_ctx **ctx, const acmoe_ctx_desc *desc);
 ACMOE_API void acmoe_ctx_destroy(acmoe_ctx *ctx);
+/* Another kernel path for the context's next calls; the blocking stays the one it was
+   created with (the path's own when the desc left it 0). */
 ACMOE_API acmoe_status acmoe_ctx_set_isa(acmoe_ctx *ctx, acmoe_isa isa);
 ACMOE_API acmoe_ctx_desc acmoe_ctx_settings(const acmoe_ctx *ctx); /* resolved values */
 
@@ -1394,19 +1396,21 @@ static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out);
 static int acmoe__default_kc(acmoe_isa isa) { return isa == ACMOE_ISA_AVX512 ? 768 : 384; }
 static int acmoe__default_nc(acmoe_isa isa) { return isa == ACMOE_ISA_AVX512 ? 2048 : 4096; }
 
+/* The blocking stays 0, the path's own, so that a caller who then picks another path gets
+   that path's blocking rather than this CPU's best path's. */
 ACMOE_API acmoe_ctx_desc acmoe_ctx_defaults(void) {
     acmoe_ctx_desc desc;
     memset(&desc, 0, sizeof desc);
     desc.n_threads = acmoe__online_cpus();
     desc.isa = acmoe_cpu_isa();
-    desc.mc = 192;
-    desc.kc = acmoe__default_kc(desc.isa);
-    desc.nc = acmoe__default_nc(desc.isa);
     return desc;
 }
 
 static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc *out) {
     acmoe_ctx_desc desc = acmoe_ctx_defaults();
+    desc.mc = 192;
+    desc.kc = acmoe__default_kc(desc.isa);
+    desc.nc = acmoe__default_nc(desc.isa);
     if (in) {
         if (in->n_threads < 0 || in->mc < 0 || in->kc < 0 || in->nc < 0) return ACMOE_ERR_ARG;
         if ((int)in->isa < 0 || (int)in->isa >= ACMOE_ISA_COUNT) return ACMOE_ERR_ARG;

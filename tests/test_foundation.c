@@ -237,12 +237,23 @@ static void test_rng_distributions(void) {
 /* ---- contexts ---- */
 
 static void test_ctx_desc(void) {
-    acmoe_ctx_desc d = acmoe_ctx_defaults(), got;
+    acmoe_ctx_desc d = acmoe_ctx_defaults(), got, scalar;
     acmoe_ctx *ctx = NULL;
-    CHECK(d.n_threads >= 1 && d.isa == acmoe_cpu_isa() && d.mc > 0 && d.kc > 0 && d.nc > 0);
+    CHECK(d.n_threads >= 1 && d.isa == acmoe_cpu_isa() && d.mc == 0 && d.kc == 0 && d.nc == 0);
     CHECK_STATUS(acmoe_ctx_create(&ctx, NULL), ACMOE_OK);
     got = acmoe_ctx_settings(ctx);
-    CHECK(got.n_threads == d.n_threads && got.isa == d.isa && got.kc == d.kc);
+    CHECK(got.n_threads == d.n_threads && got.isa == d.isa && got.mc > 0 && got.kc > 0 && got.nc > 0);
+    acmoe_ctx_destroy(ctx);
+    /* defaults with another path: that path's blocking, as from a zeroed desc */
+    d.isa = ACMOE_ISA_SCALAR;
+    CHECK_STATUS(acmoe_ctx_create(&ctx, &d), ACMOE_OK);
+    got = acmoe_ctx_settings(ctx);
+    acmoe_ctx_destroy(ctx);
+    memset(&d, 0, sizeof d);
+    d.isa = ACMOE_ISA_SCALAR;
+    CHECK_STATUS(acmoe_ctx_create(&ctx, &d), ACMOE_OK);
+    scalar = acmoe_ctx_settings(ctx);
+    CHECK(got.mc == scalar.mc && got.kc == scalar.kc && got.nc == scalar.nc);
     acmoe_ctx_destroy(ctx);
     memset(&d, 0, sizeof d);
     d.n_threads = -1;
