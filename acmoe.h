@@ -4188,9 +4188,7 @@ static void acmoe__ac_logits_job_run(void *arg, int tid, int n_threads) {
 static void acmoe__ac_tile_logits(acmoe_moe *layer, acmoe_ctx *ctx, const float *x) {
     const int dm = layer->desc.d_model, e = layer->desc.n_experts;
     acmoe__ac_logits_job job;
-    int j, q;
-    for (j = 0; j < e; j++)
-        for (q = 0; q < dm; q++) layer->ehat_t[(size_t)q * e + j] = layer->ehat[(size_t)j * dm + q];
+    acmoe__transpose(ctx->kernel.isa, layer->ehat_t, e, layer->ehat, dm, e, dm);
     job.layer = layer, job.ctx = ctx, job.x = x, job.tile_rows = acmoe__ac_input_grad_rows(layer, ctx);
     acmoe__pool_run(&ctx->pool, acmoe__threads_for(ctx, (double)layer->n * dm * e), acmoe__ac_logits_job_run, &job);
 }

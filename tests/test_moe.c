@@ -968,24 +968,21 @@ static void test_moe_nonfinite_input_threads(void) {
 static void test_moe_ac_nonfinite_input(void) {
     enum { N = 1030, D = 32, E = 4 };
     const float poison[] = {NAN, INFINITY, -INFINITY};
+    fixture f;
     acmoe_moe_desc desc;
-    acmoe_moe *layer = NULL;
+    acmoe_moe *layer;
     acmoe_rng rng;
-    float *params, *grads, *x = (float *)malloc(sizeof(float) * N * D), *out = (float *)malloc(sizeof(float) * N * D);
-    float *first = (float *)malloc(sizeof(float) * N * D), good_w[E * D];
-    int32_t prev[N * 2];
+    float *x, *out, *first = (float *)malloc(sizeof(float) * N * D), good_w[E * D];
+    int32_t *prev;
     const float *w;
     int32_t keep_label[2];
     int threads, rows, good_rows, b, end, p, t;
     memset(&desc, 0, sizeof desc);
     desc.d_model = D, desc.d_ff = D, desc.n_experts = E, desc.top_k = 2, desc.max_tokens = N;
     CHECK_STATUS(acmoe_moe_router_preset(&desc, 'c'), ACMOE_OK);
-    params = (float *)malloc(sizeof(float) * acmoe_moe_param_count(&desc));
-    grads = (float *)calloc(acmoe_moe_param_count(&desc), sizeof(float));
-    CHECK_STATUS(acmoe_moe_create(&layer, &desc, params, grads), ACMOE_OK);
+    fixture_make_desc(&f, &desc, N, 9);
+    layer = f.layer, x = f.x, out = f.out, prev = f.prev;
     acmoe_rng_seed(&rng, 9);
-    acmoe_moe_init_params(layer, &rng);
-    for (t = 0; t < N * D; t++) x[t] = 2.0f * acmoe_rng_uniform(&rng) - 1.0f;
     for (t = 0; t < N; t++) prev[2 * t] = (int32_t)acmoe_rng_below(&rng, E), prev[2 * t + 1] = (prev[2 * t] + 1) % E;
     for (threads = 1; threads <= 2; threads++) {
         acmoe_ctx *ctx = test_context(threads, 0, 0, 0);
@@ -1012,8 +1009,8 @@ static void test_moe_ac_nonfinite_input(void) {
         prev[0] = keep_label[0], prev[1] = keep_label[1];
         acmoe_ctx_destroy(ctx);
     }
-    acmoe_moe_destroy(layer);
-    free(params), free(grads), free(x), free(out), free(first);
+    fixture_free(&f);
+    free(first);
 }
 
 static void test_moe_bad_input(void) {
