@@ -373,15 +373,20 @@ static void print_platform(acmoe_ctx *ctx[2]) {
 }
 
 #define PEAK_RUNS 5
+#define PEAK_EXTRA_RUNS 20   /* more 2-thread runs when the first ones found a busy second core */
+#define PEAK_PAIR_EXPECTED 1.6 /* two cores of their own reach nearly twice one core's rate */
 
 /* The FMA peak on 1 thread and on 2 concurrent threads, in GFLOP/s: the best of PEAK_RUNS
-   runs, since a peak is an upper bound and a shared host only ever takes cycles away. It is
-   measured once per process and printed where it is first needed. */
+   runs, since a peak is an upper bound and a shared host only ever takes cycles away. A
+   2-thread best far below twice the 1-thread one means the second CPU was busy for all of
+   those runs (or shares a core with the first): the 2-thread loop runs again, and if it still
+   falls short the 2-thread shares are flagged. It is measured once per process and printed
+   where it is first needed. */
 static const double *fma_peak(const timing_plan *plan) {
     static double peak[2];
     fma_probe probe;
     long iters;
-    int run, t;
+    int run, t, extra = 0;
     if (peak[0] > 0.0) return peak;
     probe = fma_probe_for(bench_isa);
     iters = fma_iters_for(&probe, plan->peak_seconds / PEAK_RUNS);
@@ -390,9 +395,17 @@ static const double *fma_peak(const timing_plan *plan) {
             double gflops = fma_gflops(&probe, iters, t + 1);
             if (gflops > peak[t]) peak[t] = gflops;
         }
-    printf("FMA peak:     %s, %d accumulators, best of %d runs\n", probe.name, probe.chains, PEAK_RUNS);
+    for (; extra < PEAK_EXTRA_RUNS && peak[1] < PEAK_PAIR_EXPECTED * peak[0]; extra++) {
+        double gflops = fma_gflops(&probe, iters, 2);
+        if (gflops > peak[1]) peak[1] = gflops;
+    }
+    printf("FMA peak:     %s, %d accumulators, best of %d runs\n", probe.name, probe.chains, PEAK_RUNS + extra);
     printf("              1 thread %.1f GFLOP/s (per-core peak), 2 threads %.1f GFLOP/s (%.2fx)\n",
            peak[0], peak[1], peak[1] / peak[0]);
+    if (peak[1] < PEAK_PAIR_EXPECTED * peak[0])
+        printf("              warning: 2 threads never reached %.1fx of one: the second CPU was busy or\n"
+               "              shares a core; 2-thread shares below are against this low figure\n",
+               PEAK_PAIR_EXPECTED);
     return peak;
 }
 
