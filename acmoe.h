@@ -1205,6 +1205,10 @@ typedef void (*acmoe__tall_fn)(int kc, const float *a, ptrdiff_t a_rs, ptrdiff_t
 
 typedef struct acmoe__adam acmoe__adam; /* AdamW coefficients, with the row kernels */
 
+/* One row of C, n columns (a multiple of 16; see acmoe__small_product). */
+typedef void (*acmoe__one_row_fn)(int kc, const float *a, ptrdiff_t a_step, const float *b, ptrdiff_t b_step, float *c,
+                                  int n, int accumulate);
+
 typedef void (*acmoe__gemv_fn)(int kc, const float *a, ptrdiff_t a_step, const float *b, ptrdiff_t b_step, float *c,
                                ptrdiff_t c_step, int rows, int accumulate);
 
@@ -1237,6 +1241,7 @@ typedef struct acmoe__kernel {
     int gemv_rows;
     acmoe__tall_fn tall; /* products one vector wide (attention heads); NULL: the micro-kernels */
     int tall_width;
+    acmoe__one_row_fn one_row; /* products of one row (decoding); NULL: the micro-kernels */
     void (*top16)(const float *z, int e, int k, int32_t *idx); /* top k of e <= 16; NULL: the scalar loop */
 } acmoe__kernel;
 
@@ -1776,6 +1781,48 @@ ACMOE__TARGET_AVX512 static void acmoe__kernel_avx512_tall(int kc, const float *
 ACMOE__NEON_KERNEL(acmoe__kernel_neon, 4)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon_half, 2)
 ACMOE__NEON_KERNEL(acmoe__kernel_neon_quarter, 1)
+#endif
+
+/* One-row kernels: c (+)= a B for a single row of A' (a query decoding one position), where
+   a micro-kernel would run mr rows and keep one. Columns go NVEC vectors at a time, widest
+   first, so that a long row keeps as many chains in flight as the FMA latency needs; each
+   element is the micro-kernels' chain of one multiply-add per depth step, in order, so the
+   bits equal those of the same row in a product of many rows. */
+#define ACMOE__ONE_ROW_BLOCKS(NVEC, VEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO)                  \
+    for (; j + NVEC * VLEN <= n; j += NVEC * VLEN) {                                                \
+        VEC acc[NVEC];                                                                              \
+        const float *bp = b + j;                                                                    \
+        ptrdiff_t ka = 0;                                                                           \
+        ACMOE__UNROLL for (v = 0; v < NVEC; v++) acc[v] = ZERO;                                    \
+        for (p = 0; p < kc; p++, ka += a_step, bp += b_step) {                                     \
+            const VEC av = SET1(a[ka]);                                                             \
+            ACMOE__UNROLL for (v = 0; v < NVEC; v++) acc[v] = FMA(av, LOAD(bp + v * VLEN), acc[v]); \
+        }                                                                                           \
+        ACMOE__UNROLL for (v = 0; v < NVEC; v++) {                                                 \
+            float *cp = c + j + v * VLEN;                                                           \
+            STORE(cp, accumulate ? ADD(LOAD(cp), acc[v]) : acc[v]);                                 \
+        }                                                                                           \
+    }
+#define ACMOE__DEFINE_ONE_ROW(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO)               \
+    TARGET static void acmoe__one_row_##SFX(int kc, const float *a, ptrdiff_t a_step, const float *b, \
+                                            ptrdiff_t b_step, float *c, int n, int accumulate) {     \
+        int j = 0, p, v;                                                                            \
+        ACMOE__ONE_ROW_BLOCKS(8, VEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO)                      \
+        ACMOE__ONE_ROW_BLOCKS(4, VEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO)                      \
+        ACMOE__ONE_ROW_BLOCKS(2, VEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO)                      \
+        ACMOE__ONE_ROW_BLOCKS(1, VEC, VLEN, LOAD, STORE, SET1, FMA, ADD, ZERO)                      \
+    }
+#ifdef ACMOE__X86
+ACMOE__DEFINE_ONE_ROW(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
+                      _mm256_fmadd_ps, _mm256_add_ps, _mm256_setzero_ps())
+#endif
+#ifdef ACMOE__HAVE_AVX512
+ACMOE__DEFINE_ONE_ROW(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps,
+                      _mm512_fmadd_ps, _mm512_add_ps, _mm512_setzero_ps())
+#endif
+#ifdef ACMOE__NEON
+ACMOE__DEFINE_ONE_ROW(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, ACMOE__NEON_FMA, vaddq_f32,
+                      vdupq_n_f32(0.0f))
 #endif
 
 /* Row kernels: the loops attention, the losses, the layer norms and the optimizer spend
@@ -2359,19 +2406,19 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
         {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter},
-         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0, NULL, 0, NULL},
+         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0, NULL, 0, NULL, NULL},
 #ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
         {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8},
-         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8, NULL, 0, NULL},
+         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8, NULL, 0, acmoe__one_row_avx2, NULL},
 #endif
 #ifdef ACMOE__HAVE_AVX512
         {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
          {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512, 16, acmoe__kernel_avx512_tall, 16,
-         acmoe__top16_avx512},
+         acmoe__one_row_avx512, acmoe__top16_avx512},
 #endif
 #ifdef ACMOE__NEON
         {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter},
-         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4, NULL, 0, NULL},
+         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4, NULL, 0, acmoe__one_row_neon, NULL},
 #endif
     };
     size_t i;
@@ -2811,7 +2858,7 @@ static acmoe_status acmoe__matmul_on_thread(acmoe_ctx *ctx, int tid, acmoe_layou
 /* c (+)= a b for m rows of a (element (i, p) at a[i * a_rs + p * a_cs]), depth k, b's rows of
    n floats at stride b_rs, n a multiple of 16 (every path's kernel widths divide 16 or are
    multiples of it): the micro-kernels read the operands in place, the widest kernel that fits
-   at each column. Each element is one chain of k multiply-adds, as in acmoe_matmul with k
+   at each column, and a last single row takes the path's one-row kernel. Each element is one chain of k multiply-adds, as in acmoe_matmul with k
    within one depth block. For products too small to pay for packing (attention heads, a
    router's few experts). */
 static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k, const float *a, ptrdiff_t a_rs,
@@ -2824,6 +2871,10 @@ static void acmoe__small_product(const acmoe__kernel *kern, int m, int n, int k,
             kern->tall(k, a + i0 * a_rs, a_rs, a_cs, b, b_rs, c + i0 * c_rs, c_rs, accumulate);
     for (; i0 < m; i0 += kern->mr) {
         const int mrr = ACMOE__MIN(kern->mr, m - i0);
+        if (mrr == 1 && kern->one_row) {
+            kern->one_row(k, a + i0 * a_rs, a_cs, b, b_rs, c + i0 * c_rs, n, accumulate);
+            break;
+        }
         for (i = 0; i < kern->mr; i++) rows[i] = a + (i0 + ACMOE__MIN(i, mrr - 1)) * a_rs;
         for (j0 = 0; j0 < n; j0 += kern->width[w]) {
             for (w = 0; kern->width[w] > n - j0; w++) continue;

@@ -1140,7 +1140,7 @@ static void test_sample(void) {
    position and from a later start, pre-LN and post-LN, with frozen AC weights; calls it
    cannot serve are refused. */
 static void check_decode(int pre_ln) {
-    enum { len = 70 }; /* more than one attention block */
+    enum { len = 150 }; /* more than one attention block; rows of keys 128 and more */
     acmoe_lm_desc d = tiny_desc("gfc", pre_ln, 0);
     acmoe_ctx *ctx = test_context(2, 0, 0, 0);
     acmoe_lm *lm = NULL;
