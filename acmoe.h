@@ -919,8 +919,10 @@ extern "C" {
 #define ACMOE__UNROLL_DEPTH _Pragma("GCC unroll 4") /* amortises the loop's own instructions */
 #define ACMOE__PREFETCH_WRITE(p) __builtin_prefetch((p), 1, 3)
 #define ACMOE__PREFETCH_READ(p) __builtin_prefetch((p), 0, 3)
+#define ACMOE__ALWAYS_INLINE __attribute__((always_inline)) inline /* helpers of kernels */
 #else
 #define ACMOE__PRINTF(fmt, args)
+#define ACMOE__ALWAYS_INLINE
 #define ACMOE__UNROLL
 #define ACMOE__UNROLL_DEPTH
 #define ACMOE__PREFETCH_WRITE(p) ((void)(p))
@@ -1209,8 +1211,9 @@ typedef struct acmoe__adam acmoe__adam; /* AdamW coefficients, with the row kern
 typedef void (*acmoe__one_row_fn)(int kc, const float *a, ptrdiff_t a_step, const float *b, ptrdiff_t b_step, float *c,
                                   int n, int accumulate);
 
-typedef void (*acmoe__gemv_fn)(int kc, const float *a, ptrdiff_t a_step, const float *b, ptrdiff_t b_step, float *c,
-                               ptrdiff_t c_step, int rows, int accumulate);
+typedef void (*acmoe__gemv_fn)(int kc, const float *a, ptrdiff_t a_step, const float *b, ptrdiff_t b_step,
+                               ptrdiff_t b_col, float *c, ptrdiff_t c_step, ptrdiff_t c_col, int rows, int cols,
+                               int accumulate);
 
 /* A kernel path: mr x width micro-kernels, widest (nr) first; ragged last panels take the
    narrowest that covers them (an attention head of 16 should not pay for 64 columns). */
@@ -1237,8 +1240,8 @@ typedef struct acmoe__kernel {
     void (*row_layernorm_backward)(float *dx, const float *dy, const float *xhat, const float *g, float rstd, int n,
                                    int accumulate);
     double (*sum_squares)(const float *x, size_t n); /* in double: see ACMOE__DEFINE_SUM_SQUARES */
-    acmoe__gemv_fn gemv; /* one output column, gemv_rows rows at a time; NULL: the micro-kernels */
-    int gemv_rows;
+    acmoe__gemv_fn gemv; /* up to gemv_cols output columns, gemv_rows rows at a time; NULL: the micro-kernels */
+    int gemv_rows, gemv_cols;
     acmoe__tall_fn tall; /* products one vector wide (attention heads); NULL: the micro-kernels */
     int tall_width;
     acmoe__one_row_fn one_row; /* products of one row (decoding); NULL: the micro-kernels */
@@ -2298,19 +2301,26 @@ ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_
                           ACMOE__NEON_LDEXP, acmoe__hsum_neon, vmaxvq_f32, ACMOE__NEON_KEEP_POSITIVE)
 #endif
 
-/* Column kernels: products with one output column (decoding a token), c (+)= A' b for up
-   to VLEN rows of A' that run along the depth (row stride a_step; b and c at strides b_step
-   and c_step). The micro-kernels would fill one lane of each vector; here VLEN rows are
-   transposed in registers, VLEN depth steps at a time, and each lane runs the micro-kernels'
-   chain of one multiply-add per depth step, in order: the bits equal those of the same rows
-   in a product of many columns. */
-#define ACMOE__DEFINE_GEMV(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, FMA, ZERO)                       \
-    TARGET static void acmoe__gemv_##SFX(int kc, const float *a, ptrdiff_t a_step, const float *b,       \
-                                         ptrdiff_t b_step, float *c, ptrdiff_t c_step, int rows,        \
-                                         int accumulate) {                                              \
-        VEC acc = ZERO, r[VLEN];                                                                        \
+/* Column kernels: products with a few output columns (decoding: one token, or an expert's
+   few tokens), c (+)= A' B' for up to VLEN rows of A' that run along the depth (row stride
+   a_step), cols columns of B' and C (b[p * b_step + j * b_col], c[i * c_step + j * c_col]).
+   The micro-kernels would fill a few lanes of each vector; here VLEN rows are transposed in
+   registers, VLEN depth steps at a time, once for all the columns, and each lane runs the
+   micro-kernels' chain of one multiply-add per depth step, in order: the bits equal those of
+   the same rows and columns in a product of many columns. */
+#define ACMOE__DEFINE_GEMV_COLS(SFX, TARGET, VEC, VLEN, COLS, LOAD, STORE, SET1, FMA, ZERO)            \
+    TARGET static void acmoe__gemv_##SFX##_##COLS(int kc, const float *a, ptrdiff_t a_step, const float *b, \
+                                                  ptrdiff_t b_step, ptrdiff_t b_col, float *c,           \
+                                                  ptrdiff_t c_step, ptrdiff_t c_col, int rows, int cols,  \
+                                                  int accumulate) {                                      \
+        VEC acc[COLS], r[VLEN];                                                                         \
+        const float *column[COLS];                                                                      \
         float lanes[VLEN];                                                                              \
-        int i, p, q;                                                                                    \
+        int i, p, q, j;                                                                                 \
+        ACMOE__UNROLL for (j = 0; j < COLS; j++) { /* columns past the last repeat it, dropped */      \
+            acc[j] = ZERO;                                                                              \
+            column[j] = j ? b + ACMOE__MIN(j, cols - 1) * b_col : b;                                    \
+        }                                                                                               \
         for (p = 0; p < kc; p += VLEN) {                                                                \
             const int n = ACMOE__MIN(VLEN, kc - p);                                                     \
             for (i = 0; i < VLEN; i++) { /* rows past the last repeat it; their lanes are dropped */   \
@@ -2318,15 +2328,38 @@ ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_
                 r[i] = n == VLEN ? LOAD(row) : acmoe__tail_load_##SFX(row, n, 0.0f);                    \
             }                                                                                           \
             acmoe__transpose_regs_##SFX(r);                                                             \
-            for (q = 0; q < n; q++) acc = FMA(r[q], SET1(b[(p + q) * b_step]), acc);                    \
+            for (q = 0; q < n; q++)                                                                     \
+                ACMOE__UNROLL for (j = 0; j < COLS; j++)                                               \
+                    acc[j] = FMA(r[q], SET1(column[j][(p + q) * b_step]), acc[j]);                      \
         }                                                                                               \
-        STORE(lanes, acc);                                                                              \
-        for (i = 0; i < rows; i++) c[i * c_step] = accumulate ? c[i * c_step] + lanes[i] : lanes[i];    \
+        for (j = 0; j < cols; j++) {                                                                    \
+            STORE(lanes, acc[j]);                                                                       \
+            for (i = 0; i < rows; i++) {                                                                \
+                float *cp = c + i * c_step + j * c_col;                                                 \
+                *cp = accumulate ? *cp + lanes[i] : lanes[i];                                           \
+            }                                                                                           \
+        }                                                                                               \
+    }
+/* The kernel for 1, 2, 4 or 8 columns, the fewest that cover cols (a path's gemv_cols keeps
+   to the ones its registers hold). */
+#define ACMOE__DEFINE_GEMV(SFX, TARGET, VEC, VLEN, LOAD, STORE, SET1, FMA, ZERO)                         \
+    ACMOE__DEFINE_GEMV_COLS(SFX, TARGET, VEC, VLEN, 1, LOAD, STORE, SET1, FMA, ZERO)                    \
+    ACMOE__DEFINE_GEMV_COLS(SFX, TARGET, VEC, VLEN, 2, LOAD, STORE, SET1, FMA, ZERO)                    \
+    ACMOE__DEFINE_GEMV_COLS(SFX, TARGET, VEC, VLEN, 4, LOAD, STORE, SET1, FMA, ZERO)                    \
+    ACMOE__DEFINE_GEMV_COLS(SFX, TARGET, VEC, VLEN, 8, LOAD, STORE, SET1, FMA, ZERO)                    \
+    static void acmoe__gemv_##SFX(int kc, const float *a, ptrdiff_t a_step, const float *b, ptrdiff_t b_step, \
+                                  ptrdiff_t b_col, float *c, ptrdiff_t c_step, ptrdiff_t c_col, int rows,    \
+                                  int cols, int accumulate) {                                                \
+        const acmoe__gemv_fn fn = cols == 1   ? acmoe__gemv_##SFX##_1                                      \
+                                  : cols <= 2 ? acmoe__gemv_##SFX##_2                                      \
+                                  : cols <= 4 ? acmoe__gemv_##SFX##_4                                      \
+                                              : acmoe__gemv_##SFX##_8;                                     \
+        fn(kc, a, a_step, b, b_step, b_col, c, c_step, c_col, rows, cols, accumulate);                       \
     }
 
 #ifdef ACMOE__X86
 /* r[i] holds row i of an 8 x 8 block on entry and column i on return. */
-ACMOE__TARGET_AVX2 static void acmoe__transpose_regs_avx2(__m256 r[8]) {
+ACMOE__TARGET_AVX2 static ACMOE__ALWAYS_INLINE void acmoe__transpose_regs_avx2(__m256 r[8]) {
     __m256 t[8], u[8];
     int i;
     for (i = 0; i < 8; i += 2) {
@@ -2354,7 +2387,7 @@ ACMOE__DEFINE_GEMV(avx2, ACMOE__TARGET_AVX2, __m256, 8, _mm256_loadu_ps, _mm256_
 
 /* r[i] holds row i of a 16 x 16 block on entry and column i on return: pairs, then quads
    within 128-bit lanes, then the lanes across registers. */
-ACMOE__TARGET_AVX512 static void acmoe__transpose_regs_avx512(__m512 r[16]) {
+ACMOE__TARGET_AVX512 static ACMOE__ALWAYS_INLINE void acmoe__transpose_regs_avx512(__m512 r[16]) {
     __m512 t[16], u[16];
     int i, q;
     for (i = 0; i < 8; i++) {
@@ -2385,7 +2418,7 @@ ACMOE__DEFINE_GEMV(avx512, ACMOE__TARGET_AVX512, __m512, 16, _mm512_loadu_ps, _m
 
 #ifdef ACMOE__NEON
 /* r[i] holds row i of a 4 x 4 block on entry and column i on return. */
-static void acmoe__transpose_regs_neon(float32x4_t r[4]) {
+static ACMOE__ALWAYS_INLINE void acmoe__transpose_regs_neon(float32x4_t r[4]) {
     float32x4x2_t ab = vtrnq_f32(r[0], r[1]), cd = vtrnq_f32(r[2], r[3]); /* a0 b0 a2 b2 | a1 b1 a3 b3 */
     r[0] = vcombine_f32(vget_low_f32(ab.val[0]), vget_low_f32(cd.val[0]));
     r[1] = vcombine_f32(vget_low_f32(ab.val[1]), vget_low_f32(cd.val[1]));
@@ -2406,19 +2439,19 @@ ACMOE__DEFINE_GEMV(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_f32, AC
 static acmoe_status acmoe__kernel_for(acmoe_isa isa, acmoe__kernel *out) {
     static const acmoe__kernel table[] = {
         {ACMOE_ISA_SCALAR, 4, 8, {acmoe__kernel_scalar, acmoe__kernel_scalar_half, acmoe__kernel_scalar_quarter},
-         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0, NULL, 0, NULL, NULL},
+         {8, 4, 2}, ACMOE__ROW_KERNELS(scalar), NULL, 0, 0, NULL, 0, NULL, NULL},
 #ifdef ACMOE__X86 /* a ymm register is the narrowest AVX2 tile */
         {ACMOE_ISA_AVX2, 6, 16, {acmoe__kernel_avx2, acmoe__kernel_avx2_half, acmoe__kernel_avx2_half}, {16, 8, 8},
-         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8, NULL, 0, acmoe__one_row_avx2, NULL},
+         ACMOE__ROW_KERNELS(avx2), acmoe__gemv_avx2, 8, 4, NULL, 0, acmoe__one_row_avx2, NULL},
 #endif
 #ifdef ACMOE__HAVE_AVX512
         {ACMOE_ISA_AVX512, 6, 64, {acmoe__kernel_avx512, acmoe__kernel_avx512_half, acmoe__kernel_avx512_quarter},
-         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512, 16, acmoe__kernel_avx512_tall, 16,
+         {64, 32, 16}, ACMOE__ROW_KERNELS(avx512), acmoe__gemv_avx512, 16, 8, acmoe__kernel_avx512_tall, 16,
          acmoe__one_row_avx512, acmoe__top16_avx512},
 #endif
 #ifdef ACMOE__NEON
         {ACMOE_ISA_NEON, 6, 16, {acmoe__kernel_neon, acmoe__kernel_neon_half, acmoe__kernel_neon_quarter},
-         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4, NULL, 0, acmoe__one_row_neon, NULL},
+         {16, 8, 4}, ACMOE__ROW_KERNELS(neon), acmoe__gemv_neon, 4, 8, NULL, 0, acmoe__one_row_neon, NULL},
 #endif
     };
     size_t i;
@@ -2662,16 +2695,17 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
     }
 }
 
-/* Rows [m0, m1) of a one-column C' with the path's column kernel, in the depth blocks of the
-   blocked loops (a fresh chain per block, added to C after the first), so the bits match. */
-static void acmoe__gemv_region(const acmoe__gemm *g, int m0, int m1) {
+/* Rows [m0, m1) and columns [n0, n1) of a C' of a few columns with the path's column
+   kernel, in the depth blocks of the blocked loops (a fresh chain per block, added to C after the first), so the bits match. */
+static void acmoe__gemv_region(const acmoe__gemm *g, int m0, int m1, int n0, int n1) {
     const acmoe__kernel *kern = &g->ctx->kernel;
     const int kc = g->ctx->desc.kc;
     int i, pc;
     for (pc = 0; pc < g->k; pc += kc)
         for (i = m0; i < m1; i += kern->gemv_rows)
-            kern->gemv(ACMOE__MIN(kc, g->k - pc), g->a + i * g->a_rs + pc, g->a_rs, g->b + pc * g->b_rs, g->b_rs,
-                       g->c + i * g->c_rs, g->c_rs, ACMOE__MIN(kern->gemv_rows, m1 - i), g->accumulate || pc > 0);
+            kern->gemv(ACMOE__MIN(kc, g->k - pc), g->a + i * g->a_rs + pc, g->a_rs, g->b + pc * g->b_rs + n0 * g->b_cs,
+                       g->b_rs, g->b_cs, g->c + i * g->c_rs + n0 * g->c_cs, g->c_rs, g->c_cs,
+                       ACMOE__MIN(kern->gemv_rows, m1 - i), n1 - n0, g->accumulate || pc > 0);
 }
 
 /* The blocked loops over rows [m0, m1) and columns [n0, n1) of C'. */
@@ -2679,9 +2713,9 @@ static void acmoe__gemm_region(const acmoe__gemm *g, const acmoe__workspace *ws,
                                int n0, int n1) {
     const acmoe_ctx_desc *resolved = &g->ctx->desc;
     int jc, pc, ic;
-    if (g->n == 1 && g->a_cs == 1 && g->ctx->kernel.gemv && !(g->epilogue && g->epilogue->relu_grad)) {
-        acmoe__gemv_region(g, m0, m1);
-        if (g->epilogue) acmoe__epilogue_block(g, m0, m1, 0, 1);
+    if (g->n <= g->ctx->kernel.gemv_cols && g->a_cs == 1 && !(g->epilogue && g->epilogue->relu_grad)) {
+        acmoe__gemv_region(g, m0, m1, n0, n1);
+        if (g->epilogue) acmoe__epilogue_block(g, m0, m1, n0, n1);
         return;
     }
     for (jc = n0; jc < n1; jc += resolved->nc) {

@@ -393,25 +393,35 @@ static void test_matmul_thread_determinism(void) {
     for (t = 0; t < 3; t++) acmoe_ctx_destroy(ctx[t]);
 }
 
-/* One output row (or column) alone gets the bits it gets among many: decoding one token at a
-   time relies on it. Depth blocks of 96 make the depth of 500 span several. */
+/* A few output rows (or columns) alone get the bits they get among many: decoding one token,
+   or an expert a few, at a time relies on it. Blocks of 1, 3 and 8 rows or columns (the
+   column kernels take up to 8); depth blocks of 96 make the depth of 500 span several. */
 static int rows_alone_match(acmoe_ctx *ctx, const problem *p, const float *c, int accumulate) {
+    static const int widths[3] = {1, 3, 8};
     const int ta = p->layout == ACMOE_TN || p->layout == ACMOE_TT, tb = p->layout == ACMOE_NT || p->layout == ACMOE_TT;
-    float *one = (float *)malloc(sizeof(float) * (size_t)(p->m > p->n ? p->m : p->n));
-    int i, j, x, ok = 1;
-    for (i = 0; i < p->m; i += 7) { /* row i: A's row i with all of B */
-        memcpy(one, p->c0 + (size_t)i * p->ldc, sizeof(float) * (size_t)p->n);
-        CHECK_STATUS(acmoe_matmul(ctx, p->layout, 1, p->n, p->k, p->a + (ta ? (size_t)i : (size_t)i * p->lda), p->lda,
-                                  p->b, p->ldb, one, p->n, accumulate), ACMOE_OK);
-        ok &= memcmp(one, c + (size_t)i * p->ldc, sizeof(float) * (size_t)p->n) == 0;
+    float *few = (float *)malloc(sizeof(float) * 8 * (size_t)(p->m > p->n ? p->m : p->n));
+    int i, j, x, y, w, ok = 1;
+    for (w = 0; w < 3; w++) {
+        const int width = widths[w];
+        for (i = 0; i + width <= p->m; i += 7) { /* rows i..: those rows of A with all of B */
+            for (y = 0; y < width; y++)
+                memcpy(few + (size_t)y * p->n, p->c0 + (size_t)(i + y) * p->ldc, sizeof(float) * (size_t)p->n);
+            CHECK_STATUS(acmoe_matmul(ctx, p->layout, width, p->n, p->k, p->a + (ta ? (size_t)i : (size_t)i * p->lda),
+                                      p->lda, p->b, p->ldb, few, p->n, accumulate), ACMOE_OK);
+            for (y = 0; y < width; y++)
+                ok &= memcmp(few + (size_t)y * p->n, c + (size_t)(i + y) * p->ldc, sizeof(float) * (size_t)p->n) == 0;
+        }
+        for (j = 0; j + width <= p->n; j += 11) { /* columns j..: all of A with those columns of B */
+            for (x = 0; x < p->m; x++)
+                for (y = 0; y < width; y++) few[(size_t)x * width + y] = p->c0[(size_t)x * p->ldc + j + y];
+            CHECK_STATUS(acmoe_matmul(ctx, p->layout, p->m, width, p->k, p->a, p->lda,
+                                      p->b + (tb ? (size_t)j * p->ldb : (size_t)j), p->ldb, few, width, accumulate),
+                         ACMOE_OK);
+            for (x = 0; x < p->m; x++)
+                ok &= memcmp(few + (size_t)x * width, c + (size_t)x * p->ldc + j, sizeof(float) * (size_t)width) == 0;
+        }
     }
-    for (j = 0; j < p->n; j += 11) { /* column j: all of A with B's column j */
-        for (x = 0; x < p->m; x++) one[x] = p->c0[(size_t)x * p->ldc + j];
-        CHECK_STATUS(acmoe_matmul(ctx, p->layout, p->m, 1, p->k, p->a, p->lda,
-                                  p->b + (tb ? (size_t)j * p->ldb : (size_t)j), p->ldb, one, 1, accumulate), ACMOE_OK);
-        for (x = 0; x < p->m; x++) ok &= memcmp(&one[x], c + (size_t)x * p->ldc + j, sizeof(float)) == 0;
-    }
-    free(one);
+    free(few);
     return ok;
 }
 
