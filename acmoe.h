@@ -2696,7 +2696,8 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
 }
 
 /* Rows [m0, m1) and columns [n0, n1) of a C' of a few columns with the path's column
-   kernel, in the depth blocks of the blocked loops (a fresh chain per block, added to C after the first), so the bits match. */
+   kernel, in the depth blocks of the blocked loops (a fresh chain per block, added to C
+   after the first), so the bits match. */
 static void acmoe__gemv_region(const acmoe__gemm *g, int m0, int m1, int n0, int n1) {
     const acmoe__kernel *kern = &g->ctx->kernel;
     const int kc = g->ctx->desc.kc;
