@@ -2317,7 +2317,9 @@ ACMOE__DEFINE_ROW_KERNELS(neon, , float32x4_t, 4, vld1q_f32, vst1q_f32, vdupq_n_
         const float *column[COLS];                                                                      \
         float lanes[VLEN];                                                                              \
         int i, p, q, j;                                                                                 \
-        ACMOE__UNROLL for (j = 0; j < COLS; j++) { /* columns past the last repeat it, dropped */      \
+        /* columns past the last repeat it, dropped; column 0 is b as such, so that the                 \
+           one-column kernel indexes b as directly as a kernel of one column would */                   \
+        ACMOE__UNROLL for (j = 0; j < COLS; j++) {                                                     \
             acc[j] = ZERO;                                                                              \
             column[j] = j ? b + ACMOE__MIN(j, cols - 1) * b_col : b;                                    \
         }                                                                                               \
