@@ -319,6 +319,33 @@ static void test_tall_kernel(void) {
     CHECK(tested == (acmoe_isa_supported(ACMOE_ISA_AVX512) ? 4 : 0));
 }
 
+/* A path's transpose moves every element and writes nothing else, for sizes made of 16 x 16
+   blocks, 8 x 8 blocks and ragged edges, with leading dimensions wider than the block. */
+static void test_transpose(void) {
+    enum { MAX = 41, LD = 45 };
+    static const int sizes[] = {1, 7, 8, 15, 16, 17, 24, 32, 41};
+    enum { SIZES = (int)(sizeof sizes / sizeof sizes[0]) };
+    float src[MAX * LD], dst[MAX * LD];
+    int isa, xi, pi, x, p, tested = 0;
+    for (x = 0; x < MAX * LD; x++) src[x] = (float)x;
+    for (isa = 0; isa < ACMOE_ISA_COUNT; isa++) {
+        if (!acmoe_isa_supported((acmoe_isa)isa)) continue;
+        for (xi = 0; xi < SIZES; xi++)
+            for (pi = 0; pi < SIZES; pi++) {
+                const int nx = sizes[xi], np = sizes[pi];
+                int wrong = 0;
+                for (x = 0; x < MAX * LD; x++) dst[x] = -1.0f;
+                acmoe__transpose((acmoe_isa)isa, dst, LD, src, LD, nx, np);
+                for (p = 0; p < MAX; p++)
+                    for (x = 0; x < LD; x++)
+                        wrong += dst[p * LD + x] != (p < np && x < nx ? src[x * LD + p] : -1.0f);
+                CHECKF(wrong == 0, "%s, %d x %d: %d elements wrong", acmoe_isa_name((acmoe_isa)isa), nx, np, wrong);
+                tested++;
+            }
+    }
+    CHECK(tested >= SIZES * SIZES);
+}
+
 /* A product's epilogue gives the bits of the separate passes: ReLU's gradient against the old
    C, the bias, the ReLU written aside, and column sums added in row order; on every path,
    for whole and ragged tiles, a transposed output, one column, no depth, and (without the
@@ -819,6 +846,7 @@ const test_case internal_tests[] = {
     {"row_kernels", test_row_kernels},
     {"attention_blocks", test_attention_blocks},
     {"tall_kernel", test_tall_kernel},
+    {"transpose", test_transpose},
     {"epilogue", test_epilogue},
     {"top16", test_top16},
     {"row_adam", test_row_adam},
