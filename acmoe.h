@@ -1439,9 +1439,11 @@ static acmoe_status acmoe__resolve_desc(const acmoe_ctx_desc *in, acmoe_ctx_desc
     return ACMOE_OK;
 }
 
+static int acmoe__pack_a_stride(int kc);
+
 static acmoe_status acmoe__workspace_create(acmoe_ctx *ctx) {
     const acmoe_ctx_desc *resolved = &ctx->desc;
-    size_t a = (size_t)resolved->mc * resolved->kc, b = (size_t)resolved->nc * resolved->kc;
+    size_t a = (size_t)resolved->mc * (size_t)acmoe__pack_a_stride(resolved->kc), b = (size_t)resolved->nc * resolved->kc;
     size_t panel = (size_t)ACMOE__NR_MAX * resolved->kc, tile = ACMOE__MR_MAX * ACMOE__NR_MAX;
     size_t per_thread = acmoe__align_up((a + b + panel + tile) * sizeof(float) + 4 * ACMOE_ALIGN);
     unsigned char *p;
@@ -2558,6 +2560,29 @@ static void acmoe__transpose(acmoe_isa isa, float *dst, ptrdiff_t ld_dst, const 
     acmoe__transpose_scalar(dst, ld_dst, src, ld_src, xb, nx, 0, pb);
 }
 
+/* An nx x nk block (element (x, p) at src[x * sx + p * sk]) as whole rows contiguous along
+   the depth, row x at dst + x * ld: one transpose from a source that runs across its rows,
+   else a copy of each row. */
+static void acmoe__pack_rows(acmoe_isa isa, float *dst, ptrdiff_t ld, const float *src, ptrdiff_t sx, ptrdiff_t sk,
+                             int nx, int nk) {
+    int x;
+    if (sk != 1) {
+        acmoe__transpose(isa, dst, ld, src, sk, nk, nx);
+        return;
+    }
+    for (x = 0; x < nx; x++) memcpy(dst + x * ld, src + x * sx, sizeof(float) * (size_t)nk);
+}
+
+/* The row stride of a packed A' of depth kc: whole cache lines, an odd number of them, so that
+   consecutive rows fall in different L1 sets. The transpose that packs an A' running across
+   its rows writes part of a line to each of many rows in turn; at an even number of lines
+   (a depth of 128 or 512) those rows shared few sets and their lines were evicted half
+   written. */
+static int acmoe__pack_a_stride(int kc) {
+    const int lines = (kc + 15) / 16;
+    return 16 * (lines % 2 ? lines : lines + 1);
+}
+
 /* Copy an nx x nk block (element (x, p) at src[x * sx + p * sk]) into panels of w along x:
    panel q holds rows q*w .. q*w+w-1 as dst[q*nk*w + p*w + x], zero-padded. With w = 1 each
    row is copied whole, contiguous along the depth. */
@@ -2565,8 +2590,8 @@ static void acmoe__pack(acmoe_isa isa, float *dst, const float *src, ptrdiff_t s
                         int nx, int nk, int w) {
     int x0, p;
     ACMOE_ASSERT(sx == 1 || sk == 1);
-    if (w == 1 && sk != 1) { /* whole rows from a source that runs across them: one transpose */
-        acmoe__transpose(isa, dst, nk, src, sk, nk, nx);
+    if (w == 1) {
+        acmoe__pack_rows(isa, dst, nk, src, sx, sk, nx, nk);
         return;
     }
     if (sx == 1) { /* panel rows are contiguous in the source: read it in order, row by row
@@ -2582,14 +2607,9 @@ static void acmoe__pack(acmoe_isa isa, float *dst, const float *src, ptrdiff_t s
     }
     for (x0 = 0; x0 < nx; x0 += w, dst += (ptrdiff_t)nk * w) {
         int wx = ACMOE__MIN(w, nx - x0);
-        const float *s = src + x0 * sx;
-        if (w == 1) {
-            memcpy(dst, s, sizeof(float) * (size_t)nk);
-        } else {
-            acmoe__transpose(isa, dst, w, s, sx, wx, nk);
-            if (wx < w)
-                for (p = 0; p < nk; p++) memset(dst + p * w + wx, 0, sizeof(float) * (size_t)(w - wx));
-        }
+        acmoe__transpose(isa, dst, w, src + x0 * sx, sx, wx, nk);
+        if (wx < w)
+            for (p = 0; p < nk; p++) memset(dst + p * w + wx, 0, sizeof(float) * (size_t)(w - wx));
     }
 }
 
@@ -2657,8 +2677,8 @@ static void acmoe__epilogue_block(const acmoe__gemm *g, int i0, int i1, int j0, 
 }
 
 /* Packed A' is whole rows, contiguous along the depth: a plain copy or one transpose, and
-   its rows no longer alias in the cache the way rows of a power-of-two leading dimension do
-   (measured faster than mr-row interleaved panels). */
+   its rows (acmoe__pack_a_stride apart) no longer alias in the cache the way rows of a
+   power-of-two leading dimension do (measured faster than mr-row interleaved panels). */
 
 /* The narrowest kernel of the path that covers a panel of n <= nr columns. */
 static int acmoe__kernel_index(const acmoe__kernel *kern, int n) {
@@ -2709,7 +2729,7 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
             /* rows past the edge repeat the last one; their results are dropped */
             for (i = 0; i < mr; i++) {
                 int row = ir + ACMOE__MIN(i, mrr - 1);
-                rows[i] = g->pack_a ? ws->pack_a + (ptrdiff_t)row * kc
+                rows[i] = g->pack_a ? ws->pack_a + (ptrdiff_t)row * acmoe__pack_a_stride(kc)
                                     : g->a + (ic + row) * g->a_rs + pc * g->a_cs;
             }
             a_step = g->pack_a ? 1 : g->a_cs;
@@ -2766,8 +2786,8 @@ static void acmoe__gemm_region(const acmoe__gemm *g, const acmoe__workspace *ws,
             for (ic = m0; ic < m1; ic += resolved->mc) {
                 int mc = ACMOE__MIN(resolved->mc, m1 - ic);
                 if (g->pack_a)
-                    acmoe__pack(g->ctx->kernel.isa, ws->pack_a, g->a + ic * g->a_rs + pc * g->a_cs,
-                                g->a_rs, g->a_cs, mc, kc, 1);
+                    acmoe__pack_rows(g->ctx->kernel.isa, ws->pack_a, acmoe__pack_a_stride(kc),
+                                     g->a + ic * g->a_rs + pc * g->a_cs, g->a_rs, g->a_cs, mc, kc);
                 acmoe__macro_block(g, ws, ic, mc, pc, kc, jc, nc);
             }
         }
