@@ -2576,7 +2576,7 @@ static void acmoe__pack_rows(acmoe_isa isa, float *dst, ptrdiff_t ld, const floa
 /* The row stride of a packed A' of depth kc: whole cache lines, an odd number of them, so that
    consecutive rows fall in different L1 sets. The transpose that packs an A' running across
    its rows writes part of a line to each of many rows in turn; at an even number of lines
-   (a depth of 128 or 512) those rows shared few sets and their lines were evicted half
+   (a depth of 128, 384 or 512) those rows shared few sets and their lines were evicted half
    written. */
 static int acmoe__pack_a_stride(int kc) {
     const int lines = (kc + 15) / 16;
@@ -2584,16 +2584,12 @@ static int acmoe__pack_a_stride(int kc) {
 }
 
 /* Copy an nx x nk block (element (x, p) at src[x * sx + p * sk]) into panels of w along x:
-   panel q holds rows q*w .. q*w+w-1 as dst[q*nk*w + p*w + x], zero-padded. With w = 1 each
-   row is copied whole, contiguous along the depth. */
+   panel q holds rows q*w .. q*w+w-1 as dst[q*nk*w + p*w + x], zero-padded (B' for the
+   micro-kernels; A' is packed by acmoe__pack_rows). */
 static void acmoe__pack(acmoe_isa isa, float *dst, const float *src, ptrdiff_t sx, ptrdiff_t sk,
                         int nx, int nk, int w) {
     int x0, p;
-    ACMOE_ASSERT(sx == 1 || sk == 1);
-    if (w == 1) {
-        acmoe__pack_rows(isa, dst, nk, src, sx, sk, nx, nk);
-        return;
-    }
+    ACMOE_ASSERT((sx == 1 || sk == 1) && w > 1);
     if (sx == 1) { /* panel rows are contiguous in the source: read it in order, row by row
                       (panel by panel was 2-2.5x slower on weights coming from memory) */
         for (p = 0; p < nk; p++)
