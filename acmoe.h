@@ -1443,7 +1443,8 @@ static int acmoe__pack_a_stride(int kc);
 
 static acmoe_status acmoe__workspace_create(acmoe_ctx *ctx) {
     const acmoe_ctx_desc *resolved = &ctx->desc;
-    size_t a = (size_t)resolved->mc * (size_t)acmoe__pack_a_stride(resolved->kc), b = (size_t)resolved->nc * resolved->kc;
+    size_t a = (size_t)resolved->mc * (size_t)acmoe__pack_a_stride(resolved->kc);
+    size_t b = (size_t)resolved->nc * resolved->kc;
     size_t panel = (size_t)ACMOE__NR_MAX * resolved->kc, tile = ACMOE__MR_MAX * ACMOE__NR_MAX;
     size_t per_thread = acmoe__align_up((a + b + panel + tile) * sizeof(float) + 4 * ACMOE_ALIGN);
     unsigned char *p;
@@ -2562,7 +2563,8 @@ static void acmoe__transpose(acmoe_isa isa, float *dst, ptrdiff_t ld_dst, const 
 
 /* An nx x nk block (element (x, p) at src[x * sx + p * sk]) as whole rows contiguous along
    the depth, row x at dst + x * ld: one transpose from a source that runs across its rows,
-   else a copy of each row. */
+   else a copy of each row. This is how A' is packed: rows a stride apart that does not
+   alias in the cache (acmoe__pack_a_stride), measured faster than mr-row interleaved panels. */
 static void acmoe__pack_rows(acmoe_isa isa, float *dst, ptrdiff_t ld, const float *src, ptrdiff_t sx, ptrdiff_t sk,
                              int nx, int nk) {
     int x;
@@ -2672,10 +2674,6 @@ static void acmoe__epilogue_block(const acmoe__gemm *g, int i0, int i1, int j0, 
         acmoe__epilogue_rows(&g->ctx->kernel, g->epilogue, g->c, g->c_cs, j0, j1, i0, i1);
 }
 
-/* Packed A' is whole rows, contiguous along the depth: a plain copy or one transpose, and
-   its rows (acmoe__pack_a_stride apart) no longer alias in the cache the way rows of a
-   power-of-two leading dimension do (measured faster than mr-row interleaved panels). */
-
 /* The narrowest kernel of the path that covers a panel of n <= nr columns. */
 static int acmoe__kernel_index(const acmoe__kernel *kern, int n) {
     int w = ACMOE__WIDTHS - 1;
@@ -2700,6 +2698,7 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
                                int pc, int kc, int jc, int nc) {
     const acmoe__kernel *kern = &g->ctx->kernel;
     const int mr = kern->mr, nr = kern->nr, accumulate = g->accumulate || pc > 0, last = pc + kc == g->k;
+    const ptrdiff_t a_ld = acmoe__pack_a_stride(kc); /* of packed A' */
     int ir, jr, i;
     for (jr = 0; jr < nc; jr += nr) {
         const int nrr = ACMOE__MIN(nr, nc - jr), w = acmoe__kernel_index(kern, nrr), width = kern->width[w];
@@ -2725,7 +2724,7 @@ static void acmoe__macro_block(const acmoe__gemm *g, const acmoe__workspace *ws,
             /* rows past the edge repeat the last one; their results are dropped */
             for (i = 0; i < mr; i++) {
                 int row = ir + ACMOE__MIN(i, mrr - 1);
-                rows[i] = g->pack_a ? ws->pack_a + (ptrdiff_t)row * acmoe__pack_a_stride(kc)
+                rows[i] = g->pack_a ? ws->pack_a + row * a_ld
                                     : g->a + (ic + row) * g->a_rs + pc * g->a_cs;
             }
             a_step = g->pack_a ? 1 : g->a_cs;
