@@ -95,17 +95,57 @@ static double median(double *values, int n) {
     return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-static void print_cpu_model(void) {
-    char line[512], *model = NULL;
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    while (f && !model && fgets(line, sizeof line, f)) {
-        char *colon = strchr(line, ':');
-        if (strncmp(line, "model name", 10) != 0 || !colon) continue;
-        model = colon + 1 + strspn(colon + 1, " \t");
-        model[strcspn(model, "\n")] = '\0';
+/* The value after "key" and its colon in a /proc/cpuinfo line, or NULL. */
+static char *cpuinfo_value(char *line, const char *key) {
+    char *colon = strchr(line, ':');
+    if (strncmp(line, key, strlen(key)) != 0 || !colon) return NULL;
+    colon += 1 + strspn(colon + 1, " \t");
+    colon[strcspn(colon, "\n")] = '\0';
+    return colon;
+}
+
+/* The first CPU's data and unified caches, "L1d 32K, L2 1024K, L3 32768K", from sysfs. */
+static void cpu_caches(char *out, size_t cap) {
+    int index;
+    out[0] = '\0';
+    for (index = 0; index < 8; index++) {
+        char path[96], level[16] = "", type[32] = "", size[32] = "";
+        const char *fields[3] = {"level", "type", "size"};
+        char *values[3];
+        int i, ok = 1;
+        values[0] = level, values[1] = type, values[2] = size;
+        for (i = 0; i < 3 && ok; i++) {
+            FILE *f;
+            snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/%s", index, fields[i]);
+            f = fopen(path, "r");
+            ok = f && fgets(values[i], 16, f);
+            if (f) fclose(f);
+            if (ok) values[i][strcspn(values[i], "\n")] = '\0';
+        }
+        if (!ok || strcmp(type, "Instruction") == 0) continue;
+        snprintf(out + strlen(out), cap - strlen(out), "%sL%s%s %s", out[0] ? ", " : "", level,
+                 strcmp(type, "Data") == 0 ? "d" : "", size);
     }
-    printf("CPU:          %s\n", model && *model ? model : "unknown");
+}
+
+/* The model name, with the family and model numbers and the caches that tell apart hosts a
+   hypervisor names alike. */
+static void print_cpu_model(void) {
+    char line[512], model[256] = "", family[32] = "", number[32] = "", caches[160];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    while (f && fgets(line, sizeof line, f) && strcmp(line, "\n") != 0) { /* the first CPU's lines */
+        const char *value;
+        if ((value = cpuinfo_value(line, "model name")) != NULL) snprintf(model, sizeof model, "%s", value);
+        else if ((value = cpuinfo_value(line, "cpu family")) != NULL) snprintf(family, sizeof family, "%s", value);
+        else if ((value = cpuinfo_value(line, "model\t")) != NULL) snprintf(number, sizeof number, "%s", value);
+    }
     if (f) fclose(f);
+    cpu_caches(caches, sizeof caches);
+    printf("CPU:          %s", model[0] ? model : "unknown");
+    if (family[0] || caches[0])
+        printf(" (%s%s%s%s%s%s)", family[0] ? "family " : "", family, family[0] && number[0] ? ", model " : "", number,
+               (family[0] || number[0]) && caches[0] ? "; " : "", caches);
+    printf("\n");
 }
 
 /* ---- Section 1: FMA peak ---- */
