@@ -111,9 +111,8 @@ static void cpu_caches(char *out, size_t cap) {
     for (index = 0; index < 8; index++) {
         char path[96], level[16] = "", type[32] = "", size[32] = "";
         const char *fields[3] = {"level", "type", "size"};
-        char *values[3];
+        char *values[3] = {level, type, size};
         int i, ok = 1;
-        values[0] = level, values[1] = type, values[2] = size;
         for (i = 0; i < 3 && ok; i++) {
             FILE *f;
             snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/%s", index, fields[i]);
@@ -131,7 +130,7 @@ static void cpu_caches(char *out, size_t cap) {
 /* The model name, with the family and model numbers and the caches that tell apart hosts a
    hypervisor names alike. */
 static void print_cpu_model(void) {
-    char line[512], model[256] = "", family[32] = "", number[32] = "", caches[160];
+    char line[512], model[256] = "", family[32] = "", number[32] = "", caches[160], detail[256] = "";
     FILE *f = fopen("/proc/cpuinfo", "r");
     while (f && fgets(line, sizeof line, f) && strcmp(line, "\n") != 0) { /* the first CPU's lines */
         const char *value;
@@ -141,11 +140,11 @@ static void print_cpu_model(void) {
     }
     if (f) fclose(f);
     cpu_caches(caches, sizeof caches);
-    printf("CPU:          %s", model[0] ? model : "unknown");
-    if (family[0] || caches[0])
-        printf(" (%s%s%s%s%s%s)", family[0] ? "family " : "", family, family[0] && number[0] ? ", model " : "", number,
-               (family[0] || number[0]) && caches[0] ? "; " : "", caches);
-    printf("\n");
+    if (family[0]) snprintf(detail, sizeof detail, "family %s%s%s", family, number[0] ? ", model " : "", number);
+    if (caches[0])
+        snprintf(detail + strlen(detail), sizeof detail - strlen(detail), "%s%s", detail[0] ? "; " : "", caches);
+    printf("CPU:          %s%s%s%s\n", model[0] ? model : "unknown", detail[0] ? " (" : "", detail,
+           detail[0] ? ")" : "");
 }
 
 /* ---- Section 1: FMA peak ---- */
