@@ -13,6 +13,7 @@
 # the runs that have it, and the doc says over how many runs. RUNS=N (default 1) makes the
 # first form run everything N times, the bench and its peers taking turns run by run (run 1
 # in build/perf/bench.log, openblas.log and pytorch.log; run i in bench-i.log and so on).
+# Each output records that it took its turn, so a doc rebuilt from saved outputs says so too.
 # On a CPU whose best path is AVX-512, each run also times section 1 and its OpenBLAS peer on
 # the AVX2 path (bench-avx2.log, openblas-avx2.log; --isa avx2), the kernels AVX2-only
 # machines run. QUICK=1 runs them with their short --quick timings (a smoke test). `make docs` and
@@ -45,7 +46,7 @@ save_run() {
     mv "$log.tmp" "$log"
 }
 
-pt_missing=""; alternated=0
+pt_missing=""
 if [ $# -eq 0 ]; then
     case $RUNS in
         '' | *[!0-9]* | 0*) echo "perf_doc: RUNS must be a whole number from 1, not '$RUNS'" >&2; exit 2 ;;
@@ -61,11 +62,12 @@ if [ $# -eq 0 ]; then
         echo "perf_doc: $pt_missing: no PyTorch figures" >&2
         rm -f "$PERF/pytorch.log"
     fi
-    info=$(run_info)
-    alternated=1
+    base_info=$(run_info)
     run=1; second=""
     while [ "$run" -le "$RUNS" ]; do
         if [ "$run" -eq 1 ]; then suffix=""; else suffix="-$run"; fi
+        info="$base_info
+perf_doc: turns run $run of $RUNS"
         echo "perf_doc: run $run of $RUNS: build/bench${bench_flags:+ $bench_flags}$long" >&2
         save_run "$PERF/bench$suffix.log" ./build/bench $bench_flags
         echo "perf_doc: run $run of $RUNS: the OpenBLAS peer (make bench-openblas)" >&2
@@ -97,7 +99,7 @@ field() { printf '%s\n' "$now" | sed -n "s/^perf_doc: $1 //p"; }
 mkdir -p "$(dirname "$OUT")"
 
 awk -v nproc="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo '?')" -v now_commit="$(field commit)" \
-    -v now_tree="$(field tree)" -v now_cc="$(field compiler)" -v pt_missing="$pt_missing" -v alternated="$alternated" '
+    -v now_tree="$(field tree)" -v now_cc="$(field compiler)" -v pt_missing="$pt_missing" '
 function trim(s) { sub(/^[ \t]+/, "", s); sub(/[ \t]+$/, "", s); return s }
 function after(s, label) { return trim(substr(s, index(s, label) + length(label))) }
 function num(s) { gsub(/[^0-9.+-]/, "", s); return s + 0 }
@@ -152,7 +154,7 @@ function runs_said(nb, np, peer) {
 FNR == 1 {
     if (NR > 1) end_file()
     kind = ""; section = 0; ptt = 0; f_commit = ""; f_tree = ""; f_date = ""; f_cc = ""; f_bench = f_pt = f_ob = 0; f_peak[1] = f_peak[2] = 0
-    alt = X = ""; counted = 0
+    alt = X = ""; counted = 0; f_turns = 0
 }
 /^perf_doc: / {
     key = $2; val = after($0, $2)
@@ -160,6 +162,7 @@ FNR == 1 {
     else if (key == "tree") f_tree = val
     else if (key == "date") f_date = val
     else if (key == "compiler") f_cc = val
+    else if (key == "turns") f_turns = 1
     next
 }
 /^Section [0-9]+: / { kind = "bench"; section = $2 + 0; ran[section] = 1; if (!f_bench) { runs_bench++; counted = 1 } f_bench = 1; sec_runs[section]++; next }
@@ -246,6 +249,7 @@ kind == "ob" && (NF == 6 || NF == 8) && $1 ~ /^[0-9]+$/ && $4 ~ /^[NT][NT]$/ {
 
 # What each output says of its run (or, without perf_doc lines, the repository now).
 function end_file() {
+    files++; if (f_turns) turned++ # a run of a RUNS sequence: the bench and its peers took turns
     if (f_pt) runs_pt++
     if (f_ob && X == "") runs_ob++
     if (f_ob && X != "") runs_obx++
@@ -269,7 +273,7 @@ END {
     print ""
     if (nmax > 1) {
         printf "The figures below are medians of %d runs on a single host", nmax
-        if (alternated) print ", the bench and its peers taking turns run\nby run: each figure of a row is the median of that figure over the runs."
+        if (files == turned) print ", the bench and its peers taking turns run\nby run: each figure of a row is the median of that figure over the runs."
         else print ": each figure of a row is the\nmedian of that figure over the runs."
         print "They change with the host, with its load and with the version of the library, so a share of"
         print "the measured peak is given next to each rate: that share carries across machines, the rate"
