@@ -109,21 +109,20 @@ static void cpu_caches(char *out, size_t cap) {
     int index;
     out[0] = '\0';
     for (index = 0; index < 8; index++) {
-        char path[96], level[16] = "", type[32] = "", size[32] = "";
-        const char *fields[3] = {"level", "type", "size"};
-        char *values[3] = {level, type, size};
+        static const char *fields[3] = {"level", "type", "size"};
+        char path[96], value[3][16]; /* level, type, size */
         int i, ok = 1;
         for (i = 0; i < 3 && ok; i++) {
             FILE *f;
             snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/%s", index, fields[i]);
             f = fopen(path, "r");
-            ok = f && fgets(values[i], 16, f);
+            ok = f && fgets(value[i], sizeof value[i], f);
             if (f) fclose(f);
-            if (ok) values[i][strcspn(values[i], "\n")] = '\0';
+            if (ok) value[i][strcspn(value[i], "\n")] = '\0';
         }
-        if (!ok || strcmp(type, "Instruction") == 0) continue;
-        snprintf(out + strlen(out), cap - strlen(out), "%sL%s%s %s", out[0] ? ", " : "", level,
-                 strcmp(type, "Data") == 0 ? "d" : "", size);
+        if (!ok || strcmp(value[1], "Instruction") == 0) continue;
+        snprintf(out + strlen(out), cap - strlen(out), "%sL%s%s %s", out[0] ? ", " : "", value[0],
+                 strcmp(value[1], "Data") == 0 ? "d" : "", value[2]);
     }
 }
 
