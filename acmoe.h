@@ -647,6 +647,14 @@ ACMOE_API int acmoe_lm_decode_ready(const acmoe_lm *model, char *why, size_t cap
 ACMOE_API acmoe_status acmoe_sample(const float *logits, int vocab, float temperature, int top_k, float top_p,
                                     float *work, acmoe_rng *rng, int32_t *token);
 ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *model);
+/* Where the last forward call and the backward call after it spent their time, with a
+   context clock (zeros without one): the attention of every layer (scores, softmax and
+   weighted values; not the projections), and the routing and the experts of every
+   feed-forward block (acmoe_moe_last_stats summed over the layers). */
+typedef struct acmoe_lm_times {
+    double attention, routing, experts; /* seconds */
+} acmoe_lm_times;
+ACMOE_API acmoe_lm_times acmoe_lm_last_times(const acmoe_lm *model);
 /* The MoE layer of layer i (its stats, its options); NULL for a bad index. */
 ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *model, int layer);
 ACMOE_API void acmoe_lm_freeze_ac_weights(acmoe_lm *model, int frozen);
@@ -6404,6 +6412,7 @@ struct acmoe_lm {
     float *x0, *yf, *xhatf, *rstdf, *logits, *row_loss;
     float *dy, *dx, *t1, *t2, *t3, *datt, *dqkv, *att_work;
     int att_slots; /* attention scratch slots in att_work */
+    double seconds_attention; /* the last forward and backward, with a context clock */
     double *grad_sq; /* the squared gradient norm by chunk */
     int32_t *tokens, *targets;
     acmoe_rng rng;
@@ -6898,6 +6907,19 @@ ACMOE_API float *acmoe_lm_tensor(acmoe_lm *model, const char *name, size_t *coun
 ACMOE_API const float *acmoe_lm_logits(const acmoe_lm *model) { return model ? model->logits : NULL; }
 ACMOE_API int acmoe_lm_n_layers(const acmoe_lm *model) { return model ? model->n_layers : 0; }
 
+ACMOE_API acmoe_lm_times acmoe_lm_last_times(const acmoe_lm *model) {
+    acmoe_lm_times times;
+    int i;
+    memset(&times, 0, sizeof times);
+    if (!model) return times;
+    times.attention = model->seconds_attention;
+    for (i = 0; i < model->n_layers; i++) {
+        times.routing += model->blocks[i].moe->seconds_routing;
+        times.experts += model->blocks[i].moe->seconds_experts;
+    }
+    return times;
+}
+
 ACMOE_API acmoe_moe *acmoe_lm_moe(acmoe_lm *model, int layer) {
     return model && layer >= 0 && layer < model->n_layers ? model->blocks[layer].moe : NULL;
 }
@@ -7221,6 +7243,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
     const size_t o = (size_t)r0 * d, count = (size_t)rows * d;
     acmoe__epilogue qkv_bias, o_bias;
     acmoe_status s;
+    double mark;
     block->x_in = x;
     if (pre)
         acmoe__layernorm(ctx, x + o, NULL, rows, d, block->ln1_g, block->ln1_b, block->xhat1 + o, block->rstd1 + r0, block->attn_in + o);
@@ -7229,6 +7252,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
                            3 * d, 0, acmoe__bias_epilogue(&qkv_bias, block->b_qkv));
     if (s != ACMOE_OK) return s;
     if (model->interleaved) acmoe__decoding_cache(model, block, qkv);
+    mark = acmoe__clock_start(ctx);
     if (block->window) acmoe__window_attention(ctx, model, block);
     else if (model->interleaved)
         acmoe__attention_forward(ctx, qkv, model->batch, model->seq, block->qkv, model->desc.seq_len, r0 / model->batch,
@@ -7236,6 +7260,7 @@ static acmoe_status acmoe__block_forward(acmoe_lm *model, acmoe_ctx *ctx, acmoe_
     else
         acmoe__attention_forward(ctx, block->qkv, model->batch, model->seq, NULL, 0, r0, !model->desc.n_classes, d,
                                  block->heads, model->att_work, model->att_slots, block->att, block->att_stats);
+    acmoe__lap(ctx, &mark, &model->seconds_attention);
     s = acmoe__matmul_then(ctx, ACMOE_NT, rows, d, d, block->att + o, d, block->w_o, d, block->a + o, d, 0,
                            acmoe__bias_epilogue(&o_bias, block->b_o));
     if (s != ACMOE_OK) return s;
@@ -7280,6 +7305,7 @@ static acmoe_status acmoe__lm_trunk(acmoe_lm *model, acmoe_ctx *ctx, const float
     acmoe_status s = ACMOE_OK;
     memset(&prev, 0, sizeof prev);
     *aux = 0.0f;
+    model->seconds_attention = 0.0;
     for (i = 0; i < model->n_layers && s == ACMOE_OK; i++) {
         acmoe__block *block = &model->blocks[i];
         block->n = model->desc.window ? model->batch * block->tokens : model->n;
@@ -7631,6 +7657,7 @@ static acmoe_status acmoe__block_backward(acmoe_lm *model, acmoe_ctx *ctx, acmoe
     float *dres = pre ? dy : model->t1; /* the gradient of the residual stream between the halves */
     const float *g;
     acmoe_status s;
+    double mark;
     /* the FFN half */
     if (!pre) acmoe__layernorm_backward(ctx, dy, block->xhat2, block->rstd2, n, d, block->ln2_g, block->g_ln2_g, block->g_ln2_b, dres, NULL);
     s = acmoe_moe_backward(block->moe, ctx, acmoe__dropout_backward(model, dres, block->keep_m, tmp, count), dmoe);
@@ -7647,9 +7674,11 @@ static acmoe_status acmoe__block_backward(acmoe_lm *model, acmoe_ctx *ctx, acmoe
     s = acmoe_matmul(ctx, ACMOE_TN, d, d, n, g, d, block->att, d, block->g_w_o, d, 1);
     if (s == ACMOE_OK) s = acmoe_matmul(ctx, ACMOE_NN, n, d, d, g, d, block->w_o, d, model->datt, d, 0);
     if (s != ACMOE_OK) return s;
+    mark = acmoe__clock_start(ctx);
     if (block->window) acmoe__window_attention_backward(ctx, model, block);
     else acmoe__attention_backward(ctx, block->qkv, block->att, model->datt, model->batch, model->seq, !model->desc.n_classes, d, block->heads,
                                    model->att_work, model->att_slots, model->dqkv, block->att_stats);
+    acmoe__lap(ctx, &mark, &model->seconds_attention);
     acmoe__rows(ctx, ACMOE__ROWS_BIAS_GRAD, block->g_b_qkv, model->dqkv, NULL, n, 3 * d);
     s = acmoe_matmul(ctx, ACMOE_TN, 3 * d, d, n, model->dqkv, 3 * d, pre ? block->attn_in : block->x_in, d, block->g_w_qkv, d, 1);
     if (s != ACMOE_OK) return s;

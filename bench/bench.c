@@ -736,6 +736,40 @@ static void lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const void *batch) {
     check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");
 }
 
+enum { PHASE_ATTENTION, PHASE_ROUTING, PHASE_EXPERTS, PHASE_OPTIMIZER, PHASE_REST, PHASES };
+
+/* Where a training step's time goes, medians over reps more steps: the model's own clocks of
+   its attention and feed-forward blocks (acmoe_lm_last_times), the optimizer step, and the
+   rest (projections, norms, embeddings, the head and the loss). The attention's share of the
+   peak counts its own FLOPs (attention_flops a step). */
+static void print_step_phases(acmoe_lm *lm, acmoe_ctx *ctx, const token_batch *batch, int threads, int reps,
+                              double attention_flops, double peak) {
+    static const char *names[PHASES] = {"attention", "routing", "experts", "optimizer", "the rest"};
+    double phases[PHASES][MOE_MAX_STEPS], ms[PHASES];
+    int r, p;
+    if (reps > MOE_MAX_STEPS) reps = MOE_MAX_STEPS;
+    for (r = 0; r < reps; r++) {
+        double t0 = now_seconds(), t1, t2;
+        acmoe_lm_times times;
+        float loss;
+        check_status(acmoe_lm_forward(lm, ctx, batch->tokens, batch->targets, 8, 256, 1, &loss), "acmoe_lm_forward");
+        acmoe_lm_zero_grad(lm);
+        check_status(acmoe_lm_backward(lm, ctx), "acmoe_lm_backward");
+        t1 = now_seconds();
+        check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");
+        t2 = now_seconds();
+        times = acmoe_lm_last_times(lm);
+        phases[PHASE_ATTENTION][r] = times.attention, phases[PHASE_ROUTING][r] = times.routing;
+        phases[PHASE_EXPERTS][r] = times.experts, phases[PHASE_OPTIMIZER][r] = t2 - t1;
+        phases[PHASE_REST][r] = t1 - t0 - times.attention - times.routing - times.experts;
+    }
+    for (p = 0; p < PHASES; p++) ms[p] = 1e3 * median(phases[p], reps);
+    printf("%d thread%s: phases of a step (median of %d): attention %.1f ms (%.1f%% of the measured peak)", threads,
+           threads > 1 ? "s" : "", reps, ms[PHASE_ATTENTION], 100.0 * attention_flops / (1e6 * ms[PHASE_ATTENTION]) / peak);
+    for (p = PHASE_ROUTING; p < PHASES; p++) printf(", %s %.1f ms", names[p], ms[p]);
+    printf("\n");
+}
+
 static void run_section_training(const bench_options *opt) {
     timing_plan plan = timing_plan_for(opt);
     const double *peak = fma_peak(&plan);
@@ -773,6 +807,8 @@ static void run_section_training(const bench_options *opt) {
                    "resident memory grew %.1f MiB from creating the model to its last step\n",
                    mem[0] / 1048576.0, mem[1] / 1048576.0, mem[2] / 1048576.0, mem[3] / 1048576.0,
                    (mem[0] + mem[1] + mem[2] + mem[3]) / 1048576.0, rss_grown / 1048576.0);
+        print_step_phases(lm, ctx, &batch, t, plan.min_reps + 2,
+                          2048.0 * step_flops((double)strlen(d.pattern) * (d.seq_len + 1.0) * d.d_model), peak[t - 1]);
         acmoe_lm_destroy(lm);
         print_decoding(&d, ctx, t);
         acmoe_ctx_destroy(ctx);

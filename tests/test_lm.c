@@ -679,6 +679,51 @@ static void test_lm_deterministic(void) {
     acmoe_ctx_destroy(ctx1), acmoe_ctx_destroy(ctx2);
 }
 
+/* A clock that moves one second a reading: each timed phase with no reading inside it
+   lasts exactly one second. */
+static double ticks;
+static double tick_clock(void) { return ticks += 1.0; }
+
+/* acmoe_lm_last_times: attention timed once a layer in the forward call and once in the
+   backward, a forward call starting afresh; routing and experts the layers' stats summed;
+   zeros without a clock. */
+static void test_lm_last_times(void) {
+    acmoe_lm_desc d = tiny_desc("gfc", 0, 0);
+    acmoe_ctx_desc cd = acmoe_ctx_defaults();
+    acmoe_ctx *timed = NULL, *plain = test_context(1, 0, 0, 0);
+    acmoe_lm *lm = NULL;
+    acmoe_lm_times t;
+    int32_t tok[10], tgt[10];
+    double routing = 0.0, experts = 0.0;
+    float loss;
+    int l;
+    cd.n_threads = 1, cd.clock = tick_clock;
+    tiny_batch(tok, tgt, 10, 6);
+    CHECK_STATUS(acmoe_ctx_create(&timed, &cd), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_create(&lm, &d), ACMOE_OK);
+    t = acmoe_lm_last_times(NULL);
+    CHECK(t.attention == 0.0 && t.routing == 0.0 && t.experts == 0.0);
+    CHECK_STATUS(acmoe_lm_forward(lm, timed, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+    CHECK(acmoe_lm_last_times(lm).attention == 3.0);
+    CHECK_STATUS(acmoe_lm_backward(lm, timed), ACMOE_OK);
+    t = acmoe_lm_last_times(lm);
+    CHECKF(t.attention == 6.0, "attention %g ticks", t.attention);
+    for (l = 0; l < 3; l++) {
+        acmoe_moe_stats st = acmoe_moe_last_stats(acmoe_lm_moe(lm, l));
+        CHECK(st.seconds_experts > 0.0);
+        routing += st.seconds_routing, experts += st.seconds_experts;
+    }
+    CHECK(t.routing > 0.0 && t.routing == routing && t.experts == experts);
+    CHECK_STATUS(acmoe_lm_forward(lm, timed, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+    CHECK(acmoe_lm_last_times(lm).attention == 3.0);
+    CHECK_STATUS(acmoe_lm_forward(lm, plain, tok, tgt, 2, 5, 1, &loss), ACMOE_OK);
+    CHECK_STATUS(acmoe_lm_backward(lm, plain), ACMOE_OK);
+    t = acmoe_lm_last_times(lm);
+    CHECK(t.attention == 0.0 && t.routing == 0.0 && t.experts == 0.0);
+    acmoe_lm_destroy(lm);
+    acmoe_ctx_destroy(timed), acmoe_ctx_destroy(plain);
+}
+
 /* The first eight AdamW steps of a tiny model follow the recorded losses on every kernel
    path (they agree to about 1e-6; the tolerance leaves room for other compilers). */
 static void test_lm_loss_trajectory(void) {
@@ -1295,6 +1340,7 @@ const test_case lm_tests[] = {
     {"lm_grad_pre_ln_untied", test_lm_grad_pre_ln_untied},
     {"lm_learns", test_lm_learns},
     {"lm_deterministic", test_lm_deterministic},
+    {"lm_last_times", test_lm_last_times},
     {"lm_loss_trajectory", test_lm_loss_trajectory},
     {"lm_decode_post_ln", test_lm_decode_post_ln},
     {"lm_decode_batch_post_ln", test_lm_decode_batch_post_ln},

@@ -221,6 +221,13 @@ kind == "bench" && section == 3 && /^[12] threads?: [0-9]+ tokens\/s/ {
 }
 kind == "bench" && section == 3 && /^[12] threads?: decoding/ { add("lmdec" SUBSEP ($1 + 0) SUBSEP 1, $4); next }
 kind == "bench" && section == 3 && /^[12] threads?: batch decoding [0-9]+ sequences:/ { add("lmdec" SUBSEP ($1 + 0) SUBSEP ($5 + 0), $7); next }
+# 1 thread: phases of a step (median of 7): attention 22.1 ms (47.3% of the measured peak), routing 1.2 ms, ...
+kind == "bench" && section == 3 && /^[12] threads?: phases of a step/ {
+    t = $1 + 0; n = split("attention routing experts optimizer rest", names, " ")
+    for (i = 1; i <= n; i++) if (match($0, names[i] " [0-9.]+ ms")) add("lmph" SUBSEP names[i] SUBSEP t, num(substr($0, RSTART + length(names[i]), RLENGTH - length(names[i]))))
+    if (match($0, /\([0-9.]+% of the measured peak/)) add("lmphsh" SUBSEP t, num(substr($0, RSTART, RLENGTH - 22)))
+    next
+}
 kind == "bench" && section == 3 && /^memory plan MiB:/ { if (lm_mem == "") lm_mem = after($0, "memory plan MiB:"); next }
 # Section 4: "ggc", 1 thread: 320 images/s, 20481 patches/s (100.0 ms a step; 2.7 MFLOP a patch, 58.8% of ...)
 kind == "bench" && section == 4 && /^"[a-z|]+", [12] threads?: / {
@@ -317,7 +324,11 @@ END {
     print "  sequences through their 256 positions in turn, the batch a position at a time, best of 3 passes."
     print "  Each position reads every sequence\047s cached keys and values (256 KiB a sequence and layer at"
     print "  full length): 32 sequences\047 24 MiB outgrow a last-level cache that 8 sequences\047 6 MiB fit,"
-    print "  so on such a host 32 sequences decode fewer tokens a second than 8."
+    print "  so on such a host 32 sequences decode fewer tokens a second than 8. More steps are then"
+    print "  split by the model\047s own clocks (`acmoe_lm_last_times`): attention (scores, softmax and"
+    print "  weighted values, its share of peak counting its own operations), routing and experts; the"
+    print "  optimizer step is timed apart, and the rest (projections, norms, embeddings, head and"
+    print "  loss) is what remains."
     print "- **4. Vision-encoder training step.** 3 pre-LN layers \"ggc\" (top-2) and \"gmg\" (Soft MoE,"
     print "  one slot per expert), d 128, 8 heads, E16, 32 images of 64 patches of 4 x 4 x 3."
     print "- **OpenBLAS peer of section 1.** bench/openblas_peer.c (`make bench-openblas`) loads the"
@@ -456,6 +467,19 @@ END {
             line = sprintf("| %d | %s | %.1f | %s | %s |", t, fmt_rate(rate), med("lmms" SUBSEP t), pct(sh), dec)
             if (pt_any) line = line (has(k) ? sprintf(" %s | %s | %s |", fmt_rate(med(k)), pt_share(sh, rate, med(k)), ratio(rate, med(k))) : " | | |")
             print line
+        }
+        if (has("lmph" SUBSEP "attention" SUBSEP 1)) {
+            print ""
+            print "Where a step\047s time goes, in ms (medians over steps of their own, so their sum need not"
+            print "match the step time above):"
+            print ""
+            print "| threads | attention | attention share of peak | routing | experts | optimizer | the rest |"
+            print "|---|---|---|---|---|---|---|"
+            for (t = 1; t <= 2; t++) {
+                if (!has("lmph" SUBSEP "attention" SUBSEP t)) continue
+                printf "| %d | %.1f | %s | %.1f | %.1f | %.1f | %.1f |\n", t, med("lmph" SUBSEP "attention" SUBSEP t), pct(med("lmphsh" SUBSEP t)),
+                       med("lmph" SUBSEP "routing" SUBSEP t), med("lmph" SUBSEP "experts" SUBSEP t), med("lmph" SUBSEP "optimizer" SUBSEP t), med("lmph" SUBSEP "rest" SUBSEP t)
+            }
         }
         if (lm_mem != "") { print ""; print "Memory plan of the model (MiB" (sec_runs[3] == 1 ? "" : ", first run") "): " lm_mem "." }
         if (has("mem" SUBSEP 3)) { print ""; printf "Resident peak of the section: %.1f %s.\n", med("mem" SUBSEP 3), mem_unit[3] }
