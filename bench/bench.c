@@ -691,15 +691,21 @@ static void print_decoding(const acmoe_lm_desc *desc, acmoe_ctx *ctx, int thread
     free(tok);
 }
 
-/* Per layer: the query, key, value and output projections; each query against the keys it
-   sees ((seq_len + 1) / 2 on average) for the scores and again for the weighted values; the
-   feed-forward block (dense, or top_k experts and the router). Then the output head. */
+/* Each layer's attention: each query against the keys it sees ((seq_len + 1) / 2 on average)
+   for the scores and again for the weighted values. */
+static double lm_attention_macs_per_token(const acmoe_lm_desc *d) {
+    return (double)strlen(d->pattern) * (d->seq_len + 1.0) * d->d_model;
+}
+
+/* Per layer: the query, key, value and output projections; the attention; the feed-forward
+   block (dense, or top_k experts and the router). Then the output head. */
+
 static double lm_flops_per_token(const acmoe_lm_desc *d) {
-    double macs = (double)d->d_model * d->vocab;
+    double macs = (double)d->d_model * d->vocab + lm_attention_macs_per_token(d);
     const char *layer;
     for (layer = d->pattern; *layer; layer++) {
         double ffn = 2.0 * d->d_model * d->d_ff;
-        macs += 4.0 * d->d_model * d->d_model + (d->seq_len + 1.0) * d->d_model;
+        macs += 4.0 * d->d_model * d->d_model;
         macs += *layer == 'f' ? ffn : d->top_k * ffn + (double)d->n_experts * d->d_model;
     }
     return step_flops(macs);
@@ -727,12 +733,15 @@ typedef struct token_batch {
     const int32_t *tokens, *targets;
 } token_batch;
 
-static void lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const void *batch) {
-    const token_batch *b = (const token_batch *)batch;
+static void lm_forward_backward(acmoe_lm *lm, acmoe_ctx *ctx, const token_batch *b) {
     float loss;
     check_status(acmoe_lm_forward(lm, ctx, b->tokens, b->targets, 8, 256, 1, &loss), "acmoe_lm_forward");
     acmoe_lm_zero_grad(lm);
     check_status(acmoe_lm_backward(lm, ctx), "acmoe_lm_backward");
+}
+
+static void lm_step(acmoe_lm *lm, acmoe_ctx *ctx, const void *batch) {
+    lm_forward_backward(lm, ctx, (const token_batch *)batch);
     check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");
 }
 
@@ -751,10 +760,7 @@ static void print_step_phases(acmoe_lm *lm, acmoe_ctx *ctx, const token_batch *b
     for (r = 0; r < reps; r++) {
         double t0 = now_seconds(), t1, t2;
         acmoe_lm_times times;
-        float loss;
-        check_status(acmoe_lm_forward(lm, ctx, batch->tokens, batch->targets, 8, 256, 1, &loss), "acmoe_lm_forward");
-        acmoe_lm_zero_grad(lm);
-        check_status(acmoe_lm_backward(lm, ctx), "acmoe_lm_backward");
+        lm_forward_backward(lm, ctx, batch);
         t1 = now_seconds();
         check_status(acmoe_lm_step(lm, ctx, NULL, NULL), "acmoe_lm_step");
         t2 = now_seconds();
@@ -807,8 +813,8 @@ static void run_section_training(const bench_options *opt) {
                    "resident memory grew %.1f MiB from creating the model to its last step\n",
                    mem[0] / 1048576.0, mem[1] / 1048576.0, mem[2] / 1048576.0, mem[3] / 1048576.0,
                    (mem[0] + mem[1] + mem[2] + mem[3]) / 1048576.0, rss_grown / 1048576.0);
-        print_step_phases(lm, ctx, &batch, t, plan.min_reps + 2,
-                          2048.0 * step_flops((double)strlen(d.pattern) * (d.seq_len + 1.0) * d.d_model), peak[t - 1]);
+        print_step_phases(lm, ctx, &batch, t, plan.min_reps + 2, 2048.0 * step_flops(lm_attention_macs_per_token(&resolved)),
+                          peak[t - 1]);
         acmoe_lm_destroy(lm);
         print_decoding(&d, ctx, t);
         acmoe_ctx_destroy(ctx);
