@@ -2841,6 +2841,19 @@ static int acmoe__transpose_output(int m, int n, int k, ptrdiff_t a_rs, ptrdiff_
 
 static int acmoe__check_ld(int rows, int cols, int ld) { return ld >= ACMOE__MAX(cols, 1) && rows >= 0; }
 
+/* Whether B' rows of stride b_rs, which the kernel reads as they are, are packed for m rows
+   of output. Kernels 64 wide read their micro-panels from L2 anyway: they pack only for many
+   micro-tiles and a stride of a page or more (a TLB miss every depth step), as at strides of
+   128 to 512 floats the copy cost more than it saved. Narrower kernels keep a micro-panel
+   in L1 while the micro-tiles below it read it, but rows in place an even number of cache
+   lines apart fall in a fraction of its sets and evict each other: they pack rows wider than
+   the micro-panel for many micro-tiles, and rows a page or more apart for more than two. */
+static int acmoe__pack_b_in_rows(const acmoe__kernel *kern, int m, ptrdiff_t b_rs) {
+    const int many = m > 16 * kern->mr;
+    if (kern->nr >= 64) return many && b_rs >= 1024;
+    return b_rs >= 1024 ? m > 2 * kern->mr : many && b_rs > kern->nr;
+}
+
 /* Checks the arguments and plans the product: orientation and packing. Returns ACMOE_OK with
    *empty set when there is nothing left to multiply (empty output, or k = 0 handled). */
 static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m, int n, int k, const float *a,
@@ -2883,9 +2896,7 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
         g->c = c, g->c_rs = 1, g->c_cs = ldc;
     }
     /* Packing pays when the packed block is reused across many micro-tiles. B' rows that run
-       along the output's rows are what the kernel reads; they are packed only for many
-       micro-tiles and a stride of a page or more (a TLB miss every depth step): at strides of
-       128 to 512 floats the copy cost more than it saved (1.5 % of a training step). A' rows
+       along the output's rows are what the kernel reads (see acmoe__pack_b_in_rows). A' rows
        that run along the depth are already what the kernel reads, unless their stride is a
        multiple of 1 KiB and rows alias in the cache. A' that runs across its rows is packed
        when its stride is a page or more, or for many micro-tiles; with micro-tiles 64 wide,
@@ -2893,7 +2904,7 @@ static acmoe_status acmoe__gemm_plan(acmoe_ctx *ctx, acmoe_layout layout, int m,
        cover a fresh cache line of A' (the mr values side by side), and in place an expert's
        weight gradient of 352 x 352 x 512 ran faster, most of all on 2 threads, each of which
        packed all of A'. The narrower AVX2 tiles ran slower in place. */
-    g->pack_b = g->b_cs != 1 || (g->m > 4 * ctx->kernel.mr * 4 && g->b_rs >= 1024);
+    g->pack_b = g->b_cs != 1 || acmoe__pack_b_in_rows(&ctx->kernel, g->m, g->b_rs);
     if (g->a_cs == 1)
         g->pack_a = g->n > 4 * ctx->kernel.nr && g->a_rs % 256 == 0;
     else

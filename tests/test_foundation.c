@@ -321,7 +321,8 @@ static void test_matmul_random_shapes(void) {
 static void test_matmul_model_shapes(void) {
     static const int shapes[][3] = {{64, 352, 352},   {256, 352, 352},   {512, 1408, 352}, {512, 352, 1408},
                                     {1024, 1024, 1024}, {4096, 128, 128}, {128, 128, 4096}, {2048, 2048, 2048},
-                                    {20, 352, 352},   {352, 20, 352},    {352, 352, 20},   {1, 1024, 1}};
+                                    {20, 352, 352},   {352, 20, 352},    {352, 352, 20},   {1, 1024, 1},
+                                    {48, 1024, 96}};
     acmoe_ctx *ctx = test_context(2, 0, 0, 0);
     acmoe_rng rng;
     size_t s;
