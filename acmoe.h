@@ -2843,11 +2843,11 @@ static int acmoe__check_ld(int rows, int cols, int ld) { return ld >= ACMOE__MAX
 
 /* Whether B' rows of stride b_rs, which the kernel reads as they are, are packed for m rows
    of output. Kernels 64 wide read their micro-panels from L2 anyway: they pack only for many
-   micro-tiles and a stride of a page or more (a TLB miss every depth step), as at strides of
-   128 to 512 floats the copy cost more than it saved. Narrower kernels keep a micro-panel
-   in L1 while the micro-tiles below it read it, but rows in place an even number of cache
-   lines apart fall in a fraction of its sets and evict each other: they pack rows wider than
-   the micro-panel for many micro-tiles, and rows a page or more apart for more than two. */
+   micro-tiles and a stride of a page or more (a TLB miss every depth step). Narrower kernels
+   keep a micro-panel in L1 while the micro-tiles below it read it, but rows in place an even
+   number of cache lines apart fall in a fraction of its sets and evict each other: they pack
+   rows wider than the micro-panel for many micro-tiles, and rows a page or more apart for
+   more than two. */
 static int acmoe__pack_b_in_rows(const acmoe__kernel *kern, int m, ptrdiff_t b_rs) {
     const int many = m > 16 * kern->mr;
     if (kern->nr >= 64) return many && b_rs >= 1024;
