@@ -699,7 +699,6 @@ static double lm_attention_macs_per_token(const acmoe_lm_desc *d) {
 
 /* Per layer: the query, key, value and output projections; the attention; the feed-forward
    block (dense, or top_k experts and the router). Then the output head. */
-
 static double lm_flops_per_token(const acmoe_lm_desc *d) {
     double macs = (double)d->d_model * d->vocab + lm_attention_macs_per_token(d);
     const char *layer;
